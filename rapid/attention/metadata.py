@@ -1,0 +1,43 @@
+"""AttentionMetadata: where each token of a flattened batch sits in the paged KV cache.
+
+One forward call serves many sequences at once: the decode steps first (one query token each),
+then the prefill chunks. All tokens are flattened into one dimension T.
+
+KV pool layout (one tensor for the whole model, so one shared-memory / IPC handle covers it):
+    kv_pool[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]   (2 = key, value)
+A token at position p of a sequence lives in block block_table[p // block_size] at offset
+p % block_size; its flat slot is block_id * block_size + offset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] int64 flat slot per token; -1 = padding (not written)
+    query_start_loc: torch.Tensor  # [S+1] int32, query tokens of sequence i are [start[i], start[i+1])
+    seq_lens: torch.Tensor  # [S] int32, context length of sequence i after this step (cached + new)
+    block_tables: torch.Tensor  # [S, max_blocks] int32, padded with 0
+    num_decodes: int  # sequences 0..num_decodes-1 have exactly one query token
+    max_seq_len: int  # max(seq_lens), a host int so kernels need no device sync
+    # Host copies for the per-sequence prefill path (avoids device->host syncs).
+    query_start_loc_host: list[int] | None = None
+    seq_lens_host: list[int] | None = None
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+    @property
+    def num_prefills(self) -> int:
+        return self.num_seqs - self.num_decodes
+
+
+def kv_pool_shape(
+    num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
+) -> tuple[int, ...]:
+    return (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)

@@ -1,0 +1,118 @@
+"""Tiny random Hugging Face models, saved as real model folders (config.json + safetensors + tokenizer)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Paris is the capital of France. Berlin is the capital of Germany.",
+    "héllo wörld, 世界 你好 🎉 emoji and ünïcode text.",
+    "def main():\n    return 42\n",
+    "Serving engines batch many requests; prefill and decode share one GPU.",
+] * 4
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+ARCH_CONFIGS = {
+    "llama": dict(architectures=["LlamaForCausalLM"], model_type="llama"),
+    "llama3": dict(
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+        rope_theta=500000.0,
+    ),
+    "mistral": dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=None),
+    "qwen2": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=False),
+    "qwen3": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", use_sliding_window=False),
+}
+
+
+def build_tokenizer(vocab_size: int = 300):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_tiny_model(
+    folder: str | Path,
+    arch: str = "llama",
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    head_dim: int | None = None,
+    tie: bool = False,
+    vocab_size: int = 320,
+    max_position_embeddings: int = 512,
+    shards: int = 1,
+    with_tokenizer: bool = True,
+) -> Path:
+    """Save a random model of `arch` (a key of ARCH_CONFIGS) as a Hugging Face folder and return it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    extra = dict(ARCH_CONFIGS[arch])
+    model_type = extra.pop("model_type")
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie,
+        bos_token_id=0,
+        eos_token_id=1,
+        rms_norm_eps=1e-5,
+        **extra,
+    )
+    if head_dim is not None:
+        kwargs["head_dim"] = head_dim
+    cfg = AutoConfig.for_model(model_type, **kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+    # Larger-than-default weights make logits spread out, so greedy ties are unlikely.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.15)
+    shard_size = None if shards == 1 else f"{max(1, model.num_parameters() * 4 // shards // 1000)}KB"
+    model.save_pretrained(folder, safe_serialization=True, **({"max_shard_size": shard_size} if shard_size else {}))
+    if with_tokenizer:
+        build_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def hf_greedy(folder: str | Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Transformers' greedy continuation of one prompt (the oracle)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    model.generation_config.pad_token_id = 1
+    out = model.generate(
+        torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+        eos_token_id=None, min_new_tokens=max_new_tokens, pad_token_id=1,
+    )
+    return out[0, len(prompt_ids):].tolist()
