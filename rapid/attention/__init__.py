@@ -1,0 +1,35 @@
+"""Paged attention backends. All take q [T, H, D], k/v [T, KVH, D], one layer of the pool, metadata."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from rapid.attention.reference import ReferenceAttention
+
+logger = logging.getLogger(__name__)
+
+
+def select_backend(name: str, model_cfg, device: torch.device):
+    """'auto' picks the Triton backend on CUDA and the reference backend on the CPU."""
+    args = (model_cfg.num_heads, model_cfg.num_kv_heads, model_cfg.head_dim, model_cfg.head_dim**-0.5)
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "reference"
+    if name == "reference":
+        return ReferenceAttention(*args)
+    if device.type != "cuda":
+        raise ValueError(f"attention_backend {name!r} needs a CUDA device; on {device} use 'reference'")
+    if name == "triton":
+        from rapid.attention.triton_backend import TritonAttention
+
+        return TritonAttention(*args)
+    if name == "flashinfer":
+        try:
+            import flashinfer  # noqa: F401
+        except ImportError as e:
+            raise ValueError("attention_backend 'flashinfer' needs `pip install flashinfer-python`") from e
+        from rapid.attention.flashinfer_backend import FlashInferAttention
+
+        return FlashInferAttention(*args)
+    raise ValueError(f"unknown attention_backend {name!r}; supported: auto, reference, triton, flashinfer")

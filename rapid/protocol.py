@@ -1,0 +1,77 @@
+"""Every message that crosses a process boundary: msgspec Structs, encoded with msgpack (never pickle).
+
+A message is a tagged Struct; `Message` is the union that decoders accept. Unknown or malformed
+bytes raise msgspec.DecodeError / ValidationError, which receivers log and drop.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from rapid.sampling import SamplingParams
+
+
+class SeqWork(msgspec.Struct, array_like=True):
+    """One sequence's share of a forward pass: compute KV for token_ids at positions start_pos..."""
+
+    request_id: str
+    token_ids: list[int]  # the new tokens (a prefill chunk, or the last sampled token)
+    start_pos: int
+    block_ids: list[int]
+    sample: bool  # this chunk ends the sequence: sample the next token
+    params: SamplingParams | None = None
+    step_index: int = 0  # tokens already generated (seeds per-step noise)
+    prompt_token_ids: list[int] = []  # for penalties
+    output_token_ids: list[int] = []
+
+
+class SampledToken(msgspec.Struct, array_like=True):
+    request_id: str
+    token_id: int
+    logprob: float
+    top_logprobs: dict[int, float] | None = None
+
+
+# ---------------------------------------------------------------- frontend <-> engine core
+class AddRequest(msgspec.Struct, tag=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt: str | None = None
+    arrival_time: float = 0.0
+
+
+class AbortRequest(msgspec.Struct, tag=True):
+    request_ids: list[str]
+
+
+class RequestDelta(msgspec.Struct, tag=True, array_like=True):
+    """New output of one request since the last delta (text already detokenized)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    new_logprobs: list[dict[int, float]] | None = None
+    cumulative_logprob: float = 0.0
+    finished: bool = False
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    error: str | None = None  # set when the request ended because of an engine error
+
+
+class EngineOutputs(msgspec.Struct, tag=True):
+    deltas: list[RequestDelta]
+
+
+class EngineDead(msgspec.Struct, tag=True):
+    """Sent (best effort) when the engine cannot go on; every in-flight request fails with `reason`."""
+
+    reason: str
+
+
+class Shutdown(msgspec.Struct, tag=True):
+    pass

@@ -1,0 +1,112 @@
+"""EngineCore for mode 'hybrid': one process, one worker, continuous batching with chunked prefill.
+
+Each `step()` schedules one mixed batch (decodes first, then prefill chunks under the token
+budget), runs it, samples, and returns the RequestDeltas produced.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from rapid.config import EngineConfig
+from rapid.protocol import AddRequest, RequestDelta, SeqWork
+from rapid.runtime.block_manager import BlockManager
+from rapid.runtime.loading import allocate_kv_pool, load_model, num_kv_blocks, resolve_device
+from rapid.runtime.model_runner import ModelRunner
+from rapid.runtime.output_processor import OutputProcessor
+from rapid.runtime.request import Request
+from rapid.runtime.scheduler import ScheduledChunk, Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+def chunk_work(chunk: ScheduledChunk) -> SeqWork:
+    """The SeqWork a scheduled chunk asks of the model runner."""
+    req = chunk.request
+    start = req.num_computed_tokens
+    return SeqWork(
+        request_id=req.request_id,
+        token_ids=req.all_token_ids[start : start + chunk.num_tokens],
+        start_pos=start,
+        block_ids=req.block_ids,
+        sample=chunk.samples,
+        params=req.params,
+        step_index=len(req.output_token_ids),
+        prompt_token_ids=req.prompt_token_ids,
+        output_token_ids=req.output_token_ids,
+    )
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, tokenizer, eos_token_ids: tuple[int, ...]):
+        self.config = config
+        self.device = resolve_device(config)
+        self.eos_token_ids = eos_token_ids
+        t0 = time.perf_counter()
+        model, dtype = load_model(config, self.device)
+        reserved = _process_reserved_bytes(self.device)
+        num_blocks = num_kv_blocks(config, model.config, dtype, self.device, reserved)
+        kv_pool = allocate_kv_pool(model.config, num_blocks, config.cache.block_size, dtype, self.device)
+        graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            from rapid.compile.cuda_graphs import DecodeGraphRunner
+
+            graphs = DecodeGraphRunner(model, kv_pool, config.scheduler.max_num_seqs, config.cache.block_size,
+                                       config.scheduler.max_model_len)
+        self.runner = ModelRunner(model, kv_pool, config.cache.block_size, config.seed, graph_runner=graphs)
+        self.blocks = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.blocks)
+        self.outputs = OutputProcessor(tokenizer)
+        logger.info("hybrid engine ready in %.1fs: %d KV blocks of %d tokens on %s",
+                    time.perf_counter() - t0, num_blocks, config.cache.block_size, self.device)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.runner.vocab_size
+
+    def add_request(self, msg: AddRequest) -> None:
+        req = Request(msg.request_id, list(msg.prompt_token_ids), msg.params, self.eos_token_ids,
+                      arrival_time=msg.arrival_time or time.time())
+        self.scheduler.add_request(req)  # raises ValueError if it can never fit
+        self.outputs.add_request(req)
+
+    def abort(self, request_ids: list[str]) -> list[RequestDelta]:
+        deltas = []
+        for rid in request_ids:
+            req = self.scheduler.abort_request(rid)
+            if req is not None:
+                deltas.append(self.outputs.delta(req, finished=True))
+        return deltas
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestDelta]:
+        sched = self.scheduler.schedule()
+        if not sched.chunks:
+            return []
+        sampled = self.runner.execute([chunk_work(c) for c in sched.chunks])
+        by_id = {c.request.request_id: c.request for c in sched.chunks}
+        finished = {req.request_id for req, _ in self.scheduler.update(sched, {s.request_id: s.token_id for s in sampled})}
+        deltas = []
+        for tok in sampled:
+            req = by_id[tok.request_id]
+            matched = self.outputs.on_token(req, tok)
+            if matched is not None:
+                if req.request_id not in finished:
+                    self.scheduler.finish(req, "stop")
+                    finished.add(req.request_id)
+                req.finish_reason, req.stop_reason = "stop", matched
+            deltas.append(self.outputs.delta(req, finished=req.request_id in finished))
+        return deltas
+
+
+def _process_reserved_bytes(device) -> int:
+    """Memory this process holds on the GPU (weights, graphs' pools), not the device-wide usage."""
+    if device.type != "cuda":
+        return 0
+    import torch
+
+    torch.cuda.synchronize(device)
+    return torch.cuda.memory_reserved(device) + 2 * 2**30  # + headroom for activations and the CUDA context

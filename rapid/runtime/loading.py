@@ -1,0 +1,97 @@
+"""Start-up pieces shared by every mode: device, model, KV pool sizing, tokenizer, attention backend."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from rapid.attention.metadata import kv_pool_shape
+from rapid.config import EngineConfig
+from rapid.model.config import ModelConfig
+from rapid.model.loader import build_model, resolve_dtype
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(config: EngineConfig) -> torch.device:
+    if config.device == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {config.device!r} was asked for but torch sees no CUDA GPU (torch {torch.__version__})")
+    return torch.device(config.device)
+
+
+def make_attention_backend(config: EngineConfig, model_cfg: ModelConfig, device: torch.device):
+    from rapid.attention import select_backend
+
+    return select_backend(config.attention_backend, model_cfg, device)
+
+
+def kv_block_bytes(model_cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one block across all layers, keys and values."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return model_cfg.num_layers * 2 * block_size * model_cfg.num_kv_heads * model_cfg.head_dim * elem
+
+
+def num_kv_blocks(config: EngineConfig, model_cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+                  reserved_bytes: int = 0) -> int:
+    """Blocks in the pool: from kv_cache_memory_bytes, else from the GPU share, else the CPU default.
+
+    On the GPU the budget is gpu_memory_utilization * total memory minus what this engine's processes
+    already hold (weights, activations: `reserved_bytes`, measured per process), never a device-wide
+    free-memory difference, since two workers share the GPU.
+    """
+    cache = config.cache
+    per_block = kv_block_bytes(model_cfg, cache.block_size, dtype)
+    if cache.kv_cache_memory_bytes is not None:
+        budget = cache.kv_cache_memory_bytes
+    elif device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        budget = int(total * cache.gpu_memory_utilization) - reserved_bytes
+        if budget < per_block:
+            raise ValueError(
+                f"gpu_memory_utilization={cache.gpu_memory_utilization} of {total / 2**30:.1f} GiB leaves "
+                f"{budget / 2**30:.2f} GiB after {reserved_bytes / 2**30:.2f} GiB of weights and activations: "
+                "no room for the KV cache (raise gpu_memory_utilization)"
+            )
+    else:
+        budget = cache.cpu_kv_cache_bytes
+    blocks = budget // per_block
+    if blocks < 1:
+        raise ValueError(f"KV budget {budget} bytes is smaller than one block ({per_block} bytes)")
+    return blocks
+
+
+def allocate_kv_pool(model_cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                     device: torch.device) -> torch.Tensor:
+    shape = kv_pool_shape(model_cfg.num_layers, num_blocks, block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def load_model(config: EngineConfig, device: torch.device):
+    model_cfg = ModelConfig.from_folder(config.model)
+    dtype = resolve_dtype(config.dtype, device)
+    backend = make_attention_backend(config, model_cfg, device)
+    max_positions = max(config.scheduler.max_model_len, 1)
+    return build_model(config.model, backend, dtype, device, max_positions=max_positions), dtype
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load a tokenizer from {path}: {e}") from e
+
+
+def check_no_expandable_segments() -> None:
+    """CUDA IPC of the shared pool breaks with expandable segments: refuse them clearly."""
+    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") + "," + os.environ.get("PYTORCH_ALLOC_CONF", "")
+    if "expandable_segments:True" in conf.replace(" ", ""):
+        raise ValueError(
+            "PYTORCH_CUDA_ALLOC_CONF sets expandable_segments:True, which breaks CUDA IPC sharing of the "
+            "weights and KV pool between rapid-mode workers; unset it or use mode='hybrid'"
+        )
