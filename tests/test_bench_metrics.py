@@ -115,7 +115,9 @@ def test_e2el_stats():
 
 
 def test_vllm_key_names():
-    m = compute_metrics(_records(), duration_s=2.0, goodput_slos={"ttft": 250}, percentiles=(99, 99.9))
+    m = compute_metrics(
+        _records(), duration_s=2.0, goodput_slos={"ttft": 250}, percentiles=(99, 99.9)
+    )
     expected = [
         "duration", "completed", "failed", "total_input_tokens", "total_output_tokens",
         "request_throughput", "request_goodput", "output_throughput", "total_token_throughput",

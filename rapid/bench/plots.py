@@ -194,7 +194,11 @@ def plot_frontier(
                 )
     if tpot_slo_ms is not None:
         ax.axvline(
-            tpot_slo_ms, color="grey", linestyle="--", linewidth=1, label=f"TPOT SLO {tpot_slo_ms:g} ms"
+            tpot_slo_ms,
+            color="grey",
+            linestyle="--",
+            linewidth=1,
+            label=f"TPOT SLO {tpot_slo_ms:g} ms",
         )
     ax.set_xlabel("TPOT (ms)")
     ax.set_ylabel("Prefill throughput (tokens/s)")

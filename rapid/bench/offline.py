@@ -1,0 +1,56 @@
+"""`rapid bench offline`: nano-vllm-style throughput (random prompts and lengths, ignore_eos, one warm-up)."""
+
+from __future__ import annotations
+
+import json
+import platform
+import random
+import time
+from pathlib import Path
+
+
+def run_offline(args) -> dict:
+    import torch
+
+    from rapid import LLM, SamplingParams
+    from rapid.cli import engine_kwargs
+
+    rng = random.Random(args.seed)
+    with LLM(**engine_kwargs(args)) as llm:
+        vocab = llm.model_config.vocab_size
+        limit = llm.config.scheduler.max_model_len
+        prompts, params = [], []
+        for _ in range(args.num_seqs):
+            in_len = rng.randint(args.min_input_len, args.max_input_len)
+            out_len = rng.randint(args.min_output_len, args.max_output_len)
+            if in_len + out_len > limit:  # keep within max_model_len
+                out_len = max(1, limit - in_len)
+            prompts.append({"prompt_token_ids": [rng.randrange(vocab) for _ in range(in_len)]})
+            params.append(SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=out_len, seed=rng.randrange(2**31)))
+        llm.generate(["Benchmark warm-up"], SamplingParams(max_tokens=8), use_tqdm=False)
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=True)
+        elapsed = time.perf_counter() - t0
+        out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        in_tokens = sum(len(p["prompt_token_ids"]) for p in prompts)
+        device = str(llm.config.device)
+    device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    result = {
+        "command": "rapid bench offline " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in sorted(vars(args).items())
+                                                    if k not in ("func", "cmd", "bench_cmd") and v is not None),
+        "device": device_name,
+        "torch": torch.__version__,
+        "mode": args.mode,
+        "num_seqs": args.num_seqs,
+        "input_tokens": in_tokens,
+        "output_tokens": out_tokens,
+        "elapsed_s": elapsed,
+        "output_throughput_tok_s": out_tokens / elapsed,
+        "total_throughput_tok_s": (in_tokens + out_tokens) / elapsed,
+    }
+    path = Path(args.output_json or f"bench/results/offline-{args.mode}-{'cuda' if 'cuda' in device_name.lower() or torch.cuda.is_available() else 'cpu'}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    print(f"Total: {out_tokens} output tokens in {elapsed:.2f}s, {out_tokens / elapsed:.1f} tok/s "
+          f"(total {(in_tokens + out_tokens) / elapsed:.1f} tok/s) -> {path}  [device={device}]")
+    return result
