@@ -235,6 +235,8 @@ def _discard(folder: Path) -> None:
     doomed = folder.with_name(f"{_TMP_PREFIX}discard-{uuid.uuid4().hex[:8]}-{folder.name}")
     try:
         os.rename(folder, doomed)
+    except FileNotFoundError:  # already gone
+        return
     except OSError:
         doomed = folder
     shutil.rmtree(doomed, ignore_errors=True)
