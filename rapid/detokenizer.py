@@ -54,6 +54,8 @@ def _make_decode(tokenizer: Any, skip_special_tokens: bool) -> tuple[Callable[[l
     the Python overhead.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and _overrides_decode(tokenizer):
+        backend = None  # a tokenizer class with its own decode: call it
     if backend is None and hasattr(tokenizer, "get_vocab_size") and hasattr(tokenizer, "decode"):
         backend = tokenizer  # a bare tokenizers.Tokenizer
     if backend is not None:
@@ -70,6 +72,16 @@ def _make_decode(tokenizer: Any, skip_special_tokens: bool) -> tuple[Callable[[l
         )
 
     return decode_slow, len(tokenizer)
+
+
+def _overrides_decode(tokenizer: Any) -> bool:
+    """True when a HF fast tokenizer's class changes `_decode` beyond the backend's decode."""
+    try:
+        from transformers import PreTrainedTokenizerFast
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    base = getattr(PreTrainedTokenizerFast, "_decode", None)
+    return base is not None and getattr(type(tokenizer), "_decode", base) is not base
 
 
 def _held_back_length(text: str, stops: Sequence[str], max_len: int) -> int:
@@ -110,9 +122,13 @@ class IncrementalDetokenizer:
         self._ids: list[int] = [
             t for t in list(prompt_token_ids)[-INITIAL_CONTEXT_TOKENS:] if 0 <= t < self._vocab_size
         ]
+        self._prefix_text = self._decode(self._ids) if self._ids else ""
+        if self._prefix_text.endswith(_REPLACEMENT_CHAR):
+            # The prompt ends inside a character (prompt given as ids): its bytes cannot be context
+            # for the output, which then decodes on its own, as tokenizer.decode(output_ids) does.
+            self._ids, self._prefix_text = [], ""
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
-        self._prefix_text = self._decode(self._ids) if self._ids else ""
         self._num_output_tokens = 0
 
         # Text state.

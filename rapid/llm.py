@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from tqdm.auto import tqdm
 
 from rapid.config import CacheConfig, EngineConfig, RapidConfig, SchedulerConfig
@@ -182,7 +183,7 @@ class LLM:
         for (text, ids), p in zip(checked, params):
             base = str(next(self._ids))
             for i in range(p.n):
-                child = p if p.n == 1 else p.clone_for_child(i)
+                child = p if p.n == 1 else _child_params(p, i)
                 jobs.append((base if p.n == 1 else f"{base}-{i}", text, ids, child))
         submitted: list[str] = []
         try:
@@ -286,6 +287,11 @@ class LLM:
         for out in outs:
             out.prompt = self.tokenizer.decode(out.prompt_token_ids)
         return outs
+
+
+def _child_params(p: SamplingParams, index: int) -> SamplingParams:
+    """The i-th of n samples: n=1, and a distinct seed when the parent is seeded (as vLLM does)."""
+    return msgspec.structs.replace(p, n=1, seed=None if p.seed is None else p.seed + index)
 
 
 def _apply_delta(out: RequestOutput, comp: CompletionOutput, d: RequestDelta) -> None:

@@ -356,7 +356,9 @@ class SamplingBatch:
             if prompt_token_ids is None:
                 raise ValueError("prompt_token_ids is required when a row has repetition_penalty")
             rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
-            prompt_mask = _token_bincount([prompt_token_ids[i] for i in rows], rows, B, V, device) > 0
+            prompt_mask = torch.zeros(B, V, dtype=torch.bool, device=device)  # [B, V]
+            idx = _flat_token_index([prompt_token_ids[i] for i in rows], rows, V, device)
+            prompt_mask.view(-1)[idx] = True
         if need_freq:
             frequency_penalty = f32([p.frequency_penalty for p in params])
         if need_pres:
@@ -368,9 +370,10 @@ class SamplingBatch:
                 i for i, p in enumerate(params)
                 if p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
             ]
-            output_counts = _token_bincount(
-                [output_token_ids[i] for i in rows], rows, B, V, device
-            ).float()
+            output_counts = torch.zeros(B, V, dtype=torch.float32, device=device)  # [B, V]
+            idx = _flat_token_index([output_token_ids[i] for i in rows], rows, V, device)
+            # float sums of 1.0 are exact (< 2**24), so the atomic order on GPUs does not matter
+            output_counts.view(-1).index_add_(0, idx, torch.ones(idx.shape, device=device))
 
         # min_tokens: rows still short of min_tokens cannot emit a stop token.
         mt_rows: list[int] = []
@@ -389,7 +392,7 @@ class SamplingBatch:
             min_tokens_ids = torch.tensor(mt_ids, dtype=torch.int64).to(device, non_blocking=True)
 
         num_logprobs = [p.logprobs for p in params]
-        max_num_logprobs = max((n for n in num_logprobs if n is not None), default=-1)
+        max_num_logprobs = min(max((n for n in num_logprobs if n is not None), default=-1), V)
 
         return cls(
             batch_size=B,
@@ -430,24 +433,25 @@ def _eos_per_row(
     return [list(row) if row is not None else [] for row in items]
 
 
-def _token_bincount(
-    token_lists: Sequence[Sequence[int]],
-    rows: Sequence[int],
-    batch_size: int,
-    vocab_size: int,
-    device: torch.device,
+def _flat_token_index(
+    token_lists: Sequence[Sequence[int]], rows: Sequence[int], vocab_size: int, device: torch.device
 ) -> Tensor:
-    """[B, V] int64 counts of token ids per row; rows not listed stay zero. Out-of-range ids are ignored."""
+    """[N] int64 indices row * V + token into a flattened [B, V] tensor; out-of-range ids dropped."""
     flat: list[int] = []
     for row, tokens in zip(rows, token_lists):
         base = row * vocab_size
         flat.extend(base + t for t in tokens if 0 <= t < vocab_size)
-    idx = torch.tensor(flat, dtype=torch.int64).to(device, non_blocking=True)
-    return torch.bincount(idx, minlength=batch_size * vocab_size).view(batch_size, vocab_size)
+    return torch.tensor(flat, dtype=torch.int64).to(device, non_blocking=True)
 
 
 def _apply_penalties(logits: Tensor, batch: SamplingBatch) -> Tensor:
-    """In place on logits [B, V] (a private copy)."""
+    """Repetition, frequency and presence penalties on logits [B, V].
+
+    May modify `logits` in place (callers pass a private copy); returns the result.
+    Repetition (HF / vLLM): for tokens in the prompt or the output, positive logits are divided by
+    the penalty and negative ones multiplied.  Frequency / presence (OpenAI / vLLM): subtract
+    frequency_penalty * count and presence_penalty * (count > 0) over output tokens.
+    """
     counts = batch.output_counts  # [B, V]
     assert counts is not None
     if batch.repetition_penalty is not None:
@@ -533,11 +537,10 @@ def sample(
     raw = logits.float()  # [B, V]
     x = process_logits(raw, batch)  # [B, V]
 
-    greedy_tokens = x.argmax(dim=-1) if batch.any_greedy else None  # [B]
     if batch.all_greedy:
-        assert greedy_tokens is not None
-        tokens = greedy_tokens
+        tokens = x.argmax(dim=-1)  # [B]
     else:
+        greedy_tokens = x.argmax(dim=-1) if batch.any_greedy else None  # [B]
         assert batch.temperature is not None
         x = x / batch.temperature[:, None]  # [B, V]
         if batch.min_p is not None:

@@ -50,7 +50,7 @@ def test_logits_match_transformers_with_chunks(tmp_path, arch, kw):
 
     folder = make_tiny_model(tmp_path, arch, with_tokenizer=False, **kw)
     ours = load(folder)
-    hf = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     ids = torch.randint(0, 300, (41,), generator=torch.Generator().manual_seed(1))
     ref = hf(ids[None]).logits[0]
     # whole prompt, three uneven chunks, and prefill + single-token decode steps

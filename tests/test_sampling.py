@@ -425,3 +425,11 @@ def test_logprobs_dict_has_n_plus_one_entries_when_sampled_not_in_top():
     assert {len(d) for d in out.logprobs} == {2, 3}
     for tok, d in zip(out.token_ids, out.logprobs):
         assert {0, 1} <= set(d) and tok in d
+
+
+def test_empty_batch_and_small_vocab():
+    out = sample(torch.zeros(0, 5), build([], vocab_size=5), gen())
+    assert out.token_ids == [] and out.logprobs == []
+    # logprobs larger than the vocabulary: every token is listed
+    out = sample(torch.zeros(1, 3), build([SamplingParams(logprobs=10)], vocab_size=3), gen())
+    assert len(out.logprobs[0]) == 3

@@ -92,7 +92,7 @@ def make_tiny_model(
         kwargs["head_dim"] = head_dim
     cfg = AutoConfig.for_model(model_type, **kwargs)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     # Larger-than-default weights make logits spread out, so greedy ties are unlikely.
     with torch.no_grad():
         for p in model.parameters():
@@ -109,7 +109,7 @@ def hf_greedy(folder: str | Path, prompt_ids: list[int], max_new_tokens: int) ->
     """Transformers' greedy continuation of one prompt (the oracle)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     model.generation_config.pad_token_id = 1
     out = model.generate(
         torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,

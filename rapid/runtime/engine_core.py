@@ -54,7 +54,8 @@ class EngineCore:
 
             graphs = DecodeGraphRunner(model, kv_pool, config.scheduler.max_num_seqs, config.cache.block_size,
                                        config.scheduler.max_model_len)
-        self.runner = ModelRunner(model, kv_pool, config.cache.block_size, config.seed, graph_runner=graphs)
+        self.runner = ModelRunner(model, kv_pool, config.cache.block_size, config.seed, graph_runner=graphs,
+                                  eos_token_ids=eos_token_ids)
         self.blocks = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
         self.outputs = OutputProcessor(tokenizer)

@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv_pool: torch.Tensor, block_size: int, seed: int = 0,
-                 graph_runner=None):
+                 graph_runner=None, eos_token_ids: tuple[int, ...] = ()):
         self.model = model
         self.kv_pool = kv_pool  # [L, 2, NB, BS, KVH, D]
         self.block_size = block_size
@@ -30,6 +30,7 @@ class ModelRunner:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.graph_runner = graph_runner  # CUDA-graph decode (rapid.compile.cuda_graphs), or None
         self.last_forward_s = 0.0
+        self.eos_token_ids = eos_token_ids  # masked while a request is below min_tokens
 
     def build_inputs(self, work: list[SeqWork]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         """Flatten the batch: input_ids [T], positions [T], metadata, and the rows that produce logits."""
@@ -97,6 +98,7 @@ class ModelRunner:
             step_indices=[w.step_index for w in sampling],
             vocab_size=self.vocab_size,
             device=self.device,
+            eos_token_ids=self.eos_token_ids,
         )
         out = sample(logits, batch, self.generator)
         return [

@@ -1,0 +1,235 @@
+"""The hybrid engine end to end on the CPU: greedy equals transformers, chunking, preemption, prefix cache,
+sampling, stop strings, logprobs, and every edge validation error."""
+
+import random
+
+import pytest
+import torch
+
+from rapid import LLM, SamplingParams
+from tiny import hf_greedy
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def varied_prompts(n=6, seed=0, vocab=300):
+    rng = random.Random(seed)
+    lengths = [1, 5, 17, 33, 64, 90][:n]
+    return [[rng.randrange(5, vocab) for _ in range(length)] for length in lengths]
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_llama):
+    prompts = varied_prompts()
+    return prompts, [hf_greedy(tiny_llama, p, GREEDY.max_tokens) for p in prompts]
+
+
+def tokens(outs):
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def generate(llm, prompts, params=GREEDY):
+    return llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+
+
+def test_greedy_equals_transformers_ample_kv(tiny_llama, oracle):
+    prompts, expected = oracle
+    with LLM(tiny_llama) as llm:
+        outs = generate(llm, prompts)
+    assert tokens(outs) == expected
+    assert all(o.outputs[0].finish_reason == "length" and o.finished for o in outs)
+
+
+def test_greedy_equals_transformers_with_chunked_prefill(tiny_llama, oracle):
+    prompts, expected = oracle
+    with LLM(tiny_llama, max_num_batched_tokens=16) as llm:  # every long prompt is split into chunks
+        assert tokens(generate(llm, prompts)) == expected
+
+
+def test_greedy_equals_transformers_under_preemption(tiny_llama, oracle):
+    prompts, expected = oracle
+    # 16 blocks of 16 tokens (2 layers * 2 * 16 * 2 heads * 16 dims * 4 bytes = 8 KiB each): the six
+    # requests need 25 blocks at once, so some are preempted and recomputed.
+    with LLM(tiny_llama, kv_cache_memory_bytes=16 * 8192, enable_prefix_caching=False) as llm:
+        assert llm._client.core.blocks.num_blocks == 16
+        outs = generate(llm, prompts)
+        assert tokens(outs) == expected
+        assert llm._client.core.blocks.num_free_blocks == 16
+
+
+def test_preemption_really_happens(tiny_llama):
+    from rapid.runtime.request import Request
+
+    with LLM(tiny_llama, kv_cache_memory_bytes=10 * 8192, enable_prefix_caching=False) as llm:
+        core = llm._client.core
+        seen = []
+        original = core.scheduler._preempt
+
+        def spy(victim: Request, out):
+            seen.append(victim.request_id)
+            original(victim, out)
+
+        core.scheduler._preempt = spy
+        prompts = varied_prompts(seed=5)[2:]
+        generate(llm, prompts, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    assert seen, "the KV budget was meant to force preemption"
+
+
+def test_prefix_cache_hits_reported_and_output_unchanged(tiny_llama):
+    rng = random.Random(7)
+    shared = [rng.randrange(5, 300) for _ in range(40)]
+    a, b = shared + [11, 12], shared + [13, 14, 15]
+    with LLM(tiny_llama) as llm:
+        first = generate(llm, [a])[0]
+        second = generate(llm, [b])[0]
+    with LLM(tiny_llama, enable_prefix_caching=False) as llm:
+        plain = generate(llm, [b])[0]
+    assert first.num_cached_tokens == 0
+    assert second.num_cached_tokens == 32  # two full blocks of the shared 40 tokens
+    assert plain.num_cached_tokens == 0
+    assert second.outputs[0].token_ids == plain.outputs[0].token_ids
+
+
+def test_seeded_sampling_is_reproducible(tiny_llama):
+    params = [SamplingParams(temperature=1.0, top_p=0.9, seed=s, max_tokens=10, ignore_eos=True) for s in (1, 1, 2)]
+    prompt = {"prompt_token_ids": [5, 6, 7, 8]}
+    with LLM(tiny_llama) as llm:
+        outs = llm.generate([prompt] * 3, params, use_tqdm=False)
+        again = llm.generate([prompt], params[0], use_tqdm=False)
+    assert outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids == again[0].outputs[0].token_ids
+    assert outs[0].outputs[0].token_ids != outs[2].outputs[0].token_ids
+
+
+def test_n_samples_per_prompt(tiny_llama):
+    with LLM(tiny_llama) as llm:
+        out = llm.generate("The quick brown", SamplingParams(n=3, seed=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
+    assert len(out) == 1 and [c.index for c in out[0].outputs] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in out[0].outputs}) > 1
+
+
+def test_stop_strings_are_trimmed(tiny_llama):
+    with LLM(tiny_llama) as llm:
+        full = llm.generate("Paris is", SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)[0]
+        text = full.outputs[0].text
+        assert len(text) > 6
+        stop = text[3:6]
+        cut = llm.generate("Paris is", SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=[stop]),
+                           use_tqdm=False)[0].outputs[0]
+        kept = llm.generate("Paris is", SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=[stop],
+                                                       include_stop_str_in_output=True), use_tqdm=False)[0].outputs[0]
+    first = text.index(stop)
+    assert cut.text == text[:first] and cut.finish_reason == "stop" and cut.stop_reason == stop
+    assert kept.text == text[: first + len(stop)]
+    assert len(cut.token_ids) < 20
+
+
+def test_stop_token_ids_and_eos(tiny_llama):
+    with LLM(tiny_llama) as llm:
+        ids = generate(llm, [[5, 6, 7]])[0].outputs[0].token_ids
+        stop_at = ids[4]
+        out = generate(llm, [[5, 6, 7]], SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop_at]))[0].outputs[0]
+    assert out.token_ids == ids[: ids.index(stop_at) + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_at
+
+
+def test_logprobs_equal_transformers_log_softmax(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    prompt = [5, 9, 30, 41, 7]
+    with LLM(tiny_llama) as llm:
+        out = generate(llm, [prompt], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3))[0].outputs[0]
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    logits = hf(torch.tensor([prompt + out.token_ids])).logits[0]
+    ref = torch.log_softmax(logits.float(), -1)
+    total = 0.0
+    for t, (tok, lp) in enumerate(zip(out.token_ids, out.logprobs)):
+        row = ref[len(prompt) - 1 + t]
+        assert tok in lp and len(lp) >= 3
+        for tid, value in lp.items():
+            assert value == pytest.approx(row[tid].item(), abs=1e-4)
+        top3 = row.topk(3).indices.tolist()
+        assert set(top3) <= set(lp)
+        total += row[tok].item()
+    assert out.cumulative_logprob == pytest.approx(total, abs=1e-3)
+
+
+def test_outputs_metrics_and_order(tiny_llama):
+    with LLM(tiny_llama) as llm:
+        outs = llm.generate(["hello", "The quick brown fox", "héllo 世界"], SamplingParams(max_tokens=4), use_tqdm=False)
+    assert [o.prompt for o in outs] == ["hello", "The quick brown fox", "héllo 世界"]
+    for o in outs:
+        m = o.metrics
+        assert m.arrival_time <= m.first_token_time <= m.last_token_time
+        assert o.request_id and o.prompt_token_ids
+
+
+def test_chat_applies_template(tiny_llama):
+    with LLM(tiny_llama) as llm:
+        out = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=3), use_tqdm=False)[0]
+        assert out.prompt.startswith("<|user|>hi") and out.prompt.endswith("<|assistant|>")
+        two = llm.chat([[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]],
+                       SamplingParams(max_tokens=2), use_tqdm=False)
+        assert len(two) == 2
+
+
+def test_generate_stream_yields_deltas(tiny_llama):
+    with LLM(tiny_llama) as llm:
+        deltas = list(llm.generate_stream("hello", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)))
+        whole = llm.generate("hello", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)[0]
+    assert deltas[-1].finished and sum(len(d.new_token_ids) for d in deltas) == 8
+    assert "".join(d.new_text for d in deltas) == whole.outputs[0].text
+
+
+@pytest.mark.parametrize("prompt,error,match", [
+    ("", ValueError, "empty"),
+    ({"prompt_token_ids": []}, ValueError, "empty"),
+    ({"prompt_token_ids": [1, 99999]}, ValueError, "99999.*vocabulary"),
+    ({"prompt_token_ids": [-1]}, ValueError, "vocabulary"),
+    ({"prompt_token_ids": list(range(5, 300)) * 2}, ValueError, "max_model_len"),
+    ({"prompt_token_ids": "abc"}, TypeError, "list of ints"),
+    ({"tokens": [1]}, TypeError, "prompt_token_ids"),
+    (42, TypeError, "str"),
+    (b"bytes", TypeError, "str"),
+])
+def test_bad_prompts_rejected_at_the_edge_and_engine_keeps_serving(tiny_llama, prompt, error, match):
+    with LLM(tiny_llama, max_model_len=512) as llm:
+        with pytest.raises(error, match=match):
+            llm.generate([prompt] if not isinstance(prompt, bytes) else prompt, use_tqdm=False)
+        assert not llm._client.core.has_unfinished()
+        assert len(generate(llm, [[5, 6, 7]])[0].outputs[0].token_ids) == 12
+
+
+def test_request_that_cannot_fit_is_rejected_before_scheduling(tiny_llama):
+    with LLM(tiny_llama, max_model_len=64) as llm:
+        with pytest.raises(ValueError, match="exceeds max_model_len"):
+            generate(llm, [[5] * 10, [6] * 60], SamplingParams(max_tokens=10))
+        assert not llm._client.core.has_unfinished()  # the first, valid prompt was withdrawn too
+    with LLM(tiny_llama, kv_cache_memory_bytes=2 * 8192) as llm:
+        with pytest.raises(ValueError, match="whole pool"):
+            generate(llm, [[5] * 40], SamplingParams(max_tokens=10))
+
+
+def test_unknown_keyword_and_bad_config_are_errors(tiny_llama):
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        LLM(tiny_llama, max_num_seq=4)
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        LLM(tiny_llama, gpu_memory_utilization=1.5)
+    with pytest.raises(ValueError, match="mode"):
+        LLM(tiny_llama, mode="fast")
+    with pytest.raises(ValueError, match="max_model_len"):
+        LLM(tiny_llama, max_model_len=10**6)
+    with pytest.raises(FileNotFoundError, match="not a local folder"):
+        LLM("/nonexistent/model")
+
+
+def test_sampling_params_list_length_must_match(tiny_llama):
+    with LLM(tiny_llama) as llm:
+        with pytest.raises(ValueError, match="2 SamplingParams for 3 prompts"):
+            llm.generate(["a", "b", "c"], [SamplingParams(), SamplingParams()], use_tqdm=False)
+
+
+def test_qwen3_greedy_equals_transformers(tiny_qwen3):
+    prompts = varied_prompts(4, seed=2)
+    with LLM(tiny_qwen3, max_num_batched_tokens=24) as llm:
+        got = tokens(generate(llm, prompts))
+    assert got == [hf_greedy(tiny_qwen3, p, GREEDY.max_tokens) for p in prompts]
