@@ -34,13 +34,6 @@ GGUF_MODEL_FILES = (
 
 
 @pytest.fixture(scope="session")
-def converted(tmp_path_factory) -> Path:
-    """The default model converted once, into a session-wide temporary cache."""
-    cache = tmp_path_factory.mktemp("rapid-cache")
-    return dm.default_model_path(cache_dir=cache)
-
-
-@pytest.fixture(scope="session")
 def gguf_path() -> Path:
     return dm.find_default_gguf()
 
