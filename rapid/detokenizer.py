@@ -25,7 +25,11 @@ from the deltas until it is resolved, so a streaming client never sees text that
 Invariant: ``"".join(deltas) == detok.text``.  After `flush()` (or a stop), for byte-level BPE
 tokenizers and for SentencePiece ones with an empty prompt, ``text`` equals
 ``tokenizer.decode(output_ids, skip_special_tokens=..., clean_up_tokenization_spaces=False)``,
-trimmed at the stop string.  Tokenization-space clean-up is never applied (as in vLLM).
+trimmed at the stop string; with a prompt, SentencePiece output is the continuation of the prompt's
+text (``decode(prompt + output)[len(decode(prompt)):]``).  Tokenization-space clean-up is never
+applied (as in vLLM).  Known limits, shared with vLLM: a byte-fallback decoder replaces a whole
+*invalid* byte run by U+FFFDs, which piecewise decoding cannot reproduce exactly (valid UTF-8 is
+exact); a prompt that ends inside a character is not used as context.
 """
 
 from __future__ import annotations
@@ -107,11 +111,11 @@ class IncrementalDetokenizer:
         prompt_token_ids: Sequence[int],
         *,
         skip_special_tokens: bool = True,
-        stop: Sequence[str] = (),
+        stop: Sequence[str] | str | None = (),
         include_stop_str_in_output: bool = False,
     ) -> None:
         self._decode, self._vocab_size = _make_decode(tokenizer, skip_special_tokens)
-        self._stop: tuple[str, ...] = tuple(stop or ())
+        self._stop: tuple[str, ...] = (stop,) if isinstance(stop, str) else tuple(stop or ())
         if any(not s for s in self._stop):
             raise ValueError(f"stop strings must be non-empty, got {self._stop!r}")
         self._include_stop = include_stop_str_in_output

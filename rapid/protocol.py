@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import msgspec
 
+from rapid.runtime.shared import ArenaHandle
 from rapid.sampling import SamplingParams
 
 
@@ -75,3 +76,86 @@ class EngineDead(msgspec.Struct, tag=True):
 
 class Shutdown(msgspec.Struct, tag=True):
     pass
+
+
+class GetStats(msgspec.Struct, tag=True):
+    pass
+
+
+class Stats(msgspec.Struct, tag=True):
+    """Recent worker activity: (start, end) wall-clock intervals of prefill batches and decode steps."""
+
+    prefill_intervals: list[tuple[float, float]]
+    decode_intervals: list[tuple[float, float]]
+    decode_idle_gaps_s: list[float]
+    handoff_s: list[float]  # prefill end -> the request's first decode step
+    num_preemptions: int = 0
+
+
+# ---------------------------------------------------------------- workers <-> engine core
+class WorkerReady(msgspec.Struct, tag=True):
+    """A process's ready handshake; the owner worker also publishes the shared arena."""
+
+    name: str
+    pid: int
+    arena: ArenaHandle | None = None
+    num_blocks: int = 0
+    info: str = ""
+
+
+class PrefillBatch(msgspec.Struct, tag=True):
+    batch_id: int
+    work: list[SeqWork]
+
+
+class PrefillDone(msgspec.Struct, tag=True):
+    """Written KV is complete (stream synchronised) when this is sent; sampled = the sequences that finished."""
+
+    batch_id: int
+    sampled: list[SampledToken]
+    t_start: float
+    t_end: float
+
+
+class StartDecode(msgspec.Struct, tag=True):
+    """Hand a prefilled request to the decode worker: its tokens so far and the blocks that hold their KV."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    block_ids: list[int]
+    params: SamplingParams
+    prefill_end: float = 0.0
+
+
+class GrantBlocks(msgspec.Struct, tag=True):
+    request_id: str
+    block_ids: list[int]  # appended to the request's block table
+
+
+class StopDecode(msgspec.Struct, tag=True):
+    """Drop these requests (abort, stop string, preemption); answered by Dropped."""
+
+    request_ids: list[str]
+
+
+class Dropped(msgspec.Struct, tag=True):
+    """The decode worker no longer touches these requests' blocks."""
+
+    request_ids: list[str]
+
+
+class DecodeStep(msgspec.Struct, tag=True):
+    sampled: list[SampledToken]
+    finished: list[str]  # requests the worker ended itself (EOS, stop token, length) and dropped
+    t_start: float
+    t_end: float
+    idle_gap_s: float = 0.0  # time the GPU waited on the host before this step
+    handoffs: list[float] = []  # for requests stepped for the first time: prefill end -> this step
+
+
+CoreInput = AddRequest | AbortRequest | Shutdown | GetStats
+CoreOutput = EngineOutputs | EngineDead | Stats | WorkerReady
+WorkerResult = PrefillDone | DecodeStep | Dropped | WorkerReady
+PrefillInput = PrefillBatch | Shutdown
+DecodeInput = StartDecode | GrantBlocks | StopDecode | Shutdown

@@ -116,16 +116,35 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return names[dtype]
 
 
+def parameter_specs(cfg: ModelConfig, dtype: torch.dtype) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """(name, shape, dtype) of every parameter, in a fixed order: the layout of a shared weight arena."""
+    with torch.device("meta"):
+        model = LlamaModel(cfg, backend=None)
+    return [(name, tuple(p.shape), dtype) for name, p in model.named_parameters()]
+
+
 def build_model(folder: str | Path, backend, dtype: torch.dtype, device: torch.device,
-                max_positions: int | None = None) -> LlamaModel:
-    """Model with weights loaded from a Hugging Face folder, on `device` in `dtype`."""
+                max_positions: int | None = None, param_views: dict[str, torch.Tensor] | None = None,
+                load: bool = True) -> LlamaModel:
+    """Model from a Hugging Face folder, on `device` in `dtype`.
+
+    param_views: tensors (e.g. views of a shared arena) that become the parameters instead of fresh
+    allocations; with load=False they are used as they are (an importer mapping the owner's weights).
+    """
     cfg = ModelConfig.from_folder(folder)
     with torch.device("meta"):
         model = LlamaModel(cfg, backend, max_positions)
-    model = model.to_empty(device=device).to(dtype)
+    if param_views is None:
+        model = model.to_empty(device=device).to(dtype)
+    else:
+        for name, _ in list(model.named_parameters()):
+            module_name, _, attr = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            module._parameters[attr] = torch.nn.Parameter(param_views[name], requires_grad=False)
     # The rope table was built on meta: build it for real, in float32.
     model.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, max_positions or cfg.max_position_embeddings).to(device)
-    load_weights(model, folder)
+    if load:
+        load_weights(model, folder)
+        logger.info("loaded %s (%.1fM parameters, %s) from %s", cfg.architecture, cfg.num_params() / 1e6, dtype, folder)
     model.eval().requires_grad_(False)
-    logger.info("loaded %s (%.1fM parameters, %s) from %s", cfg.architecture, cfg.num_params() / 1e6, dtype, folder)
     return model

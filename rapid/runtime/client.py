@@ -63,6 +63,4 @@ def make_client(config: EngineConfig, tokenizer, eos_token_ids) -> EngineClient:
         from rapid.runtime.mp_client import RapidClient
 
         return RapidClient(config, tokenizer, eos_token_ids)
-    from rapid.runtime.mp_client import DisaggClient
-
-    return DisaggClient(config, tokenizer, eos_token_ids)
+    raise ValueError("mode 'disagg' (prefill and decode on two GPUs) is not implemented yet; use 'hybrid' or 'rapid'")

@@ -1,0 +1,276 @@
+"""Paged attention in Triton: a KV store kernel, a split-KV decode kernel, and flash SDPA for prefill.
+
+Semantics are exactly those of ReferenceAttention.forward (rapid/attention/reference.py):
+  1. keys/values of this step go to the pool at meta.slot_mapping (slot -1 = padding: skipped);
+  2. the first meta.num_decodes sequences are single-token decodes: a Triton paged-attention kernel
+     (flash-decoding: the context is cut into `num_splits` pieces, one program per
+     (sequence, kv head, split) loads each KV tile once for all query heads of its GQA group, then a
+     small reduce kernel merges the pieces by their log-sum-exp);
+  3. the remaining sequences are prefill chunks: per sequence, the chunk attends causally (bottom-right
+     aligned) to its whole context through torch's flash SDPA; the context is gathered from the pool
+     only when earlier chunks exist.
+
+CUDA-graph safety of the decode path: no host syncs; the grid depends only on the batch size and a
+host upper bound of the context length (meta.max_seq_len, which the graph runner holds at
+max_model_len during capture); each split's range is computed inside the kernel from seq_lens, so one
+captured graph serves every context length up to that bound. Padding rows may have seq_len 0: their
+output is 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch.nn.attention.bias import causal_lower_right
+
+from rapid.attention.metadata import AttentionMetadata
+from rapid.attention.reference import gather_context
+
+
+@triton.jit
+def _store_kv_kernel(
+    K, V, KC, VC, SLOTS,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_cb, stride_co, stride_ch,
+    BLOCK_SIZE: tl.constexpr, NUM_KV_HEADS: tl.constexpr, H_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+):
+    """One program per token: copy its [KVH, D] keys and values to slot SLOTS[t] (skip when < 0)."""
+    t = tl.program_id(0)
+    slot = tl.load(SLOTS + t).to(tl.int64)
+    if slot >= 0:
+        h = tl.arange(0, H_PAD)
+        d = tl.arange(0, D_PAD)
+        mask = (h[:, None] < NUM_KV_HEADS) & (d[None, :] < HEAD_DIM)
+        dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_co + h[:, None] * stride_ch + d[None, :]
+        k = tl.load(K + t.to(tl.int64) * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
+        tl.store(KC + dst, k.to(KC.dtype.element_ty), mask=mask)
+        v = tl.load(V + t.to(tl.int64) * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
+        tl.store(VC + dst, v.to(VC.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _decode_kernel(
+    Q, KC, VC, BT, SEQ_LENS, OUT, PART_O, PART_LSE,
+    qk_scale,  # softmax scale * log2(e): scores live in the log2 domain
+    num_splits,
+    stride_qt, stride_qh,
+    stride_cb, stride_co, stride_ch,
+    stride_bt,
+    stride_ot, stride_oh,
+    stride_pt, stride_ph, stride_ps,
+    GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, DIRECT: tl.constexpr,
+):
+    """Program (seq, kv_head, split): attention of the GROUP query heads over one piece of the context."""
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(SEQ_LENS + seq)
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), TILE_N) * TILE_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, D_PAD)
+    heads = kvh * GROUP + g
+    qmask = (g[:, None] < GROUP) & (d[None, :] < HEAD_DIM)
+    q = tl.load(Q + seq.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=qmask, other=0.0)
+
+    m_i = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([G_PAD], dtype=tl.float32)
+    acc = tl.zeros([G_PAD, D_PAD], dtype=tl.float32)
+    offs_n = tl.arange(0, TILE_N)
+    bt_row = BT + seq.to(tl.int64) * stride_bt
+    head_off = kvh * stride_ch
+    for t in range(start, end, TILE_N):
+        tok = t + offs_n
+        nmask = tok < end
+        blk = tl.load(bt_row + tok // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
+        row = blk * stride_cb + (tok % BLOCK_SIZE) * stride_co + head_off
+        kvmask = nmask[:, None] & (d[None, :] < HEAD_DIM)
+        k = tl.load(KC + row[:, None] + d[None, :], mask=kvmask, other=0.0)
+        v = tl.load(VC + row[:, None] + d[None, :], mask=kvmask, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # [G_PAD, TILE_N]
+        s = tl.where(nmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    safe_l = tl.where(l_i > 0, l_i, 1.0)
+    o = acc / safe_l[:, None]  # an empty range (seq_len 0, or a split past the end) gives 0
+    if DIRECT:
+        tl.store(OUT + seq.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                 o.to(OUT.dtype.element_ty), mask=qmask)
+    else:
+        base = seq.to(tl.int64) * stride_pt + heads * stride_ph + split * stride_ps  # [G_PAD]
+        tl.store(PART_O + base[:, None] * HEAD_DIM + d[None, :], o, mask=qmask)
+        lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
+        tl.store(PART_LSE + base, lse, mask=g < GROUP)
+
+
+@triton.jit
+def _reduce_kernel(
+    PART_O, PART_LSE, OUT, num_splits,
+    stride_pt, stride_ph, stride_ps, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr,
+):
+    """Program (seq, head): merge the splits' partial outputs, weighted by exp2(lse)."""
+    seq = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, S_PAD)
+    d = tl.arange(0, D_PAD)
+    smask = s < num_splits
+    base = seq.to(tl.int64) * stride_pt + h * stride_ph + s * stride_ps  # [S_PAD]
+    lse = tl.load(PART_LSE + base, mask=smask, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)  # 0 for empty splits
+    denom = tl.sum(w, 0)
+    o = tl.load(PART_O + base[:, None] * HEAD_DIM + d[None, :], mask=smask[:, None] & (d[None, :] < HEAD_DIM),
+                other=0.0)
+    out = tl.sum(o * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(OUT + seq.to(tl.int64) * stride_ot + h * stride_oh + d, out.to(OUT.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+class TritonAttention:
+    """Paged attention on CUDA: Triton store + split-KV decode, flash SDPA prefill."""
+
+    name = "triton"
+    cuda_graph_capturable = True  # decode + store: no host syncs, launch shapes from host bounds only
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+        self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.group = num_heads // num_kv_heads
+        # Decode kernel tuning (measured on an H100 by bench/kernels.py; see bench/results/kernels-h100.md).
+        self.tile_n = 64  # context tokens per loop iteration (any multiple of 16; need not match block_size)
+        self.num_warps = 4
+        self.num_stages = 3
+        self.programs_per_sm = 4  # split the context until about this many programs per SM run
+        self.min_split_tokens = 256  # but never pieces shorter than this (bounded by the host max length)
+        self.max_splits = 64
+        self._num_sms: int | None = None
+
+    # ------------------------------------------------------------------ helpers
+    def num_splits(self, batch: int, max_seq_len: int, device: torch.device) -> int:
+        """Splits of the context: a function of host values only (batch, length bound), never of data."""
+        if self._num_sms is None:
+            self._num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
+                             if device.type == "cuda" else 8)
+        programs = max(1, batch * self.num_kv_heads)
+        want = -(-self._num_sms * self.programs_per_sm // programs)
+        by_len = max(1, -(-max(1, max_seq_len) // self.min_split_tokens))
+        splits = max(1, min(want, by_len, self.max_splits))
+        return min(_next_pow2(splits), self.max_splits)
+
+    def store(self, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        T = k.shape[0]
+        if T == 0:
+            return
+        kc, vc = kv_layer[0], kv_layer[1]  # [NB, BS, KVH, D]
+        assert k.stride(-1) == 1 and v.stride(-1) == 1 and kc.stride(-1) == 1
+        _store_kv_kernel[(T,)](
+            k, v, kc, vc, slot_mapping,
+            k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            kc.stride(0), kc.stride(1), kc.stride(2),
+            BLOCK_SIZE=kc.shape[1], NUM_KV_HEADS=self.num_kv_heads, H_PAD=_next_pow2(self.num_kv_heads),
+            HEAD_DIM=self.head_dim, D_PAD=max(16, _next_pow2(self.head_dim)),
+            num_warps=4 if self.num_kv_heads * self.head_dim >= 1024 else 1,
+        )
+
+    def decode(self, q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+               max_seq_len: int, out: torch.Tensor) -> None:
+        """q: [B, H, D] one token per sequence -> out [B, H, D] (a view may be given)."""
+        B = q.shape[0]
+        if B == 0:
+            return
+        kc, vc = kv_layer[0], kv_layer[1]
+        assert q.stride(-1) == 1 and out.stride(-1) == 1 and kc.stride(-1) == 1
+        splits = self.num_splits(B, max_seq_len, q.device)
+        H, D = self.num_heads, self.head_dim
+        d_pad = max(16, _next_pow2(D))
+        common = dict(GROUP=self.group, G_PAD=max(16, _next_pow2(self.group)), HEAD_DIM=D, D_PAD=d_pad,
+                      BLOCK_SIZE=kc.shape[1], TILE_N=self.tile_n)
+        grid = (B, self.num_kv_heads, splits)
+        qk_scale = self.scale * 1.4426950408889634
+        if splits == 1:
+            _decode_kernel[grid](
+                q, kc, vc, block_tables, seq_lens, out, out, out, qk_scale, 1,
+                q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
+                out.stride(0), out.stride(1), 0, 0, 0,
+                DIRECT=True, num_warps=self.num_warps, num_stages=self.num_stages, **common,
+            )
+            return
+        part_o = torch.empty((B, H, splits, D), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((B, H, splits), dtype=torch.float32, device=q.device)
+        # part_lse shares part_o's (seq, head, split) strides divided by D: pass those.
+        _decode_kernel[grid](
+            q, kc, vc, block_tables, seq_lens, out, part_o, part_lse, qk_scale, splits,
+            q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
+            out.stride(0), out.stride(1), part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
+            DIRECT=False, num_warps=self.num_warps, num_stages=self.num_stages, **common,
+        )
+        _reduce_kernel[(B, H)](
+            part_o, part_lse, out, splits,
+            part_lse.stride(0), part_lse.stride(1), part_lse.stride(2), out.stride(0), out.stride(1),
+            HEAD_DIM=D, D_PAD=d_pad, S_PAD=max(2, _next_pow2(splits)), num_warps=4,
+        )
+
+    def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
+                block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """q/k/v: [L, *, D], the last L positions of a seq_len context -> [1, H, L, D] (flash SDPA)."""
+        L = q.shape[0]
+        if L == seq_len and kv_layer.dtype == k.dtype:
+            keys, values = k, v  # the chunk is the whole context: no gather
+        else:
+            keys, values = gather_context(kv_layer, block_table, seq_len)
+        qh = q.transpose(0, 1)[None]  # [1, H, L, D]
+        kh, vh = keys.transpose(0, 1)[None], values.transpose(0, 1)[None]  # [1, KVH, S, D]
+        gqa = self.num_heads != self.num_kv_heads
+        if L == seq_len:
+            return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(L, seq_len), scale=self.scale,
+                                              enable_gqa=gqa)
+
+    # ------------------------------------------------------------------ the backend call
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """q: [T, H, D], k/v: [T, KVH, D] for this step -> [T, H, D] (into `out` when given)."""
+        if q.stride(-1) != 1:
+            q = q.contiguous()
+        if k.stride(-1) != 1:
+            k = k.contiguous()
+        if v.stride(-1) != 1:
+            v = v.contiguous()
+        self.store(k, v, kv_layer, meta.slot_mapping)
+        if out is None:
+            out = torch.empty_like(q)
+        nd = meta.num_decodes
+        if nd:
+            self.decode(q[:nd], kv_layer, meta.block_tables, meta.seq_lens, meta.max_seq_len, out[:nd])
+        if meta.num_prefills:
+            starts = meta.query_start_loc_host or meta.query_start_loc.tolist()
+            lens = meta.seq_lens_host or meta.seq_lens.tolist()
+            for i in range(nd, meta.num_seqs):
+                s, e = starts[i], starts[i + 1]
+                if e == s:
+                    continue
+                o = self.prefill(q[s:e], k[s:e], v[s:e], kv_layer, meta.block_tables[i], lens[i])
+                out[s:e].copy_(o[0].transpose(0, 1))
+        return out
+
+
+__all__ = ["TritonAttention"]

@@ -1,0 +1,225 @@
+"""CUDA graphs for decode steps, and torch.compile for the non-attention parts of the model.
+
+DecodeGraphRunner captures one graph of the whole model forward per batch-size bucket
+(1, 2, 4, 8, then every multiple of 8 up to max_num_seqs). Every graph reads the same static
+input buffers (token ids, positions, slot mapping, context lengths, block tables) and all graphs
+share one memory pool. `run` copies a live decode batch into the buffers, pads it to the next
+bucket (padding rows: slot -1, so they write no KV, and context length 0, so they read none), replays,
+and returns the first rows of the graph's output buffer: a view, valid until the next replay.
+
+The attention backend must be capturable (no host syncs, a grid fixed by host values): it says so
+with a `cuda_graph_capturable = True` attribute (TritonAttention does). During capture the metadata's
+max_seq_len is held at max_model_len, so the backend's launch shapes do not depend on live lengths.
+
+compile_prefill(model) swaps each decoder layer's forward for two torch.compile'd pieces
+(norm + qkv projection + rope before the attention call, o_proj + residual + norm + MLP after it);
+the attention backend runs between them, outside any compiled region. It fuses about 40 small
+kernels per layer into a handful, which is what matters for long prefills (elementwise passes over
+[T, 14336] activations) and for decode graphs (launch count). Apply it before building a
+DecodeGraphRunner so the graphs capture the compiled kernels.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import logging
+import time
+
+import torch
+import torch.nn.functional as F
+
+from rapid.attention.metadata import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+
+def bucket_sizes(max_num_seqs: int) -> list[int]:
+    """Batch sizes that get a graph: 1, 2, 4, 8, 16, 24, ... (step 8), the last one >= max_num_seqs."""
+    candidates = [1, 2, 4, 8] + list(range(16, max(max_num_seqs, 1) + 8, 8))
+    below = [c for c in candidates if c < max_num_seqs]
+    return below + [next(c for c in candidates if c >= max(max_num_seqs, 1))]
+
+
+class DecodeGraphRunner:
+    def __init__(self, model, kv_pool: torch.Tensor, max_num_seqs: int, block_size: int, max_model_len: int,
+                 *, capture_sizes: list[int] | None = None, progress: bool = True):
+        self.model = model
+        self.kv_pool = kv_pool
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.max_blocks = max_model_len // block_size + 1
+        backend = model.layers[0].self_attn.backend if len(model.layers) else None
+        self.sizes: list[int] = sorted(set(capture_sizes or bucket_sizes(max_num_seqs)))
+        if not getattr(backend, "cuda_graph_capturable", False):
+            logger.warning("attention backend %r is not CUDA-graph capturable: decode runs eagerly",
+                           getattr(backend, "name", type(backend).__name__))
+            self.sizes = []
+        self.max_bs = self.sizes[-1] if self.sizes else 0
+        dev = kv_pool.device
+        n = max(self.max_bs, 1)
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=dev)
+        self.seq_lens = torch.zeros(n, dtype=torch.int32, device=dev)
+        self.block_tables = torch.zeros((n, self.max_blocks), dtype=torch.int32, device=dev)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.pool = None
+        self.capture_s = 0.0
+        if self.sizes:
+            self._capture(progress)
+
+    def _meta(self, b: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:b],
+            query_start_loc=self.query_start_loc[: b + 1],
+            seq_lens=self.seq_lens[:b],
+            block_tables=self.block_tables[:b],
+            num_decodes=b,
+            max_seq_len=self.max_model_len,  # a host bound, constant across replays
+        )
+
+    @torch.inference_mode()
+    def _capture(self, progress: bool) -> None:
+        from tqdm import tqdm
+
+        t0 = time.perf_counter()
+        self.pool = torch.cuda.graph_pool_handle()
+        self.seq_lens.fill_(1)  # warm-up/capture rows read one token of block 0 and write nothing (slot -1)
+        sizes = sorted(self.sizes, reverse=True)  # largest first: smaller graphs reuse its pool memory
+        for b in tqdm(sizes, desc="capturing decode CUDA graphs", disable=not progress, leave=False):
+            meta = self._meta(b)
+            ids, pos = self.input_ids[:b], self.positions[:b]
+            for _ in range(2):  # compile Triton/Inductor kernels for this shape outside the capture
+                self.model(ids, pos, self.kv_pool, meta)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self.model(ids, pos, self.kv_pool, meta)
+            self.graphs[b], self.outputs[b] = graph, out
+        torch.cuda.synchronize()
+        self.seq_lens.fill_(0)
+        self.capture_s = time.perf_counter() - t0
+        logger.info("captured %d decode CUDA graphs (batch sizes %d..%d, max_model_len %d) in %.1fs",
+                    len(sizes), self.sizes[0], self.max_bs, self.max_model_len, self.capture_s)
+
+    def can_run(self, meta: AttentionMetadata, num_seqs: int) -> bool:
+        return (
+            self.max_bs > 0
+            and meta.num_prefills == 0
+            and 0 < num_seqs <= self.max_bs
+            and meta.num_decodes == num_seqs
+            and meta.slot_mapping.shape[0] == num_seqs
+            and meta.max_seq_len <= self.max_model_len
+            and meta.block_tables.shape[1] <= self.max_blocks
+        )
+
+    def bucket(self, num_seqs: int) -> int:
+        return self.sizes[bisect.bisect_left(self.sizes, num_seqs)]
+
+    @torch.inference_mode()
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Decode-only batch -> hidden [num_seqs, hidden] (a view of the graph's output buffer)."""
+        n = meta.num_seqs
+        b = self.bucket(n)
+        self.input_ids[:n].copy_(input_ids, non_blocking=True)
+        self.positions[:n].copy_(positions, non_blocking=True)
+        self.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)
+        self.seq_lens[:n].copy_(meta.seq_lens, non_blocking=True)
+        w = meta.block_tables.shape[1]
+        self.block_tables[:n, :w].copy_(meta.block_tables, non_blocking=True)
+        if b > n:  # padding rows: no KV write, no KV read (stale ids/positions are valid indices)
+            self.slot_mapping[n:b].fill_(-1)
+            self.seq_lens[n:b].fill_(0)
+        self.graphs[b].replay()
+        return self.outputs[b][:n]
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(dtype)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def _pre_attention(x, positions, cos_sin, ln_w, qkv_w, qkv_b, q_norm_w, k_norm_w, eps: float,
+                   num_heads: int, num_kv_heads: int, head_dim: int):
+    """input norm + fused qkv projection (+ Qwen3 qk-norm) + rope -> q [T,H,D], k, v [T,KVH,D]."""
+    T = x.shape[0]
+    qkv = F.linear(_rms(x, ln_w, eps), qkv_w, qkv_b)
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    q = q.reshape(T, num_heads, head_dim)
+    k = k.reshape(T, num_kv_heads, head_dim)
+    v = v.reshape(T, num_kv_heads, head_dim)
+    if q_norm_w is not None:
+        q, k = _rms(q, q_norm_w, eps), _rms(k, k_norm_w, eps)
+    cos, sin = cos_sin[positions].chunk(2, dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return _rope(q, cos, sin), _rope(k, cos, sin), v
+
+
+def _post_attention(x, attn, o_w, ln_w, gate_up_w, down_w, eps: float, intermediate: int):
+    """o_proj + residual, post-attention norm, SwiGLU MLP + residual."""
+    x = x + F.linear(attn.flatten(1), o_w)
+    gate, up = F.linear(_rms(x, ln_w, eps), gate_up_w).split(intermediate, dim=-1)
+    return x + F.linear(F.silu(gate) * up, down_w)
+
+
+def _final_norm(x, w, eps: float):
+    return _rms(x, w, eps)
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _compiled(name: str, fn):
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(fn, dynamic=True, fullgraph=True)
+    return _COMPILED[name]
+
+
+def _layer_forward(layer, pre, post, x, positions, rotary, kv_pool, meta):
+    a, mlp = layer.self_attn, layer.mlp
+    q_norm = None if a.q_norm is None else a.q_norm.weight
+    k_norm = None if a.k_norm is None else a.k_norm.weight
+    q, k, v = pre(x, positions, rotary.cos_sin, layer.input_layernorm.weight, a.qkv_proj.weight, a.qkv_proj.bias,
+                  q_norm, k_norm, layer.input_layernorm.eps, a.num_heads, a.num_kv_heads, a.head_dim)
+    out = a.backend.forward(q, k, v, kv_pool[a.layer_idx], meta)  # eager: outside the compiled regions
+    return post(x, out, a.o_proj.weight, layer.post_attention_layernorm.weight, mlp.gate_up_proj.weight,
+                mlp.down_proj.weight, layer.post_attention_layernorm.eps, mlp.intermediate_size)
+
+
+def compile_prefill(model):
+    """Run each decoder layer's non-attention work through torch.compile(dynamic=True); returns model.
+
+    The weights are passed as arguments, so one compiled graph serves all layers (no per-layer
+    recompiles); T is dynamic, so one graph serves all token counts >= 2 (T == 1 gets its own).
+    Attention stays eager between the two compiled pieces. Undo with uncompile(model).
+    """
+    pre = _compiled("pre", _pre_attention)
+    post = _compiled("post", _post_attention)
+    norm = _compiled("norm", _final_norm)
+    for layer in model.layers:
+        layer.forward = functools.partial(_layer_forward, layer, pre, post)
+    model.norm.forward = lambda x, _n=model.norm: norm(x, _n.weight, _n.eps)
+    model._rapid_compiled = True
+    return model
+
+
+def uncompile(model):
+    """Restore the eager forwards that compile_prefill replaced."""
+    for layer in model.layers:
+        layer.__dict__.pop("forward", None)
+    model.norm.__dict__.pop("forward", None)
+    model._rapid_compiled = False
+    return model

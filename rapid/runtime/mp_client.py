@@ -1,0 +1,246 @@
+"""RapidClient: the frontend side of mode 'rapid'. It starts and supervises three named processes:
+
+    decode worker   owns the shared arena (weights + KV pool); started first, stopped last
+    prefill worker  maps the arena; started second, stopped first
+    engine core     scheduler, block accounting, tokenizer/detokenizer; talks to both workers
+
+Each reports ready through a handshake with a timeout. A process that dies is noticed within a
+poll interval (0.1 s): every in-flight request ends with an EngineDeadError naming the process
+and its exit code, and everything else is shut down (the engine is then dead: create a new LLM).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import zmq
+
+from rapid.config import EngineConfig
+from rapid.protocol import (
+    AbortRequest, AddRequest, CoreOutput, EngineDead, EngineOutputs, GetStats, RequestDelta, Shutdown, Stats,
+    WorkerReady,
+)
+from rapid.runtime import ipc
+from rapid.runtime.client import EngineClient, EngineDeadError
+from rapid.runtime.shared import unlink_shm
+from rapid.runtime.workers import WorkerArgs, encode_args
+
+logger = logging.getLogger(__name__)
+POLL_MS = 100
+
+
+@dataclass
+class ChildProcess:
+    name: str
+    process: subprocess.Popen
+    log_path: str
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+
+def _wait(proc: subprocess.Popen, timeout: float) -> None:
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+class RapidClient(EngineClient):
+    def __init__(self, config: EngineConfig, tokenizer, eos_token_ids):
+        if config.scheduler.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be >= 1")
+        self.config = config
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.dead_reason: str | None = None
+        self.children: list[ChildProcess] = []
+        self.shm_names: list[str] = []
+        self.in_flight: set[str] = set()
+        self._buffered: list[RequestDelta] = []
+        self._closed = False
+        self.dir = ipc.private_socket_dir()
+        names = ("core_in", "core_out", "worker_out", "prefill_in", "decode_in", "ready")
+        self.endpoints = {n: ipc.endpoint(self.dir, n) for n in names}
+        self.ctx = zmq.Context()
+        self.ready = ipc.Channel(self.ctx, zmq.PULL, self.endpoints["ready"], bind=True, decode_type=WorkerReady)
+        self.out = ipc.Channel(self.ctx, zmq.PULL, self.endpoints["core_out"], bind=True, decode_type=CoreOutput)
+        self.inp = None
+        try:
+            self._start()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # ------------------------------------------------------------------ start-up
+    def _env_for(self, role: str) -> dict[str, str]:
+        from rapid.runtime.mps import worker_env
+
+        return worker_env(self.config, role)
+
+    def _spawn(self, name: str, arena=None, num_blocks: int = 0) -> WorkerReady:
+        log_path = f"{self.dir}/{name}.log"
+        args = WorkerArgs(name=name, config=self.config, endpoints=self.endpoints, log_path=log_path,
+                          log_level=logging.getLogger("rapid").getEffectiveLevel() or logging.INFO,
+                          eos_token_ids=self.eos_token_ids, env=self._env_for(name), arena=arena,
+                          num_blocks=num_blocks)
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "rapid.runtime.child", name], stdin=subprocess.PIPE,
+                                    stdout=log, stderr=subprocess.STDOUT, close_fds=True)
+        proc.stdin.write(encode_args(args))
+        proc.stdin.close()
+        child = ChildProcess(name, proc, log_path)
+        self.children.append(child)
+        return self._wait_ready(child)
+
+    def _wait_ready(self, child: ChildProcess) -> WorkerReady:
+        deadline = time.monotonic() + self.config.rapid.worker_start_timeout_s
+        while time.monotonic() < deadline:
+            msg = self.ready.recv(timeout_ms=POLL_MS)
+            if isinstance(msg, WorkerReady) and msg.name == child.name:
+                return msg
+            if not child.alive():
+                raise RuntimeError(
+                    f"{child.name} process (pid {child.process.pid}) exited with code {child.process.returncode} "
+                    f"during start-up; its last log lines:\n{ipc.tail(child.log_path)}"
+                )
+        raise TimeoutError(
+            f"{child.name} process (pid {child.process.pid}) was not ready within "
+            f"{self.config.rapid.worker_start_timeout_s:.0f}s; its last log lines:\n{ipc.tail(child.log_path)}"
+        )
+
+    def _start(self) -> None:
+        from rapid.runtime.mps import MpsDaemon
+
+        self.mps = MpsDaemon.for_config(self.config)
+        t0 = time.perf_counter()
+        decode = self._spawn("decode")
+        if decode.arena is not None and decode.arena.kind == "shm":
+            self.shm_names.append(decode.arena.shm_name)
+        self._spawn("prefill", arena=decode.arena, num_blocks=decode.num_blocks)
+        self._spawn("core", num_blocks=decode.num_blocks)
+        self.num_blocks = decode.num_blocks
+        self.inp = ipc.Channel(self.ctx, zmq.PUSH, self.endpoints["core_in"], bind=False)
+        if self.mps is not None:
+            self.mps.check_clients([c.process.pid for c in self.children if c.name in ("decode", "prefill")])
+        logger.info("rapid engine ready in %.1fs (%d KV blocks; sockets in %s)", time.perf_counter() - t0,
+                    self.num_blocks, self.dir)
+
+    # ------------------------------------------------------------------ EngineClient
+    def _check_alive(self) -> None:
+        if self.dead_reason is not None:
+            raise EngineDeadError(self.dead_reason)
+
+    def add_request(self, msg: AddRequest) -> None:
+        self._check_alive()
+        self.inp.send(msg)
+        self.in_flight.add(msg.request_id)
+
+    def abort(self, request_ids: list[str]) -> None:
+        if self.dead_reason is None and self.inp is not None:
+            self.inp.send(AbortRequest(list(request_ids)))
+
+    def _dead_child(self) -> ChildProcess | None:
+        return next((c for c in self.children if not c.alive()), None)
+
+    def _on_death(self, reason: str) -> list[RequestDelta]:
+        self.dead_reason = reason
+        logger.error("%s", reason)
+        deltas = [RequestDelta(rid, [], "", finished=True, finish_reason="abort", error=reason)
+                  for rid in sorted(self.in_flight)]
+        self.in_flight.clear()
+        self._stop_children()
+        return deltas
+
+    def get_deltas(self, timeout_s: float | None = None) -> list[RequestDelta]:
+        if self._buffered:
+            out, self._buffered = self._buffered, []
+            return out
+        self._check_alive()
+        deadline = time.monotonic() + (timeout_s if timeout_s is not None else 3600.0)
+        while True:
+            msg = self.out.recv(timeout_ms=POLL_MS)
+            if isinstance(msg, EngineOutputs):
+                for d in msg.deltas:
+                    if d.finished:
+                        self.in_flight.discard(d.request_id)
+                return msg.deltas
+            if isinstance(msg, EngineDead):
+                return self._on_death(f"engine core: {msg.reason}")
+            dead = self._dead_child()
+            if dead is not None:
+                code = dead.process.returncode
+                return self._on_death(
+                    f"{dead.name} process (pid {dead.process.pid}) died with exit code {code}"
+                    f"{' (signal %d)' % -code if code is not None and code < 0 else ''}; last log lines:\n"
+                    f"{ipc.tail(dead.log_path, 8)}"
+                )
+            if time.monotonic() > deadline:
+                return []
+
+    def get_stats(self, timeout_s: float = 10.0) -> Stats:
+        """Worker timings (prefill batches, decode steps, idle gaps, hand-offs) from the core."""
+        self._check_alive()
+        self.inp.send(GetStats())
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            msg = self.out.recv(timeout_ms=POLL_MS)
+            if isinstance(msg, Stats):
+                return msg
+            if isinstance(msg, EngineOutputs):
+                self._buffered.extend(msg.deltas)
+        raise TimeoutError("the engine core did not answer GetStats")
+
+    # ------------------------------------------------------------------ shutdown
+    def _stop_children(self) -> None:
+        """Importers first (prefill, core), the owner of the shared arena (decode) last."""
+        order = {"prefill": 0, "core": 1, "decode": 2}
+        for child in sorted(self.children, key=lambda c: order[c.name]):
+            proc = child.process
+            if child.alive():
+                if child.name == "core" and self.inp is not None:
+                    self.inp.send(Shutdown())
+                else:
+                    self._send_worker_shutdown(child.name)
+                _wait(proc, 5)
+            if child.alive():
+                proc.terminate()
+                _wait(proc, 3)
+            if child.alive():
+                proc.kill()
+                _wait(proc, 3)
+        self.children = []
+        for name in self.shm_names:  # the owner unlinks; this covers an owner that was killed
+            unlink_shm(name)
+        self.shm_names = []
+
+    def _send_worker_shutdown(self, name: str) -> None:
+        """Workers listen to the core; when the core is gone, reach them directly."""
+        sock = ipc.Channel(self.ctx, zmq.PUSH, self.endpoints[f"{name}_in"], bind=False)
+        try:
+            sock.sock.setsockopt(zmq.SNDTIMEO, 200)
+            try:
+                sock.send(Shutdown())
+            except zmq.Again:
+                pass
+        finally:
+            sock.close()
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._stop_children()
+        finally:
+            for ch in (self.inp, self.out, self.ready):
+                if ch is not None:
+                    ch.close()
+            self.ctx.term()
+            if getattr(self, "mps", None) is not None:
+                self.mps.stop()
+            shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,307 @@
+"""GPU tests: the Triton attention backend against the reference, and CUDA-graph decode against eager.
+
+Skipped without a CUDA GPU (and without triton). Every check draws fresh random inputs, poisons the
+output with NaN first, and compares by ||out - ref|| / ||ref|| (bf16: < 1e-2).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+pytest.importorskip("triton")
+
+from rapid.attention.metadata import AttentionMetadata  # noqa: E402
+from rapid.attention.reference import ReferenceAttention  # noqa: E402
+from rapid.attention.triton_backend import TritonAttention  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+DEV = torch.device("cuda")
+
+
+def make_case(seqs, num_heads, num_kv_heads, head_dim, block_size=16, dtype=torch.bfloat16, device=DEV,
+              seed=0, max_seq_len=None, pad_rows=0):
+    """seqs: [(context length after this step, query tokens)], decodes (q=1) first.
+
+    Returns q, k, v, pool (one layer, random), meta. `pad_rows` extra decode-like rows with slot -1
+    and context length 0 are inserted after the decodes (as CUDA-graph padding would be).
+    """
+    g = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    need = sum(-(-c // block_size) for c, _ in seqs)
+    num_blocks = need + 7
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    tables, slots, starts, lens = [], [], [0], []
+    nd = 0
+    for i, (ctx, ql) in enumerate(seqs):
+        assert 1 <= ql <= ctx
+        nb = -(-ctx // block_size)
+        blocks, perm = perm[:nb], perm[nb:]
+        tables.append(blocks)
+        slots += [blocks[p // block_size] * block_size + p % block_size for p in range(ctx - ql, ctx)]
+        starts.append(starts[-1] + ql)
+        lens.append(ctx)
+        if ql == 1 and nd == i:
+            nd += 1
+    if pad_rows:
+        assert nd == len(seqs), "padding rows only in decode-only batches"
+        for _ in range(pad_rows):
+            tables.append([rng.randrange(num_blocks)])
+            slots.append(-1)
+            starts.append(starts[-1] + 1)
+            lens.append(0)
+        nd += pad_rows
+    width = max(len(t) for t in tables) + rng.randrange(3)
+    tables = [t + [0] * (width - len(t)) for t in tables]
+    T = starts[-1]
+    q = torch.randn(T, num_heads, head_dim, generator=g).to(device, dtype)
+    k = torch.randn(T, num_kv_heads, head_dim, generator=g).to(device, dtype)
+    v = torch.randn(T, num_kv_heads, head_dim, generator=g).to(device, dtype)
+    pool = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(device, dtype)
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
+        block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
+        num_decodes=nd,
+        max_seq_len=max_seq_len or max(lens),
+        query_start_loc_host=starts,
+        seq_lens_host=lens,
+    )
+    return q, k, v, pool, meta
+
+
+def rel_err(out, ref):
+    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
+
+
+def check(seqs, H, KVH, D, block_size=16, dtype=torch.bfloat16, seed=0, max_seq_len=None, pad_rows=0, tol=1e-2,
+          cfg=None):
+    q, k, v, pool, meta = make_case(seqs, H, KVH, D, block_size, dtype, DEV, seed, max_seq_len, pad_rows)
+    scale = D**-0.5
+    ref_pool = pool.clone()
+    tri = TritonAttention(H, KVH, D, scale)
+    for key, val in (cfg or {}).items():
+        setattr(tri, key, val)
+    out = torch.full_like(q, float("nan"))
+    tri.forward(q, k, v, pool, meta, out=out)
+    torch.cuda.synchronize()
+    # the reference with padding rows excluded (its softmax over an empty context is NaN)
+    valid = meta.slot_mapping >= 0
+    ref_meta = meta
+    rows = torch.arange(q.shape[0], device=DEV)
+    if pad_rows:
+        keep = valid.nonzero().flatten()
+        n_real = len(seqs)
+        ref_meta = AttentionMetadata(meta.slot_mapping[keep], torch.arange(n_real + 1, dtype=torch.int32, device=DEV),
+                                     meta.seq_lens[keep], meta.block_tables[keep], n_real, max(s for s, _ in seqs))
+        rows = keep
+    ref = ReferenceAttention(H, KVH, D, scale).forward(q[rows], k[rows], v[rows], ref_pool, ref_meta)
+    assert torch.isfinite(out).all(), "unwritten (NaN) or non-finite outputs"
+    err = rel_err(out[rows], ref)
+    assert err < tol, f"relative error {err:.3g} (seqs={seqs[:6]}..., H={H}, KVH={KVH}, D={D})"
+    assert torch.equal(pool, ref_pool), "KV pool differs from the reference store"
+    if pad_rows:
+        pad = (~valid).nonzero().flatten()
+        assert (out[pad] == 0).all(), "padding rows (context length 0) must give 0"
+    return err
+
+
+GQA = [(8, 8), (16, 4), (32, 4)]  # ratios 1, 4, 8
+
+
+@pytest.mark.parametrize("H,KVH", GQA)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("batch", [1, 3, 17, 64])
+def test_decode_random_lengths(batch, D, H, KVH):
+    rng = random.Random(batch * 1000 + D + H)
+    seqs = [(rng.randint(1, 3000), 1) for _ in range(batch)]
+    check(seqs, H, KVH, D, seed=batch + D)
+
+
+@pytest.mark.parametrize("ctx", [1, 2, 15, 16, 17, 63, 64, 65, 255, 256, 257, 1000, 2048, 3000])
+def test_decode_edge_lengths(ctx):
+    check([(ctx, 1), (max(1, ctx // 2), 1), (ctx + 1, 1)], 32, 8, 128, seed=ctx)
+
+
+@pytest.mark.parametrize("bound", [None, 4096, 8192])
+def test_decode_host_bound_larger_than_lengths(bound):
+    """In a CUDA graph max_seq_len is max_model_len: many splits land past the live lengths."""
+    rng = random.Random(7)
+    seqs = [(rng.randint(1, 300), 1) for _ in range(5)]
+    check(seqs, 32, 8, 128, seed=11, max_seq_len=bound)
+
+
+def test_decode_padding_rows():
+    rng = random.Random(3)
+    seqs = [(rng.randint(1, 2000), 1) for _ in range(6)]
+    check(seqs, 32, 8, 128, seed=5, pad_rows=3, max_seq_len=4096)
+
+
+@pytest.mark.parametrize("cfg", [dict(programs_per_sm=64, min_split_tokens=16),  # up to 64 splits
+                                 dict(programs_per_sm=1, min_split_tokens=1 << 20)])  # always one split
+def test_decode_split_extremes(cfg):
+    rng = random.Random(9)
+    check([(rng.randint(1, 3000), 1) for _ in range(4)], 32, 8, 128, seed=13, cfg=cfg)
+
+
+@pytest.mark.parametrize("H,KVH", GQA)
+@pytest.mark.parametrize("D", [64, 128])
+def test_mixed_decode_and_prefill(D, H, KVH):
+    rng = random.Random(D * 7 + H)
+    decodes = [(rng.randint(1, 3000), 1) for _ in range(rng.randint(0, 9))]
+    prefills = []
+    for _ in range(3):
+        chunk = rng.randint(1, 600)
+        prior = rng.choice([0, 0, rng.randint(1, 2400)])
+        prefills.append((prior + chunk, chunk))
+    check(decodes + prefills, H, KVH, D, seed=D + H)
+
+
+@pytest.mark.parametrize("prior,chunk", [(0, 1), (0, 17), (0, 512), (1, 1), (5, 3), (100, 256), (2047, 1),
+                                         (1536, 512), (2900, 100)])
+def test_prefill_chunk_with_prior_context(prior, chunk):
+    check([(prior + chunk, chunk)], 32, 8, 128, seed=prior + chunk)
+
+
+def test_fp16_and_block_size_32():
+    rng = random.Random(1)
+    seqs = [(rng.randint(1, 1500), 1) for _ in range(7)] + [(700, 200), (64, 64)]
+    check(seqs, 16, 4, 128, block_size=32, dtype=torch.float16, seed=2)
+
+
+def test_tile_configs():
+    t = TritonAttention(32, 8, 128, 128**-0.5)
+    rng = random.Random(4)
+    for tile, warps, stages in [(16, 2, 2), (32, 4, 3), (128, 8, 2)]:
+        q, k, v, pool, meta = make_case([(rng.randint(1, 3000), 1) for _ in range(9)], 32, 8, 128, seed=tile)
+        ref_pool = pool.clone()
+        t.tile_n, t.num_warps, t.num_stages = tile, warps, stages
+        out = torch.full_like(q, float("nan"))
+        t.forward(q, k, v, pool, meta, out=out)
+        ref = ReferenceAttention(32, 8, 128, 128**-0.5).forward(q, k, v, ref_pool, meta)
+        assert rel_err(out, ref) < 1e-2
+
+
+# --------------------------------------------------------------------------- CUDA graphs
+
+
+def _tiny_model(tmp_path, arch="llama", **kw):
+    from tests.tiny import make_tiny_model
+    from rapid.attention import select_backend
+    from rapid.model.config import ModelConfig
+    from rapid.model.loader import build_model
+
+    folder = make_tiny_model(tmp_path / arch, arch, with_tokenizer=False, **kw)
+    cfg = ModelConfig.from_folder(folder)
+    backend = select_backend("triton", cfg, DEV)
+    return build_model(folder, backend, torch.bfloat16, DEV, max_positions=512), cfg
+
+
+def _decode_batch(n, ctx_lens, block_size, tables, vocab, device):
+    ids = torch.randint(0, vocab, (n,), device=device)
+    pos = torch.tensor([c - 1 for c in ctx_lens], dtype=torch.int64, device=device)
+    slots = [tables[i][(c - 1) // block_size] * block_size + (c - 1) % block_size for i, c in enumerate(ctx_lens)]
+    width = max(len(t) for t in tables)
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        query_start_loc=torch.arange(n + 1, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=device),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=device),
+        num_decodes=n, max_seq_len=max(ctx_lens),
+        query_start_loc_host=list(range(n + 1)), seq_lens_host=list(ctx_lens),
+    )
+    return ids, pos, meta
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@torch.inference_mode()
+def test_decode_graph_matches_eager(tmp_path, arch):
+    from rapid.attention.metadata import kv_pool_shape
+    from rapid.compile.cuda_graphs import DecodeGraphRunner
+
+    model, cfg = _tiny_model(tmp_path, arch, num_heads=4, num_kv_heads=2, head_dim=64, hidden_size=128)
+    bs, max_len, max_seqs = 16, 256, 20
+    num_blocks = max_seqs * (max_len // bs) + 1
+    pool = torch.randn(kv_pool_shape(cfg.num_layers, num_blocks, bs, cfg.num_kv_heads, cfg.head_dim),
+                       device=DEV).to(torch.bfloat16)
+    runner = DecodeGraphRunner(model, pool, max_seqs, bs, max_len, progress=False)
+    assert runner.sizes == [1, 2, 4, 8, 16, 24]
+    perm = torch.randperm(num_blocks - 1).add(1).tolist()
+    rng = random.Random(0)
+    for n in [1, 3, 8, 13, 20]:
+        ctx = [rng.randint(1, max_len) for _ in range(n)]
+        tables = []
+        for c in ctx:
+            nb = -(-c // bs)
+            tables.append(perm[:nb])
+            perm = perm[nb:] + perm[:nb]
+        ids, pos, meta = _decode_batch(n, ctx, bs, tables, cfg.vocab_size, DEV)
+        assert runner.can_run(meta, n)
+        eager_pool = pool.clone()
+        ref = model(ids, pos, eager_pool, meta)
+        got = runner.run(ids, pos, meta).clone()
+        assert got.shape == ref.shape
+        assert rel_err(got, ref) < 1e-2, (n, rel_err(got, ref))
+        # KV: the graph wrote exactly the live slots (padding rows wrote nothing), with the eager values
+        changed = (pool != eager_pool).flatten(3).any(-1)  # [L, 2, NB, BS]
+        written = torch.zeros_like(changed)
+        written.flatten(2)[:, :, meta.slot_mapping] = True
+        assert not (changed & ~written).any(), "the graph wrote KV outside the batch's slots"
+        live = pool.flatten(2, 3)[:, :, meta.slot_mapping]
+        assert rel_err(live, eager_pool.flatten(2, 3)[:, :, meta.slot_mapping]) < 1e-2
+    # prefill batches are not for the graphs
+    q_meta = AttentionMetadata(meta.slot_mapping, meta.query_start_loc, meta.seq_lens, meta.block_tables, n - 1,
+                               meta.max_seq_len)
+    assert not runner.can_run(q_meta, n)
+    assert not runner.can_run(meta, 25)
+
+
+@torch.inference_mode()
+def test_compile_prefill_matches_eager(tmp_path):
+    from rapid.attention.metadata import kv_pool_shape
+    from rapid.compile.cuda_graphs import DecodeGraphRunner, compile_prefill, uncompile
+
+    model, cfg = _tiny_model(tmp_path, "llama", num_heads=4, num_kv_heads=2, head_dim=64, hidden_size=128)
+    bs, num_blocks = 16, 64
+    pool = torch.randn(kv_pool_shape(cfg.num_layers, num_blocks, bs, cfg.num_kv_heads, cfg.head_dim),
+                       device=DEV).to(torch.bfloat16)
+    # a mixed batch: two decodes then a 37-token prefill chunk after 20 cached tokens
+    seqs = [(50, 1), (9, 1), (57, 37)]
+    starts, slots, lens, tables, pos = [0], [], [], [], []
+    nxt = 1
+    for ctx, ql in seqs:
+        nb = -(-ctx // bs)
+        t = list(range(nxt, nxt + nb))
+        nxt += nb
+        tables.append(t + [0] * (4 - nb))
+        slots += [t[p // bs] * bs + p % bs for p in range(ctx - ql, ctx)]
+        pos += list(range(ctx - ql, ctx))
+        starts.append(starts[-1] + ql)
+        lens.append(ctx)
+    meta = AttentionMetadata(torch.tensor(slots, device=DEV), torch.tensor(starts, dtype=torch.int32, device=DEV),
+                             torch.tensor(lens, dtype=torch.int32, device=DEV),
+                             torch.tensor(tables, dtype=torch.int32, device=DEV), 2, max(lens), starts, lens)
+    ids = torch.randint(0, cfg.vocab_size, (starts[-1],), device=DEV)
+    pos_t = torch.tensor(pos, device=DEV)
+    p_eager = pool.clone()
+    ref = model(ids, pos_t, p_eager, meta)
+    compile_prefill(model)
+    try:
+        got = model(ids, pos_t, pool, meta)
+        assert rel_err(got, ref) < 1e-2
+        assert rel_err(pool, p_eager) < 1e-2
+        # and the compiled model captures into decode graphs
+        runner = DecodeGraphRunner(model, pool, 4, bs, 64, progress=False)
+        d_ids, d_pos, d_meta = _decode_batch(3, [51, 10, 58], bs, [t[:4] for t in tables], cfg.vocab_size, DEV)
+        p2 = pool.clone()
+        g_out = runner.run(d_ids, d_pos, d_meta).clone()
+        e_out = model(d_ids, d_pos, p2, d_meta)
+        assert rel_err(g_out, e_out) < 1e-2
+    finally:
+        uncompile(model)
