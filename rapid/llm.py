@@ -78,6 +78,7 @@ class LLM:
         prefill_sm_percentage: int = 70,
         decode_sm_percentage: int = 30,
         use_mps: bool = True,
+        worker_start_timeout_s: float = 300.0,
         skip_tokenizer_init: bool = False,
     ):
         folder = resolve_model_path(model)
@@ -106,7 +107,8 @@ class LLM:
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                       max_model_len=max_model_len),
             rapid=RapidConfig(prefill_sm_percentage=prefill_sm_percentage,
-                              decode_sm_percentage=decode_sm_percentage, use_mps=use_mps),
+                              decode_sm_percentage=decode_sm_percentage, use_mps=use_mps,
+                              worker_start_timeout_s=worker_start_timeout_s),
         )
         self.model_config = model_cfg
         self.tokenizer = None if skip_tokenizer_init else load_tokenizer(self.config.tokenizer)
@@ -179,6 +181,11 @@ class LLM:
     def _submit(self, prompts, params) -> list[tuple[str, str | None, list[int], SamplingParams]]:
         """Validate everything first, then enqueue; one entry per (prompt, sample index)."""
         checked = [self._prompt_ids(p) for p in prompts]
+        limit = self.config.scheduler.max_model_len
+        for (_, ids), p in zip(checked, params):
+            if len(ids) + p.max_tokens > limit:
+                raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({p.max_tokens}) = "
+                                 f"{len(ids) + p.max_tokens} exceeds max_model_len ({limit})")
         jobs = []
         for (text, ids), p in zip(checked, params):
             base = str(next(self._ids))

@@ -90,6 +90,9 @@ class Stats(msgspec.Struct, tag=True):
     decode_idle_gaps_s: list[float]
     handoff_s: list[float]  # prefill end -> the request's first decode step
     num_preemptions: int = 0
+    num_free_blocks: int = 0
+    num_blocks: int = 0
+    num_requests: int = 0  # requests the core still tracks (in any phase)
 
 
 # ---------------------------------------------------------------- workers <-> engine core

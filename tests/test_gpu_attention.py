@@ -169,6 +169,24 @@ def test_prefill_chunk_with_prior_context(prior, chunk):
     check([(prior + chunk, chunk)], 32, 8, 128, seed=prior + chunk)
 
 
+@pytest.mark.parametrize("seqs", [[(300, 300)], [(700, 200)], [(40, 1), (300, 300)]])
+@pytest.mark.parametrize("cudnn", [False, True])
+def test_forward_without_out(seqs, cudnn):
+    """forward() allocating its own output (one whole-batch prefill returns SDPA's output directly)."""
+    from torch.nn.attention import SDPBackend
+
+    q, k, v, pool, meta = make_case(seqs, 32, 8, 128, seed=len(seqs))
+    ref_pool = pool.clone()
+    t = TritonAttention(32, 8, 128, 128**-0.5)
+    if cudnn:
+        t.prefill_sdpa_backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
+    out = t.forward(q, k, v, pool, meta)
+    ref = ReferenceAttention(32, 8, 128, 128**-0.5).forward(q, k, v, ref_pool, meta)
+    assert out.shape == q.shape and torch.isfinite(out).all()
+    assert rel_err(out, ref) < 1e-2
+    assert torch.equal(pool, ref_pool)
+
+
 def test_fp16_and_block_size_32():
     rng = random.Random(1)
     seqs = [(rng.randint(1, 1500), 1) for _ in range(7)] + [(700, 200), (64, 64)]
@@ -192,7 +210,7 @@ def test_tile_configs():
 
 
 def _tiny_model(tmp_path, arch="llama", **kw):
-    from tests.tiny import make_tiny_model
+    from tiny import make_tiny_model
     from rapid.attention import select_backend
     from rapid.model.config import ModelConfig
     from rapid.model.loader import build_model
@@ -249,7 +267,7 @@ def test_decode_graph_matches_eager(tmp_path, arch):
         assert got.shape == ref.shape
         assert rel_err(got, ref) < 1e-2, (n, rel_err(got, ref))
         # KV: the graph wrote exactly the live slots (padding rows wrote nothing), with the eager values
-        changed = (pool != eager_pool).flatten(3).any(-1)  # [L, 2, NB, BS]
+        changed = (pool != eager_pool).flatten(4).any(-1)  # [L, 2, NB, BS]
         written = torch.zeros_like(changed)
         written.flatten(2)[:, :, meta.slot_mapping] = True
         assert not (changed & ~written).any(), "the graph wrote KV outside the batch's slots"

@@ -160,6 +160,8 @@ class TritonAttention:
         self.programs_per_sm = 4  # split the context until about this many programs per SM run
         self.min_split_tokens = 256  # but never pieces shorter than this (bounded by the host max length)
         self.max_splits = 64
+        # Prefill: None = torch's SDPA choice (flash on Hopper); or a priority list of SDPBackend values.
+        self.prefill_sdpa_backends: list | None = None
         self._num_sms: int | None = None
 
     # ------------------------------------------------------------------ helpers
@@ -238,6 +240,18 @@ class TritonAttention:
         qh = q.transpose(0, 1)[None]  # [1, H, L, D]
         kh, vh = keys.transpose(0, 1)[None], values.transpose(0, 1)[None]  # [1, KVH, S, D]
         gqa = self.num_heads != self.num_kv_heads
+        if self.prefill_sdpa_backends:
+            from torch.nn.attention import sdpa_kernel
+
+            try:
+                ctx = sdpa_kernel(self.prefill_sdpa_backends, set_priority=True)
+            except TypeError:  # older torch: no priorities
+                ctx = sdpa_kernel(self.prefill_sdpa_backends)
+            with ctx:
+                return self._sdpa(qh, kh, vh, L, seq_len, gqa)
+        return self._sdpa(qh, kh, vh, L, seq_len, gqa)
+
+    def _sdpa(self, qh, kh, vh, L: int, seq_len: int, gqa: bool) -> torch.Tensor:
         if L == seq_len:
             return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale, enable_gqa=gqa)
         return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(L, seq_len), scale=self.scale,
@@ -256,9 +270,11 @@ class TritonAttention:
         if v.stride(-1) != 1:
             v = v.contiguous()
         self.store(k, v, kv_layer, meta.slot_mapping)
-        if out is None:
-            out = torch.empty_like(q)
         nd = meta.num_decodes
+        # one prefill sequence making up the whole batch: SDPA's own output can be returned as it is
+        single = out is None and nd == 0 and meta.num_prefills == 1
+        if out is None and not single:
+            out = torch.empty_like(q)
         if nd:
             self.decode(q[:nd], kv_layer, meta.block_tables, meta.seq_lens, meta.max_seq_len, out[:nd])
         if meta.num_prefills:
@@ -268,9 +284,12 @@ class TritonAttention:
                 s, e = starts[i], starts[i + 1]
                 if e == s:
                     continue
-                o = self.prefill(q[s:e], k[s:e], v[s:e], kv_layer, meta.block_tables[i], lens[i])
-                out[s:e].copy_(o[0].transpose(0, 1))
-        return out
-
+                o = self.prefill(q[s:e], k[s:e], v[s:e], kv_layer, meta.block_tables[i], lens[i])[0].transpose(0, 1)
+                if single and s == 0 and e == q.shape[0] and o.is_contiguous():
+                    return o
+                if out is None:
+                    out = torch.empty_like(q)
+                out[s:e].copy_(o)
+        return torch.empty_like(q) if out is None else out
 
 __all__ = ["TritonAttention"]

@@ -11,9 +11,9 @@ The attention backend must be capturable (no host syncs, a grid fixed by host va
 with a `cuda_graph_capturable = True` attribute (TritonAttention does). During capture the metadata's
 max_seq_len is held at max_model_len, so the backend's launch shapes do not depend on live lengths.
 
-compile_prefill(model) swaps each decoder layer's forward for two torch.compile'd pieces
-(norm + qkv projection + rope before the attention call, o_proj + residual + norm + MLP after it);
-the attention backend runs between them, outside any compiled region. It fuses about 40 small
+compile_prefill(model) runs the model's non-attention work through torch.compile'd pieces (norm + qkv
+projection + rope before each attention call; o_proj + residual + norm + MLP after it, fused with the
+next layer's norm + qkv + rope); the attention backend runs between them, outside any compiled region. It fuses about 40 small
 kernels per layer into a handful, which is what matters for long prefills (elementwise passes over
 [T, 14336] activations) and for decode graphs (launch count). Apply it before building a
 DecodeGraphRunner so the graphs capture the compiled kernels.
@@ -175,6 +175,17 @@ def _post_attention(x, attn, o_w, ln_w, gate_up_w, down_w, eps: float, intermedi
     return x + F.linear(F.silu(gate) * up, down_w)
 
 
+def _post_pre(x, attn, o_w, ln2_w, gate_up_w, down_w, eps2: float, intermediate: int,
+              positions, cos_sin, ln_w, qkv_w, qkv_b, q_norm_w, k_norm_w, eps: float,
+              num_heads: int, num_kv_heads: int, head_dim: int):
+    """Layer i's post-attention work and layer i+1's pre-attention work in one compiled region, so the
+    residual add is fused with the next norm (one kernel, one pass over x, fewer graph nodes)."""
+    x = _post_attention(x, attn, o_w, ln2_w, gate_up_w, down_w, eps2, intermediate)
+    q, k, v = _pre_attention(x, positions, cos_sin, ln_w, qkv_w, qkv_b, q_norm_w, k_norm_w, eps,
+                             num_heads, num_kv_heads, head_dim)
+    return x, q, k, v
+
+
 def _final_norm(x, w, eps: float):
     return _rms(x, w, eps)
 
@@ -188,23 +199,49 @@ def _compiled(name: str, fn):
     return _COMPILED[name]
 
 
-def _layer_forward(layer, pre, post, x, positions, rotary, kv_pool, meta):
+def _pre_args(layer):
+    a = layer.self_attn
+    return (layer.input_layernorm.weight, a.qkv_proj.weight, a.qkv_proj.bias,
+            None if a.q_norm is None else a.q_norm.weight, None if a.k_norm is None else a.k_norm.weight,
+            layer.input_layernorm.eps, a.num_heads, a.num_kv_heads, a.head_dim)
+
+
+def _post_args(layer):
     a, mlp = layer.self_attn, layer.mlp
-    q_norm = None if a.q_norm is None else a.q_norm.weight
-    k_norm = None if a.k_norm is None else a.k_norm.weight
-    q, k, v = pre(x, positions, rotary.cos_sin, layer.input_layernorm.weight, a.qkv_proj.weight, a.qkv_proj.bias,
-                  q_norm, k_norm, layer.input_layernorm.eps, a.num_heads, a.num_kv_heads, a.head_dim)
+    return (a.o_proj.weight, layer.post_attention_layernorm.weight, mlp.gate_up_proj.weight, mlp.down_proj.weight,
+            layer.post_attention_layernorm.eps, mlp.intermediate_size)
+
+
+def _layer_forward(layer, pre, post, x, positions, rotary, kv_pool, meta):
+    a = layer.self_attn
+    q, k, v = pre(x, positions, rotary.cos_sin, *_pre_args(layer))
     out = a.backend.forward(q, k, v, kv_pool[a.layer_idx], meta)  # eager: outside the compiled regions
-    return post(x, out, a.o_proj.weight, layer.post_attention_layernorm.weight, mlp.gate_up_proj.weight,
-                mlp.down_proj.weight, layer.post_attention_layernorm.eps, mlp.intermediate_size)
+    return post(x, out, *_post_args(layer))
 
 
-def compile_prefill(model):
-    """Run each decoder layer's non-attention work through torch.compile(dynamic=True); returns model.
+def _model_forward(model, pre, post, post_pre, norm, input_ids, positions, kv_pool, meta):
+    """LlamaModel.forward with layer i's post-attention and layer i+1's pre-attention fused."""
+    x = model.embed_tokens(input_ids)
+    layers = model.layers
+    cos_sin = model.rotary.cos_sin
+    q, k, v = pre(x, positions, cos_sin, *_pre_args(layers[0]))
+    for i, layer in enumerate(layers):
+        a = layer.self_attn
+        out = a.backend.forward(q, k, v, kv_pool[a.layer_idx], meta)  # eager: outside the compiled regions
+        if i + 1 < len(layers):
+            x, q, k, v = post_pre(x, out, *_post_args(layer), positions, cos_sin, *_pre_args(layers[i + 1]))
+        else:
+            x = post(x, out, *_post_args(layer))
+    return norm(x, model.norm.weight, model.norm.eps)
+
+
+def compile_prefill(model, fuse_layers: bool = True):
+    """Run the non-attention work through torch.compile(dynamic=True); returns model.
 
     The weights are passed as arguments, so one compiled graph serves all layers (no per-layer
     recompiles); T is dynamic, so one graph serves all token counts >= 2 (T == 1 gets its own).
-    Attention stays eager between the two compiled pieces. Undo with uncompile(model).
+    Attention stays eager between the compiled pieces. With fuse_layers, one compiled region spans
+    layer i's o_proj/MLP and layer i+1's norm/qkv/rope. Undo with uncompile(model).
     """
     pre = _compiled("pre", _pre_attention)
     post = _compiled("post", _post_attention)
@@ -212,6 +249,11 @@ def compile_prefill(model):
     for layer in model.layers:
         layer.forward = functools.partial(_layer_forward, layer, pre, post)
     model.norm.forward = lambda x, _n=model.norm: norm(x, _n.weight, _n.eps)
+    if fuse_layers and len(model.layers):
+        post_pre = _compiled("post_pre", _post_pre)
+        model.forward = functools.partial(_model_forward, model, pre, post, post_pre, norm)
+    else:
+        model.__dict__.pop("forward", None)
     model._rapid_compiled = True
     return model
 
@@ -221,5 +263,6 @@ def uncompile(model):
     for layer in model.layers:
         layer.__dict__.pop("forward", None)
     model.norm.__dict__.pop("forward", None)
+    model.__dict__.pop("forward", None)
     model._rapid_compiled = False
     return model

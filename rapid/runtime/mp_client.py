@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+import msgspec
 import zmq
 
 from rapid.config import EngineConfig
@@ -82,7 +83,7 @@ class RapidClient(EngineClient):
 
         return worker_env(self.config, role)
 
-    def _spawn(self, name: str, arena=None, num_blocks: int = 0) -> WorkerReady:
+    def _spawn(self, name: str, arena=None, num_blocks: int = 0) -> ChildProcess:
         log_path = f"{self.dir}/{name}.log"
         args = WorkerArgs(name=name, config=self.config, endpoints=self.endpoints, log_path=log_path,
                           log_level=logging.getLogger("rapid").getEffectiveLevel() or logging.INFO,
@@ -95,36 +96,46 @@ class RapidClient(EngineClient):
         proc.stdin.close()
         child = ChildProcess(name, proc, log_path)
         self.children.append(child)
-        return self._wait_ready(child)
+        return child
 
-    def _wait_ready(self, child: ChildProcess) -> WorkerReady:
+    def _wait_ready(self, *children: ChildProcess) -> dict[str, WorkerReady]:
+        """Wait for each child's WorkerReady; an exit or the timeout is an error naming the process."""
         deadline = time.monotonic() + self.config.rapid.worker_start_timeout_s
-        while time.monotonic() < deadline:
+        got: dict[str, WorkerReady] = {}
+        while len(got) < len(children):
             msg = self.ready.recv(timeout_ms=POLL_MS)
-            if isinstance(msg, WorkerReady) and msg.name == child.name:
-                return msg
-            if not child.alive():
-                raise RuntimeError(
-                    f"{child.name} process (pid {child.process.pid}) exited with code {child.process.returncode} "
-                    f"during start-up; its last log lines:\n{ipc.tail(child.log_path)}"
+            if isinstance(msg, WorkerReady):
+                got[msg.name] = msg
+            for child in children:
+                if child.name not in got and not child.alive():
+                    raise RuntimeError(
+                        f"{child.name} process (pid {child.process.pid}) exited with code {child.process.returncode} "
+                        f"during start-up; its last log lines:\n{ipc.tail(child.log_path)}"
+                    )
+            if time.monotonic() > deadline:
+                late = next(c for c in children if c.name not in got)
+                raise TimeoutError(
+                    f"{late.name} process (pid {late.process.pid}) was not ready within "
+                    f"{self.config.rapid.worker_start_timeout_s:g}s; its last log lines:\n{ipc.tail(late.log_path)}"
                 )
-        raise TimeoutError(
-            f"{child.name} process (pid {child.process.pid}) was not ready within "
-            f"{self.config.rapid.worker_start_timeout_s:.0f}s; its last log lines:\n{ipc.tail(child.log_path)}"
-        )
+        return got
 
     def _start(self) -> None:
         from rapid.runtime.mps import MpsDaemon
 
         self.mps = MpsDaemon.for_config(self.config)
         t0 = time.perf_counter()
-        decode = self._spawn("decode")
+        decode = self._wait_ready(self._spawn("decode"))["decode"]
         if decode.arena is not None and decode.arena.kind == "shm":
             self.shm_names.append(decode.arena.shm_name)
-        self._spawn("prefill", arena=decode.arena, num_blocks=decode.num_blocks)
-        self._spawn("core", num_blocks=decode.num_blocks)
+        # The importers start together once the owner has published the arena.
+        self._wait_ready(self._spawn("prefill", arena=decode.arena, num_blocks=decode.num_blocks),
+                         self._spawn("core", num_blocks=decode.num_blocks))
         self.num_blocks = decode.num_blocks
         self.inp = ipc.Channel(self.ctx, zmq.PUSH, self.endpoints["core_in"], bind=False)
+        # Direct lines to the workers, only for shutdown (they normally listen to the core).
+        self.worker_lines = {n: ipc.Channel(self.ctx, zmq.PUSH, self.endpoints[f"{n}_in"], bind=False)
+                             for n in ("prefill", "decode")}
         if self.mps is not None:
             self.mps.check_clients([c.process.pid for c in self.children if c.name in ("decode", "prefill")])
         logger.info("rapid engine ready in %.1fs (%d KV blocks; sockets in %s)", time.perf_counter() - t0,
@@ -137,6 +148,11 @@ class RapidClient(EngineClient):
 
     def add_request(self, msg: AddRequest) -> None:
         self._check_alive()
+        total = len(msg.prompt_token_ids) + msg.params.max_tokens
+        need = -(-total // self.config.cache.block_size)
+        if need > self.num_blocks:
+            raise ValueError(f"request {msg.request_id}: {total} tokens need {need} KV blocks but the whole pool "
+                             f"has {self.num_blocks} (raise kv_cache_memory_bytes or lower max_tokens)")
         self.inp.send(msg)
         self.in_flight.add(msg.request_id)
 
@@ -153,7 +169,7 @@ class RapidClient(EngineClient):
         deltas = [RequestDelta(rid, [], "", finished=True, finish_reason="abort", error=reason)
                   for rid in sorted(self.in_flight)]
         self.in_flight.clear()
-        self._stop_children()
+        self._stop_children(graceful=False)
         return deltas
 
     def get_deltas(self, timeout_s: float | None = None) -> list[RequestDelta]:
@@ -163,6 +179,14 @@ class RapidClient(EngineClient):
         self._check_alive()
         deadline = time.monotonic() + (timeout_s if timeout_s is not None else 3600.0)
         while True:
+            dead = self._dead_child()  # checked on every call: a steady stream of output must not hide a death
+            if dead is not None:
+                code = dead.process.returncode
+                return self._on_death(
+                    f"{dead.name} process (pid {dead.process.pid}) died with exit code {code}"
+                    f"{' (signal %d)' % -code if code is not None and code < 0 else ''}; last log lines:\n"
+                    f"{ipc.tail(dead.log_path, 8)}"
+                )
             msg = self.out.recv(timeout_ms=POLL_MS)
             if isinstance(msg, EngineOutputs):
                 for d in msg.deltas:
@@ -171,14 +195,6 @@ class RapidClient(EngineClient):
                 return msg.deltas
             if isinstance(msg, EngineDead):
                 return self._on_death(f"engine core: {msg.reason}")
-            dead = self._dead_child()
-            if dead is not None:
-                code = dead.process.returncode
-                return self._on_death(
-                    f"{dead.name} process (pid {dead.process.pid}) died with exit code {code}"
-                    f"{' (signal %d)' % -code if code is not None and code < 0 else ''}; last log lines:\n"
-                    f"{ipc.tail(dead.log_path, 8)}"
-                )
             if time.monotonic() > deadline:
                 return []
 
@@ -196,39 +212,41 @@ class RapidClient(EngineClient):
         raise TimeoutError("the engine core did not answer GetStats")
 
     # ------------------------------------------------------------------ shutdown
-    def _stop_children(self) -> None:
-        """Importers first (prefill, core), the owner of the shared arena (decode) last."""
-        order = {"prefill": 0, "core": 1, "decode": 2}
-        for child in sorted(self.children, key=lambda c: order[c.name]):
-            proc = child.process
-            if child.alive():
-                if child.name == "core" and self.inp is not None:
-                    self.inp.send(Shutdown())
-                else:
-                    self._send_worker_shutdown(child.name)
-                _wait(proc, 5)
-            if child.alive():
-                proc.terminate()
-                _wait(proc, 3)
-            if child.alive():
-                proc.kill()
-                _wait(proc, 3)
+    def _stop_children(self, graceful: bool = True) -> None:
+        """Importers (prefill, core) first, then the owner of the shared arena (decode).
+
+        graceful=False (a process already died, the engine is dead): SIGTERM at once, no handshake.
+        """
+        for stage in (("prefill", "core"), ("decode",)):
+            group = [c for c in self.children if c.name in stage]
+            for child in group:
+                if child.alive() and graceful:
+                    if child.name == "core":
+                        if self.inp is not None:
+                            self.inp.send(Shutdown())
+                    else:
+                        self._send_worker_shutdown(child.name)
+            for child in group:
+                if graceful:
+                    _wait(child.process, 5)
+                if child.alive():
+                    child.process.terminate()
+                    _wait(child.process, 3)
+                if child.alive():
+                    child.process.kill()
+                    _wait(child.process, 3)
         self.children = []
         for name in self.shm_names:  # the owner unlinks; this covers an owner that was killed
             unlink_shm(name)
         self.shm_names = []
 
     def _send_worker_shutdown(self, name: str) -> None:
-        """Workers listen to the core; when the core is gone, reach them directly."""
-        sock = ipc.Channel(self.ctx, zmq.PUSH, self.endpoints[f"{name}_in"], bind=False)
-        try:
-            sock.sock.setsockopt(zmq.SNDTIMEO, 200)
+        line = getattr(self, "worker_lines", {}).get(name)
+        if line is not None:
             try:
-                sock.send(Shutdown())
+                line.sock.send(msgspec.msgpack.encode(Shutdown()), zmq.NOBLOCK)
             except zmq.Again:
                 pass
-        finally:
-            sock.close()
 
     def shutdown(self) -> None:
         if self._closed:
@@ -237,7 +255,7 @@ class RapidClient(EngineClient):
         try:
             self._stop_children()
         finally:
-            for ch in (self.inp, self.out, self.ready):
+            for ch in (self.inp, self.out, self.ready, *getattr(self, "worker_lines", {}).values()):
                 if ch is not None:
                     ch.close()
             self.ctx.term()

@@ -285,6 +285,11 @@ class RapidCore:
         if len(series) > STATS_WINDOW:
             del series[: len(series) - STATS_WINDOW]
 
+    def snapshot_stats(self) -> Stats:
+        s = self.stats
+        s.num_free_blocks, s.num_blocks, s.num_requests = self.blocks.num_free_blocks, self.blocks.num_blocks, len(self.requests)
+        return s
+
     def take_deltas(self) -> list[RequestDelta]:
         out, self.deltas = self.deltas, []
         return out
@@ -325,7 +330,7 @@ def core_main(raw_args: bytes) -> None:
                 elif isinstance(msg, AbortRequest):
                     core.abort(msg.request_ids)
                 elif isinstance(msg, GetStats):
-                    outbox.send(core.stats)
+                    outbox.send(core.snapshot_stats())
                 elif isinstance(msg, Shutdown):
                     running = False
             core.maybe_dispatch_prefill()

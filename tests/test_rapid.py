@@ -1,0 +1,203 @@
+"""Mode 'rapid' on the CPU: the real multi-process pipeline (core + prefill worker + decode worker)."""
+
+import os
+import random
+import signal
+import threading
+import time
+
+import msgspec
+import psutil
+import pytest
+import zmq
+
+from rapid import LLM, SamplingParams
+from rapid.protocol import AddRequest, SeqWork
+from rapid.runtime.client import EngineDeadError
+from tiny import hf_greedy
+
+pytestmark = pytest.mark.slow
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def prompts(seed=0, lengths=(1, 5, 17, 33, 64, 90)):
+    rng = random.Random(seed)
+    return [[rng.randrange(5, 300) for _ in range(n)] for n in lengths]
+
+
+def run(llm, ps, params=GREEDY):
+    return [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in ps], params, use_tqdm=False)]
+
+
+def shm_entries() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith("rapid_")}
+
+
+def children(exclude: set[int] = frozenset()) -> list[psutil.Process]:
+    """Live child processes of this test process, other than `exclude` (another engine's)."""
+    return [p for p in psutil.Process().children(recursive=True)
+            if p.pid not in exclude and p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.fixture(scope="module")
+def rapid_llm(tiny_llama):
+    with LLM(tiny_llama, mode="rapid", max_num_batched_tokens=32) as llm:
+        yield llm
+
+
+def test_rapid_equals_hybrid_and_transformers(tiny_llama, rapid_llm):
+    ps = prompts()
+    got = run(rapid_llm, ps)
+    with LLM(tiny_llama, max_num_batched_tokens=32) as hybrid:
+        assert run(hybrid, ps) == got
+    assert got == [hf_greedy(tiny_llama, p, GREEDY.max_tokens) for p in ps]
+
+
+def test_rapid_sampling_seeded_equals_hybrid(tiny_llama, rapid_llm):
+    params = SamplingParams(temperature=0.9, top_k=50, seed=11, max_tokens=10, ignore_eos=True)
+    ps = prompts(seed=3, lengths=(4, 40))
+    with LLM(tiny_llama) as hybrid:
+        assert run(rapid_llm, ps, params) == run(hybrid, ps, params)
+
+
+def test_rapid_stop_strings_logprobs_and_streaming(tiny_llama, rapid_llm):
+    with LLM(tiny_llama) as hybrid:
+        ref = hybrid.generate("Paris is", SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=2),
+                              use_tqdm=False)[0].outputs[0]
+    out = rapid_llm.generate("Paris is", SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=2),
+                             use_tqdm=False)[0].outputs[0]
+    assert out.text == ref.text and out.token_ids == ref.token_ids
+    assert [set(lp) for lp in out.logprobs] == [set(lp) for lp in ref.logprobs]
+    stop = ref.text[4:7]
+    cut = rapid_llm.generate("Paris is", SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, stop=[stop]),
+                             use_tqdm=False)[0].outputs[0]
+    assert cut.text == ref.text[: ref.text.index(stop)] and cut.finish_reason == "stop"
+    deltas = list(rapid_llm.generate_stream("Paris is", SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)))
+    assert len(deltas) > 3 and "".join(d.new_text for d in deltas) == ref.text
+    stats = rapid_llm._client.get_stats()
+    assert stats.num_free_blocks == stats.num_blocks and stats.num_requests == 0
+
+
+def test_prefill_and_decode_really_overlap(rapid_llm):
+    client = rapid_llm._client
+    before = client.get_stats()
+    n_prefill, n_decode = len(before.prefill_intervals), len(before.decode_intervals)
+    # One request decodes for a long time while long prompts prefill in 32-token chunks beside it.
+    rng = random.Random(1)
+    long_prompts = [[rng.randrange(5, 300) for _ in range(400)] for _ in range(3)]
+    params = [SamplingParams(temperature=0, max_tokens=150, ignore_eos=True)] + [SamplingParams(max_tokens=2)] * 3
+    rapid_llm.generate([{"prompt_token_ids": [7, 8, 9]}] + [{"prompt_token_ids": p} for p in long_prompts],
+                       params, use_tqdm=False)
+    stats = client.get_stats()
+    prefill = stats.prefill_intervals[n_prefill:]
+    decode = stats.decode_intervals[n_decode:]
+    overlapping = [(p, d) for p in prefill for d in decode if d[0] < p[1] and p[0] < d[1]]
+    assert len(prefill) >= 30 and len(decode) >= 140
+    assert len(overlapping) >= 10, f"prefill and decode did not run at the same time: {len(overlapping)} overlaps"
+    assert stats.handoff_s and stats.decode_idle_gaps_s
+
+
+def test_malformed_bytes_on_every_socket_crash_nothing(rapid_llm):
+    client = rapid_llm._client
+    ctx = zmq.Context()
+    valid = msgspec.msgpack.encode(AddRequest("x", [1, 2, 3], SamplingParams()))
+    payloads = [b"", b"\x00", os.urandom(64), b"\xc1" * 10, valid[: len(valid) // 2],
+                msgspec.msgpack.encode({"type": "Unknown"}), msgspec.msgpack.encode(SeqWork("y", [1], 0, [0], True))]
+    try:
+        for name in ("core_in", "worker_out", "prefill_in", "decode_in", "core_out", "ready"):
+            sock = ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(client.endpoints[name])
+            for p in payloads:
+                sock.send(p)
+            time.sleep(0.1)
+            sock.close()
+    finally:
+        ctx.term()
+    time.sleep(0.3)
+    assert all(c.alive() for c in client.children)
+    assert len(run(rapid_llm, prompts(lengths=(5, 20)))[1]) == 12
+
+
+def test_abort_through_the_pipeline_frees_every_block(rapid_llm):
+    client = rapid_llm._client
+    stats = client.get_stats()
+    ids = [f"abort-{i}" for i in range(6)]
+    for i, rid in enumerate(ids):
+        client.add_request(AddRequest(rid, list(range(5, 5 + 30 * (i + 1))),
+                                      SamplingParams(max_tokens=500, ignore_eos=True), arrival_time=time.time()))
+    time.sleep(0.3)  # some are decoding, some prefilling or queued
+    client.abort(ids)
+    finished = set()
+    deadline = time.time() + 20
+    while finished != set(ids) and time.time() < deadline:
+        finished |= {d.request_id for d in client.get_deltas(timeout_s=0.5) if d.finished}
+    assert finished == set(ids)
+    for _ in range(50):
+        stats = client.get_stats()
+        if stats.num_free_blocks == stats.num_blocks:
+            break
+        time.sleep(0.1)
+    assert stats.num_free_blocks == stats.num_blocks and stats.num_requests == 0
+
+
+@pytest.mark.parametrize("victim", ["prefill", "decode", "core"])
+def test_killed_process_ends_requests_with_an_error_and_leaves_nothing(tiny_llama, victim):
+    shm_before = shm_entries()
+    others = {p.pid for p in children()}
+    llm = LLM(tiny_llama, mode="rapid", max_num_batched_tokens=16)
+    client = llm._client
+    sock_dir = client.dir
+    pids = {c.name: c.process.pid for c in client.children}
+    timer = threading.Timer(0.5, os.kill, (pids[victim], signal.SIGKILL))
+    timer.start()
+    t0 = time.time()
+    with pytest.raises(EngineDeadError, match=rf"{victim} process \(pid {pids[victim]}\) died with exit code -9"):
+        llm.generate([{"prompt_token_ids": list(range(5 + i, 105 + i))} for i in range(32)],
+                     SamplingParams(max_tokens=400, ignore_eos=True), use_tqdm=False)
+    assert time.time() - t0 < 0.5 + 5.0  # noticed within 5 seconds
+    timer.join()
+    with pytest.raises(EngineDeadError):  # the engine stays dead, and says so
+        llm.generate("hello", use_tqdm=False)
+    llm.shutdown()
+    for pid in pids.values():
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert not children(others)
+    assert shm_entries() <= shm_before
+    assert not os.path.exists(sock_dir)
+
+
+def test_start_timeout_names_the_process(tiny_llama):
+    others = {p.pid for p in children()}
+    with pytest.raises(TimeoutError, match=r"decode process \(pid \d+\) was not ready within"):
+        LLM(tiny_llama, mode="rapid", worker_start_timeout_s=0.05)
+    assert not children(others)
+
+
+def test_ten_engines_leak_nothing(tiny_llama):
+    proc = psutil.Process()
+    shm_before = shm_entries()
+    others = {p.pid for p in children()}
+
+    def cycle(i):
+        llm = LLM(tiny_llama, mode="rapid")
+        assert len(run(llm, [[5, 6, 7]], SamplingParams(max_tokens=2))[0]) == 2
+        if i % 3 == 0:
+            llm.shutdown()
+        elif i % 3 == 1:
+            with llm:
+                pass
+        else:
+            del llm  # garbage collection runs the finalizer
+
+    cycle(0)  # warm up imports and lazily opened files
+    fds, threads = proc.num_fds(), proc.num_threads()
+    for i in range(1, 10):
+        cycle(i)
+    import gc
+
+    gc.collect()
+    assert not children(others)
+    assert shm_entries() <= shm_before
+    assert proc.num_fds() <= fds
+    assert proc.num_threads() <= threads
