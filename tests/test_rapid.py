@@ -53,6 +53,17 @@ def test_rapid_equals_hybrid_and_transformers(tiny_llama, rapid_llm):
     assert got == [hf_greedy(tiny_llama, p, GREEDY.max_tokens) for p in ps]
 
 
+def test_rapid_greedy_under_preemption_equals_transformers(tiny_llama):
+    ps = prompts(seed=4, lengths=(20, 40, 60, 30))
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    # 12 blocks of 16 tokens: the four requests need 4 + 5 + 7 + 5 = 21 blocks at their longest.
+    with LLM(tiny_llama, mode="rapid", kv_cache_memory_bytes=12 * 8192, enable_prefix_caching=False) as llm:
+        got = run(llm, ps, params)
+        stats = llm._client.get_stats()
+    assert stats.num_preemptions > 0
+    assert got == [hf_greedy(tiny_llama, p, 40) for p in ps]
+
+
 def test_rapid_sampling_seeded_equals_hybrid(tiny_llama, rapid_llm):
     params = SamplingParams(temperature=0.9, top_k=50, seed=11, max_tokens=10, ignore_eos=True)
     ps = prompts(seed=3, lengths=(4, 40))

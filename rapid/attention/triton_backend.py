@@ -138,6 +138,10 @@ def _reduce_kernel(
     tl.store(OUT + seq.to(tl.int64) * stride_ot + h * stride_oh + d, out.to(OUT.dtype.element_ty), mask=d < HEAD_DIM)
 
 
+# Decode settings that measured better than the defaults for some batch sizes (bench/kernels.py).
+DECODE_TUNING: list[tuple[int, dict]] = []
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
@@ -160,18 +164,32 @@ class TritonAttention:
         self.programs_per_sm = 4  # split the context until about this many programs per SM run
         self.min_split_tokens = 256  # but never pieces shorter than this (bounded by the host max length)
         self.max_splits = 64
+        # Per-batch overrides of the four settings above: [(max_batch, {name: value})], first match wins.
+        self.tuning: list[tuple[int, dict]] = list(DECODE_TUNING)
         # Prefill: None = torch's SDPA choice (flash on Hopper); or a priority list of SDPBackend values.
         self.prefill_sdpa_backends: list | None = None
         self._num_sms: int | None = None
 
     # ------------------------------------------------------------------ helpers
-    def num_splits(self, batch: int, max_seq_len: int, device: torch.device) -> int:
+    def decode_config(self, batch: int) -> dict:
+        """tile_n, num_warps, num_stages, programs_per_sm for a decode batch (defaults, then self.tuning)."""
+        c = dict(tile_n=self.tile_n, num_warps=self.num_warps, num_stages=self.num_stages,
+                 programs_per_sm=self.programs_per_sm)
+        for max_batch, over in self.tuning:
+            if batch <= max_batch:
+                c.update(over)
+                break
+        return c
+
+    def num_splits(self, batch: int, max_seq_len: int, device: torch.device, programs_per_sm: int | None = None) -> int:
         """Splits of the context: a function of host values only (batch, length bound), never of data."""
+        if programs_per_sm is None:
+            programs_per_sm = self.decode_config(batch)["programs_per_sm"]
         if self._num_sms is None:
             self._num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
                              if device.type == "cuda" else 8)
         programs = max(1, batch * self.num_kv_heads)
-        want = -(-self._num_sms * self.programs_per_sm // programs)
+        want = -(-self._num_sms * programs_per_sm // programs)
         by_len = max(1, -(-max(1, max_seq_len) // self.min_split_tokens))
         splits = max(1, min(want, by_len, self.max_splits))
         return min(_next_pow2(splits), self.max_splits)
@@ -199,11 +217,13 @@ class TritonAttention:
             return
         kc, vc = kv_layer[0], kv_layer[1]
         assert q.stride(-1) == 1 and out.stride(-1) == 1 and kc.stride(-1) == 1
-        splits = self.num_splits(B, max_seq_len, q.device)
+        c = self.decode_config(B)
+        splits = self.num_splits(B, max_seq_len, q.device, c["programs_per_sm"])
         H, D = self.num_heads, self.head_dim
         d_pad = max(16, _next_pow2(D))
         common = dict(GROUP=self.group, G_PAD=max(16, _next_pow2(self.group)), HEAD_DIM=D, D_PAD=d_pad,
-                      BLOCK_SIZE=kc.shape[1], TILE_N=self.tile_n)
+                      BLOCK_SIZE=kc.shape[1], TILE_N=c["tile_n"])
+        launch = dict(num_warps=c["num_warps"], num_stages=c["num_stages"])
         grid = (B, self.num_kv_heads, splits)
         qk_scale = self.scale * 1.4426950408889634
         if splits == 1:
@@ -211,7 +231,7 @@ class TritonAttention:
                 q, kc, vc, block_tables, seq_lens, out, out, out, qk_scale, 1,
                 q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
                 out.stride(0), out.stride(1), 0, 0, 0,
-                DIRECT=True, num_warps=self.num_warps, num_stages=self.num_stages, **common,
+                DIRECT=True, **launch, **common,
             )
             return
         part_o = torch.empty((B, H, splits, D), dtype=torch.float32, device=q.device)
@@ -221,7 +241,7 @@ class TritonAttention:
             q, kc, vc, block_tables, seq_lens, out, part_o, part_lse, qk_scale, splits,
             q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
             out.stride(0), out.stride(1), part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
-            DIRECT=False, num_warps=self.num_warps, num_stages=self.num_stages, **common,
+            DIRECT=False, **launch, **common,
         )
         _reduce_kernel[(B, H)](
             part_o, part_lse, out, splits,

@@ -11,7 +11,7 @@ from rapid.runtime.request import Request
 
 @dataclass
 class _RequestText:
-    detok: IncrementalDetokenizer
+    detok: IncrementalDetokenizer | None  # None without a tokenizer (token ids only)
     cumulative_logprob: float = 0.0
     pending_ids: list[int] = field(default_factory=list)
     pending_text: list[str] = field(default_factory=list)
@@ -25,12 +25,11 @@ class OutputProcessor:
 
     def add_request(self, req: Request) -> None:
         p = req.params
-        self.states[req.request_id] = _RequestText(
-            IncrementalDetokenizer(
-                self.tokenizer, req.prompt_token_ids, skip_special_tokens=p.skip_special_tokens,
-                stop=p.stop, include_stop_str_in_output=p.include_stop_str_in_output,
-            )
+        detok = None if self.tokenizer is None else IncrementalDetokenizer(
+            self.tokenizer, req.prompt_token_ids, skip_special_tokens=p.skip_special_tokens,
+            stop=p.stop, include_stop_str_in_output=p.include_stop_str_in_output,
         )
+        self.states[req.request_id] = _RequestText(detok)
 
     def on_token(self, req: Request, tok: SampledToken) -> str | None:
         """Record one sampled token; return the stop string if it matched one."""
@@ -39,7 +38,7 @@ class OutputProcessor:
         st.pending_ids.append(tok.token_id)
         if req.params.logprobs is not None:
             st.pending_logprobs.append(tok.top_logprobs or {})
-        if self.tokenizer is None:
+        if st.detok is None:
             return None
         delta, matched = st.detok.add_token(tok.token_id)
         st.pending_text.append(delta)
@@ -48,8 +47,10 @@ class OutputProcessor:
     def delta(self, req: Request, finished: bool) -> RequestDelta:
         """The request's output since the last delta; drops its state when it finished."""
         st = self.states[req.request_id]
-        if finished and self.tokenizer is not None and not isinstance(req.stop_reason, str):
+        if finished and st.detok is not None and not isinstance(req.stop_reason, str):
             st.pending_text.append(st.detok.flush())  # text held back as a possible stop-string start
+            if st.detok.matched_stop is not None:  # the stop completed only inside the flushed bytes
+                req.finish_reason, req.stop_reason = "stop", st.detok.matched_stop
         out = RequestDelta(
             request_id=req.request_id,
             new_token_ids=st.pending_ids,

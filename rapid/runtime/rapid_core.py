@@ -220,6 +220,7 @@ class RapidCore:
                 self._requeue(req)
             else:
                 self._release(req)
+        self._grant_blocks()  # freed blocks may unblock a stalled decode
 
     def _on_token(self, req: Request, tok: SampledToken, worker_finished: bool = False) -> bool:
         """Record a token, emit its delta; True when the request finished (phase left for the caller)."""
@@ -255,11 +256,14 @@ class RapidCore:
             while not self.blocks.allocate(req, want):
                 if self.blocks.blocks_needed(req.num_tokens + 1) <= len(req.block_ids):
                     break  # has room for the next token; retry the lookahead later
-                victims = [r for r in decoding if self.phase[r.request_id] == Phase.DECODING and r is not req]
-                if not victims:
+                # Preempt the newest decoding request, which may be this one.
+                # Its blocks return on Dropped (the worker may be mid-step): retry then, one victim at a time.
+                if self.preempt_after_drop:
                     break
-                self._preempt(max(victims, key=lambda r: r.arrival_time))
-            if len(req.block_ids) > before:
+                victim = [r for r in decoding if self.phase[r.request_id] == Phase.DECODING][-1]
+                self._preempt(victim)
+                break
+            if len(req.block_ids) > before and self.phase[req.request_id] == Phase.DECODING:
                 self.send_decode(GrantBlocks(req.request_id, req.block_ids[before:]))
 
     def _preempt(self, req: Request) -> None:
