@@ -67,6 +67,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_frontier(args: argparse.Namespace) -> int:
+    from rapid.bench.frontier import run_frontier
+
+    batches = [int(x) for x in args.batches.split(",")]
+    if args.mode == "hybrid":
+        settings = [int(x) for x in args.chunks.split(",")]
+    else:
+        settings = [tuple(int(v) for v in x.split("/")) for x in args.splits.split(",")]
+    run_frontier(args.model, args.mode, settings, batches, args.ctx, args.prefill_len, args.window_s,
+                 args.output_json, max_model_len=args.max_model_len, load_format=args.load_format,
+                 kv_cache_memory_bytes=args.kv_cache_memory_bytes)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from rapid.server import serve
 
@@ -119,6 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
     off.add_argument("--max-output-len", type=int, default=1024)
     off.add_argument("--output-json", default=None, help="default: bench/results/offline-<mode>-<device>.json")
     off.set_defaults(func=cmd_bench)
+    fr = bsub.add_parser("frontier", help="TPOT against prefill tokens/s: hybrid chunks vs rapid MPS splits")
+    fr.add_argument("--model", required=True)
+    fr.add_argument("--mode", choices=["hybrid", "rapid"], required=True)
+    fr.add_argument("--chunks", default="256,512,1024,2048,4096", help="hybrid: prefill chunk sizes")
+    fr.add_argument("--splits", default="50/50,60/40,70/30,80/40,100/100", help="rapid: prefill/decode MPS %%")
+    fr.add_argument("--batches", default="16,64,256")
+    fr.add_argument("--ctx", type=int, default=1024)
+    fr.add_argument("--prefill-len", type=int, default=2048)
+    fr.add_argument("--window-s", type=float, default=3.0)
+    fr.add_argument("--max-model-len", type=int, default=4096)
+    fr.add_argument("--load-format", default="safetensors", choices=["safetensors", "dummy"])
+    fr.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    fr.add_argument("--output-json", default=None)
+    fr.set_defaults(func=cmd_frontier)
     try:
         from rapid.bench.serve import add_serve_args
     except ImportError:

@@ -66,13 +66,14 @@ class RapidConfig:
 @dataclass(frozen=True)
 class EngineConfig:
     model: str  # a Hugging Face model folder
-    tokenizer: str
+    tokenizer: str | None  # None: token ids in and out, no detokenisation
     mode: str = "hybrid"
     dtype: str = "auto"
     device: str = "auto"
     seed: int = 0
     enforce_eager: bool = False
     attention_backend: str = "auto"  # auto | reference | triton | flashinfer
+    load_format: str = "safetensors"  # or "dummy": random weights at the config's shapes (benchmarks)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     rapid: RapidConfig = field(default_factory=RapidConfig)
@@ -84,3 +85,5 @@ class EngineConfig:
         _check(self.attention_backend in ("auto", "reference", "triton", "flashinfer"),
                f"attention_backend must be auto|reference|triton|flashinfer, got {self.attention_backend!r}")
         _check(isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+        _check(self.load_format in ("safetensors", "dummy"),
+               f"load_format must be 'safetensors' or 'dummy', got {self.load_format!r}")

@@ -74,6 +74,7 @@ class LLM:
         enable_prefix_caching: bool = True,
         enforce_eager: bool = False,
         attention_backend: str = "auto",
+        load_format: str = "safetensors",
         seed: int = 0,
         prefill_sm_percentage: int = 70,
         decode_sm_percentage: int = 30,
@@ -94,13 +95,14 @@ class LLM:
             max_num_batched_tokens = 8192
         self.config = EngineConfig(
             model=folder,
-            tokenizer=tokenizer or folder,
+            tokenizer=None if skip_tokenizer_init else (tokenizer or folder),
             mode=mode,
             dtype=dtype,
             device=device,
             seed=seed,
             enforce_eager=enforce_eager,
             attention_backend=attention_backend,
+            load_format=load_format,
             cache=CacheConfig(block_size=block_size, kv_cache_memory_bytes=kv_cache_memory_bytes,
                               gpu_memory_utilization=gpu_memory_utilization,
                               enable_prefix_caching=enable_prefix_caching),
@@ -111,7 +113,7 @@ class LLM:
                               worker_start_timeout_s=worker_start_timeout_s),
         )
         self.model_config = model_cfg
-        self.tokenizer = None if skip_tokenizer_init else load_tokenizer(self.config.tokenizer)
+        self.tokenizer = load_tokenizer(self.config.tokenizer)
         self.eos_token_ids = read_eos_token_ids(folder, model_cfg, self.tokenizer)
         self._ids = itertools.count()
         self._client: EngineClient = make_client(self.config, self.tokenizer, self.eos_token_ids)

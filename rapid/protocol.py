@@ -89,6 +89,8 @@ class Stats(msgspec.Struct, tag=True):
     decode_intervals: list[tuple[float, float]]
     decode_idle_gaps_s: list[float]
     handoff_s: list[float]  # prefill end -> the request's first decode step
+    prefill_tokens: list[int] = []  # tokens of each prefill interval
+    decode_batch_sizes: list[int] = []  # sequences of each decode interval
     num_preemptions: int = 0
     num_free_blocks: int = 0
     num_blocks: int = 0

@@ -123,9 +123,19 @@ def parameter_specs(cfg: ModelConfig, dtype: torch.dtype) -> list[tuple[str, tup
     return [(name, tuple(p.shape), dtype) for name, p in model.named_parameters()]
 
 
+def init_dummy_weights(model: LlamaModel, seed: int = 0) -> None:
+    """Random weights at the real shapes (vLLM's load_format='dummy'): for benchmarks, no checkpoint needed."""
+    gen = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.data.fill_(1.0)
+        else:
+            p.data.normal_(0.0, 0.02, generator=gen)
+
+
 def build_model(folder: str | Path, backend, dtype: torch.dtype, device: torch.device,
                 max_positions: int | None = None, param_views: dict[str, torch.Tensor] | None = None,
-                load: bool = True) -> LlamaModel:
+                load: bool = True, load_format: str = "safetensors") -> LlamaModel:
     """Model from a Hugging Face folder, on `device` in `dtype`.
 
     param_views: tensors (e.g. views of a shared arena) that become the parameters instead of fresh
@@ -143,7 +153,10 @@ def build_model(folder: str | Path, backend, dtype: torch.dtype, device: torch.d
             module._parameters[attr] = torch.nn.Parameter(param_views[name], requires_grad=False)
     # The rope table was built on meta: build it for real, in float32.
     model.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, max_positions or cfg.max_position_embeddings).to(device)
-    if load:
+    if load and load_format == "dummy":
+        init_dummy_weights(model)
+        logger.info("random (dummy) weights for %s: %.1fM parameters, %s", cfg.architecture, cfg.num_params() / 1e6, dtype)
+    elif load:
         load_weights(model, folder)
         logger.info("loaded %s (%.1fM parameters, %s) from %s", cfg.architecture, cfg.num_params() / 1e6, dtype, folder)
     model.eval().requires_grad_(False)

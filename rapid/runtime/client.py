@@ -52,6 +52,9 @@ class InprocClient(EngineClient):
             out.extend(self.core.step())
         return out
 
+    def get_stats(self):
+        return self.core.stats()
+
     def shutdown(self) -> None:
         self.core = None
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 
 from rapid.config import EngineConfig
-from rapid.protocol import AddRequest, RequestDelta, SeqWork
+from rapid.protocol import AddRequest, RequestDelta, SeqWork, Stats
 from rapid.runtime.block_manager import BlockManager
 from rapid.runtime.loading import allocate_kv_pool, load_model, num_kv_blocks, resolve_device
 from rapid.runtime.model_runner import ModelRunner
@@ -59,6 +60,10 @@ class EngineCore:
         self.blocks = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
         self.outputs = OutputProcessor(tokenizer)
+        window = 4096  # recent step timings kept for stats
+        self.step_intervals: deque[tuple[float, float]] = deque(maxlen=window)
+        self.step_decodes: deque[int] = deque(maxlen=window)
+        self.step_prefill_tokens: deque[int] = deque(maxlen=window)
         logger.info("hybrid engine ready in %.1fs: %d KV blocks of %d tokens on %s",
                     time.perf_counter() - t0, num_blocks, config.cache.block_size, self.device)
 
@@ -83,11 +88,24 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def stats(self) -> Stats:
+        """Per-step timings: every hybrid step is both a decode interval and a prefill interval."""
+        return Stats(list(self.step_intervals), list(self.step_intervals), [], [],
+                     prefill_tokens=list(self.step_prefill_tokens), decode_batch_sizes=list(self.step_decodes),
+                     num_preemptions=self.scheduler.num_preemptions, num_free_blocks=self.blocks.num_free_blocks,
+                     num_blocks=self.blocks.num_blocks, num_requests=len(self.scheduler.requests))
+
     def step(self) -> list[RequestDelta]:
         sched = self.scheduler.schedule()
         if not sched.chunks:
             return []
+        t0 = time.time()
         sampled = self.runner.execute([chunk_work(c) for c in sched.chunks])
+        t1 = time.time()
+        decodes = sum(1 for c in sched.chunks if c.num_tokens == 1 and c.request.output_token_ids)
+        self.step_intervals.append((t0, t1))
+        self.step_decodes.append(decodes)
+        self.step_prefill_tokens.append(sched.num_batched_tokens - decodes)
         by_id = {c.request.request_id: c.request for c in sched.chunks}
         finished = {req.request_id for req, _ in self.scheduler.update(sched, {s.request_id: s.token_id for s in sampled})}
         deltas = []

@@ -75,12 +75,16 @@ def load_model(config: EngineConfig, device: torch.device):
     dtype = resolve_dtype(config.dtype, device)
     backend = make_attention_backend(config, model_cfg, device)
     max_positions = max(config.scheduler.max_model_len, 1)
-    return build_model(config.model, backend, dtype, device, max_positions=max_positions), dtype
+    model = build_model(config.model, backend, dtype, device, max_positions=max_positions,
+                        load_format=config.load_format)
+    return model, dtype
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str | None):
     from transformers import AutoTokenizer
 
+    if path is None:
+        return None
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:

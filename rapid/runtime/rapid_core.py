@@ -164,6 +164,7 @@ class RapidCore:
         _, work = self.in_flight
         self.in_flight = None
         self._record(self.stats.prefill_intervals, (msg.t_start, msg.t_end))
+        self._record(self.stats.prefill_tokens, sum(len(w.token_ids) for w in work))
         sampled = {s.request_id: s for s in msg.sampled}
         for w in work:
             rid = w.request_id
@@ -194,6 +195,7 @@ class RapidCore:
 
     def on_decode_step(self, msg: DecodeStep) -> None:
         self._record(self.stats.decode_intervals, (msg.t_start, msg.t_end))
+        self._record(self.stats.decode_batch_sizes, len(msg.sampled))
         if msg.idle_gap_s:
             self._record(self.stats.decode_idle_gaps_s, msg.idle_gap_s)
         for h in msg.handoffs:

@@ -8,7 +8,7 @@ Plain Python: no tensors, testable alone with factory-built requests.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from rapid.config import SchedulerConfig
 from rapid.runtime.block_manager import BlockManager
@@ -62,6 +62,13 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    def set_token_budget(self, max_num_batched_tokens: int) -> None:
+        """Change the per-step token budget at run time (a controller lever: how much prefill per step)."""
+        if max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
+        self.config = replace(self.config, max_num_batched_tokens=max_num_batched_tokens)
 
     def add_request(self, req: Request) -> None:
         check_fits(req, self.config, self.blocks)
@@ -100,6 +107,7 @@ class Scheduler:
         victim.status = RequestStatus.WAITING
         victim.num_computed_tokens = 0
         victim.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(victim)
         out.preempted.append(victim)
 

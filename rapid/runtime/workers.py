@@ -88,7 +88,8 @@ class SharedModel:
             self.kv_pool.zero_()  # unwritten slots must hold finite values (masked, but multiplied by 0)
         backend = make_attention_backend(config, model_cfg, self.device)
         self.model = build_model(config.model, backend, self.dtype, self.device,
-                                 max_positions=config.scheduler.max_model_len, param_views=views, load=owner)
+                                 max_positions=config.scheduler.max_model_len, param_views=views, load=owner,
+                                 load_format=config.load_format)
         logger.info("%s the shared arena: %.1f MiB (%d KV blocks of %d bytes) on %s",
                     "created" if owner else "mapped", total / 2**20, self.num_blocks,
                     kv_block_bytes(model_cfg, config.cache.block_size, self.dtype), self.device)

@@ -1,0 +1,134 @@
+"""The central experiment, through the engine's own workers: decode step time (TPOT) against the prefill
+tokens/s obtained at the same time, for hybrid (decode batch + a prefill chunk per step) and rapid
+(prefill worker beside decode worker, MPS split p/d).
+
+Procedure per point: B decode requests (prompt of `ctx` random tokens, long outputs, ignore_eos) reach
+steady decode; then prefill-only requests (`prefill_len` tokens, max_tokens=1, so they never join the
+decode batch) are kept queued for `window_s` seconds. TPOT = decode step intervals with batch B inside
+the window, start to start (mean, median, p90); prefill tokens/s = tokens prefilled inside the window / window length.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+from rapid.protocol import AddRequest
+from rapid.sampling import SamplingParams
+
+
+def _pump(client, seconds: float, on_finished=None) -> None:
+    """Drive the engine (hybrid steps run inside get_deltas) and react to finished requests."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for d in client.get_deltas(timeout_s=0.05):
+            if d.error:
+                raise RuntimeError(d.error)
+            if d.finished and on_finished is not None:
+                on_finished(d.request_id)
+
+
+def _window(intervals, values, t0, t1, want=None):
+    out = []
+    for (a, b), v in zip(intervals, values):
+        if a >= t0 and b <= t1 and (want is None or v == want):
+            out.append((a, b, v))
+    return out
+
+
+def measure_point(llm, batch: int, ctx: int, prefill_len: int, window_s: float, queued_prefills: int = 2,
+                  seed: int = 0) -> dict:
+    client = llm._client
+    vocab = llm.model_config.vocab_size
+    rng = random.Random(seed)
+    max_len = llm.config.scheduler.max_model_len
+    decode_ids = [f"d{seed}-{i}" for i in range(batch)]
+    for rid in decode_ids:
+        client.add_request(AddRequest(rid, [rng.randrange(vocab) for _ in range(ctx)],
+                                      SamplingParams(temperature=0, ignore_eos=True, max_tokens=max_len - ctx - 1),
+                                      arrival_time=time.time()))
+    # reach steady decode at batch B
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        _pump(client, 0.5)
+        s = client.get_stats()
+        if s.decode_batch_sizes and s.decode_batch_sizes[-1] == batch:
+            break
+    t_alone = time.time()
+    _pump(client, min(2.0, window_s))
+    alone = client.get_stats()
+    alone_starts = [a for a, _, _ in _window(alone.decode_intervals, alone.decode_batch_sizes, t_alone, time.time(), batch)]
+    alone_steps = [b - a for a, b in zip(alone_starts, alone_starts[1:])]
+
+    counter = iter(range(10**9))
+    live: set[str] = set()
+
+    def add_prefill():
+        rid = f"p{seed}-{next(counter)}"
+        live.add(rid)
+        client.add_request(AddRequest(rid, [rng.randrange(vocab) for _ in range(prefill_len)],
+                                      SamplingParams(temperature=0, max_tokens=1), arrival_time=time.time()))
+
+    def on_finished(rid):
+        if rid in live:
+            live.discard(rid)
+            add_prefill()
+
+    for _ in range(queued_prefills):
+        add_prefill()
+    _pump(client, 1.0, on_finished)  # let the prefill stream reach steady state
+    t0 = time.time()
+    _pump(client, window_s, on_finished)
+    t1 = time.time()
+    s = client.get_stats()
+    client.abort(decode_ids + sorted(live))
+    _pump(client, 1.0)
+    # TPOT = start-to-start time of consecutive decode steps: host gaps between steps count, in both modes.
+    starts = [a for a, _, _ in _window(s.decode_intervals, s.decode_batch_sizes, t0, t1, batch)]
+    steps = [b - a for a, b in zip(starts, starts[1:])]
+    prefill_tokens = sum(v for _, _, v in _window(s.prefill_intervals, s.prefill_tokens, t0, t1))
+    steps_ms = sorted(x * 1e3 for x in steps)
+    return {
+        "batch": batch, "ctx": ctx, "prefill_len": prefill_len, "window_s": round(t1 - t0, 3),
+        "decode_alone_ms": round(statistics.median(alone_steps) * 1e3, 3) if alone_steps else None,
+        "tpot_mean_ms": round(statistics.fmean(steps_ms), 3) if steps_ms else None,
+        "tpot_median_ms": round(statistics.median(steps_ms), 3) if steps_ms else None,
+        "tpot_p90_ms": round(steps_ms[int(0.9 * (len(steps_ms) - 1))], 3) if steps_ms else None,
+        "decode_steps": len(steps_ms),
+        "prefill_tok_s": round(prefill_tokens / (t1 - t0), 1),
+        "idle_gap_median_ms": round(statistics.median(s.decode_idle_gaps_s) * 1e3, 4) if s.decode_idle_gaps_s else None,
+        "handoff_median_ms": round(statistics.median(s.handoff_s) * 1e3, 3) if s.handoff_s else None,
+    }
+
+
+def run_frontier(model: str, mode: str, settings: list, batches: list[int], ctx: int, prefill_len: int,
+                 window_s: float, out_path: str | None = None, max_model_len: int = 4096, **engine_kwargs) -> list[dict]:
+    """hybrid: settings are chunk sizes C (step budget = B + C); rapid: (prefill %, decode %) MPS splits."""
+    from rapid import LLM
+
+    results = []
+    # room for the decode batch plus the queued prefill-only requests
+    common = dict(max_model_len=max_model_len, max_num_seqs=max(batches) + 4, skip_tokenizer_init=True, **engine_kwargs)
+    if mode == "hybrid":
+        with LLM(model, mode="hybrid", max_num_batched_tokens=max(batches) + max(settings), **common) as llm:
+            for b in batches:
+                for c in settings:
+                    llm._client.core.scheduler.set_token_budget(b + c)
+                    point = measure_point(llm, b, ctx, prefill_len, window_s, seed=len(results))
+                    results.append({"mode": "hybrid", "chunk": c, **point})
+                    print(json.dumps(results[-1]), flush=True)
+    else:
+        for p, d in settings:
+            with LLM(model, mode="rapid", max_num_batched_tokens=prefill_len, prefill_sm_percentage=p,
+                     decode_sm_percentage=d, **common) as llm:
+                for b in batches:
+                    point = measure_point(llm, b, ctx, prefill_len, window_s, seed=len(results))
+                    results.append({"mode": "rapid", "split": f"{p}/{d}", **point})
+                    print(json.dumps(results[-1]), flush=True)
+    if out_path:
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_path).write_text(json.dumps(results, indent=1))
+    return results
