@@ -190,13 +190,35 @@ def _final_norm(x, w, eps: float):
     return _rms(x, w, eps)
 
 
-_COMPILED: dict[str, object] = {}
+_COMPILED: dict[tuple, object] = {}
+# Positions of the arguments whose dim 0 is the token count T, per compiled piece.
+_TOKEN_ARGS = {"pre": (0, 1), "post": (0, 1), "post_pre": (0, 1, 8), "norm": (0,)}
 
 
-def _compiled(name: str, fn):
-    if name not in _COMPILED:
-        _COMPILED[name] = torch.compile(fn, dynamic=True, fullgraph=True)
-    return _COMPILED[name]
+def _compiled(name: str, fn, dynamic):
+    """torch.compile'd fn, shared by all models of the process.
+
+    dynamic=True: torch.compile(dynamic=True), every dimension symbolic (what bench/results measured).
+    dynamic="tokens": only T is symbolic (the other sizes are compile-time constants, so the fused
+    kernels index with constant divisors); T == 1 still gets its own specialised graph.
+    """
+    key = (name, dynamic)
+    if key not in _COMPILED:
+        if dynamic == "tokens":
+            compiled = torch.compile(fn, dynamic=None, fullgraph=True)
+            idx = _TOKEN_ARGS[name]
+            mark = torch._dynamo.maybe_mark_dynamic
+
+            def call(*args, _c=compiled, _idx=idx):
+                for i in _idx:
+                    if args[i].shape[0] > 1:
+                        mark(args[i], 0)
+                return _c(*args)
+
+            _COMPILED[key] = call
+        else:
+            _COMPILED[key] = torch.compile(fn, dynamic=bool(dynamic), fullgraph=True)
+    return _COMPILED[key]
 
 
 def _pre_args(layer):
@@ -235,22 +257,23 @@ def _model_forward(model, pre, post, post_pre, norm, input_ids, positions, kv_po
     return norm(x, model.norm.weight, model.norm.eps)
 
 
-def compile_prefill(model, fuse_layers: bool = True):
+def compile_prefill(model, fuse_layers: bool = True, dynamic: bool | str = True):
     """Run the non-attention work through torch.compile(dynamic=True); returns model.
 
     The weights are passed as arguments, so one compiled graph serves all layers (no per-layer
     recompiles); T is dynamic, so one graph serves all token counts >= 2 (T == 1 gets its own).
     Attention stays eager between the compiled pieces. With fuse_layers, one compiled region spans
-    layer i's o_proj/MLP and layer i+1's norm/qkv/rope. Undo with uncompile(model).
+    layer i's o_proj/MLP and layer i+1's norm/qkv/rope. dynamic="tokens" keeps every size but T
+    static (see _compiled; not yet measured on the GPU). Undo with uncompile(model).
     """
-    pre = _compiled("pre", _pre_attention)
-    post = _compiled("post", _post_attention)
-    norm = _compiled("norm", _final_norm)
+    pre = _compiled("pre", _pre_attention, dynamic)
+    post = _compiled("post", _post_attention, dynamic)
+    norm = _compiled("norm", _final_norm, dynamic)
     for layer in model.layers:
         layer.forward = functools.partial(_layer_forward, layer, pre, post)
     model.norm.forward = lambda x, _n=model.norm: norm(x, _n.weight, _n.eps)
     if fuse_layers and len(model.layers):
-        post_pre = _compiled("post_pre", _post_pre)
+        post_pre = _compiled("post_pre", _post_pre, dynamic)
         model.forward = functools.partial(_model_forward, model, pre, post, post_pre, norm)
     else:
         model.__dict__.pop("forward", None)

@@ -121,8 +121,12 @@ class RapidClient(EngineClient):
         return got
 
     def _start(self) -> None:
-        from rapid.runtime.mps import MpsDaemon
+        from rapid.runtime.loading import check_no_expandable_segments
+        from rapid.runtime.mps import MpsDaemon, _uses_cuda
 
+        self.mps = None
+        if _uses_cuda(self.config):
+            check_no_expandable_segments()
         self.mps = MpsDaemon.for_config(self.config)
         t0 = time.perf_counter()
         decode = self._wait_ready(self._spawn("decode"))["decode"]

@@ -1,0 +1,106 @@
+"""GPU path of mode 'rapid' (skipped without CUDA): CUDA IPC arena, hand-off synchronisation, MPS,
+greedy equality with transformers in hybrid and rapid modes."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import msgspec
+import pytest
+import torch
+
+from rapid import LLM, SamplingParams
+from tiny import hf_greedy
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+WRITER = textwrap.dedent("""
+    import sys, msgspec, torch
+    from rapid.runtime.shared import ArenaHandle, SharedArena
+    from rapid.runtime.workers import _sync
+    handle = msgspec.msgpack.decode(sys.stdin.buffer.read(), type=ArenaHandle)
+    dev = torch.device("cuda", 0)
+    arena = SharedArena.open(handle, dev)
+    x = arena.buffer[: 1 << 20].view(torch.float32)
+    torch.cuda._sleep(int(sys.argv[2]))          # a slow kernel queued before the write
+    x.fill_(7.0)                                 # the KV write the reader must not miss
+    if sys.argv[1] == "sync":
+        _sync(dev)                               # what the prefill worker does before PrefillDone
+    print("done", flush=True)                    # the hand-off message
+    sys.stdin.close()
+    import time; time.sleep(3)                   # stay alive (the importer must not vanish mid-read)
+""")
+
+
+def _handoff(sync: bool) -> float:
+    from rapid.runtime.shared import SharedArena
+
+    dev = torch.device("cuda", 0)
+    arena = SharedArena.create(1 << 22, dev)
+    x = arena.buffer[: 1 << 20].view(torch.float32)
+    x.zero_()
+    torch.cuda.synchronize()
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, "sync" if sync else "nosync", str(2_000_000_000)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=False)
+    proc.stdin.write(msgspec.msgpack.encode(arena.handle))
+    proc.stdin.close()
+    assert proc.stdout.readline().strip() == b"done"
+    seen = x[-1].item()  # what the decode side reads right after the hand-off message
+    proc.wait(timeout=30)
+    arena.close()
+    return seen
+
+
+def test_handoff_sync_makes_delayed_writes_visible():
+    assert _handoff(sync=True) == 7.0
+
+
+def test_handoff_without_sync_reads_stale_kv():
+    # Control: with the synchronisation removed, the reader sees the old value (the test above would fail).
+    assert _handoff(sync=False) == 0.0
+
+
+def test_expandable_segments_refused(tiny_llama, monkeypatch):
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    with pytest.raises(ValueError, match="expandable_segments"):
+        LLM(tiny_llama, mode="rapid")
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(5, 300, (n,), generator=g).tolist() for n in (3, 17, 64, 150)]
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "rapid"])
+def test_gpu_greedy_equals_transformers(tiny_llama, prompts, mode):
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    with LLM(tiny_llama, mode=mode, dtype="float32", max_num_batched_tokens=64, max_num_seqs=8,
+             gpu_memory_utilization=0.3) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        if mode == "rapid":
+            stats = llm._client.get_stats()
+            assert stats.num_free_blocks == stats.num_blocks
+    assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(tiny_llama, p, 16) for p in prompts]
+
+
+def _mps_servers() -> int:
+    out = subprocess.run(["pgrep", "-f", "nvidia-cuda-mps"], capture_output=True, text=True).stdout.split()
+    return len(out)
+
+
+def test_rapid_starts_checks_and_stops_its_own_mps_daemon(tiny_llama):
+    if subprocess.run(["which", "nvidia-cuda-mps-control"], capture_output=True).returncode != 0:
+        pytest.skip("no nvidia-cuda-mps-control")
+    before = _mps_servers()
+    with LLM(tiny_llama, mode="rapid", dtype="bfloat16", prefill_sm_percentage=60, decode_sm_percentage=40,
+             gpu_memory_utilization=0.3) as llm:
+        mps = llm._client.mps
+        assert mps is not None and (mps.started or before > 0)
+        out = llm.generate("hello", SamplingParams(max_tokens=4), use_tqdm=False)[0]
+        assert len(out.outputs[0].token_ids) == 4
+    time.sleep(1.0)
+    assert _mps_servers() <= before
+    assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ or before > 0
