@@ -22,6 +22,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-sm-percentage", type=int, default=70)
     p.add_argument("--decode-sm-percentage", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--load-format", default="safetensors", choices=["safetensors", "dummy"],
+                   help="dummy: random weights at the config's shapes (benchmarks without a checkpoint)")
+    p.add_argument("--skip-tokenizer-init", action="store_true", help="token ids in and out (no tokenizer files)")
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "reference", "triton", "flashinfer"])
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -30,7 +34,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_memory_bytes=args.kv_cache_memory_bytes, gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager, prefill_sm_percentage=args.prefill_sm_percentage,
-        decode_sm_percentage=args.decode_sm_percentage, seed=args.seed,
+        decode_sm_percentage=args.decode_sm_percentage, seed=args.seed, load_format=args.load_format,
+        skip_tokenizer_init=args.skip_tokenizer_init, attention_backend=args.attention_backend,
     )
 
 

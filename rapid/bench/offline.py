@@ -27,7 +27,8 @@ def run_offline(args) -> dict:
                 out_len = max(1, limit - in_len)
             prompts.append({"prompt_token_ids": [rng.randrange(vocab) for _ in range(in_len)]})
             params.append(SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=out_len, seed=rng.randrange(2**31)))
-        llm.generate(["Benchmark warm-up"], SamplingParams(max_tokens=8), use_tqdm=False)
+        llm.generate([{"prompt_token_ids": [rng.randrange(vocab) for _ in range(64)]}], SamplingParams(max_tokens=8),
+                     use_tqdm=False)  # warm-up
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=True)
         elapsed = time.perf_counter() - t0
