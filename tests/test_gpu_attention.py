@@ -280,8 +280,9 @@ def test_decode_graph_matches_eager(tmp_path, arch):
     assert not runner.can_run(meta, 25)
 
 
+@pytest.mark.parametrize("dynamic", [True, "tokens"])
 @torch.inference_mode()
-def test_compile_prefill_matches_eager(tmp_path):
+def test_compile_prefill_matches_eager(tmp_path, dynamic):
     from rapid.attention.metadata import kv_pool_shape
     from rapid.compile.cuda_graphs import DecodeGraphRunner, compile_prefill, uncompile
 
@@ -309,7 +310,7 @@ def test_compile_prefill_matches_eager(tmp_path):
     pos_t = torch.tensor(pos, device=DEV)
     p_eager = pool.clone()
     ref = model(ids, pos_t, p_eager, meta)
-    compile_prefill(model)
+    compile_prefill(model, dynamic=dynamic)
     try:
         got = model(ids, pos_t, pool, meta)
         assert rel_err(got, ref) < 1e-2

@@ -13,10 +13,11 @@ max_seq_len is held at max_model_len, so the backend's launch shapes do not depe
 
 compile_prefill(model) runs the model's non-attention work through torch.compile'd pieces (norm + qkv
 projection + rope before each attention call; o_proj + residual + norm + MLP after it, fused with the
-next layer's norm + qkv + rope); the attention backend runs between them, outside any compiled region. It fuses about 40 small
-kernels per layer into a handful, which is what matters for long prefills (elementwise passes over
-[T, 14336] activations) and for decode graphs (launch count). Apply it before building a
-DecodeGraphRunner so the graphs capture the compiled kernels.
+next layer's norm + qkv + rope); the attention backend runs between them, outside any compiled region.
+It turns about 40 small kernels per layer into a handful. Apply it before building a DecodeGraphRunner
+so the graphs capture the compiled kernels. Measured gain on an H100 at Llama-3.1-8B shapes
+(bench/results/kernels-h100.md): prefill of 2048 tokens 31.5k -> 37.9k tok/s, decode steps (CUDA graphs)
+batch 1 8.2 -> 6.4 ms, batch 64 12.5 -> 9.7 ms, batch 256 34.8 -> 31.7 ms.
 """
 
 from __future__ import annotations
