@@ -162,6 +162,42 @@ class LLM:
             raise ValueError(f"prompt has {len(ids)} tokens; max_model_len is {limit} (prompt + max_tokens must fit)")
         return text, ids
 
+    def _check_fits(self, ids: list[int], params: SamplingParams) -> None:
+        limit = self.config.scheduler.max_model_len
+        if len(ids) + params.max_tokens > limit:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = "
+                             f"{len(ids) + params.max_tokens} exceeds max_model_len ({limit})")
+
+    def validate(self, prompt: Any, sampling_params: SamplingParams | None = None) -> tuple[str | None, list[int]]:
+        """The edge checks generate() applies to one prompt: (prompt text or None, token ids), or
+        TypeError / ValueError with the same message generate() would raise."""
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if not isinstance(sampling_params, SamplingParams):
+            raise TypeError("sampling_params must be a SamplingParams")
+        text, ids = self._prompt_ids(prompt)
+        self._check_fits(ids, sampling_params)
+        return text, ids
+
+    def chat_prompt_ids(self, conversation: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """One conversation ({'role', 'content'} dicts) through the chat template, as token ids."""
+        self._check_chat_ready()
+        if not isinstance(conversation, list) or not conversation or not all(isinstance(m, dict) for m in conversation):
+            raise TypeError("a conversation is a non-empty list of {'role': ..., 'content': ...} dicts")
+        return self._apply_chat_template(conversation, add_generation_prompt)
+
+    def _check_chat_ready(self) -> None:
+        if self.tokenizer is None:
+            raise ValueError("chat needs a tokenizer")
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError(f"the tokenizer of {self.config.tokenizer} has no chat template; use generate()")
+
+    def _apply_chat_template(self, conversation: list[dict], add_generation_prompt: bool) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt, tokenize=True)
+        if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+
     def _normalise(self, prompts, sampling_params) -> tuple[list, list[SamplingParams]]:
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
@@ -183,11 +219,8 @@ class LLM:
     def _submit(self, prompts, params) -> list[tuple[str, str | None, list[int], SamplingParams]]:
         """Validate everything first, then enqueue; one entry per (prompt, sample index)."""
         checked = [self._prompt_ids(p) for p in prompts]
-        limit = self.config.scheduler.max_model_len
         for (_, ids), p in zip(checked, params):
-            if len(ids) + p.max_tokens > limit:
-                raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({p.max_tokens}) = "
-                                 f"{len(ids) + p.max_tokens} exceeds max_model_len ({limit})")
+            self._check_fits(ids, p)
         jobs = []
         for (text, ids), p in zip(checked, params):
             base = str(next(self._ids))
@@ -284,14 +317,9 @@ class LLM:
         if not isinstance(messages, list) or not messages:
             raise TypeError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts or a list of them")
         conversations = [messages] if isinstance(messages[0], dict) else messages
-        if getattr(self.tokenizer, "chat_template", None) is None:
-            raise ValueError(f"the tokenizer of {self.config.tokenizer} has no chat template; use generate()")
-        prompts = []
-        for conv in conversations:
-            ids = self.tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt, tokenize=True)
-            if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
-                ids = ids["input_ids"]
-            prompts.append({"prompt_token_ids": list(ids)})
+        self._check_chat_ready()
+        prompts = [{"prompt_token_ids": self._apply_chat_template(conv, add_generation_prompt)}
+                   for conv in conversations]
         outs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
         for out in outs:
             out.prompt = self.tokenizer.decode(out.prompt_token_ids)

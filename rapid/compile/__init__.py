@@ -3,3 +3,44 @@
 from rapid.compile.cuda_graphs import DecodeGraphRunner, bucket_sizes, compile_prefill, uncompile
 
 __all__ = ["DecodeGraphRunner", "bucket_sizes", "compile_prefill", "uncompile"]
+
+
+def prepare_model(model, kv_pool, config, capture_graphs: bool):
+    """On CUDA without enforce_eager: compile the non-attention work, then (decode side) capture the
+    bucketed decode graphs. Returns the DecodeGraphRunner or None."""
+    import logging
+    import time
+
+    if kv_pool.device.type != "cuda" or config.enforce_eager:
+        return None
+    t0 = time.perf_counter()
+    compile_prefill(model)
+    warm_up(model, kv_pool)
+    logging.getLogger(__name__).info("torch.compile warm-up took %.1fs", time.perf_counter() - t0)
+    if not capture_graphs:
+        return None
+    return DecodeGraphRunner(model, kv_pool, config.scheduler.max_num_seqs, config.cache.block_size,
+                             config.scheduler.max_model_len)
+
+
+def warm_up(model, kv_pool, lengths=(16, 1)) -> None:
+    """Run one forward per shape class (prefill chunk, single token) so compilation happens at start.
+
+    Every slot is -1, so nothing is written to the KV pool.
+    """
+    import torch
+
+    from rapid.attention.metadata import AttentionMetadata
+
+    dev = kv_pool.device
+    with torch.inference_mode():
+        for n in lengths:
+            meta = AttentionMetadata(
+                slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=dev),
+                query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=dev),
+                seq_lens=torch.tensor([n], dtype=torch.int32, device=dev),
+                block_tables=torch.zeros((1, 1), dtype=torch.int32, device=dev),
+                num_decodes=1 if n == 1 else 0, max_seq_len=n, query_start_loc_host=[0, n], seq_lens_host=[n],
+            )
+            model(torch.zeros(n, dtype=torch.int64, device=dev), torch.arange(n, device=dev), kv_pool, meta)
+    torch.cuda.synchronize(dev)

@@ -49,12 +49,9 @@ class EngineCore:
         reserved = _process_reserved_bytes(self.device)
         num_blocks = num_kv_blocks(config, model.config, dtype, self.device, reserved)
         kv_pool = allocate_kv_pool(model.config, num_blocks, config.cache.block_size, dtype, self.device)
-        graphs = None
-        if self.device.type == "cuda" and not config.enforce_eager:
-            from rapid.compile.cuda_graphs import DecodeGraphRunner
+        from rapid.compile import prepare_model
 
-            graphs = DecodeGraphRunner(model, kv_pool, config.scheduler.max_num_seqs, config.cache.block_size,
-                                       config.scheduler.max_model_len)
+        graphs = prepare_model(model, kv_pool, config, capture_graphs=True)
         self.runner = ModelRunner(model, kv_pool, config.cache.block_size, config.seed, graph_runner=graphs,
                                   eos_token_ids=eos_token_ids)
         self.blocks = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)

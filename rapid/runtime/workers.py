@@ -138,6 +138,9 @@ def prefill_main(raw_args: bytes) -> None:
     shared = None
     try:
         shared = SharedModel(args, owner=False)
+        from rapid.compile import prepare_model
+
+        prepare_model(shared.model, shared.kv_pool, args.config, capture_graphs=False)
         runner = ModelRunner(shared.model, shared.kv_pool, args.config.cache.block_size, args.config.seed,
                              eos_token_ids=args.eos_token_ids)
         ready.send(WorkerReady(args.name, os.getpid()))
@@ -234,12 +237,9 @@ def decode_main(raw_args: bytes) -> None:
     shared = None
     try:
         shared = SharedModel(args, owner=True)
-        graphs = None
-        if shared.device.type == "cuda" and not args.config.enforce_eager:
-            from rapid.compile.cuda_graphs import DecodeGraphRunner
+        from rapid.compile import prepare_model
 
-            graphs = DecodeGraphRunner(shared.model, shared.kv_pool, args.config.scheduler.max_num_seqs,
-                                       args.config.cache.block_size, args.config.scheduler.max_model_len)
+        graphs = prepare_model(shared.model, shared.kv_pool, args.config, capture_graphs=True)
         runner = ModelRunner(shared.model, shared.kv_pool, args.config.cache.block_size, args.config.seed,
                              graph_runner=graphs, eos_token_ids=args.eos_token_ids)
         loop = DecodeLoop(runner, args.config, args.eos_token_ids)
