@@ -1,0 +1,342 @@
+"""The ZeroMQ server and its clients on the CPU (hybrid engine, tiny model): streaming equals non-streaming
+equals LLM.generate, concurrent clients, cancel, edge validation, garbage on the socket, asyncio, clean close."""
+
+import asyncio
+import os
+import random
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
+import msgspec
+import pytest
+import zmq
+
+from rapid import LLM, SamplingParams
+from rapid.client import AsyncClient, Client, ServerError
+from rapid.protocol import CancelRequest, Completion, Delta, ErrorReply, GenerateRequest, ServerMessage
+from rapid.server import RapidServer, check_address
+
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+TIMEOUT = 30.0
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama):
+    with LLM(tiny_llama, max_model_len=512) as llm:
+        yield llm
+
+
+@contextmanager
+def serving(llm, address=None, **kw):
+    server = RapidServer(llm, address, **kw).start()
+    try:
+        yield server
+    finally:
+        server.close()
+    assert not llm._client.core.has_unfinished()
+
+
+@pytest.fixture
+def server(llm):
+    with serving(llm) as srv:
+        yield srv
+
+
+@pytest.fixture
+def client(server):
+    with Client(server.address, timeout_s=TIMEOUT) as c:
+        yield c
+
+
+@pytest.fixture
+def aborts(llm, monkeypatch):
+    """Engine request ids the server aborted."""
+    seen = []
+    original = llm._client.abort
+
+    def spy(ids):
+        seen.extend(ids)
+        original(ids)
+
+    monkeypatch.setattr(llm._client, "abort", spy)
+    return seen
+
+
+def wait_until(cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_stream_equals_completion_equals_llm_generate(llm):
+    expected = llm.generate("Paris is", GREEDY, use_tqdm=False)[0].outputs[0]  # before the server owns the LLM
+    with serving(llm) as srv, Client(srv.address, timeout_s=TIMEOUT) as c:
+        whole = c.generate("Paris is", GREEDY)
+        deltas = list(c.stream("Paris is", GREEDY))
+        ids = c.generate({"prompt_token_ids": whole.prompt_token_ids}, GREEDY)
+    assert isinstance(whole, Completion) and whole.prompt == "Paris is"
+    assert whole.token_ids == expected.token_ids and whole.text == expected.text
+    assert whole.finish_reason == "length" and len(whole.token_ids) == 10
+    assert whole.arrival_time <= whole.first_token_time <= whole.last_token_time
+    assert all(isinstance(d, Delta) for d in deltas) and deltas[-1].finished
+    assert not any(d.finished for d in deltas[:-1]) and deltas[-1].finish_reason == "length"
+    assert "".join(d.new_text for d in deltas) == whole.text
+    assert [t for d in deltas for t in d.new_token_ids] == whole.token_ids
+    assert deltas[0].num_prompt_tokens == len(whole.prompt_token_ids)
+    assert ids.token_ids == whole.token_ids and ids.prompt is None
+
+
+def test_chat_and_logprobs(llm, client):
+    conv = [{"role": "user", "content": "hi"}]
+    out = client.chat(conv, GREEDY)
+    assert out.prompt.startswith("<|user|>hi") and out.prompt.endswith("<|assistant|>")
+    streamed = list(client.chat_stream(conv, GREEDY))
+    assert "".join(d.new_text for d in streamed) == out.text
+    lp = client.generate("hello", SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=2))
+    assert len(lp.logprobs) == 4 and all(t in d for t, d in zip(lp.token_ids, lp.logprobs))
+    assert lp.cumulative_logprob == pytest.approx(sum(d[t] for t, d in zip(lp.token_ids, lp.logprobs)), abs=1e-4)
+
+
+def test_two_concurrent_clients(llm, server):
+    prompts = ["The quick brown", "héllo 世界"]
+    results, errors = {}, []
+    start = threading.Barrier(2)
+
+    def run(prompt):
+        try:
+            with Client(server.address, timeout_s=TIMEOUT) as c:
+                start.wait()
+                # the same client id ("0", "1", ...) on both clients must not collide on the server
+                streamed = "".join(d.new_text for d in c.stream(prompt, GREEDY))
+                results[prompt] = (streamed, c.generate(prompt, GREEDY).text)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    assert not errors and len(results) == 2
+    for streamed, whole in results.values():
+        assert streamed == whole
+    assert results[prompts[0]] != results[prompts[1]]
+
+
+def test_interleaved_streams_on_one_client(client):
+    a = client.stream("The quick brown", GREEDY)
+    b = client.stream("Paris is", GREEDY)
+    got_a, got_b = [next(a)], [next(b)]
+    got_a += list(a)
+    got_b += list(b)
+    assert "".join(d.new_text for d in got_a) == client.generate("The quick brown", GREEDY).text
+    assert "".join(d.new_text for d in got_b) == client.generate("Paris is", GREEDY).text
+
+
+def test_cancel_stops_a_stream(server, client, aborts):
+    long = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+    deltas = []
+    for d in client.stream("Once upon", long):
+        if not deltas:
+            client.cancel(d.client_request_id)
+        deltas.append(d)
+    assert deltas[-1].finished and deltas[-1].finish_reason == "abort"
+    assert sum(len(d.new_token_ids) for d in deltas) < 400
+    # breaking out of a stream cancels too
+    assert len(aborts) == 1
+    for _ in client.stream("Once upon", long):
+        break
+    wait_until(lambda: server.num_active == 0)
+    assert len(aborts) == 2 and aborts[1].endswith(":1")
+    assert client.generate("hello", GREEDY).finish_reason == "length"
+
+
+@pytest.mark.parametrize("prompt,params,match", [
+    ("", GREEDY, "empty"),
+    ([], GREEDY, "empty"),
+    ([1, 99999], GREEDY, "99999.*vocabulary"),
+    (list(range(5, 300)) * 2, GREEDY, "max_model_len"),
+    ("hello", SamplingParams(max_tokens=600), "exceeds max_model_len"),
+    ("hello", SamplingParams(n=2), "n=1"),
+])
+def test_bad_input_gets_error_reply_and_server_keeps_serving(client, prompt, params, match):
+    with pytest.raises(ServerError, match=match):
+        client.generate(prompt, params)
+    with pytest.raises(ServerError, match=match):
+        list(client.stream(prompt, params))
+    assert client.generate("hello", GREEDY).finish_reason == "length"
+
+
+def raw_dealer(address):
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, int(TIMEOUT * 1000))
+    sock.connect(address)
+    return sock
+
+
+def decode(raw):
+    return msgspec.msgpack.decode(raw, type=ServerMessage)
+
+
+def test_bad_params_dict_and_malformed_requests(server, client):
+    sock = raw_dealer(server.address)
+    enc = msgspec.msgpack.encode
+    try:
+        cases = [
+            ({"type": "GenerateRequest", "client_request_id": "p1", "prompt": "hi", "params": {"temperature": -1}},
+             "p1", "temperature"),
+            ({"type": "GenerateRequest", "client_request_id": "p2", "prompt": "hi", "params": {"max_tokens": 0}},
+             "p2", "max_tokens"),
+            ({"type": "GenerateRequest", "client_request_id": "p3", "prompt": "hi", "params": {"top_k": "3"}},
+             "p3", "int"),
+            ({"type": "GenerateRequest", "client_request_id": "p4", "prompt": "hi", "prompt_token_ids": [5]},
+             "p4", "exactly one"),
+            ({"type": "GenerateRequest", "client_request_id": "p5"}, "p5", "exactly one"),
+            ({"type": "ChatRequest", "client_request_id": "p6", "messages": []}, "p6", "empty"),
+            ({"type": "ChatRequest", "client_request_id": "p7", "messages": [{"role": 3}]}, "p7", "str"),
+            ({"type": "Nope", "client_request_id": "p8"}, "p8", "Nope"),
+            ({"type": "GenerateRequest", "client_request_id": "", "prompt": "hi"}, "", "non-empty"),
+            ({"client_request_id": "p9"}, "p9", "type"),
+        ]
+        for obj, cid, match in cases:
+            sock.send(enc(obj))
+            reply = decode(sock.recv())
+            assert isinstance(reply, ErrorReply) and reply.client_request_id == cid, obj
+            assert match in reply.message, (obj, reply.message)
+        # a cancel for an unknown request is ignored; a duplicate running id is refused
+        sock.send(enc(CancelRequest("nothing")))
+        slow = GenerateRequest("dup", prompt="hi", params=SamplingParams(max_tokens=500, ignore_eos=True))
+        sock.send(enc(slow))
+        sock.send(enc(slow))
+        reply = decode(sock.recv())
+        assert isinstance(reply, ErrorReply) and reply.client_request_id == "dup" and "still running" in reply.message
+        sock.send(enc(CancelRequest("dup")))
+        reply = decode(sock.recv())
+        assert isinstance(reply, Completion) and reply.finish_reason == "abort"
+    finally:
+        sock.close(linger=0)
+    assert client.generate("hello", GREEDY).finish_reason == "length"
+
+
+def test_garbage_bytes_crash_nothing(llm):
+    rng = random.Random(0)
+    valid = msgspec.msgpack.encode(GenerateRequest("g", prompt="hello", params=GREEDY))
+    with serving(llm, "tcp://127.0.0.1:*") as srv:
+        sock = raw_dealer(srv.address)
+        try:
+            junk = [os.urandom(n) for n in (0, 1, 7, 100, 5000)] + [valid[:k] for k in range(0, len(valid), 9)]
+            junk += [b"\x91" * 10000 + b"\xc0", bytes(rng.randrange(256) for _ in range(300))]
+            for raw in junk:
+                sock.send(raw)
+                reply = decode(sock.recv())
+                assert isinstance(reply, ErrorReply) and "malformed" in reply.message
+            sock.send_multipart([valid, valid])  # two frames
+            assert "1 frame" in decode(sock.recv()).message
+            # a raw TCP peer that never speaks ZMTP properly
+            host, port = srv.address.removeprefix("tcp://").rsplit(":", 1)
+            for n in (3, 64, 4096):
+                with socket.create_connection((host, int(port)), timeout=5) as s:
+                    s.sendall(os.urandom(n))
+            sock.send(valid)
+            reply = decode(sock.recv())
+            assert isinstance(reply, Completion) and reply.finish_reason == "length"
+        finally:
+            sock.close(linger=0)
+
+
+def test_vanished_client_requests_are_aborted(server, aborts):
+    sock = raw_dealer(server.address)
+    sock.send(msgspec.msgpack.encode(GenerateRequest(
+        "v", prompt="hi", params=SamplingParams(max_tokens=400, ignore_eos=True), stream=True)))
+    decode(sock.recv())  # the first delta: the request runs
+    sock.close(linger=0)
+    wait_until(lambda: server.num_active == 0)
+    assert [a.endswith(":v") for a in aborts] == [True]
+
+
+def test_async_client(server, aborts):
+    async def main():
+        async with AsyncClient(server.address, timeout_s=TIMEOUT) as c:
+            a, b = await asyncio.gather(c.generate("The quick brown", GREEDY), c.generate("Paris is", GREEDY))
+            deltas = [d async for d in c.stream("The quick brown", GREEDY)]
+            chat = await c.chat([{"role": "user", "content": "hi"}], GREEDY)
+            with pytest.raises(ServerError, match="empty"):
+                await c.generate("", GREEDY)
+            stream = c.stream("Once upon", SamplingParams(max_tokens=400, ignore_eos=True))
+            async for _ in stream:
+                break
+            await stream.aclose()  # cancels on the server
+            wait_until(lambda: len(aborts) == 1)
+            return a, b, deltas, chat
+
+    a, b, deltas, chat = asyncio.run(main())
+    assert a.text != b.text and len(a.token_ids) == 10
+    assert "".join(d.new_text for d in deltas) == a.text and deltas[-1].finished
+    assert chat.finish_reason == "length"
+    wait_until(lambda: server.num_active == 0)
+
+
+def test_close_removes_socket_file_and_directory(llm):
+    server = RapidServer(llm).start()
+    path = server.address.removeprefix("ipc://")
+    directory = os.path.dirname(path)
+    assert os.path.exists(path) and (os.stat(directory).st_mode & 0o777) == 0o700
+    with Client(server.address, timeout_s=TIMEOUT) as c:
+        assert c.generate("hello", GREEDY).finish_reason == "length"
+        it = c.stream("Once upon", SamplingParams(max_tokens=400, ignore_eos=True))
+        next(it)
+        server.close()  # in flight: the client is told, the engine drained
+        with pytest.raises(ServerError, match="shutting down"):
+            list(it)
+    assert not os.path.exists(path) and not os.path.exists(directory)
+    assert not llm._client.core.has_unfinished()
+    server.close()  # idempotent
+
+
+def test_explicit_ipc_address_and_address_checks(llm, tmp_path):
+    path = tmp_path / "my.sock"
+    with serving(llm, f"ipc://{path}") as srv, Client(srv.address, timeout_s=TIMEOUT) as c:
+        assert c.generate([5, 6, 7], GREEDY).finish_reason == "length"
+    assert not path.exists()
+    for ok in ("tcp://127.0.0.1:5555", "tcp://localhost:*", "tcp://[::1]:80", "ipc:///tmp/x.sock"):
+        check_address(ok)
+    for bad in ("tcp://0.0.0.0:5555", "tcp://*:5555", "tcp://10.1.2.3:1", "tcp://example.com:1"):
+        with pytest.raises(ValueError, match="allow_remote"):
+            check_address(bad)
+        check_address(bad, allow_remote=True)
+    for bad in ("inproc://x", "udp://127.0.0.1:1", "tcp://127.0.0.1", "ipc://", "127.0.0.1:5"):
+        with pytest.raises(ValueError):
+            check_address(bad)
+    with pytest.raises(ValueError, match="allow_remote"):
+        RapidServer(llm, "tcp://0.0.0.0:0")
+
+
+def test_cli_serve_until_sigterm(tiny_llama):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.Popen([sys.executable, "-m", "rapid.cli", "serve", "--model", str(tiny_llama)],
+                            cwd=Path(__file__).parents[1], stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        address = line.rsplit(" at ", 1)[1].strip()
+        with Client(address, timeout_s=TIMEOUT) as c:
+            assert c.generate("hello", GREEDY).finish_reason == "length"
+            it = c.stream("Once upon", SamplingParams(max_tokens=400, ignore_eos=True))
+            next(it)
+            proc.send_signal(signal.SIGTERM)
+            with pytest.raises(ServerError, match="shutting down"):
+                list(it)
+        assert proc.wait(TIMEOUT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "stopped" in proc.stdout.read()
+    assert not os.path.exists(os.path.dirname(address.removeprefix("ipc://")))
