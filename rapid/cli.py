@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve over ZeroMQ")
     _engine_args(s)
     s.add_argument("--address", default=None, help="ZeroMQ endpoint (default ipc:// in a private directory, printed)")
+    s.add_argument("--allow-remote", action="store_true", help="allow a non-loopback tcp:// address (no authentication!)")
     s.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("batch", help="offline batch: JSONL prompts in, JSONL outputs out")
@@ -125,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("output")
     b.add_argument("--max-tokens", type=int, default=128)
     b.add_argument("--temperature", type=float, default=0.0)
+    b.add_argument("--batch-size", type=int, default=None, help="lines per generate() call")
     b.set_defaults(func=cmd_batch)
 
     bench = sub.add_parser("bench", help="benchmarks")

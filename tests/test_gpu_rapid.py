@@ -43,10 +43,12 @@ def _handoff(sync: bool) -> float:
     x.zero_()
     torch.cuda.synchronize()
     proc = subprocess.Popen([sys.executable, "-c", WRITER, "sync" if sync else "nosync", str(2_000_000_000)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=False)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=False,
+                            env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
     proc.stdin.write(msgspec.msgpack.encode(arena.handle))
     proc.stdin.close()
-    assert proc.stdout.readline().strip() == b"done"
+    line = proc.stdout.readline().strip()
+    assert line == b"done", proc.stderr.read().decode()[-3000:]
     seen = x[-1].item()  # what the decode side reads right after the hand-off message
     proc.wait(timeout=30)
     arena.close()

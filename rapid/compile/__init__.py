@@ -5,22 +5,28 @@ from rapid.compile.cuda_graphs import DecodeGraphRunner, bucket_sizes, compile_p
 __all__ = ["DecodeGraphRunner", "bucket_sizes", "compile_prefill", "uncompile"]
 
 
-def prepare_model(model, kv_pool, config, capture_graphs: bool):
-    """On CUDA without enforce_eager: compile the non-attention work, then (decode side) capture the
-    bucketed decode graphs. Returns the DecodeGraphRunner or None."""
+def prepare_model(model, kv_pool, config, decode_graphs: bool, prefill_graphs: bool) -> list:
+    """On CUDA without enforce_eager: compile the non-attention work, then capture the bucketed decode
+    graphs and/or the piecewise prefill/mixed graphs. Returns the graph runners (ModelRunner tries
+    them in order); [] on the CPU or with enforce_eager."""
     import logging
     import time
 
     if kv_pool.device.type != "cuda" or config.enforce_eager:
-        return None
+        return []
     t0 = time.perf_counter()
     compile_prefill(model)
     warm_up(model, kv_pool)
     logging.getLogger(__name__).info("torch.compile warm-up took %.1fs", time.perf_counter() - t0)
-    if not capture_graphs:
-        return None
-    return DecodeGraphRunner(model, kv_pool, config.scheduler.max_num_seqs, config.cache.block_size,
-                             config.scheduler.max_model_len)
+    runners = []
+    if decode_graphs:
+        runners.append(DecodeGraphRunner(model, kv_pool, config.scheduler.max_num_seqs, config.cache.block_size,
+                                         config.scheduler.max_model_len))
+    if prefill_graphs:
+        from rapid.compile.piecewise import PiecewiseGraphRunner
+
+        runners.append(PiecewiseGraphRunner(model, kv_pool, config.scheduler.max_num_batched_tokens))
+    return runners
 
 
 def warm_up(model, kv_pool, lengths=(16, 1)) -> None:

@@ -51,8 +51,8 @@ class EngineCore:
         kv_pool = allocate_kv_pool(model.config, num_blocks, config.cache.block_size, dtype, self.device)
         from rapid.compile import prepare_model
 
-        graphs = prepare_model(model, kv_pool, config, capture_graphs=True)
-        self.runner = ModelRunner(model, kv_pool, config.cache.block_size, config.seed, graph_runner=graphs,
+        graphs = prepare_model(model, kv_pool, config, decode_graphs=True, prefill_graphs=True)
+        self.runner = ModelRunner(model, kv_pool, config.cache.block_size, config.seed, graph_runners=graphs,
                                   eos_token_ids=eos_token_ids)
         self.blocks = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.blocks)

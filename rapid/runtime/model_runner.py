@@ -21,14 +21,14 @@ logger = logging.getLogger(__name__)
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv_pool: torch.Tensor, block_size: int, seed: int = 0,
-                 graph_runner=None, eos_token_ids: tuple[int, ...] = ()):
+                 graph_runners=(), eos_token_ids: tuple[int, ...] = ()):
         self.model = model
         self.kv_pool = kv_pool  # [L, 2, NB, BS, KVH, D]
         self.block_size = block_size
         self.device = kv_pool.device
         self.vocab_size = model.config.vocab_size
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        self.graph_runner = graph_runner  # CUDA-graph decode (rapid.compile.cuda_graphs), or None
+        self.graph_runners = list(graph_runners)  # CUDA-graph runners (rapid.compile), tried in order
         self.last_forward_s = 0.0
         self.eos_token_ids = eos_token_ids  # masked while a request is below min_tokens
 
@@ -76,8 +76,9 @@ class ModelRunner:
         """Run the forward pass; return float32 logits [S_sample, vocab] for the sampling rows."""
         t0 = time.perf_counter()
         ids, positions, meta, rows = self.build_inputs(work)
-        if self.graph_runner is not None and self.graph_runner.can_run(meta, len(work)):
-            hidden = self.graph_runner.run(ids, positions, meta)
+        graphs = next((g for g in self.graph_runners if g.can_run(meta, ids.shape[0])), None)
+        if graphs is not None:
+            hidden = graphs.run(ids, positions, meta)
         else:
             hidden = self.model(ids, positions, self.kv_pool, meta)
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)]) if rows else None

@@ -140,9 +140,9 @@ def prefill_main(raw_args: bytes) -> None:
         shared = SharedModel(args, owner=False)
         from rapid.compile import prepare_model
 
-        prepare_model(shared.model, shared.kv_pool, args.config, capture_graphs=False)
+        graphs = prepare_model(shared.model, shared.kv_pool, args.config, decode_graphs=False, prefill_graphs=True)
         runner = ModelRunner(shared.model, shared.kv_pool, args.config.cache.block_size, args.config.seed,
-                             eos_token_ids=args.eos_token_ids)
+                             graph_runners=graphs, eos_token_ids=args.eos_token_ids)
         ready.send(WorkerReady(args.name, os.getpid()))
         while True:
             msg = inbox.recv(timeout_ms=1000)
@@ -239,9 +239,9 @@ def decode_main(raw_args: bytes) -> None:
         shared = SharedModel(args, owner=True)
         from rapid.compile import prepare_model
 
-        graphs = prepare_model(shared.model, shared.kv_pool, args.config, capture_graphs=True)
+        graphs = prepare_model(shared.model, shared.kv_pool, args.config, decode_graphs=True, prefill_graphs=False)
         runner = ModelRunner(shared.model, shared.kv_pool, args.config.cache.block_size, args.config.seed,
-                             graph_runner=graphs, eos_token_ids=args.eos_token_ids)
+                             graph_runners=graphs, eos_token_ids=args.eos_token_ids)
         loop = DecodeLoop(runner, args.config, args.eos_token_ids)
         ready.send(WorkerReady(args.name, os.getpid(), arena=shared.arena.handle, num_blocks=shared.num_blocks))
         while True:

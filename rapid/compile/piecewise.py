@@ -1,0 +1,138 @@
+"""Piecewise CUDA graphs for prefill and mixed (hybrid) batches, in the manner of vLLM V1.
+
+A mixed batch (decodes + prefill chunks) has a structure that changes every step, so the attention
+calls run eagerly; everything between two attention calls (o_proj, MLP, norms, next layer's qkv and
+rope: the compiled pieces of cuda_graphs.py) is one CUDA graph per token-count bucket. A step is then
+L + 1 graph replays and L eager attention calls instead of thousands of kernel launches, so the host
+keeps ahead of the GPU even for small chunks. Tokens are padded to the bucket; padding rows carry
+slot -1 (no KV write) and are excluded from attention, so they never touch real rows.
+
+Every piece reads and writes the same static buffers (x, q, k, v, attention output), which live
+outside the graph pool; each graph's temporaries are dead when it ends, so all graphs share one pool.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+
+import torch
+
+from rapid.attention.metadata import AttentionMetadata
+from rapid.compile.cuda_graphs import (
+    _compiled, _final_norm, _post_args, _post_attention, _post_pre, _pre_args, _pre_attention,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def token_buckets(max_tokens: int, smallest: int = 16) -> list[int]:
+    """16, 32, 64, 128, 256, 384, 512, 768, 1024, ... (x1.5 / x2 steps), ending exactly at max_tokens."""
+    out, t = [], smallest
+    while t < max_tokens:
+        out.append(t)
+        if t >= 256 and t * 3 // 2 < max_tokens:
+            out.append(t * 3 // 2)
+        t *= 2
+    return out + [max_tokens]
+
+
+class PiecewiseGraphRunner:
+    def __init__(self, model, kv_pool: torch.Tensor, max_tokens: int, *, progress: bool = True,
+                 dynamic: bool | str = True):
+        self.model = model
+        self.kv_pool = kv_pool
+        self.buckets = token_buckets(max_tokens)
+        self.max_tokens = self.buckets[-1]
+        cfg = model.config
+        dev, dtype = kv_pool.device, model.embed_tokens.weight.dtype
+        n = self.max_tokens
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.x = torch.zeros(n, cfg.hidden_size, dtype=dtype, device=dev)
+        self.q = torch.zeros(n, cfg.num_heads, cfg.head_dim, dtype=dtype, device=dev)
+        self.k = torch.zeros(n, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=dev)
+        self.v = torch.zeros(n, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=dev)
+        self.attn = torch.zeros(n, cfg.num_heads, cfg.head_dim, dtype=dtype, device=dev)
+        self.out = torch.zeros(n, cfg.hidden_size, dtype=dtype, device=dev)
+        self.pre = _compiled("pre", _pre_attention, dynamic)
+        self.post = _compiled("post", _post_attention, dynamic)
+        self.post_pre = _compiled("post_pre", _post_pre, dynamic)
+        self.norm = _compiled("norm", _final_norm, dynamic)
+        self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
+        self.capture_s = 0.0
+        self._capture(progress)
+
+    # ----------------------------------------------------------------- the pieces (static buffers)
+    def _first(self, T: int) -> None:
+        m = self.model
+        x = m.embed_tokens(self.input_ids[:T])
+        q, k, v = self.pre(x, self.positions[:T], m.rotary.cos_sin, *_pre_args(m.layers[0]))
+        self.x[:T].copy_(x)
+        self.q[:T].copy_(q)
+        self.k[:T].copy_(k)
+        self.v[:T].copy_(v)
+
+    def _middle(self, T: int, i: int) -> None:
+        """Layer i-1's post-attention work fused with layer i's pre-attention work."""
+        m = self.model
+        x, q, k, v = self.post_pre(self.x[:T], self.attn[:T], *_post_args(m.layers[i - 1]), self.positions[:T],
+                                   m.rotary.cos_sin, *_pre_args(m.layers[i]))
+        self.x[:T].copy_(x)
+        self.q[:T].copy_(q)
+        self.k[:T].copy_(k)
+        self.v[:T].copy_(v)
+
+    def _last(self, T: int) -> None:
+        m = self.model
+        x = self.post(self.x[:T], self.attn[:T], *_post_args(m.layers[-1]))
+        self.out[:T].copy_(self.norm(x, m.norm.weight, m.norm.eps))
+
+    def _pieces(self, T: int):
+        L = len(self.model.layers)
+        return [lambda: self._first(T)] + [lambda i=i: self._middle(T, i) for i in range(1, L)] + [lambda: self._last(T)]
+
+    @torch.inference_mode()
+    def _capture(self, progress: bool) -> None:
+        from tqdm import tqdm
+
+        t0 = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        for T in tqdm(sorted(self.buckets, reverse=True), desc="capturing prefill/mixed CUDA graphs",
+                      disable=not progress, leave=False):
+            pieces = self._pieces(T)
+            for piece in pieces:  # compile/warm up for this shape outside the capture
+                piece()
+            torch.cuda.synchronize()
+            graphs = []
+            for piece in pieces:
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool):
+                    piece()
+                graphs.append(g)
+            self.graphs[T] = graphs
+        torch.cuda.synchronize()
+        self.capture_s = time.perf_counter() - t0
+        logger.info("captured %d piecewise CUDA graphs (%d token buckets up to %d) in %.1fs",
+                    sum(len(g) for g in self.graphs.values()), len(self.buckets), self.max_tokens, self.capture_s)
+
+    # ----------------------------------------------------------------- running
+    def can_run(self, meta: AttentionMetadata, num_tokens: int) -> bool:
+        return meta.num_prefills > 0 and num_tokens <= self.max_tokens
+
+    @torch.inference_mode()
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Prefill or mixed batch -> hidden [T, hidden] (a view of a static buffer, valid until the next run)."""
+        T = input_ids.shape[0]
+        b = self.buckets[bisect.bisect_left(self.buckets, T)]
+        self.input_ids[:T].copy_(input_ids, non_blocking=True)
+        self.positions[:T].copy_(positions, non_blocking=True)
+        graphs = self.graphs[b]
+        graphs[0].replay()
+        for i, layer in enumerate(self.model.layers):
+            a = layer.self_attn
+            out = a.backend.forward(self.q[:T], self.k[:T], self.v[:T], self.kv_pool[a.layer_idx], meta)
+            self.attn[:T].copy_(out)
+            graphs[i + 1].replay()
+        return self.out[:T]
