@@ -2,7 +2,7 @@
 # One device call: install carried wheels, run the GPU tests, then the engine-level GPU benchmarks.
 #   bash bench/gpu_session.sh STAGE...   (stages: tests frontier-hybrid frontier-rapid offline)
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+[ -d /tmp/site/msgspec ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
@@ -11,14 +11,14 @@ BATCHES=${BATCHES:-16,64}
 for stage in "$@"; do
   echo "=== $stage $(date +%T)"
   case $stage in
-    tests) python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_rapid.py tests/test_gpu_attention.py 2>&1 | tail -25 ;;
+    tests) python3 -m pytest -q -p no:cacheprovider tests/test_gpu_rapid.py tests/test_gpu_attention.py 2>&1 | tail -40 ;;
     frontier-hybrid) python3 -m rapid.cli --log-level INFO bench frontier --model /tmp/llama8b --mode hybrid \
         --load-format dummy --chunks ${CHUNKS:-256,512,1024,2048,4096} --batches $BATCHES --ctx 1024 \
-        --prefill-len 2048 --window-s ${WINDOW:-2} --max-model-len 4096 --output-json $OUT/frontier-hybrid.json 2>&1 | grep -v "it/s" | tail -30 ;;
+        --prefill-len 2048 --window-s ${WINDOW:-2} --max-model-len 4096 --output-json $OUT/frontier-hybrid.json 2>&1 | grep --line-buffered -v "it/s" ;;
     frontier-rapid) python3 -m rapid.cli --log-level INFO bench frontier --model /tmp/llama8b --mode rapid \
         --load-format dummy --splits ${SPLITS:-50/50,60/40,70/30,80/40,100/100} --batches $BATCHES --ctx 1024 \
-        --prefill-len 2048 --window-s ${WINDOW:-2} --max-model-len 4096 --output-json $OUT/frontier-rapid.json 2>&1 | grep -v "it/s" | tail -30 ;;
+        --prefill-len 2048 --window-s ${WINDOW:-2} --max-model-len 4096 --output-json $OUT/frontier-rapid.json 2>&1 | grep --line-buffered -v "it/s" ;;
     offline) for mode in hybrid rapid; do python3 -m rapid.cli bench offline --model /tmp/llama8b --mode $mode \
-        --load-format dummy --skip-tokenizer-init --max-model-len 4096 --num-seqs ${NUM_SEQS:-256} --output-json $OUT/offline-$mode.json 2>&1 | grep -v "it/s" | tail -3; done ;;
+        --load-format dummy --skip-tokenizer-init --max-model-len 4096 --num-seqs ${NUM_SEQS:-256} --output-json $OUT/offline-$mode.json 2>&1 | grep --line-buffered -v "it/s" | tail -5; done ;;
   esac
 done

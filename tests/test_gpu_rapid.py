@@ -48,7 +48,9 @@ def _handoff(sync: bool) -> float:
     proc.stdin.write(msgspec.msgpack.encode(arena.handle))
     proc.stdin.close()
     line = proc.stdout.readline().strip()
-    assert line == b"done", proc.stderr.read().decode()[-3000:]
+    if line != b"done":
+        proc.wait(timeout=30)
+        raise AssertionError(f"writer exited with {proc.returncode}: {proc.stderr.read().decode()[-3000:]}")
     seen = x[-1].item()  # what the decode side reads right after the hand-off message
     proc.wait(timeout=30)
     arena.close()

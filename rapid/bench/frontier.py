@@ -119,7 +119,7 @@ def run_frontier(model: str, mode: str, settings: list, batches: list[int], ctx:
                     llm._client.core.scheduler.set_token_budget(b + c)
                     point = measure_point(llm, b, ctx, prefill_len, window_s, seed=len(results))
                     results.append({"mode": "hybrid", "chunk": c, **point})
-                    print(json.dumps(results[-1]), flush=True)
+                    _emit(results, out_path)
     else:
         for p, d in settings:
             with LLM(model, mode="rapid", max_num_batched_tokens=prefill_len, prefill_sm_percentage=p,
@@ -127,8 +127,13 @@ def run_frontier(model: str, mode: str, settings: list, batches: list[int], ctx:
                 for b in batches:
                     point = measure_point(llm, b, ctx, prefill_len, window_s, seed=len(results))
                     results.append({"mode": "rapid", "split": f"{p}/{d}", **point})
-                    print(json.dumps(results[-1]), flush=True)
+                    _emit(results, out_path)
+    return results
+
+
+def _emit(results: list[dict], out_path: str | None) -> None:
+    """Print the newest point and rewrite the JSON file (a run cut short keeps what it measured)."""
+    print(json.dumps(results[-1]), flush=True)
     if out_path:
         Path(out_path).parent.mkdir(parents=True, exist_ok=True)
         Path(out_path).write_text(json.dumps(results, indent=1))
-    return results

@@ -112,6 +112,7 @@ class PiecewiseGraphRunner:
                     piece()
                 graphs.append(g)
             self.graphs[T] = graphs
+            logger.info("piecewise graphs for %d tokens captured (%.1fs so far)", T, time.perf_counter() - t0)
         torch.cuda.synchronize()
         self.capture_s = time.perf_counter() - t0
         logger.info("captured %d piecewise CUDA graphs (%d token buckets up to %d) in %.1fs",
