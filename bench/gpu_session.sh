@@ -11,7 +11,7 @@ BATCHES=${BATCHES:-16,64}
 for stage in "$@"; do
   echo "=== $stage $(date +%T)"
   case $stage in
-    tests) python3 -m pytest -q -p no:cacheprovider tests/test_gpu_rapid.py tests/test_gpu_attention.py 2>&1 | tail -40 ;;
+    tests) python3 -m pytest -q -p no:cacheprovider --durations=10 tests/test_gpu_rapid.py tests/test_gpu_attention.py > $OUT/gpu-tests.log 2>&1; tail -30 $OUT/gpu-tests.log ;;
     frontier-hybrid) python3 -m rapid.cli --log-level INFO bench frontier --model /tmp/llama8b --mode hybrid \
         --load-format dummy --chunks ${CHUNKS:-256,512,1024,2048,4096} --batches $BATCHES --ctx 1024 \
         --prefill-len 2048 --window-s ${WINDOW:-2} --max-model-len 4096 --output-json $OUT/frontier-hybrid.json 2>&1 | grep --line-buffered -v "it/s" ;;
