@@ -18,6 +18,11 @@ for stage in "$@"; do
     frontier-rapid) python3 -m rapid.cli --log-level INFO bench frontier --model /tmp/llama8b --mode rapid \
         --load-format dummy --splits ${SPLITS:-50/50,60/40,70/30,80/40,100/100} --batches $BATCHES --ctx 1024 \
         --prefill-len 2048 --window-s ${WINDOW:-2} --max-model-len 4096 --output-json $OUT/frontier-rapid.json 2>&1 | grep --line-buffered -v "it/s" ;;
+    serve) python3 -m rapid.cli bench serve --model /tmp/llama8b --load-format dummy --skip-tokenizer-init \
+        --max-model-len 4096 --max-num-batched-tokens 2048 --prefill-sm-percentage ${PREFILL_PCT:-60} \
+        --decode-sm-percentage ${DECODE_PCT:-40} --modes ${MODES:-hybrid,rapid} --dataset-name sharegpt-like \
+        --num-prompts ${NUM_PROMPTS:-80} --request-rates ${RATES:-4,8,16} --max-tokens-cap ${CAP:-512} \
+        --goodput ttft:1000 tpot:50 --result-dir $OUT/serve 2>&1 | grep --line-buffered -v "it/s\]" ;;
     offline) for mode in hybrid rapid; do python3 -m rapid.cli bench offline --model /tmp/llama8b --mode $mode \
         --load-format dummy --skip-tokenizer-init --max-model-len 4096 --num-seqs ${NUM_SEQS:-256} --output-json $OUT/offline-$mode.json 2>&1 | grep --line-buffered -v "it/s" | tail -5; done ;;
   esac

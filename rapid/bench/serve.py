@@ -136,7 +136,8 @@ def run_serve(args) -> dict:
                 metrics = compute_metrics(records, duration, slos or None)
                 if slos:
                     metrics["slo_attainment"] = slo_attainment(records, slos.get("ttft"), slos.get("tpot"))
-                per_rate.append({"request_rate": rate, **metrics})
+                per_rate.append({"request_rate": rate, **metrics,
+                                 "records": [[r.prompt_len, r.output_len, r.ttft, r.latency, r.success] for r in records]})
                 print(f"{mode} rate={rate}: {metrics['completed']} done, TTFT p50 {metrics['median_ttft_ms']:.1f} ms, "
                       f"TPOT p50 {metrics['median_tpot_ms']:.1f} ms, attainment {metrics.get('slo_attainment', float('nan')):.2f}")
         entry = {"per_rate": per_rate, "num_gpus": GPUS_PER_MODE[mode]}

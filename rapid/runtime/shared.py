@@ -91,6 +91,7 @@ class SharedArena:
         if handle.kind != "cuda":
             raise ValueError(f"unknown arena kind {handle.kind!r}")
         args = list(handle.cuda_args)
+        torch.cuda.set_device(device)  # the raw IPC import does not initialise CUDA itself (segfaults if not)
         storage = torch.UntypedStorage._new_shared_cuda(*args)
         buffer = torch.empty(0, dtype=torch.uint8, device=device).set_(storage, 0, (handle.nbytes,), (1,))
         return cls(buffer, handle, owner=False, storage=storage)
