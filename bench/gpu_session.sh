@@ -22,7 +22,7 @@ for stage in "$@"; do
         --max-model-len 4096 --max-num-batched-tokens 2048 --prefill-sm-percentage ${PREFILL_PCT:-60} \
         --decode-sm-percentage ${DECODE_PCT:-40} --modes ${MODES:-hybrid,rapid} --dataset-name sharegpt-like \
         --num-prompts ${NUM_PROMPTS:-80} --request-rates ${RATES:-4,8,16} --max-tokens-cap ${CAP:-512} \
-        --goodput ttft:1000 tpot:50 --result-dir $OUT/serve 2>&1 | grep --line-buffered -v "it/s\]" ;;
+        --goodput ttft:1000 tpot:50 --result-dir $OUT/serve-${MODES:-all} 2>&1 | tr '\r' '\n' | grep --line-buffered -v "it/s\]" ;;
     offline) for mode in hybrid rapid; do python3 -m rapid.cli bench offline --model /tmp/llama8b --mode $mode \
         --load-format dummy --skip-tokenizer-init --max-model-len 4096 --num-seqs ${NUM_SEQS:-256} --output-json $OUT/offline-$mode.json 2>&1 | grep --line-buffered -v "it/s" | tail -5; done ;;
   esac

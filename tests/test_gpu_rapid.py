@@ -28,13 +28,14 @@ WRITER = textwrap.dedent("""
     x.fill_(7.0)                                 # the KV write the reader must not miss
     if sys.argv[1] == "sync":
         _sync(dev)                               # what the prefill worker does before PrefillDone
-    print("done", flush=True)                    # the hand-off message
+    complete = torch.cuda.current_stream(dev).query()  # are the writes finished at hand-off time?
+    print("done", int(complete), flush=True)     # the hand-off message
     sys.stdin.close()
     import time; time.sleep(3)                   # stay alive (the importer must not vanish mid-read)
 """)
 
 
-def _handoff(sync: bool) -> float:
+def _handoff(sync: bool) -> tuple[bool, float]:
     from rapid.runtime.shared import SharedArena
 
     dev = torch.device("cuda", 0)
@@ -47,23 +48,26 @@ def _handoff(sync: bool) -> float:
                             env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
     proc.stdin.write(msgspec.msgpack.encode(arena.handle))
     proc.stdin.close()
-    line = proc.stdout.readline().strip()
-    if line != b"done":
+    line = proc.stdout.readline().split()
+    if not line or line[0] != b"done":
         proc.wait(timeout=30)
         raise AssertionError(f"writer exited with {proc.returncode}: {proc.stderr.read().decode()[-3000:]}")
     seen = x[-1].item()  # what the decode side reads right after the hand-off message
     proc.wait(timeout=30)
     arena.close()
-    return seen
+    return bool(int(line[1])), seen
 
 
 def test_handoff_sync_makes_delayed_writes_visible():
-    assert _handoff(sync=True) == 7.0
+    complete, seen = _handoff(sync=True)
+    assert complete and seen == 7.0
 
 
-def test_handoff_without_sync_reads_stale_kv():
-    # Control: with the synchronisation removed, the reader sees the old value (the test above would fail).
-    assert _handoff(sync=False) == 0.0
+def test_handoff_without_sync_is_not_complete_at_message_time():
+    # Control: without the synchronisation the hand-off message goes out while the delayed KV write is
+    # still queued, so a reader on another stream/process could read stale KV: the test above would fail.
+    complete, _ = _handoff(sync=False)
+    assert not complete
 
 
 def test_expandable_segments_refused(tiny_llama, monkeypatch):

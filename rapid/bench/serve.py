@@ -138,7 +138,9 @@ def run_serve(args) -> dict:
                     metrics["slo_attainment"] = slo_attainment(records, slos.get("ttft"), slos.get("tpot"))
                 per_rate.append({"request_rate": rate, **metrics,
                                  "records": [[r.prompt_len, r.output_len, r.ttft, r.latency, r.success] for r in records]})
-                print(f"{mode} rate={rate}: {metrics['completed']} done, TTFT p50 {metrics['median_ttft_ms']:.1f} ms, "
+                summary["modes"][mode] = {"per_rate": per_rate, "num_gpus": GPUS_PER_MODE[mode]}
+                (out_dir / "serve.json").write_text(json.dumps(summary, indent=1, default=_json_default))
+                tqdm.write(f"{mode} rate={rate}: {metrics['completed']} done, TTFT p50 {metrics['median_ttft_ms']:.1f} ms, "
                       f"TPOT p50 {metrics['median_tpot_ms']:.1f} ms, attainment {metrics.get('slo_attainment', float('nan')):.2f}")
         entry = {"per_rate": per_rate, "num_gpus": GPUS_PER_MODE[mode]}
         finite = [(p["request_rate"], p["slo_attainment"]) for p in per_rate if slos and math.isfinite(p["request_rate"])]

@@ -56,7 +56,18 @@ class InprocClient(EngineClient):
         return self.core.stats()
 
     def shutdown(self) -> None:
+        """Drop the engine and give its GPU memory back (weights, KV pool, graph pools)."""
+        if self.core is None:
+            return
+        device = self.core.device
         self.core = None
+        import gc
+
+        gc.collect()
+        if device.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
 
 
 def make_client(config: EngineConfig, tokenizer, eos_token_ids) -> EngineClient:
