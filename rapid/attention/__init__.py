@@ -25,11 +25,5 @@ def select_backend(name: str, model_cfg, device: torch.device):
 
         return TritonAttention(*args)
     if name == "flashinfer":
-        try:
-            import flashinfer  # noqa: F401
-        except ImportError as e:
-            raise ValueError("attention_backend 'flashinfer' needs `pip install flashinfer-python`") from e
-        from rapid.attention.flashinfer_backend import FlashInferAttention
-
-        return FlashInferAttention(*args)
+        raise ValueError("attention_backend 'flashinfer' is not implemented yet; use 'triton' (the default on CUDA)")
     raise ValueError(f"unknown attention_backend {name!r}; supported: auto, reference, triton, flashinfer")
