@@ -28,7 +28,7 @@ from rapid.runtime import ipc
 from rapid.runtime.block_manager import BlockManager
 from rapid.runtime.output_processor import OutputProcessor
 from rapid.runtime.request import Request
-from rapid.runtime.scheduler import check_fits
+from rapid.runtime.scheduler import check_fits, reserve_chunk
 from rapid.runtime.workers import WorkerArgs, _child_setup, decode_args
 
 logger = logging.getLogger(__name__)
@@ -131,13 +131,8 @@ class RapidCore:
         max_seqs = self.config.scheduler.max_num_seqs
         while self.waiting and budget > 0 and len(self.requests) - len(self.waiting) < max_seqs:
             req = self.waiting[0]
-            if not req.block_ids and req.num_computed_tokens == 0:
-                cached = self.blocks.match_prefix(req)
-                req.num_computed_tokens = cached
-                if req.num_preemptions == 0:
-                    req.num_cached_tokens = cached
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self.blocks.allocate(req, req.num_computed_tokens + n):
+            n = reserve_chunk(req, self.blocks, budget)
+            if n is None:
                 break
             self.waiting.popleft()
             self.prefilling.append(req)

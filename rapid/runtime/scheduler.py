@@ -55,6 +55,20 @@ def check_fits(req: Request, config: SchedulerConfig, blocks: BlockManager) -> N
         )
 
 
+def reserve_chunk(req: Request, blocks: BlockManager, budget: int) -> int | None:
+    """Admit the next prompt chunk of a waiting request: take prefix-cache hits on its first schedule,
+    then allocate blocks for up to `budget` new tokens. Returns the chunk size, or None (pool short)."""
+    if not req.block_ids and req.num_computed_tokens == 0:
+        cached = blocks.match_prefix(req)
+        req.num_computed_tokens = cached
+        if req.num_preemptions == 0:
+            req.num_cached_tokens = cached
+    n = min(req.num_tokens - req.num_computed_tokens, budget)
+    if not blocks.allocate(req, req.num_computed_tokens + n):
+        return None
+    return n
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
         self.config = config
@@ -135,13 +149,8 @@ class Scheduler:
         # 2. Waiting requests, first come first served, while the budget and the pool allow.
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not out.preempted:
             req = self.waiting[0]
-            if not req.block_ids and req.num_computed_tokens == 0:
-                cached = self.blocks.match_prefix(req)
-                req.num_computed_tokens = cached
-                if req.num_preemptions == 0:
-                    req.num_cached_tokens = cached
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self.blocks.allocate(req, req.num_computed_tokens + n):
+            n = reserve_chunk(req, self.blocks, budget)
+            if n is None:
                 break
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING

@@ -5,6 +5,7 @@ the engine core between steps.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -125,24 +126,45 @@ def _sync(device: torch.device) -> None:
         torch.cuda.current_stream(device).synchronize()
 
 
-# ------------------------------------------------------------------------------ prefill worker
-def prefill_main(raw_args: bytes) -> None:
+@contextlib.contextmanager
+def worker_process(raw_args: bytes, inbox_name: str, inbox_type, owner: bool):
+    """A worker's lifetime: sockets, the shared model, a ModelRunner with its graphs; all closed at exit.
+
+    Yields (args, shared model, runner, inbox, results channel, ready channel).
+    """
     args = decode_args(raw_args)
     _child_setup(args)
     import zmq
 
+    from rapid.compile import prepare_model
+
     ctx = zmq.Context()
-    inbox = ipc.Channel(ctx, zmq.PULL, args.endpoints["prefill_in"], bind=True, decode_type=PrefillInput)
+    inbox = ipc.Channel(ctx, zmq.PULL, args.endpoints[inbox_name], bind=True, decode_type=inbox_type)
     results = ipc.Channel(ctx, zmq.PUSH, args.endpoints["worker_out"], bind=False)
     ready = ipc.Channel(ctx, zmq.PUSH, args.endpoints["ready"], bind=False)
     shared = None
     try:
-        shared = SharedModel(args, owner=False)
-        from rapid.compile import prepare_model
-
-        graphs = prepare_model(shared.model, shared.kv_pool, args.config, decode_graphs=False, prefill_graphs=True)
+        shared = SharedModel(args, owner=owner)
+        # The owner decodes (whole-step decode graphs); the importer prefills (piecewise graphs).
+        graphs = prepare_model(shared.model, shared.kv_pool, args.config, decode_graphs=owner, prefill_graphs=not owner)
         runner = ModelRunner(shared.model, shared.kv_pool, args.config.cache.block_size, args.config.seed,
                              graph_runners=graphs, eos_token_ids=args.eos_token_ids)
+        yield args, shared, runner, inbox, results, ready
+    except Exception:
+        logger.exception("%s worker failed", args.name)
+        raise
+    finally:
+        if shared is not None:
+            shared.close()
+        for ch in (inbox, results, ready):
+            ch.close()
+        ctx.term()
+
+
+# ------------------------------------------------------------------------------ prefill worker
+def prefill_main(raw_args: bytes) -> None:
+    with worker_process(raw_args, "prefill_in", PrefillInput, owner=False) as (args, shared, runner, inbox, results,
+                                                                                   ready):
         ready.send(WorkerReady(args.name, os.getpid()))
         while True:
             msg = inbox.recv(timeout_ms=1000)
@@ -155,15 +177,6 @@ def prefill_main(raw_args: bytes) -> None:
                 sampled = runner.execute(msg.work)
                 _sync(shared.device)
                 results.send(PrefillDone(msg.batch_id, sampled, t0, time.time()))
-    except Exception:
-        logger.exception("prefill worker failed")
-        raise
-    finally:
-        if shared is not None:
-            shared.close()
-        for ch in (inbox, results, ready):
-            ch.close()
-        ctx.term()
 
 
 # ------------------------------------------------------------------------------ decode worker
@@ -226,22 +239,8 @@ class DecodeLoop:
 
 
 def decode_main(raw_args: bytes) -> None:
-    args = decode_args(raw_args)
-    _child_setup(args)
-    import zmq
-
-    ctx = zmq.Context()
-    inbox = ipc.Channel(ctx, zmq.PULL, args.endpoints["decode_in"], bind=True, decode_type=DecodeInput)
-    results = ipc.Channel(ctx, zmq.PUSH, args.endpoints["worker_out"], bind=False)
-    ready = ipc.Channel(ctx, zmq.PUSH, args.endpoints["ready"], bind=False)
-    shared = None
-    try:
-        shared = SharedModel(args, owner=True)
-        from rapid.compile import prepare_model
-
-        graphs = prepare_model(shared.model, shared.kv_pool, args.config, decode_graphs=True, prefill_graphs=False)
-        runner = ModelRunner(shared.model, shared.kv_pool, args.config.cache.block_size, args.config.seed,
-                             graph_runners=graphs, eos_token_ids=args.eos_token_ids)
+    with worker_process(raw_args, "decode_in", DecodeInput, owner=True) as (args, shared, runner, inbox, results,
+                                                                                 ready):
         loop = DecodeLoop(runner, args.config, args.eos_token_ids)
         ready.send(WorkerReady(args.name, os.getpid(), arena=shared.arena.handle, num_blocks=shared.num_blocks))
         while True:
@@ -259,13 +258,4 @@ def decode_main(raw_args: bytes) -> None:
                 loop.last_step_end = None  # idle by lack of work, not host overhead
                 continue
             results.send(loop.step(batch[: args.config.scheduler.max_num_seqs]))
-    except Exception:
-        logger.exception("decode worker failed")
-        raise
-    finally:
-        if shared is not None:
-            shared.close()
-        for ch in (inbox, results, ready):
-            ch.close()
-        ctx.term()
 
