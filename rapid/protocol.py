@@ -131,6 +131,7 @@ class StartDecode(msgspec.Struct, tag=True):
     block_ids: list[int]
     params: SamplingParams
     prefill_end: float = 0.0
+    src_block_ids: list[int] = []  # disagg: the KV is in these prefill-pool blocks; copy it into block_ids
 
 
 class GrantBlocks(msgspec.Struct, tag=True):
@@ -140,6 +141,12 @@ class GrantBlocks(msgspec.Struct, tag=True):
 
 class StopDecode(msgspec.Struct, tag=True):
     """Drop these requests (abort, stop string, preemption); answered by Dropped."""
+
+    request_ids: list[str]
+
+
+class Transferred(msgspec.Struct, tag=True):
+    """disagg: the decode worker copied these requests' KV out of the prefill pool."""
 
     request_ids: list[str]
 
@@ -161,7 +168,7 @@ class DecodeStep(msgspec.Struct, tag=True):
 
 CoreInput = AddRequest | AbortRequest | Shutdown | GetStats
 CoreOutput = EngineOutputs | EngineDead | Stats | WorkerReady
-WorkerResult = PrefillDone | DecodeStep | Dropped | WorkerReady
+WorkerResult = PrefillDone | DecodeStep | Dropped | Transferred | WorkerReady
 PrefillInput = PrefillBatch | Shutdown
 DecodeInput = StartDecode | GrantBlocks | StopDecode | Shutdown
 

@@ -73,8 +73,6 @@ class InprocClient(EngineClient):
 def make_client(config: EngineConfig, tokenizer, eos_token_ids) -> EngineClient:
     if config.mode == "hybrid":
         return InprocClient(config, tokenizer, eos_token_ids)
-    if config.mode == "rapid":
-        from rapid.runtime.mp_client import RapidClient
+    from rapid.runtime.mp_client import RapidClient  # rapid and disagg: the same processes and protocol
 
-        return RapidClient(config, tokenizer, eos_token_ids)
-    raise ValueError("mode 'disagg' (prefill and decode on two GPUs) is not implemented yet; use 'hybrid' or 'rapid'")
+    return RapidClient(config, tokenizer, eos_token_ids)

@@ -72,6 +72,7 @@ class RapidClient(EngineClient):
         self.out = ipc.Channel(self.ctx, zmq.PULL, self.endpoints["core_out"], bind=True, decode_type=CoreOutput)
         self.inp = None
         try:
+            self.devices = self._devices()
             self._start()
         except BaseException:
             self.shutdown()
@@ -83,12 +84,12 @@ class RapidClient(EngineClient):
 
         return worker_env(self.config, role)
 
-    def _spawn(self, name: str, arena=None, num_blocks: int = 0) -> ChildProcess:
+    def _spawn(self, name: str, arena=None, num_blocks: int = 0, peer_num_blocks: int = 0) -> ChildProcess:
         log_path = f"{self.dir}/{name}.log"
         args = WorkerArgs(name=name, config=self.config, endpoints=self.endpoints, log_path=log_path,
                           log_level=logging.getLogger("rapid").getEffectiveLevel() or logging.INFO,
                           eos_token_ids=self.eos_token_ids, env=self._env_for(name), arena=arena,
-                          num_blocks=num_blocks)
+                          num_blocks=num_blocks, device=self.devices.get(name), peer_num_blocks=peer_num_blocks)
         with open(log_path, "ab") as log:
             proc = subprocess.Popen([sys.executable, "-m", "rapid.runtime.child", name], stdin=subprocess.PIPE,
                                     stdout=log, stderr=subprocess.STDOUT, close_fds=True)
@@ -129,13 +130,21 @@ class RapidClient(EngineClient):
             check_no_expandable_segments()
         self.mps = MpsDaemon.for_config(self.config)
         t0 = time.perf_counter()
-        decode = self._wait_ready(self._spawn("decode"))["decode"]
-        if decode.arena is not None and decode.arena.kind == "shm":
-            self.shm_names.append(decode.arena.shm_name)
-        # The importers start together once the owner has published the arena.
-        self._wait_ready(self._spawn("prefill", arena=decode.arena, num_blocks=decode.num_blocks),
-                         self._spawn("core", num_blocks=decode.num_blocks))
-        self.num_blocks = decode.num_blocks
+        if self.config.mode == "rapid":
+            # The decode worker owns the one arena; the importers start once it is published.
+            decode = self._wait_ready(self._spawn("decode"))["decode"]
+            self._track_arena(decode)
+            self._wait_ready(self._spawn("prefill", arena=decode.arena, num_blocks=decode.num_blocks),
+                             self._spawn("core", num_blocks=decode.num_blocks))
+            self.num_blocks = decode.num_blocks
+        else:
+            # disagg: each worker owns its arena; the decode worker maps the prefill pool to copy KV out.
+            prefill = self._wait_ready(self._spawn("prefill"))["prefill"]
+            self._track_arena(prefill)
+            decode = self._wait_ready(self._spawn("decode", arena=prefill.arena, num_blocks=prefill.num_blocks))["decode"]
+            self._wait_ready(self._spawn("core", num_blocks=prefill.num_blocks, peer_num_blocks=decode.num_blocks))
+            self._track_arena(decode)
+            self.num_blocks = min(prefill.num_blocks, decode.num_blocks)
         self.inp = ipc.Channel(self.ctx, zmq.PUSH, self.endpoints["core_in"], bind=False)
         # Direct lines to the workers, only for shutdown (they normally listen to the core).
         self.worker_lines = {n: ipc.Channel(self.ctx, zmq.PUSH, self.endpoints[f"{n}_in"], bind=False)
@@ -144,6 +153,26 @@ class RapidClient(EngineClient):
             self.mps.check_clients([c.process.pid for c in self.children if c.name in ("decode", "prefill")])
         logger.info("rapid engine ready in %.1fs (%d KV blocks; sockets in %s)", time.perf_counter() - t0,
                     self.num_blocks, self.dir)
+
+    def _track_arena(self, ready: WorkerReady) -> None:
+        """Remember a /dev/shm segment so that it is removed even if its owner gets killed."""
+        if ready.arena is not None and ready.arena.kind == "shm":
+            self.shm_names.append(ready.arena.shm_name)
+
+    def _devices(self) -> dict[str, str]:
+        """disagg on CUDA: prefill on GPU 0, decode on GPU 1."""
+        if self.config.mode != "disagg":
+            return {}
+        from rapid.runtime.mps import _uses_cuda
+
+        if not _uses_cuda(self.config):
+            return {}
+        import torch
+
+        if torch.cuda.device_count() < 2:
+            raise ValueError(f"mode 'disagg' needs two GPUs (prefill on one, decode on the other); "
+                             f"torch sees {torch.cuda.device_count()}")
+        return {"prefill": "cuda:0", "decode": "cuda:1"}
 
     # ------------------------------------------------------------------ EngineClient
     def _check_alive(self) -> None:
@@ -221,7 +250,9 @@ class RapidClient(EngineClient):
 
         graceful=False (a process already died, the engine is dead): SIGTERM at once, no handshake.
         """
-        for stage in (("prefill", "core"), ("decode",)):
+        # rapid: the decode worker owns the arena; disagg: the decode worker maps the prefill worker's.
+        stages = (("prefill", "core"), ("decode",)) if self.config.mode == "rapid" else (("decode", "core"), ("prefill",))
+        for stage in stages:
             group = [c for c in self.children if c.name in stage]
             for child in group:
                 if child.alive() and graceful:

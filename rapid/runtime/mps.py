@@ -32,7 +32,7 @@ def _uses_cuda(config: EngineConfig) -> bool:
 
 def worker_env(config: EngineConfig, role: str, pipe_dir: str | None = None) -> dict[str, str]:
     """Environment a child process starts with: its MPS thread percentage (set before CUDA starts)."""
-    if not _uses_cuda(config) or not config.rapid.use_mps or role not in ("prefill", "decode"):
+    if config.mode != "rapid" or not _uses_cuda(config) or not config.rapid.use_mps or role not in ("prefill", "decode"):
         return {}
     pct = config.rapid.prefill_sm_percentage if role == "prefill" else config.rapid.decode_sm_percentage
     env = {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(pct)}
@@ -61,7 +61,7 @@ class MpsDaemon:
 
     @classmethod
     def for_config(cls, config: EngineConfig) -> "MpsDaemon | None":
-        if not _uses_cuda(config):
+        if config.mode != "rapid" or not _uses_cuda(config):
             return None
         if not config.rapid.use_mps:
             warnings.warn("mode 'rapid' without MPS: the two workers only time-slice the GPU (no real "

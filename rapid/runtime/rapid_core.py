@@ -10,6 +10,7 @@ finished DecodeStep for decode).
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 import itertools
 import logging
 import os
@@ -21,7 +22,8 @@ import zmq
 from rapid.config import EngineConfig
 from rapid.protocol import (
     AbortRequest, AddRequest, CoreInput, DecodeStep, Dropped, EngineOutputs, GetStats, GrantBlocks, PrefillBatch,
-    PrefillDone, RequestDelta, SampledToken, SeqWork, Shutdown, StartDecode, Stats, StopDecode, WorkerReady,
+    PrefillDone, RequestDelta, SampledToken, SeqWork, Shutdown, StartDecode, Stats, StopDecode, Transferred,
+    WorkerReady,
     WorkerResult,
 )
 from rapid.runtime import ipc
@@ -35,6 +37,14 @@ logger = logging.getLogger(__name__)
 STATS_WINDOW = 4096
 
 
+@dataclass
+class _Blocks:
+    """Blocks held on behalf of a request (the BlockManager.free interface)."""
+
+    request_id: str
+    block_ids: list[int]
+
+
 class Phase(enum.Enum):
     WAITING = 0
     PREFILLING = 1
@@ -43,10 +53,17 @@ class Phase(enum.Enum):
 
 
 class RapidCore:
-    def __init__(self, config: EngineConfig, num_blocks: int, tokenizer, eos_token_ids, send_prefill, send_decode):
+    def __init__(self, config: EngineConfig, num_blocks: int, tokenizer, eos_token_ids, send_prefill, send_decode,
+                 num_decode_blocks: int = 0):
         self.config = config
         self.eos_token_ids = tuple(eos_token_ids)
+        # rapid: one pool shared by both workers. disagg: `blocks` is the prefill GPU's pool and
+        # `decode_blocks` the decode GPU's; a hand-off copies the KV from the first to the second.
         self.blocks = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.disagg = config.mode == "disagg"
+        self.decode_blocks = (BlockManager(num_decode_blocks, config.cache.block_size, enable_prefix_caching=False)
+                              if self.disagg else self.blocks)
+        self.transfers: dict[str, _Blocks] = {}  # disagg: prefill blocks held until the decode worker copied them
         self.outputs = OutputProcessor(tokenizer)
         self.send_prefill, self.send_decode = send_prefill, send_decode
         self.requests: dict[str, Request] = {}
@@ -65,7 +82,7 @@ class RapidCore:
         req = Request(msg.request_id, list(msg.prompt_token_ids), msg.params, self.eos_token_ids,
                       arrival_time=msg.arrival_time or time.time())
         try:
-            check_fits(req, self.config.scheduler, self.blocks)
+            check_fits(req, self.config.scheduler, min(self.blocks, self.decode_blocks, key=lambda b: b.num_blocks))
             if msg.request_id in self.requests:
                 raise ValueError(f"request id {msg.request_id!r} is already in use")
         except ValueError as e:  # the frontend checks first; this is the backstop
@@ -104,8 +121,14 @@ class RapidCore:
                 return
         self._release(req)
 
+    def _pool(self, req: Request) -> BlockManager:
+        """The pool that holds the request's blocks now (decode pool once handed off, in disagg)."""
+        if self.disagg and self.phase.get(req.request_id) in (Phase.DECODING, Phase.STOPPING):
+            return self.decode_blocks
+        return self.blocks
+
     def _release(self, req: Request) -> None:
-        self.blocks.free(req)
+        self._pool(req).free(req)
         self.requests.pop(req.request_id, None)
         self.phase.pop(req.request_id, None)
         self.outputs.drop(req.request_id)
@@ -181,12 +204,28 @@ class RapidCore:
     def _hand_off(self, req: Request, prefill_end: float) -> None:
         lookahead = self.config.rapid.decode_lookahead_blocks * self.blocks.block_size
         want = min(req.num_tokens + lookahead, req.max_total_tokens, self.config.scheduler.max_model_len)
-        if not self.blocks.allocate(req, want) and not self.blocks.allocate(req, req.num_tokens):
+        src: list[int] = []
+        if self.disagg:  # the KV moves: decode-pool blocks for it, prefill blocks kept until copied
+            src, req.block_ids = req.block_ids, []
+        pool = self.decode_blocks
+        if not pool.allocate(req, want) and not pool.allocate(req, req.num_tokens):
+            if self.disagg:
+                pool.free(req)
+                req.block_ids = src
             self._preempt(req)  # not even room for its next token: recompute later
             return
+        if self.disagg:
+            self.transfers[req.request_id] = _Blocks(req.request_id, src)
         self.phase[req.request_id] = Phase.DECODING
         self.send_decode(StartDecode(req.request_id, req.prompt_token_ids, list(req.output_token_ids),
-                                     list(req.block_ids), req.params, prefill_end))
+                                     list(req.block_ids), req.params, prefill_end, src_block_ids=src))
+
+    def on_transferred(self, msg: Transferred) -> None:
+        """disagg: the decode worker copied these requests' KV; their prefill-pool blocks are free again."""
+        for rid in msg.request_ids:
+            held = self.transfers.pop(rid, None)
+            if held is not None:
+                self.blocks.free(held)
 
     def on_decode_step(self, msg: DecodeStep) -> None:
         self._record(self.stats.decode_intervals, (msg.t_start, msg.t_end))
@@ -241,17 +280,17 @@ class RapidCore:
     # ------------------------------------------------------------------ blocks for decoding requests
     def _grant_blocks(self) -> None:
         """Keep every decoding request `lookahead` blocks ahead; preempt the newest when the pool is short."""
-        lookahead = self.config.rapid.decode_lookahead_blocks * self.blocks.block_size
+        lookahead = self.config.rapid.decode_lookahead_blocks * self.decode_blocks.block_size
         decoding = [r for r in self.requests.values() if self.phase[r.request_id] == Phase.DECODING]
         for req in decoding:
             if self.phase[req.request_id] != Phase.DECODING:
                 continue
             want = min(req.num_tokens + lookahead, req.max_total_tokens, self.config.scheduler.max_model_len)
-            if self.blocks.blocks_needed(want) <= len(req.block_ids):
+            if self.decode_blocks.blocks_needed(want) <= len(req.block_ids):
                 continue
             before = len(req.block_ids)
-            while not self.blocks.allocate(req, want):
-                if self.blocks.blocks_needed(req.num_tokens + 1) <= len(req.block_ids):
+            while not self.decode_blocks.allocate(req, want):
+                if self.decode_blocks.blocks_needed(req.num_tokens + 1) <= len(req.block_ids):
                     break  # has room for the next token; retry the lookahead later
                 # Preempt the newest decoding request, which may be this one.
                 # Its blocks return on Dropped (the worker may be mid-step): retry then, one victim at a time.
@@ -274,7 +313,7 @@ class RapidCore:
 
     def _requeue(self, req: Request) -> None:
         """Preemption by recompute: free the blocks, queue the request first, prompt + outputs so far."""
-        self.blocks.free(req)
+        self._pool(req).free(req)
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.phase[req.request_id] = Phase.WAITING
@@ -288,7 +327,10 @@ class RapidCore:
 
     def snapshot_stats(self) -> Stats:
         s = self.stats
-        s.num_free_blocks, s.num_blocks, s.num_requests = self.blocks.num_free_blocks, self.blocks.num_blocks, len(self.requests)
+        pools = [self.blocks] + ([self.decode_blocks] if self.disagg else [])
+        s.num_free_blocks = sum(p.num_free_blocks for p in pools)
+        s.num_blocks = sum(p.num_blocks for p in pools)
+        s.num_requests = len(self.requests) + len(self.transfers)
         return s
 
     def take_deltas(self) -> list[RequestDelta]:
@@ -310,7 +352,8 @@ def core_main(raw_args: bytes) -> None:
     ready = ipc.Channel(ctx, zmq.PUSH, args.endpoints["ready"], bind=False)
     try:
         tokenizer = load_tokenizer(args.config.tokenizer)
-        core = RapidCore(args.config, args.num_blocks, tokenizer, args.eos_token_ids, to_prefill.send, to_decode.send)
+        core = RapidCore(args.config, args.num_blocks, tokenizer, args.eos_token_ids, to_prefill.send, to_decode.send,
+                         num_decode_blocks=args.peer_num_blocks)
         ready.send(WorkerReady(args.name, os.getpid()))
         poller = zmq.Poller()
         poller.register(inbox.sock, zmq.POLLIN)
@@ -325,6 +368,8 @@ def core_main(raw_args: bytes) -> None:
                     core.on_decode_step(msg)
                 elif isinstance(msg, Dropped):
                     core.on_dropped(msg)
+                elif isinstance(msg, Transferred):
+                    core.on_transferred(msg)
             for msg in inbox.drain():
                 if isinstance(msg, AddRequest):
                     core.add_request(msg)

@@ -19,7 +19,7 @@ from rapid.model.config import ModelConfig
 from rapid.model.loader import build_model, parameter_specs, resolve_dtype
 from rapid.protocol import (
     DecodeInput, DecodeStep, Dropped, GrantBlocks, PrefillBatch, PrefillDone, PrefillInput, SampledToken, SeqWork,
-    Shutdown, StartDecode, StopDecode, WorkerReady,
+    Shutdown, StartDecode, StopDecode, Transferred, WorkerReady,
 )
 from rapid.runtime import ipc
 from rapid.runtime.loading import kv_block_bytes, make_attention_backend, num_kv_blocks, resolve_device
@@ -43,8 +43,10 @@ class WorkerArgs:
     log_level: int
     eos_token_ids: tuple[int, ...]
     env: dict[str, str]
-    arena: ArenaHandle | None = None
-    num_blocks: int = 0
+    arena: ArenaHandle | None = None  # the arena to map (rapid prefill worker) or the peer's (disagg decode)
+    num_blocks: int = 0  # blocks in that arena's KV pool
+    device: str | None = None  # this process's device (disagg: prefill cuda:0, decode cuda:1)
+    peer_num_blocks: int = 0  # core, disagg: blocks in the decode pool
 
 
 def encode_args(args: WorkerArgs) -> bytes:
@@ -70,7 +72,7 @@ class SharedModel:
 
     def __init__(self, args: WorkerArgs, owner: bool):
         config = args.config
-        self.device = resolve_device(config)
+        self.device = torch.device(args.device) if args.device else resolve_device(config)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         model_cfg = ModelConfig.from_folder(config.model)
@@ -126,10 +128,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.current_stream(device).synchronize()
 
 
+def open_peer_pool(args: WorkerArgs, device: torch.device) -> tuple[SharedArena, torch.Tensor]:
+    """disagg: map the prefill worker's arena and return its KV pool (the source of hand-off copies)."""
+    model_cfg = ModelConfig.from_folder(args.config.model)
+    dtype = resolve_dtype(args.config.dtype, device)
+    slots, _ = arena_layout(args.config, model_cfg, dtype, args.num_blocks)
+    arena = SharedArena.open(args.arena, device)
+    return arena, arena.view(slots["kv_pool"])
+
+
 @contextlib.contextmanager
-def worker_process(raw_args: bytes, inbox_name: str, inbox_type, owner: bool):
+def worker_process(raw_args: bytes, inbox_name: str, inbox_type, role: str):
     """A worker's lifetime: sockets, the shared model, a ModelRunner with its graphs; all closed at exit.
 
+    rapid: the decode worker owns the arena and the prefill worker maps it; disagg: each owns its own.
     Yields (args, shared model, runner, inbox, results channel, ready channel).
     """
     args = decode_args(raw_args)
@@ -144,9 +156,11 @@ def worker_process(raw_args: bytes, inbox_name: str, inbox_type, owner: bool):
     ready = ipc.Channel(ctx, zmq.PUSH, args.endpoints["ready"], bind=False)
     shared = None
     try:
+        owner = role == "decode" or args.config.mode == "disagg"
         shared = SharedModel(args, owner=owner)
-        # The owner decodes (whole-step decode graphs); the importer prefills (piecewise graphs).
-        graphs = prepare_model(shared.model, shared.kv_pool, args.config, decode_graphs=owner, prefill_graphs=not owner)
+        # decode: whole-step decode graphs; prefill: piecewise graphs for prefill batches.
+        graphs = prepare_model(shared.model, shared.kv_pool, args.config, decode_graphs=role == "decode",
+                               prefill_graphs=role == "prefill")
         runner = ModelRunner(shared.model, shared.kv_pool, args.config.cache.block_size, args.config.seed,
                              graph_runners=graphs, eos_token_ids=args.eos_token_ids)
         yield args, shared, runner, inbox, results, ready
@@ -163,9 +177,11 @@ def worker_process(raw_args: bytes, inbox_name: str, inbox_type, owner: bool):
 
 # ------------------------------------------------------------------------------ prefill worker
 def prefill_main(raw_args: bytes) -> None:
-    with worker_process(raw_args, "prefill_in", PrefillInput, owner=False) as (args, shared, runner, inbox, results,
-                                                                                   ready):
-        ready.send(WorkerReady(args.name, os.getpid()))
+    with worker_process(raw_args, "prefill_in", PrefillInput, role="prefill") as (args, shared, runner, inbox,
+                                                                                      results, ready):
+        owns = args.config.mode == "disagg"
+        ready.send(WorkerReady(args.name, os.getpid(), arena=shared.arena.handle if owns else None,
+                               num_blocks=shared.num_blocks))
         while True:
             msg = inbox.recv(timeout_ms=1000)
             if msg is None:
@@ -191,6 +207,8 @@ class DecodeLoop:
         self.running: dict[str, Request] = {}
         self.pending_handoff: dict[str, float] = {}  # request -> prefill end time
         self.last_step_end: float | None = None
+        self.peer_kv: torch.Tensor | None = None  # disagg: the prefill worker's KV pool (hand-off source)
+        self.transferred: list[str] = []
 
     def handle(self, msg) -> list[str]:
         """Apply one message from the core; return request ids dropped by it."""
@@ -198,6 +216,12 @@ class DecodeLoop:
             req = Request(msg.request_id, msg.prompt_token_ids, msg.params, self.eos_token_ids,
                           output_token_ids=list(msg.output_token_ids), block_ids=list(msg.block_ids))
             req.num_computed_tokens = req.num_tokens - 1
+            if msg.src_block_ids:  # disagg: move the KV from the prefill pool into this worker's pool
+                kv = self.runner.kv_pool  # [L, 2, NB, BS, KVH, D]
+                src = torch.tensor(msg.src_block_ids, device=self.peer_kv.device)
+                dst = torch.tensor(req.block_ids[: len(msg.src_block_ids)], device=kv.device)
+                kv.index_copy_(2, dst, self.peer_kv.index_select(2, src).to(kv.device))
+                self.transferred.append(req.request_id)
             self.running[req.request_id] = req
             self.pending_handoff[req.request_id] = msg.prefill_end
         elif isinstance(msg, GrantBlocks):
@@ -239,9 +263,13 @@ class DecodeLoop:
 
 
 def decode_main(raw_args: bytes) -> None:
-    with worker_process(raw_args, "decode_in", DecodeInput, owner=True) as (args, shared, runner, inbox, results,
-                                                                                 ready):
+    with worker_process(raw_args, "decode_in", DecodeInput, role="decode") as (args, shared, runner, inbox,
+                                                                                    results, ready):
         loop = DecodeLoop(runner, args.config, args.eos_token_ids)
+        peer = None
+        if args.config.mode == "disagg":
+            peer, loop.peer_kv = open_peer_pool(args, torch.device(args.arena.cuda_args[0]) if args.arena.kind == "cuda"
+                                                else shared.device)
         ready.send(WorkerReady(args.name, os.getpid(), arena=shared.arena.handle, num_blocks=shared.num_blocks))
         while True:
             batch = loop.runnable()
@@ -250,6 +278,10 @@ def decode_main(raw_args: bytes) -> None:
             if any(isinstance(m, Shutdown) for m in msgs):
                 break
             dropped = [rid for m in msgs for rid in loop.handle(m)]
+            if loop.transferred:  # disagg: the copies are complete, the prefill blocks may be reused
+                _sync(shared.device)
+                results.send(Transferred(loop.transferred))
+                loop.transferred = []
             if dropped:
                 results.send(Dropped(dropped))
             if msgs:
@@ -258,4 +290,7 @@ def decode_main(raw_args: bytes) -> None:
                 loop.last_step_end = None  # idle by lack of work, not host overhead
                 continue
             results.send(loop.step(batch[: args.config.scheduler.max_num_seqs]))
+        if peer is not None:
+            loop.peer_kv = None
+            peer.close()
 

@@ -1,0 +1,64 @@
+"""Mode 'disagg' on the CPU: prefill and decode workers each own a pool; KV is copied at hand-off."""
+
+import os
+import random
+
+import psutil
+import pytest
+
+from rapid import LLM, SamplingParams
+from rapid.config import CacheConfig, EngineConfig, SchedulerConfig
+from rapid.protocol import AddRequest, PrefillDone, SampledToken, StartDecode, Transferred
+from rapid.runtime.rapid_core import RapidCore
+from tiny import hf_greedy
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def prompts(seed=0, lengths=(1, 7, 33, 70)):
+    rng = random.Random(seed)
+    return [[rng.randrange(5, 300) for _ in range(n)] for n in lengths]
+
+
+@pytest.mark.slow
+def test_disagg_greedy_equals_transformers_and_frees_both_pools(tiny_llama):
+    ps = prompts()
+    shm_before = {n for n in os.listdir("/dev/shm") if n.startswith("rapid_")}
+    with LLM(tiny_llama, mode="disagg", max_num_batched_tokens=32) as llm:
+        client = llm._client
+        assert len(client.shm_names) == 2  # two arenas: one per worker
+        outs = llm.generate([{"prompt_token_ids": p} for p in ps], GREEDY, use_tqdm=False)
+        stats = client.get_stats()
+        pids = [c.process.pid for c in client.children]
+    assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(tiny_llama, p, 12) for p in ps]
+    assert stats.num_free_blocks == stats.num_blocks and stats.num_requests == 0
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
+    assert {n for n in os.listdir("/dev/shm") if n.startswith("rapid_")} <= shm_before
+
+
+@pytest.mark.slow
+def test_disagg_with_a_small_decode_pool_preempts_and_stays_correct(tiny_llama):
+    ps = prompts(seed=2, lengths=(20, 40, 60, 30))
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    with LLM(tiny_llama, mode="disagg", kv_cache_memory_bytes=12 * 8192, enable_prefix_caching=False) as llm:
+        got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in ps], params,
+                                                            use_tqdm=False)]
+        assert llm._client.get_stats().num_preemptions > 0
+    assert got == [hf_greedy(tiny_llama, p, 40) for p in ps]
+
+
+def test_core_holds_prefill_blocks_until_transferred():
+    cfg = EngineConfig(model="m", tokenizer=None, mode="disagg", cache=CacheConfig(block_size=4),
+                       scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=128))
+    sent_p, sent_d = [], []
+    core = RapidCore(cfg, 16, None, (0,), sent_p.append, sent_d.append, num_decode_blocks=16)
+    core.add_request(AddRequest("a", list(range(1, 11)), SamplingParams(max_tokens=4, ignore_eos=True)))
+    core.maybe_dispatch_prefill()
+    batch = sent_p[-1]
+    core.on_prefill_done(PrefillDone(batch.batch_id, [SampledToken("a", 7, -0.1)], 0.0, 1.0))
+    start = sent_d[-1]
+    assert isinstance(start, StartDecode) and len(start.src_block_ids) == 3
+    assert core.blocks.num_free_blocks == 13  # prefill blocks kept until the copy is done
+    assert core.decode_blocks.num_free_blocks == 16 - len(start.block_ids)
+    core.on_transferred(Transferred(["a"]))
+    assert core.blocks.num_free_blocks == 16
