@@ -79,7 +79,7 @@ def measure_point(llm, batch: int, ctx: int, prefill_len: int, window_s: float, 
 
     for _ in range(queued_prefills):
         add_prefill()
-    _pump(client, 1.0, on_finished)  # let the prefill stream reach steady state
+    _pump(client, min(1.0, window_s), on_finished)  # let the prefill stream reach steady state
     t0 = time.time()
     _pump(client, window_s, on_finished)
     t1 = time.time()
