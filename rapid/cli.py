@@ -86,6 +86,21 @@ def cmd_frontier(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from rapid.runtime.controller import FrontierPlanner
+
+    planner = FrontierPlanner.from_json(args.frontier)
+    best = planner.best(args.batch, args.tpot_slo_ms)
+    if best is None:
+        print(f"no measured point keeps p90 TPOT under {args.tpot_slo_ms} ms at batch {args.batch}")
+        return 1
+    gain = planner.gain(args.batch, args.tpot_slo_ms)
+    print(f"{best.mode} {best.setting} (measured at batch {best.batch}): TPOT p90 {best.tpot_p90_ms} ms, "
+          f"prefill {best.prefill_tok_s:.0f} tok/s"
+          + (f"; rapid/hybrid prefill ratio under this SLO: {gain:.2f}x" if gain else "; no hybrid point meets it"))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from rapid.server import serve
 
@@ -154,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     fr.add_argument("--kv-cache-memory-bytes", type=int, default=None)
     fr.add_argument("--output-json", default=None)
     fr.set_defaults(func=cmd_frontier)
+    pl = bsub.add_parser("plan", help="pick the operating point for a decode batch and TPOT SLO from a measured frontier")
+    pl.add_argument("--frontier", default="bench/results/frontier-h100.json")
+    pl.add_argument("--batch", type=int, required=True)
+    pl.add_argument("--tpot-slo-ms", type=float, required=True)
+    pl.set_defaults(func=cmd_plan)
     try:
         from rapid.bench.serve import add_serve_args
     except ImportError:

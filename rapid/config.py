@@ -53,12 +53,16 @@ class RapidConfig:
     use_mps: bool = True  # False: time-sliced (no real concurrency), with a warning
     worker_start_timeout_s: float = 300.0
     decode_lookahead_blocks: int = 2  # blocks granted ahead of a decoding sequence
+    tpot_target_ms: float | None = None  # set: the core adapts the prefill tokens per launch to keep TPOT under it
 
     def __post_init__(self):
         for name in ("prefill_sm_percentage", "decode_sm_percentage"):
             v = getattr(self, name)
             _check(isinstance(v, int) and 1 <= v <= 100, f"{name} must be an integer in [1, 100], got {v!r}")
         _check(self.worker_start_timeout_s > 0, f"worker_start_timeout_s must be > 0, got {self.worker_start_timeout_s}")
+        _check(self.tpot_target_ms is None or (isinstance(self.tpot_target_ms, (int, float))
+                                                 and math.isfinite(self.tpot_target_ms) and self.tpot_target_ms > 0),
+               f"tpot_target_ms must be a positive number or None, got {self.tpot_target_ms!r}")
         _check(isinstance(self.decode_lookahead_blocks, int) and self.decode_lookahead_blocks >= 1,
                f"decode_lookahead_blocks must be >= 1, got {self.decode_lookahead_blocks!r}")
 

@@ -80,6 +80,7 @@ class LLM:
         decode_sm_percentage: int = 30,
         use_mps: bool = True,
         worker_start_timeout_s: float = 300.0,
+        tpot_target_ms: float | None = None,
         skip_tokenizer_init: bool = False,
     ):
         folder = resolve_model_path(model)
@@ -110,7 +111,7 @@ class LLM:
                                       max_model_len=max_model_len),
             rapid=RapidConfig(prefill_sm_percentage=prefill_sm_percentage,
                               decode_sm_percentage=decode_sm_percentage, use_mps=use_mps,
-                              worker_start_timeout_s=worker_start_timeout_s),
+                              worker_start_timeout_s=worker_start_timeout_s, tpot_target_ms=tpot_target_ms),
         )
         self.model_config = model_cfg
         self.tokenizer = load_tokenizer(self.config.tokenizer)

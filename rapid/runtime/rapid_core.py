@@ -63,7 +63,14 @@ class RapidCore:
         self.disagg = config.mode == "disagg"
         self.decode_blocks = (BlockManager(num_decode_blocks, config.cache.block_size, enable_prefix_caching=False)
                               if self.disagg else self.blocks)
-        self.transfers: dict[str, _Blocks] = {}  # disagg: prefill blocks held until the decode worker copied them
+        self.transfers: dict[str, _Blocks] = {}
+        self.budget_controller = None
+        if config.rapid.tpot_target_ms is not None:
+            from rapid.runtime.controller import PrefillBudgetController
+
+            budget = config.scheduler.max_num_batched_tokens
+            self.budget_controller = PrefillBudgetController(config.rapid.tpot_target_ms, budget,
+                                                             min_budget=min(256, budget))  # disagg: prefill blocks held until the decode worker copied them
         self.outputs = OutputProcessor(tokenizer)
         self.send_prefill, self.send_decode = send_prefill, send_decode
         self.requests: dict[str, Request] = {}
@@ -141,7 +148,7 @@ class RapidCore:
         """Send the next prefill batch if the prefill worker is idle: unfinished prompts first, then new ones."""
         if self.in_flight is not None:
             return
-        budget = self.config.scheduler.max_num_batched_tokens
+        budget = self.prefill_budget
         work: list[SeqWork] = []
         for req in list(self.prefilling):
             if budget <= 0:
@@ -166,6 +173,13 @@ class RapidCore:
             batch_id = next(self.batch_ids)
             self.in_flight = (batch_id, work)
             self.send_prefill(PrefillBatch(batch_id, work))
+
+    @property
+    def prefill_budget(self) -> int:
+        """Prefill tokens per launch: fixed, or set by the TPOT controller."""
+        if self.budget_controller is not None:
+            return self.budget_controller.budget
+        return self.config.scheduler.max_num_batched_tokens
 
     @staticmethod
     def _seq_work(req: Request, n: int) -> SeqWork:
@@ -230,6 +244,8 @@ class RapidCore:
     def on_decode_step(self, msg: DecodeStep) -> None:
         self._record(self.stats.decode_intervals, (msg.t_start, msg.t_end))
         self._record(self.stats.decode_batch_sizes, len(msg.sampled))
+        if self.budget_controller is not None and msg.sampled:
+            self.budget_controller.observe_decode_step((msg.t_end - msg.t_start + msg.idle_gap_s) * 1e3)
         if msg.idle_gap_s:
             self._record(self.stats.decode_idle_gaps_s, msg.idle_gap_s)
         for h in msg.handoffs:

@@ -1,0 +1,77 @@
+"""Adaptive resource management on recorded timings (no GPU)."""
+
+import json
+
+import pytest
+
+from rapid.config import CacheConfig, EngineConfig, RapidConfig, SchedulerConfig
+from rapid.protocol import AddRequest, DecodeStep, PrefillDone, SampledToken
+from rapid.runtime.controller import FrontierPlanner, OperatingPoint, PrefillBudgetController
+from rapid.runtime.rapid_core import RapidCore
+from rapid.sampling import SamplingParams
+
+# Points as measured on the H100 (bench/results/frontier-h100.json, batch 64).
+H100_B64 = [
+    OperatingPoint("hybrid", "chunk 256", 64, 21.7, 23.1, 11782),
+    OperatingPoint("hybrid", "chunk 512", 64, 30.6, 33.1, 16755),
+    OperatingPoint("hybrid", "chunk 1024", 64, 50.0, 52.4, 20472),
+    OperatingPoint("rapid", "MPS 50/50", 64, 19.8, 20.4, 16342),
+    OperatingPoint("rapid", "MPS 60/40", 64, 20.0, 20.7, 20472),
+    OperatingPoint("rapid", "MPS 70/30", 64, 24.4, 25.2, 23254),
+]
+
+
+def test_planner_picks_the_most_prefill_under_the_slo():
+    planner = FrontierPlanner(H100_B64)
+    assert planner.best(64, 25.0).setting == "MPS 60/40"
+    assert planner.best(64, 26.0).setting == "MPS 70/30"
+    assert planner.best(64, 60.0, ("hybrid",)).setting == "chunk 1024"
+    assert planner.best(64, 10.0) is None  # nothing meets a TPOT below decode-alone
+    assert planner.best(40, 25.0).batch == 64  # rounds the batch up to a measured one
+    # under a 25 ms TPOT SLO rapid gives 20472 / 11782 = 1.74x the prefill throughput of hybrid
+    assert planner.gain(64, 25.0) == pytest.approx(20472 / 11782)
+    assert planner.gain(64, 21.0) is None  # hybrid has no point that fast
+
+
+def test_planner_reads_the_committed_h100_frontier(tmp_path):
+    path = tmp_path / "f.json"
+    path.write_text(json.dumps({"points": [
+        {"mode": "hybrid", "chunk": 256, "batch": 16, "tpot_mean_ms": 17.5, "tpot_p90_ms": 22.2, "prefill_tok_s": 14634},
+        {"mode": "rapid", "split": "80/40", "batch": 16, "tpot_mean_ms": 16.7, "tpot_p90_ms": 17.6, "prefill_tok_s": 24490},
+        {"mode": "rapid", "split": "x", "batch": 16, "tpot_mean_ms": None, "tpot_p90_ms": None, "prefill_tok_s": 0},
+    ]}))
+    planner = FrontierPlanner.from_json(path)
+    assert len(planner.points) == 2 and planner.best(16, 23).setting == "MPS 80/40"
+
+
+def test_budget_controller_backs_off_and_recovers():
+    c = PrefillBudgetController(tpot_target_ms=20.0, max_budget=4096, min_budget=256, step=256, alpha=1.0)
+    assert c.budget == 4096
+    assert c.observe_decode_step(30.0) == 2048  # over target: halve
+    assert c.observe_decode_step(30.0) == 1024
+    for _ in range(5):
+        c.observe_decode_step(30.0)
+    assert c.budget == 256  # floor
+    assert c.observe_decode_step(18.0) == 256  # inside the band: hold
+    assert c.observe_decode_step(10.0) == 512  # room: add one step
+    with pytest.raises(ValueError, match="tpot_target_ms"):
+        PrefillBudgetController(0, 100)
+
+
+def test_rapid_core_prefill_budget_follows_decode_step_times():
+    cfg = EngineConfig(model="m", tokenizer=None, mode="rapid", cache=CacheConfig(block_size=16),
+                       scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=2048, max_model_len=8192),
+                       rapid=RapidConfig(tpot_target_ms=20.0))
+    sent_p, sent_d = [], []
+    core = RapidCore(cfg, 1024, None, (0,), sent_p.append, sent_d.append)
+    core.add_request(AddRequest("d", [1, 2, 3], SamplingParams(max_tokens=100, ignore_eos=True)))
+    core.maybe_dispatch_prefill()
+    core.on_prefill_done(PrefillDone(sent_p[-1].batch_id, [SampledToken("d", 5, -1.0)], 0.0, 0.001))
+    for t in range(6):  # slow decode steps (40 ms): the prefill budget shrinks
+        core.on_decode_step(DecodeStep([SampledToken("d", 6, -1.0)], [], t, t + 0.040))
+    assert core.prefill_budget == 256
+    core.add_request(AddRequest("p", list(range(1, 3001)), SamplingParams(max_tokens=1)))
+    core.maybe_dispatch_prefill()
+    assert sum(len(w.token_ids) for w in sent_p[-1].work) == 256  # the next launch carries the smaller budget
+    with pytest.raises(ValueError, match="tpot_target_ms"):
+        RapidConfig(tpot_target_ms=float("nan"))
