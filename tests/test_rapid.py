@@ -212,3 +212,41 @@ def test_ten_engines_leak_nothing(tiny_llama):
     assert shm_entries() <= shm_before
     assert proc.num_fds() <= fds
     assert proc.num_threads() <= threads
+
+
+def test_interpreter_exit_without_shutdown_leaves_nothing(tiny_llama, tmp_path):
+    """A script that creates a rapid engine and just exits: the finalizer cleans up at interpreter exit."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import sys\n"
+        "from rapid import LLM, SamplingParams\n"
+        f"llm = LLM({str(tiny_llama)!r}, mode='rapid')\n"
+        "c = llm._client\n"
+        "print(c.dir, *[ch.process.pid for ch in c.children], *c.shm_names, flush=True)\n"
+        "llm.generate('hello', SamplingParams(max_tokens=2), use_tqdm=False)\n"
+    )
+    shm_before = shm_entries()
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    sock_dir, *rest = out.stdout.split()
+    pids = [int(x) for x in rest if x.isdigit()]
+    assert len(pids) == 3
+    assert not os.path.exists(sock_dir)
+    assert all(not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE for p in pids)
+    assert shm_entries() <= shm_before
+
+
+def test_zmq_server_over_a_rapid_engine(rapid_llm):
+    from rapid.client import Client
+    from rapid.server import RapidServer
+
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    expected = rapid_llm.generate("Paris is", params, use_tqdm=False)[0].outputs[0]
+    with RapidServer(rapid_llm).start() as server, Client(server.address) as client:
+        done = client.generate("Paris is", params)
+        streamed = list(client.stream("Paris is", params))
+    assert done.token_ids == expected.token_ids and done.text == expected.text
+    assert "".join(d.new_text for d in streamed) == expected.text
