@@ -39,6 +39,21 @@ logger = logging.getLogger(__name__)
 __all__ = ["Client", "AsyncClient", "ServerError", "Completion", "Delta"]
 
 
+
+def _decode_reply(decoder, raw: bytes, address: str):
+    """A server message, or None (logged) when the bytes are malformed."""
+    try:
+        return decoder.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        logger.warning("dropped a malformed reply from %s: %s", address, e)
+        return None
+
+
+def _unclaimed(msg) -> None:
+    """A reply for no pending request: only errors are worth a log line."""
+    if isinstance(msg, ErrorReply):
+        logger.warning("server error not tied to a pending request: %s", msg.message)
+
 class ServerError(RuntimeError):
     """The server refused or failed a request (its ErrorReply message)."""
 
@@ -194,17 +209,14 @@ class Client:
         while not box:
             if not self._sock.poll(timeout_ms, zmq.POLLIN):
                 raise TimeoutError(f"no reply from {self.address} within {self.timeout_s}s")
-            raw = self._sock.recv()
-            try:
-                msg = self._decoder.decode(raw)
-            except (msgspec.DecodeError, msgspec.ValidationError) as e:
-                logger.warning("dropped a malformed reply from %s: %s", self.address, e)
+            msg = _decode_reply(self._decoder, self._sock.recv(), self.address)
+            if msg is None:
                 continue
             other = self._inbox.get(msg.client_request_id)
             if other is not None:
                 other.append(msg)
-            elif isinstance(msg, ErrorReply):
-                logger.warning("server error not tied to a pending request: %s", msg.message)
+            else:
+                _unclaimed(msg)
         return box.popleft()
 
 
@@ -274,17 +286,14 @@ class AsyncClient:
     async def _read_loop(self) -> None:
         try:
             while True:
-                raw = await self._sock.recv()
-                try:
-                    msg = self._decoder.decode(raw)
-                except (msgspec.DecodeError, msgspec.ValidationError) as e:
-                    logger.warning("dropped a malformed reply from %s: %s", self.address, e)
+                msg = _decode_reply(self._decoder, await self._sock.recv(), self.address)
+                if msg is None:
                     continue
                 q = self._inbox.get(msg.client_request_id)
                 if q is not None:
                     q.put_nowait(msg)
-                elif isinstance(msg, ErrorReply):
-                    logger.warning("server error not tied to a pending request: %s", msg.message)
+                else:
+                    _unclaimed(msg)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the socket failed: wake every waiter with an error

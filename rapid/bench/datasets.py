@@ -121,6 +121,19 @@ def _random_tokens(rng: np.random.Generator, allowed: np.ndarray, n: int) -> lis
     return allowed[rng.integers(0, allowed.size, size=n)].tolist()
 
 
+def _random_token_requests(rng: np.random.Generator, allowed: np.ndarray, input_lens, output_lens) -> list[SampleRequest]:
+    """One request of random prompt tokens per (input length, output length) pair."""
+    return [
+        SampleRequest(
+            prompt_token_ids=_random_tokens(rng, allowed, int(n_in)),
+            prompt=None,
+            prompt_len=int(n_in),
+            output_len=int(n_out),
+        )
+        for n_in, n_out in zip(input_lens, output_lens)
+    ]
+
+
 def _length_bounds(length: int, range_ratio: float) -> tuple[int, int]:
     """vllm's random-dataset interval ``[floor(L(1-r)), ceil(L(1+r))]``, lower bound >= 1."""
     low = math.floor(length * (1.0 - range_ratio) + _BOUND_EPS)
@@ -169,15 +182,7 @@ def random_requests(
     out_low, out_high = _length_bounds(output_len, range_ratio)
     input_lens = rng.integers(in_low, in_high + 1, size=num)
     output_lens = rng.integers(out_low, out_high + 1, size=num)
-    return [
-        SampleRequest(
-            prompt_token_ids=_random_tokens(rng, allowed, int(n_in)),
-            prompt=None,
-            prompt_len=int(n_in),
-            output_len=int(n_out),
-        )
-        for n_in, n_out in zip(input_lens, output_lens)
-    ]
+    return _random_token_requests(rng, allowed, input_lens, output_lens)
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,15 +383,7 @@ def sharegpt_like_requests(
         SHAREGPT_MIN_LEN,
         max_len - input_lens,
     )
-    return [
-        SampleRequest(
-            prompt_token_ids=_random_tokens(rng, allowed, int(n_in)),
-            prompt=None,
-            prompt_len=int(n_in),
-            output_len=int(n_out),
-        )
-        for n_in, n_out in zip(input_lens, output_lens)
-    ]
+    return _random_token_requests(rng, allowed, input_lens, output_lens)
 
 
 def total_tokens(requests: Sequence[SampleRequest]) -> tuple[int, int]:

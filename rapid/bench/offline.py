@@ -49,7 +49,7 @@ def run_offline(args) -> dict:
         "output_throughput_tok_s": out_tokens / elapsed,
         "total_throughput_tok_s": (in_tokens + out_tokens) / elapsed,
     }
-    path = Path(args.output_json or f"bench/results/offline-{args.mode}-{'cuda' if 'cuda' in device_name.lower() or torch.cuda.is_available() else 'cpu'}.json")
+    path = Path(args.output_json or f"bench/results/offline-{args.mode}-{'cuda' if torch.cuda.is_available() else 'cpu'}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
     print(f"Total: {out_tokens} output tokens in {elapsed:.2f}s, {out_tokens / elapsed:.1f} tok/s "

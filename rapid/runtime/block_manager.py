@@ -76,9 +76,6 @@ class BlockManager:
             prev = h
 
     # -- allocation ------------------------------------------------------------------------
-    def can_allocate(self, req: Request, num_tokens: int) -> bool:
-        return self.blocks_needed(num_tokens) - len(req.block_ids) <= self.num_free_blocks
-
     def allocate(self, req: Request, num_tokens: int) -> bool:
         """Grow the request's blocks to hold num_tokens tokens. False (and no change) if the pool is short."""
         need = self.blocks_needed(num_tokens) - len(req.block_ids)
@@ -115,9 +112,3 @@ class BlockManager:
             self.block_hash[block] = None
         self._take(block)
         return block
-
-    def reset_prefix_cache(self) -> None:
-        for block, h in enumerate(self.block_hash):
-            if h is not None and self.ref_counts[block] == 0:
-                self.hash_to_block.pop(h, None)
-                self.block_hash[block] = None

@@ -31,8 +31,7 @@ def make_attention_backend(config: EngineConfig, model_cfg: ModelConfig, device:
 
 def kv_block_bytes(model_cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     """Bytes of one block across all layers, keys and values."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    return model_cfg.num_layers * 2 * block_size * model_cfg.num_kv_heads * model_cfg.head_dim * elem
+    return model_cfg.num_layers * 2 * block_size * model_cfg.num_kv_heads * model_cfg.head_dim * dtype.itemsize
 
 
 def num_kv_blocks(config: EngineConfig, model_cfg: ModelConfig, dtype: torch.dtype, device: torch.device,

@@ -7,7 +7,6 @@ processes can share one copy) or loaded/allocated here.
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 
@@ -29,7 +28,6 @@ class ModelRunner:
         self.vocab_size = model.config.vocab_size
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.graph_runners = list(graph_runners)  # CUDA-graph runners (rapid.compile), tried in order
-        self.last_forward_s = 0.0
         self.eos_token_ids = eos_token_ids  # masked while a request is below min_tokens
 
     def build_inputs(self, work: list[SeqWork]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
@@ -74,7 +72,6 @@ class ModelRunner:
     @torch.inference_mode()
     def forward_logits(self, work: list[SeqWork]) -> torch.Tensor:
         """Run the forward pass; return float32 logits [S_sample, vocab] for the sampling rows."""
-        t0 = time.perf_counter()
         ids, positions, meta, rows = self.build_inputs(work)
         graphs = next((g for g in self.graph_runners if g.can_run(meta, ids.shape[0])), None)
         if graphs is not None:
@@ -82,7 +79,6 @@ class ModelRunner:
         else:
             hidden = self.model(ids, positions, self.kv_pool, meta)
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)]) if rows else None
-        self.last_forward_s = time.perf_counter() - t0
         return logits
 
     @torch.inference_mode()

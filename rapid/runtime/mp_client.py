@@ -71,6 +71,8 @@ class RapidClient(EngineClient):
         self.ready = ipc.Channel(self.ctx, zmq.PULL, self.endpoints["ready"], bind=True, decode_type=WorkerReady)
         self.out = ipc.Channel(self.ctx, zmq.PULL, self.endpoints["core_out"], bind=True, decode_type=CoreOutput)
         self.inp = None
+        self.worker_lines: dict[str, ipc.Channel] = {}  # direct lines to the workers, for shutdown only
+        self.mps = None
         try:
             self.devices = self._devices()
             self._start()
@@ -125,7 +127,6 @@ class RapidClient(EngineClient):
         from rapid.runtime.loading import check_no_expandable_segments
         from rapid.runtime.mps import MpsDaemon, _uses_cuda
 
-        self.mps = None
         if _uses_cuda(self.config):
             check_no_expandable_segments()
         self.mps = MpsDaemon.for_config(self.config)
@@ -276,7 +277,7 @@ class RapidClient(EngineClient):
         self.shm_names = []
 
     def _send_worker_shutdown(self, name: str) -> None:
-        line = getattr(self, "worker_lines", {}).get(name)
+        line = self.worker_lines.get(name)
         if line is not None:
             try:
                 line.sock.send(msgspec.msgpack.encode(Shutdown()), zmq.NOBLOCK)
@@ -290,10 +291,10 @@ class RapidClient(EngineClient):
         try:
             self._stop_children()
         finally:
-            for ch in (self.inp, self.out, self.ready, *getattr(self, "worker_lines", {}).values()):
+            for ch in (self.inp, self.out, self.ready, *self.worker_lines.values()):
                 if ch is not None:
                     ch.close()
             self.ctx.term()
-            if getattr(self, "mps", None) is not None:
+            if self.mps is not None:
                 self.mps.stop()
             shutil.rmtree(self.dir, ignore_errors=True)

@@ -122,7 +122,7 @@ class RapidCore:
             self.waiting.remove(req)
         elif phase == Phase.PREFILLING:
             self.prefilling.remove(req)
-            if self._in_flight_ids() and rid in self._in_flight_ids():
+            if rid in self._in_flight_ids():
                 self.aborted_in_flight.add(rid)  # freed when the batch comes back
                 self.phase[rid] = Phase.STOPPING
                 return

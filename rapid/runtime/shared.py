@@ -9,6 +9,7 @@ from the config, so nothing but the handle is sent. The owner must outlive every
 from __future__ import annotations
 
 import logging
+import math
 import os
 import uuid
 from dataclasses import dataclass
@@ -41,10 +42,7 @@ def plan_layout(entries: list[tuple[str, tuple[int, ...], torch.dtype]]) -> tupl
     for name, shape, dtype in entries:
         offset = (offset + ALIGN - 1) // ALIGN * ALIGN
         slots[name] = Slot(offset, tuple(shape), dtype)
-        numel = 1
-        for d in shape:
-            numel *= d
-        offset += numel * torch.empty((), dtype=dtype).element_size()
+        offset += math.prod(shape) * dtype.itemsize
     return slots, max(offset, 1)
 
 
@@ -97,10 +95,7 @@ class SharedArena:
         return cls(buffer, handle, owner=False, storage=storage)
 
     def view(self, slot: Slot) -> torch.Tensor:
-        numel = 1
-        for d in slot.shape:
-            numel *= d
-        nbytes = numel * torch.empty((), dtype=slot.dtype).element_size()
+        nbytes = math.prod(slot.shape) * slot.dtype.itemsize
         return self.buffer[slot.offset : slot.offset + nbytes].view(slot.dtype).view(slot.shape)
 
     def close(self) -> None:

@@ -78,7 +78,7 @@ class SharedModel:
         model_cfg = ModelConfig.from_folder(config.model)
         self.dtype = resolve_dtype(config.dtype, self.device)
         if owner:
-            weights = sum(_numel(s) for _, s, _ in parameter_specs(model_cfg, self.dtype)) * _elem(self.dtype)
+            _, weights = plan_layout(parameter_specs(model_cfg, self.dtype))
             reserved = weights + 2 * GPU_WORKER_RESERVE_BYTES if self.device.type == "cuda" else 0
             self.num_blocks = num_kv_blocks(config, model_cfg, self.dtype, self.device, reserved)
         else:
@@ -101,16 +101,6 @@ class SharedModel:
         self.model = self.kv_pool = None
         self.arena.close()
 
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _elem(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def _child_setup(args: WorkerArgs) -> None:
