@@ -26,6 +26,8 @@ import bisect
 import functools
 import logging
 import time
+import types
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -191,35 +193,52 @@ def _final_norm(x, w, eps: float):
     return _rms(x, w, eps)
 
 
-_COMPILED: dict[tuple, object] = {}
 # Positions of the arguments whose dim 0 is the token count T, per compiled piece.
 _TOKEN_ARGS = {"pre": (0, 1), "post": (0, 1), "post_pre": (0, 1, 8), "norm": (0,)}
+_PIECES = {"pre": _pre_attention, "post": _post_attention, "post_pre": _post_pre, "norm": _final_norm}
 
 
-def _compiled(name: str, fn, dynamic):
-    """torch.compile'd fn, shared by all models of the process.
+def _own_copy(fn):
+    """fn with a fresh code object: Dynamo keeps its compiled entries (and counts its recompile limit) per
+    code object, so each compile_prefill call gets caches of its own instead of sharing one process-wide."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
-    dynamic=True: torch.compile(dynamic=True), every dimension symbolic (what bench/results measured).
-    dynamic="tokens": only T is symbolic (the other sizes are compile-time constants, so the fused
-    kernels index with constant divisors); T == 1 still gets its own specialised graph.
+
+def _compile_piece(name: str, dynamic: bool | str):
+    """torch.compile of one piece.
+
+    dynamic=True: every dimension symbolic. dynamic="tokens": only T is symbolic (the other sizes are
+    compile-time constants, so the fused kernels index with constant divisors); T == 1 gets its own graph.
     """
-    key = (name, dynamic)
-    if key not in _COMPILED:
-        if dynamic == "tokens":
-            compiled = torch.compile(fn, dynamic=None, fullgraph=True)
-            idx = _TOKEN_ARGS[name]
-            mark = torch._dynamo.maybe_mark_dynamic
+    fn = _own_copy(_PIECES[name])
+    if dynamic != "tokens":
+        return torch.compile(fn, dynamic=bool(dynamic), fullgraph=True)
+    compiled = torch.compile(fn, dynamic=None, fullgraph=True)
+    token_args = _TOKEN_ARGS[name]
 
-            def call(*args, _c=compiled, _idx=idx):
-                for i in _idx:
-                    if args[i].shape[0] > 1:
-                        mark(args[i], 0)
-                return _c(*args)
+    def call(*args):
+        for i in token_args:
+            if args[i].shape[0] > 1:
+                torch._dynamo.maybe_mark_dynamic(args[i], 0)
+        return compiled(*args)
 
-            _COMPILED[key] = call
-        else:
-            _COMPILED[key] = torch.compile(fn, dynamic=bool(dynamic), fullgraph=True)
-    return _COMPILED[key]
+    return call
+
+
+@dataclass(frozen=True)
+class CompiledPieces:
+    """The four compiled functions of one compile_prefill call (see _compile_piece)."""
+
+    pre: object
+    post: object
+    post_pre: object
+    norm: object
+
+    @classmethod
+    def build(cls, dynamic: bool | str) -> "CompiledPieces":
+        if dynamic not in (True, False, "tokens"):
+            raise ValueError(f"dynamic must be True, False or 'tokens', got {dynamic!r}")
+        return cls(*(_compile_piece(name, dynamic) for name in ("pre", "post", "post_pre", "norm")))
 
 
 def _pre_args(layer):
@@ -258,27 +277,27 @@ def _model_forward(model, pre, post, post_pre, norm, input_ids, positions, kv_po
     return norm(x, model.norm.weight, model.norm.eps)
 
 
-def compile_prefill(model, fuse_layers: bool = True, dynamic: bool | str = True):
-    """Run the non-attention work through torch.compile(dynamic=True); returns model.
+def compile_prefill(model, fuse_layers: bool = True, dynamic: bool | str = "tokens"):
+    """Run the non-attention work through torch.compile; returns model.
 
     The weights are passed as arguments, so one compiled graph serves all layers (no per-layer
-    recompiles); T is dynamic, so one graph serves all token counts >= 2 (T == 1 gets its own).
-    Attention stays eager between the compiled pieces. With fuse_layers, one compiled region spans
-    layer i's o_proj/MLP and layer i+1's norm/qkv/rope. dynamic="tokens" keeps every size but T
-    static (see _compiled; not yet measured on the GPU). Undo with uncompile(model).
+    recompiles). dynamic="tokens" (default): only the token count T is symbolic, so one graph serves
+    every T >= 2 and T == 1 gets its own; dynamic=True: every size symbolic (slower kernels, see
+    bench/results/kernels-h100.md). Attention stays eager between the compiled pieces. With
+    fuse_layers, one compiled region spans layer i's o_proj/MLP and layer i+1's norm/qkv/rope.
+    The compiled functions belong to this model (compiling another model compiles afresh).
+    Undo with uncompile(model).
     """
-    pre = _compiled("pre", _pre_attention, dynamic)
-    post = _compiled("post", _post_attention, dynamic)
-    norm = _compiled("norm", _final_norm, dynamic)
+    pieces = CompiledPieces.build(dynamic)
+    pre, post, norm = pieces.pre, pieces.post, pieces.norm
     for layer in model.layers:
         layer.forward = functools.partial(_layer_forward, layer, pre, post)
     model.norm.forward = lambda x, _n=model.norm: norm(x, _n.weight, _n.eps)
     if fuse_layers and len(model.layers):
-        post_pre = _compiled("post_pre", _post_pre, dynamic)
-        model.forward = functools.partial(_model_forward, model, pre, post, post_pre, norm)
+        model.forward = functools.partial(_model_forward, model, pre, post, pieces.post_pre, norm)
     else:
         model.__dict__.pop("forward", None)
-    model._rapid_compiled = True
+    model._rapid_pieces = pieces  # the piecewise graph runner captures these same functions
     return model
 
 
@@ -288,5 +307,5 @@ def uncompile(model):
         layer.__dict__.pop("forward", None)
     model.norm.__dict__.pop("forward", None)
     model.__dict__.pop("forward", None)
-    model._rapid_compiled = False
+    model._rapid_pieces = None
     return model

@@ -20,9 +20,7 @@ import time
 import torch
 
 from rapid.attention.metadata import AttentionMetadata
-from rapid.compile.cuda_graphs import (
-    _compiled, _final_norm, _post_args, _post_attention, _post_pre, _pre_args, _pre_attention,
-)
+from rapid.compile.cuda_graphs import CompiledPieces, _post_args, _pre_args
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +38,7 @@ def token_buckets(max_tokens: int, smallest: int = 16) -> list[int]:
 
 class PiecewiseGraphRunner:
     def __init__(self, model, kv_pool: torch.Tensor, max_tokens: int, *, progress: bool = True,
-                 dynamic: bool | str = True):
+                 dynamic: bool | str = "tokens"):
         self.model = model
         self.kv_pool = kv_pool
         self.buckets = token_buckets(max_tokens)
@@ -56,10 +54,9 @@ class PiecewiseGraphRunner:
         self.v = torch.zeros(n, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=dev)
         self.attn = torch.zeros(n, cfg.num_heads, cfg.head_dim, dtype=dtype, device=dev)
         self.out = torch.zeros(n, cfg.hidden_size, dtype=dtype, device=dev)
-        self.pre = _compiled("pre", _pre_attention, dynamic)
-        self.post = _compiled("post", _post_attention, dynamic)
-        self.post_pre = _compiled("post_pre", _post_pre, dynamic)
-        self.norm = _compiled("norm", _final_norm, dynamic)
+        # the model's own compiled pieces (compile_prefill), else compiled here
+        pieces = getattr(model, "_rapid_pieces", None) or CompiledPieces.build(dynamic)
+        self.pre, self.post, self.post_pre, self.norm = pieces.pre, pieces.post, pieces.post_pre, pieces.norm
         self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
         self.capture_s = 0.0
         self._capture(progress)

@@ -1,0 +1,60 @@
+"""compile_prefill on the CPU: the compiled model equals the eager one, and each compile owns its
+Dynamo caches (two models compiled in one process do not share a recompile budget)."""
+
+import pytest
+import torch
+
+from rapid.attention import select_backend
+from rapid.attention.metadata import AttentionMetadata, kv_pool_shape
+from rapid.compile.cuda_graphs import compile_prefill, uncompile
+from rapid.model.config import ModelConfig
+from rapid.model.loader import build_model
+from tiny import make_tiny_model
+
+
+def _model(folder):
+    cfg = ModelConfig.from_folder(folder)
+    model = build_model(folder, select_backend("reference", cfg, torch.device("cpu")), torch.float32,
+                        torch.device("cpu"), max_positions=128)
+    return model, cfg
+
+
+def _prefill(model, cfg, n):
+    """One sequence of n tokens from position 0 into a fresh pool -> (hidden [n, H], pool)."""
+    bs = 16
+    nb = -(-n // bs)
+    pool = torch.zeros(kv_pool_shape(cfg.num_layers, nb + 1, bs, cfg.num_kv_heads, cfg.head_dim))
+    meta = AttentionMetadata(
+        slot_mapping=torch.arange(bs, bs + n), query_start_loc=torch.tensor([0, n], dtype=torch.int32),
+        seq_lens=torch.tensor([n], dtype=torch.int32),
+        block_tables=torch.arange(1, nb + 1, dtype=torch.int32)[None], num_decodes=1 if n == 1 else 0,
+        max_seq_len=n, query_start_loc_host=[0, n], seq_lens_host=[n])
+    ids = torch.arange(n) * 7 % cfg.vocab_size
+    with torch.inference_mode():
+        return model(ids, torch.arange(n), pool, meta), pool
+
+
+@pytest.mark.parametrize("dynamic", ["tokens", True])
+def test_compiled_equals_eager_and_compiles_are_independent(tmp_path, dynamic):
+    folders = [make_tiny_model(tmp_path / "a", "llama", with_tokenizer=False, hidden_size=64),
+               make_tiny_model(tmp_path / "b", "qwen3", with_tokenizer=False, hidden_size=32)]
+    # Two entries per piece and model (T == 1, T >= 2): with one process-wide cache the second model
+    # would exceed this limit and fail (fullgraph=True turns the limit into an error).
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for folder in folders:
+            model, cfg = _model(folder)
+            eager = {n: _prefill(model, cfg, n) for n in (1, 5, 23)}
+            compile_prefill(model, dynamic=dynamic)
+            try:
+                for n, (ref_h, ref_pool) in eager.items():
+                    h, pool = _prefill(model, cfg, n)
+                    torch.testing.assert_close(h, ref_h, rtol=1e-4, atol=1e-5)
+                    torch.testing.assert_close(pool, ref_pool, rtol=1e-4, atol=1e-5)
+            finally:
+                uncompile(model)
+
+
+def test_compile_prefill_rejects_unknown_dynamic(tiny_llama):
+    model, _ = _model(tiny_llama)
+    with pytest.raises(ValueError, match="dynamic"):
+        compile_prefill(model, dynamic="batch")
