@@ -24,20 +24,24 @@ WRITER = textwrap.dedent("""
     dev = torch.device("cuda", 0)
     arena = SharedArena.open(handle, dev)
     x = arena.buffer[: 1 << 20].view(torch.float32)
+    import time
     a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    torch.mm(a, a)
+    torch.cuda.synchronize()                     # cuBLAS set up outside the delayed part
+    t0 = time.perf_counter()
     for _ in range(int(sys.argv[2])):            # about 1.5 ms of matmul each, queued before the write
         torch.mm(a, a)
     x.fill_(7.0)                                 # the KV write the reader must not miss
     if sys.argv[1] == "sync":
         _sync(dev)                               # what the prefill worker does before PrefillDone
     complete = torch.cuda.current_stream(dev).query()  # are the writes finished at hand-off time?
-    print("done", int(complete), flush=True)     # the hand-off message
+    print("done", int(complete), f"{1e3 * (time.perf_counter() - t0):.1f}", flush=True)  # the hand-off message
     sys.stdin.close()
     import time; time.sleep(3)                   # stay alive (the importer must not vanish mid-read)
 """)
 
 
-def _handoff(sync: bool) -> tuple[bool, float]:
+def _handoff(sync: bool) -> tuple[bool, float, str]:
     from rapid.runtime.shared import SharedArena
 
     dev = torch.device("cuda", 0)
@@ -57,20 +61,20 @@ def _handoff(sync: bool) -> tuple[bool, float]:
     seen = x[-1].item()  # what the decode side reads right after the hand-off message
     proc.wait(timeout=30)
     arena.close()
-    return bool(int(line[1])), seen
+    return bool(int(line[1])), seen, f"writer's time to the message: {line[2].decode()} ms"
 
 
 def test_handoff_sync_makes_delayed_writes_visible():
-    complete, seen = _handoff(sync=True)
-    assert complete and seen == 7.0
+    complete, seen, timing = _handoff(sync=True)
+    assert complete and seen == 7.0, timing
 
 
 def test_handoff_without_sync_reads_stale_kv():
     # Control: without the synchronisation the hand-off message goes out while the delayed KV write is
     # still queued, and the reader (another process, as the decode worker is) reads the stale value:
     # the test above fails when the sync is removed.
-    complete, seen = _handoff(sync=False)
-    assert not complete and seen == 0.0
+    complete, seen, timing = _handoff(sync=False)
+    assert not complete and seen == 0.0, (complete, seen, timing)
 
 
 def test_expandable_segments_refused(tiny_llama, monkeypatch):
