@@ -16,7 +16,7 @@ def _check(ok: bool, message: str) -> None:
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 16
-    kv_cache_memory_bytes: int | None = None  # explicit pool size; else derived (see runtime.kv_sizing)
+    kv_cache_memory_bytes: int | None = None  # explicit pool size; else measured (see runtime.memory)
     gpu_memory_utilization: float = 0.9  # the engine's share of the whole GPU
     enable_prefix_caching: bool = True
     cpu_kv_cache_bytes: int = 256 * 2**20  # the CPU default pool when nothing is given

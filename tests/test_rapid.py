@@ -130,6 +130,14 @@ def test_malformed_bytes_on_every_socket_crash_nothing(rapid_llm):
     assert len(run(rapid_llm, prompts(lengths=(5, 20)))[1]) == 12
 
 
+def test_startup_record_of_every_process(rapid_llm):
+    """The supervisor keeps each ready handshake; on the CPU there is no GPU peak and no memory plan."""
+    started = rapid_llm._client.started
+    assert set(started) == {"decode", "prefill", "core"}
+    assert all(r.max_reserved_bytes == 0 and r.allowed_bytes == {} for r in started.values())
+    assert started["decode"].num_blocks == rapid_llm._client.num_blocks
+
+
 def test_abort_through_the_pipeline_frees_every_block(rapid_llm):
     client = rapid_llm._client
     stats = client.get_stats()

@@ -7,6 +7,7 @@ budget), runs it, samples, and returns the RequestDeltas produced.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 
@@ -14,6 +15,10 @@ from rapid.config import EngineConfig
 from rapid.protocol import AddRequest, RequestDelta, SeqWork, Stats
 from rapid.runtime.block_manager import BlockManager
 from rapid.runtime.loading import allocate_kv_pool, load_model, num_kv_blocks, resolve_device
+from rapid.runtime.memory import (
+    ProcessMemory, check_process_memory, max_reserved_bytes, non_torch_bytes, process_memory, profile_forward_memory,
+    rounded,
+)
 from rapid.runtime.model_runner import ModelRunner
 from rapid.runtime.output_processor import OutputProcessor
 from rapid.runtime.request import Request
@@ -46,12 +51,18 @@ class EngineCore:
         self.eos_token_ids = eos_token_ids
         t0 = time.perf_counter()
         model, dtype = load_model(config, self.device)
-        reserved = _process_reserved_bytes(self.device)
-        num_blocks = num_kv_blocks(config, model.config, dtype, self.device, reserved)
+        # CUDA: what this process holds after loading, and the measured needs of its largest steps.
+        self.held_bytes, self.memory_plan = measure_hybrid_memory(model, config, self.device)
+        num_blocks = num_kv_blocks(config, model.config, dtype, self.device, self.held_bytes,
+                                   [self.memory_plan] if self.memory_plan else [])
         kv_pool = allocate_kv_pool(model.config, num_blocks, config.cache.block_size, dtype, self.device)
         from rapid.compile import prepare_model
 
         graphs = prepare_model(model, kv_pool, config, decode_graphs=True, prefill_graphs=True)
+        # what torch may hold at most in this process by the plan (0: no plan, nothing to check)
+        self.allowed_bytes = (self.held_bytes + rounded(kv_pool.numel() * kv_pool.element_size())
+                              + self.memory_plan.torch_bytes) if self.memory_plan else 0
+        check_process_memory(f"hybrid engine (pid {os.getpid()})", max_reserved_bytes(self.device), self.allowed_bytes)
         self.runner = ModelRunner(model, kv_pool, config.cache.block_size, config.seed, graph_runners=graphs,
                                   eos_token_ids=eos_token_ids)
         self.blocks = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
@@ -118,11 +129,20 @@ class EngineCore:
         return deltas
 
 
-def _process_reserved_bytes(device) -> int:
-    """Memory this process holds on the GPU (weights, graphs' pools), not the device-wide usage."""
-    if device.type != "cuda":
-        return 0
+def measure_hybrid_memory(model, config: EngineConfig, device) -> tuple[int, ProcessMemory | None]:
+    """CUDA without kv_cache_memory_bytes: (bytes torch holds in this process once the model is loaded,
+    this process's measured ProcessMemory); (0, None) otherwise (the CPU, or a KV size given)."""
+    if device.type != "cuda" or config.cache.kv_cache_memory_bytes is not None:
+        return 0, None
     import torch
 
     torch.cuda.synchronize(device)
-    return torch.cuda.memory_reserved(device) + 2 * 2**30  # + headroom for activations and the CUDA context
+    torch.cuda.empty_cache()
+    held = torch.cuda.memory_reserved(device)  # the weights, the rope table, anything held before
+    s = config.scheduler
+    peaks = profile_forward_memory(model, device, s.max_num_batched_tokens, s.max_num_seqs, s.max_model_len,
+                                   config.cache.block_size)
+    # one process runs both step shapes and captures both kinds of graphs (decode, piecewise)
+    plan = process_memory("hybrid engine", peaks, non_torch_bytes(device), prefill=True, decode=True,
+                          graphs=not config.enforce_eager)
+    return held, plan

@@ -11,6 +11,7 @@ from rapid.attention.metadata import kv_pool_shape
 from rapid.config import EngineConfig
 from rapid.model.config import ModelConfig
 from rapid.model.loader import build_model, resolve_dtype
+from rapid.runtime.memory import ProcessMemory, describe, kv_budget_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +36,11 @@ def kv_block_bytes(model_cfg: ModelConfig, block_size: int, dtype: torch.dtype) 
 
 
 def num_kv_blocks(config: EngineConfig, model_cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-                  reserved_bytes: int = 0) -> int:
+                  weight_bytes: int = 0, processes: list[ProcessMemory] | None = None) -> int:
     """Blocks in the pool: from kv_cache_memory_bytes, else from the GPU share, else the CPU default.
 
-    On the GPU the budget is gpu_memory_utilization * total memory minus what this engine's processes
-    already hold (weights, activations: `reserved_bytes`, measured per process), never a device-wide
+    On the GPU the budget is gpu_memory_utilization * total memory minus the weights and what each of
+    the engine's processes measured it needs (`processes`, see rapid.runtime.memory), never a device-wide
     free-memory difference, since two workers share the GPU.
     """
     cache = config.cache
@@ -48,13 +49,10 @@ def num_kv_blocks(config: EngineConfig, model_cfg: ModelConfig, dtype: torch.dty
         budget = cache.kv_cache_memory_bytes
     elif device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
-        budget = int(total * cache.gpu_memory_utilization) - reserved_bytes
-        if budget < per_block:
-            raise ValueError(
-                f"gpu_memory_utilization={cache.gpu_memory_utilization} of {total / 2**30:.1f} GiB leaves "
-                f"{budget / 2**30:.2f} GiB after {reserved_bytes / 2**30:.2f} GiB of weights and activations: "
-                "no room for the KV cache (raise gpu_memory_utilization)"
-            )
+        budget = kv_budget_bytes(total, cache.gpu_memory_utilization, weight_bytes, processes or [], per_block)
+        logger.info("KV sizing on %s: %.2f GiB x %g - weights %.2f GiB - (%s) = %.2f GiB for the KV cache", device,
+                    total / 2**30, cache.gpu_memory_utilization, weight_bytes / 2**30, describe(processes or []),
+                    budget / 2**30)
     else:
         budget = cache.cpu_kv_cache_bytes
     blocks = budget // per_block

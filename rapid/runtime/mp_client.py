@@ -28,6 +28,7 @@ from rapid.protocol import (
 )
 from rapid.runtime import ipc
 from rapid.runtime.client import EngineClient, EngineDeadError
+from rapid.runtime.memory import check_process_memory
 from rapid.runtime.shared import unlink_shm
 from rapid.runtime.workers import WorkerArgs, encode_args
 
@@ -72,6 +73,7 @@ class RapidClient(EngineClient):
         self.out = ipc.Channel(self.ctx, zmq.PULL, self.endpoints["core_out"], bind=True, decode_type=CoreOutput)
         self.inp = None
         self.worker_lines: dict[str, ipc.Channel] = {}  # direct lines to the workers, for shutdown only
+        self.started: dict[str, WorkerReady] = {}  # every process's ready handshake (pid, KV blocks, memory peak)
         self.mps = None
         try:
             self.devices = self._devices()
@@ -109,6 +111,7 @@ class RapidClient(EngineClient):
             msg = self.ready.recv(timeout_ms=POLL_MS)
             if isinstance(msg, WorkerReady):
                 got[msg.name] = msg
+                self.started[msg.name] = msg
             for child in children:
                 if child.name not in got and not child.alive():
                     raise RuntimeError(
@@ -152,8 +155,15 @@ class RapidClient(EngineClient):
                              for n in ("prefill", "decode")}
         if self.mps is not None:
             self.mps.check_clients([c.process.pid for c in self.children if c.name in ("decode", "prefill")])
+        self._check_memory()
         logger.info("rapid engine ready in %.1fs (%d KV blocks; sockets in %s)", time.perf_counter() - t0,
                     self.num_blocks, self.dir)
+
+    def _check_memory(self) -> None:
+        """Warn about a worker whose peak torch memory at start-up went past what the KV sizing allowed it."""
+        plan = {name: n for ready in self.started.values() for name, n in ready.allowed_bytes.items()}
+        for name, ready in self.started.items():
+            check_process_memory(f"{name} process (pid {ready.pid})", ready.max_reserved_bytes, plan.get(name, 0))
 
     def _track_arena(self, ready: WorkerReady) -> None:
         """Remember a /dev/shm segment so that it is removed even if its owner gets killed."""

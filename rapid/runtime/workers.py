@@ -23,13 +23,14 @@ from rapid.protocol import (
 )
 from rapid.runtime import ipc
 from rapid.runtime.loading import kv_block_bytes, make_attention_backend, num_kv_blocks, resolve_device
+from rapid.runtime.memory import (
+    ProcessMemory, max_reserved_bytes, non_torch_bytes, process_memory, profile_forward_memory, rounded,
+)
 from rapid.runtime.model_runner import ModelRunner
 from rapid.runtime.request import Request
 from rapid.runtime.shared import ArenaHandle, SharedArena, plan_layout
 
 logger = logging.getLogger(__name__)
-
-GPU_WORKER_RESERVE_BYTES = 3 * 2**30  # per worker: CUDA context, activations, graph pools (estimate)
 
 
 @dataclass
@@ -67,6 +68,33 @@ def arena_layout(config: EngineConfig, model_cfg: ModelConfig, dtype: torch.dtyp
     return plan_layout(entries)
 
 
+def profile_for_arena(config: EngineConfig, model_cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+                      roles: tuple[str, ...]) -> tuple[int, list[ProcessMemory]]:
+    """The owner, before the arena exists (its size depends on the KV budget): profile a throw-away model
+    (empty weights in private memory) for each process named in `roles`, measure the memory outside torch
+    (while this is the engine's only CUDA process), and free it all.
+
+    Returns (bytes each process holds outside the arena: its rope table, the processes' figures);
+    (0, []) on the CPU or when kv_cache_memory_bytes is given.
+    """
+    if device.type != "cuda" or config.cache.kv_cache_memory_bytes is not None:
+        return 0, []
+    sched = config.scheduler
+    views = {name: torch.empty(shape, dtype=dt, device=device) for name, shape, dt in parameter_specs(model_cfg, dtype)}
+    before = torch.cuda.memory_allocated(device)
+    model = build_model(config.model, make_attention_backend(config, model_cfg, device), dtype, device,
+                        max_positions=sched.max_model_len, param_views=views, load=False)
+    private = torch.cuda.memory_allocated(device) - before
+    peaks = profile_forward_memory(model, device, sched.max_num_batched_tokens, sched.max_num_seqs,
+                                   sched.max_model_len, config.cache.block_size)
+    non_torch = non_torch_bytes(device)
+    del model, views
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)  # the peak reported at start-up covers the arena onwards
+    return private, [process_memory(role, peaks, non_torch, prefill=role == "prefill", decode=role == "decode",
+                                    graphs=not config.enforce_eager) for role in roles]
+
+
 class SharedModel:
     """The model and KV pool inside a shared arena: created by the owner, mapped by an importer."""
 
@@ -77,13 +105,21 @@ class SharedModel:
             torch.cuda.set_device(self.device)
         model_cfg = ModelConfig.from_folder(config.model)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        self.allowed_bytes: dict[str, int] = {}  # owner on CUDA: the torch bytes the KV sizing allows each process
+        private, processes = 0, []
         if owner:
+            # rapid: this arena serves both workers; disagg: this worker alone (each owns its GPU and arena).
+            roles = ("decode", "prefill") if config.mode == "rapid" else (args.name,)
+            private, processes = profile_for_arena(config, model_cfg, self.dtype, self.device, roles)
             _, weights = plan_layout(parameter_specs(model_cfg, self.dtype))
-            reserved = weights + 2 * GPU_WORKER_RESERVE_BYTES if self.device.type == "cuda" else 0
-            self.num_blocks = num_kv_blocks(config, model_cfg, self.dtype, self.device, reserved)
+            self.num_blocks = num_kv_blocks(config, model_cfg, self.dtype, self.device,
+                                            weights + private * len(processes), processes)
         else:
             self.num_blocks = args.num_blocks
         slots, total = arena_layout(config, model_cfg, self.dtype, self.num_blocks)
+        if processes:  # the owner's allocator holds the arena; an importer's does not (a CUDA IPC mapping)
+            self.allowed_bytes = {p.name: private + p.torch_bytes + (rounded(total) if p.name == args.name else 0)
+                                for p in processes}
         self.arena = SharedArena.create(total, self.device) if owner else SharedArena.open(args.arena, self.device)
         views = {name: self.arena.view(slot) for name, slot in slots.items()}
         self.kv_pool = views.pop("kv_pool")
@@ -171,7 +207,8 @@ def prefill_main(raw_args: bytes) -> None:
                                                                                       results, ready):
         owns = args.config.mode == "disagg"
         ready.send(WorkerReady(args.name, os.getpid(), arena=shared.arena.handle if owns else None,
-                               num_blocks=shared.num_blocks))
+                               num_blocks=shared.num_blocks, max_reserved_bytes=max_reserved_bytes(shared.device),
+                               allowed_bytes=shared.allowed_bytes))
         while True:
             msg = inbox.recv(timeout_ms=1000)
             if msg is None:
@@ -260,7 +297,9 @@ def decode_main(raw_args: bytes) -> None:
         if args.config.mode == "disagg":
             peer, loop.peer_kv = open_peer_pool(args, torch.device(args.arena.cuda_args[0]) if args.arena.kind == "cuda"
                                                 else shared.device)
-        ready.send(WorkerReady(args.name, os.getpid(), arena=shared.arena.handle, num_blocks=shared.num_blocks))
+        ready.send(WorkerReady(args.name, os.getpid(), arena=shared.arena.handle, num_blocks=shared.num_blocks,
+                               max_reserved_bytes=max_reserved_bytes(shared.device),
+                               allowed_bytes=shared.allowed_bytes))
         while True:
             batch = loop.runnable()
             # Never wait for the core while there is work: poll without blocking between steps.
