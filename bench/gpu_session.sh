@@ -11,7 +11,7 @@ BATCHES=${BATCHES:-16,64}
 for stage in "$@"; do
   echo "=== $stage $(date +%T)"
   case $stage in
-    tests) python3 -m pytest -q -p no:cacheprovider --durations=10 tests/test_gpu_rapid.py tests/test_gpu_attention.py > $OUT/gpu-tests.log 2>&1; tail -30 $OUT/gpu-tests.log ;;
+    tests) python3 -m pytest -q -p no:cacheprovider --durations=10 tests/test_gpu_rapid.py tests/test_gpu_memory.py tests/test_gpu_attention.py > $OUT/gpu-tests.log 2>&1; tail -30 $OUT/gpu-tests.log ;;
     frontier-hybrid) python3 -m rapid.cli --log-level INFO bench frontier --model /tmp/llama8b --mode hybrid \
         --load-format dummy --chunks ${CHUNKS:-256,512,1024,2048,4096} --batches $BATCHES --ctx 1024 \
         --prefill-len 2048 --window-s ${WINDOW:-2} --max-model-len 4096 --output-json $OUT/frontier-hybrid.json 2>&1 | grep --line-buffered -v "it/s" ;;
@@ -22,8 +22,8 @@ for stage in "$@"; do
         --max-model-len 4096 --max-num-batched-tokens 2048 --prefill-sm-percentage ${PREFILL_PCT:-60} \
         --decode-sm-percentage ${DECODE_PCT:-40} --modes ${MODES:-hybrid,rapid} --dataset-name sharegpt-like \
         --num-prompts ${NUM_PROMPTS:-80} --request-rates ${RATES:-4,8,16} --max-tokens-cap ${CAP:-512} \
-        --goodput ttft:1000 tpot:50 --result-dir $OUT/serve-${MODES:-all} 2>&1 | tr '\r' '\n' | grep --line-buffered -v "it/s\]" ;;
-    offline) for mode in hybrid rapid; do python3 -m rapid.cli bench offline --model /tmp/llama8b --mode $mode \
+        --goodput ttft:1000 tpot:50 --seed ${SEED:-0} --result-dir $OUT/serve-${MODES:-all}${TAG:-} 2>&1 | tr '\r' '\n' | grep --line-buffered -v "it/s\]" ;;
+    offline) for mode in ${OFFLINE_MODES:-hybrid rapid}; do python3 -m rapid.cli bench offline --model /tmp/llama8b --mode $mode \
         --load-format dummy --skip-tokenizer-init --max-model-len 4096 --num-seqs ${NUM_SEQS:-256} --output-json $OUT/offline-$mode.json 2>&1 | grep --line-buffered -v "it/s" | tail -5; done ;;
   esac
 done

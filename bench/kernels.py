@@ -488,6 +488,7 @@ def main() -> None:
     refs: dict = {}
     with torch.inference_mode():
         model, backend = build_8b(cfg, max_positions=max(args.max_model_len, 8192) + 16)
+        default_sdpa = backend.prefill_sdpa_backends  # flash first (see TritonAttention)
         for variant in ("eager", "compiled", "compiled-cudnn-prefill"):
             if variant in skip or (variant.startswith("compiled") and "compiled" in skip):
                 continue
@@ -515,7 +516,7 @@ def main() -> None:
             except Exception as e:
                 traceback.print_exc()
                 report["errors"].append(f"{variant}: {e!r}"[:300])
-            backend.prefill_sdpa_backends = None
+            backend.prefill_sdpa_backends = default_sdpa
             save()
     save()
     print(markdown(report))

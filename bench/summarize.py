@@ -78,13 +78,13 @@ def frontier() -> None:
     (R / "frontier-h100.md").write_text("\n".join(lines) + "\n")
 
 
-SERVE_SESSION = "session7"  # 400 prompts, 8-96 req/s (session6: 80 prompts, 4-16 req/s, not saturated)
+SERVE_SESSION = "session9"  # 400 prompts, 8-96 req/s, flash prefill (session7: same with cuDNN prefill)
 
 
 def serve() -> None:
     modes, att = {}, {"1000/50": {}, "500/25": {}}
     for mode in ("hybrid", "rapid"):
-        data = json.loads((R / f"{SERVE_SESSION}/serve-{mode}/serve.json").read_text())
+        data = json.loads((R / f"{SERVE_SESSION}/serve-{mode}-flash/serve.json").read_text())
         entry = data["modes"][mode]
         modes[mode] = {"command": data["command"], "per_rate": []}
         for rate in entry["per_rate"]:
@@ -118,7 +118,7 @@ def serve() -> None:
         lines.append(f"- {slo}: " + ", ".join(
             f"{m} {g['rate']:.1f} req/s" + (" (lower bound)" if g.get("is_lower_bound") else "")
             + (" (below the lowest rate)" if g.get("below_range") else "") for m, g in d.items()))
-    lines += ["", f"Raw: `{SERVE_SESSION}/serve-{{hybrid,rapid}}/serve.json` (per-request records included)."]
+    lines += ["", f"Raw: `{SERVE_SESSION}/serve-{{hybrid,rapid}}-flash/serve.json` (per-request records included)."]
     (R / "serve-h100.md").write_text("\n".join(lines) + "\n")
 
 

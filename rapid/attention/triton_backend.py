@@ -166,8 +166,14 @@ class TritonAttention:
         self.max_splits = 64
         # Per-batch overrides of the four settings above: [(max_batch, {name: value})], first match wins.
         self.tuning: list[tuple[int, dict]] = list(DECODE_TUNING)
-        # Prefill: None = torch's SDPA choice (flash on Hopper); or a priority list of SDPBackend values.
-        self.prefill_sdpa_backends: list | None = None
+        # Prefill SDPA backends, in priority order (None = torch's own choice). Flash first: torch's own
+        # choice on an H100 is cuDNN, which builds an execution plan for every new (query, context) length
+        # pair, 40-65 ms median and up to 1.4 s each (bench/results/sdpa-probe-h100.json): every new prompt
+        # length in serving would stall its step. Math is the fallback for what flash cannot run (float32).
+        from torch.nn.attention import SDPBackend
+
+        self.prefill_sdpa_backends: list | None = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                                                   SDPBackend.MATH]
         self._num_sms: int | None = None
 
     # ------------------------------------------------------------------ helpers
