@@ -19,6 +19,8 @@ output is 0.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -265,17 +267,18 @@ class TritonAttention:
             keys, values = gather_context(kv_layer, block_table, seq_len)
         qh = q.transpose(0, 1)[None]  # [1, H, L, D]
         kh, vh = keys.transpose(0, 1)[None], values.transpose(0, 1)[None]  # [1, KVH, S, D]
-        gqa = self.num_heads != self.num_kv_heads
-        if self.prefill_sdpa_backends:
-            from torch.nn.attention import sdpa_kernel
+        return self._sdpa(qh, kh, vh, L, seq_len, self.num_heads != self.num_kv_heads)
 
-            try:
-                ctx = sdpa_kernel(self.prefill_sdpa_backends, set_priority=True)
-            except TypeError:  # older torch: no priorities
-                ctx = sdpa_kernel(self.prefill_sdpa_backends)
-            with ctx:
-                return self._sdpa(qh, kh, vh, L, seq_len, gqa)
-        return self._sdpa(qh, kh, vh, L, seq_len, gqa)
+    def _sdpa_backends(self):
+        """The context that restricts SDPA to prefill_sdpa_backends (entered once per forward)."""
+        if not self.prefill_sdpa_backends:
+            return contextlib.nullcontext()
+        from torch.nn.attention import sdpa_kernel
+
+        try:
+            return sdpa_kernel(self.prefill_sdpa_backends, set_priority=True)
+        except TypeError:  # older torch: no priorities
+            return sdpa_kernel(self.prefill_sdpa_backends)
 
     def _sdpa(self, qh, kh, vh, L: int, seq_len: int, gqa: bool) -> torch.Tensor:
         if L == seq_len:
@@ -306,16 +309,18 @@ class TritonAttention:
         if meta.num_prefills:
             starts = meta.query_start_loc_host or meta.query_start_loc.tolist()
             lens = meta.seq_lens_host or meta.seq_lens.tolist()
-            for i in range(nd, meta.num_seqs):
-                s, e = starts[i], starts[i + 1]
-                if e == s:
-                    continue
-                o = self.prefill(q[s:e], k[s:e], v[s:e], kv_layer, meta.block_tables[i], lens[i])[0].transpose(0, 1)
-                if single and s == 0 and e == q.shape[0] and o.is_contiguous():
-                    return o
-                if out is None:
-                    out = torch.empty_like(q)
-                out[s:e].copy_(o)
+            with self._sdpa_backends():
+                for i in range(nd, meta.num_seqs):
+                    s, e = starts[i], starts[i + 1]
+                    if e == s:
+                        continue
+                    o = self.prefill(q[s:e], k[s:e], v[s:e], kv_layer, meta.block_tables[i], lens[i])
+                    o = o[0].transpose(0, 1)
+                    if single and s == 0 and e == q.shape[0] and o.is_contiguous():
+                        return o
+                    if out is None:
+                        out = torch.empty_like(q)
+                    out[s:e].copy_(o)
         return torch.empty_like(q) if out is None else out
 
 __all__ = ["TritonAttention"]
