@@ -25,5 +25,6 @@ def select_backend(name: str, model_cfg, device: torch.device):
 
         return TritonAttention(*args)
     if name == "flashinfer":
-        raise ValueError("attention_backend 'flashinfer' is not implemented yet; use 'triton' (the default on CUDA)")
+        raise ValueError("attention_backend 'flashinfer' is not implemented: it could not be installed and tested on "
+                         "the GPUs this engine is validated on; use 'triton' (the default on CUDA)")
     raise ValueError(f"unknown attention_backend {name!r}; supported: auto, reference, triton, flashinfer")

@@ -16,8 +16,9 @@ projection + rope before each attention call; o_proj + residual + norm + MLP aft
 next layer's norm + qkv + rope); the attention backend runs between them, outside any compiled region.
 It turns about 40 small kernels per layer into a handful. Apply it before building a DecodeGraphRunner
 so the graphs capture the compiled kernels. Measured gain on an H100 at Llama-3.1-8B shapes
-(bench/results/kernels-h100.md): prefill of 2048 tokens 31.5k -> 37.9k tok/s, decode steps (CUDA graphs)
-batch 1 8.2 -> 6.4 ms, batch 64 12.5 -> 9.7 ms, batch 256 34.8 -> 31.7 ms.
+(bench/results/kernels-h100.md): prefill of 2048 tokens 31.5k -> 37.9k tok/s with every size symbolic,
+41.4k with only the token count symbolic (dynamic="tokens", the default; cuDNN SDPA); decode steps (CUDA
+graphs) batch 1 8.2 -> 6.2 ms, batch 64 12.5 -> 9.5 ms, batch 256 34.8 -> 31.1 ms.
 """
 
 from __future__ import annotations
