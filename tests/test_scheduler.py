@@ -29,6 +29,18 @@ def run_step(sched: Scheduler, token=5):
     return out, sched.update(out, sampled)
 
 
+def test_num_decodes_counts_requests_generating_not_one_token_prompts():
+    sched, _ = make_scheduler()
+    one, longer = make_request(prompt_len=1, max_tokens=3), make_request(prompt_len=6, max_tokens=3)
+    sched.add_request(one)
+    sched.add_request(longer)
+    out = sched.schedule()  # two prompts, one of a single token: no decode yet
+    assert out.num_decodes == 0 and out.num_batched_tokens == 7
+    sched.update(out, {c.request.request_id: 5 for c in out.chunks if c.samples})
+    out = sched.schedule()  # both now generate
+    assert out.num_decodes == 2 and out.num_batched_tokens == 2
+
+
 def test_prefill_then_decode_and_finish_frees_blocks():
     sched, bm = make_scheduler()
     req = make_request(prompt_len=10, max_tokens=3)

@@ -110,7 +110,7 @@ class EngineCore:
         t0 = time.time()
         sampled = self.runner.execute([chunk_work(c) for c in sched.chunks])
         t1 = time.time()
-        decodes = sum(1 for c in sched.chunks if c.num_tokens == 1 and c.request.output_token_ids)
+        decodes = sched.num_decodes
         self.step_intervals.append((t0, t1))
         self.step_decodes.append(decodes)
         self.step_prefill_tokens.append(sched.num_batched_tokens - decodes)

@@ -37,7 +37,8 @@ class SchedulerOutput:
 
     @property
     def num_decodes(self) -> int:
-        return sum(1 for c in self.chunks if c.num_tokens == 1)
+        """Requests generating their next output token (a one-token prompt chunk is not one)."""
+        return sum(1 for c in self.chunks if c.num_tokens == 1 and c.request.output_token_ids)
 
 
 def check_fits(req: Request, config: SchedulerConfig, blocks: BlockManager) -> None:
