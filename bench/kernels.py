@@ -499,9 +499,7 @@ def main() -> None:
                 if variant == "compiled":
                     compile_prefill(model, dynamic=True if args.compile_dynamic == "true" else "tokens")
                 if variant == "compiled-cudnn-prefill":  # prefill only: SDPA with cuDNN first, then flash
-                    from torch.nn.attention import SDPBackend
-
-                    backend.prefill_sdpa_backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
+                    backend.set_prefill_attention("cudnn")
                 v = report["model"].setdefault(variant, {})
                 pool, _, _ = decode_case(1, 8192, cfg, layers=cfg.num_layers, extra_blocks=0)
                 v["prefill"] = bench_prefill(model, cfg, variant, pool, refs, profile=variant != "eager")

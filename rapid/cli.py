@@ -26,6 +26,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="dummy: random weights at the config's shapes (benchmarks without a checkpoint)")
     p.add_argument("--skip-tokenizer-init", action="store_true", help="token ids in and out (no tokenizer files)")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "reference", "triton", "flashinfer"])
+    p.add_argument("--prefill-attention", default="flash", choices=["flash", "cudnn", "auto"],
+                   help="CUDA prefill SDPA kernel: flash (default: no per-shape set-up), cudnn (faster on repeated "
+                        "shapes, but builds a plan for every new length pair), auto (torch's choice)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -36,6 +39,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         enforce_eager=args.enforce_eager, prefill_sm_percentage=args.prefill_sm_percentage,
         decode_sm_percentage=args.decode_sm_percentage, seed=args.seed, load_format=args.load_format,
         skip_tokenizer_init=args.skip_tokenizer_init, attention_backend=args.attention_backend,
+        prefill_attention=args.prefill_attention,
     )
 
 

@@ -77,6 +77,7 @@ class EngineConfig:
     seed: int = 0
     enforce_eager: bool = False
     attention_backend: str = "auto"  # auto | reference | triton | flashinfer
+    prefill_attention: str = "flash"  # CUDA prefill SDPA: flash | cudnn | auto (torch's choice)
     load_format: str = "safetensors"  # or "dummy": random weights at the config's shapes (benchmarks)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -88,6 +89,8 @@ class EngineConfig:
                f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         _check(self.attention_backend in ("auto", "reference", "triton", "flashinfer"),
                f"attention_backend must be auto|reference|triton|flashinfer, got {self.attention_backend!r}")
+        _check(self.prefill_attention in ("flash", "cudnn", "auto"),
+               f"prefill_attention must be flash|cudnn|auto, got {self.prefill_attention!r}")
         _check(isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
         _check(self.load_format in ("safetensors", "dummy"),
                f"load_format must be 'safetensors' or 'dummy', got {self.load_format!r}")

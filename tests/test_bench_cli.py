@@ -13,8 +13,9 @@ def test_bench_offline_smoke(tiny_llama, tmp_path):
     out = tmp_path / "offline.json"
     assert main(["bench", "offline", "--model", str(tiny_llama), "--num-seqs", "4", "--min-input-len", "8",
                  "--max-input-len", "32", "--min-output-len", "4", "--max-output-len", "8",
-                 "--output-json", str(out)]) == 0
+                 "--prefill-attention", "cudnn", "--output-json", str(out)]) == 0
     result = json.loads(out.read_text())
+    assert "--prefill-attention=cudnn" in result["command"]  # accepted (the CPU's reference backend ignores it)
     assert result["num_seqs"] == 4 and result["output_tokens"] >= 16 and result["output_throughput_tok_s"] > 0
 
 

@@ -216,6 +216,8 @@ def test_unknown_keyword_and_bad_config_are_errors(tiny_llama):
         LLM(tiny_llama, gpu_memory_utilization=1.5)
     with pytest.raises(ValueError, match="mode"):
         LLM(tiny_llama, mode="fast")
+    with pytest.raises(ValueError, match="prefill_attention must be flash|cudnn|auto, got 'fa3'"):
+        LLM(tiny_llama, prefill_attention="fa3")
     with pytest.raises(ValueError, match="max_model_len"):
         LLM(tiny_llama, max_model_len=10**6)
     with pytest.raises(FileNotFoundError, match="not a local folder"):

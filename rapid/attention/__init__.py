@@ -11,8 +11,11 @@ from rapid.attention.reference import ReferenceAttention
 logger = logging.getLogger(__name__)
 
 
-def select_backend(name: str, model_cfg, device: torch.device):
-    """'auto' picks the Triton backend on CUDA and the reference backend on the CPU."""
+def select_backend(name: str, model_cfg, device: torch.device, prefill_attention: str = "flash"):
+    """'auto' picks the Triton backend on CUDA and the reference backend on the CPU.
+
+    prefill_attention (Triton backend): the SDPA kernel for prefill, "flash", "cudnn" or "auto" (torch's
+    choice); the reference backend ignores it."""
     args = (model_cfg.num_heads, model_cfg.num_kv_heads, model_cfg.head_dim, model_cfg.head_dim**-0.5)
     if name == "auto":
         name = "triton" if device.type == "cuda" else "reference"
@@ -23,7 +26,9 @@ def select_backend(name: str, model_cfg, device: torch.device):
     if name == "triton":
         from rapid.attention.triton_backend import TritonAttention
 
-        return TritonAttention(*args)
+        backend = TritonAttention(*args)
+        backend.set_prefill_attention(prefill_attention)
+        return backend
     if name == "flashinfer":
         raise ValueError("attention_backend 'flashinfer' is not implemented: it could not be installed and tested on "
                          "the GPUs this engine is validated on; use 'triton' (the default on CUDA)")

@@ -172,10 +172,8 @@ class TritonAttention:
         # choice on an H100 is cuDNN, which builds an execution plan for every new (query, context) length
         # pair, 40-65 ms median and up to 1.4 s each (bench/results/sdpa-probe-h100.json): every new prompt
         # length in serving would stall its step. Math is the fallback for what flash cannot run (float32).
-        from torch.nn.attention import SDPBackend
-
-        self.prefill_sdpa_backends: list | None = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                                                   SDPBackend.MATH]
+        self.prefill_sdpa_backends: list | None = None
+        self.set_prefill_attention("flash")
         self._num_sms: int | None = None
 
     # ------------------------------------------------------------------ helpers
@@ -268,6 +266,18 @@ class TritonAttention:
         qh = q.transpose(0, 1)[None]  # [1, H, L, D]
         kh, vh = keys.transpose(0, 1)[None], values.transpose(0, 1)[None]  # [1, KVH, S, D]
         return self._sdpa(qh, kh, vh, L, seq_len, self.num_heads != self.num_kv_heads)
+
+    def set_prefill_attention(self, choice: str) -> None:
+        """flash (default) | cudnn (cuDNN first, flash as its fallback) | auto (torch's own choice)."""
+        from torch.nn.attention import SDPBackend
+
+        lists = {"flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+                 "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                           SDPBackend.MATH],
+                 "auto": None}
+        if choice not in lists:
+            raise ValueError(f"prefill_attention must be flash|cudnn|auto, got {choice!r}")
+        self.prefill_sdpa_backends = lists[choice]
 
     def _sdpa_backends(self):
         """The context that restricts SDPA to prefill_sdpa_backends (entered once per forward)."""

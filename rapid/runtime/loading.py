@@ -27,7 +27,7 @@ def resolve_device(config: EngineConfig) -> torch.device:
 def make_attention_backend(config: EngineConfig, model_cfg: ModelConfig, device: torch.device):
     from rapid.attention import select_backend
 
-    return select_backend(config.attention_backend, model_cfg, device)
+    return select_backend(config.attention_backend, model_cfg, device, prefill_attention=config.prefill_attention)
 
 
 def kv_block_bytes(model_cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
