@@ -101,19 +101,12 @@ def _dealer(ctx: zmq.Context, address: str) -> zmq.Socket:
     return sock
 
 
-def _as_completion(msg: ServerMessage) -> Completion:
+def _expect(msg: ServerMessage, kind: type, request: str):
+    """The reply as `kind` (Completion or Delta); an ErrorReply or another message raises ServerError."""
     if isinstance(msg, ErrorReply):
         raise ServerError(msg.message, msg.client_request_id)
-    if not isinstance(msg, Completion):
-        raise ServerError(f"unexpected reply {type(msg).__name__} to a non-streamed request", msg.client_request_id)
-    return msg
-
-
-def _as_delta(msg: ServerMessage) -> Delta:
-    if isinstance(msg, ErrorReply):
-        raise ServerError(msg.message, msg.client_request_id)
-    if not isinstance(msg, Delta):
-        raise ServerError(f"unexpected reply {type(msg).__name__} to a streamed request", msg.client_request_id)
+    if not isinstance(msg, kind):
+        raise ServerError(f"unexpected reply {type(msg).__name__} to a {request} request", msg.client_request_id)
     return msg
 
 
@@ -178,7 +171,7 @@ class Client:
             self._send(req)
             msg = self._next(cid)
             done = True
-            return _as_completion(msg)
+            return _expect(msg, Completion, "non-streamed")
         finally:
             del self._inbox[cid]
             if not done and not self._closed:  # interrupted or timed out: free the engine
@@ -194,7 +187,7 @@ class Client:
                 msg = self._next(cid)
                 if isinstance(msg, ErrorReply) or (isinstance(msg, Delta) and msg.finished):
                     done = True
-                delta = _as_delta(msg)
+                delta = _expect(msg, Delta, "streamed")
                 yield delta
                 if done:
                     return
@@ -318,7 +311,7 @@ class AsyncClient:
             await self._send(req)
             msg = await self._next(cid)
             done = True
-            return _as_completion(msg)
+            return _expect(msg, Completion, "non-streamed")
         finally:
             del self._inbox[cid]
             if not done and not self._closed:
@@ -334,7 +327,7 @@ class AsyncClient:
                 msg = await self._next(cid)
                 if isinstance(msg, ErrorReply) or (isinstance(msg, Delta) and msg.finished):
                     done = True
-                delta = _as_delta(msg)
+                delta = _expect(msg, Delta, "streamed")
                 yield delta
                 if done:
                     return
