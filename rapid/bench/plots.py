@@ -50,6 +50,16 @@ def _mode_colors(modes: Sequence[str]) -> dict[str, Any]:
     return {mode: cycle[i % len(cycle)] for i, mode in enumerate(modes)}
 
 
+def _plot_modes(ax, series: Mapping[str, Sequence[tuple]]) -> dict[str, Any]:
+    """One marked line per mode through its (x, y, ...) points in order of (x, y); returns the mode colours."""
+    colors = _mode_colors(list(series))
+    for i, (mode, points) in enumerate(series.items()):
+        pts = sorted(points, key=lambda p: (p[0], p[1]))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=_MARKERS[i % len(_MARKERS)], color=colors[mode],
+                label=mode)
+    return colors
+
+
 def plot_attainment(
     results: Mapping[str, Sequence[tuple[float, float]]],
     path: str | Path,
@@ -71,16 +81,7 @@ def plot_attainment(
 
     fig = _new_figure()
     ax = fig.add_subplot()
-    colors = _mode_colors(list(results))
-    for i, (mode, points) in enumerate(results.items()):
-        pts = sorted(points)
-        ax.plot(
-            [p[0] for p in pts],
-            [p[1] for p in pts],
-            marker=_MARKERS[i % len(_MARKERS)],
-            color=colors[mode],
-            label=mode,
-        )
+    _plot_modes(ax, results)
     if target is not None:
         ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.0%}")
     ax.set_ylim(0, 1.05)
@@ -172,16 +173,8 @@ def plot_frontier(
     """
     fig = _new_figure()
     ax = fig.add_subplot()
-    colors = _mode_colors(list(points))
-    for i, (mode, pts) in enumerate(points.items()):
-        pts = sorted(pts, key=lambda p: p[0])
-        ax.plot(
-            [p[0] for p in pts],
-            [p[1] for p in pts],
-            marker=_MARKERS[i % len(_MARKERS)],
-            color=colors[mode],
-            label=mode,
-        )
+    colors = _plot_modes(ax, points)
+    for mode, pts in points.items():
         for tpot, tok_s, label in pts:
             if label:
                 ax.annotate(
