@@ -41,3 +41,27 @@ def kv_pool_shape(
     num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
 ) -> tuple[int, ...]:
     return (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
+
+
+def allocate_kv_pool(model_cfg, num_blocks: int, block_size: int, dtype: torch.dtype,
+                     device: torch.device) -> torch.Tensor:
+    """A zeroed pool [L, 2, num_blocks, block_size, KVH, D] for a model config (unwritten slots stay finite)."""
+    shape = kv_pool_shape(model_cfg.num_layers, num_blocks, block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def write_nothing_metadata(lens: list[int], num_decodes: int, max_seq_len: int, block_size: int,
+                           device: torch.device) -> AttentionMetadata:
+    """Sequences of `lens` new tokens from position 0 that write no KV (every slot -1) and whose block
+    tables are all 0 (reads hit block 0): for warm-up and profiling steps."""
+    starts = [0]
+    for n in lens:
+        starts.append(starts[-1] + n)
+    width = -(-max_seq_len // block_size)
+    return AttentionMetadata(
+        slot_mapping=torch.full((starts[-1],), -1, dtype=torch.int64, device=device),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
+        block_tables=torch.zeros((len(lens), width), dtype=torch.int32, device=device),
+        num_decodes=num_decodes, max_seq_len=max_seq_len, query_start_loc_host=starts, seq_lens_host=list(lens),
+    )

@@ -36,17 +36,11 @@ def warm_up(model, kv_pool, lengths=(16, 1)) -> None:
     """
     import torch
 
-    from rapid.attention.metadata import AttentionMetadata
+    from rapid.attention.metadata import write_nothing_metadata
 
     dev = kv_pool.device
     with torch.inference_mode():
         for n in lengths:
-            meta = AttentionMetadata(
-                slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=dev),
-                query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=dev),
-                seq_lens=torch.tensor([n], dtype=torch.int32, device=dev),
-                block_tables=torch.zeros((1, 1), dtype=torch.int32, device=dev),
-                num_decodes=1 if n == 1 else 0, max_seq_len=n, query_start_loc_host=[0, n], seq_lens_host=[n],
-            )
+            meta = write_nothing_metadata([n], 1 if n == 1 else 0, n, kv_pool.shape[3], dev)
             model(torch.zeros(n, dtype=torch.int64, device=dev), torch.arange(n, device=dev), kv_pool, meta)
     torch.cuda.synchronize(dev)

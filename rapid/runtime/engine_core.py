@@ -14,7 +14,8 @@ from collections import deque
 from rapid.config import EngineConfig
 from rapid.protocol import AddRequest, RequestDelta, SeqWork, Stats
 from rapid.runtime.block_manager import BlockManager
-from rapid.runtime.loading import allocate_kv_pool, load_model, num_kv_blocks, resolve_device
+from rapid.attention.metadata import allocate_kv_pool
+from rapid.runtime.loading import load_model, num_kv_blocks, resolve_device
 from rapid.runtime.memory import (
     ProcessMemory, check_process_memory, max_reserved_bytes, non_torch_bytes, process_memory, profile_forward_memory,
     rounded,

@@ -7,7 +7,6 @@ import os
 
 import torch
 
-from rapid.attention.metadata import kv_pool_shape
 from rapid.config import EngineConfig
 from rapid.model.config import ModelConfig
 from rapid.model.loader import build_model, resolve_dtype
@@ -59,12 +58,6 @@ def num_kv_blocks(config: EngineConfig, model_cfg: ModelConfig, dtype: torch.dty
     if blocks < 1:
         raise ValueError(f"KV budget {budget} bytes is smaller than one block ({per_block} bytes)")
     return blocks
-
-
-def allocate_kv_pool(model_cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                     device: torch.device) -> torch.Tensor:
-    shape = kv_pool_shape(model_cfg.num_layers, num_blocks, block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
-    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 def load_model(config: EngineConfig, device: torch.device):

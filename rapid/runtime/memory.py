@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rapid.attention.metadata import AttentionMetadata, kv_pool_shape
+from rapid.attention.metadata import allocate_kv_pool, write_nothing_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -130,27 +130,8 @@ def _measure_peak(fn, device: torch.device) -> int:
 
 def scratch_kv_pool(model, block_size: int, num_blocks: int = 2) -> torch.Tensor:
     """A tiny KV pool of the real layout for profiling: [L, 2, num_blocks, BS, KVH, D], zeros."""
-    cfg = model.config
     w = model.embed_tokens.weight
-    shape = kv_pool_shape(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-    return torch.zeros(shape, dtype=w.dtype, device=w.device)
-
-
-def _batch_meta(lens: list[int], num_decodes: int, max_seq_len: int, block_size: int,
-                device: torch.device) -> AttentionMetadata:
-    """Metadata of sequences of `lens` new tokens from position 0; every slot -1 (nothing is written) and
-    every block-table entry 0 (reads hit the scratch pool's block 0)."""
-    starts = [0]
-    for n in lens:
-        starts.append(starts[-1] + n)
-    width = -(-max_seq_len // block_size)
-    return AttentionMetadata(
-        slot_mapping=torch.full((starts[-1],), -1, dtype=torch.int64, device=device),
-        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
-        seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
-        block_tables=torch.zeros((len(lens), width), dtype=torch.int32, device=device),
-        num_decodes=num_decodes, max_seq_len=max_seq_len, query_start_loc_host=starts, seq_lens_host=list(lens),
-    )
+    return allocate_kv_pool(model.config, num_blocks, block_size, w.dtype, w.device)
 
 
 def _worst_case_sampling(num_rows: int, vocab_size: int, device: torch.device):
@@ -177,7 +158,7 @@ def run_profile_step(model, kv_pool: torch.Tensor, lens: list[int], num_decodes:
 
     device = kv_pool.device
     block_size = kv_pool.shape[3]
-    meta = _batch_meta(lens, num_decodes, max_seq_len, block_size, device)
+    meta = write_nothing_metadata(lens, num_decodes, max_seq_len, block_size, device)
     T = sum(lens)
     positions = torch.cat([torch.arange(n, device=device) for n in lens])  # [T]
     with torch.inference_mode():
