@@ -26,9 +26,7 @@ def select_backend(name: str, model_cfg, device: torch.device, prefill_attention
     if name == "triton":
         from rapid.attention.triton_backend import TritonAttention
 
-        backend = TritonAttention(*args)
-        backend.set_prefill_attention(prefill_attention)
-        return backend
+        return TritonAttention(*args, prefill_attention=prefill_attention)
     if name == "flashinfer":
         raise ValueError("attention_backend 'flashinfer' is not implemented: it could not be installed and tested on "
                          "the GPUs this engine is validated on; use 'triton' (the default on CUDA)")

@@ -154,7 +154,8 @@ class TritonAttention:
     name = "triton"
     cuda_graph_capturable = True  # decode + store: no host syncs, launch shapes from host bounds only
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 prefill_attention: str = "flash"):
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
@@ -173,7 +174,7 @@ class TritonAttention:
         # pair, 40-65 ms median and up to 1.4 s each (bench/results/sdpa-probe-h100.json): every new prompt
         # length in serving would stall its step. Math is the fallback for what flash cannot run (float32).
         self.prefill_sdpa_backends: list | None = None
-        self.set_prefill_attention("flash")
+        self.set_prefill_attention(prefill_attention)
         self._num_sms: int | None = None
 
     # ------------------------------------------------------------------ helpers
