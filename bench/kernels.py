@@ -71,7 +71,7 @@ def ceilings() -> dict:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     ms = median_ms(lambda: a @ b, 20)
-    del x, y, a, b
+    x = y = a = b = None  # free them (the timed lambdas hold them)
     torch.cuda.empty_cache()
     return {"copy_TBps": round(copy_bps / 1e12, 3), "matmul_bf16_TFLOPs": round(2 * 8192**3 / (ms / 1e3) / 1e12, 1)}
 
@@ -179,7 +179,7 @@ def bench_attention(cfg: ModelConfig, shapes, sweep: bool, bound: int) -> dict:
         d = entry["default"]
         print(f"attention B={B} ctx={ctx} (graphed): default {d.get('us')} us ({d.get('TBps')} TB/s), "
               f"best {entry['best']}, SDPA contiguous {entry['sdpa_contiguous']}", flush=True)
-        del cases, kvs
+        cases = kvs = None  # free them (run_cfg holds them)
         torch.cuda.empty_cache()
     return res
 
@@ -333,7 +333,7 @@ def bench_decode(model, backend, cfg, variant: str, best: dict, apply_best: bool
             if isinstance(res[key].get("profile_replay"), dict):
                 print("   profile", res[key]["profile_replay"]["families_ms"], flush=True)
             backend.tuning = saved_tuning
-            del runner
+            runner = None  # free its graphs (step holds it)
             torch.cuda.empty_cache()
         del pool
         torch.cuda.empty_cache()
@@ -445,7 +445,7 @@ def main() -> None:
     ap.add_argument("--apply-best", action="store_true", help="use the sweep's best config per decode shape")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: attention,eager,compiled")
     ap.add_argument("--compile-dynamic", default="true", choices=["true", "tokens"],
-                    help="compile_prefill(dynamic=...): true = every size symbolic; tokens = only T symbolic")
+                    help="model.compile_pieces(dynamic=...): true = every size symbolic; tokens = only T symbolic")
     ap.add_argument("--max-model-len", type=int, default=4096, help="the graphs' host bound of the context")
     ap.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
     args = ap.parse_args()
@@ -494,10 +494,8 @@ def main() -> None:
                 continue
             t0 = time.perf_counter()
             try:
-                from rapid.compile.cuda_graphs import compile_prefill
-
                 if variant == "compiled":
-                    compile_prefill(model, dynamic=True if args.compile_dynamic == "true" else "tokens")
+                    model.compile_pieces(dynamic=True if args.compile_dynamic == "true" else "tokens")
                 if variant == "compiled-cudnn-prefill":  # prefill only: SDPA with cuDNN first, then flash
                     backend.set_prefill_attention("cudnn")
                 v = report["model"].setdefault(variant, {})

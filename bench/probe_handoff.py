@@ -4,8 +4,8 @@ CHILD = r'''
 import sys, time, msgspec, torch
 variant = sys.argv[1]
 if variant in ("workers", "workers_nofill"):
-    from rapid.runtime.workers import _sync  # noqa: F401
-from rapid.runtime.shared import ArenaHandle, SharedArena
+    from rapid.worker.workers import _sync  # noqa: F401
+from rapid.worker.arena import ArenaHandle, SharedArena
 handle = msgspec.msgpack.decode(sys.stdin.buffer.read(), type=ArenaHandle)
 dev = torch.device("cuda", 0)
 arena = SharedArena.open(handle, dev)
@@ -22,7 +22,7 @@ t2 = time.perf_counter()
 q = torch.cuda.current_stream(dev).query()
 print(f"{variant}: mm loop {1e3*(t1-t0):.1f} ms, fill {1e3*(t2-t1):.1f} ms, query {q}", flush=True)
 '''
-from rapid.runtime.shared import SharedArena
+from rapid.worker.arena import SharedArena
 arena = SharedArena.create(1 << 22, torch.device("cuda", 0))
 arena.buffer[: 1 << 20].view(torch.float32).zero_()
 torch.cuda.synchronize()

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from rapid import LLM
-from rapid.batch import run_file
+from rapid.entrypoints.batch import run_file
 
 LINES = [
     {"id": "france", "prompt": "The capital of France is", "max_tokens": 16},

@@ -1,11 +1,31 @@
-"""Engine configuration: frozen dataclasses, validated once at the edge (ValueError quoting the numbers)."""
+"""Engine configuration, written once.
+
+EngineArgs is every option a user sets (LLM's keyword arguments, the CLI's engine flags), each with its
+default and help text; EngineArgs.create_engine_config() turns it into the frozen, validated EngineConfig
+(CacheConfig, SchedulerConfig, RapidConfig) that the engine reads. Defaults live in those sub-configs and
+EngineArgs reads them from there. Errors in user values are ValueErrors quoting the numbers.
+No torch and no transformers here: the client, the protocol and the CLI import this module.
+"""
 
 from __future__ import annotations
 
+import argparse
+import difflib
+import inspect
 import math
-from dataclasses import dataclass, field
+import typing
+from dataclasses import MISSING, Field, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from rapid.model.config import ModelConfig
 
 MODES = ("hybrid", "rapid", "disagg")
+DTYPES = ("auto", "float32", "float", "bfloat16", "float16", "half")
+ATTENTION_BACKENDS = ("auto", "reference", "triton", "flashinfer")
+PREFILL_ATTENTIONS = ("flash", "cudnn", "auto")
+LOAD_FORMATS = ("safetensors", "dummy")
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
 def _check(ok: bool, message: str) -> None:
@@ -13,23 +33,37 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_bool(obj: Any, name: str) -> None:
+    v = getattr(obj, name)
+    _check(isinstance(v, bool), f"{name} must be True or False, got {v!r}")
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 16
-    kv_cache_memory_bytes: int | None = None  # explicit pool size; else measured (see runtime.memory)
+    kv_cache_memory_bytes: int | None = None  # explicit pool size; else measured (see worker.memory)
     gpu_memory_utilization: float = 0.9  # the engine's share of the whole GPU
     enable_prefix_caching: bool = True
     cpu_kv_cache_bytes: int = 256 * 2**20  # the CPU default pool when nothing is given
 
     def __post_init__(self):
-        _check(isinstance(self.block_size, int) and self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
+        _check(_is_int(self.block_size) and self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
                f"block_size must be a positive power of two, got {self.block_size!r}")
-        _check(self.kv_cache_memory_bytes is None or (isinstance(self.kv_cache_memory_bytes, int)
+        _check(self.kv_cache_memory_bytes is None or (_is_int(self.kv_cache_memory_bytes)
                                                         and self.kv_cache_memory_bytes > 0),
                f"kv_cache_memory_bytes must be a positive integer, got {self.kv_cache_memory_bytes!r}")
         u = self.gpu_memory_utilization
-        _check(isinstance(u, (int, float)) and math.isfinite(u) and 0 < u <= 1,
+        _check(_is_number(u) and math.isfinite(u) and 0 < u <= 1,
                f"gpu_memory_utilization must be in (0, 1], got {u!r}")
+        _check_bool(self, "enable_prefix_caching")
 
 
 @dataclass(frozen=True)
@@ -41,7 +75,7 @@ class SchedulerConfig:
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             v = getattr(self, name)
-            _check(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"{name} must be a positive integer, got {v!r}")
+            _check(_is_int(v) and v > 0, f"{name} must be a positive integer, got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -58,12 +92,14 @@ class RapidConfig:
     def __post_init__(self):
         for name in ("prefill_sm_percentage", "decode_sm_percentage"):
             v = getattr(self, name)
-            _check(isinstance(v, int) and 1 <= v <= 100, f"{name} must be an integer in [1, 100], got {v!r}")
-        _check(self.worker_start_timeout_s > 0, f"worker_start_timeout_s must be > 0, got {self.worker_start_timeout_s}")
-        _check(self.tpot_target_ms is None or (isinstance(self.tpot_target_ms, (int, float))
+            _check(_is_int(v) and 1 <= v <= 100, f"{name} must be an integer in [1, 100], got {v!r}")
+        _check(_is_number(self.worker_start_timeout_s) and self.worker_start_timeout_s > 0,
+               f"worker_start_timeout_s must be > 0, got {self.worker_start_timeout_s!r}")
+        _check_bool(self, "use_mps")
+        _check(self.tpot_target_ms is None or (_is_number(self.tpot_target_ms)
                                                  and math.isfinite(self.tpot_target_ms) and self.tpot_target_ms > 0),
                f"tpot_target_ms must be a positive number or None, got {self.tpot_target_ms!r}")
-        _check(isinstance(self.decode_lookahead_blocks, int) and self.decode_lookahead_blocks >= 1,
+        _check(_is_int(self.decode_lookahead_blocks) and self.decode_lookahead_blocks >= 1,
                f"decode_lookahead_blocks must be >= 1, got {self.decode_lookahead_blocks!r}")
 
 
@@ -85,12 +121,201 @@ class EngineConfig:
 
     def __post_init__(self):
         _check(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
-        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+        _check(not isinstance(self.dtype, str) or self.dtype in DTYPES,
+               f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        _check(isinstance(self.device, str) and (self.device in ("auto", "cpu", "cuda") or
+                                                 self.device.startswith("cuda:") and self.device[5:].isdigit()),
                f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
-        _check(self.attention_backend in ("auto", "reference", "triton", "flashinfer"),
-               f"attention_backend must be auto|reference|triton|flashinfer, got {self.attention_backend!r}")
-        _check(self.prefill_attention in ("flash", "cudnn", "auto"),
-               f"prefill_attention must be flash|cudnn|auto, got {self.prefill_attention!r}")
-        _check(isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
-        _check(self.load_format in ("safetensors", "dummy"),
-               f"load_format must be 'safetensors' or 'dummy', got {self.load_format!r}")
+        _check(self.attention_backend in ATTENTION_BACKENDS,
+               f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        _check(self.prefill_attention in PREFILL_ATTENTIONS,
+               f"prefill_attention must be one of {PREFILL_ATTENTIONS}, got {self.prefill_attention!r}")
+        _check(_is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
+        _check(self.load_format in LOAD_FORMATS,
+               f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+        _check_bool(self, "enforce_eager")
+
+
+def resolve_model_path(model: str | Path | None) -> str:
+    """A model folder; None means the bundled default (SmolLM2-135M-Instruct, converted once)."""
+    if model is None:
+        from rapid.model.default_model import default_model_path
+
+        return str(default_model_path())
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"model {str(model)!r} is not a local folder; give a Hugging Face model folder (config.json + "
+            "*.safetensors + tokenizer files) or no model for the bundled default"
+        )
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json in the model folder")
+    return str(path)
+
+
+def _shared(owner: type, name: str, help: str, **meta: Any) -> Any:
+    """An EngineArgs field whose default is `owner`'s field `name`: defaults are written once, in the sub-configs.
+    Metadata: help; optionally choices, gpu_only, metavar, and none (what a default of None means)."""
+    default = owner.__dataclass_fields__[name].default
+    if default is MISSING:
+        raise TypeError(f"{owner.__name__}.{name} has no default to share")
+    return field(default=default, metadata={"help": help, **meta})
+
+
+def _own(default: Any, help: str, **meta: Any) -> Any:
+    """An EngineArgs field that no sub-config holds (it is resolved by create_engine_config)."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class EngineArgs:
+    """Every user-settable engine option, once: LLM's keyword arguments and the CLI's engine flags."""
+
+    model: str | None = _own(
+        None, "Hugging Face model folder (config.json + *.safetensors + tokenizer files)",
+        none=f"the bundled {DEFAULT_MODEL_NAME}, converted once, then cached", metavar="FOLDER")
+    tokenizer: str | None = _own(None, "tokenizer folder", none="the model folder", metavar="FOLDER")
+    skip_tokenizer_init: bool = _own(
+        False, "load no tokenizer: token ids in and out (text prompts and chat are refused)")
+    mode: str = _shared(
+        EngineConfig, "mode", "hybrid: one worker, decode steps with prefill chunks; rapid: prefill and decode "
+        "workers at once on one device; disagg: prefill and decode workers on two GPUs", choices=MODES)
+    dtype: str = _shared(
+        EngineConfig, "dtype", "weight and activation dtype; auto: float32 on the CPU, bfloat16 on the GPU",
+        choices=DTYPES)
+    device: str = _shared(EngineConfig, "device", "auto (CUDA when available), cpu, cuda or cuda:N")
+    load_format: str = _shared(
+        EngineConfig, "load_format", "safetensors: the folder's weights; dummy: random weights at the config's "
+        "shapes (benchmarks without a checkpoint)", choices=LOAD_FORMATS)
+    seed: int = _shared(EngineConfig, "seed", "seed of the engine's sampler (requests without their own seed)")
+    max_model_len: int | None = _own(
+        None, "most tokens of one sequence (prompt + output), at most the model's max_position_embeddings",
+        none="max_position_embeddings")
+    max_num_seqs: int = _shared(SchedulerConfig, "max_num_seqs", "most sequences running at once (the decode batch)")
+    max_num_batched_tokens: int = _shared(
+        SchedulerConfig, "max_num_batched_tokens", "token budget of one hybrid step or one prefill launch")
+    block_size: int = _shared(CacheConfig, "block_size", "tokens per KV-cache block (a power of two)")
+    kv_cache_memory_bytes: int | None = _shared(
+        CacheConfig, "kv_cache_memory_bytes", "KV-cache pool size in bytes", metavar="BYTES",
+        none=f"measured on the GPU (see gpu_memory_utilization), {CacheConfig.cpu_kv_cache_bytes >> 20} MiB on the CPU")
+    gpu_memory_utilization: float = _shared(
+        CacheConfig, "gpu_memory_utilization", "the engine's share of the whole GPU memory, in (0, 1]; the KV cache "
+        "gets what weights and activations leave of it", gpu_only=True)
+    enable_prefix_caching: bool = _shared(
+        CacheConfig, "enable_prefix_caching", "reuse the KV blocks of prompt prefixes already computed")
+    enforce_eager: bool = _shared(
+        EngineConfig, "enforce_eager", "run eagerly: no compilation and no CUDA graphs (quicker start, slower steps)",
+        gpu_only=True)
+    attention_backend: str = _shared(
+        EngineConfig, "attention_backend", "auto: triton on CUDA, reference on the CPU", choices=ATTENTION_BACKENDS)
+    prefill_attention: str = _shared(
+        EngineConfig, "prefill_attention", "prefill SDPA kernel of the triton backend: flash (no per-shape set-up), "
+        "cudnn (faster on repeated shapes, but plans every new length pair), auto (torch's choice)",
+        choices=PREFILL_ATTENTIONS, gpu_only=True)
+    prefill_sm_percentage: int = _shared(
+        RapidConfig, "prefill_sm_percentage", "mode rapid: percentage of the SMs the prefill worker may use "
+        "(CUDA_MPS_ACTIVE_THREAD_PERCENTAGE)", gpu_only=True)
+    decode_sm_percentage: int = _shared(
+        RapidConfig, "decode_sm_percentage", "mode rapid: percentage of the SMs the decode worker may use",
+        gpu_only=True)
+    use_mps: bool = _shared(
+        RapidConfig, "use_mps", "mode rapid: run the two workers under CUDA MPS; without it they are time-sliced "
+        "(no real concurrency, with a warning)", gpu_only=True)
+    worker_start_timeout_s: float = _shared(
+        RapidConfig, "worker_start_timeout_s", "modes rapid and disagg: seconds to wait for the worker processes")
+    decode_lookahead_blocks: int = _shared(
+        RapidConfig, "decode_lookahead_blocks", "modes rapid and disagg: KV blocks granted ahead of a decoding "
+        "sequence")
+    tpot_target_ms: float | None = _shared(
+        RapidConfig, "tpot_target_ms", "mode rapid: adapt the prefill tokens per launch to keep the time per "
+        "output token under this many ms", none="a fixed budget, max_num_batched_tokens")
+
+    # ------------------------------------------------------------------ to the engine
+    def create_engine_config(self) -> EngineConfig:
+        """The validated EngineConfig: ValueError quoting the value, FileNotFoundError for a missing folder."""
+        _check_bool(self, "skip_tokenizer_init")
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.max_model_len is None:  # a stand-in until the model's config is read
+            values["max_model_len"] = SchedulerConfig.max_model_len
+
+        def sub(cls):
+            return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
+
+        top = {f.name: values[f.name] for f in fields(EngineConfig) if f.name in values and f.name != "model"}
+        # Every value is checked before the model folder is read (model=None converts the default model).
+        draft = EngineConfig(model="", **top | {"tokenizer": None}, cache=sub(CacheConfig),
+                             scheduler=sub(SchedulerConfig), rapid=sub(RapidConfig))
+        folder = resolve_model_path(self.model)
+        longest = ModelConfig.from_folder(folder).max_position_embeddings
+        limit = longest if self.max_model_len is None else self.max_model_len
+        if limit > longest:
+            raise ValueError(f"max_model_len ({limit}) exceeds the model's max_position_embeddings ({longest})")
+        tokenizer = None if self.skip_tokenizer_init else str(self.tokenizer or folder)
+        scheduler = replace(draft.scheduler, max_model_len=limit)
+        return replace(draft, model=folder, tokenizer=tokenizer, scheduler=scheduler)
+
+    # ------------------------------------------------------------------ from Python keywords
+    @classmethod
+    def from_kwargs(cls, caller: str = "EngineArgs", /, **kwargs: Any) -> "EngineArgs":
+        """EngineArgs(**kwargs), but an unknown keyword is a TypeError that names it and its close matches."""
+        names = [f.name for f in fields(cls)]
+        unknown = [k for k in kwargs if k not in names]
+        if unknown:
+            hints = []
+            for k in unknown:
+                close = difflib.get_close_matches(k, names, n=3, cutoff=0.6)
+                hints.append(f"{k!r}" + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""))
+            known = "" if all("did you mean" in h for h in hints) else f"; the engine arguments are {', '.join(names)}"
+            raise TypeError(f"{caller}() got unexpected keyword argument(s) {', '.join(hints)}{known}")
+        return cls(**kwargs)
+
+    @classmethod
+    def signature(cls) -> inspect.Signature:
+        """(model=None, *, <every other field>=<default>): the signature of LLM."""
+        kinds = {"model": inspect.Parameter.POSITIONAL_OR_KEYWORD}
+        return inspect.Signature([
+            inspect.Parameter(f.name, kinds.get(f.name, inspect.Parameter.KEYWORD_ONLY), default=f.default,
+                              annotation=f.type) for f in fields(cls)])
+
+    # ------------------------------------------------------------------ the command line
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser, *, exclude: tuple[str, ...] = (),
+                     defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
+        """One --kebab-case flag per field (bools as --flag/--no-flag), with its help and default."""
+        group = parser.add_argument_group("engine arguments")
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            if f.name in exclude:
+                continue
+            default = (defaults or {}).get(f.name, f.default)
+            flag, kind = "--" + f.name.replace("_", "-"), _scalar_type(hints[f.name])
+            if kind is bool:
+                action = group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            else:
+                metavar = f.metadata.get("metavar", None if "choices" in f.metadata else kind.__name__.upper())
+                action = group.add_argument(flag, type=kind, default=default, choices=f.metadata.get("choices"),
+                                            metavar=metavar)
+            action.help = _cli_help(f, default)
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":
+        """The EngineArgs of parsed flags (a field without a flag keeps its default)."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+
+def _scalar_type(hint: Any) -> type:
+    """int for `int | None`, and so on."""
+    options = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+    return options[0]
+
+
+def _cli_help(f: Field, default: Any) -> str:
+    text = f.metadata["help"].replace("%", "%%")
+    if f.metadata.get("gpu_only"):
+        text += " (GPU only)"
+    if default is not None:
+        text += " (default: %(default)s)"
+    elif "none" in f.metadata:
+        text += f" (default: {f.metadata['none']})".replace("%", "%%")
+    return text

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from rapid import LLM, SamplingParams
-from rapid.batch import run_file
-from rapid.cli import main
+from rapid.entrypoints.batch import run_file
+from rapid.entrypoints.cli import main
 
 
 def write_jsonl(path, lines):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from rapid.cli import main
+from rapid.entrypoints.cli import main
 
 pytestmark = pytest.mark.slow
 

@@ -1,13 +1,14 @@
-"""compile_prefill on the CPU: the compiled model equals the eager one, and each compile owns its
-Dynamo caches (two models compiled in one process do not share a recompile budget)."""
+"""LlamaModel.compile_pieces on the CPU: the compiled model equals the eager one, one compiled graph
+serves every layer, and each model owns its Dynamo caches (two models compiled in one process do not
+share a recompile budget)."""
 
 import pytest
 import torch
 
 from rapid.attention import select_backend
 from rapid.attention.metadata import AttentionMetadata, kv_pool_shape
-from rapid.compile.cuda_graphs import compile_prefill, uncompile
 from rapid.model.config import ModelConfig
+from rapid.model.llama import EAGER
 from rapid.model.loader import build_model
 from tiny import make_tiny_model
 
@@ -36,25 +37,27 @@ def _prefill(model, cfg, n):
 
 @pytest.mark.parametrize("dynamic", ["tokens", True])
 def test_compiled_equals_eager_and_compiles_are_independent(tmp_path, dynamic):
-    folders = [make_tiny_model(tmp_path / "a", "llama", with_tokenizer=False, hidden_size=64),
-               make_tiny_model(tmp_path / "b", "qwen3", with_tokenizer=False, hidden_size=32)]
-    # Two entries per piece and model (T == 1, T >= 2): with one process-wide cache the second model
-    # would exceed this limit and fail (fullgraph=True turns the limit into an error).
+    folders = [make_tiny_model(tmp_path / "a", "llama", with_tokenizer=False, hidden_size=64, num_layers=3),
+               make_tiny_model(tmp_path / "b", "qwen3", with_tokenizer=False, hidden_size=32, num_layers=3)]
+    # Two entries per piece and model (T == 1, T >= 2): a recompile per layer, or one process-wide
+    # cache (the second model), would exceed this limit and fail (fullgraph=True makes it an error).
     with torch._dynamo.config.patch(recompile_limit=2):
         for folder in folders:
             model, cfg = _model(folder)
             eager = {n: _prefill(model, cfg, n) for n in (1, 5, 23)}
-            compile_prefill(model, dynamic=dynamic)
+            assert model.compile_pieces(dynamic=dynamic) is model and model.pieces != EAGER
+            assert "forward" not in model.__dict__  # the model's own forward, not a patched one
             try:
                 for n, (ref_h, ref_pool) in eager.items():
                     h, pool = _prefill(model, cfg, n)
                     torch.testing.assert_close(h, ref_h, rtol=1e-4, atol=1e-5)
                     torch.testing.assert_close(pool, ref_pool, rtol=1e-4, atol=1e-5)
             finally:
-                uncompile(model)
+                model.uncompile_pieces()
+            assert model.pieces == EAGER
 
 
-def test_compile_prefill_rejects_unknown_dynamic(tiny_llama):
+def test_compile_pieces_rejects_unknown_dynamic(tiny_llama):
     model, _ = _model(tiny_llama)
     with pytest.raises(ValueError, match="dynamic"):
-        compile_prefill(model, dynamic="batch")
+        model.compile_pieces(dynamic="batch")

@@ -4,11 +4,12 @@ import json
 
 import pytest
 
-from rapid.config import CacheConfig, EngineConfig, RapidConfig, SchedulerConfig
-from rapid.protocol import AddRequest, DecodeStep, PrefillDone, SampledToken
-from rapid.runtime.controller import FrontierPlanner, OperatingPoint, PrefillBudgetController
-from rapid.runtime.rapid_core import RapidCore
-from rapid.sampling import SamplingParams
+from fakes import finish_prefill, make_core
+from rapid.config import RapidConfig
+from rapid.core.controller import FrontierPlanner, OperatingPoint, PrefillBudgetController
+from rapid.params import SamplingParams
+from rapid.protocol.engine import AddRequest
+from rapid.protocol.worker import DecodeStep, SampledToken
 
 # Points as measured on the H100 (bench/results/frontier-h100.json, batch 64).
 H100_B64 = [
@@ -59,19 +60,15 @@ def test_budget_controller_backs_off_and_recovers():
 
 
 def test_rapid_core_prefill_budget_follows_decode_step_times():
-    cfg = EngineConfig(model="m", tokenizer=None, mode="rapid", cache=CacheConfig(block_size=16),
-                       scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=2048, max_model_len=8192),
-                       rapid=RapidConfig(tpot_target_ms=20.0))
-    sent_p, sent_d = [], []
-    core = RapidCore(cfg, 1024, None, (0,), sent_p.append, sent_d.append)
+    core, w = make_core(num_blocks=1024, budget=2048, block_size=16, max_model_len=8192, tpot_target_ms=20.0)
     core.add_request(AddRequest("d", [1, 2, 3], SamplingParams(max_tokens=100, ignore_eos=True)))
-    core.maybe_dispatch_prefill()
-    core.on_prefill_done(PrefillDone(sent_p[-1].batch_id, [SampledToken("d", 5, -1.0)], 0.0, 0.001))
+    core.dispatch()
+    finish_prefill(core, w, token=5)
     for t in range(6):  # slow decode steps (40 ms): the prefill budget shrinks
-        core.on_decode_step(DecodeStep([SampledToken("d", 6, -1.0)], [], t, t + 0.040))
-    assert core.prefill_budget == 256
+        core.deliver(DecodeStep([SampledToken("d", 6, -1.0)], [], t, t + 0.040))
+    assert core.scheduler.token_budget == 256
     core.add_request(AddRequest("p", list(range(1, 3001)), SamplingParams(max_tokens=1)))
-    core.maybe_dispatch_prefill()
-    assert sum(len(w.token_ids) for w in sent_p[-1].work) == 256  # the next launch carries the smaller budget
+    core.dispatch()
+    assert sum(len(x.token_ids) for x in w.prefill[-1].work) == 256  # the next launch carries the smaller budget
     with pytest.raises(ValueError, match="tpot_target_ms"):
         RapidConfig(tpot_target_ms=float("nan"))

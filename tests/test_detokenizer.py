@@ -1,4 +1,4 @@
-"""Tests for rapid.detokenizer with tokenizers built locally (no hub access).
+"""Tests for rapid.core.detokenizer with tokenizers built locally (no hub access).
 
 Two tokenizers, trained in-process on a few sentences:
   * GPT-2-like byte-level BPE: characters outside the learned merges (CJK, emoji) are split into
@@ -16,7 +16,7 @@ from hypothesis import given, settings, strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from rapid.detokenizer import DetokenizerResult, IncrementalDetokenizer
+from rapid.core.detokenizer import DetokenizerResult, IncrementalDetokenizer
 
 CORPUS = [
     "héllo 世界 🎉",

@@ -7,9 +7,9 @@ import psutil
 import pytest
 
 from rapid import LLM, SamplingParams
-from rapid.config import CacheConfig, EngineConfig, SchedulerConfig
-from rapid.protocol import AddRequest, PrefillDone, SampledToken, StartDecode, Transferred
-from rapid.runtime.rapid_core import RapidCore
+from fakes import finish_prefill, make_core
+from rapid.protocol.engine import AddRequest
+from rapid.protocol.worker import StartDecode, Transferred
 from tiny import hf_greedy
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -25,7 +25,7 @@ def test_disagg_greedy_equals_transformers_and_frees_both_pools(tiny_llama):
     ps = prompts()
     shm_before = {n for n in os.listdir("/dev/shm") if n.startswith("rapid_")}
     with LLM(tiny_llama, mode="disagg", max_num_batched_tokens=32) as llm:
-        client = llm._client
+        client = llm.engine
         assert len(client.shm_names) == 2  # two arenas: one per worker
         outs = llm.generate([{"prompt_token_ids": p} for p in ps], GREEDY, use_tqdm=False)
         stats = client.get_stats()
@@ -43,22 +43,19 @@ def test_disagg_with_a_small_decode_pool_preempts_and_stays_correct(tiny_llama):
     with LLM(tiny_llama, mode="disagg", kv_cache_memory_bytes=12 * 8192, enable_prefix_caching=False) as llm:
         got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in ps], params,
                                                             use_tqdm=False)]
-        assert llm._client.get_stats().num_preemptions > 0
+        assert llm.engine.get_stats().num_preemptions > 0
     assert got == [hf_greedy(tiny_llama, p, 40) for p in ps]
 
 
 def test_core_holds_prefill_blocks_until_transferred():
-    cfg = EngineConfig(model="m", tokenizer=None, mode="disagg", cache=CacheConfig(block_size=4),
-                       scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=128))
-    sent_p, sent_d = [], []
-    core = RapidCore(cfg, 16, None, (0,), sent_p.append, sent_d.append, num_decode_blocks=16)
+    core, w = make_core(num_blocks=16, num_decode_blocks=16, mode="disagg", max_model_len=128)
     core.add_request(AddRequest("a", list(range(1, 11)), SamplingParams(max_tokens=4, ignore_eos=True)))
-    core.maybe_dispatch_prefill()
-    batch = sent_p[-1]
-    core.on_prefill_done(PrefillDone(batch.batch_id, [SampledToken("a", 7, -0.1)], 0.0, 1.0))
-    start = sent_d[-1]
+    core.dispatch()
+    finish_prefill(core, w)
+    start = w.decode[-1]
+    sched = core.scheduler
     assert isinstance(start, StartDecode) and len(start.src_block_ids) == 3
-    assert core.blocks.num_free_blocks == 13  # prefill blocks kept until the copy is done
-    assert core.decode_blocks.num_free_blocks == 16 - len(start.block_ids)
-    core.on_transferred(Transferred(["a"]))
-    assert core.blocks.num_free_blocks == 16
+    assert sched.blocks.num_free_blocks == 13  # prefill blocks kept until the copy is done
+    assert sched.decode_blocks.num_free_blocks == 16 - len(start.block_ids)
+    core.deliver(Transferred(["a"]))
+    assert sched.blocks.num_free_blocks == 16

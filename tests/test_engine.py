@@ -51,28 +51,18 @@ def test_greedy_equals_transformers_under_preemption(tiny_llama, oracle):
     # 16 blocks of 16 tokens (2 layers * 2 * 16 * 2 heads * 16 dims * 4 bytes = 8 KiB each): the six
     # requests need 25 blocks at once, so some are preempted and recomputed.
     with LLM(tiny_llama, kv_cache_memory_bytes=16 * 8192, enable_prefix_caching=False) as llm:
-        assert llm._client.core.blocks.num_blocks == 16
+        assert llm.engine.num_blocks == 16
         outs = generate(llm, prompts)
         assert tokens(outs) == expected
-        assert llm._client.core.blocks.num_free_blocks == 16
+        stats = llm.engine.get_stats()
+        assert stats.num_free_blocks == 16 and stats.num_requests == 0
 
 
 def test_preemption_really_happens(tiny_llama):
-    from rapid.runtime.request import Request
-
     with LLM(tiny_llama, kv_cache_memory_bytes=10 * 8192, enable_prefix_caching=False) as llm:
-        core = llm._client.core
-        seen = []
-        original = core.scheduler._preempt
-
-        def spy(victim: Request, out):
-            seen.append(victim.request_id)
-            original(victim, out)
-
-        core.scheduler._preempt = spy
         prompts = varied_prompts(seed=5)[2:]
         generate(llm, prompts, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
-    assert seen, "the KV budget was meant to force preemption"
+        assert llm.engine.get_stats().num_preemptions > 0, "the KV budget was meant to force preemption"
 
 
 def test_prefix_cache_hits_reported_and_output_unchanged(tiny_llama):
@@ -195,7 +185,7 @@ def test_bad_prompts_rejected_at_the_edge_and_engine_keeps_serving(tiny_llama, p
     with LLM(tiny_llama, max_model_len=512) as llm:
         with pytest.raises(error, match=match):
             llm.generate([prompt] if not isinstance(prompt, bytes) else prompt, use_tqdm=False)
-        assert not llm._client.core.has_unfinished()
+        assert not llm.engine.get_stats().num_requests
         assert len(generate(llm, [[5, 6, 7]])[0].outputs[0].token_ids) == 12
 
 
@@ -203,7 +193,7 @@ def test_request_that_cannot_fit_is_rejected_before_scheduling(tiny_llama):
     with LLM(tiny_llama, max_model_len=64) as llm:
         with pytest.raises(ValueError, match="exceeds max_model_len"):
             generate(llm, [[5] * 10, [6] * 60], SamplingParams(max_tokens=10))
-        assert not llm._client.core.has_unfinished()  # the first, valid prompt was withdrawn too
+        assert not llm.engine.get_stats().num_requests  # the first, valid prompt was withdrawn too
     with LLM(tiny_llama, kv_cache_memory_bytes=2 * 8192) as llm:
         with pytest.raises(ValueError, match="whole pool"):
             generate(llm, [[5] * 40], SamplingParams(max_tokens=10))

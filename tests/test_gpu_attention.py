@@ -6,7 +6,6 @@ output with NaN first, and compares by ||out - ref|| / ||ref|| (bf16: < 1e-2).
 
 from __future__ import annotations
 
-import math
 import random
 
 import pytest
@@ -282,9 +281,10 @@ def test_decode_graph_matches_eager(tmp_path, arch):
 
 @pytest.mark.parametrize("dynamic", [True, "tokens"])
 @torch.inference_mode()
-def test_compile_prefill_matches_eager(tmp_path, dynamic):
+def test_compile_pieces_matches_eager(tmp_path, dynamic):
     from rapid.attention.metadata import kv_pool_shape
-    from rapid.compile.cuda_graphs import DecodeGraphRunner, compile_prefill, uncompile
+    from rapid.compile.cuda_graphs import DecodeGraphRunner
+    from rapid.compile.piecewise import PiecewiseGraphRunner
 
     model, cfg = _tiny_model(tmp_path, "llama", num_heads=4, num_kv_heads=2, head_dim=64, hidden_size=128)
     bs, num_blocks = 16, 64
@@ -310,7 +310,7 @@ def test_compile_prefill_matches_eager(tmp_path, dynamic):
     pos_t = torch.tensor(pos, device=DEV)
     p_eager = pool.clone()
     ref = model(ids, pos_t, p_eager, meta)
-    compile_prefill(model, dynamic=dynamic)
+    model.compile_pieces(dynamic=dynamic)
     try:
         got = model(ids, pos_t, pool, meta)
         assert rel_err(got, ref) < 1e-2
@@ -322,5 +322,9 @@ def test_compile_prefill_matches_eager(tmp_path, dynamic):
         g_out = runner.run(d_ids, d_pos, d_meta).clone()
         e_out = model(d_ids, d_pos, p2, d_meta)
         assert rel_err(g_out, e_out) < 1e-2
+        # and into the piecewise prefill/mixed graphs (bucket 64 for 39 tokens; attention eager between)
+        pw = PiecewiseGraphRunner(model, pool, 64, progress=False)
+        assert pw.can_run(meta, starts[-1])
+        assert rel_err(pw.run(ids, pos_t, meta), ref) < 1e-2
     finally:
-        uncompile(model)
+        model.uncompile_pieces()

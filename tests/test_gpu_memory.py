@@ -8,8 +8,8 @@ import torch
 
 from rapid import LLM, SamplingParams
 from rapid.config import EngineConfig, SchedulerConfig
-from rapid.runtime.loading import load_model
-from rapid.runtime.memory import ALLOC_ROUND, profile_forward_memory
+from rapid.worker.loading import load_model
+from rapid.worker.memory import ALLOC_ROUND, profile_forward_memory
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -39,7 +39,7 @@ def test_hybrid_startup_stays_within_its_plan(tiny_llama):
     _free_cached()
     with LLM(tiny_llama, mode="hybrid", max_num_batched_tokens=256, max_num_seqs=8,
              gpu_memory_utilization=0.3) as llm:
-        core = llm._client.core
+        core = llm.engine.core
         plan = core.memory_plan
         assert plan is not None
         assert plan.peak_activation_bytes > 0 and plan.graph_bytes_allowance > 0 and plan.non_torch_bytes > 0
@@ -56,7 +56,7 @@ def test_rapid_workers_report_their_peaks(tiny_llama):
     _free_cached()
     with LLM(tiny_llama, mode="rapid", max_num_batched_tokens=64, max_num_seqs=8,
              gpu_memory_utilization=0.3) as llm:
-        started = llm._client.started
+        started = llm.engine.started
         plan = started["decode"].allowed_bytes  # the owner planned for both workers
         for name in ("decode", "prefill"):
             assert started[name].max_reserved_bytes > 0, name

@@ -18,8 +18,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 WRITER = textwrap.dedent("""
     import sys, msgspec, torch
-    from rapid.runtime.shared import ArenaHandle, SharedArena
-    from rapid.runtime.workers import _sync
+    from rapid.worker.arena import ArenaHandle, SharedArena
+    from rapid.worker.workers import _sync
     handle = msgspec.msgpack.decode(sys.stdin.buffer.read(), type=ArenaHandle)
     dev = torch.device("cuda", 0)
     arena = SharedArena.open(handle, dev)
@@ -43,7 +43,7 @@ WRITER = textwrap.dedent("""
 
 
 def _handoff(sync: bool) -> tuple[bool, float, str]:
-    from rapid.runtime.shared import SharedArena
+    from rapid.worker.arena import SharedArena
 
     dev = torch.device("cuda", 0)
     arena = SharedArena.create(1 << 22, dev)
@@ -97,7 +97,7 @@ def test_gpu_greedy_equals_transformers(tiny_llama, prompts, mode):
              gpu_memory_utilization=0.3) as llm:
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         if mode == "rapid":
-            stats = llm._client.get_stats()
+            stats = llm.engine.get_stats()
             assert stats.num_free_blocks == stats.num_blocks
     assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(tiny_llama, p, 16) for p in prompts]
 
@@ -113,7 +113,7 @@ def test_rapid_starts_checks_and_stops_its_own_mps_daemon(tiny_llama):
     before = _mps_servers()
     with LLM(tiny_llama, mode="rapid", dtype="bfloat16", prefill_sm_percentage=60, decode_sm_percentage=40,
              gpu_memory_utilization=0.3) as llm:
-        mps = llm._client.mps
+        mps = llm.engine.mps
         assert mps is not None and (mps.started or before > 0)
         out = llm.generate("hello", SamplingParams(max_tokens=4), use_tqdm=False)[0]
         assert len(out.outputs[0].token_ids) == 4

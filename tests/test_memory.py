@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from rapid.config import CacheConfig, EngineConfig, SchedulerConfig
-from rapid.protocol import WorkerReady
-from rapid.runtime import memory
-from rapid.runtime.loading import kv_block_bytes, load_model, num_kv_blocks
-from rapid.runtime.memory import (
+from rapid.protocol.worker import WorkerReady
+from rapid.worker import memory
+from rapid.worker.loading import kv_block_bytes, load_model, num_kv_blocks
+from rapid.worker.memory import (
     ForwardPeaks, ProcessMemory, check_process_memory, kv_budget_bytes, non_torch_bytes, prefill_lens,
     process_memory, profile_forward_memory, run_profile_step, scratch_kv_pool,
 )
@@ -119,7 +119,7 @@ def test_profile_step_writes_nothing_to_the_kv_pool(cpu_model, lens, num_decodes
 
 
 def test_check_process_memory_warns_naming_the_process(caplog):
-    with caplog.at_level(logging.WARNING, logger="rapid.runtime.memory"):
+    with caplog.at_level(logging.WARNING, logger="rapid.worker.memory"):
         assert check_process_memory("decode process (pid 12)", 3 * GiB, 2 * GiB) is False
         assert check_process_memory("prefill process (pid 13)", GiB, 2 * GiB) is True
         assert check_process_memory("core process (pid 14)", GiB, 0) is True  # no plan: nothing to check

@@ -12,8 +12,9 @@ import pytest
 import zmq
 
 from rapid import LLM, SamplingParams
-from rapid.protocol import AddRequest, SeqWork
-from rapid.runtime.client import EngineDeadError
+from rapid.protocol.engine import AddRequest
+from rapid.protocol.worker import SeqWork
+from rapid.engine.client import EngineDeadError
 from tiny import hf_greedy
 
 pytestmark = pytest.mark.slow
@@ -59,7 +60,7 @@ def test_rapid_greedy_under_preemption_equals_transformers(tiny_llama):
     # 12 blocks of 16 tokens: the four requests need 4 + 5 + 7 + 5 = 21 blocks at their longest.
     with LLM(tiny_llama, mode="rapid", kv_cache_memory_bytes=12 * 8192, enable_prefix_caching=False) as llm:
         got = run(llm, ps, params)
-        stats = llm._client.get_stats()
+        stats = llm.engine.get_stats()
     assert stats.num_preemptions > 0
     assert got == [hf_greedy(tiny_llama, p, 40) for p in ps]
 
@@ -85,12 +86,12 @@ def test_rapid_stop_strings_logprobs_and_streaming(tiny_llama, rapid_llm):
     assert cut.text == ref.text[: ref.text.index(stop)] and cut.finish_reason == "stop"
     deltas = list(rapid_llm.generate_stream("Paris is", SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)))
     assert len(deltas) > 3 and "".join(d.new_text for d in deltas) == ref.text
-    stats = rapid_llm._client.get_stats()
+    stats = rapid_llm.engine.get_stats()
     assert stats.num_free_blocks == stats.num_blocks and stats.num_requests == 0
 
 
 def test_prefill_and_decode_really_overlap(rapid_llm):
-    client = rapid_llm._client
+    client = rapid_llm.engine
     before = client.get_stats()
     n_prefill, n_decode = len(before.prefill_intervals), len(before.decode_intervals)
     # One request decodes for a long time while long prompts prefill in 32-token chunks beside it.
@@ -109,7 +110,7 @@ def test_prefill_and_decode_really_overlap(rapid_llm):
 
 
 def test_malformed_bytes_on_every_socket_crash_nothing(rapid_llm):
-    client = rapid_llm._client
+    client = rapid_llm.engine
     ctx = zmq.Context()
     valid = msgspec.msgpack.encode(AddRequest("x", [1, 2, 3], SamplingParams()))
     payloads = [b"", b"\x00", os.urandom(64), b"\xc1" * 10, valid[: len(valid) // 2],
@@ -132,19 +133,19 @@ def test_malformed_bytes_on_every_socket_crash_nothing(rapid_llm):
 
 def test_startup_record_of_every_process(rapid_llm):
     """The supervisor keeps each ready handshake; on the CPU there is no GPU peak and no memory plan."""
-    started = rapid_llm._client.started
+    started = rapid_llm.engine.started
     assert set(started) == {"decode", "prefill", "core"}
     assert all(r.max_reserved_bytes == 0 and r.allowed_bytes == {} for r in started.values())
-    assert started["decode"].num_blocks == rapid_llm._client.num_blocks
+    assert started["decode"].num_blocks == rapid_llm.engine.num_blocks
 
 
 def test_abort_through_the_pipeline_frees_every_block(rapid_llm):
-    client = rapid_llm._client
+    client = rapid_llm.engine
     stats = client.get_stats()
     ids = [f"abort-{i}" for i in range(6)]
     for i, rid in enumerate(ids):
         client.add_request(AddRequest(rid, list(range(5, 5 + 30 * (i + 1))),
-                                      SamplingParams(max_tokens=500, ignore_eos=True), arrival_time=time.time()))
+                                      SamplingParams(max_tokens=300, ignore_eos=True), arrival_time=time.time()))
     time.sleep(0.3)  # some are decoding, some prefilling or queued
     client.abort(ids)
     finished = set()
@@ -165,7 +166,7 @@ def test_killed_process_ends_requests_with_an_error_and_leaves_nothing(tiny_llam
     shm_before = shm_entries()
     others = {p.pid for p in children()}
     llm = LLM(tiny_llama, mode="rapid", max_num_batched_tokens=16)
-    client = llm._client
+    client = llm.engine
     sock_dir = client.dir
     pids = {c.name: c.process.pid for c in client.children}
     timer = threading.Timer(0.5, os.kill, (pids[victim], signal.SIGKILL))
@@ -232,7 +233,7 @@ def test_interpreter_exit_without_shutdown_leaves_nothing(tiny_llama, tmp_path):
         "import sys\n"
         "from rapid import LLM, SamplingParams\n"
         f"llm = LLM({str(tiny_llama)!r}, mode='rapid')\n"
-        "c = llm._client\n"
+        "c = llm.engine\n"
         "print(c.dir, *[ch.process.pid for ch in c.children], *c.shm_names, flush=True)\n"
         "llm.generate('hello', SamplingParams(max_tokens=2), use_tqdm=False)\n"
     )

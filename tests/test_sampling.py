@@ -8,14 +8,8 @@ import msgspec
 import pytest
 import torch
 
-from rapid.sampling import (
-    MAX_LOGPROBS,
-    SamplingBatch,
-    SamplingParams,
-    mix_seed,
-    process_logits,
-    sample,
-)
+from rapid.params import MAX_LOGPROBS, SamplingParams
+from rapid.worker.sampler import SamplingBatch, mix_seed, process_logits, sample
 
 CPU = torch.device("cpu")
 

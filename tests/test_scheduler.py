@@ -1,181 +1,214 @@
-"""Scheduler and block manager alone, with factory-built requests (no model, no tensors)."""
+"""The one scheduler with hybrid placement, driven through the real engine core and decode executor over a
+fake model runner (no model, no tensors): chunking, decodes first, finish rules, preemption, prefix cache,
+abort, the KV-pressure deadlock."""
 
 import itertools
 
 import pytest
 
-from rapid.config import SchedulerConfig
-from rapid.runtime.block_manager import BlockManager
-from rapid.runtime.request import Request, RequestStatus
-from rapid.runtime.scheduler import Scheduler
-from rapid.sampling import SamplingParams
+from rapid.config import CacheConfig, EngineConfig, RapidConfig, SchedulerConfig
+from rapid.core.block_manager import BlockManager
+from rapid.core.request import Request
+from rapid.core.scheduler import Scheduler
+from rapid.core.request import RequestStatus
+from rapid.engine.core import EngineCore
+from rapid.engine.inproc import InprocWorkers
+from rapid.params import SamplingParams
+from rapid.protocol.engine import AddRequest
+from rapid.protocol.worker import SampledToken
+from rapid.worker.decode_loop import DecodeLoop
 
 _ids = itertools.count()
 
 
-def make_request(prompt_len=10, max_tokens=5, tokens=None, **params) -> Request:
-    tokens = tokens if tokens is not None else [(7 * i + 3) % 100 for i in range(prompt_len)]
-    return Request(f"r{next(_ids)}", list(tokens), SamplingParams(max_tokens=max_tokens, **params), eos_token_ids=(0,))
+class FakeRunner:
+    """Records each forward pass's work; samples `token` (or a per-request override) for every sampling row."""
+
+    def __init__(self, token=5):
+        self.token = token
+        self.tokens: dict[str, int] = {}
+        self.steps: list[list] = []
+
+    def execute(self, work):
+        self.steps.append(list(work))
+        return [SampledToken(w.request_id, self.tokens.get(w.request_id, self.token), -0.5) for w in work if w.sample]
 
 
-def make_scheduler(num_blocks=64, block_size=4, max_seqs=8, budget=64, max_len=256, prefix=True):
-    bm = BlockManager(num_blocks, block_size, prefix)
-    return Scheduler(SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, max_model_len=max_len), bm), bm
+class Engine:
+    def __init__(self, num_blocks=64, block_size=4, max_seqs=8, budget=64, max_len=256, prefix=True, lookahead=1):
+        cfg = EngineConfig(model="m", tokenizer=None, mode="hybrid",
+                           cache=CacheConfig(block_size=block_size, enable_prefix_caching=prefix),
+                           scheduler=SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget,
+                                                     max_model_len=max_len),
+                           rapid=RapidConfig(decode_lookahead_blocks=lookahead))
+        self.runner = FakeRunner()
+        self.core = EngineCore(cfg, None, (0,), InprocWorkers(DecodeLoop(self.runner, cfg, (0,))), num_blocks)
+        self.scheduler = self.core.scheduler
+        self.blocks = self.scheduler.blocks
+        self.finished: dict[str, str] = {}
 
+    def add(self, prompt_len=10, max_tokens=5, tokens=None, **params):
+        tokens = tokens if tokens is not None else [(7 * i + 3) % 100 for i in range(prompt_len)]
+        rid = f"r{next(_ids)}"
+        self.core.add_request(AddRequest(rid, list(tokens), SamplingParams(max_tokens=max_tokens, **params)))
+        return self.scheduler.requests[rid]
 
-def run_step(sched: Scheduler, token=5):
-    out = sched.schedule()
-    sampled = {c.request.request_id: token for c in out.chunks if c.samples}
-    return out, sched.update(out, sampled)
+    def forward(self, token=None):
+        """Run engine steps until one forward pass ran; return its work [(request id, num tokens)]."""
+        if token is not None:
+            self.runner.token = token
+        before = len(self.runner.steps)
+        for _ in range(5):
+            for d in self.core.step():
+                if d.finished:
+                    self.finished[d.request_id] = d.finish_reason
+            if len(self.runner.steps) > before:
+                return [(w.request_id, len(w.token_ids)) for w in self.runner.steps[-1]]
+        return []
 
-
-def test_num_decodes_counts_requests_generating_not_one_token_prompts():
-    sched, _ = make_scheduler()
-    one, longer = make_request(prompt_len=1, max_tokens=3), make_request(prompt_len=6, max_tokens=3)
-    sched.add_request(one)
-    sched.add_request(longer)
-    out = sched.schedule()  # two prompts, one of a single token: no decode yet
-    assert out.num_decodes == 0 and out.num_batched_tokens == 7
-    sched.update(out, {c.request.request_id: 5 for c in out.chunks if c.samples})
-    out = sched.schedule()  # both now generate
-    assert out.num_decodes == 2 and out.num_batched_tokens == 2
+    def drain(self, limit=500):
+        for _ in range(limit):
+            if not self.core.has_unfinished():
+                return
+            self.forward()
+        raise AssertionError("the engine did not finish its requests")
 
 
 def test_prefill_then_decode_and_finish_frees_blocks():
-    sched, bm = make_scheduler()
-    req = make_request(prompt_len=10, max_tokens=3)
-    sched.add_request(req)
-    out, _ = run_step(sched)
-    assert [(c.request, c.num_tokens) for c in out.chunks] == [(req, 10)]
-    assert req.output_token_ids == [5] and len(req.block_ids) == 3  # 10 tokens, blocks of 4
-    out, _ = run_step(sched)
-    assert out.chunks[0].num_tokens == 1 and out.num_decodes == 1
-    out, finished = run_step(sched)
-    assert finished == [(req, "length")] and req.status == RequestStatus.FINISHED
-    assert bm.num_free_blocks == bm.num_blocks
+    e = Engine()
+    req = e.add(prompt_len=10, max_tokens=3)
+    assert e.forward() == [(req.request_id, 10)]
+    assert req.output_token_ids == [5]
+    assert e.forward() == [(req.request_id, 1)]  # handed to the decode executor: one token per step
+    e.forward()
+    assert e.finished == {req.request_id: "length"} and req.status == RequestStatus.FINISHED
+    assert e.blocks.num_free_blocks == e.blocks.num_blocks
 
 
 def test_chunked_prefill_under_token_budget_and_decodes_first():
-    sched, _ = make_scheduler(budget=8)
-    a = make_request(prompt_len=4, max_tokens=10)
-    sched.add_request(a)
-    run_step(sched)  # a prefilled, now decoding
-    b = make_request(tokens=list(range(50, 70)), max_tokens=2)  # shares no prefix with a
-    sched.add_request(b)
+    e = Engine(budget=8)
+    a = e.add(prompt_len=4, max_tokens=10)
+    e.forward()
+    e.forward()  # a decoding
+    b = e.add(tokens=list(range(50, 70)), max_tokens=2)  # shares no prefix with a
     sizes = []
     while b.num_computed_tokens < 20:
-        out, _ = run_step(sched)
-        assert out.chunks[0].request is a and out.chunks[0].num_tokens == 1  # decode first
-        assert out.num_batched_tokens <= 8
-        sizes.append(out.chunks[1].num_tokens)
+        work = e.forward()
+        assert work[0] == (a.request_id, 1)  # the decode first
+        assert sum(n for _, n in work) <= 8  # the budget covers decodes and chunks
+        sizes.append(work[1][1])
     assert sizes == [7, 7, 6] and len(b.output_token_ids) == 1
 
 
 def test_eos_and_stop_token_ids_finish():
-    sched, _ = make_scheduler()
-    a = make_request(max_tokens=10)
-    b = make_request(max_tokens=10, stop_token_ids=[9])
-    sched.add_request(a)
-    sched.add_request(b)
-    out = sched.schedule()
-    finished = sched.update(out, {a.request_id: 0, b.request_id: 9})
-    assert {(r.request_id, why) for r, why in finished} == {(a.request_id, "stop"), (b.request_id, "stop")}
+    e = Engine()
+    a = e.add(max_tokens=10)
+    b = e.add(max_tokens=10, stop_token_ids=[9])
+    e.runner.tokens = {a.request_id: 0, b.request_id: 9}
+    e.forward()
+    assert e.finished == {a.request_id: "stop", b.request_id: "stop"}
     assert a.stop_reason is None and b.stop_reason == 9
 
 
 def test_min_tokens_ignores_eos():
-    sched, _ = make_scheduler()
-    a = make_request(max_tokens=10, min_tokens=2)
-    sched.add_request(a)
-    _, fin = run_step(sched, token=0)
-    assert fin == []
-    _, fin = run_step(sched, token=0)
-    assert fin == [(a, "stop")]
+    e = Engine()
+    a = e.add(max_tokens=10, min_tokens=2)
+    e.forward(token=0)
+    assert not e.finished
+    e.forward(token=0)
+    assert e.finished == {a.request_id: "stop"}
 
 
 def test_preemption_by_recompute_when_blocks_run_out():
-    sched, bm = make_scheduler(num_blocks=6, block_size=4, budget=64)
-    a, b = make_request(prompt_len=8, max_tokens=12), make_request(prompt_len=8, max_tokens=12)
-    sched.add_request(a)
-    sched.add_request(b)
-    preempted = []
-    for _ in range(40):
-        if not sched.has_unfinished():
-            break
-        out, _ = run_step(sched)
-        preempted += out.preempted
-        assert bm.num_free_blocks >= 0
-    assert not sched.has_unfinished()
-    assert preempted and preempted[0] is b  # the newest goes first
+    e = Engine(num_blocks=6, block_size=4, budget=64)
+    a, b = e.add(prompt_len=8, max_tokens=12), e.add(prompt_len=8, max_tokens=12)
+    e.drain()
+    assert e.scheduler.num_preemptions >= 1 and b.num_preemptions >= 1 and a.num_preemptions == 0  # newest first
     assert len(a.output_token_ids) == 12 and len(b.output_token_ids) == 12
-    assert b.num_preemptions >= 1
-    assert bm.num_free_blocks == bm.num_blocks
+    assert e.blocks.num_free_blocks == e.blocks.num_blocks
 
 
 def test_request_that_can_never_fit_is_rejected_up_front():
-    sched, _ = make_scheduler(num_blocks=4, block_size=4, max_len=100)
+    e = Engine(num_blocks=4, block_size=4, max_len=100)
     with pytest.raises(ValueError, match="max_model_len"):
-        sched.add_request(make_request(prompt_len=90, max_tokens=20))
+        e.add(prompt_len=90, max_tokens=20)
     with pytest.raises(ValueError, match="whole pool has 4"):
-        sched.add_request(make_request(prompt_len=10, max_tokens=20))
-    assert not sched.has_unfinished()
+        e.add(prompt_len=10, max_tokens=20)
+    assert not e.core.has_unfinished()
 
 
 def test_prefix_cache_hits_are_reported_and_shared():
-    sched, bm = make_scheduler(block_size=4)
+    e = Engine(block_size=4)
     prompt = list(range(1, 15))  # 14 tokens: 3 full blocks
-    a = make_request(tokens=prompt, max_tokens=1)
-    sched.add_request(a)
-    run_step(sched)  # a finishes after one token; its full blocks stay cached
-    b = make_request(tokens=prompt[:13] + [99], max_tokens=1)
-    sched.add_request(b)
-    out, _ = run_step(sched)
-    assert b.num_cached_tokens == 12 and out.chunks[0].num_tokens == 2
-    c = make_request(tokens=[50] + prompt[1:], max_tokens=1)  # differs in block 0: no hit
-    sched.add_request(c)
-    run_step(sched)
+    e.add(tokens=prompt, max_tokens=1)
+    e.drain()  # finishes after one token; its full blocks stay cached
+    b = e.add(tokens=prompt[:13] + [99], max_tokens=1)
+    assert e.forward() == [(b.request_id, 2)]
+    assert b.num_cached_tokens == 12
+    c = e.add(tokens=[50] + prompt[1:], max_tokens=1)  # differs in block 0: no hit
+    e.drain()
     assert c.num_cached_tokens == 0
 
 
 def test_prefix_cache_leaves_one_token_to_compute_and_can_be_disabled():
-    sched, _ = make_scheduler(block_size=4)
     prompt = list(range(1, 9))  # exactly 2 blocks
-    for expect in (0, 4):
-        r = make_request(tokens=prompt, max_tokens=1)
-        sched.add_request(r)
-        run_step(sched)
-        assert r.num_cached_tokens == expect
-    sched, _ = make_scheduler(block_size=4, prefix=False)
-    for _ in range(2):
-        r = make_request(tokens=prompt, max_tokens=1)
-        sched.add_request(r)
-        run_step(sched)
-        assert r.num_cached_tokens == 0
+    for prefix, expected in ((True, (0, 4)), (False, (0, 0))):
+        e = Engine(block_size=4, prefix=prefix)
+        for expect in expected:
+            r = e.add(tokens=prompt, max_tokens=1)
+            e.drain()
+            assert r.num_cached_tokens == expect
 
 
 def test_abort_at_every_stage_frees_blocks():
-    sched, bm = make_scheduler(budget=6)
-    waiting = make_request(prompt_len=10)
-    sched.add_request(waiting)
-    sched.abort_request(waiting.request_id)
-    assert waiting.finish_reason == "abort" and bm.num_free_blocks == bm.num_blocks
-    prefilling = make_request(prompt_len=20)
-    sched.add_request(prefilling)
-    run_step(sched)
+    e = Engine(budget=6)
+    waiting = e.add(prompt_len=10)
+    e.core.abort([waiting.request_id])
+    assert waiting.finish_reason == "abort" and e.blocks.num_free_blocks == e.blocks.num_blocks
+    prefilling = e.add(prompt_len=20)
+    e.forward()
     assert 0 < prefilling.num_computed_tokens < 20
-    sched.abort_request(prefilling.request_id)
-    decoding = make_request(prompt_len=4, max_tokens=10)
-    sched.add_request(decoding)
-    run_step(sched)
-    run_step(sched)
-    sched.abort_request(decoding.request_id)
-    assert bm.num_free_blocks == bm.num_blocks and not sched.has_unfinished()
+    e.core.abort([prefilling.request_id])
+    e.forward()  # the chunk in flight comes back; its blocks are freed then
+    decoding = e.add(prompt_len=4, max_tokens=10)
+    e.forward()
+    e.forward()
+    e.core.abort([decoding.request_id])
+    e.forward()  # the executor drops it (Dropped) and the blocks come back
+    assert e.blocks.num_free_blocks == e.blocks.num_blocks and not e.core.has_unfinished()
 
 
 def test_max_num_seqs_caps_the_running_batch():
-    sched, _ = make_scheduler(max_seqs=2)
-    reqs = [make_request(prompt_len=4, max_tokens=4) for _ in range(3)]
-    for r in reqs:
-        sched.add_request(r)
-    out, _ = run_step(sched)
-    assert len(out.chunks) == 2 and reqs[2].status == RequestStatus.WAITING
+    e = Engine(max_seqs=2)
+    reqs = [e.add(prompt_len=4, max_tokens=4) for _ in range(3)]
+    assert len(e.forward()) == 2 and reqs[2].status == RequestStatus.WAITING
+
+
+@pytest.mark.parametrize("prefix", [True, False])
+def test_shared_prefixes_under_a_tiny_pool_finish_and_free_every_block(prefix):
+    """The KV-pressure deadlock: requests waiting for blocks must not hold the prefix-cache hits they took."""
+    shared = list(range(1, 33))  # two full blocks of 16 shared by every prompt
+    e = Engine(num_blocks=12, block_size=16, budget=64, prefix=prefix, lookahead=2)
+    reqs = [e.add(tokens=shared + [100 + i] * (5 + i), max_tokens=40, ignore_eos=True) for i in range(10)]
+    e.drain(limit=3000)
+    assert all(len(r.output_token_ids) == 40 for r in reqs)
+    assert e.blocks.num_free_blocks == e.blocks.num_blocks
+
+
+def test_waiting_request_gives_back_prefix_hits_it_cannot_use():
+    bm = BlockManager(8, 4, enable_prefix_caching=True)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256), bm)
+    prompt = list(range(1, 13))  # 3 full blocks, cached below
+    bm.match_prefix("seed", prompt + [0])
+    bm.allocate("seed", 13)
+    bm.commit("seed", prompt + [0], 13)
+    bm.free("seed")
+    bm.allocate("holder", 16)  # 4 fresh blocks held by someone else: 4 free, 3 of them cached
+    big = Request("big", prompt + list(range(50, 66)), SamplingParams(max_tokens=1))  # 28 tokens: 7 blocks
+    sched.add_request(big)
+    sched.schedule()  # 3 prefix hits, then 4 more blocks needed with 1 free: it must wait holding nothing
+    assert big.status == RequestStatus.WAITING and not bm.block_table("big") and bm.num_free_blocks == 4
+    bm.free("holder")
+    out = sched.schedule()
+    assert big.status == RequestStatus.PREFILLING and big.num_cached_tokens == 12
+    assert out.prefill_batch.work[0].start_pos == 12

@@ -15,7 +15,7 @@ import zmq
 
 from rapid import LLM, SamplingParams
 from rapid.client import AsyncClient, Client, ServerError
-from rapid.protocol import CancelRequest, Completion, Delta, ErrorReply, GenerateRequest, ServerMessage
+from rapid.protocol.api import CancelRequest, Completion, Delta, ErrorReply, GenerateRequest, ServerMessage
 from rapid.server import RapidServer, check_address
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
@@ -35,7 +35,7 @@ def serving(llm, address=None, **kw):
         yield server
     finally:
         server.close()
-    assert not llm._client.core.has_unfinished()
+    assert not llm.engine.get_stats().num_requests
 
 
 @pytest.fixture
@@ -54,13 +54,13 @@ def client(server):
 def aborts(llm, monkeypatch):
     """Engine request ids the server aborted."""
     seen = []
-    original = llm._client.abort
+    original = llm.engine.abort
 
     def spy(ids):
         seen.extend(ids)
         original(ids)
 
-    monkeypatch.setattr(llm._client, "abort", spy)
+    monkeypatch.setattr(llm.engine, "abort", spy)
     return seen
 
 
@@ -293,7 +293,7 @@ def test_close_removes_socket_file_and_directory(llm):
         with pytest.raises(ServerError, match="shutting down"):
             list(it)
     assert not os.path.exists(path) and not os.path.exists(directory)
-    assert not llm._client.core.has_unfinished()
+    assert not llm.engine.get_stats().num_requests
     server.close()  # idempotent
 
 
@@ -321,7 +321,7 @@ def test_cli_serve_until_sigterm(tiny_llama):
     import sys
     from pathlib import Path
 
-    proc = subprocess.Popen([sys.executable, "-m", "rapid.cli", "serve", "--model", str(tiny_llama)],
+    proc = subprocess.Popen([sys.executable, "-m", "rapid.entrypoints.cli", "serve", "--model", str(tiny_llama)],
                             cwd=Path(__file__).parents[1], stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()

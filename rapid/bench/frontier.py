@@ -16,8 +16,8 @@ import statistics
 import time
 from pathlib import Path
 
-from rapid.protocol import AddRequest
-from rapid.sampling import SamplingParams
+from rapid.protocol.engine import AddRequest
+from rapid.params import SamplingParams
 
 
 def _pump(client, seconds: float, on_finished=None) -> None:
@@ -43,7 +43,7 @@ def measure_point(llm, batch: int, ctx: int, prefill_len: int, window_s: float, 
                   seed: int = 0, step_budget: int | None = None) -> dict:
     """hybrid: `step_budget` (decodes + chunk) applies from steady decode on; the B contexts are prefilled
     with the engine's whole token budget first (with B + C per step, filling batch 256 takes minutes)."""
-    client = llm._client
+    client = llm.engine
     vocab = llm.model_config.vocab_size
     rng = random.Random(seed)
     max_len = llm.config.scheduler.max_model_len
@@ -60,7 +60,7 @@ def measure_point(llm, batch: int, ctx: int, prefill_len: int, window_s: float, 
         if s.decode_batch_sizes and s.decode_batch_sizes[-1] == batch:
             break
     if step_budget is not None:
-        client.core.scheduler.set_token_budget(step_budget)
+        client.set_token_budget(step_budget)
     t_alone = time.time()
     _pump(client, min(2.0, window_s))
     alone = client.get_stats()
@@ -120,7 +120,7 @@ def run_frontier(model: str, mode: str, settings: list, batches: list[int], ctx:
         with LLM(model, mode="hybrid", max_num_batched_tokens=max(batches) + max(settings), **common) as llm:
             for b in batches:
                 for c in settings:
-                    llm._client.core.scheduler.set_token_budget(llm.config.scheduler.max_num_batched_tokens)
+                    llm.engine.set_token_budget(llm.config.scheduler.max_num_batched_tokens)
                     point = measure_point(llm, b, ctx, prefill_len, window_s, seed=len(results), step_budget=b + c)
                     results.append({"mode": "hybrid", "chunk": c, **point})
                     _emit(results, out_path)

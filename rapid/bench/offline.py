@@ -13,10 +13,10 @@ def run_offline(args) -> dict:
     import torch
 
     from rapid import LLM, SamplingParams
-    from rapid.cli import engine_kwargs
+    from rapid.config import EngineArgs
 
     rng = random.Random(args.seed)
-    with LLM(**engine_kwargs(args)) as llm:
+    with LLM.from_engine_args(EngineArgs.from_cli_args(args)) as llm:
         vocab = llm.model_config.vocab_size
         limit = llm.config.scheduler.max_model_len
         prompts, params = [], []

@@ -8,6 +8,7 @@ interpolated) per GPU. JSON and PNG plots go to --result-dir.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -19,26 +20,28 @@ from tqdm.auto import tqdm
 from rapid.bench.arrivals import arrival_times
 from rapid.bench.datasets import SampleRequest, random_requests, sharegpt_like_requests, sharegpt_requests
 from rapid.bench.metrics import RequestRecord, compute_metrics, goodput_per_gpu, goodput_rate, parse_goodput, slo_attainment
-from rapid.protocol import AddRequest
-from rapid.sampling import SamplingParams
+from rapid.protocol.engine import AddRequest
+from rapid.params import SamplingParams
 
 GPUS_PER_MODE = {"hybrid": 1, "rapid": 1, "disagg": 2}
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", default=None, help="comma list of modes to sweep (default: --mode)")
-    p.add_argument("--dataset-name", default="sharegpt-like", choices=["random", "sharegpt", "sharegpt-like"])
+    p.add_argument("--dataset-name", default="sharegpt-like", choices=["random", "sharegpt", "sharegpt-like"],
+                   help="sharegpt-like: ShareGPT-shaped lengths, random tokens (default: %(default)s)")
     p.add_argument("--dataset-path", default=None, help="ShareGPT JSON file (--dataset-name sharegpt)")
-    p.add_argument("--num-prompts", type=int, default=200)
-    p.add_argument("--random-input-len", type=int, default=1024)
-    p.add_argument("--random-output-len", type=int, default=128)
-    p.add_argument("--random-range-ratio", type=float, default=0.0)
+    p.add_argument("--num-prompts", type=int, default=200, help="requests in the trace (default: %(default)s)")
+    p.add_argument("--random-input-len", type=int, default=1024, help="--dataset-name random (default: %(default)s)")
+    p.add_argument("--random-output-len", type=int, default=128, help="--dataset-name random (default: %(default)s)")
+    p.add_argument("--random-range-ratio", type=float, default=0.0,
+                   help="--dataset-name random: lengths vary by this fraction (default: %(default)s)")
     p.add_argument("--request-rates", default="1,2,4,8", help="requests/s, comma list; inf = all at once")
     p.add_argument("--burstiness", type=float, default=1.0, help="1 = Poisson; gamma shape otherwise")
-    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--ignore-eos", action="store_true", help="generate every request's full output length")
     p.add_argument("--goodput", nargs="*", default=["ttft:1000", "tpot:50"], help="SLOs, e.g. ttft:1000 tpot:50 (ms)")
     p.add_argument("--max-tokens-cap", type=int, default=None, help="cap output lengths (smoke runs)")
-    p.add_argument("--result-dir", default="bench/results/serve")
+    p.add_argument("--result-dir", default="bench/results/serve", help="JSON and plots (default: %(default)s)")
 
 
 def build_trace(args, vocab_size: int, max_len: int, tokenizer=None) -> list[SampleRequest]:
@@ -59,7 +62,7 @@ def build_trace(args, vocab_size: int, max_len: int, tokenizer=None) -> list[Sam
 def replay(llm, trace: list[SampleRequest], rate: float, burstiness: float, seed: int, ignore_eos: bool,
            cap: int | None = None, tag: str = "") -> tuple[list[RequestRecord], float]:
     """Send every request at its arrival time; record TTFT, ITL and latency from the output deltas."""
-    client = llm._client
+    client = llm.engine
     arrivals = arrival_times(len(trace), rate, burstiness, seed)
     records: dict[str, RequestRecord] = {}
     sent_at: dict[str, float] = {}
@@ -114,7 +117,7 @@ def run_serve(args) -> dict:
     import torch
 
     from rapid import LLM
-    from rapid.cli import engine_kwargs
+    from rapid.config import EngineArgs
 
     slos = parse_goodput(args.goodput) if args.goodput else {}
     rates = [math.inf if r.strip() == "inf" else float(r) for r in args.request_rates.split(",")]
@@ -125,8 +128,7 @@ def run_serve(args) -> dict:
                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
                "torch": torch.__version__, "slos_ms": slos, "modes": {}}
     for mode in modes:
-        kwargs = engine_kwargs(args) | {"mode": mode}
-        with LLM(**kwargs) as llm:
+        with LLM.from_engine_args(dataclasses.replace(EngineArgs.from_cli_args(args), mode=mode)) as llm:
             trace = build_trace(args, llm.model_config.vocab_size, llm.config.scheduler.max_model_len, llm.tokenizer)
             replay(llm, trace[: min(4, len(trace))], math.inf, 1.0, args.seed, True, cap=4, tag="warmup")
             per_rate = []

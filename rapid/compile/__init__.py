@@ -1,8 +1,9 @@
-"""CUDA graphs for decode steps and torch.compile for the non-attention work (see cuda_graphs.py)."""
+"""CUDA graphs for decode steps (cuda_graphs.py) and for prefill/mixed batches (piecewise.py), over the
+model's own pieces, compiled with LlamaModel.compile_pieces."""
 
-from rapid.compile.cuda_graphs import DecodeGraphRunner, bucket_sizes, compile_prefill, uncompile
+from rapid.compile.cuda_graphs import DecodeGraphRunner, bucket_sizes
 
-__all__ = ["DecodeGraphRunner", "bucket_sizes", "compile_prefill", "uncompile"]
+__all__ = ["DecodeGraphRunner", "bucket_sizes", "prepare_model"]
 
 
 def prepare_model(model, kv_pool, config, decode_graphs: bool, prefill_graphs: bool) -> list:
@@ -15,7 +16,7 @@ def prepare_model(model, kv_pool, config, decode_graphs: bool, prefill_graphs: b
     if kv_pool.device.type != "cuda" or config.enforce_eager:
         return []
     t0 = time.perf_counter()
-    compile_prefill(model)
+    model.compile_pieces()  # dynamic="tokens"
     warm_up(model, kv_pool)
     logging.getLogger(__name__).info("torch.compile warm-up took %.1fs", time.perf_counter() - t0)
     runners = []

@@ -2,7 +2,7 @@
 
 A mixed batch (decodes + prefill chunks) has a structure that changes every step, so the attention
 calls run eagerly; everything between two attention calls (o_proj, MLP, norms, next layer's qkv and
-rope: the compiled pieces of cuda_graphs.py) is one CUDA graph per token-count bucket. A step is then
+rope: the pieces of LlamaModel.forward, compiled) is one CUDA graph per token-count bucket. A step is then
 L + 1 graph replays and L eager attention calls instead of thousands of kernel launches, so the host
 keeps ahead of the GPU even for small chunks. Tokens are padded to the bucket; padding rows carry
 slot -1 (no KV write) and are excluded from attention, so they never touch real rows.
@@ -20,7 +20,6 @@ import time
 import torch
 
 from rapid.attention.metadata import AttentionMetadata
-from rapid.compile.cuda_graphs import CompiledPieces, _post_args, _pre_args
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +36,14 @@ def token_buckets(max_tokens: int, smallest: int = 16) -> list[int]:
 
 
 class PiecewiseGraphRunner:
-    def __init__(self, model, kv_pool: torch.Tensor, max_tokens: int, *, progress: bool = True,
-                 dynamic: bool | str = "tokens"):
+    """One CUDA graph per piece of LlamaModel.forward (model.pieces) and token bucket; attention eager.
+
+    Graph 0: embedding + layer 0's pre-attention; graph i (1 <= i < L): layer i-1's post-attention with
+    layer i's pre-attention; graph L: the last post-attention with the final norm. The graphs hold the
+    model's pieces as they are at capture: compile them first (model.compile_pieces(); prepare_model does).
+    """
+
+    def __init__(self, model, kv_pool: torch.Tensor, max_tokens: int, *, progress: bool = True):
         self.model = model
         self.kv_pool = kv_pool
         self.buckets = token_buckets(max_tokens)
@@ -48,43 +53,37 @@ class PiecewiseGraphRunner:
         n = self.max_tokens
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.x = torch.zeros(n, cfg.hidden_size, dtype=dtype, device=dev)
+        self.x = torch.zeros(n, cfg.hidden_size, dtype=dtype, device=dev)  # the residual stream
         self.q = torch.zeros(n, cfg.num_heads, cfg.head_dim, dtype=dtype, device=dev)
         self.k = torch.zeros(n, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=dev)
         self.v = torch.zeros(n, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=dev)
         self.attn = torch.zeros(n, cfg.num_heads, cfg.head_dim, dtype=dtype, device=dev)
         self.out = torch.zeros(n, cfg.hidden_size, dtype=dtype, device=dev)
-        # the model's own compiled pieces (compile_prefill), else compiled here
-        pieces = getattr(model, "_rapid_pieces", None) or CompiledPieces.build(dynamic)
-        self.pre, self.post, self.post_pre, self.norm = pieces.pre, pieces.post, pieces.post_pre, pieces.norm
         self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
         self.capture_s = 0.0
         self._capture(progress)
 
     # ----------------------------------------------------------------- the pieces (static buffers)
+    def _store(self, T: int, x, q, k, v) -> None:
+        self.x[:T].copy_(x)  # [T, hidden]
+        self.q[:T].copy_(q)  # [T, H, D]
+        self.k[:T].copy_(k)  # [T, KVH, D]
+        self.v[:T].copy_(v)
+
     def _first(self, T: int) -> None:
         m = self.model
-        x = m.embed_tokens(self.input_ids[:T])
-        q, k, v = self.pre(x, self.positions[:T], m.rotary.cos_sin, *_pre_args(m.layers[0]))
-        self.x[:T].copy_(x)
-        self.q[:T].copy_(q)
-        self.k[:T].copy_(k)
-        self.v[:T].copy_(v)
+        x = m.embed_tokens(self.input_ids[:T])  # [T, hidden]
+        self._store(T, x, *m.pieces.pre(m.layers[0], x, self.positions[:T], m.rotary))
 
     def _middle(self, T: int, i: int) -> None:
         """Layer i-1's post-attention work fused with layer i's pre-attention work."""
         m = self.model
-        x, q, k, v = self.post_pre(self.x[:T], self.attn[:T], *_post_args(m.layers[i - 1]), self.positions[:T],
-                                   m.rotary.cos_sin, *_pre_args(m.layers[i]))
-        self.x[:T].copy_(x)
-        self.q[:T].copy_(q)
-        self.k[:T].copy_(k)
-        self.v[:T].copy_(v)
+        self._store(T, *m.pieces.post_pre(m.layers[i - 1], self.x[:T], self.attn[:T], m.layers[i],
+                                          self.positions[:T], m.rotary))
 
     def _last(self, T: int) -> None:
         m = self.model
-        x = self.post(self.x[:T], self.attn[:T], *_post_args(m.layers[-1]))
-        self.out[:T].copy_(self.norm(x, m.norm.weight, m.norm.eps))
+        self.out[:T].copy_(m.pieces.post_norm(m.layers[-1], self.x[:T], self.attn[:T], m.norm))
 
     def _pieces(self, T: int):
         L = len(self.model.layers)
@@ -128,9 +127,7 @@ class PiecewiseGraphRunner:
         self.positions[:T].copy_(positions, non_blocking=True)
         graphs = self.graphs[b]
         graphs[0].replay()
-        for i, layer in enumerate(self.model.layers):
-            a = layer.self_attn
-            out = a.backend.forward(self.q[:T], self.k[:T], self.v[:T], self.kv_pool[a.layer_idx], meta)
-            self.attn[:T].copy_(out)
+        for i, layer in enumerate(self.model.layers):  # attention eager between the graphs
+            self.attn[:T].copy_(layer.self_attn.attend(self.q[:T], self.k[:T], self.v[:T], self.kv_pool, meta))
             graphs[i + 1].replay()
         return self.out[:T]

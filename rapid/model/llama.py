@@ -3,14 +3,23 @@
 One forward call takes the flattened tokens of many sequences (decode steps and prefill chunks
 together) and an AttentionMetadata that says where each token's keys and values live in the pool.
 Shapes: T = tokens in the batch, H = query heads, KVH = key/value heads, D = head_dim.
+
+A layer's work is split where attention runs: `pre_attention` (norm, qkv, rope) and `post_attention`
+(o_proj, MLP) are plain tensor code; attention (paged KV writes, varlen kernels) runs between them.
+The forward walks three pieces, the functions between two attention calls: layer 0's pre-attention;
+for each next layer, the previous layer's post-attention and this layer's pre-attention together
+(`post_then_pre`, so the residual add fuses with the next norm); the last layer's post-attention and
+the final norm (`post_then_norm`). `compile_pieces` swaps in torch.compile'd copies of those methods
+(attention stays eager between them); the CUDA-graph runners in rapid/compile capture the same pieces.
 """
 
 from __future__ import annotations
 
 import math
+import types
+from typing import Callable, NamedTuple
 
 import torch
-from einops import rearrange
 from torch import nn
 
 from rapid.attention.metadata import AttentionMetadata
@@ -74,8 +83,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, backend):
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
+        self.head_dim, self.q_size, self.kv_size = cfg.head_dim, cfg.q_size, cfg.kv_size
         # q, k and v projections fused into one matmul; the loader stacks the checkpoint's three.
         self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
@@ -86,16 +94,18 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         self.backend = backend
 
-    def forward(self, x, positions, rotary: RotaryEmbedding, kv_pool: torch.Tensor, meta: AttentionMetadata):
+    def qkv(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding):
+        """x [T, hidden] (normed) -> q [T, H, D], k [T, KVH, D] (q/k-normed for Qwen3, roped), v [T, KVH, D]."""
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = rearrange(q, "t (h d) -> t h d", d=self.head_dim)  # [T, H, D]
-        k = rearrange(k, "t (h d) -> t h d", d=self.head_dim)  # [T, KVH, D]
-        v = rearrange(v, "t (h d) -> t h d", d=self.head_dim)
+        q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in (q, k, v))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(positions, q, k)
-        out = self.backend.forward(q, k, v, kv_pool[self.layer_idx], meta)  # [T, H, D]
-        return self.o_proj(rearrange(out, "t h d -> t (h d)"))
+        return q, k, v
+
+    def attend(self, q, k, v, kv_pool: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Writes k, v into this layer's slots of the pool; returns [T, H, D]. Runs eagerly, never compiled."""
+        return self.backend.forward(q, k, v, kv_pool[self.layer_idx], meta)
 
 
 class MLP(nn.Module):
@@ -111,6 +121,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """x + attention(norm(x)), then x + mlp(norm(x)), as the methods around the attention call.
+
+    The methods read no per-layer Python values (layer_idx stays in `attend`), so one compiled graph of
+    each serves every layer: the layer is an argument, its weights graph inputs.
+    """
+
     def __init__(self, cfg: ModelConfig, layer_idx: int, backend):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -118,9 +134,34 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, positions, rotary, kv_pool, meta):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, kv_pool, meta)
+    def pre_attention(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding):
+        """x [T, hidden] -> q [T, H, D], k, v [T, KVH, D]: input norm, fused qkv (+ q/k norm), rope."""
+        return self.self_attn.qkv(self.input_layernorm(x), positions, rotary)
+
+    def post_attention(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """x [T, hidden], attn [T, H, D] -> x [T, hidden]: o_proj + residual, norm, SwiGLU MLP + residual."""
+        x = x + self.self_attn.o_proj(attn.flatten(1))
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def post_then_pre(self, x, attn, nxt: DecoderLayer, positions, rotary):
+        """This layer's post-attention work and the next layer's pre-attention work -> x, q, k, v."""
+        x = self.post_attention(x, attn)
+        return (x, *nxt.pre_attention(x, positions, rotary))
+
+    def post_then_norm(self, x, attn, norm: RMSNorm) -> torch.Tensor:
+        """The last layer's post-attention work and the model's final norm -> hidden [T, hidden]."""
+        return norm(self.post_attention(x, attn))
+
+
+class Pieces(NamedTuple):
+    """The work between attention calls, each taking its layer first: the methods, or compiled copies."""
+
+    pre: Callable  # (layer, x, positions, rotary) -> q, k, v
+    post_pre: Callable  # (layer, x, attn, next layer, positions, rotary) -> x, q, k, v
+    post_norm: Callable  # (layer, x, attn, norm) -> hidden
+
+
+EAGER = Pieces(DecoderLayer.pre_attention, DecoderLayer.post_then_pre, DecoderLayer.post_then_norm)
 
 
 class LlamaModel(nn.Module):
@@ -134,17 +175,57 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, max_positions or cfg.max_position_embeddings)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.pieces = EAGER  # compile_pieces replaces them with this model's compiled copies
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_pool: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, hidden]. Writes this step's KV into kv_pool."""
+        fn, layers, rotary = self.pieces, self.layers, self.rotary
         x = self.embed_tokens(input_ids)  # [T, hidden]
-        for layer in self.layers:
-            x = layer(x, positions, self.rotary, kv_pool, meta)
-        return self.norm(x)
+        q, k, v = fn.pre(layers[0], x, positions, rotary)  # [T, H, D], [T, KVH, D], [T, KVH, D]
+        for i in range(len(layers) - 1):
+            attn = layers[i].self_attn.attend(q, k, v, kv_pool, meta)  # [T, H, D]
+            x, q, k, v = fn.post_pre(layers[i], x, attn, layers[i + 1], positions, rotary)
+        attn = layers[-1].self_attn.attend(q, k, v, kv_pool, meta)
+        return fn.post_norm(layers[-1], x, attn, self.norm)  # [T, hidden]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [S, hidden] (the rows that sample) -> float32 logits [S, vocab]."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return nn.functional.linear(hidden, weight).float()
+
+    def compile_pieces(self, dynamic: bool | str = "tokens") -> LlamaModel:
+        """Run the pieces through torch.compile (fullgraph); attention stays eager between them. Returns self.
+
+        dynamic="tokens" (the default, fastest on the H100): only the token count T is symbolic, so the
+        other sizes are constants in the fused kernels; one graph serves T >= 2, T == 1 gets its own.
+        dynamic=True: every size symbolic; False: a graph per T. The compiled functions belong to this
+        model: compiling another model compiles afresh, with its own Dynamo caches and recompile budget.
+        """
+        if dynamic not in (True, False, "tokens"):
+            raise ValueError(f"dynamic must be True, False or 'tokens', got {dynamic!r}")
+        self.pieces = Pieces(*(_compile(fn, dynamic) for fn in EAGER))
+        return self
+
+    def uncompile_pieces(self) -> LlamaModel:
+        """Back to the eager methods."""
+        self.pieces = EAGER
+        return self
+
+
+def _compile(fn, dynamic: bool | str):
+    """torch.compile of a fresh copy of fn: Dynamo keeps compiled entries (and counts its recompile limit)
+    per code object, so the copy gives this model caches of its own instead of process-wide ones."""
+    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    if dynamic != "tokens":
+        return torch.compile(own, dynamic=dynamic, fullgraph=True)
+    compiled = torch.compile(own, dynamic=None, fullgraph=True)
+
+    def call(*args):
+        for a in args:  # every tensor argument of a piece has T as dim 0 (the weights come with the modules)
+            if isinstance(a, torch.Tensor) and a.shape[0] > 1:
+                torch._dynamo.maybe_mark_dynamic(a, 0)
+        return compiled(*args)
+
+    return call

@@ -1,0 +1,107 @@
+"""Request: one sequence's state, and the one state machine every mode shares.
+
+    WAITING ──> PREFILLING ──> DECODING ──> FINISHED
+       ^            │              │  ^
+       │            │              │  └─ (the decode executor ended it itself: EOS, stop token, length)
+       │            v              v
+       │         STOPPING <─── (abort, stop string: the executor still holds the blocks;
+       │            │           FINISHED once it lets go: PrefillDone / Dropped)
+       └──── PREEMPTED <────── (pool short: recomputed from its tokens once the executor let go)
+
+The finish rules (EOS, stop token ids, max_tokens, max_model_len) are written once, in
+`append_token`; the engine core and the decode worker both use it. Stop strings need text, so
+only the core's output processor checks them. Plain Python: no torch.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from rapid.params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # queued for prefill (also after preemption); holds no blocks
+    PREFILLING = "prefilling"  # prompt chunks being computed
+    DECODING = "decoding"  # resident on the decode executor, which steps it on its own
+    STOPPING = "stopping"  # ended for the user; an executor still holds its blocks
+    PREEMPTED = "preempted"  # to be recomputed once the decode executor dropped it
+    FINISHED = "finished"
+
+    @property
+    def is_done(self) -> bool:
+        """Ended for the user (its final delta has been produced or is being produced)."""
+        return self in (RequestStatus.STOPPING, RequestStatus.FINISHED)
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    eos_token_ids: tuple[int, ...] = ()
+    max_model_len: int | None = None  # ends the request by length when reached (None: no limit here)
+    arrival_time: float = field(default_factory=time.time)
+    output_token_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    num_computed_tokens: int = 0  # tokens whose KV is in the pool
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first schedule)
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_preemptions: int = 0
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def max_total_tokens(self) -> int:
+        return len(self.prompt_token_ids) + self.params.max_tokens
+
+    @property
+    def num_prompt_tokens_left(self) -> int:
+        """Tokens whose KV must be computed before the next token can be sampled."""
+        return self.num_tokens - self.num_computed_tokens
+
+    def append_token(self, token_id: int, now: float | None = None) -> str | None:
+        """Record a sampled token; return the finish reason ('stop' / 'length') if it ends the request."""
+        now = time.time() if now is None else now
+        self.output_token_ids.append(token_id)
+        self.num_computed_tokens = self.num_tokens - 1  # the new token's KV is computed by the next step
+        if self.first_token_time is None:
+            self.first_token_time = now
+        self.last_token_time = now
+        n = len(self.output_token_ids)
+        if n >= self.params.min_tokens:
+            if not self.params.ignore_eos and token_id in self.eos_token_ids:
+                self.stop_reason = None
+                return "stop"
+            if token_id in self.params.stop_token_ids:
+                self.stop_reason = token_id
+                return "stop"
+        if n >= self.params.max_tokens:
+            return "length"
+        if self.max_model_len is not None and self.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+
+def check_fits(request_id: str, num_prompt_tokens: int, max_tokens: int, max_model_len: int,
+               num_blocks: int, block_size: int) -> None:
+    """Reject up front a request that can never run (ValueError naming the numbers)."""
+    total = num_prompt_tokens + max_tokens
+    if total > max_model_len:
+        raise ValueError(f"request {request_id}: prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = "
+                         f"{total} exceeds max_model_len ({max_model_len})")
+    need = -(-total // block_size)
+    if need > num_blocks:
+        raise ValueError(f"request {request_id}: {total} tokens need {need} KV blocks but the whole pool has "
+                         f"{num_blocks} (raise kv_cache_memory_bytes or lower max_tokens)")

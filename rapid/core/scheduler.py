@@ -1,0 +1,356 @@
+"""The one scheduler of every mode: admission, prefill batches, KV blocks for decoding, preemption, finishing.
+
+Contract (in the spirit of vLLM v1's SchedulerInterface):
+
+    add_request(req)            admit; ValueError if it can never fit
+    schedule() -> SchedulerOutput
+                                the messages to send, per lane: a prefill batch (when its lane is free),
+                                hand-offs to the decode executor, block grants, stops
+    update_from_output(msg)     apply a worker's result (PrefillDone, DecodeStep, Dropped, Transferred);
+                                returns the requests with new output
+    finish(req, reason)         end a request (abort, stop string) wherever it is
+
+Decoding requests are resident on the decode executor, which steps them by itself; the scheduler keeps
+each one `decode_lookahead_blocks` blocks ahead. Where prefill runs (inside the decode executor's steps
+= hybrid batching, or on the prefill worker) is asked of the placement policy before each batch
+(rapid/core/placement.py). A block is reused only after the executor that last touched it said so.
+Plain Python: no torch.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from rapid.config import SchedulerConfig
+from rapid.core.block_manager import BlockManager
+from rapid.core.placement import DECODE, StaticPlacement
+from rapid.core.request import Request, RequestStatus, check_fits
+from rapid.protocol.worker import (
+    DecodeStep, Dropped, GrantBlocks, PrefillBatch, PrefillDone, SampledToken, SeqWork, StartDecode, StopDecode,
+    Transferred,
+)
+
+S = RequestStatus
+
+
+def seq_work(req: Request, num_tokens: int, block_ids: list[int]) -> SeqWork:
+    """The forward-pass work of `num_tokens` new tokens of `req`, from its first uncomputed one."""
+    start = req.num_computed_tokens
+    return SeqWork(req.request_id, req.all_token_ids[start : start + num_tokens], start, list(block_ids),
+                   start + num_tokens == req.num_tokens, req.params, len(req.output_token_ids),
+                   req.prompt_token_ids, req.output_token_ids)
+
+
+@dataclass
+class InFlight:
+    """A prefill batch sent to a lane and not yet answered."""
+
+    batch_id: int
+    chunks: list[tuple[Request, int]]  # (request, new tokens)
+
+
+@dataclass
+class SchedulerOutput:
+    messages: list[tuple[str, object]] = field(default_factory=list)  # (lane, message), in send order
+
+    @property
+    def prefill_batch(self) -> PrefillBatch | None:
+        return next((m for _, m in self.messages if isinstance(m, PrefillBatch)), None)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager, *, decode_blocks: BlockManager | None = None,
+                 lookahead_blocks: int = 2, placement=None,
+                 on_token: Callable[[Request, SampledToken], str | None] | None = None):
+        """`decode_blocks`: the decode GPU's pool in 'disagg' (KV copied at hand-off); else `blocks` serves both.
+        `on_token(req, tok)`: the output processor; returns a matched stop string, or None."""
+        self.config = config
+        self.token_budget = config.max_num_batched_tokens
+        self.blocks = blocks
+        self.decode_blocks = decode_blocks or blocks
+        self.separate_pools = decode_blocks is not None
+        self.lookahead_tokens = lookahead_blocks * blocks.block_size
+        self.placement = placement or StaticPlacement(DECODE)
+        self.on_token = on_token or (lambda req, tok: None)
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # PREFILLING and DECODING, in admission order
+        self.in_flight: dict[str, InFlight] = {}  # lane -> its prefill batch
+        self.in_flight_ids: set[str] = set()  # requests with a chunk in one of those batches
+        self.num_preempting = 0  # decoding requests preempted, waiting for the executor's Dropped
+        self.transfers: dict[str, list[int]] = {}  # disagg: prefill-pool blocks held until the copy is done
+        self.outbox: list[tuple[str, object]] = []
+        self.batch_ids = itertools.count()
+        self.num_preemptions = 0
+
+    # ------------------------------------------------------------------ queries
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_decoding(self) -> int:
+        return sum(1 for r in self.running if r.status == S.DECODING)
+
+    @property
+    def num_free_blocks(self) -> int:
+        pools = [self.blocks, self.decode_blocks] if self.separate_pools else [self.blocks]
+        return sum(p.num_free_blocks for p in pools)
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks in the smallest pool: what one request can use at most."""
+        return min(self.blocks.num_blocks, self.decode_blocks.num_blocks)
+
+    def set_token_budget(self, max_num_batched_tokens: int) -> None:
+        """Prefill tokens per batch (hybrid: per step, decodes included) at run time."""
+        if not isinstance(max_num_batched_tokens, int) or max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be a positive integer, got {max_num_batched_tokens!r}")
+        self.token_budget = max_num_batched_tokens
+
+    # ------------------------------------------------------------------ requests in, requests out
+    def add_request(self, req: Request) -> None:
+        check_fits(req.request_id, len(req.prompt_token_ids), req.params.max_tokens, self.config.max_model_len,
+                   self.num_blocks, self.blocks.block_size)
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        req.max_model_len = self.config.max_model_len
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def finish(self, req: Request, reason: str, worker_finished: bool = False) -> None:
+        """End a request for the user now; its blocks are freed once no executor can touch them."""
+        if req.status.is_done:
+            return
+        req.finish_reason = reason
+        if req.status == S.DECODING and not worker_finished:
+            self.running.remove(req)
+            req.status = S.STOPPING
+            self.outbox.append((DECODE, StopDecode([req.request_id])))
+        elif req.status == S.PREEMPTED or self._in_flight(req):
+            if req in self.running:
+                self.running.remove(req)
+            if req.status == S.PREEMPTED:
+                self.num_preempting -= 1
+            req.status = S.STOPPING  # freed on Dropped / when its prefill batch comes back
+        else:
+            self._release(req)
+
+    def _release(self, req: Request) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        elif req.status == S.WAITING:
+            self.waiting.remove(req)
+        self.blocks.free(req.request_id)
+        self.decode_blocks.free(req.request_id)
+        req.status = S.FINISHED
+        del self.requests[req.request_id]
+
+    def _in_flight(self, req: Request) -> bool:
+        return req.request_id in self.in_flight_ids
+
+    # ------------------------------------------------------------------ schedule
+    def schedule(self) -> SchedulerOutput:
+        self._grant_decode_blocks()
+        lane = self.placement.prefill_lane(self)
+        if lane not in self.in_flight:
+            self._schedule_prefill(lane)
+        return SchedulerOutput(self.take_messages())
+
+    def take_messages(self) -> list[tuple[str, object]]:
+        """The messages decided so far and not yet sent (stops from `finish` are sent without waiting)."""
+        out, self.outbox = self.outbox, []
+        return out
+
+    def _schedule_prefill(self, lane: str) -> None:
+        """One prefill batch for `lane`: unfinished prompts first (arrival order), then waiting requests."""
+        budget = self.token_budget - (self.num_decoding if lane == DECODE else 0)
+        chunks: list[tuple[Request, int]] = []
+        for req in [r for r in self.running if r.status == S.PREFILLING and not self._in_flight(r)]:
+            if budget <= 0:
+                break
+            n = min(req.num_prompt_tokens_left, budget)
+            if not self._grow(req, self.blocks, req.num_computed_tokens + n):
+                break
+            chunks.append((req, n))
+            budget -= n
+        while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
+               and not self.num_preempting):
+            req = self.waiting[0]
+            n = self._admit(req, budget)
+            if n is None:
+                break
+            self.waiting.popleft()
+            req.status = S.PREFILLING
+            self.running.append(req)
+            chunks.append((req, n))
+            budget -= n
+        if chunks:
+            batch_id = next(self.batch_ids)
+            self.in_flight[lane] = InFlight(batch_id, chunks)
+            self.in_flight_ids.update(r.request_id for r, _ in chunks)
+            work = [seq_work(r, n, self.blocks.block_table(r.request_id)) for r, n in chunks]
+            self.outbox.append((lane, PrefillBatch(batch_id, work)))
+
+    def _admit(self, req: Request, budget: int) -> int | None:
+        """A waiting request's first chunk: prefix-cache hits, then blocks for up to `budget` new tokens.
+        None (holding nothing, so it can never block the pool) when the pool is short."""
+        cached = self.blocks.match_prefix(req.request_id, req.all_token_ids)
+        req.num_computed_tokens = cached
+        n = min(req.num_tokens - cached, budget)
+        if self.blocks.allocate(req.request_id, cached + n) is None:
+            self.blocks.free(req.request_id)  # give the prefix hits back: a waiting request holds no blocks
+            req.num_computed_tokens = 0
+            return None
+        if req.num_preemptions == 0:
+            req.num_cached_tokens = cached
+        return n
+
+    def _grow(self, req: Request, pool: BlockManager, num_tokens: int) -> bool:
+        """Blocks for num_tokens tokens of a running request; when short, preempt one request to make room."""
+        if pool.allocate(req.request_id, num_tokens) is not None:
+            return True
+        self._make_room(req, pool)
+        return req.status != S.WAITING and pool.allocate(req.request_id, num_tokens) is not None
+
+    def _make_room(self, req: Request, pool: BlockManager) -> None:
+        """Preempt the newest request holding blocks of `pool` (none with a batch in flight), which may be `req`
+        itself (vLLM's rule). One victim at a time: a decoding victim frees its blocks on Dropped."""
+        if self.num_preempting:
+            return
+        holders = [r for r in self.running if not self._in_flight(r)
+                   and (not self.separate_pools or (r.status == S.DECODING) == (pool is self.decode_blocks))]
+        if holders:
+            self._preempt(holders[-1])
+
+    def _preempt(self, req: Request) -> None:
+        self.num_preemptions += 1
+        if req.status == S.DECODING:
+            req.status = S.PREEMPTED
+            self.num_preempting += 1
+            self.running.remove(req)
+            self.outbox.append((DECODE, StopDecode([req.request_id])))
+        else:
+            self._requeue(req)
+
+    def _requeue(self, req: Request) -> None:
+        """Preemption by recompute: free the blocks, queue the request first, its prompt + outputs so far."""
+        if req in self.running:
+            self.running.remove(req)
+        self.blocks.free(req.request_id)
+        self.decode_blocks.free(req.request_id)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        req.status = S.WAITING
+        self.waiting.appendleft(req)
+
+    def _grant_decode_blocks(self) -> None:
+        """Keep every decoding request `lookahead` tokens ahead; when even its next token has no block, make room."""
+        pool = self.decode_blocks
+        for req in [r for r in self.running if r.status == S.DECODING]:
+            if req.status != S.DECODING:
+                continue  # preempted while making room for an earlier one
+            rid = req.request_id
+            want = min(req.num_tokens + self.lookahead_tokens, req.max_total_tokens, self.config.max_model_len)
+            new = pool.allocate(rid, want)
+            if new is None:
+                new = pool.allocate(rid, req.num_tokens + 1)
+                if new is None:
+                    self._make_room(req, pool)
+                    continue
+            if new:
+                self.outbox.append((DECODE, GrantBlocks(rid, new)))
+
+    def _hand_off(self, req: Request, prefill_end: float) -> None:
+        """The prompt is done: give the request to the decode executor (disagg: its KV is copied over)."""
+        rid = req.request_id
+        src = self.blocks.detach(rid) if self.separate_pools else []
+        want = min(req.num_tokens + self.lookahead_tokens, req.max_total_tokens, self.config.max_model_len)
+        if self.decode_blocks.allocate(rid, want) is None and self.decode_blocks.allocate(rid, req.num_tokens) is None:
+            self.blocks.release(src)
+            self.num_preemptions += 1
+            self._requeue(req)  # not even room for its KV: recompute later
+            return
+        if src:
+            self.transfers[rid] = src
+        req.status = S.DECODING
+        self.outbox.append((DECODE, StartDecode(rid, req.prompt_token_ids, list(req.output_token_ids),
+                                                list(self.decode_blocks.block_table(rid)), req.params, prefill_end,
+                                                src_block_ids=src)))
+
+    # ------------------------------------------------------------------ worker results
+    def update_from_output(self, msg) -> list[Request]:
+        """Apply one worker result; return the requests with new output (those that ended included)."""
+        if isinstance(msg, PrefillDone):
+            return self._on_prefill_done(msg)
+        if isinstance(msg, DecodeStep):
+            return self._on_decode_step(msg)
+        if isinstance(msg, Dropped):
+            for rid in msg.request_ids:
+                self._on_dropped(rid)
+        elif isinstance(msg, Transferred):
+            for rid in msg.request_ids:
+                self.blocks.release(self.transfers.pop(rid, []))
+        return []
+
+    def _on_prefill_done(self, msg: PrefillDone) -> list[Request]:
+        lane = next((k for k, f in self.in_flight.items() if f.batch_id == msg.batch_id), None)
+        if lane is None:
+            raise ValueError(f"PrefillDone for batch {msg.batch_id}, which is not in flight")
+        chunks = self.in_flight.pop(lane).chunks
+        self.in_flight_ids.difference_update(r.request_id for r, _ in chunks)
+        sampled = {s.request_id: s for s in msg.sampled}
+        touched = []
+        for req, n in chunks:
+            if req.status == S.STOPPING:
+                self._release(req)
+                continue
+            req.num_computed_tokens += n
+            self.blocks.commit(req.request_id, req.all_token_ids, req.num_computed_tokens)
+            tok = sampled.get(req.request_id)
+            if tok is None:
+                continue  # a chunk short of the prompt's end
+            touched.append(req)
+            reason = self._append(req, tok, msg.t_end)
+            if reason is not None:
+                self.finish(req, reason)
+            else:
+                self._hand_off(req, msg.t_end)
+        return touched
+
+    def _on_decode_step(self, msg: DecodeStep) -> list[Request]:
+        worker_finished = set(msg.finished)
+        touched = []
+        for tok in msg.sampled:
+            req = self.requests.get(tok.request_id)
+            if req is None:
+                continue
+            done_by_worker = tok.request_id in worker_finished
+            if req.status != S.DECODING:  # stopping or preempted: the token is not wanted
+                if done_by_worker:
+                    self._on_dropped(tok.request_id)  # the worker let go of it by itself
+                continue
+            touched.append(req)
+            reason = self._append(req, tok, msg.t_end)
+            if reason is not None or done_by_worker:
+                self.finish(req, reason or "length", worker_finished=done_by_worker)
+        return touched
+
+    def _append(self, req: Request, tok: SampledToken, now: float) -> str | None:
+        reason = req.append_token(tok.token_id, now)
+        matched = self.on_token(req, tok)
+        if matched is not None:
+            reason, req.stop_reason = "stop", matched
+        return reason
+
+    def _on_dropped(self, rid: str) -> None:
+        req = self.requests.get(rid)
+        if req is None:
+            return
+        if req.status == S.PREEMPTED:
+            self.num_preempting -= 1
+            self._requeue(req)
+        elif req.status == S.STOPPING:
+            self._release(req)

@@ -1,0 +1,16 @@
+"""The engine: the one core loop (core.py), its clients (in-process: inproc.py; multi-process: mp_client.py),
+the process topology of each mode (launch.py), ZeroMQ plumbing (ipc.py) and MPS (mps.py)."""
+
+from __future__ import annotations
+
+
+def make_client(config, tokenizer, eos_token_ids):
+    """The EngineClient for a config: the in-process core for 'hybrid'; the core in its own process, with its
+    workers, otherwise. Only the client differs between the modes."""
+    if config.mode == "hybrid":
+        from rapid.engine.inproc import InprocClient
+
+        return InprocClient(config, tokenizer, eos_token_ids)
+    from rapid.engine.mp_client import MPClient
+
+    return MPClient(config, tokenizer, eos_token_ids)

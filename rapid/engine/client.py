@@ -1,0 +1,49 @@
+"""EngineClient: how a frontend (LLM, the ZeroMQ server, the benchmarks) talks to the engine core.
+
+One interface, two implementations: the core runs in this process (`InprocClient`, mode 'hybrid') or
+in its own process beside the workers (`MPClient`, modes 'rapid' and 'disagg'). Nothing outside the
+engine touches anything else: what the server and benchmarks need (stats, the token budget, health)
+is a method here.
+"""
+
+from __future__ import annotations
+
+import abc
+
+from rapid.protocol.engine import AddRequest, RequestDelta, Stats
+
+
+class EngineDeadError(RuntimeError):
+    """The engine (a named process) died; in-flight requests cannot finish."""
+
+
+class EngineClient(abc.ABC):
+    num_blocks: int  # KV blocks in the pool (the smaller pool in disagg)
+
+    @abc.abstractmethod
+    def add_request(self, msg: AddRequest) -> None:
+        """Enqueue a request; ValueError if it can never run (checked before anything is scheduled)."""
+
+    @abc.abstractmethod
+    def abort(self, request_ids: list[str]) -> None:
+        """End these requests; each still ends with a finished delta (finish_reason 'abort')."""
+
+    @abc.abstractmethod
+    def get_deltas(self, timeout_s: float | None = None) -> list[RequestDelta]:
+        """Output produced since the last call (blocks until some arrives or the timeout passes)."""
+
+    @abc.abstractmethod
+    def get_stats(self) -> Stats:
+        """Recent step timings, batch sizes, KV usage and preemptions."""
+
+    @abc.abstractmethod
+    def set_token_budget(self, max_num_batched_tokens: int) -> None:
+        """Change the prefill tokens per step / per launch at run time (a controller and benchmark lever)."""
+
+    @abc.abstractmethod
+    def check_health(self) -> None:
+        """Raise EngineDeadError if the engine cannot serve (a process died); return otherwise."""
+
+    @abc.abstractmethod
+    def shutdown(self) -> None:
+        """Stop every process the engine started and free what it holds; idempotent."""

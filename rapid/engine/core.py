@@ -1,0 +1,146 @@
+"""EngineCore: the one engine core of every mode (scheduler, KV block accounting, output processing).
+
+Each `step()` sends what the scheduler decides, then applies the workers' results to it. Where the workers live is hidden behind a small `Workers` interface: in this
+process (mode 'hybrid': `rapid.engine.inproc`, which runs one forward pass per poll) or behind ZeroMQ
+sockets (modes 'rapid' and 'disagg': `core_main`, the engine-core process). Plain Python: no torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import Protocol
+
+from rapid.config import EngineConfig
+from rapid.core.block_manager import BlockManager
+from rapid.core.output_processor import OutputProcessor
+from rapid.core.placement import placement_for_mode
+from rapid.core.request import Request
+from rapid.core.scheduler import Scheduler
+from rapid.protocol.engine import AddRequest, RequestDelta, Stats
+from rapid.protocol.worker import DecodeStep, PrefillDone
+
+logger = logging.getLogger(__name__)
+STATS_WINDOW = 4096  # recent step timings kept for stats
+
+
+class Workers(Protocol):
+    """How the core reaches its executors, by lane ('decode' or 'prefill', see rapid/core/placement.py)."""
+
+    def send(self, lane: str, msg) -> None: ...
+
+    def poll(self, timeout_ms: int = 0) -> list:
+        """Results produced since the last poll (PrefillDone, DecodeStep, Dropped, Transferred)."""
+        ...
+
+
+class StepStats:
+    """The recent worker timings that `Stats` reports, each series bounded to STATS_WINDOW entries."""
+
+    def __init__(self):
+        names = ("prefill_intervals", "decode_intervals", "decode_idle_gaps_s", "handoff_s", "prefill_tokens",
+                 "decode_batch_sizes")
+        self.series = {n: deque(maxlen=STATS_WINDOW) for n in names}
+
+    def record(self, msg) -> None:
+        s = self.series
+        if isinstance(msg, PrefillDone):
+            s["prefill_intervals"].append((msg.t_start, msg.t_end))
+            s["prefill_tokens"].append(msg.num_tokens)
+        elif isinstance(msg, DecodeStep):
+            s["decode_intervals"].append((msg.t_start, msg.t_end))
+            s["decode_batch_sizes"].append(len(msg.sampled))
+            if msg.idle_gap_s:
+                s["decode_idle_gaps_s"].append(msg.idle_gap_s)
+            s["handoff_s"].extend(msg.handoffs)
+
+    def snapshot(self, **counters) -> Stats:
+        return Stats(**{name: list(values) for name, values in self.series.items()}, **counters)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, tokenizer, eos_token_ids, workers: Workers, num_blocks: int,
+                 num_decode_blocks: int = 0):
+        """`num_decode_blocks`: mode 'disagg', the decode GPU's own pool (0: one pool serves both lanes)."""
+        self.config = config
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.workers = workers
+        cache = config.cache
+        blocks = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
+        decode_blocks = (BlockManager(num_decode_blocks, cache.block_size, enable_prefix_caching=False)
+                         if num_decode_blocks else None)
+        self.outputs = OutputProcessor(tokenizer)
+        self.scheduler = Scheduler(config.scheduler, blocks, decode_blocks=decode_blocks,
+                                   lookahead_blocks=config.rapid.decode_lookahead_blocks,
+                                   placement=placement_for_mode(config.mode), on_token=self.outputs.on_token)
+        self.stats = StepStats()
+        self.progressed = False  # the last step applied worker results
+        self.budget_controller = None
+        if config.rapid.tpot_target_ms is not None:
+            from rapid.core.controller import PrefillBudgetController
+
+            budget = config.scheduler.max_num_batched_tokens
+            self.budget_controller = PrefillBudgetController(config.rapid.tpot_target_ms, budget,
+                                                             min_budget=min(256, budget))
+
+    @property
+    def num_blocks(self) -> int:
+        return self.scheduler.num_blocks
+
+    def add_request(self, msg: AddRequest) -> None:
+        """Queue a request; ValueError (nothing queued) if it can never run or its id is in use."""
+        req = Request(msg.request_id, list(msg.prompt_token_ids), msg.params, self.eos_token_ids,
+                      arrival_time=msg.arrival_time or time.time())
+        self.scheduler.add_request(req)
+        self.outputs.add_request(req)
+
+    def abort(self, request_ids: list[str]) -> list[RequestDelta]:
+        """End these requests now; their final deltas (finish_reason 'abort')."""
+        deltas = []
+        for rid in request_ids:
+            req = self.scheduler.requests.get(rid)
+            if req is None or req.status.is_done:
+                continue
+            self.scheduler.finish(req, "abort")
+            deltas.append(self.outputs.delta(req, finished=True))
+        self._send(self.scheduler.take_messages())  # the executors stop working on them now
+        return deltas
+
+    def _send(self, messages: list[tuple[str, object]]) -> None:
+        for lane, msg in messages:
+            self.workers.send(lane, msg)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def set_token_budget(self, max_num_batched_tokens: int) -> None:
+        self.scheduler.set_token_budget(max_num_batched_tokens)
+
+    def step(self, timeout_ms: int = 0) -> list[RequestDelta]:
+        """Send the scheduler's decisions, then apply the workers' results; return the new output.
+
+        In-process the poll runs the forward pass of what was just sent; across processes it collects what
+        the workers finished meanwhile (`progressed` says whether anything came, so the caller polls again
+        at once). Hand-offs and stops that the results decide are sent before returning.
+        """
+        self._send(self.scheduler.schedule().messages)
+        deltas = []
+        results = self.workers.poll(timeout_ms)
+        for msg in results:
+            self.stats.record(msg)
+            if self.budget_controller is not None and isinstance(msg, DecodeStep) and msg.sampled:
+                budget = self.budget_controller.observe_decode_step((msg.t_end - msg.t_start + msg.idle_gap_s) * 1e3)
+                self.scheduler.set_token_budget(budget)
+            for req in self.scheduler.update_from_output(msg):
+                deltas.append(self.outputs.delta(req, finished=req.status.is_done))
+        self._send(self.scheduler.take_messages())
+        self.progressed = bool(results)
+        return deltas
+
+    def get_stats(self) -> Stats:
+        s = self.scheduler
+        return self.stats.snapshot(num_preemptions=s.num_preemptions, num_free_blocks=s.num_free_blocks,
+                                   num_blocks=s.blocks.num_blocks + (s.decode_blocks.num_blocks if s.separate_pools
+                                                                     else 0),
+                                   num_requests=len(s.requests) + len(s.transfers))

@@ -1,0 +1,100 @@
+"""The engine-core process of modes 'rapid' and 'disagg': the EngineCore behind ZeroMQ sockets.
+
+Frontend -> core_in (AddRequest, AbortRequest, GetStats, SetTokenBudget, Shutdown); core_out -> frontend
+(EngineOutputs, Stats). Workers: prefill_in / decode_in down, worker_out up. No torch in this process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import zmq
+
+from rapid.engine import ipc
+from rapid.engine.core import EngineCore
+from rapid.protocol.engine import (
+    AbortRequest, AddRequest, CoreInput, EngineOutputs, GetStats, RequestDelta, SetTokenBudget, Shutdown,
+)
+from rapid.protocol.worker import WorkerArgs, WorkerReady, WorkerResult, decode_args
+
+logger = logging.getLogger(__name__)
+
+
+class ZmqWorkers:
+    """The workers as the core sees them: a PUSH socket per lane, one PULL socket for every result."""
+
+    def __init__(self, ctx: zmq.Context, endpoints: dict[str, str]):
+        self.lanes = {lane: ipc.Channel(ctx, zmq.PUSH, endpoints[f"{lane}_in"], bind=False)
+                      for lane in ("prefill", "decode")}
+        self.results = ipc.Channel(ctx, zmq.PULL, endpoints["worker_out"], bind=True, decode_type=WorkerResult)
+
+    def send(self, lane: str, msg) -> None:
+        self.lanes[lane].send(msg)
+
+    def poll(self, timeout_ms: int = 0) -> list:
+        return self.results.drain()
+
+    def close(self) -> None:
+        for ch in (*self.lanes.values(), self.results):
+            ch.close()
+
+
+def _handle(core: EngineCore, msg, outbox: ipc.Channel) -> tuple[bool, list[RequestDelta]]:
+    """Apply one frontend message; (keep running, deltas it produced)."""
+    if isinstance(msg, AddRequest):
+        try:
+            core.add_request(msg)
+        except ValueError as e:  # the frontend checks first; this is the backstop
+            return True, [RequestDelta(msg.request_id, [], "", finished=True, finish_reason="abort", error=str(e))]
+    elif isinstance(msg, AbortRequest):
+        return True, core.abort(msg.request_ids)
+    elif isinstance(msg, GetStats):
+        outbox.send(core.get_stats())
+    elif isinstance(msg, SetTokenBudget):
+        try:
+            core.set_token_budget(msg.max_num_batched_tokens)
+        except ValueError as e:
+            logger.warning("%s", e)
+    elif isinstance(msg, Shutdown):
+        return False, []
+    return True, []
+
+
+def core_main(raw_args: bytes) -> None:
+    args: WorkerArgs = decode_args(raw_args)
+    ipc.child_setup(args.env, args.log_path, args.name, args.log_level)
+    from rapid.core.tokenizer import load_tokenizer
+
+    ctx = zmq.Context()
+    inbox = ipc.Channel(ctx, zmq.PULL, args.endpoints["core_in"], bind=True, decode_type=CoreInput)
+    outbox = ipc.Channel(ctx, zmq.PUSH, args.endpoints["core_out"], bind=False)
+    ready = ipc.Channel(ctx, zmq.PUSH, args.endpoints["ready"], bind=False)
+    workers = ZmqWorkers(ctx, args.endpoints)
+    try:
+        core = EngineCore(args.config, load_tokenizer(args.config.tokenizer), args.eos_token_ids, workers,
+                          args.num_blocks, num_decode_blocks=args.peer_num_blocks)
+        ready.send(WorkerReady(args.name, os.getpid(), num_blocks=core.num_blocks))
+        poller = zmq.Poller()
+        poller.register(inbox.sock, zmq.POLLIN)
+        poller.register(workers.results.sock, zmq.POLLIN)
+        running = True
+        while running:
+            poller.poll(0 if core.progressed else 50)
+            deltas: list[RequestDelta] = []
+            for msg in inbox.drain():
+                running, produced = _handle(core, msg, outbox)
+                deltas += produced
+                if not running:
+                    break
+            deltas += core.step()
+            if deltas:
+                outbox.send(EngineOutputs(deltas))
+    except Exception:
+        logger.exception("engine core failed")
+        raise
+    finally:
+        for ch in (inbox, outbox, ready):
+            ch.close()
+        workers.close()
+        ctx.term()

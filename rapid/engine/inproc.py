@@ -1,0 +1,102 @@
+"""Mode 'hybrid': the engine core and its one executor in the user's process.
+
+The executor is the same DecodeLoop the decode worker of mode 'rapid' runs; every prefill batch is
+placed in its steps (hybrid batching). Each `get_deltas` call runs one forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from rapid.config import EngineConfig
+from rapid.core.placement import DECODE
+from rapid.engine.client import EngineClient
+from rapid.engine.core import EngineCore
+from rapid.protocol.engine import AddRequest, RequestDelta, Stats
+
+logger = logging.getLogger(__name__)
+
+
+class InprocWorkers:
+    """The decode executor in this process: messages are calls, a poll is one step."""
+
+    def __init__(self, loop):
+        self.loop = loop  # rapid.worker.decode_loop.DecodeLoop
+        self.pending: list = []  # answers produced by `send` (Dropped)
+
+    def send(self, lane: str, msg) -> None:
+        if lane != DECODE:
+            raise RuntimeError(f"mode 'hybrid' has no {lane} worker; the placement sent {type(msg).__name__} there")
+        answer = self.loop.handle(msg)
+        if answer is not None:
+            self.pending.append(answer)
+
+    def poll(self, timeout_ms: int = 0) -> list:
+        out, self.pending = self.pending, []
+        if self.loop.has_work():
+            out += self.loop.step()
+        else:
+            self.loop.last_step_end = None  # idle by lack of work, not host overhead
+        return out
+
+
+class InprocClient(EngineClient):
+    def __init__(self, config: EngineConfig, tokenizer, eos_token_ids):
+        from rapid.worker.decode_loop import DecodeLoop
+        from rapid.worker.memory import check_process_memory, max_reserved_bytes
+        from rapid.worker.model_setup import ModelSetup
+
+        t0 = time.perf_counter()
+        self.setup = ModelSetup(config, "hybrid", shared=False)
+        runner = self.setup.make_runner(config, tuple(eos_token_ids))
+        allowed = self.setup.allowed_bytes.get("hybrid", 0)
+        check_process_memory(f"hybrid engine (pid {os.getpid()})", max_reserved_bytes(self.setup.device), allowed)
+        self.core = EngineCore(config, tokenizer, eos_token_ids, InprocWorkers(DecodeLoop(runner, config, eos_token_ids)),
+                               self.setup.num_blocks)
+        self.num_blocks = self.core.num_blocks
+        self._pending: list[RequestDelta] = []
+        logger.info("hybrid engine ready in %.1fs: %d KV blocks of %d tokens on %s", time.perf_counter() - t0,
+                    self.num_blocks, config.cache.block_size, self.setup.device)
+
+    def add_request(self, msg: AddRequest) -> None:
+        self.check_health()
+        self.core.add_request(msg)
+
+    def abort(self, request_ids: list[str]) -> None:
+        self._pending.extend(self.core.abort(request_ids))
+
+    def get_deltas(self, timeout_s: float | None = None) -> list[RequestDelta]:
+        self.check_health()
+        out, self._pending = self._pending, []
+        if self.core.has_unfinished():
+            out.extend(self.core.step())
+        return out
+
+    def get_stats(self) -> Stats:
+        return self.core.get_stats()
+
+    def set_token_budget(self, max_num_batched_tokens: int) -> None:
+        self.core.set_token_budget(max_num_batched_tokens)
+
+    def check_health(self) -> None:
+        if self.core is None:
+            from rapid.engine.client import EngineDeadError
+
+            raise EngineDeadError("the engine was shut down")
+
+    def shutdown(self) -> None:
+        """Drop the engine and give its memory back (weights, KV pool, graph pools)."""
+        if self.core is None:
+            return
+        device = self.setup.device
+        self.core = None
+        self.setup.close()
+        import gc
+
+        gc.collect()
+        if device.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()

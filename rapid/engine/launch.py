@@ -1,0 +1,69 @@
+"""The process topology of each mode, declared in one place.
+
+    mode     processes (start stage)                       owns an arena      maps an arena
+    hybrid   none: the core and its executor run in the user's process (rapid.engine.inproc)
+    rapid    decode (0), prefill (1), core (1)               decode             prefill -> decode's
+    disagg   prefill (0, GPU 0), decode (1, GPU 1), core (2) prefill, decode    decode -> prefill's
+
+Each stage starts once the previous one is ready (an importer needs the owner's published handle);
+stages stop in reverse (importers first, the owner of a mapped arena last). Every child is a fresh
+interpreter, `python -m rapid.engine.child ROLE`, its WorkerArgs msgspec-encoded on stdin.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rapid.config import EngineConfig
+from rapid.protocol.worker import WorkerReady
+
+
+@dataclass(frozen=True)
+class Role:
+    name: str  # "decode" | "prefill" | "core"
+    stage: int  # start order; stopped in reverse
+    maps: str | None = None  # the role whose arena this one maps
+    gpu: int | None = None  # the CUDA device index of this role when it has its own GPU
+
+
+TOPOLOGY: dict[str, tuple[Role, ...]] = {
+    "hybrid": (),
+    "rapid": (Role("decode", 0), Role("prefill", 1, maps="decode"), Role("core", 1)),
+    "disagg": (Role("prefill", 0, gpu=0), Role("decode", 1, maps="prefill", gpu=1), Role("core", 2)),
+}
+# whose KV pools the core's block managers account for: (prefill-lane pool, separate decode pool or None)
+POOL_OWNERS: dict[str, tuple[str, str | None]] = {"rapid": ("decode", None), "disagg": ("prefill", "decode")}
+
+
+def stages(mode: str) -> list[list[Role]]:
+    """The roles of a mode grouped by start stage, in start order."""
+    roles = TOPOLOGY[mode]
+    return [[r for r in roles if r.stage == s] for s in sorted({r.stage for r in roles})]
+
+
+def stop_order(mode: str) -> list[list[str]]:
+    return [[r.name for r in stage] for stage in reversed(stages(mode))]
+
+
+def spawn_fields(mode: str, role: Role, ready: dict[str, WorkerReady]) -> dict:
+    """The WorkerArgs fields a role needs from the processes already started (arena handles, pool sizes)."""
+    if role.name == "core":
+        prefill_pool, decode_pool = POOL_OWNERS[mode]
+        return {"num_blocks": ready[prefill_pool].num_blocks,
+                "peer_num_blocks": ready[decode_pool].num_blocks if decode_pool else 0}
+    if role.maps is not None:
+        return {"arena": ready[role.maps].arena, "num_blocks": ready[role.maps].num_blocks}
+    return {}
+
+
+def devices(config: EngineConfig, cuda: bool) -> dict[str, str]:
+    """The device of each role that has a GPU of its own (disagg on CUDA); ValueError if too few GPUs."""
+    wanted = {r.name: r.gpu for r in TOPOLOGY[config.mode] if r.gpu is not None}
+    if not wanted or not cuda:
+        return {}
+    import torch
+
+    if torch.cuda.device_count() <= max(wanted.values()):
+        raise ValueError(f"mode {config.mode!r} needs {max(wanted.values()) + 1} GPUs (prefill on one, decode on "
+                         f"another); torch sees {torch.cuda.device_count()}")
+    return {name: f"cuda:{gpu}" for name, gpu in wanted.items()}

@@ -1,0 +1,295 @@
+"""LLM: the offline API, with vLLM's names (generate, chat, shutdown, context manager)."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import time
+import weakref
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from tqdm.auto import tqdm
+
+from rapid.config import EngineArgs
+from rapid.model.config import ModelConfig
+from rapid.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from rapid.protocol.engine import AddRequest, RequestDelta
+from rapid.engine import make_client
+from rapid.engine.client import EngineClient
+from rapid.core.tokenizer import load_tokenizer
+from rapid.params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+def read_eos_token_ids(folder: str, model_cfg: ModelConfig, tokenizer) -> tuple[int, ...]:
+    """EOS ids from config.json, generation_config.json and the tokenizer, as vLLM stops on any of them."""
+    ids = set(model_cfg.eos_token_ids)
+    gen = Path(folder) / "generation_config.json"
+    if gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return tuple(sorted(ids))
+
+
+class LLM:
+    """Offline inference. `LLM()` serves the bundled SmolLM2-135M-Instruct on this machine."""
+
+    __signature__ = EngineArgs.signature()  # what help() and IDEs show: EngineArgs' fields
+
+    def __init__(self, model: str | None = None, **kwargs: Any):
+        """The keyword arguments are the fields of rapid.config.EngineArgs (defaults and help text there)."""
+        self.engine_args = EngineArgs.from_kwargs("LLM", model=model, **kwargs)
+        self.config = self.engine_args.create_engine_config()
+        self.model_config = ModelConfig.from_folder(self.config.model)
+        self.tokenizer = load_tokenizer(self.config.tokenizer)
+        self.eos_token_ids = read_eos_token_ids(self.config.model, self.model_config, self.tokenizer)
+        self._ids = itertools.count()
+        self.engine: EngineClient = make_client(self.config, self.tokenizer, self.eos_token_ids)
+        self._finalizer = weakref.finalize(self, self.engine.shutdown)
+
+    @classmethod
+    def from_engine_args(cls, engine_args: EngineArgs) -> "LLM":
+        """LLM(**fields of engine_args), e.g. from EngineArgs.from_cli_args(parsed flags)."""
+        return cls(**{f.name: getattr(engine_args, f.name) for f in dataclasses.fields(engine_args)})
+
+    # ------------------------------------------------------------------ lifecycle
+    def shutdown(self) -> None:
+        self._finalizer()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    # ------------------------------------------------------------------ input checks
+    def _prompt_ids(self, prompt: Any) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer (skip_tokenizer_init=True was given)")
+            ids = self.tokenizer.encode(prompt)
+            text = prompt
+        elif isinstance(prompt, dict):
+            unknown = set(prompt) - {"prompt_token_ids", "prompt"}
+            if unknown or "prompt_token_ids" not in prompt:
+                raise TypeError(f"a dict prompt takes the key 'prompt_token_ids' (list of ints), got keys {sorted(prompt)}")
+            ids, text = prompt["prompt_token_ids"], prompt.get("prompt")
+            if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise TypeError("prompt_token_ids must be a list of ints")
+            ids = list(ids)
+        else:
+            raise TypeError(f"a prompt is a str or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("prompt is empty (0 tokens)")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        limit = self.config.scheduler.max_model_len
+        if len(ids) >= limit:
+            raise ValueError(f"prompt has {len(ids)} tokens; max_model_len is {limit} (prompt + max_tokens must fit)")
+        return text, ids
+
+    def _check_fits(self, ids: list[int], params: SamplingParams) -> None:
+        limit = self.config.scheduler.max_model_len
+        if len(ids) + params.max_tokens > limit:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = "
+                             f"{len(ids) + params.max_tokens} exceeds max_model_len ({limit})")
+
+    def validate(self, prompt: Any, sampling_params: SamplingParams | None = None) -> tuple[str | None, list[int]]:
+        """The edge checks generate() applies to one prompt: (prompt text or None, token ids), or
+        TypeError / ValueError with the same message generate() would raise."""
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if not isinstance(sampling_params, SamplingParams):
+            raise TypeError("sampling_params must be a SamplingParams")
+        text, ids = self._prompt_ids(prompt)
+        self._check_fits(ids, sampling_params)
+        return text, ids
+
+    def chat_prompt_ids(self, conversation: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """One conversation ({'role', 'content'} dicts) through the chat template, as token ids."""
+        self._check_chat_ready()
+        if not isinstance(conversation, list) or not conversation or not all(isinstance(m, dict) for m in conversation):
+            raise TypeError("a conversation is a non-empty list of {'role': ..., 'content': ...} dicts")
+        return self._apply_chat_template(conversation, add_generation_prompt)
+
+    def _check_chat_ready(self) -> None:
+        if self.tokenizer is None:
+            raise ValueError("chat needs a tokenizer")
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError(f"the tokenizer of {self.config.tokenizer} has no chat template; use generate()")
+
+    def _apply_chat_template(self, conversation: list[dict], add_generation_prompt: bool) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt, tokenize=True)
+        if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def _normalise(self, prompts, sampling_params) -> tuple[list, list[SamplingParams]]:
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        if not isinstance(prompts, Sequence) or isinstance(prompts, bytes):
+            raise TypeError(f"prompts must be a str, a dict or a list of them, got {type(prompts).__name__}")
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(prompts)
+        elif isinstance(sampling_params, Sequence) and all(isinstance(p, SamplingParams) for p in sampling_params):
+            if len(sampling_params) != len(prompts):
+                raise ValueError(f"{len(sampling_params)} SamplingParams for {len(prompts)} prompts; give one or one per prompt")
+            params = list(sampling_params)
+        else:
+            raise TypeError("sampling_params must be a SamplingParams or a list of them")
+        return list(prompts), params
+
+    # ------------------------------------------------------------------ generation
+    def _submit(self, prompts, params) -> list[tuple[str, str | None, list[int], SamplingParams]]:
+        """Validate everything first, then enqueue; one entry per (prompt, sample index)."""
+        checked = [self._prompt_ids(p) for p in prompts]
+        for (_, ids), p in zip(checked, params):
+            self._check_fits(ids, p)
+        jobs = []
+        for (text, ids), p in zip(checked, params):
+            base = str(next(self._ids))
+            for i in range(p.n):
+                child = p if p.n == 1 else _child_params(p, i)
+                jobs.append((base if p.n == 1 else f"{base}-{i}", text, ids, child))
+        submitted: list[str] = []
+        try:
+            for rid, text, ids, p in jobs:
+                self.engine.add_request(AddRequest(rid, ids, p, prompt=text, arrival_time=time.time()))
+                submitted.append(rid)
+        except BaseException:
+            if submitted:
+                self.engine.abort(submitted)
+                self._drain(set(submitted))
+            raise
+        return jobs
+
+    def _drain(self, ids: set[str]) -> None:
+        pending = set(ids)
+        while pending:
+            for d in self.engine.get_deltas():
+                if d.finished:
+                    pending.discard(d.request_id)
+
+    def generate(self, prompts, sampling_params=None, *, use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for every prompt; outputs in input order (n > 1: one RequestOutput with n outputs)."""
+        prompts, params = self._normalise(prompts, sampling_params)
+        jobs = self._submit(prompts, params)
+        results: dict[str, RequestOutput] = {}
+        child_to_parent: dict[str, tuple[str, int]] = {}
+        order: list[str] = []
+        for rid, text, ids, p in jobs:
+            parent, _, idx = rid.partition("-")
+            if parent not in results:
+                results[parent] = RequestOutput(parent, text, ids, [], metrics=RequestMetrics(time.time()))
+                order.append(parent)
+            results[parent].outputs.append(CompletionOutput(index=int(idx or 0)))
+            child_to_parent[rid] = (parent, int(idx or 0))
+        pending = set(child_to_parent)
+        bar = tqdm(total=len(pending), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
+        t0, in_toks, out_toks = time.perf_counter(), 0, 0
+        try:
+            while pending:
+                for d in self.engine.get_deltas():
+                    if d.request_id not in child_to_parent:
+                        continue
+                    parent, idx = child_to_parent[d.request_id]
+                    _apply_delta(results[parent], results[parent].outputs[idx], d)
+                    out_toks += len(d.new_token_ids)
+                    if d.error is not None:
+                        raise _engine_error(d)
+                    if d.finished:
+                        pending.discard(d.request_id)
+                        in_toks += len(results[parent].prompt_token_ids)
+                        bar.update(1)
+                        elapsed = max(time.perf_counter() - t0, 1e-9)
+                        bar.set_postfix_str(f"in {in_toks / elapsed:.0f} tok/s, out {out_toks / elapsed:.0f} tok/s")
+        except BaseException:
+            if pending:
+                self.engine.abort(sorted(pending))
+            raise
+        finally:
+            bar.close()
+        for out in results.values():
+            out.finished = all(c.finish_reason is not None for c in out.outputs)
+        return [results[r] for r in order]
+
+    def generate_stream(self, prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestDelta]:
+        """Yield the output deltas of one prompt as they are produced (text already detokenized)."""
+        prompts, params = self._normalise(prompt, sampling_params)
+        if len(prompts) != 1 or params[0].n != 1:
+            raise ValueError("generate_stream takes one prompt with n=1")
+        (rid, *_), = self._submit(prompts, params)
+        finished = False
+        try:
+            while not finished:
+                for d in self.engine.get_deltas():
+                    if d.request_id != rid:
+                        continue
+                    if d.error is not None:
+                        raise _engine_error(d)
+                    finished = d.finished
+                    yield d
+        finally:
+            if not finished:
+                self.engine.abort([rid])
+
+    def chat(self, messages, sampling_params=None, *, use_tqdm: bool = True,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """One conversation (a list of {'role', 'content'} dicts) or a list of them, through the chat template."""
+        if self.tokenizer is None:
+            raise ValueError("chat needs a tokenizer")
+        if not isinstance(messages, list) or not messages:
+            raise TypeError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts or a list of them")
+        conversations = [messages] if isinstance(messages[0], dict) else messages
+        self._check_chat_ready()
+        prompts = [{"prompt_token_ids": self._apply_chat_template(conv, add_generation_prompt)}
+                   for conv in conversations]
+        outs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        for out in outs:
+            out.prompt = self.tokenizer.decode(out.prompt_token_ids)
+        return outs
+
+
+def _child_params(p: SamplingParams, index: int) -> SamplingParams:
+    """The i-th of n samples: n=1, and a distinct seed when the parent is seeded (as vLLM does)."""
+    return msgspec.structs.replace(p, n=1, seed=None if p.seed is None else p.seed + index)
+
+
+def _apply_delta(out: RequestOutput, comp: CompletionOutput, d: RequestDelta) -> None:
+    comp.text += d.new_text
+    comp.token_ids.extend(d.new_token_ids)
+    if d.new_logprobs is not None:
+        comp.logprobs = (comp.logprobs or []) + list(d.new_logprobs)
+        comp.cumulative_logprob = d.cumulative_logprob
+    if d.finished:
+        comp.finish_reason, comp.stop_reason = d.finish_reason, d.stop_reason
+    out.num_cached_tokens = max(out.num_cached_tokens, d.num_cached_tokens)
+    m = out.metrics
+    m.arrival_time = d.arrival_time or m.arrival_time
+    if d.first_token_time is not None and (m.first_token_time is None or d.first_token_time < m.first_token_time):
+        m.first_token_time = d.first_token_time
+    if d.last_token_time is not None:
+        m.last_token_time = max(m.last_token_time or 0.0, d.last_token_time)
+
+
+def _engine_error(d: RequestDelta) -> Exception:
+    from rapid.engine.client import EngineDeadError
+
+    return EngineDeadError(d.error)

@@ -1,0 +1,85 @@
+"""Messages between the frontend (LLM, server) and the engine core: msgspec Structs, msgpack-encoded.
+
+A message is a tagged Struct; the unions below are what each receiver decodes. Unknown or malformed
+bytes raise msgspec.DecodeError / ValidationError, which receivers log and drop.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from rapid.params import SamplingParams
+
+# ---------------------------------------------------------------- frontend <-> engine core
+class AddRequest(msgspec.Struct, tag=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt: str | None = None
+    arrival_time: float = 0.0
+
+
+class AbortRequest(msgspec.Struct, tag=True):
+    request_ids: list[str]
+
+
+class RequestDelta(msgspec.Struct, tag=True, array_like=True):
+    """New output of one request since the last delta (text already detokenized)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    new_logprobs: list[dict[int, float]] | None = None
+    cumulative_logprob: float = 0.0
+    finished: bool = False
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    error: str | None = None  # set when the request ended because of an engine error
+
+
+class EngineOutputs(msgspec.Struct, tag=True):
+    deltas: list[RequestDelta]
+
+
+class EngineDead(msgspec.Struct, tag=True):
+    """Sent (best effort) when the engine cannot go on; every in-flight request fails with `reason`."""
+
+    reason: str
+
+
+class Shutdown(msgspec.Struct, tag=True):
+    pass
+
+
+class GetStats(msgspec.Struct, tag=True):
+    pass
+
+
+class SetTokenBudget(msgspec.Struct, tag=True):
+    """Prefill tokens per batch from now on (a controller and benchmark lever)."""
+
+    max_num_batched_tokens: int
+
+
+class Stats(msgspec.Struct, tag=True):
+    """Recent worker activity: (start, end) wall-clock intervals of prefill batches and decode steps."""
+
+    prefill_intervals: list[tuple[float, float]]
+    decode_intervals: list[tuple[float, float]]
+    decode_idle_gaps_s: list[float]
+    handoff_s: list[float]  # prefill end -> the request's first decode step
+    prefill_tokens: list[int] = []  # tokens of each prefill interval
+    decode_batch_sizes: list[int] = []  # sequences of each decode interval
+    num_preemptions: int = 0
+    num_free_blocks: int = 0
+    num_blocks: int = 0
+    num_requests: int = 0  # requests the core still tracks (in any phase)
+
+
+
+CoreInput = AddRequest | AbortRequest | Shutdown | GetStats | SetTokenBudget
+CoreOutput = EngineOutputs | EngineDead | Stats

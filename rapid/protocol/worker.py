@@ -1,0 +1,148 @@
+"""Messages between the engine core and the workers (and a child's start-up arguments): msgspec Structs.
+
+Only ids, token ids, block ids and handles cross this boundary: the KV itself never moves (rapid)
+or moves GPU to GPU (disagg).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import msgspec
+
+from rapid.config import EngineConfig
+from rapid.params import SamplingParams
+from rapid.protocol.engine import Shutdown
+
+
+class ArenaHandle(msgspec.Struct, frozen=True):
+    """How another process maps a shared arena (rapid.worker.arena)."""
+
+    kind: str  # "shm" | "cuda"
+    nbytes: int
+    shm_name: str = ""
+    cuda_args: list | None = None  # what torch.UntypedStorage._new_shared_cuda takes
+
+
+class SeqWork(msgspec.Struct, array_like=True):
+    """One sequence's share of a forward pass: compute KV for token_ids at positions start_pos..."""
+
+    request_id: str
+    token_ids: list[int]  # the new tokens (a prefill chunk, or the last sampled token)
+    start_pos: int
+    block_ids: list[int]
+    sample: bool  # this chunk ends the sequence: sample the next token
+    params: SamplingParams | None = None
+    step_index: int = 0  # tokens already generated (seeds per-step noise)
+    prompt_token_ids: list[int] = []  # for penalties
+    output_token_ids: list[int] = []
+
+
+class SampledToken(msgspec.Struct, array_like=True):
+    request_id: str
+    token_id: int
+    logprob: float
+    top_logprobs: dict[int, float] | None = None
+
+
+# ---------------------------------------------------------------- workers <-> engine core
+class WorkerReady(msgspec.Struct, tag=True):
+    """A process's ready handshake; the owner worker also publishes the shared arena."""
+
+    name: str
+    pid: int
+    arena: ArenaHandle | None = None
+    num_blocks: int = 0
+    info: str = ""
+    max_reserved_bytes: int = 0  # torch.cuda.max_memory_reserved() once ready (graphs captured); 0 on the CPU
+    allowed_bytes: dict[str, int] = {}  # owner on CUDA: process name -> torch bytes its KV sizing allows it
+
+
+class PrefillBatch(msgspec.Struct, tag=True):
+    batch_id: int
+    work: list[SeqWork]
+
+
+class PrefillDone(msgspec.Struct, tag=True):
+    """Written KV is complete (stream synchronised) when this is sent; sampled = the sequences that finished."""
+
+    batch_id: int
+    sampled: list[SampledToken]
+    t_start: float
+    t_end: float
+    num_tokens: int = 0  # tokens the batch computed
+
+
+class StartDecode(msgspec.Struct, tag=True):
+    """Hand a prefilled request to the decode worker: its tokens so far and the blocks that hold their KV."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    block_ids: list[int]
+    params: SamplingParams
+    prefill_end: float = 0.0
+    src_block_ids: list[int] = []  # disagg: the KV is in these prefill-pool blocks; copy it into block_ids
+
+
+class GrantBlocks(msgspec.Struct, tag=True):
+    request_id: str
+    block_ids: list[int]  # appended to the request's block table
+
+
+class StopDecode(msgspec.Struct, tag=True):
+    """Drop these requests (abort, stop string, preemption); answered by Dropped."""
+
+    request_ids: list[str]
+
+
+class Transferred(msgspec.Struct, tag=True):
+    """disagg: the decode worker copied these requests' KV out of the prefill pool."""
+
+    request_ids: list[str]
+
+
+class Dropped(msgspec.Struct, tag=True):
+    """The decode worker no longer touches these requests' blocks."""
+
+    request_ids: list[str]
+
+
+class DecodeStep(msgspec.Struct, tag=True):
+    sampled: list[SampledToken]
+    finished: list[str]  # requests the worker ended itself (EOS, stop token, length) and dropped
+    t_start: float
+    t_end: float
+    idle_gap_s: float = 0.0  # time the GPU waited on the host before this step
+    handoffs: list[float] = []  # for requests stepped for the first time: prefill end -> this step
+
+
+
+@dataclass
+class WorkerArgs:
+    """What a spawned process is given (msgspec-encoded on its stdin, never pickle)."""
+
+    name: str
+    config: EngineConfig
+    endpoints: dict[str, str]
+    log_path: str
+    log_level: int
+    eos_token_ids: tuple[int, ...]
+    env: dict[str, str]
+    arena: ArenaHandle | None = None  # the arena to map (rapid prefill worker) or the peer's (disagg decode)
+    num_blocks: int = 0  # blocks in that arena's KV pool
+    device: str | None = None  # this process's device (disagg: prefill cuda:0, decode cuda:1)
+    peer_num_blocks: int = 0  # core, disagg: blocks in the decode pool
+
+
+def encode_args(args: WorkerArgs) -> bytes:
+    return msgspec.msgpack.encode(args)
+
+
+def decode_args(raw: bytes) -> WorkerArgs:
+    return msgspec.msgpack.decode(raw, type=WorkerArgs)
+
+
+WorkerResult = PrefillDone | DecodeStep | Dropped | Transferred
+PrefillInput = PrefillBatch | Shutdown
+DecodeInput = StartDecode | GrantBlocks | StopDecode | PrefillBatch | Shutdown

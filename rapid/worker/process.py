@@ -1,0 +1,125 @@
+"""The worker processes of modes 'rapid' and 'disagg': a decode worker and a prefill worker.
+
+rapid: the decode worker owns the arena (weights + KV pool) and the prefill worker maps it; disagg:
+each owns its own arena on its own GPU and the decode worker maps the prefill worker's to copy KV out.
+Each loop keeps its device busy without waiting on the engine core between steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+
+import torch
+
+from rapid.engine import ipc
+from rapid.protocol.engine import Shutdown
+from rapid.protocol.worker import (
+    DecodeInput, PrefillBatch, PrefillDone, PrefillInput, Transferred, WorkerArgs, WorkerReady, decode_args,
+)
+from rapid.worker.decode_loop import DecodeLoop
+from rapid.worker.memory import max_reserved_bytes
+from rapid.worker.model_setup import ModelSetup, open_peer_pool
+
+logger = logging.getLogger(__name__)
+
+
+def sync_device(device: torch.device) -> None:
+    """Make this worker's writes visible to the other process before telling anyone they are done."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
+def owns_arena(args: WorkerArgs) -> bool:
+    """rapid: the decode worker owns the one arena; disagg: each worker owns its own."""
+    return args.name == "decode" or args.config.mode == "disagg"
+
+
+@contextlib.contextmanager
+def worker_process(raw_args: bytes, inbox_name: str, inbox_type):
+    """A worker's lifetime: sockets, its model in the arena, a ModelRunner with its graphs; all closed at exit.
+
+    Yields (args, setup, runner, inbox, results channel, ready channel).
+    """
+    args = decode_args(raw_args)
+    ipc.child_setup(args.env, args.log_path, args.name, args.log_level)
+    if args.config.device == "cpu" or not torch.cuda.is_available():
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    import zmq
+
+    ctx = zmq.Context()
+    inbox = ipc.Channel(ctx, zmq.PULL, args.endpoints[inbox_name], bind=True, decode_type=inbox_type)
+    results = ipc.Channel(ctx, zmq.PUSH, args.endpoints["worker_out"], bind=False)
+    ready = ipc.Channel(ctx, zmq.PUSH, args.endpoints["ready"], bind=False)
+    setup = None
+    try:
+        owner = owns_arena(args)
+        setup = ModelSetup(args.config, args.name, arena=None if owner else args.arena, num_blocks=args.num_blocks,
+                           device=args.device)
+        runner = setup.make_runner(args.config, args.eos_token_ids)
+        yield args, setup, runner, inbox, results, ready
+    except Exception:
+        logger.exception("%s worker failed", args.name)
+        raise
+    finally:
+        if setup is not None:
+            setup.close()
+        for ch in (inbox, results, ready):
+            ch.close()
+        ctx.term()
+
+
+def _ready(args: WorkerArgs, setup: ModelSetup) -> WorkerReady:
+    return WorkerReady(args.name, os.getpid(), arena=setup.arena.handle if owns_arena(args) else None,
+                       num_blocks=setup.num_blocks, max_reserved_bytes=max_reserved_bytes(setup.device),
+                       allowed_bytes=setup.allowed_bytes)
+
+
+def prefill_main(raw_args: bytes) -> None:
+    with worker_process(raw_args, "prefill_in", PrefillInput) as (args, setup, runner, inbox, results, ready):
+        ready.send(_ready(args, setup))
+        while True:
+            msg = inbox.recv(timeout_ms=1000)
+            if isinstance(msg, Shutdown):
+                break
+            if isinstance(msg, PrefillBatch):
+                t0 = time.time()
+                sampled = runner.execute(msg.work)
+                sync_device(setup.device)  # the KV is complete before the core hands the request to decode
+                results.send(PrefillDone(msg.batch_id, sampled, t0, time.time(),
+                                         num_tokens=sum(len(w.token_ids) for w in msg.work)))
+
+
+def decode_main(raw_args: bytes) -> None:
+    with worker_process(raw_args, "decode_in", DecodeInput) as (args, setup, runner, inbox, results, ready):
+        loop = DecodeLoop(runner, args.config, args.eos_token_ids)
+        peer = None
+        if args.config.mode == "disagg":
+            peer_device = torch.device(args.arena.cuda_args[0]) if args.arena.kind == "cuda" else setup.device
+            peer, loop.peer_kv = open_peer_pool(args.config, args.arena, args.num_blocks, peer_device)
+        ready.send(_ready(args, setup))
+        while True:
+            # Never wait for the core while there is work: poll without blocking between steps.
+            busy = loop.has_work()
+            msgs = inbox.drain() if busy else ([m] if (m := inbox.recv(timeout_ms=100)) is not None else [])
+            if any(isinstance(m, Shutdown) for m in msgs):
+                break
+            dropped = [d for m in msgs if (d := loop.handle(m)) is not None]
+            if loop.transferred:  # disagg: the copies are complete, the prefill blocks may be reused
+                sync_device(setup.device)
+                results.send(Transferred(loop.transferred))
+                loop.transferred = []
+            for d in dropped:
+                results.send(d)
+            if not loop.has_work():
+                loop.last_step_end = None  # idle by lack of work, not host overhead
+                continue
+            for out in loop.step():
+                if isinstance(out, PrefillDone):
+                    sync_device(setup.device)
+                results.send(out)
+        if peer is not None:
+            loop.peer_kv = None
+            peer.close()

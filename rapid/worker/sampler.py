@@ -1,0 +1,417 @@
+"""The batched sampler (SamplingParams itself lives in rapid.params).
+
+The sampler works on one engine step: `SamplingBatch.build(...)` turns the B rows' parameters into
+tensors once, and `sample(logits, batch, generator)` picks one token per row.  Processing order
+(vLLM v1's order):
+
+    raw logits ──> logprobs (log_softmax of the raw logits, if asked for)
+        │
+        ├─ min_tokens: EOS / stop_token_ids -> -inf while a row is short of min_tokens
+        ├─ penalties: repetition (prompt + output tokens), frequency and presence (output tokens)
+        ├─ greedy rows: argmax
+        └─ random rows: / temperature -> min_p -> top_k -> top_p -> softmax -> exponential race
+
+Expensive work (penalty bincounts, the top-k / top-p sort, logprobs) only runs when some row in
+the batch needs it.
+
+Seeded rows are reproducible independently of the batch they are in and of the process that samples
+them: the noise for a row with seed ``s`` at step ``t`` (tokens the request has generated so far)
+comes from a generator freshly seeded with ``mix_seed(s, t)``.  (Identical across processes on the
+same device type; CPU and CUDA generators produce different streams.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from rapid.params import SamplingParams, _is_int
+
+__all__ = ["SamplingBatch", "SamplerOutput", "sample", "process_logits", "mix_seed"]
+
+_MASK64 = (1 << 64) - 1
+
+# ------------------------------------------------------------------------------------------------
+# Seed mixing
+# ------------------------------------------------------------------------------------------------
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def mix_seed(seed: int, step: int) -> int:
+    """Generator seed for request seed ``seed`` at step ``step``: a fixed hash in [0, 2**63)."""
+    return _splitmix64(_splitmix64(seed & _MASK64) ^ (step & _MASK64)) >> 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Batched sampler
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SamplerOutput:
+    """One step's result for B rows.
+
+    token_ids:       sampled token per row.
+    sampled_logprob: log_softmax(raw logits)[row, token] per row (for cumulative_logprob).
+    logprobs:        per row, None if the row did not ask for logprobs, else
+                     {token_id: logprob} with the top-N tokens of log_softmax(raw logits)
+                     plus the sampled token (N + 1 entries when the sampled one is not in the top-N).
+    """
+
+    token_ids: list[int]
+    sampled_logprob: list[float]
+    logprobs: list[dict[int, float] | None]
+
+
+@dataclass
+class SamplingBatch:
+    """Per-step sampling state for B rows, as tensors on the logits' device.
+
+    Optional tensors are None when no row of the batch needs them, which is what lets `sample`
+    skip the corresponding work.
+    """
+
+    batch_size: int
+    vocab_size: int
+    device: torch.device
+    all_greedy: bool
+    any_greedy: bool
+    greedy: Tensor  # [B] bool
+    temperature: Tensor | None  # [B] float32, 1.0 on greedy rows; None when all rows are greedy
+    min_p: Tensor | None  # [B] float32
+    top_k: Tensor | None  # [B] int64 in [1, V] (V = off)
+    top_k_max: int  # largest top_k below V in the batch (0 when top_k is None)
+    top_p: Tensor | None  # [B] float32 (1.0 = off)
+    # penalties
+    repetition_penalty: Tensor | None  # [B] float32
+    frequency_penalty: Tensor | None  # [B] float32
+    presence_penalty: Tensor | None  # [B] float32
+    output_counts: Tensor | None  # [B, V] float32: occurrences of each token in the row's output
+    prompt_mask: Tensor | None  # [B, V] bool: token occurs in the row's prompt
+    # min_tokens: (rows, token ids) set to -inf
+    min_tokens_rows: Tensor | None  # [M] int64
+    min_tokens_ids: Tensor | None  # [M] int64
+    # seeded random rows
+    seeded_rows: list[int]
+    seeded_seeds: list[int]  # mix_seed(seed, step), one per seeded row
+    # logprobs
+    max_num_logprobs: int  # -1 when no row asks for logprobs
+    num_logprobs: list[int | None]
+
+    @classmethod
+    def build(
+        cls,
+        params: Sequence[SamplingParams],
+        output_token_ids: Sequence[Sequence[int]] | None,
+        prompt_token_ids: Sequence[Sequence[int]] | None,
+        step_indices: Sequence[int] | None,
+        vocab_size: int,
+        device: torch.device | str,
+        eos_token_ids: Sequence[int] | Sequence[Sequence[int]] | None = None,
+    ) -> "SamplingBatch":
+        """Build the step's batch.
+
+        params:           one SamplingParams per row (B rows).
+        output_token_ids: tokens each row has generated so far (used only by the penalties; may be
+                          None when no row has a penalty and step_indices is given).
+        prompt_token_ids: each row's prompt (used only by the repetition penalty; may be None
+                          when no row has repetition_penalty != 1).
+        step_indices:     per row, how many tokens the request has already generated (drives the
+                          seeded noise and min_tokens); None means len(output_token_ids[i]).
+        vocab_size:       V, the logits' last dimension.
+        eos_token_ids:    EOS ids masked while a row is below min_tokens (unless ignore_eos):
+                          either one flat collection shared by all rows, or one per row.
+        """
+        device = torch.device(device)
+        B, V = len(params), vocab_size
+        if output_token_ids is not None and len(output_token_ids) != B:
+            raise ValueError(f"output_token_ids has {len(output_token_ids)} rows, expected {B}")
+        if prompt_token_ids is not None and len(prompt_token_ids) != B:
+            raise ValueError(f"prompt_token_ids has {len(prompt_token_ids)} rows, expected {B}")
+        if step_indices is None:
+            if output_token_ids is None:
+                raise ValueError("step_indices or output_token_ids is required")
+            step_indices = [len(o) for o in output_token_ids]
+        elif len(step_indices) != B:
+            raise ValueError(f"step_indices has {len(step_indices)} rows, expected {B}")
+        eos_per_row = _eos_per_row(eos_token_ids, B)
+
+        def f32(values: list[float]) -> Tensor:
+            return torch.tensor(values, dtype=torch.float32).to(device, non_blocking=True)
+
+        greedy_list = [p.greedy for p in params]
+        all_greedy = all(greedy_list)
+        any_greedy = any(greedy_list)
+        greedy = torch.tensor(greedy_list, dtype=torch.bool).to(device, non_blocking=True)
+
+        temperature = min_p = top_k = top_p = None
+        top_k_max = 0
+        seeded_rows: list[int] = []
+        seeded_seeds: list[int] = []
+        if not all_greedy:
+            random_params = [p for p, g in zip(params, greedy_list) if not g]
+            temperature = f32([1.0 if g else p.temperature for p, g in zip(params, greedy_list)])
+            if any(p.min_p > 0 for p in random_params):
+                min_p = f32([0.0 if g else p.min_p for p, g in zip(params, greedy_list)])
+            if any(0 < p.top_k < V for p in random_params):
+                ks = [V if (g or p.top_k == 0) else min(p.top_k, V) for p, g in zip(params, greedy_list)]
+                top_k = torch.tensor(ks, dtype=torch.int64).to(device, non_blocking=True)
+                top_k_max = max(k for k in ks if k < V)
+            if any(p.top_p < 1.0 for p in random_params):
+                top_p = f32([1.0 if g else p.top_p for p, g in zip(params, greedy_list)])
+            for i, (p, g) in enumerate(zip(params, greedy_list)):
+                if not g and p.seed is not None:
+                    seeded_rows.append(i)
+                    seeded_seeds.append(mix_seed(p.seed, step_indices[i]))
+
+        # Penalties.
+        repetition_penalty = frequency_penalty = presence_penalty = None
+        output_counts = prompt_mask = None
+        need_rep = any(p.repetition_penalty != 1.0 for p in params)
+        need_freq = any(p.frequency_penalty != 0.0 for p in params)
+        need_pres = any(p.presence_penalty != 0.0 for p in params)
+        if need_rep:
+            repetition_penalty = f32([p.repetition_penalty for p in params])
+            if prompt_token_ids is None:
+                raise ValueError("prompt_token_ids is required when a row has repetition_penalty")
+            rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+            prompt_mask = torch.zeros(B, V, dtype=torch.bool, device=device)  # [B, V]
+            idx = _flat_token_index([prompt_token_ids[i] for i in rows], rows, V, device)
+            prompt_mask.view(-1)[idx] = True
+        if need_freq:
+            frequency_penalty = f32([p.frequency_penalty for p in params])
+        if need_pres:
+            presence_penalty = f32([p.presence_penalty for p in params])
+        if need_rep or need_freq or need_pres:
+            if output_token_ids is None:
+                raise ValueError("output_token_ids is required when a row has a penalty")
+            rows = [
+                i for i, p in enumerate(params)
+                if p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+            ]
+            output_counts = torch.zeros(B, V, dtype=torch.float32, device=device)  # [B, V]
+            idx = _flat_token_index([output_token_ids[i] for i in rows], rows, V, device)
+            # float sums of 1.0 are exact (< 2**24), so the atomic order on GPUs does not matter
+            output_counts.view(-1).index_add_(0, idx, torch.ones(idx.shape, device=device))
+
+        # min_tokens: rows still short of min_tokens cannot emit a stop token.
+        mt_rows: list[int] = []
+        mt_ids: list[int] = []
+        for i, p in enumerate(params):
+            if step_indices[i] < p.min_tokens:
+                banned = set(p.stop_token_ids)
+                if not p.ignore_eos:
+                    banned.update(eos_per_row[i])
+                banned = sorted(t for t in banned if 0 <= t < V)
+                mt_rows.extend([i] * len(banned))
+                mt_ids.extend(banned)
+        min_tokens_rows = min_tokens_ids = None
+        if mt_rows:
+            min_tokens_rows = torch.tensor(mt_rows, dtype=torch.int64).to(device, non_blocking=True)
+            min_tokens_ids = torch.tensor(mt_ids, dtype=torch.int64).to(device, non_blocking=True)
+
+        num_logprobs = [p.logprobs for p in params]
+        max_num_logprobs = min(max((n for n in num_logprobs if n is not None), default=-1), V)
+
+        return cls(
+            batch_size=B,
+            vocab_size=V,
+            device=device,
+            all_greedy=all_greedy,
+            any_greedy=any_greedy,
+            greedy=greedy,
+            temperature=temperature,
+            min_p=min_p,
+            top_k=top_k,
+            top_k_max=top_k_max,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+            output_counts=output_counts,
+            prompt_mask=prompt_mask,
+            min_tokens_rows=min_tokens_rows,
+            min_tokens_ids=min_tokens_ids,
+            seeded_rows=seeded_rows,
+            seeded_seeds=seeded_seeds,
+            max_num_logprobs=max_num_logprobs,
+            num_logprobs=num_logprobs,
+        )
+
+
+def _eos_per_row(
+    eos_token_ids: Sequence[int] | Sequence[Sequence[int]] | None, batch_size: int
+) -> list[Sequence[int]]:
+    if eos_token_ids is None:
+        return [()] * batch_size
+    items = list(eos_token_ids)
+    if all(_is_int(t) for t in items):  # one shared collection (also covers an empty one)
+        return [items] * batch_size
+    if len(items) != batch_size:
+        raise ValueError(f"eos_token_ids has {len(items)} rows, expected {batch_size}")
+    return [list(row) if row is not None else [] for row in items]
+
+
+def _flat_token_index(
+    token_lists: Sequence[Sequence[int]], rows: Sequence[int], vocab_size: int, device: torch.device
+) -> Tensor:
+    """[N] int64 indices row * V + token into a flattened [B, V] tensor; out-of-range ids dropped."""
+    flat: list[int] = []
+    for row, tokens in zip(rows, token_lists):
+        base = row * vocab_size
+        flat.extend(base + t for t in tokens if 0 <= t < vocab_size)
+    return torch.tensor(flat, dtype=torch.int64).to(device, non_blocking=True)
+
+
+def _apply_penalties(logits: Tensor, batch: SamplingBatch) -> Tensor:
+    """Repetition, frequency and presence penalties on logits [B, V].
+
+    May modify `logits` in place (callers pass a private copy); returns the result.
+    Repetition (HF / vLLM): for tokens in the prompt or the output, positive logits are divided by
+    the penalty and negative ones multiplied.  Frequency / presence (OpenAI / vLLM): subtract
+    frequency_penalty * count and presence_penalty * (count > 0) over output tokens.
+    """
+    counts = batch.output_counts  # [B, V]
+    assert counts is not None
+    if batch.repetition_penalty is not None:
+        assert batch.prompt_mask is not None
+        seen = batch.prompt_mask | (counts > 0)  # [B, V]
+        pen = batch.repetition_penalty[:, None].expand_as(logits)  # [B, V]
+        pen = torch.where(seen, pen, torch.ones_like(pen))
+        logits = torch.where(logits > 0, logits / pen, logits * pen)
+    if batch.frequency_penalty is not None:
+        logits -= batch.frequency_penalty[:, None] * counts
+    if batch.presence_penalty is not None:
+        logits -= batch.presence_penalty[:, None] * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def _apply_top_k_top_p(
+    logits: Tensor, top_k: Tensor | None, top_k_max: int, top_p: Tensor | None
+) -> Tensor:
+    """Mask (-inf) tokens outside top-k, then outside top-p of the renormalised rest. logits [B, V].
+
+    top_k: [B] int64, V meaning off; top_k_max: the largest top_k < V (bounds the top-k pass).
+    """
+    V = logits.shape[-1]
+    if top_p is None:
+        assert top_k is not None and top_k_max > 0
+        # Only top-k: threshold at the k-th largest value (ties at the threshold are kept).
+        top_vals = torch.topk(logits, top_k_max, dim=-1).values  # [B, k_max]
+        kth = top_vals.gather(1, (top_k - 1).clamp(max=top_k_max - 1)[:, None])  # [B, 1]
+        kth = kth.masked_fill((top_k >= V)[:, None], float("-inf"))  # rows with top-k off
+        return logits.masked_fill(logits < kth, float("-inf"))
+
+    sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)  # [B, V]
+    if top_k is not None:
+        positions = torch.arange(V, device=logits.device)[None, :]  # [1, V]
+        sorted_logits = sorted_logits.masked_fill(positions >= top_k[:, None], float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)  # [B, V]
+    cum_before = probs.cumsum(dim=-1) - probs  # probability mass strictly before each position
+    remove = cum_before >= top_p[:, None]  # keeps the smallest prefix with mass >= top_p
+    remove[:, 0] = False  # always keep the most likely token
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)
+
+
+def _exponential_noise(
+    shape: tuple[int, int], batch: SamplingBatch, generator: torch.Generator | None
+) -> Tensor:
+    """q ~ Exponential(1), [B, V]; seeded rows drawn from their own freshly seeded generator."""
+    q = torch.empty(shape, dtype=torch.float32, device=batch.device)
+    q.exponential_(generator=generator)
+    if batch.seeded_rows:
+        row_gen = torch.Generator(device=batch.device)
+        for row, s in zip(batch.seeded_rows, batch.seeded_seeds):
+            row_gen.manual_seed(s)
+            q[row].exponential_(generator=row_gen)
+    # exponential_ can return exactly 0 in rare cases; keep probs / q finite and NaN-free.
+    return q.clamp_min_(torch.finfo(torch.float32).tiny)
+
+
+def process_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
+    """min_tokens masking and penalties on logits [B, V]; returns a new tensor when anything applies
+    (the input itself, unmodified, otherwise). Temperature and filtering are not applied here."""
+    x = logits
+    if batch.min_tokens_rows is not None:
+        x = x.clone()
+        x[batch.min_tokens_rows, batch.min_tokens_ids] = float("-inf")
+    if batch.output_counts is not None:
+        x = _apply_penalties(x.clone() if x is logits else x, batch)
+    return x
+
+
+def sample(
+    logits: Tensor, batch: SamplingBatch, generator: torch.Generator | None = None
+) -> SamplerOutput:
+    """Sample one token per row from logits [B, V] (float32, not modified).
+
+    `generator` drives unseeded random rows (one engine-wide generator); None uses torch's default.
+    """
+    B, V = logits.shape
+    if B != batch.batch_size or V != batch.vocab_size:
+        raise ValueError(
+            f"logits shape {tuple(logits.shape)} does not match batch ({batch.batch_size}, {batch.vocab_size})"
+        )
+    raw = logits.float()  # [B, V]
+    x = process_logits(raw, batch)  # [B, V]
+
+    if batch.all_greedy:
+        tokens = x.argmax(dim=-1)  # [B]
+    else:
+        greedy_tokens = x.argmax(dim=-1) if batch.any_greedy else None  # [B]
+        assert batch.temperature is not None
+        x = x / batch.temperature[:, None]  # [B, V]
+        if batch.min_p is not None:
+            # keep p >= min_p * p_max  <=>  logit >= max_logit + log(min_p)
+            threshold = x.amax(dim=-1, keepdim=True) + torch.log(batch.min_p)[:, None]  # [B, 1]
+            x = x.masked_fill(x < threshold, float("-inf"))
+        if batch.top_k is not None or batch.top_p is not None:
+            x = _apply_top_k_top_p(x, batch.top_k, batch.top_k_max, batch.top_p)
+        probs = x.softmax(dim=-1)  # [B, V]
+        q = _exponential_noise((B, V), batch, generator)
+        random_tokens = (probs / q).argmax(dim=-1)  # [B]
+        tokens = (
+            torch.where(batch.greedy, greedy_tokens, random_tokens)
+            if greedy_tokens is not None
+            else random_tokens
+        )
+
+    # Logprobs of the raw logits.
+    if batch.max_num_logprobs >= 0:
+        logprobs_all = torch.log_softmax(raw, dim=-1)  # [B, V]
+        sampled_lp = logprobs_all.gather(1, tokens[:, None])[:, 0]  # [B]
+        top_lp, top_ids = (
+            torch.topk(logprobs_all, batch.max_num_logprobs, dim=-1)
+            if batch.max_num_logprobs > 0
+            else (None, None)
+        )
+    else:
+        sampled_lp = raw.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(raw, dim=-1)  # [B]
+        top_lp = top_ids = None
+
+    token_list: list[int] = tokens.tolist()
+    sampled_list: list[float] = sampled_lp.tolist()
+    logprobs: list[dict[int, float] | None] = [None] * B
+    if batch.max_num_logprobs >= 0:
+        top_lp_list = top_lp.tolist() if top_lp is not None else None
+        top_ids_list = top_ids.tolist() if top_ids is not None else None
+        for i, n in enumerate(batch.num_logprobs):
+            if n is None:
+                continue
+            d: dict[int, float] = {}
+            if n > 0:
+                assert top_lp_list is not None and top_ids_list is not None
+                d = dict(zip(top_ids_list[i][:n], top_lp_list[i][:n]))
+            d.setdefault(token_list[i], sampled_list[i])
+            logprobs[i] = d
+    return SamplerOutput(token_ids=token_list, sampled_logprob=sampled_list, logprobs=logprobs)

@@ -1,0 +1,217 @@
+"""Configuration once: EngineArgs holds every engine option; the CLI flags, LLM's keywords and the validated
+EngineConfig all derive from it, with the same defaults."""
+
+import argparse
+import dataclasses
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rapid.config import CacheConfig, EngineArgs, EngineConfig, RapidConfig, SchedulerConfig
+from rapid.entrypoints.cli import FRONTIER_OWN, build_parser, main, version
+
+ROOT = Path(__file__).resolve().parents[1]
+FIELDS = {f.name: f for f in dataclasses.fields(EngineArgs)}
+SUB_CONFIGS = (CacheConfig, SchedulerConfig, RapidConfig, EngineConfig)
+ENGINE_COMMANDS = (["generate", "hi"], ["serve"], ["batch", "in.jsonl", "out.jsonl"], ["bench", "offline"],
+                   ["bench", "serve"])
+# LLM's keyword arguments before EngineArgs: every one must keep working.
+LLM_KEYWORDS = ("tokenizer", "dtype", "mode", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
+                "block_size", "kv_cache_memory_bytes", "gpu_memory_utilization", "enable_prefix_caching",
+                "enforce_eager", "attention_backend", "prefill_attention", "load_format", "seed",
+                "prefill_sm_percentage", "decode_sm_percentage", "use_mps", "worker_start_timeout_s",
+                "tpot_target_ms", "skip_tokenizer_init")
+
+
+@pytest.fixture
+def folder(tmp_path) -> str:
+    """A model folder holding only config.json: enough for EngineArgs (no weights are read)."""
+    cfg = dict(architectures=["LlamaForCausalLM"], vocab_size=320, hidden_size=64, intermediate_size=128,
+               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    return str(tmp_path)
+
+
+def subparser(argv: list[str]) -> argparse.ArgumentParser:
+    """The (sub)parser that `rapid *argv` ends in."""
+    parser = build_parser()
+    for name in argv:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs or name not in subs[0].choices:
+            break
+        parser = subs[0].choices[name]
+    return parser
+
+
+# ---------------------------------------------------------------------- the CLI
+@pytest.mark.parametrize("argv", ENGINE_COMMANDS + (["bench", "frontier", "--mode", "hybrid"],), ids=" ".join)
+def test_every_field_is_a_flag_with_help(argv):
+    parser = subparser(argv)
+    flags = {opt: a for a in parser._actions for opt in a.option_strings}
+    skipped = FRONTIER_OWN if "frontier" in argv else ()
+    for name, f in FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        if name in skipped:
+            continue
+        assert flag in flags, f"{flag} missing from rapid {' '.join(argv)}"
+        action = flags[flag]
+        assert action.dest == name and action.help and action.help.strip()
+        assert ("(GPU only)" in action.help) == bool(f.metadata.get("gpu_only")), flag
+        if isinstance(f.default, bool):
+            assert "--no-" + flag[2:] in flags, f"{flag} is a bool: it needs --no-{flag[2:]}"
+    assert "SmolLM2-135M-Instruct" in flags["--model"].help
+    parser.format_help()  # every help string formats (no stray %)
+
+
+@pytest.mark.parametrize("argv", ENGINE_COMMANDS, ids=" ".join)
+def test_cli_defaults_are_engine_args_defaults(argv):
+    assert EngineArgs.from_cli_args(build_parser().parse_args(argv)) == EngineArgs()
+
+
+def test_frontier_sets_its_own_engine_options():
+    ns = build_parser().parse_args(["bench", "frontier", "--mode", "rapid", "--dtype", "float16"])
+    assert ns.max_model_len == 4096 and ns.dtype == "float16" and not hasattr(ns, "max_num_seqs")
+
+
+def test_bool_flags_and_values_reach_engine_args():
+    ns = build_parser().parse_args(["serve", "--no-enable-prefix-caching", "--no-use-mps", "--enforce-eager",
+                                    "--block-size", "32", "--tpot-target-ms", "40", "--mode", "rapid"])
+    args = EngineArgs.from_cli_args(ns)
+    assert args == EngineArgs(enable_prefix_caching=False, use_mps=False, enforce_eager=True, block_size=32,
+                              tpot_target_ms=40.0, mode="rapid")
+
+
+def test_bad_cli_value_is_an_error_naming_it(folder, capsys):
+    assert main(["generate", "hi", "--model", folder, "--block-size", "12"]) == 2
+    assert "block_size must be a positive power of two, got 12" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--mode", "fast"])
+
+
+def test_version():
+    out = subprocess.run([sys.executable, "-m", "rapid.entrypoints.cli", "--version"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == f"rapid {version()}"
+    assert re.fullmatch(r"rapid \d+\.\d+\S*", out.stdout.strip())
+
+
+# ---------------------------------------------------------------------- EngineArgs -> EngineConfig
+def test_defaults_are_written_once():
+    assert FIELDS["max_model_len"].default is None  # the one exception: None = the model's max_position_embeddings
+    for cls in SUB_CONFIGS:
+        for f in dataclasses.fields(cls):
+            if f.name in FIELDS and f.name != "max_model_len" and f.default is not dataclasses.MISSING:
+                assert FIELDS[f.name].default == f.default, f"{cls.__name__}.{f.name}"
+
+
+def test_every_field_reaches_the_engine_config(folder):
+    given = dict(model=folder, tokenizer=folder, skip_tokenizer_init=False, mode="rapid", dtype="bfloat16",
+                 device="cpu", load_format="dummy", seed=7, max_model_len=256, max_num_seqs=8,
+                 max_num_batched_tokens=512, block_size=32, kv_cache_memory_bytes=2**20, gpu_memory_utilization=0.5,
+                 enable_prefix_caching=False, enforce_eager=True, attention_backend="reference",
+                 prefill_attention="cudnn", prefill_sm_percentage=60, decode_sm_percentage=40, use_mps=False,
+                 worker_start_timeout_s=10.0, decode_lookahead_blocks=3, tpot_target_ms=25.0)
+    assert set(given) == set(FIELDS), "a new EngineArgs field needs a value here"
+    for name, value in given.items():
+        assert value != FIELDS[name].default or name == "skip_tokenizer_init", name
+    cfg = EngineArgs(**given).create_engine_config()
+    seen = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    for part in (cfg.cache, cfg.scheduler, cfg.rapid):
+        seen |= {f.name: getattr(part, f.name) for f in dataclasses.fields(part)}
+    for name, value in given.items():
+        if name != "skip_tokenizer_init":
+            assert seen[name] == value, name
+
+
+def test_model_folder_sets_the_length_and_the_tokenizer(folder):
+    cfg = EngineArgs(model=folder).create_engine_config()
+    assert (cfg.model, cfg.tokenizer, cfg.scheduler.max_model_len) == (folder, folder, 512)
+    assert EngineArgs(model=folder, skip_tokenizer_init=True).create_engine_config().tokenizer is None
+    assert EngineArgs(model=Path(folder), max_model_len=100).create_engine_config().scheduler.max_model_len == 100
+
+
+@pytest.mark.parametrize("kwargs, quoted", [
+    (dict(block_size=12), "got 12"),
+    (dict(max_model_len=1000), "max_model_len (1000) exceeds the model's max_position_embeddings (512)"),
+    (dict(max_model_len=0), "got 0"),
+    (dict(max_num_seqs=0), "max_num_seqs must be a positive integer, got 0"),
+    (dict(max_num_batched_tokens=-5), "got -5"),
+    (dict(kv_cache_memory_bytes=0), "got 0"),
+    (dict(gpu_memory_utilization=1.5), "got 1.5"),
+    (dict(prefill_sm_percentage=101), "got 101"),
+    (dict(decode_sm_percentage=0), "got 0"),
+    (dict(worker_start_timeout_s=0), "got 0"),
+    (dict(decode_lookahead_blocks=0), "got 0"),
+    (dict(tpot_target_ms=-1.0), "got -1.0"),
+    (dict(mode="fast"), "got 'fast'"),
+    (dict(dtype="int8"), "got 'int8'"),
+    (dict(device="gpu"), "got 'gpu'"),
+    (dict(attention_backend="xformers"), "got 'xformers'"),
+    (dict(prefill_attention="mem"), "got 'mem'"),
+    (dict(load_format="gguf"), "got 'gguf'"),
+    (dict(enable_prefix_caching="yes"), "got 'yes'"),
+    (dict(skip_tokenizer_init="no"), "got 'no'"),
+])
+def test_bad_values_are_value_errors_quoting_them(folder, kwargs, quoted):
+    with pytest.raises(ValueError, match=re.escape(quoted)) as e:
+        EngineArgs(model=folder, **kwargs).create_engine_config()
+    assert next(iter(kwargs)) in str(e.value)
+
+
+def test_values_are_checked_before_the_model_folder(tmp_path):
+    with pytest.raises(ValueError, match="got 12"):
+        EngineArgs(model=str(tmp_path / "missing"), block_size=12).create_engine_config()
+    with pytest.raises(FileNotFoundError, match="not a local folder"):
+        EngineArgs(model=str(tmp_path / "missing")).create_engine_config()
+
+
+# ---------------------------------------------------------------------- LLM
+def test_llm_keywords_are_engine_args(folder, monkeypatch):
+    import rapid.entrypoints.llm as llm_module
+    from rapid import LLM
+
+    params = inspect.signature(LLM).parameters
+    assert list(params) == list(FIELDS) and set(LLM_KEYWORDS) <= set(params)
+    assert params["max_num_seqs"].default == 256 and params["model"].default is None
+
+    def no_engine(*a, **k):
+        raise AssertionError("the engine must not start")
+
+    monkeypatch.setattr(llm_module, "make_client", no_engine)
+    monkeypatch.setattr(llm_module, "load_tokenizer", no_engine)
+    with pytest.raises(TypeError, match=r"'max_num_seq' \(did you mean 'max_num_seqs'\?\)"):
+        LLM(folder, max_num_seq=4)
+    with pytest.raises(TypeError, match="'colour'.*the engine arguments are model, tokenizer"):
+        LLM(folder, colour="red")
+    with pytest.raises(ValueError, match="got 0.0"):
+        LLM(folder, gpu_memory_utilization=0.0)
+
+
+@pytest.mark.slow
+def test_llm_cli_and_engine_args_build_the_same_config(tiny_llama):
+    from rapid import LLM
+
+    model = str(tiny_llama)
+    cli = EngineArgs.from_cli_args(build_parser().parse_args(["serve", "--model", model]))
+    with LLM(model) as llm:
+        assert llm.config == cli.create_engine_config() == EngineArgs(model=model).create_engine_config()
+        assert llm.engine_args == cli
+    with LLM.from_engine_args(dataclasses.replace(cli, max_num_seqs=4, skip_tokenizer_init=True)) as llm:
+        assert llm.config.scheduler.max_num_seqs == 4 and llm.tokenizer is None
+
+
+# ---------------------------------------------------------------------- import weight
+@pytest.mark.parametrize("modules", [("rapid.client", "rapid.protocol"), ("rapid.config", "rapid.entrypoints.cli")])
+def test_light_modules_load_no_torch(modules):
+    code = (f"import sys, {', '.join(modules)}\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
