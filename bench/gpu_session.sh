@@ -12,18 +12,24 @@ for stage in "$@"; do
   echo "=== $stage $(date +%T)"
   case $stage in
     tests) python3 -m pytest -q -p no:cacheprovider --durations=10 tests/test_gpu_rapid.py tests/test_gpu_memory.py tests/test_gpu_attention.py > $OUT/gpu-tests.log 2>&1; tail -30 $OUT/gpu-tests.log ;;
-    frontier-hybrid) python3 -m rapid.cli --log-level INFO bench frontier --model /tmp/llama8b --mode hybrid \
+    frontier-hybrid) python3 -m rapid.entrypoints.cli --log-level INFO bench frontier --model /tmp/llama8b --mode hybrid \
         --load-format dummy --chunks ${CHUNKS:-256,512,1024,2048,4096} --batches $BATCHES --ctx 1024 \
         --prefill-len 2048 --window-s ${WINDOW:-2} --max-model-len 4096 --output-json $OUT/frontier-hybrid.json 2>&1 | grep --line-buffered -v "it/s" ;;
-    frontier-rapid) python3 -m rapid.cli --log-level INFO bench frontier --model /tmp/llama8b --mode rapid \
+    frontier-rapid) python3 -m rapid.entrypoints.cli --log-level INFO bench frontier --model /tmp/llama8b --mode rapid \
         --load-format dummy --splits ${SPLITS:-50/50,60/40,70/30,80/40,100/100} --batches $BATCHES --ctx 1024 \
         --prefill-len 2048 --window-s ${WINDOW:-2} --max-model-len 4096 --output-json $OUT/frontier-rapid.json 2>&1 | grep --line-buffered -v "it/s" ;;
-    serve) python3 -m rapid.cli bench serve --model /tmp/llama8b --load-format dummy --skip-tokenizer-init \
+    serve) python3 -m rapid.entrypoints.cli bench serve --model /tmp/llama8b --load-format dummy --skip-tokenizer-init \
         --max-model-len 4096 --max-num-batched-tokens 2048 --prefill-sm-percentage ${PREFILL_PCT:-60} \
         --decode-sm-percentage ${DECODE_PCT:-40} --modes ${MODES:-hybrid,rapid} --dataset-name sharegpt-like \
         --num-prompts ${NUM_PROMPTS:-80} --request-rates ${RATES:-4,8,16} --max-tokens-cap ${CAP:-512} \
         --goodput ttft:1000 tpot:50 --seed ${SEED:-0} --result-dir $OUT/serve-${MODES:-all}${TAG:-} 2>&1 | tr '\r' '\n' | grep --line-buffered -v "it/s\]" ;;
-    offline) for mode in ${OFFLINE_MODES:-hybrid rapid}; do python3 -m rapid.cli bench offline --model /tmp/llama8b --mode $mode \
+    kernels) python3 bench/kernels.py --skip ${KSKIP:-attention} --compile-dynamic ${KDYN:-tokens} --out $OUT 2>&1 | grep -v "it/s" | tail -40 ;;
+    offline1k) for split in ${SPLITS1K:-hybrid 70/30 100/100}; do
+        if [ $split = hybrid ]; then m="--mode hybrid"; tag=hybrid; else m="--mode rapid --prefill-sm-percentage ${split%/*} --decode-sm-percentage ${split#*/}"; tag=rapid-${split%/*}-${split#*/}; fi
+        python3 -m rapid.entrypoints.cli bench offline --model /tmp/llama8b $m --load-format dummy --skip-tokenizer-init \
+          --max-model-len 4096 --num-seqs ${NUM_SEQS:-256} --min-input-len 1000 --max-input-len 1000 --min-output-len 1000 \
+          --max-output-len 1000 --output-json $OUT/offline1k-$tag.json 2>&1 | grep --line-buffered -v "it/s" | tail -3; done ;;
+    offline) for mode in ${OFFLINE_MODES:-hybrid rapid}; do python3 -m rapid.entrypoints.cli bench offline --model /tmp/llama8b --mode $mode \
         --load-format dummy --skip-tokenizer-init --max-model-len 4096 --num-seqs ${NUM_SEQS:-256} --output-json $OUT/offline-$mode.json 2>&1 | grep --line-buffered -v "it/s" | tail -5; done ;;
   esac
 done

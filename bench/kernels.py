@@ -7,7 +7,7 @@ CUDA-event timings after warm-up, against its roofline:
   prefill = (2 * layer params * tokens + 2 * hidden * vocab + causal attention FLOPs) / 790e12 FLOP/s
 Usage (on the GPU machine):  python3 bench/kernels.py [--sweep] [--apply-best] [--compile-dynamic tokens]
                               [--skip attention,eager,compiled] [--out DIR]
-Writes kernels-h100.json and kernels-h100.md into --out (default $OUT, else bench/results).
+Writes kernels-<gpu>.json and kernels-<gpu>.md (gpu: h100, h200, ...) into --out (default $OUT, else bench/results).
 
 Batch 256 at context 2048 needs 68.7 GB of KV for 32 layers, which does not fit beside 16 GB of
 weights on an 80 GB card: there the pool's layer dimension has stride 0 (all 32 layers read and write
@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rapid.attention.metadata import AttentionMetadata, kv_pool_shape  # noqa: E402
 from rapid.model.config import ModelConfig, RopeConfig  # noqa: E402
 
-HBM_BPS = 3.0e12
+HBM_BPS_BY_GPU = {"h100": 3.0e12, "h200": 4.3e12}  # device copy, bytes read + written, measured here
+HBM_BPS = 3.0e12  # set in main() for the GPU found
 MATMUL_FLOPS = 790e12
 BLOCK = 16
 LLAMA_8B = ModelConfig(
@@ -399,8 +400,8 @@ def markdown(report: dict) -> str:
     lines = [f"# Kernel benchmark: {report['device']}", "",
              f"`{report['command']}` — torch {report['torch']}, triton {report['triton']}; "
              f"ceilings as found: copy {report['ceilings'].get('copy_TBps')} TB/s, "
-             f"bf16 matmul {report['ceilings'].get('matmul_bf16_TFLOPs')} TFLOP/s. Rooflines use 3.0 TB/s and "
-             "790 TFLOP/s. Llama-3.1-8B shapes, random bf16 weights, medians of CUDA-event timings.", "",
+             f"bf16 matmul {report['ceilings'].get('matmul_bf16_TFLOPs')} TFLOP/s. Rooflines use "
+             f"{report['roofline']['hbm_Bps'] / 1e12:.1f} TB/s and 790 TFLOP/s. Llama-3.1-8B shapes, random bf16 weights, medians of CUDA-event timings.", "",
              "| work | variant | measured | roofline | share | plain PyTorch (GPU_NOTES) | target |",
              "|---|---|---|---|---|---|---|"]
     for variant, v in report.get("model", {}).items():
@@ -452,6 +453,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import triton
 
+    global HBM_BPS
+    name = torch.cuda.get_device_name()
+    gpu = next((g for g in HBM_BPS_BY_GPU if g in name.lower()), "gpu")
+    HBM_BPS = HBM_BPS_BY_GPU.get(gpu, HBM_BPS)
     skip = set(filter(None, args.skip.split(",")))
     cfg = LLAMA_8B
     out_dir = Path(args.out)
@@ -460,14 +465,14 @@ def main() -> None:
         "command": "python3 bench/kernels.py " + " ".join(sys.argv[1:]), "device": torch.cuda.get_device_name(),
         "torch": torch.__version__, "triton": triton.__version__, "model": {}, "errors": [],
         "roofline": {"hbm_Bps": HBM_BPS, "matmul_flops": MATMUL_FLOPS,
-                     "decode": "(weights except embedding + KV read) / 3.0e12 B/s",
+                     "decode": f"(weights except embedding + KV read) / {HBM_BPS:.1e} B/s",
                      "prefill": "(2*layer params*T + 2*hidden*vocab + causal attention FLOPs) / 790e12 FLOP/s"},
         "params": cfg.num_params(), "compile_dynamic": args.compile_dynamic,
     }
 
     def save():
-        (out_dir / "kernels-h100.json").write_text(json.dumps(report, indent=1))
-        (out_dir / "kernels-h100.md").write_text(markdown(report))
+        (out_dir / f"kernels-{gpu}.json").write_text(json.dumps(report, indent=1))
+        (out_dir / f"kernels-{gpu}.md").write_text(markdown(report))
 
     torch.manual_seed(0)
     report["ceilings"] = ceilings()

@@ -4,7 +4,7 @@ CHILD = r'''
 import sys, time, msgspec, torch
 variant = sys.argv[1]
 if variant in ("workers", "workers_nofill"):
-    from rapid.worker.workers import _sync  # noqa: F401
+    from rapid.worker.process import sync_device as _sync  # noqa: F401
 from rapid.worker.arena import ArenaHandle, SharedArena
 handle = msgspec.msgpack.decode(sys.stdin.buffer.read(), type=ArenaHandle)
 dev = torch.device("cuda", 0)

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 WRITER = textwrap.dedent("""
     import sys, msgspec, torch
     from rapid.worker.arena import ArenaHandle, SharedArena
-    from rapid.worker.workers import _sync
+    from rapid.worker.process import sync_device as _sync
     handle = msgspec.msgpack.decode(sys.stdin.buffer.read(), type=ArenaHandle)
     dev = torch.device("cuda", 0)
     arena = SharedArena.open(handle, dev)

@@ -1,7 +1,9 @@
-"""Tiny random Hugging Face models, saved as real model folders (config.json + safetensors + tokenizer)."""
+"""Tiny random Hugging Face models, saved as real model folders (config.json + safetensors + tokenizer), and
+what the engine tests check leaks with: this test's own child processes and one engine's /dev/shm segments."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -116,3 +118,40 @@ def hf_greedy(folder: str | Path, prompt_ids: list[int], max_new_tokens: int) ->
         eos_token_id=None, min_new_tokens=max_new_tokens, pad_token_id=1,
     )
     return out[0, len(prompt_ids):].tolist()
+
+
+# ---------------------------------------------------------------------- leaks of one engine, not of a neighbour's
+def children(exclude=frozenset()) -> list:
+    """Live child processes of this test process, other than `exclude` (another engine's)."""
+    import psutil
+
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.pid not in exclude and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie not yet reaped counts as gone)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def engine_pids(llm) -> dict[str, int]:
+    """The processes of a multi-process engine (mode 'rapid' or 'disagg'), by role."""
+    return {c.name: c.process.pid for c in llm.engine.children}
+
+
+def shm_of(pids, names=()) -> set[str]:
+    """/dev/shm segments still there that these processes created (the CPU arena is named rapid_{owner pid}_...),
+    or that are named in `names` (an engine's `shm_names`)."""
+    prefixes = tuple(f"rapid_{pid}_" for pid in pids)
+    return {n for n in os.listdir("/dev/shm") if n in set(names) or (prefixes and n.startswith(prefixes))}

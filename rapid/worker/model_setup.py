@@ -90,6 +90,7 @@ class ModelSetup:
                                             weights + private * len(processes), processes)
         else:
             private, processes, self.num_blocks = 0, [], num_blocks
+        self.memory_plans = processes  # owner on CUDA: what each process of the engine was measured to need
         slots, total = arena_layout(config, model_cfg, self.dtype, self.num_blocks)
         # the owner's allocator holds the arena; an importer's does not (a CUDA IPC mapping)
         self.allowed_bytes = {p.name: private + p.torch_bytes + (rounded(total) if p.name == role else 0)

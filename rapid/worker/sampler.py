@@ -12,7 +12,8 @@ tensors once, and `sample(logits, batch, generator)` picks one token per row.  P
         └─ random rows: / temperature -> min_p -> top_k -> top_p -> softmax -> exponential race
 
 Expensive work (penalty bincounts, the top-k / top-p sort, logprobs) only runs when some row in
-the batch needs it.
+the batch needs it.  The penalty and top-k / top-p filters themselves are in
+rapid.worker.sampler_ops.
 
 Seeded rows are reproducible independently of the batch they are in and of the process that samples
 them: the noise for a row with seed ``s`` at step ``t`` (tokens the request has generated so far)
@@ -29,6 +30,7 @@ import torch
 from torch import Tensor
 
 from rapid.params import SamplingParams, _is_int
+from rapid.worker.sampler_ops import apply_penalties, apply_top_k_top_p
 
 __all__ = ["SamplingBatch", "SamplerOutput", "sample", "process_logits", "mix_seed"]
 
@@ -272,57 +274,6 @@ def _flat_token_index(
     return torch.tensor(flat, dtype=torch.int64).to(device, non_blocking=True)
 
 
-def _apply_penalties(logits: Tensor, batch: SamplingBatch) -> Tensor:
-    """Repetition, frequency and presence penalties on logits [B, V].
-
-    May modify `logits` in place (callers pass a private copy); returns the result.
-    Repetition (HF / vLLM): for tokens in the prompt or the output, positive logits are divided by
-    the penalty and negative ones multiplied.  Frequency / presence (OpenAI / vLLM): subtract
-    frequency_penalty * count and presence_penalty * (count > 0) over output tokens.
-    """
-    counts = batch.output_counts  # [B, V]
-    assert counts is not None
-    if batch.repetition_penalty is not None:
-        assert batch.prompt_mask is not None
-        seen = batch.prompt_mask | (counts > 0)  # [B, V]
-        pen = batch.repetition_penalty[:, None].expand_as(logits)  # [B, V]
-        pen = torch.where(seen, pen, torch.ones_like(pen))
-        logits = torch.where(logits > 0, logits / pen, logits * pen)
-    if batch.frequency_penalty is not None:
-        logits -= batch.frequency_penalty[:, None] * counts
-    if batch.presence_penalty is not None:
-        logits -= batch.presence_penalty[:, None] * (counts > 0).to(logits.dtype)
-    return logits
-
-
-def _apply_top_k_top_p(
-    logits: Tensor, top_k: Tensor | None, top_k_max: int, top_p: Tensor | None
-) -> Tensor:
-    """Mask (-inf) tokens outside top-k, then outside top-p of the renormalised rest. logits [B, V].
-
-    top_k: [B] int64, V meaning off; top_k_max: the largest top_k < V (bounds the top-k pass).
-    """
-    V = logits.shape[-1]
-    if top_p is None:
-        assert top_k is not None and top_k_max > 0
-        # Only top-k: threshold at the k-th largest value (ties at the threshold are kept).
-        top_vals = torch.topk(logits, top_k_max, dim=-1).values  # [B, k_max]
-        kth = top_vals.gather(1, (top_k - 1).clamp(max=top_k_max - 1)[:, None])  # [B, 1]
-        kth = kth.masked_fill((top_k >= V)[:, None], float("-inf"))  # rows with top-k off
-        return logits.masked_fill(logits < kth, float("-inf"))
-
-    sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)  # [B, V]
-    if top_k is not None:
-        positions = torch.arange(V, device=logits.device)[None, :]  # [1, V]
-        sorted_logits = sorted_logits.masked_fill(positions >= top_k[:, None], float("-inf"))
-    probs = sorted_logits.softmax(dim=-1)  # [B, V]
-    cum_before = probs.cumsum(dim=-1) - probs  # probability mass strictly before each position
-    remove = cum_before >= top_p[:, None]  # keeps the smallest prefix with mass >= top_p
-    remove[:, 0] = False  # always keep the most likely token
-    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-    return torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)
-
-
 def _exponential_noise(
     shape: tuple[int, int], batch: SamplingBatch, generator: torch.Generator | None
 ) -> Tensor:
@@ -346,7 +297,14 @@ def process_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
         x = x.clone()
         x[batch.min_tokens_rows, batch.min_tokens_ids] = float("-inf")
     if batch.output_counts is not None:
-        x = _apply_penalties(x.clone() if x is logits else x, batch)
+        x = apply_penalties(
+            x.clone() if x is logits else x,
+            batch.output_counts,
+            batch.prompt_mask,
+            batch.repetition_penalty,
+            batch.frequency_penalty,
+            batch.presence_penalty,
+        )
     return x
 
 
@@ -376,7 +334,7 @@ def sample(
             threshold = x.amax(dim=-1, keepdim=True) + torch.log(batch.min_p)[:, None]  # [B, 1]
             x = x.masked_fill(x < threshold, float("-inf"))
         if batch.top_k is not None or batch.top_p is not None:
-            x = _apply_top_k_top_p(x, batch.top_k, batch.top_k_max, batch.top_p)
+            x = apply_top_k_top_p(x, batch.top_k, batch.top_k_max, batch.top_p)
         probs = x.softmax(dim=-1)  # [B, V]
         q = _exponential_noise((B, V), batch, generator)
         random_tokens = (probs / q).argmax(dim=-1)  # [B]
