@@ -1,0 +1,173 @@
+"""EngineFrontend: one engine shared by several servers (ZeroMQ, HTTP) from any thread.
+
+One thread, the engine loop, owns `llm.engine`; other threads only enqueue commands. Each request
+carries a callback that the engine loop calls with every RequestDelta of that request (the last has
+finished=True, or error set); callbacks must not block (hand the delta to your own thread or event loop:
+`loop.call_soon_threadsafe(queue.put_nowait, delta)` for asyncio). The loop also checks the engine's
+health while idle, so a dead worker is noticed without waiting for a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from rapid.engine.client import EngineDeadError
+from rapid.params import SamplingParams
+from rapid.protocol.engine import AddRequest, RequestDelta
+
+logger = logging.getLogger(__name__)
+
+DeltaCallback = Callable[[RequestDelta], None]
+IDLE_WAIT_S = 0.05  # how long the idle loop sleeps between health checks and command polls
+HEALTH_EVERY_S = 0.5
+
+
+class OverloadedError(RuntimeError):
+    """More requests are waiting than the frontend admits (answer 429 / 503 and let the client retry)."""
+
+
+@dataclass
+class _Submit:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt: str | None
+    on_delta: DeltaCallback
+    arrival_time: float
+
+
+@dataclass
+class _Abort:
+    request_ids: list[str]
+
+
+class EngineFrontend:
+    """Serve `llm` (an entrypoints.llm.LLM) to several threads; `max_pending` bounds the requests in flight."""
+
+    def __init__(self, llm, max_pending: int = 4096):
+        self.llm = llm
+        self.max_pending = max_pending
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._callbacks: dict[str, DeltaCallback] = {}  # owned by the engine loop
+        self._num_pending = 0  # requests submitted and not finished (read from any thread: a snapshot)
+        self._count_lock = threading.Lock()
+        self._stop = threading.Event()
+        self.dead_reason: str | None = None
+        self._thread = threading.Thread(target=self._run, name="rapid-engine-loop", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ any thread
+    @property
+    def num_pending(self) -> int:
+        return self._num_pending
+
+    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, on_delta: DeltaCallback,
+               prompt: str | None = None) -> None:
+        """Queue a validated request (see LLM.validate); its deltas go to `on_delta` on the engine loop's thread."""
+        self.check_health()
+        with self._count_lock:
+            if self._num_pending >= self.max_pending:
+                raise OverloadedError(f"{self._num_pending} requests are in flight (the limit is {self.max_pending}); "
+                                      "retry later")
+            self._num_pending += 1
+        self._commands.put(_Submit(request_id, list(prompt_token_ids), params, prompt, on_delta, time.time()))
+
+    def abort(self, request_ids: list[str]) -> None:
+        """End these requests; each still gets its final delta (finish_reason 'abort')."""
+        self._commands.put(_Abort(list(request_ids)))
+
+    def check_health(self) -> None:
+        if self.dead_reason is not None:
+            raise EngineDeadError(self.dead_reason)
+
+    def close(self) -> None:
+        """Stop the engine loop (in-flight requests end with an error delta); the LLM is the caller's to shut down."""
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+    # ------------------------------------------------------------------ the engine loop
+    def _finish(self, request_id: str) -> None:
+        self._callbacks.pop(request_id, None)
+        with self._count_lock:
+            self._num_pending -= 1
+
+    def _deliver(self, delta: RequestDelta) -> None:
+        callback = self._callbacks.get(delta.request_id)
+        if callback is None:
+            return
+        if delta.finished or delta.error is not None:
+            self._finish(delta.request_id)
+        try:
+            callback(delta)
+        except Exception:  # a broken consumer must not stop the loop
+            logger.exception("delta callback for %s failed", delta.request_id)
+
+    def _fail_all(self, reason: str) -> None:
+        for rid in list(self._callbacks):
+            self._deliver(RequestDelta(rid, [], "", finished=True, finish_reason="abort", error=reason))
+
+    def _apply(self, cmd) -> None:
+        engine = self.llm.engine
+        if isinstance(cmd, _Abort):
+            engine.abort([rid for rid in cmd.request_ids if rid in self._callbacks])
+            return
+        self._callbacks[cmd.request_id] = cmd.on_delta
+        try:
+            engine.add_request(AddRequest(cmd.request_id, cmd.prompt_token_ids, cmd.params, prompt=cmd.prompt,
+                                          arrival_time=cmd.arrival_time))
+        except Exception as e:  # refused (ValueError) or the engine is dead
+            self._deliver(RequestDelta(cmd.request_id, [], "", finished=True, finish_reason="abort", error=str(e)))
+
+    def _run(self) -> None:
+        last_health = 0.0
+        while not self._stop.is_set():
+            try:
+                self._turn()
+                if not self._callbacks and time.monotonic() - last_health > HEALTH_EVERY_S:
+                    last_health = time.monotonic()
+                    self.llm.engine.check_health()
+                    self.dead_reason = None  # healthy (again, if the engine restarted its processes)
+            except Exception as e:  # EngineDeadError, or a bug: fail what is in flight, keep answering
+                reason = str(e) if isinstance(e, EngineDeadError) else f"{type(e).__name__}: {e}"
+                if self.dead_reason != reason:
+                    logger.error("engine failed: %s", reason)
+                self.dead_reason = reason
+                self._fail_all(f"engine error: {reason}")
+                self._stop.wait(IDLE_WAIT_S)
+        self._shutdown_requests()
+
+    def _turn(self) -> None:
+        """Apply the queued commands (waiting a little when idle), then one engine step if anything runs."""
+        try:
+            cmd = self._commands.get_nowait() if self._callbacks else self._commands.get(timeout=IDLE_WAIT_S)
+        except queue.Empty:
+            cmd = None
+        while cmd is not None:
+            self._apply(cmd)
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                cmd = None
+        if self._callbacks:
+            for delta in self.llm.engine.get_deltas(timeout_s=IDLE_WAIT_S):
+                self._deliver(delta)
+
+    def _shutdown_requests(self) -> None:
+        """On close: abort what is in flight, give the engine a moment to confirm, then fail the rest."""
+        if not self._callbacks:
+            return
+        try:
+            self.llm.engine.abort(list(self._callbacks))
+            deadline = time.monotonic() + 5.0
+            while self._callbacks and time.monotonic() < deadline:
+                for delta in self.llm.engine.get_deltas(timeout_s=0.1):
+                    self._deliver(delta)
+        except Exception as e:
+            logger.warning("aborting in-flight requests at close failed: %s", e)
+        self._fail_all("the server is shutting down")
