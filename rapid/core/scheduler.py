@@ -38,10 +38,14 @@ S = RequestStatus
 
 def seq_work(req: Request, num_tokens: int, block_ids: list[int]) -> SeqWork:
     """The forward-pass work of `num_tokens` new tokens of `req`, from its first uncomputed one."""
-    start = req.num_computed_tokens
-    return SeqWork(req.request_id, req.all_token_ids[start : start + num_tokens], start, list(block_ids),
-                   start + num_tokens == req.num_tokens, req.params, len(req.output_token_ids),
-                   req.prompt_token_ids, req.output_token_ids)
+    start, end = req.num_computed_tokens, req.num_computed_tokens + num_tokens
+    prompt, output = req.prompt_token_ids, req.output_token_ids
+    if start >= len(prompt):  # a decode step or a recomputed output chunk: no copy of the whole sequence
+        tokens = output[start - len(prompt) : end - len(prompt)]
+    else:
+        tokens = prompt[start:end] + output[: max(0, end - len(prompt))]
+    return SeqWork(req.request_id, tokens, start, list(block_ids), end == len(prompt) + len(output), req.params,
+                   len(output), prompt, output)
 
 
 @dataclass
@@ -253,6 +257,8 @@ class Scheduler:
             if req.status != S.DECODING:
                 continue  # preempted while making room for an earlier one
             rid = req.request_id
+            if pool.has_room(rid, req.num_tokens + 1 + pool.block_size):
+                continue  # more than a block of room ahead: topped up once it is down to its last block
             want = min(req.num_tokens + self.lookahead_tokens, req.max_total_tokens, self.config.max_model_len)
             new = pool.allocate(rid, want)
             if new is None:
