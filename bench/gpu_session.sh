@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install carried wheels, run the GPU tests, then the engine-level GPU benchmarks.
-#   bash bench/gpu_session.sh STAGE...   (stages: tests frontier-hybrid frontier-rapid offline)
+#   bash bench/gpu_session.sh STAGE...   (stages: tests frontier-hybrid frontier-rapid offline offline1k kernels
+#                                          serve (= serve-sharegpt-like) serve-3k)
 set -uo pipefail
 [ -d /tmp/site/msgspec ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -8,6 +9,19 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 python3 bench/make_model_folder.py llama-3.1-8b /tmp/llama8b >/dev/null
 BATCHES=${BATCHES:-16,64}
+# Steady-state serving (rapid bench serve): every mode in MODES on the same fresh-per-rate traces, DURATION s of
+# Poisson arrivals per rate (warm-up excluded), queues left after DRAIN s aborted. 3 rates x 50 s x 2 modes plus
+# start-up and drains fits one ~8-minute call; serve.json + serve.md (+ plots) land in $OUT/serve-TAG-MODES.
+serve_steady() {  # serve_steady TAG RATES DATASET-FLAGS...
+  local tag=$1 rates=$2 m=${MODES:-hybrid,rapid}; shift 2; m=${m//,/-}
+  python3 -m rapid.entrypoints.cli bench serve --model /tmp/llama8b --load-format dummy --skip-tokenizer-init \
+    --max-model-len 4096 --max-num-batched-tokens ${TOKENS:-2048} --prefill-sm-percentage ${PREFILL_PCT:-60} \
+    --decode-sm-percentage ${DECODE_PCT:-40} --modes ${MODES:-hybrid,rapid} "$@" --request-rates $rates \
+    --duration-s ${DURATION:-50} ${WARMUP:+--warmup-s $WARMUP} --drain-timeout-s ${DRAIN:-20} \
+    --goodput ttft:1000 tpot:50 --slo-pairs ${SLO_PAIRS:-1000/50,500/25,2000/100} --seed ${SEED:-0} \
+    --result-dir $OUT/serve-$tag-${m}${TAG:-} 2>&1 | tr '\r' '\n' | grep --line-buffered -v "it/s\]"
+  cat $OUT/serve-$tag-${m}${TAG:-}/serve.md 2>/dev/null | grep -v "^Command:"
+}
 for stage in "$@"; do
   echo "=== $stage $(date +%T)"
   case $stage in
@@ -18,11 +32,8 @@ for stage in "$@"; do
     frontier-rapid) python3 -m rapid.entrypoints.cli --log-level INFO bench frontier --model /tmp/llama8b --mode rapid \
         --load-format dummy --splits ${SPLITS:-50/50,60/40,70/30,80/40,100/100} --batches $BATCHES --ctx 1024 \
         --prefill-len 2048 --window-s ${WINDOW:-2} --max-model-len 4096 --output-json $OUT/frontier-rapid.json 2>&1 | grep --line-buffered -v "it/s" ;;
-    serve) python3 -m rapid.entrypoints.cli bench serve --model /tmp/llama8b --load-format dummy --skip-tokenizer-init \
-        --max-model-len 4096 --max-num-batched-tokens 2048 --prefill-sm-percentage ${PREFILL_PCT:-60} \
-        --decode-sm-percentage ${DECODE_PCT:-40} --modes ${MODES:-hybrid,rapid} --dataset-name sharegpt-like \
-        --num-prompts ${NUM_PROMPTS:-80} --request-rates ${RATES:-4,8,16} --max-tokens-cap ${CAP:-512} \
-        --goodput ttft:1000 tpot:50 --seed ${SEED:-0} --result-dir $OUT/serve-${MODES:-all}${TAG:-} 2>&1 | tr '\r' '\n' | grep --line-buffered -v "it/s\]" ;;
+    serve|serve-sharegpt-like) serve_steady sharegpt-like ${RATES:-8,16,24} --dataset-name sharegpt-like --max-tokens-cap ${CAP:-512} ;;
+    serve-3k) serve_steady random3k ${RATES:-2,4,6} --dataset-name random --random-input-len 3000 --random-output-len 300 --ignore-eos ;;
     kernels) python3 bench/kernels.py --skip ${KSKIP:-attention} --compile-dynamic ${KDYN:-tokens} --out $OUT 2>&1 | grep -v "it/s" | tail -40 ;;
     offline1k) for split in ${SPLITS1K:-hybrid 70/30 100/100}; do
         if [ $split = hybrid ]; then m="--mode hybrid"; tag=hybrid; else m="--mode rapid --prefill-sm-percentage ${split%/*} --decode-sm-percentage ${split#*/}"; tag=rapid-${split%/*}-${split#*/}; fi

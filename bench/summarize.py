@@ -92,7 +92,7 @@ def serve() -> None:
         modes[mode] = {"command": data["command"], "per_rate": []}
         for rate in entry["per_rate"]:
             recs = [RequestRecord(prompt_len=a, output_len=b, ttft=c, latency=d, success=e)
-                    for a, b, c, d, e in rate["records"]]
+                    for a, b, c, d, e, *_ in rate["records"]]  # newer files add the arrival time
             row = {k: v for k, v in rate.items() if k != "records"}
             for slo, (t, p) in (("1000/50", (1000, 50)), ("500/25", (500, 25))):
                 a = slo_attainment(recs, t, p)

@@ -3,7 +3,7 @@
     python examples/offline_batch.py [--model FOLDER] [--workdir DIR]
 
 Writes a small input file (plain prompts, a chat, token ids, and one deliberately bad line), runs it, and
-prints the output records. Each output line has id, text, token_ids, finish_reason and num_prompt_tokens;
+prints the output records (written as they finish, so not in input order). Each output line has id, text, token_ids, finish_reason and num_prompt_tokens;
 a bad line gets {"id", "line", "error"} and the rest of the batch still runs.
 """
 
@@ -21,6 +21,9 @@ LINES = [
     {"id": "sampled", "prompt": "Once upon a time", "temperature": 0.8, "sampling_params": {"seed": 1, "top_p": 0.95}},
     {"id": "ids", "prompt_token_ids": [1, 2, 3, 4], "max_tokens": 8},
     {"id": "bad", "prompt": ""},
+    # the OpenAI batch format (as `vllm run_batch` reads it) can be mixed in
+    {"custom_id": "openai-chat", "method": "POST", "url": "/v1/chat/completions",
+     "body": {"model": "default", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 16}},
 ]
 
 
@@ -35,10 +38,14 @@ def main() -> None:
     src.write_text("".join(json.dumps(line) + "\n" for line in LINES))
     with LLM(args.model) as llm:
         counts = run_file(llm, str(src), str(dst), max_tokens=32, temperature=0.0)
-    print(f"{counts['ok']} ok, {counts['errors']} errors -> {dst}")
+    print(f"{counts['ok']} ok, {counts['errors']} errors -> {dst} (a re-run skips the lines already there)")
     for line in dst.read_text().splitlines():
         rec = json.loads(line)
-        if "error" in rec:
+        if "custom_id" in rec:
+            body = rec["response"]["body"]
+            print(f"[{rec['custom_id']}] {rec['response']['status_code']}: "
+                  f"{body['choices'][0]['message']['content'] if 'choices' in body else body['error']['message']!r}")
+        elif "error" in rec:
             print(f"[{rec['id']}] ERROR (line {rec['line']}): {rec['error']}")
         else:
             print(f"[{rec['id']}] {rec['text']!r} ({rec['finish_reason']}, {rec['num_prompt_tokens']} prompt tokens)")

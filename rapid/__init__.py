@@ -1,7 +1,8 @@
 """RAPID: an LLM serving engine that runs prefill and decode concurrently on one GPU."""
 
-from rapid.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from rapid.params import SamplingParams
+from rapid.inputs import TextPrompt, TokensPrompt
+from rapid.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from rapid.params import GuidedDecodingParams, SamplingParams, StructuredOutputsParams
 
 
 def __getattr__(name):
@@ -13,4 +14,5 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "RequestMetrics"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "GuidedDecodingParams", "RequestOutput",
+           "CompletionOutput", "RequestMetrics", "Logprob", "TextPrompt", "TokensPrompt"]

@@ -112,6 +112,7 @@ class EngineConfig:
     device: str = "auto"
     seed: int = 0
     enforce_eager: bool = False
+    async_scheduling: bool = True  # the decode executor launches step N+1 before it reads step N back
     attention_backend: str = "auto"  # auto | reference | triton | flashinfer
     prefill_attention: str = "flash"  # CUDA prefill SDPA: flash | cudnn | auto (torch's choice)
     load_format: str = "safetensors"  # or "dummy": random weights at the config's shapes (benchmarks)
@@ -134,6 +135,7 @@ class EngineConfig:
         _check(self.load_format in LOAD_FORMATS,
                f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         _check_bool(self, "enforce_eager")
+        _check_bool(self, "async_scheduling")
 
 
 def resolve_model_path(model: str | Path | None) -> str:
@@ -203,6 +205,10 @@ class EngineArgs:
         "gets what weights and activations leave of it", gpu_only=True)
     enable_prefix_caching: bool = _shared(
         CacheConfig, "enable_prefix_caching", "reuse the KV blocks of prompt prefixes already computed")
+    async_scheduling: bool = _shared(
+        EngineConfig, "async_scheduling", "the decode executor enqueues step N+1 before it reads step N's tokens "
+        "back, so host work overlaps the device (steps whose rows need the previous token on the host, such as "
+        "penalties, bad words or structured outputs, still run one at a time)")
     enforce_eager: bool = _shared(
         EngineConfig, "enforce_eager", "run eagerly: no compilation and no CUDA graphs (quicker start, slower steps)",
         gpu_only=True)

@@ -6,12 +6,13 @@ and is validated again on decoding.
 
 from __future__ import annotations
 
+import json as _json
 import math
 from typing import Any
 
 import msgspec
 
-__all__ = ["MAX_LOGPROBS", "SamplingParams"]
+__all__ = ["MAX_LOGPROBS", "GuidedDecodingParams", "SamplingParams", "StructuredOutputsParams"]
 
 MAX_LOGPROBS = 20
 
@@ -37,6 +38,55 @@ def _check_float(name: str, value: Any) -> float:
     return float(value)
 
 
+class StructuredOutputsParams(msgspec.Struct, frozen=True, kw_only=True):
+    """A constraint on the generated text (vLLM's StructuredOutputsParams): exactly one of
+    `json` (a JSON schema, dict or str), `regex`, `choice` (the output is one of these strings),
+    `grammar` (EBNF / GBNF text) or `json_object=True` (any JSON object).
+
+    The grammar is compiled by xgrammar in the process that samples; the request ends ('stop') when
+    the grammar is complete (only EOS is allowed then). `json` is normalised to a JSON string.
+    """
+
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False  # json: no optional whitespace between tokens (compact JSON)
+
+    def __post_init__(self) -> None:
+        set_ = msgspec.structs.force_setattr
+        given = [n for n in ("json", "regex", "choice", "grammar", "json_object") if getattr(self, n) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError("structured_outputs takes exactly one of json, regex, choice, grammar, json_object; "
+                             f"got {given or 'none'}")
+        if isinstance(self.json, dict):
+            set_(self, "json", _json.dumps(self.json))
+        elif self.json is not None and not isinstance(self.json, str):
+            raise TypeError(f"structured_outputs.json must be a dict or a str, got {type(self.json).__name__}")
+        elif isinstance(self.json, str):
+            try:
+                _json.loads(self.json)
+            except ValueError as e:
+                raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from None
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty str, got {value!r}")
+        if self.choice is not None:
+            choice = self.choice
+            if isinstance(choice, str) or not isinstance(choice, (list, tuple)) or not choice:
+                raise ValueError(f"structured_outputs.choice must be a non-empty list of str, got {choice!r}")
+            if not all(isinstance(c, str) and c for c in choice):
+                raise ValueError(f"structured_outputs.choice must contain non-empty strs, got {list(choice)!r}")
+            set_(self, "choice", tuple(choice))
+        if self.json_object is not None and not isinstance(self.json_object, bool):
+            raise TypeError(f"structured_outputs.json_object must be a bool, got {self.json_object!r}")
+
+
+GuidedDecodingParams = StructuredOutputsParams  # vLLM's older name
+
+
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     """Per-request sampling options (vLLM names and defaults).
 
@@ -55,7 +105,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     top_k: int = 0  # 0 or -1 = off
     min_p: float = 0.0
     seed: int | None = None
-    max_tokens: int = 16
+    max_tokens: int | None = 16  # None: up to max_model_len - prompt length
     min_tokens: int = 0
     stop: tuple[str, ...] | None = None  # str or list[str] accepted; normalised to a tuple
     stop_token_ids: tuple[int, ...] | None = None  # normalised to a tuple
@@ -66,6 +116,15 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     logprobs: int | None = None  # top-N logprobs per generated token (sampled token always included)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    prompt_logprobs: int | None = None  # top-N logprobs per prompt token (the prompt token always included)
+    logit_bias: dict[int, float] | None = None  # token id -> bias added to its logit (clamped to [-100, 100])
+    allowed_token_ids: tuple[int, ...] | None = None  # only these tokens may be sampled
+    bad_words: tuple[str, ...] | None = None  # words (token sequences) that must not be generated
+    truncate_prompt_tokens: int | None = None  # keep only the last k prompt tokens
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_decoding: StructuredOutputsParams | None = None  # vLLM's older name: moved to structured_outputs
+    # Filled at the edge (LLM) from bad_words with the tokenizer, as vLLM does: banned token sequences.
+    bad_words_token_ids: tuple[tuple[int, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         set_ = msgspec.structs.force_setattr
@@ -97,11 +156,11 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
         if self.seed is not None:
             _check_int("seed", self.seed)
 
-        max_tokens = _check_int("max_tokens", self.max_tokens)
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {max_tokens!r}")
+        max_tokens = None if self.max_tokens is None else _check_int("max_tokens", self.max_tokens)
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1 or None, got {max_tokens!r}")
         min_tokens = _check_int("min_tokens", self.min_tokens)
-        if not 0 <= min_tokens <= max_tokens:
+        if min_tokens < 0 or (max_tokens is not None and min_tokens > max_tokens):
             raise ValueError(
                 f"min_tokens must be in [0, max_tokens={max_tokens}], got {min_tokens!r}"
             )
@@ -124,12 +183,68 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
             if not 0 <= logprobs <= MAX_LOGPROBS:
                 raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {logprobs!r}")
 
+        self._check_extensions()
         set_(self, "stop", _normalise_stop(self.stop))
         set_(self, "stop_token_ids", _normalise_stop_token_ids(self.stop_token_ids))
 
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+    def _check_extensions(self) -> None:
+        """prompt_logprobs, logit_bias, allowed_token_ids, bad_words, truncate_prompt_tokens, structured outputs."""
+        set_ = msgspec.structs.force_setattr
+        if self.prompt_logprobs is not None:
+            n = _check_int("prompt_logprobs", self.prompt_logprobs)
+            if not 0 <= n <= MAX_LOGPROBS:
+                raise ValueError(f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {n!r}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise TypeError(f"logit_bias must be a dict of token id -> bias, got {type(self.logit_bias).__name__}")
+            bias = {}
+            for k, v in self.logit_bias.items():
+                try:
+                    tok = int(k) if isinstance(k, str) else _check_int("logit_bias key", k)
+                except ValueError:
+                    raise ValueError(f"logit_bias keys must be token ids, got {k!r}") from None
+                if tok < 0:
+                    raise ValueError(f"logit_bias keys must be token ids >= 0, got {tok!r}")
+                value = _check_float(f"logit_bias[{tok}]", v)
+                if not math.isfinite(value):
+                    raise ValueError(f"logit_bias[{tok}] must be finite, got {v!r}")
+                bias[tok] = min(max(value, -100.0), 100.0)
+            set_(self, "logit_bias", bias)
+        if self.allowed_token_ids is not None:
+            ids = self.allowed_token_ids
+            if not isinstance(ids, (list, tuple)) or not ids:
+                raise ValueError(f"allowed_token_ids must be a non-empty list of token ids, got {ids!r}")
+            for i in ids:
+                if not _is_int(i) or i < 0:
+                    raise ValueError(f"allowed_token_ids must contain token ids >= 0, got {i!r}")
+            set_(self, "allowed_token_ids", tuple(ids))
+        if self.bad_words is not None:
+            words = (self.bad_words,) if isinstance(self.bad_words, str) else self.bad_words
+            if not isinstance(words, (list, tuple)) or not all(isinstance(w, str) and w.strip() for w in words):
+                raise ValueError(f"bad_words must be a list of non-empty str, got {self.bad_words!r}")
+            set_(self, "bad_words", tuple(words))
+        if self.bad_words_token_ids is not None:
+            set_(self, "bad_words_token_ids", tuple(tuple(_check_int("bad_words_token_ids", t) for t in seq)
+                                                    for seq in self.bad_words_token_ids))
+        if self.truncate_prompt_tokens is not None:
+            k = _check_int("truncate_prompt_tokens", self.truncate_prompt_tokens)
+            if k < 1:
+                raise ValueError(f"truncate_prompt_tokens must be >= 1, got {k!r}")
+        if self.guided_decoding is not None:
+            if self.structured_outputs is not None:
+                raise ValueError("give structured_outputs or guided_decoding (its older name), not both")
+            set_(self, "structured_outputs", self.guided_decoding)
+            set_(self, "guided_decoding", None)
+        so = self.structured_outputs
+        if so is not None and not isinstance(so, StructuredOutputsParams):
+            if isinstance(so, dict):
+                set_(self, "structured_outputs", StructuredOutputsParams(**so))
+            else:
+                raise TypeError(f"structured_outputs must be a StructuredOutputsParams, got {type(so).__name__}")
 
     @property
     def greedy(self) -> bool:

@@ -1,5 +1,6 @@
-"""Public path of the ZeroMQ server (the code lives in rapid.entrypoints.server)."""
+"""Public path of the servers: the ZeroMQ RapidServer (code in rapid.entrypoints.zmq_*) and `rapid serve`."""
 
-from rapid.entrypoints.server import RapidServer, check_address, serve
+from rapid.entrypoints.serve import serve
+from rapid.entrypoints.server import AddressInUseError, RapidServer, ServerLimits, check_address
 
-__all__ = ["RapidServer", "check_address", "serve"]
+__all__ = ["AddressInUseError", "RapidServer", "ServerLimits", "check_address", "serve"]

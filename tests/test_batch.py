@@ -1,4 +1,5 @@
-"""The offline batch script end to end on the CPU: JSONL in, JSONL out in input order, bad lines reported."""
+"""The offline batch script end to end on the CPU: simple and OpenAI batch lines in, JSONL results out as they
+finish, bad lines reported with their ids, resumable runs, and the CLI exit status."""
 
 import json
 
@@ -39,8 +40,8 @@ def test_batch_end_to_end_with_error_lines(llm, tmp_path):
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(src, LINES)
     counts = run_file(llm, str(src), str(dst), max_tokens=4, temperature=0.0, chunk_size=3, use_tqdm=False)
-    recs = [json.loads(line) for line in dst.read_text().splitlines()]
-    assert counts == {"ok": 4, "errors": 7} and len(recs) == 11
+    recs = sorted((json.loads(line) for line in dst.read_text().splitlines()), key=lambda r: r["line"])
+    assert counts == {"ok": 4, "errors": 7, "skipped": 0} and len(recs) == 11
     assert [r["line"] for r in recs] == [1, 2, 3, 4, 6, 7, 8, 9, 10, 11, 12]
     assert [r["id"] for r in recs] == ["a", 2, 3, "chat", 6, 7, 8, 9, 10, 7, 12]
     ok = [r for r in recs if "error" not in r]
@@ -72,14 +73,77 @@ def test_engine_refusal_isolated_to_its_line(tiny_llama, tmp_path):
     # a 2-block pool (32 tokens): the second line can never fit, the first still runs
     with LLM(tiny_llama, kv_cache_memory_bytes=2 * 8192) as llm:
         run_file(llm, str(src), str(dst), max_tokens=4, use_tqdm=False)
-    first, second = [json.loads(line) for line in dst.read_text().splitlines()]
+    first, second = sorted((json.loads(line) for line in dst.read_text().splitlines()), key=lambda r: r["line"])
     assert len(first["token_ids"]) == 4 and "whole pool" in second["error"]
 
 
 def test_cli_batch(tiny_llama, tmp_path, capsys):
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(src, [{"prompt": "hello"}, {"prompt": ""}])
-    assert main(["batch", str(src), str(dst), "--model", str(tiny_llama), "--max-tokens", "3"]) == 0
-    recs = [json.loads(line) for line in dst.read_text().splitlines()]
+    # a failed line makes the exit status 1; a re-run skips what is done and appends nothing new
+    assert main(["batch", str(src), str(dst), "--model", str(tiny_llama), "--max-tokens", "3"]) == 1
+    recs = sorted((json.loads(line) for line in dst.read_text().splitlines()), key=lambda r: r["line"])
     assert len(recs[0]["token_ids"]) <= 3 and "error" in recs[1]
     assert "2 records" in capsys.readouterr().out
+    write_jsonl(src, [{"prompt": "hello"}])
+    assert main(["batch", str(src), str(dst), "--model", str(tiny_llama), "--max-tokens", "3"]) == 0
+    assert len(dst.read_text().splitlines()) == 2 and "1 already done" in capsys.readouterr().out
+
+
+def openai_line(custom_id, url, body, **extra):
+    return {"custom_id": custom_id, "method": "POST", "url": url, "body": body, **extra}
+
+
+def test_openai_batch_format_and_resume(llm, tmp_path):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    chat = [{"role": "user", "content": "hi"}]
+    lines = [
+        openai_line("c1", "/v1/chat/completions", {"model": "m", "messages": chat, "max_tokens": 3,
+                                                   "temperature": 0}),
+        openai_line("p1", "/v1/completions", {"model": "m", "prompt": "Paris is", "max_tokens": 5, "temperature": 0,
+                                              "n": 2, "seed": 3, "logprobs": 1}),
+        openai_line("bad-temp", "/v1/completions", {"prompt": "x", "temperature": -1}),
+        openai_line("bad-type", "/v1/completions", {"prompt": "x", "max_tokens": "many"}),
+        openai_line("bad-url", "/v1/embeddings", {"input": "x"}),
+        openai_line("too-long", "/v1/completions", {"prompt": "x", "max_tokens": 10_000}),
+        {"id": "simple", "prompt": "Paris is", "max_tokens": 5},
+    ]
+    write_jsonl(src, lines[:4])  # a first run on part of the file (as if interrupted)
+    first = run_file(llm, str(src), str(dst), use_tqdm=False)
+    assert first == {"ok": 2, "errors": 2, "skipped": 0}
+    write_jsonl(src, lines)
+    second = run_file(llm, str(src), str(dst), chunk_size=2, use_tqdm=False)
+    assert second == {"ok": 1, "errors": 2, "skipped": 4}
+    recs = [json.loads(line) for line in dst.read_text().splitlines()]
+    by_key = {r.get("custom_id", r.get("id")): r for r in recs}
+    assert len(recs) == len(lines) == len(by_key)
+
+    greedy = llm.generate("Paris is", SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)[0].outputs[0]
+    assert by_key["simple"]["text"] == greedy.text
+    c1 = by_key["c1"]["response"]
+    expected_chat = llm.chat(chat, SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)[0].outputs[0]
+    assert c1["status_code"] == 200 and by_key["c1"]["error"] is None
+    assert c1["body"]["object"] == "chat.completion"
+    assert c1["body"]["choices"][0]["message"] == {"role": "assistant", "content": expected_chat.text}
+    p1 = by_key["p1"]["response"]["body"]
+    assert [c["index"] for c in p1["choices"]] == [0, 1]
+    assert p1["usage"]["completion_tokens"] == sum(len(c["logprobs"]["tokens"]) for c in p1["choices"])
+    seeded = [llm.generate("Paris is", SamplingParams(temperature=0, max_tokens=5, seed=3 + i), use_tqdm=False)[0]
+              for i in range(2)]
+    assert [c["text"] for c in p1["choices"]] == [s.outputs[0].text for s in seeded]
+    for key, param in {"bad-temp": "temperature", "bad-type": "max_tokens", "bad-url": "url",
+                       "too-long": "max_tokens"}.items():
+        rec = by_key[key]
+        assert rec["custom_id"] == key and rec["response"]["status_code"] == 400, rec
+        assert rec["response"]["body"]["error"]["param"] == param and rec["error"]["message"], rec
+
+
+def test_results_are_whole_lines_even_after_a_torn_write(llm, tmp_path):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(src, [openai_line(f"r{i}", "/v1/completions", {"prompt": "a b", "max_tokens": 2}) for i in range(3)])
+    run_file(llm, str(src), str(dst), use_tqdm=False)
+    whole = dst.read_text().splitlines()
+    dst.write_text("\n".join(whole[:2]) + "\n" + whole[2][:10])  # a crash cut the last line
+    assert run_file(llm, str(src), str(dst), use_tqdm=False) == {"ok": 1, "errors": 0, "skipped": 2}
+    recs = [json.loads(line) for line in dst.read_text().splitlines()]
+    assert sorted(r["custom_id"] for r in recs) == ["r0", "r1", "r2"]

@@ -1,6 +1,8 @@
-"""Benchmarks as a user runs them, as short CPU smokes: bench offline, bench serve (two modes), bench frontier."""
+"""Benchmarks as a user runs them, as short CPU smokes: bench offline, bench serve (two modes in process, and an
+OpenAI-compatible server faked in the test), bench frontier."""
 
 import json
+import sys
 
 import pytest
 
@@ -19,18 +21,98 @@ def test_bench_offline_smoke(tiny_llama, tmp_path):
     assert result["num_seqs"] == 4 and result["output_tokens"] >= 16 and result["output_throughput_tok_s"] > 0
 
 
-def test_bench_serve_two_modes_smoke(tiny_llama, tmp_path):
-    assert main(["bench", "serve", "--model", str(tiny_llama), "--modes", "hybrid,rapid", "--num-prompts", "6",
-                 "--dataset-name", "random", "--random-input-len", "16", "--random-output-len", "6",
-                 "--request-rates", "20,inf", "--ignore-eos", "--goodput", "ttft:5000", "tpot:1000",
+def test_bench_serve_steady_state_two_modes_smoke(tiny_llama, tmp_path):
+    assert main(["bench", "serve", "--model", str(tiny_llama), "--modes", "hybrid,rapid", "--duration-s", "3",
+                 "--dataset-name", "random", "--random-input-len", "32", "--random-output-len", "6",
+                 "--request-rates", "3,6", "--ignore-eos", "--goodput", "ttft:5000", "tpot:1000",
                  "--max-model-len", "256", "--result-dir", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "serve.json").read_text())
+    method = summary["method"]
+    assert method["num_prompts"] == {"3": 9, "6": 18} and method["duration_s"] == {"3": 3.0, "6": 3.0}
+    assert method["warmup_s"] == {"3": 0.75, "6": 0.75} and method["seeds"] == {"3": 0, "6": 1}
+    assert method["shared_first_blocks"] == 0 and "unstable" in method["stability_rule"]
     for mode in ("hybrid", "rapid"):
-        rates = summary["modes"][mode]["per_rate"]
-        assert [r["completed"] for r in rates] == [6, 6]
-        assert all(r["total_output_tokens"] == 36 and r["median_tpot_ms"] > 0 for r in rates)
-        assert summary["modes"][mode]["goodput_rps"] == 20.0  # every request met the loose SLOs
+        entry = summary["modes"][mode]
+        for r in entry["per_rate"]:
+            arrivals = [rec[5] for rec in r["records"]]
+            assert r["excluded_warmup"] == sum(a < 0.75 for a in arrivals)
+            assert r["completed"] + r["failed"] == len(r["records"]) - r["excluded_warmup"]
+            assert r["failed"] == 0 and r["median_ttft_ms"] > 0 and r["stability"]["stable"] in (True, False, None)
+            assert r["served_rate"] == r["request_throughput"] and r["output_throughput"] > 0
+        assert "saturation" in entry and "goodput_by_slo" in entry
+    md = (tmp_path / "serve.md").read_text()
+    assert "## hybrid" in md and "## rapid" in md and "saturation" in md
     assert (tmp_path / "attainment.png").stat().st_size > 0
+
+
+def _fake_openai_server(seen: list):
+    """An OpenAI-style streaming /v1/completions: one SSE chunk per token (20 ms to the first, 5 ms apart), a
+    finish-reason chunk, a usage chunk, [DONE]."""
+    import asyncio
+
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    async def completions(request):
+        body = await request.json()
+        seen.append(body)
+        if not isinstance(body["prompt"], list):
+            return JSONResponse({"error": "token ids expected"}, status_code=400)
+        n = body["max_tokens"]
+
+        async def stream():
+            await asyncio.sleep(0.02)
+            for i in range(n):
+                if i:
+                    await asyncio.sleep(0.005)
+                yield f"data: {json.dumps({'choices': [{'index': 0, 'text': 'x', 'finish_reason': None}]})}\n\n"
+            yield f"data: {json.dumps({'choices': [{'index': 0, 'text': '', 'finish_reason': 'length'}]})}\n\n"
+            usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": n, "total_tokens": len(body["prompt"]) + n}
+            yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    return Starlette(routes=[Route("/v1/completions", completions, methods=["POST"])])
+
+
+def test_bench_serve_openai_backend_against_a_fake_server(tmp_path, monkeypatch, capsys):
+    import threading
+    import time
+
+    import uvicorn
+
+    seen: list = []
+    server = uvicorn.Server(uvicorn.Config(_fake_openai_server(seen), host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # and the README's first install: no matplotlib
+    try:
+        assert main(["bench", "serve", "--backend", "openai", "--base-url", f"http://127.0.0.1:{port}",
+                     "--vocab-size", "320", "--modes", "rapid", "--duration-s", "2", "--warmup-s", "0.5",
+                     "--request-rates", "5,10", "--dataset-name", "random", "--random-input-len", "24",
+                     "--random-output-len", "6", "--ignore-eos", "--result-dir", str(tmp_path)]) == 0
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    assert "plots skipped: matplotlib is not installed (pip install -e '.[bench]')" in capsys.readouterr().out
+    assert not list(tmp_path.glob("*.png")) and (tmp_path / "serve.md").is_file()
+    assert len(seen) == 4 + 10 + 20  # warm-up, then rate x duration at each rate
+    body = seen[-1]
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True} and body["ignore_eos"] is True
+    assert body["max_tokens"] == 6 and len(body["prompt"]) == 24 and all(isinstance(t, int) for t in body["prompt"])
+    summary = json.loads((tmp_path / "serve.json").read_text())
+    assert summary["device"].startswith("OpenAI-compatible server") and summary["method"]["backend"] == "openai"
+    for r in summary["modes"]["rapid"]["per_rate"]:
+        assert r["failed"] == 0 and r["completed"] > 0
+        assert all(rec[1] == 6 for rec in r["records"])  # completion_tokens of the usage chunk
+        assert 20 <= r["median_ttft_ms"] < 1000 and 4 <= r["median_itl_ms"] < 200 and r["median_tpot_ms"] >= 4
+        assert r["stability"]["measured_requests"] == r["completed"] and r["excluded_warmup"] > 0
 
 
 def test_bench_frontier_smoke(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -449,3 +450,171 @@ def test_plots_write_png(tmp_path):
         "rapid": [(25.0, 10000.0, "SM 30%"), (35.0, 15000.0, "SM 50%")],
     }
     _assert_png(plot_frontier(frontier, tmp_path / "frontier.png", tpot_slo_ms=40))
+
+
+# --------------------------------------------------------------------------------------------
+# steady state: window, stability, goodput over stable rates, saturation, fresh traces, report
+
+from types import SimpleNamespace  # noqa: E402
+
+from rapid.bench.report import PLOTS_SKIPPED, write_markdown, write_plots  # noqa: E402
+from rapid.bench.results import mode_summary, parse_slo_pairs, rate_result  # noqa: E402
+from rapid.bench.steady import (  # noqa: E402
+    UNFINISHED,
+    StabilityCriteria,
+    measured,
+    saturation,
+    stability,
+    stable_goodput,
+    window_throughput,
+)
+from rapid.bench.traces import build_traces, default_warmup_s, parse_rates, plan_rates, shared_first_blocks  # noqa: E402
+
+
+def _run(rate=10.0, duration=60.0, ttft=lambda t: 0.1, decode_s=lambda t: 1.0, out_len=21, warm_ttft=None):
+    """Synthetic records: evenly spaced arrivals; TTFT and decode time may depend on the arrival time t."""
+    recs = []
+    for i in range(int(rate * duration)):
+        t = (i + 1) / rate
+        first = warm_ttft if (warm_ttft is not None and t < 5) else ttft(t)
+        gap = decode_s(t) / (out_len - 1)
+        recs.append(RequestRecord(prompt_len=100, output_len=out_len, arrival_time=t, start_time=t, ttft=first,
+                                  itl=[gap] * (out_len - 1), latency=first + decode_s(t)))
+    return recs
+
+
+def test_steady_queue_is_stable():
+    rng = np.random.default_rng(0)
+    noise = rng.uniform(0, 0.3, size=600)
+    recs = _run(ttft=lambda t: 0.1 + noise[int(t * 10) - 1])
+    v = stability(recs, 6.0, 60.0)
+    assert v["stable"] is True and v["reasons"] == []
+    assert abs(v["ttft_slope"]) < 0.01 and v["shortfall"] == approx(0.0, abs=0.03)
+
+
+def test_growing_queue_is_unstable():
+    # 20% overload: each second of arrivals adds 0.2 s of queueing before prefill
+    v = stability(_run(ttft=lambda t: 0.1 + 0.2 * t), 6.0, 60.0)
+    assert v["stable"] is False
+    assert v["ttft_slope"] == approx(0.2, rel=1e-6)
+    assert v["ttft_growth"] > 3 and any("TTFT rises" in r for r in v["reasons"])
+    assert any("last third" in r for r in v["reasons"])
+
+
+def test_slowing_decode_is_unstable_by_shortfall():
+    # TTFT stays flat but decoding slows as the batch grows: fewer requests finish than arrive
+    v = stability(_run(decode_s=lambda t: 1.0 + 0.3 * t), 6.0, 60.0)
+    assert v["stable"] is False and v["ttft_slope"] == approx(0.0, abs=1e-9)
+    assert v["shortfall"] > 0.05 and any("below the offered" in r for r in v["reasons"])
+
+
+def test_unfinished_requests_make_a_rate_unstable_and_few_requests_no_verdict():
+    recs = _run()
+    recs[300].success, recs[300].error = False, UNFINISHED
+    v = stability(recs, 6.0, 60.0)
+    assert v["stable"] is False and v["unfinished"] == 1 and "drain deadline" in v["reasons"][0]
+    few = stability(_run(rate=1.0, duration=8.0), 6.0, 8.0)
+    assert few["stable"] is None and "only 3 requests" in few["reasons"][0]
+    with pytest.raises(ValueError, match="max_ttft_slope must be > 0, got 0"):
+        StabilityCriteria(max_ttft_slope=0)
+
+
+def test_warmup_requests_are_excluded():
+    # the first 5 s see a cold engine (TTFT 10 s); none of them may reach the statistics
+    recs = _run(warm_ttft=10.0)
+    meas = measured(recs, 5.0, 60.0)
+    assert len(meas) == 551 and min(r.arrival_time for r in meas) == 5.0
+    r = rate_result(recs, 10.0, 60.0, 5.0, 62.0, {"ttft": 1000.0, "tpot": 50.0}, [(1000.0, 50.0)])
+    assert r["excluded_warmup"] == 49 and r["completed"] == 551 and r["num_prompts"] == 600
+    assert r["p99_ttft_ms"] == approx(100.0) and r["slo_attainment"] == 1.0 and r["attainment"]["1000/50"] == 1.0
+    assert r["duration"] == 55.0 and r["stability"]["stable"] is True
+    assert r["request_goodput"] == approx(r["request_throughput"]) and len(r["records"][0]) == 6
+
+
+def test_window_throughput_counts_only_what_was_served_inside_the_window():
+    recs = _run(rate=10.0, duration=60.0)  # every request: 21 tokens over 1.1 s, latency 1.1 s
+    w = window_throughput(recs, 10.0, 60.0)
+    assert w["offered_rate"] == approx(10.0, rel=0.01) and w["served_rate"] == approx(10.0, rel=0.01)
+    assert w["output_throughput"] == approx(210.0, rel=0.01)
+    # a burst that drains after the window: served far below offered
+    burst = _run(rate=10.0, duration=60.0, decode_s=lambda t: 1.0 + t)
+    assert window_throughput(burst, 10.0, 60.0)["served_rate"] < 6.0
+    with pytest.raises(ValueError, match="warmup_s=60, end_s=60"):
+        window_throughput(recs, 60, 60)
+
+
+def test_goodput_ignores_unstable_rates():
+    # rate 8's attainment (0.99) was measured on a growing queue: it must not lift the goodput to 8
+    assert goodput_rate([1, 2, 4, 8], [1.0, 1.0, 0.95, 0.99]).rate == 8
+    g = stable_goodput([1, 2, 4, 8], [1.0, 1.0, 0.95, 0.99], [True, True, True, False])
+    assert g == {"rate": 4, "is_lower_bound": True, "below_range": False, "upper_bound": 8, "rates_used": [1, 2, 4]}
+    g = stable_goodput([1, 2, 4, 8], [1.0, 0.95, 0.85, 0.99], [True, True, True, False])
+    assert g["rate"] == approx(3.0) and not g["is_lower_bound"]  # 2 + (0.95 - 0.9) / 0.1 * 2
+    # a stable rate above an unstable one (noise) is not used; no stable rate: below range
+    assert stable_goodput([2, 4, 8], [1.0, 1.0, 1.0], [True, False, True])["rates_used"] == [2]
+    assert stable_goodput([2, 4], [1.0, 1.0], [False, None])["below_range"]
+    with pytest.raises(ValueError, match="2 rates, 2 attainments, 1 verdicts"):
+        stable_goodput([1, 2], [1, 1], [True])
+
+
+def test_saturation_is_the_highest_stable_rate():
+    s = saturation([2, 4, 8, 16], [True, True, False, True], [100.0, 200.0, 300.0, 310.0])
+    assert s == {"request_rate": 4, "output_throughput": 200.0, "is_lower_bound": False, "first_unstable_rate": 8}
+    assert saturation([2, 4], [True, True], [1.0, 2.0])["is_lower_bound"] is True
+    assert saturation([2], [False], [1.0])["request_rate"] is None
+
+
+def test_mode_summary_and_markdown_mark_unstable_rates(tmp_path, monkeypatch):
+    slos = {"ttft": 1000.0, "tpot": 50.0}
+    pairs = parse_slo_pairs("1000/50,500/25")
+    per_rate = [rate_result(_run(rate=r, ttft=ttft), r, 60.0, 6.0, 61.0, slos, pairs)
+                for r, ttft in ((5.0, lambda t: 0.1), (10.0, lambda t: 0.1), (20.0, lambda t: 0.1 + 0.1 * t))]
+    entry = mode_summary(per_rate, 1, pairs)
+    assert [p["stability"]["stable"] for p in per_rate] == [True, True, False]
+    assert entry["goodput_rps"] == 10.0 and entry["goodput_upper_bound_rps"] == 20.0
+    assert entry["goodput_by_slo"]["500/25"]["below_range"]  # TPOT 50 ms misses 25 ms at every rate
+    assert entry["saturation"]["request_rate"] == 10.0 and entry["saturation"]["output_throughput"] > 0
+    summary = {"device": "cpu", "command": "rapid bench serve", "slos_ms": slos, "slo_pairs": ["1000/50", "500/25"],
+               "method": {"duration_text": "60 s", "warmup_text": "6 s", "arrivals": "Poisson", "dataset": "random",
+                          "seeds": {"5": 0}, "shared_first_blocks": 0, "stability_rule": "rule"},
+               "modes": {"hybrid": entry}}
+    md = write_markdown(summary, tmp_path / "serve.md").read_text()
+    assert "**UNSTABLE**" in md and "< 20 req/s (unstable there)" in md and "sustains 10 req/s" in md
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the bench extra were not installed
+    assert write_plots(summary, tmp_path) == PLOTS_SKIPPED and "'.[bench]'" in PLOTS_SKIPPED
+    assert not list(tmp_path.glob("*.png"))
+    monkeypatch.delitem(sys.modules, "matplotlib")
+    pytest.importorskip("matplotlib")
+    for png in write_plots(summary, tmp_path):
+        _assert_png(png)
+
+
+def test_plan_rates_and_warmup_defaults():
+    plans = plan_rates(parse_rates("2,4"), seed=7, duration_s=60.0)
+    assert [(p.num_prompts, p.seed, p.duration_s, p.warmup_s) for p in plans] == [(120, 7, 60.0, 6.0), (240, 8, 60.0, 6.0)]
+    assert default_warmup_s(20.0) == 5.0 and default_warmup_s(3.0) == 0.75 and default_warmup_s(100.0) == 10.0
+    over = plan_rates([2.0, math.inf], seed=0, duration_s=None, num_prompts=10, warmup_s=1.0)
+    assert [(p.num_prompts, p.duration_s, p.warmup_s) for p in over] == [(10, 5.0, 1.0), (10, 0.0, 0.0)]
+    with pytest.raises(ValueError, match="give --num-prompts"):
+        plan_rates([math.inf], seed=0, duration_s=60.0)
+    with pytest.raises(ValueError, match=r"--warmup-s 70 must be in \[0, 60\)"):
+        plan_rates([1.0], seed=0, duration_s=60.0, warmup_s=70)
+    with pytest.raises(ValueError, match="repeats"):
+        parse_rates("1,1")
+    with pytest.raises(ValueError, match="TTFT_MS/TPOT_MS"):
+        parse_slo_pairs("1000")
+
+
+@pytest.mark.parametrize("dataset", ["random", "sharegpt-like"])
+def test_every_rate_gets_prompts_the_engine_has_never_seen(dataset):
+    args = SimpleNamespace(dataset_name=dataset, random_input_len=64, random_output_len=8, random_range_ratio=0.0,
+                           dataset_path=None)
+    plans = plan_rates([1.0, 2.0], seed=0, duration_s=30.0)
+    vocab = 320  # the tiny test model's: the smallest vocabulary these traces meet
+    warm, (rate1, rate2) = build_traces(args, plans, vocab, 2048)
+    assert [p.seed for p in plans] == [0, 1] and len(rate1) == 30 and len(rate2) == 60
+    first1 = {tuple(r.prompt_token_ids[:16]) for r in rate1 if r.prompt_len >= 16}
+    assert len(first1) > 20
+    assert not any(tuple(r.prompt_token_ids[:16]) in first1 for r in rate2)  # no first block of rate 2 seen at rate 1
+    assert shared_first_blocks([warm, rate1, rate2], 16) == 0
+    assert shared_first_blocks([rate1, rate1], 16) == len(first1)  # the check does see a replayed trace

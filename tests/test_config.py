@@ -114,7 +114,7 @@ def test_every_field_reaches_the_engine_config(folder):
     given = dict(model=folder, tokenizer=folder, skip_tokenizer_init=False, mode="rapid", dtype="bfloat16",
                  device="cpu", load_format="dummy", seed=7, max_model_len=256, max_num_seqs=8,
                  max_num_batched_tokens=512, block_size=32, kv_cache_memory_bytes=2**20, gpu_memory_utilization=0.5,
-                 enable_prefix_caching=False, enforce_eager=True, attention_backend="reference",
+                 enable_prefix_caching=False, enforce_eager=True, async_scheduling=False, attention_backend="reference",
                  prefill_attention="cudnn", prefill_sm_percentage=60, decode_sm_percentage=40, use_mps=False,
                  worker_start_timeout_s=10.0, decode_lookahead_blocks=3, tpot_target_ms=25.0)
     assert set(given) == set(FIELDS), "a new EngineArgs field needs a value here"

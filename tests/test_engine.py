@@ -46,11 +46,13 @@ def test_greedy_equals_transformers_with_chunked_prefill(tiny_llama, oracle):
         assert tokens(generate(llm, prompts)) == expected
 
 
-def test_greedy_equals_transformers_under_preemption(tiny_llama, oracle):
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_greedy_equals_transformers_under_preemption(tiny_llama, oracle, async_scheduling):
     prompts, expected = oracle
     # 16 blocks of 16 tokens (2 layers * 2 * 16 * 2 heads * 16 dims * 4 bytes = 8 KiB each): the six
-    # requests need 25 blocks at once, so some are preempted and recomputed.
-    with LLM(tiny_llama, kv_cache_memory_bytes=16 * 8192, enable_prefix_caching=False) as llm:
+    # requests need 25 blocks at once, so some are preempted and recomputed. Both decode-loop schedules.
+    with LLM(tiny_llama, kv_cache_memory_bytes=16 * 8192, enable_prefix_caching=False,
+             async_scheduling=async_scheduling) as llm:
         assert llm.engine.num_blocks == 16
         outs = generate(llm, prompts)
         assert tokens(outs) == expected
@@ -135,8 +137,10 @@ def test_logprobs_equal_transformers_log_softmax(tiny_llama):
     for t, (tok, lp) in enumerate(zip(out.token_ids, out.logprobs)):
         row = ref[len(prompt) - 1 + t]
         assert tok in lp and len(lp) >= 3
-        for tid, value in lp.items():
-            assert value == pytest.approx(row[tid].item(), abs=1e-4)
+        for tid, entry in lp.items():  # vLLM's Logprob: logprob, 1-based rank, decoded text
+            assert entry.logprob == pytest.approx(row[tid].item(), abs=1e-4)
+            assert entry.rank == int((row > row[tid] + 1e-4).sum()) + 1
+            assert entry.decoded_token == llm.tokenizer.decode([tid])
         top3 = row.topk(3).indices.tolist()
         assert set(top3) <= set(lp)
         total += row[tok].item()
@@ -225,3 +229,21 @@ def test_qwen3_greedy_equals_transformers(tiny_qwen3):
     with LLM(tiny_qwen3, max_num_batched_tokens=24) as llm:
         got = tokens(generate(llm, prompts))
     assert got == [hf_greedy(tiny_qwen3, p, GREEDY.max_tokens) for p in prompts]
+
+
+def test_cli_generate_warms_the_engine_before_timing(tiny_llama, capsys, monkeypatch):
+    from rapid.entrypoints import cli
+    from rapid.entrypoints.llm import LLM as _LLM
+
+    calls = []
+    real = _LLM.generate
+
+    def recording(self, prompts, params=None, **kw):
+        calls.append((prompts, params.max_tokens))
+        return real(self, prompts, params, **kw)
+
+    monkeypatch.setattr(_LLM, "generate", recording)
+    assert cli.main(["generate", "Paris is", "--model", str(tiny_llama), "--max-tokens", "6"]) == 0
+    assert [c[1] for c in calls] == [2, 6]  # the warm-up, then the timed run
+    out = capsys.readouterr().out
+    assert "tokens/s" in out and "6 tokens in" in out

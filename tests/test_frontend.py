@@ -42,6 +42,8 @@ def test_requests_from_many_threads_equal_generate(tiny_llama):
             assert all(c.done.wait(30) for c in collectors)
             assert [c.tokens for c in collectors] == expected
             assert all(c.deltas[-1].finish_reason == "length" for c in collectors) and frontend.num_pending == 0
+            stats = frontend.get_stats()  # asked of the engine loop, from this thread
+            assert stats.num_free_blocks == stats.num_blocks > 0 and stats.num_requests == 0
         finally:
             frontend.close()
 

@@ -427,3 +427,73 @@ def test_empty_batch_and_small_vocab():
     # logprobs larger than the vocabulary: every token is listed
     out = sample(torch.zeros(1, 3), build([SamplingParams(logprobs=10)], vocab_size=3), gen())
     assert len(out.logprobs[0]) == 3
+
+
+# ------------------------------------------------------------------------------------------------
+# logit_bias, allowed_token_ids, bad_words, grammar bitmask, ranks (vLLM parity)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_logit_bias_allowed_ids_and_grammar_bitmask_in_mixed_batch():
+    V = 40
+    logits = torch.randn(4, V, generator=gen(1))
+    bitmask = torch.full((4, 2), -1, dtype=torch.int32)
+    bitmask[3] = 0
+    bitmask[3, 1] = 1 << 1  # row 3: only token 33
+    params = [SamplingParams(temperature=0, logit_bias={7: 100.0}),
+              SamplingParams(temperature=0, allowed_token_ids=[3, 5]),
+              SamplingParams(temperature=0),
+              SamplingParams(temperature=0.8, seed=1, allowed_token_ids=[33, 34])]
+    batch = SamplingBatch.build(params, [[]] * 4, None, None, V, CPU, grammar_bitmask=bitmask)
+    out = sample(logits, batch, gen())
+    assert out.token_ids[0] == 7
+    assert out.token_ids[1] == (3 if logits[1, 3] > logits[1, 5] else 5)
+    assert out.token_ids[2] == int(logits[2].argmax())
+    assert out.token_ids[3] == 33
+    x = process_logits(logits, batch)
+    assert x[0, 7] == pytest.approx(logits[0, 7] + 100.0)
+    assert torch.isinf(x[1]).sum() == V - 2 and torch.isinf(x[3]).sum() == V - 1
+
+
+def test_bad_words_ban_the_last_token_after_the_prefix():
+    V = 10
+    logits = torch.zeros(2, V)
+    logits[:, 4] = 5.0  # the favourite
+    p = SamplingParams(temperature=0, bad_words_token_ids=((2, 4), (9,)))
+    batch = build([p, p], outputs=[[1, 2], [2, 1]], vocab_size=V)
+    x = process_logits(logits, batch)
+    assert torch.isinf(x[0, 4]) and not torch.isinf(x[1, 4])  # (2, 4) banned only right after 2
+    assert torch.isinf(x[:, 9]).all()  # a one-token bad word is always banned
+    assert sample(logits, batch, gen()).token_ids[1] == 4
+
+
+def test_sampled_token_rank_counts_tokens_at_least_as_likely():
+    logits = torch.tensor([[0.0, 3.0, 2.0, 1.0]])
+    lp = torch.log_softmax(logits, -1)
+    out = sample(logits, build([SamplingParams(temperature=0, logprobs=1)], vocab_size=4), gen())
+    assert out.token_ids == [1] and out.ranks == [1] and list(out.logprobs[0]) == [1]
+    # a row forced onto its third-best token reports rank 3 (logprobs of the raw logits)
+    out = sample(logits, build([SamplingParams(temperature=0, logprobs=2, allowed_token_ids=[3])], vocab_size=4), gen())
+    assert out.token_ids == [3] and out.ranks == [3]
+    assert list(out.logprobs[0]) == [1, 2, 3] and out.logprobs[0][3] == pytest.approx(lp[0, 3].item())
+
+
+@pytest.mark.parametrize("kwargs,exc,field", [
+    (dict(logit_bias={-1: 1.0}), ValueError, "logit_bias"),
+    (dict(logit_bias={"x": 1.0}), ValueError, "logit_bias"),
+    (dict(logit_bias={1: float("nan")}), ValueError, "logit_bias"),
+    (dict(allowed_token_ids=[1, -2]), ValueError, "allowed_token_ids"),
+    (dict(prompt_logprobs=-1), ValueError, "prompt_logprobs"),
+    (dict(truncate_prompt_tokens=-1), ValueError, "truncate_prompt_tokens"),
+    (dict(max_tokens=None, min_tokens=-1), ValueError, "min_tokens"),
+])
+def test_new_fields_validation(kwargs, exc, field):
+    with pytest.raises(exc, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_new_fields_normalised_and_serialisable():
+    p = SamplingParams(max_tokens=None, logit_bias={"5": 300}, allowed_token_ids=[1, 2], bad_words="foo",
+                       prompt_logprobs=0)
+    assert p.logit_bias == {5: 100.0} and p.allowed_token_ids == (1, 2) and p.bad_words == ("foo",)
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(p), type=SamplingParams) == p

@@ -29,14 +29,18 @@ class FakeRunner:
         self.tokens: dict[str, int] = {}
         self.steps: list[list] = []
 
-    def execute(self, work):
+    def launch(self, work, inputs_from=None):
         self.steps.append(list(work))
         return [SampledToken(w.request_id, self.tokens.get(w.request_id, self.token), -0.5) for w in work if w.sample]
 
+    def collect(self, launched):
+        return launched
+
 
 class Engine:
-    def __init__(self, num_blocks=64, block_size=4, max_seqs=8, budget=64, max_len=256, prefix=True, lookahead=1):
-        cfg = EngineConfig(model="m", tokenizer=None, mode="hybrid",
+    def __init__(self, num_blocks=64, block_size=4, max_seqs=8, budget=64, max_len=256, prefix=True, lookahead=1,
+                 async_scheduling=False):
+        cfg = EngineConfig(model="m", tokenizer=None, mode="hybrid", async_scheduling=async_scheduling,
                            cache=CacheConfig(block_size=block_size, enable_prefix_caching=prefix),
                            scheduler=SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget,
                                                      max_model_len=max_len),
@@ -119,8 +123,9 @@ def test_min_tokens_ignores_eos():
     assert e.finished == {a.request_id: "stop"}
 
 
-def test_preemption_by_recompute_when_blocks_run_out():
-    e = Engine(num_blocks=6, block_size=4, budget=64)
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_preemption_by_recompute_when_blocks_run_out(async_scheduling):
+    e = Engine(num_blocks=6, block_size=4, budget=64, async_scheduling=async_scheduling)
     a, b = e.add(prompt_len=8, max_tokens=12), e.add(prompt_len=8, max_tokens=12)
     e.drain()
     assert e.scheduler.num_preemptions >= 1 and b.num_preemptions >= 1 and a.num_preemptions == 0  # newest first
@@ -184,11 +189,12 @@ def test_max_num_seqs_caps_the_running_batch():
     assert len(e.forward()) == 2 and reqs[2].status == RequestStatus.WAITING
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
 @pytest.mark.parametrize("prefix", [True, False])
-def test_shared_prefixes_under_a_tiny_pool_finish_and_free_every_block(prefix):
+def test_shared_prefixes_under_a_tiny_pool_finish_and_free_every_block(prefix, async_scheduling):
     """The KV-pressure deadlock: requests waiting for blocks must not hold the prefix-cache hits they took."""
     shared = list(range(1, 33))  # two full blocks of 16 shared by every prompt
-    e = Engine(num_blocks=12, block_size=16, budget=64, prefix=prefix, lookahead=2)
+    e = Engine(num_blocks=12, block_size=16, budget=64, prefix=prefix, lookahead=2, async_scheduling=async_scheduling)
     reqs = [e.add(tokens=shared + [100 + i] * (5 + i), max_tokens=40, ignore_eos=True) for i in range(10)]
     e.drain(limit=3000)
     assert all(len(r.output_token_ids) == 40 for r in reqs)
@@ -212,3 +218,19 @@ def test_waiting_request_gives_back_prefix_hits_it_cannot_use():
     out = sched.schedule()
     assert big.status == RequestStatus.PREFILLING and big.num_cached_tokens == 12
     assert out.prefill_batch.work[0].start_pos == 12
+
+
+def test_async_scheduling_runs_one_step_ahead_and_reads_inputs_from_the_device():
+    """With async scheduling a decode row of step N+1 is enqueued before step N is read back: its input is a
+    placeholder the runner replaces with step N's sample; tokens and finish reasons equal the sync engine's."""
+    results = {}
+    for async_scheduling in (False, True):
+        e = Engine(async_scheduling=async_scheduling)
+        reqs = [e.add(prompt_len=6 + i, max_tokens=5 + i, ignore_eos=True) for i in range(4)]
+        e.drain()
+        results[async_scheduling] = [(r.output_token_ids, e.finished[r.request_id]) for r in reqs]
+        if async_scheduling:
+            ahead = [w for step in e.runner.steps for w in step if len(w.token_ids) == 1 and w.token_ids == [0]]
+            assert ahead, "no decode row ran a step ahead"
+        assert e.blocks.num_free_blocks == e.blocks.num_blocks
+    assert results[True] == results[False]

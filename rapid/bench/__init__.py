@@ -4,6 +4,9 @@
 * :mod:`rapid.bench.arrivals` -- Poisson / gamma request arrival times.
 * :mod:`rapid.bench.metrics` -- per-request records, vllm-compatible aggregate metrics,
   SLO attainment and DistServe-style goodput.
+* :mod:`rapid.bench.steady` -- the steady-state window, stability verdict, goodput over stable rates
+  and the saturation point.
+* :mod:`rapid.bench.traces` -- per-rate plans and fresh traces (no prompt shared between rates).
 * :mod:`rapid.bench.plots` -- PNG plots (matplotlib is imported only when a plot is drawn).
 """
 
@@ -25,6 +28,7 @@ from rapid.bench.metrics import (
     slo_attainment,
 )
 from rapid.bench.plots import plot_attainment, plot_frontier, plot_latency_percentiles
+from rapid.bench.steady import StabilityCriteria, saturation, stability, stable_goodput, window_throughput
 
 __all__ = [
     "SampleRequest",
@@ -43,4 +47,9 @@ __all__ = [
     "plot_attainment",
     "plot_latency_percentiles",
     "plot_frontier",
+    "StabilityCriteria",
+    "stability",
+    "stable_goodput",
+    "saturation",
+    "window_throughput",
 ]

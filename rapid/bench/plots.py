@@ -50,6 +50,14 @@ def _mode_colors(modes: Sequence[str]) -> dict[str, Any]:
     return {mode: cycle[i % len(cycle)] for i, mode in enumerate(modes)}
 
 
+def _mark_unstable(ax, points: Mapping[str, Sequence[tuple[float, float]]] | None) -> None:
+    """A red cross on each (rate, value) measured at an unstable rate (its queue kept growing)."""
+    pts = [p for ps in (points or {}).values() for p in ps]
+    if pts:
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker="x", s=80, color="red", zorder=5,
+                   label="unstable (queue grows)")
+
+
 def _plot_modes(ax, series: Mapping[str, Sequence[tuple]]) -> dict[str, Any]:
     """One marked line per mode through its (x, y, ...) points in order of (x, y); returns the mode colours."""
     colors = _mode_colors(list(series))
@@ -67,6 +75,7 @@ def plot_attainment(
     *,
     target: float | None = 0.9,
     xlabel: str = "Request rate (req/s)",
+    unstable: Mapping[str, Sequence[float]] | None = None,
 ) -> Path:
     """SLO attainment (0..1, shown in %) against request rate, one line per mode.
 
@@ -76,12 +85,15 @@ def plot_attainment(
         title: Figure title.
         target: Attainment target drawn as a dashed horizontal line (``None``: no line).
         xlabel: X-axis label (e.g. "Request rate per GPU (req/s)").
+        unstable: ``{mode: [rate, ...]}`` measured at an unstable rate: marked with a red cross.
     """
     from matplotlib.ticker import PercentFormatter
 
     fig = _new_figure()
     ax = fig.add_subplot()
     _plot_modes(ax, results)
+    _mark_unstable(ax, {m: [(r, a) for r, a in results.get(m, []) if r in set(rs)]
+                        for m, rs in (unstable or {}).items()})
     if target is not None:
         ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.0%}")
     ax.set_ylim(0, 1.05)
@@ -104,6 +116,7 @@ def plot_latency_percentiles(
     slo_ms: float | None = None,
     xlabel: str = "Request rate (req/s)",
     log_y: bool = False,
+    unstable: Mapping[str, Sequence[float]] | None = None,
 ) -> Path:
     """Latency percentiles of one metric against request rate, per mode.
 
@@ -118,6 +131,7 @@ def plot_latency_percentiles(
         slo_ms: The metric's SLO drawn as a dashed horizontal line (``None``: no line).
         xlabel: X-axis label.
         log_y: Log-scale latency axis (useful once queues build up).
+        unstable: ``{mode: [rate, ...]}`` measured at an unstable rate: each percentile there gets a red cross.
 
     Raises:
         KeyError: a metrics dict lacks a requested percentile.
@@ -140,6 +154,8 @@ def plot_latency_percentiles(
                 marker=".",
                 label=f"{mode} p{p:g}",
             )
+    _mark_unstable(ax, {m: [(r, met[percentile_key(metric, p)]) for r, met in results.get(m, []) if r in set(rs)
+                            for p in percentiles] for m, rs in (unstable or {}).items()})
     if slo_ms is not None:
         ax.axhline(slo_ms, color="grey", linestyle="--", linewidth=1, label=f"SLO {slo_ms:g} ms")
     if log_y:

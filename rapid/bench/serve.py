@@ -1,8 +1,12 @@
-"""`rapid bench serve`: trace replay against the engine (in-process client), in the manner of `vllm bench serve`.
+"""`rapid bench serve`: steady-state trace replay, in the manner of `vllm bench serve`.
 
-One trace (dataset + seeded arrivals) is replayed at each request rate, for each mode; per rate the
-vllm-style metrics, SLO attainment, and per mode the goodput (highest rate with >= 90% attainment,
-interpolated) per GPU. JSON and PNG plots go to --result-dir.
+For each mode (one engine each, in-process) or against an OpenAI-compatible server (--backend openai),
+each request rate runs for --duration-s with prompts = rate x duration arriving as a Poisson process,
+on a FRESH trace (seed + rate index: the engine has never seen its prompts, so no prefix-cache hits
+between rates). Requests arriving in the warm-up are excluded; throughputs count what was served inside
+the window; each rate is judged stable or not (rapid.bench.steady), and goodput (>= 90% SLO attainment,
+interpolated) and saturation come from the stable rates only. serve.json (method, per-rate vllm
+metrics, per-request records), serve.md and PNG plots (when matplotlib is installed) go to --result-dir.
 """
 
 from __future__ import annotations
@@ -10,166 +14,225 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import platform
-import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from rapid.bench.arrivals import arrival_times
-from rapid.bench.datasets import SampleRequest, random_requests, sharegpt_like_requests, sharegpt_requests
-from rapid.bench.metrics import RequestRecord, compute_metrics, goodput_per_gpu, goodput_rate, parse_goodput, slo_attainment
-from rapid.protocol.engine import AddRequest
-from rapid.params import SamplingParams
+from rapid.bench.metrics import parse_goodput
+from rapid.bench.report import write_markdown, write_plots
+from rapid.bench.results import mode_summary, pair_key, parse_slo_pairs, rate_result
+from rapid.bench.steady import StabilityCriteria
+from rapid.bench.traces import build_traces, parse_rates, plan_rates, rate_arrivals, shared_first_blocks
 
 GPUS_PER_MODE = {"hybrid": 1, "rapid": 1, "disagg": 2}
+WARMUP_TOKENS = 4
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--modes", default=None, help="comma list of modes to sweep (default: --mode)")
+    p.add_argument("--backend", default="inproc", choices=["inproc", "openai"],
+                   help="inproc: start the engine here (one per mode); openai: drive an OpenAI-compatible server "
+                        "at --base-url (default: %(default)s)")
+    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="--backend openai (default: %(default)s)")
+    p.add_argument("--endpoint", default="/v1/completions", help="--backend openai (default: %(default)s)")
+    p.add_argument("--served-model-name", default=None, help="--backend openai: the request's model (default: --model)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="--backend openai: vocabulary of the random prompts (default: the --model folder's config)")
+    p.add_argument("--modes", default=None, help="comma list of modes to sweep (default: --mode); with --backend "
+                   "openai, the one label of the server's mode")
     p.add_argument("--dataset-name", default="sharegpt-like", choices=["random", "sharegpt", "sharegpt-like"],
                    help="sharegpt-like: ShareGPT-shaped lengths, random tokens (default: %(default)s)")
     p.add_argument("--dataset-path", default=None, help="ShareGPT JSON file (--dataset-name sharegpt)")
-    p.add_argument("--num-prompts", type=int, default=200, help="requests in the trace (default: %(default)s)")
+    p.add_argument("--duration-s", type=float, default=None,
+                   help="seconds of arrivals per rate; prompts = rate x duration (default: 60 on a GPU or with "
+                        "--backend openai, 15 on the CPU)")
+    p.add_argument("--warmup-s", type=float, default=None,
+                   help="requests arriving in the first seconds are excluded (default: 10%% of the duration, "
+                        "at least 5 s, at most a quarter of it)")
+    p.add_argument("--num-prompts", type=int, default=None,
+                   help="override: this many prompts per rate (the duration is then num-prompts / rate)")
+    p.add_argument("--drain-timeout-s", type=float, default=30.0,
+                   help="requests still running this long after the last arrival are aborted and count as "
+                        "unfinished (default: %(default)s)")
     p.add_argument("--random-input-len", type=int, default=1024, help="--dataset-name random (default: %(default)s)")
     p.add_argument("--random-output-len", type=int, default=128, help="--dataset-name random (default: %(default)s)")
     p.add_argument("--random-range-ratio", type=float, default=0.0,
                    help="--dataset-name random: lengths vary by this fraction (default: %(default)s)")
-    p.add_argument("--request-rates", default="1,2,4,8", help="requests/s, comma list; inf = all at once")
+    p.add_argument("--request-rates", default="1,2,4,8",
+                   help="requests/s, comma list; inf = all at once (needs --num-prompts) (default: %(default)s)")
     p.add_argument("--burstiness", type=float, default=1.0, help="1 = Poisson; gamma shape otherwise")
     p.add_argument("--ignore-eos", action="store_true", help="generate every request's full output length")
     p.add_argument("--goodput", nargs="*", default=["ttft:1000", "tpot:50"], help="SLOs, e.g. ttft:1000 tpot:50 (ms)")
+    p.add_argument("--slo-pairs", default="1000/50,500/25",
+                   help="TTFT_MS/TPOT_MS pairs: attainment and goodput of each (default: %(default)s)")
+    p.add_argument("--unstable-ttft-slope", type=float, default=StabilityCriteria.max_ttft_slope,
+                   help="TTFT seconds per second of arrivals above which a rate is unstable (default: %(default)s)")
+    p.add_argument("--unstable-shortfall", type=float, default=StabilityCriteria.max_shortfall,
+                   help="served below offered by more than this fraction: unstable (default: %(default)s)")
     p.add_argument("--max-tokens-cap", type=int, default=None, help="cap output lengths (smoke runs)")
     p.add_argument("--result-dir", default="bench/results/serve", help="JSON and plots (default: %(default)s)")
 
 
-def build_trace(args, vocab_size: int, max_len: int, tokenizer=None) -> list[SampleRequest]:
+def _dataset_text(args) -> str:
     if args.dataset_name == "random":
-        reqs = random_requests(args.num_prompts, args.random_input_len, args.random_output_len,
-                               args.random_range_ratio, vocab_size, seed=args.seed)
-    elif args.dataset_name == "sharegpt":
-        if not args.dataset_path:
-            raise ValueError("--dataset-name sharegpt needs --dataset-path (a local ShareGPT JSON file)")
-        if tokenizer is None:
-            raise ValueError("the sharegpt dataset needs the model's tokenizer")
-        reqs = sharegpt_requests(args.dataset_path, args.num_prompts, tokenizer, seed=args.seed, max_len=max_len)
-    else:
-        reqs = sharegpt_like_requests(args.num_prompts, vocab_size, seed=args.seed, max_len=max_len)
-    return reqs
+        return (f"random tokens, {args.random_input_len} in / {args.random_output_len} out "
+                f"(range ratio {args.random_range_ratio:g})")
+    if args.dataset_name == "sharegpt":
+        return f"ShareGPT file {args.dataset_path}: first human turn, completion length from the first answer"
+    return "sharegpt-like: random tokens, ShareGPT-shaped lognormal lengths"
 
 
-def replay(llm, trace: list[SampleRequest], rate: float, burstiness: float, seed: int, ignore_eos: bool,
-           cap: int | None = None, tag: str = "") -> tuple[list[RequestRecord], float]:
-    """Send every request at its arrival time; record TTFT, ITL and latency from the output deltas."""
-    client = llm.engine
-    arrivals = arrival_times(len(trace), rate, burstiness, seed)
-    records: dict[str, RequestRecord] = {}
-    sent_at: dict[str, float] = {}
-    last_token: dict[str, float] = {}
-    next_i = 0
-    pending: set[str] = set()
-    bar = tqdm(total=len(trace), desc=f"{tag} rate={rate}", leave=False)
-    start = time.perf_counter()
-    while next_i < len(trace) or pending:
-        now = time.perf_counter() - start
-        while next_i < len(trace) and arrivals[next_i] <= now:
-            req = trace[next_i]
-            rid = f"{tag}{rate}-{next_i}"
-            out_len = min(req.output_len, cap) if cap else req.output_len
-            ids = list(req.prompt_token_ids) if req.prompt_token_ids is not None else llm.tokenizer.encode(req.prompt)
-            records[rid] = RequestRecord(prompt_len=len(ids), output_len=0, arrival_time=float(arrivals[next_i]),
-                                         start_time=now)
-            sent_at[rid] = time.perf_counter()
-            try:
-                client.add_request(AddRequest(rid, ids, SamplingParams(temperature=0, max_tokens=out_len,
-                                                                       ignore_eos=ignore_eos), arrival_time=time.time()))
-                pending.add(rid)
-            except ValueError as e:
-                records[rid].success, records[rid].error = False, str(e)
-                bar.update(1)
-            next_i += 1
-        wait = 0.0 if next_i >= len(trace) else max(0.0, arrivals[next_i] - (time.perf_counter() - start))
-        for d in client.get_deltas(timeout_s=min(wait, 0.01)):
-            rec = records.get(d.request_id)
-            if rec is None:
-                continue
-            t = time.perf_counter()
-            if d.new_token_ids:
-                if rec.output_len == 0:
-                    rec.ttft = t - sent_at[d.request_id]
-                else:
-                    gap = t - last_token[d.request_id]
-                    rec.itl.extend([gap / len(d.new_token_ids)] * len(d.new_token_ids))
-                rec.output_len += len(d.new_token_ids)
-                last_token[d.request_id] = t
-            if d.finished:
-                rec.latency = t - sent_at[d.request_id]
-                if d.error:
-                    rec.success, rec.error = False, d.error
-                pending.discard(d.request_id)
-                bar.update(1)
-    bar.close()
-    return list(records.values()), time.perf_counter() - start
+def _method(args, plans, criteria: StabilityCriteria, shared: int, duration_default: bool) -> dict:
+    steady = [p for p in plans if p.steady]
+    durations = sorted({round(p.duration_s, 3) for p in steady})
+    warmups = sorted({round(p.warmup_s, 3) for p in steady})
+    return {
+        "backend": args.backend,
+        "duration_s": {f"{p.rate:g}": p.duration_s for p in plans},
+        "duration_text": (f"{args.num_prompts} prompts per rate ({', '.join(f'{d:g}' for d in durations)} s)"
+                          if args.num_prompts is not None else f"{durations[0]:g} s of arrivals per rate")
+        + (" (the default for this device)" if duration_default else ""),
+        "warmup_s": {f"{p.rate:g}": p.warmup_s for p in plans},
+        "warmup_text": ", ".join(f"{w:g} s" for w in warmups) or "none",
+        "num_prompts": {f"{p.rate:g}": p.num_prompts for p in plans},
+        "seeds": {f"{p.rate:g}": p.seed for p in plans},
+        "warmup_seed": args.seed + len(plans),
+        "arrivals": f"gamma gaps with shape {args.burstiness:g} (1 = Poisson), seeded per rate, rescaled so that "
+                    "the last arrival falls at the duration",
+        "dataset": _dataset_text(args),
+        "max_tokens_cap": args.max_tokens_cap, "ignore_eos": args.ignore_eos,
+        "drain_timeout_s": args.drain_timeout_s,
+        "shared_first_blocks": shared, "block_size": args.block_size,
+        "clock": "TTFT and E2E count from each request's scheduled arrival",
+        "throughput": "request_throughput = served_rate (requests finished inside [warm-up, duration]) / window; "
+                      "output_throughput = output tokens produced inside the window / window",
+        "stability_criteria": criteria.as_dict(),
+        "stability_rule": criteria.describe(),
+    }
+
+
+def _write(summary: dict, out_dir: Path) -> None:
+    (out_dir / "serve.json").write_text(json.dumps(summary, indent=1, default=_json_default))
+
+
+def _sweep(summary: dict, mode: str, replay, warm, traces, plans, args, slos, pairs, criteria, out_dir) -> None:
+    """Warm the engine up, then every rate on its own trace; serve.json is rewritten after each rate."""
+    replay(warm, [0.0] * len(warm), True, cap=WARMUP_TOKENS, tag=f"{mode}-warmup", drain_timeout_s=None)
+    per_rate = []
+    for i, (plan, trace) in enumerate(zip(plans, traces)):
+        arrivals = rate_arrivals(plan, args.burstiness)
+        records, wall = replay(trace, arrivals, args.ignore_eos, cap=args.max_tokens_cap,
+                               tag=f"{mode}-r{i}", drain_timeout_s=args.drain_timeout_s)
+        r = rate_result(records, plan.rate, plan.duration_s, plan.warmup_s, wall, slos, pairs, criteria)
+        r["seed"] = plan.seed
+        per_rate.append(r)
+        summary["modes"][mode] = mode_summary(per_rate, GPUS_PER_MODE.get(mode, 1), pairs)
+        _write(summary, out_dir)
+        st = r["stability"]
+        tqdm.write(f"{mode} rate={plan.rate:g}: {r['completed']} measured done, offered {_num(r['offered_rate'])} / "
+                   f"served {r['served_rate']:.2f} req/s, TTFT p50 {r['median_ttft_ms']:.1f} ms, TPOT p50 "
+                   f"{r['median_tpot_ms']:.1f} ms, {r['output_throughput']:.0f} out tok/s, attainment "
+                   f"{_num(r.get('slo_attainment'))}, "
+                   + ("stable" if st["stable"] else "no verdict" if st["stable"] is None else "UNSTABLE: "
+                      + "; ".join(st["reasons"])))
+
+
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def _openai_model_info(args) -> tuple[int, int, object]:
+    """Vocabulary size, longest sequence and tokenizer (sharegpt only) for traces sent over HTTP."""
+    cfg = {}
+    if args.model and (Path(args.model) / "config.json").is_file():
+        cfg = json.loads((Path(args.model) / "config.json").read_text())
+    vocab = args.vocab_size or cfg.get("vocab_size")
+    if args.dataset_name != "sharegpt" and not vocab:
+        raise ValueError("--backend openai with random prompts needs --vocab-size or a --model folder with config.json")
+    max_len = args.max_model_len or cfg.get("max_position_embeddings") or 4096
+    tokenizer = None
+    if args.dataset_name == "sharegpt":
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    return int(vocab or 0), int(max_len), tokenizer
 
 
 def run_serve(args) -> dict:
-    import torch
-
-    from rapid import LLM
-    from rapid.config import EngineArgs
-
     slos = parse_goodput(args.goodput) if args.goodput else {}
-    rates = [math.inf if r.strip() == "inf" else float(r) for r in args.request_rates.split(",")]
+    pairs = parse_slo_pairs(args.slo_pairs)
+    criteria = StabilityCriteria(max_ttft_slope=args.unstable_ttft_slope, max_shortfall=args.unstable_shortfall)
     modes = args.modes.split(",") if args.modes else [args.mode]
+    if args.backend == "openai" and len(modes) != 1:
+        raise ValueError(f"--backend openai drives one server: give one --modes label, got {len(modes)}")
+    duration = args.duration_s
+    if duration is None and args.num_prompts is None:
+        duration = 60.0 if args.backend == "openai" or _has_cuda() else 15.0
+    plans = plan_rates(parse_rates(args.request_rates), args.seed, duration, args.num_prompts, args.warmup_s)
     out_dir = Path(args.result_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = {"command": "rapid bench serve " + " ".join(_argv(args)),
-               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-               "torch": torch.__version__, "slos_ms": slos, "modes": {}}
-    for mode in modes:
-        with LLM.from_engine_args(dataclasses.replace(EngineArgs.from_cli_args(args), mode=mode)) as llm:
-            trace = build_trace(args, llm.model_config.vocab_size, llm.config.scheduler.max_model_len, llm.tokenizer)
-            replay(llm, trace[: min(4, len(trace))], math.inf, 1.0, args.seed, True, cap=4, tag="warmup")
-            per_rate = []
-            for rate in rates:
-                records, duration = replay(llm, trace, rate, args.burstiness, args.seed, args.ignore_eos,
-                                           cap=args.max_tokens_cap, tag=f"{mode}-")
-                metrics = compute_metrics(records, duration, slos or None)
-                if slos:
-                    metrics["slo_attainment"] = slo_attainment(records, slos.get("ttft"), slos.get("tpot"))
-                per_rate.append({"request_rate": rate, **metrics,
-                                 "records": [[r.prompt_len, r.output_len, r.ttft, r.latency, r.success] for r in records]})
-                summary["modes"][mode] = {"per_rate": per_rate, "num_gpus": GPUS_PER_MODE[mode]}
-                (out_dir / "serve.json").write_text(json.dumps(summary, indent=1, default=_json_default))
-                tqdm.write(f"{mode} rate={rate}: {metrics['completed']} done, TTFT p50 {metrics['median_ttft_ms']:.1f} ms, "
-                      f"TPOT p50 {metrics['median_tpot_ms']:.1f} ms, attainment {metrics.get('slo_attainment', float('nan')):.2f}")
-        entry = {"per_rate": per_rate, "num_gpus": GPUS_PER_MODE[mode]}
-        finite = [(p["request_rate"], p["slo_attainment"]) for p in per_rate if slos and math.isfinite(p["request_rate"])]
-        if finite:
-            g = goodput_rate([r for r, _ in finite], [a for _, a in finite])
-            entry["goodput_rps"] = g.rate
-            entry["goodput_rps_per_gpu"] = goodput_per_gpu(g, GPUS_PER_MODE[mode])
-            entry["goodput_is_lower_bound"] = g.is_lower_bound
-            entry["goodput_below_range"] = g.below_range
-        summary["modes"][mode] = entry
-    (out_dir / "serve.json").write_text(json.dumps(summary, indent=1, default=_json_default))
-    if slos:
-        from rapid.bench.plots import plot_attainment, plot_latency_percentiles
+    summary = {"command": "rapid bench serve " + " ".join(_argv(args)), "device": None, "torch": None,
+               "slos_ms": slos, "slo_pairs": [pair_key(p) for p in pairs], "method": None, "modes": {}}
+    setup = {}
 
-        att = {m: [(p["request_rate"], p["slo_attainment"]) for p in e["per_rate"] if math.isfinite(p["request_rate"])]
-               for m, e in summary["modes"].items()}
-        plot_attainment(att, out_dir / "attainment.png", title=f"SLO attainment ({_slo_text(slos)})")
-        lat = {m: [(p["request_rate"], p) for p in e["per_rate"] if math.isfinite(p["request_rate"])]
-               for m, e in summary["modes"].items()}
-        for metric in ("ttft", "tpot"):
-            plot_latency_percentiles(lat, out_dir / f"{metric}.png", metric=metric, slo_ms=slos.get(metric))
-    print(f"results in {out_dir}/serve.json")
+    def traces_for(vocab, max_len, tokenizer):
+        if not setup:  # the same traces for every mode
+            warm, traces = build_traces(args, plans, vocab, max_len, tokenizer)
+            shared = shared_first_blocks([warm, *traces], args.block_size, tokenizer)
+            if shared:
+                tqdm.write(f"note: {shared} prompts open with a KV block an earlier rate already used")
+            summary["method"] = _method(args, plans, criteria, shared,
+                                        args.duration_s is None and args.num_prompts is None)
+            setup.update(warm=warm, traces=traces)
+        return setup["warm"], setup["traces"]
+
+    if args.backend == "openai":
+        from rapid.bench.openai_backend import replay_openai
+
+        summary["device"] = f"OpenAI-compatible server at {args.base_url}"
+        warm, traces = traces_for(*_openai_model_info(args))
+        model = args.served_model_name or args.model or "default"
+
+        def replay(trace, arrivals, ignore_eos, *, cap, tag, drain_timeout_s):
+            return replay_openai(args.base_url, trace, arrivals, ignore_eos, model=model, endpoint=args.endpoint,
+                                 cap=cap, drain_timeout_s=drain_timeout_s)
+
+        _sweep(summary, modes[0], replay, warm, traces, plans, args, slos, pairs, criteria, out_dir)
+    else:
+        _run_inproc(args, modes, summary, traces_for, plans, slos, pairs, criteria, out_dir)
+    _write(summary, out_dir)
+    write_markdown(summary, out_dir / "serve.md")
+    plots = write_plots(summary, out_dir)
+    if isinstance(plots, str):
+        print(plots)
+    print(f"results in {out_dir}/serve.json and serve.md")
     return summary
 
 
-def _slo_text(slos: dict) -> str:
-    return ", ".join(f"{k.upper()} {v:g} ms" for k, v in slos.items())
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _run_inproc(args, modes, summary, traces_for, plans, slos, pairs, criteria, out_dir) -> None:
+    import torch
+
+    from rapid import LLM
+    from rapid.bench.replay import replay_inproc
+    from rapid.config import EngineArgs
+
+    summary["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    summary["torch"] = torch.__version__
+    for mode in modes:
+        with LLM.from_engine_args(dataclasses.replace(EngineArgs.from_cli_args(args), mode=mode)) as llm:
+            warm, traces = traces_for(llm.model_config.vocab_size, llm.config.scheduler.max_model_len, llm.tokenizer)
+
+            def replay(trace, arrivals, ignore_eos, *, cap, tag, drain_timeout_s, llm=llm):
+                return replay_inproc(llm, trace, arrivals, ignore_eos, cap=cap, tag=tag,
+                                     drain_timeout_s=drain_timeout_s)
+
+            _sweep(summary, mode, replay, warm, traces, plans, args, slos, pairs, criteria, out_dir)
 
 
 def _argv(args) -> list[str]:
@@ -178,6 +241,4 @@ def _argv(args) -> list[str]:
 
 
 def _json_default(o):
-    if isinstance(o, float) and math.isinf(o):
-        return "inf"
     return str(o)

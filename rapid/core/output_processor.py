@@ -17,6 +17,9 @@ class _RequestText:
     pending_ids: list[int] = field(default_factory=list)
     pending_text: list[str] = field(default_factory=list)
     pending_logprobs: list[dict[int, float]] = field(default_factory=list)
+    pending_ranks: list[int] = field(default_factory=list)
+    prompt_logprobs: tuple[list[dict[int, float]], list[int]] | None = None  # not yet sent
+    prompt_logprobs_seen: bool = False  # sent once (a recompute after preemption brings them again)
 
 
 class OutputProcessor:
@@ -39,7 +42,10 @@ class OutputProcessor:
         st.pending_ids.append(tok.token_id)
         if req.params.logprobs is not None:
             st.pending_logprobs.append(tok.top_logprobs or {})
-        if st.detok is None:
+            st.pending_ranks.append(tok.rank)
+        if tok.prompt_logprobs is not None and not st.prompt_logprobs_seen:
+            st.prompt_logprobs, st.prompt_logprobs_seen = (tok.prompt_logprobs, tok.prompt_ranks or []), True
+        if st.detok is None or _is_hidden_stop_token(req, tok.token_id):
             return None
         delta, matched = st.detok.add_token(tok.token_id)
         st.pending_text.append(delta)
@@ -57,6 +63,9 @@ class OutputProcessor:
             new_token_ids=st.pending_ids,
             new_text="".join(st.pending_text),
             new_logprobs=st.pending_logprobs if req.params.logprobs is not None else None,
+            new_logprob_ranks=st.pending_ranks if req.params.logprobs is not None else None,
+            prompt_logprobs=st.prompt_logprobs[0] if st.prompt_logprobs else None,
+            prompt_logprob_ranks=st.prompt_logprobs[1] if st.prompt_logprobs else None,
             cumulative_logprob=st.cumulative_logprob,
             finished=finished,
             finish_reason=req.finish_reason if finished else None,
@@ -66,10 +75,19 @@ class OutputProcessor:
             first_token_time=req.first_token_time,
             last_token_time=req.last_token_time,
         )
-        st.pending_ids, st.pending_text, st.pending_logprobs = [], [], []
+        st.pending_ids, st.pending_text, st.pending_logprobs, st.pending_ranks = [], [], [], []
+        st.prompt_logprobs = None
         if finished:
             del self.states[req.request_id]
         return out
 
     def drop(self, request_id: str) -> None:
         self.states.pop(request_id, None)
+
+
+def _is_hidden_stop_token(req: Request, token_id: int) -> bool:
+    """A stop_token_ids token that ends the request: its text is left out unless include_stop_str_in_output
+    (as vLLM); the id stays in token_ids."""
+    p = req.params
+    return (token_id in p.stop_token_ids and not p.include_stop_str_in_output
+            and len(req.output_token_ids) >= p.min_tokens and req.output_token_ids[-1] == token_id)

@@ -54,6 +54,11 @@ class Request:
     stop_reason: int | str | None = None
     num_preemptions: int = 0
 
+    def __post_init__(self) -> None:
+        k = self.params.truncate_prompt_tokens
+        if k is not None and len(self.prompt_token_ids) > k:  # keep the last k (the edge may have done it)
+            self.prompt_token_ids = self.prompt_token_ids[-k:]
+
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
@@ -63,8 +68,17 @@ class Request:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
+    def max_tokens(self) -> int | None:
+        """params.max_tokens; None (no limit) means up to max_model_len."""
+        mt = self.params.max_tokens
+        if mt is None and self.max_model_len is not None:
+            return max(self.max_model_len - len(self.prompt_token_ids), 1)
+        return mt
+
+    @property
     def max_total_tokens(self) -> int:
-        return len(self.prompt_token_ids) + self.params.max_tokens
+        mt = self.max_tokens
+        return len(self.prompt_token_ids) + mt if mt is not None else (self.max_model_len or 1 << 62)
 
     @property
     def num_prompt_tokens_left(self) -> int:
@@ -87,16 +101,22 @@ class Request:
             if token_id in self.params.stop_token_ids:
                 self.stop_reason = token_id
                 return "stop"
-        if n >= self.params.max_tokens:
+        if self.max_tokens is not None and n >= self.max_tokens:
             return "length"
         if self.max_model_len is not None and self.num_tokens >= self.max_model_len:
             return "length"
         return None
 
 
-def check_fits(request_id: str, num_prompt_tokens: int, max_tokens: int, max_model_len: int,
+def check_fits(request_id: str, num_prompt_tokens: int, max_tokens: int | None, max_model_len: int,
                num_blocks: int, block_size: int) -> None:
-    """Reject up front a request that can never run (ValueError naming the numbers)."""
+    """Reject up front a request that can never run (ValueError naming the numbers). max_tokens None: up to
+    max_model_len."""
+    if max_tokens is None:
+        if num_prompt_tokens >= max_model_len:
+            raise ValueError(f"request {request_id}: prompt ({num_prompt_tokens} tokens) leaves no room for output "
+                             f"within max_model_len ({max_model_len})")
+        max_tokens = max_model_len - num_prompt_tokens
     total = num_prompt_tokens + max_tokens
     if total > max_model_len:
         raise ValueError(f"request {request_id}: prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = "

@@ -201,7 +201,9 @@ class Scheduler:
     def _admit(self, req: Request, budget: int) -> int | None:
         """A waiting request's first chunk: prefix-cache hits, then blocks for up to `budget` new tokens.
         None (holding nothing, so it can never block the pool) when the pool is short."""
-        cached = self.blocks.match_prefix(req.request_id, req.all_token_ids)
+        # prompt_logprobs need every prompt position computed: no prefix-cache hits for them (as vLLM)
+        cached = 0 if req.params.prompt_logprobs is not None else self.blocks.match_prefix(req.request_id,
+                                                                                            req.all_token_ids)
         req.num_computed_tokens = cached
         n = min(req.num_tokens - cached, budget)
         if self.blocks.allocate(req.request_id, cached + n) is None:

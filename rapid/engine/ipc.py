@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
+import re
+import shutil
 import signal
 import tempfile
+import threading
 from typing import Any
 
 import msgspec
@@ -15,11 +19,95 @@ import zmq
 logger = logging.getLogger(__name__)
 
 
+SOCKET_DIR_PREFIX = "rapid-"
+OWNER_FILE = "owner"  # "rapid-engine PID START PIDNS": marks the directory as an engine's, names its owner
+CHILDREN_FILE = "children"  # one "PID START ROLE" line per child process the owner started
+OWNER_MARK = "rapid-engine"
+
+
 def private_socket_dir() -> str:
-    """A fresh 0700 directory for ipc:// endpoints (removed by its owner at shutdown)."""
-    path = tempfile.mkdtemp(prefix="rapid-")
+    """A fresh 0700 directory for ipc:// endpoints and the children's logs, named and marked with its owner's
+    pid (removed by its owner at shutdown; by the next engine start if the owner was killed)."""
+    remove_stale_dirs()
+    pid = os.getpid()
+    path = tempfile.mkdtemp(prefix=f"{SOCKET_DIR_PREFIX}{pid}-")
     os.chmod(path, 0o700)
+    with open(os.path.join(path, OWNER_FILE), "w") as f:
+        f.write(f"{OWNER_MARK} {pid} {process_start_time(pid)} {_pid_namespace()}\n")
     return path
+
+
+def _pid_namespace() -> str:
+    """Pids mean something only within one pid namespace (containers may share a temp dir)."""
+    try:
+        return os.readlink("/proc/self/ns/pid").replace(" ", "")
+    except OSError:
+        return "-"
+
+
+def record_child(directory: str, pid: int, role: str) -> None:
+    """Note a child in its owner's directory, so that whoever cleans up after a killed owner finds it."""
+    with open(os.path.join(directory, CHILDREN_FILE), "a") as f:
+        f.write(f"{pid} {process_start_time(pid)} {role}\n")
+
+
+def process_start_time(pid: int) -> int | None:
+    """The start time of a live process (clock ticks since boot; tells a pid from a reused one); None if it is
+    gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else int(fields[19])
+
+
+def _same_process(pid: int, start: str) -> bool:
+    now = process_start_time(pid)
+    return now is not None and str(now) == start
+
+
+def remove_stale_dirs(parent: str | None = None) -> list[str]:
+    """Remove what engines whose owner process died left behind: only directories this user owns, marked as
+    an engine's, whose owner pid is gone (or reused). Their recorded children still alive are killed and
+    their /dev/shm segments unlinked. Returns the directories removed."""
+    parent = parent or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        if not re.fullmatch(rf"{SOCKET_DIR_PREFIX}\d+-\w+", name):
+            continue
+        path = os.path.join(parent, name)
+        try:
+            if os.lstat(path).st_uid != os.getuid():
+                continue
+            with open(os.path.join(path, OWNER_FILE)) as f:
+                mark, pid, start, namespace = (f.read().split() + ["-"])[:4]
+        except (OSError, ValueError):
+            continue  # not an engine's directory (or not yet marked): leave it
+        if mark != OWNER_MARK or namespace != _pid_namespace() or _same_process(int(pid), start):
+            continue  # not an engine's, another namespace's, or its owner lives
+        for child_pid, child_start in _recorded_children(path):
+            if _same_process(child_pid, child_start):
+                logger.warning("killing process %d, left running by dead engine owner %s", child_pid, pid)
+                with contextlib.suppress(OSError):
+                    os.kill(child_pid, signal.SIGKILL)
+            unlink_shm_of(child_pid)
+        shutil.rmtree(path, ignore_errors=True)
+        logger.info("removed %s, left by engine owner pid %s which is gone", path, pid)
+        removed.append(path)
+    return removed
+
+
+def _recorded_children(directory: str) -> list[tuple[int, str]]:
+    try:
+        with open(os.path.join(directory, CHILDREN_FILE)) as f:
+            return [(int(line.split()[0]), line.split()[1]) for line in f if len(line.split()) >= 2]
+    except (OSError, ValueError):
+        return []
 
 
 def endpoint(directory: str, name: str) -> str:
@@ -74,13 +162,59 @@ class Channel:
 
 
 def die_with_parent() -> None:
-    """Linux: have the kernel SIGKILL this process when its parent exits (no orphaned workers)."""
+    """Linux: have the kernel SIGKILL this process when the parent THREAD that started it exits. Only safe when
+    that thread is the parent's main thread (the parent says so); watch_parent covers every case."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         PR_SET_PDEATHSIG = 1
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:
-        logger.debug("prctl unavailable: orphan protection relies on parent polling")
+        logger.debug("prctl unavailable: orphan protection relies on the parent pipe")
+
+
+def read_args(fd: int = 0) -> bytes:
+    """A child's start-up arguments from fd (its stdin): an 8-byte length, then the msgspec bytes (the pipe
+    stays open after them: see watch_parent). Raw reads: no buffered reader that a watching thread would hold
+    at interpreter exit."""
+    header = _read_exactly(fd, 8)
+    raw = _read_exactly(fd, int.from_bytes(header, "little"))
+    return raw
+
+
+def _read_exactly(fd: int, n: int) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        chunk = os.read(fd, min(n - got, 1 << 20))
+        if not chunk:
+            raise SystemExit("the parent process went away before sending all the start-up arguments")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def frame_args(raw: bytes) -> bytes:
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def watch_parent(fd: int = 0) -> threading.Thread:
+    """Die with the parent PROCESS: the parent holds the write end of fd (this child's stdin) open for the
+    child's life; the kernel closes it when the parent process exits, however it exits (whichever of its threads
+    started the child), and the read below returns EOF. Then this child unlinks its own /dev/shm segments and
+    exits at once."""
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.read(fd, 1):
+            pass
+        logger.error("the parent process (pid %d) is gone: exiting", parent)
+        unlink_shm_of(os.getpid())
+        logging.shutdown()
+        os._exit(3)
+
+    thread = threading.Thread(target=watch, name="rapid-parent-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def setup_child_logging(log_path: str, name: str, level: int) -> None:
@@ -91,20 +225,77 @@ def setup_child_logging(log_path: str, name: str, level: int) -> None:
 
 
 def child_setup(env: dict[str, str], log_path: str, name: str, level: int) -> None:
-    """First thing in every engine child: its environment (e.g. its MPS share), parent-death signal, log file."""
-    import os
-
+    """First thing in every engine child: its environment (e.g. its MPS share), its log file. (The parent
+    watch and the parent-death signal are set up by rapid.engine.child before the arguments are decoded.)"""
     os.environ.update(env)
-    die_with_parent()
     setup_child_logging(log_path, name, level)
 
 
+# ---------------------------------------------------------------------- SIGTERM during a start
+class StartInterrupted(BaseException):
+    """A signal (SIGTERM) arrived while the engine was starting: clean up, then let the signal act."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum} during the engine start")
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise StartInterrupted(signum)
+
+
+@contextlib.contextmanager
+def start_interruptible(signums=(signal.SIGTERM, signal.SIGHUP)):
+    """While starting, turn these signals into StartInterrupted (so the start's clean-up runs) where they would
+    kill the process outright (default disposition, main thread only: Python runs handlers there)."""
+    installed = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in signums:
+            if signal.getsignal(signum) is signal.SIG_DFL:
+                installed[signum] = signal.signal(signum, _raise_interrupted)
+    try:
+        yield
+    finally:
+        for signum, previous in installed.items():
+            signal.signal(signum, previous)
+
+
+def redeliver(exc: StartInterrupted) -> None:
+    """After clean-up: let the signal do what it would have done (the default disposition: the process ends)."""
+    logger.warning("signal %d arrived during the engine start: cleaned up, now acting on it", exc.signum)
+    os.kill(os.getpid(), exc.signum)
+
+
+CAUSE = re.compile(r" (ERROR|CRITICAL) |^Fatal Python error|^\w*(Error|Exception): ")
+
+
 def tail(path: str, lines: int = 20) -> str:
+    """The last lines of a child's log; when the last error line (a logged ERROR/CRITICAL, a traceback's last
+    line, a fatal signal) is older than those, it comes first. Python's list of extension modules is left out."""
     try:
         with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-lines:])
+            text = [line for line in f.readlines() if not line.startswith("Extension modules:")]
     except OSError:
         return "(no log)"
+    last = text[-lines:]
+    causes = [line for line in text[:-lines] if CAUSE.search(line)] if len(text) > lines else []
+    return "".join(([causes[-1], "...\n"] if causes else []) + last) or "(the log is empty)\n"
+
+
+def shm_prefix(pid: int) -> str:
+    """The /dev/shm name prefix of the segments that process `pid` creates (rapid.worker.arena names them so)."""
+    return f"rapid_{pid}_"
+
+
+def unlink_shm_of(pid: int) -> None:
+    """Remove every /dev/shm segment that process `pid` created (it died before it could, or is exiting)."""
+    prefix = shm_prefix(pid)
+    try:
+        names = [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
+    except OSError:
+        return
+    for name in names:
+        unlink_shm(name)
 
 
 def unlink_shm(name: str) -> None:

@@ -5,9 +5,10 @@
     rapid    decode (0), prefill (1), core (1)               decode             prefill -> decode's
     disagg   prefill (0, GPU 0), decode (1, GPU 1), core (2) prefill, decode    decode -> prefill's
 
-Each stage starts once the previous one is ready (an importer needs the owner's published handle);
-stages stop in reverse (importers first, the owner of a mapped arena last). Every child is a fresh
-interpreter, `python -m rapid.engine.child ROLE`, its WorkerArgs msgspec-encoded on stdin.
+Every child is spawned at once (a fresh interpreter, `python -m rapid.engine.child ROLE`, whose imports
+overlap), but a stage gets its WorkerArgs (msgspec-encoded on stdin) only once the previous stage is
+ready (an importer needs the owner's published handle); stages stop in reverse (importers first, the
+owner of a mapped arena last). A restart after a death stops them all and starts them all again.
 """
 
 from __future__ import annotations

@@ -1,19 +1,24 @@
 """MPClient: the frontend side of modes 'rapid' and 'disagg'. It starts and supervises the processes that
-rapid/engine/launch.py declares (the engine core and its two workers) in stage order.
+rapid/engine/launch.py declares (the engine core and its two workers) in stage order (rapid/engine/processes.py).
 
-Each reports ready through a handshake with a timeout. A process that dies is noticed within a
-poll interval (0.1 s): every in-flight request ends with an EngineDeadError naming the process
-and its exit code, and everything else is shut down (the engine is then dead: create a new LLM).
+Each reports ready through a handshake with a timeout. SIGTERM (or SIGHUP) during the start, when the
+start runs in the main thread, cleans up (children stopped, socket directory removed, arena unlinked)
+before the signal ends the process. A process that dies is noticed within a poll interval (0.1 s):
+every in-flight request ends with an EngineDeadError naming the process and its exit code, and every
+process of the engine is stopped and its arena unlinked (one MPS client's fault poisons every client
+on the GPU, so they all go). Then, on the next call (add_request, get_deltas, get_stats, check_health,
+set_token_budget), the engine starts all its processes again in stage order and serves new requests;
+`num_restarts` (also in get_stats()) counts the restarts. After MAX_RESTARTS restarts within
+RESTART_WINDOW_S the next death leaves the engine down for good with an error naming the process, its
+exit code and the count.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
-import subprocess
-import sys
 import time
-from dataclasses import dataclass
+from collections import deque
 
 import msgspec
 import zmq
@@ -22,32 +27,18 @@ from rapid.config import EngineConfig
 from rapid.core.request import check_fits
 from rapid.engine import ipc, launch
 from rapid.engine.client import EngineClient, EngineDeadError
-from rapid.engine.mps import MpsDaemon, uses_cuda, worker_env
+from rapid.engine.mps import MpsDaemon, uses_cuda
+from rapid.engine.processes import POLL_MS, ChildProcess, EngineProcesses
 from rapid.protocol.engine import (
-    AbortRequest, AddRequest, CoreOutput, EngineDead, EngineOutputs, GetStats, RequestDelta, SetTokenBudget, Shutdown,
-    Stats,
+    AbortRequest, AddRequest, EngineDead, EngineOutputs, GetStats, RequestDelta, SetTokenBudget, Stats,
 )
-from rapid.protocol.worker import WorkerArgs, WorkerReady, encode_args
+from rapid.protocol.worker import WorkerReady
 
 logger = logging.getLogger(__name__)
-POLL_MS = 100
+MAX_RESTARTS = 3  # restarts allowed within RESTART_WINDOW_S; the next death leaves the engine down
+RESTART_WINDOW_S = 60.0
 
-
-@dataclass
-class ChildProcess:
-    name: str
-    process: subprocess.Popen
-    log_path: str
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-
-def _wait(proc: subprocess.Popen, timeout: float) -> None:
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pass
+__all__ = ["MPClient", "ChildProcess", "MAX_RESTARTS", "RESTART_WINDOW_S"]
 
 
 class MPClient(EngineClient):
@@ -56,87 +47,58 @@ class MPClient(EngineClient):
             raise ValueError("max_num_seqs must be >= 1")
         self.config = config
         self.eos_token_ids = tuple(eos_token_ids)
-        self.dead_reason: str | None = None
-        self.children: list[ChildProcess] = []
-        self.shm_names: list[str] = []
+        self.dead_reason: str | None = None  # set: down for good
+        self.num_restarts = 0
+        self._restart_due: str | None = None  # set: a process died; the next call restarts them all
+        self._last_death = ""
+        self._restart_times: deque[float] = deque()
+        self._token_budget: int | None = None  # re-sent to a restarted core
         self.in_flight: set[str] = set()
         self._buffered: list[RequestDelta] = []
         self._closed = False
-        self.dir = ipc.private_socket_dir()
-        names = ("core_in", "core_out", "worker_out", "prefill_in", "decode_in", "ready")
-        self.endpoints = {n: ipc.endpoint(self.dir, n) for n in names}
-        self.ctx = zmq.Context()
-        self.ready = ipc.Channel(self.ctx, zmq.PULL, self.endpoints["ready"], bind=True, decode_type=WorkerReady)
-        self.out = ipc.Channel(self.ctx, zmq.PULL, self.endpoints["core_out"], bind=True, decode_type=CoreOutput)
-        self.inp = None
-        self.worker_lines: dict[str, ipc.Channel] = {}  # direct lines to the workers, for shutdown only
-        self.started: dict[str, WorkerReady] = {}  # every process's ready handshake (pid, KV blocks, memory peak)
-        self.mps = None
+        self.procs: EngineProcesses | None = None
+        self.mps: MpsDaemon | None = None
         self.devices: dict[str, str] = {}
+        self.num_blocks = 0
+        self.dir = ipc.private_socket_dir()
+        self.ctx = zmq.Context()
         try:
-            self._start()
-        except BaseException:
-            self.shutdown()
+            with ipc.start_interruptible():
+                cuda = uses_cuda(config)
+                if cuda:
+                    ipc.check_no_expandable_segments()
+                self.mps = MpsDaemon.for_config(config)
+                self.devices = launch.devices(config, cuda)
+                self._start_processes()
+        except BaseException as e:
+            self._shutdown(graceful=False)  # a failed start: nothing waits for a child that was never ready
+            if isinstance(e, ipc.StartInterrupted):
+                ipc.redeliver(e)
             raise
 
-    # ------------------------------------------------------------------ start-up
-    def _spawn(self, name: str, arena=None, num_blocks: int = 0, peer_num_blocks: int = 0) -> ChildProcess:
-        log_path = f"{self.dir}/{name}.log"
-        args = WorkerArgs(name=name, config=self.config, endpoints=self.endpoints, log_path=log_path,
-                          log_level=logging.getLogger("rapid").getEffectiveLevel() or logging.INFO,
-                          eos_token_ids=self.eos_token_ids, env=worker_env(self.config, name, self.mps), arena=arena,
-                          num_blocks=num_blocks, device=self.devices.get(name), peer_num_blocks=peer_num_blocks)
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "rapid.engine.child", name], stdin=subprocess.PIPE,
-                                    stdout=log, stderr=subprocess.STDOUT, close_fds=True)
-        proc.stdin.write(encode_args(args))
-        proc.stdin.close()
-        child = ChildProcess(name, proc, log_path)
-        self.children.append(child)
-        return child
+    # ------------------------------------------------------------------ the current incarnation
+    @property
+    def children(self) -> list[ChildProcess]:
+        return self.procs.children if self.procs is not None and not self.procs.stopped else []
 
-    def _wait_ready(self, *children: ChildProcess) -> dict[str, WorkerReady]:
-        """Wait for each child's WorkerReady; an exit or the timeout is an error naming the process."""
-        deadline = time.monotonic() + self.config.rapid.worker_start_timeout_s
-        got: dict[str, WorkerReady] = {}
-        while len(got) < len(children):
-            msg = self.ready.recv(timeout_ms=POLL_MS)
-            if isinstance(msg, WorkerReady):
-                got[msg.name] = msg
-                self.started[msg.name] = msg
-            for child in children:
-                if child.name not in got and not child.alive():
-                    raise RuntimeError(
-                        f"{child.name} process (pid {child.process.pid}) exited with code {child.process.returncode} "
-                        f"during start-up; its last log lines:\n{ipc.tail(child.log_path)}"
-                    )
-            if time.monotonic() > deadline:
-                late = next(c for c in children if c.name not in got)
-                raise TimeoutError(
-                    f"{late.name} process (pid {late.process.pid}) was not ready within "
-                    f"{self.config.rapid.worker_start_timeout_s:g}s; its last log lines:\n{ipc.tail(late.log_path)}"
-                )
-        return got
+    @property
+    def shm_names(self) -> list[str]:
+        return self.procs.shm_names if self.procs is not None else []
 
-    def _start(self) -> None:
-        cuda = uses_cuda(self.config)
-        if cuda:
-            ipc.check_no_expandable_segments()
-        self.mps = MpsDaemon.for_config(self.config)
-        self.devices = launch.devices(self.config, cuda)
+    @property
+    def started(self) -> dict[str, WorkerReady]:
+        return self.procs.started if self.procs is not None else {}
+
+    @property
+    def endpoints(self) -> dict[str, str]:
+        return self.procs.endpoints if self.procs is not None else {}
+
+    def _start_processes(self) -> None:
         t0 = time.perf_counter()
-        for stage in launch.stages(self.config.mode):
-            spawned = [self._spawn(role.name, **launch.spawn_fields(self.config.mode, role, self.started))
-                       for role in stage]
-            for ready in self._wait_ready(*spawned).values():
-                self._track_arena(ready)
-        self.num_blocks = self.started["core"].num_blocks
-        self.inp = ipc.Channel(self.ctx, zmq.PUSH, self.endpoints["core_in"], bind=False)
-        # Direct lines to the workers, only for shutdown (they normally listen to the core).
-        self.worker_lines = {n: ipc.Channel(self.ctx, zmq.PUSH, self.endpoints[f"{n}_in"], bind=False)
-                             for n in ("prefill", "decode")}
-        if self.mps is not None:
-            self.mps.check_clients([c.process.pid for c in self.children if c.name in ("decode", "prefill")])
+        self.procs = EngineProcesses(self.config, self.ctx, self.dir, self.num_restarts, self.eos_token_ids,
+                                     self.mps, self.devices)
+        self.procs.start()
+        self.num_blocks = self.procs.started["core"].num_blocks
         self._check_memory()
         logger.info("%s engine ready in %.1fs (%d KV blocks; sockets in %s)", self.config.mode,
                     time.perf_counter() - t0, self.num_blocks, self.dir)
@@ -149,58 +111,93 @@ class MPClient(EngineClient):
         for name, ready in self.started.items():
             check_process_memory(f"{name} process (pid {ready.pid})", ready.max_reserved_bytes, plan.get(name, 0))
 
-    def _track_arena(self, ready: WorkerReady) -> None:
-        """Remember a /dev/shm segment so that it is removed even if its owner gets killed."""
-        if ready.arena is not None and ready.arena.kind == "shm":
-            self.shm_names.append(ready.arena.shm_name)
-
-    # ------------------------------------------------------------------ EngineClient
-    def _check_alive(self) -> None:
+    # ------------------------------------------------------------------ deaths and restarts
+    def _ensure_running(self) -> None:
+        if self._closed:
+            raise EngineDeadError("the engine was shut down")
         if self.dead_reason is not None:
             raise EngineDeadError(self.dead_reason)
+        if self._restart_due is not None:
+            self._restart()
 
+    def _on_death(self, reason: str) -> list[RequestDelta]:
+        """Stop every process, unlink the arena; fail what was in flight; schedule a restart or stay down."""
+        self.procs.stop(graceful=False)
+        now = time.monotonic()
+        while self._restart_times and now - self._restart_times[0] > RESTART_WINDOW_S:
+            self._restart_times.popleft()
+        recent = len(self._restart_times)
+        if recent >= MAX_RESTARTS:
+            self.dead_reason = (f"{reason}\n(the engine stays down: its processes were restarted {recent} time(s) in "
+                                f"the last {RESTART_WINDOW_S:g} s, the limit is {MAX_RESTARTS}; create a new LLM)")
+            self._last_death = self.dead_reason
+        else:
+            self._restart_due = reason
+            self._last_death = (f"{reason}\n(the engine restarts its processes: restart {recent + 1} of at most "
+                                f"{MAX_RESTARTS} in {RESTART_WINDOW_S:g} s)")
+        logger.error("%s", self._last_death)
+        deltas = [RequestDelta(rid, [], "", finished=True, finish_reason="abort", error=self._last_death)
+                  for rid in sorted(self.in_flight)]
+        self.in_flight.clear()
+        return deltas
+
+    def _restart(self) -> None:
+        reason, self._restart_due = self._restart_due, None
+        self._restart_times.append(time.monotonic())
+        self.num_restarts += 1
+        logger.warning("restarting the engine's processes (restart %d) after: %s", self.num_restarts,
+                       reason.splitlines()[0])
+        try:
+            with ipc.start_interruptible():
+                self._start_processes()
+        except BaseException as e:
+            self.procs.stop(graceful=False)
+            if isinstance(e, ipc.StartInterrupted):
+                self._shutdown(graceful=False)
+                ipc.redeliver(e)
+                raise
+            if not isinstance(e, Exception):  # KeyboardInterrupt: the next call tries again
+                self._restart_due = reason
+                raise
+            self.dead_reason = (f"restarting the engine's processes after [{reason.splitlines()[0]}] failed "
+                                f"(the engine stays down): {e}")
+            raise EngineDeadError(self.dead_reason) from e
+        if self._token_budget is not None:
+            self.procs.inp.send(SetTokenBudget(self._token_budget))
+
+    def _check_children(self) -> None:
+        """A dead child: fail what is in flight (buffered for get_deltas) and raise EngineDeadError."""
+        dead = self.procs.dead_child()
+        if dead is not None:
+            self._buffered.extend(self._on_death(dead.death_reason()))
+            raise EngineDeadError(self._last_death)
+
+    # ------------------------------------------------------------------ EngineClient
     def add_request(self, msg: AddRequest) -> None:
-        self._check_alive()
+        self._ensure_running()
         sched = self.config.scheduler
         check_fits(msg.request_id, len(msg.prompt_token_ids), msg.params.max_tokens, sched.max_model_len,
                    self.num_blocks, self.config.cache.block_size)
-        self.inp.send(msg)
+        self.procs.inp.send(msg)
         self.in_flight.add(msg.request_id)
 
     def abort(self, request_ids: list[str]) -> None:
-        if self.dead_reason is None and self.inp is not None:
-            self.inp.send(AbortRequest(list(request_ids)))
-
-    def _dead_child(self) -> ChildProcess | None:
-        return next((c for c in self.children if not c.alive()), None)
-
-    @staticmethod
-    def _death_reason(dead: ChildProcess) -> str:
-        code = dead.process.returncode
-        return (f"{dead.name} process (pid {dead.process.pid}) died with exit code {code}"
-                f"{' (signal %d)' % -code if code is not None and code < 0 else ''}; last log lines:\n"
-                f"{ipc.tail(dead.log_path, 8)}")
-
-    def _on_death(self, reason: str) -> list[RequestDelta]:
-        self.dead_reason = reason
-        logger.error("%s", reason)
-        deltas = [RequestDelta(rid, [], "", finished=True, finish_reason="abort", error=reason)
-                  for rid in sorted(self.in_flight)]
-        self.in_flight.clear()
-        self._stop_children(graceful=False)
-        return deltas
+        """Requests of a dead incarnation already ended with their error: nothing to send then."""
+        live = self.procs is not None and not self.procs.stopped and self.procs.inp is not None
+        if live and not self._closed:
+            self.procs.inp.send(AbortRequest(list(request_ids)))
 
     def get_deltas(self, timeout_s: float | None = None) -> list[RequestDelta]:
         if self._buffered:
             out, self._buffered = self._buffered, []
             return out
-        self._check_alive()
+        self._ensure_running()
         deadline = time.monotonic() + (timeout_s if timeout_s is not None else 3600.0)
         while True:
-            dead = self._dead_child()  # checked on every call: a steady stream of output must not hide a death
+            dead = self.procs.dead_child()  # checked on every call: a steady stream of output must not hide a death
             if dead is not None:
-                return self._on_death(self._death_reason(dead))
-            msg = self.out.recv(timeout_ms=POLL_MS)
+                return self._on_death(dead.death_reason())
+            msg = self.procs.out.recv(timeout_ms=POLL_MS)
             if isinstance(msg, EngineOutputs):
                 for d in msg.deltas:
                     if d.finished:
@@ -212,79 +209,43 @@ class MPClient(EngineClient):
                 return []
 
     def get_stats(self, timeout_s: float = 10.0) -> Stats:
-        """Worker timings (prefill batches, decode steps, idle gaps, hand-offs) from the core."""
-        self._check_alive()
-        self.inp.send(GetStats())
+        """Worker timings (prefill batches, decode steps, idle gaps, hand-offs) from the core; num_restarts."""
+        self._ensure_running()
+        self.procs.inp.send(GetStats())
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            msg = self.out.recv(timeout_ms=POLL_MS)
+            msg = self.procs.out.recv(timeout_ms=POLL_MS)
             if isinstance(msg, Stats):
-                return msg
+                return msgspec.structs.replace(msg, num_restarts=self.num_restarts)
             if isinstance(msg, EngineOutputs):
                 self._buffered.extend(msg.deltas)
+            self._check_children()
         raise TimeoutError("the engine core did not answer GetStats")
 
     def set_token_budget(self, max_num_batched_tokens: int) -> None:
         if not isinstance(max_num_batched_tokens, int) or max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be a positive integer, got {max_num_batched_tokens!r}")
-        self._check_alive()
-        self.inp.send(SetTokenBudget(max_num_batched_tokens))
+        self._ensure_running()
+        self.procs.inp.send(SetTokenBudget(max_num_batched_tokens))
+        self._token_budget = max_num_batched_tokens
 
     def check_health(self) -> None:
-        self._check_alive()
-        dead = self._dead_child()
-        if dead is not None:
-            self._buffered.extend(self._on_death(self._death_reason(dead)))
-            self._check_alive()
+        """EngineDeadError once for a death (then the next call restarts), and for good past the restart limit."""
+        self._ensure_running()
+        self._check_children()
 
     # ------------------------------------------------------------------ shutdown
-    def _stop_children(self, graceful: bool = True) -> None:
-        """Importers (prefill, core) first, then the owner of the shared arena (decode).
-
-        graceful=False (a process already died, the engine is dead): SIGTERM at once, no handshake.
-        """
-        stages = launch.stop_order(self.config.mode)
-        for stage in stages:
-            group = [c for c in self.children if c.name in stage]
-            for child in group:
-                if child.alive() and graceful:
-                    if child.name == "core":
-                        if self.inp is not None:
-                            self.inp.send(Shutdown())
-                    else:
-                        self._send_worker_shutdown(child.name)
-            for child in group:
-                if graceful:
-                    _wait(child.process, 5)
-                if child.alive():
-                    child.process.terminate()
-                    _wait(child.process, 3)
-                if child.alive():
-                    child.process.kill()
-                    _wait(child.process, 3)
-        self.children = []
-        for name in self.shm_names:  # the owner unlinks; this covers an owner that was killed
-            ipc.unlink_shm(name)
-        self.shm_names = []
-
-    def _send_worker_shutdown(self, name: str) -> None:
-        line = self.worker_lines.get(name)
-        if line is not None:
-            try:
-                line.sock.send(msgspec.msgpack.encode(Shutdown()), zmq.NOBLOCK)
-            except zmq.Again:
-                pass
-
     def shutdown(self) -> None:
+        self._shutdown(graceful=True)
+
+    def _shutdown(self, graceful: bool) -> None:
         if self._closed:
             return
         self._closed = True
         try:
-            self._stop_children()
+            if self.procs is not None:
+                self.procs.stop(graceful)
         finally:
-            for ch in (self.inp, self.out, self.ready, *self.worker_lines.values()):
-                if ch is not None:
-                    ch.close()
             self.ctx.term()
             if self.mps is not None:
                 self.mps.stop()

@@ -1,48 +1,67 @@
-"""`rapid batch INPUT OUTPUT`: offline batch inference, JSONL in, JSONL out (in input order).
+"""`rapid batch INPUT OUTPUT`: offline batch inference, JSONL in, JSONL out, written as results finish.
 
-Each input line is one JSON object with exactly one of
-    "prompt": "text"                                   (a plain completion)
-    "messages": [{"role": "user", "content": "..."}]   (through the model's chat template)
-    "prompt_token_ids": [1, 2, 3]
-and optionally "id" (any JSON value; default: the line number), "max_tokens", "temperature" (defaults:
---max-tokens / --temperature) and "sampling_params" (an object of other SamplingParams fields, n = 1).
-Blank lines are skipped. Each non-blank line gives one output line:
-    {"id", "line", "text", "token_ids", "finish_reason", "stop_reason", "num_prompt_tokens", "num_output_tokens"}
-or, for a line that cannot be run (bad JSON, unknown key, empty or too long prompt, bad parameters...),
-    {"id", "line", "error"}
-and the batch goes on. Lines are read and run in chunks (LLM.generate on a whole chunk at once), so the
-engine stays full while memory stays bounded; outputs are written as each chunk finishes.
+Two input line formats (mixable; blank lines are skipped):
+- OpenAI batch (as `vllm run_batch` reads): {"custom_id", "method": "POST", "url": "/v1/chat/completions" or
+  "/v1/completions", "body": {...}}. Output: {"id", "custom_id", "response": {"status_code", "request_id",
+  "body"}, "error"}; a line that fails has status_code 400 (or 500), body {"error": {...}} and "error"
+  {"code", "message"}, and keeps its custom_id.
+- Simple: exactly one of "prompt" / "messages" / "prompt_token_ids", optionally "id" (default: the line
+  number), "max_tokens", "temperature" (defaults: --max-tokens / --temperature) and "sampling_params"
+  (other SamplingParams fields, n = 1). Output: {"id", "line", "text", "token_ids", "finish_reason",
+  "stop_reason", "num_prompt_tokens", "num_output_tokens"} or {"id", "line", "error"}.
+
+Each result is one whole line, written and flushed as its request finishes (so not in input order). A re-run
+on the same OUTPUT skips the lines whose custom_id (or simple "id") is already there and appends the rest.
+At most `chunk_size` lines are in the engine at once, so memory stays bounded.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from tqdm.auto import tqdm
 
+from rapid.entrypoints.openai import protocol as P
+from rapid.entrypoints.openai.responses import ChoiceState
+from rapid.entrypoints.openai.serving import Item, RequestConverter, apply_delta, prompt_ids
 from rapid.params import SamplingParams
+from rapid.protocol.engine import AddRequest
 
 logger = logging.getLogger(__name__)
 
 PROMPT_KEYS = ("prompt", "messages", "prompt_token_ids")
 OPTIONAL_KEYS = ("id", "max_tokens", "temperature", "sampling_params")
+OPENAI_KEYS = ("custom_id", "method", "url", "body")
+OPENAI_URLS = {"/v1/chat/completions": True, "/v1/completions": False}  # url -> chat?
 
 
 class LineError(ValueError):
     pass
 
 
-def parse_line(text: str, lineno: int, defaults: dict[str, Any]) -> tuple[Any, dict, SamplingParams]:
+@dataclass
+class Unit:
+    """One input line: its engine Items (none if it failed to parse) and how to write its result."""
+
+    lineno: int
+    key: Any  # custom_id (OpenAI) or id (simple)
+    openai: bool
+    chat: bool = False
+    items: list[Item] = field(default_factory=list)
+    builder: Any = None
+    error: BaseException | None = None
+    choices: dict[int, ChoiceState] = field(default_factory=dict)
+    pending: set[int] = field(default_factory=set)
+
+
+def parse_simple(obj: dict, lineno: int, defaults: dict[str, Any]) -> tuple[Any, dict, SamplingParams]:
     """(id, prompt spec {'prompt'|'messages'|'prompt_token_ids': ...}, params) or LineError/ValueError/TypeError."""
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise LineError(f"invalid JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise LineError(f"a line must be a JSON object, got {type(obj).__name__}")
     unknown = set(obj) - set(PROMPT_KEYS) - set(OPTIONAL_KEYS)
     if unknown:
         raise LineError(f"unknown key(s) {sorted(unknown)}; allowed: {list(PROMPT_KEYS + OPTIONAL_KEYS)}")
@@ -58,12 +77,12 @@ def parse_line(text: str, lineno: int, defaults: dict[str, Any]) -> tuple[Any, d
             fields[k] = obj[k]
     params = SamplingParams(**fields)
     if params.n != 1:
-        raise LineError("n must be 1 in a batch file (repeat the line with distinct seeds instead)")
+        raise LineError("n must be 1 in a simple batch line (repeat the line with distinct seeds, or use the "
+                        "OpenAI batch format)")
     return obj.get("id", lineno), {given[0]: obj[given[0]]}, params
 
 
-def _prepare(llm, spec: dict, params: SamplingParams) -> dict:
-    """The engine prompt for one line, checked exactly as generate() would check it."""
+def _simple_items(llm, spec: dict, params: SamplingParams) -> list[Item]:
     if "messages" in spec:
         messages = spec["messages"]
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
@@ -75,49 +94,93 @@ def _prepare(llm, spec: dict, params: SamplingParams) -> dict:
             raise LineError(f"prompt must be a string, got {type(prompt).__name__}")
     else:
         prompt = {"prompt_token_ids": spec["prompt_token_ids"]}
-    llm.validate(prompt, params)
-    return prompt
+    text, ids, params = llm.prepare(prompt, params)
+    return [Item(0, 0, text, ids, params)]
 
 
-def _result(rid, lineno: int, out) -> dict:
-    comp = out.outputs[0]
-    return {"id": rid, "line": lineno, "text": comp.text, "token_ids": comp.token_ids,
-            "finish_reason": comp.finish_reason, "stop_reason": comp.stop_reason,
-            "num_prompt_tokens": len(out.prompt_token_ids), "num_output_tokens": len(comp.token_ids)}
-
-
-def _error(rid, lineno: int, e: BaseException) -> dict:
-    message = str(e) if isinstance(e, (ValueError, TypeError)) else f"{type(e).__name__}: {e}"
-    return {"id": rid, "line": lineno, "error": message}
-
-
-def run_chunk(llm, lines: list[tuple[int, str]], defaults: dict[str, Any]) -> list[dict]:
-    """Records for (line number, text) pairs, in order: valid lines run together, bad ones get an error."""
-    records: list[dict | None] = [None] * len(lines)
-    todo: list[tuple[int, Any, dict, SamplingParams]] = []  # (slot, id, prompt, params)
-    for slot, (lineno, text) in enumerate(lines):
-        rid: Any = lineno
+def parse_unit(llm, converter: RequestConverter, text: str, lineno: int, defaults: dict[str, Any]) -> Unit:
+    """A Unit for one line; a bad line gets a Unit with `error` set (and its key when it could be read)."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        return Unit(lineno, lineno, False, error=LineError(f"invalid JSON: {e}"))
+    if not isinstance(obj, dict):
+        return Unit(lineno, lineno, False, error=LineError(f"a line must be a JSON object, got {type(obj).__name__}"))
+    if "custom_id" in obj or "body" in obj or "url" in obj:
+        unit = Unit(lineno, obj.get("custom_id"), True)
         try:
-            rid, spec, params = parse_line(text, lineno, defaults)
-            todo.append((slot, rid, _prepare(llm, spec, params), params))
-        except Exception as e:  # a bad line never stops the batch
-            records[slot] = _error(rid, lineno, e)
-    if todo:
+            if not isinstance(unit.key, str) or not unit.key:
+                raise P.ApiError(400, "custom_id must be a non-empty string", param="custom_id")
+            unknown = set(obj) - set(OPENAI_KEYS)
+            if unknown:
+                raise P.ApiError(400, f"unknown key(s) {sorted(unknown)}; allowed: {list(OPENAI_KEYS)}")
+            if obj.get("method", "POST") != "POST" or obj.get("url") not in OPENAI_URLS:
+                raise P.ApiError(400, f"method must be 'POST' and url one of {list(OPENAI_URLS)}, got "
+                                 f"{obj.get('method')!r} {obj.get('url')!r}", param="url")
+            unit.chat = OPENAI_URLS[obj["url"]]
+            body = json.dumps(obj.get("body")).encode()
+            req = P.decode(body, P.ChatCompletionRequest if unit.chat else P.CompletionRequest)
+            if req.stream:
+                raise P.ApiError(400, "stream is not supported in a batch", param="stream")
+            unit.items = converter.chat_items(req) if unit.chat else converter.completion_items(req)
+            unit.builder = converter.builder(unit.chat, P.chat_logprobs(req) if unit.chat else req.logprobs)
+        except Exception as e:
+            unit.error = e
+        return unit
+    unit = Unit(lineno, obj.get("id", lineno), False)
+    try:
+        unit.key, spec, params = parse_simple(obj, lineno, defaults)
+        unit.items = _simple_items(llm, spec, params)
+    except Exception as e:  # a bad line never stops the batch
+        unit.error = e
+    return unit
+
+
+def _message(e: BaseException) -> str:
+    return str(e) if isinstance(e, (ValueError, TypeError)) else f"{type(e).__name__}: {e}"
+
+
+def record(unit: Unit) -> dict:
+    """The output line of a finished (or failed) unit."""
+    if not unit.openai:
+        if unit.error is not None:
+            return {"id": unit.key, "line": unit.lineno, "error": _message(unit.error)}
+        c, ids = unit.choices[0], unit.items[0].ids
+        return {"id": unit.key, "line": unit.lineno, "text": c.text, "token_ids": c.token_ids,
+                "finish_reason": c.finish_reason, "stop_reason": getattr(c, "stop_reason", None),
+                "num_prompt_tokens": len(ids), "num_output_tokens": len(c.token_ids)}
+    request_id = f"batch-req-{uuid.uuid4().hex}"
+    out = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": unit.key}
+    if unit.error is None:
+        body = unit.builder.response(list(unit.choices.values()), sum(len(i) for i in prompt_ids(unit.items)))
+        return out | {"response": {"status_code": 200, "request_id": request_id, "body": body}, "error": None}
+    e = unit.error
+    api = e if isinstance(e, P.ApiError) else P.ApiError(400 if isinstance(e, (ValueError, TypeError)) else 500,
+                                                         _message(e), type="invalid_request_error"
+                                                         if isinstance(e, (ValueError, TypeError)) else "server_error")
+    return out | {"response": {"status_code": api.status, "request_id": request_id, "body": api.body()},
+                  "error": {"code": api.code or api.type, "message": api.message}}
+
+
+def _done_keys(path: str) -> set:
+    """custom_ids / ids already in OUTPUT (a torn last line from a crash is ignored and overwritten)."""
+    keys: set = set()
+    if not os.path.exists(path):
+        return keys
+    with open(path, "rb+") as f:
+        data = f.read()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):  # a line cut off by a crash: drop it, it will be redone
+            f.truncate(end)
+    for line in data[:end].decode("utf-8").splitlines():
         try:
-            outs = llm.generate([t[2] for t in todo], [t[3] for t in todo], use_tqdm=False)
-        except ValueError:
-            # Refused by the engine itself (e.g. more KV blocks than the whole pool): find the culprit(s).
-            outs = None
-        if outs is not None:
-            for (slot, rid, _, _), out in zip(todo, outs):
-                records[slot] = _result(rid, lines[slot][0], out)
-        else:
-            for slot, rid, prompt, params in todo:
-                try:
-                    records[slot] = _result(rid, lines[slot][0], llm.generate(prompt, params, use_tqdm=False)[0])
-                except ValueError as e:
-                    records[slot] = _error(rid, lines[slot][0], e)
-    return records  # type: ignore[return-value]
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        key = rec.get("custom_id", rec.get("id")) if isinstance(rec, dict) else None
+        if key is not None and (not isinstance(key, (dict, list))):
+            keys.add(json.dumps(key))
+    return keys
 
 
 def _numbered_lines(f: TextIO) -> Iterator[tuple[int, str]]:
@@ -126,47 +189,108 @@ def _numbered_lines(f: TextIO) -> Iterator[tuple[int, str]]:
             yield lineno, text
 
 
-def _chunks(it: Iterator[tuple[int, str]], size: int) -> Iterator[list[tuple[int, str]]]:
-    chunk: list[tuple[int, str]] = []
-    for item in it:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+class _Runner:
+    """Keeps up to `window` lines in the engine, writing each line's result when its last request finishes."""
+
+    def __init__(self, llm, out: TextIO, bar, counts: dict[str, int]):
+        self.llm, self.out, self.bar, self.counts = llm, out, bar, counts
+        self.units: dict[str, tuple[Unit, int]] = {}  # engine request id -> (unit, item index)
+        self.active: set[int] = set()  # line numbers in flight
+
+    def write(self, unit: Unit) -> None:
+        rec = record(unit)
+        failed = unit.error is not None
+        self.counts["errors" if failed else "ok"] += 1
+        self.out.write(json.dumps(rec, ensure_ascii=False) + "\n")  # one write per whole line
+        self.out.flush()
+        self.bar.update(1)
+        self.bar.set_postfix(errors=self.counts["errors"])
+
+    def add(self, unit: Unit) -> None:
+        if unit.error is not None:
+            self.write(unit)
+            return
+        submitted = []
+        try:
+            for it in unit.items:
+                rid = f"{unit.lineno}-{it.index}"
+                self.llm.engine.add_request(AddRequest(rid, it.ids, it.params, prompt=it.text))
+                submitted.append(rid)
+                self.units[rid] = (unit, it.index)
+                unit.choices[it.index] = ChoiceState(it.index, it.prompt_index)
+                unit.pending.add(it.index)
+        except ValueError as e:  # refused by the engine (e.g. more KV blocks than the whole pool)
+            if submitted:
+                self.llm.engine.abort(submitted)
+            unit.error = e
+            if not unit.pending:
+                self.write(unit)
+            return
+        self.active.add(unit.lineno)
+
+    def pump(self) -> None:
+        for d in self.llm.engine.get_deltas(timeout_s=0.1):
+            entry = self.units.get(d.request_id)
+            if entry is None:
+                continue
+            unit, index = entry
+            apply_delta(unit.choices[index], d)
+            unit.choices[index].stop_reason = d.stop_reason
+            if d.error is not None:
+                unit.error = unit.error or RuntimeError(f"engine error: {d.error}")
+            if d.finished or d.error is not None:
+                del self.units[d.request_id]
+                unit.pending.discard(index)
+                if not unit.pending:
+                    self.active.discard(unit.lineno)
+                    self.write(unit)
 
 
 def run_file(llm, input_path: str, output_path: str, *, max_tokens: int = 128, temperature: float = 0.0,
              chunk_size: int | None = None, use_tqdm: bool = True) -> dict[str, int]:
-    """Run every line of `input_path` through `llm`, writing `output_path`; returns {'ok': n, 'errors': m}."""
+    """Run every line of `input_path` not yet in `output_path` (appending); returns {'ok', 'errors', 'skipped'}."""
     defaults = {"max_tokens": max_tokens, "temperature": temperature}
-    if chunk_size is None:
-        chunk_size = max(64, 4 * llm.config.scheduler.max_num_seqs)
+    window = chunk_size or max(64, 4 * llm.config.scheduler.max_num_seqs)
+    converter = RequestConverter(llm, None)
+    done = _done_keys(output_path)
     with open(input_path, encoding="utf-8") as f:
         total = sum(1 for line in f if line.strip())
-    counts = {"ok": 0, "errors": 0}
+    counts = {"ok": 0, "errors": 0, "skipped": 0}
     bar = tqdm(total=total, desc="Batch", unit="line", disable=not use_tqdm, dynamic_ncols=True)
+    runner = None
     try:
-        with open(input_path, encoding="utf-8") as f, open(output_path, "w", encoding="utf-8") as out:
-            for chunk in _chunks(_numbered_lines(f), chunk_size):
-                for rec in run_chunk(llm, chunk, defaults):
-                    counts["errors" if "error" in rec else "ok"] += 1
-                    out.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                out.flush()
-                bar.update(len(chunk))
-                bar.set_postfix(errors=counts["errors"])
+        with open(input_path, encoding="utf-8") as f, open(output_path, "a", encoding="utf-8") as out:
+            runner = _Runner(llm, out, bar, counts)
+            for lineno, text in _numbered_lines(f):
+                unit = parse_unit(llm, converter, text, lineno, defaults)
+                if json.dumps(unit.key) in done and unit.key is not None:
+                    counts["skipped"] += 1
+                    bar.update(1)
+                    continue
+                runner.add(unit)
+                while len(runner.active) >= window:
+                    runner.pump()
+            while runner.active:
+                runner.pump()
+    except BaseException:
+        if runner is not None and runner.units:
+            llm.engine.abort(sorted(runner.units))
+        raise
     finally:
         bar.close()
     return counts
 
 
-def run_batch(args) -> None:
-    """`rapid batch INPUT OUTPUT [--max-tokens N] [--temperature T]` with the engine arguments."""
+def run_batch(args) -> int:
+    """`rapid batch INPUT OUTPUT [--max-tokens N] [--temperature T]`; exit status 1 when any line failed."""
     from rapid.config import EngineArgs
     from rapid.entrypoints.llm import LLM
 
+    if not os.path.isfile(args.input):
+        raise FileNotFoundError(f"{args.input}: no such input file")
     with LLM.from_engine_args(EngineArgs.from_cli_args(args)) as llm:
         counts = run_file(llm, args.input, args.output, max_tokens=args.max_tokens, temperature=args.temperature,
                           chunk_size=getattr(args, "batch_size", None))
-    print(f"wrote {counts['ok'] + counts['errors']} records to {args.output} ({counts['errors']} errors)")
+    skipped = f", {counts['skipped']} already done" if counts["skipped"] else ""
+    print(f"wrote {counts['ok'] + counts['errors']} records to {args.output} ({counts['errors']} errors{skipped})")
+    return 1 if counts["errors"] else 0

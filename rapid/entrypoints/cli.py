@@ -34,6 +34,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
     with LLM.from_engine_args(EngineArgs.from_cli_args(args)) as llm:
         use_chat = args.chat if args.chat is not None else getattr(llm.tokenizer, "chat_template", None) is not None
+        # warm-up (first-call compilation, allocator, lazy imports) outside the measurement
+        llm.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)
         t0 = time.perf_counter()
         if use_chat:
             out = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)[0]
@@ -93,7 +95,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from rapid.entrypoints.server import serve
+    from rapid.entrypoints.serve import serve
 
     serve(args)
     return 0
@@ -102,8 +104,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_batch(args: argparse.Namespace) -> int:
     from rapid.entrypoints.batch import run_batch
 
-    run_batch(args)
-    return 0
+    return run_batch(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,15 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     EngineArgs.add_cli_args(g)
     g.set_defaults(func=cmd_generate)
 
-    s = sub.add_parser("serve", help="serve over ZeroMQ")
-    s.add_argument("--address", default=None, help="ZeroMQ endpoint (default ipc:// in a private directory, printed)")
-    s.add_argument("--allow-remote", action="store_true", help="allow a non-loopback tcp:// address (no authentication!)")
+    from rapid.entrypoints.serve import add_serve_args
+
+    s = sub.add_parser("serve", help="serve the OpenAI HTTP API and ZeroMQ until SIGINT / SIGTERM")
+    add_serve_args(s)
     EngineArgs.add_cli_args(s)
     s.set_defaults(func=cmd_serve)
 
-    b = sub.add_parser("batch", help="offline batch: JSONL prompts in, JSONL outputs out")
-    b.add_argument("input", help="JSONL file, one prompt per line (see rapid.entrypoints.batch)")
-    b.add_argument("output", help="JSONL file of outputs, in input order")
+    b = sub.add_parser("batch", help="offline batch: JSONL in (OpenAI batch or simple lines), JSONL out; resumable")
+    b.add_argument("input", help="JSONL file, one request per line (see rapid.entrypoints.batch)")
+    b.add_argument("output", help="JSONL file of results, appended as they finish (a re-run skips done custom_ids)")
     b.add_argument("--max-tokens", type=int, default=128, help="default of each line (default: %(default)s)")
     b.add_argument("--temperature", type=float, default=0.0, help="default of each line (default: %(default)s)")
     b.add_argument("--batch-size", type=int, default=None, help="lines per generate() call (default: 4 x max_num_seqs)")

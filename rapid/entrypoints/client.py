@@ -15,6 +15,8 @@ chat_stream() take a list of {'role', 'content'} dicts. Requests the server refu
 its message. Each client owns one DEALER socket: use a Client from one thread at a time (several requests
 may still be interleaved: replies are sorted by request id), and an AsyncClient from one event loop
 (any number of concurrent coroutines). Breaking out of a stream cancels the request on the server.
+A request whose encoding exceeds `max_message_bytes` (the server's default frame limit, 4 MiB) raises
+ValueError before it is sent.
 """
 
 from __future__ import annotations
@@ -36,12 +38,15 @@ from rapid.params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+MAX_MESSAGE_BYTES = 4 << 20  # the server's default ServerLimits.max_frame_bytes
+
 __all__ = ["Client", "AsyncClient", "ServerError", "Completion", "Delta"]
 
 
-
 def _decode_reply(decoder, raw: bytes, address: str):
-    """A server message, or None (logged) when the bytes are malformed."""
+    """A server message, or None when the frame is a liveness probe (empty) or malformed (logged)."""
+    if not raw:
+        return None
     try:
         return decoder.decode(raw)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
@@ -53,6 +58,7 @@ def _unclaimed(msg) -> None:
     """A reply for no pending request: only errors are worth a log line."""
     if isinstance(msg, ErrorReply):
         logger.warning("server error not tied to a pending request: %s", msg.message)
+
 
 class ServerError(RuntimeError):
     """The server refused or failed a request (its ErrorReply message)."""
@@ -101,6 +107,14 @@ def _dealer(ctx: zmq.Context, address: str) -> zmq.Socket:
     return sock
 
 
+def _encode(encoder, msg, limit: int) -> bytes:
+    raw = encoder.encode(msg)
+    if len(raw) > limit:
+        raise ValueError(f"the request encodes to {len(raw)} bytes; the limit is {limit} (max_message_bytes, the "
+                         "server's frame limit): shorten the prompt or the messages")
+    return raw
+
+
 def _expect(msg: ServerMessage, kind: type, request: str):
     """The reply as `kind` (Completion or Delta); an ErrorReply or another message raises ServerError."""
     if isinstance(msg, ErrorReply):
@@ -113,9 +127,11 @@ def _expect(msg: ServerMessage, kind: type, request: str):
 class Client:
     """Blocking client. `timeout_s`: longest wait for the next reply (None: forever) before TimeoutError."""
 
-    def __init__(self, address: str, *, timeout_s: float | None = None, context: zmq.Context | None = None):
+    def __init__(self, address: str, *, timeout_s: float | None = None, context: zmq.Context | None = None,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES):
         self.address = address
         self.timeout_s = timeout_s
+        self.max_message_bytes = max_message_bytes
         self._sock = _dealer(context or zmq.Context.instance(), address)
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(ServerMessage)
@@ -161,7 +177,7 @@ class Client:
     def _send(self, msg) -> None:
         if self._closed:
             raise RuntimeError("the client is closed")
-        self._sock.send(self._encoder.encode(msg))
+        self._sock.send(_encode(self._encoder, msg, self.max_message_bytes))
 
     def _unary(self, req) -> Completion:
         cid = req.client_request_id
@@ -216,11 +232,13 @@ class Client:
 class AsyncClient:
     """asyncio client (zmq.asyncio): `await generate(...)`, `async for d in stream(...)`; concurrent use is fine."""
 
-    def __init__(self, address: str, *, timeout_s: float | None = None, context=None):
+    def __init__(self, address: str, *, timeout_s: float | None = None, context=None,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES):
         import zmq.asyncio
 
         self.address = address
         self.timeout_s = timeout_s
+        self.max_message_bytes = max_message_bytes
         self._sock = _dealer(context or zmq.asyncio.Context.instance(), address)
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(ServerMessage)
@@ -274,7 +292,7 @@ class AsyncClient:
             raise RuntimeError("the client is closed")
         if self._reader is None or self._reader.done():
             self._reader = asyncio.get_running_loop().create_task(self._read_loop())
-        await self._sock.send(self._encoder.encode(msg))
+        await self._sock.send(_encode(self._encoder, msg, self.max_message_bytes))
 
     async def _read_loop(self) -> None:
         try:

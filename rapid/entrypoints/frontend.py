@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from rapid.engine.client import EngineDeadError
@@ -44,6 +45,11 @@ class _Submit:
 @dataclass
 class _Abort:
     request_ids: list[str]
+
+
+@dataclass
+class _GetStats:
+    answer: Future  # set by the engine loop with the engine's Stats (or its error)
 
 
 class EngineFrontend:
@@ -81,6 +87,14 @@ class EngineFrontend:
         """End these requests; each still gets its final delta (finish_reason 'abort')."""
         self._commands.put(_Abort(list(request_ids)))
 
+    def get_stats(self, timeout_s: float = 5.0):
+        """The engine's Stats (KV usage, preemptions, timings), asked of the engine loop; TimeoutError if it
+        does not answer in time."""
+        self.check_health()
+        answer: Future = Future()
+        self._commands.put(_GetStats(answer))
+        return answer.result(timeout=timeout_s)
+
     def check_health(self) -> None:
         if self.dead_reason is not None:
             raise EngineDeadError(self.dead_reason)
@@ -114,6 +128,12 @@ class EngineFrontend:
 
     def _apply(self, cmd) -> None:
         engine = self.llm.engine
+        if isinstance(cmd, _GetStats):
+            try:
+                cmd.answer.set_result(engine.get_stats())
+            except Exception as e:
+                cmd.answer.set_exception(e)
+            return
         if isinstance(cmd, _Abort):
             engine.abort([rid for rid in cmd.request_ids if rid in self._callbacks])
             return

@@ -17,6 +17,8 @@ from tqdm.auto import tqdm
 
 from rapid.config import EngineArgs
 from rapid.model.config import ModelConfig
+from rapid.entrypoints.llm_inputs import parse_prompt, prepare_params, to_sampling_params, truncate
+from rapid.entrypoints.llm_outputs import LogprobConverter, apply_delta
 from rapid.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from rapid.protocol.engine import AddRequest, RequestDelta
 from rapid.engine import make_client
@@ -54,6 +56,7 @@ class LLM:
         self._ids = itertools.count()
         self.engine: EngineClient = make_client(self.config, self.tokenizer, self.eos_token_ids)
         self._finalizer = weakref.finalize(self, self.engine.shutdown)
+        self._logprobs = LogprobConverter(self.tokenizer)
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs) -> "LLM":
@@ -75,66 +78,67 @@ class LLM:
 
     # ------------------------------------------------------------------ input checks
     def _prompt_ids(self, prompt: Any) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt is empty")
-            if self.tokenizer is None:
-                raise ValueError("a text prompt needs a tokenizer (skip_tokenizer_init=True was given)")
-            ids = self.tokenizer.encode(prompt)
-            text = prompt
-        elif isinstance(prompt, dict):
-            unknown = set(prompt) - {"prompt_token_ids", "prompt"}
-            if unknown or "prompt_token_ids" not in prompt:
-                raise TypeError(f"a dict prompt takes the key 'prompt_token_ids' (list of ints), got keys {sorted(prompt)}")
-            ids, text = prompt["prompt_token_ids"], prompt.get("prompt")
-            if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-                raise TypeError("prompt_token_ids must be a list of ints")
-            ids = list(ids)
-        else:
-            raise TypeError(f"a prompt is a str or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
+        text, ids = parse_prompt(prompt, self.tokenizer)
         if not ids:
             raise ValueError("prompt is empty (0 tokens)")
         vocab = self.model_config.vocab_size
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        limit = self.config.scheduler.max_model_len
-        if len(ids) >= limit:
-            raise ValueError(f"prompt has {len(ids)} tokens; max_model_len is {limit} (prompt + max_tokens must fit)")
         return text, ids
 
     def _check_fits(self, ids: list[int], params: SamplingParams) -> None:
         limit = self.config.scheduler.max_model_len
+        if len(ids) >= limit:
+            raise ValueError(f"prompt has {len(ids)} tokens; max_model_len is {limit} (prompt + max_tokens must fit)")
         if len(ids) + params.max_tokens > limit:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = "
                              f"{len(ids) + params.max_tokens} exceeds max_model_len ({limit})")
 
-    def validate(self, prompt: Any, sampling_params: SamplingParams | None = None) -> tuple[str | None, list[int]]:
-        """The edge checks generate() applies to one prompt: (prompt text or None, token ids), or
-        TypeError / ValueError with the same message generate() would raise."""
-        if sampling_params is None:
-            sampling_params = SamplingParams()
-        if not isinstance(sampling_params, SamplingParams):
-            raise TypeError("sampling_params must be a SamplingParams")
+    def prepare(self, prompt: Any, sampling_params: Any = None) -> tuple[str | None, list[int], SamplingParams]:
+        """The edge checks generate() applies to one prompt: (prompt text or None, token ids after
+        truncate_prompt_tokens, the params the engine runs: max_tokens=None resolved, bad_words tokenized),
+        or TypeError / ValueError with the same message generate() would raise."""
+        params = to_sampling_params(SamplingParams() if sampling_params is None else sampling_params)
         text, ids = self._prompt_ids(prompt)
-        self._check_fits(ids, sampling_params)
+        ids = truncate(ids, params)
+        params = prepare_params(params, len(ids), tokenizer=self.tokenizer, vocab_size=self.model_config.vocab_size,
+                                max_model_len=self.config.scheduler.max_model_len)
+        self._check_fits(ids, params)
+        return text, ids, params
+
+    def validate(self, prompt: Any, sampling_params: SamplingParams | None = None) -> tuple[str | None, list[int]]:
+        """`prepare` without the resolved params: (prompt text or None, token ids)."""
+        text, ids, _ = self.prepare(prompt, sampling_params)
         return text, ids
 
-    def chat_prompt_ids(self, conversation: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """One conversation ({'role', 'content'} dicts) through the chat template, as token ids."""
-        self._check_chat_ready()
+    def chat_prompt_ids(self, conversation: list[dict], add_generation_prompt: bool = True, **template: Any
+                        ) -> list[int]:
+        """One conversation ({'role', 'content'} dicts) through the chat template, as token ids.
+        `template`: chat_template, continue_final_message, tools, chat_template_kwargs (as chat())."""
+        self._check_chat_ready(template.get("chat_template"))
         if not isinstance(conversation, list) or not conversation or not all(isinstance(m, dict) for m in conversation):
             raise TypeError("a conversation is a non-empty list of {'role': ..., 'content': ...} dicts")
-        return self._apply_chat_template(conversation, add_generation_prompt)
+        return self._apply_chat_template(conversation, add_generation_prompt, **template)
 
-    def _check_chat_ready(self) -> None:
+    def _check_chat_ready(self, chat_template: str | None = None) -> None:
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer")
-        if getattr(self.tokenizer, "chat_template", None) is None:
-            raise ValueError(f"the tokenizer of {self.config.tokenizer} has no chat template; use generate()")
+        if chat_template is None and getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError(f"the tokenizer of {self.config.tokenizer} has no chat template; pass chat_template= "
+                             "or use generate()")
 
-    def _apply_chat_template(self, conversation: list[dict], add_generation_prompt: bool) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt, tokenize=True)
+    def _apply_chat_template(self, conversation: list[dict], add_generation_prompt: bool, *,
+                             chat_template: str | None = None, continue_final_message: bool = False,
+                             tools: list[dict] | None = None, chat_template_kwargs: dict | None = None) -> list[int]:
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message=True continues the last message: pass add_generation_prompt=False")
+        if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
+            raise TypeError(f"chat_template_kwargs must be a dict, got {type(chat_template_kwargs).__name__}")
+        ids = self.tokenizer.apply_chat_template(
+            conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message, tools=tools, tokenize=True,
+            **(chat_template_kwargs or {}))
         if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
             ids = ids["input_ids"]
         return list(ids)
@@ -146,24 +150,22 @@ class LLM:
             raise TypeError(f"prompts must be a str, a dict or a list of them, got {type(prompts).__name__}")
         if sampling_params is None:
             sampling_params = SamplingParams()
-        if isinstance(sampling_params, SamplingParams):
-            params = [sampling_params] * len(prompts)
-        elif isinstance(sampling_params, Sequence) and all(isinstance(p, SamplingParams) for p in sampling_params):
+        if isinstance(sampling_params, (SamplingParams, dict)):
+            params = [to_sampling_params(sampling_params)] * len(prompts)
+        elif isinstance(sampling_params, Sequence) and not isinstance(sampling_params, str):
             if len(sampling_params) != len(prompts):
                 raise ValueError(f"{len(sampling_params)} SamplingParams for {len(prompts)} prompts; give one or one per prompt")
-            params = list(sampling_params)
+            params = [to_sampling_params(p) for p in sampling_params]
         else:
-            raise TypeError("sampling_params must be a SamplingParams or a list of them")
+            raise TypeError("sampling_params must be a SamplingParams (or a dict of its fields) or a list of them")
         return list(prompts), params
 
     # ------------------------------------------------------------------ generation
     def _submit(self, prompts, params) -> list[tuple[str, str | None, list[int], SamplingParams]]:
         """Validate everything first, then enqueue; one entry per (prompt, sample index)."""
-        checked = [self._prompt_ids(p) for p in prompts]
-        for (_, ids), p in zip(checked, params):
-            self._check_fits(ids, p)
+        checked = [self.prepare(prompt, p) for prompt, p in zip(prompts, params)]
         jobs = []
-        for (text, ids), p in zip(checked, params):
+        for text, ids, p in checked:
             base = str(next(self._ids))
             for i in range(p.n):
                 child = p if p.n == 1 else _child_params(p, i)
@@ -210,7 +212,7 @@ class LLM:
                     if d.request_id not in child_to_parent:
                         continue
                     parent, idx = child_to_parent[d.request_id]
-                    _apply_delta(results[parent], results[parent].outputs[idx], d)
+                    apply_delta(results[parent], results[parent].outputs[idx], d, self._logprobs)
                     out_toks += len(d.new_token_ids)
                     if d.error is not None:
                         raise _engine_error(d)
@@ -250,16 +252,20 @@ class LLM:
             if not finished:
                 self.engine.abort([rid])
 
-    def chat(self, messages, sampling_params=None, *, use_tqdm: bool = True,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
-        """One conversation (a list of {'role', 'content'} dicts) or a list of them, through the chat template."""
+    def chat(self, messages, sampling_params=None, use_tqdm: bool = True, *, chat_template: str | None = None,
+             add_generation_prompt: bool = True, continue_final_message: bool = False, tools: list[dict] | None = None,
+             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+        """One conversation (a list of {'role', 'content'} dicts) or a list of them, through the chat template
+        (the tokenizer's, or `chat_template`), with vLLM's options."""
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer")
         if not isinstance(messages, list) or not messages:
             raise TypeError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts or a list of them")
         conversations = [messages] if isinstance(messages[0], dict) else messages
-        self._check_chat_ready()
-        prompts = [{"prompt_token_ids": self._apply_chat_template(conv, add_generation_prompt)}
+        self._check_chat_ready(chat_template)
+        template = dict(chat_template=chat_template, continue_final_message=continue_final_message, tools=tools,
+                        chat_template_kwargs=chat_template_kwargs)
+        prompts = [{"prompt_token_ids": self._apply_chat_template(conv, add_generation_prompt, **template)}
                    for conv in conversations]
         outs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
         for out in outs:
@@ -270,23 +276,6 @@ class LLM:
 def _child_params(p: SamplingParams, index: int) -> SamplingParams:
     """The i-th of n samples: n=1, and a distinct seed when the parent is seeded (as vLLM does)."""
     return msgspec.structs.replace(p, n=1, seed=None if p.seed is None else p.seed + index)
-
-
-def _apply_delta(out: RequestOutput, comp: CompletionOutput, d: RequestDelta) -> None:
-    comp.text += d.new_text
-    comp.token_ids.extend(d.new_token_ids)
-    if d.new_logprobs is not None:
-        comp.logprobs = (comp.logprobs or []) + list(d.new_logprobs)
-        comp.cumulative_logprob = d.cumulative_logprob
-    if d.finished:
-        comp.finish_reason, comp.stop_reason = d.finish_reason, d.stop_reason
-    out.num_cached_tokens = max(out.num_cached_tokens, d.num_cached_tokens)
-    m = out.metrics
-    m.arrival_time = d.arrival_time or m.arrival_time
-    if d.first_token_time is not None and (m.first_token_time is None or d.first_token_time < m.first_token_time):
-        m.first_token_time = d.first_token_time
-    if d.last_token_time is not None:
-        m.last_token_time = max(m.last_token_time or 0.0, d.last_token_time)
 
 
 def _engine_error(d: RequestDelta) -> Exception:

@@ -24,6 +24,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -126,6 +127,9 @@ def default_model_path(cache_dir: str | os.PathLike | None = None) -> Path:
         return final
     models_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp_dirs(models_dir)
+    notice = f"Converting the bundled {DEFAULT_MODEL_NAME} GGUF once into {final} (about 20 s; cached afterwards)"
+    logger.info(notice)
+    print(f"rapid: {notice}", file=sys.stderr, flush=True)
     if final.exists():
         # Only a folder damaged by hand gets here: ours appear complete or not at all. (Two
         # processes repairing the same damaged folder at once could delete each other's result.)

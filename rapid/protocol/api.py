@@ -13,9 +13,13 @@ from rapid.params import SamplingParams
 # socket): one msgpack frame per message, tagged by class name ("type" field). Requests carry an id chosen
 # by the client; every reply names it. A request ends with a Completion, a Delta with finished=True
 # (stream=True) or an ErrorReply. Decoding validates the SamplingParams again (msgspec runs __post_init__).
+# Requests refuse unknown fields (a misspelt `max_token` is an error, in the params too: the server decodes
+# them strictly); replies accept them, so an older client keeps reading a newer server. An empty frame from the
+# server is a liveness probe: ignore it. The server's bounds (frame size, prompt length, requests per client)
+# are in rapid.entrypoints.zmq_limits and docs/reliability.md.
 
 
-class GenerateRequest(msgspec.Struct, tag=True):
+class GenerateRequest(msgspec.Struct, tag=True, forbid_unknown_fields=True):
     """A text prompt or a token-id prompt (exactly one of the two)."""
 
     client_request_id: str
@@ -25,7 +29,7 @@ class GenerateRequest(msgspec.Struct, tag=True):
     stream: bool = False
 
 
-class ChatRequest(msgspec.Struct, tag=True):
+class ChatRequest(msgspec.Struct, tag=True, forbid_unknown_fields=True):
     """One conversation through the model's chat template."""
 
     client_request_id: str
@@ -35,7 +39,7 @@ class ChatRequest(msgspec.Struct, tag=True):
     add_generation_prompt: bool = True
 
 
-class CancelRequest(msgspec.Struct, tag=True):
+class CancelRequest(msgspec.Struct, tag=True, forbid_unknown_fields=True):
     """Abort a request of this client; it still ends with its final Delta / Completion (finish_reason 'abort')."""
 
     client_request_id: str

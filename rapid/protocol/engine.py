@@ -39,6 +39,9 @@ class RequestDelta(msgspec.Struct, tag=True, array_like=True):
     first_token_time: float | None = None
     last_token_time: float | None = None
     error: str | None = None  # set when the request ended because of an engine error
+    new_logprob_ranks: list[int] | None = None  # rank of each new token in its distribution (with new_logprobs)
+    prompt_logprobs: list[dict[int, float]] | None = None  # prompt tokens 1.. (in the request's first delta)
+    prompt_logprob_ranks: list[int] | None = None
 
 
 class EngineOutputs(msgspec.Struct, tag=True):
@@ -78,6 +81,7 @@ class Stats(msgspec.Struct, tag=True):
     num_free_blocks: int = 0
     num_blocks: int = 0
     num_requests: int = 0  # requests the core still tracks (in any phase)
+    num_restarts: int = 0  # times the engine restarted its processes after one died (modes rapid, disagg)
 
 
 

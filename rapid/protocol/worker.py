@@ -43,6 +43,11 @@ class SampledToken(msgspec.Struct, array_like=True):
     token_id: int
     logprob: float
     top_logprobs: dict[int, float] | None = None
+    rank: int = 0  # 1-based rank of token_id in the full distribution (0: logprobs not asked for)
+    # params.prompt_logprobs: per prompt token after the first, {token: logprob} (the prompt token and the
+    # top-N) and the prompt token's rank; sent with the request's first sampled token
+    prompt_logprobs: list[dict[int, float]] | None = None
+    prompt_ranks: list[int] | None = None
 
 
 # ---------------------------------------------------------------- workers <-> engine core

@@ -1,6 +1,9 @@
 """One allocation (weights + KV pool) that an owner process creates and other processes may map.
 
-CPU: a POSIX shared-memory segment (/dev/shm) opened by name. CUDA: one device allocation exported
+CPU: a POSIX shared-memory segment (/dev/shm/rapid_{owner pid}_..., opened by name and mapped with
+mmap; not multiprocessing.shared_memory, whose resource tracker process would outlive a killed worker
+and end its log with a leak warning instead of the cause: the owner unlinks at close, its supervisor
+or its own parent watch when it dies). CUDA: one device allocation exported
 with a CUDA IPC handle. Either way only an `ArenaHandle` (a msgspec Struct: names, bytes, ints)
 crosses the process boundary, and both sides compute the same layout of tensors inside the arena
 from the config, so nothing but the handle is sent. The owner must outlive every importer.
@@ -10,12 +13,14 @@ from __future__ import annotations
 
 import logging
 import math
+import mmap
 import os
 import uuid
 from dataclasses import dataclass
 
 import torch
 
+from rapid.engine.ipc import shm_prefix
 from rapid.protocol.worker import ArenaHandle
 
 logger = logging.getLogger(__name__)
@@ -58,10 +63,8 @@ class SharedArena:
             buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
             return cls(buffer, ArenaHandle("local", nbytes), owner=True)
         if device.type == "cpu":
-            from multiprocessing import shared_memory
-
-            name = f"rapid_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-            shm = shared_memory.SharedMemory(name=name, create=True, size=nbytes)
+            name = f"{shm_prefix(os.getpid())}{uuid.uuid4().hex[:8]}"
+            shm = ShmSegment(name, nbytes, create=True)
             buffer = torch.frombuffer(shm.buf, dtype=torch.uint8, count=nbytes)
             return cls(buffer, ArenaHandle("shm", nbytes, shm_name=name), owner=True, shm=shm)
         buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
@@ -71,17 +74,10 @@ class SharedArena:
     @classmethod
     def open(cls, handle: ArenaHandle, device: torch.device) -> "SharedArena":
         if handle.kind == "shm":
-            from multiprocessing import resource_tracker, shared_memory
-
             try:
-                shm = shared_memory.SharedMemory(name=handle.shm_name)
+                shm = ShmSegment(handle.shm_name, handle.nbytes, create=False)
             except FileNotFoundError as e:
                 raise RuntimeError(f"shared memory {handle.shm_name} is gone: its owner process exited") from e
-            # Only the owner may unlink the segment: stop this process's tracker from doing it at exit.
-            try:
-                resource_tracker.unregister(shm._name, "shared_memory")
-            except Exception:  # noqa: BLE001 - the tracker is best effort
-                pass
             buffer = torch.frombuffer(shm.buf, dtype=torch.uint8, count=handle.nbytes)
             return cls(buffer, handle, owner=False, shm=shm)
         if handle.kind != "cuda":
@@ -109,7 +105,36 @@ class SharedArena:
             except BufferError:
                 logger.debug("shared memory %s still has exported views; unmapped at exit", self.handle.shm_name)
             if self.owner:
-                try:
-                    self._shm.unlink()
-                except FileNotFoundError:
-                    pass
+                self._shm.unlink()
+
+
+class ShmSegment:
+    """A named POSIX shared-memory segment mapped into this process (no resource tracker: see the module doc)."""
+
+    def __init__(self, name: str, nbytes: int, create: bool):
+        self.name = name
+        self.path = f"/dev/shm/{name}"
+        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+        fd = os.open(self.path, flags, 0o600)
+        try:
+            if create:
+                os.ftruncate(fd, nbytes)
+            self._mmap = mmap.mmap(fd, nbytes)
+        except BaseException:
+            if create:
+                self.unlink()
+            raise
+        finally:
+            os.close(fd)
+        self.buf = memoryview(self._mmap)
+
+    def close(self) -> None:
+        """Unmap; BufferError while tensors still view it (then the mapping goes at process exit)."""
+        self.buf.release()
+        self._mmap.close()
+
+    def unlink(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass

@@ -4,11 +4,19 @@ The same class runs inside the decode worker process (modes 'rapid' and 'disagg'
 user's process (mode 'hybrid', where every prefill batch is placed inline: hybrid batching). The
 engine core talks to it only through messages (rapid/protocol/worker.py): StartDecode, GrantBlocks,
 StopDecode and PrefillBatch in; DecodeStep, PrefillDone and Dropped out.
+
+With async scheduling the loop runs one step ahead: it enqueues step N+1 (whose decode rows take their
+input token from step N's samples, still on the device) before it reads step N back, so the host's
+work (reading back, finishing, the core's scheduling and output processing) overlaps the device's.
+Two rules keep that safe: a row of step N+1 whose request ended at step N is discarded, and a request
+is reported finished or Dropped (its blocks free for reuse) only once no enqueued step can still
+write its KV.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -16,9 +24,28 @@ from rapid.config import EngineConfig
 from rapid.core.request import Request
 from rapid.core.scheduler import seq_work
 from rapid.protocol.worker import (
-    DecodeStep, Dropped, GrantBlocks, PrefillBatch, PrefillDone, SampledToken, StartDecode, StopDecode,
+    DecodeStep, Dropped, GrantBlocks, PrefillBatch, PrefillDone, SampledToken, SeqWork, StartDecode, StopDecode,
 )
-from rapid.worker.model_runner import ModelRunner
+from rapid.worker.grammar import GrammarBook
+from rapid.worker.model_runner import Launched, ModelRunner
+
+
+@dataclass
+class Step:
+    """One forward pass enqueued and not yet read back."""
+
+    launched: Launched
+    batch: list[Request]  # its decode rows, in order (the first len(batch) sampling rows)
+    prefill: PrefillBatch | None  # inline prefill chunks after them
+    t0: float
+    idle: float
+    ids: set[str] = field(default_factory=set)  # request ids of the decode rows
+
+
+def _needs_host_tokens(params) -> bool:
+    """Rows whose sampling reads the previous tokens on the host: they cannot run a step ahead."""
+    return (params.structured_outputs is not None or bool(params.bad_words_token_ids)
+            or params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0)
 
 
 class DecodeLoop:
@@ -37,6 +64,10 @@ class DecodeLoop:
         self.last_step_end: float | None = None
         self.peer_kv: torch.Tensor | None = None  # disagg: the prefill worker's KV pool (hand-off source)
         self.transferred: list[str] = []  # disagg: copies done since the last report
+        self.grammars = runner.grammars = GrammarBook(config.tokenizer, eos_token_ids)  # structured outputs
+        self.async_scheduling = config.async_scheduling
+        self.pending: Step | None = None  # enqueued, not read back (async scheduling)
+        self.deferred_drops: list[str] = []  # stopped while a pending step still writes their KV
 
     def handle(self, msg) -> Dropped | None:
         """Apply one message from the core; a StopDecode is answered with Dropped."""
@@ -58,7 +89,10 @@ class DecodeLoop:
                 self.running.pop(rid, None)
                 self.tables.pop(rid, None)
                 self.pending_handoff.pop(rid, None)
-            return Dropped(list(msg.request_ids))
+            in_flight = self.pending.ids if self.pending is not None else set()
+            self.deferred_drops += [rid for rid in msg.request_ids if rid in in_flight]
+            now = [rid for rid in msg.request_ids if rid not in in_flight]
+            return Dropped(now) if now else None
         elif isinstance(msg, PrefillBatch):
             if self.inline is not None:
                 raise RuntimeError(f"prefill batch {msg.batch_id} placed while batch {self.inline.batch_id} runs")
@@ -79,32 +113,98 @@ class DecodeLoop:
         return ready[: self.max_num_seqs]
 
     def has_work(self) -> bool:
-        return self.inline is not None or bool(self.runnable())
+        return self.inline is not None or self.pending is not None or bool(self.runnable())
 
     def step(self) -> list:
-        """One forward pass: the runnable decodes first, then the inline prefill chunks.
-        Returns [DecodeStep] and, with prefill chunks, [PrefillDone] too (the same interval)."""
-        batch = self.runnable()
+        """Enqueue the next forward pass (the runnable decodes first, then the inline prefill chunks) and read
+        back the previous one (async scheduling) or this one. Returns what was read back: DecodeStep,
+        PrefillDone for inline chunks (the same interval), Dropped for stops that waited for the device."""
+        out: list = []
+        prev = self.pending
+        if prev is not None and not self._can_run_ahead():
+            self.pending = None
+            out += self._finish(prev)  # the next step needs the host to know these tokens first
+            prev = None
+        self.pending = self._launch(prev)  # its rows of `prev`'s requests take their input from `prev`'s samples
+        if prev is not None:
+            out += self._finish(prev)
+        if self.pending is not None and not (self.async_scheduling and self.pending.batch):
+            step, self.pending = self.pending, None
+            out += self._finish(step)  # nothing to overlap with (or async scheduling off): read it back now
+        in_flight = self.pending.ids if self.pending is not None else set()
+        ready = [rid for rid in self.deferred_drops if rid not in in_flight]
+        if ready:
+            out.append(Dropped(ready))
+            self.deferred_drops = [rid for rid in self.deferred_drops if rid in in_flight]
+        return out
+
+    def _can_run_ahead(self) -> bool:
+        return self.async_scheduling and not any(_needs_host_tokens(r.params) for r in self.running.values())
+
+    def _ahead_work(self, req: Request) -> SeqWork:
+        """A decode row one step ahead: its input is the token the pending step samples (a placeholder here)."""
+        n = req.num_tokens  # the pending step samples token n
+        return SeqWork(req.request_id, [0], n, list(self.tables[req.request_id]), True, req.params,
+                       len(req.output_token_ids) + 1, req.prompt_token_ids, req.output_token_ids)
+
+    def _launch(self, pending: Step | None) -> Step | None:
         prefill, self.inline = self.inline, None
-        t0 = time.time()
-        idle = 0.0 if self.last_step_end is None else t0 - self.last_step_end
-        work = [seq_work(r, 1, self.tables[r.request_id]) for r in batch]
+        ahead_ids = pending.ids if pending is not None else set()
+        bs = self.block_size
+        batch: list[Request] = []
+        work: list[SeqWork] = []
+        dst, src = [], []
+        src_row = {r.request_id: i for i, r in enumerate(pending.batch)} if pending is not None else {}
+        for req in self.running.values():
+            if len(batch) == self.max_num_seqs:
+                break
+            rid, table = req.request_id, self.tables[req.request_id]
+            if rid in ahead_ids:
+                last = len(req.output_token_ids) + 1 >= req.params.max_tokens or req.num_tokens + 1 >= self.max_model_len
+                if last or len(table) * bs < req.num_tokens + 1:
+                    continue  # it ends with the pending step, or has no block for one more token yet
+                dst.append(len(work))
+                src.append(src_row[rid])
+                work.append(self._ahead_work(req))
+            elif len(table) * bs >= req.num_tokens:
+                work.append(seq_work(req, 1, table))
+            else:
+                continue
+            batch.append(req)
         if prefill is not None:
             work += prefill.work
-        sampled: list[SampledToken] = self.runner.execute(work)
+        if not work:
+            return None
+        t0 = time.time()
+        idle = 0.0 if self.last_step_end is None else max(0.0, t0 - self.last_step_end)
+        inputs_from = (pending.launched, dst, src) if dst else None
+        launched = self.runner.launch(work, inputs_from)
+        return Step(launched, batch, prefill, t0, idle, {r.request_id for r in batch})
+
+    def _finish(self, step: Step) -> list:
+        """Read a step back: append each decode row's token, end the requests the rules end."""
+        sampled: list[SampledToken] = self.runner.collect(step.launched)
         t1 = time.time()
-        decoded, first_tokens = sampled[: len(batch)], sampled[len(batch):]
-        finished, handoffs = [], []
-        for req, tok in zip(batch, decoded):
-            if req.request_id in self.pending_handoff:
-                handoffs.append(t0 - self.pending_handoff.pop(req.request_id))
+        decoded, first_tokens = sampled[: len(step.batch)], sampled[len(step.batch):]
+        still_ahead = self.pending.ids if self.pending is not None and self.pending is not step else set()
+        kept, finished, handoffs = [], [], []
+        for req, tok in zip(step.batch, decoded):
+            rid = req.request_id
+            if self.running.get(rid) is not req:
+                continue  # ended at the step before, or stopped by the core meanwhile: not its token
+            if rid in self.pending_handoff:
+                handoffs.append(step.t0 - self.pending_handoff.pop(rid))
+            kept.append(tok)
             if req.append_token(tok.token_id, t1) is not None:
-                finished.append(req.request_id)
-                del self.running[req.request_id]
-                del self.tables[req.request_id]
+                del self.running[rid]
+                del self.tables[rid]
+                if rid not in still_ahead:  # a step in flight still writes its KV: the core stops it instead
+                    finished.append(rid)
         self.last_step_end = t1
-        out: list = [DecodeStep(decoded, finished, t0, t1, idle_gap_s=idle, handoffs=handoffs)] if batch else []
-        if prefill is not None:
-            out.append(PrefillDone(prefill.batch_id, first_tokens, t0, t1,
-                                   num_tokens=sum(len(w.token_ids) for w in prefill.work)))
+        self.grammars.retain(self.running)  # matchers of finished, dropped and prefill-only rows go
+        out: list = [DecodeStep(kept, finished, step.t0, t1, idle_gap_s=step.idle, handoffs=handoffs)] \
+            if step.batch else []
+        if step.prefill is not None:
+            out.append(PrefillDone(step.prefill.batch_id, first_tokens, step.t0, t1,
+                                   num_tokens=sum(len(w.token_ids) for w in step.prefill.work)))
         return out

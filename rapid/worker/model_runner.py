@@ -7,15 +7,28 @@ processes can share one copy) or loaded/allocated here.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
 from rapid.attention.metadata import AttentionMetadata
 from rapid.model.llama import LlamaModel
 from rapid.protocol.worker import SampledToken, SeqWork
-from rapid.worker.sampler import SamplingBatch, sample
+from rapid.worker.sampler import PendingSample, SamplingBatch, sample_async
+from rapid.worker.sampler_ops import logprob_entries
+
+MAX_PARTIAL_PROMPT_LOGPROBS = 256  # requests whose chunked prompt logprobs are being gathered (bounds a leak on abort)
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Launched:
+    """A forward pass and its sampling, enqueued on the device and not yet read back (see ModelRunner.launch)."""
+
+    sampling: list[SeqWork]  # the rows that sample, in order
+    sample: PendingSample | None  # None when no row samples
+    grammar_rows: bool  # structured-output matchers advance when it is collected
 
 
 class ModelRunner:
@@ -29,6 +42,10 @@ class ModelRunner:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.graph_runners = list(graph_runners)  # CUDA-graph runners (rapid.compile), tried in order
         self.eos_token_ids = eos_token_ids  # masked while a request is below min_tokens
+        # params.prompt_logprobs: request id -> (next prompt position, {token: logprob} per position, ranks),
+        # gathered chunk by chunk in this process and sent with the first sampled token
+        self.prompt_logprobs: dict[str, tuple[int, list[dict[int, float]], list[int]]] = {}
+        self.grammars = None  # structured outputs: the process's rapid.worker.grammar.GrammarBook, set by its worker
 
     def build_inputs(self, work: list[SeqWork]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         """Flatten the batch: input_ids [T], positions [T], metadata, and the rows that produce logits."""
@@ -70,24 +87,79 @@ class ModelRunner:
         return ids, pos_t, meta, logit_rows
 
     @torch.inference_mode()
-    def forward_logits(self, work: list[SeqWork]) -> torch.Tensor:
-        """Run the forward pass; return float32 logits [S_sample, vocab] for the sampling rows."""
+    def forward_logits(self, work: list[SeqWork], inputs_from: tuple[torch.Tensor, list[int], list[int]] | None = None
+                       ) -> torch.Tensor:
+        """Run the forward pass; return float32 logits [S_sample, vocab] for the sampling rows (and gather
+        the prompt logprobs of the requests that ask for them).
+
+        inputs_from = (tokens [B'] on the device, rows, source rows): those rows' input token is
+        tokens[source row], a previous step's sample that the host has not read back yet."""
         ids, positions, meta, rows = self.build_inputs(work)
+        if inputs_from is not None:
+            tokens, dst, src = inputs_from
+            ids[torch.tensor(dst, device=self.device)] = tokens[torch.tensor(src, device=self.device)]
         graphs = next((g for g in self.graph_runners if g.can_run(meta, ids.shape[0])), None)
         if graphs is not None:
             hidden = graphs.run(ids, positions, meta)
         else:
             hidden = self.model(ids, positions, self.kv_pool, meta)
+        self._gather_prompt_logprobs(work, hidden, meta.query_start_loc_host)
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)]) if rows else None
         return logits
 
-    @torch.inference_mode()
+    def _gather_prompt_logprobs(self, work: list[SeqWork], hidden: torch.Tensor, starts: list[int]) -> None:
+        """Logprobs of the prompt tokens this chunk predicts (position p predicts prompt token p + 1)."""
+        for i, w in enumerate(work):
+            if w.params is None or w.params.prompt_logprobs is None:
+                continue
+            last = len(w.prompt_token_ids) - 1  # positions 0 .. last - 1 predict prompt tokens 1 .. last
+            n = min(w.start_pos + len(w.token_ids), last) - w.start_pos
+            if n <= 0:
+                continue
+            rid = w.request_id
+            if w.start_pos == 0 or rid not in self.prompt_logprobs:
+                self.prompt_logprobs.pop(rid, None)
+                while len(self.prompt_logprobs) >= MAX_PARTIAL_PROMPT_LOGPROBS:
+                    self.prompt_logprobs.pop(next(iter(self.prompt_logprobs)))
+                self.prompt_logprobs[rid] = (0, [], [])
+            pos, entries, ranks = self.prompt_logprobs[rid]
+            if pos != w.start_pos:  # a chunk ran elsewhere: this process cannot give the full list
+                continue
+            logits = self.model.compute_logits(hidden[starts[i] : starts[i] + n]).float()  # [n, V]
+            targets = torch.tensor(w.prompt_token_ids[w.start_pos + 1 : w.start_pos + 1 + n], device=self.device)
+            e, r = logprob_entries(torch.log_softmax(logits, dim=-1), targets, [w.params.prompt_logprobs] * n)
+            self.prompt_logprobs[rid] = (pos + n, entries + e, ranks + r)
+
+    def _take_prompt_logprobs(self, w: SeqWork) -> tuple[list[dict[int, float]] | None, list[int] | None]:
+        if w.params.prompt_logprobs is None:
+            return None, None
+        pos, entries, ranks = self.prompt_logprobs.pop(w.request_id, (0, [], []))
+        if pos != len(w.prompt_token_ids) - 1:
+            return None, None
+        return entries, ranks
+
     def execute(self, work: list[SeqWork]) -> list[SampledToken]:
         """Forward + sample: one SampledToken per SeqWork with sample=True, in order."""
-        logits = self.forward_logits(work)
+        return self.collect(self.launch(work))
+
+    @torch.inference_mode()
+    def launch(self, work: list[SeqWork], inputs_from: tuple[Launched, list[int], list[int]] | None = None
+               ) -> Launched:
+        """Enqueue the forward pass and the sampling of `work` without waiting for the device.
+
+        inputs_from = (a previous, uncollected step, rows of `work`, that step's sampling rows): those rows'
+        input token is what the previous step samples (the decode executor runs one step ahead).
+        """
+        source = None
+        if inputs_from is not None:
+            prev, dst, src = inputs_from
+            source = (prev.sample.tokens, dst, src)
+        logits = self.forward_logits(work, source)
         sampling = [w for w in work if w.sample]
         if not sampling:
-            return []
+            return Launched([], None, False)
+        grammars = self.grammars
+        bitmask = grammars.bitmask(sampling, self.vocab_size, self.device) if grammars is not None else None
         batch = SamplingBatch.build(
             params=[w.params for w in sampling],
             output_token_ids=[w.output_token_ids for w in sampling],
@@ -96,9 +168,19 @@ class ModelRunner:
             vocab_size=self.vocab_size,
             device=self.device,
             eos_token_ids=self.eos_token_ids,
+            grammar_bitmask=bitmask,
         )
-        out = sample(logits, batch, self.generator)
+        return Launched(sampling, sample_async(logits, batch, self.generator), bitmask is not None)
+
+    def collect(self, launched: Launched) -> list[SampledToken]:
+        """Wait for a launched step's samples (not for anything enqueued after it) and return them."""
+        if launched.sample is None:
+            return []
+        out = launched.sample.result()
+        sampling = launched.sampling
+        if launched.grammar_rows:
+            self.grammars.advance(sampling, out.token_ids)
         return [
-            SampledToken(w.request_id, tok, lp, top)
-            for w, tok, lp, top in zip(sampling, out.token_ids, out.sampled_logprob, out.logprobs)
+            SampledToken(w.request_id, tok, lp, top, rank, *self._take_prompt_logprobs(w))
+            for w, tok, lp, top, rank in zip(sampling, out.token_ids, out.sampled_logprob, out.logprobs, out.ranks)
         ]

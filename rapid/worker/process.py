@@ -3,6 +3,11 @@
 rapid: the decode worker owns the arena (weights + KV pool) and the prefill worker maps it; disagg:
 each owns its own arena on its own GPU and the decode worker maps the prefill worker's to copy KV out.
 Each loop keeps its device busy without waiting on the engine core between steps.
+
+Fault injection (tests and bench/fault_probe.py only; off unless set): RAPID_FAULT_INJECT=ROLE[:N] makes
+worker ROLE (prefill or decode) store out of bounds on its Nth batch / step (default 1): on CUDA a Triton
+kernel writes far outside its buffer (an illegal-address fault, fatal to the CUDA context and, under MPS,
+to every client of the server); on the CPU a store to address 16 (SIGSEGV). Read at the worker's start.
 """
 
 from __future__ import annotations
@@ -20,10 +25,49 @@ from rapid.protocol.worker import (
     DecodeInput, PrefillBatch, PrefillDone, PrefillInput, Transferred, WorkerArgs, WorkerReady, decode_args,
 )
 from rapid.worker.decode_loop import DecodeLoop
+from rapid.worker.grammar import GrammarBook
 from rapid.worker.memory import max_reserved_bytes
 from rapid.worker.model_setup import ModelSetup, open_peer_pool
 
 logger = logging.getLogger(__name__)
+FAULT_ENV = "RAPID_FAULT_INJECT"
+
+
+def fault_step(role: str) -> int | None:
+    """The batch / step (1-based) on which RAPID_FAULT_INJECT asks this worker to fault; None: never."""
+    spec = os.environ.get(FAULT_ENV, "")
+    name, _, nth = spec.partition(":")
+    if name != role:
+        return None
+    if not (nth or "1").isdigit() or int(nth or "1") < 1:
+        raise ValueError(f"{FAULT_ENV}={spec!r}: expected ROLE[:N] with N >= 1")
+    return int(nth or "1")
+
+
+def inject_fault(role: str, step: int, device: torch.device) -> None:
+    """Store out of bounds on purpose (see the module doc); the process is not expected to survive it."""
+    logger.error("%s: %s worker stores out of bounds on purpose at batch/step %d", FAULT_ENV, role, step)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    if device.type != "cuda":
+        import ctypes
+
+        ctypes.memset(16, 0, 8)  # an invalid store: SIGSEGV
+        return
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def oob_store(ptr, offset):
+        tl.store(ptr + offset, 1.0)
+
+    buf = torch.zeros(1, dtype=torch.float32, device=device)
+    try:
+        oob_store[(1,)](buf, 1 << 40)  # 4 TiB past the buffer
+    except Exception as e:  # noqa: BLE001 - Triton could not build it: an out-of-range index (a device assert)
+        logger.error("%s: the Triton kernel failed (%s); indexing out of range instead", FAULT_ENV, e)
+        buf[torch.full((1,), 1 << 40, device=device)] = 1.0
+    torch.cuda.synchronize(device)  # raises the fault here
 
 
 def sync_device(device: torch.device) -> None:
@@ -64,11 +108,19 @@ def worker_process(raw_args: bytes, inbox_name: str, inbox_type):
         logger.exception("%s worker failed", args.name)
         raise
     finally:
+        _close_quietly(setup, (inbox, results, ready), ctx)  # rapid.engine.child then logs the cause last
+
+
+def _close_quietly(setup, channels, ctx) -> None:
+    """Close everything; a failure here (a broken device may fail again) is logged, never raised over the cause."""
+    try:
         if setup is not None:
             setup.close()
-        for ch in (inbox, results, ready):
+        for ch in channels:
             ch.close()
         ctx.term()
+    except Exception as e:  # noqa: BLE001
+        logger.warning("closing the worker's resources failed too: %s: %s", type(e).__name__, e)
 
 
 def _ready(args: WorkerArgs, setup: ModelSetup) -> WorkerReady:
@@ -79,14 +131,20 @@ def _ready(args: WorkerArgs, setup: ModelSetup) -> WorkerReady:
 
 def prefill_main(raw_args: bytes) -> None:
     with worker_process(raw_args, "prefill_in", PrefillInput) as (args, setup, runner, inbox, results, ready):
+        grammars = runner.grammars = GrammarBook(args.config.tokenizer, args.eos_token_ids)  # structured outputs
         ready.send(_ready(args, setup))
+        fault_at, batches = fault_step(args.name), 0
         while True:
             msg = inbox.recv(timeout_ms=1000)
             if isinstance(msg, Shutdown):
                 break
             if isinstance(msg, PrefillBatch):
+                batches += 1
+                if batches == fault_at:
+                    inject_fault(args.name, batches, setup.device)
                 t0 = time.time()
                 sampled = runner.execute(msg.work)
+                grammars.retain(())  # the decode worker takes the requests over (it replays their tokens)
                 sync_device(setup.device)  # the KV is complete before the core hands the request to decode
                 results.send(PrefillDone(msg.batch_id, sampled, t0, time.time(),
                                          num_tokens=sum(len(w.token_ids) for w in msg.work)))
@@ -100,6 +158,7 @@ def decode_main(raw_args: bytes) -> None:
             peer_device = torch.device(args.arena.cuda_args[0]) if args.arena.kind == "cuda" else setup.device
             peer, loop.peer_kv = open_peer_pool(args.config, args.arena, args.num_blocks, peer_device)
         ready.send(_ready(args, setup))
+        fault_at, steps = fault_step(args.name), 0
         while True:
             # Never wait for the core while there is work: poll without blocking between steps.
             busy = loop.has_work()
@@ -116,6 +175,9 @@ def decode_main(raw_args: bytes) -> None:
             if not loop.has_work():
                 loop.last_step_end = None  # idle by lack of work, not host overhead
                 continue
+            steps += 1
+            if steps == fault_at:
+                inject_fault(args.name, steps, setup.device)
             for out in loop.step():
                 if isinstance(out, PrefillDone):
                     sync_device(setup.device)

@@ -6,7 +6,9 @@ tensors once, and `sample(logits, batch, generator)` picks one token per row.  P
 
     raw logits ──> logprobs (log_softmax of the raw logits, if asked for)
         │
-        ├─ min_tokens: EOS / stop_token_ids -> -inf while a row is short of min_tokens
+        ├─ allowed tokens: structured-output grammar bitmask and allowed_token_ids (others -> -inf)
+        ├─ logit_bias added
+        ├─ bans: EOS / stop_token_ids while a row is short of min_tokens, bad_words' next tokens
         ├─ penalties: repetition (prompt + output tokens), frequency and presence (output tokens)
         ├─ greedy rows: argmax
         └─ random rows: / temperature -> min_p -> top_k -> top_p -> softmax -> exponential race
@@ -30,28 +32,11 @@ import torch
 from torch import Tensor
 
 from rapid.params import SamplingParams, _is_int
-from rapid.worker.sampler_ops import apply_penalties, apply_top_k_top_p
+from rapid.worker.sampler_ops import (
+    apply_penalties, apply_top_k_top_p, bad_word_bans, logprob_entries, mix_seed, unpack_bitmask,
+)
 
-__all__ = ["SamplingBatch", "SamplerOutput", "sample", "process_logits", "mix_seed"]
-
-_MASK64 = (1 << 64) - 1
-
-# ------------------------------------------------------------------------------------------------
-# Seed mixing
-# ------------------------------------------------------------------------------------------------
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def mix_seed(seed: int, step: int) -> int:
-    """Generator seed for request seed ``seed`` at step ``step``: a fixed hash in [0, 2**63)."""
-    return _splitmix64(_splitmix64(seed & _MASK64) ^ (step & _MASK64)) >> 1
-
+__all__ = ["SamplingBatch", "SamplerOutput", "PendingSample", "sample", "sample_async", "process_logits", "mix_seed"]
 
 # ------------------------------------------------------------------------------------------------
 # Batched sampler
@@ -67,11 +52,13 @@ class SamplerOutput:
     logprobs:        per row, None if the row did not ask for logprobs, else
                      {token_id: logprob} with the top-N tokens of log_softmax(raw logits)
                      plus the sampled token (N + 1 entries when the sampled one is not in the top-N).
+    ranks:           per row, the sampled token's 1-based rank in log_softmax(raw logits) (0 without logprobs).
     """
 
     token_ids: list[int]
     sampled_logprob: list[float]
     logprobs: list[dict[int, float] | None]
+    ranks: list[int]
 
 
 @dataclass
@@ -99,9 +86,15 @@ class SamplingBatch:
     presence_penalty: Tensor | None  # [B] float32
     output_counts: Tensor | None  # [B, V] float32: occurrences of each token in the row's output
     prompt_mask: Tensor | None  # [B, V] bool: token occurs in the row's prompt
-    # min_tokens: (rows, token ids) set to -inf
-    min_tokens_rows: Tensor | None  # [M] int64
-    min_tokens_ids: Tensor | None  # [M] int64
+    # allowed tokens (grammar bitmask and allowed_token_ids): [B, V] bool, None when no row is constrained
+    allowed: Tensor | None
+    # logit_bias: logits[rows, ids] += values
+    bias_rows: Tensor | None  # [K] int64
+    bias_ids: Tensor | None  # [K] int64
+    bias_values: Tensor | None  # [K] float32
+    # bans (min_tokens' stop tokens, bad_words): (rows, token ids) set to -inf
+    banned_rows: Tensor | None  # [M] int64
+    banned_ids: Tensor | None  # [M] int64
     # seeded random rows
     seeded_rows: list[int]
     seeded_seeds: list[int]  # mix_seed(seed, step), one per seeded row
@@ -119,6 +112,7 @@ class SamplingBatch:
         vocab_size: int,
         device: torch.device | str,
         eos_token_ids: Sequence[int] | Sequence[Sequence[int]] | None = None,
+        grammar_bitmask: Tensor | None = None,
     ) -> "SamplingBatch":
         """Build the step's batch.
 
@@ -132,6 +126,8 @@ class SamplingBatch:
         vocab_size:       V, the logits' last dimension.
         eos_token_ids:    EOS ids masked while a row is below min_tokens (unless ignore_eos):
                           either one flat collection shared by all rows, or one per row.
+        grammar_bitmask:  [B, ceil(V / 32)] int32 allowed tokens of structured-output rows (all ones for
+                          the others; rapid.worker.grammar), or None.
         """
         device = torch.device(device)
         B, V = len(params), vocab_size
@@ -205,21 +201,33 @@ class SamplingBatch:
             # float sums of 1.0 are exact (< 2**24), so the atomic order on GPUs does not matter
             output_counts.view(-1).index_add_(0, idx, torch.ones(idx.shape, device=device))
 
-        # min_tokens: rows still short of min_tokens cannot emit a stop token.
+        # Bans: rows still short of min_tokens cannot emit a stop token; bad_words' next tokens.
         mt_rows: list[int] = []
         mt_ids: list[int] = []
         for i, p in enumerate(params):
+            banned = set()
             if step_indices[i] < p.min_tokens:
-                banned = set(p.stop_token_ids)
+                banned.update(p.stop_token_ids)
                 if not p.ignore_eos:
                     banned.update(eos_per_row[i])
-                banned = sorted(t for t in banned if 0 <= t < V)
-                mt_rows.extend([i] * len(banned))
-                mt_ids.extend(banned)
-        min_tokens_rows = min_tokens_ids = None
+            if p.bad_words_token_ids:
+                if output_token_ids is None:
+                    raise ValueError("output_token_ids is required when a row has bad_words")
+                banned.update(bad_word_bans(p.bad_words_token_ids, output_token_ids[i]))
+            banned = sorted(t for t in banned if 0 <= t < V)
+            mt_rows.extend([i] * len(banned))
+            mt_ids.extend(banned)
+        banned_rows = banned_ids = None
         if mt_rows:
-            min_tokens_rows = torch.tensor(mt_rows, dtype=torch.int64).to(device, non_blocking=True)
-            min_tokens_ids = torch.tensor(mt_ids, dtype=torch.int64).to(device, non_blocking=True)
+            banned_rows = torch.tensor(mt_rows, dtype=torch.int64).to(device, non_blocking=True)
+            banned_ids = torch.tensor(mt_ids, dtype=torch.int64).to(device, non_blocking=True)
+        allowed = _allowed_mask(params, grammar_bitmask, V, device)
+        bias_rows = bias_ids = bias_values = None
+        if any(p.logit_bias for p in params):
+            entries = [(i, t, b) for i, p in enumerate(params) for t, b in (p.logit_bias or {}).items() if t < V]
+            bias_rows = torch.tensor([e[0] for e in entries], dtype=torch.int64).to(device, non_blocking=True)
+            bias_ids = torch.tensor([e[1] for e in entries], dtype=torch.int64).to(device, non_blocking=True)
+            bias_values = f32([e[2] for e in entries])
 
         num_logprobs = [p.logprobs for p in params]
         max_num_logprobs = min(max((n for n in num_logprobs if n is not None), default=-1), V)
@@ -241,13 +249,31 @@ class SamplingBatch:
             presence_penalty=presence_penalty,
             output_counts=output_counts,
             prompt_mask=prompt_mask,
-            min_tokens_rows=min_tokens_rows,
-            min_tokens_ids=min_tokens_ids,
+            allowed=allowed,
+            bias_rows=bias_rows,
+            bias_ids=bias_ids,
+            bias_values=bias_values,
+            banned_rows=banned_rows,
+            banned_ids=banned_ids,
             seeded_rows=seeded_rows,
             seeded_seeds=seeded_seeds,
             max_num_logprobs=max_num_logprobs,
             num_logprobs=num_logprobs,
         )
+
+
+def _allowed_mask(params: Sequence[SamplingParams], grammar_bitmask: Tensor | None, vocab_size: int,
+                  device: torch.device) -> Tensor | None:
+    """[B, V] bool: the grammar's allowed tokens and allowed_token_ids; None when no row is constrained."""
+    allowed = None if grammar_bitmask is None else unpack_bitmask(grammar_bitmask.to(device), vocab_size)
+    rows = [i for i, p in enumerate(params) if p.allowed_token_ids is not None]
+    if rows:
+        ids = torch.zeros(len(params), vocab_size, dtype=torch.bool, device=device)
+        ids[[i for i in range(len(params)) if i not in rows]] = True
+        idx = _flat_token_index([params[i].allowed_token_ids for i in rows], rows, vocab_size, device)
+        ids.view(-1)[idx] = True
+        allowed = ids if allowed is None else allowed & ids
+    return allowed
 
 
 def _eos_per_row(
@@ -290,12 +316,17 @@ def _exponential_noise(
 
 
 def process_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
-    """min_tokens masking and penalties on logits [B, V]; returns a new tensor when anything applies
-    (the input itself, unmodified, otherwise). Temperature and filtering are not applied here."""
+    """Allowed-token masks, logit_bias, bans and penalties on logits [B, V]; returns a new tensor when
+    anything applies (the input itself, unmodified, otherwise). Temperature and filtering are not applied here."""
     x = logits
-    if batch.min_tokens_rows is not None:
-        x = x.clone()
-        x[batch.min_tokens_rows, batch.min_tokens_ids] = float("-inf")
+    if batch.allowed is not None:
+        x = x.masked_fill(~batch.allowed, float("-inf"))
+    if batch.bias_rows is not None:
+        x = x.clone() if x is logits else x
+        x.index_put_((batch.bias_rows, batch.bias_ids), batch.bias_values, accumulate=True)
+    if batch.banned_rows is not None:
+        x = x.clone() if x is logits else x
+        x[batch.banned_rows, batch.banned_ids] = float("-inf")
     if batch.output_counts is not None:
         x = apply_penalties(
             x.clone() if x is logits else x,
@@ -308,10 +339,37 @@ def process_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
     return x
 
 
-def sample(
+class PendingSample:
+    """One step's sampled tokens, on their way to the host: `tokens` stays on the device (the next step may
+    read it as input ids), the host copy is enqueued behind the step, and `result()` waits for that copy only,
+    not for work enqueued later (the next step's forward pass)."""
+
+    def __init__(self, tokens: Tensor, sampled_lp: Tensor, logprobs: list, ranks: list[int]):
+        self.tokens = tokens  # [B] int64, on the logits' device
+        self._logprobs, self._ranks = logprobs, ranks
+        self._ready = None
+        if tokens.is_cuda:
+            self._tokens_host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._lp_host = torch.empty(sampled_lp.shape, dtype=sampled_lp.dtype, pin_memory=True)
+            self._tokens_host.copy_(tokens, non_blocking=True)
+            self._lp_host.copy_(sampled_lp, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._tokens_host, self._lp_host = tokens, sampled_lp
+
+    def result(self) -> SamplerOutput:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return SamplerOutput(token_ids=self._tokens_host.tolist(), sampled_logprob=self._lp_host.tolist(),
+                             logprobs=self._logprobs, ranks=self._ranks)
+
+
+def sample_async(
     logits: Tensor, batch: SamplingBatch, generator: torch.Generator | None = None
-) -> SamplerOutput:
-    """Sample one token per row from logits [B, V] (float32, not modified).
+) -> PendingSample:
+    """Sample one token per row from logits [B, V] (float32, not modified) without waiting for the device
+    (rows that ask for logprobs are the exception: their entries are read back at once).
 
     `generator` drives unseeded random rows (one engine-wide generator); None uses torch's default.
     """
@@ -345,31 +403,16 @@ def sample(
         )
 
     # Logprobs of the raw logits.
-    if batch.max_num_logprobs >= 0:
-        logprobs_all = torch.log_softmax(raw, dim=-1)  # [B, V]
-        sampled_lp = logprobs_all.gather(1, tokens[:, None])[:, 0]  # [B]
-        top_lp, top_ids = (
-            torch.topk(logprobs_all, batch.max_num_logprobs, dim=-1)
-            if batch.max_num_logprobs > 0
-            else (None, None)
-        )
-    else:
-        sampled_lp = raw.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(raw, dim=-1)  # [B]
-        top_lp = top_ids = None
-
-    token_list: list[int] = tokens.tolist()
-    sampled_list: list[float] = sampled_lp.tolist()
+    sampled_lp = raw.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(raw, dim=-1)  # [B]
     logprobs: list[dict[int, float] | None] = [None] * B
+    ranks = [0] * B
     if batch.max_num_logprobs >= 0:
-        top_lp_list = top_lp.tolist() if top_lp is not None else None
-        top_ids_list = top_ids.tolist() if top_ids is not None else None
-        for i, n in enumerate(batch.num_logprobs):
-            if n is None:
-                continue
-            d: dict[int, float] = {}
-            if n > 0:
-                assert top_lp_list is not None and top_ids_list is not None
-                d = dict(zip(top_ids_list[i][:n], top_lp_list[i][:n]))
-            d.setdefault(token_list[i], sampled_list[i])
-            logprobs[i] = d
-    return SamplerOutput(token_ids=token_list, sampled_logprob=sampled_list, logprobs=logprobs)
+        logprobs, ranks = logprob_entries(torch.log_softmax(raw, dim=-1), tokens, batch.num_logprobs)
+    return PendingSample(tokens, sampled_lp, logprobs, ranks)
+
+
+def sample(
+    logits: Tensor, batch: SamplingBatch, generator: torch.Generator | None = None
+) -> SamplerOutput:
+    """`sample_async`, waited for."""
+    return sample_async(logits, batch, generator).result()

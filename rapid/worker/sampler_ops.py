@@ -1,15 +1,86 @@
 """Logit filters of the batched sampler (rapid.worker.sampler), on plain [B, V] tensors.
 
 apply_penalties: repetition, frequency and presence penalties;
-apply_top_k_top_p: the top-k / top-p masks (the only sort in the sampler).
+apply_top_k_top_p: the top-k / top-p masks (the only sort in the sampler);
+mix_seed: the generator seed of a seeded row at one step;
+unpack_bitmask: a packed allowed-token bitmask (xgrammar's int32 layout) as a [B, V] bool mask;
+bad_word_bans: the tokens bad_words forbid next;
+logprob_entries: {token: logprob} of the top-N plus the chosen token, and the chosen token's rank.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor
 
-__all__ = ["apply_penalties", "apply_top_k_top_p"]
+__all__ = [
+    "apply_penalties", "apply_top_k_top_p", "bad_word_bans", "logprob_entries", "mix_seed", "unpack_bitmask",
+]
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def mix_seed(seed: int, step: int) -> int:
+    """Generator seed for request seed ``seed`` at step ``step``: a fixed hash in [0, 2**63)."""
+    return _splitmix64(_splitmix64(seed & _MASK64) ^ (step & _MASK64)) >> 1
+
+
+def unpack_bitmask(bitmask: Tensor, vocab_size: int) -> Tensor:
+    """[B, W] int32 (bit j of word w allows token 32 w + j) -> [B, V] bool, True = allowed."""
+    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
+    bits = (bitmask[:, :, None] >> shifts) & 1  # [B, W, 32]
+    return bits.view(bitmask.shape[0], -1)[:, :vocab_size].bool()
+
+
+def bad_word_bans(bad_words_token_ids: Sequence[Sequence[int]], output_token_ids: Sequence[int]) -> list[int]:
+    """vLLM's rule: the last token of a banned sequence is forbidden when the output ends with the rest of it."""
+    banned = []
+    for seq in bad_words_token_ids:
+        prefix = list(seq[:-1])
+        if not prefix or (len(output_token_ids) >= len(prefix) and list(output_token_ids[-len(prefix):]) == prefix):
+            banned.append(seq[-1])
+    return banned
+
+
+def logprob_entries(logprobs: Tensor, chosen: Tensor, nums: Sequence[int | None]
+                    ) -> tuple[list[dict[int, float] | None], list[int]]:
+    """logprobs [R, V] (log_softmax), chosen [R] token ids, nums: top-N per row (None: row skipped).
+
+    Per row: {token: logprob} with the top-N (descending) then the chosen token when not among them, and
+    the chosen token's 1-based rank (tokens with a logprob >= its own, as vLLM counts; 0 for skipped rows).
+    """
+    R, V = logprobs.shape
+    if R == 0:
+        return [], []
+    k = min(max((n for n in nums if n is not None), default=0), V)
+    chosen_lp = logprobs.gather(1, chosen[:, None])  # [R, 1]
+    ranks = (logprobs >= chosen_lp).sum(dim=-1).tolist()
+    top_lp = top_ids = None
+    if k > 0:
+        top = torch.topk(logprobs, k, dim=-1)
+        top_lp, top_ids = top.values.tolist(), top.indices.tolist()
+    chosen_list, chosen_lp_list = chosen.tolist(), chosen_lp[:, 0].tolist()
+    entries: list[dict[int, float] | None] = []
+    out_ranks: list[int] = []
+    for i, n in enumerate(nums):
+        if n is None:
+            entries.append(None)
+            out_ranks.append(0)
+            continue
+        d = dict(zip(top_ids[i][:n], top_lp[i][:n])) if n > 0 and top_ids is not None else {}
+        d.setdefault(chosen_list[i], chosen_lp_list[i])
+        entries.append(d)
+        out_ranks.append(ranks[i])
+    return entries, out_ranks
 
 
 def apply_penalties(

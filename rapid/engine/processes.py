@@ -1,0 +1,190 @@
+"""One incarnation of a multi-process engine: its children (started in the stage order of launch.py),
+its sockets and its /dev/shm arena. MPClient owns one at a time and replaces it when a process dies.
+
+Each incarnation has endpoints of its own (names suffixed with its number) in the engine's private
+directory, so nothing an earlier incarnation sent can reach a later one. Each child's stdin stays open
+for its life (the parent-process watch, see ipc.watch_parent) and is recorded in the directory's
+children file (for clean-up after a killed owner, see ipc.remove_stale_dirs).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import msgspec
+import zmq
+
+from rapid.config import EngineConfig
+from rapid.engine import ipc, launch
+from rapid.engine.mps import MpsDaemon, worker_env
+from rapid.protocol.engine import CoreOutput, Shutdown
+from rapid.protocol.worker import WorkerArgs, WorkerReady, encode_args
+
+logger = logging.getLogger(__name__)
+POLL_MS = 100
+CHANNELS = ("core_in", "core_out", "worker_out", "prefill_in", "decode_in", "ready")
+
+
+@dataclass
+class ChildProcess:
+    name: str
+    process: subprocess.Popen
+    log_path: str
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def death_reason(self) -> str:
+        code = self.process.returncode
+        return (f"{self.name} process (pid {self.process.pid}) died with exit code {code}"
+                f"{' (signal %d)' % -code if code is not None and code < 0 else ''}; last log lines:\n"
+                f"{ipc.tail(self.log_path, 8)}")
+
+
+def _wait(proc: subprocess.Popen, timeout: float) -> None:
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+class EngineProcesses:
+    """The children of one start; `start()` brings them up, `stop()` takes everything down (idempotent)."""
+
+    def __init__(self, config: EngineConfig, ctx: zmq.Context, directory: str, number: int,
+                 eos_token_ids: tuple[int, ...], mps: MpsDaemon | None, devices: dict[str, str]):
+        self.config, self.ctx, self.dir, self.number = config, ctx, directory, number
+        self.eos_token_ids, self.mps, self.devices = eos_token_ids, mps, devices
+        self.endpoints = {n: ipc.endpoint(directory, f"{n}-{number}") for n in CHANNELS}
+        self.children: list[ChildProcess] = []
+        self.started: dict[str, WorkerReady] = {}  # every process's ready handshake (pid, KV blocks, memory peak)
+        self.shm_names: list[str] = []
+        self.ready = ipc.Channel(ctx, zmq.PULL, self.endpoints["ready"], bind=True, decode_type=WorkerReady)
+        self.out = ipc.Channel(ctx, zmq.PULL, self.endpoints["core_out"], bind=True, decode_type=CoreOutput)
+        self.inp: ipc.Channel | None = None
+        self.worker_lines: dict[str, ipc.Channel] = {}  # direct lines to the workers, for shutdown only
+        self.stopped = False
+
+    # ------------------------------------------------------------------ start-up
+    def start(self) -> None:
+        """Spawn every process at once (their interpreters and imports overlap), then hand each stage its
+        arguments once the previous stage is ready (an importer needs the owner's published arena)."""
+        stages = launch.stages(self.config.mode)
+        spawned = {role.name: self._spawn(role.name) for stage in stages for role in stage}
+        for stage in stages:
+            for role in stage:
+                self._send_args(spawned[role.name], **launch.spawn_fields(self.config.mode, role, self.started))
+            for ready in self._wait_ready(*(spawned[role.name] for role in stage)).values():
+                if ready.arena is not None and ready.arena.kind == "shm":  # removed even if its owner is killed
+                    self.shm_names.append(ready.arena.shm_name)
+        self.inp = ipc.Channel(self.ctx, zmq.PUSH, self.endpoints["core_in"], bind=False)
+        self.worker_lines = {n: ipc.Channel(self.ctx, zmq.PUSH, self.endpoints[f"{n}_in"], bind=False)
+                             for n in ("prefill", "decode")}
+        if self.mps is not None:
+            self.mps.check_clients([c.process.pid for c in self.children if c.name in ("decode", "prefill")])
+
+    def _spawn(self, name: str) -> ChildProcess:
+        log_path = f"{self.dir}/{name}.log"
+        # The kernel's parent-death signal follows the parent THREAD: only safe from the main thread.
+        extra = ["pdeathsig"] if threading.current_thread() is threading.main_thread() else []
+        env = {**os.environ, **worker_env(self.config, name, self.mps)}  # in effect before its imports (MPS share)
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "rapid.engine.child", name, *extra], env=env,
+                                    stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, close_fds=True)
+        child = ChildProcess(name, proc, log_path)
+        self.children.append(child)
+        ipc.record_child(self.dir, proc.pid, name)
+        return child
+
+    def _send_args(self, child: ChildProcess, arena=None, num_blocks: int = 0, peer_num_blocks: int = 0) -> None:
+        name = child.name
+        args = WorkerArgs(name=name, config=self.config, endpoints=self.endpoints, log_path=child.log_path,
+                          log_level=logging.getLogger("rapid").getEffectiveLevel() or logging.INFO,
+                          eos_token_ids=self.eos_token_ids, env=worker_env(self.config, name, self.mps), arena=arena,
+                          num_blocks=num_blocks, device=self.devices.get(name), peer_num_blocks=peer_num_blocks)
+        try:
+            child.process.stdin.write(ipc.frame_args(encode_args(args)))
+            child.process.stdin.flush()  # stdin stays open: the child's parent watch
+        except BrokenPipeError:
+            pass  # it exited already: _wait_ready reports it with its log
+
+    def _wait_ready(self, *children: ChildProcess) -> dict[str, WorkerReady]:
+        """Wait for each child's WorkerReady; an exit or the timeout is an error naming the process."""
+        deadline = time.monotonic() + self.config.rapid.worker_start_timeout_s
+        got: dict[str, WorkerReady] = {}
+        while len(got) < len(children):
+            msg = self.ready.recv(timeout_ms=POLL_MS)
+            if isinstance(msg, WorkerReady):
+                got[msg.name] = msg
+                self.started[msg.name] = msg
+            for child in children:
+                if child.name not in got and not child.alive():
+                    raise RuntimeError(
+                        f"{child.name} process (pid {child.process.pid}) exited with code {child.process.returncode} "
+                        f"during start-up; its last log lines:\n{ipc.tail(child.log_path)}"
+                    )
+            if time.monotonic() > deadline:
+                late = next(c for c in children if c.name not in got)
+                raise TimeoutError(
+                    f"{late.name} process (pid {late.process.pid}) was not ready within "
+                    f"{self.config.rapid.worker_start_timeout_s:g}s; its last log lines:\n{ipc.tail(late.log_path)}"
+                )
+        return got
+
+    # ------------------------------------------------------------------ running
+    def dead_child(self) -> ChildProcess | None:
+        return next((c for c in self.children if not c.alive()), None)
+
+    # ------------------------------------------------------------------ shutdown
+    def stop(self, graceful: bool = True) -> None:
+        """Importers (prefill, core) first, then the owner of the shared arena (decode); then the arena itself.
+
+        graceful: a Shutdown handshake (5 s) with each process that reported ready. Not graceful (a process
+        died, or the start failed): SIGTERM at once. Either way SIGKILL after 3 s more.
+        """
+        if self.stopped:
+            return
+        self.stopped = True
+        try:
+            for stage in launch.stop_order(self.config.mode):
+                group = [c for c in self.children if c.name in stage]
+                told = [c for c in group if graceful and c.alive() and c.name in self.started and self._tell_stop(c)]
+                for child in group:
+                    if child in told:
+                        _wait(child.process, 5)
+                    if child.alive():
+                        child.process.terminate()
+                        _wait(child.process, 3)
+                    if child.alive():
+                        child.process.kill()
+                        _wait(child.process, 3)
+        finally:
+            for child in self.children:
+                if child.process.stdin is not None:
+                    try:
+                        child.process.stdin.close()  # a child still alive (unkillable?) now exits by itself
+                    except OSError:
+                        pass
+                ipc.unlink_shm_of(child.process.pid)  # the owner unlinks; this covers an owner that was killed
+            for name in self.shm_names:
+                ipc.unlink_shm(name)
+            for ch in (self.inp, self.out, self.ready, *self.worker_lines.values()):
+                if ch is not None:
+                    ch.close()
+
+    def _tell_stop(self, child: ChildProcess) -> bool:
+        """Send Shutdown (the core through its inbox, a worker on its direct line); whether it was sent."""
+        line = self.inp if child.name == "core" else self.worker_lines.get(child.name)
+        if line is None:
+            return False
+        try:
+            line.sock.send(msgspec.msgpack.encode(Shutdown()), zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False

@@ -1,0 +1,113 @@
+"""The OpenAI-compatible FastAPI app over an EngineFrontend: /v1/completions, /v1/chat/completions,
+/v1/models, /health and /metrics, with an optional Bearer API key on /v1/*."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from rapid.entrypoints.frontend import EngineFrontend
+from rapid.entrypoints.openai import protocol as P
+from rapid.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
+from rapid.entrypoints.openai.serving import OpenAIServing
+
+logger = logging.getLogger(__name__)
+
+
+def _error(e: P.ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+async def _unless_disconnected(request: Request, coro, on_disconnect) -> dict | None:
+    """Await `coro`; if the client disconnects first, cancel it, call on_disconnect and return None."""
+    task = asyncio.ensure_future(coro)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    on_disconnect()
+    return None
+
+
+def build_app(frontend: EngineFrontend, *, model_name: str | None = None, api_key: str | None = None,
+              metrics: ServerMetrics | None = None) -> FastAPI:
+    """The app; `model_name` defaults to the model folder given to the LLM (requests may use either)."""
+    config = frontend.llm.config
+    model_name = model_name or config.model
+    if metrics is None:
+        metrics = ServerMetrics(model_name, config.mode, get_stats=getattr(frontend, "get_stats", None))
+    serving = OpenAIServing(frontend, model_name, metrics)
+    app = FastAPI(title="RAPID", openapi_url=None, docs_url=None, redoc_url=None)
+    app.state.serving = serving
+    created = int(time.time())
+
+    @app.exception_handler(P.ApiError)
+    async def on_api_error(_request: Request, e: P.ApiError) -> JSONResponse:
+        return _error(e)
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(_request: Request, e: HTTPException) -> JSONResponse:
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return _error(P.ApiError(e.status_code, str(e.detail), type=kind))
+
+    @app.middleware("http")
+    async def check_api_key(request: Request, call_next):
+        if api_key is not None and request.url.path.startswith("/v1"):
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), api_key.encode()):
+                return _error(P.ApiError(401, "Incorrect API key provided; send 'Authorization: Bearer <key>'",
+                                         code="invalid_api_key"))
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if frontend.dead_reason is not None:
+            return _error(P.ApiError(503, f"the engine is dead: {frontend.dead_reason}", type="service_unavailable"))
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def metrics_text() -> Response:
+        body = await asyncio.to_thread(metrics.render)  # engine stats may be a round trip
+        return Response(body, media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "rapid", "max_model_len": config.scheduler.max_model_len}]}
+
+    async def run(request: Request, chat: bool) -> Response:
+        body = await request.body()
+        req = P.decode(body, P.ChatCompletionRequest if chat else P.CompletionRequest)
+        items = serving.chat_items(req) if chat else serving.completion_items(req)
+        builder = serving.builder(chat, P.chat_logprobs(req) if chat else req.logprobs)
+        job = serving.start(items)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(serving.stream(job, builder, include_usage), media_type="text/event-stream")
+        result = await _unless_disconnected(request, serving.collect(job, builder), job.abort)
+        return JSONResponse(result) if result is not None else Response(status_code=499)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await run(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await run(request, chat=True)
+
+    return app

@@ -1,0 +1,249 @@
+"""OpenAI request bodies (msgspec Structs with OpenAI's field names) and their conversion to SamplingParams.
+
+Everything here is plain Python: a bad body becomes `ApiError` (status 400 and OpenAI's error shape)
+before anything reaches the engine. Unknown fields are ignored, as OpenAI-compatible servers do.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import msgspec
+
+from rapid.params import MAX_LOGPROBS, SamplingParams
+
+MAX_N = 64  # choices per request (each one is an engine request)
+SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class ApiError(Exception):
+    """An HTTP error with OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class JsonSchema(msgspec.Struct, rename={"schema_": "schema"}):
+    name: str
+    schema_: dict[str, Any] | None = None
+    description: str | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(msgspec.Struct):
+    type: str
+    json_schema: JsonSchema | None = None
+
+
+class _Sampling(msgspec.Struct, kw_only=True):
+    """Fields shared by both endpoints (OpenAI's, then vLLM's extras)."""
+
+    model: str | None = None
+    n: int = 1
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
+    user: str | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+
+
+class CompletionRequest(_Sampling, kw_only=True):
+    prompt: Any = None  # str | list[str] | list[int] | list[list[int]]: checked in prompts()
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class ContentPart(msgspec.Struct):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(msgspec.Struct):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(_Sampling, kw_only=True):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    add_generation_prompt: bool = True
+
+
+SAMPLING_FIELDS = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "top_k", "min_p",
+                   "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "include_stop_str_in_output",
+                   "skip_special_tokens")
+PARAM_NAMES = set(SAMPLING_FIELDS) | {"n", "max_tokens", "stop", "logprobs", "logit_bias"}
+
+
+def decode(body: bytes, kind: type[msgspec.Struct]) -> Any:
+    """The request Struct, or ApiError 400 naming the bad field (from msgspec's '... - at `$.field`')."""
+    if not body:
+        raise ApiError(400, "the request body is empty; send a JSON object")
+    try:
+        req = msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as e:
+        found = re.search(r"at `\$\.([A-Za-z_]+)", str(e))
+        raise ApiError(400, f"invalid request: {e}", param=found.group(1) if found else None) from None
+    except msgspec.DecodeError as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    _check_common(req)
+    return req
+
+
+def _check_common(req: _Sampling) -> None:
+    if not 1 <= req.n <= MAX_N:
+        raise ApiError(400, f"n must be in [1, {MAX_N}], got {req.n}", param="n")
+    if req.logit_bias and "logit_bias" not in SamplingParams.__struct_fields__:
+        raise ApiError(400, "logit_bias is not supported by this server", param="logit_bias")
+    if req.stream_options is not None and not req.stream:
+        raise ApiError(400, "stream_options is only allowed when stream is true", param="stream_options")
+    if req.response_format is not None:
+        check_response_format(req.response_format)
+
+
+def check_response_format(fmt: ResponseFormat) -> None:
+    """Accept OpenAI's shapes; anything but plain text needs structured output in the engine."""
+    if fmt.type not in ("text", "json_object", "json_schema"):
+        raise ApiError(400, f"response_format.type must be 'text', 'json_object' or 'json_schema', got {fmt.type!r}",
+                       param="response_format")
+    if fmt.type == "json_schema":
+        if fmt.json_schema is None:
+            raise ApiError(400, "response_format of type 'json_schema' needs a 'json_schema' object with 'name' "
+                           "and 'schema'", param="response_format")
+        if not SCHEMA_NAME.match(fmt.json_schema.name):
+            raise ApiError(400, f"response_format.json_schema.name must match [A-Za-z0-9_-]{{1,64}}, got "
+                           f"{fmt.json_schema.name!r}", param="response_format")
+    if fmt.type != "text" and "structured_outputs" not in SamplingParams.__struct_fields__:
+        raise ApiError(400, f"response_format type {fmt.type!r} (structured output) is not supported by this server "
+                       "yet; use type 'text'", param="response_format")
+
+
+def structured_output(fmt: ResponseFormat | None):
+    """The engine's StructuredOutputsParams for a response_format (None for plain text)."""
+    if fmt is None or fmt.type == "text":
+        return None
+    from rapid.params import StructuredOutputsParams
+
+    try:
+        if fmt.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        return StructuredOutputsParams(json=fmt.json_schema.schema_ or {})
+    except (ValueError, TypeError) as e:
+        raise ApiError(400, f"response_format: {e}", param="response_format") from None
+
+
+def prompts(req: CompletionRequest) -> list[str | list[int]]:
+    """The prompts of a completion request: a str, a list of str, token ids or a list of token-id lists."""
+    p = req.prompt
+    if req.echo:
+        raise ApiError(400, "echo is not supported by this server", param="echo")
+    if req.suffix:
+        raise ApiError(400, "suffix is not supported by this server", param="suffix")
+    if req.best_of is not None and req.best_of != req.n:
+        raise ApiError(400, f"best_of must equal n ({req.n}) on this server, got {req.best_of}", param="best_of")
+    if isinstance(p, str):
+        return [p]
+    if isinstance(p, list) and p:
+        if all(isinstance(x, str) for x in p):
+            return list(p)
+        if all(_is_int(x) for x in p):
+            return [list(p)]
+        if all(isinstance(x, list) and x and all(_is_int(t) for t in x) for x in p):
+            return [list(x) for x in p]
+    raise ApiError(400, "prompt must be a non-empty string, a list of strings, a list of token ids or a list of "
+                   f"token-id lists, got {_describe(p)}", param="prompt")
+
+
+def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
+    """The conversation as {'role', 'content'} dicts for the chat template (text parts joined)."""
+    if not req.messages:
+        raise ApiError(400, "messages must be a non-empty list", param="messages")
+    if req.tools:
+        raise ApiError(400, "tools are not supported by this server", param="tools")
+    out = []
+    for i, m in enumerate(req.messages):
+        if m.role not in CHAT_ROLES:
+            raise ApiError(400, f"messages[{i}].role must be one of {list(CHAT_ROLES)}, got {m.role!r}",
+                           param="messages")
+        content = m.content
+        if isinstance(content, list):
+            bad = [p.type for p in content if p.type != "text" or p.text is None]
+            if bad:
+                raise ApiError(400, f"messages[{i}].content: only text parts are supported, got type {bad[0]!r}",
+                               param="messages")
+            content = "".join(p.text for p in content)
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+    return out
+
+
+def chat_logprobs(req: ChatCompletionRequest) -> int | None:
+    if req.top_logprobs is not None and not req.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    return (req.top_logprobs or 0) if req.logprobs else None
+
+
+def sampling_params(req: _Sampling, *, max_tokens: int | None, logprobs: int | None, default_max_tokens: int,
+                    index: int = 0) -> SamplingParams:
+    """The engine's params for choice `index` (n=1, seed + index when seeded), or ApiError 400."""
+    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+        raise ApiError(400, f"logprobs must be in [0, {MAX_LOGPROBS}], got {logprobs}", param="logprobs")
+    fields: dict[str, Any] = {k: getattr(req, k) for k in SAMPLING_FIELDS if getattr(req, k) is not None}
+    if req.seed is not None:
+        fields["seed"] = req.seed + index
+    fields["max_tokens"] = default_max_tokens if max_tokens is None else max_tokens
+    if req.stop is not None:
+        fields["stop"] = req.stop
+    if req.logit_bias:
+        fields["logit_bias"] = req.logit_bias
+    if logprobs is not None:
+        fields["logprobs"] = logprobs
+    guided = structured_output(req.response_format)
+    if guided is not None:
+        fields["structured_outputs"] = guided
+    try:
+        return SamplingParams(**fields)
+    except (ValueError, TypeError) as e:
+        word = str(e).split(" ", 1)[0]
+        raise ApiError(400, str(e), param=word if word in PARAM_NAMES else None) from None
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _describe(x: Any) -> str:
+    return "an empty list" if x == [] else "nothing" if x is None else f"{type(x).__name__} {str(x)[:40]!r}"

@@ -1,0 +1,230 @@
+"""OpenAI completions and chat over an EngineFrontend: validate, fan out (prompts x n), stream or collect.
+
+Runs on the HTTP server's event loop: the frontend's callbacks hand deltas over with
+`call_soon_threadsafe`, so nothing here blocks the engine loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from rapid.engine.client import EngineDeadError
+from rapid.entrypoints.frontend import EngineFrontend, OverloadedError
+from rapid.entrypoints.openai import protocol as P
+from rapid.entrypoints.openai.metrics import RequestTracker, ServerMetrics
+from rapid.entrypoints.openai.responses import SSE_DONE, Builder, ChoiceState, sse
+from rapid.params import SamplingParams
+from rapid.protocol.engine import RequestDelta
+
+logger = logging.getLogger(__name__)
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+@dataclass
+class Item:
+    """One engine request of an HTTP request: choice `index` of prompt `prompt_index`."""
+
+    index: int
+    prompt_index: int
+    text: str | None
+    ids: list[int]
+    params: SamplingParams
+
+
+class Job:
+    """The engine requests of one HTTP request and their deltas (consumed on the event loop)."""
+
+    def __init__(self, serving: "OpenAIServing", items: list[Item]):
+        self.serving, self.items = serving, items
+        self.base = uuid.uuid4().hex
+        self.queue: asyncio.Queue[tuple[int, RequestDelta]] = asyncio.Queue()
+        self.unfinished: set[int] = set()
+        self.trackers: dict[int, RequestTracker] = {}
+
+    def rid(self, index: int) -> str:
+        return f"{self.base}-{index}"
+
+    def submit(self) -> None:
+        loop, frontend = asyncio.get_running_loop(), self.serving.frontend
+        try:
+            for it in self.items:
+                frontend.submit(self.rid(it.index), it.ids, it.params,
+                                lambda d, i=it.index: loop.call_soon_threadsafe(self.queue.put_nowait, (i, d)),
+                                prompt=it.text)
+                self.unfinished.add(it.index)
+                self.trackers[it.index] = self.serving.metrics.track(len(it.ids))
+        except OverloadedError as e:
+            self.abort()
+            raise P.ApiError(429, str(e), type="rate_limit_error", code="overloaded") from None
+        except EngineDeadError as e:
+            self.abort()
+            raise P.ApiError(503, f"the engine is not available: {e}", type="service_unavailable") from None
+        self.serving.jobs.add(self)
+
+    async def deltas(self) -> AsyncIterator[tuple[int, RequestDelta]]:
+        while self.unfinished:
+            index, d = await self.queue.get()
+            self.trackers[index].on_delta(d)
+            if d.finished or d.error is not None:
+                self.unfinished.discard(index)
+            yield index, d
+
+    def abort(self) -> None:
+        """End every unfinished engine request (their final deltas may still arrive) and stop tracking them."""
+        if self.unfinished:
+            self.serving.frontend.abort([self.rid(i) for i in sorted(self.unfinished)])
+        for t in self.trackers.values():
+            t.close()
+        self.serving.jobs.discard(self)
+
+
+class RequestConverter:
+    """Request Structs to engine Items, every check done here (nothing invalid reaches a worker)."""
+
+    def __init__(self, llm, model_name: str | None):
+        self.llm, self.model_name = llm, model_name
+        self.accepted_models = {model_name, llm.config.model} if model_name is not None else None
+
+    def _check_model(self, req) -> None:
+        if self.accepted_models is not None and req.model is not None and req.model not in self.accepted_models:
+            raise P.ApiError(400, f"the model {req.model!r} does not exist; this server serves {self.model_name!r}",
+                             param="model", code="model_not_found")
+
+    def _validate(self, prompt) -> tuple[str | None, list[int]]:
+        try:
+            return self.llm.validate(prompt, SamplingParams(max_tokens=1))
+        except (ValueError, TypeError) as e:
+            raise P.ApiError(400, str(e), param="prompt") from None
+
+    def _items(self, req, prompts: list[tuple[str | None, list[int]]], max_tokens, logprobs, default) -> list[Item]:
+        items, index = [], itertools.count()
+        limit = self.llm.config.scheduler.max_model_len
+        for p_idx, (text, ids) in enumerate(prompts):
+            for i in range(req.n):
+                params = P.sampling_params(req, max_tokens=max_tokens, logprobs=logprobs,
+                                           default_max_tokens=default if default else max(limit - len(ids), 1),
+                                           index=i)
+                try:  # the params the engine runs: max_tokens=None resolved, bad_words tokenized
+                    _, ids_run, params = self.llm.prepare({"prompt_token_ids": ids}, params)
+                except (ValueError, TypeError) as e:
+                    raise P.ApiError(400, str(e), param="max_tokens") from None
+                items.append(Item(next(index), p_idx, text, ids_run, params))
+        return items
+
+    def completion_items(self, req: P.CompletionRequest) -> list[Item]:
+        self._check_model(req)
+        prompts = [self._validate(p if isinstance(p, str) else {"prompt_token_ids": p}) for p in P.prompts(req)]
+        return self._items(req, prompts, req.max_tokens, req.logprobs, COMPLETION_DEFAULT_MAX_TOKENS)
+
+    def chat_items(self, req: P.ChatCompletionRequest) -> list[Item]:
+        self._check_model(req)
+        messages = P.chat_messages(req)
+        try:
+            ids = self.llm.chat_prompt_ids(messages, req.add_generation_prompt)
+        except (ValueError, TypeError) as e:
+            raise P.ApiError(400, str(e), param="messages") from None
+        _, ids = self._validate({"prompt_token_ids": ids})
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        return self._items(req, [(None, ids)], max_tokens, P.chat_logprobs(req), 0)
+
+    def builder(self, chat: bool, logprobs: int | None) -> Builder:
+        prefix = "chatcmpl" if chat else "cmpl"
+        return Builder(f"{prefix}-{uuid.uuid4().hex}", self.model_name or self.llm.config.model, chat,
+                       self.llm.tokenizer, logprobs)
+
+
+class OpenAIServing(RequestConverter):
+    """Turns request bodies into engine requests on the frontend and engine deltas into OpenAI bodies."""
+
+    def __init__(self, frontend: EngineFrontend, model_name: str, metrics: ServerMetrics):
+        super().__init__(frontend.llm, model_name)
+        self.frontend, self.metrics = frontend, metrics
+        self.jobs: set[Job] = set()  # touched on the event loop only
+        self.closing = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ------------------------------------------------------------------ running
+    def start(self, items: list[Item]) -> Job:
+        if self.closing:
+            raise P.ApiError(503, "the server is shutting down", type="service_unavailable")
+        self._loop = asyncio.get_running_loop()
+        job = Job(self, items)
+        job.submit()
+        return job
+
+    def abort_all(self, timeout_s: float = 5.0) -> None:
+        """From any thread: abort every request in flight (each still ends with a final message)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+
+        async def abort() -> None:
+            for job in list(self.jobs):
+                job.abort()
+
+        try:
+            asyncio.run_coroutine_threadsafe(abort(), loop).result(timeout_s)
+        except Exception as e:  # the loop stopped meanwhile: nothing is left to abort
+            logger.warning("aborting in-flight HTTP requests failed: %s", e)
+
+    async def collect(self, job: Job, builder: Builder) -> dict:
+        """The whole response once every choice finished; ApiError 503 if the engine failed."""
+        choices = {it.index: ChoiceState(it.index, it.prompt_index) for it in job.items}
+        try:
+            async for index, d in job.deltas():
+                if d.error is not None:
+                    raise P.ApiError(503, f"the engine failed: {d.error}", type="service_unavailable")
+                apply_delta(choices[index], d)
+        finally:
+            job.abort()
+        prompt_tokens = sum(len(ids) for ids in prompt_ids(job.items))
+        return builder.response(list(choices.values()), prompt_tokens)
+
+    async def stream(self, job: Job, builder: Builder, include_usage: bool) -> AsyncIterator[str]:
+        """Server-sent events: one chunk per delta, a usage chunk if asked, then [DONE]."""
+        first = set() if builder.chat else {it.index for it in job.items}
+        offsets = {it.index: 0 for it in job.items}
+        completion_tokens = 0
+        try:
+            async for index, d in job.deltas():
+                if d.error is not None:
+                    yield sse(P.ApiError(503, f"the engine failed: {d.error}", type="service_unavailable").body())
+                    continue
+                completion_tokens += len(d.new_token_ids)
+                entries = list(zip(d.new_token_ids, d.new_logprobs or []))
+                reason = d.finish_reason if d.finished else None
+                if not d.new_text and not entries and reason is None and index in first:
+                    continue
+                yield sse(builder.chunk(index, d.new_text, entries, reason, first=index not in first,
+                                        text_offset=offsets[index], include_usage=include_usage))
+                first.add(index)
+                offsets[index] += len(d.new_text)
+            if include_usage:
+                prompt_tokens = sum(len(ids) for ids in prompt_ids(job.items))
+                yield sse(builder.usage_chunk(prompt_tokens, completion_tokens))
+            yield SSE_DONE
+        finally:  # also when the client went away (the response task is cancelled)
+            job.abort()
+
+
+def apply_delta(c: ChoiceState, d: RequestDelta) -> None:
+    c.text += d.new_text
+    c.token_ids.extend(d.new_token_ids)
+    if d.new_logprobs is not None:
+        c.logprobs.extend(zip(d.new_token_ids, d.new_logprobs))
+    if d.finished:
+        c.finish_reason = d.finish_reason
+
+
+def prompt_ids(items: list[Item]) -> list[list[int]]:
+    """Each prompt once (its n choices share it)."""
+    seen: dict[int, list[int]] = {}
+    for it in items:
+        seen.setdefault(it.prompt_index, it.ids)
+    return list(seen.values())

@@ -1,0 +1,144 @@
+"""`rapid serve`: one LLM, one EngineFrontend, the OpenAI HTTP server and the ZeroMQ server, until a signal.
+
+Every address flag is checked before the (slow) engine start. On SIGINT / SIGTERM: new requests are refused
+(503), in-flight ones get `--shutdown-grace-s` to finish and are then aborted (each still ends with a final
+message), the servers stop, the engine shuts down, and the process exits 0. A second signal acts as usual.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import ipaddress
+import logging
+import signal
+import threading
+import time
+
+logger = logging.getLogger(__name__)
+
+LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    """The serve flags (the engine flags are added by the caller)."""
+    p.add_argument("--host", default="127.0.0.1", help="HTTP host (default: %(default)s; others need "
+                   "--allow-remote and --api-key)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port, 0 picks a free one (default: %(default)s)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (HTTP)")
+    p.add_argument("--served-model-name", default=None, help="the model name clients send (default: the model folder)")
+    p.add_argument("--address", default=None, help="ZeroMQ endpoint (default ipc:// in a private directory, printed)")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="allow a non-loopback HTTP host (with --api-key) or tcp:// ZeroMQ address (no authentication!)")
+    p.add_argument("--no-http", dest="http", action="store_false", help="do not start the HTTP server")
+    p.add_argument("--no-zmq", dest="zmq", action="store_false", help="do not start the ZeroMQ server")
+    p.add_argument("--max-pending", type=int, default=4096, help="requests in flight before 429 (default: %(default)s)")
+    p.add_argument("--shutdown-grace-s", type=float, default=5.0,
+                   help="on SIGINT/SIGTERM, seconds in-flight requests may finish before they are aborted "
+                        "(default: %(default)s)")
+
+
+def _is_loopback(host: str) -> bool:
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_serve_args(args: argparse.Namespace) -> None:
+    """ValueError for any bad address, host, port or key flag (before the engine is built)."""
+    from rapid.entrypoints.server import check_address
+
+    if not (args.http or args.zmq):
+        raise ValueError("--no-http and --no-zmq together leave nothing to serve")
+    if args.api_key is not None and not args.api_key.strip():
+        raise ValueError("--api-key is empty; give a secret or leave the flag out")
+    if args.http:
+        if not 0 <= args.port <= 65535:
+            raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+        if not _is_loopback(args.host) and not (args.allow_remote and args.api_key):
+            raise ValueError(f"--host {args.host} is not a loopback address: anyone who can reach it could use the "
+                             "model. Pass both --allow-remote and --api-key to bind it.")
+    if args.zmq and args.address is not None:
+        check_address(args.address, args.allow_remote)
+    if args.max_pending < 1:
+        raise ValueError(f"--max-pending must be >= 1, got {args.max_pending}")
+    if not args.shutdown_grace_s >= 0:
+        raise ValueError(f"--shutdown-grace-s must be >= 0, got {args.shutdown_grace_s}")
+
+
+def _zmq_server(llm, frontend, args):
+    """RapidServer over the shared frontend, or None when this RapidServer cannot share one (it would drive the
+    engine from a second thread) while HTTP is on."""
+    from rapid.entrypoints.server import RapidServer
+
+    if "frontend" in inspect.signature(RapidServer).parameters:
+        return RapidServer(llm, args.address, allow_remote=args.allow_remote, frontend=frontend).start()
+    if args.http:
+        logger.warning("this RapidServer cannot share the engine with the HTTP server; ZeroMQ is off "
+                       "(use --no-http to serve ZeroMQ alone)")
+        return None
+    return RapidServer(llm, args.address, allow_remote=args.allow_remote).start()
+
+
+def serve(args: argparse.Namespace) -> None:
+    """Check the flags, build the engine and servers, print the addresses, serve until SIGINT / SIGTERM."""
+    from rapid.config import EngineArgs
+    from rapid.entrypoints.llm import LLM
+
+    check_serve_args(args)
+    engine_args = EngineArgs.from_cli_args(args)
+    stop = threading.Event()
+    previous = {}
+
+    def on_signal(signum, _frame):
+        stop.set()
+        signal.signal(signum, previous.get(signum, signal.SIG_DFL))  # a second signal: the usual behaviour
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, on_signal)
+    try:
+        with LLM.from_engine_args(engine_args) as llm:
+            _serve_llm(llm, args, stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print("RAPID server stopped", flush=True)
+
+
+def _serve_llm(llm, args: argparse.Namespace, stop: threading.Event) -> None:
+    from rapid.entrypoints.frontend import EngineFrontend
+
+    frontend = EngineFrontend(llm, max_pending=args.max_pending)
+    http = serving = zmq = None
+    try:
+        if args.http:
+            from rapid.entrypoints.openai.api_server import build_app
+            from rapid.entrypoints.openai.http_server import HttpServer
+
+            app = build_app(frontend, model_name=args.served_model_name, api_key=args.api_key)
+            serving = app.state.serving
+            http = HttpServer(app, args.host, args.port).start()
+        if args.zmq:
+            zmq = _zmq_server(llm, frontend, args)
+        where = [f"HTTP (OpenAI API) at {http.url}/v1"] if http else []
+        where += [f"ZeroMQ at {zmq.address}"] if zmq else []
+        print(f"RAPID serving {llm.config.model} ({llm.config.mode} mode): {'; '.join(where)}", flush=True)
+        while not stop.wait(0.2):
+            pass
+        logger.info("stopping: refusing new requests, %d in flight", frontend.num_pending)
+        if serving is not None:
+            serving.closing = True
+        deadline = time.monotonic() + args.shutdown_grace_s
+        while frontend.num_pending and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if serving is not None:
+            serving.abort_all()  # every stream still gets its final chunk (finish_reason 'abort') and [DONE]
+    finally:
+        if http is not None:
+            http.stop()
+        if zmq is not None:
+            zmq.close()
+        frontend.close()

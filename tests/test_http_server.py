@@ -1,0 +1,255 @@
+"""The OpenAI-compatible HTTP server with real clients (the `openai` package, httpx) on the CPU with a tiny model:
+greedy text equals LLM.generate, streaming, usage, n, logprobs, OpenAI-shaped errors, metrics, the API key,
+disconnects, a dead engine on /health, and `rapid serve` (flags checked first, SIGTERM under load)."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import psutil
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from rapid import LLM, SamplingParams
+from rapid.entrypoints.frontend import EngineFrontend
+from rapid.entrypoints.openai.api_server import build_app
+from rapid.entrypoints.openai.http_server import HttpServer
+from tiny import engine_pids
+
+PROMPTS = ["Paris is", "The quick brown"]
+CHAT = [{"role": "user", "content": "hi"}]
+MAX_LEN = 256
+
+
+@pytest.fixture(scope="module")
+def served(tiny_llama):
+    with LLM(tiny_llama, max_model_len=MAX_LEN) as llm:
+        greedy = SamplingParams(temperature=0, max_tokens=6)
+        expected = {p: llm.generate(p, greedy, use_tqdm=False)[0] for p in PROMPTS}
+        expected["chat"] = llm.chat(CHAT, greedy, use_tqdm=False)[0]
+        frontend = EngineFrontend(llm)
+        server = HttpServer(build_app(frontend, model_name="tiny"), port=0).start()
+        keyed = HttpServer(build_app(frontend, model_name="tiny", api_key="sesame"), port=0).start()
+        try:
+            yield server, keyed, frontend, expected
+        finally:
+            server.stop()
+            keyed.stop()
+            frontend.close()
+
+
+@pytest.fixture
+def client(served):
+    return openai.OpenAI(base_url=served[0].url + "/v1", api_key="unused", max_retries=0)
+
+
+def metrics(url):
+    return {s.name: s for fam in text_string_to_metric_families(httpx.get(url + "/metrics").text) for s in fam.samples
+            if not s.labels.get("le")} | {
+        f"{s.name}{{{s.labels.get('finished_reason', '')}}}": s
+        for fam in text_string_to_metric_families(httpx.get(url + "/metrics").text) for s in fam.samples
+        if "finished_reason" in s.labels}
+
+
+def test_completions_and_chat_equal_generate(served, client):
+    _, _, _, expected = served
+    for prompt in PROMPTS:
+        want = expected[prompt]
+        out = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0)
+        assert out.choices[0].text == want.outputs[0].text and out.object == "text_completion"
+        assert out.usage.prompt_tokens == len(want.prompt_token_ids)
+        assert out.usage.completion_tokens == len(want.outputs[0].token_ids)
+        assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+        chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0,
+                                                stream=True, stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == want.outputs[0].text
+        assert chunks[-1].usage.completion_tokens == out.usage.completion_tokens and not chunks[-1].choices
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == want.outputs[0].finish_reason
+    chat = client.chat.completions.create(model="tiny", messages=CHAT, max_completion_tokens=6, temperature=0)
+    assert chat.choices[0].message.content == expected["chat"].outputs[0].text
+    assert chat.choices[0].message.role == "assistant"
+    streamed = list(client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=6, temperature=0,
+                                                   stream=True))
+    assert streamed[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == expected["chat"].outputs[0].text
+    assert client.models.list().data[0].id == "tiny"
+
+
+def test_n_seeds_and_logprobs(served, client):
+    out = client.completions.create(model="tiny", prompt="Paris is", max_tokens=5, n=3, seed=7, temperature=1.0,
+                                    logprobs=2)
+    again = client.completions.create(model="tiny", prompt="Paris is", max_tokens=5, n=3, seed=7, temperature=1.0)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    assert [c.text for c in out.choices] == [c.text for c in again.choices]  # seed + i per choice: reproducible
+    assert out.usage.completion_tokens == 15 and out.usage.prompt_tokens == served[3]["Paris is"].prompt_token_ids.__len__()
+    for c in out.choices:
+        lp = c.logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+        assert all(v <= 0 for v in lp.token_logprobs) and all(1 <= len(t) <= 3 for t in lp.top_logprobs)
+    chat = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=4, temperature=0, logprobs=True,
+                                          top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(e.top_logprobs) == 3 for e in content)
+    assert "".join(e.token for e in content) == chat.choices[0].message.content
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"temperature": -1}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"max_tokens": MAX_LEN + 10}, "max_tokens"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"n": 0}, "n"),
+    ({"logprobs": 50}, "logprobs"),
+    ({"stop": [""]}, "stop"),
+    ({"extra_body": {"top_k": "x"}}, "top_k"),
+    ({"model": "gpt-17"}, "model"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "word " * 400}, "prompt"),
+    ({"extra_body": {"response_format": {"type": "json_schema"}}}, "response_format"),
+])
+def test_bad_parameters_get_openai_errors(served, client, kwargs, param):
+    args = {"model": "tiny", "prompt": "hello", "max_tokens": 4} | kwargs
+    before = served[2].num_pending
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(**args)
+    assert e.value.status_code == 400 and e.value.body["param"] == param and e.value.body["message"]
+    assert e.value.body["type"] == "invalid_request_error" and served[2].num_pending == before
+
+
+def test_malformed_bodies_and_the_server_keeps_serving(served, client):
+    url = served[0].url
+    for body in [b"{not json", b"[1, 2]", b"", json.dumps({"prompt": 5}).encode(),
+                 json.dumps({"messages": "hi"}).encode()]:
+        for path in ("/v1/completions", "/v1/chat/completions"):
+            r = httpx.post(url + path, content=body)
+            assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text
+    r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "wizard", "content": "x"}]})
+    assert r.status_code == 400 and "role" in r.json()["error"]["message"]
+    assert httpx.get(url + "/v1/nothing").status_code == 404
+    assert client.completions.create(model="tiny", prompt="hello", max_tokens=2).choices[0].finish_reason
+
+
+def test_api_key(served):
+    url = served[1].url
+    r = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    wrong = openai.OpenAI(base_url=url + "/v1", api_key="guess", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    right = openai.OpenAI(base_url=url + "/v1", api_key="sesame", max_retries=0)
+    assert right.completions.create(model="tiny", prompt="hi", max_tokens=2).usage.completion_tokens == 2
+    assert httpx.get(url + "/health").status_code == 200  # health and metrics stay open
+
+
+def test_metrics_move(served, client):
+    url = served[0].url
+    before = metrics(url)
+    client.completions.create(model="tiny", prompt="Paris is", max_tokens=5, temperature=0)
+    client.completions.create(model="tiny", prompt="Paris is", max_tokens=5, temperature=0)  # a prefix-cache hit
+    after = metrics(url)
+    for name in ("rapid:time_to_first_token_seconds_count", "rapid:e2e_request_latency_seconds_count",
+                 "rapid:prompt_tokens_total", "rapid:prefix_cache_queries_total"):
+        assert after[name].value > before.get(name, after[name]).value - 0 or name not in before
+        assert after[name].value >= 2
+    assert after["rapid:inter_token_latency_seconds_count"].value >= before[
+        "rapid:inter_token_latency_seconds_count"].value + 8
+    assert after["rapid:generation_tokens_total"].value >= before["rapid:generation_tokens_total"].value + 10
+    assert after["rapid:num_requests_running"].value == after["rapid:num_requests_waiting"].value == 0
+    assert after["rapid:engine_info"].labels["mode"] == "hybrid"
+    assert after["rapid:engine_info"].labels["placement"] == "decode"
+    assert "rapid:request_success_total{length}" in after
+
+
+def test_disconnected_stream_is_aborted(served):
+    url, frontend = served[0].url, served[2]
+    aborted = metrics(url).get("rapid:request_success_total{abort}")
+    body = {"prompt": "Once upon", "max_tokens": MAX_LEN - 10, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body) as r:
+        next(r.iter_lines())
+    deadline = time.time() + 10
+    while frontend.num_pending and time.time() < deadline:
+        time.sleep(0.05)
+    assert frontend.num_pending == 0
+    now = metrics(url)["rapid:request_success_total{abort}"].value
+    assert now == (aborted.value if aborted else 0) + 1
+
+
+def test_health_turns_503_when_a_worker_dies(tiny_llama):
+    with LLM(tiny_llama, mode="rapid") as llm:
+        frontend = EngineFrontend(llm)
+        server = HttpServer(build_app(frontend), port=0).start()
+        try:
+            assert httpx.get(server.url + "/health").status_code == 200
+            decode = engine_pids(llm)["decode"]
+            assert decode in {p.pid for p in psutil.Process().children(recursive=True)}
+            os.kill(decode, signal.SIGKILL)
+            deadline = time.time() + 15
+            while httpx.get(server.url + "/health").status_code != 503 and time.time() < deadline:
+                time.sleep(0.1)
+            r = httpx.get(server.url + "/health")
+            assert r.status_code == 503 and "decode" in r.json()["error"]["message"]
+            r = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+            assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
+        finally:
+            server.stop()
+            frontend.close()
+
+
+def rapid_serve(*flags):
+    return subprocess.Popen([sys.executable, "-m", "rapid.entrypoints.cli", "serve", *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_serve_refuses_a_remote_host_before_building_the_engine(tmp_path):
+    t0 = time.time()
+    proc = rapid_serve("--model", str(tmp_path / "absent"), "--host", "0.0.0.0")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "--allow-remote and --api-key" in err and time.time() - t0 < 30
+    proc = rapid_serve("--model", str(tmp_path / "absent"), "--address", "tcp://0.0.0.0:5555")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "loopback" in err
+
+
+def test_sigterm_under_load_ends_every_request(tiny_llama):
+    proc = rapid_serve("--model", str(tiny_llama), "--max-model-len", str(MAX_LEN), "--port", "0",
+                       "--shutdown-grace-s", "0.3", "--served-model-name", "tiny")
+    try:
+        line = proc.stdout.readline()
+        url = re.search(r"(http://\S+)/v1", line).group(1)
+        ends: list = []
+
+        def stream():
+            body = {"prompt": "Once upon", "max_tokens": MAX_LEN - 10, "stream": True, "ignore_eos": True}
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+                lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+            ends.append((json.loads(lines[-2][6:])["choices"][0]["finish_reason"], lines[-1]))
+
+        threads = [threading.Thread(target=stream) for _ in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        t0 = time.time()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0 and time.time() - t0 < 30
+        for t in threads:
+            t.join(10)
+        assert len(ends) == 3 and all(reason in ("abort", "length") and done == "data: [DONE]" for reason, done in ends)
+        assert "RAPID server stopped" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_response_format_json_schema(client):
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    out = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=40, temperature=0, response_format={
+        "type": "json_schema", "json_schema": {"name": "thing", "schema": schema}})
+    assert isinstance(json.loads(out.choices[0].message.content)["a"], int)

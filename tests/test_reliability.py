@@ -1,0 +1,234 @@
+"""Mode 'rapid' on the CPU when things go wrong around the engine: its owner thread or process goes away, a
+signal comes during the start, a process dies (the engine restarts its processes, up to a limit).
+Observed from outside: processes (psutil, pids), /dev/shm, the socket directories, the children's logs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from rapid import LLM, SamplingParams
+from rapid.engine import ipc, mp_client
+from rapid.engine.client import EngineDeadError
+from tiny import children, engine_pids, gone, shm_of
+
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+PROMPTS = [[5, 6, 7], list(range(10, 50))]
+
+
+def run(llm, ps=PROMPTS, params=GREEDY):
+    return [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in ps], params, use_tqdm=False)]
+
+
+def wait_until(cond, timeout: float, step: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(step)
+    return cond()
+
+
+def script(tmp_path: Path, body: str) -> subprocess.Popen:
+    """A Python script in its own process whose temporary directory (the engine's socket dir) is tmp_path/tmp."""
+    path = tmp_path / "script.py"
+    path.write_text(body)
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    env = dict(os.environ, TMPDIR=str(tmp_path / "tmp"), PYTHONPATH=os.pathsep.join(sys.path))
+    return subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+
+
+def engine_dirs(parent: Path) -> list[Path]:
+    return [p for p in parent.iterdir() if p.name.startswith("rapid-")]
+
+
+# ---------------------------------------------------------------------- leftovers of a dead owner
+def test_stale_dirs_removed_only_when_their_owner_is_gone(tmp_path):
+    """Removed: an engine dir whose owner pid is dead (its live recorded child killed, its child's /dev/shm
+    unlinked) or reused (other start time). Kept: a live owner's, one without the owner mark, another kind,
+    one of another pid namespace."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    leftover = subprocess.Popen(["sleep", "60"])  # stands for a child left running by a killed owner
+    shm = Path(f"/dev/shm/{ipc.shm_prefix(dead.pid)}test")
+    shm.write_bytes(b"x")
+
+    def make(name, owner=None, kids=""):
+        d = tmp_path / name
+        d.mkdir()
+        if owner is not None:
+            (d / ipc.OWNER_FILE).write_text(owner)
+        if kids:
+            (d / ipc.CHILDREN_FILE).write_text(kids)
+        return d
+
+    ns = ipc._pid_namespace()
+    me = f"{ipc.OWNER_MARK} {os.getpid()} {ipc.process_start_time(os.getpid())} {ns}\n"
+    gone_owner = make(f"rapid-{dead.pid}-a", f"{ipc.OWNER_MARK} {dead.pid} 123 {ns}\n",
+                      f"{leftover.pid} {ipc.process_start_time(leftover.pid)} decode\n{dead.pid} 1 prefill\n")
+    reused = make(f"rapid-{os.getpid()}-b", f"{ipc.OWNER_MARK} {os.getpid()} 1 {ns}\n")
+    live = make(f"rapid-{os.getpid()}-c", me)
+    unmarked = make(f"rapid-{dead.pid}-d")
+    other = make("rapid-mps-pipe-e", f"{ipc.OWNER_MARK} {dead.pid} 1 {ns}\n")
+    elsewhere = make(f"rapid-{dead.pid}-f", f"{ipc.OWNER_MARK} {dead.pid} 1 pid:[1]\n")  # another pid namespace
+    try:
+        removed = ipc.remove_stale_dirs(str(tmp_path))
+        assert sorted(removed) == sorted([str(gone_owner), str(reused)])
+        assert live.exists() and unmarked.exists() and other.exists() and elsewhere.exists()
+        assert leftover.wait(timeout=5) == -signal.SIGKILL
+        assert not shm.exists()
+    finally:
+        leftover.kill()
+        shm.unlink(missing_ok=True)
+
+
+@pytest.mark.slow
+def test_thread_made_engine_survives_its_thread_and_dies_with_its_process(tiny_llama, tmp_path, monkeypatch):
+    """PR_SET_PDEATHSIG follows the parent thread: an engine made in a thread that exits must keep serving;
+    SIGKILL of its process must still take every child down (and their /dev/shm); the next start removes the
+    socket dir the killed owner left."""
+    proc = script(tmp_path, (
+        "import json, threading, time\n"
+        "from rapid import LLM, SamplingParams\n"
+        "box = {}\n"
+        f"t = threading.Thread(target=lambda: box.update(llm=LLM({str(tiny_llama)!r}, mode='rapid')))\n"
+        "t.start(); t.join()\n"
+        "time.sleep(0.5)  # the creating thread is gone\n"
+        "c = box['llm'].engine\n"
+        "out = box['llm'].generate('hello', SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)\n"
+        "print(json.dumps({'dir': c.dir, 'pids': [ch.process.pid for ch in c.children], 'alive': t.is_alive(),\n"
+        "                  'shm': c.shm_names, 'tokens': out[0].outputs[0].token_ids}), flush=True)\n"
+        "time.sleep(600)\n"
+    ))
+    try:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()[-3000:]
+        info = json.loads(line)
+        assert len(info["tokens"]) == 4 and not info["alive"]
+        assert len(info["pids"]) == 3 and not any(gone(p) for p in info["pids"]) and info["shm"]
+        os.kill(proc.pid, signal.SIGKILL)
+        assert wait_until(lambda: all(gone(p) for p in info["pids"]), timeout=5.0), "children outlived their parent"
+        assert wait_until(lambda: not shm_of(info["pids"], info["shm"]), timeout=2.0)
+        assert os.path.isdir(info["dir"])  # SIGKILL: nobody could remove it yet
+    finally:
+        proc.kill()
+        proc.wait()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    with LLM(tiny_llama, mode="rapid") as llm:
+        assert not os.path.exists(info["dir"])  # the next start cleaned it
+        own = llm.engine.dir
+    assert not os.path.exists(own)
+
+
+# ---------------------------------------------------------------------- start-up
+@pytest.mark.slow
+def test_sigterm_during_startup_leaves_nothing(tiny_llama, tmp_path):
+    proc = script(tmp_path, (
+        "from rapid import LLM\n"
+        f"LLM({str(tiny_llama)!r}, mode='rapid')\n"
+        "print('started', flush=True)\n"
+    ))
+    try:
+        def decode_arena():  # the decode worker made its /dev/shm arena: well into the start
+            dirs = engine_dirs(tmp_path / "tmp")
+            if not dirs or not (dirs[0] / ipc.CHILDREN_FILE).exists():
+                return None
+            kids = {line.split()[2]: int(line.split()[0]) for line in (dirs[0] / ipc.CHILDREN_FILE).read_text()
+                    .splitlines() if len(line.split()) == 3}
+            if "decode" not in kids or not shm_of([kids["decode"]]):
+                return None
+            return kids, shm_of([kids["decode"]])
+
+        assert wait_until(lambda: decode_arena() is not None or proc.poll() is not None, timeout=120)
+        kids, shm = decode_arena()
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=10) == -signal.SIGTERM, proc.stderr.read()[-3000:]
+        assert "started" not in proc.stdout.read()
+    finally:
+        proc.kill()
+    assert all(gone(p) for p in kids.values())
+    assert not shm_of(kids.values(), shm)
+    assert not engine_dirs(tmp_path / "tmp")
+
+
+def test_failed_start_stops_children_at_once(tiny_llama):
+    """A start that times out stops its children at once (no wait for a worker that was never told to stop)."""
+    others = {p.pid for p in children()}
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"decode process \(pid \d+\) was not ready within 0.3s"):
+        LLM(tiny_llama, mode="rapid", worker_start_timeout_s=0.3)
+    assert time.monotonic() - t0 < 3.0
+    assert not children(others)
+
+
+# ---------------------------------------------------------------------- automatic recovery
+@pytest.mark.slow
+def test_engine_restarts_after_a_worker_dies(tiny_llama):
+    others = {p.pid for p in children()}
+    t0 = time.monotonic()
+    llm = LLM(tiny_llama, mode="rapid", max_num_batched_tokens=16)
+    start_s = time.monotonic() - t0
+    try:
+        client = llm.engine
+        before = run(llm)
+        first = engine_pids(llm)
+        first_shm = list(client.shm_names)
+        timer = threading.Timer(0.5, os.kill, (first["decode"], signal.SIGKILL))
+        timer.start()
+        with pytest.raises(EngineDeadError, match=rf"decode process \(pid {first['decode']}\) died with exit code -9"
+                                                  r"[\s\S]*restarts its processes: restart 1 of at most 3"):
+            llm.generate([{"prompt_token_ids": list(range(5 + i, 105 + i))} for i in range(32)],
+                         SamplingParams(max_tokens=400, ignore_eos=True), use_tqdm=False)
+        timer.join()
+        t0 = time.monotonic()
+        assert run(llm) == before  # the same greedy tokens from the new processes
+        # 10 s on an idle machine (a restart is a start: ~5 s here); on a loaded shared one, as slow as a start
+        assert time.monotonic() - t0 < max(10.0, 1.5 * start_s)
+        client.check_health()
+        assert client.get_stats().num_restarts == 1 and client.num_restarts == 1
+        second = engine_pids(llm)
+        assert set(second) == set(first) and not set(second.values()) & set(first.values())
+        assert all(gone(p) for p in first.values())
+        assert first_shm and not shm_of(first.values(), first_shm)
+        assert {p.pid for p in children(others)} == set(second.values())  # nothing else of this test runs
+        assert "resource_tracker" not in Path(client.dir, "decode.log").read_text()
+        sock_dir = client.dir
+    finally:
+        llm.shutdown()
+    assert not children(others) and not os.path.exists(sock_dir)
+    assert not shm_of(second.values(), client.shm_names)
+
+
+@pytest.mark.slow
+def test_restart_limit_leaves_the_engine_down_with_a_clear_error(tiny_llama, monkeypatch):
+    """A prefill worker that faults on its first batch in every incarnation (RAPID_FAULT_INJECT: a real invalid
+    store, SIGSEGV): one restart allowed, the second death leaves the engine down, saying why."""
+    monkeypatch.setattr(mp_client, "MAX_RESTARTS", 1)
+    monkeypatch.setenv("RAPID_FAULT_INJECT", "prefill:1")
+    others = {p.pid for p in children()}
+    llm = LLM(tiny_llama, mode="rapid")
+    try:
+        with pytest.raises(EngineDeadError, match=r"prefill process \(pid \d+\) died with exit code -11 \(signal 11\)"
+                                                  r"[\s\S]*Fatal Python error: Segmentation fault[\s\S]*restart 1 of"):
+            run(llm)
+        log = Path(llm.engine.dir, "prefill.log").read_text()
+        assert "RAPID_FAULT_INJECT: prefill worker stores out of bounds" in log
+        down = r"prefill process \(pid \d+\) died with exit code -11[\s\S]*stays down: its processes were restarted " \
+               r"1 time\(s\) in the last 60 s, the limit is 1"
+        with pytest.raises(EngineDeadError, match=down):
+            run(llm)  # restarts, then the new prefill worker faults too
+        for call in (run, lambda _: llm.engine.check_health(), lambda _: llm.engine.get_stats()):
+            with pytest.raises(EngineDeadError, match=down):
+                call(llm)
+        assert llm.engine.num_restarts == 1 and not llm.engine.children
+    finally:
+        llm.shutdown()
+    assert not children(others)
