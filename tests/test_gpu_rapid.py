@@ -117,6 +117,8 @@ def test_rapid_starts_checks_and_stops_its_own_mps_daemon(tiny_llama):
         assert mps is not None and (mps.started or before > 0)
         out = llm.generate("hello", SamplingParams(max_tokens=4), use_tqdm=False)[0]
         assert len(out.outputs[0].token_ids) == 4
-    time.sleep(1.0)
+    deadline = time.monotonic() + 10.0  # the daemon and its server exit after 'quit' (the engine waits for them)
+    while _mps_servers() > before and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert _mps_servers() <= before
     assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ or before > 0

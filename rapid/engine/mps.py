@@ -7,8 +7,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 import warnings
 
 from rapid.config import EngineConfig
@@ -99,11 +101,47 @@ class MpsDaemon:
     def stop(self) -> None:
         if not self.started:
             return
+        daemons = _daemon_pids(self.pipe_dir)  # the control daemon and the server it started, for this pipe
         try:
             _control(self.pipe_dir, "quit")
         except (OSError, subprocess.TimeoutExpired) as e:
             logger.warning("stopping the MPS daemon failed: %s", e)
+        _wait_gone(daemons, timeout_s=10.0)
         for d in (self.pipe_dir, self.log_dir):
             if d:
                 shutil.rmtree(d, ignore_errors=True)
         self.started = False
+
+
+def _daemon_pids(pipe_dir: str) -> list[int]:
+    """The MPS processes (control daemon, server) whose environment names this pipe directory."""
+    pids = []
+    needle = f"CUDA_MPS_PIPE_DIRECTORY={pipe_dir}".encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if b"nvidia-cuda-mps" not in f.read():
+                    continue
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
+def _wait_gone(pids: list[int], timeout_s: float) -> None:
+    """Wait for the daemon's processes to exit after 'quit'; SIGKILL what is left at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    left = list(pids)
+    while left and time.monotonic() < deadline:
+        left = [p for p in left if os.path.exists(f"/proc/{p}")]
+        time.sleep(0.05)
+    for pid in left:
+        logger.warning("MPS process %d did not exit within %.0fs of 'quit': killing it", pid, timeout_s)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass

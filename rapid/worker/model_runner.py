@@ -16,6 +16,7 @@ from rapid.model.llama import LlamaModel
 from rapid.protocol.worker import SampledToken, SeqWork
 from rapid.worker.sampler import PendingSample, SamplingBatch, sample_async
 from rapid.worker.sampler_ops import logprob_entries
+from rapid.worker.transfer import to_device
 
 MAX_PARTIAL_PROMPT_LOGPROBS = 256  # requests whose chunked prompt logprobs are being gathered (bounds a leak on abort)
 
@@ -73,17 +74,17 @@ class ModelRunner:
         tables = [w.block_ids + [0] * (max_blocks - len(w.block_ids)) for w in work]
         dev = self.device
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32).to(dev, non_blocking=True),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
-            block_tables=torch.tensor(tables, dtype=torch.int32).to(dev, non_blocking=True),
+            slot_mapping=to_device(slots, torch.int64, dev),
+            query_start_loc=to_device(starts, torch.int32, dev),
+            seq_lens=to_device(seq_lens, torch.int32, dev),
+            block_tables=to_device(tables, torch.int32, dev),
             num_decodes=num_decodes,
             max_seq_len=max(seq_lens),
             query_start_loc_host=starts,
             seq_lens_host=seq_lens,
         )
-        ids = torch.tensor(input_ids, dtype=torch.int64).to(dev, non_blocking=True)
-        pos_t = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)
+        ids = to_device(input_ids, torch.int64, dev)
+        pos_t = to_device(positions, torch.int64, dev)
         return ids, pos_t, meta, logit_rows
 
     @torch.inference_mode()
@@ -97,14 +98,14 @@ class ModelRunner:
         ids, positions, meta, rows = self.build_inputs(work)
         if inputs_from is not None:
             tokens, dst, src = inputs_from
-            ids[torch.tensor(dst, device=self.device)] = tokens[torch.tensor(src, device=self.device)]
+            ids[to_device(dst, torch.int64, self.device)] = tokens[to_device(src, torch.int64, self.device)]
         graphs = next((g for g in self.graph_runners if g.can_run(meta, ids.shape[0])), None)
         if graphs is not None:
             hidden = graphs.run(ids, positions, meta)
         else:
             hidden = self.model(ids, positions, self.kv_pool, meta)
         self._gather_prompt_logprobs(work, hidden, meta.query_start_loc_host)
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)]) if rows else None
+        logits = self.model.compute_logits(hidden[to_device(rows, torch.int64, self.device)]) if rows else None
         return logits
 
     def _gather_prompt_logprobs(self, work: list[SeqWork], hidden: torch.Tensor, starts: list[int]) -> None:

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from rapid.params import SamplingParams, _is_int
+from rapid.worker.transfer import to_device
 from rapid.worker.sampler_ops import (
     apply_penalties, apply_top_k_top_p, bad_word_bans, logprob_entries, mix_seed, unpack_bitmask,
 )
@@ -144,12 +145,12 @@ class SamplingBatch:
         eos_per_row = _eos_per_row(eos_token_ids, B)
 
         def f32(values: list[float]) -> Tensor:
-            return torch.tensor(values, dtype=torch.float32).to(device, non_blocking=True)
+            return to_device(values, torch.float32, device)
 
         greedy_list = [p.greedy for p in params]
         all_greedy = all(greedy_list)
         any_greedy = any(greedy_list)
-        greedy = torch.tensor(greedy_list, dtype=torch.bool).to(device, non_blocking=True)
+        greedy = to_device(greedy_list, torch.bool, device)
 
         temperature = min_p = top_k = top_p = None
         top_k_max = 0
@@ -162,7 +163,7 @@ class SamplingBatch:
                 min_p = f32([0.0 if g else p.min_p for p, g in zip(params, greedy_list)])
             if any(0 < p.top_k < V for p in random_params):
                 ks = [V if (g or p.top_k == 0) else min(p.top_k, V) for p, g in zip(params, greedy_list)]
-                top_k = torch.tensor(ks, dtype=torch.int64).to(device, non_blocking=True)
+                top_k = to_device(ks, torch.int64, device)
                 top_k_max = max(k for k in ks if k < V)
             if any(p.top_p < 1.0 for p in random_params):
                 top_p = f32([1.0 if g else p.top_p for p, g in zip(params, greedy_list)])
@@ -219,14 +220,14 @@ class SamplingBatch:
             mt_ids.extend(banned)
         banned_rows = banned_ids = None
         if mt_rows:
-            banned_rows = torch.tensor(mt_rows, dtype=torch.int64).to(device, non_blocking=True)
-            banned_ids = torch.tensor(mt_ids, dtype=torch.int64).to(device, non_blocking=True)
+            banned_rows = to_device(mt_rows, torch.int64, device)
+            banned_ids = to_device(mt_ids, torch.int64, device)
         allowed = _allowed_mask(params, grammar_bitmask, V, device)
         bias_rows = bias_ids = bias_values = None
         if any(p.logit_bias for p in params):
             entries = [(i, t, b) for i, p in enumerate(params) for t, b in (p.logit_bias or {}).items() if t < V]
-            bias_rows = torch.tensor([e[0] for e in entries], dtype=torch.int64).to(device, non_blocking=True)
-            bias_ids = torch.tensor([e[1] for e in entries], dtype=torch.int64).to(device, non_blocking=True)
+            bias_rows = to_device([e[0] for e in entries], torch.int64, device)
+            bias_ids = to_device([e[1] for e in entries], torch.int64, device)
             bias_values = f32([e[2] for e in entries])
 
         num_logprobs = [p.logprobs for p in params]
@@ -297,7 +298,7 @@ def _flat_token_index(
     for row, tokens in zip(rows, token_lists):
         base = row * vocab_size
         flat.extend(base + t for t in tokens if 0 <= t < vocab_size)
-    return torch.tensor(flat, dtype=torch.int64).to(device, non_blocking=True)
+    return to_device(flat, torch.int64, device)
 
 
 def _exponential_noise(
