@@ -47,7 +47,7 @@ def _token_event(choice: dict) -> int:
 async def _one(client, url: str, payload: dict, rec: RequestRecord, t_arrival: float) -> None:
     events = 0
     usage_tokens = None
-    last = None
+    last = finish_at = None
     try:
         async with client.stream("POST", url, json=payload) as resp:
             if resp.status_code != 200:
@@ -67,7 +67,10 @@ async def _one(client, url: str, payload: dict, rec: RequestRecord, t_arrival: f
                     return
                 if chunk.get("usage"):
                     usage_tokens = chunk["usage"].get("completion_tokens")
-                n = sum(_token_event(c) for c in chunk.get("choices") or [])
+                choices = chunk.get("choices") or []
+                n = sum(_token_event(c) for c in choices)
+                if not n and any(c.get("finish_reason") for c in choices):
+                    finish_at = time.perf_counter()  # a last token whose text was all held back arrives here
                 if n:
                     now = time.perf_counter()
                     if last is None:
@@ -77,6 +80,12 @@ async def _one(client, url: str, payload: dict, rec: RequestRecord, t_arrival: f
                     events += n
                     last = now
         rec.latency = time.perf_counter() - t_arrival
+        if finish_at is not None and usage_tokens is not None and events < usage_tokens:
+            if last is None:
+                rec.ttft = finish_at - t_arrival
+            else:
+                rec.itl.append(finish_at - last)
+            events += 1
         rec.output_len = usage_tokens if usage_tokens is not None else events
         if rec.output_len == 0:
             rec.success, rec.error = False, "the stream carried no tokens"

@@ -199,8 +199,8 @@ class OpenAIServing(RequestConverter):
                 completion_tokens += len(d.new_token_ids)
                 entries = list(zip(d.new_token_ids, d.new_logprobs or []))
                 reason = d.finish_reason if d.finished else None
-                if not d.new_text and not entries and reason is None and index in first:
-                    continue
+                if not d.new_token_ids and not d.new_text and reason is None and index in first:
+                    continue  # nothing new (a token whose text is held back still gets its chunk, as vLLM)
                 yield sse(builder.chunk(index, d.new_text, entries, reason, first=index not in first,
                                         text_offset=offsets[index], include_usage=include_usage))
                 first.add(index)
