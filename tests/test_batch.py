@@ -147,3 +147,40 @@ def test_results_are_whole_lines_even_after_a_torn_write(llm, tmp_path):
     assert run_file(llm, str(src), str(dst), use_tqdm=False) == {"ok": 1, "errors": 0, "skipped": 2}
     recs = [json.loads(line) for line in dst.read_text().splitlines()]
     assert sorted(r["custom_id"] for r in recs) == ["r0", "r1", "r2"]
+
+
+def test_a_line_whose_second_prompt_is_refused_is_still_written(tiny_llama, tmp_path):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    # prompt 0 fits a 2-block pool (32 tokens), prompt 1 never does: the engine takes the first, refuses the second
+    write_jsonl(src, [openai_line("two", "/v1/completions", {"prompt": [[5] * 10, [6] * 40], "max_tokens": 4})])
+    with LLM(tiny_llama, kv_cache_memory_bytes=2 * 8192) as llm:
+        counts = run_file(llm, str(src), str(dst), use_tqdm=False)
+    recs = [json.loads(line) for line in dst.read_text().splitlines()]
+    assert counts == {"ok": 0, "errors": 1, "skipped": 0} and len(recs) == 1
+    assert recs[0]["custom_id"] == "two" and "whole pool" in recs[0]["error"]["message"]
+
+
+@pytest.mark.parametrize("size", [0, -1])
+def test_batch_size_below_one_is_refused(llm, tmp_path, size):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(src, [{"prompt": "hello", "max_tokens": 2}])
+    with pytest.raises(ValueError, match=f"got {size}"):
+        run_file(llm, str(src), str(dst), chunk_size=size, use_tqdm=False)
+
+
+def test_cli_batch_size_checked_before_the_engine_starts(tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    write_jsonl(src, [{"prompt": "hello"}])
+    assert main(["batch", str(src), str(tmp_path / "out.jsonl"), "--model", str(tmp_path / "absent"),
+                 "--batch-size", "0"]) == 2
+    assert "got 0" in capsys.readouterr().err
+
+
+def test_ids_that_cannot_be_resumed_are_refused_once(llm, tmp_path):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(src, [{"id": None, "prompt": "hello", "max_tokens": 2}, {"id": [1], "prompt": "hi", "max_tokens": 2}])
+    assert run_file(llm, str(src), str(dst), use_tqdm=False) == {"ok": 0, "errors": 2, "skipped": 0}
+    recs = sorted((json.loads(line) for line in dst.read_text().splitlines()), key=lambda r: r["line"])
+    assert [r["id"] for r in recs] == [1, 2] and all("id must be" in r["error"] for r in recs)
+    # a re-run appends nothing: each line is known by its line number
+    assert run_file(llm, str(src), str(dst), use_tqdm=False) == {"ok": 0, "errors": 0, "skipped": 2}

@@ -109,7 +109,6 @@ def test_n_seeds_and_logprobs(served, client):
     ({"logprobs": 50}, "logprobs"),
     ({"stop": [""]}, "stop"),
     ({"extra_body": {"top_k": "x"}}, "top_k"),
-    ({"model": "gpt-17"}, "model"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": "word " * 400}, "prompt"),
     ({"extra_body": {"response_format": {"type": "json_schema"}}}, "response_format"),
@@ -121,6 +120,39 @@ def test_bad_parameters_get_openai_errors(served, client, kwargs, param):
         client.completions.create(**args)
     assert e.value.status_code == 400 and e.value.body["param"] == param and e.value.body["message"]
     assert e.value.body["type"] == "invalid_request_error" and served[2].num_pending == before
+
+
+def test_unknown_model_is_404_as_openai(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="gpt-17", prompt="hello", max_tokens=4)
+    assert e.value.status_code == 404 and e.value.body["code"] == "model_not_found"
+    assert e.value.body["param"] == "model"
+
+
+def test_completion_top_logprobs_include_the_sampled_token(client):
+    # OpenAI: "the API will always return the logprob of the sampled token, so there may be up to logprobs+1
+    # elements"; vLLM: logprobs=0 gives the sampled token alone
+    for k in (0, 1):
+        out = client.completions.create(model="tiny", prompt="Paris is", max_tokens=12, temperature=1.5, seed=1,
+                                        logprobs=k, extra_body={"ignore_eos": True})
+        lp = out.choices[0].logprobs
+        for tok, tlp, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+            assert top is not None and tok in top and top[tok] == pytest.approx(tlp) and len(top) <= k + 1
+
+
+def test_continuous_usage_stats_puts_usage_on_every_chunk(served):
+    body = {"prompt": "Paris is", "max_tokens": 4, "temperature": 0, "stream": True, "extra": 1,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    with httpx.stream("POST", served[0].url + "/v1/completions", json=body) as r:
+        chunks = [json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: {")]
+    prompt_tokens = chunks[-1]["usage"]["prompt_tokens"]
+    seen = 0
+    for c in chunks[:-1]:
+        assert c["usage"] is not None and c["usage"]["prompt_tokens"] == prompt_tokens
+        assert c["usage"]["completion_tokens"] >= seen
+        seen = c["usage"]["completion_tokens"]
+        assert c["usage"]["total_tokens"] == prompt_tokens + seen
+    assert seen == chunks[-1]["usage"]["completion_tokens"] == 4
 
 
 def test_malformed_bodies_and_the_server_keeps_serving(served, client):

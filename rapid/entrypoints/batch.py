@@ -128,6 +128,9 @@ def parse_unit(llm, converter: RequestConverter, text: str, lineno: int, default
             unit.error = e
         return unit
     unit = Unit(lineno, obj.get("id", lineno), False)
+    if unit.key is None or isinstance(unit.key, (dict, list)):  # _done_keys could not find it again
+        unit.key, unit.error = lineno, LineError(f"id must be a string or a number, got {obj['id']!r}")
+        return unit
     try:
         unit.key, spec, params = parse_simple(obj, lineno, defaults)
         unit.items = _simple_items(llm, spec, params)
@@ -223,7 +226,9 @@ class _Runner:
             if submitted:
                 self.llm.engine.abort(submitted)
             unit.error = e
-            if not unit.pending:
+            if unit.pending:  # written once the aborted requests' final deltas are in
+                self.active.add(unit.lineno)
+            else:
                 self.write(unit)
             return
         self.active.add(unit.lineno)
@@ -249,6 +254,8 @@ class _Runner:
 def run_file(llm, input_path: str, output_path: str, *, max_tokens: int = 128, temperature: float = 0.0,
              chunk_size: int | None = None, use_tqdm: bool = True) -> dict[str, int]:
     """Run every line of `input_path` not yet in `output_path` (appending); returns {'ok', 'errors', 'skipped'}."""
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"the batch size (lines in the engine at once) must be >= 1, got {chunk_size}")
     defaults = {"max_tokens": max_tokens, "temperature": temperature}
     window = chunk_size or max(64, 4 * llm.config.scheduler.max_num_seqs)
     converter = RequestConverter(llm, None)
@@ -288,9 +295,11 @@ def run_batch(args) -> int:
 
     if not os.path.isfile(args.input):
         raise FileNotFoundError(f"{args.input}: no such input file")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     with LLM.from_engine_args(EngineArgs.from_cli_args(args)) as llm:
         counts = run_file(llm, args.input, args.output, max_tokens=args.max_tokens, temperature=args.temperature,
-                          chunk_size=getattr(args, "batch_size", None))
+                          chunk_size=args.batch_size)
     skipped = f", {counts['skipped']} already done" if counts["skipped"] else ""
     print(f"wrote {counts['ok'] + counts['errors']} records to {args.output} ({counts['errors']} errors{skipped})")
     return 1 if counts["errors"] else 0

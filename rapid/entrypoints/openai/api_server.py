@@ -97,8 +97,11 @@ def build_app(frontend: EngineFrontend, *, model_name: str | None = None, api_ke
         builder = serving.builder(chat, P.chat_logprobs(req) if chat else req.logprobs)
         job = serving.start(items)
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(serving.stream(job, builder, include_usage), media_type="text/event-stream")
+            opts = req.stream_options
+            include_usage = bool(opts and opts.include_usage)
+            continuous = bool(opts and opts.continuous_usage_stats)
+            return StreamingResponse(serving.stream(job, builder, include_usage, continuous),
+                                     media_type="text/event-stream")
         result = await _unless_disconnected(request, serving.collect(job, builder), job.abort)
         return JSONResponse(result) if result is not None else Response(status_code=499)
 

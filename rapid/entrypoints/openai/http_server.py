@@ -27,14 +27,15 @@ class HttpServer:
         return f"http://{host}:{self.port}"
 
     def start(self, timeout_s: float = 30.0) -> "HttpServer":
-        """Serve in a daemon thread; returns once the socket listens (RuntimeError if it could not bind)."""
+        """Serve in a daemon thread; returns once the socket listens (OSError if it could not bind)."""
         self._thread = threading.Thread(target=self.server.run, name="rapid-http", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + timeout_s
         while not self.server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"the HTTP server could not listen on {self.host}:{self.port} (see the log)")
+                raise OSError(f"the HTTP server could not listen on {self.host}:{self.port} (in use? see the log); "
+                              "choose another --port, or --no-http")
             time.sleep(0.02)
         self.port = self.server.servers[0].sockets[0].getsockname()[1]
         return self

@@ -56,7 +56,8 @@ class Builder:
             tok = self._token(tid)
             tokens.append(tok)
             token_lps.append(lps.get(tid))
-            tops.append({self._token(t): lp for t, lp in self._top(lps)} if self.top_logprobs else None)
+            # the top `logprobs` and always the sampled token (OpenAI: up to logprobs + 1 entries; vLLM)
+            tops.append({self._token(t): lp for t, lp in self._top(lps) + [(tid, lps[tid])] * (tid in lps)})
             offsets.append(text_offset)
             text_offset += len(tok)
         return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}

@@ -17,7 +17,7 @@ from rapid.engine.client import EngineDeadError
 from rapid.entrypoints.frontend import EngineFrontend, OverloadedError
 from rapid.entrypoints.openai import protocol as P
 from rapid.entrypoints.openai.metrics import RequestTracker, ServerMetrics
-from rapid.entrypoints.openai.responses import SSE_DONE, Builder, ChoiceState, sse
+from rapid.entrypoints.openai.responses import SSE_DONE, Builder, ChoiceState, sse, usage
 from rapid.params import SamplingParams
 from rapid.protocol.engine import RequestDelta
 
@@ -93,7 +93,7 @@ class RequestConverter:
 
     def _check_model(self, req) -> None:
         if self.accepted_models is not None and req.model is not None and req.model not in self.accepted_models:
-            raise P.ApiError(400, f"the model {req.model!r} does not exist; this server serves {self.model_name!r}",
+            raise P.ApiError(404, f"the model {req.model!r} does not exist; this server serves {self.model_name!r}",
                              param="model", code="model_not_found")
 
     def _validate(self, prompt) -> tuple[str | None, list[int]]:
@@ -186,10 +186,14 @@ class OpenAIServing(RequestConverter):
         prompt_tokens = sum(len(ids) for ids in prompt_ids(job.items))
         return builder.response(list(choices.values()), prompt_tokens)
 
-    async def stream(self, job: Job, builder: Builder, include_usage: bool) -> AsyncIterator[str]:
-        """Server-sent events: one chunk per delta, a usage chunk if asked, then [DONE]."""
+    async def stream(self, job: Job, builder: Builder, include_usage: bool, continuous_usage: bool = False
+                     ) -> AsyncIterator[str]:
+        """Server-sent events: one chunk per delta, a usage chunk if asked, then [DONE]. `continuous_usage`
+        (vLLM's stream_options.continuous_usage_stats, with include_usage): each chunk carries its choice's usage."""
         first = set() if builder.chat else {it.index for it in job.items}
         offsets = {it.index: 0 for it in job.items}
+        produced = {it.index: 0 for it in job.items}
+        prompt_len = {it.index: len(it.ids) for it in job.items}
         completion_tokens = 0
         try:
             async for index, d in job.deltas():
@@ -197,12 +201,16 @@ class OpenAIServing(RequestConverter):
                     yield sse(P.ApiError(503, f"the engine failed: {d.error}", type="service_unavailable").body())
                     continue
                 completion_tokens += len(d.new_token_ids)
+                produced[index] += len(d.new_token_ids)
                 entries = list(zip(d.new_token_ids, d.new_logprobs or []))
                 reason = d.finish_reason if d.finished else None
                 if not d.new_token_ids and not d.new_text and reason is None and index in first:
                     continue  # nothing new (a token whose text is held back still gets its chunk, as vLLM)
-                yield sse(builder.chunk(index, d.new_text, entries, reason, first=index not in first,
-                                        text_offset=offsets[index], include_usage=include_usage))
+                body = builder.chunk(index, d.new_text, entries, reason, first=index not in first,
+                                     text_offset=offsets[index], include_usage=include_usage)
+                if include_usage and continuous_usage:
+                    body["usage"] = usage(prompt_len[index], produced[index])
+                yield sse(body)
                 first.add(index)
                 offsets[index] += len(d.new_text)
             if include_usage:
