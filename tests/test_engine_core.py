@@ -170,3 +170,40 @@ def test_every_stage_abort_leaves_pool_whole(stage):
     for rid in [rid for rid, r in core.requests.items() if r.status == S.STOPPING]:
         core.deliver(Dropped([rid]))
     assert all_free(core)
+
+
+def test_a_worker_finish_racing_a_preemption_waits_for_the_dropped_answer():
+    """The core preempts b (StopDecode) while the decode worker, not yet having seen it, ends b itself. The
+    worker still answers the StopDecode with Dropped; b's blocks must stay held until every StopDecode sent
+    for b is answered, else a late Dropped frees the blocks of b's next incarnation under the worker."""
+    core, w = make_core(num_blocks=9, lookahead=1)
+    add(core, "a", n_prompt=8, max_tokens=20)
+    add(core, "b", n_prompt=8, max_tokens=20)
+    core.dispatch()
+    finish_prefill(core, w)
+    stops = lambda: [m for m in w.decode if isinstance(m, StopDecode) and "b" in m.request_ids]  # noqa: E731
+    for t in range(12):
+        running = [rid for rid, r in core.requests.items() if r.status == S.DECODING]
+        core.deliver(DecodeStep([SampledToken(r, 20 + t, -1.0) for r in running], [], 0.0, 1.0))
+        if stops():
+            break
+    assert len(stops()) == 1 and core.status("b") == S.PREEMPTED
+    # sent before the worker saw the stop: it ended a (making room) and b by themselves
+    core.deliver(DecodeStep([SampledToken("a", 0, -1.0), SampledToken("b", 0, -1.0)], ["a", "b"], 0.0, 1.0))
+    core.dispatch()
+    if w.prefill and any(x.request_id == "b" for x in w.prefill[-1].work) and core.scheduler.in_flight:
+        finish_prefill(core, w)  # b recomputed and handed off again ...
+        if core.requests["b"].status == S.DECODING:
+            core.abort(["b"])  # ... and stopped again: a second StopDecode, not yet answered
+    answered = 1
+    core.deliver(Dropped(["b"]))  # the worker's answer to the first StopDecode
+    if len(stops()) > answered:
+        assert "b" in core.requests and core.blocks.block_table("b"), "b's blocks freed under the worker"
+    for _ in range(len(stops()) - answered):
+        core.deliver(Dropped(["b"]))
+    if core.scheduler.in_flight:
+        finish_prefill(core, w)
+    core.abort(list(core.requests))
+    for rid in [rid for rid, r in core.requests.items() if r.status == S.STOPPING]:
+        core.deliver(Dropped([rid]))
+    assert all_free(core)

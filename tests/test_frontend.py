@@ -67,3 +67,73 @@ def test_abort_overload_refusal_and_close(tiny_llama):
             frontend.close()
         assert b.done.is_set() and b.deltas[-1].finished  # in flight at close: ended, with a final delta
         assert frontend.num_pending == 0
+
+
+class _BlockingEngine:
+    """An engine whose get_deltas waits for `release` (the engine loop is busy in a step)."""
+
+    def __init__(self):
+        self.release, self.stepping = threading.Event(), threading.Event()
+        self.added, self.aborted = [], []
+
+    def add_request(self, msg):
+        self.added.append(msg.request_id)
+
+    def get_deltas(self, timeout_s=None):
+        from rapid.protocol.engine import RequestDelta
+
+        self.stepping.set()
+        self.release.wait(10)
+        out = [RequestDelta(rid, [], "", finished=True, finish_reason="abort") for rid in self.aborted]
+        self.aborted = []
+        return out
+
+    def abort(self, ids):
+        self.aborted += ids
+
+    def check_health(self):
+        pass
+
+
+class _FakeLLM:
+    def __init__(self, engine):
+        self.engine = engine
+
+
+def test_a_request_submitted_as_the_frontend_closes_still_gets_its_final_delta():
+    from rapid.engine.client import EngineDeadError
+
+    engine = _BlockingEngine()
+    frontend = EngineFrontend(_FakeLLM(engine))
+    first, second = Collector(), Collector()
+    frontend.submit("first", [1, 2], GREEDY, first)
+    assert engine.stepping.wait(10)  # the loop is inside a step
+    frontend.submit("second", [1, 2], GREEDY, second)  # queued, not yet applied
+    closer = threading.Thread(target=frontend.close)
+    closer.start()
+    while not frontend._stop.is_set():
+        pass
+    engine.release.set()
+    closer.join(10)
+    assert first.done.is_set() and second.done.is_set(), "a queued request was lost at close"
+    assert frontend.num_pending == 0
+    with pytest.raises(EngineDeadError, match="closed"):
+        frontend.submit("late", [1, 2], GREEDY, Collector())
+    assert frontend.num_pending == 0
+
+
+def test_a_duplicate_request_id_is_refused_without_taking_over_the_first_request():
+    engine = _BlockingEngine()
+    engine.release.set()
+    frontend = EngineFrontend(_FakeLLM(engine))
+    try:
+        first, dup = Collector(), Collector()
+        frontend.submit("x", [1, 2], GREEDY, first)
+        frontend.submit("x", [1, 2], GREEDY, dup)
+        assert dup.done.wait(10) and "already in use" in dup.deltas[-1].error
+        assert not first.done.is_set() and engine.added == ["x"] and frontend.num_pending == 1
+        frontend.abort(["x"])
+        assert first.done.wait(10) and first.deltas[-1].finish_reason == "abort"
+        assert frontend.num_pending == 0
+    finally:
+        frontend.close()

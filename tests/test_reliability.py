@@ -232,3 +232,51 @@ def test_restart_limit_leaves_the_engine_down_with_a_clear_error(tiny_llama, mon
     finally:
         llm.shutdown()
     assert not children(others)
+
+
+class _FakeChild:
+    def death_reason(self) -> str:
+        return "decode process (pid 1) died with exit code -9"
+
+
+class _FakeProcs:
+    """EngineProcesses as MPClient sees them: what the core sends back is queued in `outputs`."""
+
+    def __init__(self, outputs):
+        self.outputs, self.sent, self.dead, self.stopped = list(outputs), [], None, False
+        self.inp = self
+        self.out = self
+
+    def send(self, msg):
+        self.sent.append(msg)
+
+    def recv(self, timeout_ms=0):
+        return self.outputs.pop(0) if self.outputs else None
+
+    def dead_child(self):
+        return self.dead
+
+    def stop(self, graceful=True):
+        self.stopped = True
+
+
+def test_a_request_finished_while_get_stats_waits_is_not_failed_again_at_a_death():
+    """Deltas that arrive while get_stats waits for its answer are buffered for get_deltas; a request they
+    finish is no longer in flight, so a later death does not end it a second time (with an error)."""
+    from rapid.engine.mp_client import MPClient
+    from rapid.protocol.engine import EngineOutputs, RequestDelta, Stats
+
+    client = MPClient.__new__(MPClient)  # constructed by hand: no processes
+    client.config, client._closed, client.dead_reason, client._restart_due = None, False, None, None
+    client.in_flight, client._buffered, client.num_restarts = set(), [], 0
+    client._restart_times, client._last_death = __import__("collections").deque(), ""
+    done = RequestDelta("a", [1], "", finished=True, finish_reason="length")
+    stats = Stats(*([[]] * 6))
+    client.procs = _FakeProcs([EngineOutputs([done]), stats])
+    client.in_flight.add("a")  # as add_request leaves it
+    client.get_stats()
+    assert client.get_deltas() == [done]
+    client.procs.dead = _FakeChild()
+    failed = client.get_deltas()
+    assert not [d for d in failed if d.request_id == "a"], "a finished request was failed again at the death"
+    assert not client.in_flight

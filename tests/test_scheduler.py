@@ -234,3 +234,44 @@ def test_async_scheduling_runs_one_step_ahead_and_reads_inputs_from_the_device()
             assert ahead, "no decode row ran a step ahead"
         assert e.blocks.num_free_blocks == e.blocks.num_blocks
     assert results[True] == results[False]
+
+
+def test_a_prefilling_request_preempted_to_make_room_is_not_scheduled_in_the_same_batch():
+    """Two prompts part-way through prefill (a placement that alternates lanes): growing the older one
+    preempts the newer one, which must not then be chunked (or preempt the older one back) in the same batch."""
+    from rapid.core.placement import DECODE, PREFILL
+    from rapid.protocol.worker import PrefillDone
+
+    class Lanes:
+        def __init__(self, lanes):
+            self.lanes = list(lanes)
+
+        def prefill_lane(self, scheduler):
+            return self.lanes.pop(0) if self.lanes else PREFILL
+
+    bm = BlockManager(8, 4, enable_prefix_caching=False)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=8, max_model_len=64), bm,
+                      placement=Lanes([PREFILL, DECODE]))
+    a = Request("a", list(range(1, 17)), SamplingParams(max_tokens=1))
+    b = Request("b", list(range(20, 36)), SamplingParams(max_tokens=1))
+    sched.add_request(a)
+    sched.add_request(b)
+    for out in (sched.schedule(), sched.schedule()):  # a's first chunk on one lane, b's on the other
+        sched.update_from_output(PrefillDone(out.prefill_batch.batch_id, [], 0.0, 1.0))
+    bm.allocate("holder", 12)  # 1 block left: a's next chunk needs 2, so b (the newest) is preempted
+    sched.set_token_budget(16)
+    batch = sched.schedule().prefill_batch
+    assert b.status == RequestStatus.WAITING and not bm.block_table("b")
+    assert a.status == RequestStatus.PREFILLING and a.num_preemptions == 0
+    assert [(w.request_id, w.start_pos, len(w.token_ids)) for w in batch.work] == [("a", 8, 8)]
+    assert batch.work[0].block_ids == bm.block_table("a") and len(bm.block_table("a")) == 4
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_max_tokens_none_runs_up_to_max_model_len(async_scheduling):
+    """The engine core takes max_tokens=None (up to max_model_len); the decode executor's run-ahead check too."""
+    e = Engine(max_len=24, async_scheduling=async_scheduling)
+    r = e.add(prompt_len=10, max_tokens=None, ignore_eos=True)
+    e.drain()
+    assert len(r.output_token_ids) == 14 and e.finished[r.request_id] == "length"
+    assert e.blocks.num_free_blocks == e.blocks.num_blocks

@@ -175,6 +175,8 @@ class Scheduler:
         for req in [r for r in self.running if r.status == S.PREFILLING and not self._in_flight(r)]:
             if budget <= 0:
                 break
+            if req.status != S.PREFILLING:
+                continue  # preempted while making room for an earlier one
             n = min(req.num_prompt_tokens_left, budget)
             if not self._grow(req, self.blocks, req.num_computed_tokens + n):
                 break
@@ -336,10 +338,8 @@ class Scheduler:
             if req is None:
                 continue
             done_by_worker = tok.request_id in worker_finished
-            if req.status != S.DECODING:  # stopping or preempted: the token is not wanted
-                if done_by_worker:
-                    self._on_dropped(tok.request_id)  # the worker let go of it by itself
-                continue
+            if req.status != S.DECODING:  # stopping or preempted: the token is not wanted; the worker answers
+                continue  # the StopDecode sent for it with Dropped (even if it ended it first): freed then
             touched.append(req)
             reason = self._append(req, tok, msg.t_end)
             if reason is not None or done_by_worker:

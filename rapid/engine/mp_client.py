@@ -199,14 +199,18 @@ class MPClient(EngineClient):
                 return self._on_death(dead.death_reason())
             msg = self.procs.out.recv(timeout_ms=POLL_MS)
             if isinstance(msg, EngineOutputs):
-                for d in msg.deltas:
-                    if d.finished:
-                        self.in_flight.discard(d.request_id)
-                return msg.deltas
+                return self._track(msg.deltas)
             if isinstance(msg, EngineDead):
                 return self._on_death(f"engine core: {msg.reason}")
             if time.monotonic() > deadline:
                 return []
+
+    def _track(self, deltas: list[RequestDelta]) -> list[RequestDelta]:
+        """Requests these deltas finish are no longer in flight (a death does not end them again)."""
+        for d in deltas:
+            if d.finished:
+                self.in_flight.discard(d.request_id)
+        return deltas
 
     def get_stats(self, timeout_s: float = 10.0) -> Stats:
         """Worker timings (prefill batches, decode steps, idle gaps, hand-offs) from the core; num_restarts."""
@@ -218,7 +222,7 @@ class MPClient(EngineClient):
             if isinstance(msg, Stats):
                 return msgspec.structs.replace(msg, num_restarts=self.num_restarts)
             if isinstance(msg, EngineOutputs):
-                self._buffered.extend(msg.deltas)
+                self._buffered.extend(self._track(msg.deltas))
             self._check_children()
         raise TimeoutError("the engine core did not answer GetStats")
 

@@ -61,7 +61,8 @@ class EngineFrontend:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._callbacks: dict[str, DeltaCallback] = {}  # owned by the engine loop
         self._num_pending = 0  # requests submitted and not finished (read from any thread: a snapshot)
-        self._count_lock = threading.Lock()
+        self._count_lock = threading.Lock()  # also orders submit against close (no command queued after it)
+        self._closed = False  # set under _count_lock once the engine loop takes no more commands
         self._stop = threading.Event()
         self.dead_reason: str | None = None
         self._thread = threading.Thread(target=self._run, name="rapid-engine-loop", daemon=True)
@@ -77,11 +78,13 @@ class EngineFrontend:
         """Queue a validated request (see LLM.validate); its deltas go to `on_delta` on the engine loop's thread."""
         self.check_health()
         with self._count_lock:
+            if self._closed or self._stop.is_set():
+                raise EngineDeadError("the frontend is closed")
             if self._num_pending >= self.max_pending:
                 raise OverloadedError(f"{self._num_pending} requests are in flight (the limit is {self.max_pending}); "
                                       "retry later")
             self._num_pending += 1
-        self._commands.put(_Submit(request_id, list(prompt_token_ids), params, prompt, on_delta, time.time()))
+            self._commands.put(_Submit(request_id, list(prompt_token_ids), params, prompt, on_delta, time.time()))
 
     def abort(self, request_ids: list[str]) -> None:
         """End these requests; each still gets its final delta (finish_reason 'abort')."""
@@ -126,6 +129,15 @@ class EngineFrontend:
         for rid in list(self._callbacks):
             self._deliver(RequestDelta(rid, [], "", finished=True, finish_reason="abort", error=reason))
 
+    def _refuse(self, cmd: _Submit, error: str) -> None:
+        """End a submitted request that never reached the engine."""
+        with self._count_lock:
+            self._num_pending -= 1
+        try:
+            cmd.on_delta(RequestDelta(cmd.request_id, [], "", finished=True, finish_reason="abort", error=error))
+        except Exception:  # a broken consumer must not stop the loop
+            logger.exception("delta callback for %s failed", cmd.request_id)
+
     def _apply(self, cmd) -> None:
         engine = self.llm.engine
         if isinstance(cmd, _GetStats):
@@ -136,6 +148,9 @@ class EngineFrontend:
             return
         if isinstance(cmd, _Abort):
             engine.abort([rid for rid in cmd.request_ids if rid in self._callbacks])
+            return
+        if cmd.request_id in self._callbacks:  # the first request keeps its callback
+            self._refuse(cmd, f"request id {cmd.request_id!r} is already in use")
             return
         self._callbacks[cmd.request_id] = cmd.on_delta
         try:
@@ -179,7 +194,19 @@ class EngineFrontend:
                 self._deliver(delta)
 
     def _shutdown_requests(self) -> None:
-        """On close: abort what is in flight, give the engine a moment to confirm, then fail the rest."""
+        """On close: end the requests still queued, abort what is in flight, give the engine a moment to
+        confirm, then fail the rest."""
+        with self._count_lock:
+            self._closed = True
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(cmd, _Submit):  # never sent to the engine
+                self._refuse(cmd, "the server is shutting down")
+            elif isinstance(cmd, _GetStats):
+                cmd.answer.set_exception(EngineDeadError("the frontend is closed"))
         if not self._callbacks:
             return
         try:

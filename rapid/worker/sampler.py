@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from rapid.params import SamplingParams, _is_int
+from rapid.worker.sample_result import PendingSample, SamplerOutput
 from rapid.worker.transfer import to_device
 from rapid.worker.sampler_ops import (
     apply_penalties, apply_top_k_top_p, bad_word_bans, logprob_entries, mix_seed, unpack_bitmask,
@@ -42,24 +43,6 @@ __all__ = ["SamplingBatch", "SamplerOutput", "PendingSample", "sample", "sample_
 # ------------------------------------------------------------------------------------------------
 # Batched sampler
 # ------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SamplerOutput:
-    """One step's result for B rows.
-
-    token_ids:       sampled token per row.
-    sampled_logprob: log_softmax(raw logits)[row, token] per row (for cumulative_logprob).
-    logprobs:        per row, None if the row did not ask for logprobs, else
-                     {token_id: logprob} with the top-N tokens of log_softmax(raw logits)
-                     plus the sampled token (N + 1 entries when the sampled one is not in the top-N).
-    ranks:           per row, the sampled token's 1-based rank in log_softmax(raw logits) (0 without logprobs).
-    """
-
-    token_ids: list[int]
-    sampled_logprob: list[float]
-    logprobs: list[dict[int, float] | None]
-    ranks: list[int]
 
 
 @dataclass
@@ -338,32 +321,6 @@ def process_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
             batch.presence_penalty,
         )
     return x
-
-
-class PendingSample:
-    """One step's sampled tokens, on their way to the host: `tokens` stays on the device (the next step may
-    read it as input ids), the host copy is enqueued behind the step, and `result()` waits for that copy only,
-    not for work enqueued later (the next step's forward pass)."""
-
-    def __init__(self, tokens: Tensor, sampled_lp: Tensor, logprobs: list, ranks: list[int]):
-        self.tokens = tokens  # [B] int64, on the logits' device
-        self._logprobs, self._ranks = logprobs, ranks
-        self._ready = None
-        if tokens.is_cuda:
-            self._tokens_host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            self._lp_host = torch.empty(sampled_lp.shape, dtype=sampled_lp.dtype, pin_memory=True)
-            self._tokens_host.copy_(tokens, non_blocking=True)
-            self._lp_host.copy_(sampled_lp, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record()
-        else:
-            self._tokens_host, self._lp_host = tokens, sampled_lp
-
-    def result(self) -> SamplerOutput:
-        if self._ready is not None:
-            self._ready.synchronize()
-        return SamplerOutput(token_ids=self._tokens_host.tolist(), sampled_logprob=self._lp_host.tolist(),
-                             logprobs=self._logprobs, ranks=self._ranks)
 
 
 def sample_async(
