@@ -137,3 +137,28 @@ def test_a_duplicate_request_id_is_refused_without_taking_over_the_first_request
         assert frontend.num_pending == 0
     finally:
         frontend.close()
+
+
+def test_an_unexpected_engine_error_aborts_the_requests_in_the_engine(tiny_llama, monkeypatch):
+    with LLM(tiny_llama, max_model_len=256) as llm:
+        engine = llm.engine
+        real_get_deltas, aborted = engine.get_deltas, []
+        calls = {"n": 0}
+
+        def flaky_get_deltas(timeout_s=None):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError("a bug in the loop")
+            return real_get_deltas(timeout_s)
+
+        monkeypatch.setattr(engine, "get_deltas", flaky_get_deltas)
+        real_abort = engine.abort
+        monkeypatch.setattr(engine, "abort", lambda ids: (aborted.extend(ids), real_abort(ids)))
+        frontend = EngineFrontend(llm)
+        try:
+            c = Collector()
+            frontend.submit("victim", [5, 6, 7], SamplingParams(max_tokens=200, ignore_eos=True), c)
+            assert c.done.wait(30) and "a bug in the loop" in c.deltas[-1].error
+            assert "victim" in aborted  # the engine stops working for it, not only its caller
+        finally:
+            frontend.close()

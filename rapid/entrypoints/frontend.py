@@ -173,6 +173,11 @@ class EngineFrontend:
                 if self.dead_reason != reason:
                     logger.error("engine failed: %s", reason)
                 self.dead_reason = reason
+                if not isinstance(e, EngineDeadError) and self._callbacks:
+                    try:  # a live engine must not go on working for requests nobody will read
+                        self.llm.engine.abort(list(self._callbacks))
+                    except Exception:
+                        logger.exception("aborting the failed requests failed")
                 self._fail_all(f"engine error: {reason}")
                 self._stop.wait(IDLE_WAIT_S)
         self._shutdown_requests()
