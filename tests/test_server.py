@@ -136,6 +136,18 @@ def test_interleaved_streams_on_one_client(client):
     assert "".join(d.new_text for d in got_b) == client.generate("Paris is", GREEDY).text
 
 
+def test_refuse_new_during_a_shutdown_grace_keeps_running_requests(server, client):
+    long = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    running = client.stream("The quick brown", long)
+    got = [next(running)]  # in flight before the grace period starts
+    server.refuse_new()  # what `rapid serve` does on SIGTERM before its grace period
+    with pytest.raises(ServerError, match="shutting down"):
+        client.generate("Paris is", GREEDY)
+    got += list(running)
+    assert got[-1].finished and got[-1].finish_reason == "length"
+    assert sum(len(d.new_token_ids) for d in got) == 40
+
+
 def test_cancel_stops_a_stream(server, client, aborts):
     long = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
     deltas = []

@@ -131,6 +131,8 @@ def _serve_llm(llm, args: argparse.Namespace, stop: threading.Event) -> None:
         logger.info("stopping: refusing new requests, %d in flight", frontend.num_pending)
         if serving is not None:
             serving.closing = True
+        if zmq is not None:
+            zmq.refuse_new()
         deadline = time.monotonic() + args.shutdown_grace_s
         while frontend.num_pending and time.monotonic() < deadline:
             time.sleep(0.05)

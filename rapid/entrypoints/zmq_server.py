@@ -116,6 +116,7 @@ class RapidServer:
         self._serving = False
         self._thread: threading.Thread | None = None
         self._closed = False
+        self.refusing = False  # refuse_new(): the shutdown's grace period
         self._owns_frontend = frontend is None
         try:
             self.frontend = frontend if frontend is not None else EngineFrontend(llm)
@@ -143,6 +144,10 @@ class RapidServer:
         self._thread = threading.Thread(target=self.serve_forever, name="rapid-zmq-server", daemon=True)
         self._thread.start()
         return self
+
+    def refuse_new(self) -> None:
+        """From any thread (a shutdown's grace period): answer new requests with an error; running ones go on."""
+        self.refusing = True
 
     def stop(self) -> None:
         """Ask the loop to return (safe from signal handlers and other threads); close() releases everything."""
@@ -271,6 +276,9 @@ class RapidServer:
 
     def _enqueue(self, peer: Peer, env: Envelope, raw) -> None:
         cid, lim = env.client_request_id, self.limits
+        if self.refusing:
+            self._clients.send(peer, ErrorReply(cid, "the server is shutting down: no new requests"))
+            return
         if not cid:
             self._clients.send(peer, ErrorReply(cid, "client_request_id must be a non-empty string"))
             return
