@@ -108,20 +108,20 @@ class Request:
         return None
 
 
-def check_fits(request_id: str, num_prompt_tokens: int, max_tokens: int | None, max_model_len: int,
+def check_fits(who: str, num_prompt_tokens: int, max_tokens: int | None, max_model_len: int,
                num_blocks: int, block_size: int) -> None:
-    """Reject up front a request that can never run (ValueError naming the numbers). max_tokens None: up to
-    max_model_len."""
+    """Reject up front a request that can never run (ValueError naming `who`, e.g. "request 7", and the numbers).
+    max_tokens None: up to max_model_len."""
     if max_tokens is None:
         if num_prompt_tokens >= max_model_len:
-            raise ValueError(f"request {request_id}: prompt ({num_prompt_tokens} tokens) leaves no room for output "
+            raise ValueError(f"{who}: prompt ({num_prompt_tokens} tokens) leaves no room for output "
                              f"within max_model_len ({max_model_len})")
         max_tokens = max_model_len - num_prompt_tokens
     total = num_prompt_tokens + max_tokens
     if total > max_model_len:
-        raise ValueError(f"request {request_id}: prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = "
+        raise ValueError(f"{who}: prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = "
                          f"{total} exceeds max_model_len ({max_model_len})")
     need = -(-total // block_size)
     if need > num_blocks:
-        raise ValueError(f"request {request_id}: {total} tokens need {need} KV blocks but the whole pool has "
+        raise ValueError(f"{who}: {total} tokens need {need} KV blocks but the whole pool has "
                          f"{num_blocks} (raise kv_cache_memory_bytes or lower max_tokens)")

@@ -116,7 +116,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ requests in, requests out
     def add_request(self, req: Request) -> None:
-        check_fits(req.request_id, len(req.prompt_token_ids), req.params.max_tokens, self.config.max_model_len,
+        check_fits(f"request {req.request_id}", len(req.prompt_token_ids), req.params.max_tokens, self.config.max_model_len,
                    self.num_blocks, self.blocks.block_size)
         if req.request_id in self.requests:
             raise ValueError(f"request id {req.request_id!r} is already in use")

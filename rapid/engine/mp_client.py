@@ -176,7 +176,7 @@ class MPClient(EngineClient):
     def add_request(self, msg: AddRequest) -> None:
         self._ensure_running()
         sched = self.config.scheduler
-        check_fits(msg.request_id, len(msg.prompt_token_ids), msg.params.max_tokens, sched.max_model_len,
+        check_fits(f"request {msg.request_id}", len(msg.prompt_token_ids), msg.params.max_tokens, sched.max_model_len,
                    self.num_blocks, self.config.cache.block_size)
         self.procs.inp.send(msg)
         self.in_flight.add(msg.request_id)

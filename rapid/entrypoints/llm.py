@@ -23,6 +23,7 @@ from rapid.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from rapid.protocol.engine import AddRequest, RequestDelta
 from rapid.engine import make_client
 from rapid.engine.client import EngineClient
+from rapid.core.request import check_fits
 from rapid.core.tokenizer import load_tokenizer
 from rapid.params import SamplingParams
 
@@ -88,12 +89,12 @@ class LLM:
         return text, ids
 
     def _check_fits(self, ids: list[int], params: SamplingParams) -> None:
+        """The engine's own fit rule (max_model_len and the whole KV pool), checked before anything is queued."""
         limit = self.config.scheduler.max_model_len
         if len(ids) >= limit:
             raise ValueError(f"prompt has {len(ids)} tokens; max_model_len is {limit} (prompt + max_tokens must fit)")
-        if len(ids) + params.max_tokens > limit:
-            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = "
-                             f"{len(ids) + params.max_tokens} exceeds max_model_len ({limit})")
+        check_fits("this request", len(ids), params.max_tokens, limit, self.engine.num_blocks,
+                   self.config.cache.block_size)
 
     def prepare(self, prompt: Any, sampling_params: Any = None) -> tuple[str | None, list[int], SamplingParams]:
         """The edge checks generate() applies to one prompt: (prompt text or None, token ids after
