@@ -99,9 +99,13 @@ class Scheduler:
         return sum(1 for r in self.running if r.status == S.DECODING)
 
     @property
+    def pools(self) -> list[BlockManager]:
+        """Every KV pool the scheduler accounts for (two in disagg)."""
+        return [self.blocks, self.decode_blocks] if self.separate_pools else [self.blocks]
+
+    @property
     def num_free_blocks(self) -> int:
-        pools = [self.blocks, self.decode_blocks] if self.separate_pools else [self.blocks]
-        return sum(p.num_free_blocks for p in pools)
+        return sum(p.num_free_blocks for p in self.pools)
 
     @property
     def num_blocks(self) -> int:
@@ -147,10 +151,14 @@ class Scheduler:
             self.running.remove(req)
         elif req.status == S.WAITING:
             self.waiting.remove(req)
-        self.blocks.free(req.request_id)
-        self.decode_blocks.free(req.request_id)
+        self._free_everywhere(req)
         req.status = S.FINISHED
         del self.requests[req.request_id]
+
+    def _free_everywhere(self, req: Request) -> None:
+        """Drop the request's table in every pool (in disagg it may hold one in either)."""
+        for pool in self.pools:
+            pool.free(req.request_id)
 
     def _in_flight(self, req: Request) -> bool:
         return req.request_id in self.in_flight_ids
@@ -247,8 +255,7 @@ class Scheduler:
         """Preemption by recompute: free the blocks, queue the request first, its prompt + outputs so far."""
         if req in self.running:
             self.running.remove(req)
-        self.blocks.free(req.request_id)
-        self.decode_blocks.free(req.request_id)
+        self._free_everywhere(req)
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         req.status = S.WAITING

@@ -141,6 +141,5 @@ class EngineCore:
     def get_stats(self) -> Stats:
         s = self.scheduler
         return self.stats.snapshot(num_preemptions=s.num_preemptions, num_free_blocks=s.num_free_blocks,
-                                   num_blocks=s.blocks.num_blocks + (s.decode_blocks.num_blocks if s.separate_pools
-                                                                     else 0),
+                                   num_blocks=sum(p.num_blocks for p in s.pools),
                                    num_requests=len(s.requests) + len(s.transfers))
