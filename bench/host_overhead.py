@@ -17,36 +17,23 @@ import random
 import statistics
 import time
 
-from rapid import LLM, SamplingParams
-from rapid.protocol.engine import AddRequest
+from rapid import LLM
+from rapid.bench.frontier import start_steady_decode, step_periods
 
 
 def run_window(llm, batch: int, ctx: int, window_s: float, seed: int) -> tuple[float, float]:
     """Reach steady decode at `batch`, drive it for window_s, abort it; the window's (start, end) wall times."""
     engine = llm.engine
-    rng = random.Random(seed)
-    vocab, limit = llm.model_config.vocab_size, llm.config.scheduler.max_model_len
-    ids = [f"h{seed}-{i}" for i in range(batch)]
-    for rid in ids:
-        engine.add_request(AddRequest(rid, [rng.randrange(vocab) for _ in range(ctx)],
-                                      SamplingParams(temperature=0, ignore_eos=True, max_tokens=limit - ctx - 1)))
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:  # steady decode at batch B
-        engine.get_deltas(timeout_s=0.05)
-        s = engine.get_stats()
-        if s.decode_batch_sizes and s.decode_batch_sizes[-1] == batch:
-            break
+    ids = start_steady_decode(llm, batch, ctx, seed, random.Random(seed), poll_s=0.05)
     t0 = time.time()
     end = time.monotonic() + window_s
     while time.monotonic() < end:
         engine.get_deltas(timeout_s=0.05)
     t1 = time.time()
-    s = engine.get_stats()
     engine.abort(ids)
     done = time.monotonic() + 30
-    while s.num_requests and time.monotonic() < done:
+    while engine.get_stats().num_requests and time.monotonic() < done:
         engine.get_deltas(timeout_s=0.05)
-        s = engine.get_stats()
     return t0, t1
 
 
@@ -55,9 +42,9 @@ def measure(llm, batches, ctx, window_s) -> list[dict]:
     for i, b in enumerate(batches):
         t0, t1 = run_window(llm, b, ctx, window_s, seed=i)
         s = llm.engine.get_stats()
-        starts = [a for (a, e), n in zip(s.decode_intervals, s.decode_batch_sizes) if t0 <= a and e <= t1 and n == b]
-        periods = sorted((y - x) * 1e3 for x, y in zip(starts, starts[1:]))
-        gaps = [g * 1e3 for g in s.decode_idle_gaps_s[-len(starts):]] if starts else []
+        periods = sorted(x * 1e3 for x in step_periods(s, t0, t1, b))
+        steps = len(periods) + 1 if periods else 0
+        gaps = [g * 1e3 for g in s.decode_idle_gaps_s[-steps:]] if steps else []
         out.append({"batch": b, "ctx": ctx, "steps": len(periods),
                     "period_median_ms": round(statistics.median(periods), 3) if periods else None,
                     "period_p90_ms": round(periods[int(0.9 * (len(periods) - 1))], 3) if periods else None,

@@ -39,6 +39,32 @@ def _window(intervals, values, t0, t1, want=None):
     return out
 
 
+def start_steady_decode(llm, batch: int, ctx: int, seed: int, rng: random.Random, poll_s: float = 0.5) -> list[str]:
+    """Add `batch` requests with `ctx`-token prompts drawn from rng (greedy, ignore_eos, as long as the context
+    allows) and drive the engine until it decodes them all in one step; returns their ids."""
+    client = llm.engine
+    vocab = llm.model_config.vocab_size
+    max_len = llm.config.scheduler.max_model_len
+    decode_ids = [f"d{seed}-{i}" for i in range(batch)]
+    for rid in decode_ids:
+        client.add_request(AddRequest(rid, [rng.randrange(vocab) for _ in range(ctx)],
+                                      SamplingParams(temperature=0, ignore_eos=True, max_tokens=max_len - ctx - 1),
+                                      arrival_time=time.time()))
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        _pump(client, poll_s)
+        s = client.get_stats()
+        if s.decode_batch_sizes and s.decode_batch_sizes[-1] == batch:
+            break
+    return decode_ids
+
+
+def step_periods(stats, t0: float, t1: float, batch: int) -> list[float]:
+    """Start-to-start intervals (s) of the decode steps of `batch` rows inside [t0, t1]."""
+    starts = [a for a, _, _ in _window(stats.decode_intervals, stats.decode_batch_sizes, t0, t1, batch)]
+    return [b - a for a, b in zip(starts, starts[1:])]
+
+
 def measure_point(llm, batch: int, ctx: int, prefill_len: int, window_s: float, queued_prefills: int = 2,
                   seed: int = 0, step_budget: int | None = None) -> dict:
     """hybrid: `step_budget` (decodes + chunk) applies from steady decode on; the B contexts are prefilled
@@ -46,26 +72,13 @@ def measure_point(llm, batch: int, ctx: int, prefill_len: int, window_s: float, 
     client = llm.engine
     vocab = llm.model_config.vocab_size
     rng = random.Random(seed)
-    max_len = llm.config.scheduler.max_model_len
-    decode_ids = [f"d{seed}-{i}" for i in range(batch)]
-    for rid in decode_ids:
-        client.add_request(AddRequest(rid, [rng.randrange(vocab) for _ in range(ctx)],
-                                      SamplingParams(temperature=0, ignore_eos=True, max_tokens=max_len - ctx - 1),
-                                      arrival_time=time.time()))
-    # reach steady decode at batch B
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        _pump(client, 0.5)
-        s = client.get_stats()
-        if s.decode_batch_sizes and s.decode_batch_sizes[-1] == batch:
-            break
+    decode_ids = start_steady_decode(llm, batch, ctx, seed, rng)
     if step_budget is not None:
         client.set_token_budget(step_budget)
     t_alone = time.time()
     _pump(client, min(2.0, window_s))
     alone = client.get_stats()
-    alone_starts = [a for a, _, _ in _window(alone.decode_intervals, alone.decode_batch_sizes, t_alone, time.time(), batch)]
-    alone_steps = [b - a for a, b in zip(alone_starts, alone_starts[1:])]
+    alone_steps = step_periods(alone, t_alone, time.time(), batch)
 
     counter = iter(range(10**9))
     live: set[str] = set()
@@ -91,8 +104,7 @@ def measure_point(llm, batch: int, ctx: int, prefill_len: int, window_s: float, 
     client.abort(decode_ids + sorted(live))
     _pump(client, 1.0)
     # TPOT = start-to-start time of consecutive decode steps: host gaps between steps count, in both modes.
-    starts = [a for a, _, _ in _window(s.decode_intervals, s.decode_batch_sizes, t0, t1, batch)]
-    steps = [b - a for a, b in zip(starts, starts[1:])]
+    steps = step_periods(s, t0, t1, batch)
     prefill_tokens = sum(v for _, _, v in _window(s.prefill_intervals, s.prefill_tokens, t0, t1))
     steps_ms = sorted(x * 1e3 for x in steps)
     return {
