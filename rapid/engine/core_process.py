@@ -63,7 +63,7 @@ def _handle(core: EngineCore, msg, outbox: ipc.Channel) -> tuple[bool, list[Requ
 
 def core_main(raw_args: bytes) -> None:
     args: WorkerArgs = decode_args(raw_args)
-    ipc.child_setup(args.env, args.log_path, args.name, args.log_level)
+    ipc.child_setup(args.log_path, args.name, args.log_level)
     from rapid.core.tokenizer import load_tokenizer
 
     ctx = zmq.Context()

@@ -224,10 +224,10 @@ def setup_child_logging(log_path: str, name: str, level: int) -> None:
     )
 
 
-def child_setup(env: dict[str, str], log_path: str, name: str, level: int) -> None:
-    """First thing in every engine child: its environment (e.g. its MPS share), its log file. (The parent
-    watch and the parent-death signal are set up by rapid.engine.child before the arguments are decoded.)"""
-    os.environ.update(env)
+def child_setup(log_path: str, name: str, level: int) -> None:
+    """First thing in every engine child once its arguments are read: its log file. (Its environment, such as
+    its MPS share, comes with the process, set before any import; the parent watch and the parent-death signal
+    are set up by rapid.engine.child before the arguments are decoded.)"""
     setup_child_logging(log_path, name, level)
 
 

@@ -106,7 +106,7 @@ class EngineProcesses:
         name = child.name
         args = WorkerArgs(name=name, config=self.config, endpoints=self.endpoints, log_path=child.log_path,
                           log_level=logging.getLogger("rapid").getEffectiveLevel() or logging.INFO,
-                          eos_token_ids=self.eos_token_ids, env=worker_env(self.config, name, self.mps), arena=arena,
+                          eos_token_ids=self.eos_token_ids, arena=arena,
                           num_blocks=num_blocks, device=self.devices.get(name), peer_num_blocks=peer_num_blocks)
         try:
             child.process.stdin.write(ipc.frame_args(encode_args(args)))

@@ -133,7 +133,6 @@ class WorkerArgs:
     log_path: str
     log_level: int
     eos_token_ids: tuple[int, ...]
-    env: dict[str, str]
     arena: ArenaHandle | None = None  # the arena to map (rapid prefill worker) or the peer's (disagg decode)
     num_blocks: int = 0  # blocks in that arena's KV pool
     device: str | None = None  # this process's device (disagg: prefill cuda:0, decode cuda:1)

@@ -88,7 +88,7 @@ def worker_process(raw_args: bytes, inbox_name: str, inbox_type):
     Yields (args, setup, runner, inbox, results channel, ready channel).
     """
     args = decode_args(raw_args)
-    ipc.child_setup(args.env, args.log_path, args.name, args.log_level)
+    ipc.child_setup(args.log_path, args.name, args.log_level)
     if args.config.device == "cpu" or not torch.cuda.is_available():
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     import zmq
