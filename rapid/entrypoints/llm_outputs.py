@@ -38,8 +38,9 @@ def apply_delta(out: RequestOutput, comp: CompletionOutput, d: RequestDelta, log
     comp.text += d.new_text
     comp.token_ids.extend(d.new_token_ids)
     if d.new_logprobs is not None:
-        comp.logprobs = (comp.logprobs or []) + logprobs.convert(d.new_logprobs, d.new_token_ids,
-                                                                 d.new_logprob_ranks)
+        if comp.logprobs is None:
+            comp.logprobs = []
+        comp.logprobs.extend(logprobs.convert(d.new_logprobs, d.new_token_ids, d.new_logprob_ranks))
         comp.cumulative_logprob = d.cumulative_logprob
     if d.prompt_logprobs is not None and out.prompt_logprobs is None:
         out.prompt_logprobs = [None] + logprobs.convert(d.prompt_logprobs, out.prompt_token_ids[1:],

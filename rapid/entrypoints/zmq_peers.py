@@ -88,7 +88,9 @@ class Job:
         self.text.append(d.new_text)
         self.token_ids.extend(d.new_token_ids)
         if d.new_logprobs is not None:
-            self.logprobs = (self.logprobs or []) + list(d.new_logprobs)
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(d.new_logprobs)  # in place: no copy of the whole list per delta
             self.cumulative_logprob = d.cumulative_logprob
         self.num_cached_tokens = max(self.num_cached_tokens, d.num_cached_tokens)
         if d.first_token_time is not None and self.first_token_time is None:
