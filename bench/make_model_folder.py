@@ -17,6 +17,13 @@ SHAPES = {
                       "original_max_position_embeddings": 8192},
         tie_word_embeddings=False, bos_token_id=128000, eos_token_id=[128001, 128008, 128009], torch_dtype="bfloat16",
     ),
+    # A few-MB shape for CPU dry runs of bench/gpu_session.sh's stages (SHAPE=tiny).
+    "tiny": dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512,
+        max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, hidden_act="silu",
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, torch_dtype="float32",
+    ),
 }
 
 if __name__ == "__main__":

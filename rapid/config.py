@@ -66,16 +66,31 @@ class CacheConfig:
         _check_bool(self, "enable_prefix_caching")
 
 
+# max_num_seqs=None: fitted to the KV pool once it is sized (fit_to_pool): as many sequences as the pool holds at
+# PLANNED_TOKENS_PER_SEQ tokens each, within AUTO_MAX_NUM_SEQS. On the H200 an 8B model's pool holds about 830k
+# tokens: about 800 sequences (vLLM's offline API runs 1,024 on such GPUs); a small pool (the CPU's) keeps 256.
+AUTO_MAX_NUM_SEQS = (256, 1024)
+PLANNED_TOKENS_PER_SEQ = 1024
+SERVE_MAX_NUM_BATCHED_TOKENS = 8192  # `rapid serve` and `rapid bench serve`: a shorter mixed step (vLLM's server value)
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192  # token budget of one hybrid step / one prefill launch
+    max_num_seqs: int | None = None  # None: fitted to the KV pool (fit_to_pool)
+    max_num_batched_tokens: int = 16384  # token budget of one hybrid step / one prefill launch
     max_model_len: int = 4096
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             v = getattr(self, name)
+            if name == "max_num_seqs" and v is None:
+                continue
             _check(_is_int(v) and v > 0, f"{name} must be a positive integer, got {v!r}")
+
+    @property
+    def max_num_seqs_bound(self) -> int:
+        """The most sequences a step can hold before the pool is known (what memory profiling plans for)."""
+        return AUTO_MAX_NUM_SEQS[1] if self.max_num_seqs is None else self.max_num_seqs
 
 
 @dataclass(frozen=True)
@@ -193,7 +208,10 @@ class EngineArgs:
     max_model_len: int | None = _own(
         None, "most tokens of one sequence (prompt + output), at most the model's max_position_embeddings",
         none="max_position_embeddings")
-    max_num_seqs: int = _shared(SchedulerConfig, "max_num_seqs", "most sequences running at once (the decode batch)")
+    max_num_seqs: int | None = _shared(
+        SchedulerConfig, "max_num_seqs", "most sequences running at once (the decode batch)",
+        none=f"fitted to the KV pool: the sequences it holds at {PLANNED_TOKENS_PER_SEQ} tokens each, "
+             f"between {AUTO_MAX_NUM_SEQS[0]} and {AUTO_MAX_NUM_SEQS[1]}")
     max_num_batched_tokens: int = _shared(
         SchedulerConfig, "max_num_batched_tokens", "token budget of one hybrid step or one prefill launch")
     block_size: int = _shared(CacheConfig, "block_size", "tokens per KV-cache block (a power of two)")
@@ -325,3 +343,19 @@ def _cli_help(f: Field, default: Any) -> str:
     elif "none" in f.metadata:
         text += f" (default: {f.metadata['none']})".replace("%", "%%")
     return text
+
+
+def seqs_for_pool(pool_tokens: int) -> int:
+    """max_num_seqs for a KV pool of `pool_tokens` tokens: pool_tokens / PLANNED_TOKENS_PER_SEQ, a multiple of 8,
+    within AUTO_MAX_NUM_SEQS."""
+    low, high = AUTO_MAX_NUM_SEQS
+    return max(low, min(high, pool_tokens // PLANNED_TOKENS_PER_SEQ // 8 * 8))
+
+
+def fit_to_pool(config: EngineConfig, num_blocks: int) -> EngineConfig:
+    """The config with max_num_seqs fitted to a pool of `num_blocks` blocks (unchanged when the user set it).
+    The decode executor and the engine core call it with the same pool, so both hold the same number."""
+    if config.scheduler.max_num_seqs is not None:
+        return config
+    seqs = seqs_for_pool(num_blocks * config.cache.block_size)
+    return replace(config, scheduler=replace(config.scheduler, max_num_seqs=seqs))

@@ -35,8 +35,10 @@ logger = logging.getLogger(__name__)
 
 
 def bucket_sizes(max_num_seqs: int) -> list[int]:
-    """Batch sizes that get a graph: 1, 2, 4, 8, 16, 24, ... (step 8), the last one >= max_num_seqs."""
-    candidates = [1, 2, 4, 8] + list(range(16, max(max_num_seqs, 1) + 8, 8))
+    """Batch sizes that get a graph: 1, 2, 4, 8, 16, 24, ..., 256 (step 8), then 288, 320, ... (step 32), the
+    last one >= max_num_seqs. Above 256 a padded row costs little beside the batch's KV reads."""
+    top = max(max_num_seqs, 1)
+    candidates = [1, 2, 4, 8] + list(range(16, min(top, 256) + 8, 8)) + list(range(288, top + 32, 32))
     below = [c for c in candidates if c < max_num_seqs]
     return below + [next(c for c in candidates if c >= max(max_num_seqs, 1))]
 

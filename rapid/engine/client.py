@@ -19,6 +19,7 @@ class EngineDeadError(RuntimeError):
 
 class EngineClient(abc.ABC):
     num_blocks: int  # KV blocks in the pool (the smaller pool in disagg)
+    max_num_seqs: int  # the decode batch limit in use (fitted to the KV pool unless the user set it)
 
     @abc.abstractmethod
     def add_request(self, msg: AddRequest) -> None:

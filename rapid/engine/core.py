@@ -12,7 +12,7 @@ import time
 from collections import deque
 from typing import Protocol
 
-from rapid.config import EngineConfig
+from rapid.config import EngineConfig, fit_to_pool
 from rapid.core.block_manager import BlockManager
 from rapid.core.output_processor import OutputProcessor
 from rapid.core.placement import placement_for_mode
@@ -63,6 +63,7 @@ class EngineCore:
     def __init__(self, config: EngineConfig, tokenizer, eos_token_ids, workers: Workers, num_blocks: int,
                  num_decode_blocks: int = 0):
         """`num_decode_blocks`: mode 'disagg', the decode GPU's own pool (0: one pool serves both lanes)."""
+        config = fit_to_pool(config, num_decode_blocks or num_blocks)  # as the decode executor fitted it
         self.config = config
         self.eos_token_ids = tuple(eos_token_ids)
         self.workers = workers

@@ -74,7 +74,8 @@ def core_main(raw_args: bytes) -> None:
     try:
         core = EngineCore(args.config, load_tokenizer(args.config.tokenizer), args.eos_token_ids, workers,
                           args.num_blocks, num_decode_blocks=args.peer_num_blocks)
-        ready.send(WorkerReady(args.name, os.getpid(), num_blocks=core.num_blocks))
+        ready.send(WorkerReady(args.name, os.getpid(), num_blocks=core.num_blocks,
+                               max_num_seqs=core.config.scheduler.max_num_seqs))
         poller = zmq.Poller()
         poller.register(inbox.sock, zmq.POLLIN)
         poller.register(workers.results.sock, zmq.POLLIN)

@@ -50,15 +50,17 @@ class InprocClient(EngineClient):
 
         t0 = time.perf_counter()
         self.setup = ModelSetup(config, "hybrid", shared=False)
-        runner = self.setup.make_runner(config, tuple(eos_token_ids))
+        runner = self.setup.make_runner(tuple(eos_token_ids))
         allowed = self.setup.allowed_bytes.get("hybrid", 0)
         check_process_memory(f"hybrid engine (pid {os.getpid()})", max_reserved_bytes(self.setup.device), allowed)
-        self.core = EngineCore(config, tokenizer, eos_token_ids, InprocWorkers(DecodeLoop(runner, config, eos_token_ids)),
+        self.core = EngineCore(config, tokenizer, eos_token_ids, InprocWorkers(DecodeLoop(runner, self.setup.config, eos_token_ids)),
                                self.setup.num_blocks)
         self.num_blocks = self.core.num_blocks
+        self.max_num_seqs = self.core.config.scheduler.max_num_seqs
         self._pending: list[RequestDelta] = []
-        logger.info("hybrid engine ready in %.1fs: %d KV blocks of %d tokens on %s", time.perf_counter() - t0,
-                    self.num_blocks, config.cache.block_size, self.setup.device)
+        logger.info("hybrid engine ready in %.1fs: %d KV blocks of %d tokens on %s, max_num_seqs %d",
+                    time.perf_counter() - t0, self.num_blocks, config.cache.block_size, self.setup.device,
+                    self.max_num_seqs)
 
     def add_request(self, msg: AddRequest) -> None:
         self.check_health()

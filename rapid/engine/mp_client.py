@@ -43,8 +43,6 @@ __all__ = ["MPClient", "ChildProcess", "MAX_RESTARTS", "RESTART_WINDOW_S"]
 
 class MPClient(EngineClient):
     def __init__(self, config: EngineConfig, tokenizer, eos_token_ids):
-        if config.scheduler.max_num_seqs < 1:
-            raise ValueError("max_num_seqs must be >= 1")
         self.config = config
         self.eos_token_ids = tuple(eos_token_ids)
         self.dead_reason: str | None = None  # set: down for good
@@ -59,7 +57,7 @@ class MPClient(EngineClient):
         self.procs: EngineProcesses | None = None
         self.mps: MpsDaemon | None = None
         self.devices: dict[str, str] = {}
-        self.num_blocks = 0
+        self.num_blocks = self.max_num_seqs = 0
         self.dir = ipc.private_socket_dir()
         self.ctx = zmq.Context()
         try:
@@ -99,9 +97,10 @@ class MPClient(EngineClient):
                                      self.mps, self.devices)
         self.procs.start()
         self.num_blocks = self.procs.started["core"].num_blocks
+        self.max_num_seqs = self.procs.started["core"].max_num_seqs
         self._check_memory()
-        logger.info("%s engine ready in %.1fs (%d KV blocks; sockets in %s)", self.config.mode,
-                    time.perf_counter() - t0, self.num_blocks, self.dir)
+        logger.info("%s engine ready in %.1fs (%d KV blocks, max_num_seqs %d; sockets in %s)", self.config.mode,
+                    time.perf_counter() - t0, self.num_blocks, self.max_num_seqs, self.dir)
 
     def _check_memory(self) -> None:
         """Warn about a worker whose peak torch memory at start-up went past what the KV sizing allowed it."""

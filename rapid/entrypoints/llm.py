@@ -56,6 +56,9 @@ class LLM:
         self.eos_token_ids = read_eos_token_ids(self.config.model, self.model_config, self.tokenizer)
         self._ids = itertools.count()
         self.engine: EngineClient = make_client(self.config, self.tokenizer, self.eos_token_ids)
+        # the limits in use: max_num_seqs fitted to the KV pool unless given
+        fitted = dataclasses.replace(self.config.scheduler, max_num_seqs=self.engine.max_num_seqs)
+        self.config = dataclasses.replace(self.config, scheduler=fitted)
         self._finalizer = weakref.finalize(self, self.engine.shutdown)
         self._logprobs = LogprobConverter(self.tokenizer)
 

@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from rapid.config import EngineConfig
+from rapid.config import EngineConfig, fit_to_pool
 from rapid.model.config import ModelConfig
 from rapid.model.loader import build_model, parameter_specs, resolve_dtype
 from rapid.protocol.worker import ArenaHandle
@@ -58,7 +58,7 @@ def profile_processes(config: EngineConfig, model_cfg: ModelConfig, dtype: torch
     model = build_model(config.model, make_attention_backend(config, model_cfg, device), dtype, device,
                         max_positions=sched.max_model_len, param_views=views, load=False)
     private = torch.cuda.memory_allocated(device) - before
-    peaks = profile_forward_memory(model, device, sched.max_num_batched_tokens, sched.max_num_seqs,
+    peaks = profile_forward_memory(model, device, sched.max_num_batched_tokens, sched.max_num_seqs_bound,
                                    sched.max_model_len, config.cache.block_size)
     non_torch = non_torch_bytes(device)
     del model, views
@@ -90,6 +90,7 @@ class ModelSetup:
                                             weights + private * len(processes), processes)
         else:
             private, processes, self.num_blocks = 0, [], num_blocks
+        self.config = fit_to_pool(config, self.num_blocks)  # max_num_seqs fitted to the pool (when not given)
         self.memory_plans = processes  # owner on CUDA: what each process of the engine was measured to need
         slots, total = arena_layout(config, model_cfg, self.dtype, self.num_blocks)
         # the owner's allocator holds the arena; an importer's does not (a CUDA IPC mapping)
@@ -108,10 +109,11 @@ class ModelSetup:
                     "shared" if shared else "private", total / 2**20, self.num_blocks,
                     kv_block_bytes(model_cfg, config.cache.block_size, self.dtype), self.device)
 
-    def make_runner(self, config: EngineConfig, eos_token_ids: tuple[int, ...]) -> ModelRunner:
+    def make_runner(self, eos_token_ids: tuple[int, ...]) -> ModelRunner:
         """Compile and capture this role's graphs (decode steps and/or prefill batches), then the runner."""
         from rapid.compile import prepare_model
 
+        config = self.config
         graphs = prepare_model(self.model, self.kv_pool, config, decode_graphs=self.role in ("decode", "hybrid"),
                                prefill_graphs=self.role in ("prefill", "hybrid"))
         return ModelRunner(self.model, self.kv_pool, config.cache.block_size, config.seed, graph_runners=graphs,

@@ -102,7 +102,7 @@ def worker_process(raw_args: bytes, inbox_name: str, inbox_type):
         owner = owns_arena(args)
         setup = ModelSetup(args.config, args.name, arena=None if owner else args.arena, num_blocks=args.num_blocks,
                            device=args.device)
-        runner = setup.make_runner(args.config, args.eos_token_ids)
+        runner = setup.make_runner(args.eos_token_ids)
         yield args, setup, runner, inbox, results, ready
     except Exception:
         logger.exception("%s worker failed", args.name)
@@ -152,7 +152,7 @@ def prefill_main(raw_args: bytes) -> None:
 
 def decode_main(raw_args: bytes) -> None:
     with worker_process(raw_args, "decode_in", DecodeInput) as (args, setup, runner, inbox, results, ready):
-        loop = DecodeLoop(runner, args.config, args.eos_token_ids)
+        loop = DecodeLoop(runner, setup.config, args.eos_token_ids)
         peer = None
         if args.config.mode == "disagg":
             peer_device = torch.device(args.arena.cuda_args[0]) if args.arena.kind == "cuda" else setup.device
