@@ -74,7 +74,8 @@ def main() -> int:
 
     os.environ["RAPID_FAULT_INJECT"] = f"{a.role}:1"
     try:
-        llm = LLM(a.model, mode="rapid", enforce_eager=True, max_num_batched_tokens=256)
+        llm = LLM(a.model, mode="rapid", enforce_eager=True, max_num_batched_tokens=256,
+                  placement="static")  # every prompt through the prefill worker (the faulting one)
     finally:
         del os.environ["RAPID_FAULT_INJECT"]  # read by the workers at their spawn: a restart spawns clean ones
     client = llm.engine

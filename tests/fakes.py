@@ -60,12 +60,13 @@ class Harness:
 
 
 def make_core(num_blocks=32, budget=64, lookahead=1, tokenizer=None, mode="rapid", block_size=4, max_model_len=256,
-              num_decode_blocks=0, tpot_target_ms=None):
+              num_decode_blocks=0, placement="static", slo_ttft_ms=None, slo_tpot_ms=None):
     cfg = EngineConfig(model="m", tokenizer="t", mode=mode,
                        cache=CacheConfig(block_size=block_size),
                        scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=budget,
                                                  max_model_len=max_model_len),
-                       rapid=RapidConfig(decode_lookahead_blocks=lookahead, tpot_target_ms=tpot_target_ms))
+                       rapid=RapidConfig(decode_lookahead_blocks=lookahead, placement=placement,
+                                         slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms))
     w = FakeWorkers()
     return Harness(EngineCore(cfg, tokenizer, (0,), w, num_blocks, num_decode_blocks=num_decode_blocks), w), w
 

@@ -27,7 +27,7 @@ LLM_KEYWORDS = ("tokenizer", "dtype", "mode", "device", "max_model_len", "max_nu
                 "block_size", "kv_cache_memory_bytes", "gpu_memory_utilization", "enable_prefix_caching",
                 "enforce_eager", "attention_backend", "prefill_attention", "load_format", "seed",
                 "prefill_sm_percentage", "decode_sm_percentage", "use_mps", "worker_start_timeout_s",
-                "tpot_target_ms", "skip_tokenizer_init")
+                "slo_ttft_ms", "slo_tpot_ms", "placement", "skip_tokenizer_init")
 
 
 @pytest.fixture
@@ -85,10 +85,10 @@ def test_frontier_sets_its_own_engine_options():
 
 def test_bool_flags_and_values_reach_engine_args():
     ns = build_parser().parse_args(["generate", "hi", "--no-enable-prefix-caching", "--no-use-mps", "--enforce-eager",
-                                    "--block-size", "32", "--tpot-target-ms", "40", "--mode", "rapid"])
+                                    "--block-size", "32", "--slo-tpot-ms", "40", "--mode", "rapid"])
     args = EngineArgs.from_cli_args(ns)
     assert args == EngineArgs(enable_prefix_caching=False, use_mps=False, enforce_eager=True, block_size=32,
-                              tpot_target_ms=40.0, mode="rapid")
+                              slo_tpot_ms=40.0, mode="rapid")
 
 
 def test_bad_cli_value_is_an_error_naming_it(folder, capsys):
@@ -120,7 +120,8 @@ def test_every_field_reaches_the_engine_config(folder):
                  max_num_batched_tokens=512, block_size=32, kv_cache_memory_bytes=2**20, gpu_memory_utilization=0.5,
                  enable_prefix_caching=False, enforce_eager=True, async_scheduling=False, attention_backend="reference",
                  prefill_attention="cudnn", prefill_sm_percentage=60, decode_sm_percentage=40, use_mps=False,
-                 worker_start_timeout_s=10.0, decode_lookahead_blocks=3, tpot_target_ms=25.0)
+                 worker_start_timeout_s=10.0, decode_lookahead_blocks=3, slo_tpot_ms=25.0, slo_ttft_ms=500.0,
+                 placement="static")
     assert set(given) == set(FIELDS), "a new EngineArgs field needs a value here"
     for name, value in given.items():
         assert value != FIELDS[name].default or name == "skip_tokenizer_init", name
@@ -152,7 +153,9 @@ def test_model_folder_sets_the_length_and_the_tokenizer(folder):
     (dict(decode_sm_percentage=0), "got 0"),
     (dict(worker_start_timeout_s=0), "got 0"),
     (dict(decode_lookahead_blocks=0), "got 0"),
-    (dict(tpot_target_ms=-1.0), "got -1.0"),
+    (dict(slo_tpot_ms=-1.0), "slo_tpot_ms must be a positive number of milliseconds or None, got -1.0"),
+    (dict(slo_ttft_ms=float("inf")), "slo_ttft_ms must be"),
+    (dict(placement="best"), "placement must be one of"),
     (dict(mode="fast"), "got 'fast'"),
     (dict(dtype="int8"), "got 'int8'"),
     (dict(device="gpu"), "got 'gpu'"),
@@ -230,11 +233,11 @@ def test_max_num_seqs_is_fitted_to_the_kv_pool():
     AUTO_MAX_NUM_SEQS; a value the user gave is kept whatever the pool."""
     low, high = AUTO_MAX_NUM_SEQS
     assert seqs_for_pool(1_000) == low and seqs_for_pool(10**9) == high
-    assert seqs_for_pool(830_000) == 808  # an 8B model's pool on the H200: about 830k tokens
+    assert seqs_for_pool(830_000) == 400  # an 8B model's pool on the H200: about 830k tokens
     cfg = EngineConfig(model="m", tokenizer=None)
     assert cfg.scheduler.max_num_seqs is None and cfg.scheduler.max_num_seqs_bound == high
     fitted = fit_to_pool(cfg, num_blocks=830_000 // cfg.cache.block_size)
-    assert fitted.scheduler.max_num_seqs == 808 and fitted.cache == cfg.cache
+    assert fitted.scheduler.max_num_seqs == 400 and fitted.cache == cfg.cache
     given = dataclasses.replace(cfg, scheduler=SchedulerConfig(max_num_seqs=12))
     assert fit_to_pool(given, num_blocks=10**6) is given
     with pytest.raises(ValueError, match="max_num_seqs must be a positive integer, got 0"):

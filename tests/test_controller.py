@@ -60,15 +60,17 @@ def test_budget_controller_backs_off_and_recovers():
 
 
 def test_rapid_core_prefill_budget_follows_decode_step_times():
-    core, w = make_core(num_blocks=1024, budget=2048, block_size=16, max_model_len=8192, tpot_target_ms=20.0)
+    # the adaptive placement's AIMD plans decode steps to 80% of the TPOT SLO: 20 ms
+    core, w = make_core(num_blocks=1024, budget=2048, block_size=16, max_model_len=8192, placement="adaptive",
+                        slo_tpot_ms=25.0)
     core.add_request(AddRequest("d", [1, 2, 3], SamplingParams(max_tokens=100, ignore_eos=True)))
     core.dispatch()
-    finish_prefill(core, w, token=5)
+    finish_prefill(core, w, token=5, lane="decode")  # nothing decoded yet: the idle decode executor prefilled it
     for t in range(6):  # slow decode steps (40 ms): the prefill budget shrinks
         core.deliver(DecodeStep([SampledToken("d", 6, -1.0)], [], t, t + 0.040))
-    assert core.scheduler.token_budget == 256
     core.add_request(AddRequest("p", list(range(1, 3001)), SamplingParams(max_tokens=1)))
     core.dispatch()
     assert sum(len(x.token_ids) for x in w.prefill[-1].work) == 256  # the next launch carries the smaller budget
-    with pytest.raises(ValueError, match="tpot_target_ms"):
-        RapidConfig(tpot_target_ms=float("nan"))
+    assert core.get_stats().placement == "prefill"
+    with pytest.raises(ValueError, match="slo_tpot_ms"):
+        RapidConfig(slo_tpot_ms=float("nan"))

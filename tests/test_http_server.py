@@ -195,7 +195,13 @@ def test_metrics_move(served, client):
     assert after["rapid:generation_tokens_total"].value >= before["rapid:generation_tokens_total"].value + 10
     assert after["rapid:num_requests_running"].value == after["rapid:num_requests_waiting"].value == 0
     assert after["rapid:engine_info"].labels["mode"] == "hybrid"
-    assert after["rapid:engine_info"].labels["placement"] == "decode"
+    assert after["rapid:engine_info"].labels["placement"] == "static decode"
+    by_lane = {(s.name, s.labels["lane"]): s.value for fam in text_string_to_metric_families(
+        httpx.get(url + "/metrics").text) for s in fam.samples if "lane" in s.labels}
+    # hybrid: every prompt token ran inside the decode executor's steps, the latest batch too
+    assert by_lane[("rapid:prefill_placement", "decode")] == 1 and by_lane[("rapid:prefill_placement", "prefill")] == 0
+    assert by_lane[("rapid:prefill_placed_tokens_total", "decode")] >= 2 and by_lane[
+        ("rapid:prefill_placed_tokens_total", "prefill")] == 0
     assert "rapid:request_success_total{length}" in after
 
 

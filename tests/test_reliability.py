@@ -214,7 +214,7 @@ def test_restart_limit_leaves_the_engine_down_with_a_clear_error(tiny_llama, mon
     monkeypatch.setattr(mp_client, "MAX_RESTARTS", 1)
     monkeypatch.setenv("RAPID_FAULT_INJECT", "prefill:1")
     others = {p.pid for p in children()}
-    llm = LLM(tiny_llama, mode="rapid")
+    llm = LLM(tiny_llama, mode="rapid", placement="static")  # every prompt through the prefill worker
     try:
         with pytest.raises(EngineDeadError, match=r"prefill process \(pid \d+\) died with exit code -11 \(signal 11\)"
                                                   r"[\s\S]*Fatal Python error: Segmentation fault[\s\S]*restart 1 of"):

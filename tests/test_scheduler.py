@@ -239,15 +239,16 @@ def test_async_scheduling_runs_one_step_ahead_and_reads_inputs_from_the_device()
 def test_a_prefilling_request_preempted_to_make_room_is_not_scheduled_in_the_same_batch():
     """Two prompts part-way through prefill (a placement that alternates lanes): growing the older one
     preempts the newer one, which must not then be chunked (or preempt the older one back) in the same batch."""
-    from rapid.core.placement import DECODE, PREFILL
+    from rapid.core.placement import DECODE, PREFILL, Placement, StaticPlacement
     from rapid.protocol.worker import PrefillDone
 
-    class Lanes:
+    class Lanes(StaticPlacement):  # a policy (any object with place and the observe_* methods) of given lanes
         def __init__(self, lanes):
-            self.lanes = list(lanes)
+            super().__init__(PREFILL)
+            object.__setattr__(self, "lanes", list(lanes))
 
-        def prefill_lane(self, scheduler):
-            return self.lanes.pop(0) if self.lanes else PREFILL
+        def place(self, load):
+            return Placement(self.lanes.pop(0) if self.lanes else PREFILL)
 
     bm = BlockManager(8, 4, enable_prefix_caching=False)
     sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=8, max_model_len=64), bm,

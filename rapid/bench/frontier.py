@@ -138,8 +138,9 @@ def run_frontier(model: str, mode: str, settings: list, batches: list[int], ctx:
                     _emit(results, out_path)
     else:
         for p, d in settings:
+            # static placement: every prompt on the prefill worker at this split, the lever under measurement
             with LLM(model, mode="rapid", max_num_batched_tokens=prefill_len, prefill_sm_percentage=p,
-                     decode_sm_percentage=d, **common) as llm:
+                     decode_sm_percentage=d, placement="static", **common) as llm:
                 for b in batches:
                     point = measure_point(llm, b, ctx, prefill_len, window_s, seed=len(results))
                     results.append({"mode": "rapid", "split": f"{p}/{d}", **point})

@@ -35,6 +35,12 @@ def run_offline(args) -> dict:
         out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         in_tokens = sum(len(p["prompt_token_ids"]) for p in prompts)
         device = str(llm.config.device)
+        stats = llm.engine.get_stats()
+        engine = {"max_num_seqs": llm.config.scheduler.max_num_seqs,  # as fitted to the KV pool when not given
+                  "max_num_batched_tokens": llm.config.scheduler.max_num_batched_tokens,
+                  "kv_pool_tokens": llm.engine.num_blocks * llm.config.cache.block_size,
+                  "num_preemptions": stats.num_preemptions, "placement_policy": stats.placement_policy,
+                  "prefill_tokens_by_lane": stats.prefill_tokens_by_lane}
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     result = {
         "command": "rapid bench offline " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in sorted(vars(args).items())
@@ -48,10 +54,12 @@ def run_offline(args) -> dict:
         "elapsed_s": elapsed,
         "output_throughput_tok_s": out_tokens / elapsed,
         "total_throughput_tok_s": (in_tokens + out_tokens) / elapsed,
+        "engine": engine,
     }
     path = Path(args.output_json or f"bench/results/offline-{args.mode}-{'cuda' if torch.cuda.is_available() else 'cpu'}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
     print(f"Total: {out_tokens} output tokens in {elapsed:.2f}s, {out_tokens / elapsed:.1f} tok/s "
-          f"(total {(in_tokens + out_tokens) / elapsed:.1f} tok/s) -> {path}  [device={device}]")
+          f"(total {(in_tokens + out_tokens) / elapsed:.1f} tok/s) -> {path}  [device={device}, "
+          f"max_num_seqs {engine['max_num_seqs']}, {engine['num_preemptions']} preemptions]")
     return result

@@ -7,17 +7,42 @@ Two lanes exist:
 - `PREFILL`: the prefill worker, which runs beside the decode executor (mode 'rapid': the same GPU under
   MPS; 'disagg': another GPU with its own KV pool).
 
-A placement policy is any object with `prefill_lane(scheduler) -> str`; the adaptive resource manager
-swaps in its own, per step. Plain Python: no torch.
+A placement policy is any object with `place(load: Load) -> Placement`, `observe_decode_step(ms, beside_prefill)`
+and `observe_prefill(lane, tokens, seconds, num_decoding)` (the workers' timings, as they arrive);
+`StaticPlacement` always answers the same lane, `rapid.core.adaptive.AdaptivePlacement` decides per batch
+from the load and the SLOs. Plain Python: no torch.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
 
 DECODE = "decode"
 PREFILL = "prefill"
 LANES = (DECODE, PREFILL)
+
+
+@dataclass(frozen=True)
+class Load:
+    """What a placement policy sees before a prefill batch is built."""
+
+    num_decoding: int  # the decode batch (requests resident in the decode executor)
+    queued_tokens: int  # prompt tokens still to compute (waiting and partly prefilled requests)
+    oldest_wait_s: float  # how long the oldest request without a first token has waited
+    decode_step_ms: float | None  # recent decode step period (EWMA); None before the first step
+    prefill_lane_busy: bool  # a batch is in flight on the prefill worker
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A policy's answer: the lane of the next prefill batch and its token budget (None: the scheduler's)."""
+
+    lane: str
+    token_budget: int | None = None
+    reason: str = ""  # a few words for logs and stats
 
 
 @dataclass(frozen=True)
@@ -30,9 +55,44 @@ class StaticPlacement:
         if self.lane not in LANES:
             raise ValueError(f"lane must be one of {LANES}, got {self.lane!r}")
 
-    def prefill_lane(self, scheduler) -> str:
-        return self.lane
+    @property
+    def name(self) -> str:
+        return f"static {self.lane}"
+
+    def place(self, load: Load) -> Placement:
+        return Placement(self.lane, None, "static")
+
+    def observe_decode_step(self, step_ms: float, beside_prefill: bool = False) -> None:
+        pass
+
+    def observe_prefill(self, lane: str, tokens: int, seconds: float, num_decoding: int = 0) -> None:
+        pass
 
 
 def placement_for_mode(mode: str) -> StaticPlacement:
     return StaticPlacement(DECODE if mode == "hybrid" else PREFILL)
+
+
+class PlacementLog:
+    """What the policy decided: prefill batches and tokens per lane, the last decision; logs each change of lane."""
+
+    def __init__(self, policy: str):
+        self.policy = policy
+        self.batches = dict.fromkeys(LANES, 0)
+        self.tokens = dict.fromkeys(LANES, 0)
+        self.last: Placement | None = None
+
+    def record(self, decision: Placement, batch) -> None:
+        """`batch`: the InFlight batch built for the decision (None when nothing could be scheduled)."""
+        if batch is None:
+            return
+        self.batches[decision.lane] += 1
+        self.tokens[decision.lane] += sum(n for _, n in batch.chunks)
+        if self.last is None or self.last.lane != decision.lane:
+            logger.info("prefill placement (%s policy): %s lane (%s)", self.policy, decision.lane, decision.reason)
+        self.last = decision
+
+    @property
+    def current(self) -> str:
+        """'decode' or 'prefill': the lane of the latest prefill batch ('' before the first)."""
+        return self.last.lane if self.last else ""

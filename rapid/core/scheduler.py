@@ -20,13 +20,14 @@ Plain Python: no torch.
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
 from rapid.config import SchedulerConfig
 from rapid.core.block_manager import BlockManager
-from rapid.core.placement import DECODE, StaticPlacement
+from rapid.core.placement import DECODE, PREFILL, Load, PlacementLog, StaticPlacement
 from rapid.core.request import Request, RequestStatus, check_fits
 from rapid.protocol.worker import (
     DecodeStep, Dropped, GrantBlocks, PrefillBatch, PrefillDone, SampledToken, SeqWork, StartDecode, StopDecode,
@@ -34,6 +35,7 @@ from rapid.protocol.worker import (
 )
 
 S = RequestStatus
+STEP_EWMA = 0.2  # weight of the newest decode step in the step-period average
 
 
 def seq_work(req: Request, num_tokens: int, block_ids: list[int]) -> SeqWork:
@@ -78,6 +80,8 @@ class Scheduler:
         self.separate_pools = decode_blocks is not None
         self.lookahead_tokens = lookahead_blocks * blocks.block_size
         self.placement = placement or StaticPlacement(DECODE)
+        self.placement_log = PlacementLog(self.placement.name)
+        self.decode_step_ms: float | None = None  # EWMA of the decode executor's step period
         self.on_token = on_token or (lambda req, tok: None)
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
@@ -166,19 +170,33 @@ class Scheduler:
     # ------------------------------------------------------------------ schedule
     def schedule(self) -> SchedulerOutput:
         self._grant_decode_blocks()
-        lane = self.placement.prefill_lane(self)
-        if lane not in self.in_flight:
-            self._schedule_prefill(lane)
+        if self.waiting or any(r.status == S.PREFILLING for r in self.running):
+            decision = self.placement.place(self.load())
+            if decision.lane not in self.in_flight:
+                self._schedule_prefill(decision.lane, decision.token_budget)
+                self.placement_log.record(decision, self.in_flight.get(decision.lane))
         return SchedulerOutput(self.take_messages())
+
+    def load(self) -> Load:
+        """What the placement policy decides on: the decode batch, the queued prompt work, the oldest wait."""
+        queued = [r for r in self.running if r.status == S.PREFILLING and not self._in_flight(r)]
+        queued += self.waiting
+        tokens = sum(r.num_tokens - r.num_computed_tokens for r in queued)
+        oldest = min((r.arrival_time for r in queued), default=None)
+        return Load(num_decoding=self.num_decoding, queued_tokens=tokens,
+                    oldest_wait_s=0.0 if oldest is None else max(0.0, time.time() - oldest),
+                    decode_step_ms=self.decode_step_ms, prefill_lane_busy=PREFILL in self.in_flight)
 
     def take_messages(self) -> list[tuple[str, object]]:
         """The messages decided so far and not yet sent (stops from `finish` are sent without waiting)."""
         out, self.outbox = self.outbox, []
         return out
 
-    def _schedule_prefill(self, lane: str) -> None:
-        """One prefill batch for `lane`: unfinished prompts first (arrival order), then waiting requests."""
-        budget = self.token_budget - (self.num_decoding if lane == DECODE else 0)
+    def _schedule_prefill(self, lane: str, budget: int | None = None) -> None:
+        """One prefill batch for `lane` of at most `budget` tokens (default: the step's token budget): unfinished
+        prompts first (arrival order), then waiting requests. A mixed step's decodes count against the budget."""
+        step_room = self.token_budget - (self.num_decoding if lane == DECODE else 0)
+        budget = step_room if budget is None else min(budget, step_room)
         chunks: list[tuple[Request, int]] = []
         for req in [r for r in self.running if r.status == S.PREFILLING and not self._in_flight(r)]:
             if budget <= 0:
@@ -317,6 +335,7 @@ class Scheduler:
         if lane is None:
             raise ValueError(f"PrefillDone for batch {msg.batch_id}, which is not in flight")
         chunks = self.in_flight.pop(lane).chunks
+        self.placement.observe_prefill(lane, msg.num_tokens, msg.t_end - msg.t_start, self.num_decoding)
         self.in_flight_ids.difference_update(r.request_id for r, _ in chunks)
         sampled = {s.request_id: s for s in msg.sampled}
         touched = []
@@ -338,6 +357,11 @@ class Scheduler:
         return touched
 
     def _on_decode_step(self, msg: DecodeStep) -> list[Request]:
+        if msg.sampled:  # the step period the placement plans with (idle gaps between steps included)
+            step_ms = (msg.t_end - msg.t_start + msg.idle_gap_s) * 1e3
+            prev = self.decode_step_ms
+            self.decode_step_ms = step_ms if prev is None else (1 - STEP_EWMA) * prev + STEP_EWMA * step_ms
+            self.placement.observe_decode_step(step_ms, beside_prefill=PREFILL in self.in_flight)
         worker_finished = set(msg.finished)
         touched = []
         for tok in msg.sampled:

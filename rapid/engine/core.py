@@ -15,7 +15,7 @@ from typing import Protocol
 from rapid.config import EngineConfig, fit_to_pool
 from rapid.core.block_manager import BlockManager
 from rapid.core.output_processor import OutputProcessor
-from rapid.core.placement import placement_for_mode
+from rapid.core.adaptive import make_placement
 from rapid.core.request import Request
 from rapid.core.scheduler import Scheduler
 from rapid.protocol.engine import AddRequest, RequestDelta, Stats
@@ -74,16 +74,9 @@ class EngineCore:
         self.outputs = OutputProcessor(tokenizer)
         self.scheduler = Scheduler(config.scheduler, blocks, decode_blocks=decode_blocks,
                                    lookahead_blocks=config.rapid.decode_lookahead_blocks,
-                                   placement=placement_for_mode(config.mode), on_token=self.outputs.on_token)
+                                   placement=make_placement(config), on_token=self.outputs.on_token)
         self.stats = StepStats()
         self.progressed = False  # the last step applied worker results
-        self.budget_controller = None
-        if config.rapid.tpot_target_ms is not None:
-            from rapid.core.controller import PrefillBudgetController
-
-            budget = config.scheduler.max_num_batched_tokens
-            self.budget_controller = PrefillBudgetController(config.rapid.tpot_target_ms, budget,
-                                                             min_budget=min(256, budget))
 
     @property
     def num_blocks(self) -> int:
@@ -130,9 +123,6 @@ class EngineCore:
         results = self.workers.poll(timeout_ms)
         for msg in results:
             self.stats.record(msg)
-            if self.budget_controller is not None and isinstance(msg, DecodeStep) and msg.sampled:
-                budget = self.budget_controller.observe_decode_step((msg.t_end - msg.t_start + msg.idle_gap_s) * 1e3)
-                self.scheduler.set_token_budget(budget)
             for req in self.scheduler.update_from_output(msg):
                 deltas.append(self.outputs.delta(req, finished=req.status.is_done))
         self._send(self.scheduler.take_messages())
@@ -143,4 +133,7 @@ class EngineCore:
         s = self.scheduler
         return self.stats.snapshot(num_preemptions=s.num_preemptions, num_free_blocks=s.num_free_blocks,
                                    num_blocks=sum(p.num_blocks for p in s.pools),
-                                   num_requests=len(s.requests) + len(s.transfers))
+                                   num_requests=len(s.requests) + len(s.transfers),
+                                   placement_policy=s.placement_log.policy, placement=s.placement_log.current,
+                                   prefill_batches_by_lane=dict(s.placement_log.batches),
+                                   prefill_tokens_by_lane=dict(s.placement_log.tokens))

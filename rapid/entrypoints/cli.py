@@ -17,7 +17,7 @@ from rapid.config import SERVE_MAX_NUM_BATCHED_TOKENS, EngineArgs
 # bench frontier sets these itself (per measured point) and skips the tokenizer.
 SERVE_DEFAULTS = {"max_num_batched_tokens": SERVE_MAX_NUM_BATCHED_TOKENS}  # serving: shorter mixed steps
 FRONTIER_OWN = ("mode", "max_num_seqs", "max_num_batched_tokens", "prefill_sm_percentage", "decode_sm_percentage",
-                "skip_tokenizer_init", "tokenizer")
+                "skip_tokenizer_init", "tokenizer", "placement")
 
 
 def version() -> str:

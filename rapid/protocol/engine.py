@@ -82,6 +82,10 @@ class Stats(msgspec.Struct, tag=True):
     num_blocks: int = 0
     num_requests: int = 0  # requests the core still tracks (in any phase)
     num_restarts: int = 0  # times the engine restarted its processes after one died (modes rapid, disagg)
+    placement_policy: str = ""  # "static decode" (hybrid), "static prefill", "adaptive" (rapid's default)
+    placement: str = ""  # the lane of the latest prefill batch: "decode" (hybrid batching) or "prefill"
+    prefill_batches_by_lane: dict[str, int] = {}
+    prefill_tokens_by_lane: dict[str, int] = {}
 
 
 

@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from rapid.core.adaptive import make_placement
 from rapid.entrypoints.frontend import EngineFrontend
 from rapid.entrypoints.openai import protocol as P
 from rapid.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
@@ -50,7 +51,8 @@ def build_app(frontend: EngineFrontend, *, model_name: str | None = None, api_ke
     config = frontend.llm.config
     model_name = model_name or config.model
     if metrics is None:
-        metrics = ServerMetrics(model_name, config.mode, get_stats=getattr(frontend, "get_stats", None))
+        metrics = ServerMetrics(model_name, config.mode, get_stats=getattr(frontend, "get_stats", None),
+                                placement=make_placement(config).name)
     serving = OpenAIServing(frontend, model_name, metrics)
     app = FastAPI(title="RAPID", openapi_url=None, docs_url=None, redoc_url=None)
     app.state.serving = serving

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from rapid.core.placement import placement_for_mode
+from rapid.core.placement import LANES
 from rapid.protocol.engine import RequestDelta, Stats
 
 logger = logging.getLogger(__name__)
@@ -56,13 +56,24 @@ class _EngineStatsCollector:
                                   labels=names)
         pre.add_metric(values, stats.num_preemptions)
         yield pre
+        lane = GaugeMetricFamily("rapid:prefill_placement", "Where the latest prefill batch ran (value 1): lane "
+                                 "'decode' (hybrid batching) or 'prefill' (the prefill worker, concurrently).",
+                                 labels=names + ["policy", "lane"])
+        tokens = CounterMetricFamily("rapid:prefill_placed_tokens", "Prompt tokens placed on each lane.",
+                                     labels=names + ["lane"])
+        for name in LANES:
+            lane.add_metric(values + [stats.placement_policy, name], float(stats.placement == name))
+            tokens.add_metric(values + [name], stats.prefill_tokens_by_lane.get(name, 0))
+        yield lane
+        yield tokens
 
 
 class ServerMetrics:
     """The registry and the metrics of one server; `track()` follows one engine request."""
 
     def __init__(self, model_name: str, mode: str, get_stats: Callable[[], Stats] | None = None,
-                 stats_interval_s: float = 1.0):
+                 stats_interval_s: float = 1.0, placement: str = ""):
+        """`placement`: the name of the engine's placement policy (rapid.core.adaptive.make_placement)."""
         self.registry = CollectorRegistry()
         self.labels = {"model_name": model_name}
         names = list(self.labels)
@@ -89,7 +100,7 @@ class ServerMetrics:
                                names + ["finished_reason"], registry=r)
         info = Gauge("rapid:engine_info", "The engine's mode and prefill placement (value 1).",
                      names + ["mode", "placement"], registry=r)
-        info.labels(**self.labels, mode=mode, placement=placement_for_mode(mode).lane).set(1)
+        info.labels(**self.labels, mode=mode, placement=placement).set(1)
         if get_stats is not None:
             r.register(_EngineStatsCollector(get_stats, self.labels, stats_interval_s))
 

@@ -1,0 +1,174 @@
+"""Replay a trace through a placement policy on step timings recorded on the GPU (no GPU needed).
+
+The engine's two lanes in simulated time: the decode executor steps its batch back to back (a mixed step when the
+policy put prefill tokens in it) and the prefill worker runs one batch at a time beside it. Step costs come from
+`rapid bench frontier` on the GPU (`StepTimings.from_frontier`): per decode batch, the step alone, the step while
+the prefill worker runs at an MPS split and that worker's tokens/s then, and a mixed step's cost per prompt token.
+The same policy objects as the engine's decide (rapid.core.placement, rapid.core.adaptive), so their choices in
+known regimes are unit tests on the CPU. Plain Python, no torch.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rapid.core.placement import DECODE, PREFILL, Load
+
+
+def _interp(xs: list[int], ys: list[float], x: float) -> float:
+    """Piecewise-linear in x, flat beyond the ends."""
+    if x <= xs[0]:
+        return ys[0]
+    if x >= xs[-1]:
+        return ys[-1]
+    i = bisect.bisect_right(xs, x)
+    f = (x - xs[i - 1]) / (xs[i] - xs[i - 1])
+    return ys[i - 1] + f * (ys[i] - ys[i - 1])
+
+
+@dataclass(frozen=True)
+class StepTimings:
+    """Recorded costs at one MPS split (see the module docstring); batches ascending."""
+
+    split: str
+    batches: list[int]
+    decode_alone_ms: list[float]
+    decode_concurrent_ms: list[float]  # the decode step while the prefill worker runs beside it
+    prefill_concurrent_tok_s: list[float]  # the prefill worker's rate then
+    inline_tok_s: float  # prompt tokens/s inside a mixed step (hybrid points: chunk / extra step time)
+
+    @classmethod
+    def from_frontier(cls, path: str | Path, split: str) -> "StepTimings":
+        points = json.loads(Path(path).read_text())["points"]
+        rapid = sorted((p for p in points if p["mode"] == "rapid" and p.get("split") == split
+                        and p.get("tpot_mean_ms")), key=lambda p: p["batch"])
+        hybrid = [p for p in points if p["mode"] == "hybrid" and p.get("tpot_mean_ms")]
+        if not rapid or not hybrid:
+            raise ValueError(f"{path}: needs rapid points at split {split!r} and hybrid points")
+        rates = [p["chunk"] / ((p["tpot_mean_ms"] - p["decode_alone_ms"]) * 1e-3) for p in hybrid
+                 if p["tpot_mean_ms"] > p["decode_alone_ms"]]
+        return cls(split, [p["batch"] for p in rapid], [p["decode_alone_ms"] for p in rapid],
+                   [p["tpot_mean_ms"] for p in rapid], [p["prefill_tok_s"] for p in rapid],
+                   sorted(rates)[len(rates) // 2])
+
+    def decode_ms(self, batch: int, concurrent: bool) -> float:
+        return _interp(self.batches, self.decode_concurrent_ms if concurrent else self.decode_alone_ms, batch)
+
+    def prefill_s(self, tokens: int, batch: int) -> float:
+        """The prefill worker's time for `tokens` beside a decode batch (alone: a mixed step's rate)."""
+        rate = _interp(self.batches, self.prefill_concurrent_tok_s, batch) if batch else self.inline_tok_s
+        return tokens / rate
+
+
+@dataclass
+class SimRequest:
+    arrival_s: float
+    prompt_len: int
+    output_len: int
+    left: int = 0  # prompt tokens not yet computed
+    first_token_s: float | None = None
+    finish_s: float | None = None
+    produced: int = 0
+
+    @property
+    def ttft_ms(self) -> float:
+        return (self.first_token_s - self.arrival_s) * 1e3
+
+    @property
+    def tpot_ms(self) -> float:
+        return 0.0 if self.output_len <= 1 else (self.finish_s - self.first_token_s) * 1e3 / (self.output_len - 1)
+
+
+class _Lane:
+    """One executor in simulated time: `end` is None while idle; `chunks` the prompt work of its current batch."""
+
+    def __init__(self):
+        self.end: float | None = None
+        self.start = 0.0
+        self.chunks: list[tuple[SimRequest, int, bool]] = []
+        self.queued: list[tuple[SimRequest, int, bool]] = []  # the decode lane: prompt work for its next step
+        self.batch: list[SimRequest] = []  # the decode lane: the requests its running step advances
+        self.beside = False  # the decode lane: its running step started while a prefill batch ran
+
+
+def simulate(trace: list[tuple[float, int, int]], policy, timings: StepTimings, max_budget: int = 8192,
+             max_num_seqs: int = 1024, step_ewma: float = 0.2) -> list[SimRequest]:
+    """Run (arrival_s, prompt_len, output_len) requests to completion; returns them with their times."""
+    pending = deque(SimRequest(a, p, o, left=p) for a, p, o in sorted(trace))
+    done: list[SimRequest] = []
+    waiting: deque[SimRequest] = deque()
+    decoding: list[SimRequest] = []
+    dec, pre = _Lane(), _Lane()
+    now, step_ms = 0.0, None
+
+    def take(budget: int) -> list[tuple[SimRequest, int, bool]]:
+        """(request, tokens, last chunk of its prompt) in arrival order, up to `budget` tokens."""
+        chunks = []
+        while waiting and budget > 0 and len(decoding) + len(chunks) < max_num_seqs:
+            r = waiting[0]
+            n = min(r.left, budget)
+            budget -= n
+            r.left -= n
+            chunks.append((r, n, r.left == 0))
+            if r.left:
+                break
+            waiting.popleft()
+        return chunks
+
+    def prompts_done(chunks, t: float) -> None:
+        for r, _, last in chunks:
+            if last:
+                r.first_token_s, r.produced = t, 1
+                if r.output_len <= 1:
+                    r.finish_s = t
+                    done.append(r)
+                else:
+                    decoding.append(r)
+
+    while True:
+        while pending and pending[0].arrival_s <= now:
+            waiting.append(pending.popleft())
+        if waiting:  # the engine asks before each step; a lane with a batch not yet run is skipped
+            load = Load(len(decoding), sum(r.left for r in waiting), now - waiting[0].arrival_s, step_ms,
+                        pre.end is not None)
+            d = policy.place(load)
+            if d.lane == DECODE and not dec.queued:  # joins the decode executor's next step
+                room = max_budget - len(decoding)
+                dec.queued = take(min(d.token_budget or room, room))
+            elif d.lane == PREFILL and pre.end is None:
+                pre.chunks = take(min(d.token_budget or max_budget, max_budget))
+                if pre.chunks:
+                    pre.start, pre.end = now, now + timings.prefill_s(sum(c[1] for c in pre.chunks), len(decoding))
+        if dec.end is None and (decoding or dec.queued):
+            dec.chunks, dec.queued = dec.queued, []
+            inline = sum(c[1] for c in dec.chunks)
+            ms = timings.decode_ms(len(decoding), pre.end is not None) if decoding else 0.0
+            dec.batch, dec.start, dec.beside = list(decoding), now, pre.end is not None
+            dec.end = now + (ms + inline / timings.inline_tok_s * 1e3) * 1e-3
+        upcoming = [t for t in (dec.end, pre.end, pending[0].arrival_s if pending else None) if t is not None]
+        if not upcoming:
+            return done
+        now = max(now, min(upcoming))
+        if pre.end is not None and pre.end <= now:
+            policy.observe_prefill(PREFILL, sum(c[1] for c in pre.chunks), now - pre.start, len(decoding))
+            prompts_done(pre.chunks, now)
+            pre.chunks, pre.end = [], None
+        if dec.end is not None and dec.end <= now:
+            if dec.chunks:
+                policy.observe_prefill(DECODE, sum(c[1] for c in dec.chunks), now - dec.start, len(dec.batch))
+            if dec.batch:
+                period = (now - dec.start) * 1e3
+                step_ms = period if step_ms is None else (1 - step_ewma) * step_ms + step_ewma * period
+                policy.observe_decode_step(period, beside_prefill=dec.beside)
+            for r in dec.batch:
+                r.produced += 1
+                if r.produced >= r.output_len:
+                    r.finish_s = now
+                    decoding.remove(r)
+                    done.append(r)
+            prompts_done(dec.chunks, now)
+            dec.chunks, dec.end, dec.batch = [], None, []
