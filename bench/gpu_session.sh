@@ -26,19 +26,23 @@ serve_steady() {  # serve_steady TAG RATES DATASET-FLAGS...
 # HTTP overhead (issue 13): the same steady-state trace at HTTP_RATE req/s, once through `rapid serve`'s OpenAI endpoint
 # (rapid bench serve --backend openai) and once in process; http-openai/ and http-inproc/ land in $OUT.
 http_vs_inproc() {
+  python3 -c "import fastapi, uvicorn, prometheus_client" || { echo "http: the HTTP stack does not import (bash bench/fetch_wheels.sh)"; return 1; }
   local common="--model $MODEL --max-model-len 4096 --dataset-name sharegpt-like --max-tokens-cap ${CAP:-512}
     --request-rates ${HTTP_RATE:-32} --duration-s ${DURATION:-40} --warmup-s ${WARMUP:-10} --drain-timeout-s ${DRAIN:-15}
     --goodput ttft:1000 tpot:50 --slo-pairs ${SLO_PAIRS:-1000/50,500/25,300/15} --seed ${SEED:-0}"
   python3 -m rapid.entrypoints.cli serve --model $MODEL --load-format dummy --skip-tokenizer-init \
     --max-model-len 4096 --mode ${HTTP_MODE:-hybrid} --port 8000 --no-zmq > $OUT/http-serve.log 2>&1 &
   local pid=$!
-  python3 -c "import httpx, time
-for _ in range(600):
+  python3 -c "import httpx, os, sys, time
+for _ in range(600):  # until healthy; give up at once if the server died (session 12 waited 10 minutes on a corpse)
+    try:
+        os.kill($pid, 0)
+    except OSError: sys.exit('rapid serve exited before it became healthy')
     try:
         if httpx.get('http://127.0.0.1:8000/health', timeout=2).status_code == 200: break
     except httpx.HTTPError: pass
     time.sleep(1)
-else: raise SystemExit('rapid serve never became healthy')" || { tail -30 $OUT/http-serve.log; kill $pid; return 1; }
+else: sys.exit('rapid serve never became healthy')" || { tail -30 $OUT/http-serve.log; kill $pid; return 1; }
   python3 -m rapid.entrypoints.cli bench serve --backend openai --base-url http://127.0.0.1:8000 \
     --modes ${HTTP_MODE:-hybrid} $common --result-dir $OUT/http-openai 2>&1 | tr '\r' '\n' | grep -v "it/s\]"
   python3 -c "import httpx; print(httpx.get('http://127.0.0.1:8000/metrics').text)" > $OUT/http-metrics.txt

@@ -68,18 +68,18 @@ class CacheConfig:
 
 
 # max_num_seqs=None: fitted to the KV pool once it is sized (fit_to_pool): as many sequences as the pool holds at
-# PLANNED_TOKENS_PER_SEQ tokens each, within AUTO_MAX_NUM_SEQS. Measured on the H200 (8B, 1,024 requests of 1000 in
-# and 1000 out, pool about 830k tokens): 256 sequences gave 8,872 output tok/s; 808 (1,024 tokens per sequence,
-# nearer vLLM's 1,024) gave 7,137, the pool overcommitted and sequences preempted and recomputed.
+# max_model_len tokens each (so that many full-length sequences never preempt one another), within
+# AUTO_MAX_NUM_SEQS. Measured on the H200 (8B, 1,024 requests of 1000 in and 1000 out, a pool of an estimated 800k
+# tokens):
+# 256 sequences gave 8,872 output tok/s; pool / 1,024 tokens (nearer vLLM's 1,024) gave 7,137: the pool was
+# overcommitted and sequences were preempted and recomputed (bench/results/offline-h200.md).
 AUTO_MAX_NUM_SEQS = (256, 1024)
-PLANNED_TOKENS_PER_SEQ = 2048
-SERVE_MAX_NUM_BATCHED_TOKENS = 8192  # `rapid serve` and `rapid bench serve`: a shorter mixed step (vLLM's server value)
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int | None = None  # None: fitted to the KV pool (fit_to_pool)
-    max_num_batched_tokens: int = 16384  # token budget of one hybrid step / one prefill launch
+    max_num_batched_tokens: int = 8192  # token budget of one hybrid step / one prefill launch
     max_model_len: int = 4096
 
     def __post_init__(self):
@@ -218,7 +218,7 @@ class EngineArgs:
         none="max_position_embeddings")
     max_num_seqs: int | None = _shared(
         SchedulerConfig, "max_num_seqs", "most sequences running at once (the decode batch)",
-        none=f"fitted to the KV pool: the sequences it holds at {PLANNED_TOKENS_PER_SEQ} tokens each, "
+        none=f"fitted to the KV pool: the sequences it holds at max_model_len tokens each, "
              f"between {AUTO_MAX_NUM_SEQS[0]} and {AUTO_MAX_NUM_SEQS[1]}")
     max_num_batched_tokens: int = _shared(
         SchedulerConfig, "max_num_batched_tokens", "token budget of one hybrid step or one prefill launch")
@@ -360,11 +360,11 @@ def _cli_help(f: Field, default: Any) -> str:
     return text
 
 
-def seqs_for_pool(pool_tokens: int) -> int:
-    """max_num_seqs for a KV pool of `pool_tokens` tokens: pool_tokens / PLANNED_TOKENS_PER_SEQ, a multiple of 8,
+def seqs_for_pool(pool_tokens: int, max_model_len: int) -> int:
+    """max_num_seqs for a KV pool of `pool_tokens` tokens: the full-length sequences it holds, a multiple of 8,
     within AUTO_MAX_NUM_SEQS."""
     low, high = AUTO_MAX_NUM_SEQS
-    return max(low, min(high, pool_tokens // PLANNED_TOKENS_PER_SEQ // 8 * 8))
+    return max(low, min(high, pool_tokens // max_model_len // 8 * 8))
 
 
 def fit_to_pool(config: EngineConfig, num_blocks: int) -> EngineConfig:
@@ -372,5 +372,5 @@ def fit_to_pool(config: EngineConfig, num_blocks: int) -> EngineConfig:
     The decode executor and the engine core call it with the same pool, so both hold the same number."""
     if config.scheduler.max_num_seqs is not None:
         return config
-    seqs = seqs_for_pool(num_blocks * config.cache.block_size)
+    seqs = seqs_for_pool(num_blocks * config.cache.block_size, config.scheduler.max_model_len)
     return replace(config, scheduler=replace(config.scheduler, max_num_seqs=seqs))

@@ -19,46 +19,82 @@ def load(decoding=64, queued=512, wait_s=0.0, step_ms=10.0):
                 prefill_lane_busy=False)
 
 
-def test_idle_decode_executor_takes_the_prefill():
+def test_idle_decode_executor_takes_the_first_prefill():
     p = AdaptivePlacement(8192, slo_ttft_ms=500, slo_tpot_ms=25)
-    assert p.place(load(decoding=0, queued=20_000)) .lane == DECODE
+    assert p.place(load(decoding=0, queued=20_000)).lane == DECODE
     assert AdaptivePlacement(8192).place(load(decoding=0)).lane == DECODE  # without SLOs too
 
 
-def test_heavy_decode_keeps_prefill_concurrent_and_bounded_by_tpot():
-    """Decode steps over the TPOT target: no room for a mixed step; the concurrent budget halves per slow step."""
-    p = AdaptivePlacement(8192, slo_ttft_ms=1000, slo_tpot_ms=25)
-    for _ in range(3):
-        p.observe_decode_step(30.0)  # over 0.8 x 25 ms
-    d = p.place(load(decoding=256, queued=3000, step_ms=30.0))
-    assert (d.lane, d.token_budget) == (PREFILL, 1024)
-    grown = []
-    for _ in range(60):  # fast steps: the average falls under the target, then the budget grows 256 a step
-        p.observe_decode_step(8.0)
-        grown.append(p.place(load(decoding=256, queued=3000, step_ms=8.0)).token_budget)
-    low = grown.index(256)  # the floor, reached while the average was still over the target
-    assert grown[low:] == sorted(grown[low:]) and grown[-1] == 8192
-    assert {b - a for a, b in zip(grown[low:], grown[low + 1:])} <= {0, 256}
+def test_with_nothing_decoding_each_lane_is_tried_then_the_cheaper_one_kept():
+    p = AdaptivePlacement(8192)
+    idle = load(decoding=0, queued=2048)
+    assert p.place(idle).lane == DECODE  # nothing learned yet: the decode executor first
+    p.observe_prefill(DECODE, 2048, 0.080)  # 25.6k tok/s inline (no prefill graphs there, say)
+    assert p.place(idle).lane == PREFILL  # then the prefill worker, once
+    p.observe_prefill(PREFILL, 2048, 0.050)  # 41k tok/s
+    assert p.place(idle).lane == PREFILL  # cheaper per token: kept
+    for _ in range(20):
+        p.observe_prefill(DECODE, 2048, 0.040)  # inline became cheaper (51k tok/s)
+    assert p.place(idle).lane == DECODE
 
 
-def test_long_prompts_never_stall_decode_steps():
-    """A 3000-token prompt does not fit a mixed step under a 25 ms TPOT: it goes to the prefill worker."""
-    p = AdaptivePlacement(8192, slo_ttft_ms=1000, slo_tpot_ms=25)
-    assert p.place(load(decoding=8, queued=3000, step_ms=6.0)).lane == PREFILL
+def learned(slo_ttft_ms=None, slo_tpot_ms=25, inline_tok_s=40_000, prefill_tok_s=30_000, step_ms=10.0,
+            output_len=200):
+    """A policy that has seen steady timings: 10 ms decode steps, the given prefill rates and output lengths."""
+    p = AdaptivePlacement(8192, slo_ttft_ms, slo_tpot_ms)
+    for _ in range(50):
+        p.observe_decode_step(step_ms)
+        p.observe_prefill(DECODE, 4000, step_ms * 1e-3 + 4000 / inline_tok_s, num_decoding=64)
+        p.observe_prefill(PREFILL, 4000, 4000 / prefill_tok_s)
+        p.observe_finished(output_len)
+    return p
 
 
-def test_ttft_at_risk_gets_the_full_budget():
-    p = AdaptivePlacement(8192, slo_ttft_ms=400, slo_tpot_ms=25)
-    for _ in range(6):
-        p.observe_decode_step(40.0)
-    assert p.place(load(queued=5000, wait_s=0.1, step_ms=40.0)).token_budget == 256  # TPOT first
-    d = p.place(load(queued=5000, wait_s=0.25, step_ms=40.0))  # past half of 400 ms: TTFT first
-    assert (d.lane, d.token_budget, d.reason) == (PREFILL, 8192, "TTFT at risk")
+def test_the_costs_are_learned_from_the_timings():
+    c = learned().costs
+    assert c.decode_alone_ms == pytest.approx(10.0)
+    assert c.inline_ms_per_token == pytest.approx(1 / 40)  # the mixed step minus the decode step, per token
+    assert c.prefill_tok_s == pytest.approx(30_000) and c.output_len == pytest.approx(200)
+
+
+def test_a_mixed_step_when_it_gives_the_first_token_sooner_inside_the_tpot_slo():
+    """Inline: 15 ms + 3000 / 40k tok/s = 90 ms; the prefill worker: 3000 / 30k = 100 ms. Its 75 ms stall spread
+    over 200 output tokens adds 0.4 ms to the 10 ms steps, under 0.8 x 25 ms."""
+    p = learned()
+    d = p.place(load(queued=3000))
+    assert (d.lane, d.token_budget) == (DECODE, 3000)
+    assert p.inline_ttft_ms(load(queued=3000), 3000) == pytest.approx(90.0)
+    # the prefill worker faster than inline: concurrent
+    assert learned(prefill_tok_s=60_000).place(load(queued=3000)).lane == PREFILL
+    # the prefill worker busy: its next batch waits, so the mixed step wins even against a faster worker
+    busy = Load(64, 3000, 0.0, 10.0, prefill_lane_busy=True)
+    assert learned(prefill_tok_s=35_000).place(busy).lane == DECODE
+
+
+def test_no_mixed_step_that_would_break_the_tpot_slo():
+    """Short outputs (20 tokens): the 75 ms stall adds 3.75 ms per token: 13.75 ms, over 0.8 x 15 ms."""
+    p = learned(slo_tpot_ms=15, output_len=20)
+    assert p.inline_ttft_ms(load(queued=3000), 3000) is None
+    assert p.place(load(queued=3000)).lane == PREFILL
+    assert learned(slo_tpot_ms=15, output_len=200).place(load(queued=3000)).lane == DECODE
+
+
+def test_no_mixed_step_when_the_prefill_worker_meets_the_ttft_slo_anyway():
+    """With a TTFT SLO of 1 s, the worker's 100 ms is well inside half of it: TPOT is not spent for nothing;
+    once the oldest request has waited 450 ms, 450 + 100 ms is past half: the sooner lane again."""
+    p = learned(slo_ttft_ms=1000)
+    assert p.place(load(queued=3000, wait_s=0.0)).lane == PREFILL
+    assert p.place(load(queued=3000, wait_s=0.45)).lane == DECODE
 
 
 def test_without_slos_throughput_first():
-    d = AdaptivePlacement(4096).place(load(decoding=300, queued=100, step_ms=30.0))
-    assert (d.lane, d.token_budget) == (PREFILL, 4096)
+    """No TPOT SLO: beside decodes, always the prefill worker with the full budget."""
+    d = learned(slo_tpot_ms=None).place(load(decoding=300, queued=100, step_ms=30.0))
+    assert (d.lane, d.token_budget) == (PREFILL, 8192)
+
+
+def test_nothing_learned_yet_means_concurrent_beside_decodes():
+    assert AdaptivePlacement(8192, 500, 25).place(load(queued=100)).lane == PREFILL
 
 
 def test_the_policy_of_each_configuration():
@@ -76,7 +112,8 @@ def test_the_policy_of_each_configuration():
 
 def test_rapid_core_places_by_load_and_reports_it(caplog):
     """Through the engine core: with nothing decoding the decode executor prefills inline (no hand-off); once a
-    batch decodes, prompts go to the prefill worker, within the TPOT-bounded budget; stats and logs name the lane."""
+    batch decodes, prompts go to the prefill worker (nothing says a mixed step is better); stats and logs name
+    the lane."""
     core, w = make_core(num_blocks=1024, budget=4096, block_size=16, max_model_len=8192, placement="adaptive",
                         slo_ttft_ms=1000, slo_tpot_ms=25)
     caplog.set_level(logging.INFO, logger="rapid.core.placement")
@@ -84,7 +121,7 @@ def test_rapid_core_places_by_load_and_reports_it(caplog):
     core.dispatch()
     assert not w.prefill and [m for m in w.decode if isinstance(m, PrefillBatch)]
     finish_prefill(core, w, token=5, lane="decode")
-    for t in range(3):  # 10 ms steps, under 0.8 x 25 ms: the full budget
+    for t in range(3):  # decode steps; the prefill worker's rate is not known yet: concurrent
         core.deliver(DecodeStep([SampledToken("d", 6, -1.0)], [], t, t + 0.010))
     core.add_request(AddRequest("long", list(range(5001, 8001)), SamplingParams(max_tokens=4)))
     core.dispatch()
@@ -95,4 +132,4 @@ def test_rapid_core_places_by_load_and_reports_it(caplog):
     assert stats.prefill_batches_by_lane == {"decode": 1, "prefill": 1}
     lanes = [r.getMessage() for r in caplog.records if "prefill placement" in r.getMessage()]
     assert lanes == ["prefill placement (adaptive policy): decode lane (decode idle)",
-                     "prefill placement (adaptive policy): prefill lane (concurrent, TPOT-bounded)"]
+                     "prefill placement (adaptive policy): prefill lane (concurrent)"]

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from rapid.config import (AUTO_MAX_NUM_SEQS, SERVE_MAX_NUM_BATCHED_TOKENS, CacheConfig, EngineArgs, EngineConfig,
-                          RapidConfig, SchedulerConfig, fit_to_pool, seqs_for_pool)
+from rapid.config import (AUTO_MAX_NUM_SEQS, CacheConfig, EngineArgs, EngineConfig, RapidConfig, SchedulerConfig,
+                          fit_to_pool, seqs_for_pool)
 from rapid.entrypoints.cli import FRONTIER_OWN, build_parser, main, version
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,10 +72,7 @@ def test_every_field_is_a_flag_with_help(argv):
 
 @pytest.mark.parametrize("argv", ENGINE_COMMANDS, ids=" ".join)
 def test_cli_defaults_are_engine_args_defaults(argv):
-    """Every engine command's defaults are EngineArgs' own, except the serving budget of the serving commands."""
-    serving = argv[-1] == "serve"
-    expected = EngineArgs(max_num_batched_tokens=SERVE_MAX_NUM_BATCHED_TOKENS) if serving else EngineArgs()
-    assert EngineArgs.from_cli_args(build_parser().parse_args(argv)) == expected
+    assert EngineArgs.from_cli_args(build_parser().parse_args(argv)) == EngineArgs()
 
 
 def test_frontier_sets_its_own_engine_options():
@@ -211,7 +208,8 @@ def test_llm_cli_and_engine_args_build_the_same_config(tiny_llama):
         assert built == EngineArgs(model=model).create_engine_config() and llm.engine_args == cli
         # the engine fits max_num_seqs to its KV pool (the tiny model's 256 MiB CPU pool holds many tokens)
         pool_tokens = llm.engine.num_blocks * built.cache.block_size
-        assert built.scheduler.max_num_seqs is None and llm.engine.max_num_seqs == seqs_for_pool(pool_tokens)
+        assert built.scheduler.max_num_seqs is None
+        assert llm.engine.max_num_seqs == seqs_for_pool(pool_tokens, built.scheduler.max_model_len)
         assert llm.config == fit_to_pool(built, llm.engine.num_blocks)
     with LLM.from_engine_args(dataclasses.replace(cli, max_num_seqs=4, skip_tokenizer_init=True)) as llm:
         assert llm.config.scheduler.max_num_seqs == 4 and llm.tokenizer is None
@@ -229,25 +227,18 @@ def test_light_modules_load_no_torch(modules):
 
 
 def test_max_num_seqs_is_fitted_to_the_kv_pool():
-    """None: the sequences the pool holds at PLANNED_TOKENS_PER_SEQ tokens each, a multiple of 8, within
+    """None: the full-length sequences the pool holds, a multiple of 8, within
     AUTO_MAX_NUM_SEQS; a value the user gave is kept whatever the pool."""
     low, high = AUTO_MAX_NUM_SEQS
-    assert seqs_for_pool(1_000) == low and seqs_for_pool(10**9) == high
-    assert seqs_for_pool(830_000) == 400  # an 8B model's pool on the H200: about 830k tokens
-    cfg = EngineConfig(model="m", tokenizer=None)
+    assert seqs_for_pool(1_000, 4096) == low and seqs_for_pool(10**9, 4096) == high
+    # an 8B model's pool on the H200 holds an estimated 800k tokens: under 256 full 4096-token sequences: the floor (256,
+    # measured 24% faster than pool / 1024 there); at max_model_len 2048, 405 -> 400
+    assert seqs_for_pool(830_000, 4096) == 256 and seqs_for_pool(830_000, 2048) == 400
+    cfg = EngineConfig(model="m", tokenizer=None, scheduler=SchedulerConfig(max_model_len=1024))
     assert cfg.scheduler.max_num_seqs is None and cfg.scheduler.max_num_seqs_bound == high
     fitted = fit_to_pool(cfg, num_blocks=830_000 // cfg.cache.block_size)
-    assert fitted.scheduler.max_num_seqs == 400 and fitted.cache == cfg.cache
+    assert fitted.scheduler.max_num_seqs == 808 and fitted.cache == cfg.cache
     given = dataclasses.replace(cfg, scheduler=SchedulerConfig(max_num_seqs=12))
     assert fit_to_pool(given, num_blocks=10**6) is given
     with pytest.raises(ValueError, match="max_num_seqs must be a positive integer, got 0"):
         SchedulerConfig(max_num_seqs=0)
-
-
-def test_serving_commands_default_to_a_smaller_token_budget():
-    """rapid serve and rapid bench serve take vLLM's server budget (shorter mixed steps); the offline ones 16384."""
-    parser = build_parser()
-    assert parser.parse_args(["serve"]).max_num_batched_tokens == SERVE_MAX_NUM_BATCHED_TOKENS == 8192
-    assert parser.parse_args(["bench", "serve"]).max_num_batched_tokens == 8192
-    assert parser.parse_args(["bench", "offline"]).max_num_batched_tokens == 16384
-    assert EngineArgs().max_num_batched_tokens == 16384

@@ -4,12 +4,7 @@ import json
 
 import pytest
 
-from fakes import finish_prefill, make_core
-from rapid.config import RapidConfig
-from rapid.core.controller import FrontierPlanner, OperatingPoint, PrefillBudgetController
-from rapid.params import SamplingParams
-from rapid.protocol.engine import AddRequest
-from rapid.protocol.worker import DecodeStep, SampledToken
+from rapid.core.controller import FrontierPlanner, OperatingPoint
 
 # Points as measured on the H100 (bench/results/frontier-h100.json, batch 64).
 H100_B64 = [
@@ -43,34 +38,3 @@ def test_planner_reads_the_committed_h100_frontier(tmp_path):
     ]}))
     planner = FrontierPlanner.from_json(path)
     assert len(planner.points) == 2 and planner.best(16, 23).setting == "MPS 80/40"
-
-
-def test_budget_controller_backs_off_and_recovers():
-    c = PrefillBudgetController(tpot_target_ms=20.0, max_budget=4096, min_budget=256, step=256, alpha=1.0)
-    assert c.budget == 4096
-    assert c.observe_decode_step(30.0) == 2048  # over target: halve
-    assert c.observe_decode_step(30.0) == 1024
-    for _ in range(5):
-        c.observe_decode_step(30.0)
-    assert c.budget == 256  # floor
-    assert c.observe_decode_step(18.0) == 256  # inside the band: hold
-    assert c.observe_decode_step(10.0) == 512  # room: add one step
-    with pytest.raises(ValueError, match="tpot_target_ms"):
-        PrefillBudgetController(0, 100)
-
-
-def test_rapid_core_prefill_budget_follows_decode_step_times():
-    # the adaptive placement's AIMD plans decode steps to 80% of the TPOT SLO: 20 ms
-    core, w = make_core(num_blocks=1024, budget=2048, block_size=16, max_model_len=8192, placement="adaptive",
-                        slo_tpot_ms=25.0)
-    core.add_request(AddRequest("d", [1, 2, 3], SamplingParams(max_tokens=100, ignore_eos=True)))
-    core.dispatch()
-    finish_prefill(core, w, token=5, lane="decode")  # nothing decoded yet: the idle decode executor prefilled it
-    for t in range(6):  # slow decode steps (40 ms): the prefill budget shrinks
-        core.deliver(DecodeStep([SampledToken("d", 6, -1.0)], [], t, t + 0.040))
-    core.add_request(AddRequest("p", list(range(1, 3001)), SamplingParams(max_tokens=1)))
-    core.dispatch()
-    assert sum(len(x.token_ids) for x in w.prefill[-1].work) == 256  # the next launch carries the smaller budget
-    assert core.get_stats().placement == "prefill"
-    with pytest.raises(ValueError, match="slo_tpot_ms"):
-        RapidConfig(slo_tpot_ms=float("nan"))

@@ -95,15 +95,27 @@ class _Lane:
         self.beside = False  # the decode lane: its running step started while a prefill batch ran
 
 
+@dataclass
+class SimRun:
+    requests: list[SimRequest]  # in completion order, each with its times
+    placed: dict[str, int]  # prompt tokens per lane
+
+    def attainment(self, ttft_ms: float, tpot_ms: float) -> float:
+        """Share of requests meeting both SLOs."""
+        ok = sum(r.ttft_ms <= ttft_ms and r.tpot_ms <= tpot_ms for r in self.requests)
+        return ok / len(self.requests) if self.requests else 1.0
+
+
 def simulate(trace: list[tuple[float, int, int]], policy, timings: StepTimings, max_budget: int = 8192,
-             max_num_seqs: int = 1024, step_ewma: float = 0.2) -> list[SimRequest]:
-    """Run (arrival_s, prompt_len, output_len) requests to completion; returns them with their times."""
+             max_num_seqs: int = 1024, step_ewma: float = 0.2) -> SimRun:
+    """Run (arrival_s, prompt_len, output_len) requests to completion."""
     pending = deque(SimRequest(a, p, o, left=p) for a, p, o in sorted(trace))
     done: list[SimRequest] = []
     waiting: deque[SimRequest] = deque()
     decoding: list[SimRequest] = []
     dec, pre = _Lane(), _Lane()
     now, step_ms = 0.0, None
+    placed = {DECODE: 0, PREFILL: 0}
 
     def take(budget: int) -> list[tuple[SimRequest, int, bool]]:
         """(request, tokens, last chunk of its prompt) in arrival order, up to `budget` tokens."""
@@ -139,19 +151,24 @@ def simulate(trace: list[tuple[float, int, int]], policy, timings: StepTimings, 
             if d.lane == DECODE and not dec.queued:  # joins the decode executor's next step
                 room = max_budget - len(decoding)
                 dec.queued = take(min(d.token_budget or room, room))
+                placed[DECODE] += sum(c[1] for c in dec.queued)
             elif d.lane == PREFILL and pre.end is None:
                 pre.chunks = take(min(d.token_budget or max_budget, max_budget))
+                placed[PREFILL] += sum(c[1] for c in pre.chunks)
                 if pre.chunks:
                     pre.start, pre.end = now, now + timings.prefill_s(sum(c[1] for c in pre.chunks), len(decoding))
         if dec.end is None and (decoding or dec.queued):
             dec.chunks, dec.queued = dec.queued, []
             inline = sum(c[1] for c in dec.chunks)
-            ms = timings.decode_ms(len(decoding), pre.end is not None) if decoding else 0.0
-            dec.batch, dec.start, dec.beside = list(decoding), now, pre.end is not None
-            dec.end = now + (ms + inline / timings.inline_tok_s * 1e3) * 1e-3
+            beside = pre.end is not None
+            ms = timings.decode_ms(len(decoding), beside) if decoding else 0.0
+            # beside a prefill batch the GPU is shared: a mixed step's prompt work slows as decode does
+            slowdown = timings.decode_ms(len(decoding), True) / timings.decode_ms(len(decoding), False) if beside else 1.0
+            dec.batch, dec.start, dec.beside = list(decoding), now, beside
+            dec.end = now + (ms + inline / timings.inline_tok_s * 1e3 * slowdown) * 1e-3
         upcoming = [t for t in (dec.end, pre.end, pending[0].arrival_s if pending else None) if t is not None]
         if not upcoming:
-            return done
+            return SimRun(done, placed)
         now = max(now, min(upcoming))
         if pre.end is not None and pre.end <= now:
             policy.observe_prefill(PREFILL, sum(c[1] for c in pre.chunks), now - pre.start, len(decoding))
@@ -170,5 +187,14 @@ def simulate(trace: list[tuple[float, int, int]], policy, timings: StepTimings, 
                     r.finish_s = now
                     decoding.remove(r)
                     done.append(r)
+                    policy.observe_finished(r.output_len)
             prompts_done(dec.chunks, now)
             dec.chunks, dec.end, dec.batch = [], None, []
+
+
+def sim_trace(requests, rate: float, burstiness: float = 1.0, seed: int = 0) -> list[tuple[float, int, int]]:
+    """(arrival_s, prompt_len, output_len) of benchmark requests (rapid.bench.datasets) at `rate` req/s."""
+    from rapid.bench.arrivals import arrival_times
+
+    times = arrival_times(len(requests), rate, burstiness, seed)
+    return [(float(t), r.prompt_len, r.output_len) for t, r in zip(times, requests)]

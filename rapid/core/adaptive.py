@@ -2,29 +2,29 @@
 
 Before each prefill batch the policy reads the load (decode batch, queued prompt tokens, the oldest wait, the
 decode step period) against the user's SLOs and answers a lane and a token budget. It learns the costs it
-compares from the engine's own timings as they arrive (`StepCosts`): the decode step alone and beside a running
-prefill batch, a prompt token's cost inside a mixed step, and the prefill worker's tokens/s.
+compares from the engine's own timings as they arrive (`StepCosts`): the decode step alone, a prompt token's
+cost inside a mixed step, the prefill worker's tokens/s, and how long requests' outputs run.
 
-1. **Inline** (hybrid batching: the chunk joins the decode executor's next step) when nothing decodes (the
-   decode executor is idle and has the whole GPU; no hand-off between processes), or, under a TPOT SLO, when
-   the mixed step stays inside the SLO and is predicted to give the first token sooner than the prefill worker,
-   or when decode steps beside a running prefill would break the SLO anyway.
-2. **Concurrent** (the prefill worker, beside the decode steps) otherwise. Its budget follows the decode step
-   period against the TPOT SLO (AIMD: halve when over, add a step when well under), except while the oldest
-   waiting request is past half the TTFT SLO: then the full budget, since a request that misses TTFT is lost.
+- **Nothing decodes**: the lane that has prefilled more cheaply per token (each is tried once: inline needs no
+  hand-off between processes, the prefill worker has its prefill graphs).
+- **Something decodes**: the lane predicted to give the next chunk its first token sooner: inline (the chunk
+  joins the decode executor's next step, after the running one ends) or the prefill worker (after its running
+  batch, if any). Inline is allowed only while the decode step period plus the chunk's stall, spread over an
+  output's tokens, stays inside the TPOT SLO (TPOT is an average per request: a long mixed step now and then
+  costs each running request little), and only while the prefill worker would not meet half the TTFT SLO
+  anyway (then a mixed step would spend TPOT for nothing). Without a TPOT SLO, inline is not used beside decodes: concurrent
+  prefill maximises throughput (on the H200 at MPS 100/100 it matched hybrid batching offline and in serving,
+  with a lower TTFT; bench/results/session12).
 
-Without SLOs it maximises throughput: concurrent prefill with the full budget whenever something decodes
-(on the H200 at MPS 100/100 that matched or beat hybrid batching offline and in serving; bench/results/session12).
 Plain Python (no torch): the same object runs in the engine core and in rapid.bench.simulate.
 """
 
 from __future__ import annotations
 
-from rapid.core.controller import PrefillBudgetController
 from rapid.core.placement import DECODE, PREFILL, Load, Placement, placement_for_mode
 
 TPOT_MARGIN = 0.8  # plan decode steps to at most this share of the TPOT SLO
-TTFT_URGENT = 0.5  # the oldest waiter past this share of the TTFT SLO: prefill gets the full budget
+TTFT_RELAXED = 0.5  # the prefill worker gives a first token within this share of the TTFT SLO: no mixed step
 EWMA = 0.2  # weight of the newest observation in every cost estimate
 
 
@@ -40,12 +40,16 @@ class StepCosts:
         self.decode_beside_ms: float | None = None  # a decode step while the prefill worker runs
         self.inline_ms_per_token: float | None = None  # a prompt token inside a mixed (or decode-idle) step
         self.prefill_tok_s: float | None = None  # the prefill worker's rate
+        self.output_len: float | None = None  # tokens a finished request produced
 
     def decode_step(self, step_ms: float, beside_prefill: bool) -> None:
         if beside_prefill:
             self.decode_beside_ms = _ewma(self.decode_beside_ms, step_ms)
         else:
             self.decode_alone_ms = _ewma(self.decode_alone_ms, step_ms)
+
+    def finished(self, num_output_tokens: int) -> None:
+        self.output_len = _ewma(self.output_len, max(num_output_tokens, 1))
 
     def prefill(self, lane: str, tokens: int, seconds: float, num_decoding: int) -> None:
         if tokens <= 0 or seconds <= 0:
@@ -61,50 +65,63 @@ class StepCosts:
 class AdaptivePlacement:
     name = "adaptive"
 
-    def __init__(self, max_budget: int, slo_ttft_ms: float | None = None, slo_tpot_ms: float | None = None,
-                 min_budget: int = 256):
+    def __init__(self, max_budget: int, slo_ttft_ms: float | None = None, slo_tpot_ms: float | None = None):
         if max_budget < 1:
             raise ValueError(f"max_budget must be >= 1, got {max_budget}")
         self.max_budget = max_budget
         self.slo_ttft_ms, self.slo_tpot_ms = slo_ttft_ms, slo_tpot_ms
         self.costs = StepCosts()
-        self.budget = (PrefillBudgetController(TPOT_MARGIN * slo_tpot_ms, max_budget, min(min_budget, max_budget))
-                       if slo_tpot_ms is not None else None)
+        self.prefill_busy_until: float | None = None  # predicted end of the batch on the prefill worker (ms clock)
 
     def observe_decode_step(self, step_ms: float, beside_prefill: bool = False) -> None:
         self.costs.decode_step(step_ms, beside_prefill)
-        if self.budget is not None:
-            self.budget.observe_decode_step(step_ms)
 
     def observe_prefill(self, lane: str, tokens: int, seconds: float, num_decoding: int = 0) -> None:
         self.costs.prefill(lane, tokens, seconds, num_decoding)
 
-    def inline_is_better(self, load: Load) -> bool:
-        """Under a TPOT SLO: does the queue's next chunk belong in a mixed step rather than on the prefill worker?"""
+    def observe_finished(self, num_output_tokens: int) -> None:
+        self.costs.finished(num_output_tokens)
+
+    def idle_lane(self) -> str:
+        """Nothing decodes: the lane whose learned cost per prompt token is lower; each is tried once first."""
         c = self.costs
-        if self.slo_tpot_ms is None or c.decode_alone_ms is None or c.inline_ms_per_token is None:
-            return False
-        limit = TPOT_MARGIN * self.slo_tpot_ms
-        chunk = min(load.queued_tokens, self.max_budget)
-        mixed_ms = c.decode_alone_ms + chunk * c.inline_ms_per_token
-        if mixed_ms > limit:
-            return False  # the mixed step itself would break the SLO
-        if c.decode_beside_ms is not None and c.decode_beside_ms > limit:
-            return True  # decode steps beside a prefill batch break it anyway
+        if c.inline_ms_per_token is None:
+            return DECODE
         if c.prefill_tok_s is None:
-            return False
-        inline_ttft = (load.decode_step_ms or c.decode_alone_ms) / 2 + mixed_ms  # the running step ends first
-        return inline_ttft <= chunk / c.prefill_tok_s * 1e3
+            return PREFILL
+        return DECODE if c.inline_ms_per_token <= 1e3 / c.prefill_tok_s else PREFILL
+
+    def inline_ttft_ms(self, load: Load, chunk: int) -> float | None:
+        """The chunk's first token if it joins the next decode step; None when that would break the TPOT SLO
+        (or no SLO, or costs not learned yet)."""
+        c = self.costs
+        if self.slo_tpot_ms is None or c.inline_ms_per_token is None or load.decode_step_ms is None:
+            return None
+        stall_ms = chunk * c.inline_ms_per_token
+        if load.decode_step_ms + stall_ms / (c.output_len or 1.0) > TPOT_MARGIN * self.slo_tpot_ms:
+            return None
+        return load.decode_step_ms / 2 + load.decode_step_ms + stall_ms  # the running step ends first
+
+    def concurrent_ttft_ms(self, load: Load, chunk: int) -> float | None:
+        """The chunk's first token on the prefill worker (None before its rate is known)."""
+        rate = self.costs.prefill_tok_s
+        if rate is None:
+            return None
+        ahead = chunk / rate * 1e3 / 2 if load.prefill_lane_busy else 0.0  # about half a batch still running
+        return ahead + chunk / rate * 1e3
 
     def place(self, load: Load) -> Placement:
         if load.num_decoding == 0:
-            return Placement(DECODE, self.max_budget, "decode idle")
-        if self.inline_is_better(load):
-            return Placement(DECODE, min(load.queued_tokens, self.max_budget), "mixed step inside the TPOT SLO")
-        urgent = (self.slo_ttft_ms is not None and load.oldest_wait_s * 1e3 > TTFT_URGENT * self.slo_ttft_ms)
-        if self.budget is None or urgent:
-            return Placement(PREFILL, self.max_budget, "TTFT at risk" if urgent else "concurrent")
-        return Placement(PREFILL, self.budget.budget, "concurrent, TPOT-bounded")
+            return Placement(self.idle_lane(), self.max_budget, "decode idle")
+        chunk = min(load.queued_tokens, self.max_budget)
+        inline = self.inline_ttft_ms(load, chunk)
+        if inline is not None:
+            beside = self.concurrent_ttft_ms(load, chunk)
+            relaxed = (self.slo_ttft_ms is not None and beside is not None
+                       and load.oldest_wait_s * 1e3 + beside <= TTFT_RELAXED * self.slo_ttft_ms)
+            if (beside is None or inline <= beside) and not relaxed:
+                return Placement(DECODE, chunk, "mixed step: sooner first token, inside the TPOT SLO")
+        return Placement(PREFILL, self.max_budget, "concurrent")
 
 
 def make_placement(config):

@@ -8,7 +8,8 @@ Two lanes exist:
   MPS; 'disagg': another GPU with its own KV pool).
 
 A placement policy is any object with `place(load: Load) -> Placement`, `observe_decode_step(ms, beside_prefill)`
-and `observe_prefill(lane, tokens, seconds, num_decoding)` (the workers' timings, as they arrive);
+`observe_prefill(lane, tokens, seconds, num_decoding)` and `observe_finished(num_output_tokens)` (the workers'
+timings and the requests' lengths, as they arrive);
 `StaticPlacement` always answers the same lane, `rapid.core.adaptive.AdaptivePlacement` decides per batch
 from the load and the SLOs. Plain Python: no torch.
 """
@@ -66,6 +67,9 @@ class StaticPlacement:
         pass
 
     def observe_prefill(self, lane: str, tokens: int, seconds: float, num_decoding: int = 0) -> None:
+        pass
+
+    def observe_finished(self, num_output_tokens: int) -> None:
         pass
 
 

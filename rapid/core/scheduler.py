@@ -137,6 +137,7 @@ class Scheduler:
         if req.status.is_done:
             return
         req.finish_reason = reason
+        self.placement.observe_finished(len(req.output_token_ids))
         if req.status == S.DECODING and not worker_finished:
             self.running.remove(req)
             req.status = S.STOPPING

@@ -11,11 +11,10 @@ import logging
 import sys
 import time
 
-from rapid.config import SERVE_MAX_NUM_BATCHED_TOKENS, EngineArgs
+from rapid.config import EngineArgs
 
 
 # bench frontier sets these itself (per measured point) and skips the tokenizer.
-SERVE_DEFAULTS = {"max_num_batched_tokens": SERVE_MAX_NUM_BATCHED_TOKENS}  # serving: shorter mixed steps
 FRONTIER_OWN = ("mode", "max_num_seqs", "max_num_batched_tokens", "prefill_sm_percentage", "decode_sm_percentage",
                 "skip_tokenizer_init", "tokenizer", "placement")
 
@@ -127,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="serve the OpenAI HTTP API and ZeroMQ until SIGINT / SIGTERM")
     add_serve_args(s)
-    EngineArgs.add_cli_args(s, defaults=SERVE_DEFAULTS)
+    EngineArgs.add_cli_args(s)
     s.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("batch", help="offline batch: JSONL in (OpenAI batch or simple lines), JSONL out; resumable")
@@ -173,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = bsub.add_parser("serve", help="trace replay with Poisson arrivals, SLO attainment and goodput")
     add_serve_args(sv)
-    EngineArgs.add_cli_args(sv, defaults=SERVE_DEFAULTS)
+    EngineArgs.add_cli_args(sv)
     sv.set_defaults(func=cmd_bench)
     return parser
 

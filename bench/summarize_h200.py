@@ -1,0 +1,151 @@
+"""Collect the H200 runs of session 12 (bench/results/session12/) into the committed result files.
+
+    python bench/summarize_h200.py
+
+Writes bench/results/offline-h200.{json,md,png}, frontier-h200.{json,md} + frontier-h200-b{16,64,256}.png,
+http-overhead-h200.{json,md}, from what session 12 brought back, and sim-h100-timings.{json,md} with
+sim-*.png: the placement policies replayed by rapid.bench.simulate on the H100's recorded frontier (the H200's
+was not recorded). Every GPU figure comes from a JSON written on the GPU by the command recorded beside it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rapid.bench.plots import plot_attainment, plot_frontier
+
+R = Path("bench/results")
+S = R / "session12"
+DEVICE = "NVIDIA H200 (nvidia-h200), torch 2.11.0+cu130"
+MODEL = "Llama-3.1-8B shapes, random bf16 weights (--load-format dummy), block size 16"
+ROOFLINES = {"hbm_copy_tb_s": 4.3, "bf16_tflop_s": 790}
+
+
+def _write(name: str, data, table: str) -> None:
+    (R / f"{name}.json").write_text(json.dumps(data, indent=1))
+    (R / f"{name}.md").write_text(table)
+    print("wrote", R / f"{name}.json", R / f"{name}.md")
+
+
+def offline() -> None:
+    runs = []
+    for label, file in (("hybrid, max_num_seqs 256, 8192 tokens (the old defaults)", "offline1k-hybrid-old-defaults.json"),
+                        ("hybrid, max_num_seqs = KV pool tokens / 1024 (value not recorded by this run), 16384 tokens", "offline1k-hybrid.json"),
+                        ("rapid static 100/100, the same limits", "offline1k-rapid-100-100.json"),
+                        ("hybrid, max_num_seqs fitted at 2048 tokens/seq, 16384 tokens (the new defaults)",
+                         "offline1k-hybrid-fitted.json")):
+        path = S / file
+        if path.exists():
+            runs.append({"setting": label, "source": f"session12/{file}", **json.loads(path.read_text())})
+    rows = "\n".join(f"| {r['setting']} | {r['output_throughput_tok_s']:,.0f} | {r['elapsed_s']:.1f} s | "
+                     f"{r.get('engine', {}).get('num_preemptions', 'not recorded')} |" for r in runs)
+    table = (f"# Offline throughput on the H200: 1,024 requests, 1000 tokens in and 1000 out\n\n{DEVICE}. {MODEL}.\n"
+             "Command: `bash bench/gpu_session.sh offline1k` with NUM_SEQS=1024 (`rapid bench offline --num-seqs 1024 "
+             "--min/max-input-len 1000 --min/max-output-len 1000`); each run's full command is in its JSON.\n\n"
+             "| setting | output tok/s | elapsed | preemptions |\n|---|---|---|---|\n" + rows + "\n")
+    _write("offline-h200", {"device": DEVICE, "model": MODEL, "rooflines": ROOFLINES, "runs": runs}, table)
+
+
+def frontier() -> list[dict]:
+    points = []
+    for file in ("frontier-rapid.json", "frontier-hybrid.json"):
+        path = S / file
+        if path.exists():
+            points += [{**p, "source": f"session12/{file}"} for p in json.loads(path.read_text())]
+    if not points:
+        return points
+    cmd = ("bash bench/gpu_session.sh frontier-rapid frontier-hybrid with BATCHES=16,64,256 WINDOW=1.5 "
+           "SPLITS=100/100,50/50 CHUNKS=2048 (rapid bench frontier --ctx 1024 --prefill-len 2048)")
+    data = {"command": cmd, "device": DEVICE, "model": MODEL, "rooflines": ROOFLINES,
+            "tpot": "start-to-start time of consecutive decode steps of the batch, host gaps included",
+            "points": points}
+    rows = "\n".join(f"| {p['mode']} | {p.get('split') or 'chunk ' + str(p.get('chunk'))} | {p['batch']} | "
+                     f"{p['decode_alone_ms']} | {p['tpot_mean_ms']} / {p['tpot_p90_ms']} | {p['prefill_tok_s']:,.0f} |"
+                     for p in points)
+    table = (f"# TPOT against prefill throughput on the H200, through the engine's workers\n\n{DEVICE}. {MODEL}.\n"
+             f"Command: `{cmd}`. Decode: B requests with 1024-token prompts decoding; prefill: 2048-token prompts kept "
+             "queued (max_tokens=1). rapid points use placement='static' (every prompt on the prefill worker).\n\n"
+             "| mode | setting | batch | decode alone (ms) | TPOT mean / p90 (ms) | prefill tok/s |\n"
+             "|---|---|---|---|---|---|\n" + rows + "\n")
+    _write("frontier-h200", data, table)
+    for batch in sorted({p["batch"] for p in points}):
+        series: dict[str, list] = {}
+        for p in points:
+            if p["batch"] == batch and p.get("tpot_mean_ms"):
+                label = p.get("split") or f"C={p.get('chunk')}"
+                series.setdefault(p["mode"], []).append((p["tpot_mean_ms"], p["prefill_tok_s"], label))
+        plot_frontier(series, R / f"frontier-h200-b{batch}.png", f"H200, decode batch {batch}: TPOT vs prefill")
+    return points
+
+
+def http_overhead() -> None:
+    runs = {}
+    for backend in ("openai", "inproc"):
+        path = S / f"http-{backend}" / "serve.json"
+        if path.exists():
+            runs[backend] = json.loads(path.read_text())
+    if len(runs) < 2:
+        print("http: missing", {"openai", "inproc"} - set(runs))
+        return
+
+    lines = []
+    for backend, d in runs.items():
+        for mode in d["modes"].values():
+            for r in mode["per_rate"]:
+                lines.append(f"| {backend} | {r['request_rate']:g} | {r['served_rate']:.2f} | {r['p50_ttft_ms']:.1f} / "
+                             f"{r['p99_ttft_ms']:.1f} | {r['p50_tpot_ms']:.2f} / {r['p99_tpot_ms']:.2f} | "
+                             f"{r['p50_itl_ms']:.2f} | {r['output_throughput']:.0f} |")
+    table = (f"# The HTTP server against the in-process engine on the H200\n\n{DEVICE}. {MODEL}. Mode hybrid.\n"
+             "Command: `bash bench/gpu_session.sh http` with HTTP_RATE=32 DURATION=30 WARMUP=8: the same "
+             "ShareGPT-like trace through `rapid serve`'s /v1/completions (streamed, `rapid bench serve --backend "
+             "openai`) and through the engine in process (`--backend inproc`).\n\n"
+             "| backend | rate | served req/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | ITL p50 (ms) | output tok/s |\n"
+             "|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
+    _write("http-overhead-h200", {"device": DEVICE, "model": MODEL, "runs": runs}, table)
+
+
+def simulation() -> None:
+    """Attainment against rate for hybrid, static concurrent prefill and the adaptive policy, simulated."""
+    from rapid.bench.datasets import random_requests, sharegpt_like_requests
+    from rapid.bench.simulate import StepTimings, sim_trace, simulate
+    from rapid.core.adaptive import AdaptivePlacement
+    from rapid.core.placement import DECODE, PREFILL, StaticPlacement
+
+    timings = StepTimings.from_frontier(R / "frontier-h100.json", "60/40")
+    workloads = {"sharegpt-like": (lambda rate: sim_trace(sharegpt_like_requests(1500, 1000, seed=0, max_len=4096),
+                                                          rate), (5, 10, 15, 20, 25, 30, 40)),
+                 "bursty sharegpt-like (gamma 0.5)": (lambda rate: sim_trace(sharegpt_like_requests(
+                     1500, 1000, seed=0, max_len=4096), rate, 0.5), (5, 10, 15, 20, 25, 30, 40)),
+                 "3000 in, 300 out": (lambda rate: sim_trace(random_requests(400, 3000, 300, 0.2, 1000, seed=0), rate),
+                                      (1, 2, 3, 4, 5, 6, 7, 8))}
+    results, lines = {}, []
+    for wname, (make, rates) in workloads.items():
+        for ttft, tpot in ((1000, 50), (500, 25), (300, 15)):
+            series = {"hybrid": [], "rapid static (MPS 60/40)": [], "adaptive": []}
+            for rate in rates:
+                trace = make(rate)
+                policies = {"hybrid": StaticPlacement(DECODE), "rapid static (MPS 60/40)": StaticPlacement(PREFILL),
+                            "adaptive": AdaptivePlacement(8192, ttft, tpot)}
+                for name, policy in policies.items():
+                    series[name].append((rate, simulate(trace, policy, timings).attainment(ttft, tpot)))
+            results[f"{wname} {ttft}/{tpot}"] = series
+            for name, pts in series.items():
+                lines.append(f"| {wname} | {ttft}/{tpot} | {name} | " + " ".join(f"{r:g}:{a:.2f}" for r, a in pts) + " |")
+            slug = {"sharegpt-like": "sharegpt", "3000 in, 300 out": "3000"}.get(wname, "bursty")
+            plot_attainment(series, R / f"sim-{slug}-{ttft}-{tpot}.png",
+                            f"Simulated (H100 timings): {wname}, {ttft} ms / {tpot} ms")
+    table = ("# The placement policies in simulation (rapid.bench.simulate), on the H100's recorded step timings\n\n"
+             "Not a GPU measurement: the H100 frontier (frontier-h100.json, MPS 60/40 and hybrid points) replayed "
+             "through the same policy objects the engine runs; each trace runs to completion (no warm-up cut). "
+             "Attainment = share of requests meeting both SLOs. `python bench/summarize_h200.py` rebuilds it.\n\n"
+             "| workload | SLO TTFT/TPOT (ms) | policy | rate:attainment |\n|---|---|---|---|\n"
+             + "\n".join(lines) + "\n")
+    _write("sim-h100-timings", {"timings": "frontier-h100.json, split 60/40", "results": results}, table)
+
+
+if __name__ == "__main__":
+    offline()
+    frontier()
+    http_overhead()
+    simulation()
