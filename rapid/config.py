@@ -23,7 +23,7 @@ from rapid.model.config import ModelConfig
 MODES = ("hybrid", "rapid", "disagg")
 DTYPES = ("auto", "float32", "float", "bfloat16", "float16", "half")
 ATTENTION_BACKENDS = ("auto", "reference", "triton", "flashinfer")
-PREFILL_ATTENTIONS = ("flash", "cudnn", "auto")
+PREFILL_ATTENTIONS = ("flash", "cudnn", "auto", "paged")
 LOAD_FORMATS = ("safetensors", "dummy")
 PLACEMENTS = ("adaptive", "static")
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -241,8 +241,9 @@ class EngineArgs:
     attention_backend: str = _shared(
         EngineConfig, "attention_backend", "auto: triton on CUDA, reference on the CPU", choices=ATTENTION_BACKENDS)
     prefill_attention: str = _shared(
-        EngineConfig, "prefill_attention", "prefill SDPA kernel of the triton backend: flash (no per-shape set-up), "
-        "cudnn (faster on repeated shapes, but plans every new length pair), auto (torch's choice)",
+        EngineConfig, "prefill_attention", "prefill attention of the triton backend: flash SDPA (no per-shape "
+        "set-up), cudnn SDPA (faster on repeated shapes, but plans every new length pair), auto (torch's choice), "
+        "paged (a Triton kernel reading the paged pool, no host sync; not yet measured on a GPU)",
         choices=PREFILL_ATTENTIONS, gpu_only=True)
     prefill_sm_percentage: int = _shared(
         RapidConfig, "prefill_sm_percentage", "mode rapid: percentage of the SMs the prefill worker may use "

@@ -85,6 +85,9 @@ def test_process_memory_per_role():
         ProcessMemory(50, 50, 7, "decode")
     assert process_memory("prefill", peaks, 7, prefill=True, decode=False, graphs=False) == \
         ProcessMemory(300, 0, 7, "prefill")
+    # rapid's decode worker under the adaptive placement: it also runs (eager) prefill, with decode graphs only
+    assert process_memory("decode", peaks, 7, prefill=True, decode=True, graphs=True, prefill_graphs=False) == \
+        ProcessMemory(300, 50, 7, "decode")
 
 
 @pytest.fixture(scope="module")

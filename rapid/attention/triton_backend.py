@@ -8,7 +8,9 @@ Semantics are exactly those of ReferenceAttention.forward (rapid/attention/refer
      small reduce kernel merges the pieces by their log-sum-exp);
   3. the remaining sequences are prefill chunks: per sequence, the chunk attends causally (bottom-right
      aligned) to its whole context through torch's flash SDPA; the context is gathered from the pool
-     only when earlier chunks exist.
+     only when earlier chunks exist. With prefill_attention="paged", one Triton launch instead reads every
+     chunk's context from the pool (rapid/attention/paged_prefill.py; run so far only by Triton's CPU
+     interpreter, not yet on a GPU).
 
 CUDA-graph safety of the decode path: no host syncs; the grid depends only on the batch size and a
 host upper bound of the context length (meta.max_seq_len, which the graph runner holds at
@@ -28,6 +30,7 @@ import triton.language as tl
 from torch.nn.attention.bias import causal_lower_right
 
 from rapid.attention.metadata import AttentionMetadata
+from rapid.attention.paged_prefill import paged_prefill_attention
 from rapid.attention.reference import gather_context
 
 
@@ -269,15 +272,20 @@ class TritonAttention:
         return self._sdpa(qh, kh, vh, L, seq_len, self.num_heads != self.num_kv_heads)
 
     def set_prefill_attention(self, choice: str) -> None:
-        """flash (default) | cudnn (cuDNN first, flash as its fallback) | auto (torch's own choice)."""
+        """flash (default) | cudnn (cuDNN first, flash as its fallback) | auto (torch's own choice) | paged (the
+        Triton paged prefill kernel, rapid/attention/paged_prefill.py: no gather, no host sync)."""
         from torch.nn.attention import SDPBackend
 
+        self.paged_prefill = choice == "paged"
+        if self.paged_prefill:
+            self.prefill_sdpa_backends = None
+            return
         lists = {"flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
                  "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                            SDPBackend.MATH],
                  "auto": None}
         if choice not in lists:
-            raise ValueError(f"prefill_attention must be flash|cudnn|auto, got {choice!r}")
+            raise ValueError(f"prefill_attention must be flash|cudnn|auto|paged, got {choice!r}")
         self.prefill_sdpa_backends = lists[choice]
 
     def _sdpa_backends(self):
@@ -317,7 +325,11 @@ class TritonAttention:
             out = torch.empty_like(q)
         if nd:
             self.decode(q[:nd], kv_layer, meta.block_tables, meta.seq_lens, meta.max_seq_len, out[:nd])
-        if meta.num_prefills:
+        if meta.num_prefills and self.paged_prefill:  # every prefill row in one launch, bounded by T
+            out = torch.empty_like(q) if out is None else out
+            paged_prefill_attention(q, kv_layer, meta.block_tables[nd:], meta.query_start_loc[nd:], meta.seq_lens[nd:],
+                                    self.scale, max_query_len=q.shape[0] - nd, out=out)
+        elif meta.num_prefills:
             starts = meta.query_start_loc_host or meta.query_start_loc.tolist()
             lens = meta.seq_lens_host or meta.seq_lens.tolist()
             with self._sdpa_backends():

@@ -64,6 +64,7 @@ class StepCosts:
 
 class AdaptivePlacement:
     name = "adaptive"
+    reads_load = True
 
     def __init__(self, max_budget: int, slo_ttft_ms: float | None = None, slo_tpot_ms: float | None = None):
         if max_budget < 1:

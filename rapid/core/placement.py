@@ -7,7 +7,8 @@ Two lanes exist:
 - `PREFILL`: the prefill worker, which runs beside the decode executor (mode 'rapid': the same GPU under
   MPS; 'disagg': another GPU with its own KV pool).
 
-A placement policy is any object with `place(load: Load) -> Placement`, `observe_decode_step(ms, beside_prefill)`
+A placement policy is any object with `place(load: Load | None) -> Placement` (None when its `reads_load` is
+False), `observe_decode_step(ms, beside_prefill)`
 `observe_prefill(lane, tokens, seconds, num_decoding)` and `observe_finished(num_output_tokens)` (the workers'
 timings and the requests' lengths, as they arrive);
 `StaticPlacement` always answers the same lane, `rapid.core.adaptive.AdaptivePlacement` decides per batch
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ class StaticPlacement:
     """Every prefill batch goes to the same lane: DECODE for 'hybrid', PREFILL for 'rapid' and 'disagg'."""
 
     lane: str
+    reads_load: ClassVar[bool] = False  # place() ignores the load: the scheduler need not build it
 
     def __post_init__(self):
         if self.lane not in LANES:

@@ -172,7 +172,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         self._grant_decode_blocks()
         if self.waiting or any(r.status == S.PREFILLING for r in self.running):
-            decision = self.placement.place(self.load())
+            decision = self.placement.place(self.load() if self.placement.reads_load else None)
             if decision.lane not in self.in_flight:
                 self._schedule_prefill(decision.lane, decision.token_budget)
                 self.placement_log.record(decision, self.in_flight.get(decision.lane))

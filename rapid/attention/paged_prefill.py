@@ -1,0 +1,166 @@
+"""Paged prefill attention in Triton: varlen, causal (bottom-right aligned), GQA, read straight from the pool.
+
+What it computes: exactly ReferenceAttention._prefill (rapid/attention/reference.py) for every sequence
+of a batch at once. Sequence s owns the query rows q[start[s] : start[s+1]] (start = query_start_loc), the
+last q_len = start[s+1] - start[s] positions of a context of seq_lens[s] tokens: query row i sits at
+position seq_lens[s] - q_len + i and attends to key positions 0..that position, read from the paged pool
+through block_tables[s] (position p: block block_tables[s][p // block_size], offset p % block_size). The
+chunk's own keys/values must already be in the pool (TritonAttention.store runs first). Query head h
+reads kv head h // (H // KVH).
+
+Kernel: flash-attention-2 style online softmax, fp32 accumulation, scores in the log2 domain (exp2) as
+in the decode kernel. One program per (sequence, query tile, kv head); a query tile packs TOKENS query
+tokens x all GROUP query heads of the kv head into BLOCK_M rows, so every K/V tile is loaded once for
+the whole GQA group. Key tiles are BLOCK_N positions; the loop stops at the tile's causal limit.
+
+CUDA-graph safety: the wrapper does no host sync (no .item(), .tolist(), data-dependent shapes or
+Python loops over sequences). The grid is (number of sequence rows, cdiv(max_query_len, TOKENS), KVH):
+host values only, so one graph captured at a bound serves every batch under it. Query tiles past a
+sequence's q_len exit at once (padding rows have q_len 0); the key loop bound is read in the kernel
+from seq_lens. Rows of q covered by no sequence are not written. Requires seq_lens[s] >= q_len.
+
+Used by TritonAttention when prefill_attention="paged" (opt-in; the default still gathers + SDPA per
+sequence, between piecewise graphs). Not done yet: tile sizes, warps and stages are untuned and its speed is
+unmeasured on a GPU (it has only been run by Triton's CPU interpreter: tests/test_paged_prefill.py, and the
+whole backend in tests/test_triton_backend_interpreted.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _paged_prefill_kernel(
+    Q, KC, VC, BT, QSL, SEQ_LENS, OUT,
+    qk_scale,  # softmax scale * log2(e): scores live in the log2 domain
+    stride_qt, stride_qh,
+    stride_cb, stride_co, stride_ch,
+    stride_bt,
+    stride_ot, stride_oh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Program (seq, tile, kv_head): TOKENS query tokens x GROUP heads (BLOCK_M rows) over their causal context."""
+    seq = tl.program_id(0)
+    tile = tl.program_id(1)
+    kvh = tl.program_id(2)
+    TOKENS: tl.constexpr = BLOCK_M // GROUP
+    q_start = tl.load(QSL + seq)
+    q_len = tl.load(QSL + seq + 1) - q_start
+    first = tile * TOKENS  # first query token of this tile, relative to the chunk
+    if first < q_len:  # tiles past the chunk (and padding rows, q_len 0) do nothing
+        seq_len = tl.load(SEQ_LENS + seq)
+        ctx_start = seq_len - q_len  # position of the chunk's first token
+        r = tl.arange(0, BLOCK_M)
+        tok = first + r // GROUP  # [BLOCK_M] query token of each row
+        heads = kvh * GROUP + r % GROUP  # [BLOCK_M] query head of each row
+        rmask = (r < TOKENS * GROUP) & (tok < q_len)
+        pos = ctx_start + tok  # [BLOCK_M] absolute position: row attends to keys 0..pos
+        d = tl.arange(0, D_PAD)
+        dmask = d[None, :] < HEAD_DIM
+        q_rows = (q_start + tok).to(tl.int64) * stride_qt + heads * stride_qh  # [BLOCK_M]
+        q = tl.load(Q + q_rows[:, None] + d[None, :], mask=rmask[:, None] & dmask, other=0.0)  # [BLOCK_M, D_PAD]
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+        offs_n = tl.arange(0, BLOCK_N)
+        bt_row = BT + seq.to(tl.int64) * stride_bt
+        head_off = kvh * stride_ch
+        # Keys 0..end-1 are all this tile can see; key 0 is visible to every row (pos >= 0), so each row's
+        # running max is finite after the first key tile and exp2(m_i - m_new) never sees -inf - -inf.
+        end = ctx_start + tl.minimum(first + TOKENS, q_len)
+        for n0 in range(0, end, BLOCK_N):
+            kpos = n0 + offs_n  # [BLOCK_N]
+            nmask = kpos < end
+            blk = tl.load(bt_row + kpos // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
+            krow = blk * stride_cb + (kpos % BLOCK_SIZE) * stride_co + head_off  # [BLOCK_N]
+            kvmask = nmask[:, None] & dmask
+            k = tl.load(KC + krow[:, None] + d[None, :], mask=kvmask, other=0.0).to(q.dtype)  # [BLOCK_N, D_PAD]
+            v = tl.load(VC + krow[:, None] + d[None, :], mask=kvmask, other=0.0).to(q.dtype)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+            s = tl.where(nmask[None, :] & (kpos[None, :] <= pos[:, None]), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        o_rows = (q_start + tok).to(tl.int64) * stride_ot + heads * stride_oh
+        tl.store(OUT + o_rows[:, None] + d[None, :], o.to(OUT.dtype.element_ty), mask=rmask[:, None] & dmask)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def prefill_launch_config(num_seqs: int, max_query_len: int, num_heads: int, num_kv_heads: int,
+                          block_m: int = 64) -> tuple[tuple[int, int, int], int]:
+    """(grid, BLOCK_M) of a launch: a function of host bounds only, never of the batch's data.
+
+    BLOCK_M (rows of a query tile) is raised to the GQA group size when smaller, so a tile holds at least
+    one query token (x GROUP heads); TOKENS = BLOCK_M // GROUP tokens per tile."""
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    group = num_heads // num_kv_heads
+    block_m = max(16, _next_pow2(block_m), _next_pow2(group))
+    tokens = block_m // group
+    tiles = max(1, -(-max(0, int(max_query_len)) // tokens))
+    return (int(num_seqs), tiles, num_kv_heads), block_m
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,  # [T, H, D] queries of all prefill chunks, flattened
+    kv_layer: torch.Tensor,  # [2, num_blocks, block_size, KVH, D] one layer of the pool (as TritonAttention.decode)
+    block_tables: torch.Tensor,  # [S, max_blocks] int32
+    query_start_loc: torch.Tensor,  # [S+1] int32: sequence s owns q rows [start[s], start[s+1])
+    seq_lens: torch.Tensor,  # [S] int32: context length of sequence s after this chunk
+    scale: float,
+    *,
+    max_query_len: int | None = None,
+    out: torch.Tensor | None = None,  # [T, H, D], a view may be given
+    block_m: int = 64,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """Causal paged attention of every sequence's chunk over its whole context -> out [T, H, D].
+
+    max_query_len: a host upper bound of start[s+1] - start[s] over the batch (a larger bound only adds
+    programs that exit at once; None: T, always a bound). Rows of q covered by no sequence are left as
+    they are in `out` (uninitialised when out is None). To run a mixed batch's prefill part, pass the
+    metadata tensors sliced from num_decodes on (query_start_loc[nd:] keeps absolute row offsets); decode
+    rows (q_len 1) are valid input too. No host sync: safe to capture in a CUDA graph.
+    """
+    T, H, D = q.shape
+    kc, vc = kv_layer[0], kv_layer[1]  # [NB, BS, KVH, D]
+    KVH = kc.shape[2]
+    if out is None:
+        out = torch.empty_like(q)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    assert out.stride(-1) == 1 and kc.stride(-1) == 1 and kc.stride() == vc.stride() and block_tables.stride(-1) == 1
+    assert kc.shape[3] == D and out.shape == q.shape
+    S = block_tables.shape[0]
+    if S == 0 or T == 0:
+        return out
+    grid, bm = prefill_launch_config(S, T if max_query_len is None else max_query_len, H, KVH, block_m)
+    _paged_prefill_kernel[grid](
+        q, kc, vc, block_tables, query_start_loc, seq_lens, out,
+        scale * 1.4426950408889634,
+        q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=H // KVH, HEAD_DIM=D, D_PAD=max(16, _next_pow2(D)), BLOCK_SIZE=kc.shape[1],
+        BLOCK_M=bm, BLOCK_N=max(16, _next_pow2(block_n)),
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,  # fp32: exact, not tf32
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
+__all__ = ["paged_prefill_attention", "prefill_launch_config"]

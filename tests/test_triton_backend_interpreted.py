@@ -1,0 +1,68 @@
+"""The whole Triton attention backend (KV store, split-KV decode, prefill by SDPA or by the paged kernel) on the
+CPU through Triton's interpreter, against the reference backend: mixed batches of decodes and prefill chunks.
+
+TRITON_INTERPRET=1 must be set before the kernels are decorated, so the checks run in one subprocess (this file
+run as a script); each case prints a RESULT line that the tests read."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# (name, seqs [(context after this step, query tokens)], H, KVH, D, block size, dtype, prefill attention)
+CASES = [
+    ("mixed-paged-f32", [(9, 1), (17, 1), (5, 5), (21, 6), (12, 12)], 4, 2, 16, 4, "float32", "paged"),
+    ("mixed-sdpa-f32", [(9, 1), (17, 1), (5, 5), (21, 6), (12, 12)], 4, 2, 16, 4, "float32", "auto"),
+    ("prefill-only-paged-f16", [(30, 30), (40, 8)], 4, 4, 32, 16, "float16", "paged"),
+    ("decode-only-f32", [(33, 1), (3, 1), (48, 1)], 8, 2, 16, 16, "float32", "paged"),
+]
+TOLERANCE = {"float32": 1e-4, "float16": 5e-3}
+
+
+def run_case(name, seqs, H, KVH, D, block_size, dtype, prefill_attention) -> dict:
+    import torch
+
+    from attention_cases import make_case
+    from rapid.attention.reference import ReferenceAttention
+    from rapid.attention.triton_backend import TritonAttention
+
+    q, k, v, pool, meta = make_case(seqs, H, KVH, D, block_size, getattr(torch, dtype))
+    ref_pool = pool.float().clone()  # the reference stores into an fp32 copy (f16 -> f32 is exact)
+    tri = TritonAttention(H, KVH, D, D**-0.5, prefill_attention=prefill_attention)
+    out = torch.full_like(q, float("nan"))
+    tri.forward(q, k, v, pool, meta, out=out)
+    ref = ReferenceAttention(H, KVH, D, D**-0.5).forward(q.float(), k.float(), v.float(), ref_pool, meta)
+    return {"finite": bool(torch.isfinite(out).all()), "max_err": float((out.float() - ref).abs().max()),
+            "pool_equal": bool(torch.equal(pool.float(), ref_pool))}
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict:
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    results = {json.loads(line[7:])["name"]: json.loads(line[7:])
+               for line in proc.stdout.splitlines() if line.startswith("RESULT ")}
+    if proc.returncode or len(results) != len(CASES):
+        pytest.fail(f"interpreter subprocess (rc {proc.returncode}) reported {sorted(results)}:\n{proc.stderr[-3000:]}")
+    return results
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_backend_equals_the_reference_under_the_interpreter(interpreted, case):
+    got = interpreted[case[0]]
+    assert got["finite"], f"unwritten or non-finite rows: {got}"
+    assert got["pool_equal"], "the KV store wrote something other than the reference's store"
+    assert got["max_err"] < TOLERANCE[case[6]], got
+
+
+if __name__ == "__main__":  # the interpreter subprocess
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    for case in CASES:
+        print("RESULT " + json.dumps({"name": case[0], **run_case(*case)}), flush=True)
