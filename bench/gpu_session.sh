@@ -34,10 +34,13 @@ http_vs_inproc() {
     --max-model-len 4096 --mode ${HTTP_MODE:-hybrid} --port 8000 --no-zmq > $OUT/http-serve.log 2>&1 &
   local pid=$!
   python3 -c "import httpx, os, sys, time
-for _ in range(600):  # until healthy; give up at once if the server died (session 12 waited 10 minutes on a corpse)
+def alive(pid):  # a server that exited stays a zombie of this shell until waited for: read its state
     try:
-        os.kill($pid, 0)
-    except OSError: sys.exit('rapid serve exited before it became healthy')
+        return open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except OSError:
+        return False
+for _ in range(300):  # until healthy; give up at once if the server died (session 12 waited 10 minutes on it)
+    if not alive($pid): sys.exit('rapid serve exited before it became healthy')
     try:
         if httpx.get('http://127.0.0.1:8000/health', timeout=2).status_code == 200: break
     except httpx.HTTPError: pass

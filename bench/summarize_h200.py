@@ -33,7 +33,7 @@ def offline() -> None:
     for label, file in (("hybrid, max_num_seqs 256, 8192 tokens (the old defaults)", "offline1k-hybrid-old-defaults.json"),
                         ("hybrid, max_num_seqs = KV pool tokens / 1024 (value not recorded by this run), 16384 tokens", "offline1k-hybrid.json"),
                         ("rapid static 100/100, the same limits", "offline1k-rapid-100-100.json"),
-                        ("hybrid, max_num_seqs fitted at 2048 tokens/seq, 16384 tokens (the new defaults)",
+                        ("hybrid, the fitted default (max_model_len tokens a sequence), 8192 tokens",
                          "offline1k-hybrid-fitted.json")):
         path = S / file
         if path.exists():
@@ -97,7 +97,7 @@ def http_overhead() -> None:
                              f"{r['p99_ttft_ms']:.1f} | {r['p50_tpot_ms']:.2f} / {r['p99_tpot_ms']:.2f} | "
                              f"{r['p50_itl_ms']:.2f} | {r['output_throughput']:.0f} |")
     table = (f"# The HTTP server against the in-process engine on the H200\n\n{DEVICE}. {MODEL}. Mode hybrid.\n"
-             "Command: `bash bench/gpu_session.sh http` with HTTP_RATE=32 DURATION=30 WARMUP=8: the same "
+             "Command: `bash bench/gpu_session.sh http` (each run's full command is in the JSON): the same "
              "ShareGPT-like trace through `rapid serve`'s /v1/completions (streamed, `rapid bench serve --backend "
              "openai`) and through the engine in process (`--backend inproc`).\n\n"
              "| backend | rate | served req/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | ITL p50 (ms) | output tok/s |\n"

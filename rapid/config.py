@@ -68,11 +68,11 @@ class CacheConfig:
 
 
 # max_num_seqs=None: fitted to the KV pool once it is sized (fit_to_pool): as many sequences as the pool holds at
-# max_model_len tokens each (so that many full-length sequences never preempt one another), within
-# AUTO_MAX_NUM_SEQS. Measured on the H200 (8B, 1,024 requests of 1000 in and 1000 out, a pool of an estimated 800k
-# tokens):
-# 256 sequences gave 8,872 output tok/s; pool / 1,024 tokens (nearer vLLM's 1,024) gave 7,137: the pool was
-# overcommitted and sequences were preempted and recomputed (bench/results/offline-h200.md).
+# max_model_len tokens each (above the floor, that many full-length sequences fit without preempting one another),
+# within AUTO_MAX_NUM_SEQS. Measured on the H200 (8B, 1,024 requests of 1000 in and 1000 out): 256 sequences with
+# 8192 tokens a step gave 8,872 output tok/s; pool / 1,024 tokens (nearer vLLM's 1,024) with 16384 tokens gave
+# 7,137 (bench/results/offline-h200.md). Those runs did not record preemptions: that the overcommitted pool
+# preempted and recomputed sequences is the likely cause, not a measured one.
 AUTO_MAX_NUM_SEQS = (256, 1024)
 
 
@@ -100,7 +100,8 @@ class RapidConfig:
     """Settings of mode 'rapid': two workers sharing the GPU through MPS."""
 
     # CUDA_MPS_ACTIVE_THREAD_PERCENTAGE of each worker. 100/100 measured best of the static splits on the H200
-    # (offline 1000/1000: 1.16x hybrid where 70/30 gave 0.72x; serving: TTFT p99 at or below hybrid's).
+    # (offline 1000/1000, 256 requests, session 11: 1.16x hybrid where 70/30 gave 0.70x before async scheduling,
+    # 1.00x after; serving, session 12: a lower median TTFT than hybrid at equal TPOT).
     prefill_sm_percentage: int = 100
     decode_sm_percentage: int = 100
     use_mps: bool = True  # False: time-sliced (no real concurrency), with a warning

@@ -51,10 +51,37 @@ def learned(slo_ttft_ms=None, slo_tpot_ms=25, inline_tok_s=40_000, prefill_tok_s
 
 
 def test_the_costs_are_learned_from_the_timings():
-    c = learned().costs
+    p = learned()
+    c = p.costs
     assert c.decode_alone_ms == pytest.approx(10.0)
-    assert c.inline_ms_per_token == pytest.approx(1 / 40)  # the mixed step minus the decode step, per token
+    assert c.inline_ms(False) == pytest.approx(1 / 40)  # the mixed step minus the decode step, per token
+    assert c.inline_ms(True) == pytest.approx(1 / 40)  # not measured beside a prefill batch yet: the idle figure
     assert c.prefill_tok_s == pytest.approx(30_000) and c.output_len == pytest.approx(200)
+    for _ in range(50):  # beside a prefill batch: 13 ms steps, prompt tokens at 10k tok/s
+        p.observe_decode_step(13.0, beside_prefill=True)
+        p.observe_prefill(DECODE, 1000, 0.013 + 0.1, num_decoding=64, beside_prefill=True)
+    assert c.decode_beside_ms == pytest.approx(13.0) and c.inline_ms(True) == pytest.approx(0.1)
+    assert c.decode_alone_ms == pytest.approx(10.0) and c.inline_ms(False) == pytest.approx(1 / 40)
+
+
+def test_a_mixed_step_is_not_learned_as_a_decode_step():
+    """Its period holds the prompt work too: counting it as decode alone would inflate the decode estimate and
+    drive the per-token prompt cost (the mixed step less that estimate) towards zero."""
+    p = learned()
+    for _ in range(20):
+        p.observe_decode_step(85.0, mixed=True)
+    assert p.costs.decode_alone_ms == pytest.approx(10.0) and p.costs.decode_beside_ms is None
+
+
+def test_a_full_step_sends_the_prompt_to_the_prefill_worker():
+    """Decodes filling the step budget leave a mixed step no room: the prefill worker takes the prompt."""
+    p = learned(prefill_tok_s=20_000)
+    roomy = Load(64, 3000, 0.0, 10.0, prefill_lane_busy=False, mixed_step_room=4000)
+    full = Load(64, 3000, 0.0, 10.0, prefill_lane_busy=False, mixed_step_room=0)
+    assert p.place(roomy).lane == DECODE and p.place(full).lane == PREFILL
+    # 1000 tokens of room: 15 + 25 ms inline against 50 ms on the worker: a mixed step of what fits
+    d = p.place(Load(64, 3000, 0.0, 10.0, prefill_lane_busy=False, mixed_step_room=1000))
+    assert (d.lane, d.token_budget) == (DECODE, 1000)
 
 
 def test_a_mixed_step_when_it_gives_the_first_token_sooner_inside_the_tpot_slo():
@@ -130,6 +157,8 @@ def test_rapid_core_places_by_load_and_reports_it(caplog):
     assert (stats.placement_policy, stats.placement) == ("adaptive", "prefill")
     assert stats.prefill_tokens_by_lane == {"decode": 100, "prefill": 3000}
     assert stats.prefill_batches_by_lane == {"decode": 1, "prefill": 1}
+    core.abort(["long"])  # an abort is no completed output: the policy's output length stays unlearned
+    assert core.core.scheduler.placement.costs.output_len is None
     lanes = [r.getMessage() for r in caplog.records if "prefill placement" in r.getMessage()]
     assert lanes == ["prefill placement (adaptive policy): decode lane (decode idle)",
                      "prefill placement (adaptive policy): prefill lane (concurrent)"]

@@ -211,6 +211,8 @@ def test_llm_cli_and_engine_args_build_the_same_config(tiny_llama):
         assert built.scheduler.max_num_seqs is None
         assert llm.engine.max_num_seqs == seqs_for_pool(pool_tokens, built.scheduler.max_model_len)
         assert llm.config == fit_to_pool(built, llm.engine.num_blocks)
+        llm.engine.max_num_seqs = 264  # as a restart that re-measured the pool would set it
+        assert llm.config.scheduler.max_num_seqs == 264 and llm.config.cache == built.cache
     with LLM.from_engine_args(dataclasses.replace(cli, max_num_seqs=4, skip_tokenizer_init=True)) as llm:
         assert llm.config.scheduler.max_num_seqs == 4 and llm.tokenizer is None
 

@@ -58,6 +58,14 @@ class StepTimings:
     def decode_ms(self, batch: int, concurrent: bool) -> float:
         return _interp(self.batches, self.decode_concurrent_ms if concurrent else self.decode_alone_ms, batch)
 
+    def inline_s(self, tokens: int, batch: int, beside_prefill: bool) -> float:
+        """A mixed step's prompt work. Beside a prefill batch it gets what the prefill worker leaves of the GPU's
+        prompt rate (at least a tenth): the two lanes together never prefill faster than one alone."""
+        rate = self.inline_tok_s
+        if beside_prefill:
+            rate = max(rate - _interp(self.batches, self.prefill_concurrent_tok_s, batch), 0.1 * rate)
+        return tokens / rate
+
     def prefill_s(self, tokens: int, batch: int) -> float:
         """The prefill worker's time for `tokens` beside a decode batch (alone: a mixed step's rate)."""
         rate = _interp(self.batches, self.prefill_concurrent_tok_s, batch) if batch else self.inline_tok_s
@@ -70,6 +78,7 @@ class SimRequest:
     prompt_len: int
     output_len: int
     left: int = 0  # prompt tokens not yet computed
+    in_flight: bool = False  # a chunk of its prompt is in a batch not yet finished (as the engine, one at a time)
     first_token_s: float | None = None
     finish_s: float | None = None
     produced: int = 0
@@ -118,21 +127,26 @@ def simulate(trace: list[tuple[float, int, int]], policy, timings: StepTimings, 
     placed = {DECODE: 0, PREFILL: 0}
 
     def take(budget: int) -> list[tuple[SimRequest, int, bool]]:
-        """(request, tokens, last chunk of its prompt) in arrival order, up to `budget` tokens."""
+        """(request, tokens, last chunk of its prompt) in arrival order, up to `budget` tokens; a request whose
+        previous chunk is still in a batch is skipped."""
         chunks = []
-        while waiting and budget > 0 and len(decoding) + len(chunks) < max_num_seqs:
-            r = waiting[0]
+        for r in list(waiting):
+            if budget <= 0 or len(decoding) + len(chunks) >= max_num_seqs:
+                break
+            if r.in_flight:
+                continue
             n = min(r.left, budget)
             budget -= n
             r.left -= n
+            r.in_flight = True
             chunks.append((r, n, r.left == 0))
-            if r.left:
-                break
-            waiting.popleft()
+            if r.left == 0:
+                waiting.remove(r)
         return chunks
 
     def prompts_done(chunks, t: float) -> None:
         for r, _, last in chunks:
+            r.in_flight = False
             if last:
                 r.first_token_s, r.produced = t, 1
                 if r.output_len <= 1:
@@ -144,9 +158,10 @@ def simulate(trace: list[tuple[float, int, int]], policy, timings: StepTimings, 
     while True:
         while pending and pending[0].arrival_s <= now:
             waiting.append(pending.popleft())
-        if waiting:  # the engine asks before each step; a lane with a batch not yet run is skipped
-            load = Load(len(decoding), sum(r.left for r in waiting), now - waiting[0].arrival_s, step_ms,
-                        pre.end is not None)
+        queued = [r for r in waiting if not r.in_flight]
+        if queued:  # the engine asks before each step; a lane with a batch not yet run is skipped
+            load = Load(len(decoding), sum(r.left for r in queued), now - queued[0].arrival_s, step_ms,
+                        pre.end is not None, mixed_step_room=max_budget - len(decoding))
             d = policy.place(load)
             if d.lane == DECODE and not dec.queued:  # joins the decode executor's next step
                 room = max_budget - len(decoding)
@@ -162,10 +177,8 @@ def simulate(trace: list[tuple[float, int, int]], policy, timings: StepTimings, 
             inline = sum(c[1] for c in dec.chunks)
             beside = pre.end is not None
             ms = timings.decode_ms(len(decoding), beside) if decoding else 0.0
-            # beside a prefill batch the GPU is shared: a mixed step's prompt work slows as decode does
-            slowdown = timings.decode_ms(len(decoding), True) / timings.decode_ms(len(decoding), False) if beside else 1.0
             dec.batch, dec.start, dec.beside = list(decoding), now, beside
-            dec.end = now + (ms + inline / timings.inline_tok_s * 1e3 * slowdown) * 1e-3
+            dec.end = now + ms * 1e-3 + timings.inline_s(inline, len(decoding), beside)
         upcoming = [t for t in (dec.end, pre.end, pending[0].arrival_s if pending else None) if t is not None]
         if not upcoming:
             return SimRun(done, placed)
@@ -176,11 +189,12 @@ def simulate(trace: list[tuple[float, int, int]], policy, timings: StepTimings, 
             pre.chunks, pre.end = [], None
         if dec.end is not None and dec.end <= now:
             if dec.chunks:
-                policy.observe_prefill(DECODE, sum(c[1] for c in dec.chunks), now - dec.start, len(dec.batch))
+                policy.observe_prefill(DECODE, sum(c[1] for c in dec.chunks), now - dec.start, len(dec.batch),
+                                       beside_prefill=dec.beside)
             if dec.batch:
                 period = (now - dec.start) * 1e3
                 step_ms = period if step_ms is None else (1 - step_ewma) * step_ms + step_ewma * period
-                policy.observe_decode_step(period, beside_prefill=dec.beside)
+                policy.observe_decode_step(period, beside_prefill=dec.beside, mixed=bool(dec.chunks))
             for r in dec.batch:
                 r.produced += 1
                 if r.produced >= r.output_len:

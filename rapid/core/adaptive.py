@@ -38,11 +38,14 @@ class StepCosts:
     def __init__(self):
         self.decode_alone_ms: float | None = None  # a decode step with no prefill beside it or in it
         self.decode_beside_ms: float | None = None  # a decode step while the prefill worker runs
-        self.inline_ms_per_token: float | None = None  # a prompt token inside a mixed (or decode-idle) step
+        # a prompt token inside a mixed (or decode-idle) step, with the prefill worker idle / running beside it
+        self.inline_ms_per_token: dict[bool, float | None] = {False: None, True: None}
         self.prefill_tok_s: float | None = None  # the prefill worker's rate
         self.output_len: float | None = None  # tokens a finished request produced
 
-    def decode_step(self, step_ms: float, beside_prefill: bool) -> None:
+    def decode_step(self, step_ms: float, beside_prefill: bool, mixed: bool = False) -> None:
+        if mixed:
+            return  # a mixed step's time is the decode part and the prompt part: learned through prefill()
         if beside_prefill:
             self.decode_beside_ms = _ewma(self.decode_beside_ms, step_ms)
         else:
@@ -51,15 +54,21 @@ class StepCosts:
     def finished(self, num_output_tokens: int) -> None:
         self.output_len = _ewma(self.output_len, max(num_output_tokens, 1))
 
-    def prefill(self, lane: str, tokens: int, seconds: float, num_decoding: int) -> None:
+    def prefill(self, lane: str, tokens: int, seconds: float, num_decoding: int, beside_prefill: bool = False) -> None:
         if tokens <= 0 or seconds <= 0:
             return
         if lane == PREFILL:
             self.prefill_tok_s = _ewma(self.prefill_tok_s, tokens / seconds)
             return
-        decode_part = (self.decode_alone_ms or 0.0) if num_decoding else 0.0
+        decode = self.decode_beside_ms if beside_prefill else self.decode_alone_ms
+        decode_part = (decode or 0.0) if num_decoding else 0.0
         per_token = max(seconds * 1e3 - decode_part, 0.0) / tokens
-        self.inline_ms_per_token = _ewma(self.inline_ms_per_token, per_token)
+        self.inline_ms_per_token[beside_prefill] = _ewma(self.inline_ms_per_token[beside_prefill], per_token)
+
+    def inline_ms(self, beside_prefill: bool) -> float | None:
+        """A prompt token's cost in a mixed step now; beside a prefill batch, until measured there, the idle figure."""
+        known = self.inline_ms_per_token
+        return known[beside_prefill] if known[beside_prefill] is not None else known[False]
 
 
 class AdaptivePlacement:
@@ -72,13 +81,13 @@ class AdaptivePlacement:
         self.max_budget = max_budget
         self.slo_ttft_ms, self.slo_tpot_ms = slo_ttft_ms, slo_tpot_ms
         self.costs = StepCosts()
-        self.prefill_busy_until: float | None = None  # predicted end of the batch on the prefill worker (ms clock)
 
-    def observe_decode_step(self, step_ms: float, beside_prefill: bool = False) -> None:
-        self.costs.decode_step(step_ms, beside_prefill)
+    def observe_decode_step(self, step_ms: float, beside_prefill: bool = False, mixed: bool = False) -> None:
+        self.costs.decode_step(step_ms, beside_prefill, mixed)
 
-    def observe_prefill(self, lane: str, tokens: int, seconds: float, num_decoding: int = 0) -> None:
-        self.costs.prefill(lane, tokens, seconds, num_decoding)
+    def observe_prefill(self, lane: str, tokens: int, seconds: float, num_decoding: int = 0,
+                        beside_prefill: bool = False) -> None:
+        self.costs.prefill(lane, tokens, seconds, num_decoding, beside_prefill)
 
     def observe_finished(self, num_output_tokens: int) -> None:
         self.costs.finished(num_output_tokens)
@@ -86,19 +95,21 @@ class AdaptivePlacement:
     def idle_lane(self) -> str:
         """Nothing decodes: the lane whose learned cost per prompt token is lower; each is tried once first."""
         c = self.costs
-        if c.inline_ms_per_token is None:
+        inline = c.inline_ms_per_token[False]
+        if inline is None:
             return DECODE
         if c.prefill_tok_s is None:
             return PREFILL
-        return DECODE if c.inline_ms_per_token <= 1e3 / c.prefill_tok_s else PREFILL
+        return DECODE if inline <= 1e3 / c.prefill_tok_s else PREFILL
 
     def inline_ttft_ms(self, load: Load, chunk: int) -> float | None:
         """The chunk's first token if it joins the next decode step; None when that would break the TPOT SLO
         (or no SLO, or costs not learned yet)."""
         c = self.costs
-        if self.slo_tpot_ms is None or c.inline_ms_per_token is None or load.decode_step_ms is None:
+        per_token = c.inline_ms(load.prefill_lane_busy)
+        if self.slo_tpot_ms is None or per_token is None or load.decode_step_ms is None:
             return None
-        stall_ms = chunk * c.inline_ms_per_token
+        stall_ms = chunk * per_token
         if load.decode_step_ms + stall_ms / (c.output_len or 1.0) > TPOT_MARGIN * self.slo_tpot_ms:
             return None
         return load.decode_step_ms / 2 + load.decode_step_ms + stall_ms  # the running step ends first
@@ -114,8 +125,8 @@ class AdaptivePlacement:
     def place(self, load: Load) -> Placement:
         if load.num_decoding == 0:
             return Placement(self.idle_lane(), self.max_budget, "decode idle")
-        chunk = min(load.queued_tokens, self.max_budget)
-        inline = self.inline_ttft_ms(load, chunk)
+        chunk = min(load.queued_tokens, self.max_budget, load.mixed_step_room)
+        inline = self.inline_ttft_ms(load, chunk) if chunk > 0 else None  # a full step takes no prompt
         if inline is not None:
             beside = self.concurrent_ttft_ms(load, chunk)
             relaxed = (self.slo_ttft_ms is not None and beside is not None

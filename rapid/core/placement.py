@@ -8,9 +8,9 @@ Two lanes exist:
   MPS; 'disagg': another GPU with its own KV pool).
 
 A placement policy is any object with `place(load: Load | None) -> Placement` (None when its `reads_load` is
-False), `observe_decode_step(ms, beside_prefill)`
-`observe_prefill(lane, tokens, seconds, num_decoding)` and `observe_finished(num_output_tokens)` (the workers'
-timings and the requests' lengths, as they arrive);
+False),
+`observe_decode_step(ms, beside_prefill, mixed)`, `observe_prefill(lane, tokens, seconds, num_decoding)` and
+`observe_finished(num_output_tokens)` (the workers' timings and the lengths of completed outputs, as they arrive);
 `StaticPlacement` always answers the same lane, `rapid.core.adaptive.AdaptivePlacement` decides per batch
 from the load and the SLOs. Plain Python: no torch.
 """
@@ -37,6 +37,7 @@ class Load:
     oldest_wait_s: float  # how long the oldest request without a first token has waited
     decode_step_ms: float | None  # recent decode step period (EWMA); None before the first step
     prefill_lane_busy: bool  # a batch is in flight on the prefill worker
+    mixed_step_room: int = 1 << 30  # prompt tokens a mixed step can still take (the step budget less the decodes)
 
 
 @dataclass(frozen=True)
@@ -66,10 +67,11 @@ class StaticPlacement:
     def place(self, load: Load) -> Placement:
         return Placement(self.lane, None, "static")
 
-    def observe_decode_step(self, step_ms: float, beside_prefill: bool = False) -> None:
+    def observe_decode_step(self, step_ms: float, beside_prefill: bool = False, mixed: bool = False) -> None:
         pass
 
-    def observe_prefill(self, lane: str, tokens: int, seconds: float, num_decoding: int = 0) -> None:
+    def observe_prefill(self, lane: str, tokens: int, seconds: float, num_decoding: int = 0,
+                        beside_prefill: bool = False) -> None:
         pass
 
     def observe_finished(self, num_output_tokens: int) -> None:

@@ -137,7 +137,8 @@ class Scheduler:
         if req.status.is_done:
             return
         req.finish_reason = reason
-        self.placement.observe_finished(len(req.output_token_ids))
+        if reason in ("stop", "length"):  # a completed output (not an abort): the lengths the policy plans with
+            self.placement.observe_finished(len(req.output_token_ids))
         if req.status == S.DECODING and not worker_finished:
             self.running.remove(req)
             req.status = S.STOPPING
@@ -186,7 +187,8 @@ class Scheduler:
         oldest = min((r.arrival_time for r in queued), default=None)
         return Load(num_decoding=self.num_decoding, queued_tokens=tokens,
                     oldest_wait_s=0.0 if oldest is None else max(0.0, time.time() - oldest),
-                    decode_step_ms=self.decode_step_ms, prefill_lane_busy=PREFILL in self.in_flight)
+                    decode_step_ms=self.decode_step_ms, prefill_lane_busy=PREFILL in self.in_flight,
+                    mixed_step_room=self.token_budget - self.num_decoding)
 
     def take_messages(self) -> list[tuple[str, object]]:
         """The messages decided so far and not yet sent (stops from `finish` are sent without waiting)."""
@@ -336,7 +338,8 @@ class Scheduler:
         if lane is None:
             raise ValueError(f"PrefillDone for batch {msg.batch_id}, which is not in flight")
         chunks = self.in_flight.pop(lane).chunks
-        self.placement.observe_prefill(lane, msg.num_tokens, msg.t_end - msg.t_start, self.num_decoding)
+        self.placement.observe_prefill(lane, msg.num_tokens, msg.t_end - msg.t_start, self.num_decoding,
+                                       beside_prefill=lane == DECODE and PREFILL in self.in_flight)
         self.in_flight_ids.difference_update(r.request_id for r, _ in chunks)
         sampled = {s.request_id: s for s in msg.sampled}
         touched = []
@@ -362,7 +365,8 @@ class Scheduler:
             step_ms = (msg.t_end - msg.t_start + msg.idle_gap_s) * 1e3
             prev = self.decode_step_ms
             self.decode_step_ms = step_ms if prev is None else (1 - STEP_EWMA) * prev + STEP_EWMA * step_ms
-            self.placement.observe_decode_step(step_ms, beside_prefill=PREFILL in self.in_flight)
+            self.placement.observe_decode_step(step_ms, beside_prefill=PREFILL in self.in_flight,
+                                               mixed=DECODE in self.in_flight)
         worker_finished = set(msg.finished)
         touched = []
         for tok in msg.sampled:

@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 from tqdm.auto import tqdm
 
-from rapid.config import EngineArgs
+from rapid.config import EngineArgs, EngineConfig
 from rapid.model.config import ModelConfig
 from rapid.entrypoints.llm_inputs import parse_prompt, prepare_params, to_sampling_params, truncate
 from rapid.entrypoints.llm_outputs import LogprobConverter, apply_delta
@@ -50,17 +50,23 @@ class LLM:
     def __init__(self, model: str | None = None, **kwargs: Any):
         """The keyword arguments are the fields of rapid.config.EngineArgs (defaults and help text there)."""
         self.engine_args = EngineArgs.from_kwargs("LLM", model=model, **kwargs)
-        self.config = self.engine_args.create_engine_config()
-        self.model_config = ModelConfig.from_folder(self.config.model)
-        self.tokenizer = load_tokenizer(self.config.tokenizer)
-        self.eos_token_ids = read_eos_token_ids(self.config.model, self.model_config, self.tokenizer)
+        config = self._config = self.engine_args.create_engine_config()
+        self.model_config = ModelConfig.from_folder(config.model)
+        self.tokenizer = load_tokenizer(config.tokenizer)
+        self.eos_token_ids = read_eos_token_ids(config.model, self.model_config, self.tokenizer)
         self._ids = itertools.count()
-        self.engine: EngineClient = make_client(self.config, self.tokenizer, self.eos_token_ids)
-        # the limits in use: max_num_seqs fitted to the KV pool unless given
-        fitted = dataclasses.replace(self.config.scheduler, max_num_seqs=self.engine.max_num_seqs)
-        self.config = dataclasses.replace(self.config, scheduler=fitted)
+        self.engine: EngineClient = make_client(config, self.tokenizer, self.eos_token_ids)
         self._finalizer = weakref.finalize(self, self.engine.shutdown)
         self._logprobs = LogprobConverter(self.tokenizer)
+
+    @property
+    def config(self) -> EngineConfig:
+        """The engine's configuration, max_num_seqs as the engine fitted it to its KV pool (again after a restart)."""
+        fitted = self.engine.max_num_seqs
+        if self._config.scheduler.max_num_seqs != fitted:
+            scheduler = dataclasses.replace(self._config.scheduler, max_num_seqs=fitted)
+            self._config = dataclasses.replace(self._config, scheduler=scheduler)
+        return self._config
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs) -> "LLM":
