@@ -112,6 +112,7 @@ def simulation() -> None:
     from rapid.core.adaptive import AdaptivePlacement
     from rapid.core.placement import DECODE, PREFILL, StaticPlacement
 
+    # the H100's recording until the H200's exists (frontier() writes it from session12/frontier-*.json)
     timings = StepTimings.from_frontier(R / "frontier-h100.json", "60/40")
     workloads = {"sharegpt-like": (lambda rate: sim_trace(sharegpt_like_requests(1500, 1000, seed=0, max_len=4096),
                                                           rate), (5, 10, 15, 20, 25, 30, 40)),
