@@ -22,7 +22,7 @@ def test_bench_offline_smoke(tiny_llama, tmp_path):
 
 
 def test_bench_serve_steady_state_two_modes_smoke(tiny_llama, tmp_path):
-    assert main(["bench", "serve", "--model", str(tiny_llama), "--modes", "hybrid,rapid", "--duration-s", "3",
+    assert main(["bench", "serve", "--model", str(tiny_llama), "--modes", "hybrid,rapid:static", "--duration-s", "3",
                  "--dataset-name", "random", "--random-input-len", "32", "--random-output-len", "6",
                  "--request-rates", "3,6", "--ignore-eos", "--goodput", "ttft:5000", "tpot:1000",
                  "--max-model-len", "256", "--result-dir", str(tmp_path)]) == 0
@@ -31,7 +31,7 @@ def test_bench_serve_steady_state_two_modes_smoke(tiny_llama, tmp_path):
     assert method["num_prompts"] == {"3": 9, "6": 18} and method["duration_s"] == {"3": 3.0, "6": 3.0}
     assert method["warmup_s"] == {"3": 0.75, "6": 0.75} and method["seeds"] == {"3": 0, "6": 1}
     assert method["shared_first_blocks"] == 0 and "unstable" in method["stability_rule"]
-    for mode in ("hybrid", "rapid"):
+    for mode in ("hybrid", "rapid:static"):
         entry = summary["modes"][mode]
         for r in entry["per_rate"]:
             arrivals = [rec[5] for rec in r["records"]]
@@ -126,3 +126,20 @@ def test_bench_frontier_smoke(tmp_path):
                  "--max-model-len", "8192", "--output-json", str(out)]) == 0
     (point,) = json.loads(out.read_text())
     assert point["prefill_tok_s"] > 0 and point["decode_steps"] > 0 and point["tpot_mean_ms"] > 0
+
+
+def test_bench_serve_configurations_are_modes_with_placement_and_split(capsys):
+    """Every baseline of the adaptive issue in one run on the same traces: hybrid, static splits, adaptive."""
+    from rapid.bench.serve import parse_configuration
+
+    assert parse_configuration("hybrid") == ("hybrid", {})
+    assert parse_configuration("rapid:adaptive") == ("rapid", {"placement": "adaptive"})
+    assert parse_configuration("rapid:static:50/50") == (
+        "rapid", {"placement": "static", "prefill_sm_percentage": 50, "decode_sm_percentage": 50})
+    for bad, why in (("fast", "the mode must be one of"), ("rapid:best", "neither a placement"),
+                     ("hybrid:static", "mode 'rapid' only"), ("rapid:50/", "neither a placement")):
+        with pytest.raises(ValueError, match=why):
+            parse_configuration(bad)
+    # checked before any engine starts (the model folder does not even exist): exit 2, the entry named
+    assert main(["bench", "serve", "--model", "/nonexistent", "--modes", "hybrid,rapid:fast", "--duration-s", "1"]) == 2
+    assert "'rapid:fast'" in capsys.readouterr().err

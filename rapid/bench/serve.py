@@ -26,6 +26,29 @@ from rapid.bench.steady import StabilityCriteria
 from rapid.bench.traces import build_traces, parse_rates, plan_rates, rate_arrivals, shared_first_blocks
 
 GPUS_PER_MODE = {"hybrid": 1, "rapid": 1, "disagg": 2}
+
+
+def parse_configuration(label: str) -> tuple[str, dict]:
+    """A --modes entry -> (mode, EngineArgs overrides): 'hybrid', 'rapid', 'rapid:static', 'rapid:adaptive',
+    'rapid:static:50/50' (placement and/or prefill/decode MPS split), so every baseline runs on the same traces."""
+    from rapid.config import MODES, PLACEMENTS
+
+    mode, *parts = label.split(":")
+    if mode not in MODES:
+        raise ValueError(f"--modes entry {label!r}: the mode must be one of {MODES}")
+    overrides: dict = {}
+    for part in parts:
+        if part in PLACEMENTS:
+            overrides["placement"] = part
+        elif part.count("/") == 1 and all(x.isdigit() for x in part.split("/")):
+            p, d = (int(x) for x in part.split("/"))
+            overrides.update(prefill_sm_percentage=p, decode_sm_percentage=d)
+        else:
+            raise ValueError(f"--modes entry {label!r}: {part!r} is neither a placement {PLACEMENTS} nor an MPS split "
+                             "such as 50/50")
+    if overrides and mode != "rapid":
+        raise ValueError(f"--modes entry {label!r}: placement and MPS split apply to mode 'rapid' only")
+    return mode, overrides
 WARMUP_TOKENS = 4
 
 
@@ -38,8 +61,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", default=None, help="--backend openai: the request's model (default: --model)")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="--backend openai: vocabulary of the random prompts (default: the --model folder's config)")
-    p.add_argument("--modes", default=None, help="comma list of modes to sweep (default: --mode); with --backend "
-                   "openai, the one label of the server's mode")
+    p.add_argument("--modes", default=None, help="comma list of configurations to sweep on the same traces (default: "
+                   "--mode): a mode, or rapid with a placement and/or MPS split, e.g. hybrid,rapid:static:100/100,"
+                   "rapid:static:50/50,rapid:adaptive; with --backend openai, the one label of the server's mode")
     p.add_argument("--dataset-name", default="sharegpt-like", choices=["random", "sharegpt", "sharegpt-like"],
                    help="sharegpt-like: ShareGPT-shaped lengths, random tokens (default: %(default)s)")
     p.add_argument("--dataset-path", default=None, help="ShareGPT JSON file (--dataset-name sharegpt)")
@@ -126,7 +150,7 @@ def _sweep(summary: dict, mode: str, replay, warm, traces, plans, args, slos, pa
         r = rate_result(records, plan.rate, plan.duration_s, plan.warmup_s, wall, slos, pairs, criteria)
         r["seed"] = plan.seed
         per_rate.append(r)
-        summary["modes"][mode] = mode_summary(per_rate, GPUS_PER_MODE.get(mode, 1), pairs)
+        summary["modes"][mode] = mode_summary(per_rate, GPUS_PER_MODE.get(mode.split(":")[0], 1), pairs)
         _write(summary, out_dir)
         st = r["stability"]
         tqdm.write(f"{mode} rate={plan.rate:g}: {r['completed']} measured done, offered {_num(r['offered_rate'])} / "
@@ -165,6 +189,9 @@ def run_serve(args) -> dict:
     modes = args.modes.split(",") if args.modes else [args.mode]
     if args.backend == "openai" and len(modes) != 1:
         raise ValueError(f"--backend openai drives one server: give one --modes label, got {len(modes)}")
+    if args.backend == "inproc":
+        for label in modes:
+            parse_configuration(label)  # every entry checked before the first engine starts
     duration = args.duration_s
     if duration is None and args.num_prompts is None:
         duration = 60.0 if args.backend == "openai" or _has_cuda() else 15.0
@@ -224,15 +251,16 @@ def _run_inproc(args, modes, summary, traces_for, plans, slos, pairs, criteria, 
 
     summary["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     summary["torch"] = torch.__version__
-    for mode in modes:
-        with LLM.from_engine_args(dataclasses.replace(EngineArgs.from_cli_args(args), mode=mode)) as llm:
+    for label in modes:
+        mode, overrides = parse_configuration(label)
+        with LLM.from_engine_args(dataclasses.replace(EngineArgs.from_cli_args(args), mode=mode, **overrides)) as llm:
             warm, traces = traces_for(llm.model_config.vocab_size, llm.config.scheduler.max_model_len, llm.tokenizer)
 
             def replay(trace, arrivals, ignore_eos, *, cap, tag, drain_timeout_s, llm=llm):
                 return replay_inproc(llm, trace, arrivals, ignore_eos, cap=cap, tag=tag,
                                      drain_timeout_s=drain_timeout_s)
 
-            _sweep(summary, mode, replay, warm, traces, plans, args, slos, pairs, criteria, out_dir)
+            _sweep(summary, label, replay, warm, traces, plans, args, slos, pairs, criteria, out_dir)
 
 
 def _argv(args) -> list[str]:
