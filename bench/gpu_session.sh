@@ -14,7 +14,7 @@ BATCHES=${BATCHES:-16,64}
 # Poisson arrivals per rate (warm-up excluded), queues left after DRAIN s aborted. 3 rates x 50 s x 2 modes plus
 # start-up and drains fits one ~8-minute call; serve.json + serve.md (+ plots) land in $OUT/serve-TAG-MODES.
 serve_steady() {  # serve_steady TAG RATES DATASET-FLAGS...
-  local tag=$1 rates=$2 m=${MODES:-hybrid,rapid}; shift 2; m=${m//[,:\/]/-}
+  local tag=$1 rates=$2 m=${MODES:-hybrid,rapid}; shift 2; m=${m//[,:\/=]/-}
   python3 -m rapid.entrypoints.cli bench serve --model $MODEL --load-format dummy --skip-tokenizer-init \
     --max-model-len 4096 --max-num-batched-tokens ${TOKENS:-2048} --prefill-sm-percentage ${PREFILL_PCT:-100} \
     --decode-sm-percentage ${DECODE_PCT:-100} --modes ${MODES:-hybrid,rapid} "$@" --request-rates $rates \

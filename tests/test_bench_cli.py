@@ -136,8 +136,11 @@ def test_bench_serve_configurations_are_modes_with_placement_and_split(capsys):
     assert parse_configuration("rapid:adaptive") == ("rapid", {"placement": "adaptive"})
     assert parse_configuration("rapid:static:50/50") == (
         "rapid", {"placement": "static", "prefill_sm_percentage": 50, "decode_sm_percentage": 50})
+    assert parse_configuration("rapid:adaptive:slo=300/15") == (
+        "rapid", {"placement": "adaptive", "slo_ttft_ms": 300.0, "slo_tpot_ms": 15.0})
     for bad, why in (("fast", "the mode must be one of"), ("rapid:best", "neither a placement"),
-                     ("hybrid:static", "mode 'rapid' only"), ("rapid:50/", "neither a placement")):
+                     ("hybrid:static", "mode 'rapid' only"), ("rapid:50/", "neither a placement"),
+                     ("rapid:slo=fast/15", "needs numbers")):
         with pytest.raises(ValueError, match=why):
             parse_configuration(bad)
     # checked before any engine starts (the model folder does not even exist): exit 2, the entry named

@@ -30,7 +30,8 @@ GPUS_PER_MODE = {"hybrid": 1, "rapid": 1, "disagg": 2}
 
 def parse_configuration(label: str) -> tuple[str, dict]:
     """A --modes entry -> (mode, EngineArgs overrides): 'hybrid', 'rapid', 'rapid:static', 'rapid:adaptive',
-    'rapid:static:50/50' (placement and/or prefill/decode MPS split), so every baseline runs on the same traces."""
+    'rapid:static:50/50' (placement and/or prefill/decode MPS split), 'rapid:adaptive:slo=500/25' (the SLOs the
+    placement plans for: TTFT/TPOT ms), so every baseline runs on the same traces."""
     from rapid.config import MODES, PLACEMENTS
 
     mode, *parts = label.split(":")
@@ -40,12 +41,17 @@ def parse_configuration(label: str) -> tuple[str, dict]:
     for part in parts:
         if part in PLACEMENTS:
             overrides["placement"] = part
+        elif part.startswith("slo=") and part[4:].count("/") == 1:
+            try:
+                overrides["slo_ttft_ms"], overrides["slo_tpot_ms"] = (float(x) for x in part[4:].split("/"))
+            except ValueError:
+                raise ValueError(f"--modes entry {label!r}: {part!r} needs numbers, as slo=500/25") from None
         elif part.count("/") == 1 and all(x.isdigit() for x in part.split("/")):
             p, d = (int(x) for x in part.split("/"))
             overrides.update(prefill_sm_percentage=p, decode_sm_percentage=d)
         else:
-            raise ValueError(f"--modes entry {label!r}: {part!r} is neither a placement {PLACEMENTS} nor an MPS split "
-                             "such as 50/50")
+            raise ValueError(f"--modes entry {label!r}: {part!r} is neither a placement {PLACEMENTS}, an MPS split "
+                             "such as 50/50, nor SLOs such as slo=500/25")
     if overrides and mode != "rapid":
         raise ValueError(f"--modes entry {label!r}: placement and MPS split apply to mode 'rapid' only")
     return mode, overrides
@@ -62,8 +68,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab-size", type=int, default=None,
                    help="--backend openai: vocabulary of the random prompts (default: the --model folder's config)")
     p.add_argument("--modes", default=None, help="comma list of configurations to sweep on the same traces (default: "
-                   "--mode): a mode, or rapid with a placement and/or MPS split, e.g. hybrid,rapid:static:100/100,"
-                   "rapid:static:50/50,rapid:adaptive; with --backend openai, the one label of the server's mode")
+                   "--mode): a mode, or rapid with a placement, MPS split and/or SLOs, e.g. hybrid,rapid:static:100/100,"
+                   "rapid:static:50/50,rapid:adaptive:slo=500/25; with --backend openai, the one label of the server's "
+                   "mode")
     p.add_argument("--dataset-name", default="sharegpt-like", choices=["random", "sharegpt", "sharegpt-like"],
                    help="sharegpt-like: ShareGPT-shaped lengths, random tokens (default: %(default)s)")
     p.add_argument("--dataset-path", default=None, help="ShareGPT JSON file (--dataset-name sharegpt)")
