@@ -42,6 +42,10 @@ def test_rapid_equals_hybrid_and_transformers(tiny_llama, rapid_llm):
     with LLM(tiny_llama, max_num_batched_tokens=32) as hybrid:
         assert run(hybrid, ps) == got
     assert got == [hf_greedy(tiny_llama, p, GREEDY.max_tokens) for p in ps]
+    # the adaptive placement (mode rapid's default) used both lanes: the first prompts inside the idle decode
+    # executor's steps, the rest on the prefill worker beside the decodes
+    stats = rapid_llm.engine.get_stats()
+    assert stats.placement_policy == "adaptive" and min(stats.prefill_tokens_by_lane.values()) > 0, stats
 
 
 def test_rapid_sampling_seeded_equals_hybrid(tiny_llama, rapid_llm):

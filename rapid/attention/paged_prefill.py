@@ -9,20 +9,32 @@ chunk's own keys/values must already be in the pool (TritonAttention.store runs 
 reads kv head h // (H // KVH).
 
 Kernel: flash-attention-2 style online softmax, fp32 accumulation, scores in the log2 domain (exp2) as
-in the decode kernel. One program per (sequence, query tile, kv head); a query tile packs TOKENS query
-tokens x all GROUP query heads of the kv head into BLOCK_M rows, so every K/V tile is loaded once for
-the whole GQA group. Key tiles are BLOCK_N positions; the loop stops at the tile's causal limit.
+in the decode kernel. One program per (query tile, kv head); a query tile packs TOKENS query tokens x all
+GROUP query heads of the kv head into BLOCK_M rows, so every K/V tile is loaded once for the whole GQA
+group. Key tiles are BLOCK_N positions; the loop stops at the tile's causal limit.
+
+Grid (default, flat_grid=True): (num_tiles, KVH), num_tiles = min(cdiv(T_bound, TOKENS) + S,
+S * cdiv(max_query_len, TOKENS)), an upper bound of sum_s cdiv(q_len_s, TOKENS) from host bounds only
+(T_bound = max_num_tokens >= start[S] - start[0], default T). Which (sequence, first token) a tile id
+takes comes from a tile map [num_tiles, 2] int32 built on the device by torch ops (prefill_tile_map:
+cumsum of tiles per sequence, searchsorted), whose shapes depend on S and num_tiles only; ids past the
+batch's tiles map to sequence -1 and exit. So a mixed batch of many decode rows (q_len 1) and one long
+chunk launches about as many programs as it has useful tiles: S=256, T=2303, TOKENS=16 gives 400 per kv
+head, where the per-sequence grid (flat_grid=False: (S, cdiv(max_query_len, TOKENS), KVH), tiles past
+q_len exit) gives 256 x 128 = 32768.
 
 CUDA-graph safety: the wrapper does no host sync (no .item(), .tolist(), data-dependent shapes or
-Python loops over sequences). The grid is (number of sequence rows, cdiv(max_query_len, TOKENS), KVH):
-host values only, so one graph captured at a bound serves every batch under it. Query tiles past a
-sequence's q_len exit at once (padding rows have q_len 0); the key loop bound is read in the kernel
-from seq_lens. Rows of q covered by no sequence are not written. Requires seq_lens[s] >= q_len.
+Python loops over sequences): grid and tile-map shapes are host values, so one graph captured at a bound
+serves every batch under it. The key loop bound is read in the kernel from seq_lens. Rows of q covered
+by no sequence are not written. Requires seq_lens[s] >= q_len and the bounds to hold (a too small
+max_num_tokens or max_query_len silently drops tiles).
 
 Used by TritonAttention when prefill_attention="paged" (opt-in; the default still gathers + SDPA per
-sequence, between piecewise graphs). Not done yet: tile sizes, warps and stages are untuned and its speed is
-unmeasured on a GPU (it has only been run by Triton's CPU interpreter: tests/test_paged_prefill.py, and the
-whole backend in tests/test_triton_backend_interpreted.py).
+sequence, between piecewise graphs). Not done yet: tile sizes, warps and stages are untuned and its speed
+(either grid) is unmeasured on a GPU (it has only been run by Triton's CPU interpreter:
+tests/test_paged_prefill.py, and the whole backend in tests/test_triton_backend_interpreted.py); it is
+not yet used for whole-batch CUDA-graph capture (decodes as q_len-1 rows); the tile map is rebuilt on
+every call (every layer) although it depends only on the step's metadata.
 """
 
 from __future__ import annotations
@@ -34,24 +46,33 @@ import triton.language as tl
 
 @triton.jit
 def _paged_prefill_kernel(
-    Q, KC, VC, BT, QSL, SEQ_LENS, OUT,
+    Q, KC, VC, BT, QSL, SEQ_LENS, TILE_MAP, OUT,  # TILE_MAP: [num_tiles, 2] (seq, first token); unused unless FLAT
     qk_scale,  # softmax scale * log2(e): scores live in the log2 domain
     stride_qt, stride_qh,
     stride_cb, stride_co, stride_ch,
     stride_bt,
     stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FLAT: tl.constexpr,
 ):
-    """Program (seq, tile, kv_head): TOKENS query tokens x GROUP heads (BLOCK_M rows) over their causal context."""
-    seq = tl.program_id(0)
-    tile = tl.program_id(1)
-    kvh = tl.program_id(2)
+    """Program (tile, kv_head): TOKENS query tokens x GROUP heads (BLOCK_M rows) over their causal context."""
     TOKENS: tl.constexpr = BLOCK_M // GROUP
+    if FLAT:  # grid (num_tiles, KVH): the tile's sequence and first token come from the device tile map
+        tid = tl.program_id(0)
+        kvh = tl.program_id(1)
+        seq = tl.load(TILE_MAP + 2 * tid)  # -1: past the batch's tiles
+        first = tl.load(TILE_MAP + 2 * tid + 1)
+    else:  # grid (S, cdiv(max_query_len, TOKENS), KVH)
+        seq = tl.program_id(0)
+        first = tl.program_id(1) * TOKENS
+        kvh = tl.program_id(2)
+    live = seq >= 0
+    seq = tl.maximum(seq, 0)
     q_start = tl.load(QSL + seq)
     q_len = tl.load(QSL + seq + 1) - q_start
-    first = tile * TOKENS  # first query token of this tile, relative to the chunk
-    if first < q_len:  # tiles past the chunk (and padding rows, q_len 0) do nothing
+    # first: the tile's first query token, relative to the chunk. Tiles past the batch, past the chunk (and
+    # padding rows, q_len 0) do nothing.
+    if live & (first < q_len):
         seq_len = tl.load(SEQ_LENS + seq)
         ctx_start = seq_len - q_len  # position of the chunk's first token
         r = tl.arange(0, BLOCK_M)
@@ -99,19 +120,43 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def prefill_launch_config(num_seqs: int, max_query_len: int, num_heads: int, num_kv_heads: int,
-                          block_m: int = 64) -> tuple[tuple[int, int, int], int]:
+def prefill_launch_config(num_seqs: int, max_query_len: int | None, num_heads: int, num_kv_heads: int,
+                          block_m: int = 64, *, max_num_tokens: int | None = None,
+                          flat_grid: bool = True) -> tuple[tuple[int, ...], int]:
     """(grid, BLOCK_M) of a launch: a function of host bounds only, never of the batch's data.
 
     BLOCK_M (rows of a query tile) is raised to the GQA group size when smaller, so a tile holds at least
-    one query token (x GROUP heads); TOKENS = BLOCK_M // GROUP tokens per tile."""
+    one query token (x GROUP heads); TOKENS = BLOCK_M // GROUP tokens per tile. Bounds (None: none given):
+    max_query_len of any q_len, max_num_tokens of the sum of q_len. flat_grid: (num_tiles, KVH), num_tiles
+    the smaller of cdiv(max_num_tokens, TOKENS) + S and S * cdiv(max_query_len, TOKENS) (each bounds
+    sum_s cdiv(q_len_s, TOKENS)); else (S, cdiv(max_query_len, TOKENS), KVH). Always at least one tile."""
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    if max_query_len is None and (max_num_tokens is None or not flat_grid):
+        raise ValueError("need max_query_len (or, for the flat grid, max_num_tokens)")
     group = num_heads // num_kv_heads
     block_m = max(16, _next_pow2(block_m), _next_pow2(group))
     tokens = block_m // group
-    tiles = max(1, -(-max(0, int(max_query_len)) // tokens))
-    return (int(num_seqs), tiles, num_kv_heads), block_m
+    per_seq = None if max_query_len is None else -(-max(0, int(max_query_len)) // tokens)
+    if not flat_grid:
+        return (int(num_seqs), max(1, per_seq), num_kv_heads), block_m
+    bounds = [int(num_seqs) * per_seq] if per_seq is not None else []
+    if max_num_tokens is not None:
+        bounds.append(-(-max(0, int(max_num_tokens)) // tokens) + int(num_seqs))
+    return (max(1, min(bounds)), num_kv_heads), block_m
+
+
+def prefill_tile_map(query_start_loc: torch.Tensor, tokens: int, num_tiles: int) -> torch.Tensor:
+    """[num_tiles, 2] int32 (sequence, first query token of the tile) for tile ids 0..num_tiles-1, on the
+    device of query_start_loc, by torch ops only (no host sync; shapes from S and num_tiles). Sequence s
+    owns cdiv(q_len_s, tokens) consecutive ids; ids past the last are (-1, unused)."""
+    qsl = query_start_loc.to(torch.int32)
+    per_seq = (qsl[1:] - qsl[:-1] + (tokens - 1)) // tokens  # [S] tiles of each sequence
+    cum = torch.cumsum(per_seq, 0, dtype=torch.int32)  # [S] inclusive
+    t = torch.arange(num_tiles, dtype=torch.int32, device=qsl.device)
+    seq = torch.searchsorted(cum, t, right=True, out_int32=True)  # first s with cum[s] > t; S past the end
+    first = (t - (cum - per_seq)[seq.clamp(max=per_seq.shape[0] - 1)]) * tokens
+    return torch.stack([torch.where(seq < per_seq.shape[0], seq, -1), first], 1)
 
 
 def paged_prefill_attention(
@@ -124,6 +169,8 @@ def paged_prefill_attention(
     *,
     max_query_len: int | None = None,
     out: torch.Tensor | None = None,  # [T, H, D], a view may be given
+    max_num_tokens: int | None = None,
+    flat_grid: bool = True,
     block_m: int = 64,
     block_n: int = 64,
     num_warps: int = 4,
@@ -132,7 +179,9 @@ def paged_prefill_attention(
     """Causal paged attention of every sequence's chunk over its whole context -> out [T, H, D].
 
     max_query_len: a host upper bound of start[s+1] - start[s] over the batch (a larger bound only adds
-    programs that exit at once; None: T, always a bound). Rows of q covered by no sequence are left as
+    programs that exit at once; None: T, always a bound). max_num_tokens: a host upper bound of
+    start[S] - start[0] (None: T). flat_grid=False: the older per-sequence grid, which launches
+    S * cdiv(max_query_len, TOKENS) programs per kv head. Rows of q covered by no sequence are left as
     they are in `out` (uninitialised when out is None). To run a mixed batch's prefill part, pass the
     metadata tensors sliced from num_decodes on (query_start_loc[nd:] keeps absolute row offsets); decode
     rows (q_len 1) are valid input too. No host sync: safe to capture in a CUDA graph.
@@ -149,18 +198,22 @@ def paged_prefill_attention(
     S = block_tables.shape[0]
     if S == 0 or T == 0:
         return out
-    grid, bm = prefill_launch_config(S, T if max_query_len is None else max_query_len, H, KVH, block_m)
+    grid, bm = prefill_launch_config(S, T if max_query_len is None else max_query_len, H, KVH, block_m,
+                                     max_num_tokens=T if max_num_tokens is None else max_num_tokens,
+                                     flat_grid=flat_grid)
+    tile_map = prefill_tile_map(query_start_loc, bm // (H // KVH), grid[0]) if flat_grid else query_start_loc
     _paged_prefill_kernel[grid](
-        q, kc, vc, block_tables, query_start_loc, seq_lens, out,
+        q, kc, vc, block_tables, query_start_loc, seq_lens, tile_map, out,
         scale * 1.4426950408889634,
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=H // KVH, HEAD_DIM=D, D_PAD=max(16, _next_pow2(D)), BLOCK_SIZE=kc.shape[1],
         BLOCK_M=bm, BLOCK_N=max(16, _next_pow2(block_n)),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,  # fp32: exact, not tf32
+        FLAT=flat_grid,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
 
-__all__ = ["paged_prefill_attention", "prefill_launch_config"]
+__all__ = ["paged_prefill_attention", "prefill_launch_config", "prefill_tile_map"]
