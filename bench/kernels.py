@@ -3,7 +3,8 @@
 Llama-3.1-8B shapes (hidden 4096, 32 layers, 32 heads, 8 KV heads, head_dim 128, intermediate 14336,
 vocab 128256) with random bf16 weights built in memory (no download). Every figure is a median of
 CUDA-event timings after warm-up, against its roofline:
-  decode  = (weights read + KV read for that context) / 3.0e12 B/s (the H100's measured copy rate)
+  decode  = (weights read + KV read for that context) / the copy rate of the GPU found (HBM_BPS_BY_GPU: H100
+            3.0e12 B/s, H200 4.3e12, both measured on the lent machines)
   prefill = (2 * layer params * tokens + 2 * hidden * vocab + causal attention FLOPs) / 790e12 FLOP/s
 Usage (on the GPU machine):  python3 bench/kernels.py [--sweep] [--apply-best] [--compile-dynamic tokens]
                               [--skip attention,eager,compiled] [--out DIR]
@@ -494,7 +495,7 @@ def main() -> None:
     with torch.inference_mode():
         model, backend = build_8b(cfg, max_positions=max(args.max_model_len, 8192) + 16)
         default_sdpa = backend.prefill_sdpa_backends  # flash first (see TritonAttention)
-        for variant in ("eager", "compiled", "compiled-cudnn-prefill"):
+        for variant in ("eager", "compiled", "compiled-cudnn-prefill", "compiled-paged-prefill"):
             if variant in skip or (variant.startswith("compiled") and "compiled" in skip):
                 continue
             t0 = time.perf_counter()
@@ -503,13 +504,15 @@ def main() -> None:
                     model.compile_pieces(dynamic=True if args.compile_dynamic == "true" else "tokens")
                 if variant == "compiled-cudnn-prefill":  # prefill only: SDPA with cuDNN first, then flash
                     backend.set_prefill_attention("cudnn")
+                if variant == "compiled-paged-prefill":  # prefill only: the Triton paged kernel, no gather
+                    backend.set_prefill_attention("paged")
                 v = report["model"].setdefault(variant, {})
                 pool, _, _ = decode_case(1, 8192, cfg, layers=cfg.num_layers, extra_blocks=0)
                 v["prefill"] = bench_prefill(model, cfg, variant, pool, refs, profile=variant != "eager")
                 del pool
                 torch.cuda.empty_cache()
                 save()
-                if variant != "compiled-cudnn-prefill":
+                if not variant.endswith("-prefill"):
                     v["decode"] = bench_decode(model, backend, cfg, variant, best, args.apply_best,
                                                args.max_model_len, full_buckets=variant == "compiled", refs=refs,
                                                profile=variant == "compiled")
@@ -517,6 +520,7 @@ def main() -> None:
             except Exception as e:
                 traceback.print_exc()
                 report["errors"].append(f"{variant}: {e!r}"[:300])
+            backend.set_prefill_attention("flash")
             backend.prefill_sdpa_backends = default_sdpa
             save()
     save()

@@ -122,7 +122,7 @@ def test_bench_frontier_smoke(tmp_path):
     model = make_tiny_model(tmp_path / "m", "llama", max_position_embeddings=8192, with_tokenizer=False)
     out = tmp_path / "frontier.json"
     assert main(["bench", "frontier", "--model", str(model), "--mode", "hybrid", "--chunks", "32",
-                 "--batches", "2", "--ctx", "16", "--prefill-len", "64", "--window-s", "0.3",
+                 "--batches", "2", "--ctx", "16", "--prefill-len", "64", "--window-s", "0.6",
                  "--max-model-len", "8192", "--output-json", str(out)]) == 0
     (point,) = json.loads(out.read_text())
     assert point["prefill_tok_s"] > 0 and point["decode_steps"] > 0 and point["tpot_mean_ms"] > 0

@@ -90,11 +90,13 @@ def prompts():
     return [torch.randint(5, 300, (n,), generator=g).tolist() for n in (3, 17, 64, 150)]
 
 
-@pytest.mark.parametrize("mode", ["hybrid", "rapid"])
-def test_gpu_greedy_equals_transformers(tiny_llama, prompts, mode):
+@pytest.mark.parametrize("mode,prefill_attention", [("hybrid", "flash"), ("rapid", "flash"), ("hybrid", "paged"),
+                                                     ("rapid", "paged")])
+def test_gpu_greedy_equals_transformers(tiny_llama, prompts, mode, prefill_attention):
+    """paged: the Triton paged prefill kernel, so prefill and mixed batches run as whole CUDA graphs."""
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     with LLM(tiny_llama, mode=mode, dtype="float32", max_num_batched_tokens=64, max_num_seqs=8,
-             gpu_memory_utilization=0.3) as llm:
+             gpu_memory_utilization=0.3, prefill_attention=prefill_attention) as llm:
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         if mode == "rapid":
             stats = llm.engine.get_stats()

@@ -32,9 +32,10 @@ max_num_tokens or max_query_len silently drops tiles).
 Used by TritonAttention when prefill_attention="paged" (opt-in; the default still gathers + SDPA per
 sequence, between piecewise graphs). Not done yet: tile sizes, warps and stages are untuned and its speed
 (either grid) is unmeasured on a GPU (it has only been run by Triton's CPU interpreter:
-tests/test_paged_prefill.py, and the whole backend in tests/test_triton_backend_interpreted.py); it is
-not yet used for whole-batch CUDA-graph capture (decodes as q_len-1 rows); the tile map is rebuilt on
-every call (every layer) although it depends only on the step's metadata.
+tests/test_paged_prefill.py, and the whole backend in tests/test_triton_backend_interpreted.py); the
+whole-batch graphs built on it (rapid/compile/full_graph.py, decodes as q_len-1 rows) have not been
+captured on a GPU yet; the tile map is rebuilt on every call (every layer) although it depends only on the
+step's metadata.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""CUDA graphs for decode steps (cuda_graphs.py) and for prefill/mixed batches (piecewise.py), over the
-model's own pieces, compiled with LlamaModel.compile_pieces."""
+"""CUDA graphs for decode steps (cuda_graphs.py) and for prefill/mixed batches (piecewise.py; or full_graph.py,
+whole graphs, with prefill_attention="paged"), over the model's own pieces, compiled with
+LlamaModel.compile_pieces."""
 
 from rapid.compile.cuda_graphs import DecodeGraphRunner, bucket_sizes
 
@@ -23,7 +24,13 @@ def prepare_model(model, kv_pool, config, decode_graphs: bool, prefill_graphs: b
     if decode_graphs:
         runners.append(DecodeGraphRunner(model, kv_pool, config.scheduler.max_num_seqs, config.cache.block_size,
                                          config.scheduler.max_model_len))
-    if prefill_graphs:
+    if prefill_graphs and config.prefill_attention == "paged":  # attention is graph-safe: whole graphs
+        from rapid.compile.full_graph import FullGraphRunner
+
+        sched = config.scheduler
+        runners.append(FullGraphRunner(model, kv_pool, sched.max_num_batched_tokens, sched.max_num_seqs,
+                                       sched.max_model_len, config.cache.block_size))
+    elif prefill_graphs:
         from rapid.compile.piecewise import PiecewiseGraphRunner
 
         runners.append(PiecewiseGraphRunner(model, kv_pool, config.scheduler.max_num_batched_tokens))
