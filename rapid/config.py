@@ -244,8 +244,8 @@ class EngineArgs:
     prefill_attention: str = _shared(
         EngineConfig, "prefill_attention", "prefill attention of the triton backend: flash SDPA (no per-shape "
         "set-up), cudnn SDPA (faster on repeated shapes, but plans every new length pair), auto (torch's choice), "
-        "paged (a Triton kernel reading the paged pool, no host sync, so prefill and mixed batches run as whole "
-        "CUDA graphs; not yet run on a GPU)",
+        "paged (a Triton kernel reading the paged pool, no host sync, so hybrid's prefill and mixed batches and "
+        "the rapid prefill worker's batches run as whole CUDA graphs; not yet run on a GPU)",
         choices=PREFILL_ATTENTIONS, gpu_only=True)
     prefill_sm_percentage: int = _shared(
         RapidConfig, "prefill_sm_percentage", "mode rapid: percentage of the SMs the prefill worker may use "

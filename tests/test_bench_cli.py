@@ -140,7 +140,9 @@ def test_bench_serve_configurations_are_modes_with_placement_and_split(capsys):
         "rapid", {"placement": "adaptive", "slo_ttft_ms": 300.0, "slo_tpot_ms": 15.0})
     for bad, why in (("fast", "the mode must be one of"), ("rapid:best", "neither a placement"),
                      ("hybrid:static", "mode 'rapid' only"), ("rapid:50/", "neither a placement"),
-                     ("rapid:slo=fast/15", "needs numbers")):
+                     ("rapid:slo=fast/15", "needs numbers"), ("rapid:static:0/50", r"in \[1, 100\], got 0"),
+                     ("rapid:slo=0/25", "positive number"), ("rapid:static:adaptive", "more than one placement"),
+                     ("rapid:50/50:60/40", "more than one MPS split")):
         with pytest.raises(ValueError, match=why):
             parse_configuration(bad)
     # checked before any engine starts (the model folder does not even exist): exit 2, the entry named

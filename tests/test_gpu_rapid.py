@@ -93,11 +93,18 @@ def prompts():
 @pytest.mark.parametrize("mode,prefill_attention", [("hybrid", "flash"), ("rapid", "flash"), ("hybrid", "paged"),
                                                      ("rapid", "paged")])
 def test_gpu_greedy_equals_transformers(tiny_llama, prompts, mode, prefill_attention):
-    """paged: the Triton paged prefill kernel, so prefill and mixed batches run as whole CUDA graphs."""
+    """paged: the Triton paged prefill kernel, so hybrid's prefill and mixed batches (and the rapid prefill
+    worker's batches) run as whole CUDA graphs."""
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     with LLM(tiny_llama, mode=mode, dtype="float32", max_num_batched_tokens=64, max_num_seqs=8,
              gpu_memory_utilization=0.3, prefill_attention=prefill_attention) as llm:
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        if mode == "hybrid" and prefill_attention == "paged":  # the whole graphs really ran the prefill batches
+            from rapid.compile.full_graph import FullGraphRunner
+
+            runners = llm.engine.core.workers.loop.runner.graph_runners
+            (whole,) = [r for r in runners if isinstance(r, FullGraphRunner)]
+            assert whole.num_replays > 0
         if mode == "rapid":
             stats = llm.engine.get_stats()
             assert stats.num_free_blocks == stats.num_blocks

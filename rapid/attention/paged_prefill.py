@@ -92,8 +92,9 @@ def _paged_prefill_kernel(
         offs_n = tl.arange(0, BLOCK_N)
         bt_row = BT + seq.to(tl.int64) * stride_bt
         head_off = kvh * stride_ch
-        # Keys 0..end-1 are all this tile can see; key 0 is visible to every row (pos >= 0), so each row's
-        # running max is finite after the first key tile and exp2(m_i - m_new) never sees -inf - -inf.
+        # Keys 0..end-1 are all this tile can see; key 0 is visible to every row (pos >= 0, since seq_len >= q_len:
+        # a row with pos < 0 would come out NaN), so each row's running max is finite after the first key tile
+        # and exp2(m_i - m_new) never sees -inf - -inf.
         end = ctx_start + tl.minimum(first + TOKENS, q_len)
         for n0 in range(0, end, BLOCK_N):
             kpos = n0 + offs_n  # [BLOCK_N]

@@ -32,13 +32,18 @@ def parse_configuration(label: str) -> tuple[str, dict]:
     """A --modes entry -> (mode, EngineArgs overrides): 'hybrid', 'rapid', 'rapid:static', 'rapid:adaptive',
     'rapid:static:50/50' (placement and/or prefill/decode MPS split), 'rapid:adaptive:slo=500/25' (the SLOs the
     placement plans for: TTFT/TPOT ms), so every baseline runs on the same traces."""
-    from rapid.config import MODES, PLACEMENTS
+    from rapid.config import MODES, PLACEMENTS, RapidConfig
 
     mode, *parts = label.split(":")
     if mode not in MODES:
         raise ValueError(f"--modes entry {label!r}: the mode must be one of {MODES}")
     overrides: dict = {}
+    seen: set[str] = set()
     for part in parts:
+        kind = "placement" if part in PLACEMENTS else "SLO pair" if part.startswith("slo=") else "MPS split"
+        if kind in seen:
+            raise ValueError(f"--modes entry {label!r}: more than one {kind}")
+        seen.add(kind)
         if part in PLACEMENTS:
             overrides["placement"] = part
         elif part.startswith("slo=") and part[4:].count("/") == 1:
@@ -53,8 +58,14 @@ def parse_configuration(label: str) -> tuple[str, dict]:
             raise ValueError(f"--modes entry {label!r}: {part!r} is neither a placement {PLACEMENTS}, an MPS split "
                              "such as 50/50, nor SLOs such as slo=500/25")
     if overrides and mode != "rapid":
-        raise ValueError(f"--modes entry {label!r}: placement and MPS split apply to mode 'rapid' only")
+        raise ValueError(f"--modes entry {label!r}: a placement, MPS split or SLOs apply to mode 'rapid' only")
+    try:
+        RapidConfig(**overrides)  # the values themselves (split in [1, 100], SLOs positive), before any engine
+    except ValueError as e:
+        raise ValueError(f"--modes entry {label!r}: {e}") from None
     return mode, overrides
+
+
 WARMUP_TOKENS = 4
 
 
@@ -197,6 +208,8 @@ def run_serve(args) -> dict:
     if args.backend == "openai" and len(modes) != 1:
         raise ValueError(f"--backend openai drives one server: give one --modes label, got {len(modes)}")
     if args.backend == "inproc":
+        if len(set(modes)) != len(modes):
+            raise ValueError(f"--modes repeats an entry: {args.modes!r} (each labels its own results)")
         for label in modes:
             parse_configuration(label)  # every entry checked before the first engine starts
     duration = args.duration_s

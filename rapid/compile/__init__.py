@@ -24,7 +24,9 @@ def prepare_model(model, kv_pool, config, decode_graphs: bool, prefill_graphs: b
     if decode_graphs:
         runners.append(DecodeGraphRunner(model, kv_pool, config.scheduler.max_num_seqs, config.cache.block_size,
                                          config.scheduler.max_model_len))
-    if prefill_graphs and config.prefill_attention == "paged":  # attention is graph-safe: whole graphs
+    # whole graphs only when every attention call of a batch is one graph-safe launch (Triton, paged prefill)
+    paged = getattr(model.layers[0].self_attn.backend, "paged_prefill", False)
+    if prefill_graphs and paged:
         from rapid.compile.full_graph import FullGraphRunner
 
         sched = config.scheduler

@@ -75,6 +75,7 @@ class FullGraphRunner:
                                device=kv_pool.device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.capture_s = 0.0
+        self.num_replays = 0  # batches run through a graph (tests and logs check the graphs are used)
         if capture:
             self._capture(progress)
 
@@ -113,6 +114,7 @@ class FullGraphRunner:
         self.buffers.load(input_ids, positions, meta)
         if self.graphs:
             self.graphs[bucket].replay()
+            self.num_replays += 1
         else:  # not captured (the CPU): the same work, eagerly
             self.body(bucket)
         return self.out[:T]
