@@ -161,6 +161,11 @@ class EngineConfig:
         _check_bool(self, "enforce_eager")
         _check_bool(self, "async_scheduling")
 
+    @property
+    def places_adaptively(self) -> bool:
+        """Mode rapid with the adaptive placement: prompts may also run inside the decode worker's steps."""
+        return self.mode == "rapid" and self.rapid.placement == "adaptive"
+
 
 def resolve_model_path(model: str | Path | None) -> str:
     """A model folder; None means the bundled default (SmolLM2-135M-Instruct, converted once)."""

@@ -10,24 +10,14 @@ known regimes are unit tests on the CPU. Plain Python, no torch.
 
 from __future__ import annotations
 
-import bisect
 import json
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rapid.core.placement import DECODE, PREFILL, Load
+import numpy as np
 
-
-def _interp(xs: list[int], ys: list[float], x: float) -> float:
-    """Piecewise-linear in x, flat beyond the ends."""
-    if x <= xs[0]:
-        return ys[0]
-    if x >= xs[-1]:
-        return ys[-1]
-    i = bisect.bisect_right(xs, x)
-    f = (x - xs[i - 1]) / (xs[i] - xs[i - 1])
-    return ys[i - 1] + f * (ys[i] - ys[i - 1])
+from rapid.core.placement import DECODE, PREFILL, Load, ewma
 
 
 @dataclass(frozen=True)
@@ -56,19 +46,19 @@ class StepTimings:
                    sorted(rates)[len(rates) // 2])
 
     def decode_ms(self, batch: int, concurrent: bool) -> float:
-        return _interp(self.batches, self.decode_concurrent_ms if concurrent else self.decode_alone_ms, batch)
+        return float(np.interp(batch, self.batches, self.decode_concurrent_ms if concurrent else self.decode_alone_ms))
 
     def inline_s(self, tokens: int, batch: int, beside_prefill: bool) -> float:
         """A mixed step's prompt work. Beside a prefill batch it gets what the prefill worker leaves of the GPU's
         prompt rate (at least a tenth): the two lanes together never prefill faster than one alone."""
         rate = self.inline_tok_s
         if beside_prefill:
-            rate = max(rate - _interp(self.batches, self.prefill_concurrent_tok_s, batch), 0.1 * rate)
+            rate = max(rate - float(np.interp(batch, self.batches, self.prefill_concurrent_tok_s)), 0.1 * rate)
         return tokens / rate
 
     def prefill_s(self, tokens: int, batch: int) -> float:
         """The prefill worker's time for `tokens` beside a decode batch (alone: a mixed step's rate)."""
-        rate = _interp(self.batches, self.prefill_concurrent_tok_s, batch) if batch else self.inline_tok_s
+        rate = float(np.interp(batch, self.batches, self.prefill_concurrent_tok_s)) if batch else self.inline_tok_s
         return tokens / rate
 
 
@@ -116,7 +106,7 @@ class SimRun:
 
 
 def simulate(trace: list[tuple[float, int, int]], policy, timings: StepTimings, max_budget: int = 8192,
-             max_num_seqs: int = 1024, step_ewma: float = 0.2) -> SimRun:
+             max_num_seqs: int = 1024) -> SimRun:
     """Run (arrival_s, prompt_len, output_len) requests to completion."""
     pending = deque(SimRequest(a, p, o, left=p) for a, p, o in sorted(trace))
     done: list[SimRequest] = []
@@ -193,7 +183,7 @@ def simulate(trace: list[tuple[float, int, int]], policy, timings: StepTimings, 
                                        beside_prefill=dec.beside)
             if dec.batch:
                 period = (now - dec.start) * 1e3
-                step_ms = period if step_ms is None else (1 - step_ewma) * step_ms + step_ewma * period
+                step_ms = ewma(step_ms, period)  # the decode step period the engine's scheduler reports
                 policy.observe_decode_step(period, beside_prefill=dec.beside, mixed=bool(dec.chunks))
             for r in dec.batch:
                 r.produced += 1

@@ -21,15 +21,10 @@ Plain Python (no torch): the same object runs in the engine core and in rapid.be
 
 from __future__ import annotations
 
-from rapid.core.placement import DECODE, PREFILL, Load, Placement, placement_for_mode
+from rapid.core.placement import DECODE, PREFILL, Load, Placement, ewma, placement_for_mode
 
 TPOT_MARGIN = 0.8  # plan decode steps to at most this share of the TPOT SLO
 TTFT_RELAXED = 0.5  # the prefill worker gives a first token within this share of the TTFT SLO: no mixed step
-EWMA = 0.2  # weight of the newest observation in every cost estimate
-
-
-def _ewma(old: float | None, new: float) -> float:
-    return new if old is None else (1 - EWMA) * old + EWMA * new
 
 
 class StepCosts:
@@ -47,23 +42,23 @@ class StepCosts:
         if mixed:
             return  # a mixed step's time is the decode part and the prompt part: learned through prefill()
         if beside_prefill:
-            self.decode_beside_ms = _ewma(self.decode_beside_ms, step_ms)
+            self.decode_beside_ms = ewma(self.decode_beside_ms, step_ms)
         else:
-            self.decode_alone_ms = _ewma(self.decode_alone_ms, step_ms)
+            self.decode_alone_ms = ewma(self.decode_alone_ms, step_ms)
 
     def finished(self, num_output_tokens: int) -> None:
-        self.output_len = _ewma(self.output_len, max(num_output_tokens, 1))
+        self.output_len = ewma(self.output_len, max(num_output_tokens, 1))
 
     def prefill(self, lane: str, tokens: int, seconds: float, num_decoding: int, beside_prefill: bool = False) -> None:
         if tokens <= 0 or seconds <= 0:
             return
         if lane == PREFILL:
-            self.prefill_tok_s = _ewma(self.prefill_tok_s, tokens / seconds)
+            self.prefill_tok_s = ewma(self.prefill_tok_s, tokens / seconds)
             return
         decode = self.decode_beside_ms if beside_prefill else self.decode_alone_ms
         decode_part = (decode or 0.0) if num_decoding else 0.0
         per_token = max(seconds * 1e3 - decode_part, 0.0) / tokens
-        self.inline_ms_per_token[beside_prefill] = _ewma(self.inline_ms_per_token[beside_prefill], per_token)
+        self.inline_ms_per_token[beside_prefill] = ewma(self.inline_ms_per_token[beside_prefill], per_token)
 
     def inline_ms(self, beside_prefill: bool) -> float | None:
         """A prompt token's cost in a mixed step now; beside a prefill batch, until measured there, the idle figure."""
@@ -138,7 +133,7 @@ class AdaptivePlacement:
 
 def make_placement(config):
     """The policy of an EngineConfig: adaptive for mode 'rapid' (unless placement='static'), else the mode's lane."""
-    rapid = config.rapid
-    if config.mode == "rapid" and rapid.placement == "adaptive":
+    if config.places_adaptively:
+        rapid = config.rapid
         return AdaptivePlacement(config.scheduler.max_num_batched_tokens, rapid.slo_ttft_ms, rapid.slo_tpot_ms)
     return placement_for_mode(config.mode)

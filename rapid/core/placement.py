@@ -24,8 +24,14 @@ from typing import ClassVar
 logger = logging.getLogger(__name__)
 
 DECODE = "decode"
+EWMA_WEIGHT = 0.2  # weight of the newest observation in the running averages of timings
 PREFILL = "prefill"
 LANES = (DECODE, PREFILL)
+
+
+def ewma(old: float | None, new: float) -> float:
+    """Exponentially weighted running average (the first observation starts it)."""
+    return new if old is None else (1 - EWMA_WEIGHT) * old + EWMA_WEIGHT * new
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from typing import Callable
 
 from rapid.config import SchedulerConfig
 from rapid.core.block_manager import BlockManager
-from rapid.core.placement import DECODE, PREFILL, Load, PlacementLog, StaticPlacement
+from rapid.core.placement import DECODE, PREFILL, Load, PlacementLog, StaticPlacement, ewma
 from rapid.core.request import Request, RequestStatus, check_fits
 from rapid.protocol.worker import (
     DecodeStep, Dropped, GrantBlocks, PrefillBatch, PrefillDone, SampledToken, SeqWork, StartDecode, StopDecode,
@@ -35,7 +35,6 @@ from rapid.protocol.worker import (
 )
 
 S = RequestStatus
-STEP_EWMA = 0.2  # weight of the newest decode step in the step-period average
 
 
 def seq_work(req: Request, num_tokens: int, block_ids: list[int]) -> SeqWork:
@@ -185,10 +184,11 @@ class Scheduler:
         queued += self.waiting
         tokens = sum(r.num_tokens - r.num_computed_tokens for r in queued)
         oldest = min((r.arrival_time for r in queued), default=None)
-        return Load(num_decoding=self.num_decoding, queued_tokens=tokens,
+        decoding = self.num_decoding
+        return Load(num_decoding=decoding, queued_tokens=tokens,
                     oldest_wait_s=0.0 if oldest is None else max(0.0, time.time() - oldest),
                     decode_step_ms=self.decode_step_ms, prefill_lane_busy=PREFILL in self.in_flight,
-                    mixed_step_room=self.token_budget - self.num_decoding)
+                    mixed_step_room=self.token_budget - decoding)
 
     def take_messages(self) -> list[tuple[str, object]]:
         """The messages decided so far and not yet sent (stops from `finish` are sent without waiting)."""
@@ -363,8 +363,7 @@ class Scheduler:
     def _on_decode_step(self, msg: DecodeStep) -> list[Request]:
         if msg.sampled:  # the step period the placement plans with (idle gaps between steps included)
             step_ms = (msg.t_end - msg.t_start + msg.idle_gap_s) * 1e3
-            prev = self.decode_step_ms
-            self.decode_step_ms = step_ms if prev is None else (1 - STEP_EWMA) * prev + STEP_EWMA * step_ms
+            self.decode_step_ms = ewma(self.decode_step_ms, step_ms)
             self.placement.observe_decode_step(step_ms, beside_prefill=PREFILL in self.in_flight,
                                                mixed=DECODE in self.in_flight)
         worker_finished = set(msg.finished)

@@ -65,9 +65,8 @@ def profile_processes(config: EngineConfig, model_cfg: ModelConfig, dtype: torch
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)  # the peak reported at start-up covers the arena onwards
     # rapid's adaptive placement also prefills inside the decode worker (without prefill graphs there)
-    inline = config.mode == "rapid" and config.rapid.placement == "adaptive"
     return private, [process_memory(role, peaks, non_torch, prefill=role in ("prefill", "hybrid") or (
-                         role == "decode" and inline), decode=role in ("decode", "hybrid"),
+                         role == "decode" and config.places_adaptively), decode=role in ("decode", "hybrid"),
                          graphs=not config.enforce_eager, prefill_graphs=role in ("prefill", "hybrid"))
                      for role in roles]
 
