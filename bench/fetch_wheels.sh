@@ -12,5 +12,5 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   fastapi==0.165.0 starlette==1.10.0 opentelemetry-api==1.45.2 pydantic==2.13.4 pydantic_core==2.46.4 \
   typing-inspection==0.4.2 annotated-types==0.7.0 uvicorn==0.54.0 anyio==4.16.0 \
   openai==3.57.0 httpx2==2.16.2 httpcore2==2.16.2 truststore jiter==0.19.0 sniffio==1.3.1 distro==1.9.0 \
-  xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2
+  xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2 typing-extensions idna
 ls .whl

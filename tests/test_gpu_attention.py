@@ -277,3 +277,12 @@ def test_compile_pieces_matches_eager(tmp_path, dynamic):
         assert rel_err(pw.run(ids, pos_t, meta), ref) < 1e-2
     finally:
         model.uncompile_pieces()
+
+
+@pytest.mark.parametrize("name", list(__import__("test_paged_prefill").CASES))
+def test_paged_prefill_compiled_matches_reference(name):
+    """The Triton paged prefill kernel compiled for the GPU, on the cases the CPU runs under the interpreter."""
+    from test_paged_prefill import run_case
+
+    r = run_case(name, device="cuda")
+    assert not r["problems"], f"{name}: " + "; ".join(r["problems"])

@@ -100,20 +100,23 @@ def reference(q, pool, tables, starts, lens, heads, kv_heads, head_dim):
     return out
 
 
-def run_case(name: str) -> dict:
-    """Run one case through the kernel (the caller set TRITON_INTERPRET=1 before any import of it)."""
+def run_case(name: str, device: str = "cpu") -> dict:
+    """Run one case through the kernel: on the CPU under the interpreter (the caller set TRITON_INTERPRET=1
+    before any import of it), or compiled on a GPU (device="cuda"; tests/test_gpu_attention.py)."""
     from rapid.attention.paged_prefill import paged_prefill_attention
 
     c = dict(CASES[name])
     seqs, dtype = c.pop("seqs"), c.pop("dtype")
     H, KVH, D, BS = c.pop("heads"), c.pop("kv_heads"), c.pop("head_dim"), c.pop("block_size")
     q, pool, tables, starts, lens = make_batch(seqs, H, KVH, D, BS, dtype)
+    ref = reference(q, pool, tables, starts, lens, H, KVH, D)
+    q, pool, tables, starts, lens = (t.to(device) for t in (q, pool, tables, starts, lens))
     out = torch.full_like(q, float("nan"))
     got = paged_prefill_attention(q, pool, tables, starts, lens, D**-0.5, out=out, **c)
-    ref = reference(q, pool, tables, starts, lens, H, KVH, D)
+    returned_out, out = got is out, out.cpu()
     covered = ~ref.isnan()
     problems = []
-    if got is not out:
+    if not returned_out:
         problems.append("did not return the given out")
     if not bool(out[~covered].isnan().all()):
         problems.append("wrote rows that belong to no sequence")
