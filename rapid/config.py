@@ -81,6 +81,10 @@ class SchedulerConfig:
     max_num_seqs: int | None = None  # None: fitted to the KV pool (fit_to_pool)
     max_num_batched_tokens: int = 8192  # token budget of one hybrid step / one prefill launch
     max_model_len: int = 4096
+    # Admission holds back this share of every admitted request's remaining max_tokens in the KV pool: 1.0 admits
+    # only what can run to its max_tokens without preempting anyone; 0.0 admits while the prompt fits (vLLM's rule,
+    # which preempts and recomputes once the pool runs out).
+    admission_reserve: float = 0.0
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
@@ -88,6 +92,8 @@ class SchedulerConfig:
             if name == "max_num_seqs" and v is None:
                 continue
             _check(_is_int(v) and v > 0, f"{name} must be a positive integer, got {v!r}")
+        r = self.admission_reserve
+        _check(_is_number(r) and 0 <= r <= 1, f"admission_reserve must be in [0, 1], got {r!r}")
 
     @property
     def max_num_seqs_bound(self) -> int:
@@ -228,6 +234,9 @@ class EngineArgs:
              f"between {AUTO_MAX_NUM_SEQS[0]} and {AUTO_MAX_NUM_SEQS[1]}")
     max_num_batched_tokens: int = _shared(
         SchedulerConfig, "max_num_batched_tokens", "token budget of one hybrid step or one prefill launch")
+    admission_reserve: float = _shared(
+        SchedulerConfig, "admission_reserve", "share of each running request's remaining max_tokens that admission "
+        "keeps free in the KV pool; 1.0: never preempt, 0.0: admit while the prompt fits (vLLM)")
     block_size: int = _shared(CacheConfig, "block_size", "tokens per KV-cache block (a power of two)")
     kv_cache_memory_bytes: int | None = _shared(
         CacheConfig, "kv_cache_memory_bytes", "KV-cache pool size in bytes", metavar="BYTES",

@@ -39,11 +39,11 @@ class FakeRunner:
 
 class Engine:
     def __init__(self, num_blocks=64, block_size=4, max_seqs=8, budget=64, max_len=256, prefix=True, lookahead=1,
-                 async_scheduling=False):
+                 async_scheduling=False, reserve=0.0):
         cfg = EngineConfig(model="m", tokenizer=None, mode="hybrid", async_scheduling=async_scheduling,
                            cache=CacheConfig(block_size=block_size, enable_prefix_caching=prefix),
                            scheduler=SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget,
-                                                     max_model_len=max_len),
+                                                     max_model_len=max_len, admission_reserve=reserve),
                            rapid=RapidConfig(decode_lookahead_blocks=lookahead))
         self.runner = FakeRunner()
         self.core = EngineCore(cfg, None, (0,), InprocWorkers(DecodeLoop(self.runner, cfg, (0,))), num_blocks)
@@ -131,6 +131,34 @@ def test_preemption_by_recompute_when_blocks_run_out(async_scheduling):
     assert e.scheduler.num_preemptions >= 1 and b.num_preemptions >= 1 and a.num_preemptions == 0  # newest first
     assert len(a.output_token_ids) == 12 and len(b.output_token_ids) == 12
     assert e.blocks.num_free_blocks == e.blocks.num_blocks
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_full_admission_reserve_never_preempts(async_scheduling):
+    """The pool of the preemption test above (6 blocks of 4) holds one 8 + 12 token request: with the whole
+    max_tokens reserved the second waits for the first instead of being preempted and recomputed."""
+    e = Engine(num_blocks=6, block_size=4, budget=64, async_scheduling=async_scheduling, reserve=1.0)
+    a, b = e.add(prompt_len=8, max_tokens=12), e.add(prompt_len=8, max_tokens=12)
+    e.forward()
+    assert a.status == RequestStatus.DECODING and b.status == RequestStatus.WAITING
+    e.drain()
+    assert e.scheduler.num_preemptions == 0 and len(b.output_token_ids) == 12
+    assert e.blocks.num_free_blocks == e.blocks.num_blocks and not e.scheduler.expected_blocks
+
+
+def test_admission_reserve_admits_what_the_pool_holds_at_that_share():
+    """32 blocks of 4: requests of 8 prompt + 16 max_tokens take 6 blocks at the end, 4 with half reserved, 2
+    without: 5, 8 and (the max_num_seqs cap) 10 of them are admitted together, and only the last preempts."""
+    admitted, preempted = {}, {}
+    for reserve in (1.0, 0.5, 0.0):
+        e = Engine(num_blocks=32, block_size=4, max_seqs=10, budget=256, reserve=reserve)
+        reqs = [e.add(prompt_len=8, max_tokens=16) for _ in range(12)]
+        admitted[reserve] = len(e.forward())  # the first step prefills every admitted prompt
+        e.drain()
+        preempted[reserve] = e.scheduler.num_preemptions
+        assert all(len(r.output_token_ids) == 16 for r in reqs)
+    assert admitted == {1.0: 5, 0.5: 8, 0.0: 10}
+    assert preempted[1.0] == 0 and preempted[0.0] > 0
 
 
 def test_request_that_can_never_fit_is_rejected_up_front():

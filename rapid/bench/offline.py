@@ -38,6 +38,7 @@ def run_offline(args) -> dict:
         stats = llm.engine.get_stats()
         engine = {"max_num_seqs": llm.config.scheduler.max_num_seqs,  # as fitted to the KV pool when not given
                   "max_num_batched_tokens": llm.config.scheduler.max_num_batched_tokens,
+                  "admission_reserve": llm.config.scheduler.admission_reserve,
                   "kv_pool_tokens": llm.engine.num_blocks * llm.config.cache.block_size,
                   "num_preemptions": stats.num_preemptions, "placement_policy": stats.placement_policy,
                   "prefill_tokens_by_lane": stats.prefill_tokens_by_lane}
