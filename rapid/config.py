@@ -143,6 +143,9 @@ class EngineConfig:
     seed: int = 0
     enforce_eager: bool = False
     async_scheduling: bool = True  # the decode executor launches step N+1 before it reads step N back
+    # mode hybrid: the engine core and the model in a child process (modes rapid and disagg always have one), so
+    # the frontend's threads (HTTP, streaming) never take the interpreter from the step loop
+    engine_process: bool = False
     attention_backend: str = "auto"  # auto | reference | triton | flashinfer
     prefill_attention: str = "flash"  # CUDA prefill SDPA: flash | cudnn | auto (torch's choice)
     load_format: str = "safetensors"  # or "dummy": random weights at the config's shapes (benchmarks)
@@ -166,6 +169,7 @@ class EngineConfig:
                f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         _check_bool(self, "enforce_eager")
         _check_bool(self, "async_scheduling")
+        _check_bool(self, "engine_process")
 
     @property
     def places_adaptively(self) -> bool:
@@ -250,6 +254,10 @@ class EngineArgs:
         EngineConfig, "async_scheduling", "the decode executor enqueues step N+1 before it reads step N's tokens "
         "back, so host work overlaps the device (steps whose rows need the previous token on the host, such as "
         "penalties, bad words or structured outputs, still run one at a time)")
+    engine_process: bool = _shared(
+        EngineConfig, "engine_process", "mode hybrid: run the engine core and the model in a child process (modes "
+        "rapid and disagg always do), so HTTP and streaming in the frontend never hold up a step; rapid serve turns "
+        "it on")
     enforce_eager: bool = _shared(
         EngineConfig, "enforce_eager", "run eagerly: no compilation and no CUDA graphs (quicker start, slower steps)",
         gpu_only=True)

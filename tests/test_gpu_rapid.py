@@ -103,8 +103,9 @@ def test_gpu_greedy_equals_transformers(tiny_llama, prompts, mode, prefill_atten
             from rapid.compile.full_graph import FullGraphRunner
 
             runners = llm.engine.core.workers.loop.runner.graph_runners
-            (whole,) = [r for r in runners if isinstance(r, FullGraphRunner)]
-            assert whole.num_replays > 0
+            replays = [r.num_replays for r in runners if isinstance(r, FullGraphRunner)]
+            del runners  # a reference kept past shutdown would keep the KV pool on the GPU for the next test
+            assert len(replays) == 1 and replays[0] > 0
         if mode == "rapid":
             stats = llm.engine.get_stats()
             assert stats.num_free_blocks == stats.num_blocks

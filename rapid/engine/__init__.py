@@ -5,9 +5,9 @@ from __future__ import annotations
 
 
 def make_client(config, tokenizer, eos_token_ids):
-    """The EngineClient for a config: the in-process core for 'hybrid'; the core in its own process, with its
-    workers, otherwise. Only the client differs between the modes."""
-    if config.mode == "hybrid":
+    """The EngineClient for a config: the in-process core for 'hybrid' (unless engine_process); the core in its
+    own process, with its workers, otherwise. Only the client differs between the modes."""
+    if config.mode == "hybrid" and not config.engine_process:
         from rapid.engine.inproc import InprocClient
 
         return InprocClient(config, tokenizer, eos_token_ids)

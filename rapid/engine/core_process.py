@@ -1,7 +1,9 @@
-"""The engine-core process of modes 'rapid' and 'disagg': the EngineCore behind ZeroMQ sockets.
+"""The engine-core process: the EngineCore behind ZeroMQ sockets.
 
 Frontend -> core_in (AddRequest, AbortRequest, GetStats, SetTokenBudget, Shutdown); core_out -> frontend
-(EngineOutputs, Stats). Workers: prefill_in / decode_in down, worker_out up. No torch in this process.
+(EngineOutputs, Stats). Modes 'rapid' and 'disagg': workers on prefill_in / decode_in down, worker_out up, and
+no torch in this process. Mode 'hybrid' with engine_process: the model and its one executor run here, as
+rapid.engine.inproc runs them in the user's process.
 """
 
 from __future__ import annotations
@@ -61,6 +63,26 @@ def _handle(core: EngineCore, msg, outbox: ipc.Channel) -> tuple[bool, list[Requ
     return True, []
 
 
+class HybridExecutor:
+    """Mode hybrid's model and executor in this process (the InprocWorkers of rapid.engine.inproc)."""
+
+    def __init__(self, args: WorkerArgs):
+        from rapid.engine.inproc import InprocWorkers
+        from rapid.worker.decode_loop import DecodeLoop
+        from rapid.worker.memory import max_reserved_bytes
+        from rapid.worker.model_setup import ModelSetup
+
+        self.setup = ModelSetup(args.config, "hybrid", shared=False)
+        runner = self.setup.make_runner(tuple(args.eos_token_ids))
+        self.workers = InprocWorkers(DecodeLoop(runner, self.setup.config, args.eos_token_ids))
+        self.num_blocks = self.setup.num_blocks
+        self.ready_fields = {"max_reserved_bytes": max_reserved_bytes(self.setup.device),
+                             "allowed_bytes": self.setup.allowed_bytes}
+
+    def close(self) -> None:
+        self.setup.close()
+
+
 def core_main(raw_args: bytes) -> None:
     args: WorkerArgs = decode_args(raw_args)
     ipc.child_setup(args.log_path, args.name, args.log_level)
@@ -70,15 +92,19 @@ def core_main(raw_args: bytes) -> None:
     inbox = ipc.Channel(ctx, zmq.PULL, args.endpoints["core_in"], bind=True, decode_type=CoreInput)
     outbox = ipc.Channel(ctx, zmq.PUSH, args.endpoints["core_out"], bind=False)
     ready = ipc.Channel(ctx, zmq.PUSH, args.endpoints["ready"], bind=False)
-    workers = ZmqWorkers(ctx, args.endpoints)
+    executor = HybridExecutor(args) if args.config.mode == "hybrid" else None
+    workers = executor.workers if executor else ZmqWorkers(ctx, args.endpoints)
+    num_blocks = executor.num_blocks if executor else args.num_blocks
     try:
         core = EngineCore(args.config, load_tokenizer(args.config.tokenizer), args.eos_token_ids, workers,
-                          args.num_blocks, num_decode_blocks=args.peer_num_blocks)
+                          num_blocks, num_decode_blocks=args.peer_num_blocks)
         ready.send(WorkerReady(args.name, os.getpid(), num_blocks=core.num_blocks,
-                               max_num_seqs=core.config.scheduler.max_num_seqs))
+                               max_num_seqs=core.config.scheduler.max_num_seqs,
+                               **(executor.ready_fields if executor else {})))
         poller = zmq.Poller()
         poller.register(inbox.sock, zmq.POLLIN)
-        poller.register(workers.results.sock, zmq.POLLIN)
+        if executor is None:
+            poller.register(workers.results.sock, zmq.POLLIN)
         running = True
         while running:
             poller.poll(0 if core.progressed else 50)
@@ -97,5 +123,8 @@ def core_main(raw_args: bytes) -> None:
     finally:
         for ch in (inbox, outbox, ready):
             ch.close()
-        workers.close()
+        if executor:
+            executor.close()
+        else:
+            workers.close()
         ctx.term()

@@ -1,7 +1,8 @@
 """The process topology of each mode, declared in one place.
 
-    mode     processes (start stage)                       owns an arena      maps an arena
-    hybrid   none: the core and its executor run in the user's process (rapid.engine.inproc)
+    topology        processes (start stage)                owns an arena      maps an arena
+    hybrid          none: the core and its executor run in the user's process (rapid.engine.inproc)
+    hybrid-process  core (0), with the model and its executor  -                  -
     rapid    decode (0), prefill (1), core (1)               decode             prefill -> decode's
     disagg   prefill (0, GPU 0), decode (1, GPU 1), core (2) prefill, decode    decode -> prefill's
 
@@ -29,6 +30,7 @@ class Role:
 
 TOPOLOGY: dict[str, tuple[Role, ...]] = {
     "hybrid": (),
+    "hybrid-process": (Role("core", 0),),
     "rapid": (Role("decode", 0), Role("prefill", 1, maps="decode"), Role("core", 1)),
     "disagg": (Role("prefill", 0, gpu=0), Role("decode", 1, maps="prefill", gpu=1), Role("core", 2)),
 }
@@ -36,8 +38,13 @@ TOPOLOGY: dict[str, tuple[Role, ...]] = {
 POOL_OWNERS: dict[str, tuple[str, str | None]] = {"rapid": ("decode", None), "disagg": ("prefill", "decode")}
 
 
+def topology(config: EngineConfig) -> str:
+    """The TOPOLOGY entry of a config: its mode, or 'hybrid-process' for hybrid with engine_process."""
+    return "hybrid-process" if config.mode == "hybrid" and config.engine_process else config.mode
+
+
 def stages(mode: str) -> list[list[Role]]:
-    """The roles of a mode grouped by start stage, in start order."""
+    """The roles of a topology grouped by start stage, in start order."""
     roles = TOPOLOGY[mode]
     return [[r for r in roles if r.stage == s] for s in sorted({r.stage for r in roles})]
 
@@ -48,6 +55,8 @@ def stop_order(mode: str) -> list[list[str]]:
 
 def spawn_fields(mode: str, role: Role, ready: dict[str, WorkerReady]) -> dict:
     """The WorkerArgs fields a role needs from the processes already started (arena handles, pool sizes)."""
+    if role.name == "core" and mode not in POOL_OWNERS:
+        return {}  # hybrid-process: the core sizes the pool of the model it runs
     if role.name == "core":
         prefill_pool, decode_pool = POOL_OWNERS[mode]
         return {"num_blocks": ready[prefill_pool].num_blocks,

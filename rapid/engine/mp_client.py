@@ -1,4 +1,4 @@
-"""MPClient: the frontend side of modes 'rapid' and 'disagg'. It starts and supervises the processes that
+"""MPClient: the frontend side of modes 'rapid' and 'disagg' (and of 'hybrid' with engine_process). It starts and supervises the processes that
 rapid/engine/launch.py declares (the engine core and its two workers) in stage order (rapid/engine/processes.py).
 
 Each reports ready through a handshake with a timeout. SIGTERM (or SIGHUP) during the start, when the
@@ -63,7 +63,7 @@ class MPClient(EngineClient):
         try:
             with ipc.start_interruptible():
                 cuda = uses_cuda(config)
-                if cuda:
+                if cuda and config.mode != "hybrid":  # hybrid's one process shares no memory through IPC
                     ipc.check_no_expandable_segments()
                 self.mps = MpsDaemon.for_config(config)
                 self.devices = launch.devices(config, cuda)

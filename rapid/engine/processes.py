@@ -75,11 +75,11 @@ class EngineProcesses:
     def start(self) -> None:
         """Spawn every process at once (their interpreters and imports overlap), then hand each stage its
         arguments once the previous stage is ready (an importer needs the owner's published arena)."""
-        stages = launch.stages(self.config.mode)
+        stages = launch.stages(launch.topology(self.config))
         spawned = {role.name: self._spawn(role.name) for stage in stages for role in stage}
         for stage in stages:
             for role in stage:
-                self._send_args(spawned[role.name], **launch.spawn_fields(self.config.mode, role, self.started))
+                self._send_args(spawned[role.name], **launch.spawn_fields(launch.topology(self.config), role, self.started))
             for ready in self._wait_ready(*(spawned[role.name] for role in stage)).values():
                 if ready.arena is not None and ready.arena.kind == "shm":  # removed even if its owner is killed
                     self.shm_names.append(ready.arena.shm_name)
@@ -152,7 +152,7 @@ class EngineProcesses:
             return
         self.stopped = True
         try:
-            for stage in launch.stop_order(self.config.mode):
+            for stage in launch.stop_order(launch.topology(self.config)):
                 group = [c for c in self.children if c.name in stage]
                 told = [c for c in group if graceful and c.alive() and c.name in self.started and self._tell_stop(c)]
                 for child in group:

@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="serve the OpenAI HTTP API and ZeroMQ until SIGINT / SIGTERM")
     add_serve_args(s)
-    EngineArgs.add_cli_args(s)
+    EngineArgs.add_cli_args(s, defaults={"engine_process": True})  # hybrid's step loop away from the HTTP threads
     s.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("batch", help="offline batch: JSONL in (OpenAI batch or simple lines), JSONL out; resumable")

@@ -37,7 +37,6 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="on SIGINT/SIGTERM, seconds in-flight requests may finish before they are aborted "
                         "(default: %(default)s)")
 
-
 def _is_loopback(host: str) -> bool:
     if host in LOOPBACK_HOSTS:
         return True
