@@ -143,7 +143,7 @@ def test_full_admission_reserve_never_preempts(async_scheduling):
     assert a.status == RequestStatus.DECODING and b.status == RequestStatus.WAITING
     e.drain()
     assert e.scheduler.num_preemptions == 0 and len(b.output_token_ids) == 12
-    assert e.blocks.num_free_blocks == e.blocks.num_blocks and not e.scheduler.expected_blocks
+    assert e.blocks.num_free_blocks == e.blocks.num_blocks and not e.scheduler.reserve.expected
 
 
 def test_admission_reserve_admits_what_the_pool_holds_at_that_share():

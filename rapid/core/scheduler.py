@@ -20,13 +20,13 @@ Plain Python: no torch.
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
 from rapid.config import SchedulerConfig
+from rapid.core.admission import GrowthReserve
 from rapid.core.block_manager import BlockManager
 from rapid.core.placement import DECODE, PREFILL, Load, PlacementLog, StaticPlacement, ewma
 from rapid.core.request import Request, RequestStatus, check_fits
@@ -80,7 +80,8 @@ class Scheduler:
         self.separate_pools = decode_blocks is not None
         # admission keeps room for the running requests' growth (one shared pool only; disagg's decode pool fills
         # after admission, at hand-off)
-        self.reserving = config.admission_reserve > 0 and not self.separate_pools
+        self.reserve = (GrowthReserve(config.admission_reserve, blocks, config.max_model_len)
+                        if config.admission_reserve > 0 and not self.separate_pools else None)
         self.lookahead_tokens = lookahead_blocks * blocks.block_size
         self.placement = placement or StaticPlacement(DECODE)
         self.placement_log = PlacementLog(self.placement.name)
@@ -96,7 +97,6 @@ class Scheduler:
         self.outbox: list[tuple[str, object]] = []
         self.batch_ids = itertools.count()
         self.num_preemptions = 0
-        self.expected_blocks: dict[str, int] = {}  # admitted request id -> blocks it is expected to hold at most
 
     # ------------------------------------------------------------------ queries
     def has_unfinished(self) -> bool:
@@ -169,7 +169,8 @@ class Scheduler:
         """Drop the request's table in every pool (in disagg it may hold one in either)."""
         for pool in self.pools:
             pool.free(req.request_id)
-        self.expected_blocks.pop(req.request_id, None)
+        if self.reserve:
+            self.reserve.forget(req.request_id)
 
     def _in_flight(self, req: Request) -> bool:
         return req.request_id in self.in_flight_ids
@@ -218,8 +219,8 @@ class Scheduler:
             chunks.append((req, n))
             budget -= n
         reserved = 0
-        if self.reserving and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            reserved = sum(map(self._blocks_to_come, self.running))
+        if self.reserve and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            reserved = self.reserve.reserved(self.running)
         while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
                and not self.num_preempting):
             req = self.waiting[0]
@@ -231,24 +232,13 @@ class Scheduler:
             self.running.append(req)
             chunks.append((req, n))
             budget -= n
-            reserved += self._blocks_to_come(req) if self.reserving else 0
+            reserved += self.reserve.to_come(req) if self.reserve else 0
         if chunks:
             batch_id = next(self.batch_ids)
             self.in_flight[lane] = InFlight(batch_id, chunks)
             self.in_flight_ids.update(r.request_id for r, _ in chunks)
             work = [seq_work(r, n, self.blocks.block_table(r.request_id)) for r, n in chunks]
             self.outbox.append((lane, PrefillBatch(batch_id, work)))
-
-    def _expected_blocks(self, req: Request) -> int:
-        """Blocks `req` is expected to hold at most: its prompt (and outputs so far) plus admission_reserve of its
-        max_tokens."""
-        expected = len(req.prompt_token_ids) + math.ceil(self.config.admission_reserve * (req.max_tokens or 0))
-        expected = min(max(expected, req.num_tokens), req.max_total_tokens, self.config.max_model_len)
-        return self.blocks.blocks_needed(expected)
-
-    def _blocks_to_come(self, req: Request) -> int:
-        """Blocks an admitted request is still expected to take."""
-        return max(0, self.expected_blocks.get(req.request_id, 0) - len(self.blocks.block_table(req.request_id)))
 
     def _admit(self, req: Request, budget: int, reserved: int = 0) -> int | None:
         """A waiting request's first chunk: prefix-cache hits, then blocks for up to `budget` new tokens.
@@ -259,19 +249,13 @@ class Scheduler:
                                                                                             req.all_token_ids)
         req.num_computed_tokens = cached
         n = min(req.num_tokens - cached, budget)
-        expected = self._expected_blocks(req) if self.reserving else 0
         fits = self.blocks.allocate(req.request_id, cached + n) is not None
-        if fits and self.reserving:  # what stays free holds the running requests' growth and this one's
-            own = max(0, expected - len(self.blocks.block_table(req.request_id)))
-            fits = self.blocks.num_free_blocks >= reserved + own
-        if not fits:
+        if not fits or self.reserve and not self.reserve.admits(req, reserved):
             self.blocks.free(req.request_id)  # give the prefix hits back: a waiting request holds no blocks
             req.num_computed_tokens = 0
             return None
         if req.num_preemptions == 0:
             req.num_cached_tokens = cached
-        if self.reserving:
-            self.expected_blocks[req.request_id] = expected
         return n
 
     def _grow(self, req: Request, pool: BlockManager, num_tokens: int) -> bool:
