@@ -242,6 +242,8 @@ def profile_breakdown(fn, n: int = 3) -> dict:
             fam = "decode attention (triton)"
         elif "_store_kv" in name:
             fam = "kv store (triton)"
+        elif "_paged_prefill_kernel" in name:
+            fam = "prefill attention (triton paged)"
         elif any(t in low for t in ("flash", "fmha", "cudnn", "attention")):
             fam = "prefill attention (sdpa)"
         elif any(t in low for t in ("gemm", "nvjet", "xmma", "cutlass", "splitk")):

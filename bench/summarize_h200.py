@@ -1,9 +1,9 @@
-"""Collect the H200 runs of session 12 (bench/results/session12/) into the committed result files.
+"""Collect the H200 runs of sessions 12 and 13 (bench/results/session12/, session13/) into the committed result files.
 
     python bench/summarize_h200.py
 
 Writes bench/results/offline-h200.{json,md,png}, frontier-h200.{json,md} + frontier-h200-b{16,64,256}.png,
-http-overhead-h200.{json,md}, from what session 12 brought back, and sim-h100-timings.{json,md} with
+http-overhead-h200.{json,md}, from what sessions 12 and 13 brought back, and sim-h100-timings.{json,md} with
 sim-*.png: the placement policies replayed by rapid.bench.simulate on the H100's recorded frontier (the H200's
 was not recorded). Every GPU figure comes from a JSON written on the GPU by the command recorded beside it.
 """
@@ -30,14 +30,14 @@ def _write(name: str, data, table: str) -> None:
 
 def offline() -> None:
     runs = []
-    for label, file in (("hybrid, max_num_seqs 256, 8192 tokens (the old defaults)", "offline1k-hybrid-old-defaults.json"),
-                        ("hybrid, max_num_seqs = KV pool tokens / 1024 (value not recorded by this run), 16384 tokens", "offline1k-hybrid.json"),
-                        ("rapid static 100/100, the same limits", "offline1k-rapid-100-100.json"),
-                        ("hybrid, the fitted default (max_model_len tokens a sequence), 8192 tokens",
-                         "offline1k-hybrid-fitted.json")):
-        path = S / file
+    for label, file in (("hybrid, max_num_seqs 256, 8192 tokens (the old defaults)", "session12/offline1k-hybrid-old-defaults.json"),
+                        ("hybrid, max_num_seqs = KV pool tokens / 1024 (value not recorded by this run), 16384 tokens", "session12/offline1k-hybrid.json"),
+                        ("rapid static 100/100, the same limits", "session12/offline1k-rapid-100-100.json"),
+                        ("hybrid, max_num_seqs 512, admission reserving every request's max_tokens (--admission-reserve 1)",
+                         "session13/callb/offline1k-hybrid-reserve1-512.json")):
+        path = R / file
         if path.exists():
-            runs.append({"setting": label, "source": f"session12/{file}", **json.loads(path.read_text())})
+            runs.append({"setting": label, "source": file, **json.loads(path.read_text())})
     rows = "\n".join(f"| {r['setting']} | {r['output_throughput_tok_s']:,.0f} | {r['elapsed_s']:.1f} s | "
                      f"{r.get('engine', {}).get('num_preemptions', 'not recorded')} |" for r in runs)
     table = (f"# Offline throughput on the H200: 1,024 requests, 1000 tokens in and 1000 out\n\n{DEVICE}. {MODEL}.\n"
@@ -79,14 +79,18 @@ def frontier() -> list[dict]:
     return points
 
 
+HTTP_RUNS = {  # label -> serve.json; each pair (HTTP, in process) ran in one device call on the same trace
+    "HTTP, engine in the server's process (session 13, call A)": "session13/http-openai/serve.json",
+    "in process (session 13, call A)": "session13/http-inproc/serve.json",
+    "HTTP, engine in its own process (rapid serve's default since; session 13, call B)": "session13/callb/http-openai/serve.json",
+    "in process (session 13, call B)": "session13/callb/http-inproc/serve.json",
+}
+
+
 def http_overhead() -> None:
-    runs = {}
-    for backend in ("openai", "inproc"):
-        path = S / f"http-{backend}" / "serve.json"
-        if path.exists():
-            runs[backend] = json.loads(path.read_text())
-    if len(runs) < 2:
-        print("http: missing", {"openai", "inproc"} - set(runs))
+    runs = {label: json.loads((R / f).read_text()) for label, f in HTTP_RUNS.items() if (R / f).exists()}
+    if not runs:
+        print("http: no runs")
         return
 
     lines = []
@@ -100,9 +104,9 @@ def http_overhead() -> None:
              "Command: `bash bench/gpu_session.sh http` (each run's full command is in the JSON): the same "
              "ShareGPT-like trace through `rapid serve`'s /v1/completions (streamed, `rapid bench serve --backend "
              "openai`) and through the engine in process (`--backend inproc`).\n\n"
-             "| backend | rate | served req/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | ITL p50 (ms) | output tok/s |\n"
+             "| run | rate | served req/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | ITL p50 (ms) | output tok/s |\n"
              "|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
-    _write("http-overhead-h200", {"device": DEVICE, "model": MODEL, "runs": runs}, table)
+    _write("http-overhead-h200", {"device": DEVICE, "model": MODEL, "sources": HTTP_RUNS, "runs": runs}, table)
 
 
 def simulation() -> None:

@@ -39,9 +39,14 @@ def test_bench_serve_steady_state_two_modes_smoke(tiny_llama, tmp_path):
             assert r["completed"] + r["failed"] == len(r["records"]) - r["excluded_warmup"]
             assert r["failed"] == 0 and r["median_ttft_ms"] > 0 and r["stability"]["stable"] in (True, False, None)
             assert r["served_rate"] == r["request_throughput"] and r["output_throughput"] > 0
+            # where this rate's prompts ran: every prompt token of its requests, on the lane of the placement
+            lanes, policy = r["engine"]["prefill_tokens_by_lane"], r["engine"]["placement_policy"]
+            lane = "decode" if mode == "hybrid" else "prefill"
+            assert policy == ("static decode" if mode == "hybrid" else "static prefill") and r["engine"]["preemptions"] == 0
+            assert lanes[lane] >= 32 * len(r["records"]) and sum(lanes.values()) == lanes[lane]
         assert "saturation" in entry and "goodput_by_slo" in entry
     md = (tmp_path / "serve.md").read_text()
-    assert "## hybrid" in md and "## rapid" in md and "saturation" in md
+    assert "## hybrid" in md and "## rapid" in md and "saturation" in md and "placement (static prefill)" in md
     assert (tmp_path / "attainment.png").stat().st_size > 0
 
 

@@ -50,6 +50,12 @@ def _mode_lines(mode: str, e: dict, pairs: list[str], has_slos: bool) -> list[st
         cells.append(_verdict(r["stability"]))
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    placed = [(r["request_rate"], r["engine"]) for r in e["per_rate"] if r.get("engine")]
+    if placed:  # where the prompts ran (in-process runs record the engine's counters)
+        lines.append(f"- placement ({placed[0][1]['placement_policy']}): prompt tokens on the decode lane (mixed "
+                     "steps) / the prefill worker, preemptions: " + "; ".join(
+                         f"{rate:g} req/s {g['prefill_tokens_by_lane'].get('decode', 0):,} / "
+                         f"{g['prefill_tokens_by_lane'].get('prefill', 0):,}, {g['preemptions']}" for rate, g in placed))
     if has_slos:
         g = None if "goodput_rps" not in e else {
             "rate": e["goodput_rps"], "rate_per_gpu": e["goodput_rps_per_gpu"],

@@ -157,16 +157,35 @@ def _write(summary: dict, out_dir: Path) -> None:
     (out_dir / "serve.json").write_text(json.dumps(summary, indent=1, default=_json_default))
 
 
-def _sweep(summary: dict, mode: str, replay, warm, traces, plans, args, slos, pairs, criteria, out_dir) -> None:
-    """Warm the engine up, then every rate on its own trace; serve.json is rewritten after each rate."""
+def _engine_counts(stats) -> dict:
+    return {"prefill_tokens_by_lane": dict(stats.prefill_tokens_by_lane),
+            "prefill_batches_by_lane": dict(stats.prefill_batches_by_lane), "preemptions": stats.num_preemptions}
+
+
+def _engine_during(before: dict, after: dict, policy: str) -> dict:
+    """What the engine did during one rate (its counters' differences): where the prompts ran, preemptions."""
+    out = {"placement_policy": policy, "preemptions": after["preemptions"] - before["preemptions"]}
+    for key in ("prefill_tokens_by_lane", "prefill_batches_by_lane"):
+        out[key] = {lane: n - before[key].get(lane, 0) for lane, n in after[key].items()}
+    return out
+
+
+def _sweep(summary: dict, mode: str, replay, warm, traces, plans, args, slos, pairs, criteria, out_dir,
+           get_stats=None) -> None:
+    """Warm the engine up, then every rate on its own trace; serve.json is rewritten after each rate.
+    `get_stats`: the engine's stats (in process), to record where each rate's prompts ran."""
     replay(warm, [0.0] * len(warm), True, cap=WARMUP_TOKENS, tag=f"{mode}-warmup", drain_timeout_s=None)
     per_rate = []
     for i, (plan, trace) in enumerate(zip(plans, traces)):
         arrivals = rate_arrivals(plan, args.burstiness)
+        before = _engine_counts(get_stats()) if get_stats else None
         records, wall = replay(trace, arrivals, args.ignore_eos, cap=args.max_tokens_cap,
                                tag=f"{mode}-r{i}", drain_timeout_s=args.drain_timeout_s)
         r = rate_result(records, plan.rate, plan.duration_s, plan.warmup_s, wall, slos, pairs, criteria)
         r["seed"] = plan.seed
+        if get_stats:
+            stats = get_stats()
+            r["engine"] = _engine_during(before, _engine_counts(stats), stats.placement_policy)
         per_rate.append(r)
         summary["modes"][mode] = mode_summary(per_rate, GPUS_PER_MODE.get(mode.split(":")[0], 1), pairs)
         _write(summary, out_dir)
@@ -280,7 +299,8 @@ def _run_inproc(args, modes, summary, traces_for, plans, slos, pairs, criteria, 
                 return replay_inproc(llm, trace, arrivals, ignore_eos, cap=cap, tag=tag,
                                      drain_timeout_s=drain_timeout_s)
 
-            _sweep(summary, label, replay, warm, traces, plans, args, slos, pairs, criteria, out_dir)
+            _sweep(summary, label, replay, warm, traces, plans, args, slos, pairs, criteria, out_dir,
+                   get_stats=llm.engine.get_stats)
 
 
 def _argv(args) -> list[str]:
