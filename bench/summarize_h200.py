@@ -3,8 +3,8 @@
     python bench/summarize_h200.py
 
 Writes bench/results/offline-h200.{json,md,png}, frontier-h200.{json,md} + frontier-h200-b{16,64,256}.png,
-http-overhead-h200.{json,md}, from what sessions 12 and 13 brought back, and sim-h100-timings.{json,md} with
-sim-*.png: the placement policies replayed by rapid.bench.simulate on the H100's recorded frontier (the H200's
+http-overhead-h200.{json,md}, from what sessions 12 and 13 brought back, and sim-h200-timings.{json,md} with
+sim-*.png: the placement policies replayed by rapid.bench.simulate on the H200's recorded frontier (session 13,
 was not recorded). Every GPU figure comes from a JSON written on the GPU by the command recorded beside it.
 """
 
@@ -16,7 +16,6 @@ from pathlib import Path
 from rapid.bench.plots import plot_attainment, plot_frontier
 
 R = Path("bench/results")
-S = R / "session12"
 DEVICE = "NVIDIA H200 (nvidia-h200), torch 2.11.0+cu130"
 MODEL = "Llama-3.1-8B shapes, random bf16 weights (--load-format dummy), block size 16"
 ROOFLINES = {"hbm_copy_tb_s": 4.3, "bf16_tflop_s": 790}
@@ -49,14 +48,14 @@ def offline() -> None:
 
 def frontier() -> list[dict]:
     points = []
-    for file in ("frontier-rapid.json", "frontier-hybrid.json"):
-        path = S / file
+    for file in ("session13/calld/frontier-rapid.json", "session13/calld/frontier-hybrid.json"):
+        path = R / file
         if path.exists():
-            points += [{**p, "source": f"session12/{file}"} for p in json.loads(path.read_text())]
+            points += [{**p, "source": file} for p in json.loads(path.read_text())]
     if not points:
         return points
     cmd = ("bash bench/gpu_session.sh frontier-rapid frontier-hybrid with BATCHES=16,64,256 WINDOW=1.5 "
-           "SPLITS=100/100,50/50 CHUNKS=2048 (rapid bench frontier --ctx 1024 --prefill-len 2048)")
+           "SPLITS=100/100 CHUNKS=2048 (rapid bench frontier --ctx 1024 --prefill-len 2048)")
     data = {"command": cmd, "device": DEVICE, "model": MODEL, "rooflines": ROOFLINES,
             "tpot": "start-to-start time of consecutive decode steps of the batch, host gaps included",
             "points": points}
@@ -116,8 +115,7 @@ def simulation() -> None:
     from rapid.core.adaptive import AdaptivePlacement
     from rapid.core.placement import DECODE, PREFILL, StaticPlacement
 
-    # the H100's recording until the H200's exists (frontier() writes it from session12/frontier-*.json)
-    timings = StepTimings.from_frontier(R / "frontier-h100.json", "60/40")
+    timings = StepTimings.from_frontier(R / "frontier-h200.json", "100/100")  # frontier() writes it first
     workloads = {"sharegpt-like": (lambda rate: sim_trace(sharegpt_like_requests(1500, 1000, seed=0, max_len=4096),
                                                           rate), (5, 10, 15, 20, 25, 30, 40)),
                  "bursty sharegpt-like (gamma 0.5)": (lambda rate: sim_trace(sharegpt_like_requests(
@@ -127,10 +125,10 @@ def simulation() -> None:
     results, lines = {}, []
     for wname, (make, rates) in workloads.items():
         for ttft, tpot in ((1000, 50), (500, 25), (300, 15)):
-            series = {"hybrid": [], "rapid static (MPS 60/40)": [], "adaptive": []}
+            series = {"hybrid": [], "rapid static (MPS 100/100)": [], "adaptive": []}
             for rate in rates:
                 trace = make(rate)
-                policies = {"hybrid": StaticPlacement(DECODE), "rapid static (MPS 60/40)": StaticPlacement(PREFILL),
+                policies = {"hybrid": StaticPlacement(DECODE), "rapid static (MPS 100/100)": StaticPlacement(PREFILL),
                             "adaptive": AdaptivePlacement(8192, ttft, tpot)}
                 for name, policy in policies.items():
                     series[name].append((rate, simulate(trace, policy, timings).attainment(ttft, tpot)))
@@ -139,14 +137,14 @@ def simulation() -> None:
                 lines.append(f"| {wname} | {ttft}/{tpot} | {name} | " + " ".join(f"{r:g}:{a:.2f}" for r, a in pts) + " |")
             slug = {"sharegpt-like": "sharegpt", "3000 in, 300 out": "3000"}.get(wname, "bursty")
             plot_attainment(series, R / f"sim-{slug}-{ttft}-{tpot}.png",
-                            f"Simulated (H100 timings): {wname}, {ttft} ms / {tpot} ms")
-    table = ("# The placement policies in simulation (rapid.bench.simulate), on the H100's recorded step timings\n\n"
-             "Not a GPU measurement: the H100 frontier (frontier-h100.json, MPS 60/40 and hybrid points) replayed "
+                            f"Simulated (H200 timings): {wname}, {ttft} ms / {tpot} ms")
+    table = ("# The placement policies in simulation (rapid.bench.simulate), on the H200's recorded step timings\n\n"
+             "Not a GPU measurement: the H200 frontier (frontier-h200.json, MPS 100/100 and hybrid points) replayed "
              "through the same policy objects the engine runs; each trace runs to completion (no warm-up cut). "
              "Attainment = share of requests meeting both SLOs. `python bench/summarize_h200.py` rebuilds it.\n\n"
              "| workload | SLO TTFT/TPOT (ms) | policy | rate:attainment |\n|---|---|---|---|\n"
              + "\n".join(lines) + "\n")
-    _write("sim-h100-timings", {"timings": "frontier-h100.json, split 60/40", "results": results}, table)
+    _write("sim-h200-timings", {"timings": "frontier-h200.json, split 100/100", "results": results}, table)
 
 
 if __name__ == "__main__":

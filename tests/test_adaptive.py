@@ -120,6 +120,22 @@ def test_without_slos_throughput_first():
     assert (d.lane, d.token_budget) == (PREFILL, 8192)
 
 
+@pytest.mark.parametrize("beside_ms,want", [(30.0, DECODE), (10.5, PREFILL)])
+def test_beside_decodes_the_lane_that_costs_them_less_per_prompt_token(beside_ms, want):
+    """A mixed step costs the decodes its prompt work (25 us a token here); the prefill worker costs them the
+    slowdown of the decode steps it runs beside, over the tokens it prefilled meanwhile: 20 ms per 300 tokens
+    (67 us a token, so inline) or 0.5 ms per 300 (1.7 us, so concurrent); with a TPOT SLO or without."""
+    for slo_tpot_ms in (25, None):
+        p = learned(slo_tpot_ms=slo_tpot_ms)  # 10 ms decode steps alone, 40k tok/s inline
+        for _ in range(50):
+            p.observe_prefill(PREFILL, 300, 0.01, num_decoding=64)
+            p.observe_decode_step(beside_ms, beside_prefill=True)
+        assert p.costs.decode_cost_ms_per_token(DECODE) == pytest.approx(0.025)
+        assert p.costs.decode_cost_ms_per_token(PREFILL) == pytest.approx((beside_ms - 10.0) / 300, rel=0.05)
+        placed = p.place(load(decoding=64, queued=512))
+        assert placed.lane == want and "cheaper for the decodes" in placed.reason
+
+
 def test_nothing_learned_yet_means_concurrent_beside_decodes():
     assert AdaptivePlacement(8192, 500, 25).place(load(queued=100)).lane == PREFILL
 

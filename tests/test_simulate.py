@@ -2,9 +2,10 @@
 `rapid bench frontier`: the adaptive policy's choices in known regimes, against hybrid batching and static
 concurrent prefill on the same traces. No GPU.
 
-The recording is the H100's (bench/results/frontier-h100.json, MPS 60/40, the split recorded at every batch):
-the H200 frontier run of session 12 did not happen (its device call was lost), so the H200's is still to record."""
+The recording is the H200's (bench/results/frontier-h200.json, MPS 100/100, decode batches 16, 64 and 256,
+session 13); a variant of it where concurrency is cheap checks the other regime."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,8 @@ from rapid.bench.simulate import StepTimings, sim_trace, simulate
 from rapid.core.adaptive import AdaptivePlacement
 from rapid.core.placement import DECODE, PREFILL, StaticPlacement
 
-FRONTIER = Path(__file__).parent.parent / "bench" / "results" / "frontier-h100.json"
-SPLIT = "60/40"
+FRONTIER = Path(__file__).parent.parent / "bench" / "results" / "frontier-h200.json"
+SPLIT = "100/100"
 SLO_PAIRS = ((1000, 50), (500, 25), (300, 15))  # (TTFT, TPOT) in ms, the adaptive issue's pairs
 
 
@@ -74,16 +75,27 @@ def test_adaptive_is_within_5_percent_of_the_best_static_placement(recorded, reg
     assert got["adaptive"] >= got["hybrid"] - 0.05, (regime, got)
 
 
-def test_idle_decode_prefills_inline_and_a_decode_batch_sends_prompts_beside_it(recorded):
-    """At a trickle, most prompts find nothing decoding: they run inline. Under load they go to the prefill worker."""
+def cheap_concurrency(recorded):
+    """The recording with the decode step beside the prefill worker only 10% slower than alone (a GPU where
+    concurrency pays; on the H200 at MPS 100/100 it is 1.6-3.9x slower)."""
+    return dataclasses.replace(recorded, decode_concurrent_ms=[1.1 * ms for ms in recorded.decode_alone_ms])
+
+
+def test_prompts_go_to_the_lane_that_costs_the_decodes_less(recorded):
+    """At a trickle most prompts find nothing decoding and run inline. Under load, on the H200's timings the
+    prefill worker slows the decode steps more per prompt token than a mixed step stalls them: prompts go inline
+    (hybrid batching). Where concurrency is cheap they go to the prefill worker."""
     trickle = simulate(sharegpt(0.2, n=40), AdaptivePlacement(8192, 500, 25), recorded).placed
     assert trickle[DECODE] > 0.5 * sum(trickle.values())
     loaded = simulate(sharegpt(40), AdaptivePlacement(8192, 500, 25), recorded).placed
-    assert loaded[PREFILL] > 0.9 * sum(loaded.values())
+    assert loaded[DECODE] > 0.9 * sum(loaded.values()), loaded
+    cheap = simulate(sharegpt(40), AdaptivePlacement(8192, 500, 25), cheap_concurrency(recorded)).placed
+    assert cheap[PREFILL] > 0.75 * sum(cheap.values()), cheap  # the rest found nothing decoding
 
 
-def test_adaptive_uses_both_lanes_where_neither_alone_keeps_up(recorded):
-    """Long prompts at 6 req/s under 500 ms / 25 ms: hybrid stalls decode, the prefill worker alone queues; the
-    adaptive policy sends a chunk to a mixed step whenever that gives a sooner first token inside the TPOT SLO."""
-    got = attainments(long_prompts(6), recorded, 500, 25)
-    assert got["hybrid"] < 0.7 and got["rapid static"] < 0.7 and got["adaptive"] > 0.9, got
+@pytest.mark.parametrize("ttft,tpot", SLO_PAIRS)
+def test_where_concurrency_is_cheap_adaptive_matches_it(recorded, ttft, tpot):
+    """Long prompts at 7 req/s on the cheap-concurrency timings: the prefill worker beats hybrid batching, and the
+    adaptive policy is within 5% of it."""
+    got = attainments(long_prompts(7), cheap_concurrency(recorded), ttft, tpot)
+    assert got["adaptive"] >= got["rapid static"] - 0.05 and got["adaptive"] >= got["hybrid"] - 0.05, got

@@ -29,7 +29,7 @@ class StepTimings:
     decode_alone_ms: list[float]
     decode_concurrent_ms: list[float]  # the decode step while the prefill worker runs beside it
     prefill_concurrent_tok_s: list[float]  # the prefill worker's rate then
-    inline_tok_s: float  # prompt tokens/s inside a mixed step (hybrid points: chunk / extra step time)
+    inline_tok_s: float  # prompt tokens/s inside a mixed step (hybrid points: the median over the recorded ones)
 
     @classmethod
     def from_frontier(cls, path: str | Path, split: str) -> "StepTimings":
@@ -39,8 +39,10 @@ class StepTimings:
         hybrid = [p for p in points if p["mode"] == "hybrid" and p.get("tpot_mean_ms")]
         if not rapid or not hybrid:
             raise ValueError(f"{path}: needs rapid points at split {split!r} and hybrid points")
-        rates = [p["chunk"] / ((p["tpot_mean_ms"] - p["decode_alone_ms"]) * 1e-3) for p in hybrid
-                 if p["tpot_mean_ms"] > p["decode_alone_ms"]]
+        # a mixed step's prompt rate: the prompt tokens of the window over the window less its decode work (not
+        # chunk / (TPOT - decode alone): on the H200 not every step of the window carried a chunk)
+        rates = [p["prefill_tok_s"] * p["window_s"] / (p["window_s"] - p["decode_steps"] * p["decode_alone_ms"] * 1e-3)
+                 for p in hybrid if p["window_s"] > p["decode_steps"] * p["decode_alone_ms"] * 1e-3]
         return cls(split, [p["batch"] for p in rapid], [p["decode_alone_ms"] for p in rapid],
                    [p["tpot_mean_ms"] for p in rapid], [p["prefill_tok_s"] for p in rapid],
                    sorted(rates)[len(rates) // 2])

@@ -7,14 +7,15 @@ cost inside a mixed step, the prefill worker's tokens/s, and how long requests' 
 
 - **Nothing decodes**: the lane that has prefilled more cheaply per token (each is tried once: inline needs no
   hand-off between processes, the prefill worker has its prefill graphs).
-- **Something decodes**: the lane predicted to give the next chunk its first token sooner: inline (the chunk
-  joins the decode executor's next step, after the running one ends) or the prefill worker (after its running
-  batch, if any). Inline is allowed only while the decode step period plus the chunk's stall, spread over an
-  output's tokens, stays inside the TPOT SLO (TPOT is an average per request: a long mixed step now and then
-  costs each running request little), and only while the prefill worker would not meet half the TTFT SLO
-  anyway (then a mixed step would spend TPOT for nothing). Without a TPOT SLO, inline is not used beside decodes: concurrent
-  prefill maximises throughput (on the H200 at MPS 100/100 it matched hybrid batching offline and in serving,
-  with a lower TTFT; bench/results/session12).
+- **Something decodes**: the lane that costs the running decodes less per prompt token, as measured: a mixed
+  step stalls them for its prompt work; the prefill worker slows the decode steps it runs beside (on the H200 at
+  MPS 100/100 from 5.9 to 23 ms at batch 16, bench/results/frontier-h200.md). Until both costs are measured, and
+  when they are close, the earlier rule holds: inline when it is predicted to give the chunk its first token sooner
+  (it joins the decode executor's next step, after the running one ends) than the prefill worker (after its
+  running batch, if any). Inline is allowed only while the decode step period plus the chunk's stall, spread over
+  an output's tokens, stays inside the TPOT SLO (TPOT is an average per request: a long mixed step now and then
+  costs each running request little), and only while the prefill worker would not meet half the TTFT SLO anyway.
+  Without a TPOT SLO, inline beside decodes is chosen only where it is the cheaper lane.
 
 Plain Python (no torch): the same object runs in the engine core and in rapid.bench.simulate.
 """
@@ -25,6 +26,8 @@ from rapid.core.placement import DECODE, PREFILL, Load, Placement, ewma, placeme
 
 TPOT_MARGIN = 0.8  # plan decode steps to at most this share of the TPOT SLO
 TTFT_RELAXED = 0.5  # the prefill worker gives a first token within this share of the TTFT SLO: no mixed step
+CHEAPER = 0.8  # a lane is "cheaper" for the decodes when it costs them at most this share of the other's
+DECAY = 0.98  # weight kept by the running sums of the concurrent lane's cost at each new observation
 
 
 class StepCosts:
@@ -37,14 +40,25 @@ class StepCosts:
         self.inline_ms_per_token: dict[bool, float | None] = {False: None, True: None}
         self.prefill_tok_s: float | None = None  # the prefill worker's rate
         self.output_len: float | None = None  # tokens a finished request produced
+        # decode time lost beside the prefill worker, and the prompt tokens it prefilled meanwhile (decayed sums)
+        self.beside_extra_ms = 0.0
+        self.beside_tokens = 0.0
 
     def decode_step(self, step_ms: float, beside_prefill: bool, mixed: bool = False) -> None:
         if mixed:
             return  # a mixed step's time is the decode part and the prompt part: learned through prefill()
         if beside_prefill:
             self.decode_beside_ms = ewma(self.decode_beside_ms, step_ms)
+            if self.decode_alone_ms is not None:
+                self.beside_extra_ms = DECAY * self.beside_extra_ms + max(step_ms - self.decode_alone_ms, 0.0)
         else:
             self.decode_alone_ms = ewma(self.decode_alone_ms, step_ms)
+
+    def decode_cost_ms_per_token(self, lane: str) -> float | None:
+        """What one prompt token costs the running decodes (ms of decode time) on `lane`; None until measured."""
+        if lane == DECODE:
+            return self.inline_ms_per_token[False]
+        return self.beside_extra_ms / self.beside_tokens if self.beside_tokens >= 1 else None
 
     def finished(self, num_output_tokens: int) -> None:
         self.output_len = ewma(self.output_len, max(num_output_tokens, 1))
@@ -54,6 +68,8 @@ class StepCosts:
             return
         if lane == PREFILL:
             self.prefill_tok_s = ewma(self.prefill_tok_s, tokens / seconds)
+            if num_decoding:
+                self.beside_tokens = DECAY * self.beside_tokens + tokens
             return
         decode = self.decode_beside_ms if beside_prefill else self.decode_alone_ms
         decode_part = (decode or 0.0) if num_decoding else 0.0
@@ -97,17 +113,31 @@ class AdaptivePlacement:
             return PREFILL
         return DECODE if inline <= 1e3 / c.prefill_tok_s else PREFILL
 
+    def cheaper_lane(self) -> str | None:
+        """The lane that costs the running decodes clearly less per prompt token (None: unknown or close)."""
+        inline, beside = (self.costs.decode_cost_ms_per_token(lane) for lane in (DECODE, PREFILL))
+        if inline is None or beside is None:
+            return None
+        return DECODE if inline <= CHEAPER * beside else PREFILL if beside <= CHEAPER * inline else None
+
+    def fits_tpot(self, load: Load, chunk: int) -> bool:
+        """The chunk's stall in the next decode step, spread over an output's tokens, keeps the step period inside
+        the TPOT SLO (always, without one)."""
+        c = self.costs
+        per_token = c.inline_ms(load.prefill_lane_busy)
+        if self.slo_tpot_ms is None:
+            return True
+        if per_token is None or load.decode_step_ms is None:
+            return False
+        return load.decode_step_ms + chunk * per_token / (c.output_len or 1.0) <= TPOT_MARGIN * self.slo_tpot_ms
+
     def inline_ttft_ms(self, load: Load, chunk: int) -> float | None:
         """The chunk's first token if it joins the next decode step; None when that would break the TPOT SLO
         (or no SLO, or costs not learned yet)."""
-        c = self.costs
-        per_token = c.inline_ms(load.prefill_lane_busy)
-        if self.slo_tpot_ms is None or per_token is None or load.decode_step_ms is None:
+        per_token = self.costs.inline_ms(load.prefill_lane_busy)
+        if self.slo_tpot_ms is None or not self.fits_tpot(load, chunk):
             return None
-        stall_ms = chunk * per_token
-        if load.decode_step_ms + stall_ms / (c.output_len or 1.0) > TPOT_MARGIN * self.slo_tpot_ms:
-            return None
-        return load.decode_step_ms / 2 + load.decode_step_ms + stall_ms  # the running step ends first
+        return load.decode_step_ms / 2 + load.decode_step_ms + chunk * per_token  # the running step ends first
 
     def concurrent_ttft_ms(self, load: Load, chunk: int) -> float | None:
         """The chunk's first token on the prefill worker (None before its rate is known)."""
@@ -121,6 +151,11 @@ class AdaptivePlacement:
         if load.num_decoding == 0:
             return Placement(self.idle_lane(), self.max_budget, "decode idle")
         chunk = min(load.queued_tokens, self.max_budget, load.mixed_step_room)
+        cheaper = self.cheaper_lane()
+        if cheaper == PREFILL:
+            return Placement(PREFILL, self.max_budget, "concurrent: cheaper for the decodes")
+        if cheaper == DECODE and chunk > 0:  # TPOT is an average: the cheaper lane is the better one even when tight
+            return Placement(DECODE, chunk, "mixed step: cheaper for the decodes")
         inline = self.inline_ttft_ms(load, chunk) if chunk > 0 else None  # a full step takes no prompt
         if inline is not None:
             beside = self.concurrent_ttft_ms(load, chunk)
