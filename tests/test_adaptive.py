@@ -136,6 +136,28 @@ def test_beside_decodes_the_lane_that_costs_them_less_per_prompt_token(beside_ms
         assert placed.lane == want and "cheaper for the decodes" in placed.reason
 
 
+@pytest.mark.parametrize("mixed_us,then", [(4, DECODE), (30, PREFILL)])
+def test_a_mixed_step_is_measured_beside_decodes_before_the_lanes_are_compared(mixed_us, then):
+    """A step with nothing decoding teaches only the idle cost (64 tokens in 5 ms: its fixed cost dwarfs a mixed
+    step's marginal one). Once the prefill worker's cost to the decodes is known (10 us a token here), a few mixed
+    steps are tried to measure theirs; then the cheaper lane is kept."""
+    p = AdaptivePlacement(8192, slo_ttft_ms=300, slo_tpot_ms=15)
+    p.observe_prefill(DECODE, 64, 0.005)
+    assert p.costs.decode_cost_ms_per_token(DECODE) is None and p.costs.idle_inline_ms_per_token > 0.07
+    p.observe_decode_step(6.0)
+    for _ in range(20):
+        p.observe_prefill(PREFILL, 300, 0.01, num_decoding=64)
+        p.observe_decode_step(9.0, beside_prefill=True)
+    lanes = []
+    for _ in range(6):
+        placed = p.place(load(decoding=64, queued=512, step_ms=6.0))
+        lanes.append(placed.lane)
+        if placed.lane == DECODE:
+            p.observe_prefill(DECODE, 512, (6.0 + 512 * mixed_us * 1e-3) * 1e-3, num_decoding=64)
+    assert lanes == [DECODE] * 3 + [then] * 3
+    assert p.costs.decode_cost_ms_per_token(DECODE) == pytest.approx(mixed_us * 1e-3)
+
+
 def test_nothing_learned_yet_means_concurrent_beside_decodes():
     assert AdaptivePlacement(8192, 500, 25).place(load(queued=100)).lane == PREFILL
 

@@ -9,7 +9,9 @@ cost inside a mixed step, the prefill worker's tokens/s, and how long requests' 
   hand-off between processes, the prefill worker has its prefill graphs).
 - **Something decodes**: the lane that costs the running decodes less per prompt token, as measured: a mixed
   step stalls them for its prompt work; the prefill worker slows the decode steps it runs beside (on the H200 at
-  MPS 100/100 from 5.9 to 23 ms at batch 16, bench/results/frontier-h200.md). Until both costs are measured, and
+  MPS 100/100 from 5.9 to 23 ms at batch 16, bench/results/frontier-h200.md). A mixed step's cost is its
+  marginal one, learned from mixed steps only (a step with nothing decoding carries the step's fixed cost); once
+  the prefill worker's is known, a few mixed steps are tried to measure it. Until both costs are measured, and
   when they are close, the earlier rule holds: inline when it is predicted to give the chunk its first token sooner
   (it joins the decode executor's next step, after the running one ends) than the prefill worker (after its
   running batch, if any). Inline is allowed only while the decode step period plus the chunk's stall, spread over
@@ -28,6 +30,7 @@ TPOT_MARGIN = 0.8  # plan decode steps to at most this share of the TPOT SLO
 TTFT_RELAXED = 0.5  # the prefill worker gives a first token within this share of the TTFT SLO: no mixed step
 CHEAPER = 0.8  # a lane is "cheaper" for the decodes when it costs them at most this share of the other's
 DECAY = 0.98  # weight kept by the running sums of the concurrent lane's cost at each new observation
+EXPLORE_MIXED = 3  # mixed steps tried (once the concurrent lane's cost is known) to learn what they cost
 
 
 class StepCosts:
@@ -36,8 +39,12 @@ class StepCosts:
     def __init__(self):
         self.decode_alone_ms: float | None = None  # a decode step with no prefill beside it or in it
         self.decode_beside_ms: float | None = None  # a decode step while the prefill worker runs
-        # a prompt token inside a mixed (or decode-idle) step, with the prefill worker idle / running beside it
+        # a prompt token's marginal cost inside a mixed step, with the prefill worker idle / running beside it
         self.inline_ms_per_token: dict[bool, float | None] = {False: None, True: None}
+        self.mixed_samples = 0  # mixed steps measured (with the prefill worker idle)
+        # a prompt token in a step with nothing decoding (the step's fixed cost included: with short prompts it
+        # dwarfs a mixed step's marginal cost, so the two are learned apart)
+        self.idle_inline_ms_per_token: float | None = None
         self.prefill_tok_s: float | None = None  # the prefill worker's rate
         self.output_len: float | None = None  # tokens a finished request produced
         # decode time lost beside the prefill worker, and the prompt tokens it prefilled meanwhile (decayed sums)
@@ -71,10 +78,13 @@ class StepCosts:
             if num_decoding:
                 self.beside_tokens = DECAY * self.beside_tokens + tokens
             return
+        if not num_decoding:
+            self.idle_inline_ms_per_token = ewma(self.idle_inline_ms_per_token, seconds * 1e3 / tokens)
+            return
         decode = self.decode_beside_ms if beside_prefill else self.decode_alone_ms
-        decode_part = (decode or 0.0) if num_decoding else 0.0
-        per_token = max(seconds * 1e3 - decode_part, 0.0) / tokens
+        per_token = max(seconds * 1e3 - (decode or 0.0), 0.0) / tokens
         self.inline_ms_per_token[beside_prefill] = ewma(self.inline_ms_per_token[beside_prefill], per_token)
+        self.mixed_samples += not beside_prefill
 
     def inline_ms(self, beside_prefill: bool) -> float | None:
         """A prompt token's cost in a mixed step now; beside a prefill batch, until measured there, the idle figure."""
@@ -106,7 +116,7 @@ class AdaptivePlacement:
     def idle_lane(self) -> str:
         """Nothing decodes: the lane whose learned cost per prompt token is lower; each is tried once first."""
         c = self.costs
-        inline = c.inline_ms_per_token[False]
+        inline = c.idle_inline_ms_per_token
         if inline is None:
             return DECODE
         if c.prefill_tok_s is None:
@@ -151,6 +161,9 @@ class AdaptivePlacement:
         if load.num_decoding == 0:
             return Placement(self.idle_lane(), self.max_budget, "decode idle")
         chunk = min(load.queued_tokens, self.max_budget, load.mixed_step_room)
+        if (chunk > 0 and self.costs.mixed_samples < EXPLORE_MIXED and not load.prefill_lane_busy
+                and self.costs.decode_cost_ms_per_token(PREFILL) is not None):
+            return Placement(DECODE, chunk, "mixed step: measuring its cost beside decodes")
         cheaper = self.cheaper_lane()
         if cheaper == PREFILL:
             return Placement(PREFILL, self.max_budget, "concurrent: cheaper for the decodes")
