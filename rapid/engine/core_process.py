@@ -79,6 +79,10 @@ class HybridExecutor:
         self.ready_fields = {"max_reserved_bytes": max_reserved_bytes(self.setup.device),
                              "allowed_bytes": self.setup.allowed_bytes}
 
+    def busy(self) -> bool:
+        """Steps to run or answers to deliver: the core must not sleep on its inbox (nothing else wakes it)."""
+        return bool(self.workers.pending) or self.workers.loop.has_work()
+
     def close(self) -> None:
         self.setup.close()
 
@@ -107,7 +111,7 @@ def core_main(raw_args: bytes) -> None:
             poller.register(workers.results.sock, zmq.POLLIN)
         running = True
         while running:
-            poller.poll(0 if core.progressed else 50)
+            poller.poll(0 if core.progressed or (executor and executor.busy()) else 50)
             deltas: list[RequestDelta] = []
             for msg in inbox.drain():
                 running, produced = _handle(core, msg, outbox)
