@@ -196,7 +196,8 @@ class MPClient(EngineClient):
             dead = self.procs.dead_child()  # checked on every call: a steady stream of output must not hide a death
             if dead is not None:
                 return self._on_death(dead.death_reason())
-            msg = self.procs.out.recv(timeout_ms=POLL_MS)
+            left_ms = int(max(deadline - time.monotonic(), 0.0) * 1e3)
+            msg = self.procs.out.recv(timeout_ms=min(POLL_MS, max(left_ms, 1)))
             if isinstance(msg, EngineOutputs):
                 return self._track(msg.deltas)
             if isinstance(msg, EngineDead):
@@ -217,7 +218,8 @@ class MPClient(EngineClient):
         self.procs.inp.send(GetStats())
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            msg = self.procs.out.recv(timeout_ms=POLL_MS)
+            left_ms = int(max(deadline - time.monotonic(), 0.0) * 1e3)
+            msg = self.procs.out.recv(timeout_ms=min(POLL_MS, max(left_ms, 1)))
             if isinstance(msg, Stats):
                 return msgspec.structs.replace(msg, num_restarts=self.num_restarts)
             if isinstance(msg, EngineOutputs):

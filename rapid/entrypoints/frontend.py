@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 DeltaCallback = Callable[[RequestDelta], None]
 IDLE_WAIT_S = 0.05  # how long the idle loop sleeps between health checks and command polls
+BUSY_WAIT_S = 0.005  # with requests in flight, the longest a new command waits while no output comes
 HEALTH_EVERY_S = 0.5
 
 
@@ -195,7 +196,7 @@ class EngineFrontend:
             except queue.Empty:
                 cmd = None
         if self._callbacks:
-            for delta in self.llm.engine.get_deltas(timeout_s=IDLE_WAIT_S):
+            for delta in self.llm.engine.get_deltas(timeout_s=BUSY_WAIT_S):
                 self._deliver(delta)
 
     def _shutdown_requests(self) -> None:
