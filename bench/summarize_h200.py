@@ -48,12 +48,12 @@ def offline() -> None:
 
 def frontier() -> list[dict]:
     points = []
-    for file in ("session13/calld/frontier-rapid.json", "session13/calld/frontier-hybrid.json"):
-        path = R / file
-        if path.exists():
-            points += [{**p, "source": file} for p in json.loads(path.read_text())]
-    if not points:
+    files = ("session13/calld/frontier-rapid.json", "session13/calld/frontier-hybrid.json")
+    if not all((R / f).exists() for f in files):  # half a frontier would overwrite the simulator's recording
+        print("frontier: missing", [f for f in files if not (R / f).exists()])
         return points
+    for file in files:
+        points += [{**p, "source": file} for p in json.loads((R / file).read_text())]
     cmd = ("bash bench/gpu_session.sh frontier-rapid frontier-hybrid with BATCHES=16,64,256 WINDOW=1.5 "
            "SPLITS=100/100 CHUNKS=2048 (rapid bench frontier --ctx 1024 --prefill-len 2048)")
     data = {"command": cmd, "device": DEVICE, "model": MODEL, "rooflines": ROOFLINES,

@@ -81,9 +81,10 @@ class SchedulerConfig:
     max_num_seqs: int | None = None  # None: fitted to the KV pool (fit_to_pool)
     max_num_batched_tokens: int = 8192  # token budget of one hybrid step / one prefill launch
     max_model_len: int = 4096
-    # Admission holds back this share of every admitted request's remaining max_tokens in the KV pool: 1.0 admits
-    # only what can run to its max_tokens without preempting anyone; 0.0 admits while the prompt fits (vLLM's rule,
-    # which preempts and recomputes once the pool runs out).
+    # Admission keeps room in the KV pool for every admitted request to reach its prompt plus this share of its
+    # max_tokens (outputs beyond that share are not reserved): 1.0 admits only what can run to its max_tokens
+    # without preempting anyone; 0.0 admits while the prompt fits (vLLM's rule, which preempts and recomputes once
+    # the pool runs out).
     admission_reserve: float = 0.0
 
     def __post_init__(self):
@@ -239,8 +240,8 @@ class EngineArgs:
     max_num_batched_tokens: int = _shared(
         SchedulerConfig, "max_num_batched_tokens", "token budget of one hybrid step or one prefill launch")
     admission_reserve: float = _shared(
-        SchedulerConfig, "admission_reserve", "share of each running request's remaining max_tokens that admission "
-        "keeps free in the KV pool; 1.0: never preempt, 0.0: admit while the prompt fits (vLLM)")
+        SchedulerConfig, "admission_reserve", "admission keeps KV room for each running request's prompt plus this "
+        "share of its max_tokens; 1.0: never preempt, 0.0: admit while the prompt fits (vLLM)")
     block_size: int = _shared(CacheConfig, "block_size", "tokens per KV-cache block (a power of two)")
     kv_cache_memory_bytes: int | None = _shared(
         CacheConfig, "kv_cache_memory_bytes", "KV-cache pool size in bytes", metavar="BYTES",
@@ -279,7 +280,8 @@ class EngineArgs:
         RapidConfig, "use_mps", "mode rapid: run the two workers under CUDA MPS; without it they are time-sliced "
         "(no real concurrency, with a warning)", gpu_only=True)
     worker_start_timeout_s: float = _shared(
-        RapidConfig, "worker_start_timeout_s", "modes rapid and disagg: seconds to wait for the worker processes")
+        RapidConfig, "worker_start_timeout_s", "modes rapid and disagg, and hybrid with engine_process: seconds to "
+        "wait for each engine process to load its model and capture its graphs")
     decode_lookahead_blocks: int = _shared(
         RapidConfig, "decode_lookahead_blocks", "modes rapid and disagg: KV blocks granted ahead of a decoding "
         "sequence")

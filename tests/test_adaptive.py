@@ -120,11 +120,12 @@ def test_without_slos_throughput_first():
     assert (d.lane, d.token_budget) == (PREFILL, 8192)
 
 
-@pytest.mark.parametrize("beside_ms,want", [(30.0, DECODE), (10.5, PREFILL)])
+@pytest.mark.parametrize("beside_ms,want", [(30.0, DECODE), (16.6, DECODE), (10.5, PREFILL)])
 def test_beside_decodes_the_lane_that_costs_them_less_per_prompt_token(beside_ms, want):
     """A mixed step costs the decodes its prompt work (25 us a token here); the prefill worker costs them the
     slowdown of the decode steps it runs beside, over the tokens it prefilled meanwhile: 20 ms per 300 tokens
-    (67 us a token, so inline) or 0.5 ms per 300 (1.7 us, so concurrent); with a TPOT SLO or without."""
+    (67 us a token: inline), 6.6 ms (22 us: cheaper, but not clearly, so hybrid batching) or 0.5 ms (1.7 us:
+    concurrent); with a TPOT SLO or without."""
     for slo_tpot_ms in (25, None):
         p = learned(slo_tpot_ms=slo_tpot_ms)  # 10 ms decode steps alone, 40k tok/s inline
         for _ in range(50):
@@ -156,6 +157,35 @@ def test_a_mixed_step_is_measured_beside_decodes_before_the_lanes_are_compared(m
             p.observe_prefill(DECODE, 512, (6.0 + 512 * mixed_us * 1e-3) * 1e-3, num_decoding=64)
     assert lanes == [DECODE] * 3 + [then] * 3
     assert p.costs.decode_cost_ms_per_token(DECODE) == pytest.approx(mixed_us * 1e-3)
+
+
+@pytest.mark.parametrize("steps_per_batch", [1, 5, 20])
+def test_the_concurrent_cost_counts_every_decode_step_beside_a_batch(steps_per_batch):
+    """10 ms decode steps alone, 20 ms beside the prefill worker: a 1,000-token batch that k steps ran beside cost
+    the decodes k x 10 ms, whatever k; and nothing is counted before a decode step alone was measured."""
+    p = AdaptivePlacement(8192)
+    p.observe_decode_step(20.0, beside_prefill=True)
+    p.observe_prefill(PREFILL, 1000, 0.1, num_decoding=64)  # no decode step alone yet: not counted
+    assert p.costs.beside_batches == 0
+    p.observe_decode_step(10.0)
+    for _ in range(10):
+        for _ in range(steps_per_batch):
+            p.observe_decode_step(20.0, beside_prefill=True)
+        p.observe_prefill(PREFILL, 1000, 0.1, num_decoding=64)
+    assert p.costs.decode_cost_ms_per_token(PREFILL) == pytest.approx(steps_per_batch * 10.0 / 1000)
+
+
+def test_the_other_lane_is_sampled_again_now_and_then():
+    """Costs drift (batch sizes, prompt lengths): after REEXPLORE_EVERY placements on the cheaper lane, one batch
+    goes to the other lane."""
+    from rapid.core.adaptive import REEXPLORE_EVERY
+
+    p = learned(slo_tpot_ms=25)  # inline: 25 us a token
+    for _ in range(5):
+        p.observe_decode_step(10.5, beside_prefill=True)
+        p.observe_prefill(PREFILL, 300, 0.01, num_decoding=64)  # concurrent: 1.7 us a token
+    lanes = [p.place(load(decoding=64, queued=512)).lane for _ in range(2 * REEXPLORE_EVERY + 2)]
+    assert lanes.count(DECODE) == 2 and lanes[REEXPLORE_EVERY] == DECODE
 
 
 def test_nothing_learned_yet_means_concurrent_beside_decodes():

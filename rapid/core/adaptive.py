@@ -28,9 +28,12 @@ from rapid.core.placement import DECODE, PREFILL, Load, Placement, ewma, placeme
 
 TPOT_MARGIN = 0.8  # plan decode steps to at most this share of the TPOT SLO
 TTFT_RELAXED = 0.5  # the prefill worker gives a first token within this share of the TTFT SLO: no mixed step
-CHEAPER = 0.8  # a lane is "cheaper" for the decodes when it costs them at most this share of the other's
+CHEAPER = 0.8  # concurrent prefill is "cheaper" for the decodes when it costs them at most this share of inline
 DECAY = 0.98  # weight kept by the running sums of the concurrent lane's cost at each new observation
 EXPLORE_MIXED = 3  # mixed steps tried (once the concurrent lane's cost is known) to learn what they cost
+MIN_BESIDE_BATCHES = 3  # prefill batches beside decodes before the concurrent lane's cost is trusted
+REEXPLORE_EVERY = 64  # placements on the cheaper lane between two samples of the other one (costs drift)
+SMALL_CHUNK = 512  # prompt tokens of an exploring mixed step
 
 
 class StepCosts:
@@ -47,9 +50,12 @@ class StepCosts:
         self.idle_inline_ms_per_token: float | None = None
         self.prefill_tok_s: float | None = None  # the prefill worker's rate
         self.output_len: float | None = None  # tokens a finished request produced
-        # decode time lost beside the prefill worker, and the prompt tokens it prefilled meanwhile (decayed sums)
+        # decode time lost beside the prefill worker, and the prompt tokens it prefilled meanwhile (decayed sums,
+        # one term per prefill batch: the steps beside a batch are summed until it ends)
         self.beside_extra_ms = 0.0
         self.beside_tokens = 0.0
+        self.beside_batches = 0
+        self.extra_this_batch_ms = 0.0
 
     def decode_step(self, step_ms: float, beside_prefill: bool, mixed: bool = False) -> None:
         if mixed:
@@ -57,7 +63,7 @@ class StepCosts:
         if beside_prefill:
             self.decode_beside_ms = ewma(self.decode_beside_ms, step_ms)
             if self.decode_alone_ms is not None:
-                self.beside_extra_ms = DECAY * self.beside_extra_ms + max(step_ms - self.decode_alone_ms, 0.0)
+                self.extra_this_batch_ms += max(step_ms - self.decode_alone_ms, 0.0)
         else:
             self.decode_alone_ms = ewma(self.decode_alone_ms, step_ms)
 
@@ -65,7 +71,7 @@ class StepCosts:
         """What one prompt token costs the running decodes (ms of decode time) on `lane`; None until measured."""
         if lane == DECODE:
             return self.inline_ms_per_token[False]
-        return self.beside_extra_ms / self.beside_tokens if self.beside_tokens >= 1 else None
+        return self.beside_extra_ms / self.beside_tokens if self.beside_batches >= MIN_BESIDE_BATCHES else None
 
     def finished(self, num_output_tokens: int) -> None:
         self.output_len = ewma(self.output_len, max(num_output_tokens, 1))
@@ -75,8 +81,11 @@ class StepCosts:
             return
         if lane == PREFILL:
             self.prefill_tok_s = ewma(self.prefill_tok_s, tokens / seconds)
-            if num_decoding:
+            extra, self.extra_this_batch_ms = self.extra_this_batch_ms, 0.0
+            if num_decoding and self.decode_alone_ms is not None:  # its cost needs the decode step alone
+                self.beside_extra_ms = DECAY * self.beside_extra_ms + extra
                 self.beside_tokens = DECAY * self.beside_tokens + tokens
+                self.beside_batches += 1
             return
         if not num_decoding:
             self.idle_inline_ms_per_token = ewma(self.idle_inline_ms_per_token, seconds * 1e3 / tokens)
@@ -102,6 +111,7 @@ class AdaptivePlacement:
         self.max_budget = max_budget
         self.slo_ttft_ms, self.slo_tpot_ms = slo_ttft_ms, slo_tpot_ms
         self.costs = StepCosts()
+        self.on_cheaper = 0  # placements on the cheaper lane since the other one was last sampled
 
     def observe_decode_step(self, step_ms: float, beside_prefill: bool = False, mixed: bool = False) -> None:
         self.costs.decode_step(step_ms, beside_prefill, mixed)
@@ -124,11 +134,12 @@ class AdaptivePlacement:
         return DECODE if inline <= 1e3 / c.prefill_tok_s else PREFILL
 
     def cheaper_lane(self) -> str | None:
-        """The lane that costs the running decodes clearly less per prompt token (None: unknown or close)."""
+        """Concurrent prefill where it costs the running decodes clearly less per prompt token, else hybrid
+        batching (the simpler of the two, and the fallback where concurrency does not pay); None: not measured."""
         inline, beside = (self.costs.decode_cost_ms_per_token(lane) for lane in (DECODE, PREFILL))
         if inline is None or beside is None:
             return None
-        return DECODE if inline <= CHEAPER * beside else PREFILL if beside <= CHEAPER * inline else None
+        return PREFILL if beside <= CHEAPER * inline else DECODE
 
     def fits_tpot(self, load: Load, chunk: int) -> bool:
         """The chunk's stall in the next decode step, spread over an output's tokens, keeps the step period inside
@@ -163,8 +174,13 @@ class AdaptivePlacement:
         chunk = min(load.queued_tokens, self.max_budget, load.mixed_step_room)
         if (chunk > 0 and self.costs.mixed_samples < EXPLORE_MIXED and not load.prefill_lane_busy
                 and self.costs.decode_cost_ms_per_token(PREFILL) is not None):
-            return Placement(DECODE, chunk, "mixed step: measuring its cost beside decodes")
+            return Placement(DECODE, min(chunk, SMALL_CHUNK), "mixed step: measuring its cost beside decodes")
         cheaper = self.cheaper_lane()
+        if cheaper is not None:
+            self.on_cheaper += 1
+            if self.on_cheaper > REEXPLORE_EVERY:  # sample the other lane once: its cost may have changed
+                self.on_cheaper = 0
+                cheaper = PREFILL if cheaper == DECODE else DECODE if chunk > 0 else PREFILL
         if cheaper == PREFILL:
             return Placement(PREFILL, self.max_budget, "concurrent: cheaper for the decodes")
         if cheaper == DECODE and chunk > 0:  # TPOT is an average: the cheaper lane is the better one even when tight

@@ -76,8 +76,9 @@ class HybridExecutor:
         runner = self.setup.make_runner(tuple(args.eos_token_ids))
         self.workers = InprocWorkers(DecodeLoop(runner, self.setup.config, args.eos_token_ids))
         self.num_blocks = self.setup.num_blocks
+        # the memory plan names the role ("hybrid"); MPClient checks each process by its name ("core")
         self.ready_fields = {"max_reserved_bytes": max_reserved_bytes(self.setup.device),
-                             "allowed_bytes": self.setup.allowed_bytes}
+                             "allowed_bytes": {args.name: self.setup.allowed_bytes.get("hybrid", 0)}}
 
     def busy(self) -> bool:
         """Steps to run or answers to deliver: the core must not sleep on its inbox (nothing else wakes it)."""
@@ -96,10 +97,11 @@ def core_main(raw_args: bytes) -> None:
     inbox = ipc.Channel(ctx, zmq.PULL, args.endpoints["core_in"], bind=True, decode_type=CoreInput)
     outbox = ipc.Channel(ctx, zmq.PUSH, args.endpoints["core_out"], bind=False)
     ready = ipc.Channel(ctx, zmq.PUSH, args.endpoints["ready"], bind=False)
-    executor = HybridExecutor(args) if args.config.mode == "hybrid" else None
-    workers = executor.workers if executor else ZmqWorkers(ctx, args.endpoints)
-    num_blocks = executor.num_blocks if executor else args.num_blocks
+    executor = workers = None
     try:
+        executor = HybridExecutor(args) if args.config.mode == "hybrid" else None  # a failure logs its traceback
+        workers = executor.workers if executor else ZmqWorkers(ctx, args.endpoints)
+        num_blocks = executor.num_blocks if executor else args.num_blocks
         core = EngineCore(args.config, load_tokenizer(args.config.tokenizer), args.eos_token_ids, workers,
                           num_blocks, num_decode_blocks=args.peer_num_blocks)
         ready.send(WorkerReady(args.name, os.getpid(), num_blocks=core.num_blocks,
@@ -129,6 +131,6 @@ def core_main(raw_args: bytes) -> None:
             ch.close()
         if executor:
             executor.close()
-        else:
+        elif workers:
             workers.close()
         ctx.term()
