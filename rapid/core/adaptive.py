@@ -7,17 +7,17 @@ cost inside a mixed step, the prefill worker's tokens/s, and how long requests' 
 
 - **Nothing decodes**: the lane that has prefilled more cheaply per token (each is tried once: inline needs no
   hand-off between processes, the prefill worker has its prefill graphs).
-- **Something decodes**: the lane that costs the running decodes less per prompt token, as measured: a mixed
-  step stalls them for its prompt work; the prefill worker slows the decode steps it runs beside (on the H200 at
-  MPS 100/100 from 5.9 to 23 ms at batch 16, bench/results/frontier-h200.md). A mixed step's cost is its
-  marginal one, learned from mixed steps only (a step with nothing decoding carries the step's fixed cost); once
-  the prefill worker's is known, a few mixed steps are tried to measure it. Until both costs are measured, and
-  when they are close, the earlier rule holds: inline when it is predicted to give the chunk its first token sooner
-  (it joins the decode executor's next step, after the running one ends) than the prefill worker (after its
-  running batch, if any). Inline is allowed only while the decode step period plus the chunk's stall, spread over
-  an output's tokens, stays inside the TPOT SLO (TPOT is an average per request: a long mixed step now and then
-  costs each running request little), and only while the prefill worker would not meet half the TTFT SLO anyway.
-  Without a TPOT SLO, inline beside decodes is chosen only where it is the cheaper lane.
+- **Something decodes**: the prefill worker where it costs the running decodes clearly less per prompt token
+  (at most CHEAPER of a mixed step's cost), else hybrid batching. Both costs are measured: a mixed step stalls
+  the decodes for its prompt work (its marginal time per prompt token, learned from mixed steps only: a step with
+  nothing decoding carries the step's fixed cost); the prefill worker slows every decode step it runs beside (on
+  the H200 at MPS 100/100 from 5.9 to 23 ms at batch 16, bench/results/frontier-h200.md), summed over a batch and
+  divided by its tokens. Once the prefill worker's cost is known a few small mixed steps measure theirs, and the
+  losing lane is sampled again every REEXPLORE_EVERY placements. Until both are measured the earlier rule holds:
+  inline when it is predicted to give the chunk its first token sooner (it joins the decode executor's next step,
+  after the running one ends) than the prefill worker (after its running batch, if any), only while the decode
+  step period plus the chunk's stall, spread over an output's tokens, stays inside the TPOT SLO (TPOT is an
+  average per request), and only while the prefill worker would not meet half the TTFT SLO anyway.
 
 Plain Python (no torch): the same object runs in the engine core and in rapid.bench.simulate.
 """
