@@ -55,9 +55,11 @@ def test_a_killed_engine_process_ends_requests_with_an_error_then_restarts(tiny_
 
 def test_the_core_process_never_sleeps_while_its_executor_has_work():
     """With async scheduling a step can launch and read nothing back (the pipeline's first step): the core process
-    must poll again at once, not wait 50 ms on its inbox (measured before the fix, through `rapid serve` on the
-    tiny model: a 50-60 ms gap after every first token)."""
-    from rapid.engine.core_process import HybridExecutor
+    must poll again at once, not wait on its inbox (measured before the fix, through `rapid serve` on the tiny
+    model: a 50-60 ms gap after every first token)."""
+    from types import SimpleNamespace
+
+    from rapid.engine.core_process import IDLE_POLL_MS, HybridExecutor, poll_timeout_ms
     from rapid.engine.inproc import InprocWorkers
 
     class Loop:
@@ -68,9 +70,11 @@ def test_the_core_process_never_sleeps_while_its_executor_has_work():
 
     executor = HybridExecutor.__new__(HybridExecutor)  # its model set-up is not under test
     executor.workers = InprocWorkers(Loop())
-    assert not executor.busy()
-    executor.workers.loop.work = True
-    assert executor.busy()
+    idle, progressed = SimpleNamespace(progressed=False), SimpleNamespace(progressed=True)
+    assert poll_timeout_ms(idle, executor) == poll_timeout_ms(idle, None) == IDLE_POLL_MS > 0
+    assert poll_timeout_ms(progressed, executor) == poll_timeout_ms(progressed, None) == 0
+    executor.workers.loop.work = True  # a step in flight
+    assert poll_timeout_ms(idle, executor) == 0
     executor.workers.loop.work = False
     executor.workers.pending.append(object())  # an answer (Dropped) not yet delivered
-    assert executor.busy()
+    assert poll_timeout_ms(idle, executor) == 0

@@ -88,6 +88,15 @@ class HybridExecutor:
         self.setup.close()
 
 
+IDLE_POLL_MS = 50  # how long the core waits on its inbox (and the workers' results) when nothing is due
+
+
+def poll_timeout_ms(core: EngineCore, executor: HybridExecutor | None) -> int:
+    """0 while work is due that no socket would announce: results just applied (more may follow at once), or a
+    hybrid step in flight (with async scheduling a step can launch and read nothing back)."""
+    return 0 if core.progressed or (executor is not None and executor.busy()) else IDLE_POLL_MS
+
+
 def core_main(raw_args: bytes) -> None:
     args: WorkerArgs = decode_args(raw_args)
     ipc.child_setup(args.log_path, args.name, args.log_level)
@@ -113,7 +122,7 @@ def core_main(raw_args: bytes) -> None:
             poller.register(workers.results.sock, zmq.POLLIN)
         running = True
         while running:
-            poller.poll(0 if core.progressed or (executor and executor.busy()) else 50)
+            poller.poll(poll_timeout_ms(core, executor))
             deltas: list[RequestDelta] = []
             for msg in inbox.drain():
                 running, produced = _handle(core, msg, outbox)
