@@ -153,3 +153,20 @@ def test_bench_serve_configurations_are_modes_with_placement_and_split(capsys):
     # checked before any engine starts (the model folder does not even exist): exit 2, the entry named
     assert main(["bench", "serve", "--model", "/nonexistent", "--modes", "hybrid,rapid:fast", "--duration-s", "1"]) == 2
     assert "'rapid:fast'" in capsys.readouterr().err
+
+
+def test_engine_counters_per_rate_survive_a_restart():
+    """Per rate: the counters' differences; after a restart (counters reset) the new incarnation's own counts."""
+    from rapid.bench.serve import _engine_during
+
+    before = {"prefill_tokens_by_lane": {"decode": 100}, "prefill_batches_by_lane": {"decode": 3}, "preemptions": 2,
+              "restarts": 0}
+    steady = {"prefill_tokens_by_lane": {"decode": 140}, "prefill_batches_by_lane": {"decode": 4}, "preemptions": 3,
+              "restarts": 0}
+    restarted = {"prefill_tokens_by_lane": {"decode": 40}, "prefill_batches_by_lane": {"decode": 1}, "preemptions": 0,
+                 "restarts": 1}
+    got = _engine_during(before, steady, "adaptive")
+    assert got == {"placement_policy": "adaptive", "preemptions": 1, "restarts": 0,
+                   "prefill_tokens_by_lane": {"decode": 40}, "prefill_batches_by_lane": {"decode": 1}}
+    got = _engine_during(before, restarted, "adaptive")
+    assert got["restarts"] == 1 and got["prefill_tokens_by_lane"] == {"decode": 40} and got["preemptions"] == 0

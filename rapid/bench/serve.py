@@ -159,12 +159,18 @@ def _write(summary: dict, out_dir: Path) -> None:
 
 def _engine_counts(stats) -> dict:
     return {"prefill_tokens_by_lane": dict(stats.prefill_tokens_by_lane),
-            "prefill_batches_by_lane": dict(stats.prefill_batches_by_lane), "preemptions": stats.num_preemptions}
+            "prefill_batches_by_lane": dict(stats.prefill_batches_by_lane), "preemptions": stats.num_preemptions,
+            "restarts": stats.num_restarts}
 
 
 def _engine_during(before: dict, after: dict, policy: str) -> dict:
-    """What the engine did during one rate (its counters' differences): where the prompts ran, preemptions."""
-    out = {"placement_policy": policy, "preemptions": after["preemptions"] - before["preemptions"]}
+    """What the engine did during one rate (its counters' differences): where the prompts ran, preemptions. A
+    restart during the rate resets the counters: then they are the new incarnation's, and `restarts` says so."""
+    restarts = after["restarts"] - before["restarts"]
+    if restarts:
+        before = {"prefill_tokens_by_lane": {}, "prefill_batches_by_lane": {}, "preemptions": 0}
+    out = {"placement_policy": policy, "preemptions": after["preemptions"] - before["preemptions"],
+           "restarts": restarts}
     for key in ("prefill_tokens_by_lane", "prefill_batches_by_lane"):
         out[key] = {lane: n - before[key].get(lane, 0) for lane, n in after[key].items()}
     return out
