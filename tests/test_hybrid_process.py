@@ -59,8 +59,8 @@ def test_the_core_process_never_sleeps_while_its_executor_has_work():
     model: a 50-60 ms gap after every first token)."""
     from types import SimpleNamespace
 
-    from rapid.engine.core_process import IDLE_POLL_MS, HybridExecutor, poll_timeout_ms
-    from rapid.engine.inproc import InprocWorkers
+    from rapid.engine.core_process import IDLE_POLL_MS, poll_timeout_ms
+    from rapid.engine.inproc import HybridExecutor, InprocWorkers
 
     class Loop:
         work = False

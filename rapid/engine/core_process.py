@@ -15,6 +15,7 @@ import zmq
 
 from rapid.engine import ipc
 from rapid.engine.core import EngineCore
+from rapid.engine.inproc import HybridExecutor
 from rapid.protocol.engine import (
     AbortRequest, AddRequest, CoreInput, EngineOutputs, GetStats, RequestDelta, SetTokenBudget, Shutdown,
 )
@@ -63,31 +64,6 @@ def _handle(core: EngineCore, msg, outbox: ipc.Channel) -> tuple[bool, list[Requ
     return True, []
 
 
-class HybridExecutor:
-    """Mode hybrid's model and executor in this process (the InprocWorkers of rapid.engine.inproc)."""
-
-    def __init__(self, args: WorkerArgs):
-        from rapid.engine.inproc import InprocWorkers
-        from rapid.worker.decode_loop import DecodeLoop
-        from rapid.worker.memory import max_reserved_bytes
-        from rapid.worker.model_setup import ModelSetup
-
-        self.setup = ModelSetup(args.config, "hybrid", shared=False)
-        runner = self.setup.make_runner(tuple(args.eos_token_ids))
-        self.workers = InprocWorkers(DecodeLoop(runner, self.setup.config, args.eos_token_ids))
-        self.num_blocks = self.setup.num_blocks
-        # the memory plan names the role ("hybrid"); MPClient checks each process by its name ("core")
-        self.ready_fields = {"max_reserved_bytes": max_reserved_bytes(self.setup.device),
-                             "allowed_bytes": {args.name: self.setup.allowed_bytes.get("hybrid", 0)}}
-
-    def busy(self) -> bool:
-        """Steps to run or answers to deliver: the core must not sleep on its inbox (nothing else wakes it)."""
-        return bool(self.workers.pending) or self.workers.loop.has_work()
-
-    def close(self) -> None:
-        self.setup.close()
-
-
 IDLE_POLL_MS = 50  # how long the core waits on its inbox (and the workers' results) when nothing is due
 
 
@@ -95,6 +71,14 @@ def poll_timeout_ms(core: EngineCore, executor: HybridExecutor | None) -> int:
     """0 while work is due that no socket would announce: results just applied (more may follow at once), or a
     hybrid step in flight (with async scheduling a step can launch and read nothing back)."""
     return 0 if core.progressed or (executor is not None and executor.busy()) else IDLE_POLL_MS
+
+
+def _memory_fields(executor: HybridExecutor, name: str) -> dict:
+    """The ready handshake's memory figures: MPClient checks each process's peak against its plan by its name."""
+    from rapid.worker.memory import max_reserved_bytes
+
+    return {"max_reserved_bytes": max_reserved_bytes(executor.setup.device),
+            "allowed_bytes": {name: executor.allowed_bytes}}
 
 
 def core_main(raw_args: bytes) -> None:
@@ -108,14 +92,15 @@ def core_main(raw_args: bytes) -> None:
     ready = ipc.Channel(ctx, zmq.PUSH, args.endpoints["ready"], bind=False)
     executor = workers = None
     try:
-        executor = HybridExecutor(args) if args.config.mode == "hybrid" else None  # a failure logs its traceback
+        if args.config.mode == "hybrid":  # inside the try: a failure to load the model logs its traceback
+            executor = HybridExecutor(args.config, args.eos_token_ids)
         workers = executor.workers if executor else ZmqWorkers(ctx, args.endpoints)
-        num_blocks = executor.num_blocks if executor else args.num_blocks
+        num_blocks = executor.setup.num_blocks if executor else args.num_blocks
         core = EngineCore(args.config, load_tokenizer(args.config.tokenizer), args.eos_token_ids, workers,
                           num_blocks, num_decode_blocks=args.peer_num_blocks)
         ready.send(WorkerReady(args.name, os.getpid(), num_blocks=core.num_blocks,
                                max_num_seqs=core.config.scheduler.max_num_seqs,
-                               **(executor.ready_fields if executor else {})))
+                               **(_memory_fields(executor, args.name) if executor else {})))
         poller = zmq.Poller()
         poller.register(inbox.sock, zmq.POLLIN)
         if executor is None:

@@ -42,19 +42,41 @@ class InprocWorkers:
         return out
 
 
-class InprocClient(EngineClient):
-    def __init__(self, config: EngineConfig, tokenizer, eos_token_ids):
+class HybridExecutor:
+    """Mode hybrid's model and its one executor in this process (the user's, or the hybrid engine process of
+    rapid.engine.core_process): what the engine core drives, as `workers`."""
+
+    def __init__(self, config: EngineConfig, eos_token_ids):
         from rapid.worker.decode_loop import DecodeLoop
-        from rapid.worker.memory import check_process_memory, max_reserved_bytes
         from rapid.worker.model_setup import ModelSetup
 
-        t0 = time.perf_counter()
         self.setup = ModelSetup(config, "hybrid", shared=False)
         runner = self.setup.make_runner(tuple(eos_token_ids))
-        allowed = self.setup.allowed_bytes.get("hybrid", 0)
-        check_process_memory(f"hybrid engine (pid {os.getpid()})", max_reserved_bytes(self.setup.device), allowed)
-        self.core = EngineCore(config, tokenizer, eos_token_ids, InprocWorkers(DecodeLoop(runner, self.setup.config, eos_token_ids)),
-                               self.setup.num_blocks)
+        self.workers = InprocWorkers(DecodeLoop(runner, self.setup.config, eos_token_ids))
+
+    @property
+    def allowed_bytes(self) -> int:
+        """The torch memory its KV sizing allows this process."""
+        return self.setup.allowed_bytes.get("hybrid", 0)
+
+    def busy(self) -> bool:
+        """Steps to run or answers to deliver (a core that waits on sockets must not sleep: nothing would wake it)."""
+        return bool(self.workers.pending) or self.workers.loop.has_work()
+
+    def close(self) -> None:
+        self.setup.close()
+
+
+class InprocClient(EngineClient):
+    def __init__(self, config: EngineConfig, tokenizer, eos_token_ids):
+        from rapid.worker.memory import check_process_memory, max_reserved_bytes
+
+        t0 = time.perf_counter()
+        self.executor = HybridExecutor(config, eos_token_ids)
+        self.setup = self.executor.setup
+        check_process_memory(f"hybrid engine (pid {os.getpid()})", max_reserved_bytes(self.setup.device),
+                             self.executor.allowed_bytes)
+        self.core = EngineCore(config, tokenizer, eos_token_ids, self.executor.workers, self.setup.num_blocks)
         self.num_blocks = self.core.num_blocks
         self.max_num_seqs = self.core.config.scheduler.max_num_seqs
         self._pending: list[RequestDelta] = []
@@ -94,7 +116,7 @@ class InprocClient(EngineClient):
             return
         device = self.setup.device
         self.core = None
-        self.setup.close()
+        self.executor.close()
         import gc
 
         gc.collect()

@@ -1,5 +1,6 @@
-"""MPClient: the frontend side of modes 'rapid' and 'disagg' (and of 'hybrid' with engine_process). It starts and supervises the processes that
-rapid/engine/launch.py declares (the engine core and its two workers) in stage order (rapid/engine/processes.py).
+"""MPClient: the frontend side of modes 'rapid' and 'disagg' (and of 'hybrid' with engine_process). It starts and
+supervises the processes that rapid/engine/launch.py declares (the engine core and its workers) in stage order
+(rapid/engine/processes.py).
 
 Each reports ready through a handshake with a timeout. SIGTERM (or SIGHUP) during the start, when the
 start runs in the main thread, cleans up (children stopped, socket directory removed, arena unlinked)
@@ -196,14 +197,18 @@ class MPClient(EngineClient):
             dead = self.procs.dead_child()  # checked on every call: a steady stream of output must not hide a death
             if dead is not None:
                 return self._on_death(dead.death_reason())
-            left_ms = int(max(deadline - time.monotonic(), 0.0) * 1e3)
-            msg = self.procs.out.recv(timeout_ms=min(POLL_MS, max(left_ms, 1)))
+            msg = self._recv_before(deadline)
             if isinstance(msg, EngineOutputs):
                 return self._track(msg.deltas)
             if isinstance(msg, EngineDead):
                 return self._on_death(f"engine core: {msg.reason}")
             if time.monotonic() > deadline:
                 return []
+
+    def _recv_before(self, deadline: float):
+        """The core's next message (None if none came), waiting at most a poll interval and never past `deadline`."""
+        left_ms = int(max(deadline - time.monotonic(), 0.0) * 1e3)
+        return self.procs.out.recv(timeout_ms=min(POLL_MS, max(left_ms, 1)))
 
     def _track(self, deltas: list[RequestDelta]) -> list[RequestDelta]:
         """Requests these deltas finish are no longer in flight (a death does not end them again)."""
@@ -218,8 +223,7 @@ class MPClient(EngineClient):
         self.procs.inp.send(GetStats())
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            left_ms = int(max(deadline - time.monotonic(), 0.0) * 1e3)
-            msg = self.procs.out.recv(timeout_ms=min(POLL_MS, max(left_ms, 1)))
+            msg = self._recv_before(deadline)
             if isinstance(msg, Stats):
                 return msgspec.structs.replace(msg, num_restarts=self.num_restarts)
             if isinstance(msg, EngineOutputs):

@@ -60,6 +60,7 @@ class EngineProcesses:
     def __init__(self, config: EngineConfig, ctx: zmq.Context, directory: str, number: int,
                  eos_token_ids: tuple[int, ...], mps: MpsDaemon | None, devices: dict[str, str]):
         self.config, self.ctx, self.dir, self.number = config, ctx, directory, number
+        self.topology = launch.topology(config)  # the TOPOLOGY entry this start follows
         self.eos_token_ids, self.mps, self.devices = eos_token_ids, mps, devices
         self.endpoints = {n: ipc.endpoint(directory, f"{n}-{number}") for n in CHANNELS}
         self.children: list[ChildProcess] = []
@@ -75,11 +76,11 @@ class EngineProcesses:
     def start(self) -> None:
         """Spawn every process at once (their interpreters and imports overlap), then hand each stage its
         arguments once the previous stage is ready (an importer needs the owner's published arena)."""
-        stages = launch.stages(launch.topology(self.config))
+        stages = launch.stages(self.topology)
         spawned = {role.name: self._spawn(role.name) for stage in stages for role in stage}
         for stage in stages:
             for role in stage:
-                self._send_args(spawned[role.name], **launch.spawn_fields(launch.topology(self.config), role, self.started))
+                self._send_args(spawned[role.name], **launch.spawn_fields(self.topology, role, self.started))
             for ready in self._wait_ready(*(spawned[role.name] for role in stage)).values():
                 if ready.arena is not None and ready.arena.kind == "shm":  # removed even if its owner is killed
                     self.shm_names.append(ready.arena.shm_name)
@@ -152,7 +153,7 @@ class EngineProcesses:
             return
         self.stopped = True
         try:
-            for stage in launch.stop_order(launch.topology(self.config)):
+            for stage in launch.stop_order(self.topology):
                 group = [c for c in self.children if c.name in stage]
                 told = [c for c in group if graceful and c.alive() and c.name in self.started and self._tell_stop(c)]
                 for child in group:
