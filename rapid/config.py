@@ -25,7 +25,7 @@ DTYPES = ("auto", "float32", "float", "bfloat16", "float16", "half")
 ATTENTION_BACKENDS = ("auto", "reference", "triton", "flashinfer")
 PREFILL_ATTENTIONS = ("flash", "cudnn", "auto", "paged")
 LOAD_FORMATS = ("safetensors", "dummy")
-PLACEMENTS = ("adaptive", "static")
+PLACEMENTS = ("adaptive", "static", "atom")
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
@@ -70,9 +70,8 @@ class CacheConfig:
 # max_num_seqs=None: fitted to the KV pool once it is sized (fit_to_pool): as many sequences as the pool holds at
 # max_model_len tokens each (above the floor, that many full-length sequences fit without preempting one another),
 # within AUTO_MAX_NUM_SEQS. Measured on the H200 (8B, 1,024 requests of 1000 in and 1000 out): 256 sequences with
-# 8192 tokens a step gave 8,872 output tok/s; pool / 1,024 tokens (nearer vLLM's 1,024) with 16384 tokens gave
-# 7,137 (bench/results/offline-h200.md). Those runs did not record preemptions: that the overcommitted pool
-# preempted and recomputed sequences is the likely cause, not a measured one.
+# 8192 tokens a step gave 8,872 output tok/s; pool / 1,024 tokens with 16384 tokens 7,137; 512 sequences with no
+# preemption (admission_reserve 1) 8,683 (bench/results/offline-h200.md).
 AUTO_MAX_NUM_SEQS = (256, 1024)
 
 
@@ -111,10 +110,15 @@ class RapidConfig:
     # 1.00x after; serving, session 12: a lower median TTFT than hybrid at equal TPOT).
     prefill_sm_percentage: int = 100
     decode_sm_percentage: int = 100
+    # a second prefill worker at this MPS share, mapping the same arena (None: none). A process's share is fixed at
+    # its start, so this is the run-time spatial lever: the placement policy routes each prefill batch to one of them
+    second_prefill_sm_percentage: int | None = None
     use_mps: bool = True  # False: time-sliced (no real concurrency), with a warning
     worker_start_timeout_s: float = 300.0
     decode_lookahead_blocks: int = 2  # blocks granted ahead of a decoding sequence
-    placement: str = "adaptive"  # where prefill runs: adaptive (per batch) or static (always the prefill worker)
+    # where prefill runs: adaptive (per batch), static (always the prefill worker), atom (the rule of the paper's
+    # ROCm ATOM engine: the second prefill worker while decodes run ATOM_MIN_DECODE_BATCH or more, else the first)
+    placement: str = "adaptive"
     slo_ttft_ms: float | None = None  # the SLOs the adaptive placement plans for; None: maximise throughput
     slo_tpot_ms: float | None = None
 
@@ -122,6 +126,11 @@ class RapidConfig:
         for name in ("prefill_sm_percentage", "decode_sm_percentage"):
             v = getattr(self, name)
             _check(_is_int(v) and 1 <= v <= 100, f"{name} must be an integer in [1, 100], got {v!r}")
+        v = self.second_prefill_sm_percentage
+        _check(v is None or (_is_int(v) and 1 <= v <= 100),
+               f"second_prefill_sm_percentage must be an integer in [1, 100] or None, got {v!r}")
+        _check(self.placement != "atom" or v is not None, "placement 'atom' routes prefill batches between two prefill "
+               "workers: give second_prefill_sm_percentage too (ATOM restricts prefill to half the GPU: 50)")
         _check(_is_number(self.worker_start_timeout_s) and self.worker_start_timeout_s > 0,
                f"worker_start_timeout_s must be > 0, got {self.worker_start_timeout_s!r}")
         _check_bool(self, "use_mps")
@@ -156,6 +165,9 @@ class EngineConfig:
 
     def __post_init__(self):
         _check(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
+        _check(self.mode == "rapid" or self.rapid.second_prefill_sm_percentage is None,
+               f"second_prefill_sm_percentage ({self.rapid.second_prefill_sm_percentage}) needs mode 'rapid' (the "
+               f"prefill workers share the decode worker's GPU), not {self.mode!r}")
         _check(not isinstance(self.dtype, str) or self.dtype in DTYPES,
                f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         _check(isinstance(self.device, str) and (self.device in ("auto", "cpu", "cuda") or
@@ -276,6 +288,10 @@ class EngineArgs:
     decode_sm_percentage: int = _shared(
         RapidConfig, "decode_sm_percentage", "mode rapid: percentage of the SMs the decode worker may use",
         gpu_only=True)
+    second_prefill_sm_percentage: int | None = _shared(
+        RapidConfig, "second_prefill_sm_percentage", "mode rapid: start a second prefill worker at this percentage "
+        "of the SMs, mapping the same weights and KV; the placement policy picks a prefill worker per batch (the "
+        "run-time spatial lever)", none="one prefill worker")
     use_mps: bool = _shared(
         RapidConfig, "use_mps", "mode rapid: run the two workers under CUDA MPS; without it they are time-sliced "
         "(no real concurrency, with a warning)", gpu_only=True)
@@ -287,8 +303,9 @@ class EngineArgs:
         "sequence")
     placement: str = _shared(
         RapidConfig, "placement", "mode rapid: where each prefill batch runs; adaptive: inside the decode step "
-        "(hybrid batching) or on the prefill worker, chosen per batch from the load and the SLOs; static: always the "
-        "prefill worker", choices=PLACEMENTS)
+        "(hybrid batching) or on a prefill worker, chosen per batch from the load and the SLOs; static: always the "
+        "prefill worker; atom: the ROCm ATOM rule (the second prefill worker while 64 or more requests decode, "
+        "else the first)", choices=PLACEMENTS)
     slo_ttft_ms: float | None = _shared(
         RapidConfig, "slo_ttft_ms", "time-to-first-token SLO in ms that mode rapid's adaptive placement plans for",
         none="none: maximise throughput")

@@ -166,7 +166,7 @@ def test_the_concurrent_cost_counts_every_decode_step_beside_a_batch(steps_per_b
     p = AdaptivePlacement(8192)
     p.observe_decode_step(20.0, beside_prefill=True)
     p.observe_prefill(PREFILL, 1000, 0.1, num_decoding=64)  # no decode step alone yet: not counted
-    assert p.costs.beside_batches == 0
+    assert p.costs.beside_batches.get(PREFILL, 0) == 0
     p.observe_decode_step(10.0)
     for _ in range(10):
         for _ in range(steps_per_batch):

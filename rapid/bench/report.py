@@ -52,10 +52,13 @@ def _mode_lines(mode: str, e: dict, pairs: list[str], has_slos: bool) -> list[st
     lines.append("")
     placed = [(r["request_rate"], r["engine"]) for r in e["per_rate"] if r.get("engine")]
     if placed:  # where the prompts ran (in-process runs record the engine's counters)
+        two = any(g["prefill_tokens_by_lane"].get("prefill2") for _, g in placed)
+        lanes = ("decode", "prefill", "prefill2") if two else ("decode", "prefill")
         lines.append(f"- placement ({placed[0][1]['placement_policy']}): prompt tokens on the decode lane (mixed "
-                     "steps) / the prefill worker, preemptions: " + "; ".join(
-                         f"{rate:g} req/s {g['prefill_tokens_by_lane'].get('decode', 0):,} / "
-                         f"{g['prefill_tokens_by_lane'].get('prefill', 0):,}, {g['preemptions']}" for rate, g in placed))
+                     f"steps) / the prefill worker{' / the second prefill worker' if two else ''}, preemptions: "
+                     + "; ".join(f"{rate:g} req/s " + " / ".join(f"{g['prefill_tokens_by_lane'].get(lane, 0):,}"
+                                                                 for lane in lanes) + f", {g['preemptions']}"
+                                 for rate, g in placed))
     if has_slos:
         g = None if "goodput_rps" not in e else {
             "rate": e["goodput_rps"], "rate_per_gpu": e["goodput_rps_per_gpu"],

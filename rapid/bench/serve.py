@@ -31,7 +31,8 @@ GPUS_PER_MODE = {"hybrid": 1, "rapid": 1, "disagg": 2}
 def parse_configuration(label: str) -> tuple[str, dict]:
     """A --modes entry -> (mode, EngineArgs overrides): 'hybrid', 'rapid', 'rapid:static', 'rapid:adaptive',
     'rapid:static:50/50' (placement and/or prefill/decode MPS split), 'rapid:adaptive:slo=500/25' (the SLOs the
-    placement plans for: TTFT/TPOT ms), so every baseline runs on the same traces."""
+    placement plans for: TTFT/TPOT ms), 'rapid:atom:p2=50' (a second prefill worker at 50% of the SMs), so every
+    baseline runs on the same traces."""
     from rapid.config import MODES, PLACEMENTS, RapidConfig
 
     mode, *parts = label.split(":")
@@ -40,7 +41,8 @@ def parse_configuration(label: str) -> tuple[str, dict]:
     overrides: dict = {}
     seen: set[str] = set()
     for part in parts:
-        kind = "placement" if part in PLACEMENTS else "SLO pair" if part.startswith("slo=") else "MPS split"
+        kind = ("placement" if part in PLACEMENTS else "SLO pair" if part.startswith("slo=")
+                else "second prefill share" if part.startswith("p2=") else "MPS split")
         if kind in seen:
             raise ValueError(f"--modes entry {label!r}: more than one {kind}")
         seen.add(kind)
@@ -51,14 +53,16 @@ def parse_configuration(label: str) -> tuple[str, dict]:
                 overrides["slo_ttft_ms"], overrides["slo_tpot_ms"] = (float(x) for x in part[4:].split("/"))
             except ValueError:
                 raise ValueError(f"--modes entry {label!r}: {part!r} needs numbers, as slo=500/25") from None
+        elif part.startswith("p2=") and part[3:].isdigit():
+            overrides["second_prefill_sm_percentage"] = int(part[3:])
         elif part.count("/") == 1 and all(x.isdigit() for x in part.split("/")):
             p, d = (int(x) for x in part.split("/"))
             overrides.update(prefill_sm_percentage=p, decode_sm_percentage=d)
         else:
             raise ValueError(f"--modes entry {label!r}: {part!r} is neither a placement {PLACEMENTS}, an MPS split "
-                             "such as 50/50, nor SLOs such as slo=500/25")
+                             "such as 50/50, SLOs such as slo=500/25, nor a second prefill share such as p2=50")
     if overrides and mode != "rapid":
-        raise ValueError(f"--modes entry {label!r}: a placement, MPS split or SLOs apply to mode 'rapid' only")
+        raise ValueError(f"--modes entry {label!r}: a placement, MPS split, SLOs or p2= apply to mode 'rapid' only")
     try:
         RapidConfig(**overrides)  # the values themselves (split in [1, 100], SLOs positive), before any engine
     except ValueError as e:
@@ -80,7 +84,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="--backend openai: vocabulary of the random prompts (default: the --model folder's config)")
     p.add_argument("--modes", default=None, help="comma list of configurations to sweep on the same traces (default: "
                    "--mode): a mode, or rapid with a placement, MPS split and/or SLOs, e.g. hybrid,rapid:static:100/100,"
-                   "rapid:static:50/50,rapid:adaptive:slo=500/25; with --backend openai, the one label of the server's "
+                   "rapid:static:50/50,rapid:adaptive:slo=500/25,rapid:atom:p2=50; with --backend openai, the one label of the server's "
                    "mode")
     p.add_argument("--dataset-name", default="sharegpt-like", choices=["random", "sharegpt", "sharegpt-like"],
                    help="sharegpt-like: ShareGPT-shaped lengths, random tokens (default: %(default)s)")

@@ -7,8 +7,10 @@ cost inside a mixed step, the prefill worker's tokens/s, and how long requests' 
 
 - **Nothing decodes**: the lane that has prefilled more cheaply per token (each is tried once: inline needs no
   hand-off between processes, the prefill worker has its prefill graphs).
-- **Something decodes**: the prefill worker where it costs the running decodes clearly less per prompt token
-  (at most CHEAPER of a mixed step's cost), else hybrid batching. Both costs are measured: a mixed step stalls
+- **Something decodes**: a prefill worker where it costs the running decodes clearly less per prompt token
+  (at most CHEAPER of a mixed step's cost), else hybrid batching. With a second prefill worker (at a restricted MPS
+  share: the spatial lever) each prefill worker's cost is learned apart, and the cheaper one is used unless its
+  rate would not give the queue its first tokens within the TTFT SLO. Both costs are measured: a mixed step stalls
   the decodes for its prompt work (its marginal time per prompt token, learned from mixed steps only: a step with
   nothing decoding carries the step's fixed cost); the prefill worker slows every decode step it runs beside (on
   the H200 at MPS 100/100 from 5.9 to 23 ms at batch 16, bench/results/frontier-h200.md), summed over a batch and
@@ -24,15 +26,18 @@ Plain Python (no torch): the same object runs in the engine core and in rapid.be
 
 from __future__ import annotations
 
-from rapid.core.placement import DECODE, PREFILL, Load, Placement, ewma, placement_for_mode
+from rapid.core.placement import (
+    DECODE, PREFILL, PREFILL2, AtomPlacement, Load, Placement, ewma, placement_for_mode,
+)
 
 TPOT_MARGIN = 0.8  # plan decode steps to at most this share of the TPOT SLO
+TTFT_MARGIN = 0.8  # a prefill worker keeps the queue inside the TTFT SLO when it would prefill it within this share
 TTFT_RELAXED = 0.5  # the prefill worker gives a first token within this share of the TTFT SLO: no mixed step
 CHEAPER = 0.8  # concurrent prefill is "cheaper" for the decodes when it costs them at most this share of inline
 DECAY = 0.98  # weight kept by the running sums of the concurrent lane's cost at each new observation
 EXPLORE_MIXED = 3  # mixed steps tried (once the concurrent lane's cost is known) to learn what they cost
 MIN_BESIDE_BATCHES = 3  # prefill batches beside decodes before the concurrent lane's cost is trusted
-REEXPLORE_EVERY = 64  # placements on the cheaper lane between two samples of the other one (costs drift)
+REEXPLORE_EVERY = 64  # placements on the cheapest lane between two samples of another one (costs drift)
 SMALL_CHUNK = 512  # prompt tokens of an exploring mixed step
 
 
@@ -48,14 +53,20 @@ class StepCosts:
         # a prompt token in a step with nothing decoding (the step's fixed cost included: with short prompts it
         # dwarfs a mixed step's marginal cost, so the two are learned apart)
         self.idle_inline_ms_per_token: float | None = None
-        self.prefill_tok_s: float | None = None  # the prefill worker's rate
+        self.prefill_rates: dict[str, float] = {}  # each prefill worker's tokens/s
         self.output_len: float | None = None  # tokens a finished request produced
-        # decode time lost beside the prefill worker, and the prompt tokens it prefilled meanwhile (decayed sums,
-        # one term per prefill batch: the steps beside a batch are summed until it ends)
-        self.beside_extra_ms = 0.0
-        self.beside_tokens = 0.0
-        self.beside_batches = 0
+        # per prefill worker: decode time lost beside it, and the prompt tokens it prefilled meanwhile (decayed sums,
+        # one term per prefill batch: the steps beside a batch, one batch on the prefill side at a time, are summed
+        # until it ends), and the batches summed
+        self.beside_extra_ms: dict[str, float] = {}
+        self.beside_tokens: dict[str, float] = {}
+        self.beside_batches: dict[str, int] = {}
         self.extra_this_batch_ms = 0.0
+
+    @property
+    def prefill_tok_s(self) -> float | None:
+        """The (full-share) prefill worker's rate."""
+        return self.prefill_rates.get(PREFILL)
 
     def decode_step(self, step_ms: float, beside_prefill: bool, mixed: bool = False) -> None:
         if mixed:
@@ -71,7 +82,9 @@ class StepCosts:
         """What one prompt token costs the running decodes (ms of decode time) on `lane`; None until measured."""
         if lane == DECODE:
             return self.inline_ms_per_token[False]
-        return self.beside_extra_ms / self.beside_tokens if self.beside_batches >= MIN_BESIDE_BATCHES else None
+        if self.beside_batches.get(lane, 0) < MIN_BESIDE_BATCHES:
+            return None
+        return self.beside_extra_ms[lane] / self.beside_tokens[lane]
 
     def finished(self, num_output_tokens: int) -> None:
         self.output_len = ewma(self.output_len, max(num_output_tokens, 1))
@@ -79,13 +92,13 @@ class StepCosts:
     def prefill(self, lane: str, tokens: int, seconds: float, num_decoding: int, beside_prefill: bool = False) -> None:
         if tokens <= 0 or seconds <= 0:
             return
-        if lane == PREFILL:
-            self.prefill_tok_s = ewma(self.prefill_tok_s, tokens / seconds)
+        if lane != DECODE:
+            self.prefill_rates[lane] = ewma(self.prefill_rates.get(lane), tokens / seconds)
             extra, self.extra_this_batch_ms = self.extra_this_batch_ms, 0.0
             if num_decoding and self.decode_alone_ms is not None:  # its cost needs the decode step alone
-                self.beside_extra_ms = DECAY * self.beside_extra_ms + extra
-                self.beside_tokens = DECAY * self.beside_tokens + tokens
-                self.beside_batches += 1
+                self.beside_extra_ms[lane] = DECAY * self.beside_extra_ms.get(lane, 0.0) + extra
+                self.beside_tokens[lane] = DECAY * self.beside_tokens.get(lane, 0.0) + tokens
+                self.beside_batches[lane] = self.beside_batches.get(lane, 0) + 1
             return
         if not num_decoding:
             self.idle_inline_ms_per_token = ewma(self.idle_inline_ms_per_token, seconds * 1e3 / tokens)
@@ -105,13 +118,17 @@ class AdaptivePlacement:
     name = "adaptive"
     reads_load = True
 
-    def __init__(self, max_budget: int, slo_ttft_ms: float | None = None, slo_tpot_ms: float | None = None):
+    def __init__(self, max_budget: int, slo_ttft_ms: float | None = None, slo_tpot_ms: float | None = None,
+                 prefill_lanes: tuple[str, ...] = (PREFILL,)):
+        """`prefill_lanes`: the prefill workers, (PREFILL,) or with a second one at its own share (PREFILL, PREFILL2)."""
         if max_budget < 1:
             raise ValueError(f"max_budget must be >= 1, got {max_budget}")
         self.max_budget = max_budget
         self.slo_ttft_ms, self.slo_tpot_ms = slo_ttft_ms, slo_tpot_ms
+        self.prefill_lanes = tuple(prefill_lanes)
         self.costs = StepCosts()
-        self.on_cheaper = 0  # placements on the cheaper lane since the other one was last sampled
+        self.on_cheaper = 0  # placements on the cheapest lane since another one was last sampled
+        self.samples = 0  # other lanes sampled so far (they take turns)
 
     def observe_decode_step(self, step_ms: float, beside_prefill: bool = False, mixed: bool = False) -> None:
         self.costs.decode_step(step_ms, beside_prefill, mixed)
@@ -123,23 +140,67 @@ class AdaptivePlacement:
     def observe_finished(self, num_output_tokens: int) -> None:
         self.costs.finished(num_output_tokens)
 
+    def cost(self, lane: str) -> float | None:
+        return self.costs.decode_cost_ms_per_token(lane)
+
     def idle_lane(self) -> str:
         """Nothing decodes: the lane whose learned cost per prompt token is lower; each is tried once first."""
         c = self.costs
         inline = c.idle_inline_ms_per_token
         if inline is None:
             return DECODE
-        if c.prefill_tok_s is None:
+        if not c.prefill_rates:
             return PREFILL
-        return DECODE if inline <= 1e3 / c.prefill_tok_s else PREFILL
+        fastest = max(c.prefill_rates, key=c.prefill_rates.get)
+        return DECODE if inline <= 1e3 / c.prefill_rates[fastest] else fastest
 
-    def cheaper_lane(self) -> str | None:
-        """Concurrent prefill where it costs the running decodes clearly less per prompt token, else hybrid
-        batching (the simpler of the two, and the fallback where concurrency does not pay); None: not measured."""
-        inline, beside = (self.costs.decode_cost_ms_per_token(lane) for lane in (DECODE, PREFILL))
-        if inline is None or beside is None:
+    def in_time(self, load: Load, lane: str) -> bool:
+        """The prefill worker `lane` would give the whole queue its first tokens within the TTFT SLO (always true
+        without an SLO or before its rate is known)."""
+        rate = self.costs.prefill_rates.get(lane)
+        if self.slo_ttft_ms is None or rate is None:
+            return True
+        return load.oldest_wait_s * 1e3 + load.queued_tokens / rate * 1e3 <= TTFT_MARGIN * self.slo_ttft_ms
+
+    def prefill_lane(self, load: Load) -> str:
+        """The prefill worker for a batch: one not yet measured beside decodes first; then the one that costs the
+        decodes least per prompt token while it keeps the queue inside the TTFT SLO; else the fastest."""
+        unmeasured = [lane for lane in self.prefill_lanes if self.cost(lane) is None]
+        if unmeasured and load.num_decoding:
+            return unmeasured[0]
+        rates = self.costs.prefill_rates
+        for lane in sorted(self.prefill_lanes, key=lambda lane: self.cost(lane) or 0.0):
+            if self.in_time(load, lane):
+                return lane
+        return max(self.prefill_lanes, key=lambda lane: rates.get(lane, 0.0))
+
+    def cheapest_lane(self, load: Load) -> str | None:
+        """A prefill worker where it costs the running decodes clearly less per prompt token than a mixed step, else
+        hybrid batching (the simpler of the two, and the fallback where concurrency does not pay); None: not
+        measured."""
+        inline = self.cost(DECODE)
+        if inline is None or all(self.cost(lane) is None for lane in self.prefill_lanes):
             return None
-        return PREFILL if beside <= CHEAPER * inline else DECODE
+        lane = self.prefill_lane(load)
+        return lane if self.cost(lane) <= CHEAPER * inline else DECODE
+
+    def exploring(self, load: Load, chunk: int) -> Placement | None:
+        """A placement that measures a lane not yet measured beside decodes, once one prefill worker's cost is known:
+        a few small mixed steps, then each other prefill worker."""
+        if not any(self.cost(lane) is not None for lane in self.prefill_lanes):
+            return None  # the earlier rule measures the first prefill worker
+        if chunk > 0 and self.costs.mixed_samples < EXPLORE_MIXED and not load.prefill_lane_busy:
+            return Placement(DECODE, min(chunk, SMALL_CHUNK), "mixed step: measuring its cost beside decodes")
+        unmeasured = [lane for lane in self.prefill_lanes if self.cost(lane) is None]
+        if unmeasured:
+            return Placement(unmeasured[0], self.max_budget, "concurrent: measuring its cost beside decodes")
+        return None
+
+    def sample_other(self, best: str, chunk: int) -> str:
+        """Every REEXPLORE_EVERY placements one of the other lanes, in turn (costs drift with the load)."""
+        others = [lane for lane in (DECODE, *self.prefill_lanes) if lane != best and (lane != DECODE or chunk > 0)]
+        self.samples += 1
+        return others[self.samples % len(others)] if others else best
 
     def fits_tpot(self, load: Load, chunk: int) -> bool:
         """The chunk's stall in the next decode step, spread over an output's tokens, keeps the step period inside
@@ -161,7 +222,7 @@ class AdaptivePlacement:
         return load.decode_step_ms / 2 + load.decode_step_ms + chunk * per_token  # the running step ends first
 
     def concurrent_ttft_ms(self, load: Load, chunk: int) -> float | None:
-        """The chunk's first token on the prefill worker (None before its rate is known)."""
+        """The chunk's first token on the (full-share) prefill worker (None before its rate is known)."""
         rate = self.costs.prefill_tok_s
         if rate is None:
             return None
@@ -172,19 +233,19 @@ class AdaptivePlacement:
         if load.num_decoding == 0:
             return Placement(self.idle_lane(), self.max_budget, "decode idle")
         chunk = min(load.queued_tokens, self.max_budget, load.mixed_step_room)
-        if (chunk > 0 and self.costs.mixed_samples < EXPLORE_MIXED and not load.prefill_lane_busy
-                and self.costs.decode_cost_ms_per_token(PREFILL) is not None):
-            return Placement(DECODE, min(chunk, SMALL_CHUNK), "mixed step: measuring its cost beside decodes")
-        cheaper = self.cheaper_lane()
-        if cheaper is not None:
+        explore = self.exploring(load, chunk)
+        if explore is not None:
+            return explore
+        best = self.cheapest_lane(load)
+        if best is not None:
             self.on_cheaper += 1
-            if self.on_cheaper > REEXPLORE_EVERY:  # sample the other lane once: its cost may have changed
+            if self.on_cheaper > REEXPLORE_EVERY:
                 self.on_cheaper = 0
-                cheaper = PREFILL if cheaper == DECODE else DECODE if chunk > 0 else PREFILL
-        if cheaper == PREFILL:
-            return Placement(PREFILL, self.max_budget, "concurrent: cheaper for the decodes")
-        if cheaper == DECODE and chunk > 0:  # TPOT is an average: the cheaper lane is the better one even when tight
-            return Placement(DECODE, chunk, "mixed step: cheaper for the decodes")
+                best = self.sample_other(best, chunk)
+            if best != DECODE:
+                return Placement(best, self.max_budget, "concurrent: cheaper for the decodes")
+            if chunk > 0:  # TPOT is an average: the cheaper lane is the better one even when tight
+                return Placement(DECODE, chunk, "mixed step: cheaper for the decodes")
         inline = self.inline_ttft_ms(load, chunk) if chunk > 0 else None  # a full step takes no prompt
         if inline is not None:
             beside = self.concurrent_ttft_ms(load, chunk)
@@ -192,12 +253,17 @@ class AdaptivePlacement:
                        and load.oldest_wait_s * 1e3 + beside <= TTFT_RELAXED * self.slo_ttft_ms)
             if (beside is None or inline <= beside) and not relaxed:
                 return Placement(DECODE, chunk, "mixed step: sooner first token, inside the TPOT SLO")
-        return Placement(PREFILL, self.max_budget, "concurrent")
+        return Placement(self.prefill_lane(load), self.max_budget, "concurrent")
 
 
 def make_placement(config):
-    """The policy of an EngineConfig: adaptive for mode 'rapid' (unless placement='static'), else the mode's lane."""
+    """The policy of an EngineConfig: mode rapid's placement (adaptive, static or the ATOM rule), else the mode's
+    lane."""
+    rapid = config.rapid
+    if config.mode == "rapid" and rapid.placement == "atom":
+        return AtomPlacement()
     if config.places_adaptively:
-        rapid = config.rapid
-        return AdaptivePlacement(config.scheduler.max_num_batched_tokens, rapid.slo_ttft_ms, rapid.slo_tpot_ms)
+        lanes = (PREFILL,) if rapid.second_prefill_sm_percentage is None else (PREFILL, PREFILL2)
+        return AdaptivePlacement(config.scheduler.max_num_batched_tokens, rapid.slo_ttft_ms, rapid.slo_tpot_ms,
+                                 prefill_lanes=lanes)
     return placement_for_mode(config.mode)

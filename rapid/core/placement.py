@@ -1,11 +1,13 @@
 """Where prefill work runs: a decision of the one scheduler, asked before each prefill batch is built.
 
-Two lanes exist:
+The lanes:
 - `DECODE`: the decode executor (the one worker of mode 'hybrid', the decode worker of 'rapid'). Its
   every step runs the resident decodes; prefill chunks placed here join that step (hybrid batching,
   the budget shared with the decodes).
 - `PREFILL`: the prefill worker, which runs beside the decode executor (mode 'rapid': the same GPU under
   MPS; 'disagg': another GPU with its own KV pool).
+- `PREFILL2`: mode 'rapid' with `second_prefill_sm_percentage`: a second prefill worker at that MPS share (the
+  run-time spatial lever). One prefill batch runs on the two prefill workers at a time.
 
 A placement policy is any object with `place(load: Load | None) -> Placement` (None when its `reads_load` is
 False),
@@ -26,7 +28,10 @@ logger = logging.getLogger(__name__)
 DECODE = "decode"
 EWMA_WEIGHT = 0.2  # weight of the newest observation in the running averages of timings
 PREFILL = "prefill"
-LANES = (DECODE, PREFILL)
+PREFILL2 = "prefill2"
+PREFILL_LANES = (PREFILL, PREFILL2)
+LANES = (DECODE, PREFILL, PREFILL2)
+ATOM_MIN_DECODE_BATCH = 64  # the ATOM rule: prefill on the restricted share while at least this many decode
 
 
 def ewma(old: float | None, new: float) -> float:
@@ -42,7 +47,7 @@ class Load:
     queued_tokens: int  # prompt tokens still to compute (waiting and partly prefilled requests)
     oldest_wait_s: float  # how long the oldest request without a first token has waited
     decode_step_ms: float | None  # recent decode step period (EWMA); None before the first step
-    prefill_lane_busy: bool  # a batch is in flight on the prefill worker
+    prefill_lane_busy: bool  # a batch is in flight on a prefill worker
     mixed_step_room: int = 1 << 30  # prompt tokens a mixed step can still take (the step budget less the decodes)
 
 
@@ -55,8 +60,22 @@ class Placement:
     reason: str = ""  # a few words for logs and stats
 
 
+class ReadsNoTimings:
+    """The timing callbacks of a policy that decides without them (StaticPlacement, AtomPlacement)."""
+
+    def observe_decode_step(self, step_ms: float, beside_prefill: bool = False, mixed: bool = False) -> None:
+        pass
+
+    def observe_prefill(self, lane: str, tokens: int, seconds: float, num_decoding: int = 0,
+                        beside_prefill: bool = False) -> None:
+        pass
+
+    def observe_finished(self, num_output_tokens: int) -> None:
+        pass
+
+
 @dataclass(frozen=True)
-class StaticPlacement:
+class StaticPlacement(ReadsNoTimings):
     """Every prefill batch goes to the same lane: DECODE for 'hybrid', PREFILL for 'rapid' and 'disagg'."""
 
     lane: str
@@ -73,19 +92,23 @@ class StaticPlacement:
     def place(self, load: Load) -> Placement:
         return Placement(self.lane, None, "static")
 
-    def observe_decode_step(self, step_ms: float, beside_prefill: bool = False, mixed: bool = False) -> None:
-        pass
-
-    def observe_prefill(self, lane: str, tokens: int, seconds: float, num_decoding: int = 0,
-                        beside_prefill: bool = False) -> None:
-        pass
-
-    def observe_finished(self, num_output_tokens: int) -> None:
-        pass
-
 
 def placement_for_mode(mode: str) -> StaticPlacement:
     return StaticPlacement(DECODE if mode == "hybrid" else PREFILL)
+
+
+class AtomPlacement(ReadsNoTimings):
+    """The fixed rule of the paper's ROCm ATOM engine, as a baseline: both phases on the whole GPU, unless prefill
+    work waits while at least ATOM_MIN_DECODE_BATCH requests decode; then the prefill side is restricted (ATOM splits
+    the CUs 50/50; here the second prefill worker's MPS share, with the decode worker keeping its own)."""
+
+    name = "atom"
+    reads_load = True
+
+    def place(self, load: Load) -> Placement:
+        if load.num_decoding >= ATOM_MIN_DECODE_BATCH:
+            return Placement(PREFILL2, None, f"atom: {load.num_decoding} decoding, prefill restricted")
+        return Placement(PREFILL, None, "atom: whole GPU")
 
 
 class PlacementLog:
@@ -93,21 +116,21 @@ class PlacementLog:
 
     def __init__(self, policy: str):
         self.policy = policy
-        self.batches = dict.fromkeys(LANES, 0)
-        self.tokens = dict.fromkeys(LANES, 0)
+        self.batches = dict.fromkeys((DECODE, PREFILL), 0)  # and PREFILL2 once it takes a batch
+        self.tokens = dict.fromkeys((DECODE, PREFILL), 0)
         self.last: Placement | None = None
 
     def record(self, decision: Placement, batch) -> None:
         """`batch`: the InFlight batch built for the decision (None when nothing could be scheduled)."""
         if batch is None:
             return
-        self.batches[decision.lane] += 1
-        self.tokens[decision.lane] += sum(n for _, n in batch.chunks)
+        self.batches[decision.lane] = self.batches.get(decision.lane, 0) + 1
+        self.tokens[decision.lane] = self.tokens.get(decision.lane, 0) + sum(n for _, n in batch.chunks)
         if self.last is None or self.last.lane != decision.lane:
             logger.info("prefill placement (%s policy): %s lane (%s)", self.policy, decision.lane, decision.reason)
         self.last = decision
 
     @property
     def current(self) -> str:
-        """'decode' or 'prefill': the lane of the latest prefill batch ('' before the first)."""
+        """'decode', 'prefill' or 'prefill2': the lane of the latest prefill batch ('' before the first)."""
         return self.last.lane if self.last else ""

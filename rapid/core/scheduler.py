@@ -28,7 +28,7 @@ from typing import Callable
 from rapid.config import SchedulerConfig
 from rapid.core.admission import GrowthReserve
 from rapid.core.block_manager import BlockManager
-from rapid.core.placement import DECODE, PREFILL, Load, PlacementLog, StaticPlacement, ewma
+from rapid.core.placement import DECODE, PREFILL_LANES, Load, PlacementLog, StaticPlacement, ewma
 from rapid.core.request import Request, RequestStatus, check_fits
 from rapid.protocol.worker import (
     DecodeStep, Dropped, GrantBlocks, PrefillBatch, PrefillDone, SampledToken, SeqWork, StartDecode, StopDecode,
@@ -71,8 +71,8 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, blocks: BlockManager, *, decode_blocks: BlockManager | None = None,
                  lookahead_blocks: int = 2, placement=None,
                  on_token: Callable[[Request, SampledToken], str | None] | None = None):
-        """`decode_blocks`: the decode GPU's pool in 'disagg' (KV copied at hand-off); else `blocks` serves both.
-        `on_token(req, tok)`: the output processor; returns a matched stop string, or None."""
+        """`decode_blocks`: disagg's decode pool (KV copied at hand-off), else `blocks` serves both. `on_token(req, tok)`:
+        the output processor; returns a matched stop string, or None."""
         self.config = config
         self.token_budget = config.max_num_batched_tokens
         self.blocks = blocks
@@ -180,7 +180,7 @@ class Scheduler:
         self._grant_decode_blocks()
         if self.waiting or any(r.status == S.PREFILLING for r in self.running):
             decision = self.placement.place(self.load() if self.placement.reads_load else None)
-            if decision.lane not in self.in_flight:
+            if self._lane_free(decision.lane):
                 self._schedule_prefill(decision.lane, decision.token_budget)
                 self.placement_log.record(decision, self.in_flight.get(decision.lane))
         return SchedulerOutput(self.take_messages())
@@ -194,8 +194,16 @@ class Scheduler:
         decoding = self.num_decoding
         return Load(num_decoding=decoding, queued_tokens=tokens,
                     oldest_wait_s=0.0 if oldest is None else max(0.0, time.time() - oldest),
-                    decode_step_ms=self.decode_step_ms, prefill_lane_busy=PREFILL in self.in_flight,
+                    decode_step_ms=self.decode_step_ms, prefill_lane_busy=self.prefilling_beside,
                     mixed_step_room=self.token_budget - decoding)
+
+    @property
+    def prefilling_beside(self) -> bool:  # a prefill batch is in flight on a prefill worker
+        return any(lane in self.in_flight for lane in PREFILL_LANES)
+
+    def _lane_free(self, lane: str) -> bool:
+        """A lane takes one batch at a time; the prefill workers, one between them (they share the prefill side)."""
+        return not self.prefilling_beside if lane in PREFILL_LANES else lane not in self.in_flight
 
     def take_messages(self) -> list[tuple[str, object]]:
         """The messages decided so far and not yet sent (stops from `finish` are sent without waiting)."""
@@ -352,7 +360,7 @@ class Scheduler:
             raise ValueError(f"PrefillDone for batch {msg.batch_id}, which is not in flight")
         chunks = self.in_flight.pop(lane).chunks
         self.placement.observe_prefill(lane, msg.num_tokens, msg.t_end - msg.t_start, self.num_decoding,
-                                       beside_prefill=lane == DECODE and PREFILL in self.in_flight)
+                                       beside_prefill=lane == DECODE and self.prefilling_beside)
         self.in_flight_ids.difference_update(r.request_id for r, _ in chunks)
         sampled = {s.request_id: s for s in msg.sampled}
         touched = []
@@ -377,7 +385,7 @@ class Scheduler:
         if msg.sampled:  # the step period the placement plans with (idle gaps between steps included)
             step_ms = (msg.t_end - msg.t_start + msg.idle_gap_s) * 1e3
             self.decode_step_ms = ewma(self.decode_step_ms, step_ms)
-            self.placement.observe_decode_step(step_ms, beside_prefill=PREFILL in self.in_flight,
+            self.placement.observe_decode_step(step_ms, beside_prefill=self.prefilling_beside,
                                                mixed=DECODE in self.in_flight)
         worker_finished = set(msg.finished)
         touched = []

@@ -28,7 +28,7 @@ def main() -> int:
     # The role's imports (torch...) first: they overlap the earlier stages' start; the arguments come after.
     if role == "decode":
         from rapid.worker.process import decode_main as fn
-    elif role == "prefill":
+    elif role in ("prefill", "prefill2"):
         from rapid.worker.process import prefill_main as fn
     elif role == "core":
         from transformers import AutoTokenizer  # noqa: F401 - the core's slowest import (its tokenizer), early

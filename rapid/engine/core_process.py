@@ -1,7 +1,7 @@
 """The engine-core process: the EngineCore behind ZeroMQ sockets.
 
 Frontend -> core_in (AddRequest, AbortRequest, GetStats, SetTokenBudget, Shutdown); core_out -> frontend
-(EngineOutputs, Stats). Modes 'rapid' and 'disagg': workers on prefill_in / decode_in down, worker_out up, and
+(EngineOutputs, Stats). Modes 'rapid' and 'disagg': workers on prefill_in (prefill2_in) / decode_in down, worker_out up, and
 no torch in this process. Mode 'hybrid' with engine_process: the model and its one executor run here, as
 rapid.engine.inproc runs them in the user's process.
 """
@@ -13,7 +13,7 @@ import os
 
 import zmq
 
-from rapid.engine import ipc
+from rapid.engine import ipc, launch
 from rapid.engine.core import EngineCore
 from rapid.engine.inproc import HybridExecutor
 from rapid.protocol.engine import (
@@ -27,9 +27,8 @@ logger = logging.getLogger(__name__)
 class ZmqWorkers:
     """The workers as the core sees them: a PUSH socket per lane, one PULL socket for every result."""
 
-    def __init__(self, ctx: zmq.Context, endpoints: dict[str, str]):
-        self.lanes = {lane: ipc.Channel(ctx, zmq.PUSH, endpoints[f"{lane}_in"], bind=False)
-                      for lane in ("prefill", "decode")}
+    def __init__(self, ctx: zmq.Context, endpoints: dict[str, str], lanes: tuple[str, ...]):
+        self.lanes = {lane: ipc.Channel(ctx, zmq.PUSH, endpoints[f"{lane}_in"], bind=False) for lane in lanes}
         self.results = ipc.Channel(ctx, zmq.PULL, endpoints["worker_out"], bind=True, decode_type=WorkerResult)
 
     def send(self, lane: str, msg) -> None:
@@ -94,7 +93,7 @@ def core_main(raw_args: bytes) -> None:
     try:
         if args.config.mode == "hybrid":  # inside the try: a failure to load the model logs its traceback
             executor = HybridExecutor(args.config, args.eos_token_ids)
-        workers = executor.workers if executor else ZmqWorkers(ctx, args.endpoints)
+        workers = executor.workers if executor else ZmqWorkers(ctx, args.endpoints, launch.workers(args.config))
         num_blocks = executor.setup.num_blocks if executor else args.num_blocks
         core = EngineCore(args.config, load_tokenizer(args.config.tokenizer), args.eos_token_ids, workers,
                           num_blocks, num_decode_blocks=args.peer_num_blocks)

@@ -4,6 +4,7 @@
     hybrid          none: the core and its executor run in the user's process (rapid.engine.inproc)
     hybrid-process  core (0), with the model and its executor  -                  -
     rapid    decode (0), prefill (1), core (1)               decode             prefill -> decode's
+    rapid-2prefill  rapid + prefill2 (1), the second prefill worker      decode      prefill, prefill2 -> decode's
     disagg   prefill (0, GPU 0), decode (1, GPU 1), core (2) prefill, decode    decode -> prefill's
 
 Every child is spawned at once (a fresh interpreter, `python -m rapid.engine.child ROLE`, whose imports
@@ -22,7 +23,7 @@ from rapid.protocol.worker import WorkerReady
 
 @dataclass(frozen=True)
 class Role:
-    name: str  # "decode" | "prefill" | "core"
+    name: str  # "decode" | "prefill" | "prefill2" | "core"
     stage: int  # start order; stopped in reverse
     maps: str | None = None  # the role whose arena this one maps
     gpu: int | None = None  # the CUDA device index of this role when it has its own GPU
@@ -32,15 +33,28 @@ TOPOLOGY: dict[str, tuple[Role, ...]] = {
     "hybrid": (),
     "hybrid-process": (Role("core", 0),),
     "rapid": (Role("decode", 0), Role("prefill", 1, maps="decode"), Role("core", 1)),
+    "rapid-2prefill": (Role("decode", 0), Role("prefill", 1, maps="decode"), Role("prefill2", 1, maps="decode"),
+                       Role("core", 1)),
     "disagg": (Role("prefill", 0, gpu=0), Role("decode", 1, maps="prefill", gpu=1), Role("core", 2)),
 }
 # whose KV pools the core's block managers account for: (prefill-lane pool, separate decode pool or None)
-POOL_OWNERS: dict[str, tuple[str, str | None]] = {"rapid": ("decode", None), "disagg": ("prefill", "decode")}
+POOL_OWNERS: dict[str, tuple[str, str | None]] = {"rapid": ("decode", None), "rapid-2prefill": ("decode", None),
+                                                  "disagg": ("prefill", "decode")}
 
 
 def topology(config: EngineConfig) -> str:
-    """The TOPOLOGY entry of a config: its mode, or 'hybrid-process' for hybrid with engine_process."""
-    return "hybrid-process" if config.mode == "hybrid" and config.engine_process else config.mode
+    """The TOPOLOGY entry of a config: its mode; 'hybrid-process' for hybrid with engine_process, 'rapid-2prefill'
+    for rapid with a second prefill worker."""
+    if config.mode == "hybrid" and config.engine_process:
+        return "hybrid-process"
+    if config.mode == "rapid" and config.rapid.second_prefill_sm_percentage is not None:
+        return "rapid-2prefill"
+    return config.mode
+
+
+def workers(config: EngineConfig) -> tuple[str, ...]:
+    """The roles of a config's topology that run the model beside the core (each reads its own `ROLE_in`)."""
+    return tuple(r.name for r in TOPOLOGY[topology(config)] if r.name != "core")
 
 
 def stages(mode: str) -> list[list[Role]]:
@@ -68,7 +82,7 @@ def spawn_fields(mode: str, role: Role, ready: dict[str, WorkerReady]) -> dict:
 
 def devices(config: EngineConfig, cuda: bool) -> dict[str, str]:
     """The device of each role that has a GPU of its own (disagg on CUDA); ValueError if too few GPUs."""
-    wanted = {r.name: r.gpu for r in TOPOLOGY[config.mode] if r.gpu is not None}
+    wanted = {r.name: r.gpu for r in TOPOLOGY[topology(config)] if r.gpu is not None}
     if not wanted or not cuda:
         return {}
     import torch

@@ -35,9 +35,11 @@ def uses_cuda(config: EngineConfig) -> bool:
 def worker_env(config: EngineConfig, role: str, daemon: "MpsDaemon | None") -> dict[str, str]:
     """What a child process adds to its environment: the daemon's pipe and its MPS thread percentage
     (both read when the child's CUDA context starts). The parent's environment is left alone."""
-    if daemon is None or role not in ("prefill", "decode"):
+    shares = {"prefill": config.rapid.prefill_sm_percentage, "prefill2": config.rapid.second_prefill_sm_percentage,
+              "decode": config.rapid.decode_sm_percentage}
+    pct = shares.get(role)
+    if daemon is None or pct is None:
         return {}
-    pct = config.rapid.prefill_sm_percentage if role == "prefill" else config.rapid.decode_sm_percentage
     return {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(pct), "CUDA_MPS_PIPE_DIRECTORY": daemon.pipe_dir}
 
 

@@ -28,7 +28,7 @@ from rapid.protocol.worker import WorkerArgs, WorkerReady, encode_args
 
 logger = logging.getLogger(__name__)
 POLL_MS = 100
-CHANNELS = ("core_in", "core_out", "worker_out", "prefill_in", "decode_in", "ready")
+CHANNELS = ("core_in", "core_out", "worker_out", "prefill_in", "prefill2_in", "decode_in", "ready")
 
 
 @dataclass
@@ -85,10 +85,10 @@ class EngineProcesses:
                 if ready.arena is not None and ready.arena.kind == "shm":  # removed even if its owner is killed
                     self.shm_names.append(ready.arena.shm_name)
         self.inp = ipc.Channel(self.ctx, zmq.PUSH, self.endpoints["core_in"], bind=False)
-        self.worker_lines = {n: ipc.Channel(self.ctx, zmq.PUSH, self.endpoints[f"{n}_in"], bind=False)
-                             for n in ("prefill", "decode")}
+        workers = launch.workers(self.config)
+        self.worker_lines = {n: ipc.Channel(self.ctx, zmq.PUSH, self.endpoints[f"{n}_in"], bind=False) for n in workers}
         if self.mps is not None:
-            self.mps.check_clients([c.process.pid for c in self.children if c.name in ("decode", "prefill")])
+            self.mps.check_clients([c.process.pid for c in self.children if c.name in workers])
 
     def _spawn(self, name: str) -> ChildProcess:
         log_path = f"{self.dir}/{name}.log"
@@ -144,7 +144,7 @@ class EngineProcesses:
 
     # ------------------------------------------------------------------ shutdown
     def stop(self, graceful: bool = True) -> None:
-        """Importers (prefill, core) first, then the owner of the shared arena (decode); then the arena itself.
+        """Importers (prefill workers, core) first, then the owner of the shared arena (decode); then the arena itself.
 
         graceful: a Shutdown handshake (5 s) with each process that reported ready. Not graceful (a process
         died, or the start failed): SIGTERM at once. Either way SIGKILL after 3 s more.

@@ -38,7 +38,14 @@ def arena_layout(config: EngineConfig, model_cfg: ModelConfig, dtype: torch.dtyp
 
 def arena_roles(config: EngineConfig, role: str) -> tuple[str, ...]:
     """The processes whose memory an owner's arena must leave room for on its GPU."""
-    return ("decode", "prefill") if config.mode == "rapid" else (role,)
+    if config.mode != "rapid":
+        return (role,)
+    return ("decode", "prefill") + (("prefill2",) if config.rapid.second_prefill_sm_percentage is not None else ())
+
+
+def runs_prefill_graphs(role: str) -> bool:
+    """The roles that capture prefill CUDA graphs (hybrid runs every step shape; the prefill workers prefill)."""
+    return role in ("prefill", "prefill2", "hybrid")
 
 
 def profile_processes(config: EngineConfig, model_cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
@@ -65,9 +72,9 @@ def profile_processes(config: EngineConfig, model_cfg: ModelConfig, dtype: torch
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)  # the peak reported at start-up covers the arena onwards
     # rapid's adaptive placement also prefills inside the decode worker (without prefill graphs there)
-    return private, [process_memory(role, peaks, non_torch, prefill=role in ("prefill", "hybrid") or (
+    return private, [process_memory(role, peaks, non_torch, prefill=runs_prefill_graphs(role) or (
                          role == "decode" and config.places_adaptively), decode=role in ("decode", "hybrid"),
-                         graphs=not config.enforce_eager, prefill_graphs=role in ("prefill", "hybrid"))
+                         graphs=not config.enforce_eager, prefill_graphs=runs_prefill_graphs(role))
                      for role in roles]
 
 
@@ -117,7 +124,7 @@ class ModelSetup:
 
         config = self.config
         graphs = prepare_model(self.model, self.kv_pool, config, decode_graphs=self.role in ("decode", "hybrid"),
-                               prefill_graphs=self.role in ("prefill", "hybrid"))
+                               prefill_graphs=runs_prefill_graphs(self.role))
         return ModelRunner(self.model, self.kv_pool, config.cache.block_size, config.seed, graph_runners=graphs,
                            eos_token_ids=eos_token_ids)
 

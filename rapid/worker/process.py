@@ -1,4 +1,4 @@
-"""The worker processes of modes 'rapid' and 'disagg': a decode worker and a prefill worker.
+"""The worker processes of modes 'rapid' and 'disagg': a decode worker and a prefill worker (rapid: one or two).
 
 rapid: the decode worker owns the arena (weights + KV pool) and the prefill worker maps it; disagg:
 each owns its own arena on its own GPU and the decode worker maps the prefill worker's to copy KV out.
@@ -82,8 +82,9 @@ def owns_arena(args: WorkerArgs) -> bool:
 
 
 @contextlib.contextmanager
-def worker_process(raw_args: bytes, inbox_name: str, inbox_type):
+def worker_process(raw_args: bytes, inbox_type):
     """A worker's lifetime: sockets, its model in the arena, a ModelRunner with its graphs; all closed at exit.
+    Its inbox is the channel named for its role (decode_in, prefill_in, prefill2_in: the second prefill worker).
 
     Yields (args, setup, runner, inbox, results channel, ready channel).
     """
@@ -94,7 +95,7 @@ def worker_process(raw_args: bytes, inbox_name: str, inbox_type):
     import zmq
 
     ctx = zmq.Context()
-    inbox = ipc.Channel(ctx, zmq.PULL, args.endpoints[inbox_name], bind=True, decode_type=inbox_type)
+    inbox = ipc.Channel(ctx, zmq.PULL, args.endpoints[f"{args.name}_in"], bind=True, decode_type=inbox_type)
     results = ipc.Channel(ctx, zmq.PUSH, args.endpoints["worker_out"], bind=False)
     ready = ipc.Channel(ctx, zmq.PUSH, args.endpoints["ready"], bind=False)
     setup = None
@@ -130,7 +131,7 @@ def _ready(args: WorkerArgs, setup: ModelSetup) -> WorkerReady:
 
 
 def prefill_main(raw_args: bytes) -> None:
-    with worker_process(raw_args, "prefill_in", PrefillInput) as (args, setup, runner, inbox, results, ready):
+    with worker_process(raw_args, PrefillInput) as (args, setup, runner, inbox, results, ready):
         grammars = runner.grammars = GrammarBook(args.config.tokenizer, args.eos_token_ids)  # structured outputs
         ready.send(_ready(args, setup))
         fault_at, batches = fault_step(args.name), 0
@@ -151,7 +152,7 @@ def prefill_main(raw_args: bytes) -> None:
 
 
 def decode_main(raw_args: bytes) -> None:
-    with worker_process(raw_args, "decode_in", DecodeInput) as (args, setup, runner, inbox, results, ready):
+    with worker_process(raw_args, DecodeInput) as (args, setup, runner, inbox, results, ready):
         loop = DecodeLoop(runner, setup.config, args.eos_token_ids)
         peer = None
         if args.config.mode == "disagg":

@@ -1,0 +1,113 @@
+"""The run-time spatial lever on the CPU: mode 'rapid' with a second prefill worker (second_prefill_sm_percentage),
+the ATOM rule that routes between the two, and the MPS share each worker is started with."""
+
+import random
+
+import pytest
+
+from rapid import LLM, SamplingParams
+from rapid.bench.serve import parse_configuration
+from rapid.config import EngineArgs, EngineConfig, RapidConfig
+from rapid.core.adaptive import make_placement
+from rapid.core.placement import ATOM_MIN_DECODE_BATCH, DECODE, PREFILL, PREFILL2, AtomPlacement, Load
+from rapid.engine import launch
+from rapid.engine.mps import MpsDaemon, worker_env
+from tiny import engine_pids, gone, hf_greedy
+
+
+def load(decoding: int) -> Load:
+    return Load(num_decoding=decoding, queued_tokens=500, oldest_wait_s=0.0, decode_step_ms=10.0,
+                prefill_lane_busy=False)
+
+
+def test_atom_rule_restricts_prefill_only_beside_a_large_decode_batch():
+    rule = AtomPlacement()
+    assert rule.place(load(0)).lane == PREFILL
+    assert rule.place(load(ATOM_MIN_DECODE_BATCH - 1)).lane == PREFILL
+    assert rule.place(load(ATOM_MIN_DECODE_BATCH)).lane == PREFILL2
+    assert rule.place(load(500)).lane == PREFILL2
+
+
+def test_the_second_prefill_worker_is_configured_once_and_checked():
+    cfg = EngineConfig(model="m", tokenizer=None, mode="rapid", rapid=RapidConfig(second_prefill_sm_percentage=40,
+                                                                                  placement="atom"))
+    assert launch.topology(cfg) == "rapid-2prefill" and launch.workers(cfg) == ("decode", "prefill", "prefill2")
+    assert [[r.name for r in stage] for stage in launch.stages("rapid-2prefill")] == [["decode"],
+                                                                                     ["prefill", "prefill2", "core"]]
+    assert isinstance(make_placement(cfg), AtomPlacement)
+    adaptive = make_placement(EngineConfig(model="m", tokenizer=None, mode="rapid",
+                                           rapid=RapidConfig(second_prefill_sm_percentage=40)))
+    assert adaptive.prefill_lanes == (PREFILL, PREFILL2)
+    # each worker gets its own share in its own environment
+    daemon = MpsDaemon("/tmp/pipe", None, started=False)
+    shares = {role: worker_env(cfg, role, daemon).get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
+              for role in ("decode", "prefill", "prefill2", "core")}
+    assert shares == {"decode": "100", "prefill": "100", "prefill2": "40", "core": None}
+    with pytest.raises(ValueError, match=r"second_prefill_sm_percentage must be an integer in \[1, 100\].*0"):
+        RapidConfig(second_prefill_sm_percentage=0)
+    with pytest.raises(ValueError, match="placement 'atom'.*second_prefill_sm_percentage"):
+        RapidConfig(placement="atom")
+    with pytest.raises(ValueError, match="second_prefill_sm_percentage \\(50\\) needs mode 'rapid'"):
+        EngineConfig(model="m", tokenizer=None, mode="hybrid", rapid=RapidConfig(second_prefill_sm_percentage=50))
+    assert parse_configuration("rapid:atom:p2=50") == ("rapid", {"placement": "atom",
+                                                                "second_prefill_sm_percentage": 50})
+    with pytest.raises(ValueError, match="p2=101"):
+        parse_configuration("rapid:p2=101")
+    assert EngineArgs.from_cli_args(_cli(["--second-prefill-sm-percentage", "30"])).second_prefill_sm_percentage == 30
+
+
+def _cli(argv):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    EngineArgs.add_cli_args(parser)
+    return parser.parse_args(argv)
+
+
+@pytest.mark.slow
+def test_atom_engine_routes_beside_a_large_batch_and_matches_transformers(tiny_llama):
+    """Two prefill workers map the one arena: greedy tokens equal transformers whichever prefilled them, the
+    batches beside 64 or more decodes went to the second, and every process goes at shutdown."""
+    rng = random.Random(5)
+    prompts = [[rng.randrange(5, 300) for _ in range(rng.randrange(4, 12))] for _ in range(100)]
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    with LLM(tiny_llama, mode="rapid", placement="atom", second_prefill_sm_percentage=50, max_num_seqs=128,
+             max_num_batched_tokens=64) as llm:
+        pids = engine_pids(llm)
+        assert set(pids) == {"decode", "prefill", "prefill2", "core"}
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        stats = llm.engine.get_stats()
+    assert stats.placement_policy == "atom"
+    assert stats.prefill_tokens_by_lane[PREFILL] > 0 and stats.prefill_tokens_by_lane[PREFILL2] > 0, stats
+    assert sum(stats.prefill_tokens_by_lane.values()) == sum(map(len, prompts))
+    for i in (0, 50, 99):  # the oracle on a few (transformers is slow); the rest must at least be complete
+        assert outs[i].outputs[0].token_ids == hf_greedy(tiny_llama, prompts[i], 64)
+    assert all(len(o.outputs[0].token_ids) == 64 for o in outs)
+    assert all(gone(pid) for pid in pids.values())
+
+
+def test_adaptive_learns_each_prefill_worker_and_keeps_the_cheaper_one_in_time():
+    """With two prefill workers each one's cost to the decodes is learned apart (the second is tried once the first
+    is known). The restricted one slows 10 ms decode steps less (11 ms beside 300 tokens: 3.3 us a token, against
+    the full share's 10 ms per 600 tokens: 17 us) and is kept; but it prefills at 12k tok/s, so when the queue would
+    then miss the TTFT SLO the full-share worker (60k tok/s) takes the batch."""
+    from rapid.core.adaptive import AdaptivePlacement
+
+    p = AdaptivePlacement(8192, slo_ttft_ms=500, slo_tpot_ms=50, prefill_lanes=(PREFILL, PREFILL2))
+    p.observe_decode_step(10.0)
+    for _ in range(5):
+        p.observe_decode_step(20.0, beside_prefill=True)
+        p.observe_prefill(PREFILL, 600, 0.01, num_decoding=64)
+    for _ in range(3):  # mixed steps measured: 100 us a prompt token (dearer than either prefill worker)
+        p.observe_prefill(DECODE, 100, 0.020, num_decoding=64)
+    small = Load(num_decoding=64, queued_tokens=300, oldest_wait_s=0.0, decode_step_ms=10.0, prefill_lane_busy=False)
+    placed = p.place(small)
+    assert (placed.lane, placed.reason) == (PREFILL2, "concurrent: measuring its cost beside decodes")
+    for _ in range(5):
+        p.observe_decode_step(11.0, beside_prefill=True)
+        p.observe_prefill(PREFILL2, 300, 0.025, num_decoding=64)
+    assert p.costs.decode_cost_ms_per_token(PREFILL2) < p.costs.decode_cost_ms_per_token(PREFILL)
+    assert p.place(small).lane == PREFILL2
+    big = Load(num_decoding=64, queued_tokens=6000, oldest_wait_s=0.1, decode_step_ms=10.0, prefill_lane_busy=False)
+    assert p.place(big).lane == PREFILL  # 6,000 tokens at 12k tok/s: 600 ms, past 80% of the 500 ms SLO
+    assert AdaptivePlacement(8192, prefill_lanes=(PREFILL, PREFILL2)).place(small).lane == PREFILL  # untried first
