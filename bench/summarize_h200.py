@@ -1,10 +1,10 @@
-"""Collect the H200 runs of sessions 12 and 13 (bench/results/session12/, session13/) into the committed result files.
+"""Collect the H200 runs of sessions 12 to 14 (bench/results/session1{2,3,4}/) into the committed result files.
 
     python bench/summarize_h200.py
 
 Writes bench/results/offline-h200.{json,md,png}, frontier-h200.{json,md} + frontier-h200-b{16,64,256}.png,
-http-overhead-h200.{json,md}, from what sessions 12 and 13 brought back, and sim-h200-timings.{json,md} with
-sim-*.png: the placement policies replayed by rapid.bench.simulate on the H200's recorded frontier (session 13,
+http-overhead-h200.{json,md}, from what sessions 12 to 14 brought back, and sim-h200-timings.{json,md} with
+sim-*.png: the placement policies replayed by rapid.bench.simulate on the H200's recorded frontier (sessions 13-14,
 was not recorded). Every GPU figure comes from a JSON written on the GPU by the command recorded beside it.
 """
 
@@ -48,25 +48,32 @@ def offline() -> None:
 
 def frontier() -> list[dict]:
     points = []
-    files = ("session13/calld/frontier-rapid.json", "session13/calld/frontier-hybrid.json")
+    files = ("session13/calld/frontier-rapid.json", "session13/calld/frontier-hybrid.json",
+             "session14/calla/frontier-rapid.json")
     if not all((R / f).exists() for f in files):  # half a frontier would overwrite the simulator's recording
         print("frontier: missing", [f for f in files if not (R / f).exists()])
         return points
     for file in files:
         points += [{**p, "source": file} for p in json.loads((R / file).read_text())]
-    cmd = ("bash bench/gpu_session.sh frontier-rapid frontier-hybrid with BATCHES=16,64,256 WINDOW=1.5 "
-           "SPLITS=100/100 CHUNKS=2048 (rapid bench frontier --ctx 1024 --prefill-len 2048)")
+    for p in points:  # decode time lost per prompt token prefilled: (window - decode steps x step alone) / tokens
+        lost = 1 - p["decode_alone_ms"] / p["tpot_mean_ms"]
+        p["decode_us_per_prompt_token"] = round(lost / p["prefill_tok_s"] * 1e6, 1) if p["prefill_tok_s"] else None
+    cmd = ("bash bench/gpu_session.sh frontier-rapid frontier-hybrid with BATCHES=16,64,256 WINDOW=1.5: session 13 "
+           "SPLITS=100/100 CHUNKS=2048, session 14 SPLITS=30/100,50/100,50/50 (rapid bench frontier --ctx 1024 "
+           "--prefill-len 2048)")
     data = {"command": cmd, "device": DEVICE, "model": MODEL, "rooflines": ROOFLINES,
             "tpot": "start-to-start time of consecutive decode steps of the batch, host gaps included",
             "points": points}
     rows = "\n".join(f"| {p['mode']} | {p.get('split') or 'chunk ' + str(p.get('chunk'))} | {p['batch']} | "
-                     f"{p['decode_alone_ms']} | {p['tpot_mean_ms']} / {p['tpot_p90_ms']} | {p['prefill_tok_s']:,.0f} |"
-                     for p in points)
+                     f"{p['decode_alone_ms']} | {p['tpot_mean_ms']} / {p['tpot_p90_ms']} | {p['prefill_tok_s']:,.0f} | "
+                     f"{p['decode_us_per_prompt_token']} |" for p in points)
     table = (f"# TPOT against prefill throughput on the H200, through the engine's workers\n\n{DEVICE}. {MODEL}.\n"
              f"Command: `{cmd}`. Decode: B requests with 1024-token prompts decoding; prefill: 2048-token prompts kept "
-             "queued (max_tokens=1). rapid points use placement='static' (every prompt on the prefill worker).\n\n"
-             "| mode | setting | batch | decode alone (ms) | TPOT mean / p90 (ms) | prefill tok/s |\n"
-             "|---|---|---|---|---|---|\n" + rows + "\n")
+             "queued (max_tokens=1). rapid points use placement='static' (every prompt on the prefill worker); the "
+             "setting is the MPS split prefill/decode. The last column is what one prompt token costs the running "
+             "decodes: (1 - decode alone / TPOT) / prefill tok/s, in us.\n\n"
+             "| mode | setting | batch | decode alone (ms) | TPOT mean / p90 (ms) | prefill tok/s | decode us per prompt "
+             "token |\n|---|---|---|---|---|---|---|\n" + rows + "\n")
     _write("frontier-h200", data, table)
     for batch in sorted({p["batch"] for p in points}):
         series: dict[str, list] = {}
@@ -83,6 +90,8 @@ HTTP_RUNS = {  # label -> serve.json; each pair (HTTP, in process) ran in one de
     "in process (session 13, call A)": "session13/http-inproc/serve.json",
     "HTTP, engine in its own process (rapid serve's default since; session 13, call B)": "session13/callb/http-openai/serve.json",
     "in process (session 13, call B)": "session13/callb/http-inproc/serve.json",
+    "HTTP, engine in its own process, after the stall fixes (session 14, call A)": "session14/calla/http-openai/serve.json",
+    "in process (session 14, call A)": "session14/calla/http-inproc/serve.json",
 }
 
 
@@ -113,9 +122,20 @@ def simulation() -> None:
     from rapid.bench.datasets import random_requests, sharegpt_like_requests
     from rapid.bench.simulate import StepTimings, sim_trace, simulate
     from rapid.core.adaptive import AdaptivePlacement
-    from rapid.core.placement import DECODE, PREFILL, StaticPlacement
+    from rapid.core.placement import DECODE, PREFILL, PREFILL2, AtomPlacement, StaticPlacement
 
-    timings = StepTimings.from_frontier(R / "frontier-h200.json", "100/100")  # frontier() writes it first
+    splits = {s: StepTimings.from_frontier(R / "frontier-h200.json", s) for s in ("100/100", "50/100", "50/50")}
+    full, half = splits["100/100"], splits["50/100"]  # frontier() writes the file first
+    configurations = {  # name -> (policy factory given the SLO pair, the prefill worker's split, the second's)
+        "hybrid": (lambda ttft, tpot: StaticPlacement(DECODE), full, None),
+        "rapid static 100/100": (lambda ttft, tpot: StaticPlacement(PREFILL), full, None),
+        "rapid static 50/100": (lambda ttft, tpot: StaticPlacement(PREFILL), half, None),
+        "rapid static 50/50": (lambda ttft, tpot: StaticPlacement(PREFILL), splits["50/50"], None),
+        "ATOM rule (100/100, 50/100 beside >= 64 decodes)": (lambda ttft, tpot: AtomPlacement(), full, half),
+        "adaptive": (lambda ttft, tpot: AdaptivePlacement(8192, ttft, tpot), full, None),
+        "adaptive with a 50% prefill worker": (
+            lambda ttft, tpot: AdaptivePlacement(8192, ttft, tpot, prefill_lanes=(PREFILL, PREFILL2)), full, half),
+    }
     workloads = {"sharegpt-like": (lambda rate: sim_trace(sharegpt_like_requests(1500, 1000, seed=0, max_len=4096),
                                                           rate), (5, 10, 15, 20, 25, 30, 40)),
                  "bursty sharegpt-like (gamma 0.5)": (lambda rate: sim_trace(sharegpt_like_requests(
@@ -125,13 +145,12 @@ def simulation() -> None:
     results, lines = {}, []
     for wname, (make, rates) in workloads.items():
         for ttft, tpot in ((1000, 50), (500, 25), (300, 15)):
-            series = {"hybrid": [], "rapid static (MPS 100/100)": [], "adaptive": []}
+            series = {name: [] for name in configurations}
             for rate in rates:
                 trace = make(rate)
-                policies = {"hybrid": StaticPlacement(DECODE), "rapid static (MPS 100/100)": StaticPlacement(PREFILL),
-                            "adaptive": AdaptivePlacement(8192, ttft, tpot)}
-                for name, policy in policies.items():
-                    series[name].append((rate, simulate(trace, policy, timings).attainment(ttft, tpot)))
+                for name, (policy, timings, second) in configurations.items():
+                    run = simulate(trace, policy(ttft, tpot), timings, second=second)
+                    series[name].append((rate, run.attainment(ttft, tpot)))
             results[f"{wname} {ttft}/{tpot}"] = series
             for name, pts in series.items():
                 lines.append(f"| {wname} | {ttft}/{tpot} | {name} | " + " ".join(f"{r:g}:{a:.2f}" for r, a in pts) + " |")
@@ -139,12 +158,13 @@ def simulation() -> None:
             plot_attainment(series, R / f"sim-{slug}-{ttft}-{tpot}.png",
                             f"Simulated (H200 timings): {wname}, {ttft} ms / {tpot} ms")
     table = ("# The placement policies in simulation (rapid.bench.simulate), on the H200's recorded step timings\n\n"
-             "Not a GPU measurement: the H200 frontier (frontier-h200.json, MPS 100/100 and hybrid points) replayed "
+             "Not a GPU measurement: the H200 frontier (frontier-h200.json: MPS splits and hybrid points) replayed "
              "through the same policy objects the engine runs; each trace runs to completion (no warm-up cut). "
              "Attainment = share of requests meeting both SLOs. `python bench/summarize_h200.py` rebuilds it.\n\n"
              "| workload | SLO TTFT/TPOT (ms) | policy | rate:attainment |\n|---|---|---|---|\n"
              + "\n".join(lines) + "\n")
-    _write("sim-h200-timings", {"timings": "frontier-h200.json, split 100/100", "results": results}, table)
+    _write("sim-h200-timings", {"timings": "frontier-h200.json, splits 100/100, 50/100, 50/50", "results": results},
+           table)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Replay a trace through a placement policy on step timings recorded on the GPU (no GPU needed).
 
-The engine's two lanes in simulated time: the decode executor steps its batch back to back (a mixed step when the
-policy put prefill tokens in it) and the prefill worker runs one batch at a time beside it. Step costs come from
+The engine's lanes in simulated time: the decode executor steps its batch back to back (a mixed step when the
+policy put prefill tokens in it) and the prefill worker runs one batch at a time beside it (with `second`, a second
+prefill worker at another MPS share, recorded at its own split; one prefill batch between the two at a time). Step costs come from
 `rapid bench frontier` on the GPU (`StepTimings.from_frontier`): per decode batch, the step alone, the step while
 the prefill worker runs at an MPS split and that worker's tokens/s then, and a mixed step's cost per prompt token.
 The same policy objects as the engine's decide (rapid.core.placement, rapid.core.adaptive), so their choices in
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rapid.core.placement import DECODE, PREFILL, Load, ewma
+from rapid.core.placement import DECODE, PREFILL, PREFILL2, PREFILL_LANES, Load, ewma
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ class _Lane:
         self.queued: list[tuple[SimRequest, int, bool]] = []  # the decode lane: prompt work for its next step
         self.batch: list[SimRequest] = []  # the decode lane: the requests its running step advances
         self.beside = False  # the decode lane: its running step started while a prefill batch ran
+        self.lane = PREFILL  # the prefill side: the worker running its current batch
 
 
 @dataclass
@@ -108,15 +110,17 @@ class SimRun:
 
 
 def simulate(trace: list[tuple[float, int, int]], policy, timings: StepTimings, max_budget: int = 8192,
-             max_num_seqs: int = 1024) -> SimRun:
-    """Run (arrival_s, prompt_len, output_len) requests to completion."""
+             max_num_seqs: int = 1024, second: StepTimings | None = None) -> SimRun:
+    """Run (arrival_s, prompt_len, output_len) requests to completion. `timings`: the prefill worker's split (and
+    the decode step alone, mixed steps); `second`: the second prefill worker's split, if the engine has one."""
+    workers = {PREFILL: timings, PREFILL2: second}
     pending = deque(SimRequest(a, p, o, left=p) for a, p, o in sorted(trace))
     done: list[SimRequest] = []
     waiting: deque[SimRequest] = deque()
     decoding: list[SimRequest] = []
     dec, pre = _Lane(), _Lane()
     now, step_ms = 0.0, None
-    placed = {DECODE: 0, PREFILL: 0}
+    placed = {DECODE: 0, PREFILL: 0} | ({PREFILL2: 0} if second else {})
 
     def take(budget: int) -> list[tuple[SimRequest, int, bool]]:
         """(request, tokens, last chunk of its prompt) in arrival order, up to `budget` tokens; a request whose
@@ -159,24 +163,28 @@ def simulate(trace: list[tuple[float, int, int]], policy, timings: StepTimings, 
                 room = max_budget - len(decoding)
                 dec.queued = take(min(d.token_budget or room, room))
                 placed[DECODE] += sum(c[1] for c in dec.queued)
-            elif d.lane == PREFILL and pre.end is None:
-                pre.chunks = take(min(d.token_budget or max_budget, max_budget))
-                placed[PREFILL] += sum(c[1] for c in pre.chunks)
+            elif d.lane in PREFILL_LANES and pre.end is None:
+                if workers[d.lane] is None:
+                    raise ValueError(f"the policy placed a batch on {d.lane!r}, which this simulation has no timings for")
+                pre.chunks, pre.lane = take(min(d.token_budget or max_budget, max_budget)), d.lane
+                placed[d.lane] += sum(c[1] for c in pre.chunks)
                 if pre.chunks:
-                    pre.start, pre.end = now, now + timings.prefill_s(sum(c[1] for c in pre.chunks), len(decoding))
+                    tokens = sum(c[1] for c in pre.chunks)
+                    pre.start, pre.end = now, now + workers[d.lane].prefill_s(tokens, len(decoding))
         if dec.end is None and (decoding or dec.queued):
             dec.chunks, dec.queued = dec.queued, []
             inline = sum(c[1] for c in dec.chunks)
             beside = pre.end is not None
-            ms = timings.decode_ms(len(decoding), beside) if decoding else 0.0
+            split = workers[pre.lane] if beside else timings  # the decode step slows as the running prefill split says
+            ms = split.decode_ms(len(decoding), beside) if decoding else 0.0
             dec.batch, dec.start, dec.beside = list(decoding), now, beside
-            dec.end = now + ms * 1e-3 + timings.inline_s(inline, len(decoding), beside)
+            dec.end = now + ms * 1e-3 + split.inline_s(inline, len(decoding), beside)
         upcoming = [t for t in (dec.end, pre.end, pending[0].arrival_s if pending else None) if t is not None]
         if not upcoming:
             return SimRun(done, placed)
         now = max(now, min(upcoming))
         if pre.end is not None and pre.end <= now:
-            policy.observe_prefill(PREFILL, sum(c[1] for c in pre.chunks), now - pre.start, len(decoding))
+            policy.observe_prefill(pre.lane, sum(c[1] for c in pre.chunks), now - pre.start, len(decoding))
             prompts_done(pre.chunks, now)
             pre.chunks, pre.end = [], None
         if dec.end is not None and dec.end <= now:
