@@ -247,3 +247,19 @@ def test_cli_generate_warms_the_engine_before_timing(tiny_llama, capsys, monkeyp
     assert [c[1] for c in calls] == [2, 6]  # the warm-up, then the timed run
     out = capsys.readouterr().out
     assert "tokens/s" in out and "6 tokens in" in out
+
+
+def test_a_closed_hybrid_engine_frees_its_model(tiny_llama):
+    """Shutting the in-process engine down drops every reference to its model and KV pool, so the next engine of a
+    sweep (rapid bench serve runs hybrid, then rapid, in one process) finds the GPU memory free."""
+    import gc
+    import weakref
+
+    llm = LLM(tiny_llama)
+    llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_tokens=3), use_tqdm=False)
+    runner = llm.engine.executor.workers.loop.runner
+    model, pool = weakref.ref(runner.model), weakref.ref(runner.kv_pool)
+    del runner
+    llm.shutdown()
+    gc.collect()
+    assert model() is None and pool() is None

@@ -64,6 +64,8 @@ class HybridExecutor:
         return bool(self.workers.pending) or self.workers.loop.has_work()
 
     def close(self) -> None:
+        """Drop the executor (its runner holds the model, the KV pool and the CUDA graphs), then the arena."""
+        self.workers = None
         self.setup.close()
 
 
@@ -117,6 +119,7 @@ class InprocClient(EngineClient):
         device = self.setup.device
         self.core = None
         self.executor.close()
+        self.executor = self.setup = None  # nothing here may keep the model alive
         import gc
 
         gc.collect()
