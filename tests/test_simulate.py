@@ -81,16 +81,26 @@ def cheap_concurrency(recorded):
     return dataclasses.replace(recorded, decode_concurrent_ms=[1.1 * ms for ms in recorded.decode_alone_ms])
 
 
-def test_prompts_go_to_the_lane_that_costs_the_decodes_less(recorded):
-    """At a trickle most prompts find nothing decoding and run inline. Under load, on the H200's timings the
-    prefill worker slows the decode steps more per prompt token than a mixed step stalls them: prompts go inline
-    (hybrid batching). Where concurrency is cheap they go to the prefill worker."""
-    trickle = simulate(sharegpt(0.2, n=40), AdaptivePlacement(8192, 500, 25), recorded).placed
+def dear_concurrency(recorded):
+    """The recording with the decode step beside the prefill worker 4x slower than alone and that worker at a third of
+    its rate (a GPU where concurrency does not pay; on the H200 at MPS 100/100 the step is 2.6-3.9x slower beside
+    2048-token prompts, at the full rate)."""
+    return dataclasses.replace(recorded, decode_concurrent_ms=[4 * ms for ms in recorded.decode_alone_ms],
+                               prefill_concurrent_tok_s=[r / 3 for r in recorded.prefill_concurrent_tok_s])
+
+
+@pytest.mark.parametrize("slos", [(500, 25), (None, None)])
+def test_prompts_go_to_the_lane_that_costs_the_decodes_less(recorded, slos):
+    """At a trickle most prompts find nothing decoding and run inline. Under load with short prompts, on the H200's
+    timings (a decode step slowed only while a prefill batch runs beside it), the prefill worker costs the decodes
+    less per prompt token than a mixed step: prompts go there, as they did on the H200 (session 14, call B2: 93-96%
+    of the prompt tokens at 40-50 req/s). Where concurrency is dear they go inline (hybrid batching)."""
+    trickle = simulate(sharegpt(0.2, n=40), AdaptivePlacement(8192, *slos), recorded).placed
     assert trickle[DECODE] > 0.5 * sum(trickle.values())
-    loaded = simulate(sharegpt(40), AdaptivePlacement(8192, 500, 25), recorded).placed
-    assert loaded[DECODE] > 0.9 * sum(loaded.values()), loaded
-    cheap = simulate(sharegpt(40), AdaptivePlacement(8192, 500, 25), cheap_concurrency(recorded)).placed
-    assert cheap[PREFILL] > 0.75 * sum(cheap.values()), cheap  # the rest found nothing decoding
+    loaded = simulate(sharegpt(40), AdaptivePlacement(8192, *slos), recorded).placed
+    assert loaded[PREFILL] > 0.9 * sum(loaded.values()), loaded
+    dear = simulate(sharegpt(40), AdaptivePlacement(8192, *slos), dear_concurrency(recorded)).placed
+    assert dear[DECODE] > 0.75 * sum(dear.values()), dear
 
 
 @pytest.mark.parametrize("ttft,tpot", SLO_PAIRS)
@@ -105,21 +115,21 @@ def test_where_concurrency_is_cheap_adaptive_matches_it(recorded, ttft, tpot):
 def test_the_h200_spatial_lever_in_known_regimes(recorded):
     """The H200 recording at a 50% prefill share (50/100, session 14): beside decodes it slows them as much per prompt
     token as the full share (20-28 against 24-27 us) at half the prefill rate. So, simulated: the ATOM rule (restricted
-    prefill beside 64 or more decodes) loses attainment on bursts at 300/15 against static 100/100 or hybrid; the
-    adaptive policy given the second prefill worker learns its cost, uses it, and stays within 0.05 of the adaptive
-    policy without it and of the best static placement."""
+    prefill beside 64 or more decodes) loses attainment near saturation at 300/15 against static 100/100; the
+    adaptive policy given the second prefill worker learns its cost, keeps to the full share (the half share is not
+    clearly cheaper), and stays within 0.05 of the adaptive policy without it, far above hybrid batching."""
     from rapid.core.placement import PREFILL2, AtomPlacement
 
     half = StepTimings.from_frontier(FRONTIER, "50/100")
     assert half.prefill_concurrent_tok_s[1] < 0.5 * recorded.prefill_concurrent_tok_s[1]
-    trace = sharegpt(30, burstiness=0.5)
+    trace = sharegpt(40)
     atom = simulate(trace, AtomPlacement(), recorded, second=half)
     assert atom.placed[PREFILL2] > 0 and atom.placed[PREFILL] > 0
     lever = simulate(trace, AdaptivePlacement(8192, 300, 15, prefill_lanes=(PREFILL, PREFILL2)), recorded, second=half)
-    assert lever.placed[PREFILL2] > 0  # measured, at least
+    assert 0 < lever.placed[PREFILL2] < 0.05 * lever.placed[PREFILL]  # measured, then left
     got = attainments(trace, recorded, 300, 15)
-    best = max(got["hybrid"], got["rapid static"])
-    assert atom.attainment(300, 15) < best - 0.2, (atom.attainment(300, 15), got)
-    assert lever.attainment(300, 15) >= max(best, got["adaptive"]) - 0.05, (lever.attainment(300, 15), got)
+    assert atom.attainment(300, 15) < got["rapid static"] - 0.2, (atom.attainment(300, 15), got)
+    assert lever.attainment(300, 15) >= got["adaptive"] - 0.05, (lever.attainment(300, 15), got)
+    assert lever.attainment(300, 15) > got["hybrid"] + 0.4, (lever.attainment(300, 15), got)
     with pytest.raises(ValueError, match="prefill2"):
         simulate(trace[:50], StaticPlacement(PREFILL2), recorded)  # no timings for the second worker

@@ -4,7 +4,8 @@ The engine's lanes in simulated time: the decode executor steps its batch back t
 policy put prefill tokens in it) and the prefill worker runs one batch at a time beside it (with `second`, a second
 prefill worker at another MPS share, recorded at its own split; one prefill batch between the two at a time). Step costs come from
 `rapid bench frontier` on the GPU (`StepTimings.from_frontier`): per decode batch, the step alone, the step while
-the prefill worker runs at an MPS split and that worker's tokens/s then, and a mixed step's cost per prompt token.
+the prefill worker runs at an MPS split and that worker's tokens/s then, and a mixed step's cost per prompt token. A
+decode step is slowed for the part of it that a prefill batch overlaps (a short prompt slows part of one step).
 The same policy objects as the engine's decide (rapid.core.placement, rapid.core.adaptive), so their choices in
 known regimes are unit tests on the CPU. Plain Python, no torch.
 """
@@ -176,7 +177,10 @@ def simulate(trace: list[tuple[float, int, int]], policy, timings: StepTimings, 
             inline = sum(c[1] for c in dec.chunks)
             beside = pre.end is not None
             split = workers[pre.lane] if beside else timings  # the decode step slows as the running prefill split says
-            ms = split.decode_ms(len(decoding), beside) if decoding else 0.0
+            ms = timings.decode_ms(len(decoding), False) if decoding else 0.0
+            if beside and decoding:  # slowed only while the prefill batch runs: a short batch slows part of one step
+                concurrent = split.decode_ms(len(decoding), True)
+                ms += (concurrent - ms) * min(1.0, (pre.end - now) * 1e3 / concurrent)
             dec.batch, dec.start, dec.beside = list(decoding), now, beside
             dec.end = now + ms * 1e-3 + split.inline_s(inline, len(decoding), beside)
         upcoming = [t for t in (dec.end, pre.end, pending[0].arrival_s if pending else None) if t is not None]

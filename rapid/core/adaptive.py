@@ -8,7 +8,10 @@ cost inside a mixed step, the prefill worker's tokens/s, and how long requests' 
 - **Nothing decodes**: the lane that has prefilled more cheaply per token (each is tried once: inline needs no
   hand-off between processes, the prefill worker has its prefill graphs).
 - **Something decodes**: a prefill worker where it costs the running decodes clearly less per prompt token
-  (at most CHEAPER of a mixed step's cost), else hybrid batching. With a second prefill worker (at a restricted MPS
+  (at most CHEAPER of a mixed step's cost), else hybrid batching. With a TPOT SLO, a prefill worker also where it
+  costs them about as much (at most TAIL_TIE times a mixed step's cost): at equal cost per token a mixed step
+  stalls every decode at once, which the TPOT tail pays (measured on the H200, bench/results/session14: TPOT p99
+  23.8-23.9 ms with hybrid batching against 11.2-14.2 ms with concurrent prefill at 40-50 req/s). With a second prefill worker (at a restricted MPS
   share: the spatial lever) each prefill worker's cost is learned apart, and the cheaper one is used unless its
   rate would not give the queue its first tokens within the TTFT SLO. Both costs are measured: a mixed step stalls
   the decodes for its prompt work (its marginal time per prompt token, learned from mixed steps only: a step with
@@ -34,11 +37,12 @@ TPOT_MARGIN = 0.8  # plan decode steps to at most this share of the TPOT SLO
 TTFT_MARGIN = 0.8  # a prefill worker keeps the queue inside the TTFT SLO when it would prefill it within this share
 TTFT_RELAXED = 0.5  # the prefill worker gives a first token within this share of the TTFT SLO: no mixed step
 CHEAPER = 0.8  # concurrent prefill is "cheaper" for the decodes when it costs them at most this share of inline
+TAIL_TIE = 1.25  # with a TPOT SLO, concurrent prefill is kept while it costs the decodes at most this multiple of inline
 DECAY = 0.98  # weight kept by the running sums of the concurrent lane's cost at each new observation
 EXPLORE_MIXED = 3  # mixed steps tried (once the concurrent lane's cost is known) to learn what they cost
 MIN_BESIDE_BATCHES = 3  # prefill batches beside decodes before the concurrent lane's cost is trusted
 REEXPLORE_EVERY = 64  # placements on the cheapest lane between two samples of another one (costs drift)
-SMALL_CHUNK = 512  # prompt tokens of an exploring mixed step
+SMALL_CHUNK = 512  # prompt tokens of a mixed step that measures its cost (exploring, or sampling it again)
 
 
 class StepCosts:
@@ -163,26 +167,30 @@ class AdaptivePlacement:
         return load.oldest_wait_s * 1e3 + load.queued_tokens / rate * 1e3 <= TTFT_MARGIN * self.slo_ttft_ms
 
     def prefill_lane(self, load: Load) -> str:
-        """The prefill worker for a batch: one not yet measured beside decodes first; then the one that costs the
-        decodes least per prompt token while it keeps the queue inside the TTFT SLO; else the fastest."""
+        """The prefill worker for a batch: one not yet measured beside decodes first; then the fastest, unless a
+        slower one costs the decodes clearly less per prompt token (at most CHEAPER of it) and keeps the queue inside
+        the TTFT SLO (a slower worker pays in TTFT what it saves the decodes)."""
         unmeasured = [lane for lane in self.prefill_lanes if self.cost(lane) is None]
         if unmeasured and load.num_decoding:
             return unmeasured[0]
         rates = self.costs.prefill_rates
-        for lane in sorted(self.prefill_lanes, key=lambda lane: self.cost(lane) or 0.0):
-            if self.in_time(load, lane):
-                return lane
-        return max(self.prefill_lanes, key=lambda lane: rates.get(lane, 0.0))
+        fastest = max(self.prefill_lanes, key=lambda lane: rates.get(lane, 0.0))
+        if self.cost(fastest) is None:
+            return fastest
+        cheaper = [lane for lane in self.prefill_lanes if self.cost(lane) is not None
+                   and self.cost(lane) <= CHEAPER * self.cost(fastest) and self.in_time(load, lane)]
+        return min(cheaper, key=self.cost, default=fastest)
 
     def cheapest_lane(self, load: Load) -> str | None:
-        """A prefill worker where it costs the running decodes clearly less per prompt token than a mixed step, else
-        hybrid batching (the simpler of the two, and the fallback where concurrency does not pay); None: not
-        measured."""
+        """A prefill worker where it costs the running decodes clearly less per prompt token than a mixed step (with
+        a TPOT SLO: not clearly more), else hybrid batching (the simpler of the two, and the fallback where
+        concurrency does not pay); None: not measured."""
         inline = self.cost(DECODE)
         if inline is None or all(self.cost(lane) is None for lane in self.prefill_lanes):
             return None
         lane = self.prefill_lane(load)
-        return lane if self.cost(lane) <= CHEAPER * inline else DECODE
+        margin = TAIL_TIE if self.slo_tpot_ms is not None else CHEAPER
+        return lane if self.cost(lane) <= margin * inline else DECODE
 
     def exploring(self, load: Load, chunk: int) -> Placement | None:
         """A placement that measures a lane not yet measured beside decodes, once one prefill worker's cost is known:
@@ -241,7 +249,9 @@ class AdaptivePlacement:
             self.on_cheaper += 1
             if self.on_cheaper > REEXPLORE_EVERY:
                 self.on_cheaper = 0
-                best = self.sample_other(best, chunk)
+                if (other := self.sample_other(best, chunk)) == DECODE:  # a measurement: a small mixed step
+                    return Placement(DECODE, min(chunk, SMALL_CHUNK), "mixed step: measuring its cost again")
+                best = other
             if best != DECODE:
                 return Placement(best, self.max_budget, "concurrent: cheaper for the decodes")
             if chunk > 0:  # TPOT is an average: the cheaper lane is the better one even when tight
