@@ -90,6 +90,15 @@ def test_prefill_and_decode_really_overlap(rapid_llm):
     assert len(prefill) >= 30 and len(decode) >= 140
     assert len(overlapping) >= 10, f"prefill and decode did not run at the same time: {len(overlapping)} overlaps"
     assert stats.handoff_s and stats.decode_idle_gaps_s
+    # the prefill worker's host time per batch and its wait between batches, one entry per prefill interval
+    from rapid.bench.frontier import prefill_worker_times
+
+    assert len(stats.prefill_host_s) == len(stats.prefill_idle_gaps_s) == len(stats.prefill_intervals)
+    t0, t1 = prefill[0][0], prefill[-1][1]
+    times = prefill_worker_times(stats, t0, t1)
+    host = [h for h, (a, _) in zip(stats.prefill_host_s, stats.prefill_intervals) if a >= t0 and h > 0]
+    assert len(host) >= 20 and all(h <= b - a for h, (a, b) in zip(stats.prefill_host_s, stats.prefill_intervals))
+    assert times["prefill_host_median_ms"] > 0 and times["prefill_idle_gap_median_ms"] >= 0
 
 
 def test_malformed_bytes_on_every_socket_crash_nothing(rapid_llm):

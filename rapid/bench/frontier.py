@@ -117,7 +117,22 @@ def measure_point(llm, batch: int, ctx: int, prefill_len: int, window_s: float, 
         "prefill_tok_s": round(prefill_tokens / (t1 - t0), 1),
         "idle_gap_median_ms": round(statistics.median(s.decode_idle_gaps_s) * 1e3, 4) if s.decode_idle_gaps_s else None,
         "handoff_median_ms": round(statistics.median(s.handoff_s) * 1e3, 3) if s.handoff_s else None,
+        # rapid's prefill worker: host time to enqueue a batch, and its wait for the next one (the core's round trip)
+        **prefill_worker_times(s, t0, t1),
     }
+
+
+def prefill_worker_times(s, t0: float, t1: float) -> dict:
+    """Medians over a prefill worker's batches in the window (a mixed step reports no host time): its host time
+    to enqueue a batch and its wait for the next one (the core's round trip); None without such batches."""
+    pairs = [v for _, _, v in _window(s.prefill_intervals, zip(s.prefill_host_s, s.prefill_idle_gaps_s), t0, t1)
+             if v[0] > 0]
+
+    def median_ms(values):
+        return round(statistics.median(values) * 1e3, 4) if values else None
+
+    return {"prefill_host_median_ms": median_ms([h for h, _ in pairs]),
+            "prefill_idle_gap_median_ms": median_ms([g for _, g in pairs])}
 
 
 def run_frontier(model: str, mode: str, settings: list, batches: list[int], ctx: int, prefill_len: int,

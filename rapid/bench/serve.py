@@ -83,9 +83,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab-size", type=int, default=None,
                    help="--backend openai: vocabulary of the random prompts (default: the --model folder's config)")
     p.add_argument("--modes", default=None, help="comma list of configurations to sweep on the same traces (default: "
-                   "--mode): a mode, or rapid with a placement, MPS split and/or SLOs, e.g. hybrid,rapid:static:100/100,"
-                   "rapid:static:50/50,rapid:adaptive:slo=500/25,rapid:atom:p2=50; with --backend openai, the one label of the server's "
-                   "mode")
+                   "--mode): a mode, or rapid with a placement, MPS split, SLOs and/or a second prefill share, e.g. "
+                   "hybrid,rapid:static:100/100,rapid:static:50/50,rapid:adaptive:slo=500/25,rapid:atom:p2=50; with "
+                   "--backend openai, the one label of the server's mode")
     p.add_argument("--dataset-name", default="sharegpt-like", choices=["random", "sharegpt", "sharegpt-like"],
                    help="sharegpt-like: ShareGPT-shaped lengths, random tokens (default: %(default)s)")
     p.add_argument("--dataset-path", default=None, help="ShareGPT JSON file (--dataset-name sharegpt)")

@@ -2,12 +2,12 @@
 
 The engine's lanes in simulated time: the decode executor steps its batch back to back (a mixed step when the
 policy put prefill tokens in it) and the prefill worker runs one batch at a time beside it (with `second`, a second
-prefill worker at another MPS share, recorded at its own split; one prefill batch between the two at a time). Step costs come from
-`rapid bench frontier` on the GPU (`StepTimings.from_frontier`): per decode batch, the step alone, the step while
-the prefill worker runs at an MPS split and that worker's tokens/s then, and a mixed step's cost per prompt token. A
-decode step is slowed for the part of it that a prefill batch overlaps (a short prompt slows part of one step).
-The same policy objects as the engine's decide (rapid.core.placement, rapid.core.adaptive), so their choices in
-known regimes are unit tests on the CPU. Plain Python, no torch.
+prefill worker at another MPS share, recorded at its own split; one prefill batch between the two at a time).
+Step costs come from `rapid bench frontier` on the GPU (`StepTimings.from_frontier`): per decode batch, the step
+alone, the step while the prefill worker runs at an MPS split and that worker's tokens/s then, and a mixed step's
+cost per prompt token. A decode step is slowed for the part of it that a prefill batch overlaps (a short prompt
+slows part of one step). The same policy objects as the engine's decide (rapid.core.placement,
+rapid.core.adaptive), so their choices in known regimes are unit tests on the CPU. Plain Python, no torch.
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def simulate(trace: list[tuple[float, int, int]], policy, timings: StepTimings, 
                 placed[DECODE] += sum(c[1] for c in dec.queued)
             elif d.lane in PREFILL_LANES and pre.end is None:
                 if workers[d.lane] is None:
-                    raise ValueError(f"the policy placed a batch on {d.lane!r}, which this simulation has no timings for")
+                    raise ValueError(f"the policy placed a batch on {d.lane!r}, which has no timings in this simulation")
                 pre.chunks, pre.lane = take(min(d.token_budget or max_budget, max_budget)), d.lane
                 placed[d.lane] += sum(c[1] for c in pre.chunks)
                 if pre.chunks:

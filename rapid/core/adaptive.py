@@ -11,9 +11,10 @@ cost inside a mixed step, the prefill worker's tokens/s, and how long requests' 
   (at most CHEAPER of a mixed step's cost), else hybrid batching. With a TPOT SLO, a prefill worker also where it
   costs them about as much (at most TAIL_TIE times a mixed step's cost): at equal cost per token a mixed step
   stalls every decode at once, which the TPOT tail pays (measured on the H200, bench/results/session14: TPOT p99
-  23.8-23.9 ms with hybrid batching against 11.2-14.2 ms with concurrent prefill at 40-50 req/s). With a second prefill worker (at a restricted MPS
-  share: the spatial lever) each prefill worker's cost is learned apart, and the cheaper one is used unless its
-  rate would not give the queue its first tokens within the TTFT SLO. Both costs are measured: a mixed step stalls
+  23.8-23.9 ms with hybrid batching against 11.2-14.2 ms with concurrent prefill at 40-50 req/s). With a second
+  prefill worker (at a restricted MPS share: the spatial lever) each prefill worker's cost is learned apart; the
+  fastest is used unless a slower one is clearly cheaper for the decodes and keeps the queue inside the TTFT SLO
+  (on the H200 a 50% share is not: bench/results/frontier-h200.md). Both costs are measured: a mixed step stalls
   the decodes for its prompt work (its marginal time per prompt token, learned from mixed steps only: a step with
   nothing decoding carries the step's fixed cost); the prefill worker slows every decode step it runs beside (on
   the H200 at MPS 100/100 from 5.9 to 23 ms at batch 16, bench/results/frontier-h200.md), summed over a batch and

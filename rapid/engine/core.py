@@ -40,7 +40,7 @@ class StepStats:
 
     def __init__(self):
         names = ("prefill_intervals", "decode_intervals", "decode_idle_gaps_s", "handoff_s", "prefill_tokens",
-                 "decode_batch_sizes")
+                 "decode_batch_sizes", "prefill_host_s", "prefill_idle_gaps_s")
         self.series = {n: deque(maxlen=STATS_WINDOW) for n in names}
 
     def record(self, msg) -> None:
@@ -48,6 +48,8 @@ class StepStats:
         if isinstance(msg, PrefillDone):
             s["prefill_intervals"].append((msg.t_start, msg.t_end))
             s["prefill_tokens"].append(msg.num_tokens)
+            s["prefill_host_s"].append(msg.host_s)  # 0 for a mixed step's prompt part (not a prefill worker's)
+            s["prefill_idle_gaps_s"].append(msg.idle_gap_s)
         elif isinstance(msg, DecodeStep):
             s["decode_intervals"].append((msg.t_start, msg.t_end))
             s["decode_batch_sizes"].append(len(msg.sampled))

@@ -76,6 +76,8 @@ class Stats(msgspec.Struct, tag=True):
     decode_idle_gaps_s: list[float]
     handoff_s: list[float]  # prefill end -> the request's first decode step
     prefill_tokens: list[int] = []  # tokens of each prefill interval
+    prefill_host_s: list[float] = []  # per prefill interval: a prefill worker's host time (PrefillDone.host_s; 0 inline)
+    prefill_idle_gaps_s: list[float] = []  # per prefill interval: that worker's wait for it (PrefillDone.idle_gap_s)
     decode_batch_sizes: list[int] = []  # sequences of each decode interval
     num_preemptions: int = 0
     num_free_blocks: int = 0

@@ -77,6 +77,8 @@ class PrefillDone(msgspec.Struct, tag=True):
     t_start: float
     t_end: float
     num_tokens: int = 0  # tokens the batch computed
+    host_s: float = 0.0  # a prefill worker: time to enqueue the batch's forward pass and sampling (host work)
+    idle_gap_s: float = 0.0  # a prefill worker: time since its previous batch ended (waiting for this one)
 
 
 class StartDecode(msgspec.Struct, tag=True):

@@ -134,7 +134,7 @@ def prefill_main(raw_args: bytes) -> None:
     with worker_process(raw_args, PrefillInput) as (args, setup, runner, inbox, results, ready):
         grammars = runner.grammars = GrammarBook(args.config.tokenizer, args.eos_token_ids)  # structured outputs
         ready.send(_ready(args, setup))
-        fault_at, batches = fault_step(args.name), 0
+        fault_at, batches, last_end = fault_step(args.name), 0, None
         while True:
             msg = inbox.recv(timeout_ms=1000)
             if isinstance(msg, Shutdown):
@@ -144,11 +144,16 @@ def prefill_main(raw_args: bytes) -> None:
                 if batches == fault_at:
                     inject_fault(args.name, batches, setup.device)
                 t0 = time.time()
-                sampled = runner.execute(msg.work)
+                launched = runner.launch(msg.work)
+                host_s = time.time() - t0  # enqueueing the forward pass and sampling (eager attention included)
+                sampled = runner.collect(launched)
                 grammars.retain(())  # the decode worker takes the requests over (it replays their tokens)
                 sync_device(setup.device)  # the KV is complete before the core hands the request to decode
-                results.send(PrefillDone(msg.batch_id, sampled, t0, time.time(),
-                                         num_tokens=sum(len(w.token_ids) for w in msg.work)))
+                t_end = time.time()
+                results.send(PrefillDone(msg.batch_id, sampled, t0, t_end,
+                                         num_tokens=sum(len(w.token_ids) for w in msg.work), host_s=max(host_s, 1e-9),
+                                         idle_gap_s=0.0 if last_end is None else t0 - last_end))
+                last_end = t_end
 
 
 def decode_main(raw_args: bytes) -> None:
