@@ -82,6 +82,29 @@ def test_completions_and_chat_equal_generate(served, client):
     assert client.models.list().data[0].id == "tiny"
 
 
+def test_return_token_ids_as_vllm(served, client):
+    """vLLM's return_token_ids: each choice carries its token ids (and its prompt's), streamed per chunk; the
+    streamed ids add up to generate's, and the text is unchanged."""
+    _, _, _, expected = served
+    want = expected[PROMPTS[0]]
+    out = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=6, temperature=0,
+                                    extra_body={"return_token_ids": True})
+    choice = out.choices[0].model_dump()
+    assert choice["token_ids"] == want.outputs[0].token_ids and choice["prompt_token_ids"] == want.prompt_token_ids
+    chunks = [c.model_dump() for c in client.completions.create(
+        model="tiny", prompt=PROMPTS[0], max_tokens=6, temperature=0, stream=True,
+        extra_body={"return_token_ids": True})]
+    assert [i for c in chunks for i in c["choices"][0]["token_ids"]] == want.outputs[0].token_ids
+    assert chunks[0]["choices"][0]["prompt_token_ids"] == want.prompt_token_ids
+    assert all("prompt_token_ids" not in c["choices"][0] for c in chunks[1:])
+    assert "".join(c["choices"][0]["text"] for c in chunks) == want.outputs[0].text
+    plain = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=6, temperature=0)
+    assert "token_ids" not in plain.choices[0].model_dump()  # only when asked
+    streamed = [c.model_dump() for c in client.chat.completions.create(
+        model="tiny", messages=CHAT, max_tokens=6, temperature=0, stream=True, extra_body={"return_token_ids": True})]
+    assert [i for c in streamed for i in c["choices"][0]["token_ids"]] == expected["chat"].outputs[0].token_ids
+
+
 def test_n_seeds_and_logprobs(served, client):
     out = client.completions.create(model="tiny", prompt="Paris is", max_tokens=5, n=3, seed=7, temperature=1.0,
                                     logprobs=2)

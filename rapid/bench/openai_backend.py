@@ -2,7 +2,9 @@
 
 Each request is a streamed completion: ``prompt`` is the token ids when the trace has them (else the
 text), ``max_tokens`` the output length, greedy, ``stream_options.include_usage`` so the server reports
-``completion_tokens`` in a last chunk (``ignore_eos`` is sent when asked: vLLM's and RAPID's extension).
+``completion_tokens`` in a last chunk, and ``return_token_ids`` so a chunk that carries several tokens (a server
+sends the tokens that queued up while a stream was behind in one chunk) says how many (``ignore_eos`` is sent when
+asked; both are vLLM's and RAPID's extensions).
 As in ``vllm bench serve``, every SSE chunk carrying a choice is a token event (TTFT = the first, ITL =
 the gaps; a chunk with ``token_ids`` of several tokens spreads its gap over them), a final empty chunk
 that only carries the finish reason is not, and the output length is the usage's ``completion_tokens``.
@@ -28,7 +30,8 @@ def completion_payload(req: SampleRequest, model: str, max_tokens: int, ignore_e
     payload = {"model": model,
                "prompt": list(req.prompt_token_ids) if req.prompt_token_ids is not None else req.prompt,
                "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
-               "stream_options": {"include_usage": True}}
+               "stream_options": {"include_usage": True},
+               "return_token_ids": True}  # vLLM's (and RAPID's): a chunk of several tokens says how many
     if ignore_eos:
         payload["ignore_eos"] = True
     return payload
@@ -36,9 +39,8 @@ def completion_payload(req: SampleRequest, model: str, max_tokens: int, ignore_e
 
 def _token_event(choice: dict) -> int:
     """How many tokens a streamed choice carries (0: none, e.g. a bare finish-reason chunk)."""
-    ids = choice.get("token_ids")
-    if ids:
-        return len(ids)
+    if "token_ids" in choice:  # the server says (return_token_ids): exact, also for chunks of text held back
+        return len(choice["token_ids"] or [])
     if choice.get("text"):
         return 1
     return 0 if choice.get("finish_reason") else 1
@@ -75,6 +77,7 @@ async def _one(client, url: str, payload: dict, rec: RequestRecord, t_arrival: f
                     now = time.perf_counter()
                     if last is None:
                         rec.ttft = now - t_arrival
+                        rec.itl.extend([0.0] * (n - 1))  # tokens that came with the first arrived with it
                     else:
                         rec.itl.extend([(now - last) / n] * n)
                     events += n

@@ -96,7 +96,7 @@ def build_app(frontend: EngineFrontend, *, model_name: str | None = None, api_ke
         body = await request.body()
         req = P.decode(body, P.ChatCompletionRequest if chat else P.CompletionRequest)
         items = serving.chat_items(req) if chat else serving.completion_items(req)
-        builder = serving.builder(chat, P.chat_logprobs(req) if chat else req.logprobs)
+        builder = serving.builder(chat, P.chat_logprobs(req) if chat else req.logprobs, req.return_token_ids)
         job = serving.start(items)
         if req.stream:
             opts = req.stream_options

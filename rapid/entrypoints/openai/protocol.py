@@ -72,6 +72,7 @@ class _Sampling(msgspec.Struct, kw_only=True):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
+    return_token_ids: bool = False  # vLLM's: each choice (each streamed chunk) also carries its token ids
 
 
 class CompletionRequest(_Sampling, kw_only=True):

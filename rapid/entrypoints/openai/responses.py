@@ -34,11 +34,13 @@ SSE_DONE = "data: [DONE]\n\n"
 class Builder:
     """Bodies of one response (one id, model and creation time); `chat` picks the chat or completion shape."""
 
-    def __init__(self, request_id: str, model: str, chat: bool, tokenizer, top_logprobs: int | None):
+    def __init__(self, request_id: str, model: str, chat: bool, tokenizer, top_logprobs: int | None,
+                 return_token_ids: bool = False):
         self.id, self.model, self.chat = request_id, model, chat
         self.created = int(time.time())
         self.tokenizer = tokenizer
         self.top_logprobs = top_logprobs  # None: no logprobs asked
+        self.return_token_ids = return_token_ids  # vLLM's: choices carry token_ids (and the prompt's, once)
 
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -72,9 +74,15 @@ class Builder:
                                  for i, lp in self._top(lps)]}
 
     # ------------------------------------------------------------------ whole responses
-    def response(self, choices: list[ChoiceState], prompt_tokens: int) -> dict:
+    def response(self, choices: list[ChoiceState], prompt_tokens: int, prompts: dict[int, list[int]] | None = None
+                 ) -> dict:
+        """`prompts`: each choice's prompt token ids, by choice index (for return_token_ids)."""
         body = self._head("chat.completion" if self.chat else "text_completion")
         body["choices"] = [self._choice(c) for c in sorted(choices, key=lambda c: c.index)]
+        if self.return_token_ids:
+            for choice, c in zip(body["choices"], sorted(choices, key=lambda c: c.index)):
+                choice["token_ids"] = list(c.token_ids)
+                choice["prompt_token_ids"] = list((prompts or {}).get(c.index, []))
         body["usage"] = usage(prompt_tokens, sum(len(c.token_ids) for c in choices))
         return body
 
@@ -87,7 +95,8 @@ class Builder:
 
     # ------------------------------------------------------------------ streamed chunks
     def chunk(self, index: int, text: str, entries, finish_reason: str | None, *, first: bool = False,
-              text_offset: int = 0, include_usage: bool = False) -> dict:
+              text_offset: int = 0, include_usage: bool = False, token_ids: list[int] | None = None,
+              prompt_token_ids: list[int] | None = None) -> dict:
         body = self._head("chat.completion.chunk" if self.chat else "text_completion")
         lp = self.logprobs(entries, text_offset) if entries else None
         if self.chat:
@@ -95,6 +104,10 @@ class Builder:
             choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
         else:
             choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": finish_reason}
+        if self.return_token_ids:
+            choice["token_ids"] = list(token_ids or [])
+            if prompt_token_ids is not None:  # the choice's first chunk
+                choice["prompt_token_ids"] = list(prompt_token_ids)
         body["choices"] = [choice]
         if include_usage:
             body["usage"] = None

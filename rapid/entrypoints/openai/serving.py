@@ -1,7 +1,8 @@
 """OpenAI completions and chat over an EngineFrontend: validate, fan out (prompts x n), stream or collect.
 
-Runs on the HTTP server's event loop: the frontend's callbacks hand deltas over with
-`call_soon_threadsafe`, so nothing here blocks the engine loop.
+Runs on the HTTP server's event loop: the frontend's callbacks hand deltas over through a LoopMailbox (one loop
+wake-up per burst), so nothing here blocks the engine loop. A stream that falls behind the engine sends the
+tokens that queued up meanwhile in one chunk (as vLLM's server does).
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import msgspec
+
 from rapid.engine.client import EngineDeadError
 from rapid.entrypoints.frontend import EngineFrontend, OverloadedError
 from rapid.entrypoints.openai import protocol as P
+from rapid.entrypoints.openai.mailbox import LoopMailbox
 from rapid.entrypoints.openai.metrics import RequestTracker, ServerMetrics
 from rapid.entrypoints.openai.responses import SSE_DONE, Builder, ChoiceState, sse, usage
 from rapid.params import SamplingParams
@@ -42,6 +46,7 @@ class Job:
 
     def __init__(self, serving: "OpenAIServing", items: list[Item]):
         self.serving, self.items = serving, items
+        self.items_by_index = {it.index: it for it in items}
         self.base = uuid.uuid4().hex
         self.queue: asyncio.Queue[tuple[int, RequestDelta]] = asyncio.Queue()
         self.unfinished: set[int] = set()
@@ -51,11 +56,11 @@ class Job:
         return f"{self.base}-{index}"
 
     def submit(self) -> None:
-        loop, frontend = asyncio.get_running_loop(), self.serving.frontend
+        mailbox, frontend = self.serving.mailbox, self.serving.frontend
         try:
             for it in self.items:
                 frontend.submit(self.rid(it.index), it.ids, it.params,
-                                lambda d, i=it.index: loop.call_soon_threadsafe(self.queue.put_nowait, (i, d)),
+                                lambda d, i=it.index: mailbox.post(self.queue.put_nowait, (i, d)),
                                 prompt=it.text)
                 self.unfinished.add(it.index)
                 self.trackers[it.index] = self.serving.metrics.track(len(it.ids))
@@ -68,12 +73,25 @@ class Job:
         self.serving.jobs.add(self)
 
     async def deltas(self) -> AsyncIterator[tuple[int, RequestDelta]]:
-        while self.unfinished:
-            index, d = await self.queue.get()
-            self.trackers[index].on_delta(d)
-            if d.finished or d.error is not None:
-                self.unfinished.discard(index)
+        """Each choice's deltas in order; consecutive ones of a choice already queued are merged into one."""
+        held = None  # a delta taken off the queue that could not be merged: the next one yielded
+        while self.unfinished or held is not None:
+            index, d = held if held is not None else await self.queue.get()
+            held = None
+            self._track(index, d)
+            while not self.queue.empty():
+                index2, d2 = self.queue.get_nowait()
+                if index2 != index or not mergeable(d, d2):
+                    held = (index2, d2)
+                    break
+                self._track(index2, d2)
+                d = merged(d, d2)
             yield index, d
+
+    def _track(self, index: int, d: RequestDelta) -> None:
+        self.trackers[index].on_delta(d)  # every delta: the server's metrics see each token's time
+        if d.finished or d.error is not None:
+            self.unfinished.discard(index)
 
     def abort(self) -> None:
         """End every unfinished engine request (their final deltas may still arrive) and stop tracking them."""
@@ -133,10 +151,10 @@ class RequestConverter:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         return self._items(req, [(None, ids)], max_tokens, P.chat_logprobs(req), 0)
 
-    def builder(self, chat: bool, logprobs: int | None) -> Builder:
+    def builder(self, chat: bool, logprobs: int | None, return_token_ids: bool = False) -> Builder:
         prefix = "chatcmpl" if chat else "cmpl"
         return Builder(f"{prefix}-{uuid.uuid4().hex}", self.model_name or self.llm.config.model, chat,
-                       self.llm.tokenizer, logprobs)
+                       self.llm.tokenizer, logprobs, return_token_ids)
 
 
 class OpenAIServing(RequestConverter):
@@ -148,12 +166,15 @@ class OpenAIServing(RequestConverter):
         self.jobs: set[Job] = set()  # touched on the event loop only
         self.closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.mailbox: LoopMailbox | None = None  # the engine thread's way onto the event loop
 
     # ------------------------------------------------------------------ running
     def start(self, items: list[Item]) -> Job:
         if self.closing:
             raise P.ApiError(503, "the server is shutting down", type="service_unavailable")
-        self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._loop, self.mailbox = loop, LoopMailbox(loop)
         job = Job(self, items)
         job.submit()
         return job
@@ -184,13 +205,14 @@ class OpenAIServing(RequestConverter):
         finally:
             job.abort()
         prompt_tokens = sum(len(ids) for ids in prompt_ids(job.items))
-        return builder.response(list(choices.values()), prompt_tokens)
+        return builder.response(list(choices.values()), prompt_tokens, {it.index: it.ids for it in job.items})
 
     async def stream(self, job: Job, builder: Builder, include_usage: bool, continuous_usage: bool = False
                      ) -> AsyncIterator[str]:
         """Server-sent events: one chunk per delta, a usage chunk if asked, then [DONE]. `continuous_usage`
         (vLLM's stream_options.continuous_usage_stats, with include_usage): each chunk carries its choice's usage."""
         first = set() if builder.chat else {it.index for it in job.items}
+        ids_sent: set[int] = set()  # choices whose prompt token ids went out (return_token_ids)
         offsets = {it.index: 0 for it in job.items}
         produced = {it.index: 0 for it in job.items}
         prompt_len = {it.index: len(it.ids) for it in job.items}
@@ -207,11 +229,14 @@ class OpenAIServing(RequestConverter):
                 if not d.new_token_ids and not d.new_text and reason is None and index in first:
                     continue  # nothing new (a token whose text is held back still gets its chunk, as vLLM)
                 body = builder.chunk(index, d.new_text, entries, reason, first=index not in first,
-                                     text_offset=offsets[index], include_usage=include_usage)
+                                     text_offset=offsets[index], include_usage=include_usage,
+                                     token_ids=d.new_token_ids,
+                                     prompt_token_ids=None if index in ids_sent else job.items_by_index[index].ids)
                 if include_usage and continuous_usage:
                     body["usage"] = usage(prompt_len[index], produced[index])
                 yield sse(body)
                 first.add(index)
+                ids_sent.add(index)
                 offsets[index] += len(d.new_text)
             if include_usage:
                 prompt_tokens = sum(len(ids) for ids in prompt_ids(job.items))
@@ -219,6 +244,22 @@ class OpenAIServing(RequestConverter):
             yield SSE_DONE
         finally:  # also when the client went away (the response task is cancelled)
             job.abort()
+
+
+def mergeable(a: RequestDelta, b: RequestDelta) -> bool:
+    """`b` can join `a` in one chunk: `a` is not the last, and neither carries an error or logprobs."""
+    return (not a.finished and a.error is None and b.error is None and a.new_logprobs is None
+            and b.new_logprobs is None and a.prompt_logprobs is None and b.prompt_logprobs is None)
+
+
+def merged(a: RequestDelta, b: RequestDelta) -> RequestDelta:
+    """One delta with `a`'s tokens then `b`'s; the end state (finish, last token time) is `b`'s."""
+    return msgspec.structs.replace(
+        a, new_token_ids=a.new_token_ids + b.new_token_ids, new_text=a.new_text + b.new_text,
+        cumulative_logprob=b.cumulative_logprob, finished=b.finished, finish_reason=b.finish_reason,
+        stop_reason=b.stop_reason, last_token_time=b.last_token_time or a.last_token_time,
+        first_token_time=a.first_token_time or b.first_token_time, num_cached_tokens=max(a.num_cached_tokens,
+                                                                                          b.num_cached_tokens))
 
 
 def apply_delta(c: ChoiceState, d: RequestDelta) -> None:
