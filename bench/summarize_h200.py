@@ -59,8 +59,9 @@ def frontier() -> list[dict]:
     for file in files:
         points += [{**p, "source": file} for p in json.loads((R / file).read_text())]
     for p in points:  # decode time lost per prompt token prefilled: (window - decode steps x step alone) / tokens
-        lost = 1 - p["decode_alone_ms"] / p["tpot_mean_ms"]
-        p["decode_us_per_prompt_token"] = round(lost / p["prefill_tok_s"] * 1e6, 1) if p["prefill_tok_s"] else None
+        known = p.get("tpot_mean_ms") and p.get("decode_alone_ms") and p.get("prefill_tok_s")
+        lost = 1 - p["decode_alone_ms"] / p["tpot_mean_ms"] if known else None
+        p["decode_us_per_prompt_token"] = round(lost / p["prefill_tok_s"] * 1e6, 1) if known else None
     cmd = ("bash bench/gpu_session.sh frontier-rapid frontier-hybrid with BATCHES=16,64,256 WINDOW=1.5: session 13 "
            "SPLITS=100/100 CHUNKS=2048, session 14 SPLITS=30/100,50/100,50/50 (rapid bench frontier --ctx 1024 "
            "--prefill-len 2048)")

@@ -103,11 +103,10 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class RapidConfig:
-    """Settings of mode 'rapid': two workers sharing the GPU through MPS."""
+    """Settings of mode 'rapid': prefill and decode workers sharing the GPU through MPS."""
 
-    # CUDA_MPS_ACTIVE_THREAD_PERCENTAGE of each worker. 100/100 measured best of the static splits on the H200
-    # (offline 1000/1000, 256 requests, session 11: 1.16x hybrid where 70/30 gave 0.70x before async scheduling,
-    # 1.00x after; serving, session 12: a lower median TTFT than hybrid at equal TPOT).
+    # CUDA_MPS_ACTIVE_THREAD_PERCENTAGE of each worker. 100/100: the best static split measured on the H200 (offline
+    # 1.00x hybrid at 256 and 1,024 requests; lower TTFT and TPOT tails in serving: bench/results/REPORT.md)
     prefill_sm_percentage: int = 100
     decode_sm_percentage: int = 100
     # a second prefill worker at this MPS share, mapping the same arena (None: none). A process's share is fixed at
@@ -116,9 +115,7 @@ class RapidConfig:
     use_mps: bool = True  # False: time-sliced (no real concurrency), with a warning
     worker_start_timeout_s: float = 300.0
     decode_lookahead_blocks: int = 2  # blocks granted ahead of a decoding sequence
-    # where prefill runs: adaptive (per batch), static (always the prefill worker), atom (the rule of the paper's
-    # ROCm ATOM engine: the second prefill worker while decodes run ATOM_MIN_DECODE_BATCH or more, else the first)
-    placement: str = "adaptive"
+    placement: str = "adaptive"  # adaptive (per batch), static (the prefill worker), atom (ROCm ATOM's fixed rule)
     slo_ttft_ms: float | None = None  # the SLOs the adaptive placement plans for; None: maximise throughput
     slo_tpot_ms: float | None = None
 
@@ -131,6 +128,8 @@ class RapidConfig:
                f"second_prefill_sm_percentage must be an integer in [1, 100] or None, got {v!r}")
         _check(self.placement != "atom" or v is not None, "placement 'atom' routes prefill batches between two prefill "
                "workers: give second_prefill_sm_percentage too (ATOM restricts prefill to half the GPU: 50)")
+        _check(v is None or self.placement != "static", f"second_prefill_sm_percentage ({v}) starts a prefill worker "
+               "that placement 'static' never uses; use placement 'adaptive' or 'atom', or leave it unset")
         _check(_is_number(self.worker_start_timeout_s) and self.worker_start_timeout_s > 0,
                f"worker_start_timeout_s must be > 0, got {self.worker_start_timeout_s!r}")
         _check_bool(self, "use_mps")

@@ -120,7 +120,7 @@ def test_every_field_reaches_the_engine_config(folder):
                  enable_prefix_caching=False, enforce_eager=True, async_scheduling=False, attention_backend="reference",
                  prefill_attention="cudnn", prefill_sm_percentage=60, decode_sm_percentage=40, use_mps=False,
                  worker_start_timeout_s=10.0, decode_lookahead_blocks=3, slo_tpot_ms=25.0, slo_ttft_ms=500.0,
-                 placement="static", admission_reserve=0.5, engine_process=True,
+                 placement="atom", admission_reserve=0.5, engine_process=True,
                  second_prefill_sm_percentage=30)
     assert set(given) == set(FIELDS), "a new EngineArgs field needs a value here"
     for name, value in given.items():

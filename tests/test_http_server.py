@@ -103,6 +103,11 @@ def test_return_token_ids_as_vllm(served, client):
     streamed = [c.model_dump() for c in client.chat.completions.create(
         model="tiny", messages=CHAT, max_tokens=6, temperature=0, stream=True, extra_body={"return_token_ids": True})]
     assert [i for c in streamed for i in c["choices"][0]["token_ids"]] == expected["chat"].outputs[0].token_ids
+    assert streamed[0]["prompt_token_ids"] == expected["chat"].prompt_token_ids  # chat: at the top, as vLLM
+    chat = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=6, temperature=0,
+                                          extra_body={"return_token_ids": True}).model_dump()
+    assert chat["prompt_token_ids"] == expected["chat"].prompt_token_ids
+    assert chat["choices"][0]["token_ids"] == expected["chat"].outputs[0].token_ids
 
 
 def test_n_seeds_and_logprobs(served, client):

@@ -47,6 +47,8 @@ def test_the_second_prefill_worker_is_configured_once_and_checked():
         RapidConfig(second_prefill_sm_percentage=0)
     with pytest.raises(ValueError, match="placement 'atom'.*second_prefill_sm_percentage"):
         RapidConfig(placement="atom")
+    with pytest.raises(ValueError, match=r"second_prefill_sm_percentage \(50\) .*placement 'static' never uses"):
+        RapidConfig(placement="static", second_prefill_sm_percentage=50)
     with pytest.raises(ValueError, match="second_prefill_sm_percentage \\(50\\) needs mode 'rapid'"):
         EngineConfig(model="m", tokenizer=None, mode="hybrid", rapid=RapidConfig(second_prefill_sm_percentage=50))
     assert parse_configuration("rapid:atom:p2=50") == ("rapid", {"placement": "atom",
@@ -111,3 +113,35 @@ def test_adaptive_learns_each_prefill_worker_and_keeps_the_cheaper_one_in_time()
     big = Load(num_decoding=64, queued_tokens=6000, oldest_wait_s=0.1, decode_step_ms=10.0, prefill_lane_busy=False)
     assert p.place(big).lane == PREFILL  # 6,000 tokens at 12k tok/s: 600 ms, past 80% of the 500 ms SLO
     assert AdaptivePlacement(8192, prefill_lanes=(PREFILL, PREFILL2)).place(small).lane == PREFILL  # untried first
+
+
+def test_one_prefill_batch_at_a_time_between_the_two_prefill_workers():
+    """The two prefill workers share the prefill side: while one has a batch in flight, a placement on the other
+    waits; the decode lane stays free for mixed steps."""
+    import itertools
+
+    from rapid.config import SchedulerConfig
+    from rapid.core.block_manager import BlockManager
+    from rapid.core.placement import Placement, ReadsNoTimings
+    from rapid.core.request import Request
+    from rapid.core.scheduler import Scheduler
+    from rapid.params import SamplingParams
+    from rapid.protocol.worker import PrefillBatch, PrefillDone
+
+    class Alternate(ReadsNoTimings):
+        name, reads_load = "alternate", False
+        lanes = itertools.cycle([PREFILL, PREFILL2])
+
+        def place(self, load):
+            return Placement(next(self.lanes))
+
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=16, max_model_len=256),
+                      BlockManager(64, 4, enable_prefix_caching=False), placement=Alternate())
+    for i in range(3):
+        sched.add_request(Request(f"r{i}", list(range(10 + 16 * i, 26 + 16 * i)), SamplingParams(max_tokens=4)))
+    sent = [(lane, m) for lane, m in sched.schedule().messages if isinstance(m, PrefillBatch)]
+    assert [lane for lane, _ in sent] == [PREFILL]
+    assert not [m for _, m in sched.schedule().messages if isinstance(m, PrefillBatch)]  # prefill2 chosen: waits
+    sched.update_from_output(PrefillDone(sent[0][1].batch_id, [], 0.0, 1.0, num_tokens=16))
+    again = [(lane, m) for lane, m in sched.schedule().messages if isinstance(m, PrefillBatch)]
+    assert len(again) == 1 and again[0][0] in (PREFILL, PREFILL2) and sched.prefilling_beside

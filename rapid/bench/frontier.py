@@ -117,14 +117,15 @@ def measure_point(llm, batch: int, ctx: int, prefill_len: int, window_s: float, 
         "prefill_tok_s": round(prefill_tokens / (t1 - t0), 1),
         "idle_gap_median_ms": round(statistics.median(s.decode_idle_gaps_s) * 1e3, 4) if s.decode_idle_gaps_s else None,
         "handoff_median_ms": round(statistics.median(s.handoff_s) * 1e3, 3) if s.handoff_s else None,
-        # rapid's prefill worker: host time to enqueue a batch, and its wait for the next one (the core's round trip)
+        # rapid's prefill worker: host time to enqueue a batch, and its wait since its previous one
         **prefill_worker_times(s, t0, t1),
     }
 
 
 def prefill_worker_times(s, t0: float, t1: float) -> dict:
-    """Medians over a prefill worker's batches in the window (a mixed step reports no host time): its host time
-    to enqueue a batch and its wait for the next one (the core's round trip); None without such batches."""
+    """Medians over the prefill workers' batches in the window (a mixed step reports no host time): the host time
+    to enqueue a batch and the worker's wait since its previous batch (with one prefill worker kept busy, the core's
+    round trip); None without such batches."""
     pairs = [v for _, _, v in _window(s.prefill_intervals, zip(s.prefill_host_s, s.prefill_idle_gaps_s), t0, t1)
              if v[0] > 0]
 

@@ -5,9 +5,10 @@ policy put prefill tokens in it) and the prefill worker runs one batch at a time
 prefill worker at another MPS share, recorded at its own split; one prefill batch between the two at a time).
 Step costs come from `rapid bench frontier` on the GPU (`StepTimings.from_frontier`): per decode batch, the step
 alone, the step while the prefill worker runs at an MPS split and that worker's tokens/s then, and a mixed step's
-cost per prompt token. A decode step is slowed for the part of it that a prefill batch overlaps (a short prompt
-slows part of one step). The same policy objects as the engine's decide (rapid.core.placement,
-rapid.core.adaptive), so their choices in known regimes are unit tests on the CPU. Plain Python, no torch.
+cost per prompt token. A decode step runs at its recorded concurrent speed for the part of it that a prefill batch
+overlaps, and at its speed alone for the rest (its end is recomputed whenever a prefill batch starts or ends). The
+same policy objects as the engine's decide (rapid.core.placement, rapid.core.adaptive), so their choices in known
+regimes are unit tests on the CPU. Plain Python, no torch.
 """
 
 from __future__ import annotations
@@ -95,7 +96,10 @@ class _Lane:
         self.chunks: list[tuple[SimRequest, int, bool]] = []
         self.queued: list[tuple[SimRequest, int, bool]] = []  # the decode lane: prompt work for its next step
         self.batch: list[SimRequest] = []  # the decode lane: the requests its running step advances
-        self.beside = False  # the decode lane: its running step started while a prefill batch ran
+        self.beside = False  # the decode lane: a prefill batch ran during some of its running step
+        self.work_ms = 0.0  # the decode lane: its running step's work left, in ms at its speed alone
+        self.rate = 1.0  # the decode lane: that work's progress per ms now (slower beside a prefill batch)
+        self.t_last = 0.0  # the decode lane: when work_ms was last brought up to date
         self.lane = PREFILL  # the prefill side: the worker running its current batch
 
 
@@ -141,6 +145,22 @@ def simulate(trace: list[tuple[float, int, int]], policy, timings: StepTimings, 
                 waiting.remove(r)
         return chunks
 
+    def progress(t: float) -> None:
+        """Bring the running decode step's work left up to time t, at the speed it had since the last update."""
+        if dec.end is not None:
+            dec.work_ms -= (t - dec.t_last) * 1e3 * dec.rate
+            dec.t_last = t
+
+    def retime() -> None:
+        """The prefill side started or ended a batch (or a step started): the running step's speed and end now.
+        Beside a prefill batch a step runs at (its time alone / its time concurrent, as recorded at that split)."""
+        if dec.end is None:
+            return
+        n = len(dec.batch)
+        dec.rate = 1.0 if pre.end is None else timings.decode_ms(n, False) / workers[pre.lane].decode_ms(n, True)
+        dec.beside = dec.beside or pre.end is not None
+        dec.end = dec.t_last + max(dec.work_ms, 0.0) / dec.rate * 1e-3
+
     def prompts_done(chunks, t: float) -> None:
         for r, _, last in chunks:
             r.in_flight = False
@@ -166,32 +186,33 @@ def simulate(trace: list[tuple[float, int, int]], policy, timings: StepTimings, 
                 placed[DECODE] += sum(c[1] for c in dec.queued)
             elif d.lane in PREFILL_LANES and pre.end is None:
                 if workers[d.lane] is None:
-                    raise ValueError(f"the policy placed a batch on {d.lane!r}, which has no timings in this simulation")
+                    raise ValueError(f"the policy placed a batch on {d.lane!r}, which has no timings here")
                 pre.chunks, pre.lane = take(min(d.token_budget or max_budget, max_budget)), d.lane
                 placed[d.lane] += sum(c[1] for c in pre.chunks)
                 if pre.chunks:
                     tokens = sum(c[1] for c in pre.chunks)
+                    progress(now)
                     pre.start, pre.end = now, now + workers[d.lane].prefill_s(tokens, len(decoding))
+                    retime()
         if dec.end is None and (decoding or dec.queued):
             dec.chunks, dec.queued = dec.queued, []
             inline = sum(c[1] for c in dec.chunks)
-            beside = pre.end is not None
-            split = workers[pre.lane] if beside else timings  # the decode step slows as the running prefill split says
-            ms = timings.decode_ms(len(decoding), False) if decoding else 0.0
-            if beside and decoding:  # slowed only while the prefill batch runs: a short batch slows part of one step
-                concurrent = split.decode_ms(len(decoding), True)
-                ms += (concurrent - ms) * min(1.0, (pre.end - now) * 1e3 / concurrent)
-            dec.batch, dec.start, dec.beside = list(decoding), now, beside
-            dec.end = now + ms * 1e-3 + split.inline_s(inline, len(decoding), beside)
+            work_ms = (timings.decode_ms(len(decoding), False) if decoding else 0.0) + \
+                timings.inline_s(inline, len(decoding), False) * 1e3  # at its speed alone
+            dec.batch, dec.start, dec.beside, dec.work_ms, dec.t_last, dec.end = list(decoding), now, False, work_ms, \
+                now, now
+            retime()
         upcoming = [t for t in (dec.end, pre.end, pending[0].arrival_s if pending else None) if t is not None]
         if not upcoming:
             return SimRun(done, placed)
         now = max(now, min(upcoming))
+        progress(now)
         if pre.end is not None and pre.end <= now:
             policy.observe_prefill(pre.lane, sum(c[1] for c in pre.chunks), now - pre.start, len(decoding))
             prompts_done(pre.chunks, now)
             pre.chunks, pre.end = [], None
-        if dec.end is not None and dec.end <= now:
+            retime()
+        if dec.end is not None and dec.end <= now + 1e-12:
             if dec.chunks:
                 policy.observe_prefill(DECODE, sum(c[1] for c in dec.chunks), now - dec.start, len(dec.batch),
                                        beside_prefill=dec.beside)

@@ -5,8 +5,8 @@ decode step period) against the user's SLOs and answers a lane and a token budge
 compares from the engine's own timings as they arrive (`StepCosts`): the decode step alone, a prompt token's
 cost inside a mixed step, the prefill worker's tokens/s, and how long requests' outputs run.
 
-- **Nothing decodes**: the lane that has prefilled more cheaply per token (each is tried once: inline needs no
-  hand-off between processes, the prefill worker has its prefill graphs).
+- **Nothing decodes**: the lane that has prefilled more cheaply per token (inline and the first prefill worker are
+  each tried once: inline needs no hand-off between processes, a prefill worker has its prefill graphs).
 - **Something decodes**: a prefill worker where it costs the running decodes clearly less per prompt token
   (at most CHEAPER of a mixed step's cost), else hybrid batching. With a TPOT SLO, a prefill worker also where it
   costs them about as much (at most TAIL_TIE times a mixed step's cost): at equal cost per token a mixed step
@@ -18,8 +18,9 @@ cost inside a mixed step, the prefill worker's tokens/s, and how long requests' 
   the decodes for its prompt work (its marginal time per prompt token, learned from mixed steps only: a step with
   nothing decoding carries the step's fixed cost); the prefill worker slows every decode step it runs beside (on
   the H200 at MPS 100/100 from 5.9 to 23 ms at batch 16, bench/results/frontier-h200.md), summed over a batch and
-  divided by its tokens. Once the prefill worker's cost is known a few small mixed steps measure theirs, and the
-  losing lane is sampled again every REEXPLORE_EVERY placements. Until both are measured the earlier rule holds:
+  divided by its tokens. Once the prefill worker's cost is known a few small mixed steps measure theirs (then a few
+  small batches each other prefill worker's), and another lane is sampled again with a small batch every
+  REEXPLORE_EVERY placements. Until a mixed step's and a prefill worker's costs are measured the earlier rule holds:
   inline when it is predicted to give the chunk its first token sooner (it joins the decode executor's next step,
   after the running one ends) than the prefill worker (after its running batch, if any), only while the decode
   step period plus the chunk's stall, spread over an output's tokens, stays inside the TPOT SLO (TPOT is an
@@ -38,12 +39,12 @@ TPOT_MARGIN = 0.8  # plan decode steps to at most this share of the TPOT SLO
 TTFT_MARGIN = 0.8  # a prefill worker keeps the queue inside the TTFT SLO when it would prefill it within this share
 TTFT_RELAXED = 0.5  # the prefill worker gives a first token within this share of the TTFT SLO: no mixed step
 CHEAPER = 0.8  # concurrent prefill is "cheaper" for the decodes when it costs them at most this share of inline
-TAIL_TIE = 1.25  # with a TPOT SLO, concurrent prefill is kept while it costs the decodes at most this multiple of inline
+TAIL_TIE = 1.25  # with a TPOT SLO, concurrent prefill is kept while it costs the decodes at most this x inline
 DECAY = 0.98  # weight kept by the running sums of the concurrent lane's cost at each new observation
 EXPLORE_MIXED = 3  # mixed steps tried (once the concurrent lane's cost is known) to learn what they cost
 MIN_BESIDE_BATCHES = 3  # prefill batches beside decodes before the concurrent lane's cost is trusted
-REEXPLORE_EVERY = 64  # placements on the cheapest lane between two samples of another one (costs drift)
-SMALL_CHUNK = 512  # prompt tokens of a mixed step that measures its cost (exploring, or sampling it again)
+REEXPLORE_EVERY = 64  # placements taken on the cheapest lane between two samples of another one (costs drift)
+SMALL_CHUNK = 512  # prompt tokens of a batch that measures a lane's cost (exploring, or sampling it again)
 
 
 class StepCosts:
@@ -125,9 +126,12 @@ class AdaptivePlacement:
 
     def __init__(self, max_budget: int, slo_ttft_ms: float | None = None, slo_tpot_ms: float | None = None,
                  prefill_lanes: tuple[str, ...] = (PREFILL,)):
-        """`prefill_lanes`: the prefill workers, (PREFILL,) or with a second one at its own share (PREFILL, PREFILL2)."""
+        """`prefill_lanes`: the prefill workers, (PREFILL,), or (PREFILL, PREFILL2) with a second one at its share."""
         if max_budget < 1:
             raise ValueError(f"max_budget must be >= 1, got {max_budget}")
+        if not prefill_lanes or not set(prefill_lanes) <= {PREFILL, PREFILL2} or prefill_lanes[0] != PREFILL:
+            raise ValueError(f"prefill_lanes must be ({PREFILL!r},) or ({PREFILL!r}, {PREFILL2!r}), "
+                             f"got {prefill_lanes!r}")
         self.max_budget = max_budget
         self.slo_ttft_ms, self.slo_tpot_ms = slo_ttft_ms, slo_tpot_ms
         self.prefill_lanes = tuple(prefill_lanes)
@@ -190,6 +194,8 @@ class AdaptivePlacement:
         if inline is None or all(self.cost(lane) is None for lane in self.prefill_lanes):
             return None
         lane = self.prefill_lane(load)
+        if self.cost(lane) is None:  # a worker still to be measured: compare the ones that are
+            lane = min((x for x in self.prefill_lanes if self.cost(x) is not None), key=self.cost)
         margin = TAIL_TIE if self.slo_tpot_ms is not None else CHEAPER
         return lane if self.cost(lane) <= margin * inline else DECODE
 
@@ -201,8 +207,9 @@ class AdaptivePlacement:
         if chunk > 0 and self.costs.mixed_samples < EXPLORE_MIXED and not load.prefill_lane_busy:
             return Placement(DECODE, min(chunk, SMALL_CHUNK), "mixed step: measuring its cost beside decodes")
         unmeasured = [lane for lane in self.prefill_lanes if self.cost(lane) is None]
-        if unmeasured:
-            return Placement(unmeasured[0], self.max_budget, "concurrent: measuring its cost beside decodes")
+        if unmeasured and not load.prefill_lane_busy:
+            return Placement(unmeasured[0], min(self.max_budget, SMALL_CHUNK), "concurrent: measuring its cost beside "
+                             "decodes")
         return None
 
     def sample_other(self, best: str, chunk: int) -> str:
@@ -231,8 +238,8 @@ class AdaptivePlacement:
         return load.decode_step_ms / 2 + load.decode_step_ms + chunk * per_token  # the running step ends first
 
     def concurrent_ttft_ms(self, load: Load, chunk: int) -> float | None:
-        """The chunk's first token on the (full-share) prefill worker (None before its rate is known)."""
-        rate = self.costs.prefill_tok_s
+        """The chunk's first token on the fastest prefill worker (None before a rate is known)."""
+        rate = max(self.costs.prefill_rates.values(), default=None)
         if rate is None:
             return None
         ahead = chunk / rate * 1e3 / 2 if load.prefill_lane_busy else 0.0  # about half a batch still running
@@ -247,12 +254,14 @@ class AdaptivePlacement:
             return explore
         best = self.cheapest_lane(load)
         if best is not None:
-            self.on_cheaper += 1
-            if self.on_cheaper > REEXPLORE_EVERY:
+            if best == DECODE or not load.prefill_lane_busy:  # the scheduler drops a busy prefill side's placement
+                self.on_cheaper += 1
+            if self.on_cheaper > REEXPLORE_EVERY and not load.prefill_lane_busy:  # a sample alone, to measure it
                 self.on_cheaper = 0
-                if (other := self.sample_other(best, chunk)) == DECODE:  # a measurement: a small mixed step
-                    return Placement(DECODE, min(chunk, SMALL_CHUNK), "mixed step: measuring its cost again")
-                best = other
+                other = self.sample_other(best, chunk)
+                if other != best:
+                    budget = min(chunk if other == DECODE else self.max_budget, SMALL_CHUNK)
+                    return Placement(other, budget, "measuring its cost again")
             if best != DECODE:
                 return Placement(best, self.max_budget, "concurrent: cheaper for the decodes")
             if chunk > 0:  # TPOT is an average: the cheaper lane is the better one even when tight

@@ -71,8 +71,8 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, blocks: BlockManager, *, decode_blocks: BlockManager | None = None,
                  lookahead_blocks: int = 2, placement=None,
                  on_token: Callable[[Request, SampledToken], str | None] | None = None):
-        """`decode_blocks`: disagg's decode pool (KV copied at hand-off), else `blocks` serves both. `on_token(req, tok)`:
-        the output processor; returns a matched stop string, or None."""
+        """`decode_blocks`: disagg's decode pool (KV copied at hand-off), else `blocks` serves both.
+        `on_token(req, tok)`: the output processor; returns a matched stop string, or None."""
         self.config = config
         self.token_budget = config.max_num_batched_tokens
         self.blocks = blocks

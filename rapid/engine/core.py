@@ -26,7 +26,7 @@ STATS_WINDOW = 4096  # recent step timings kept for stats
 
 
 class Workers(Protocol):
-    """How the core reaches its executors, by lane ('decode' or 'prefill', see rapid/core/placement.py)."""
+    """How the core reaches its executors, by lane ('decode', 'prefill', 'prefill2': rapid/core/placement.py)."""
 
     def send(self, lane: str, msg) -> None: ...
 

@@ -65,7 +65,7 @@ class MpsDaemon:
         if config.mode != "rapid" or not uses_cuda(config):
             return None
         if not config.rapid.use_mps:
-            warnings.warn("mode 'rapid' without MPS: the two workers only time-slice the GPU (no real "
+            warnings.warn("mode 'rapid' without MPS: the workers only time-slice the GPU (no real "
                           "concurrency); results are not representative", RuntimeWarning, stacklevel=3)
             return None
         if shutil.which("nvidia-cuda-mps-control") is None:

@@ -16,7 +16,7 @@ from rapid.config import EngineArgs
 
 # bench frontier sets these itself (per measured point) and skips the tokenizer.
 FRONTIER_OWN = ("mode", "max_num_seqs", "max_num_batched_tokens", "prefill_sm_percentage", "decode_sm_percentage",
-                "skip_tokenizer_init", "tokenizer", "placement")
+                "skip_tokenizer_init", "tokenizer", "placement", "second_prefill_sm_percentage")
 
 
 def version() -> str:

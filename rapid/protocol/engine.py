@@ -76,7 +76,7 @@ class Stats(msgspec.Struct, tag=True):
     decode_idle_gaps_s: list[float]
     handoff_s: list[float]  # prefill end -> the request's first decode step
     prefill_tokens: list[int] = []  # tokens of each prefill interval
-    prefill_host_s: list[float] = []  # per prefill interval: a prefill worker's host time (PrefillDone.host_s; 0 inline)
+    prefill_host_s: list[float] = []  # per prefill interval: a prefill worker's host time (PrefillDone.host_s)
     prefill_idle_gaps_s: list[float] = []  # per prefill interval: that worker's wait for it (PrefillDone.idle_gap_s)
     decode_batch_sizes: list[int] = []  # sequences of each decode interval
     num_preemptions: int = 0
@@ -85,7 +85,7 @@ class Stats(msgspec.Struct, tag=True):
     num_requests: int = 0  # requests the core still tracks (in any phase)
     num_restarts: int = 0  # times the engine restarted its processes after one died (modes rapid, disagg)
     placement_policy: str = ""  # "static decode" (hybrid), "static prefill", "adaptive" (rapid's default)
-    placement: str = ""  # the lane of the latest prefill batch: "decode" (hybrid batching) or "prefill"
+    placement: str = ""  # the lane of the latest prefill batch: "decode" (hybrid batching), "prefill" or "prefill2"
     prefill_batches_by_lane: dict[str, int] = {}
     prefill_tokens_by_lane: dict[str, int] = {}
 

@@ -3,8 +3,8 @@
 The engine's share of the GPU is `gpu_memory_utilization * total memory`. What the KV pool gets is that
 share minus the weights and, for each process of the engine, what it needs besides: the activations of
 its largest step, its CUDA graphs' memory pools and its memory outside torch (CUDA context, cuBLAS
-handles, loaded kernels). Two workers share the GPU in mode 'rapid', so free memory says nothing about
-either of them: each figure is measured in the process that runs the shapes, before the KV pool exists.
+handles, loaded kernels). Two or three workers share the GPU in mode 'rapid', so free memory says nothing about
+any of them: each figure is measured in the process that runs the shapes, before the KV pool exists.
 """
 
 from __future__ import annotations

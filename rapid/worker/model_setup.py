@@ -1,6 +1,6 @@
 """The model, the KV pool and their memory plan inside one arena: the same start-up for every role.
 
-Roles: 'hybrid' (one process runs every step shape, its arena private), 'decode' and 'prefill'. The
+Roles: 'hybrid' (one process runs every step shape, its arena private), 'decode', 'prefill' and 'prefill2'. The
 owner of an arena measures what each process of the engine needs, sizes the KV pool from that, then
 creates the arena and loads the weights into it; an importer maps the owner's arena and computes the
 same layout from the config, so only an ArenaHandle crosses the process boundary.

@@ -9,9 +9,12 @@ already pending; the loop then hands everything that arrived to the requests' qu
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections import deque
 from typing import Callable
+
+logger = logging.getLogger(__name__)
 
 
 class LoopMailbox:
@@ -32,12 +35,17 @@ class LoopMailbox:
             self._wake_pending = True
         try:
             self.loop.call_soon_threadsafe(self._deliver)
-        except RuntimeError:  # the loop is closed
-            pass
+        except RuntimeError:  # the loop is closed: nothing will ever run them
+            with self._lock:
+                self._items.clear()
+                self._wake_pending = False
 
     def _deliver(self) -> None:
         with self._lock:
             items, self._items = self._items, deque()
             self._wake_pending = False
         for fn, arg in items:
-            fn(arg)
+            try:
+                fn(arg)
+            except Exception:  # one request's failure must not lose the others' deltas
+                logger.exception("delivering a delta to its request failed")

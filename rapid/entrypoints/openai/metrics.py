@@ -57,7 +57,8 @@ class _EngineStatsCollector:
         pre.add_metric(values, stats.num_preemptions)
         yield pre
         lane = GaugeMetricFamily("rapid:prefill_placement", "Where the latest prefill batch ran (value 1): lane "
-                                 "'decode' (hybrid batching) or 'prefill' (the prefill worker, concurrently).",
+                                 "'decode' (hybrid batching), 'prefill' (the prefill worker, concurrently) or "
+                                 "'prefill2' (the second prefill worker, at its own SM share).",
                                  labels=names + ["policy", "lane"])
         tokens = CounterMetricFamily("rapid:prefill_placed_tokens", "Prompt tokens placed on each lane.",
                                      labels=names + ["lane"])

@@ -79,10 +79,13 @@ class Builder:
         """`prompts`: each choice's prompt token ids, by choice index (for return_token_ids)."""
         body = self._head("chat.completion" if self.chat else "text_completion")
         body["choices"] = [self._choice(c) for c in sorted(choices, key=lambda c: c.index)]
-        if self.return_token_ids:
+        if self.return_token_ids:  # as vLLM: chat has one prompt, at the top; a completion's choices each have theirs
             for choice, c in zip(body["choices"], sorted(choices, key=lambda c: c.index)):
                 choice["token_ids"] = list(c.token_ids)
-                choice["prompt_token_ids"] = list((prompts or {}).get(c.index, []))
+                if not self.chat:
+                    choice["prompt_token_ids"] = list((prompts or {}).get(c.index, []))
+            if self.chat:
+                body["prompt_token_ids"] = list(next(iter((prompts or {}).values()), []))
         body["usage"] = usage(prompt_tokens, sum(len(c.token_ids) for c in choices))
         return body
 
@@ -106,8 +109,8 @@ class Builder:
             choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": finish_reason}
         if self.return_token_ids:
             choice["token_ids"] = list(token_ids or [])
-            if prompt_token_ids is not None:  # the choice's first chunk
-                choice["prompt_token_ids"] = list(prompt_token_ids)
+            if prompt_token_ids is not None:  # the choice's first chunk (chat: at the top, as vLLM)
+                (body if self.chat else choice)["prompt_token_ids"] = list(prompt_token_ids)
         body["choices"] = [choice]
         if include_usage:
             body["usage"] = None
