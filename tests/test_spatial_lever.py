@@ -145,3 +145,39 @@ def test_one_prefill_batch_at_a_time_between_the_two_prefill_workers():
     sched.update_from_output(PrefillDone(sent[0][1].batch_id, [], 0.0, 1.0, num_tokens=16))
     again = [(lane, m) for lane, m in sched.schedule().messages if isinstance(m, PrefillBatch)]
     assert len(again) == 1 and again[0][0] in (PREFILL, PREFILL2) and sched.prefilling_beside
+
+
+@pytest.mark.slow
+def test_rapid_serve_with_a_second_prefill_worker(tiny_llama):
+    """The CLI path: `rapid serve --mode rapid --second-prefill-sm-percentage 50` starts the core, the decode worker
+    and both prefill workers, serves completions, reports the lanes on /metrics, and leaves no process at SIGTERM."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-m", "rapid.entrypoints.cli", "serve", "--model", str(tiny_llama),
+                             "--mode", "rapid", "--second-prefill-sm-percentage", "50", "--max-model-len", "256",
+                             "--port", "0", "--no-zmq", "--served-model-name", "tiny"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = re.search(r"(http://\S+)/v1", proc.stdout.readline()).group(1)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        roles = {(cmd := c.cmdline())[cmd.index("rapid.engine.child") + 1] for c in children
+                 if "rapid.engine.child" in c.cmdline()}
+        assert roles == {"core", "decode", "prefill", "prefill2"}, roles
+        body = {"model": "tiny", "prompt": [5, 6, 7, 8], "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+        out = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
+        assert out["usage"]["completion_tokens"] == 5
+        metrics = httpx.get(url + "/metrics", timeout=10).text
+        assert 'lane="prefill2"' in metrics and 'rapid:prefill_placed_tokens_total' in metrics
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert all(gone(c.pid) for c in children)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
