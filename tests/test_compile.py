@@ -61,3 +61,31 @@ def test_compile_pieces_rejects_unknown_dynamic(tiny_llama):
     model, _ = _model(tiny_llama)
     with pytest.raises(ValueError, match="dynamic"):
         model.compile_pieces(dynamic="batch")
+
+
+def test_capture_pieces_warms_every_piece_up_then_captures_each_once_in_order(monkeypatch):
+    """The capture step shared by the piecewise and whole prefill graphs, with CUDA's graph calls recorded (no GPU):
+    every piece runs once outside any capture, the device is synchronised, then each piece runs inside its own
+    graph, in order, in the given pool."""
+    import contextlib
+
+    import torch
+
+    from rapid.compile.cuda_graphs import capture_pieces
+
+    log = []
+
+    class Graph:
+        pass
+
+    @contextlib.contextmanager
+    def graph(g, pool=None):
+        log.append(("capture", pool))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: log.append("sync"))
+    graphs = capture_pieces([lambda: log.append("a"), lambda: log.append("b")], pool="P")
+    assert log == ["a", "b", "sync", ("capture", "P"), "a", ("capture", "P"), "b"]
+    assert len(graphs) == 2 and all(isinstance(g, Graph) for g in graphs)

@@ -12,6 +12,7 @@ from rapid.core.adaptive import make_placement
 from rapid.core.placement import ATOM_MIN_DECODE_BATCH, DECODE, PREFILL, PREFILL2, AtomPlacement, Load
 from rapid.engine import launch
 from rapid.engine.mps import MpsDaemon, worker_env
+from rapid.entrypoints.cli import build_parser
 from tiny import engine_pids, gone, hf_greedy
 
 
@@ -55,15 +56,8 @@ def test_the_second_prefill_worker_is_configured_once_and_checked():
                                                                 "second_prefill_sm_percentage": 50})
     with pytest.raises(ValueError, match="p2=101"):
         parse_configuration("rapid:p2=101")
-    assert EngineArgs.from_cli_args(_cli(["--second-prefill-sm-percentage", "30"])).second_prefill_sm_percentage == 30
-
-
-def _cli(argv):
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    EngineArgs.add_cli_args(parser)
-    return parser.parse_args(argv)
+    args = build_parser().parse_args(["serve", "--mode", "rapid", "--second-prefill-sm-percentage", "30"])
+    assert EngineArgs.from_cli_args(args).second_prefill_sm_percentage == 30
 
 
 @pytest.mark.slow

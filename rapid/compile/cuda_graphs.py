@@ -34,6 +34,21 @@ from rapid.attention.metadata import AttentionMetadata
 logger = logging.getLogger(__name__)
 
 
+def capture_pieces(pieces, pool) -> list[torch.cuda.CUDAGraph]:
+    """Warm every piece up for its shapes outside any capture (compiling its kernels), then capture each, in order,
+    into `pool`: one CUDA graph per piece."""
+    for piece in pieces:
+        piece()
+    torch.cuda.synchronize()
+    graphs = []
+    for piece in pieces:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            piece()
+        graphs.append(graph)
+    return graphs
+
+
 def bucket_sizes(max_num_seqs: int) -> list[int]:
     """Batch sizes that get a graph: 1, 2, 4, 8, 16, 24, ..., 256 (step 8), then 288, 320, ... (step 32), the
     last one >= max_num_seqs. Above 256 a padded row costs little beside the batch's KV reads."""

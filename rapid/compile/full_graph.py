@@ -21,6 +21,7 @@ import time
 import torch
 
 from rapid.attention.metadata import AttentionMetadata
+from rapid.compile.cuda_graphs import capture_pieces
 from rapid.compile.piecewise import token_buckets
 
 logger = logging.getLogger(__name__)
@@ -92,12 +93,8 @@ class FullGraphRunner:
         pool = torch.cuda.graph_pool_handle()
         for T in tqdm(sorted(self.buckets, reverse=True), desc="capturing prefill/mixed CUDA graphs (whole)",
                       disable=not progress, leave=False):
-            self.body(T)  # compile and warm up this shape outside the capture (no sequences: nothing written)
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                self.body(T)
-            self.graphs[T] = g
+            # warmed up outside the capture first (no sequences: nothing written)
+            (self.graphs[T],) = capture_pieces([lambda: self.body(T)], pool)
         torch.cuda.synchronize()
         self.capture_s = time.perf_counter() - t0
         logger.info("captured %d whole prefill/mixed CUDA graphs (up to %d tokens) in %.1fs", len(self.graphs),

@@ -20,6 +20,7 @@ import time
 import torch
 
 from rapid.attention.metadata import AttentionMetadata
+from rapid.compile.cuda_graphs import capture_pieces
 
 logger = logging.getLogger(__name__)
 
@@ -97,17 +98,7 @@ class PiecewiseGraphRunner:
         pool = torch.cuda.graph_pool_handle()
         for T in tqdm(sorted(self.buckets, reverse=True), desc="capturing prefill/mixed CUDA graphs",
                       disable=not progress, leave=False):
-            pieces = self._pieces(T)
-            for piece in pieces:  # compile/warm up for this shape outside the capture
-                piece()
-            torch.cuda.synchronize()
-            graphs = []
-            for piece in pieces:
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=pool):
-                    piece()
-                graphs.append(g)
-            self.graphs[T] = graphs
+            self.graphs[T] = capture_pieces(self._pieces(T), pool)
             logger.info("piecewise graphs for %d tokens captured (%.1fs so far)", T, time.perf_counter() - t0)
         torch.cuda.synchronize()
         self.capture_s = time.perf_counter() - t0
