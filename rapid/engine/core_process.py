@@ -2,8 +2,8 @@
 
 Frontend -> core_in (AddRequest, AbortRequest, GetStats, SetTokenBudget, Shutdown); core_out -> frontend
 (EngineOutputs, Stats). Modes 'rapid' and 'disagg': workers on prefill_in (and prefill2_in) / decode_in down,
-worker_out up, and no torch in this process. Mode 'hybrid' with engine_process: the model and its one executor run here, as
-rapid.engine.inproc runs them in the user's process.
+worker_out up, and no torch in this process. Mode 'hybrid' with engine_process: the model and its one executor run
+here, as rapid.engine.inproc runs them in the user's process.
 """
 
 from __future__ import annotations

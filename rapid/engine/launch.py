@@ -1,11 +1,11 @@
 """The process topology of each mode, declared in one place.
 
-    topology        processes (start stage)                owns an arena      maps an arena
+    topology        processes (start stage)                            owns an arena     maps an arena
     hybrid          none: the core and its executor run in the user's process (rapid.engine.inproc)
-    hybrid-process  core (0), with the model and its executor  -                  -
-    rapid    decode (0), prefill (1), core (1)               decode             prefill -> decode's
-    rapid-2prefill  rapid + prefill2 (1), the second prefill worker      decode      prefill, prefill2 -> decode's
-    disagg   prefill (0, GPU 0), decode (1, GPU 1), core (2) prefill, decode    decode -> prefill's
+    hybrid-process  core (0), with the model and its executor          -                 -
+    rapid           decode (0), prefill (1), core (1)                  decode            prefill -> decode's
+    rapid-2prefill  decode (0), prefill (1), prefill2 (1), core (1)    decode            prefill, prefill2 -> decode's
+    disagg          prefill (0, GPU 0), decode (1, GPU 1), core (2)    prefill, decode   decode -> prefill's
 
 Every child is spawned at once (a fresh interpreter, `python -m rapid.engine.child ROLE`, whose imports
 overlap), but a stage gets its WorkerArgs (msgspec-encoded on stdin) only once the previous stage is
