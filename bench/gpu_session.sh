@@ -11,8 +11,8 @@ MODEL=${MODEL:-/tmp/llama8b}  # SHAPE=tiny MODEL=/tmp/tiny-dry: a CPU dry run of
 python3 bench/make_model_folder.py ${SHAPE:-llama-3.1-8b} $MODEL >/dev/null
 BATCHES=${BATCHES:-16,64}
 # Steady-state serving (rapid bench serve): every mode in MODES on the same fresh-per-rate traces, DURATION s of
-# Poisson arrivals per rate (warm-up excluded), queues left after DRAIN s aborted. 3 rates x 50 s x 2 modes plus
-# start-up and drains fits one ~8-minute call; serve.json + serve.md (+ plots) land in $OUT/serve-TAG-MODES.
+# Poisson arrivals per rate (gamma with shape BURST when set), warm-up excluded, queues left after DRAIN s aborted.
+# 3 rates x 50 s x 2 modes plus start-up and drains fits one ~8-minute call; serve.json + serve.md (+ plots) land in $OUT/serve-TAG-MODES.
 serve_steady() {  # serve_steady TAG RATES DATASET-FLAGS...
   local tag=$1 rates=$2 m=${MODES:-hybrid,rapid}; shift 2; m=${m//[,:\/=]/-}
   python3 -m rapid.entrypoints.cli bench serve --model $MODEL --load-format dummy --skip-tokenizer-init \
@@ -20,7 +20,7 @@ serve_steady() {  # serve_steady TAG RATES DATASET-FLAGS...
     --decode-sm-percentage ${DECODE_PCT:-100} --modes ${MODES:-hybrid,rapid} "$@" --request-rates $rates \
     --duration-s ${DURATION:-50} ${WARMUP:+--warmup-s $WARMUP} --drain-timeout-s ${DRAIN:-20} \
     --goodput ttft:1000 tpot:50 --slo-pairs ${SLO_PAIRS:-1000/50,500/25,2000/100} --seed ${SEED:-0} \
-    --result-dir $OUT/serve-$tag-${m}${TAG:-} 2>&1 | tr '\r' '\n' | grep --line-buffered -v "it/s\]"
+    ${BURST:+--burstiness $BURST} --result-dir $OUT/serve-$tag-${m}${TAG:-} 2>&1 | tr '\r' '\n' | grep --line-buffered -v "it/s\]"
   cat $OUT/serve-$tag-${m}${TAG:-}/serve.md 2>/dev/null | grep -v "^Command:"
 }
 # HTTP overhead (issue 13): the same steady-state trace at HTTP_RATE req/s, once through `rapid serve`'s OpenAI endpoint

@@ -10,9 +10,13 @@ arrivals stop does not count (that was the 3x overstatement of burst replays):
 
 * ``served_rate``: requests (any) that finished inside the window, per second of window;
 * ``output_throughput``: output tokens produced inside the window, per second of window;
-* ``offered_rate``: arrivals in the window shifted back by the median E2E latency, per second
-  (what a server keeping up would be finishing inside the window; the shift cancels most of the
-  Poisson noise of comparing two counts over the same short window).
+* ``offered_rate``: arrivals in the window, per second;
+* ``expected_rate``: what a server that kept up would finish inside the window: every request
+  finishing at its own start + the run's mean TTFT + the run's mean time per output token x its
+  own output length, per second. Comparing the served count with this (rather than with arrivals
+  shifted by one latency) cancels the noise of random output lengths and of arrival rates that
+  drift within a short window; a server falling behind finishes late requests later than the
+  means say, so it still shows a shortfall.
 
 A rate is UNSTABLE (the queue keeps growing) when any of these holds:
 
@@ -21,7 +25,7 @@ A rate is UNSTABLE (the queue keeps growing) when any of these holds:
   waiting per second of arrivals, so 0.05 means "more than 5% overloaded";
 * TTFT growth: the last third's median TTFT (by arrival) is ``max_ttft_growth`` (3x) times the
   first third's and at least ``min_ttft_rise_s`` (0.25 s) above it;
-* shortfall: the served rate is more than ``max_shortfall`` (5%) below the offered rate, and by at
+* shortfall: the served rate is more than ``max_shortfall`` (5%) below the expected rate, and by at
   least ``min_shortfall_requests`` (3) requests over the window (catches overload that shows up as
   slower decoding rather than queueing before prefill);
 * unfinished: measured requests were still running at the drain deadline.
@@ -50,7 +54,7 @@ class StabilityCriteria:
     max_ttft_slope: float = 0.05  # seconds of TTFT per second of arrival time
     max_ttft_growth: float = 3.0  # last third's median TTFT / first third's
     min_ttft_rise_s: float = 0.25  # ... and at least this many seconds higher
-    max_shortfall: float = 0.05  # served rate below offered by more than this fraction ...
+    max_shortfall: float = 0.05  # served rate below the expected rate by more than this fraction ...
     min_shortfall_requests: int = 3  # ... and by at least this many requests (one late request is no trend)
     min_requests: int = 6  # fewer measured requests: no verdict
 
@@ -68,7 +72,9 @@ class StabilityCriteria:
         return (f"A rate is unstable (its queue grows) when TTFT rises more than {self.max_ttft_slope:g} s per s of "
                 f"arrival time (least squares), or the last third's median TTFT is >= {self.max_ttft_growth:g}x the "
                 f"first third's and {self.min_ttft_rise_s:g} s above it, or the served rate is more than "
-                f"{self.max_shortfall:.0%} (and {self.min_shortfall_requests} requests) below the offered rate, or "
+                f"{self.max_shortfall:.0%} (and {self.min_shortfall_requests} requests) below what a server keeping "
+                "up would finish in the window (each request's own output length at the run's mean TTFT and time "
+                "per output token), or "
                 "measured requests were still running at the drain deadline; unstable rates count neither for "
                 "goodput nor for saturation.")
 
@@ -98,19 +104,29 @@ def _tokens_in(r: RequestRecord, lo: float, hi: float) -> float:
     return inside * r.output_len / len(times)
 
 
+def _expected_finishes(records: Sequence[RequestRecord], meas: Sequence[RequestRecord], lo: float, hi: float) -> int:
+    """Requests a server holding the measured mean TTFT and time per output token would finish in [lo, hi]."""
+    if not meas:
+        return 0
+    ttft = float(np.mean([r.ttft for r in meas]))
+    gaps = sum(max(r.output_len - 1, 0) for r in meas)
+    per_token = sum(r.latency - r.ttft for r in meas) / gaps if gaps else 0.0
+    finish = [r.start_time + ttft + per_token * max(r.output_len - 1, 0) for r in records if r.success]
+    return sum(lo <= f <= hi for f in finish)
+
+
 def window_throughput(records: Sequence[RequestRecord], warmup_s: float, end_s: float) -> dict[str, float]:
     """Rates inside the window (see the module docstring), from every request of the run."""
     _check_window(warmup_s, end_s)
     width = end_s - warmup_s
     meas = [r for r in measured(records, warmup_s, end_s) if r.success]
-    shift = min(float(np.median([r.latency for r in meas])), warmup_s) if meas else 0.0
-    offered = sum(warmup_s - shift <= r.arrival_time <= end_s - shift + _EPS for r in records)
+    offered = len(measured(records, warmup_s, end_s))
     served = [r for r in records if r.success and warmup_s <= _finish_time(r) <= end_s]
     out_tokens = sum(_tokens_in(r, warmup_s, end_s) for r in records)
     in_tokens = sum(r.prompt_len for r in served)
     return {"window_s": width, "offered_rate": offered / width, "served_rate": len(served) / width,
-            "output_throughput": out_tokens / width, "total_token_throughput": (in_tokens + out_tokens) / width,
-            "latency_shift_s": shift}
+            "expected_rate": _expected_finishes(records, meas, warmup_s, end_s) / width,
+            "output_throughput": out_tokens / width, "total_token_throughput": (in_tokens + out_tokens) / width}
 
 
 def _median(xs: Sequence[float]) -> float:
@@ -129,7 +145,7 @@ def stability(records: Sequence[RequestRecord], warmup_s: float, end_s: float,
     out: dict = {"stable": None, "reasons": [], "measured_requests": len(meas), "unfinished": unfinished,
                  "ttft_slope": None, "ttft_growth": None, "ttft_median_first_third_ms": None,
                  "ttft_median_last_third_ms": None, "offered_rate": tput["offered_rate"],
-                 "served_rate": tput["served_rate"], "shortfall": None}
+                 "served_rate": tput["served_rate"], "expected_rate": tput["expected_rate"], "shortfall": None}
     if len(meas) < criteria.min_requests:
         out["reasons"].append(f"only {len(meas)} requests measured (< {criteria.min_requests}): no verdict")
         return out
@@ -154,13 +170,14 @@ def stability(records: Sequence[RequestRecord], warmup_s: float, end_s: float,
             reasons.append(f"median TTFT of the last third {last * 1000:.0f} ms is {growth:.1f}x the first third's "
                            f"{first * 1000:.0f} ms (>= {criteria.max_ttft_growth:g}x and "
                            f"+{criteria.min_ttft_rise_s:g} s)")
-    if tput["offered_rate"] > 0:
-        shortfall = 1 - tput["served_rate"] / tput["offered_rate"]
+    if tput["expected_rate"] > 0:
+        shortfall = 1 - tput["served_rate"] / tput["expected_rate"]
         out["shortfall"] = shortfall
-        missing = (tput["offered_rate"] - tput["served_rate"]) * tput["window_s"]
+        missing = (tput["expected_rate"] - tput["served_rate"]) * tput["window_s"]
         if shortfall > criteria.max_shortfall and missing >= criteria.min_shortfall_requests - _EPS:
-            reasons.append(f"served {tput['served_rate']:.2f} req/s, {shortfall:.0%} below the offered "
-                           f"{tput['offered_rate']:.2f} req/s (> {criteria.max_shortfall:.0%})")
+            reasons.append(f"served {tput['served_rate']:.2f} req/s, {shortfall:.0%} below the "
+                           f"{tput['expected_rate']:.2f} req/s a server keeping up would finish "
+                           f"(> {criteria.max_shortfall:.0%})")
     out["stable"] = not reasons
     out["reasons"] = reasons
     return out
