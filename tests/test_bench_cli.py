@@ -19,6 +19,10 @@ def test_bench_offline_smoke(tiny_llama, tmp_path):
     result = json.loads(out.read_text())
     assert "--prefill-attention=cudnn" in result["command"]  # accepted (the CPU's reference backend ignores it)
     assert result["num_seqs"] == 4 and result["output_tokens"] >= 16 and result["output_throughput_tok_s"] > 0
+    # where the run's time went on the device, by step kind: the warm-up request's steps are not counted
+    device = result["engine"]["device_time"]
+    assert "decode" in device and sum(t["steps"] for t in device.values()) >= 4  # 4 or more output tokens each
+    assert sum(t["busy_s"] for t in device.values()) <= result["elapsed_s"]
 
 
 def test_bench_serve_steady_state_two_modes_smoke(tiny_llama, tmp_path):
@@ -131,6 +135,9 @@ def test_bench_frontier_smoke(tmp_path):
                  "--max-model-len", "8192", "--output-json", str(out)]) == 0
     (point,) = json.loads(out.read_text())
     assert point["prefill_tok_s"] > 0 and point["decode_steps"] > 0 and point["tpot_mean_ms"] > 0
+    device = point["device_time"]  # the window's steps on the decode stream: decode-only and mixed (chunk 32)
+    assert device["mixed"]["steps"] > 0 and device["mixed"]["busy_s"] > 0
+    assert all(t["idle_s"] >= 0 for t in device.values())
 
 
 def test_bench_serve_configurations_are_modes_with_placement_and_split(capsys):

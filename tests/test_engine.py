@@ -263,3 +263,40 @@ def test_a_closed_hybrid_engine_frees_its_model(tiny_llama):
     llm.shutdown()
     gc.collect()
     assert model() is None and pool() is None
+
+
+def test_device_time_by_step_kind(tiny_llama):
+    # hybrid: prompts in the decode worker's steps ("inline" alone, "mixed" beside decode rows), then decode steps
+    with LLM(tiny_llama, max_num_batched_tokens=32) as llm:
+        llm.generate([{"prompt_token_ids": [7] * 20}], SamplingParams(max_tokens=30, ignore_eos=True), use_tqdm=False)
+        generate(llm, varied_prompts())
+        totals = llm.engine.get_stats().device_time
+    assert {"decode", "mixed", "inline"} <= set(totals) and "prefill" not in totals
+    for steps, busy, idle in totals.values():
+        assert steps >= 1 and busy > 0 and idle >= 0
+    assert totals["decode"][0] >= GREEDY.max_tokens
+
+
+def test_device_timer_reads_busy_and_idle_from_its_events():
+    from rapid.worker.device_timer import DeviceTimer
+
+    clock = iter([1.0, 1.5, 2.0, 2.25])  # start, end of step 1; start, end of step 2 (seconds)
+
+    class Event:
+        def record(self):
+            self.t = next(clock)
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1e3
+
+    timer = DeviceTimer(torch.device("cpu"), event_factory=Event)
+    first = timer.begin()
+    timer.finish(first)
+    second = timer.begin()
+    timer.finish(second)
+    assert DeviceTimer.read(first) == (0.5, 0.0)  # no step before it: no idle time counted
+    assert DeviceTimer.read(second) == (0.25, 0.5)  # the device waited from 1.5 to 2.0
+

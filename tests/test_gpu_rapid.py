@@ -106,9 +106,14 @@ def test_gpu_greedy_equals_transformers(tiny_llama, prompts, mode, prefill_atten
             replays = [r.num_replays for r in runners if isinstance(r, FullGraphRunner)]
             del runners  # a reference kept past shutdown would keep the KV pool on the GPU for the next test
             assert len(replays) == 1 and replays[0] > 0
+        stats = llm.engine.get_stats()
         if mode == "rapid":
-            stats = llm.engine.get_stats()
             assert stats.num_free_blocks == stats.num_blocks
+        # CUDA events timed every worker's steps: busy time on the device, and at least one step per prompt
+        lanes = {"decode", "mixed", "inline"} if mode == "hybrid" else {"decode", "prefill", "mixed", "inline"}
+        assert set(stats.device_time) <= lanes and stats.device_time["decode"][0] >= 15
+        assert sum(t[0] for k, t in stats.device_time.items() if k != "decode") >= 1
+        assert all(busy > 0 and idle >= 0 for _, busy, idle in stats.device_time.values())
     assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(tiny_llama, p, 16) for p in prompts]
 
 

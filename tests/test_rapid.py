@@ -99,6 +99,13 @@ def test_prefill_and_decode_really_overlap(rapid_llm):
     host = [h for h, (a, _) in zip(stats.prefill_host_s, stats.prefill_intervals) if a >= t0 and h > 0]
     assert host and all(h <= b - a for h, (a, b) in zip(stats.prefill_host_s, stats.prefill_intervals))
     assert times["prefill_host_median_ms"] > 0 and times["prefill_idle_gap_median_ms"] >= 0
+    # device time by step kind since start: each worker's steps, busy and idle (host-clock events on the CPU)
+    steps = {kind: total[0] - before.device_time.get(kind, [0])[0] for kind, total in stats.device_time.items()}
+    on_worker = [(a, b) for h, (a, b) in zip(stats.prefill_host_s[-len(prefill):], prefill) if h > 0]
+    assert steps["prefill"] == len(on_worker) >= 1  # the rest ran inline, in the decode worker's steps
+    assert steps["decode"] + steps.get("mixed", 0) == len(decode)
+    busy = stats.device_time["prefill"][1] - before.device_time.get("prefill", [0, 0.0])[1]
+    assert 0 < busy <= sum(b - a for a, b in on_worker)
 
 
 def test_malformed_bytes_on_every_socket_crash_nothing(rapid_llm):

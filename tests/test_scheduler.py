@@ -36,6 +36,9 @@ class FakeRunner:
     def collect(self, launched):
         return launched
 
+    def device_time(self, launched):
+        return None
+
 
 class Engine:
     def __init__(self, num_blocks=64, block_size=4, max_seqs=8, budget=64, max_len=256, prefix=True, lookahead=1,

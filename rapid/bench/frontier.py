@@ -16,6 +16,7 @@ import statistics
 import time
 from pathlib import Path
 
+from rapid.bench.offline import device_time_during
 from rapid.protocol.engine import AddRequest
 from rapid.params import SamplingParams
 
@@ -97,6 +98,7 @@ def measure_point(llm, batch: int, ctx: int, prefill_len: int, window_s: float, 
     for _ in range(queued_prefills):
         add_prefill()
     _pump(client, min(1.0, window_s), on_finished)  # let the prefill stream reach steady state
+    device_before = client.get_stats().device_time
     t0 = time.time()
     _pump(client, window_s, on_finished)
     t1 = time.time()
@@ -119,6 +121,8 @@ def measure_point(llm, batch: int, ctx: int, prefill_len: int, window_s: float, 
         "handoff_median_ms": round(statistics.median(s.handoff_s) * 1e3, 3) if s.handoff_s else None,
         # rapid's prefill worker: host time to enqueue a batch, and its wait since its previous one
         **prefill_worker_times(s, t0, t1),
+        # device time per step kind in the window (rapid.worker.device_timer): steps, busy_s, idle_s per stream
+        "device_time": device_time_during(device_before, s.device_time),
     }
 
 

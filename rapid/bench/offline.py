@@ -9,6 +9,18 @@ import time
 from pathlib import Path
 
 
+def device_time_during(before: dict[str, list[float]], after: dict[str, list[float]]) -> dict[str, dict]:
+    """Steps, busy and idle seconds on the device per step kind (Stats.device_time) between two snapshots.
+    Against the elapsed time they say where a run's time went: the decode worker's stream is busy in its
+    "decode", "mixed" and "inline" steps and idle otherwise; a prefill worker's ("prefill") beside it."""
+    out = {}
+    for kind, (steps, busy, idle) in after.items():
+        s0, b0, i0 = before.get(kind, (0, 0.0, 0.0))
+        if steps > s0:
+            out[kind] = {"steps": int(steps - s0), "busy_s": busy - b0, "idle_s": idle - i0}
+    return out
+
+
 def run_offline(args) -> dict:
     import torch
 
@@ -29,6 +41,7 @@ def run_offline(args) -> dict:
             params.append(SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=out_len, seed=rng.randrange(2**31)))
         llm.generate([{"prompt_token_ids": [rng.randrange(vocab) for _ in range(64)]}], SamplingParams(max_tokens=8),
                      use_tqdm=False)  # warm-up
+        before = llm.engine.get_stats().device_time
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=True)
         elapsed = time.perf_counter() - t0
@@ -41,7 +54,8 @@ def run_offline(args) -> dict:
                   "admission_reserve": llm.config.scheduler.admission_reserve,
                   "kv_pool_tokens": llm.engine.num_blocks * llm.config.cache.block_size,
                   "num_preemptions": stats.num_preemptions, "placement_policy": stats.placement_policy,
-                  "prefill_tokens_by_lane": stats.prefill_tokens_by_lane}
+                  "prefill_tokens_by_lane": stats.prefill_tokens_by_lane,
+                  "device_time": device_time_during(before, stats.device_time)}
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     result = {
         "command": "rapid bench offline " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in sorted(vars(args).items())
@@ -60,6 +74,9 @@ def run_offline(args) -> dict:
     path = Path(args.output_json or f"bench/results/offline-{args.mode}-{'cuda' if torch.cuda.is_available() else 'cpu'}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
+    for kind, t in engine["device_time"].items():
+        print(f"  {kind:8s} {t['steps']:6d} steps, {t['busy_s']:7.2f} s busy, {t['idle_s']:6.2f} s idle on its "
+              f"device stream ({t['busy_s'] / max(t['steps'], 1) * 1e3:.2f} ms a step)")
     print(f"Total: {out_tokens} output tokens in {elapsed:.2f}s, {out_tokens / elapsed:.1f} tok/s "
           f"(total {(in_tokens + out_tokens) / elapsed:.1f} tok/s) -> {path}  [device={device}, "
           f"max_num_seqs {engine['max_num_seqs']}, {engine['num_preemptions']} preemptions]")

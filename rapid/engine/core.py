@@ -42,9 +42,15 @@ class StepStats:
         names = ("prefill_intervals", "decode_intervals", "decode_idle_gaps_s", "handoff_s", "prefill_tokens",
                  "decode_batch_sizes", "prefill_host_s", "prefill_idle_gaps_s")
         self.series = {n: deque(maxlen=STATS_WINDOW) for n in names}
+        self.device_time: dict[str, list[float]] = {}  # kind -> [steps, busy_s, idle_s], since start
 
     def record(self, msg) -> None:
         s = self.series
+        if isinstance(msg, (PrefillDone, DecodeStep)) and msg.device is not None:
+            total = self.device_time.setdefault(msg.device.kind, [0, 0.0, 0.0])
+            total[0] += 1
+            total[1] += msg.device.busy_s
+            total[2] += msg.device.idle_s
         if isinstance(msg, PrefillDone):
             s["prefill_intervals"].append((msg.t_start, msg.t_end))
             s["prefill_tokens"].append(msg.num_tokens)
@@ -58,7 +64,8 @@ class StepStats:
             s["handoff_s"].extend(msg.handoffs)
 
     def snapshot(self, **counters) -> Stats:
-        return Stats(**{name: list(values) for name, values in self.series.items()}, **counters)
+        return Stats(**{name: list(values) for name, values in self.series.items()},
+                     device_time={kind: list(total) for kind, total in self.device_time.items()}, **counters)
 
 
 class EngineCore:

@@ -88,6 +88,8 @@ class Stats(msgspec.Struct, tag=True):
     placement: str = ""  # the lane of the latest prefill batch: "decode" (hybrid batching), "prefill" or "prefill2"
     prefill_batches_by_lane: dict[str, int] = {}
     prefill_tokens_by_lane: dict[str, int] = {}
+    # since start, by step kind (rapid.protocol.worker.DeviceTime): [steps, busy_s, idle_s] on the device
+    device_time: dict[str, list[float]] = {}
 
 
 

@@ -69,6 +69,16 @@ class PrefillBatch(msgspec.Struct, tag=True):
     work: list[SeqWork]
 
 
+class DeviceTime(msgspec.Struct):
+    """One step's time on its worker's device stream (events; rapid/worker/device_timer.py) and the stream's
+    idle time before it. kind: "decode" (decode rows only), "mixed" (decode rows and prompt tokens), "inline"
+    (prompt tokens only, in the decode worker), or the prefill worker's name ("prefill", "prefill2")."""
+
+    kind: str
+    busy_s: float
+    idle_s: float
+
+
 class PrefillDone(msgspec.Struct, tag=True):
     """Written KV is complete (stream synchronised) when this is sent; sampled = the sequences that finished."""
 
@@ -79,6 +89,7 @@ class PrefillDone(msgspec.Struct, tag=True):
     num_tokens: int = 0  # tokens the batch computed
     host_s: float = 0.0  # a prefill worker: time to enqueue the batch's forward pass and sampling (host work)
     idle_gap_s: float = 0.0  # a prefill worker: time since its previous batch ended (waiting for this one)
+    device: DeviceTime | None = None  # a prefill worker's batch, or an inline batch that had no decode rows
 
 
 class StartDecode(msgspec.Struct, tag=True):
@@ -123,6 +134,7 @@ class DecodeStep(msgspec.Struct, tag=True):
     t_end: float
     idle_gap_s: float = 0.0  # time the GPU waited on the host before this step
     handoffs: list[float] = []  # for requests stepped for the first time: prefill end -> this step
+    device: DeviceTime | None = None  # the whole step (its inline prompt tokens included)
 
 
 

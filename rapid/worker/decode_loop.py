@@ -24,7 +24,8 @@ from rapid.config import EngineConfig
 from rapid.core.request import Request
 from rapid.core.scheduler import seq_work
 from rapid.protocol.worker import (
-    DecodeStep, Dropped, GrantBlocks, PrefillBatch, PrefillDone, SampledToken, SeqWork, StartDecode, StopDecode,
+    DecodeStep, DeviceTime, Dropped, GrantBlocks, PrefillBatch, PrefillDone, SampledToken, SeqWork, StartDecode,
+    StopDecode,
 )
 from rapid.worker.grammar import GrammarBook
 from rapid.worker.model_runner import Launched, ModelRunner
@@ -202,9 +203,13 @@ class DecodeLoop:
                     finished.append(rid)
         self.last_step_end = t1
         self.grammars.retain(self.running)  # matchers of finished, dropped and prefill-only rows go
-        out: list = [DecodeStep(kept, finished, step.t0, t1, idle_gap_s=step.idle, handoffs=handoffs)] \
-            if step.batch else []
+        times = self.runner.device_time(step.launched)
+        kind = ("mixed" if step.prefill is not None else "decode") if step.batch else "inline"
+        device = DeviceTime(kind, *times) if times is not None else None  # on the step's one message below
+        out: list = [DecodeStep(kept, finished, step.t0, t1, idle_gap_s=step.idle, handoffs=handoffs,
+                                device=device)] if step.batch else []
         if step.prefill is not None:
             out.append(PrefillDone(step.prefill.batch_id, first_tokens, step.t0, t1,
-                                   num_tokens=sum(len(w.token_ids) for w in step.prefill.work)))
+                                   num_tokens=sum(len(w.token_ids) for w in step.prefill.work),
+                                   device=None if step.batch else device))
         return out

@@ -14,6 +14,7 @@ import torch
 from rapid.attention.metadata import AttentionMetadata
 from rapid.model.llama import LlamaModel
 from rapid.protocol.worker import SampledToken, SeqWork
+from rapid.worker.device_timer import DeviceTimer, Span
 from rapid.worker.sampler import PendingSample, SamplingBatch, sample_async
 from rapid.worker.sampler_ops import logprob_entries
 from rapid.worker.transfer import to_device
@@ -30,6 +31,7 @@ class Launched:
     sampling: list[SeqWork]  # the rows that sample, in order
     sample: PendingSample | None  # None when no row samples
     grammar_rows: bool  # structured-output matchers advance when it is collected
+    span: Span | None = None  # its device-time events (rapid.worker.device_timer)
 
 
 class ModelRunner:
@@ -47,6 +49,7 @@ class ModelRunner:
         # gathered chunk by chunk in this process and sent with the first sampled token
         self.prompt_logprobs: dict[str, tuple[int, list[dict[int, float]], list[int]]] = {}
         self.grammars = None  # structured outputs: the process's rapid.worker.grammar.GrammarBook, set by its worker
+        self.timer = DeviceTimer(self.device)
 
     def build_inputs(self, work: list[SeqWork]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         """Flatten the batch: input_ids [T], positions [T], metadata, and the rows that produce logits."""
@@ -151,6 +154,7 @@ class ModelRunner:
         inputs_from = (a previous, uncollected step, rows of `work`, that step's sampling rows): those rows'
         input token is what the previous step samples (the decode executor runs one step ahead).
         """
+        span = self.timer.begin()
         source = None
         if inputs_from is not None:
             prev, dst, src = inputs_from
@@ -158,7 +162,8 @@ class ModelRunner:
         logits = self.forward_logits(work, source)
         sampling = [w for w in work if w.sample]
         if not sampling:
-            return Launched([], None, False)
+            self.timer.finish(span)
+            return Launched([], None, False, span)
         grammars = self.grammars
         bitmask = grammars.bitmask(sampling, self.vocab_size, self.device) if grammars is not None else None
         batch = SamplingBatch.build(
@@ -171,7 +176,17 @@ class ModelRunner:
             eos_token_ids=self.eos_token_ids,
             grammar_bitmask=bitmask,
         )
-        return Launched(sampling, sample_async(logits, batch, self.generator), bitmask is not None)
+        launched = Launched(sampling, sample_async(logits, batch, self.generator), bitmask is not None, span)
+        self.timer.finish(span)
+        return launched
+
+    def device_time(self, launched: Launched) -> tuple[float, float] | None:
+        """(busy_s, idle_s) of a collected step on the device; None while its work is still running (a step
+        that samples nothing is not waited for when collected)."""
+        span = launched.span
+        if span is None or span.end is None or not span.end.query():
+            return None
+        return self.timer.read(span)
 
     def collect(self, launched: Launched) -> list[SampledToken]:
         """Wait for a launched step's samples (not for anything enqueued after it) and return them."""

@@ -22,7 +22,8 @@ import torch
 from rapid.engine import ipc
 from rapid.protocol.engine import Shutdown
 from rapid.protocol.worker import (
-    DecodeInput, PrefillBatch, PrefillDone, PrefillInput, Transferred, WorkerArgs, WorkerReady, decode_args,
+    DecodeInput, DeviceTime, PrefillBatch, PrefillDone, PrefillInput, Transferred, WorkerArgs, WorkerReady,
+    decode_args,
 )
 from rapid.worker.decode_loop import DecodeLoop
 from rapid.worker.grammar import GrammarBook
@@ -150,9 +151,11 @@ def prefill_main(raw_args: bytes) -> None:
                 grammars.retain(())  # the decode worker takes the requests over (it replays their tokens)
                 sync_device(setup.device)  # the KV is complete before the core hands the request to decode
                 t_end = time.time()
+                times = runner.device_time(launched)
                 results.send(PrefillDone(msg.batch_id, sampled, t0, t_end,
                                          num_tokens=sum(len(w.token_ids) for w in msg.work), host_s=max(host_s, 1e-9),
-                                         idle_gap_s=0.0 if last_end is None else t0 - last_end))
+                                         idle_gap_s=0.0 if last_end is None else t0 - last_end,
+                                         device=DeviceTime(args.name, *times) if times is not None else None))
                 last_end = t_end
 
 
