@@ -13,7 +13,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rapid.bench.metrics import RequestRecord
 from rapid.bench.plots import plot_attainment, plot_frontier
+from rapid.bench.results import mode_summary
+from rapid.bench.steady import stability
 
 R = Path("bench/results")
 DEVICE = "NVIDIA H200 (nvidia-h200), torch 2.11.0+cu130"
@@ -121,7 +124,11 @@ def http_overhead() -> None:
     _write("http-overhead-h200", {"device": DEVICE, "model": MODEL, "sources": HTTP_RUNS, "runs": runs}, table)
 
 
+S15 = "serve-sharegpt-like-hybrid-rapid-static-rapid-atom-p2-50-rapid-adaptive-slo-300-15"
 POLICY_RUNS = {  # workload -> serve.json of one device call (every configuration on the same traces)
+    "ShareGPT-like, Poisson, 25 s per rate, warm-up 7 s (session 15, call 1)": f"session15/call1/{S15}/serve.json",
+    "ShareGPT-like, bursty (gamma 0.5), 20 s per rate, warm-up 5 s (session 15, call 2)":
+        f"session15/call2/{S15}-bursty/serve.json",
     "ShareGPT-like, 20 s per rate, warm-up 5 s (session 14, call B2)":
         "session14/callb2/serve-sharegpt-like-hybrid-rapid-adaptive-slo-300-15-rapid-atom-p2-50-rapid-adaptive-p2-50-slo-"
         "300-15-rapid-static/serve.json",
@@ -130,9 +137,46 @@ POLICY_RUNS = {  # workload -> serve.json of one device call (every configuratio
 }
 
 
+def reread(run: dict) -> dict:
+    """A run written before session 15's stability rule, read again under it: each rate's verdict recomputed
+    from its stored records (start time taken as the arrival time: the records keep only the arrival), then
+    goodput and saturation over the new verdicts. Runs under the current rule are returned unchanged."""
+    if "a server keeping up" in (run.get("method") or {}).get("stability_rule", ""):
+        return run
+    pairs = [tuple(float(x) for x in k.split("/")) for k in run["slo_pairs"]]
+    for name, mode in run["modes"].items():
+        for r in mode["per_rate"]:
+            recs = [RequestRecord(prompt_len=p, output_len=o, arrival_time=a, start_time=a, ttft=t, latency=lat,
+                                  success=ok) for p, o, t, lat, ok, a in r["records"]]
+            r["stability"] = stability(recs, r["warmup_s"], r["duration_s"])
+            r["stability"]["reread"] = "session 15's rule, from the stored records"
+        run["modes"][name] = mode_summary(mode["per_rate"], mode.get("num_gpus", 1), pairs)
+    return run
+
+
+def goodput_lines(workload: str, run: dict) -> list[str]:
+    """Per SLO pair: each configuration's goodput (stable rates only) against hybrid and the best other one."""
+    lines = []
+    for pair in ("1000/50", "500/25", "300/15"):
+        good = {name: mode["goodput_by_slo"].get(pair) for name, mode in run["modes"].items()}
+        if not all(good.values()):
+            continue
+
+        def text(g):
+            return ("< lowest rate" if g["below_range"] else f"{g['rate']:.1f}" + (" or more" if g["is_lower_bound"]
+                                                                                  else ""))
+        rates = {n: g["rate"] for n, g in good.items()}
+        for name, g in good.items():
+            others = [r for n, r in rates.items() if n != name and not n.startswith("rapid:adaptive")]
+            vs_hybrid = f"{g['rate'] / rates['hybrid']:.2f}x" if rates.get("hybrid") and g["rate"] else "-"
+            vs_best = f"{g['rate'] / max(others):.2f}x" if others and max(others) > 0 and g["rate"] else "-"
+            lines.append(f"| {workload} | {pair} | {name} | {text(g)} | {vs_hybrid} | {vs_best} |")
+    return lines
+
+
 def policies() -> None:
     """The placement policies against hybrid on the GPU, per workload: attainment at the three SLO pairs."""
-    runs = {label: json.loads((R / f).read_text()) for label, f in POLICY_RUNS.items() if (R / f).exists()}
+    runs = {label: reread(json.loads((R / f).read_text())) for label, f in POLICY_RUNS.items() if (R / f).exists()}
     lines = []
     for workload, d in runs.items():
         for name, mode in d["modes"].items():
@@ -144,14 +188,29 @@ def policies() -> None:
                 lines.append(f"| {workload} | {name} | {r['request_rate']:g} | {r['served_rate']:.2f} | "
                              f"{r['p50_ttft_ms']:.1f} / {r['p99_ttft_ms']:.1f} | {r['p50_tpot_ms']:.1f} / "
                              f"{r['p99_tpot_ms']:.1f} | {att} | {placed} | {verdict} |")
+    goodput = [line for workload, d in runs.items() for line in goodput_lines(workload, d)]
+    for workload, d in runs.items():  # attainment against rate, every configuration on one set of axes
+        slug = "bursty" if "bursty" in workload else "sharegpt" if "session 15" in workload else None
+        for pair in ("500/25", "300/15") if slug else ():
+            plot_attainment({n: [(r["request_rate"], r["attainment"][pair]) for r in m["per_rate"]]
+                             for n, m in d["modes"].items()}, R / f"policies-h200-{slug}-{pair.replace('/', '-')}.png",
+                            f"H200, {workload.split(',')[0]} {workload.split(',')[1].strip()}: {pair} ms",
+                            unstable={n: [r["request_rate"] for r in m["per_rate"] if r["stability"]["stable"] is False]
+                                      for n, m in d["modes"].items()})
     table = (f"# The placement policies against hybrid batching on the H200\n\n{DEVICE}. {MODEL}.\n"
              "Command: `bash bench/gpu_session.sh serve` / `serve-3k` with MODES as the configuration column (`rapid "
              "bench serve`, `--max-num-batched-tokens 2048`, MPS 100/100; `p2=50`: a second prefill worker at 50% of "
              "the SMs; each run's full command is in its serve.json). Every configuration of a workload ran on the same "
              "traces in one device call. Attainment: share of measured requests meeting both SLOs (TTFT / TPOT ms). "
-             "Placed: prompt tokens on the decode lane (mixed steps) / the prefill worker (/ the second one). The 20 s "
-             "runs are short: at 40 req/s every configuration's served rate fell 6-7% below the offered one on that "
-             "trace (the 5% rule), while the TTFT of the rapid configurations stayed flat through the run.\n\n"
+             "Placed: prompt tokens on the decode lane (mixed steps) / the prefill worker (/ the second one). Verdicts "
+             "under session 15's stability rule (rapid/bench/steady.py: the served count against what a server keeping "
+             "up would finish, each request at its own output length and the run's mean TTFT and time per token); "
+             "session 14's runs were read again under it from their stored records (`reread`).\n\n"
+             "## Goodput (stable rates only, interpolated where attainment crosses 90%)\n\n"
+             "vs best other: against the best configuration that is not adaptive (hybrid, static, the ATOM rule). "
+             "'or more': every measured rate met 90%, so the goodput is at least the highest rate measured.\n\n"
+             "| workload | SLO TTFT/TPOT (ms) | configuration | goodput (req/s) | vs hybrid | vs best other |\n"
+             "|---|---|---|---|---|---|\n" + "\n".join(goodput) + "\n\n## Every rate\n\n"
              "| workload | configuration | rate | served req/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | attainment "
              "1000/50 / 500/25 / 300/15 | placed | verdict |\n|---|---|---|---|---|---|---|---|---|\n"
              + "\n".join(lines) + "\n")
