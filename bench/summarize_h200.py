@@ -39,16 +39,30 @@ def offline() -> None:
                          "session13/callb/offline1k-hybrid-reserve1-512.json"),
                         ("hybrid, the fitted defaults (session 14, call C)", "session14/callc/offline1k-hybrid.json"),
                         ("rapid, MPS 100/100, the adaptive placement (mode rapid's default; session 14, call C, the same "
-                         "call as the row above)", "session14/callc/offline1k-rapid-100-100.json")):
+                         "call as the row above)", "session14/callc/offline1k-rapid-100-100.json"),
+                        ("512 requests: hybrid, the fitted defaults (session 15, call 2)",
+                         "session15/call2/offline1k-hybrid-512.json"),
+                        ("512 requests: rapid, MPS 100/100, the adaptive placement (session 15, call 3)",
+                         "session15/call3/offline1k-rapid-100-100-512.json")):
         path = R / file
         if path.exists():
             runs.append({"setting": label, "source": file, **json.loads(path.read_text())})
+    def device(r):  # busy (and idle) seconds per step kind on each worker's stream, CUDA events
+        times = r.get("engine", {}).get("device_time")
+        if not times:
+            return "not recorded"
+        return "; ".join(f"{k} {t['steps']:,} steps {t['busy_s']:.1f} s busy, {t['idle_s']:.1f} s idle"
+                         for k, t in times.items())
     rows = "\n".join(f"| {r['setting']} | {r['output_throughput_tok_s']:,.0f} | {r['elapsed_s']:.1f} s | "
-                     f"{r.get('engine', {}).get('num_preemptions', 'not recorded')} |" for r in runs)
+                     f"{r.get('engine', {}).get('num_preemptions', 'not recorded')} | {device(r)} |" for r in runs)
     table = (f"# Offline throughput on the H200: 1,024 requests, 1000 tokens in and 1000 out\n\n{DEVICE}. {MODEL}.\n"
              "Command: `bash bench/gpu_session.sh offline1k` with NUM_SEQS=1024 (`rapid bench offline --num-seqs 1024 "
-             "--min/max-input-len 1000 --min/max-output-len 1000`); each run's full command is in its JSON.\n\n"
-             "| setting | output tok/s | elapsed | preemptions |\n|---|---|---|---|\n" + rows + "\n")
+             "--min/max-input-len 1000 --min/max-output-len 1000`); each run's full command is in its JSON. Device "
+             "time (session 15 on): each step's time on its worker's CUDA stream between events recorded before and "
+             "after it, summed per kind (decode: decode rows only; mixed: decode rows and prompt tokens; inline: "
+             "prompt tokens only, on the decode worker; prefill: the prefill worker), and each stream's idle time "
+             "between steps.\n\n"
+             "| setting | output tok/s | elapsed | preemptions | device time |\n|---|---|---|---|---|\n" + rows + "\n")
     _write("offline-h200", {"device": DEVICE, "model": MODEL, "rooflines": ROOFLINES, "runs": runs}, table)
 
 
