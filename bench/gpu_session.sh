@@ -12,8 +12,8 @@ python3 bench/make_model_folder.py ${SHAPE:-llama-3.1-8b} $MODEL >/dev/null
 BATCHES=${BATCHES:-16,64}
 # Steady-state serving (rapid bench serve): every mode in MODES on the same fresh-per-rate traces, DURATION s of
 # Poisson arrivals per rate (gamma with shape BURST when set), warm-up excluded, queues left after DRAIN s aborted.
-# 3 rates x 50 s x 2 modes plus start-up and drains fits one ~8-minute call (an engine start, warm-up and close took about 35 s in session 15);
-# serve.json + serve.md (+ plots) land in $OUT/serve-TAG-MODES.
+# 3 rates x 50 s x 2 modes plus start-up and drains fits one ~8-minute call (an engine's start, warm-up and close
+# took about 35 s in session 15); serve.json + serve.md (+ plots) land in $OUT/serve-TAG-MODES.
 serve_steady() {  # serve_steady TAG RATES DATASET-FLAGS...
   local tag=$1 rates=$2 m=${MODES:-hybrid,rapid}; shift 2; m=${m//[,:\/=]/-}
   python3 -m rapid.entrypoints.cli bench serve --model $MODEL --load-format dummy --skip-tokenizer-init \
