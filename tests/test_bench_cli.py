@@ -48,9 +48,13 @@ def test_bench_serve_steady_state_two_modes_smoke(tiny_llama, tmp_path):
             lane = "decode" if mode == "hybrid" else "prefill"
             assert policy == ("static decode" if mode == "hybrid" else "static prefill") and r["engine"]["preemptions"] == 0
             assert lanes[lane] >= 32 * len(r["records"]) and sum(lanes.values()) == lanes[lane]
+            # each worker stream's time during this rate: hybrid decodes on one, rapid also prefills on another
+            device = r["engine"]["device_time"]
+            assert device["decode"]["steps"] >= 5 and ("prefill" in device) == (mode != "hybrid")
         assert "saturation" in entry and "goodput_by_slo" in entry
     md = (tmp_path / "serve.md").read_text()
     assert "## hybrid" in md and "## rapid" in md and "saturation" in md and "placement (static prefill)" in md
+    assert "decode worker's device stream busy" in md
     assert (tmp_path / "attainment.png").stat().st_size > 0
 
 

@@ -21,6 +21,13 @@ def _verdict(st: dict) -> str:
     return "stable" if st["stable"] else "**UNSTABLE**: " + "; ".join(st["reasons"])
 
 
+def _busy_share(device_time: dict) -> float | None:
+    """The decode worker's stream: busy / (busy + idle) over its decode, mixed and inline steps."""
+    kinds = [device_time[k] for k in ("decode", "mixed", "inline") if k in device_time]
+    busy, idle = sum(t["busy_s"] for t in kinds), sum(t["idle_s"] for t in kinds)
+    return busy / (busy + idle) if busy + idle > 0 else None
+
+
 def _goodput_text(g: dict | None) -> str:
     if g is None:
         return "not measured"
@@ -59,6 +66,11 @@ def _mode_lines(mode: str, e: dict, pairs: list[str], has_slos: bool) -> list[st
                      + "; ".join(f"{rate:g} req/s " + " / ".join(f"{g['prefill_tokens_by_lane'].get(lane, 0):,}"
                                                                  for lane in lanes) + f", {g['preemptions']}"
                                  for rate, g in placed))
+        busy = [(rate, _busy_share(g.get("device_time", {}))) for rate, g in placed]
+        if any(b is not None for _, b in busy):
+            lines.append("- decode worker's device stream busy (its steps' device time over that plus its idle time, "
+                         "during the rate and its drain): " + "; ".join(f"{rate:g} req/s {b:.1%}" for rate, b in busy
+                                                                        if b is not None))
     if has_slos:
         g = None if "goodput_rps" not in e else {
             "rate": e["goodput_rps"], "rate_per_gpu": e["goodput_rps_per_gpu"],

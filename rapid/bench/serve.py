@@ -20,6 +20,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from rapid.bench.metrics import parse_goodput
+from rapid.bench.offline import device_time_during
 from rapid.bench.report import write_markdown, write_plots
 from rapid.bench.results import mode_summary, pair_key, parse_slo_pairs, rate_result
 from rapid.bench.steady import StabilityCriteria
@@ -164,7 +165,7 @@ def _write(summary: dict, out_dir: Path) -> None:
 def _engine_counts(stats) -> dict:
     return {"prefill_tokens_by_lane": dict(stats.prefill_tokens_by_lane),
             "prefill_batches_by_lane": dict(stats.prefill_batches_by_lane), "preemptions": stats.num_preemptions,
-            "restarts": stats.num_restarts}
+            "restarts": stats.num_restarts, "device_time": dict(stats.device_time)}
 
 
 def _engine_during(before: dict, after: dict, policy: str) -> dict:
@@ -172,9 +173,10 @@ def _engine_during(before: dict, after: dict, policy: str) -> dict:
     restart during the rate resets the counters: then they are the new incarnation's, and `restarts` says so."""
     restarts = after["restarts"] - before["restarts"]
     if restarts:
-        before = {"prefill_tokens_by_lane": {}, "prefill_batches_by_lane": {}, "preemptions": 0}
+        before = {"prefill_tokens_by_lane": {}, "prefill_batches_by_lane": {}, "preemptions": 0, "device_time": {}}
     out = {"placement_policy": policy, "preemptions": after["preemptions"] - before["preemptions"],
-           "restarts": restarts}
+           "restarts": restarts,  # and each worker stream's steps, busy and idle seconds during the rate:
+           "device_time": device_time_during(before["device_time"], after["device_time"])}
     for key in ("prefill_tokens_by_lane", "prefill_batches_by_lane"):
         out[key] = {lane: n - before[key].get(lane, 0) for lane, n in after[key].items()}
     return out
