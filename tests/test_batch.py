@@ -80,14 +80,15 @@ def test_engine_refusal_isolated_to_its_line(tiny_llama, tmp_path):
 def test_cli_batch(tiny_llama, tmp_path, capsys):
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(src, [{"prompt": "hello"}, {"prompt": ""}])
-    # a failed line makes the exit status 1; a re-run skips what is done and appends nothing new
+    # a failed line makes the exit status 1; a re-run skips what is done, and drops the error record of a line
+    # that is no longer in the input (a line still there would be tried again)
     assert main(["batch", str(src), str(dst), "--model", str(tiny_llama), "--max-tokens", "3"]) == 1
     recs = sorted((json.loads(line) for line in dst.read_text().splitlines()), key=lambda r: r["line"])
     assert len(recs[0]["token_ids"]) <= 3 and "error" in recs[1]
     assert "2 records" in capsys.readouterr().out
     write_jsonl(src, [{"prompt": "hello"}])
     assert main(["batch", str(src), str(dst), "--model", str(tiny_llama), "--max-tokens", "3"]) == 0
-    assert len(dst.read_text().splitlines()) == 2 and "1 already done" in capsys.readouterr().out
+    assert len(dst.read_text().splitlines()) == 1 and "1 already done" in capsys.readouterr().out
 
 
 def openai_line(custom_id, url, body, **extra):
@@ -113,7 +114,7 @@ def test_openai_batch_format_and_resume(llm, tmp_path):
     assert first == {"ok": 2, "errors": 2, "skipped": 0}
     write_jsonl(src, lines)
     second = run_file(llm, str(src), str(dst), chunk_size=2, use_tqdm=False)
-    assert second == {"ok": 1, "errors": 2, "skipped": 4}
+    assert second == {"ok": 1, "errors": 4, "skipped": 2}  # the first run's two failed lines are tried again
     recs = [json.loads(line) for line in dst.read_text().splitlines()]
     by_key = {r.get("custom_id", r.get("id")): r for r in recs}
     assert len(recs) == len(lines) == len(by_key)
@@ -176,11 +177,26 @@ def test_cli_batch_size_checked_before_the_engine_starts(tmp_path, capsys):
     assert "got 0" in capsys.readouterr().err
 
 
-def test_ids_that_cannot_be_resumed_are_refused_once(llm, tmp_path):
+def test_ids_that_cannot_be_resumed_are_refused_by_line_number(llm, tmp_path):
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(src, [{"id": None, "prompt": "hello", "max_tokens": 2}, {"id": [1], "prompt": "hi", "max_tokens": 2}])
     assert run_file(llm, str(src), str(dst), use_tqdm=False) == {"ok": 0, "errors": 2, "skipped": 0}
     recs = sorted((json.loads(line) for line in dst.read_text().splitlines()), key=lambda r: r["line"])
     assert [r["id"] for r in recs] == [1, 2] and all("id must be" in r["error"] for r in recs)
-    # a re-run appends nothing: each line is known by its line number
-    assert run_file(llm, str(src), str(dst), use_tqdm=False) == {"ok": 0, "errors": 0, "skipped": 2}
+    # a re-run tries the failed lines again (each known by its line number): the same two errors, not four records
+    assert run_file(llm, str(src), str(dst), use_tqdm=False) == {"ok": 0, "errors": 2, "skipped": 0}
+    assert sorted(json.loads(line)["line"] for line in dst.read_text().splitlines()) == [1, 2]
+
+
+def test_a_rerun_retries_failed_lines_and_keeps_one_record_per_line(llm, tmp_path):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(src, [{"id": "ok", "prompt": "Paris is", "max_tokens": 2},
+                      openai_line("fixed-later", "/v1/completions", {"prompt": "x", "temperature": -1})])
+    assert run_file(llm, str(src), str(dst), use_tqdm=False) == {"ok": 1, "errors": 1, "skipped": 0}
+    write_jsonl(src, [{"id": "ok", "prompt": "Paris is", "max_tokens": 2},
+                      openai_line("fixed-later", "/v1/completions", {"prompt": "x", "max_tokens": 2})])
+    assert run_file(llm, str(src), str(dst), use_tqdm=False) == {"ok": 1, "errors": 0, "skipped": 1}
+    recs = {r.get("custom_id", r.get("id")): r for r in map(json.loads, dst.read_text().splitlines())}
+    assert len(dst.read_text().splitlines()) == 2 and recs["fixed-later"]["response"]["status_code"] == 200
+    assert not (tmp_path / "out.jsonl.tmp").exists()
+

@@ -11,7 +11,8 @@ Two input line formats (mixable; blank lines are skipped):
   "stop_reason", "num_prompt_tokens", "num_output_tokens"} or {"id", "line", "error"}.
 
 Each result is one whole line, written and flushed as its request finishes (so not in input order). A re-run
-on the same OUTPUT skips the lines whose custom_id (or simple "id") is already there and appends the rest.
+on the same OUTPUT skips the lines whose custom_id (or simple "id") it holds a result for, removes its error
+records, and appends the rest: failed lines are tried again.
 At most `chunk_size` lines are in the engine at once, so memory stays bounded.
 """
 
@@ -165,24 +166,36 @@ def record(unit: Unit) -> dict:
                   "error": {"code": api.code or api.type, "message": api.message}}
 
 
+def _failed(rec: dict) -> bool:
+    response = rec.get("response")
+    return rec.get("error") is not None or (isinstance(response, dict) and response.get("status_code") != 200)
+
+
 def _done_keys(path: str) -> set:
-    """custom_ids / ids already in OUTPUT (a torn last line from a crash is ignored and overwritten)."""
+    """custom_ids / ids already done in OUTPUT. Its error records (and a torn last line from a crash) are
+    removed from the file, so a re-run redoes those lines and OUTPUT keeps one record per line."""
     keys: set = set()
     if not os.path.exists(path):
         return keys
-    with open(path, "rb+") as f:
+    with open(path, "rb") as f:
         data = f.read()
-        end = data.rfind(b"\n") + 1
-        if end < len(data):  # a line cut off by a crash: drop it, it will be redone
-            f.truncate(end)
-    for line in data[:end].decode("utf-8").splitlines():
+    kept: list[str] = []
+    lines = data[: data.rfind(b"\n") + 1].decode("utf-8").splitlines()
+    for line in lines:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
         key = rec.get("custom_id", rec.get("id")) if isinstance(rec, dict) else None
-        if key is not None and (not isinstance(key, (dict, list))):
-            keys.add(json.dumps(key))
+        if key is None or isinstance(key, (dict, list)) or _failed(rec):
+            continue
+        keys.add(json.dumps(key))
+        kept.append(line)
+    if len(kept) != len(lines) or not data.endswith(b"\n") and data:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)  # never a half-written OUTPUT, even if this run is killed now
     return keys
 
 
