@@ -29,6 +29,8 @@ def _is_int(x: Any) -> bool:
 def _check_int(name: str, value: Any) -> int:
     if not _is_int(value):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if not -2**63 <= value < 2**63:  # what crosses a process boundary (msgpack) and what torch takes
+        raise ValueError(f"{name} must fit in a signed 64-bit integer, got {value!r}")
     return value
 
 
@@ -282,8 +284,6 @@ def _normalise_stop_token_ids(ids: Any) -> tuple[int, ...]:
     if not isinstance(ids, (list, tuple)):
         raise TypeError(f"stop_token_ids must be a list of int, got {type(ids).__name__} {ids!r}")
     for i in ids:
-        if not _is_int(i):
-            raise TypeError(f"stop_token_ids must contain only int, got {type(i).__name__} {i!r}")
-        if i < 0:
+        if _check_int("stop_token_ids entry", i) < 0:
             raise ValueError(f"stop_token_ids must be >= 0, got {i!r}")
     return tuple(ids)

@@ -171,13 +171,15 @@ def test_engine_counters_per_rate_survive_a_restart():
     from rapid.bench.serve import _engine_during
 
     before = {"prefill_tokens_by_lane": {"decode": 100}, "prefill_batches_by_lane": {"decode": 3}, "preemptions": 2,
-              "restarts": 0}
+              "restarts": 0, "device_time": {"decode": [10, 1.0, 0.5]}}
     steady = {"prefill_tokens_by_lane": {"decode": 140}, "prefill_batches_by_lane": {"decode": 4}, "preemptions": 3,
-              "restarts": 0}
+              "restarts": 0, "device_time": {"decode": [30, 3.0, 0.75]}}
     restarted = {"prefill_tokens_by_lane": {"decode": 40}, "prefill_batches_by_lane": {"decode": 1}, "preemptions": 0,
-                 "restarts": 1}
+                 "restarts": 1, "device_time": {"decode": [5, 0.25, 0.0]}}
     got = _engine_during(before, steady, "adaptive")
     assert got == {"placement_policy": "adaptive", "preemptions": 1, "restarts": 0,
-                   "prefill_tokens_by_lane": {"decode": 40}, "prefill_batches_by_lane": {"decode": 1}}
+                   "prefill_tokens_by_lane": {"decode": 40}, "prefill_batches_by_lane": {"decode": 1},
+                   "device_time": {"decode": {"steps": 20, "busy_s": 2.0, "idle_s": 0.25}}}
     got = _engine_during(before, restarted, "adaptive")
     assert got["restarts"] == 1 and got["prefill_tokens_by_lane"] == {"decode": 40} and got["preemptions"] == 0
+    assert got["device_time"] == {"decode": {"steps": 5, "busy_s": 0.25, "idle_s": 0.0}}

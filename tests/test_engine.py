@@ -1,6 +1,7 @@
 """The hybrid engine end to end on the CPU: greedy equals transformers, chunking, preemption, prefix cache,
 sampling, stop strings, logprobs, and every edge validation error."""
 
+import json
 import random
 
 import pytest
@@ -124,6 +125,18 @@ def test_stop_token_ids_and_eos(tiny_llama):
     assert out.finish_reason == "stop" and out.stop_reason == stop_at
 
 
+def test_eos_text_is_left_out_unless_asked_for(tiny_llama):
+    # as vLLM: with skip_special_tokens=False the EOS that ends a request still adds no text, unless
+    # include_stop_str_in_output; its id stays in token_ids either way
+    eos = json.loads((tiny_llama / "config.json").read_text())["eos_token_id"]
+    params = dict(temperature=0, max_tokens=5, skip_special_tokens=False, logit_bias={eos: 100})
+    with LLM(tiny_llama) as llm:
+        hidden = llm.generate("hi", SamplingParams(**params), use_tqdm=False)[0].outputs[0]
+        shown = llm.generate("hi", SamplingParams(**params, include_stop_str_in_output=True), use_tqdm=False)[0]
+    assert hidden.token_ids == [eos] and hidden.text == "" and hidden.finish_reason == "stop"
+    assert shown.outputs[0].token_ids == [eos] and shown.outputs[0].text != ""
+
+
 def test_logprobs_equal_transformers_log_softmax(tiny_llama):
     from transformers import AutoModelForCausalLM
 
@@ -164,6 +177,12 @@ def test_chat_applies_template(tiny_llama):
         two = llm.chat([[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]],
                        SamplingParams(max_tokens=2), use_tqdm=False)
         assert len(two) == 2
+        # OpenAI content parts: the text parts joined by newlines (as vLLM), never the list's Python repr
+        parts = [{"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]
+        out = llm.chat([{"role": "user", "content": parts}], SamplingParams(max_tokens=2), False)[0]
+        assert out.prompt.startswith("<|user|>hi\nthere") and "type" not in out.prompt
+        with pytest.raises(ValueError, match="only text parts are supported, got type 'image_url'"):
+            llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], use_tqdm=False)
 
 
 def test_generate_stream_yields_deltas(tiny_llama):
@@ -195,9 +214,12 @@ def test_bad_prompts_rejected_at_the_edge_and_engine_keeps_serving(tiny_llama, p
 
 def test_request_that_cannot_fit_is_rejected_before_scheduling(tiny_llama):
     with LLM(tiny_llama, max_model_len=64) as llm:
-        with pytest.raises(ValueError, match="exceeds max_model_len"):
-            generate(llm, [[5] * 10, [6] * 60], SamplingParams(max_tokens=10))
+        with pytest.raises(ValueError, match="prompt has 64 tokens; max_model_len is 64"):
+            generate(llm, [[5] * 10, [6] * 64], SamplingParams(max_tokens=10))
         assert not llm.engine.get_stats().num_requests  # the first, valid prompt was withdrawn too
+        # as vLLM's offline API: a max_tokens past max_model_len ends the output there, with finish_reason length
+        out = generate(llm, [[6] * 60], SamplingParams(max_tokens=10, min_tokens=8, ignore_eos=True))[0].outputs[0]
+        assert len(out.token_ids) == 4 and out.finish_reason == "length"
     with LLM(tiny_llama, kv_cache_memory_bytes=2 * 8192) as llm:
         with pytest.raises(ValueError, match="whole pool"):
             generate(llm, [[5] * 40], SamplingParams(max_tokens=10))

@@ -140,6 +140,9 @@ def test_n_seeds_and_logprobs(served, client):
     ({"prompt": ""}, "prompt"),
     ({"prompt": "word " * 400}, "prompt"),
     ({"extra_body": {"response_format": {"type": "json_schema"}}}, "response_format"),
+    ({"seed": 2**64}, "seed"),  # past 64 bits: refused at the edge (it used to reach the engine: 503)
+    ({"extra_body": {"stop_token_ids": [2**70]}}, "stop_token_ids"),
+    ({"logit_bias": {"999999": 5}}, "logit_bias"),  # the field the engine-side check names, not max_tokens
 ])
 def test_bad_parameters_get_openai_errors(served, client, kwargs, param):
     args = {"model": "tiny", "prompt": "hello", "max_tokens": 4} | kwargs
@@ -148,6 +151,29 @@ def test_bad_parameters_get_openai_errors(served, client, kwargs, param):
         client.completions.create(**args)
     assert e.value.status_code == 400 and e.value.body["param"] == param and e.value.body["message"]
     assert e.value.body["type"] == "invalid_request_error" and served[2].num_pending == before
+
+
+def test_a_kv_pool_smaller_than_max_model_len_bounds_the_default_output(tiny_llama):
+    # the pool holds fewer tokens than max_model_len: /v1/models says what a request can use, and a chat without
+    # max_tokens (whose default is the room left) is served, not refused for the blocks that room would need
+    with LLM(tiny_llama, max_model_len=MAX_LEN, kv_cache_memory_bytes=6 * 8192) as llm:
+        longest = llm.longest_sequence
+        assert longest < MAX_LEN
+        frontend = EngineFrontend(llm)
+        server = HttpServer(build_app(frontend, model_name="tiny"), port=0).start()
+        try:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+            assert client.models.list().data[0].max_model_len == longest
+            assert client.models.retrieve("tiny").max_model_len == longest  # GET /v1/models/{id}
+            with pytest.raises(openai.NotFoundError):
+                client.models.retrieve("gpt-17")
+            chat = client.chat.completions.create(model="tiny", messages=CHAT, temperature=0,
+                                                  extra_body={"ignore_eos": True})
+            assert chat.choices[0].finish_reason == "length"
+            assert chat.usage.prompt_tokens + chat.usage.completion_tokens == longest
+        finally:
+            server.stop()
+            frontend.close()
 
 
 def test_unknown_model_is_404_as_openai(client):

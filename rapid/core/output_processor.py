@@ -86,8 +86,9 @@ class OutputProcessor:
 
 
 def _is_hidden_stop_token(req: Request, token_id: int) -> bool:
-    """A stop_token_ids token that ends the request: its text is left out unless include_stop_str_in_output
-    (as vLLM); the id stays in token_ids."""
+    """A stop_token_ids or EOS token that ends the request: its text is left out unless include_stop_str_in_output
+    (as vLLM; it shows only with skip_special_tokens=False); the id stays in token_ids."""
     p = req.params
-    return (token_id in p.stop_token_ids and not p.include_stop_str_in_output
+    stops = token_id in p.stop_token_ids or (not p.ignore_eos and token_id in req.eos_token_ids)
+    return (stops and not p.include_stop_str_in_output
             and len(req.output_token_ids) >= p.min_tokens and req.output_token_ids[-1] == token_id)

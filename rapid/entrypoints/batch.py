@@ -95,7 +95,7 @@ def _simple_items(llm, spec: dict, params: SamplingParams) -> list[Item]:
             raise LineError(f"prompt must be a string, got {type(prompt).__name__}")
     else:
         prompt = {"prompt_token_ids": spec["prompt_token_ids"]}
-    text, ids, params = llm.prepare(prompt, params)
+    text, ids, params = llm.prepare(prompt, params, cap_max_tokens=True)  # as LLM.generate
     return [Item(0, 0, text, ids, params)]
 
 

@@ -18,6 +18,8 @@ from rapid.config import EngineArgs
 FRONTIER_OWN = ("mode", "max_num_seqs", "max_num_batched_tokens", "prefill_sm_percentage", "decode_sm_percentage",
                 "skip_tokenizer_init", "tokenizer", "placement", "second_prefill_sm_percentage")
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
 
 def version() -> str:
     try:
@@ -110,7 +112,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rapid", description="RAPID LLM serving engine")
     parser.add_argument("--version", action="version", version=f"rapid {version()}")
-    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING or ERROR (default: %(default)s)")
+    parser.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS,
+                        help="DEBUG, INFO, WARNING, ERROR or CRITICAL, any case (default: %(default)s)")
     sub = parser.add_subparsers(dest="cmd", required=True)
 
     g = sub.add_parser("generate", help="generate text for one prompt")
@@ -179,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.WARNING),
+    logging.basicConfig(level=getattr(logging, args.log_level),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

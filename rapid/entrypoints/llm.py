@@ -17,7 +17,9 @@ from tqdm.auto import tqdm
 
 from rapid.config import EngineArgs, EngineConfig
 from rapid.model.config import ModelConfig
-from rapid.entrypoints.llm_inputs import parse_prompt, prepare_params, to_sampling_params, truncate
+from rapid.entrypoints.llm_inputs import (
+    parse_prompt, prepare_params, text_parts_joined, to_sampling_params, truncate,
+)
 from rapid.entrypoints.llm_outputs import LogprobConverter, apply_delta
 from rapid.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from rapid.protocol.engine import AddRequest, RequestDelta
@@ -58,6 +60,16 @@ class LLM:
         self.engine: EngineClient = make_client(config, self.tokenizer, self.eos_token_ids)
         self._finalizer = weakref.finalize(self, self.engine.shutdown)
         self._logprobs = LogprobConverter(self.tokenizer)
+        if self.longest_sequence < config.scheduler.max_model_len:
+            logger.warning("the KV pool holds %d tokens, fewer than max_model_len (%d): a sequence longer than that "
+                           "is refused, and an output without max_tokens stops there; raise kv_cache_memory_bytes "
+                           "(or gpu_memory_utilization) or lower max_model_len", self.longest_sequence,
+                           config.scheduler.max_model_len)
+
+    @property
+    def longest_sequence(self) -> int:
+        """The most tokens one sequence can hold: max_model_len, or the whole KV pool where that is smaller."""
+        return min(self._config.scheduler.max_model_len, self.engine.num_blocks * self._config.cache.block_size)
 
     @property
     def config(self) -> EngineConfig:
@@ -105,15 +117,20 @@ class LLM:
         check_fits("this request", len(ids), params.max_tokens, limit, self.engine.num_blocks,
                    self.config.cache.block_size)
 
-    def prepare(self, prompt: Any, sampling_params: Any = None) -> tuple[str | None, list[int], SamplingParams]:
+    def prepare(self, prompt: Any, sampling_params: Any = None, *, cap_max_tokens: bool = False
+                ) -> tuple[str | None, list[int], SamplingParams]:
         """The edge checks generate() applies to one prompt: (prompt text or None, token ids after
         truncate_prompt_tokens, the params the engine runs: max_tokens=None resolved, bad_words tokenized),
-        or TypeError / ValueError with the same message generate() would raise."""
+        or TypeError / ValueError with the same message generate() would raise. cap_max_tokens (the offline API,
+        as vLLM's): a max_tokens past the longest sequence is cut to it, so the output ends there ('length')."""
         params = to_sampling_params(SamplingParams() if sampling_params is None else sampling_params)
         text, ids = self._prompt_ids(prompt)
         ids = truncate(ids, params)
+        room = self.longest_sequence - len(ids)
         params = prepare_params(params, len(ids), tokenizer=self.tokenizer, vocab_size=self.model_config.vocab_size,
-                                max_model_len=self.config.scheduler.max_model_len)
+                                max_model_len=self.longest_sequence)
+        if cap_max_tokens and 0 < room < params.max_tokens:
+            params = msgspec.structs.replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
         self._check_fits(ids, params)
         return text, ids, params
 
@@ -146,7 +163,7 @@ class LLM:
         if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
             raise TypeError(f"chat_template_kwargs must be a dict, got {type(chat_template_kwargs).__name__}")
         ids = self.tokenizer.apply_chat_template(
-            conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+            text_parts_joined(conversation), chat_template=chat_template, add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message, tools=tools, tokenize=True,
             **(chat_template_kwargs or {}))
         if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
@@ -173,7 +190,7 @@ class LLM:
     # ------------------------------------------------------------------ generation
     def _submit(self, prompts, params) -> list[tuple[str, str | None, list[int], SamplingParams]]:
         """Validate everything first, then enqueue; one entry per (prompt, sample index)."""
-        checked = [self.prepare(prompt, p) for prompt, p in zip(prompts, params)]
+        checked = [self.prepare(prompt, p, cap_max_tokens=True) for prompt, p in zip(prompts, params)]
         jobs = []
         for text, ids, p in checked:
             base = str(next(self._ids))
@@ -199,7 +216,7 @@ class LLM:
                 if d.finished:
                     pending.discard(d.request_id)
 
-    def generate(self, prompts, sampling_params=None, *, use_tqdm: bool = True) -> list[RequestOutput]:
+    def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate for every prompt; outputs in input order (n > 1: one RequestOutput with n outputs)."""
         prompts, params = self._normalise(prompts, sampling_params)
         jobs = self._submit(prompts, params)

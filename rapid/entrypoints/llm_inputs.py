@@ -93,3 +93,21 @@ def prepare_params(params: SamplingParams, num_prompt_tokens: int, *, tokenizer,
 
         check_structured_outputs(params.structured_outputs)
     return msgspec.structs.replace(params, **changes) if changes else params
+
+
+def text_parts_joined(conversation: list[dict]) -> list[dict]:
+    """The conversation with OpenAI content-part lists ([{"type": "text", "text": ...}, ...]) as the chat template's
+    string, parts joined by newlines (as vLLM does); ValueError for a part that is not text."""
+    out = []
+    for i, message in enumerate(conversation):
+        content = message.get("content")
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                if kind != "text" or not isinstance(part.get("text"), str):
+                    raise ValueError(f"messages[{i}].content: only text parts are supported, got type {kind!r}")
+                texts.append(part["text"])
+            message = {**message, "content": "\n".join(texts)}
+        out.append(message)
+    return out

@@ -87,10 +87,20 @@ def build_app(frontend: EngineFrontend, *, model_name: str | None = None, api_ke
         body = await asyncio.to_thread(metrics.render)  # engine stats may be a round trip
         return Response(body, media_type=CONTENT_TYPE)
 
+    def card() -> dict:  # max_model_len: what one request can use (LLM.longest_sequence)
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "rapid",
+                "max_model_len": frontend.llm.longest_sequence}
+
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "rapid", "max_model_len": config.scheduler.max_model_len}]}
+        return {"object": "list", "data": [card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        if model_id not in (model_name, config.model):
+            raise P.ApiError(404, f"the model {model_id!r} does not exist; this server serves {model_name!r}",
+                             param="model", code="model_not_found")
+        return card()
 
     async def run(request: Request, chat: bool) -> Response:
         body = await request.body()

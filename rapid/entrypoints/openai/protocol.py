@@ -206,7 +206,7 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
             if bad:
                 raise ApiError(400, f"messages[{i}].content: only text parts are supported, got type {bad[0]!r}",
                                param="messages")
-            content = "".join(p.text for p in content)
+            content = "\n".join(p.text for p in content)  # as vLLM joins text parts
         out.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
     return out
 
@@ -238,8 +238,15 @@ def sampling_params(req: _Sampling, *, max_tokens: int | None, logprobs: int | N
     try:
         return SamplingParams(**fields)
     except (ValueError, TypeError) as e:
-        word = str(e).split(" ", 1)[0]
-        raise ApiError(400, str(e), param=word if word in PARAM_NAMES else None) from None
+        raise ApiError(400, str(e), param=param_of(e)) from None
+
+
+def param_of(error: Exception, default: str | None = None) -> str | None:
+    """The request field an engine-side error names ('logit_bias has token id ...' -> logit_bias), else default."""
+    word = str(error).split(" ", 1)[0].split(".", 1)[0]
+    if word == "structured_outputs":
+        return "response_format"
+    return word if word in PARAM_NAMES else default
 
 
 def _is_int(x: Any) -> bool:

@@ -122,7 +122,7 @@ class RequestConverter:
 
     def _items(self, req, prompts: list[tuple[str | None, list[int]]], max_tokens, logprobs, default) -> list[Item]:
         items, index = [], itertools.count()
-        limit = self.llm.config.scheduler.max_model_len
+        limit = self.llm.longest_sequence  # max_model_len, or the KV pool where it is smaller
         for p_idx, (text, ids) in enumerate(prompts):
             for i in range(req.n):
                 params = P.sampling_params(req, max_tokens=max_tokens, logprobs=logprobs,
@@ -130,8 +130,8 @@ class RequestConverter:
                                            index=i)
                 try:  # the params the engine runs: max_tokens=None resolved, bad_words tokenized
                     _, ids_run, params = self.llm.prepare({"prompt_token_ids": ids}, params)
-                except (ValueError, TypeError) as e:
-                    raise P.ApiError(400, str(e), param="max_tokens") from None
+                except (ValueError, TypeError) as e:  # the field it names; else the length (prompt + max_tokens)
+                    raise P.ApiError(400, str(e), param=P.param_of(e, "max_tokens")) from None
                 items.append(Item(next(index), p_idx, text, ids_run, params))
         return items
 
