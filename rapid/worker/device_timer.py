@@ -43,6 +43,8 @@ class Span:
 
 
 class DeviceTimer:
+    """The events of one worker's steps, on its one stream; `event_factory` stands in for CUDA events in tests."""
+
     def __init__(self, device: torch.device, event_factory=None):
         if event_factory is None:
             event_factory = (lambda: torch.cuda.Event(enable_timing=True)) if device.type == "cuda" else HostEvent
