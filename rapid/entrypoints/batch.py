@@ -191,7 +191,7 @@ def _done_keys(path: str) -> set:
             continue
         keys.add(json.dumps(key))
         kept.append(line)
-    if len(kept) != len(lines) or not data.endswith(b"\n") and data:
+    if len(kept) != len(lines) or (data and not data.endswith(b"\n")):
         tmp = f"{path}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             f.write("".join(line + "\n" for line in kept))
