@@ -307,11 +307,14 @@ def test_serve_refuses_a_remote_host_before_building_the_engine(tmp_path):
     proc = rapid_serve("--model", str(tmp_path / "absent"), "--address", "tcp://0.0.0.0:5555")
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "loopback" in err
+    proc = rapid_serve(str(tmp_path / "a"), "--model", str(tmp_path / "b"))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "the model is given twice" in err
 
 
 def test_sigterm_under_load_ends_every_request(tiny_llama):
-    proc = rapid_serve("--model", str(tiny_llama), "--max-model-len", str(MAX_LEN), "--port", "0",
-                       "--shutdown-grace-s", "0.3", "--served-model-name", "tiny")
+    proc = rapid_serve(str(tiny_llama), "--max-model-len", str(MAX_LEN), "--port", "0",  # the model positional,
+                       "--shutdown-grace-s", "0.3", "--served-model-name", "tiny")  # as `vllm serve MODEL`
     try:
         line = proc.stdout.readline()
         url = re.search(r"(http://\S+)/v1", line).group(1)
@@ -345,3 +348,108 @@ def test_response_format_json_schema(client):
     out = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=40, temperature=0, response_format={
         "type": "json_schema", "json_schema": {"name": "thing", "schema": schema}})
     assert isinstance(json.loads(out.choices[0].message.content)["a"], int)
+
+
+@pytest.mark.parametrize("extra, check", [
+    ({"guided_choice": ["yes", "no"]}, lambda t: t in ("yes", "no")),
+    ({"structured_outputs": {"choice": ["red", "blue"]}}, lambda t: t in ("red", "blue")),
+    ({"guided_regex": "[0-9]{3}"}, lambda t: re.fullmatch("[0-9]{3}", t)),
+    ({"guided_json": {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}},
+     lambda t: isinstance(json.loads(t)["a"], int)),
+])
+def test_vllm_structured_output_fields_constrain_the_output(client, extra, check):
+    # vLLM's structured_outputs and its older guided_* names: honoured, not silently dropped
+    out = client.completions.create(model="tiny", prompt="The quick brown", max_tokens=30, temperature=0,
+                                    extra_body=extra)
+    assert check(out.choices[0].text), out.choices[0].text
+
+
+def test_vllm_sampling_and_template_fields_are_honoured_or_refused(served, client):
+    # allowed_token_ids: only those tokens; bad_words: a banned first token is avoided
+    only = client.completions.create(model="tiny", prompt="The quick brown", max_tokens=5, temperature=0,
+                                     extra_body={"allowed_token_ids": [7, 8], "return_token_ids": True})
+    assert set(only.choices[0].token_ids) <= {7, 8}
+    tokenizer = served[2].llm.tokenizer
+    forced = {"logit_bias": {"5": 100}, "return_token_ids": True}  # token 5 every step, unless it is banned
+    assert client.completions.create(model="tiny", prompt="The quick brown", max_tokens=3, temperature=0,
+                                     extra_body=forced).choices[0].token_ids == [5, 5, 5]
+    banned = client.completions.create(model="tiny", prompt="The quick brown", max_tokens=3, temperature=0,
+                                       extra_body=forced | {"bad_words": [tokenizer.decode([5])]})
+    assert 5 not in banned.choices[0].token_ids
+    # truncate_prompt_tokens keeps the last k prompt tokens, even of a prompt longer than the context
+    cut = client.completions.create(model="tiny", prompt="word " * 400, max_tokens=2,
+                                    extra_body={"truncate_prompt_tokens": 5})
+    assert cut.usage.prompt_tokens == 5
+    # continue_final_message: the assistant's turn is continued, not closed
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "The quick"}]
+    tokens = httpx.post(served[0].url + "/tokenize", json={"messages": messages, "add_generation_prompt": False,
+                                                            "continue_final_message": True}).json()
+    assert tokenizer.decode(tokens["tokens"]).endswith("The quick")
+    with pytest.raises(openai.BadRequestError):  # both at once, as vLLM
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=2, extra_body={
+            "continue_final_message": True, "add_generation_prompt": True})
+    # fields this server does not implement are refused by name, never silently ignored
+    for field, value in (("prompt_logprobs", 1), ("use_beam_search", True), ("priority", 5),
+                         ("return_tokens_as_token_ids", True)):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="tiny", prompt="hi", max_tokens=2, extra_body={field: value})
+        assert e.value.body["param"] == field
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=2, tool_choice="required")
+    assert e.value.body["param"] == "tool_choice"
+    with pytest.raises(openai.BadRequestError) as e:  # two constraints at once
+        client.completions.create(model="tiny", prompt="hi", max_tokens=2,
+                                  extra_body={"guided_regex": "a", "guided_choice": ["b"]})
+    assert "one structured-output constraint" in e.value.body["message"]
+
+
+def test_tokenize_detokenize_version_and_ping(served):
+    url, tokenizer = served[0].url, served[2].llm.tokenizer
+    tok = httpx.post(url + "/tokenize", json={"prompt": "Paris is"}).json()
+    assert tok["tokens"] == list(tokenizer.encode("Paris is")) and tok["count"] == len(tok["tokens"])
+    assert tok["max_model_len"] == MAX_LEN
+    chat = httpx.post(url + "/v1/tokenize", json={"messages": CHAT}).json()
+    assert chat["tokens"] == served[3]["chat"].prompt_token_ids
+    assert httpx.post(url + "/detokenize", json={"tokens": tok["tokens"]}).json()["prompt"] == "Paris is"
+    bad = httpx.post(url + "/detokenize", json={"tokens": [10**6]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    both = httpx.post(url + "/tokenize", json={"prompt": "a", "messages": CHAT})
+    assert both.status_code == 400
+    assert httpx.get(url + "/version").json()["version"]
+    assert httpx.get(url + "/ping").status_code == 200 and httpx.post(url + "/ping").status_code == 200
+
+
+def test_serve_chat_template_flag(tiny_llama, tmp_path):
+    # --chat-template: a file or the template text; the server's chats use it
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}[go]")
+    from rapid.entrypoints.serve import read_chat_template
+
+    assert read_chat_template(str(template)) == template.read_text()
+    assert read_chat_template("{{ messages }}") == "{{ messages }}" and read_chat_template(None) is None
+    with LLM(tiny_llama, max_model_len=MAX_LEN) as llm:
+        frontend = EngineFrontend(llm)
+        server = HttpServer(build_app(frontend, model_name="tiny", chat_template=template.read_text()), port=0).start()
+        try:
+            tokens = httpx.post(server.url + "/tokenize", json={"messages": CHAT}).json()["tokens"]
+            assert llm.tokenizer.decode(tokens) == "[user]hi[go]"
+        finally:
+            server.stop()
+            frontend.close()
+
+
+def test_stop_reason_says_which_stop_ended_a_choice(served, client):
+    # vLLM's choices[].stop_reason: the stop string (or token id) that ended the choice; None for length / EOS
+    want = served[3]["Paris is"].outputs[0].text
+    stop = want[len(want) // 2:][:2]
+    assert stop.strip(), want
+    out = client.completions.create(model="tiny", prompt="Paris is", max_tokens=6, temperature=0, stop=[stop])
+    choice = out.choices[0].model_dump()
+    assert choice["finish_reason"] == "stop" and choice["stop_reason"] == stop
+    assert want.startswith(choice["text"]) and stop not in choice["text"]
+    chunks = list(client.completions.create(model="tiny", prompt="Paris is", max_tokens=6, temperature=0,
+                                            stop=[stop], stream=True))
+    last = [c.choices[0].model_dump() for c in chunks if c.choices and c.choices[0].finish_reason][-1]
+    assert last["stop_reason"] == stop
+    plain = client.completions.create(model="tiny", prompt="Paris is", max_tokens=2, temperature=0)
+    assert plain.choices[0].model_dump()["stop_reason"] is None

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.metadata
 import logging
 import sys
 import time
 
 from rapid.config import EngineArgs
+from rapid.entrypoints.version import version
 
 
 # bench frontier sets these itself (per measured point) and skips the tokenizer.
@@ -19,15 +19,6 @@ FRONTIER_OWN = ("mode", "max_num_seqs", "max_num_batched_tokens", "prefill_sm_pe
                 "skip_tokenizer_init", "tokenizer", "placement", "second_prefill_sm_percentage")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-
-
-def version() -> str:
-    try:
-        return importlib.metadata.version("rapid")
-    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
-        import rapid
-
-        return getattr(rapid, "__version__", "unknown")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -128,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     from rapid.entrypoints.serve import add_serve_args
 
     s = sub.add_parser("serve", help="serve the OpenAI HTTP API and ZeroMQ until SIGINT / SIGTERM")
+    s.add_argument("model_tag", nargs="?", metavar="MODEL", help="the model folder, as --model (vllm serve MODEL)")
     add_serve_args(s)
     EngineArgs.add_cli_args(s, defaults={"engine_process": True})  # hybrid's step loop away from the HTTP threads
     s.set_defaults(func=cmd_serve)

@@ -11,6 +11,7 @@ import argparse
 import inspect
 import ipaddress
 import logging
+import os
 import signal
 import threading
 import time
@@ -36,6 +37,27 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shutdown-grace-s", type=float, default=5.0,
                    help="on SIGINT/SIGTERM, seconds in-flight requests may finish before they are aborted "
                         "(default: %(default)s)")
+    p.add_argument("--chat-template", default=None,
+                   help="chat template for /v1/chat/completions, a file or the Jinja text itself (default: the "
+                        "tokenizer's); a request's own chat_template wins")
+
+
+def with_model_tag(args: argparse.Namespace) -> argparse.Namespace:
+    """`rapid serve MODEL` as `vllm serve MODEL`: the positional model is --model (ValueError if both differ)."""
+    tag = getattr(args, "model_tag", None)
+    if tag is None:
+        return args
+    if args.model is not None and args.model != tag:
+        raise ValueError(f"the model is given twice, as {tag!r} and --model {args.model!r}; give one")
+    return argparse.Namespace(**vars(args) | {"model": tag})
+
+
+def read_chat_template(value: str | None) -> str | None:
+    """--chat-template: a file's text, or the value itself when it is no file (as vllm serve)."""
+    if value is None or not os.path.isfile(value):
+        return value
+    with open(value, encoding="utf-8") as f:
+        return f.read()
 
 def _is_loopback(host: str) -> bool:
     if host in LOOPBACK_HOSTS:
@@ -88,7 +110,7 @@ def serve(args: argparse.Namespace) -> None:
     from rapid.entrypoints.llm import LLM
 
     check_serve_args(args)
-    engine_args = EngineArgs.from_cli_args(args)
+    engine_args = EngineArgs.from_cli_args(with_model_tag(args))
     stop = threading.Event()
     previous = {}
 
@@ -117,7 +139,8 @@ def _serve_llm(llm, args: argparse.Namespace, stop: threading.Event) -> None:
             from rapid.entrypoints.openai.api_server import build_app
             from rapid.entrypoints.openai.http_server import HttpServer
 
-            app = build_app(frontend, model_name=args.served_model_name, api_key=args.api_key)
+            app = build_app(frontend, model_name=args.served_model_name, api_key=args.api_key,
+                            chat_template=read_chat_template(args.chat_template))
             serving = app.state.serving
             http = HttpServer(app, args.host, args.port).start()
         if args.zmq:

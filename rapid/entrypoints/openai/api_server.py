@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException
 from rapid.core.adaptive import make_placement
 from rapid.entrypoints.frontend import EngineFrontend
 from rapid.entrypoints.openai import protocol as P
+from rapid.entrypoints.version import version
 from rapid.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
 from rapid.entrypoints.openai.serving import OpenAIServing
 
@@ -46,14 +47,14 @@ async def _unless_disconnected(request: Request, coro, on_disconnect) -> dict | 
 
 
 def build_app(frontend: EngineFrontend, *, model_name: str | None = None, api_key: str | None = None,
-              metrics: ServerMetrics | None = None) -> FastAPI:
+              metrics: ServerMetrics | None = None, chat_template: str | None = None) -> FastAPI:
     """The app; `model_name` defaults to the model folder given to the LLM (requests may use either)."""
     config = frontend.llm.config
     model_name = model_name or config.model
     if metrics is None:
         metrics = ServerMetrics(model_name, config.mode, get_stats=getattr(frontend, "get_stats", None),
                                 placement=make_placement(config).name)
-    serving = OpenAIServing(frontend, model_name, metrics)
+    serving = OpenAIServing(frontend, model_name, metrics, chat_template)
     app = FastAPI(title="RAPID", openapi_url=None, docs_url=None, redoc_url=None)
     app.state.serving = serving
     created = int(time.time())
@@ -116,6 +117,24 @@ def build_app(frontend: EngineFrontend, *, model_name: str | None = None, api_ke
                                      media_type="text/event-stream")
         result = await _unless_disconnected(request, serving.collect(job, builder), job.abort)
         return JSONResponse(result) if result is not None else Response(status_code=499)
+
+    @app.get("/version")
+    async def server_version() -> dict:
+        return {"version": version()}
+
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping() -> Response:  # what SageMaker-style load balancers call: /health's answer
+        return await health()
+
+    @app.post("/tokenize")
+    @app.post("/v1/tokenize")
+    async def tokenize(request: Request) -> dict:
+        return serving.tokenize(P.decode(await request.body(), P.TokenizeRequest))
+
+    @app.post("/detokenize")
+    @app.post("/v1/detokenize")
+    async def detokenize(request: Request) -> dict:
+        return serving.detokenize(P.decode(await request.body(), P.DetokenizeRequest))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

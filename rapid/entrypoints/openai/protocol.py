@@ -72,7 +72,21 @@ class _Sampling(msgspec.Struct, kw_only=True):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = None
+    truncate_prompt_tokens: int | None = None
     return_token_ids: bool = False  # vLLM's: each choice (each streamed chunk) also carries its token ids
+    # structured outputs, vLLM's way (besides response_format): one of these
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    # vLLM fields this server does not implement: refused when set, never silently ignored
+    prompt_logprobs: int | None = None
+    use_beam_search: bool = False
+    priority: int = 0
+    return_tokens_as_token_ids: bool = False
 
 
 class CompletionRequest(_Sampling, kw_only=True):
@@ -99,15 +113,58 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    echo: bool = False
+    # how the messages go through the chat template (vLLM's fields; TokenizeRequest has the same: msgspec Structs
+    # cannot share them through a second base)
     tools: list[Any] | None = None
     tool_choice: Any = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class TokenizeRequest(msgspec.Struct, kw_only=True):
+    """POST /tokenize (vLLM's): a prompt, or messages through the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class DetokenizeRequest(msgspec.Struct, kw_only=True):
+    """POST /detokenize (vLLM's)."""
+
+    model: str | None = None
+    tokens: list[int]
 
 
 SAMPLING_FIELDS = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "top_k", "min_p",
                    "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "include_stop_str_in_output",
-                   "skip_special_tokens")
+                   "skip_special_tokens", "bad_words", "allowed_token_ids", "truncate_prompt_tokens")
 PARAM_NAMES = set(SAMPLING_FIELDS) | {"n", "max_tokens", "stop", "logprobs", "logit_bias"}
+GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+UNSUPPORTED = {  # field -> (the value that means "off", why)
+    "prompt_logprobs": (None, "prompt_logprobs are not returned by this server (use LLM.generate)"),
+    "use_beam_search": (False, "beam search is not supported"),
+    "priority": (0, "priority scheduling is not supported"),
+    "return_tokens_as_token_ids": (False, "return_tokens_as_token_ids is not supported; use return_token_ids"),
+    "echo": (False, "echo is not supported by this server"),
+}
+
+
+def refuse_unsupported(req: msgspec.Struct) -> None:
+    """ApiError 400 for a vLLM field this server does not implement, set to anything but its off value."""
+    for name, (off, why) in UNSUPPORTED.items():
+        if getattr(req, name, off) != off:
+            raise ApiError(400, why, param=name)
 
 
 def decode(body: bytes, kind: type[msgspec.Struct]) -> Any:
@@ -121,7 +178,8 @@ def decode(body: bytes, kind: type[msgspec.Struct]) -> Any:
         raise ApiError(400, f"invalid request: {e}", param=found.group(1) if found else None) from None
     except msgspec.DecodeError as e:
         raise ApiError(400, f"the request body is not valid JSON: {e}") from None
-    _check_common(req)
+    if isinstance(req, _Sampling):
+        _check_common(req)
     return req
 
 
@@ -153,25 +211,35 @@ def check_response_format(fmt: ResponseFormat) -> None:
                        "yet; use type 'text'", param="response_format")
 
 
-def structured_output(fmt: ResponseFormat | None):
-    """The engine's StructuredOutputsParams for a response_format (None for plain text)."""
-    if fmt is None or fmt.type == "text":
-        return None
+def structured_output(req: _Sampling):
+    """The engine's StructuredOutputsParams from response_format, structured_outputs or vLLM's older guided_*
+    fields (at most one of them; None for plain text)."""
     from rapid.params import StructuredOutputsParams
 
+    fmt = req.response_format
+    given = {name: getattr(req, name) for name in ("structured_outputs", *GUIDED) if getattr(req, name) is not None}
+    if fmt is not None and fmt.type != "text":
+        given["response_format"] = fmt
+    if len(given) > 1:
+        raise ApiError(400, f"give one structured-output constraint, got {sorted(given)}", param=sorted(given)[1])
+    if not given:
+        return None
+    (name, value), = given.items()
     try:
-        if fmt.type == "json_object":
-            return StructuredOutputsParams(json_object=True)
-        return StructuredOutputsParams(json=fmt.json_schema.schema_ or {})
-    except (ValueError, TypeError) as e:
-        raise ApiError(400, f"response_format: {e}", param="response_format") from None
+        if name == "response_format":
+            if value.type == "json_object":
+                return StructuredOutputsParams(json_object=True)
+            return StructuredOutputsParams(json=value.json_schema.schema_ or {})
+        if name == "structured_outputs":
+            return msgspec.convert(value, StructuredOutputsParams)
+        return StructuredOutputsParams(**{GUIDED[name]: value})
+    except (ValueError, TypeError, msgspec.ValidationError) as e:
+        raise ApiError(400, f"{name}: {e}", param=name) from None
 
 
 def prompts(req: CompletionRequest) -> list[str | list[int]]:
     """The prompts of a completion request: a str, a list of str, token ids or a list of token-id lists."""
     p = req.prompt
-    if req.echo:
-        raise ApiError(400, "echo is not supported by this server", param="echo")
     if req.suffix:
         raise ApiError(400, "suffix is not supported by this server", param="suffix")
     if req.best_of is not None and req.best_of != req.n:
@@ -195,6 +263,9 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
         raise ApiError(400, "messages must be a non-empty list", param="messages")
     if req.tools:
         raise ApiError(400, "tools are not supported by this server", param="tools")
+    if req.tool_choice not in (None, "none", "auto"):
+        raise ApiError(400, f"tool_choice {req.tool_choice!r} needs tools, which this server does not support",
+                       param="tool_choice")
     out = []
     for i, m in enumerate(req.messages):
         if m.role not in CHAT_ROLES:
@@ -232,7 +303,8 @@ def sampling_params(req: _Sampling, *, max_tokens: int | None, logprobs: int | N
         fields["logit_bias"] = req.logit_bias
     if logprobs is not None:
         fields["logprobs"] = logprobs
-    guided = structured_output(req.response_format)
+    refuse_unsupported(req)
+    guided = structured_output(req)
     if guided is not None:
         fields["structured_outputs"] = guided
     try:

@@ -17,6 +17,7 @@ class ChoiceState:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[tuple[int, dict[int, float]]] = field(default_factory=list)
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # vLLM's: the stop string or token id that ended it (None: EOS or length)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -93,13 +94,14 @@ class Builder:
         lp = self.logprobs(c.logprobs)
         if self.chat:
             return {"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": lp,
-                    "finish_reason": c.finish_reason}
-        return {"index": c.index, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason}
+                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+        return {"index": c.index, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason,
+                "stop_reason": c.stop_reason}
 
     # ------------------------------------------------------------------ streamed chunks
     def chunk(self, index: int, text: str, entries, finish_reason: str | None, *, first: bool = False,
-              text_offset: int = 0, include_usage: bool = False, token_ids: list[int] | None = None,
-              prompt_token_ids: list[int] | None = None) -> dict:
+              stop_reason: int | str | None = None, text_offset: int = 0, include_usage: bool = False,
+              token_ids: list[int] | None = None, prompt_token_ids: list[int] | None = None) -> dict:
         body = self._head("chat.completion.chunk" if self.chat else "text_completion")
         lp = self.logprobs(entries, text_offset) if entries else None
         if self.chat:
@@ -107,6 +109,7 @@ class Builder:
             choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
         else:
             choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": finish_reason}
+        choice["stop_reason"] = stop_reason
         if self.return_token_ids:
             choice["token_ids"] = list(token_ids or [])
             if prompt_token_ids is not None:  # the choice's first chunk (chat: at the top, as vLLM)

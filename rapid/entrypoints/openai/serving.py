@@ -105,8 +105,9 @@ class Job:
 class RequestConverter:
     """Request Structs to engine Items, every check done here (nothing invalid reaches a worker)."""
 
-    def __init__(self, llm, model_name: str | None):
-        self.llm, self.model_name = llm, model_name
+    def __init__(self, llm, model_name: str | None, chat_template: str | None = None):
+        """`chat_template`: the server's template (`rapid serve --chat-template`) where a request gives none."""
+        self.llm, self.model_name, self.chat_template = llm, model_name, chat_template
         self.accepted_models = {model_name, llm.config.model} if model_name is not None else None
 
     def _check_model(self, req) -> None:
@@ -114,9 +115,14 @@ class RequestConverter:
             raise P.ApiError(404, f"the model {req.model!r} does not exist; this server serves {self.model_name!r}",
                              param="model", code="model_not_found")
 
-    def _validate(self, prompt) -> tuple[str | None, list[int]]:
+    def _validate(self, prompt, req) -> tuple[str | None, list[int]]:
+        """(text, ids) of one prompt, truncate_prompt_tokens applied, or ApiError 400."""
         try:
-            return self.llm.validate(prompt, SamplingParams(max_tokens=1))
+            truncate = SamplingParams(max_tokens=1, truncate_prompt_tokens=req.truncate_prompt_tokens)
+        except (ValueError, TypeError) as e:
+            raise P.ApiError(400, str(e), param="truncate_prompt_tokens") from None
+        try:
+            return self.llm.validate(prompt, truncate)
         except (ValueError, TypeError) as e:
             raise P.ApiError(400, str(e), param="prompt") from None
 
@@ -137,19 +143,53 @@ class RequestConverter:
 
     def completion_items(self, req: P.CompletionRequest) -> list[Item]:
         self._check_model(req)
-        prompts = [self._validate(p if isinstance(p, str) else {"prompt_token_ids": p}) for p in P.prompts(req)]
+        prompts = [self._validate(p if isinstance(p, str) else {"prompt_token_ids": p}, req) for p in P.prompts(req)]
         return self._items(req, prompts, req.max_tokens, req.logprobs, COMPLETION_DEFAULT_MAX_TOKENS)
 
     def chat_items(self, req: P.ChatCompletionRequest) -> list[Item]:
         self._check_model(req)
         messages = P.chat_messages(req)
         try:
-            ids = self.llm.chat_prompt_ids(messages, req.add_generation_prompt)
+            ids = self.llm.chat_prompt_ids(messages, req.add_generation_prompt,
+                                           chat_template=req.chat_template or self.chat_template,
+                                           continue_final_message=req.continue_final_message,
+                                           chat_template_kwargs=req.chat_template_kwargs)
         except (ValueError, TypeError) as e:
             raise P.ApiError(400, str(e), param="messages") from None
-        _, ids = self._validate({"prompt_token_ids": ids})
+        _, ids = self._validate({"prompt_token_ids": ids}, req)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         return self._items(req, [(None, ids)], max_tokens, P.chat_logprobs(req), 0)
+
+    def tokenize(self, req: P.TokenizeRequest) -> dict:
+        """vLLM's /tokenize: {"count", "max_model_len", "tokens"} of a prompt or of messages (the chat template)."""
+        self._check_model(req)
+        if (req.prompt is None) == (req.messages is None):
+            raise P.ApiError(400, "give exactly one of prompt and messages", param="prompt")
+        tokenizer = self.llm.tokenizer
+        if tokenizer is None:
+            raise P.ApiError(400, "this server has no tokenizer (skip_tokenizer_init)", param="prompt")
+        if req.prompt is not None:
+            ids = list(tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens))
+        else:
+            try:
+                ids = self.llm.chat_prompt_ids(P.chat_messages(req), req.add_generation_prompt,
+                                               chat_template=req.chat_template or self.chat_template,
+                                               continue_final_message=req.continue_final_message,
+                                               chat_template_kwargs=req.chat_template_kwargs)
+            except (ValueError, TypeError) as e:
+                raise P.ApiError(400, str(e), param="messages") from None
+        return {"count": len(ids), "max_model_len": self.llm.longest_sequence, "tokens": ids}
+
+    def detokenize(self, req: P.DetokenizeRequest) -> dict:
+        """vLLM's /detokenize: {"prompt"} of token ids."""
+        self._check_model(req)
+        vocab = self.llm.model_config.vocab_size
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            raise P.ApiError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param="tokens")
+        if self.llm.tokenizer is None:
+            raise P.ApiError(400, "this server has no tokenizer (skip_tokenizer_init)", param="tokens")
+        return {"prompt": self.llm.tokenizer.decode(req.tokens)}
 
     def builder(self, chat: bool, logprobs: int | None, return_token_ids: bool = False) -> Builder:
         prefix = "chatcmpl" if chat else "cmpl"
@@ -160,8 +200,9 @@ class RequestConverter:
 class OpenAIServing(RequestConverter):
     """Turns request bodies into engine requests on the frontend and engine deltas into OpenAI bodies."""
 
-    def __init__(self, frontend: EngineFrontend, model_name: str, metrics: ServerMetrics):
-        super().__init__(frontend.llm, model_name)
+    def __init__(self, frontend: EngineFrontend, model_name: str, metrics: ServerMetrics,
+                 chat_template: str | None = None):
+        super().__init__(frontend.llm, model_name, chat_template)
         self.frontend, self.metrics = frontend, metrics
         self.jobs: set[Job] = set()  # touched on the event loop only
         self.closing = False
@@ -229,6 +270,7 @@ class OpenAIServing(RequestConverter):
                 if not d.new_token_ids and not d.new_text and reason is None and index in first:
                     continue  # nothing new (a token whose text is held back still gets its chunk, as vLLM)
                 body = builder.chunk(index, d.new_text, entries, reason, first=index not in first,
+                                     stop_reason=d.stop_reason if d.finished else None,
                                      text_offset=offsets[index], include_usage=include_usage,
                                      token_ids=d.new_token_ids,
                                      prompt_token_ids=None if index in ids_sent else job.items_by_index[index].ids)
@@ -268,7 +310,7 @@ def apply_delta(c: ChoiceState, d: RequestDelta) -> None:
     if d.new_logprobs is not None:
         c.logprobs.extend(zip(d.new_token_ids, d.new_logprobs))
     if d.finished:
-        c.finish_reason = d.finish_reason
+        c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
 
 
 def prompt_ids(items: list[Item]) -> list[list[int]]:
