@@ -314,7 +314,7 @@ def test_serve_refuses_a_remote_host_before_building_the_engine(tmp_path):
 
 def test_sigterm_under_load_ends_every_request(tiny_llama):
     proc = rapid_serve(str(tiny_llama), "--max-model-len", str(MAX_LEN), "--port", "0",  # the model positional,
-                       "--shutdown-grace-s", "0.3", "--served-model-name", "tiny")  # as `vllm serve MODEL`
+                       "--shutdown-grace-s", "0.3", "--served-model-name", "tiny", "tiny2")  # as `vllm serve MODEL`
     try:
         line = proc.stdout.readline()
         url = re.search(r"(http://\S+)/v1", line).group(1)
@@ -453,3 +453,18 @@ def test_stop_reason_says_which_stop_ended_a_choice(served, client):
     assert last["stop_reason"] == stop
     plain = client.completions.create(model="tiny", prompt="Paris is", max_tokens=2, temperature=0)
     assert plain.choices[0].model_dump()["stop_reason"] is None
+
+
+def test_several_served_model_names(served):
+    # as `vllm serve --served-model-name A B`: /v1/models lists each, requests may use any, responses report the first
+    server = HttpServer(build_app(served[2], model_name=["tiny", "alias"]), port=0).start()
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["tiny", "alias"]
+        assert client.models.retrieve("alias").id == "alias"
+        out = client.completions.create(model="alias", prompt="Paris is", max_tokens=2)
+        assert out.model == "tiny" and out.choices[0].text is not None
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="other", prompt="Paris is", max_tokens=2)
+    finally:
+        server.stop()

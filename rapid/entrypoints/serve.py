@@ -27,7 +27,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    "--allow-remote and --api-key)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port, 0 picks a free one (default: %(default)s)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (HTTP)")
-    p.add_argument("--served-model-name", default=None, help="the model name clients send (default: the model folder)")
+    p.add_argument("--served-model-name", nargs="+", default=None,
+                   help="the model name(s) clients send; the first is the one responses report (default: the model "
+                        "folder)")
     p.add_argument("--address", default=None, help="ZeroMQ endpoint (default ipc:// in a private directory, printed)")
     p.add_argument("--allow-remote", action="store_true",
                    help="allow a non-loopback HTTP host (with --api-key) or tcp:// ZeroMQ address (no authentication!)")

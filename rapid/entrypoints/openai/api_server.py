@@ -46,15 +46,17 @@ async def _unless_disconnected(request: Request, coro, on_disconnect) -> dict | 
     return None
 
 
-def build_app(frontend: EngineFrontend, *, model_name: str | None = None, api_key: str | None = None,
+def build_app(frontend: EngineFrontend, *, model_name: str | list[str] | None = None, api_key: str | None = None,
               metrics: ServerMetrics | None = None, chat_template: str | None = None) -> FastAPI:
-    """The app; `model_name` defaults to the model folder given to the LLM (requests may use either)."""
+    """The app; `model_name` (one name, or several as `vllm serve --served-model-name A B`: the first is the one
+    responses report) defaults to the model folder given to the LLM (requests may use any of them)."""
     config = frontend.llm.config
-    model_name = model_name or config.model
+    names = [model_name] if isinstance(model_name, str) else list(model_name or [])
+    model_name, aliases = (names[0], tuple(names[1:])) if names else (config.model, ())
     if metrics is None:
         metrics = ServerMetrics(model_name, config.mode, get_stats=getattr(frontend, "get_stats", None),
                                 placement=make_placement(config).name)
-    serving = OpenAIServing(frontend, model_name, metrics, chat_template)
+    serving = OpenAIServing(frontend, model_name, metrics, chat_template, aliases)
     app = FastAPI(title="RAPID", openapi_url=None, docs_url=None, redoc_url=None)
     app.state.serving = serving
     created = int(time.time())
@@ -88,20 +90,20 @@ def build_app(frontend: EngineFrontend, *, model_name: str | None = None, api_ke
         body = await asyncio.to_thread(metrics.render)  # engine stats may be a round trip
         return Response(body, media_type=CONTENT_TYPE)
 
-    def card() -> dict:  # max_model_len: what one request can use (LLM.longest_sequence)
-        return {"id": model_name, "object": "model", "created": created, "owned_by": "rapid",
+    def card(name: str) -> dict:  # max_model_len: what one request can use (LLM.longest_sequence)
+        return {"id": name, "object": "model", "created": created, "owned_by": "rapid", "root": config.model,
                 "max_model_len": frontend.llm.longest_sequence}
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [card()]}
+        return {"object": "list", "data": [card(name) for name in (model_name, *aliases)]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> dict:
-        if model_id not in (model_name, config.model):
+        if model_id not in (model_name, *aliases, config.model):
             raise P.ApiError(404, f"the model {model_id!r} does not exist; this server serves {model_name!r}",
                              param="model", code="model_not_found")
-        return card()
+        return card(model_id)
 
     async def run(request: Request, chat: bool) -> Response:
         body = await request.body()

@@ -105,10 +105,11 @@ class Job:
 class RequestConverter:
     """Request Structs to engine Items, every check done here (nothing invalid reaches a worker)."""
 
-    def __init__(self, llm, model_name: str | None, chat_template: str | None = None):
-        """`chat_template`: the server's template (`rapid serve --chat-template`) where a request gives none."""
+    def __init__(self, llm, model_name: str | None, chat_template: str | None = None, aliases: tuple[str, ...] = ()):
+        """`chat_template`: the server's template (`rapid serve --chat-template`) where a request gives none;
+        `aliases`: more names requests may use (`--served-model-name A B`)."""
         self.llm, self.model_name, self.chat_template = llm, model_name, chat_template
-        self.accepted_models = {model_name, llm.config.model} if model_name is not None else None
+        self.accepted_models = {model_name, llm.config.model, *aliases} if model_name is not None else None
 
     def _check_model(self, req) -> None:
         if self.accepted_models is not None and req.model is not None and req.model not in self.accepted_models:
@@ -201,8 +202,8 @@ class OpenAIServing(RequestConverter):
     """Turns request bodies into engine requests on the frontend and engine deltas into OpenAI bodies."""
 
     def __init__(self, frontend: EngineFrontend, model_name: str, metrics: ServerMetrics,
-                 chat_template: str | None = None):
-        super().__init__(frontend.llm, model_name, chat_template)
+                 chat_template: str | None = None, aliases: tuple[str, ...] = ()):
+        super().__init__(frontend.llm, model_name, chat_template, aliases)
         self.frontend, self.metrics = frontend, metrics
         self.jobs: set[Job] = set()  # touched on the event loop only
         self.closing = False
