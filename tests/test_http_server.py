@@ -468,3 +468,22 @@ def test_several_served_model_names(served):
             client.completions.create(model="other", prompt="Paris is", max_tokens=2)
     finally:
         server.stop()
+
+
+def test_cors_only_when_origins_are_allowed(served):
+    preflight = {"Origin": "http://app.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    r = httpx.options(served[0].url + "/v1/completions", headers=preflight)
+    assert "access-control-allow-origin" not in r.headers  # the default: no CORS
+    server = HttpServer(build_app(served[2], model_name="tiny", api_key="sesame",
+                                  allowed_origins=["http://app.example"]), port=0).start()
+    try:
+        r = httpx.options(server.url + "/v1/completions", headers=preflight)  # answered before the key is asked
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1},
+                       headers={"Origin": "http://app.example", "Authorization": "Bearer sesame"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
+        r = httpx.options(server.url + "/v1/completions", headers=preflight | {"Origin": "http://evil.example"})
+        assert r.headers.get("access-control-allow-origin") != "http://evil.example"
+    finally:
+        server.stop()

@@ -39,6 +39,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shutdown-grace-s", type=float, default=5.0,
                    help="on SIGINT/SIGTERM, seconds in-flight requests may finish before they are aborted "
                         "(default: %(default)s)")
+    p.add_argument("--allowed-origins", nargs="+", default=None,
+                   help="browser origins CORS lets call the HTTP API, '*' for any (default: none, no CORS headers)")
     p.add_argument("--chat-template", default=None,
                    help="chat template for /v1/chat/completions, a file or the Jinja text itself (default: the "
                         "tokenizer's); a request's own chat_template wins")
@@ -142,7 +144,7 @@ def _serve_llm(llm, args: argparse.Namespace, stop: threading.Event) -> None:
             from rapid.entrypoints.openai.http_server import HttpServer
 
             app = build_app(frontend, model_name=args.served_model_name, api_key=args.api_key,
-                            chat_template=read_chat_template(args.chat_template))
+                            chat_template=read_chat_template(args.chat_template), allowed_origins=args.allowed_origins)
             serving = app.state.serving
             http = HttpServer(app, args.host, args.port).start()
         if args.zmq:

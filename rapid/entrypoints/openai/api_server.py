@@ -9,6 +9,7 @@ import logging
 import time
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
@@ -47,9 +48,11 @@ async def _unless_disconnected(request: Request, coro, on_disconnect) -> dict | 
 
 
 def build_app(frontend: EngineFrontend, *, model_name: str | list[str] | None = None, api_key: str | None = None,
-              metrics: ServerMetrics | None = None, chat_template: str | None = None) -> FastAPI:
+              metrics: ServerMetrics | None = None, chat_template: str | None = None,
+              allowed_origins: list[str] | None = None) -> FastAPI:
     """The app; `model_name` (one name, or several as `vllm serve --served-model-name A B`: the first is the one
-    responses report) defaults to the model folder given to the LLM (requests may use any of them)."""
+    responses report) defaults to the model folder given to the LLM (requests may use any of them).
+    `allowed_origins`: the browser origins CORS lets in ("*": any; None: no CORS headers)."""
     config = frontend.llm.config
     names = [model_name] if isinstance(model_name, str) else list(model_name or [])
     model_name, aliases = (names[0], tuple(names[1:])) if names else (config.model, ())
@@ -146,4 +149,7 @@ def build_app(frontend: EngineFrontend, *, model_name: str | list[str] | None = 
     async def chat_completions(request: Request) -> Response:
         return await run(request, chat=True)
 
+    if allowed_origins:  # outermost: a browser's preflight is answered before the API key is asked for
+        app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["*"], allow_headers=["*"],
+                           allow_credentials="*" not in allowed_origins)
     return app
