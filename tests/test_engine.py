@@ -322,3 +322,13 @@ def test_device_timer_reads_busy_and_idle_from_its_events():
     assert DeviceTimer.read(first) == (0.5, 0.0)  # no step before it: no idle time counted
     assert DeviceTimer.read(second) == (0.25, 0.5)  # the device waited from 1.5 to 2.0
 
+
+
+def test_a_kv_pool_shorter_than_max_model_len_is_reported(tiny_llama, caplog):
+    # the longest sequence is the pool's; a max_model_len the user set that the pool cannot hold is a warning
+    with caplog.at_level("INFO", logger="rapid.entrypoints.llm"):
+        with LLM(tiny_llama, max_model_len=256, kv_cache_memory_bytes=6 * 8192) as llm:
+            longest = llm.longest_sequence
+    assert longest < 256 and longest == llm.engine.num_blocks * llm.config.cache.block_size
+    warned = [r for r in caplog.records if "fewer than max_model_len (256)" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelname == "WARNING"

@@ -60,11 +60,12 @@ class LLM:
         self.engine: EngineClient = make_client(config, self.tokenizer, self.eos_token_ids)
         self._finalizer = weakref.finalize(self, self.engine.shutdown)
         self._logprobs = LogprobConverter(self.tokenizer)
-        if self.longest_sequence < config.scheduler.max_model_len:
-            logger.warning("the KV pool holds %d tokens, fewer than max_model_len (%d): a sequence longer than that "
-                           "is refused, and an output without max_tokens stops there; raise kv_cache_memory_bytes "
-                           "(or gpu_memory_utilization) or lower max_model_len", self.longest_sequence,
-                           config.scheduler.max_model_len)
+        if self.longest_sequence < config.scheduler.max_model_len:  # a warning only for a length the user set
+            level = logging.INFO if self.engine_args.max_model_len is None else logging.WARNING
+            logger.log(level, "the KV pool holds %d tokens, fewer than max_model_len (%d): a sequence longer than "
+                       "that is refused, and an output without max_tokens stops there; raise kv_cache_memory_bytes "
+                       "(or gpu_memory_utilization) or lower max_model_len", self.longest_sequence,
+                       config.scheduler.max_model_len)
 
     @property
     def longest_sequence(self) -> int:
