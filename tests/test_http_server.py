@@ -427,6 +427,8 @@ def test_serve_chat_template_flag(tiny_llama, tmp_path):
 
     assert read_chat_template(str(template)) == template.read_text()
     assert read_chat_template("{{ messages }}") == "{{ messages }}" and read_chat_template(None) is None
+    with pytest.raises(ValueError, match="is no file, and no Jinja"):
+        read_chat_template(str(tmp_path / "typo.jinja"))
     with LLM(tiny_llama, max_model_len=MAX_LEN) as llm:
         frontend = EngineFrontend(llm)
         server = HttpServer(build_app(frontend, model_name="tiny", chat_template=template.read_text()), port=0).start()

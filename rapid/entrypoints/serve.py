@@ -57,11 +57,16 @@ def with_model_tag(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def read_chat_template(value: str | None) -> str | None:
-    """--chat-template: a file's text, or the value itself when it is no file (as vllm serve)."""
-    if value is None or not os.path.isfile(value):
-        return value
-    with open(value, encoding="utf-8") as f:
-        return f.read()
+    """--chat-template: a file's text, or the value itself when it is no file (as vllm serve); ValueError for a
+    value that is neither (no such file, and no Jinja in it: a mistyped path)."""
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    if "{{" not in value and "{%" not in value:
+        raise ValueError(f"--chat-template {value!r} is no file, and no Jinja template text ({{{{ or {{%) either")
+    return value
 
 def _is_loopback(host: str) -> bool:
     if host in LOOPBACK_HOSTS:
@@ -92,6 +97,7 @@ def check_serve_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-pending must be >= 1, got {args.max_pending}")
     if not args.shutdown_grace_s >= 0:
         raise ValueError(f"--shutdown-grace-s must be >= 0, got {args.shutdown_grace_s}")
+    read_chat_template(getattr(args, "chat_template", None))
 
 
 def _zmq_server(llm, frontend, args):
