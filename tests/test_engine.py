@@ -332,3 +332,20 @@ def test_a_kv_pool_shorter_than_max_model_len_is_reported(tiny_llama, caplog):
     assert longest < 256 and longest == llm.engine.num_blocks * llm.config.cache.block_size
     warned = [r for r in caplog.records if "fewer than max_model_len (256)" in r.getMessage()]
     assert len(warned) == 1 and warned[0].levelname == "WARNING"
+
+
+def test_a_step_that_sampled_nothing_is_not_waited_for_its_time():
+    from types import SimpleNamespace
+
+    from rapid.worker.device_timer import DeviceTimer, Span
+    from rapid.worker.model_runner import Launched, ModelRunner
+
+    class Running:  # an event the device has not reached yet
+        def query(self):
+            return False
+
+        def synchronize(self):
+            raise AssertionError("timing made the host wait")
+
+    runner = SimpleNamespace(timer=DeviceTimer)
+    assert ModelRunner.device_time(runner, Launched([], None, False, Span(None, Running(), Running()))) is None

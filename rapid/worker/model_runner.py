@@ -181,10 +181,11 @@ class ModelRunner:
         return launched
 
     def device_time(self, launched: Launched) -> tuple[float, float] | None:
-        """(busy_s, idle_s) of a collected step on the device; None while its work is still running (a step
-        that samples nothing is not waited for when collected)."""
+        """(busy_s, idle_s) of a collected step on the device. A step that sampled was waited for up to its
+        samples' copy, which its end event directly follows; one that sampled nothing was not waited for, and
+        is not now: None while it is still running."""
         span = launched.span
-        if span is None or span.end is None or not span.end.query():
+        if span is None or span.end is None or (launched.sample is None and not span.end.query()):
             return None
         return self.timer.read(span)
 
