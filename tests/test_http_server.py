@@ -489,3 +489,17 @@ def test_cors_only_when_origins_are_allowed(served):
         assert r.headers.get("access-control-allow-origin") != "http://evil.example"
     finally:
         server.stop()
+
+
+def test_message_name_and_tool_fields_reach_the_template(served):
+    # as vLLM: a message's name, an assistant's tool_calls and a tool message's tool_call_id go to the template
+    template = ("{% for m in messages %}{{ m['role'] }}/{{ m.get('name', '') }}/{{ m.get('tool_call_id', '') }}/"
+                "{{ (m.get('tool_calls') or []) | length }};{% endfor %}")
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": "{}"}}
+    messages = [{"role": "user", "content": "hi", "name": "ann"}, {"role": "assistant", "tool_calls": [call]},
+                {"role": "tool", "content": "42", "tool_call_id": "c1"}]
+    r = httpx.post(served[0].url + "/tokenize", json={"messages": messages, "chat_template": template,
+                                                       "add_generation_prompt": False})
+    assert r.status_code == 200, r.text
+    text = served[2].llm.tokenizer.decode(r.json()["tokens"])
+    assert text == "user/ann//0;assistant///1;tool//c1/0;"

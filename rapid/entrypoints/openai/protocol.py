@@ -106,6 +106,8 @@ class ChatMessage(msgspec.Struct):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn's calls, for templates that render them
+    tool_call_id: str | None = None  # a tool message's answer to one of them
 
 
 class ChatCompletionRequest(_Sampling, kw_only=True):
@@ -257,8 +259,9 @@ def prompts(req: CompletionRequest) -> list[str | list[int]]:
                    f"token-id lists, got {_describe(p)}", param="prompt")
 
 
-def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
-    """The conversation as {'role', 'content'} dicts for the chat template (text parts joined)."""
+def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
+    """The conversation as {'role', 'content'} dicts for the chat template (text parts joined; a message's name,
+    tool_calls and tool_call_id passed on when given)."""
     if not req.messages:
         raise ApiError(400, "messages must be a non-empty list", param="messages")
     if req.tools:
@@ -278,7 +281,11 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
                 raise ApiError(400, f"messages[{i}].content: only text parts are supported, got type {bad[0]!r}",
                                param="messages")
             content = "\n".join(p.text for p in content)  # as vLLM joins text parts
-        out.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+        message = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
+        for key in ("name", "tool_calls", "tool_call_id"):  # to the template as given, as vLLM
+            if getattr(m, key) is not None:
+                message[key] = getattr(m, key)
+        out.append(message)
     return out
 
 
