@@ -119,12 +119,12 @@ def window_throughput(records: Sequence[RequestRecord], warmup_s: float, end_s: 
     """Rates inside the window (see the module docstring), from every request of the run."""
     _check_window(warmup_s, end_s)
     width = end_s - warmup_s
-    meas = [r for r in measured(records, warmup_s, end_s) if r.success]
-    offered = len(measured(records, warmup_s, end_s))
+    arrived = measured(records, warmup_s, end_s)
+    meas = [r for r in arrived if r.success]
     served = [r for r in records if r.success and warmup_s <= _finish_time(r) <= end_s]
     out_tokens = sum(_tokens_in(r, warmup_s, end_s) for r in records)
     in_tokens = sum(r.prompt_len for r in served)
-    return {"window_s": width, "offered_rate": offered / width, "served_rate": len(served) / width,
+    return {"window_s": width, "offered_rate": len(arrived) / width, "served_rate": len(served) / width,
             "expected_rate": _expected_finishes(records, meas, warmup_s, end_s) / width,
             "output_throughput": out_tokens / width, "total_token_throughput": (in_tokens + out_tokens) / width}
 

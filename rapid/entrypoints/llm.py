@@ -127,9 +127,10 @@ class LLM:
         params = to_sampling_params(SamplingParams() if sampling_params is None else sampling_params)
         text, ids = self._prompt_ids(prompt)
         ids = truncate(ids, params)
-        room = self.longest_sequence - len(ids)
+        longest = self.longest_sequence
+        room = longest - len(ids)
         params = prepare_params(params, len(ids), tokenizer=self.tokenizer, vocab_size=self.model_config.vocab_size,
-                                max_model_len=self.longest_sequence)
+                                max_model_len=longest)
         if cap_max_tokens and 0 < room < params.max_tokens:
             params = msgspec.structs.replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
         self._check_fits(ids, params)

@@ -149,17 +149,19 @@ class RequestConverter:
 
     def chat_items(self, req: P.ChatCompletionRequest) -> list[Item]:
         self._check_model(req)
-        messages = P.chat_messages(req)
-        try:
-            ids = self.llm.chat_prompt_ids(messages, req.add_generation_prompt,
-                                           chat_template=req.chat_template or self.chat_template,
-                                           continue_final_message=req.continue_final_message,
-                                           chat_template_kwargs=req.chat_template_kwargs)
-        except (ValueError, TypeError) as e:
-            raise P.ApiError(400, str(e), param="messages") from None
-        _, ids = self._validate({"prompt_token_ids": ids}, req)
+        _, ids = self._validate({"prompt_token_ids": self._chat_prompt_ids(req)}, req)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         return self._items(req, [(None, ids)], max_tokens, P.chat_logprobs(req), 0)
+
+    def _chat_prompt_ids(self, req: P.ChatCompletionRequest | P.TokenizeRequest) -> list[int]:
+        """The messages through the chat template (the request's, else the server's), or ApiError 400."""
+        try:
+            return self.llm.chat_prompt_ids(P.chat_messages(req), req.add_generation_prompt,
+                                            chat_template=req.chat_template or self.chat_template,
+                                            continue_final_message=req.continue_final_message,
+                                            chat_template_kwargs=req.chat_template_kwargs)
+        except (ValueError, TypeError) as e:
+            raise P.ApiError(400, str(e), param="messages") from None
 
     def tokenize(self, req: P.TokenizeRequest) -> dict:
         """vLLM's /tokenize: {"count", "max_model_len", "tokens"} of a prompt or of messages (the chat template)."""
@@ -172,13 +174,7 @@ class RequestConverter:
         if req.prompt is not None:
             ids = list(tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens))
         else:
-            try:
-                ids = self.llm.chat_prompt_ids(P.chat_messages(req), req.add_generation_prompt,
-                                               chat_template=req.chat_template or self.chat_template,
-                                               continue_final_message=req.continue_final_message,
-                                               chat_template_kwargs=req.chat_template_kwargs)
-            except (ValueError, TypeError) as e:
-                raise P.ApiError(400, str(e), param="messages") from None
+            ids = self._chat_prompt_ids(req)
         return {"count": len(ids), "max_model_len": self.llm.longest_sequence, "tokens": ids}
 
     def detokenize(self, req: P.DetokenizeRequest) -> dict:
