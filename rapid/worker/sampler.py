@@ -11,16 +11,16 @@ tensors once, and `sample(logits, batch, generator)` picks one token per row.  P
         ├─ bans: EOS / stop_token_ids while a row is short of min_tokens, bad_words' next tokens
         ├─ penalties: repetition (prompt + output tokens), frequency and presence (output tokens)
         ├─ greedy rows: argmax
-        └─ random rows: / temperature -> min_p -> top_k -> top_p -> softmax -> exponential race
+        └─ random rows: / temperature -> min_p -> top_k -> top_p -> exponential race (rapid.worker.exponential_race)
 
 Expensive work (penalty bincounts, the top-k / top-p sort, logprobs) only runs when some row in
 the batch needs it.  The penalty and top-k / top-p filters themselves are in
 rapid.worker.sampler_ops.
 
 Seeded rows are reproducible independently of the batch they are in and of the process that samples
-them: the noise for a row with seed ``s`` at step ``t`` (tokens the request has generated so far)
-comes from a generator freshly seeded with ``mix_seed(s, t)``.  (Identical across processes on the
-same device type; CPU and CUDA generators produce different streams.)
+them: the noise for a row with seed ``s`` at step ``t`` (tokens the request has generated so far) is
+a hash of the key ``mix_seed(s, t)`` and the token id; other rows draw their keys from the engine's
+generator.  (The same noise on the CPU and on CUDA, up to the rounding of log.)
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from torch import Tensor
 
 from rapid.params import SamplingParams, _is_int
 from rapid.worker.sample_result import PendingSample, SamplerOutput
+from rapid.worker.exponential_race import race_argmax, random_keys
 from rapid.worker.transfer import to_device
 from rapid.worker.sampler_ops import (
     apply_penalties, apply_top_k_top_p, bad_word_bans, logprob_entries, mix_seed, unpack_bitmask,
@@ -284,21 +285,6 @@ def _flat_token_index(
     return to_device(flat, torch.int64, device)
 
 
-def _exponential_noise(
-    shape: tuple[int, int], batch: SamplingBatch, generator: torch.Generator | None
-) -> Tensor:
-    """q ~ Exponential(1), [B, V]; seeded rows drawn from their own freshly seeded generator."""
-    q = torch.empty(shape, dtype=torch.float32, device=batch.device)
-    q.exponential_(generator=generator)
-    if batch.seeded_rows:
-        row_gen = torch.Generator(device=batch.device)
-        for row, s in zip(batch.seeded_rows, batch.seeded_seeds):
-            row_gen.manual_seed(s)
-            q[row].exponential_(generator=row_gen)
-    # exponential_ can return exactly 0 in rare cases; keep probs / q finite and NaN-free.
-    return q.clamp_min_(torch.finfo(torch.float32).tiny)
-
-
 def process_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
     """Allowed-token masks, logit_bias, bans and penalties on logits [B, V]; returns a new tensor when
     anything applies (the input itself, unmodified, otherwise). Temperature and filtering are not applied here."""
@@ -344,16 +330,18 @@ def sample_async(
     else:
         greedy_tokens = x.argmax(dim=-1) if batch.any_greedy else None  # [B]
         assert batch.temperature is not None
-        x = x / batch.temperature[:, None]  # [B, V]
-        if batch.min_p is not None:
-            # keep p >= min_p * p_max  <=>  logit >= max_logit + log(min_p)
-            threshold = x.amax(dim=-1, keepdim=True) + torch.log(batch.min_p)[:, None]  # [B, 1]
-            x = x.masked_fill(x < threshold, float("-inf"))
-        if batch.top_k is not None or batch.top_p is not None:
-            x = apply_top_k_top_p(x, batch.top_k, batch.top_k_max, batch.top_p)
-        probs = x.softmax(dim=-1)  # [B, V]
-        q = _exponential_noise((B, V), batch, generator)
-        random_tokens = (probs / q).argmax(dim=-1)  # [B]
+        scale = 1.0 / batch.temperature  # [B]
+        if batch.min_p is not None or batch.top_k is not None or batch.top_p is not None:
+            x = x * scale[:, None]  # [B, V]: the filters work on tempered logits
+            scale = torch.ones_like(scale)
+            if batch.min_p is not None:
+                # keep p >= min_p * p_max  <=>  logit >= max_logit + log(min_p)
+                threshold = x.amax(dim=-1, keepdim=True) + torch.log(batch.min_p)[:, None]  # [B, 1]
+                x = x.masked_fill(x < threshold, float("-inf"))
+            if batch.top_k is not None or batch.top_p is not None:
+                x = apply_top_k_top_p(x, batch.top_k, batch.top_k_max, batch.top_p)
+        keys = random_keys(B, batch.device, generator, batch.seeded_rows, batch.seeded_seeds)  # [B]
+        random_tokens = race_argmax(x, scale, keys)  # [B]: a draw from softmax(x * scale)
         tokens = (
             torch.where(batch.greedy, greedy_tokens, random_tokens)
             if greedy_tokens is not None
