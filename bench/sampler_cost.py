@@ -83,11 +83,32 @@ def timings(fn, reps: int = 30, warmup: int = 5) -> tuple[float, float, float]:
     return kernels, exposed, statistics.median(host)
 
 
+def profile_host(fn, calls: int = 300) -> str:
+    """Where the host time of a call goes: cProfile over `calls` calls, the top functions by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(14)
+    return text.getvalue()[-3500:]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     dev = torch.device("cuda")
+    logits1 = torch.randn(1, V, device=dev)
     gen = torch.Generator(device=dev).manual_seed(0)
     rows = []
     for B in (1, 64, 256):
@@ -113,11 +134,15 @@ def main() -> None:
                             f"{label}_host_ms": round(host, 4)})
             rows.append(row)
             print(row, flush=True)
+    host_profile = profile_host(lambda: sample_async(logits1, SamplingBatch.build(
+        [SamplingParams(temperature=0.6, seed=7)], None, None, [0], V, dev), gen))
+    print(host_profile, flush=True)
     name = torch.cuda.get_device_name()
     gpu = "h200" if "H200" in name else "h100" if "H100" in name else "gpu"
     report = {"command": "python3 bench/sampler_cost.py", "device": name, "torch": torch.__version__,
               "vocab": V, "method": __doc__.split("Usage")[0].strip(), "rows": rows,
-              "check_mix_seed": mix_seed(1000, 0)}
+              "check_mix_seed": mix_seed(1000, 0),
+              "host_profile_batch1_seeded": host_profile}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"sampler-{gpu}.json").write_text(json.dumps(report, indent=1))

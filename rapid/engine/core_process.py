@@ -20,6 +20,7 @@ from rapid.protocol.engine import (
     AbortRequest, AddRequest, CoreInput, EngineOutputs, GetStats, RequestDelta, SetTokenBudget, Shutdown,
 )
 from rapid.protocol.worker import WorkerArgs, WorkerReady, WorkerResult, decode_args
+from rapid.worker.gc_heap import freeze_startup_heap
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ def core_main(raw_args: bytes) -> None:
         num_blocks = executor.setup.num_blocks if executor else args.num_blocks
         core = EngineCore(args.config, load_tokenizer(args.config.tokenizer), args.eos_token_ids, workers,
                           num_blocks, num_decode_blocks=args.peer_num_blocks)
+        freeze_startup_heap(args.name)
         ready.send(WorkerReady(args.name, os.getpid(), num_blocks=core.num_blocks,
                                max_num_seqs=core.config.scheduler.max_num_seqs,
                                **(_memory_fields(executor, args.name) if executor else {})))

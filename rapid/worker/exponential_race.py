@@ -18,6 +18,8 @@ hash32 is Chris Wellons' "lowbias32" integer hash (a bijection of 32-bit words).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -111,8 +113,12 @@ def race_argmax(x: Tensor, scale: Tensor, keys: Tensor) -> Tensor:
     vocabulary cut into parts until about two programs per SM run), race_argmax_reference elsewhere."""
     if not x.is_cuda:
         return race_argmax_reference(x, scale, keys)
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    return launch_race(x, scale, keys, parts=-(-2 * sms // max(1, x.shape[0])))
+    return launch_race(x, scale, keys, parts=-(-2 * _num_sms(x.device.index) // max(1, x.shape[0])))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int | None) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def launch_race(x: Tensor, scale: Tensor, keys: Tensor, parts: int, block: int = 2048) -> Tensor:

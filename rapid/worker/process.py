@@ -26,6 +26,7 @@ from rapid.protocol.worker import (
     decode_args,
 )
 from rapid.worker.decode_loop import DecodeLoop
+from rapid.worker.gc_heap import freeze_startup_heap
 from rapid.worker.grammar import GrammarBook
 from rapid.worker.memory import max_reserved_bytes
 from rapid.worker.model_setup import ModelSetup, open_peer_pool
@@ -134,6 +135,7 @@ def _ready(args: WorkerArgs, setup: ModelSetup) -> WorkerReady:
 def prefill_main(raw_args: bytes) -> None:
     with worker_process(raw_args, PrefillInput) as (args, setup, runner, inbox, results, ready):
         grammars = runner.grammars = GrammarBook(args.config.tokenizer, args.eos_token_ids)  # structured outputs
+        freeze_startup_heap(args.name)
         ready.send(_ready(args, setup))
         fault_at, batches, last_end = fault_step(args.name), 0, None
         while True:
@@ -166,6 +168,7 @@ def decode_main(raw_args: bytes) -> None:
         if args.config.mode == "disagg":
             peer_device = torch.device(args.arena.cuda_args[0]) if args.arena.kind == "cuda" else setup.device
             peer, loop.peer_kv = open_peer_pool(args.config, args.arena, args.num_blocks, peer_device)
+        freeze_startup_heap(args.name)
         ready.send(_ready(args, setup))
         fault_at, steps = fault_step(args.name), 0
         while True:

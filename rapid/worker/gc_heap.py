@@ -1,0 +1,23 @@
+"""Freeze the start-up heap out of Python's garbage collector once a process is ready to serve.
+
+A full (generation 2) collection traverses every object the collector tracks. After start-up most of them are
+what importing torch, loading, compiling and capturing left behind: about 300,000 objects with the tiny CPU model,
+where one full collection took 216 ms in the middle of an offline run and stalled the step loop (the device idles
+meanwhile). gc.freeze() moves them to a permanent generation that collections skip, as vLLM's engine core and
+SGLang's scheduler do after start-up. Objects freed by reference counting still go at once; only reference
+cycles among the frozen objects would stay.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+
+logger = logging.getLogger(__name__)
+
+
+def freeze_startup_heap(process: str) -> None:
+    """Collect what start-up left as garbage, then freeze the rest out of later collections."""
+    gc.collect()
+    gc.freeze()
+    logger.debug("%s: %d start-up objects frozen out of garbage collection", process, gc.get_freeze_count())
