@@ -325,7 +325,7 @@ def bench_decode(model, backend, cfg, variant: str, best: dict, apply_best: bool
                 "splits": backend.num_splits(B, max_model_len, torch.device("cuda")),
                 "rel_err_vs_eager_variant": None if err is None else round(err, 5),
             }
-            if profile and B > 1:
+            if profile:
                 try:
                     res[key]["profile_replay"] = profile_breakdown(runner.graphs[runner.bucket(B)].replay)
                 except Exception as e:

@@ -123,7 +123,7 @@ def test_forward_without_out(seqs, cudnn):
     """forward() allocating its own output (one whole-batch prefill returns SDPA's output directly)."""
     from torch.nn.attention import SDPBackend
 
-    q, k, v, pool, meta = make_case(seqs, 32, 8, 128, seed=len(seqs))
+    q, k, v, pool, meta = make_case(seqs, 32, 8, 128, device=DEV, seed=len(seqs))
     ref_pool = pool.clone()
     t = TritonAttention(32, 8, 128, 128**-0.5)
     if cudnn:
@@ -145,7 +145,8 @@ def test_tile_configs():
     t = TritonAttention(32, 8, 128, 128**-0.5)
     rng = random.Random(4)
     for tile, warps, stages in [(16, 2, 2), (32, 4, 3), (128, 8, 2)]:
-        q, k, v, pool, meta = make_case([(rng.randint(1, 3000), 1) for _ in range(9)], 32, 8, 128, seed=tile)
+        seqs = [(rng.randint(1, 3000), 1) for _ in range(9)]
+        q, k, v, pool, meta = make_case(seqs, 32, 8, 128, device=DEV, seed=tile)
         ref_pool = pool.clone()
         t.tile_n, t.num_warps, t.num_stages = tile, warps, stages
         out = torch.full_like(q, float("nan"))
