@@ -43,7 +43,13 @@ def offline() -> None:
                         ("512 requests: hybrid, the fitted defaults (session 15, call 2)",
                          "session15/call2/offline1k-hybrid-512.json"),
                         ("512 requests: rapid, MPS 100/100, the adaptive placement (session 15, call 3)",
-                         "session15/call3/offline1k-rapid-100-100-512.json")):
+                         "session15/call3/offline1k-rapid-100-100-512.json"),
+                        ("hybrid, the fitted defaults, the one-pass sampler (session 16, call 1)",
+                         "session16/call1/offline1k-hybrid-1024.json"),
+                        ("rapid, MPS 100/100, the adaptive placement, the one-pass sampler (session 16, call 1, the same "
+                         "call as the row above)", "session16/call1/offline1k-rapid-100-100-1024.json"),
+                        ("hybrid, the fitted defaults, the one-pass sampler and the start-up heap frozen out of garbage "
+                         "collection (session 16, call 2)", "session16/call2/offline1k-hybrid-1024.json")):
         path = R / file
         if path.exists():
             runs.append({"setting": label, "source": file, **json.loads(path.read_text())})
@@ -140,6 +146,9 @@ def http_overhead() -> None:
 
 S15 = "serve-sharegpt-like-hybrid-rapid-static-rapid-atom-p2-50-rapid-adaptive-slo-300-15"
 POLICY_RUNS = {  # workload -> serve.json of one device call (every configuration on the same traces)
+    "ShareGPT-like, Poisson, 30 s at 50 req/s, warm-up 7 s (session 16, call 3)":
+        "session16/call3/serve-sharegpt-like-hybrid-rapid-adaptive-slo-300-15-rapid-adaptive-p2-50-slo-300-15/serve.json",
+    "The same trace again (session 16, call 4)": "session16/call4/serve-sharegpt-like-hybrid-rapid-adaptive/serve.json",
     "ShareGPT-like, Poisson, 25 s per rate, warm-up 7 s (session 15, call 1)": f"session15/call1/{S15}/serve.json",
     "ShareGPT-like, bursty (gamma 0.5), 20 s per rate, warm-up 5 s (session 15, call 2)":
         f"session15/call2/{S15}-bursty/serve.json",
