@@ -135,6 +135,10 @@ def test_beside_decodes_the_lane_that_costs_them_less_per_prompt_token(beside_ms
             p.observe_decode_step(beside_ms, beside_prefill=True)
         assert p.costs.decode_cost_ms_per_token(DECODE) == pytest.approx(0.025)
         assert p.costs.decode_cost_ms_per_token(PREFILL) == pytest.approx((beside_ms - 10.0) / 300, rel=0.05)
+        figures = p.learned()  # the same figures as the engine's stats report them (us per prompt token)
+        assert figures["decode_us_per_prompt_token:decode"] == pytest.approx(25.0)
+        assert figures["decode_us_per_prompt_token:prefill"] == pytest.approx((beside_ms - 10.0) / 0.3, rel=0.05)
+        assert figures["prefill_tok_s:prefill"] == pytest.approx(30_000) and figures["decode_alone_ms"] > 0
         placed = p.place(load(decoding=64, queued=512))
         assert placed.lane == want and "cheaper for the decodes" in placed.reason
 
@@ -227,6 +231,9 @@ def test_rapid_core_places_by_load_and_reports_it(caplog):
     assert (stats.placement_policy, stats.placement) == ("adaptive", "prefill")
     assert stats.prefill_tokens_by_lane == {"decode": 100, "prefill": 3000}
     assert stats.prefill_batches_by_lane == {"decode": 1, "prefill": 1}
+    # what the policy has measured so far: the decode step alone (10 ms); no lane's cost to the decodes yet
+    assert stats.placement_learned["decode_alone_ms"] == pytest.approx(10.0, rel=0.01)
+    assert not any(k.startswith("decode_us_per_prompt_token") for k in stats.placement_learned)
     core.abort(["long"])  # an abort is no completed output: the policy's output length stays unlearned
     assert core.core.scheduler.placement.costs.output_len is None
     lanes = [r.getMessage() for r in caplog.records if "prefill placement" in r.getMessage()]

@@ -48,6 +48,7 @@ def test_bench_serve_steady_state_two_modes_smoke(tiny_llama, tmp_path):
             lane = "decode" if mode == "hybrid" else "prefill"
             assert policy == ("static decode" if mode == "hybrid" else "static prefill") and r["engine"]["preemptions"] == 0
             assert lanes[lane] >= 32 * len(r["records"]) and sum(lanes.values()) == lanes[lane]
+            assert r["engine"]["placement_learned"] == {}  # a static placement measures nothing
             # each worker stream's time during this rate: hybrid decodes on one, rapid also prefills on another
             device = r["engine"]["device_time"]
             assert device["decode"]["steps"] >= 5 and ("prefill" in device) == (mode != "hybrid")

@@ -595,8 +595,13 @@ def test_mode_summary_and_markdown_mark_unstable_rates(tmp_path, monkeypatch):
                "method": {"duration_text": "60 s", "warmup_text": "6 s", "arrivals": "Poisson", "dataset": "random",
                           "seeds": {"5": 0}, "shared_first_blocks": 0, "stability_rule": "rule"},
                "modes": {"hybrid": entry}}
+    per_rate[0]["engine"] = {"placement_policy": "adaptive", "preemptions": 0, "device_time": {},
+                             "prefill_tokens_by_lane": {"decode": 10, "prefill": 90},
+                             "placement_learned": {"decode_alone_ms": 9.5, "decode_us_per_prompt_token:prefill": 18.25}}
     md = write_markdown(summary, tmp_path / "serve.md").read_text()
     assert "**UNSTABLE**" in md and "< 20 req/s (unstable there)" in md and "sustains 10 req/s" in md
+    assert "measured costs at each rate's end" in md and "5 req/s decode_alone_ms 9.5, decode_us_per_prompt_token:" \
+        "prefill 18.25" in md
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the bench extra were not installed
     assert write_plots(summary, tmp_path) == PLOTS_SKIPPED and "'.[bench]'" in PLOTS_SKIPPED
     assert not list(tmp_path.glob("*.png"))

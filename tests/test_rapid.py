@@ -46,6 +46,8 @@ def test_rapid_equals_hybrid_and_transformers(tiny_llama, rapid_llm):
     # executor's steps, the rest on the prefill worker beside the decodes
     stats = rapid_llm.engine.get_stats()
     assert stats.placement_policy == "adaptive" and min(stats.prefill_tokens_by_lane.values()) > 0, stats
+    learned = stats.placement_learned  # what it decided by, as measured in this run
+    assert learned["decode_alone_ms"] > 0 and learned["prefill_tok_s:prefill"] > 0, learned
 
 
 def test_rapid_sampling_seeded_equals_hybrid(tiny_llama, rapid_llm):

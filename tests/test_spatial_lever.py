@@ -168,6 +168,7 @@ def test_rapid_serve_with_a_second_prefill_worker(tiny_llama):
         assert out["usage"]["completion_tokens"] == 5
         metrics = httpx.get(url + "/metrics", timeout=10).text
         assert 'lane="prefill2"' in metrics and 'rapid:prefill_placed_tokens_total' in metrics
+        assert "# TYPE rapid:placement_cost_us_per_prompt_token gauge" in metrics  # samples once a lane is measured
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         assert all(gone(c.pid) for c in children)

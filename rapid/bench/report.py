@@ -66,6 +66,11 @@ def _mode_lines(mode: str, e: dict, pairs: list[str], has_slos: bool) -> list[st
                      + "; ".join(f"{rate:g} req/s " + " / ".join(f"{g['prefill_tokens_by_lane'].get(lane, 0):,}"
                                                                  for lane in lanes) + f", {g['preemptions']}"
                                  for rate, g in placed))
+        learned = [(rate, g["placement_learned"]) for rate, g in placed if g.get("placement_learned")]
+        if learned:
+            lines.append("- the placement policy's measured costs at each rate's end (decode step alone / beside a "
+                         "prefill batch in ms; us of decode time per prompt token by lane): " + "; ".join(
+                             f"{rate:g} req/s " + ", ".join(f"{k} {v:g}" for k, v in c.items()) for rate, c in learned))
         busy = [(rate, _busy_share(g.get("device_time", {}))) for rate, g in placed]
         if any(b is not None for _, b in busy):
             lines.append("- decode worker's device stream busy (its steps' device time over that plus its idle time, "

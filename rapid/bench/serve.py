@@ -198,6 +198,7 @@ def _sweep(summary: dict, mode: str, replay, warm, traces, plans, args, slos, pa
         if get_stats:
             stats = get_stats()
             r["engine"] = _engine_during(before, _engine_counts(stats), stats.placement_policy)
+            r["engine"]["placement_learned"] = dict(stats.placement_learned)  # the policy's costs at the rate's end
         per_rate.append(r)
         summary["modes"][mode] = mode_summary(per_rate, GPUS_PER_MODE.get(mode.split(":")[0], 1), pairs)
         _write(summary, out_dir)

@@ -152,6 +152,19 @@ class AdaptivePlacement:
     def cost(self, lane: str) -> float | None:
         return self.costs.decode_cost_ms_per_token(lane)
 
+    def learned(self) -> dict[str, float]:
+        """The figures the policy decides by, those measured so far: the decode step alone and beside a prefill
+        batch (ms), what a prompt token costs the running decodes on each lane (us of decode time), each prefill
+        worker's rate (tokens/s), the mean output length (tokens)."""
+        c = self.costs
+        out = {"decode_alone_ms": c.decode_alone_ms, "decode_beside_ms": c.decode_beside_ms,
+               "output_len": c.output_len}
+        for lane in (DECODE, *self.prefill_lanes):
+            cost = self.cost(lane)
+            out[f"decode_us_per_prompt_token:{lane}"] = None if cost is None else cost * 1e3
+        out.update({f"prefill_tok_s:{lane}": rate for lane, rate in c.prefill_rates.items()})
+        return {k: round(v, 3) for k, v in out.items() if v is not None}
+
     def idle_lane(self) -> str:
         """Nothing decodes: the lane whose learned cost per prompt token is lower; each is tried once first."""
         c = self.costs

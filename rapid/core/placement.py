@@ -12,7 +12,8 @@ The lanes:
 A placement policy is any object with `place(load: Load | None) -> Placement` (None when its `reads_load` is
 False),
 `observe_decode_step(ms, beside_prefill, mixed)`, `observe_prefill(lane, tokens, seconds, num_decoding)` and
-`observe_finished(num_output_tokens)` (the workers' timings and the lengths of completed outputs, as they arrive);
+`observe_finished(num_output_tokens)` (the workers' timings and the lengths of completed outputs, as they arrive),
+and optionally `learned() -> dict[str, float]` (what it has measured, for the engine's stats);
 `StaticPlacement` always answers the same lane, `rapid.core.adaptive.AdaptivePlacement` decides per batch
 from the load and the SLOs. Plain Python: no torch.
 """
@@ -72,6 +73,10 @@ class ReadsNoTimings:
 
     def observe_finished(self, num_output_tokens: int) -> None:
         pass
+
+    def learned(self) -> dict[str, float]:
+        """What the policy has learned from the timings (nothing)."""
+        return {}
 
 
 @dataclass(frozen=True)

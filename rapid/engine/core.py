@@ -140,9 +140,11 @@ class EngineCore:
 
     def get_stats(self) -> Stats:
         s = self.scheduler
+        learned = getattr(s.placement, "learned", None)  # optional in a policy (rapid.core.placement)
         return self.stats.snapshot(num_preemptions=s.num_preemptions, num_free_blocks=s.num_free_blocks,
                                    num_blocks=sum(p.num_blocks for p in s.pools),
                                    num_requests=len(s.requests) + len(s.transfers),
                                    placement_policy=s.placement_log.policy, placement=s.placement_log.current,
                                    prefill_batches_by_lane=dict(s.placement_log.batches),
-                                   prefill_tokens_by_lane=dict(s.placement_log.tokens))
+                                   prefill_tokens_by_lane=dict(s.placement_log.tokens),
+                                   placement_learned=learned() if learned else {})

@@ -90,6 +90,7 @@ class Stats(msgspec.Struct, tag=True):
     prefill_tokens_by_lane: dict[str, int] = {}
     # since start, by step kind (rapid.protocol.worker.DeviceTime): [steps, busy_s, idle_s] on the device
     device_time: dict[str, list[float]] = {}
+    placement_learned: dict[str, float] = {}  # the placement policy's measured costs (rapid.core.adaptive.learned)
 
 
 

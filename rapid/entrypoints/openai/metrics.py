@@ -67,6 +67,13 @@ class _EngineStatsCollector:
             tokens.add_metric(values + [name], stats.prefill_tokens_by_lane.get(name, 0))
         yield lane
         yield tokens
+        cost = GaugeMetricFamily("rapid:placement_cost_us_per_prompt_token", "What the adaptive placement has "
+                                 "measured one prompt token to cost the running decodes on each lane (us of decode "
+                                 "time); absent until measured.", labels=names + ["lane"])
+        for key, value in stats.placement_learned.items():
+            if key.startswith("decode_us_per_prompt_token:"):
+                cost.add_metric(values + [key.split(":", 1)[1]], value)
+        yield cost
 
 
 class ServerMetrics:
