@@ -32,6 +32,7 @@ def test_bench_serve_steady_state_two_modes_smoke(tiny_llama, tmp_path):
                  "--max-model-len", "256", "--result-dir", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "serve.json").read_text())
     method = summary["method"]
+    assert "--engine-process=True" in summary["command"]  # hybrid's core in a child process, as rapid serve runs it
     assert method["num_prompts"] == {"3": 9, "6": 18} and method["duration_s"] == {"3": 3.0, "6": 3.0}
     assert method["warmup_s"] == {"3": 0.75, "6": 0.75} and method["seeds"] == {"3": 0, "6": 1}
     assert method["shared_first_blocks"] == 0 and "unstable" in method["stability_rule"]

@@ -1,6 +1,7 @@
 """`rapid bench serve`: steady-state trace replay, in the manner of `vllm bench serve`.
 
-For each mode (one engine each, in-process) or against an OpenAI-compatible server (--backend openai),
+For each mode (one engine each, driven from this process; its engine core runs in a child process, as `rapid
+serve` deploys it, unless --no-engine-process) or against an OpenAI-compatible server (--backend openai),
 each request rate runs for --duration-s with prompts = rate x duration arriving as a Poisson process,
 on a FRESH trace (seed + rate index: the engine has never seen its prompts, so no prefix-cache hits
 between rates). Requests arriving in the warm-up are excluded; throughputs count what was served inside

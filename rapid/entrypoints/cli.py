@@ -167,7 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = bsub.add_parser("serve", help="trace replay with Poisson arrivals, SLO attainment and goodput")
     add_serve_args(sv)
-    EngineArgs.add_cli_args(sv)
+    # every mode's engine core in a child process, as rapid serve deploys it: hybrid's step loop does not share a
+    # process (and its GIL) with the load generator, as rapid's decode worker never did
+    EngineArgs.add_cli_args(sv, defaults={"engine_process": True})
     sv.set_defaults(func=cmd_bench)
     return parser
 
