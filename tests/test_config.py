@@ -72,8 +72,9 @@ def test_every_field_is_a_flag_with_help(argv):
 
 @pytest.mark.parametrize("argv", ENGINE_COMMANDS, ids=" ".join)
 def test_cli_defaults_are_engine_args_defaults(argv):
-    # rapid serve runs mode hybrid's step loop in its own process, away from the HTTP threads
-    want = EngineArgs(engine_process=True) if argv == ["serve"] else EngineArgs()
+    # rapid serve runs mode hybrid's step loop in its own process, away from the HTTP threads; rapid bench serve does
+    # the same, away from its load generator
+    want = EngineArgs(engine_process=True) if argv in (["serve"], ["bench", "serve"]) else EngineArgs()
     assert EngineArgs.from_cli_args(build_parser().parse_args(argv)) == want
 
 
