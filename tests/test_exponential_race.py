@@ -1,6 +1,6 @@
-"""The one-pass exponential race (rapid/worker/exponential_race.py): its hash, its draws, and the Triton kernel
-against the tensor code, on the CPU through Triton's interpreter (in a subprocess: TRITON_INTERPRET=1 is read
-when the kernel module is imported, which other tests may have done already)."""
+"""The exponential race (rapid/worker/exponential_race.py): its hash, its noise, its draws, and the Triton kernel
+(rapid/worker/exponential_race_kernel.py) against the tensor code, on the CPU through Triton's interpreter (in a
+subprocess: TRITON_INTERPRET=1 is read when the kernel module is imported, which other tests may have done)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from rapid.worker.exponential_race import _hash32, launch_race, race_argmax, race_argmax_reference
+from rapid.worker.exponential_race import _hash32, hashed_exponential, race_argmax_reference, sample_race
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,10 +59,43 @@ def test_masked_tokens_never_win_and_ties_go_to_the_first():
     assert race_argmax_reference(torch.full((1, 4), float("-inf")), torch.ones(1), keys[:1]).tolist() == [0]
 
 
-def test_cpu_dispatch_is_the_reference():
-    x = torch.randn(5, 300, generator=torch.Generator().manual_seed(1))
-    keys = torch.tensor([1, 2, 3, 2**62 + 5, 2**63 - 1])
-    assert race_argmax(x, torch.ones(5), keys).tolist() == race_argmax_reference(x, torch.ones(5), keys).tolist()
+def test_every_hashed_uniform_is_strictly_inside_0_1():
+    """All 2**23 values u can take: none is 1 (q = 0 would make its token win whatever its logit) or 0."""
+    k = torch.arange(1 << 23, dtype=torch.int64)
+    u = (k.to(torch.float32) + 0.5) * (1.0 / (1 << 23))  # the formula of hashed_exponential, h >> 9 = k
+    assert u.max().item() < 1.0 and u.min().item() > 0.0
+    assert torch.isfinite(torch.log(-torch.log(u))).all()
+
+
+def test_masked_tokens_never_win_over_a_large_vocabulary():
+    V = 151_936
+    x = torch.full((40, V), float("-inf"))
+    allowed = torch.tensor([3, 70_000, 151_935])
+    x[:, allowed] = torch.randn(40, 3)
+    keys = torch.randint(0, 2**62, (40,), generator=torch.Generator().manual_seed(5))
+    assert set(race_argmax_reference(x, torch.ones(40), keys).tolist()) <= set(allowed.tolist())
+    q = hashed_exponential(keys[:4], V)
+    assert torch.isfinite(q).all() and (q > 0).all()
+
+
+def test_small_keys_do_not_starve_a_token():
+    """Keys below 2**32 (high word 0) draw token 0 as often as any other: the per-row words must not cancel."""
+    n, V = 20_000, 8
+    tokens = race_argmax_reference(torch.zeros(n, V), torch.ones(n), torch.arange(n, dtype=torch.int64))
+    freq = torch.bincount(tokens, minlength=V).float() / n
+    assert (freq - 1 / V).abs().max() < 0.015, freq
+
+
+def test_cpu_sampling_hashes_seeded_rows_only():
+    """On the CPU a seeded row draws what the hash gives its key; the other rows draw from the generator."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 300, generator=g) * 2
+    keys = [11, 2**62 + 5]
+    got = sample_race(x, torch.ones(6), torch.Generator().manual_seed(0), [1, 4], keys)
+    want = race_argmax_reference(x[[1, 4]], torch.ones(2), torch.tensor(keys))
+    assert got[[1, 4]].tolist() == want.tolist()
+    other = sample_race(x, torch.ones(6), torch.Generator().manual_seed(9), [1, 4], keys)
+    assert other[[1, 4]].tolist() == want.tolist() and other.tolist() != got.tolist()  # unseeded rows moved
 
 
 # (rows, vocab, parts, block, masked share): one part; parts that do not divide the vocabulary; small blocks
@@ -70,6 +103,8 @@ KERNEL_CASES = [(3, 500, 1, 128, 0.0), (4, 1000, 3, 64, 0.3), (2, 4099, 5, 256, 
 
 
 def run_kernel_cases() -> list[dict]:
+    from rapid.worker.exponential_race_kernel import launch_race  # in the interpreter subprocess only
+
     out = []
     for i, (B, V, parts, block, masked) in enumerate(KERNEL_CASES):
         g = torch.Generator().manual_seed(i)

@@ -291,9 +291,10 @@ def test_paged_prefill_compiled_matches_reference(name):
 
 @pytest.mark.parametrize("B, V", [(1, 128256), (64, 49152), (300, 1000)])
 def test_exponential_race_kernel_equals_tensor_code(B, V):
-    """The sampler's one-pass race (rapid.worker.exponential_race) on CUDA draws what the tensor code draws on
+    """The sampler's one-pass race (rapid.worker.exponential_race_kernel) on CUDA draws what the tensor code draws on
     the CPU with the same keys: the hash is exact, only log may round differently (a near-tie could differ)."""
-    from rapid.worker.exponential_race import race_argmax, race_argmax_reference
+    from rapid.worker.exponential_race import race_argmax_reference
+    from rapid.worker.exponential_race_kernel import race_argmax
 
     g = torch.Generator().manual_seed(B)
     x = torch.randn(B, V, generator=g) * 4

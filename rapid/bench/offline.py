@@ -26,9 +26,10 @@ def run_offline(args) -> dict:
 
     from rapid import LLM, SamplingParams
     from rapid.config import EngineArgs
+    from rapid.worker.gc_heap import startup_heap_frozen
 
     rng = random.Random(args.seed)
-    with LLM.from_engine_args(EngineArgs.from_cli_args(args)) as llm:
+    with LLM.from_engine_args(EngineArgs.from_cli_args(args)) as llm, startup_heap_frozen("rapid bench offline"):
         vocab = llm.model_config.vocab_size
         limit = llm.config.scheduler.max_model_len
         prompts, params = [], []

@@ -301,12 +301,14 @@ def _run_inproc(args, modes, summary, traces_for, plans, slos, pairs, criteria, 
     from rapid import LLM
     from rapid.bench.replay import replay_inproc
     from rapid.config import EngineArgs
+    from rapid.worker.gc_heap import startup_heap_frozen
 
     summary["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     summary["torch"] = torch.__version__
     for label in modes:
         mode, overrides = parse_configuration(label)
-        with LLM.from_engine_args(dataclasses.replace(EngineArgs.from_cli_args(args), mode=mode, **overrides)) as llm:
+        engine_args = dataclasses.replace(EngineArgs.from_cli_args(args), mode=mode, **overrides)
+        with LLM.from_engine_args(engine_args) as llm, startup_heap_frozen("rapid bench serve"):
             warm, traces = traces_for(llm.model_config.vocab_size, llm.config.scheduler.max_model_len, llm.tokenizer)
 
             def replay(trace, arrivals, ignore_eos, *, cap, tag, drain_timeout_s, llm=llm):

@@ -15,7 +15,6 @@ from rapid.core.placement import DECODE
 from rapid.engine.client import EngineClient
 from rapid.engine.core import EngineCore
 from rapid.protocol.engine import AddRequest, RequestDelta, Stats
-from rapid.worker.gc_heap import freeze_startup_heap
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +82,6 @@ class InprocClient(EngineClient):
         self.num_blocks = self.core.num_blocks
         self.max_num_seqs = self.core.config.scheduler.max_num_seqs
         self._pending: list[RequestDelta] = []
-        freeze_startup_heap("hybrid engine")  # the caller's process: what it holds now is frozen with the engine
         logger.info("hybrid engine ready in %.1fs: %d KV blocks of %d tokens on %s, max_num_seqs %d",
                     time.perf_counter() - t0, self.num_blocks, config.cache.block_size, self.setup.device,
                     self.max_num_seqs)
@@ -124,7 +122,6 @@ class InprocClient(EngineClient):
         self.executor = self.setup = None  # nothing here may keep the model alive
         import gc
 
-        gc.unfreeze()  # start-up froze the engine's objects (rapid.worker.gc_heap): its cycles go only after this
         gc.collect()
         if device.type == "cuda":
             import torch

@@ -305,12 +305,13 @@ def run_batch(args) -> int:
     """`rapid batch INPUT OUTPUT [--max-tokens N] [--temperature T]`; exit status 1 when any line failed."""
     from rapid.config import EngineArgs
     from rapid.entrypoints.llm import LLM
+    from rapid.worker.gc_heap import startup_heap_frozen
 
     if not os.path.isfile(args.input):
         raise FileNotFoundError(f"{args.input}: no such input file")
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    with LLM.from_engine_args(EngineArgs.from_cli_args(args)) as llm:
+    with LLM.from_engine_args(EngineArgs.from_cli_args(args)) as llm, startup_heap_frozen("rapid batch"):
         counts = run_file(llm, args.input, args.output, max_tokens=args.max_tokens, temperature=args.temperature,
                           chunk_size=args.batch_size)
     skipped = f", {counts['skipped']} already done" if counts["skipped"] else ""

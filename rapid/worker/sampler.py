@@ -19,8 +19,8 @@ rapid.worker.sampler_ops.
 
 Seeded rows are reproducible independently of the batch they are in and of the process that samples
 them: the noise for a row with seed ``s`` at step ``t`` (tokens the request has generated so far) is
-a hash of the key ``mix_seed(s, t)`` and the token id; other rows draw their keys from the engine's
-generator.  (The same noise on the CPU and on CUDA, up to the rounding of log.)
+a hash of the key ``mix_seed(s, t)`` and the token id (the same noise on the CPU and on CUDA, up to the
+rounding of log); other rows draw from the engine's generator.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from torch import Tensor
 
 from rapid.params import SamplingParams, _is_int
 from rapid.worker.sample_result import PendingSample, SamplerOutput
-from rapid.worker.exponential_race import race_argmax, random_keys
+from rapid.worker.exponential_race import sample_race
 from rapid.worker.transfer import to_device
 from rapid.worker.sampler_ops import (
     apply_penalties, apply_top_k_top_p, bad_word_bans, logprob_entries, mix_seed, unpack_bitmask,
@@ -340,8 +340,8 @@ def sample_async(
                 x = x.masked_fill(x < threshold, float("-inf"))
             if batch.top_k is not None or batch.top_p is not None:
                 x = apply_top_k_top_p(x, batch.top_k, batch.top_k_max, batch.top_p)
-        keys = random_keys(B, batch.device, generator, batch.seeded_rows, batch.seeded_seeds)  # [B]
-        random_tokens = race_argmax(x, scale, keys)  # [B]: a draw from softmax(x * scale)
+        # [B]: a draw from softmax(x * scale) per row (rapid.worker.exponential_race)
+        random_tokens = sample_race(x, scale, generator, batch.seeded_rows, batch.seeded_seeds)
         tokens = (
             torch.where(batch.greedy, greedy_tokens, random_tokens)
             if greedy_tokens is not None

@@ -13,7 +13,7 @@ import torch
 def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """torch.tensor(values, dtype) on `device` (values: a list, or a host tensor of that dtype), copied without a
     host-device synchronisation."""
-    host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    host = values.to(dtype) if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
     if device.type != "cuda":
         return host
     return host.pin_memory().to(device, non_blocking=True)
