@@ -4,8 +4,8 @@ A full (generation 2) collection traverses every object the collector tracks. Af
 what importing torch, loading, compiling and capturing left behind: about 300,000 objects with the tiny CPU model,
 where one full collection took 216 ms in the middle of an offline run and stalled the step loop (the device idles
 meanwhile). gc.freeze() moves them to a permanent generation that collections skip, as vLLM does once its server
-has started (vllm.utils.gc_utils.freeze_gc_heap). Objects freed by reference counting still go at once; only reference
-cycles among the frozen objects would stay.
+has started (vllm.utils.gc_utils.freeze_gc_heap). Objects freed by reference counting still go at once; only
+reference cycles among the frozen objects would stay.
 
 So it is done only in processes rapid owns: the engine's child processes (freeze_startup_heap once they are ready)
 and rapid's own commands that hold an in-process engine (`startup_heap_frozen` around it: thawed when the block
