@@ -239,3 +239,23 @@ def test_rapid_core_places_by_load_and_reports_it(caplog):
     lanes = [r.getMessage() for r in caplog.records if "prefill placement" in r.getMessage()]
     assert lanes == ["prefill placement (adaptive policy): decode lane (decode idle)",
                      "prefill placement (adaptive policy): prefill lane (concurrent)"]
+
+
+def test_metrics_carry_the_learned_costs_per_lane():
+    """/metrics: rapid:placement_cost_us_per_prompt_token{lane} from Stats.placement_learned, one sample per lane
+    measured (none before)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from rapid.entrypoints.openai.metrics import ServerMetrics
+    from rapid.protocol.engine import Stats
+
+    def samples(learned):
+        stats = Stats([], [], [], [], placement_learned=learned)
+        text = ServerMetrics("m", "rapid", get_stats=lambda: stats, stats_interval_s=0).render().decode()
+        return {s.labels["lane"]: s.value for fam in text_string_to_metric_families(text)
+                for s in fam.samples if s.name == "rapid:placement_cost_us_per_prompt_token"}
+
+    assert samples({"decode_alone_ms": 9.0}) == {}
+    got = samples({"decode_alone_ms": 9.0, "decode_us_per_prompt_token:decode": 25.0,
+                   "decode_us_per_prompt_token:prefill": 18.5, "prefill_tok_s:prefill": 30000.0})
+    assert got == {"decode": 25.0, "prefill": 18.5}
