@@ -79,7 +79,10 @@ def test_completions_and_chat_equal_generate(served, client):
                                                    stream=True))
     assert streamed[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == expected["chat"].outputs[0].text
-    assert client.models.list().data[0].id == "tiny"
+    card = client.models.list().data[0]
+    assert card.id == "tiny" and card.owned_by == "rapid"
+    # vLLM's card fields beyond OpenAI's: root, parent, max_model_len, permission
+    assert card.parent is None and card.permission[0]["object"] == "model_permission" and card.max_model_len > 0
 
 
 def test_return_token_ids_as_vllm(served, client):

@@ -94,8 +94,13 @@ def build_app(frontend: EngineFrontend, *, model_name: str | list[str] | None = 
         return Response(body, media_type=CONTENT_TYPE)
 
     def card(name: str) -> dict:  # max_model_len: what one request can use (LLM.longest_sequence)
+        # vLLM's model card: parent and permission too (no fine-tunes or organisations here: fixed values)
+        permission = {"id": f"modelperm-{name}", "object": "model_permission", "created": created,
+                      "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
+                      "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
+                      "organization": "*", "group": None, "is_blocking": False}
         return {"id": name, "object": "model", "created": created, "owned_by": "rapid", "root": config.model,
-                "max_model_len": frontend.llm.longest_sequence}
+                "parent": None, "max_model_len": frontend.llm.longest_sequence, "permission": [permission]}
 
     @app.get("/v1/models")
     async def models() -> dict:
