@@ -96,6 +96,11 @@ def test_bad_cli_value_is_an_error_naming_it(folder, capsys):
     assert "block_size must be a positive power of two, got 12" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--mode", "fast"])
+    # no command: the error names what was given and the commands (exit status 2, argparse's)
+    for argv, said in ((["--bogus"], "unrecognized arguments: --bogus; choose a command"), ([], "choose a command")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and said in capsys.readouterr().err
 
 
 def test_version():

@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rapid {version()}")
     parser.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS,
                         help="DEBUG, INFO, WARNING, ERROR or CRITICAL, any case (default: %(default)s)")
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub = parser.add_subparsers(dest="cmd")  # a missing command is named in main()
 
     g = sub.add_parser("generate", help="generate text for one prompt")
     g.add_argument("prompt")
@@ -175,7 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if args.cmd is None:  # `rapid --bogus`: name what was wrong, not only the missing command
+        wrong = f"unrecognized arguments: {' '.join(unknown)}; " if unknown else ""
+        parser.error(f"{wrong}choose a command: generate, serve, batch or bench (rapid COMMAND --help)")
+    args = parser.parse_args(argv)  # with a command: argparse's own errors for anything unknown
     logging.basicConfig(level=getattr(logging, args.log_level),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
