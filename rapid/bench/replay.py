@@ -4,8 +4,8 @@ Each request is sent at its arrival time; TTFT, inter-token gaps and E2E latency
 output deltas as they arrive, with TTFT and E2E counted from the SCHEDULED arrival (with an in-process
 hybrid engine, --no-engine-process, the engine steps in this thread, so a send made late by a long step is
 the engine's delay, as a real client would see it). Requests still running ``drain_timeout_s`` after the
-last arrival are aborted and recorded as failed (:data:`rapid.bench.steady.UNFINISHED`): an overloaded rate must not
-hold the benchmark hostage while its queue drains.
+last arrival are aborted and recorded as failed (:data:`rapid.bench.steady.UNFINISHED`): an overloaded rate
+must not hold the benchmark hostage while its queue drains.
 """
 
 from __future__ import annotations
