@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: install carried wheels, run the GPU tests, then the engine-level GPU benchmarks.
-#   bash bench/gpu_session.sh STAGE...   (stages: tests frontier-hybrid frontier-rapid offline offline1k sampler kernels
+#   bash bench/gpu_session.sh STAGE...   (stages: tests frontier-hybrid frontier-rapid offline offline1k sampler step-profile kernels
 #                                          serve (= serve-sharegpt-like) serve-3k http)
 set -uo pipefail
 python3 -c "import msgspec, zmq, gguf, fastapi, uvicorn" 2>/dev/null || [ -d /tmp/site/msgspec ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
@@ -69,6 +69,8 @@ for stage in "$@"; do
     http) http_vs_inproc ;;
     serve-3k) serve_steady random3k ${RATES:-2,4,6} --dataset-name random --random-input-len 3000 --random-output-len 300 --ignore-eos ;;
     sampler) python3 bench/sampler_cost.py --out $OUT 2>&1 | tail -12 ;;
+    step-profile) python3 bench/step_profile.py --model $MODEL --batches ${PBATCHES:-1,64,256} --ctx ${CTX:-1000} --out $OUT 2>&1 \
+        | grep -v "it/s" > $OUT/step-profile.log; grep -v "^ " $OUT/step-profile.log | tail -5 ;;
     kernels) python3 bench/kernels.py --skip ${KSKIP:-attention} --compile-dynamic ${KDYN:-tokens} --out $OUT 2>&1 | grep -v "it/s" | tail -40 ;;
     offline1k) for split in ${SPLITS1K:-hybrid 70/30 100/100}; do
         if [ $split = hybrid ]; then m="--mode hybrid"; tag=hybrid; else m="--mode rapid --prefill-sm-percentage ${split%/*} --decode-sm-percentage ${split#*/}"; tag=rapid-${split%/*}-${split#*/}; fi

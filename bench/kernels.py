@@ -219,6 +219,28 @@ def prefill_flops(cfg: ModelConfig, T: int) -> float:
     return 2.0 * layer_params * T + 2.0 * cfg.hidden_size * cfg.vocab_size + attn
 
 
+def kernel_family(name: str) -> str:
+    """The family a CUDA kernel's name belongs to, for the profiles' breakdowns."""
+    low = name.lower()
+    if "_decode_kernel" in name or "_reduce_kernel" in name:
+        return "decode attention (triton)"
+    if "_store_kv" in name:
+        return "kv store (triton)"
+    if "_paged_prefill_kernel" in name:
+        return "prefill attention (triton paged)"
+    if "_race_kernel" in name:
+        return "sampler race (triton)"
+    if any(t in low for t in ("flash", "fmha", "cudnn", "attention")):
+        return "prefill attention (sdpa)"
+    if any(t in low for t in ("gemm", "nvjet", "xmma", "cutlass", "splitk")):
+        return "gemm (cublas)"
+    if name.startswith("triton_"):
+        return "fused elementwise (inductor)"
+    if "memcpy" in low or "memset" in low:
+        return "copies"
+    return "other (eager torch)"
+
+
 def profile_breakdown(fn, n: int = 3) -> dict:
     """Device time per step by kernel family (torch.profiler over n calls of fn), and the top kernels."""
     from torch.autograd import DeviceType
@@ -237,23 +259,7 @@ def profile_breakdown(fn, n: int = 3) -> dict:
             continue
         us = e.time_range.elapsed_us() / n
         name = e.name
-        low = name.lower()
-        if "_decode_kernel" in name or "_reduce_kernel" in name:
-            fam = "decode attention (triton)"
-        elif "_store_kv" in name:
-            fam = "kv store (triton)"
-        elif "_paged_prefill_kernel" in name:
-            fam = "prefill attention (triton paged)"
-        elif any(t in low for t in ("flash", "fmha", "cudnn", "attention")):
-            fam = "prefill attention (sdpa)"
-        elif any(t in low for t in ("gemm", "nvjet", "xmma", "cutlass", "splitk")):
-            fam = "gemm (cublas)"
-        elif name.startswith("triton_"):
-            fam = "fused elementwise (inductor)"
-        elif "memcpy" in low or "memset" in low:
-            fam = "copies"
-        else:
-            fam = "other (eager torch)"
+        fam = kernel_family(name)
         fams[fam] = fams.get(fam, 0.0) + us
         names[name[:90]] = names.get(name[:90], 0.0) + us
     top = sorted(names.items(), key=lambda kv: -kv[1])[:12]

@@ -40,17 +40,20 @@ def _window(intervals, values, t0, t1, want=None):
     return out
 
 
-def start_steady_decode(llm, batch: int, ctx: int, seed: int, rng: random.Random, poll_s: float = 0.5) -> list[str]:
-    """Add `batch` requests with `ctx`-token prompts drawn from rng (greedy, ignore_eos, as long as the context
-    allows) and drive the engine until it decodes them all in one step; returns their ids."""
+def start_steady_decode(llm, batch: int, ctx: int, seed: int, rng: random.Random, poll_s: float = 0.5,
+                        temperature: float = 0.0, seeded: bool = False) -> list[str]:
+    """Add `batch` requests with `ctx`-token prompts drawn from rng (greedy unless `temperature`; a seed per request
+    if `seeded`; ignore_eos, as long as the context allows) and drive the engine until it decodes them all in one
+    step; returns their ids."""
     client = llm.engine
     vocab = llm.model_config.vocab_size
     max_len = llm.config.scheduler.max_model_len
     decode_ids = [f"d{seed}-{i}" for i in range(batch)]
     for rid in decode_ids:
-        client.add_request(AddRequest(rid, [rng.randrange(vocab) for _ in range(ctx)],
-                                      SamplingParams(temperature=0, ignore_eos=True, max_tokens=max_len - ctx - 1),
-                                      arrival_time=time.time()))
+        params = SamplingParams(temperature=temperature, ignore_eos=True, max_tokens=max_len - ctx - 1,
+                                seed=rng.randrange(2**31) if seeded else None)
+        prompt = [rng.randrange(vocab) for _ in range(ctx)]
+        client.add_request(AddRequest(rid, prompt, params, arrival_time=time.time()))
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         _pump(client, poll_s)
