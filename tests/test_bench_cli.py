@@ -23,6 +23,22 @@ def test_bench_offline_smoke(tiny_llama, tmp_path):
     device = result["engine"]["device_time"]
     assert "decode" in device and sum(t["steps"] for t in device.values()) >= 4  # 4 or more output tokens each
     assert sum(t["busy_s"] for t in device.values()) <= result["elapsed_s"]
+    # where the decode stream waited: every decode and mixed step of the run, by the kinds before and after
+    idle = result["engine"]["decode_idle"]
+    assert idle["steps"] == sum(t["steps"] for k, t in device.items() if k in ("decode", "mixed"))
+    assert sum(v["steps"] for v in idle["by_transition"].values()) == idle["steps"]
+    assert abs(idle["idle_s"] - sum(t["idle_s"] for k, t in device.items() if k in ("decode", "mixed"))) < 1e-3
+    assert idle["longest"] and all(w["kind"] in ("decode", "mixed") for w in idle["longest"])
+
+
+def test_idle_profile_groups_waits_by_transition():
+    from rapid.bench.offline import idle_profile
+
+    d = idle_profile([("mixed", 0.0), ("decode", 0.004), ("decode", 0.0001), ("mixed", 0.002)], [2, 3, 3, 4])
+    assert d["by_transition"]["mixed -> decode"] == {"steps": 1, "idle_s": 0.004}
+    assert d["by_transition"]["decode -> decode"]["steps"] == 1 and d["by_transition"]["start -> mixed"]["steps"] == 1
+    assert d["steps_over_1ms"] == 2 and abs(d["idle_s_over_1ms"] - 0.006) < 1e-9
+    assert d["longest"][0] == {"step": 1, "after": "mixed", "kind": "decode", "idle_ms": 4.0, "batch": 3}
 
 
 def test_bench_serve_steady_state_two_modes_smoke(tiny_llama, tmp_path):

@@ -6,15 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
+from triton_interpreted import interpreted_results
 
 from rapid.worker.exponential_race import _hash32, hashed_exponential, race_argmax_reference, sample_race
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def lowbias32(x: int) -> int:
@@ -120,11 +116,7 @@ def run_kernel_cases() -> list[dict]:
 
 
 def test_triton_kernel_equals_the_tensor_code_under_the_interpreter():
-    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
-    proc = subprocess.run([sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    lines = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert len(lines) == len(KERNEL_CASES), f"rc {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    lines = interpreted_results(__file__, len(KERNEL_CASES))
     for r in lines:
         assert r["got"] == r["want"], r
 

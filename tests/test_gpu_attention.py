@@ -304,3 +304,18 @@ def test_exponential_race_kernel_equals_tensor_code(B, V):
     got = race_argmax(x.to(DEV), scale.to(DEV), keys.to(DEV)).cpu()
     want = race_argmax_reference(x, scale, keys)
     assert (got == want).float().mean().item() >= 0.99 if B >= 100 else got.tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("B, V", [(1, 128256), (64, 49152), (300, 1000)])
+def test_token_logprob_kernel_equals_log_softmax(B, V):
+    """The sampled token's logprob in one Triton pass (rapid.worker.token_logprob_kernel, what the sampler runs on
+    CUDA) against float64 log_softmax."""
+    from rapid.worker.sampler_ops import token_logprob
+
+    g = torch.Generator().manual_seed(B)
+    x = torch.randn(B, V, generator=g) * 6 + 30
+    x[torch.rand(B, V, generator=g) < 0.2] = float("-inf")
+    tokens = x.argmax(dim=-1)
+    got = token_logprob(x.to(DEV), tokens.to(DEV)).cpu().double()
+    want = torch.log_softmax(x.double(), dim=-1).gather(1, tokens[:, None])[:, 0]
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()

@@ -21,6 +21,27 @@ def device_time_during(before: dict[str, list[float]], after: dict[str, list[flo
     return out
 
 
+def idle_profile(steps: list[tuple[str, float]], batch_sizes: list[int]) -> dict:
+    """Where the decode stream idled, from the per-step (kind, idle_s) of a run (Stats.decode_device_idle) and
+    each step's decode batch: the idle time by the kinds of the step before and the step that waited, the steps
+    that waited over 1 ms, and the longest waits (index in the run, kinds, ms, batch)."""
+    by_transition: dict[str, list[float]] = {}
+    longest = []
+    for i, (kind, idle) in enumerate(steps):
+        prev = steps[i - 1][0] if i else "start"
+        by_transition.setdefault(f"{prev} -> {kind}", [0, 0.0])
+        by_transition[f"{prev} -> {kind}"][0] += 1
+        by_transition[f"{prev} -> {kind}"][1] += idle
+        longest.append((idle, i, prev, kind, batch_sizes[i] if i < len(batch_sizes) else None))
+    long_waits = [w for w in longest if w[0] > 1e-3]
+    return {"steps": len(steps), "idle_s": round(sum(idle for _, idle in steps), 4),
+            "by_transition": {k: {"steps": n, "idle_s": round(t, 4)} for k, (n, t) in
+                              sorted(by_transition.items(), key=lambda kv: -kv[1][1])},
+            "steps_over_1ms": len(long_waits), "idle_s_over_1ms": round(sum(w[0] for w in long_waits), 4),
+            "longest": [{"step": i, "after": prev, "kind": kind, "idle_ms": round(idle * 1e3, 2), "batch": b}
+                        for idle, i, prev, kind, b in sorted(longest, reverse=True)[:12]]}
+
+
 def run_offline(args) -> dict:
     import torch
 
@@ -57,6 +78,9 @@ def run_offline(args) -> dict:
                   "num_preemptions": stats.num_preemptions, "placement_policy": stats.placement_policy,
                   "prefill_tokens_by_lane": stats.prefill_tokens_by_lane,
                   "device_time": device_time_during(before, stats.device_time)}
+        ran = sum(t["steps"] for k, t in engine["device_time"].items() if k in ("decode", "mixed"))
+        if ran and len(stats.decode_device_idle) >= ran:  # the run's steps are still in the stats window
+            engine["decode_idle"] = idle_profile(stats.decode_device_idle[-ran:], stats.decode_batch_sizes[-ran:])
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     result = {
         "command": "rapid bench offline " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in sorted(vars(args).items())
@@ -78,6 +102,11 @@ def run_offline(args) -> dict:
     for kind, t in engine["device_time"].items():
         print(f"  {kind:8s} {t['steps']:6d} steps, {t['busy_s']:7.2f} s busy, {t['idle_s']:6.2f} s idle on its "
               f"device stream ({t['busy_s'] / max(t['steps'], 1) * 1e3:.2f} ms a step)")
+    if "decode_idle" in engine:
+        d = engine["decode_idle"]
+        print(f"  decode stream idle {d['idle_s']:.2f} s, {d['idle_s_over_1ms']:.2f} s of it in {d['steps_over_1ms']} waits "
+              f"over 1 ms; by transition: " + ", ".join(f"{k} {v['idle_s']:.2f} s" for k, v in
+                                                        list(d["by_transition"].items())[:4]))
     print(f"Total: {out_tokens} output tokens in {elapsed:.2f}s, {out_tokens / elapsed:.1f} tok/s "
           f"(total {(in_tokens + out_tokens) / elapsed:.1f} tok/s) -> {path}  [device={device}, "
           f"max_num_seqs {engine['max_num_seqs']}, {engine['num_preemptions']} preemptions]")

@@ -40,7 +40,7 @@ class StepStats:
 
     def __init__(self):
         names = ("prefill_intervals", "decode_intervals", "decode_idle_gaps_s", "handoff_s", "prefill_tokens",
-                 "decode_batch_sizes", "prefill_host_s", "prefill_idle_gaps_s")
+                 "decode_batch_sizes", "decode_device_idle", "prefill_host_s", "prefill_idle_gaps_s")
         self.series = {n: deque(maxlen=STATS_WINDOW) for n in names}
         self.device_time: dict[str, list[float]] = {}  # kind -> [steps, busy_s, idle_s], since start
 
@@ -59,6 +59,8 @@ class StepStats:
         elif isinstance(msg, DecodeStep):
             s["decode_intervals"].append((msg.t_start, msg.t_end))
             s["decode_batch_sizes"].append(len(msg.sampled))
+            if msg.device is not None:
+                s["decode_device_idle"].append((msg.device.kind, msg.device.idle_s))
             if msg.idle_gap_s:
                 s["decode_idle_gaps_s"].append(msg.idle_gap_s)
             s["handoff_s"].extend(msg.handoffs)

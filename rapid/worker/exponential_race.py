@@ -27,7 +27,7 @@ from torch import Tensor
 
 from rapid.worker.transfer import to_device
 
-__all__ = ["hashed_exponential", "race_argmax_reference", "random_keys", "sample_race"]
+__all__ = ["hashed_exponential", "race_argmax_reference", "random_keys", "sample_race", "triton_available"]
 
 _M32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
@@ -81,7 +81,7 @@ def sample_race(x: Tensor, scale: Tensor, generator: torch.Generator | None, see
     """x [B, V] float32 (masked tokens -inf), scale [B] -> tokens [B] int64, a draw from softmax(x * scale) per row.
     `seeded_keys[i]`: the key of row `seeded_rows[i]`; the other rows draw from `generator` (None: torch's default)."""
     B, V = x.shape
-    if x.is_cuda and _triton_available():
+    if x.is_cuda and triton_available():
         from rapid.worker.exponential_race_kernel import race_argmax
 
         return race_argmax(x, scale, random_keys(B, x.device, generator, seeded_rows, seeded_keys))
@@ -94,7 +94,8 @@ def sample_race(x: Tensor, scale: Tensor, generator: torch.Generator | None, see
 
 
 @functools.lru_cache(maxsize=1)
-def _triton_available() -> bool:
+def triton_available() -> bool:
+    """Whether Triton imports here (CUDA kernels of the sampler; the tensor code stands in without it)."""
     try:
         import triton  # noqa: F401
     except ImportError:

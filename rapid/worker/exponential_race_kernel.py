@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["launch_race", "race_argmax"]
+__all__ = ["launch_race", "num_sms", "race_argmax", "split_vocab"]
 
 
 @triton.jit
@@ -57,12 +57,20 @@ def _race_kernel(X, SCALE, KEYS, PART_VAL, PART_IDX, V, stride_x, part_len, num_
 def race_argmax(x: Tensor, scale: Tensor, keys: Tensor) -> Tensor:
     """x [B, V] float32 on CUDA, scale [B], keys [B] int64 -> tokens [B] int64, the vocabulary cut into parts until
     about two programs per SM run."""
-    return launch_race(x, scale, keys, parts=-(-2 * _num_sms(x.device.index) // max(1, x.shape[0])))
+    return launch_race(x, scale, keys, parts=-(-2 * num_sms(x.device.index) // max(1, x.shape[0])))
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int | None) -> int:
+def num_sms(device_index: int | None) -> int:
+    """The device's streaming multiprocessors (asked once per device)."""
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def split_vocab(vocab_size: int, parts: int, block: int) -> tuple[int, int]:
+    """(part_len, parts): at most `parts` parts of a row, each a whole number of blocks (the last may be short)."""
+    parts = max(1, min(parts, -(-vocab_size // block)))
+    part_len = -(-(-(-vocab_size // parts)) // block) * block  # ceil(V / parts), rounded up to whole blocks
+    return part_len, -(-vocab_size // part_len)
 
 
 def launch_race(x: Tensor, scale: Tensor, keys: Tensor, parts: int, block: int = 2048) -> Tensor:
@@ -73,9 +81,7 @@ def launch_race(x: Tensor, scale: Tensor, keys: Tensor, parts: int, block: int =
         return torch.zeros(B, dtype=torch.int64, device=x.device)
     if x.stride(-1) != 1:
         x = x.contiguous()
-    parts = max(1, min(parts, -(-V // block)))
-    part_len = -(-(-(-V // parts)) // block) * block  # ceil(V / parts), rounded up to whole blocks
-    parts = -(-V // part_len)
+    part_len, parts = split_vocab(V, parts, block)
     part_val = torch.empty((B, parts), dtype=torch.float32, device=x.device)
     part_idx = torch.empty((B, parts), dtype=torch.int32, device=x.device)
     _race_kernel[(B, parts)](x, scale.to(torch.float32).contiguous(), keys.to(torch.int64).contiguous(), part_val,

@@ -36,7 +36,7 @@ from rapid.worker.sample_result import PendingSample, SamplerOutput
 from rapid.worker.exponential_race import sample_race
 from rapid.worker.transfer import to_device
 from rapid.worker.sampler_ops import (
-    apply_penalties, apply_top_k_top_p, bad_word_bans, logprob_entries, mix_seed, unpack_bitmask,
+    apply_penalties, apply_top_k_top_p, bad_word_bans, logprob_entries, mix_seed, token_logprob, unpack_bitmask,
 )
 
 __all__ = ["SamplingBatch", "SamplerOutput", "PendingSample", "sample", "sample_async", "process_logits", "mix_seed"]
@@ -349,7 +349,7 @@ def sample_async(
         )
 
     # Logprobs of the raw logits.
-    sampled_lp = raw.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(raw, dim=-1)  # [B]
+    sampled_lp = token_logprob(raw, tokens)  # [B]
     logprobs: list[dict[int, float] | None] = [None] * B
     ranks = [0] * B
     if batch.max_num_logprobs >= 0:

@@ -5,7 +5,8 @@ apply_top_k_top_p: the top-k / top-p masks (the only sort in the sampler);
 mix_seed: the generator seed of a seeded row at one step;
 unpack_bitmask: a packed allowed-token bitmask (xgrammar's int32 layout) as a [B, V] bool mask;
 bad_word_bans: the tokens bad_words forbid next;
-logprob_entries: {token: logprob} of the top-N plus the chosen token, and the chosen token's rank.
+logprob_entries: {token: logprob} of the top-N plus the chosen token, and the chosen token's rank;
+token_logprob: log_softmax(logits)[row, token] per row (one Triton pass on CUDA).
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from rapid.worker.exponential_race import triton_available
+
 __all__ = [
-    "apply_penalties", "apply_top_k_top_p", "bad_word_bans", "logprob_entries", "mix_seed", "unpack_bitmask",
+    "apply_penalties", "apply_top_k_top_p", "bad_word_bans", "logprob_entries", "mix_seed", "token_logprob",
+    "unpack_bitmask",
 ]
 
 _MASK64 = (1 << 64) - 1
@@ -142,3 +146,12 @@ def apply_top_k_top_p(
     remove[:, 0] = False  # always keep the most likely token
     sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
     return torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)
+
+
+def token_logprob(logits: Tensor, tokens: Tensor) -> Tensor:
+    """logits [B, V] float32, tokens [B] int64 -> [B] log_softmax(logits)[row, tokens[row]]."""
+    if logits.is_cuda and triton_available():
+        from rapid.worker.token_logprob_kernel import token_logprob as one_pass
+
+        return one_pass(logits, tokens)
+    return logits.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
