@@ -20,10 +20,11 @@ from pathlib import Path
 class CollectionLog:
     """gc.callbacks hook: (generation, start, seconds, collected) per collection; object types at full ones."""
 
-    def __init__(self, census_limit: int = 2):
+    def __init__(self, census_limit: int = 3, census_min_s: float = 0.01):
         self.collections: list[tuple[int, float, float, int]] = []
         self.census: list[dict] = []
         self.census_limit = census_limit
+        self.census_min_s = census_min_s  # full collections at least this long get a census (the run's, not start-up's)
         self._start = 0.0
 
     def __call__(self, phase: str, info: dict) -> None:
@@ -32,7 +33,8 @@ class CollectionLog:
             return
         took = time.perf_counter() - self._start
         self.collections.append((info["generation"], self._start, took, info["collected"]))
-        if info["generation"] == 2 and gc.get_freeze_count() and len(self.census) < self.census_limit:
+        if (info["generation"] == 2 and gc.get_freeze_count() and took > self.census_min_s
+                and len(self.census) < self.census_limit):
             objs = gc.get_objects(generation=2)
             types = collections.Counter(type(o).__qualname__ for o in objs)
             self.census.append({"at": self._start, "ms": round(took * 1e3, 2), "objects": len(objs),
@@ -52,11 +54,12 @@ class CollectionLog:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--census-min-ms", type=float, default=10.0, help="census of full collections at least this long")
     args, rest = ap.parse_known_args()
     rest = [a for a in rest if a != "--"]
     from rapid.entrypoints.cli import main as rapid_main
 
-    log = CollectionLog()
+    log = CollectionLog(census_min_s=args.census_min_ms / 1e3)
     gc.callbacks.append(log)
     t0 = time.perf_counter()
     rapid_main(["bench", "offline", *rest])

@@ -281,12 +281,16 @@ def test_a_closed_hybrid_engine_frees_its_model(tiny_llama):
 
     from rapid.worker.gc_heap import startup_heap_frozen
 
-    frozen_before = gc.get_freeze_count()
+    from rapid.worker.gc_heap import STEP_LOOP_GC_THRESHOLD
+
+    frozen_before, thresholds = gc.get_freeze_count(), gc.get_threshold()
     llm = LLM(tiny_llama)
     assert gc.get_freeze_count() == frozen_before  # the user's process: nothing frozen behind their back
+    assert gc.get_threshold() == thresholds  # nor its collector retuned
     with startup_heap_frozen("test"):
         assert gc.get_freeze_count() > frozen_before  # the start-up heap (torch, the model, the engine) frozen
-    assert gc.get_freeze_count() == 0
+        assert gc.get_threshold() == STEP_LOOP_GC_THRESHOLD != thresholds  # full collections rarer
+    assert gc.get_freeze_count() == 0 and gc.get_threshold() == thresholds
     llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_tokens=3), use_tqdm=False)
     runner = llm.engine.executor.workers.loop.runner
     model, pool = weakref.ref(runner.model), weakref.ref(runner.kv_pool)
