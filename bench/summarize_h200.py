@@ -1,4 +1,4 @@
-"""Collect the H200 runs of sessions 12 to 14 (bench/results/session1{2,3,4}/) into the committed result files.
+"""Collect the H200 runs of sessions 12 to 17 (bench/results/session1{2,3,4}/) into the committed result files.
 
     python bench/summarize_h200.py
 
@@ -49,7 +49,13 @@ def offline() -> None:
                         ("rapid, MPS 100/100, the adaptive placement, the one-pass sampler (session 16, call 1, the same "
                          "call as the row above)", "session16/call1/offline1k-rapid-100-100-1024.json"),
                         ("hybrid, the fitted defaults, the one-pass sampler and the start-up heap frozen out of garbage "
-                         "collection (session 16, call 2)", "session16/call2/offline1k-hybrid-1024.json")):
+                         "collection (session 16, call 2)", "session16/call2/offline1k-hybrid-1024.json"),
+                        ("hybrid, the fitted defaults, the sampled token's logprob in one pass (session 17, call 2)",
+                         "session17/call2/offline1k-hybrid-s17b.json"),
+                        ("rapid, MPS 100/100, the adaptive placement (session 17, call 2, the same call as the row above)",
+                         "session17/call2/offline1k-rapid-100-100-s17b.json"),
+                        ("hybrid, the fitted defaults, full garbage collections 10x rarer (session 17, call 4)",
+                         "session17/call4/offline1k-hybrid-s17c.json")):
         path = R / file
         if path.exists():
             runs.append({"setting": label, "source": file, **json.loads(path.read_text())})
@@ -146,6 +152,10 @@ def http_overhead() -> None:
 
 S15 = "serve-sharegpt-like-hybrid-rapid-static-rapid-atom-p2-50-rapid-adaptive-slo-300-15"
 POLICY_RUNS = {  # workload -> serve.json of one device call (every configuration on the same traces)
+    "ShareGPT-like, Poisson, 30 s at 50 req/s, warm-up 7 s, every core in a child process, full garbage collections "
+    "10x rarer (session 17, call 4)": "session17/call4/serve-sharegpt-like-hybrid-rapid-adaptive-gc/serve.json",
+    "The same trace, every core in a child process (session 17, call 3)":
+        "session17/call3/serve-sharegpt-like-hybrid-rapid-adaptive/serve.json",
     "ShareGPT-like, Poisson, 30 s at 50 req/s, warm-up 7 s (session 16, call 3)":
         "session16/call3/serve-sharegpt-like-hybrid-rapid-adaptive-slo-300-15-rapid-adaptive-p2-50-slo-300-15/serve.json",
     "The same trace again (session 16, call 4)": "session16/call4/serve-sharegpt-like-hybrid-rapid-adaptive/serve.json",
