@@ -26,12 +26,15 @@ class CollectionLog:
         self.census_limit = census_limit
         self.census_min_s = census_min_s  # full collections at least this long get a census (the run's, not start-up's)
         self._start = 0.0
+        self.thresholds_frozen: tuple[int, ...] | None = None
 
     def __call__(self, phase: str, info: dict) -> None:
         if phase == "start":
             self._start = time.perf_counter()
             return
         took = time.perf_counter() - self._start
+        if gc.get_freeze_count() and self.thresholds_frozen is None:
+            self.thresholds_frozen = gc.get_threshold()  # what the engine set with its freeze (restored at the end)
         self.collections.append((info["generation"], self._start, took, info["collected"]))
         if (info["generation"] == 2 and gc.get_freeze_count() and took > self.census_min_s
                 and len(self.census) < self.census_limit):
@@ -62,11 +65,14 @@ def main() -> None:
     log = CollectionLog(census_min_s=args.census_min_ms / 1e3)
     gc.callbacks.append(log)
     t0 = time.perf_counter()
-    rapid_main(["bench", "offline", *rest])
+    try:
+        rapid_main(["bench", "offline", *rest])
+    finally:
+        gc.callbacks.remove(log)
     t1 = time.perf_counter()
-    gc.callbacks.remove(log)
     report = {"command": "python3 bench/gc_probe.py " + " ".join(sys.argv[1:]), "python": sys.version.split()[0],
-              "threshold": gc.get_threshold(), "whole_command": log.summary(t0, t1),
+              "thresholds_default": gc.get_threshold(), "thresholds_while_frozen": log.thresholds_frozen,
+              "whole_command": log.summary(t0, t1),
               "census_at_full_collections": [dict(c, at=round(c["at"] - t0, 2)) for c in log.census]}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "gc-probe.json").write_text(json.dumps(report, indent=1))

@@ -230,6 +230,8 @@ def kernel_family(name: str) -> str:
         return "prefill attention (triton paged)"
     if "_race_kernel" in name:
         return "sampler race (triton)"
+    if "_partial_lse_kernel" in name or "_merge_kernel" in name:
+        return "sampled logprob (triton)"
     if any(t in low for t in ("flash", "fmha", "cudnn", "attention")):
         return "prefill attention (sdpa)"
     if any(t in low for t in ("gemm", "nvjet", "xmma", "cutlass", "splitk")):

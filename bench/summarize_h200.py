@@ -1,4 +1,4 @@
-"""Collect the H200 runs of sessions 12 to 17 (bench/results/session1{2,3,4}/) into the committed result files.
+"""Collect the H200 runs of sessions 12 to 17 (bench/results/session1*/) into the committed result files.
 
     python bench/summarize_h200.py
 

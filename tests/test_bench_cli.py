@@ -34,7 +34,7 @@ def test_bench_offline_smoke(tiny_llama, tmp_path):
 def test_idle_profile_groups_waits_by_transition():
     from rapid.bench.offline import idle_profile
 
-    d = idle_profile([("mixed", 0.0), ("decode", 0.004), ("decode", 0.0001), ("mixed", 0.002)], [2, 3, 3, 4])
+    d = idle_profile([("mixed", 0.0, 2), ("decode", 0.004, 3), ("decode", 0.0001, 3), ("mixed", 0.002, 4)])
     assert d["by_transition"]["mixed -> decode"] == {"steps": 1, "idle_s": 0.004}
     assert d["by_transition"]["decode -> decode"]["steps"] == 1 and d["by_transition"]["start -> mixed"]["steps"] == 1
     assert d["steps_over_1ms"] == 2 and abs(d["idle_s_over_1ms"] - 0.006) < 1e-9

@@ -5,6 +5,7 @@ subprocess: TRITON_INTERPRET=1 is read when a kernel module is imported, which o
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import torch
@@ -37,22 +38,46 @@ def test_tensor_code_equals_log_softmax():
     assert torch.allclose(token_logprob(x, tokens).double(), want, atol=1e-4)
 
 
+def special_cases() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Logits the sampler can meet or a caller could pass: +inf, NaN, a row of nothing but -inf, bf16, a column
+    slice (row stride != V) and a transposed view (column stride != 1)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 300, generator=g) * 4
+    posinf, nan, masked = x.clone(), x.clone(), x.clone()
+    posinf[0, 10] = float("inf")  # that token's logprob is NaN, every other token's -inf (torch.logsumexp's answers)
+    nan[1, 250] = float("nan")
+    masked[2] = float("-inf")
+    wide = torch.randn(3, 700, generator=g) * 4
+    tall = torch.randn(300, 3, generator=g) * 4
+    tokens = torch.tensor([3, 200, 299])
+    return {"posinf": (posinf, tokens), "posinf-token": (posinf, torch.tensor([10, 0, 0])), "nan": (nan, tokens),
+            "all -inf": (masked, tokens), "bf16": (x.to(torch.bfloat16), tokens),
+            "column slice": (wide[:, 100:400], tokens), "transposed": (tall.t(), tokens)}
+
+
 def run_kernel_cases() -> list[dict]:
     from rapid.worker.token_logprob_kernel import launch_token_logprob  # in the interpreter subprocess only
 
+    cases = [(f"random {i}", *make_case(i, B, V, masked), parts, block)
+             for i, (B, V, parts, block, masked) in enumerate(KERNEL_CASES)]
+    cases += [(name, x, tokens, 3, 64) for name, (x, tokens) in special_cases().items()]
     out = []
-    for i, (B, V, parts, block, masked) in enumerate(KERNEL_CASES):
-        x, tokens = make_case(i, B, V, masked)
-        want = torch.log_softmax(x.double(), dim=-1).gather(1, tokens[:, None])[:, 0].tolist()
+    for name, x, tokens, parts, block in cases:
+        xd = x.double()  # the tensor code's formula (what the CPU runs), in float64: logsumexp takes +inf as the max
+        want = (xd.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(xd, dim=-1)).tolist()
         got = launch_token_logprob(x, tokens, parts=parts, block=block).tolist()
-        out.append({"case": i, "want": want, "got": got})
+        out.append({"case": name, "want": want, "got": got})
     return out
 
 
+def same(got: float, want: float) -> bool:
+    return (math.isnan(got) and math.isnan(want)) or got == want or abs(got - want) < 1e-4
+
+
 def test_triton_kernel_equals_log_softmax_under_the_interpreter():
-    lines = interpreted_results(__file__, len(KERNEL_CASES))
+    lines = interpreted_results(__file__, len(KERNEL_CASES) + len(special_cases()))
     for r in lines:
-        assert all(abs(g - w) < 1e-4 for g, w in zip(r["got"], r["want"])), r
+        assert all(same(g, w) for g, w in zip(r["got"], r["want"])), r
 
 
 if __name__ == "__main__":  # the interpreter subprocess

@@ -21,20 +21,21 @@ def device_time_during(before: dict[str, list[float]], after: dict[str, list[flo
     return out
 
 
-def idle_profile(steps: list[tuple[str, float]], batch_sizes: list[int]) -> dict:
-    """Where the decode stream idled, from the per-step (kind, idle_s) of a run (Stats.decode_device_idle) and
-    each step's decode batch: the idle time by the kinds of the step before and the step that waited, the steps
-    that waited over 1 ms, and the longest waits (index in the run, kinds, ms, batch)."""
+def idle_profile(steps: list[tuple[str, float, int]]) -> dict:
+    """Where the decode stream idled, from the per-step (kind, idle_s, decode rows) of a run
+    (Stats.decode_device_idle): the idle time by the kinds of the step before and the step that waited, the steps
+    that waited over 1 ms, and the longest waits (index in the run, kinds, ms, batch). The first step's "before"
+    is "start"; prompt-only steps are not in the series, so a wait after one is counted after the step before it."""
     by_transition: dict[str, list[float]] = {}
     longest = []
-    for i, (kind, idle) in enumerate(steps):
+    for i, (kind, idle, batch) in enumerate(steps):
         prev = steps[i - 1][0] if i else "start"
         by_transition.setdefault(f"{prev} -> {kind}", [0, 0.0])
         by_transition[f"{prev} -> {kind}"][0] += 1
         by_transition[f"{prev} -> {kind}"][1] += idle
-        longest.append((idle, i, prev, kind, batch_sizes[i] if i < len(batch_sizes) else None))
+        longest.append((idle, i, prev, kind, batch))
     long_waits = [w for w in longest if w[0] > 1e-3]
-    return {"steps": len(steps), "idle_s": round(sum(idle for _, idle in steps), 4),
+    return {"steps": len(steps), "idle_s": round(sum(idle for _, idle, _ in steps), 4),
             "by_transition": {k: {"steps": n, "idle_s": round(t, 4)} for k, (n, t) in
                               sorted(by_transition.items(), key=lambda kv: -kv[1][1])},
             "steps_over_1ms": len(long_waits), "idle_s_over_1ms": round(sum(w[0] for w in long_waits), 4),
@@ -80,7 +81,10 @@ def run_offline(args) -> dict:
                   "device_time": device_time_during(before, stats.device_time)}
         ran = sum(t["steps"] for k, t in engine["device_time"].items() if k in ("decode", "mixed"))
         if ran and len(stats.decode_device_idle) >= ran:  # the run's steps are still in the stats window
-            engine["decode_idle"] = idle_profile(stats.decode_device_idle[-ran:], stats.decode_batch_sizes[-ran:])
+            engine["decode_idle"] = idle_profile(stats.decode_device_idle[-ran:])
+        elif ran:
+            engine["decode_idle"] = (f"not recorded: the run's {ran} decode steps outnumber the "
+                                     f"{len(stats.decode_device_idle)} the engine's stats keep")
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     result = {
         "command": "rapid bench offline " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in sorted(vars(args).items())
@@ -102,7 +106,7 @@ def run_offline(args) -> dict:
     for kind, t in engine["device_time"].items():
         print(f"  {kind:8s} {t['steps']:6d} steps, {t['busy_s']:7.2f} s busy, {t['idle_s']:6.2f} s idle on its "
               f"device stream ({t['busy_s'] / max(t['steps'], 1) * 1e3:.2f} ms a step)")
-    if "decode_idle" in engine:
+    if isinstance(engine.get("decode_idle"), dict):
         d = engine["decode_idle"]
         print(f"  decode stream idle {d['idle_s']:.2f} s, {d['idle_s_over_1ms']:.2f} s of it in {d['steps_over_1ms']} waits "
               f"over 1 ms; by transition: " + ", ".join(f"{k} {v['idle_s']:.2f} s" for k, v in

@@ -60,7 +60,7 @@ class StepStats:
             s["decode_intervals"].append((msg.t_start, msg.t_end))
             s["decode_batch_sizes"].append(len(msg.sampled))
             if msg.device is not None:
-                s["decode_device_idle"].append((msg.device.kind, msg.device.idle_s))
+                s["decode_device_idle"].append((msg.device.kind, msg.device.idle_s, len(msg.sampled)))
             if msg.idle_gap_s:
                 s["decode_idle_gaps_s"].append(msg.idle_gap_s)
             s["handoff_s"].extend(msg.handoffs)

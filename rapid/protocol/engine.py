@@ -79,7 +79,8 @@ class Stats(msgspec.Struct, tag=True):
     prefill_host_s: list[float] = []  # per prefill interval: a prefill worker's host time (PrefillDone.host_s)
     prefill_idle_gaps_s: list[float] = []  # per prefill interval: that worker's wait for it (PrefillDone.idle_gap_s)
     decode_batch_sizes: list[int] = []  # sequences of each decode interval
-    decode_device_idle: list[tuple[str, float]] = []  # per decode interval: (DeviceTime kind, device idle_s before it)
+    # per decode interval: (DeviceTime kind, the device's idle_s before it, its decode rows)
+    decode_device_idle: list[tuple[str, float, int]] = []
     num_preemptions: int = 0
     num_free_blocks: int = 0
     num_blocks: int = 0

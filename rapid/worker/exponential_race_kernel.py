@@ -23,7 +23,7 @@ def _hash32(x):
     return x ^ (x >> 16)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_parts"])  # one compiled variant for every batch size
 def _race_kernel(X, SCALE, KEYS, PART_VAL, PART_IDX, V, stride_x, part_len, num_parts, BLOCK: tl.constexpr):
     """Program (row, part): the best score and its token over tokens [part * part_len, +part_len)."""
     row = tl.program_id(0)

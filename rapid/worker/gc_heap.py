@@ -11,9 +11,11 @@ Freezing is not enough under load. On the H200 (`bench/gc_probe.py`, hybrid offl
 1000 out, Python 3.12) a full collection still ran every 2.4-3.1 s (every ~133 decode steps: the default thresholds
 700, 10, 10 count allocations) and took 80-350 ms: it traverses what the run holds, chiefly the token lists of the
 live requests (a list's traversal visits every element). The device idled 80-114 ms at each, 1.0 of the run's 56 s.
-So these processes also raise the oldest generation's threshold (STEP_LOOP_GC_THRESHOLD): full collections run 10x
-less often. Younger generations are untouched, so short-lived cycles still go as soon as before; only cycles that
-outlived two younger collections wait longer, as SGLang's --gc-threshold and ROCm ATOM's engine processes allow.
+So these processes also raise the oldest generation's threshold to FULL_COLLECTION_THRESHOLD (CPython's default is
+10): full collections run 10x less often. The younger generations' thresholds are kept as the interpreter has them,
+so short-lived cycles still go as soon as before; only cycles that outlived two younger collections wait longer, as
+SGLang's --gc-threshold and ROCm ATOM's engine processes allow. (Python 3.14's incremental collector ignores the
+third threshold: there this part does nothing.)
 
 So it is done only in processes rapid owns: the engine's child processes (freeze_startup_heap once they are ready)
 and rapid's own commands that hold an in-process engine (`startup_heap_frozen` around it: thawed when the block
@@ -30,17 +32,18 @@ import logging
 logger = logging.getLogger(__name__)
 
 
-STEP_LOOP_GC_THRESHOLD = (700, 10, 100)  # CPython's defaults, but a full collection every 100 (not 10) of generation 1
+FULL_COLLECTION_THRESHOLD = 100  # a full collection after 100 (CPython's default: 10) collections of generation 1
 
 
 def freeze_startup_heap(process: str) -> None:
     """Collect what start-up left as garbage, freeze the rest out of later collections, and make full collections
-    rarer (STEP_LOOP_GC_THRESHOLD)."""
+    rarer (FULL_COLLECTION_THRESHOLD; the younger generations' thresholds unchanged)."""
     gc.collect()
     gc.freeze()
-    gc.set_threshold(*STEP_LOOP_GC_THRESHOLD)
+    young, middle, oldest = gc.get_threshold()
+    gc.set_threshold(young, middle, max(oldest, FULL_COLLECTION_THRESHOLD))
     logger.debug("%s: %d start-up objects frozen out of garbage collection, thresholds %s", process,
-                 gc.get_freeze_count(), STEP_LOOP_GC_THRESHOLD)
+                 gc.get_freeze_count(), gc.get_threshold())
 
 
 @contextlib.contextmanager

@@ -348,12 +348,15 @@ def sample_async(
             else random_tokens
         )
 
-    # Logprobs of the raw logits.
-    sampled_lp = token_logprob(raw, tokens)  # [B]
+    # Logprobs of the raw logits: the sampled token's for every row (cumulative_logprob); the top-N where asked.
     logprobs: list[dict[int, float] | None] = [None] * B
     ranks = [0] * B
     if batch.max_num_logprobs >= 0:
-        logprobs, ranks = logprob_entries(torch.log_softmax(raw, dim=-1), tokens, batch.num_logprobs)
+        all_lp = torch.log_softmax(raw, dim=-1)  # [B, V]
+        sampled_lp = all_lp.gather(1, tokens[:, None])[:, 0]  # [B]
+        logprobs, ranks = logprob_entries(all_lp, tokens, batch.num_logprobs)
+    else:
+        sampled_lp = token_logprob(raw, tokens)  # [B], one pass on CUDA
     return PendingSample(tokens, sampled_lp, logprobs, ranks)
 
 
