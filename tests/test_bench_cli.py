@@ -69,10 +69,12 @@ def test_bench_serve_steady_state_two_modes_smoke(tiny_llama, tmp_path):
             # each worker stream's time during this rate: hybrid decodes on one, rapid also prefills on another
             device = r["engine"]["device_time"]
             assert device["decode"]["steps"] >= 5 and ("prefill" in device) == (mode != "hybrid")
+            idle = r["engine"]["decode_idle"]  # where the decode stream waited during this rate, step by step
+            assert idle["steps"] == sum(t["steps"] for k, t in device.items() if k in ("decode", "mixed"))
         assert "saturation" in entry and "goodput_by_slo" in entry
     md = (tmp_path / "serve.md").read_text()
     assert "## hybrid" in md and "## rapid" in md and "saturation" in md and "placement (static prefill)" in md
-    assert "decode worker's device stream busy" in md
+    assert "decode worker's device stream busy" in md and "decode stream's waits for the host" in md
     assert (tmp_path / "attainment.png").stat().st_size > 0
 
 

@@ -43,6 +43,15 @@ def idle_profile(steps: list[tuple[str, float, int]]) -> dict:
                         for idle, i, prev, kind, b in sorted(longest, reverse=True)[:12]]}
 
 
+def decode_idle_during(device_time: dict[str, dict], stats) -> dict | str:
+    """idle_profile of the decode and mixed steps counted in `device_time` (device_time_during's result): the
+    latest that many of Stats.decode_device_idle, or why not (the stats keep STATS_WINDOW steps)."""
+    ran = sum(t["steps"] for k, t in device_time.items() if k in ("decode", "mixed"))
+    if len(stats.decode_device_idle) >= ran:
+        return idle_profile(stats.decode_device_idle[-ran:] if ran else [])
+    return f"not recorded: {ran} decode steps outnumber the {len(stats.decode_device_idle)} the engine's stats keep"
+
+
 def run_offline(args) -> dict:
     import torch
 
@@ -79,12 +88,7 @@ def run_offline(args) -> dict:
                   "num_preemptions": stats.num_preemptions, "placement_policy": stats.placement_policy,
                   "prefill_tokens_by_lane": stats.prefill_tokens_by_lane,
                   "device_time": device_time_during(before, stats.device_time)}
-        ran = sum(t["steps"] for k, t in engine["device_time"].items() if k in ("decode", "mixed"))
-        if ran and len(stats.decode_device_idle) >= ran:  # the run's steps are still in the stats window
-            engine["decode_idle"] = idle_profile(stats.decode_device_idle[-ran:])
-        elif ran:
-            engine["decode_idle"] = (f"not recorded: the run's {ran} decode steps outnumber the "
-                                     f"{len(stats.decode_device_idle)} the engine's stats keep")
+        engine["decode_idle"] = decode_idle_during(engine["device_time"], stats)
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     result = {
         "command": "rapid bench offline " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in sorted(vars(args).items())

@@ -71,6 +71,11 @@ def _mode_lines(mode: str, e: dict, pairs: list[str], has_slos: bool) -> list[st
             lines.append("- the placement policy's measured costs at each rate's end (decode step alone / beside a "
                          "prefill batch in ms; us of decode time per prompt token by lane): " + "; ".join(
                              f"{rate:g} req/s " + ", ".join(f"{k} {v:g}" for k, v in c.items()) for rate, c in learned))
+        waits = [(rate, g["decode_idle"]) for rate, g in placed if isinstance(g.get("decode_idle"), dict)]
+        if waits:
+            lines.append("- decode stream's waits for the host over 1 ms (count, seconds, of all its idle seconds): "
+                         + "; ".join(f"{rate:g} req/s {d['steps_over_1ms']}, {d['idle_s_over_1ms']:.2f} of "
+                                     f"{d['idle_s']:.2f} s" for rate, d in waits))
         busy = [(rate, _busy_share(g.get("device_time", {}))) for rate, g in placed]
         if any(b is not None for _, b in busy):
             lines.append("- decode worker's device stream busy (its steps' device time over that plus its idle time, "
