@@ -243,9 +243,31 @@ def kernel_family(name: str) -> str:
     return "other (eager torch)"
 
 
+def cuda_intervals(prof) -> list[tuple[float, float, str]]:
+    """(start_us, end_us, kernel name) of every device activity a torch.profiler run saw, by start."""
+    from torch.autograd import DeviceType
+
+    return sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                  if e.device_type == DeviceType.CUDA)
+
+
+def kernel_times_ms(intervals: list[tuple[float, float, str]], n: int) -> tuple[list, list]:
+    """Device time per call (n calls profiled) by kernel family and by kernel name (90 characters), in ms, each
+    largest first."""
+    fams: dict[str, float] = {}
+    names: dict[str, float] = {}
+    for start, end, name in intervals:
+        fams[kernel_family(name)] = fams.get(kernel_family(name), 0.0) + (end - start)
+        names[name[:90]] = names.get(name[:90], 0.0) + (end - start)
+
+    def ms(totals: dict[str, float]) -> list:
+        return [(k, round(v / n / 1e3, 3)) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])]
+
+    return ms(fams), ms(names)
+
+
 def profile_breakdown(fn, n: int = 3) -> dict:
     """Device time per step by kernel family (torch.profiler over n calls of fn), and the top kernels."""
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -254,20 +276,10 @@ def profile_breakdown(fn, n: int = 3) -> dict:
         for _ in range(n):
             fn()
         torch.cuda.synchronize()
-    fams: dict[str, float] = {}
-    names: dict[str, float] = {}
-    for e in prof.events():
-        if e.device_type != DeviceType.CUDA:
-            continue
-        us = e.time_range.elapsed_us() / n
-        name = e.name
-        fam = kernel_family(name)
-        fams[fam] = fams.get(fam, 0.0) + us
-        names[name[:90]] = names.get(name[:90], 0.0) + us
-    top = sorted(names.items(), key=lambda kv: -kv[1])[:12]
-    return {"families_ms": {k: round(v / 1e3, 3) for k, v in sorted(fams.items(), key=lambda kv: -kv[1])},
-            "kernel_sum_ms": round(sum(fams.values()) / 1e3, 3),
-            "top_kernels_ms": [(k, round(v / 1e3, 3)) for k, v in top]}
+    intervals = cuda_intervals(prof)
+    fams, names = kernel_times_ms(intervals, n)
+    return {"families_ms": dict(fams), "kernel_sum_ms": round(sum(e - s for s, e, _ in intervals) / n / 1e3, 3),
+            "top_kernels_ms": names[:12]}
 
 
 def bench_decode(model, backend, cfg, variant: str, best: dict, apply_best: bool, max_model_len: int,

@@ -31,19 +31,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import kernel_family  # noqa: E402
+from kernels import cuda_intervals, kernel_family, kernel_times_ms  # noqa: E402
 
 from rapid import LLM  # noqa: E402
 from rapid.bench.frontier import start_steady_decode  # noqa: E402
 from rapid.bench.offline import device_time_during  # noqa: E402
-
-
-def cuda_intervals(prof) -> list[tuple[float, float, str]]:
-    """(start_us, end_us, kernel name) of every device activity the profiler saw, by start."""
-    from torch.autograd import DeviceType
-
-    out = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events() if e.device_type == DeviceType.CUDA]
-    return sorted(out)
 
 
 def device_gaps(intervals: list[tuple[float, float, str]], steps: int) -> dict:
@@ -74,15 +66,10 @@ def device_gaps(intervals: list[tuple[float, float, str]], steps: int) -> dict:
 
 
 def kernels_by_family(intervals: list[tuple[float, float, str]], steps: int) -> dict:
-    fams: dict[str, float] = {}
-    names: dict[str, float] = {}
-    for start, end, name in intervals:
-        fams[kernel_family(name)] = fams.get(kernel_family(name), 0.0) + (end - start)
-        names[name[:90]] = names.get(name[:90], 0.0) + (end - start)
-    return {"families_ms_per_step": {k: round(v / steps / 1e3, 3) for k, v in sorted(fams.items(), key=lambda kv: -kv[1])},
-            "kernel_sum_ms_per_step": round(sum(fams.values()) / steps / 1e3, 3),
-            "top_kernels_ms_per_step": [(k, round(v / steps / 1e3, 3))
-                                        for k, v in sorted(names.items(), key=lambda kv: -kv[1])[:15]]}
+    fams, names = kernel_times_ms(intervals, steps)
+    return {"families_ms_per_step": dict(fams),
+            "kernel_sum_ms_per_step": round(sum(end - start for start, end, _ in intervals) / steps / 1e3, 3),
+            "top_kernels_ms_per_step": names[:15]}
 
 
 def drive(engine, steps: int) -> list[float]:

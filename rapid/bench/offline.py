@@ -30,9 +30,9 @@ def idle_profile(steps: list[tuple[str, float, int]]) -> dict:
     longest = []
     for i, (kind, idle, batch) in enumerate(steps):
         prev = steps[i - 1][0] if i else "start"
-        by_transition.setdefault(f"{prev} -> {kind}", [0, 0.0])
-        by_transition[f"{prev} -> {kind}"][0] += 1
-        by_transition[f"{prev} -> {kind}"][1] += idle
+        counts = by_transition.setdefault(f"{prev} -> {kind}", [0, 0.0])
+        counts[0] += 1
+        counts[1] += idle
         longest.append((idle, i, prev, kind, batch))
     long_waits = [w for w in longest if w[0] > 1e-3]
     return {"steps": len(steps), "idle_s": round(sum(idle for _, idle, _ in steps), 4),
