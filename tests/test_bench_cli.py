@@ -29,6 +29,25 @@ def test_bench_offline_smoke(tiny_llama, tmp_path):
     assert sum(v["steps"] for v in idle["by_transition"].values()) == idle["steps"]
     assert abs(idle["idle_s"] - sum(t["idle_s"] for k, t in device.items() if k in ("decode", "mixed"))) < 1e-3
     assert idle["longest"] and all(w["kind"] in ("decode", "mixed") for w in idle["longest"])
+    assert result["engine"]["prefill_worker"] is None  # hybrid: no prefill worker
+
+
+def test_prefill_worker_summary_takes_the_runs_worker_batches():
+    """The prefill workers' batches of the run: the latest that many entries with host time (a mixed step's prompt
+    part reports 0), medians in ms, and device time from the run's counters."""
+    from types import SimpleNamespace
+
+    from rapid.bench.offline import prefill_worker_during
+
+    stats = SimpleNamespace(prefill_host_s=[0.9, 0.001, 0.0, 0.002, 0.003],  # the first: a batch before the run
+                            prefill_idle_gaps_s=[0.5, 0.010, 0.0, 0.020, 0.030], prefill_tokens=[7, 100, 16, 300, 200])
+    device = {"decode": {"steps": 9, "busy_s": 1.0, "idle_s": 0.0}, "prefill": {"steps": 3, "busy_s": 0.3, "idle_s": 0.1}}
+    got = prefill_worker_during(device, stats)
+    assert got == {"batches": 3, "tokens_median": 200, "host_ms_median": 2.0, "host_ms_p90": 3.0,
+                   "wait_ms_median": 20.0, "wait_ms_p90": 30.0, "device_ms_mean": 100.0}
+    assert prefill_worker_during({"decode": device["decode"]}, stats) is None
+    short = prefill_worker_during({"prefill": {"steps": 9, "busy_s": 0.9, "idle_s": 0.0}}, stats)
+    assert short == {"batches": 9, "recorded": "not recorded: the engine's stats keep 4 of 9 batches"}
 
 
 def test_idle_profile_groups_waits_by_transition():
@@ -174,7 +193,12 @@ def test_bench_serve_configurations_are_modes_with_placement_and_split(capsys):
         "rapid", {"placement": "static", "prefill_sm_percentage": 50, "decode_sm_percentage": 50})
     assert parse_configuration("rapid:adaptive:slo=300/15") == (
         "rapid", {"placement": "adaptive", "slo_ttft_ms": 300.0, "slo_tpot_ms": 15.0})
-    for bad, why in (("fast", "the mode must be one of"), ("rapid:best", "neither a placement"),
+    # the prefill attention is every mode's option: hybrid with whole-graph mixed steps beside its default
+    assert parse_configuration("hybrid:attn=paged") == ("hybrid", {"prefill_attention": "paged"})
+    assert parse_configuration("rapid:adaptive:attn=paged") == (
+        "rapid", {"placement": "adaptive", "prefill_attention": "paged"})
+    for bad, why in (("hybrid:attn=fast", "names no prefill attention"),
+                     ("hybrid:attn=paged:attn=flash", "more than one prefill attention"),("fast", "the mode must be one of"), ("rapid:best", "neither a placement"),
                      ("hybrid:static", "mode 'rapid' only"), ("rapid:50/", "neither a placement"),
                      ("rapid:slo=fast/15", "needs numbers"), ("rapid:static:0/50", r"in \[1, 100\], got 0"),
                      ("rapid:slo=0/25", "positive number"), ("rapid:static:adaptive", "more than one placement"),

@@ -52,6 +52,27 @@ def decode_idle_during(device_time: dict[str, dict], stats) -> dict | str:
     return f"not recorded: {ran} decode steps outnumber the {len(stats.decode_device_idle)} the engine's stats keep"
 
 
+def prefill_worker_during(device_time: dict[str, dict], stats) -> dict | None:
+    """Per batch of the prefill workers counted in `device_time` (device_time_during's result), medians over the run:
+    the host's time to enqueue a batch (forward pass and sampling), the worker's wait since its previous batch (for
+    the core's next one), the batch's tokens, and its device time. None in hybrid, where no prefill worker runs."""
+    kinds = [k for k in device_time if k.startswith("prefill")]
+    ran = sum(device_time[k]["steps"] for k in kinds)
+    if not ran:
+        return None
+    # the prefill workers' entries only: a mixed step's prompt part reports host time 0
+    rows = [(h, gap, n) for h, gap, n in zip(stats.prefill_host_s, stats.prefill_idle_gaps_s, stats.prefill_tokens)
+            if h > 0][-ran:]
+    if len(rows) < ran:
+        return {"batches": ran, "recorded": f"not recorded: the engine's stats keep {len(rows)} of {ran} batches"}
+    ms = lambda xs, q=0.5: round(sorted(xs)[min(len(xs) - 1, int(q * len(xs)))] * 1e3, 3)  # noqa: E731
+    busy = sum(device_time[k]["busy_s"] for k in kinds)
+    return {"batches": ran, "tokens_median": sorted(n for _, _, n in rows)[len(rows) // 2],
+            "host_ms_median": ms([h for h, _, _ in rows]), "host_ms_p90": ms([h for h, _, _ in rows], 0.9),
+            "wait_ms_median": ms([g for _, g, _ in rows]), "wait_ms_p90": ms([g for _, g, _ in rows], 0.9),
+            "device_ms_mean": round(busy / ran * 1e3, 3)}
+
+
 def run_offline(args) -> dict:
     import torch
 
@@ -89,6 +110,7 @@ def run_offline(args) -> dict:
                   "prefill_tokens_by_lane": stats.prefill_tokens_by_lane,
                   "device_time": device_time_during(before, stats.device_time)}
         engine["decode_idle"] = decode_idle_during(engine["device_time"], stats)
+        engine["prefill_worker"] = prefill_worker_during(engine["device_time"], stats)
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     result = {
         "command": "rapid bench offline " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in sorted(vars(args).items())
@@ -115,6 +137,10 @@ def run_offline(args) -> dict:
         print(f"  decode stream idle {d['idle_s']:.2f} s, {d['idle_s_over_1ms']:.2f} s of it in {d['steps_over_1ms']} waits "
               f"over 1 ms; by transition: " + ", ".join(f"{k} {v['idle_s']:.2f} s" for k, v in
                                                         list(d["by_transition"].items())[:4]))
+    if isinstance(p := engine.get("prefill_worker"), dict) and "host_ms_median" in p:
+        print(f"  prefill worker: {p['batches']} batches of {p['tokens_median']} tokens (median): host "
+              f"{p['host_ms_median']:.2f} ms (p90 {p['host_ms_p90']:.2f}) to enqueue one, {p['device_ms_mean']:.1f} ms "
+              f"on the device, waiting {p['wait_ms_median']:.2f} ms (p90 {p['wait_ms_p90']:.2f}) for the next")
     print(f"Total: {out_tokens} output tokens in {elapsed:.2f}s, {out_tokens / elapsed:.1f} tok/s "
           f"(total {(in_tokens + out_tokens) / elapsed:.1f} tok/s) -> {path}  [device={device}, "
           f"max_num_seqs {engine['max_num_seqs']}, {engine['num_preemptions']} preemptions]")

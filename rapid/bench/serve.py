@@ -33,22 +33,29 @@ GPUS_PER_MODE = {"hybrid": 1, "rapid": 1, "disagg": 2}
 def parse_configuration(label: str) -> tuple[str, dict]:
     """A --modes entry -> (mode, EngineArgs overrides): 'hybrid', 'rapid', 'rapid:static', 'rapid:adaptive',
     'rapid:static:50/50' (placement and/or prefill/decode MPS split), 'rapid:adaptive:slo=500/25' (the SLOs the
-    placement plans for: TTFT/TPOT ms), 'rapid:atom:p2=50' (a second prefill worker at 50% of the SMs), so every
-    baseline runs on the same traces."""
-    from rapid.config import MODES, PLACEMENTS, RapidConfig
+    placement plans for: TTFT/TPOT ms), 'rapid:atom:p2=50' (a second prefill worker at 50% of the SMs), and for any
+    mode 'attn=paged' (the prefill attention: prefill and mixed batches as whole CUDA graphs), so every baseline
+    runs on the same traces."""
+    from rapid.config import MODES, PLACEMENTS, PREFILL_ATTENTIONS, RapidConfig
 
     mode, *parts = label.split(":")
     if mode not in MODES:
         raise ValueError(f"--modes entry {label!r}: the mode must be one of {MODES}")
     overrides: dict = {}
+    engine: dict = {}  # options of every mode's engine, not only rapid's
     seen: set[str] = set()
     for part in parts:
         kind = ("placement" if part in PLACEMENTS else "SLO pair" if part.startswith("slo=")
-                else "second prefill share" if part.startswith("p2=") else "MPS split")
+                else "second prefill share" if part.startswith("p2=")
+                else "prefill attention" if part.startswith("attn=") else "MPS split")
         if kind in seen:
             raise ValueError(f"--modes entry {label!r}: more than one {kind}")
         seen.add(kind)
-        if part in PLACEMENTS:
+        if part.startswith("attn="):
+            if part[5:] not in PREFILL_ATTENTIONS:
+                raise ValueError(f"--modes entry {label!r}: {part!r} names no prefill attention {PREFILL_ATTENTIONS}")
+            engine["prefill_attention"] = part[5:]
+        elif part in PLACEMENTS:
             overrides["placement"] = part
         elif part.startswith("slo=") and part[4:].count("/") == 1:
             try:
@@ -62,14 +69,15 @@ def parse_configuration(label: str) -> tuple[str, dict]:
             overrides.update(prefill_sm_percentage=p, decode_sm_percentage=d)
         else:
             raise ValueError(f"--modes entry {label!r}: {part!r} is neither a placement {PLACEMENTS}, an MPS split "
-                             "such as 50/50, SLOs such as slo=500/25, nor a second prefill share such as p2=50")
+                             "such as 50/50, SLOs such as slo=500/25, a second prefill share such as p2=50, nor a "
+                             "prefill attention such as attn=paged")
     if overrides and mode != "rapid":
         raise ValueError(f"--modes entry {label!r}: a placement, MPS split, SLOs or p2= apply to mode 'rapid' only")
     try:
         RapidConfig(**overrides)  # the values themselves (split in [1, 100], SLOs positive), before any engine
     except ValueError as e:
         raise ValueError(f"--modes entry {label!r}: {e}") from None
-    return mode, overrides
+    return mode, {**overrides, **engine}
 
 
 WARMUP_TOKENS = 4
