@@ -85,9 +85,22 @@ def test_process_memory_per_role():
         ProcessMemory(50, 50, 7, "decode")
     assert process_memory("prefill", peaks, 7, prefill=True, decode=False, graphs=False) == \
         ProcessMemory(300, 0, 7, "prefill")
-    # rapid's decode worker under the adaptive placement: it also runs (eager) prefill, with decode graphs only
-    assert process_memory("decode", peaks, 7, prefill=True, decode=True, graphs=True, prefill_graphs=False) == \
-        ProcessMemory(300, 50, 7, "decode")
+    # rapid's decode worker under the adaptive placement: it also runs mixed steps, in graphs of their own
+    assert process_memory("decode", peaks, 7, prefill=True, decode=True, graphs=True) == \
+        ProcessMemory(300, 350, 7, "decode")
+
+
+def test_roles_that_capture_prefill_graphs():
+    """Mixed steps run in graphs wherever they run: hybrid, and rapid's decode worker when the adaptive placement
+    may put prompts there; the prefill workers always."""
+    from rapid.config import RapidConfig
+    from rapid.worker.model_setup import runs_prefill_graphs
+
+    adaptive = EngineConfig(model="m", tokenizer=None, mode="rapid")
+    static = EngineConfig(model="m", tokenizer=None, mode="rapid", rapid=RapidConfig(placement="static"))
+    assert runs_prefill_graphs("decode", adaptive) and not runs_prefill_graphs("decode", static)
+    assert all(runs_prefill_graphs(r, static) for r in ("prefill", "prefill2"))
+    assert runs_prefill_graphs("hybrid", EngineConfig(model="m", tokenizer=None, mode="hybrid"))
 
 
 @pytest.fixture(scope="module")

@@ -79,9 +79,8 @@ def kv_budget_bytes(total_bytes: int, utilization: float, weight_bytes: int, pro
 
 
 def process_memory(name: str, peaks: ForwardPeaks, non_torch: int, prefill: bool, decode: bool,
-                   graphs: bool, prefill_graphs: bool | None = None) -> ProcessMemory:
-    """The figures of a process that runs prefill and/or decode steps (and captures their graphs unless eager;
-    `prefill_graphs=False`: it runs prefill without graphs, as rapid's decode worker does for inline prefill).
+                   graphs: bool) -> ProcessMemory:
+    """The figures of a process that runs prefill and/or decode steps (and captures their graphs unless eager).
 
     Graph allowance: the graphs are captured after the KV pool exists, so they cannot be measured before
     it; each graph pool holds about its largest batch's activations, so the measured peak of the same
@@ -89,8 +88,7 @@ def process_memory(name: str, peaks: ForwardPeaks, non_torch: int, prefill: bool
     This over-counts a little (the peak also holds the logits and the sampler, which run outside graphs).
     """
     peaks_run = [b for b, on in ((peaks.prefill_bytes, prefill), (peaks.decode_bytes, decode)) if on]
-    captured = (peaks.prefill_bytes, prefill if prefill_graphs is None else prefill_graphs), (peaks.decode_bytes, decode)
-    graph_bytes = sum(b for b, on in captured if on) if graphs else 0
+    graph_bytes = sum(peaks_run) if graphs else 0
     return ProcessMemory(max(peaks_run, default=0), graph_bytes, non_torch, name)
 
 
