@@ -156,7 +156,9 @@ class EngineConfig:
     # the frontend's threads (HTTP, streaming) never take the interpreter from the step loop
     engine_process: bool = False
     attention_backend: str = "auto"  # auto | reference | triton | flashinfer
-    prefill_attention: str = "flash"  # CUDA prefill SDPA: flash | cudnn | auto (torch's choice)
+    # CUDA prefill attention of the triton backend: paged (a Triton kernel over the pool; prefill and mixed batches
+    # run as whole CUDA graphs) | flash | cudnn | auto (SDPA, eager between piecewise graphs)
+    prefill_attention: str = "paged"
     load_format: str = "safetensors"  # or "dummy": random weights at the config's shapes (benchmarks)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -276,10 +278,10 @@ class EngineArgs:
     attention_backend: str = _shared(
         EngineConfig, "attention_backend", "auto: triton on CUDA, reference on the CPU", choices=ATTENTION_BACKENDS)
     prefill_attention: str = _shared(
-        EngineConfig, "prefill_attention", "prefill attention of the triton backend: flash SDPA (no per-shape "
-        "set-up), cudnn SDPA (faster on repeated shapes, but plans every new length pair), auto (torch's choice), "
-        "paged (a Triton kernel reading the paged pool, no host sync, so hybrid's prefill and mixed batches and "
-        "the rapid prefill worker's batches run as whole CUDA graphs; not yet run on a GPU)",
+        EngineConfig, "prefill_attention", "prefill attention of the triton backend: paged (the default: a Triton "
+        "kernel reading the paged pool with no host sync, so prefill and mixed batches run as whole CUDA graphs), "
+        "or SDPA run eagerly between piecewise graphs: flash (no per-shape set-up), cudnn (faster on repeated "
+        "shapes, but plans every new length pair), auto (torch's choice)",
         choices=PREFILL_ATTENTIONS, gpu_only=True)
     prefill_sm_percentage: int = _shared(
         RapidConfig, "prefill_sm_percentage", "mode rapid: percentage of the SMs the prefill worker may use "
