@@ -55,7 +55,14 @@ def offline() -> None:
                         ("rapid, MPS 100/100, the adaptive placement (session 17, call 2, the same call as the row above)",
                          "session17/call2/offline1k-rapid-100-100-s17b.json"),
                         ("hybrid, the fitted defaults, full garbage collections 10x rarer (session 17, call 4)",
-                         "session17/call4/offline1k-hybrid-s17c.json")):
+                         "session17/call4/offline1k-hybrid-s17c.json"),
+                        ("hybrid, paged prefill attention: mixed steps as whole graphs (session 18, call 2)",
+                         "session18/call2/offline1k-hybrid-paged.json"),
+                        ("rapid, MPS 100/100, the adaptive placement, paged prefill attention, the decode worker's mixed "
+                         "steps in graphs (session 18, call 2, the same call as the row above)",
+                         "session18/call2/offline1k-rapid-100-100-paged.json"),
+                        ("hybrid, flash SDPA: mixed steps piecewise (session 18, call 4, the same machine as call 2)",
+                         "session18/call4/offline1k-hybrid-flash.json")):
         path = R / file
         if path.exists():
             runs.append({"setting": label, "source": file, **json.loads(path.read_text())})
@@ -152,6 +159,13 @@ def http_overhead() -> None:
 
 S15 = "serve-sharegpt-like-hybrid-rapid-static-rapid-atom-p2-50-rapid-adaptive-slo-300-15"
 POLICY_RUNS = {  # workload -> serve.json of one device call (every configuration on the same traces)
+    "ShareGPT-like, Poisson, 30 s at 44 and 56 req/s, warm-up 7 s; attn=paged: mixed steps as whole graphs, rapid's "
+    "decode worker capturing them (session 18, call 3)":
+        "session18/call3/serve-sharegpt-like-hybrid-hybrid-attn-paged-rapid-adaptive-attn-paged-s18b/serve.json",
+    "ShareGPT-like, Poisson, 30 s at 50 req/s, warm-up 7 s (session 17's trace); attn=paged as above, rapid's decode "
+    "worker running its mixed steps without graphs (session 18, call 1)":
+        "session18/call1/serve-sharegpt-like-hybrid-hybrid-attn-paged-rapid-adaptive-rapid-adaptive-attn-paged-s18/"
+        "serve.json",
     "ShareGPT-like, Poisson, 30 s at 50 req/s, warm-up 7 s, every core in a child process, full garbage collections "
     "10x rarer (session 17, call 4)": "session17/call4/serve-sharegpt-like-hybrid-rapid-adaptive-gc/serve.json",
     "The same trace, every core in a child process (session 17, call 3)":

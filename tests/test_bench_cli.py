@@ -90,10 +90,17 @@ def test_bench_serve_steady_state_two_modes_smoke(tiny_llama, tmp_path):
             assert device["decode"]["steps"] >= 5 and ("prefill" in device) == (mode != "hybrid")
             idle = r["engine"]["decode_idle"]  # where the decode stream waited during this rate, step by step
             assert idle["steps"] == sum(t["steps"] for k, t in device.items() if k in ("decode", "mixed"))
+            batches = r["engine"]["prefill_worker"]  # rapid's prefill worker, per batch of this rate
+            if mode == "hybrid":
+                assert batches is None
+            else:
+                assert batches["batches"] == device["prefill"]["steps"] and batches["host_ms_median"] > 0
+                assert batches["tokens_median"] >= 32 and batches["device_ms_mean"] > 0
         assert "saturation" in entry and "goodput_by_slo" in entry
     md = (tmp_path / "serve.md").read_text()
     assert "## hybrid" in md and "## rapid" in md and "saturation" in md and "placement (static prefill)" in md
     assert "decode worker's device stream busy" in md and "decode stream's waits for the host" in md
+    assert "prefill workers per batch" in md
     assert (tmp_path / "attainment.png").stat().st_size > 0
 
 

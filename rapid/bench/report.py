@@ -76,6 +76,12 @@ def _mode_lines(mode: str, e: dict, pairs: list[str], has_slos: bool) -> list[st
             lines.append("- decode stream's waits for the host over 1 ms (count, seconds, of all its idle seconds): "
                          + "; ".join(f"{rate:g} req/s {d['steps_over_1ms']}, {d['idle_s_over_1ms']:.2f} of "
                                      f"{d['idle_s']:.2f} s" for rate, d in waits))
+        batches = [(rate, w) for rate, g in placed if isinstance(w := g.get("prefill_worker"), dict) and "host_ms_median" in w]
+        if batches:
+            lines.append("- prefill workers per batch, medians (tokens; host ms to enqueue it; ms waiting for it; "
+                         "device ms, mean): " + "; ".join(f"{rate:g} req/s {w['tokens_median']}, {w['host_ms_median']:.2f}, "
+                                                        f"{w['wait_ms_median']:.1f}, {w['device_ms_mean']:.1f}"
+                                                        for rate, w in batches))
         busy = [(rate, _busy_share(g.get("device_time", {}))) for rate, g in placed]
         if any(b is not None for _, b in busy):
             lines.append("- decode worker's device stream busy (its steps' device time over that plus its idle time, "

@@ -21,7 +21,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from rapid.bench.metrics import parse_goodput
-from rapid.bench.offline import decode_idle_during, device_time_during
+from rapid.bench.offline import decode_idle_during, device_time_during, prefill_worker_during
 from rapid.bench.report import write_markdown, write_plots
 from rapid.bench.results import mode_summary, pair_key, parse_slo_pairs, rate_result
 from rapid.bench.steady import StabilityCriteria
@@ -209,6 +209,7 @@ def _sweep(summary: dict, mode: str, replay, warm, traces, plans, args, slos, pa
             r["engine"] = _engine_during(before, _engine_counts(stats), stats.placement_policy)
             r["engine"]["placement_learned"] = dict(stats.placement_learned)  # the policy's costs at the rate's end
             r["engine"]["decode_idle"] = decode_idle_during(r["engine"]["device_time"], stats)  # where it waited
+            r["engine"]["prefill_worker"] = prefill_worker_during(r["engine"]["device_time"], stats)  # host per batch
         per_rate.append(r)
         summary["modes"][mode] = mode_summary(per_rate, GPUS_PER_MODE.get(mode.split(":")[0], 1), pairs)
         _write(summary, out_dir)

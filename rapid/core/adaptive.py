@@ -32,7 +32,7 @@ Plain Python (no torch): the same object runs in the engine core and in rapid.be
 from __future__ import annotations
 
 from rapid.core.placement import (
-    DECODE, PREFILL, PREFILL2, AtomPlacement, Load, Placement, ewma, placement_for_mode,
+    DECODE, EWMA_WEIGHT, PREFILL, PREFILL2, AtomPlacement, Load, Placement, ewma, placement_for_mode,
 )
 
 TPOT_MARGIN = 0.8  # plan decode steps to at most this share of the TPOT SLO
@@ -53,8 +53,12 @@ class StepCosts:
     def __init__(self):
         self.decode_alone_ms: float | None = None  # a decode step with no prefill beside it or in it
         self.decode_beside_ms: float | None = None  # a decode step while the prefill worker runs
-        # a prompt token's marginal cost inside a mixed step, with the prefill worker idle / running beside it
-        self.inline_ms_per_token: dict[bool, float | None] = {False: None, True: None}
+        # a prompt token's marginal cost inside a mixed step, with the prefill worker idle / running beside it:
+        # decayed sums of the steps' extra time (over a decode step) and of their prompt tokens, so that a step
+        # weighs by its tokens (an average of per-step ratios let a small step's noise swing it: on the H200 the
+        # learned figure ran 73-2,212 us a token where the run's mixed steps averaged about 34)
+        self.mixed_extra_ms: dict[bool, float] = {False: 0.0, True: 0.0}
+        self.mixed_tokens: dict[bool, float] = {False: 0.0, True: 0.0}
         self.mixed_samples = 0  # mixed steps measured (with the prefill worker idle)
         # a prompt token in a step with nothing decoding (the step's fixed cost included: with short prompts it
         # dwarfs a mixed step's marginal cost, so the two are learned apart)
@@ -87,7 +91,7 @@ class StepCosts:
     def decode_cost_ms_per_token(self, lane: str) -> float | None:
         """What one prompt token costs the running decodes (ms of decode time) on `lane`; None until measured."""
         if lane == DECODE:
-            return self.inline_ms_per_token[False]
+            return self.mixed_ms_per_token(False)
         if self.beside_batches.get(lane, 0) < MIN_BESIDE_BATCHES:
             return None
         return self.beside_extra_ms[lane] / self.beside_tokens[lane]
@@ -110,14 +114,21 @@ class StepCosts:
             self.idle_inline_ms_per_token = ewma(self.idle_inline_ms_per_token, seconds * 1e3 / tokens)
             return
         decode = self.decode_beside_ms if beside_prefill else self.decode_alone_ms
-        per_token = max(seconds * 1e3 - (decode or 0.0), 0.0) / tokens
-        self.inline_ms_per_token[beside_prefill] = ewma(self.inline_ms_per_token[beside_prefill], per_token)
+        keep = 1 - EWMA_WEIGHT  # the same memory as the running averages of the other timings
+        self.mixed_extra_ms[beside_prefill] = keep * self.mixed_extra_ms[beside_prefill] + max(
+            seconds * 1e3 - (decode or 0.0), 0.0)
+        self.mixed_tokens[beside_prefill] = keep * self.mixed_tokens[beside_prefill] + tokens
         self.mixed_samples += not beside_prefill
+
+    def mixed_ms_per_token(self, beside_prefill: bool) -> float | None:
+        """A prompt token's marginal cost in a mixed step (None until one was measured)."""
+        tokens = self.mixed_tokens[beside_prefill]
+        return self.mixed_extra_ms[beside_prefill] / tokens if tokens else None
 
     def inline_ms(self, beside_prefill: bool) -> float | None:
         """A prompt token's cost in a mixed step now; beside a prefill batch, until measured there, the idle figure."""
-        known = self.inline_ms_per_token
-        return known[beside_prefill] if known[beside_prefill] is not None else known[False]
+        known = self.mixed_ms_per_token(beside_prefill)
+        return known if known is not None else self.mixed_ms_per_token(False)
 
 
 class AdaptivePlacement:
