@@ -156,9 +156,7 @@ class EngineConfig:
     # the frontend's threads (HTTP, streaming) never take the interpreter from the step loop
     engine_process: bool = False
     attention_backend: str = "auto"  # auto | reference | triton | flashinfer
-    # CUDA prefill attention of the triton backend: paged (a Triton kernel over the pool; prefill and mixed batches
-    # run as whole CUDA graphs) | flash | cudnn | auto (SDPA, eager between piecewise graphs)
-    prefill_attention: str = "paged"
+    prefill_attention: str = "paged"  # triton backend: paged (whole-graph mixed steps) | flash | cudnn | auto (SDPA)
     load_format: str = "safetensors"  # or "dummy": random weights at the config's shapes (benchmarks)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
