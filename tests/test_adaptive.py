@@ -29,7 +29,7 @@ def test_with_nothing_decoding_each_lane_is_tried_then_the_cheaper_one_kept():
     p = AdaptivePlacement(8192)
     idle = load(decoding=0, queued=2048)
     assert p.place(idle).lane == DECODE  # nothing learned yet: the decode executor first
-    p.observe_prefill(DECODE, 2048, 0.080)  # 25.6k tok/s inline (no prefill graphs there, say)
+    p.observe_prefill(DECODE, 2048, 0.080)  # 25.6k tok/s inline
     assert p.place(idle).lane == PREFILL  # then the prefill worker, once
     p.observe_prefill(PREFILL, 2048, 0.050)  # 41k tok/s
     assert p.place(idle).lane == PREFILL  # cheaper per token: kept

@@ -200,12 +200,13 @@ def test_bench_serve_configurations_are_modes_with_placement_and_split(capsys):
         "rapid", {"placement": "static", "prefill_sm_percentage": 50, "decode_sm_percentage": 50})
     assert parse_configuration("rapid:adaptive:slo=300/15") == (
         "rapid", {"placement": "adaptive", "slo_ttft_ms": 300.0, "slo_tpot_ms": 15.0})
-    # the prefill attention is every mode's option: hybrid with whole-graph mixed steps beside its default
-    assert parse_configuration("hybrid:attn=paged") == ("hybrid", {"prefill_attention": "paged"})
+    # the prefill attention is every mode's option: hybrid with piecewise mixed steps (SDPA) beside its default
+    assert parse_configuration("hybrid:attn=flash") == ("hybrid", {"prefill_attention": "flash"})
     assert parse_configuration("rapid:adaptive:attn=paged") == (
         "rapid", {"placement": "adaptive", "prefill_attention": "paged"})
     for bad, why in (("hybrid:attn=fast", "names no prefill attention"),
-                     ("hybrid:attn=paged:attn=flash", "more than one prefill attention"),("fast", "the mode must be one of"), ("rapid:best", "neither a placement"),
+                     ("hybrid:attn=paged:attn=flash", "more than one prefill attention"),
+                     ("fast", "the mode must be one of"), ("rapid:best", "neither a placement"),
                      ("hybrid:static", "mode 'rapid' only"), ("rapid:50/", "neither a placement"),
                      ("rapid:slo=fast/15", "needs numbers"), ("rapid:static:0/50", r"in \[1, 100\], got 0"),
                      ("rapid:slo=0/25", "positive number"), ("rapid:static:adaptive", "more than one placement"),

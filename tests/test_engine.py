@@ -3,6 +3,7 @@ sampling, stop strings, logprobs, and every edge validation error."""
 
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -232,7 +233,8 @@ def test_unknown_keyword_and_bad_config_are_errors(tiny_llama):
         LLM(tiny_llama, gpu_memory_utilization=1.5)
     with pytest.raises(ValueError, match="mode"):
         LLM(tiny_llama, mode="fast")
-    with pytest.raises(ValueError, match="prefill_attention must be flash|cudnn|auto, got 'fa3'"):
+    with pytest.raises(ValueError, match=re.escape("prefill_attention must be one of ('flash', 'cudnn', 'auto', "
+                                                   "'paged'), got 'fa3'")):
         LLM(tiny_llama, prefill_attention="fa3")
     with pytest.raises(ValueError, match="max_model_len"):
         LLM(tiny_llama, max_model_len=10**6)

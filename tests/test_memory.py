@@ -90,6 +90,18 @@ def test_process_memory_per_role():
         ProcessMemory(300, 350, 7, "decode")
 
 
+def test_paged_prefill_attention_only_where_graphs_run():
+    """'paged' (the default) pays inside whole CUDA graphs; with enforce_eager a process runs flash SDPA. A choice
+    other than paged is kept."""
+    from rapid.worker.loading import prefill_attention
+
+    assert EngineConfig(model="m", tokenizer=None).prefill_attention == "paged"
+    assert prefill_attention(EngineConfig(model="m", tokenizer=None)) == "paged"
+    assert prefill_attention(EngineConfig(model="m", tokenizer=None, enforce_eager=True)) == "flash"
+    assert prefill_attention(EngineConfig(model="m", tokenizer=None, enforce_eager=True, prefill_attention="cudnn")) \
+        == "cudnn"
+
+
 def test_roles_that_capture_prefill_graphs():
     """Mixed steps run in graphs wherever they run: hybrid, and rapid's decode worker when the adaptive placement
     may put prompts there; the prefill workers always."""

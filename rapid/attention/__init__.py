@@ -14,8 +14,9 @@ logger = logging.getLogger(__name__)
 def select_backend(name: str, model_cfg, device: torch.device, prefill_attention: str = "flash"):
     """'auto' picks the Triton backend on CUDA and the reference backend on the CPU.
 
-    prefill_attention (Triton backend): the SDPA kernel for prefill, "flash", "cudnn" or "auto" (torch's
-    choice); the reference backend ignores it."""
+    prefill_attention (Triton backend): "paged" (the Triton paged prefill kernel, graph-safe: the engine's
+    default, EngineConfig.prefill_attention), or an SDPA kernel: "flash", "cudnn" or "auto" (torch's choice);
+    the reference backend ignores it."""
     args = (model_cfg.num_heads, model_cfg.num_kv_heads, model_cfg.head_dim, model_cfg.head_dim**-0.5)
     if name == "auto":
         name = "triton" if device.type == "cuda" else "reference"

@@ -1,4 +1,4 @@
-"""Paged attention in Triton: a KV store kernel, a split-KV decode kernel, and flash SDPA for prefill.
+"""Paged attention in Triton: a KV store kernel, a split-KV decode kernel, and a paged prefill kernel (or SDPA).
 
 Semantics are exactly those of ReferenceAttention.forward (rapid/attention/reference.py):
   1. keys/values of this step go to the pool at meta.slot_mapping (slot -1 = padding: skipped);
@@ -6,11 +6,10 @@ Semantics are exactly those of ReferenceAttention.forward (rapid/attention/refer
      (flash-decoding: the context is cut into `num_splits` pieces, one program per
      (sequence, kv head, split) loads each KV tile once for all query heads of its GQA group, then a
      small reduce kernel merges the pieces by their log-sum-exp);
-  3. the remaining sequences are prefill chunks: per sequence, the chunk attends causally (bottom-right
-     aligned) to its whole context through torch's flash SDPA; the context is gathered from the pool
-     only when earlier chunks exist. With prefill_attention="paged", one Triton launch instead reads every
-     chunk's context from the pool (rapid/attention/paged_prefill.py; run so far only by Triton's CPU
-     interpreter, not yet on a GPU).
+  3. the remaining sequences are prefill chunks, each attending causally (bottom-right aligned) to its whole
+     context: with prefill_attention="paged" (the engine's default) one Triton launch reads every chunk's
+     context from the pool (rapid/attention/paged_prefill.py), graph-safe; with "flash", "cudnn" or "auto",
+     per sequence through torch's SDPA, the context gathered from the pool only when earlier chunks exist.
 
 CUDA-graph safety of the decode path: no host syncs; the grid depends only on the batch size and a
 host upper bound of the context length (meta.max_seq_len, which the graph runner holds at
@@ -152,13 +151,13 @@ def _next_pow2(n: int) -> int:
 
 
 class TritonAttention:
-    """Paged attention on CUDA: Triton store + split-KV decode, flash SDPA prefill."""
+    """Paged attention on CUDA: Triton store + split-KV decode, paged Triton (or SDPA) prefill."""
 
     name = "triton"
     cuda_graph_capturable = True  # decode + store: no host syncs, launch shapes from host bounds only
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 prefill_attention: str = "flash"):
+                 prefill_attention: str = "flash"):  # the engine passes its config's (default "paged")
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
@@ -272,8 +271,9 @@ class TritonAttention:
         return self._sdpa(qh, kh, vh, L, seq_len, self.num_heads != self.num_kv_heads)
 
     def set_prefill_attention(self, choice: str) -> None:
-        """flash (default) | cudnn (cuDNN first, flash as its fallback) | auto (torch's own choice) | paged (the
-        Triton paged prefill kernel, rapid/attention/paged_prefill.py: no gather, no host sync)."""
+        """paged (the engine's default: the Triton paged prefill kernel, rapid/attention/paged_prefill.py: no
+        gather, no host sync) | flash (this class's default) | cudnn (cuDNN first, flash as its fallback) | auto
+        (torch's own choice)."""
         from torch.nn.attention import SDPBackend
 
         self.paged_prefill = choice == "paged"

@@ -34,8 +34,8 @@ def parse_configuration(label: str) -> tuple[str, dict]:
     """A --modes entry -> (mode, EngineArgs overrides): 'hybrid', 'rapid', 'rapid:static', 'rapid:adaptive',
     'rapid:static:50/50' (placement and/or prefill/decode MPS split), 'rapid:adaptive:slo=500/25' (the SLOs the
     placement plans for: TTFT/TPOT ms), 'rapid:atom:p2=50' (a second prefill worker at 50% of the SMs), and for any
-    mode 'attn=paged' (the prefill attention: prefill and mixed batches as whole CUDA graphs), so every baseline
-    runs on the same traces."""
+    mode 'attn=flash' (the prefill attention; the default paged runs prefill and mixed batches as whole CUDA
+    graphs, an SDPA choice as piecewise ones), so every baseline runs on the same traces."""
     from rapid.config import MODES, PLACEMENTS, PREFILL_ATTENTIONS, RapidConfig
 
     mode, *parts = label.split(":")
@@ -94,8 +94,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="--backend openai: vocabulary of the random prompts (default: the --model folder's config)")
     p.add_argument("--modes", default=None, help="comma list of configurations to sweep on the same traces (default: "
                    "--mode): a mode, or rapid with a placement, MPS split, SLOs and/or a second prefill share, e.g. "
-                   "hybrid,rapid:static:100/100,rapid:static:50/50,rapid:adaptive:slo=500/25,rapid:atom:p2=50; with "
-                   "--backend openai, the one label of the server's mode")
+                   "hybrid,rapid:static:100/100,rapid:static:50/50,rapid:adaptive:slo=500/25,rapid:atom:p2=50; any "
+                   "mode may add attn=<prefill attention>, e.g. hybrid:attn=flash; with --backend openai, the one "
+                   "label of the server's mode")
     p.add_argument("--dataset-name", default="sharegpt-like", choices=["random", "sharegpt", "sharegpt-like"],
                    help="sharegpt-like: ShareGPT-shaped lengths, random tokens (default: %(default)s)")
     p.add_argument("--dataset-path", default=None, help="ShareGPT JSON file (--dataset-name sharegpt)")

@@ -9,8 +9,8 @@ __all__ = ["DecodeGraphRunner", "bucket_sizes", "prepare_model"]
 
 def prepare_model(model, kv_pool, config, decode_graphs: bool, prefill_graphs: bool) -> list:
     """On CUDA without enforce_eager: compile the non-attention work, then capture the bucketed decode
-    graphs and/or the piecewise prefill/mixed graphs. Returns the graph runners (ModelRunner tries
-    them in order); [] on the CPU or with enforce_eager."""
+    graphs and/or the prefill/mixed graphs (whole with the paged prefill attention, else piecewise). Returns the
+    graph runners (ModelRunner tries them in order); [] on the CPU or with enforce_eager."""
     import logging
     import time
 

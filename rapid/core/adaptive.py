@@ -6,7 +6,7 @@ compares from the engine's own timings as they arrive (`StepCosts`): the decode 
 cost inside a mixed step, the prefill worker's tokens/s, and how long requests' outputs run.
 
 - **Nothing decodes**: the lane that has prefilled more cheaply per token (inline and the first prefill worker are
-  each tried once: inline needs no hand-off between processes, a prefill worker has its prefill graphs).
+  each tried once: inline needs no hand-off between processes, a prefill worker runs beside the decodes).
 - **Something decodes**: a prefill worker where it costs the running decodes clearly less per prompt token
   (at most CHEAPER of a mixed step's cost), else hybrid batching. With a TPOT SLO, a prefill worker also where it
   costs them about as much (at most TAIL_TIE times a mixed step's cost): at equal cost per token a mixed step

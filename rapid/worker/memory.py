@@ -84,7 +84,8 @@ def process_memory(name: str, peaks: ForwardPeaks, non_torch: int, prefill: bool
 
     Graph allowance: the graphs are captured after the KV pool exists, so they cannot be measured before
     it; each graph pool holds about its largest batch's activations, so the measured peak of the same
-    shape stands for it (decode graphs: the decode batch; piecewise graphs: max_num_batched_tokens).
+    shape stands for it (decode graphs: the decode batch; prefill/mixed graphs, whole or piecewise:
+    max_num_batched_tokens).
     This over-counts a little (the peak also holds the logits and the sampler, which run outside graphs).
     """
     peaks_run = [b for b, on in ((peaks.prefill_bytes, prefill), (peaks.decode_bytes, decode)) if on]
