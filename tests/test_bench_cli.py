@@ -30,6 +30,7 @@ def test_bench_offline_smoke(tiny_llama, tmp_path):
     assert abs(idle["idle_s"] - sum(t["idle_s"] for k, t in device.items() if k in ("decode", "mixed"))) < 1e-3
     assert idle["longest"] and all(w["kind"] in ("decode", "mixed") for w in idle["longest"])
     assert result["engine"]["prefill_worker"] is None  # hybrid: no prefill worker
+    assert result["engine"]["eager_steps"] == {}  # no graphs on the CPU, so none fell back
 
 
 def test_prefill_worker_summary_takes_the_runs_worker_batches():

@@ -313,6 +313,47 @@ def test_device_time_by_step_kind(tiny_llama):
     assert totals["decode"][0] >= GREEDY.max_tokens
 
 
+def test_steps_outside_the_graphs_are_counted(tiny_llama):
+    """A process that captured graphs runs a batch none of them fits eagerly: the stats count those steps by kind
+    (a silent fallback would cost speed unseen). A stand-in graph runner takes decode-only batches here."""
+    with LLM(tiny_llama) as llm:
+        prompt, params = [{"prompt_token_ids": [5] * 20}], SamplingParams(max_tokens=4, ignore_eos=True)
+        llm.generate(prompt, params, use_tqdm=False)
+        assert llm.engine.get_stats().eager_steps == {}  # no graphs captured (the CPU): nothing fell back
+        runner = llm.engine.core.workers.loop.runner
+
+        class DecodeOnly:
+            def can_run(self, meta, num_tokens):
+                return meta.num_prefills == 0
+
+            def run(self, ids, positions, meta):
+                return runner.model(ids, positions, runner.kv_pool, meta)
+
+        runner.graph_runners = [DecodeOnly()]
+        llm.generate(prompt, params, use_tqdm=False)
+        stats = llm.engine.get_stats()
+        del runner
+    assert stats.eager_steps == {"inline": 1}  # the prompt's step; its decode steps fit the stand-in graph
+    assert stats.device_time["decode"][0] >= 6
+
+
+def test_metrics_count_steps_outside_the_graphs():
+    """/metrics: rapid:eager_steps{kind}, one sample per kind that fell back (none before)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from rapid.entrypoints.openai.metrics import ServerMetrics
+    from rapid.protocol.engine import Stats
+
+    def samples(eager):
+        text = ServerMetrics("m", "hybrid", get_stats=lambda: Stats([], [], [], [], eager_steps=eager),
+                             stats_interval_s=0).render().decode()
+        return {s.labels["kind"]: s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+                if s.name == "rapid:eager_steps_total"}
+
+    assert samples({}) == {}
+    assert samples({"mixed": 3, "prefill": 1}) == {"mixed": 3.0, "prefill": 1.0}
+
+
 def test_device_timer_reads_busy_and_idle_from_its_events():
     from rapid.worker.device_timer import DeviceTimer
 

@@ -114,6 +114,8 @@ def test_gpu_greedy_equals_transformers(tiny_llama, prompts, mode, prefill_atten
         assert set(stats.device_time) <= lanes and stats.device_time["decode"][0] >= 15
         assert sum(t[0] for k, t in stats.device_time.items() if k != "decode") >= 1
         assert all(busy > 0 and idle >= 0 for _, busy, idle in stats.device_time.values())
+        # every step ran in a captured graph, rapid's decode worker's mixed and prompt-only steps included
+        assert stats.eager_steps == {}
     assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(tiny_llama, p, 16) for p in prompts]
 
 

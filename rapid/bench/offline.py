@@ -108,7 +108,8 @@ def run_offline(args) -> dict:
                   "kv_pool_tokens": llm.engine.num_blocks * llm.config.cache.block_size,
                   "num_preemptions": stats.num_preemptions, "placement_policy": stats.placement_policy,
                   "prefill_tokens_by_lane": stats.prefill_tokens_by_lane,
-                  "device_time": device_time_during(before, stats.device_time)}
+                  "device_time": device_time_during(before, stats.device_time),
+                  "eager_steps": stats.eager_steps}  # since start: steps outside the captured graphs, by kind
         engine["decode_idle"] = decode_idle_during(engine["device_time"], stats)
         engine["prefill_worker"] = prefill_worker_during(engine["device_time"], stats)
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"

@@ -43,6 +43,7 @@ class StepStats:
                  "decode_batch_sizes", "decode_device_idle", "prefill_host_s", "prefill_idle_gaps_s")
         self.series = {n: deque(maxlen=STATS_WINDOW) for n in names}
         self.device_time: dict[str, list[float]] = {}  # kind -> [steps, busy_s, idle_s], since start
+        self.eager_steps: dict[str, int] = {}  # kind -> steps run outside the worker's captured graphs, since start
 
     def record(self, msg) -> None:
         s = self.series
@@ -51,6 +52,8 @@ class StepStats:
             total[0] += 1
             total[1] += msg.device.busy_s
             total[2] += msg.device.idle_s
+            if msg.device.eager:
+                self.eager_steps[msg.device.kind] = self.eager_steps.get(msg.device.kind, 0) + 1
         if isinstance(msg, PrefillDone):
             s["prefill_intervals"].append((msg.t_start, msg.t_end))
             s["prefill_tokens"].append(msg.num_tokens)
@@ -67,7 +70,8 @@ class StepStats:
 
     def snapshot(self, **counters) -> Stats:
         return Stats(**{name: list(values) for name, values in self.series.items()},
-                     device_time={kind: list(total) for kind, total in self.device_time.items()}, **counters)
+                     device_time={kind: list(total) for kind, total in self.device_time.items()},
+                     eager_steps=dict(self.eager_steps), **counters)
 
 
 class EngineCore:

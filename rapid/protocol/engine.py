@@ -92,6 +92,8 @@ class Stats(msgspec.Struct, tag=True):
     prefill_tokens_by_lane: dict[str, int] = {}
     # since start, by step kind (rapid.protocol.worker.DeviceTime): [steps, busy_s, idle_s] on the device
     device_time: dict[str, list[float]] = {}
+    # since start, by step kind: steps that ran outside the worker's CUDA graphs although it captured some
+    eager_steps: dict[str, int] = {}
     placement_learned: dict[str, float] = {}  # the placement policy's measured costs (rapid.core.adaptive.learned)
 
 

@@ -77,6 +77,7 @@ class DeviceTime(msgspec.Struct):
     kind: str
     busy_s: float
     idle_s: float
+    eager: bool = False  # outside the worker's CUDA graphs, though it captured some (no graph fits the batch)
 
 
 class PrefillDone(msgspec.Struct, tag=True):

@@ -205,7 +205,7 @@ class DecodeLoop:
         self.grammars.retain(self.running)  # matchers of finished, dropped and prefill-only rows go
         times = self.runner.device_time(step.launched)
         kind = ("mixed" if step.prefill is not None else "decode") if step.batch else "inline"
-        device = DeviceTime(kind, *times) if times is not None else None  # on the step's one message below
+        device = DeviceTime(kind, *times, eager=step.launched.eager) if times is not None else None  # one message
         out: list = [DecodeStep(kept, finished, step.t0, t1, idle_gap_s=step.idle, handoffs=handoffs,
                                 device=device)] if step.batch else []
         if step.prefill is not None:

@@ -33,6 +33,7 @@ class Launched:
     sample: PendingSample | None  # None when no row samples
     grammar_rows: bool  # structured-output matchers advance when it is collected
     span: Span | None = None  # its device-time events (rapid.worker.device_timer)
+    eager: bool = False  # it ran outside the process's CUDA graphs (captured ones, none of which fits the batch)
 
 
 class ModelRunner:
@@ -45,6 +46,7 @@ class ModelRunner:
         self.vocab_size = model.config.vocab_size
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.graph_runners = list(graph_runners)  # CUDA-graph runners (rapid.compile), tried in order
+        self.last_eager = False  # the latest forward pass ran outside the graphs although some were captured
         self.eos_token_ids = eos_token_ids  # masked while a request is below min_tokens
         # params.prompt_logprobs: request id -> (next prompt position, {token: logprob} per position, ranks),
         # gathered chunk by chunk in this process and sent with the first sampled token
@@ -105,6 +107,7 @@ class ModelRunner:
             tokens, dst, src = inputs_from
             ids[to_device(dst, torch.int64, self.device)] = tokens[to_device(src, torch.int64, self.device)]
         graphs = next((g for g in self.graph_runners if g.can_run(meta, ids.shape[0])), None)
+        self.last_eager = graphs is None and bool(self.graph_runners)
         if graphs is not None:
             hidden = graphs.run(ids, positions, meta)
         else:
@@ -165,7 +168,7 @@ class ModelRunner:
         sampling = [w for w in work if w.sample]
         if not sampling:
             self.timer.finish(span)
-            return Launched([], None, False, span)
+            return Launched([], None, False, span, self.last_eager)
         grammars = self.grammars
         bitmask = grammars.bitmask(sampling, self.vocab_size, self.device) if grammars is not None else None
         batch = SamplingBatch.build(
@@ -178,7 +181,8 @@ class ModelRunner:
             eos_token_ids=self.eos_token_ids,
             grammar_bitmask=bitmask,
         )
-        launched = Launched(sampling, sample_async(logits, batch, self.generator), bitmask is not None, span)
+        launched = Launched(sampling, sample_async(logits, batch, self.generator), bitmask is not None, span,
+                            self.last_eager)
         self.timer.finish(span)
         return launched
 

@@ -74,6 +74,11 @@ class _EngineStatsCollector:
             if key.startswith("decode_us_per_prompt_token:"):
                 cost.add_metric(values + [key.split(":", 1)[1]], value)
         yield cost
+        eager = CounterMetricFamily("rapid:eager_steps", "Steps that ran outside their worker's CUDA graphs although "
+                                    "it captured some (no graph fits the batch), by step kind.", labels=names + ["kind"])
+        for kind, steps in stats.eager_steps.items():
+            eager.add_metric(values + [kind], steps)
+        yield eager
 
 
 class ServerMetrics:
