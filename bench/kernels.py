@@ -257,7 +257,8 @@ def kernel_times_ms(intervals: list[tuple[float, float, str]], n: int) -> tuple[
     fams: dict[str, float] = {}
     names: dict[str, float] = {}
     for start, end, name in intervals:
-        fams[kernel_family(name)] = fams.get(kernel_family(name), 0.0) + (end - start)
+        fam = kernel_family(name)
+        fams[fam] = fams.get(fam, 0.0) + (end - start)
         names[name[:90]] = names.get(name[:90], 0.0) + (end - start)
 
     def ms(totals: dict[str, float]) -> list:

@@ -40,7 +40,8 @@ def test_prefill_worker_summary_takes_the_runs_worker_batches():
 
     from rapid.bench.offline import prefill_worker_during
 
-    stats = SimpleNamespace(prefill_host_s=[0.9, 0.001, 0.0, 0.002, 0.003],  # the first: a batch before the run
+    stats = SimpleNamespace(prefill_intervals=[(float(i), i + 0.5) for i in range(5)],
+                            prefill_host_s=[0.9, 0.001, 0.0, 0.002, 0.003],  # the first: a batch before the run
                             prefill_idle_gaps_s=[0.5, 0.010, 0.0, 0.020, 0.030], prefill_tokens=[7, 100, 16, 300, 200])
     device = {"decode": {"steps": 9, "busy_s": 1.0, "idle_s": 0.0}, "prefill": {"steps": 3, "busy_s": 0.3, "idle_s": 0.1}}
     got = prefill_worker_during(device, stats)

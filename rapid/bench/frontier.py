@@ -16,7 +16,7 @@ import statistics
 import time
 from pathlib import Path
 
-from rapid.bench.offline import device_time_during
+from rapid.bench.offline import device_time_during, prefill_worker_batches
 from rapid.protocol.engine import AddRequest
 from rapid.params import SamplingParams
 
@@ -133,8 +133,7 @@ def prefill_worker_times(s, t0: float, t1: float) -> dict:
     """Medians over the prefill workers' batches in the window (a mixed step reports no host time): the host time
     to enqueue a batch and the worker's wait since its previous batch (with one prefill worker kept busy, the core's
     round trip); None without such batches."""
-    pairs = [v for _, _, v in _window(s.prefill_intervals, zip(s.prefill_host_s, s.prefill_idle_gaps_s), t0, t1)
-             if v[0] > 0]
+    pairs = [(h, gap) for (a, b), h, gap, _ in prefill_worker_batches(s) if a >= t0 and b <= t1]
 
     def median_ms(values):
         return round(statistics.median(values) * 1e3, 4) if values else None

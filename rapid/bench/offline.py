@@ -52,6 +52,13 @@ def decode_idle_during(device_time: dict[str, dict], stats) -> dict | str:
     return f"not recorded: {ran} decode steps outnumber the {len(stats.decode_device_idle)} the engine's stats keep"
 
 
+def prefill_worker_batches(stats) -> list[tuple[tuple[float, float], float, float, int]]:
+    """The prefill workers' batches among Stats' prefill series: (interval, host_s, wait_s, tokens). A mixed step's
+    prompt part is in the series too, with host time 0: left out."""
+    return [(interval, h, gap, n) for interval, h, gap, n in zip(stats.prefill_intervals, stats.prefill_host_s,
+                                                                 stats.prefill_idle_gaps_s, stats.prefill_tokens) if h > 0]
+
+
 def prefill_worker_during(device_time: dict[str, dict], stats) -> dict | None:
     """Per batch of the prefill workers counted in `device_time` (device_time_during's result), medians over the run:
     the host's time to enqueue a batch (forward pass and sampling), the worker's wait since its previous batch (for
@@ -60,9 +67,7 @@ def prefill_worker_during(device_time: dict[str, dict], stats) -> dict | None:
     ran = sum(device_time[k]["steps"] for k in kinds)
     if not ran:
         return None
-    # the prefill workers' entries only: a mixed step's prompt part reports host time 0
-    rows = [(h, gap, n) for h, gap, n in zip(stats.prefill_host_s, stats.prefill_idle_gaps_s, stats.prefill_tokens)
-            if h > 0][-ran:]
+    rows = [(h, gap, n) for _, h, gap, n in prefill_worker_batches(stats)][-ran:]
     if len(rows) < ran:
         return {"batches": ran, "recorded": f"not recorded: the engine's stats keep {len(rows)} of {ran} batches"}
     ms = lambda xs, q=0.5: round(sorted(xs)[min(len(xs) - 1, int(q * len(xs)))] * 1e3, 3)  # noqa: E731

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["launch_race", "num_sms", "race_argmax", "split_vocab"]
+__all__ = ["launch_race", "num_sms", "parts_per_row", "race_argmax", "split_vocab"]
 
 
 @triton.jit
@@ -57,13 +57,18 @@ def _race_kernel(X, SCALE, KEYS, PART_VAL, PART_IDX, V, stride_x, part_len, num_
 def race_argmax(x: Tensor, scale: Tensor, keys: Tensor) -> Tensor:
     """x [B, V] float32 on CUDA, scale [B], keys [B] int64 -> tokens [B] int64, the vocabulary cut into parts until
     about two programs per SM run."""
-    return launch_race(x, scale, keys, parts=-(-2 * num_sms(x.device.index) // max(1, x.shape[0])))
+    return launch_race(x, scale, keys, parts=parts_per_row(x))
 
 
 @functools.lru_cache(maxsize=None)
 def num_sms(device_index: int | None) -> int:
     """The device's streaming multiprocessors (asked once per device)."""
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def parts_per_row(x: Tensor) -> int:
+    """Parts to cut each row of x [B, V] (on CUDA) into, so that about two programs per SM run."""
+    return -(-2 * num_sms(x.device.index) // max(1, x.shape[0]))
 
 
 def split_vocab(vocab_size: int, parts: int, block: int) -> tuple[int, int]:

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from rapid.worker.exponential_race_kernel import num_sms, split_vocab
+from rapid.worker.exponential_race_kernel import parts_per_row, split_vocab
 
 __all__ = ["launch_token_logprob", "token_logprob"]
 
@@ -66,7 +66,7 @@ def _merge_kernel(PART_MAX, PART_SUM, X, TOKENS, OUT, stride_x, num_parts, PARTS
 def token_logprob(x: Tensor, tokens: Tensor) -> Tensor:
     """x [B, V] logits on CUDA, tokens [B] int64 in [0, V) (not checked: the sampler's own draws) -> [B] float32
     log_softmax(x)[row, tokens[row]]; each row cut into parts until about two programs per SM run."""
-    return launch_token_logprob(x, tokens, parts=-(-2 * num_sms(x.device.index) // max(1, x.shape[0])))
+    return launch_token_logprob(x, tokens, parts=parts_per_row(x))
 
 
 def launch_token_logprob(x: Tensor, tokens: Tensor, parts: int, block: int = 2048) -> Tensor:
