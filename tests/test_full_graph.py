@@ -118,3 +118,24 @@ def test_buffers_pad_a_batch_to_no_sequences_and_no_writes():
     m = buf.meta(16)
     assert m.num_decodes == 0 and m.num_prefills == 6 and m.slot_mapping.shape == (16,)
     assert buf.fits(meta, 7) and not buf.fits(meta, 33)
+
+
+def test_candidate_buckets_are_fine_and_end_at_the_budget():
+    from rapid.compile.full_graph import candidate_buckets
+
+    sizes = candidate_buckets(8192)
+    assert sizes[:7] == [16, 32, 48, 64, 96, 128, 160] and sizes[-1] == 8192
+    assert all(b - a == 32 for a, b in zip(sizes[5:], sizes[6:]) if b <= 1024)  # every 32 tokens to 1024
+    assert [s for s in sizes if 1024 < s <= 2048] == list(range(1152, 2049, 128))
+    assert candidate_buckets(100) == [16, 32, 48, 64, 96, 100] and candidate_buckets(16) == [16]
+    assert candidate_buckets(2000)[-2:] == [1920, 2000]  # the budget itself is the last bucket
+
+
+def test_undominated_drops_sizes_a_larger_one_beats():
+    from rapid.compile.full_graph import undominated
+
+    # 448 tokens cost more than 480 (as measured on the H200): a 440-token batch goes to 480 instead
+    ms = {416: 11.8, 448: 15.4, 480: 11.7, 512: 12.9, 544: 14.5, 576: 14.4}
+    assert undominated(ms) == [480, 512, 576]  # 416 costs more than 480, 544 more than 576: both dropped
+    assert undominated({16: 5.0}) == [16]
+    assert undominated({16: 5.0, 32: 5.0}) == [32]  # a tie: the larger size serves both

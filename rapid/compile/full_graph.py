@@ -5,6 +5,13 @@ Triton backend with prefill_attention="paged" (rapid/attention/paged_prefill.py)
 batch passed as one-token sequences. A step copies its tokens, positions and metadata into static buffers padded
 to its bucket and replays one graph: no eager attention between pieces, so no host work per layer.
 
+Buckets, measured: a step pays for its bucket's tokens, and on the H200 (bench/results/session19/) the cost of a
+step is not smooth in its tokens. Some sizes cost more than larger ones (448 tokens 15.4 ms, 480 11.7; 1088 28.8,
+1216 27.9), and the x1.5/x2 buckets cost steps of 128-1024 tokens 10-13% more than their own size on average. So
+the runner captures a fine set of candidates (every 32 tokens to 1024, then every 128, 256, 512), times each
+graph once captured, and keeps only the sizes that no larger size beats (`undominated`): padding then never costs
+more than the bucket it skipped.
+
 Padding: tokens past the batch's own carry slot -1 (no KV write) and belong to no sequence (their rows are
 computed and thrown away; rows never mix); sequence rows past the batch's own have no query tokens and context 0.
 
@@ -18,15 +25,37 @@ from __future__ import annotations
 
 import bisect
 import logging
+import math
 import time
 
 import torch
 
 from rapid.attention.metadata import AttentionMetadata
 from rapid.compile.cuda_graphs import capture_pieces
-from rapid.compile.piecewise import token_buckets
 
 logger = logging.getLogger(__name__)
+
+
+def candidate_buckets(max_tokens: int) -> list[int]:
+    """Token sizes whose graphs are captured and timed: 16, 32, 48, 64, 96, 128, then every 32 tokens to 1024,
+    every 128 to 2048, every 256 to 4096 and every 512 beyond, ending exactly at max_tokens."""
+    out, t = [16, 32, 48, 64, 96, 128], 128
+    for step, upto in ((32, 1024), (128, 2048), (256, 4096), (512, max_tokens)):
+        while t + step <= min(upto, max_tokens):
+            t += step
+            out.append(t)
+    return [s for s in out if s < max_tokens] + [max_tokens]
+
+
+def undominated(ms_by_size: dict[int, float]) -> list[int]:
+    """The sizes that no larger size beats (the largest always stays): padding a batch to the next one kept never
+    costs more than the size skipped."""
+    kept, best = [], math.inf
+    for size in sorted(ms_by_size, reverse=True):
+        if ms_by_size[size] < best:
+            kept.append(size)
+            best = ms_by_size[size]
+    return sorted(kept)
 
 
 class MixedBatchBuffers:
@@ -69,9 +98,11 @@ class FullGraphRunner:
     """One CUDA graph of the whole model forward per token bucket, for batches with prefill chunks."""
 
     def __init__(self, model, kv_pool: torch.Tensor, max_tokens: int, max_seqs: int, max_model_len: int,
-                 block_size: int, *, capture: bool = True, progress: bool = True):
+                 block_size: int, *, capture: bool = True, progress: bool = True, sizes: list[int] | None = None):
         self.model, self.kv_pool = model, kv_pool
-        self.buckets = token_buckets(max_tokens)
+        # sizes: a benchmark's own (kept as given); else the candidates, pruned by their measured cost once captured
+        self.buckets = sorted(set(sizes)) if sizes else candidate_buckets(max_tokens)
+        self.bucket_ms: dict[int, float] = {}  # each captured graph's replay time (before pruning)
         n = self.buckets[-1]
         self.buffers = MixedBatchBuffers(n, max_seqs, -(-max_model_len // block_size), max_model_len, kv_pool.device)
         self.out = torch.zeros(n, model.config.hidden_size, dtype=model.embed_tokens.weight.dtype,
@@ -81,6 +112,8 @@ class FullGraphRunner:
         self.num_replays = 0  # batches run through a graph (tests and logs check the graphs are used)
         if capture:
             self._capture(progress)
+            if not sizes:
+                self._keep_undominated()
 
     def body(self, T: int) -> None:
         """The captured work of bucket T: the forward over the static buffers into self.out."""
@@ -101,6 +134,26 @@ class FullGraphRunner:
         self.capture_s = time.perf_counter() - t0
         logger.info("captured %d whole prefill/mixed CUDA graphs (up to %d tokens) in %.1fs", len(self.graphs),
                     self.buckets[-1], self.capture_s)
+
+    def _keep_undominated(self) -> None:
+        """Time every graph (the best of two replays after one, CUDA events; no sequences, so attention reads
+        nothing and the GEMMs set the cost) and drop the buckets a larger one beats."""
+        for T, graph in self.graphs.items():
+            graph.replay()
+            times = []
+            for _ in range(2):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                graph.replay()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            self.bucket_ms[T] = min(times)
+        kept = undominated(self.bucket_ms)
+        self.graphs = {T: self.graphs[T] for T in kept}
+        logger.info("kept %d of %d whole-graph token buckets (the rest cost more than a larger one): %s",
+                    len(kept), len(self.buckets), kept)
+        self.buckets = kept
 
     def can_run(self, meta: AttentionMetadata, num_tokens: int) -> bool:
         return meta.num_prefills > 0 and self.buffers.fits(meta, num_tokens)

@@ -1,0 +1,156 @@
+"""What a whole-graph prefill/mixed step costs at each token count: the curve the token buckets are chosen from.
+
+A step of T tokens replays the graph of the smallest bucket >= T, so it pays for the bucket's tokens. This captures
+one whole CUDA graph (rapid/compile/full_graph.py) per size in a fine list and times each, with CUDA events after
+warm-up (median of --reps), for batches of exactly that size:
+  * `--decodes D` decode rows at context `--ctx` (each reading its own KV blocks) plus one fresh prompt chunk of T - D
+    tokens (D = 0: a prompt alone);
+then reports what padding costs on this curve with the x1.5/x2 buckets and with the engine's candidates pruned
+as FullGraphRunner prunes them (sizes a larger one beats dropped).
+
+    python3 bench/graph_buckets.py --model /tmp/llama8b --decodes 0,128 --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rapid.attention.metadata import AttentionMetadata, allocate_kv_pool  # noqa: E402
+from rapid.attention.triton_backend import TritonAttention  # noqa: E402
+from rapid.compile import warm_up  # noqa: E402
+from rapid.compile.full_graph import FullGraphRunner, candidate_buckets, undominated  # noqa: E402
+from rapid.compile.piecewise import token_buckets  # noqa: E402
+from rapid.model.config import ModelConfig  # noqa: E402
+from rapid.model.loader import build_model  # noqa: E402
+
+BLOCK = 16
+
+
+def fine_sizes(max_tokens: int) -> list[int]:
+    """16..1024 step 16, then step 64 to 2048, then step 256: the sizes whose cost is measured."""
+    sizes = list(range(16, 1025, 16)) + list(range(1088, 2049, 64)) + list(range(2304, max_tokens + 1, 256))
+    return [s for s in sizes if s <= max_tokens]
+
+
+def mixed_batch(T: int, decodes: int, ctx: int, device: torch.device):
+    """`decodes` one-token rows at context `ctx` on their own blocks, then one fresh chunk of T - decodes tokens.
+    No KV is written (slots -1): the cost of the writes is small beside the step, and the pool stays as it is."""
+    chunk = T - decodes
+    ctx_blocks, chunk_blocks = -(-ctx // BLOCK), -(-chunk // BLOCK)
+    lens = [ctx] * decodes + [chunk]
+    q = [1] * decodes + [chunk]
+    starts = [0]
+    for n in q:
+        starts.append(starts[-1] + n)
+    tables = torch.zeros(len(lens), max(ctx_blocks, chunk_blocks), dtype=torch.int32, device=device)  # [S, W]
+    tables[:decodes, :ctx_blocks] = torch.arange(decodes * ctx_blocks, dtype=torch.int32,
+                                                 device=device).view(decodes, ctx_blocks)
+    tables[decodes, :chunk_blocks] = torch.arange(chunk_blocks, dtype=torch.int32, device=device) + decodes * ctx_blocks
+    meta = AttentionMetadata(
+        slot_mapping=torch.full((T,), -1, dtype=torch.int64, device=device),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(lens, dtype=torch.int32, device=device), block_tables=tables,
+        num_decodes=decodes, max_seq_len=max(lens), query_start_loc_host=starts, seq_lens_host=lens)
+    positions = torch.cat([torch.full((decodes,), ctx - 1, device=device), torch.arange(chunk, device=device)])
+    return torch.zeros(T, dtype=torch.int64, device=device), positions, meta
+
+
+def time_step(runner: FullGraphRunner, batch, reps: int) -> float:
+    """Median ms of one step (load into the static buffers + replay), CUDA events, after 3 warm-up steps."""
+    for _ in range(3):
+        runner.run(*batch)
+    times = []
+    if not runner.graphs:  # a CPU dry run (TRITON_INTERPRET=1): wall time of the eager body
+        for _ in range(reps):
+            t = time.perf_counter()
+            runner.run(*batch)
+            times.append((time.perf_counter() - t) * 1e3)
+        return statistics.median(times)
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        runner.run(*batch)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def padding_cost(curve: dict[int, float], buckets: list[int]) -> dict:
+    """For each measured size T (a batch of T tokens), the bucket it would replay and that bucket's cost over
+    T's own: mean and worst, over sizes 128 and up (where prompts chunks sit)."""
+    ratios = {}
+    for T, ms in curve.items():
+        b = next((b for b in buckets if b >= T), None)
+        if b is not None and b in curve and T >= 128:
+            ratios[T] = curve[b] / ms
+    worst = max(ratios, key=ratios.get)
+    return {"buckets": buckets, "mean_ratio": round(statistics.mean(ratios.values()), 4),
+            "worst_ratio": round(ratios[worst], 4), "worst_at_tokens": worst}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True, help="model folder (config.json; random weights)")
+    ap.add_argument("--max-tokens", type=int, default=8192)
+    ap.add_argument("--decodes", default="0,128", help="decode rows beside the chunk, comma-separated")
+    ap.add_argument("--ctx", type=int, default=1024, help="context of each decode row")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--sizes", default=None, help="comma-separated token counts (default: fine_sizes)")
+    ap.add_argument("--out", default=".")
+    args = ap.parse_args()
+    gpu = torch.cuda.is_available()  # else a dry run of the script on a tiny model: TRITON_INTERPRET=1, no graphs
+    dev, dtype = torch.device("cuda" if gpu else "cpu"), torch.bfloat16 if gpu else torch.float32
+    cfg = ModelConfig.from_folder(args.model)
+    decodes = [int(d) for d in args.decodes.split(",")]
+    sizes = [int(t) for t in args.sizes.split(",")] if args.sizes else fine_sizes(args.max_tokens)
+    backend = TritonAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5,
+                              prefill_attention="paged")
+    model = build_model(args.model, backend, dtype, dev, load_format="dummy")
+    rows = max(decodes) + 1
+    per_seq = -(-max(args.ctx, args.max_tokens) // BLOCK)  # the widest block table
+    blocks = max(decodes) * -(-args.ctx // BLOCK) + -(-args.max_tokens // BLOCK)
+    pool = allocate_kv_pool(cfg, blocks, BLOCK, dtype, dev)  # [L, 2, NB, BS, KVH, D]
+    if gpu:
+        model.compile_pieces()
+        warm_up(model, pool)
+    runner = FullGraphRunner(model, pool, args.max_tokens, rows, per_seq * BLOCK, BLOCK, sizes=sizes, capture=gpu)
+    curves = {}
+    for d in decodes:
+        curves[d] = {T: round(time_step(runner, mixed_batch(T, d, args.ctx, dev), args.reps), 4)
+                     for T in sizes if T > d}
+        print(f"decodes {d}: " + ", ".join(f"{T}:{ms:.2f}" for T, ms in curves[d].items()), flush=True)
+    coarse = token_buckets(args.max_tokens)  # the x1.5/x2 buckets (piecewise graphs; whole graphs before session 19)
+    pruned = {d: undominated({T: c[T] for T in candidate_buckets(args.max_tokens) if T in c}) for d, c in curves.items()}
+    result = {
+        "command": " ".join(sys.argv), "device": torch.cuda.get_device_name() if gpu else "cpu", "torch": torch.__version__,
+        "python": platform.python_version(), "model": cfg.__dict__ if hasattr(cfg, "__dict__") else str(cfg),
+        "method": f"one whole CUDA graph per size; median of {args.reps} steps after 3, CUDA events; decode rows at "
+                  f"context {args.ctx}, one fresh chunk, no KV writes",
+        "capture_s": round(runner.capture_s, 1),
+        "ms_by_decodes_and_tokens": {str(d): {str(T): ms for T, ms in c.items()} for d, c in curves.items()},
+        "coarse_buckets_padding": {str(d): padding_cost(c, coarse) for d, c in curves.items()},
+        # the candidates pruned on this same curve (so optimistic: a size's own noise can keep or drop it)
+        "pruned_candidates_padding": {str(d): padding_cost(c, pruned[d]) for d, c in curves.items()},
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "graph-buckets.json").write_text(json.dumps(result, indent=1, default=str))
+    for key in ("coarse_buckets_padding", "pruned_candidates_padding"):
+        for d, c in result[key].items():
+            print(f"{key}, decodes {d}: {len(c['buckets'])} buckets cost {c['mean_ratio']:.3f}x a step's own size on "
+                  f"average, {c['worst_ratio']:.3f}x at worst ({c['worst_at_tokens']} tokens)")
+
+
+if __name__ == "__main__":
+    main()
