@@ -307,3 +307,29 @@ def test_max_tokens_none_runs_up_to_max_model_len(async_scheduling):
     e.drain()
     assert len(r.output_token_ids) == 14 and e.finished[r.request_id] == "length"
     assert e.blocks.num_free_blocks == e.blocks.num_blocks
+
+
+@pytest.mark.parametrize("kv_read_elsewhere", [True, False])
+def test_inline_prefill_is_reported_after_its_own_step_only(kv_read_elsewhere):
+    """A decode worker whose KV other processes read waits for the step that ran an inline prefill batch (its KV
+    writes) before PrefillDone, and for nothing else: not for decode-only steps, and not by a stream sync that
+    would also wait for the step enqueued after it. The hybrid executor (same process) does not wait at all."""
+    from rapid.protocol.worker import DecodeStep, PrefillBatch, PrefillDone, SeqWork, StartDecode
+
+    cfg = EngineConfig(model="m", tokenizer=None, mode="rapid", async_scheduling=True,
+                       cache=CacheConfig(block_size=4), scheduler=SchedulerConfig(max_num_seqs=8, max_model_len=64))
+    runner, waited = FakeRunner(), []
+    runner.wait = waited.append  # launched steps (FakeRunner's are their sampled rows)
+    loop = DecodeLoop(runner, cfg, (0,), kv_read_elsewhere=kv_read_elsewhere)
+    loop.handle(StartDecode("d", [1, 2, 3], [4], [0, 1], SamplingParams(max_tokens=50)))
+    loop.step()  # a decode-only step, enqueued ahead
+    loop.handle(PrefillBatch(7, [SeqWork("p", [9, 9, 9], 0, [2], True, SamplingParams(max_tokens=5))]))
+    outs = loop.step() + loop.step()  # the mixed step is launched, then read back behind the next one
+    done = [o for o in outs if isinstance(o, PrefillDone)]
+    assert [d.batch_id for d in done] == [7] and any(isinstance(o, DecodeStep) for o in outs)
+    mixed = [w.request_id for w in runner.steps[1]]
+    assert mixed == ["d", "p"]  # the decode row first, then the chunk
+    if kv_read_elsewhere:
+        assert len(waited) == 1 and [t.request_id for t in waited[0]] == ["d", "p"]  # that step, not the next
+    else:
+        assert waited == []

@@ -195,6 +195,13 @@ class ModelRunner:
             return None
         return self.timer.read(span)
 
+    @staticmethod
+    def wait(launched: Launched) -> None:
+        """Wait until a launched step's device work (its KV writes included) is complete; not for anything enqueued
+        after it, as a stream synchronize would."""
+        if launched.span is not None and launched.span.end is not None:
+            launched.span.end.synchronize()
+
     def collect(self, launched: Launched) -> list[SampledToken]:
         """Wait for a launched step's samples (not for anything enqueued after it) and return them."""
         if launched.sample is None:

@@ -164,7 +164,7 @@ def prefill_main(raw_args: bytes) -> None:
 
 def decode_main(raw_args: bytes) -> None:
     with worker_process(raw_args, DecodeInput) as (args, setup, runner, inbox, results, ready):
-        loop = DecodeLoop(runner, setup.config, args.eos_token_ids)
+        loop = DecodeLoop(runner, setup.config, args.eos_token_ids, kv_read_elsewhere=True)
         peer = None
         if args.config.mode == "disagg":
             peer_device = torch.device(args.arena.cuda_args[0]) if args.arena.kind == "cuda" else setup.device
@@ -191,9 +191,7 @@ def decode_main(raw_args: bytes) -> None:
             steps += 1
             if steps == fault_at:
                 inject_fault(args.name, steps, setup.device)
-            for out in loop.step():
-                if isinstance(out, PrefillDone):
-                    sync_device(setup.device)
+            for out in loop.step():  # an inline PrefillDone comes once its step's KV writes are complete
                 results.send(out)
         if peer is not None:
             loop.peer_kv = None
