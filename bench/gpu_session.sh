@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: install carried wheels, run the GPU tests, then the engine-level GPU benchmarks.
-#   bash bench/gpu_session.sh STAGE...   (stages: tests frontier-hybrid frontier-rapid offline offline1k sampler step-profile kernels
+#   bash bench/gpu_session.sh STAGE...   (stages: tests frontier-hybrid frontier-rapid offline offline1k graph-buckets sampler step-profile kernels
 #                                          serve (= serve-sharegpt-like) serve-3k http)
 set -uo pipefail
 python3 -c "import msgspec, zmq, gguf, fastapi, uvicorn" 2>/dev/null || [ -d /tmp/site/msgspec ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
@@ -68,6 +68,7 @@ for stage in "$@"; do
     serve|serve-sharegpt-like) serve_steady sharegpt-like ${RATES:-8,16,24} --dataset-name sharegpt-like --max-tokens-cap ${CAP:-512} ;;
     http) http_vs_inproc ;;
     serve-3k) serve_steady random3k ${RATES:-2,4,6} --dataset-name random --random-input-len 3000 --random-output-len 300 --ignore-eos ;;
+    graph-buckets) python3 bench/graph_buckets.py --model $MODEL --decodes ${DECODES:-0,128} --out $OUT 2>&1 | grep -v "it/s" | tail -6 ;;
     sampler) python3 bench/sampler_cost.py --out $OUT 2>&1 | tail -12 ;;
     step-profile) python3 bench/step_profile.py --model $MODEL --batches ${PBATCHES:-1,64,256} --ctx ${CTX:-1000} --out $OUT 2>&1 \
         | grep -v "it/s" > $OUT/step-profile.log; grep -v "^ " $OUT/step-profile.log | tail -5 ;;
