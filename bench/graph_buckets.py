@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rapid.attention.metadata import AttentionMetadata, allocate_kv_pool  # noqa: E402
 from rapid.attention.triton_backend import TritonAttention  # noqa: E402
 from rapid.compile import warm_up  # noqa: E402
-from rapid.compile.full_graph import FullGraphRunner, candidate_buckets, undominated  # noqa: E402
-from rapid.compile.piecewise import token_buckets  # noqa: E402
+from rapid.compile.buckets import candidate_buckets, token_buckets, undominated  # noqa: E402
+from rapid.compile.full_graph import FullGraphRunner  # noqa: E402
 from rapid.model.config import ModelConfig  # noqa: E402
 from rapid.model.loader import build_model  # noqa: E402
 

@@ -121,7 +121,7 @@ def test_buffers_pad_a_batch_to_no_sequences_and_no_writes():
 
 
 def test_candidate_buckets_are_fine_and_end_at_the_budget():
-    from rapid.compile.full_graph import candidate_buckets
+    from rapid.compile.buckets import candidate_buckets
 
     sizes = candidate_buckets(8192)
     assert sizes[:7] == [16, 32, 48, 64, 96, 128, 160] and sizes[-1] == 8192
@@ -132,7 +132,7 @@ def test_candidate_buckets_are_fine_and_end_at_the_budget():
 
 
 def test_undominated_drops_sizes_a_larger_one_beats():
-    from rapid.compile.full_graph import undominated
+    from rapid.compile.buckets import undominated
 
     # 448 tokens cost more than 480 (as measured on the H200): a 440-token batch goes to 480 instead
     ms = {416: 11.8, 448: 15.4, 480: 11.7, 512: 12.9, 544: 14.5, 576: 14.4}

@@ -1,10 +1,8 @@
 """CUDA graphs for decode steps (cuda_graphs.py) and for prefill/mixed batches (piecewise.py; or full_graph.py,
 whole graphs, with prefill_attention="paged"), over the model's own pieces, compiled with
-LlamaModel.compile_pieces."""
+LlamaModel.compile_pieces. Importing the package imports no torch (compile/buckets.py is plain Python)."""
 
-from rapid.compile.cuda_graphs import DecodeGraphRunner, bucket_sizes
-
-__all__ = ["DecodeGraphRunner", "bucket_sizes", "prepare_model"]
+__all__ = ["prepare_model", "warm_up"]
 
 
 def prepare_model(model, kv_pool, config, decode_graphs: bool, prefill_graphs: bool) -> list:
@@ -22,6 +20,8 @@ def prepare_model(model, kv_pool, config, decode_graphs: bool, prefill_graphs: b
     logging.getLogger(__name__).info("torch.compile warm-up took %.1fs", time.perf_counter() - t0)
     runners = []
     if decode_graphs:
+        from rapid.compile.cuda_graphs import DecodeGraphRunner
+
         runners.append(DecodeGraphRunner(model, kv_pool, config.scheduler.max_num_seqs, config.cache.block_size,
                                          config.scheduler.max_model_len))
     # whole graphs only when every attention call of a batch is one graph-safe launch (Triton, paged prefill)

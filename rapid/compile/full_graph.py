@@ -25,37 +25,15 @@ from __future__ import annotations
 
 import bisect
 import logging
-import math
 import time
 
 import torch
 
 from rapid.attention.metadata import AttentionMetadata
+from rapid.compile.buckets import candidate_buckets, undominated
 from rapid.compile.cuda_graphs import capture_pieces
 
 logger = logging.getLogger(__name__)
-
-
-def candidate_buckets(max_tokens: int) -> list[int]:
-    """Token sizes whose graphs are captured and timed: 16, 32, 48, 64, 96, 128, then every 32 tokens to 1024,
-    every 128 to 2048, every 256 to 4096 and every 512 beyond, ending exactly at max_tokens."""
-    out, t = [16, 32, 48, 64, 96, 128], 128
-    for step, upto in ((32, 1024), (128, 2048), (256, 4096), (512, max_tokens)):
-        while t + step <= min(upto, max_tokens):
-            t += step
-            out.append(t)
-    return [s for s in out if s < max_tokens] + [max_tokens]
-
-
-def undominated(ms_by_size: dict[int, float]) -> list[int]:
-    """The sizes that no larger size beats (the largest always stays): padding a batch to the next one kept never
-    costs more than the size skipped."""
-    kept, best = [], math.inf
-    for size in sorted(ms_by_size, reverse=True):
-        if ms_by_size[size] < best:
-            kept.append(size)
-            best = ms_by_size[size]
-    return sorted(kept)
 
 
 class MixedBatchBuffers:

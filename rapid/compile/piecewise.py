@@ -20,20 +20,10 @@ import time
 import torch
 
 from rapid.attention.metadata import AttentionMetadata
+from rapid.compile.buckets import token_buckets
 from rapid.compile.cuda_graphs import capture_pieces
 
 logger = logging.getLogger(__name__)
-
-
-def token_buckets(max_tokens: int, smallest: int = 16) -> list[int]:
-    """16, 32, 64, 128, 256, 384, 512, 768, 1024, ... (x1.5 / x2 steps), ending exactly at max_tokens."""
-    out, t = [], smallest
-    while t < max_tokens:
-        out.append(t)
-        if t >= 256 and t * 3 // 2 < max_tokens:
-            out.append(t * 3 // 2)
-        t *= 2
-    return out + [max_tokens]
 
 
 class PiecewiseGraphRunner:
