@@ -132,15 +132,14 @@ def test_without_slos_throughput_first():
     assert (d.lane, d.token_budget) == (PREFILL, 8192)
 
 
-@pytest.mark.parametrize("beside_ms,want,want_with_tpot_slo", [(30.0, DECODE, DECODE), (16.6, DECODE, PREFILL),
-                                                               (10.5, PREFILL, PREFILL)])
-def test_beside_decodes_the_lane_that_costs_them_less_per_prompt_token(beside_ms, want, want_with_tpot_slo):
+@pytest.mark.parametrize("beside_ms,want", [(30.0, DECODE), (16.6, DECODE), (10.5, PREFILL)])
+def test_beside_decodes_the_lane_that_costs_them_less_per_prompt_token(beside_ms, want):
     """A mixed step costs the decodes its prompt work (25 us a token here); the prefill worker costs them the
     slowdown of the decode steps it runs beside, over the tokens it prefilled meanwhile: 20 ms per 300 tokens
     (67 us a token: inline), 6.6 ms (22 us: about the same) or 0.5 ms (1.7 us: concurrent). At about the same cost
-    hybrid batching without SLOs (the simpler), the prefill worker with a TPOT SLO (a mixed step stalls every decode
-    at once, which the TPOT tail pays)."""
-    for slo_tpot_ms, want in ((25, want_with_tpot_slo), (None, want)):
+    hybrid batching (the simpler), with a TPOT SLO as without: with whole-graph mixed steps hybrid's TPOT tail was
+    the lower on the H200 (sessions 18-19), so a concurrent prefill no longer wins ties for the tail's sake."""
+    for slo_tpot_ms in (25, None):
         p = learned(slo_tpot_ms=slo_tpot_ms)  # 10 ms decode steps alone, 40k tok/s inline
         for _ in range(50):
             p.observe_prefill(PREFILL, 300, 0.01, num_decoding=64)

@@ -5,7 +5,7 @@ policy put prefill tokens in it) and the prefill worker runs one batch at a time
 prefill worker at another MPS share, recorded at its own split; one prefill batch between the two at a time).
 Step costs come from `rapid bench frontier` on the GPU (`StepTimings.from_frontier`): per decode batch, the step
 alone, the step while the prefill worker runs at an MPS split and that worker's tokens/s then, and a mixed step's
-cost per prompt token. A decode step runs at its recorded concurrent speed for the part of it that a prefill batch
+cost per prompt token, or (`with_graph_curve`) a whole-graph step's cost by its padded token count. A decode step runs at its recorded concurrent speed for the part of it that a prefill batch
 overlaps, and at its speed alone for the rest (its end is recomputed whenever a prefill batch starts or ends). The
 same policy objects as the engine's decide (rapid.core.placement, rapid.core.adaptive), so their choices in known
 regimes are unit tests on the CPU. Plain Python, no torch.
@@ -13,13 +13,15 @@ regimes are unit tests on the CPU. Plain Python, no torch.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
+from rapid.compile.buckets import candidate_buckets, undominated
 from rapid.core.placement import DECODE, PREFILL, PREFILL2, PREFILL_LANES, Load, ewma
 
 
@@ -33,6 +35,10 @@ class StepTimings:
     decode_concurrent_ms: list[float]  # the decode step while the prefill worker runs beside it
     prefill_concurrent_tok_s: list[float]  # the prefill worker's rate then
     inline_tok_s: float  # prompt tokens/s inside a mixed step (hybrid points: the median over the recorded ones)
+    # whole-graph steps as bench/graph_buckets.py records them: (tokens, ms) of a step with nothing decoding, tokens
+    # ascending. Given, a mixed step's prompt work is what the curve adds from its decode rows alone to the whole
+    # batch padded to its bucket (the sizes the engine keeps: rapid.compile.buckets.undominated), not inline_tok_s
+    graph_ms: tuple[tuple[int, float], ...] = ()
 
     @classmethod
     def from_frontier(cls, path: str | Path, split: str) -> "StepTimings":
@@ -50,6 +56,25 @@ class StepTimings:
                    [p["tpot_mean_ms"] for p in rapid], [p["prefill_tok_s"] for p in rapid],
                    sorted(rates)[len(rates) // 2])
 
+    def with_graph_curve(self, path: str | Path, decodes: int = 0) -> "StepTimings":
+        """These timings with mixed steps costed on a recorded whole-graph curve (graph-buckets.json)."""
+        curve = json.loads(Path(path).read_text())["ms_by_decodes_and_tokens"][str(decodes)]
+        return replace(self, graph_ms=tuple(sorted((int(t), float(ms)) for t, ms in curve.items())))
+
+    @functools.cached_property
+    def _graph_buckets(self) -> list[int]:
+        ms = dict(self.graph_ms)
+        return undominated({t: ms[t] for t in candidate_buckets(max(ms)) if t in ms})
+
+    def _graph_step_ms(self, tokens: int, padded: bool) -> float:
+        """A whole-graph step of `tokens` (padded: to its bucket), read off the curve (linear past its end)."""
+        sizes, ms = [t for t, _ in self.graph_ms], [m for _, m in self.graph_ms]
+        if tokens > sizes[-1]:
+            return ms[-1] * tokens / sizes[-1]
+        if padded:
+            tokens = next(b for b in self._graph_buckets if b >= tokens)
+        return float(np.interp(tokens, sizes, ms))
+
     def decode_ms(self, batch: int, concurrent: bool) -> float:
         return float(np.interp(batch, self.batches, self.decode_concurrent_ms if concurrent else self.decode_alone_ms))
 
@@ -57,8 +82,13 @@ class StepTimings:
         """A mixed step's prompt work. Beside a prefill batch it gets what the prefill worker leaves of the GPU's
         prompt rate (at least a tenth): the two lanes together never prefill faster than one alone."""
         rate = self.inline_tok_s
+        slower = 1.0
         if beside_prefill:
-            rate = max(rate - float(np.interp(batch, self.batches, self.prefill_concurrent_tok_s)), 0.1 * rate)
+            beside = max(rate - float(np.interp(batch, self.batches, self.prefill_concurrent_tok_s)), 0.1 * rate)
+            rate, slower = beside, rate / beside
+        if self.graph_ms:  # [batch + tokens, padded] less [batch] (the decode step's own): the prompt's share
+            base = self._graph_step_ms(batch, False) if batch else 0.0
+            return max(self._graph_step_ms(batch + tokens, True) - base, 0.0) * 1e-3 * slower
         return tokens / rate
 
     def prefill_s(self, tokens: int, batch: int) -> float:

@@ -8,10 +8,11 @@ cost inside a mixed step, the prefill worker's tokens/s, and how long requests' 
 - **Nothing decodes**: the lane that has prefilled more cheaply per token (inline and the first prefill worker are
   each tried once: inline needs no hand-off between processes, a prefill worker runs beside the decodes).
 - **Something decodes**: a prefill worker where it costs the running decodes clearly less per prompt token
-  (at most CHEAPER of a mixed step's cost), else hybrid batching. With a TPOT SLO, a prefill worker also where it
-  costs them about as much (at most TAIL_TIE times a mixed step's cost): at equal cost per token a mixed step
-  stalls every decode at once, which the TPOT tail pays (measured on the H200, bench/results/session14: TPOT p99
-  23.8-23.9 ms with hybrid batching against 11.2-14.2 ms with concurrent prefill at 40-50 req/s). With a second
+  (at most CHEAPER of a mixed step's cost), else hybrid batching, with a TPOT SLO as without. (Until session 19 a
+  TPOT SLO also kept a prefill worker at equal cost, for a lower TPOT tail measured in session 14; that hybrid
+  stalled on its host, and with whole-graph mixed steps its TPOT p99 was the lower in every run since:
+  bench/results/session18-19. On the H200's whole-graph recording the tie rule put 64-98% of the prompts on the
+  prefill worker and fell up to 0.10 below hybrid at 300 ms / 15 ms in simulation.) With a second
   prefill worker (at a restricted MPS share: the spatial lever) each prefill worker's cost is learned apart; the
   fastest is used unless a slower one is clearly cheaper for the decodes and keeps the queue inside the TTFT SLO
   (on the H200 a 50% share is not: bench/results/frontier-h200.md). Both costs are measured: a mixed step stalls
@@ -39,7 +40,6 @@ TPOT_MARGIN = 0.8  # plan decode steps to at most this share of the TPOT SLO
 TTFT_MARGIN = 0.8  # a prefill worker keeps the queue inside the TTFT SLO when it would prefill it within this share
 TTFT_RELAXED = 0.5  # the prefill worker gives a first token within this share of the TTFT SLO: no mixed step
 CHEAPER = 0.8  # concurrent prefill is "cheaper" for the decodes when it costs them at most this share of inline
-TAIL_TIE = 1.25  # with a TPOT SLO, concurrent prefill is kept while it costs the decodes at most this x inline
 DECAY = 0.98  # weight kept by the running sums of the concurrent lane's cost at each new observation
 EXPLORE_MIXED = 3  # mixed steps tried (once the concurrent lane's cost is known) to learn what they cost
 MIN_BESIDE_BATCHES = 3  # prefill batches beside decodes before the concurrent lane's cost is trusted
@@ -211,17 +211,16 @@ class AdaptivePlacement:
         return min(cheaper, key=self.cost, default=fastest)
 
     def cheapest_lane(self, load: Load) -> str | None:
-        """A prefill worker where it costs the running decodes clearly less per prompt token than a mixed step (with
-        a TPOT SLO: not clearly more), else hybrid batching (the simpler of the two, and the fallback where
-        concurrency does not pay); None: not measured."""
+        """A prefill worker where it costs the running decodes clearly less per prompt token than a mixed step, else
+        hybrid batching (the simpler of the two, and the fallback where concurrency does not pay); None: not
+        measured."""
         inline = self.cost(DECODE)
         if inline is None or all(self.cost(lane) is None for lane in self.prefill_lanes):
             return None
         lane = self.prefill_lane(load)
         if self.cost(lane) is None:  # a worker still to be measured: compare the ones that are
             lane = min((x for x in self.prefill_lanes if self.cost(x) is not None), key=self.cost)
-        margin = TAIL_TIE if self.slo_tpot_ms is not None else CHEAPER
-        return lane if self.cost(lane) <= margin * inline else DECODE
+        return lane if self.cost(lane) <= CHEAPER * inline else DECODE
 
     def exploring(self, load: Load, chunk: int) -> Placement | None:
         """A placement that measures a lane not yet measured beside decodes, once one prefill worker's cost is known:
