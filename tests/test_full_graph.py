@@ -138,4 +138,7 @@ def test_undominated_drops_sizes_a_larger_one_beats():
     ms = {416: 11.8, 448: 15.4, 480: 11.7, 512: 12.9, 544: 14.5, 576: 14.4}
     assert undominated(ms) == [480, 512, 576]  # 416 costs more than 480, 544 more than 576: both dropped
     assert undominated({16: 5.0}) == [16]
-    assert undominated({16: 5.0, 32: 5.0}) == [32]  # a tie: the larger size serves both
+    assert undominated({16: 5.0, 32: 5.0}) == [16, 32]  # a tie: no reason to pad
+    # with the engine's margin a size stays unless a larger one is over 2% cheaper (480 is 0.8% below 416, 576 0.7%
+    # below 544); 448 stays dropped
+    assert undominated(ms, 0.02) == [416, 480, 512, 544, 576]

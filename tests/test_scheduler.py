@@ -333,3 +333,23 @@ def test_inline_prefill_is_reported_after_its_own_step_only(kv_read_elsewhere):
         assert len(waited) == 1 and [t.request_id for t in waited[0]] == ["d", "p"]  # that step, not the next
     else:
         assert waited == []
+
+
+@pytest.mark.parametrize("case", ["a chunk alone, sampling nothing", "a decode row that cannot run ahead"])
+def test_every_inline_prefill_waits_for_its_step(case):
+    """The other paths to PrefillDone wait too: a prompt's non-final chunk alone (no row samples, so reading the
+    step back waited for nothing), and a step read back before the next is launched (penalties need the host)."""
+    from rapid.protocol.worker import PrefillBatch, PrefillDone, SeqWork, StartDecode
+
+    cfg = EngineConfig(model="m", tokenizer=None, mode="rapid", async_scheduling=True,
+                       cache=CacheConfig(block_size=4), scheduler=SchedulerConfig(max_num_seqs=8, max_model_len=64))
+    runner, waited = FakeRunner(), []
+    runner.wait = waited.append
+    loop = DecodeLoop(runner, cfg, (0,), kv_read_elsewhere=True)
+    if case != "a chunk alone, sampling nothing":
+        loop.handle(StartDecode("d", [1, 2, 3], [4], [0, 1], SamplingParams(max_tokens=50, repetition_penalty=1.2)))
+    last = case != "a chunk alone, sampling nothing"  # the chunk alone is not the prompt's last
+    loop.handle(PrefillBatch(3, [SeqWork("p", [9, 9, 9], 0, [2], last, SamplingParams(max_tokens=5))]))
+    outs = loop.step() + loop.step()
+    assert [o.batch_id for o in outs if isinstance(o, PrefillDone)] == [3]
+    assert len(waited) == 1

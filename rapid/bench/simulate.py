@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rapid.compile.buckets import candidate_buckets, undominated
+from rapid.compile.buckets import PRUNE_MARGIN, candidate_buckets, undominated
 from rapid.core.placement import DECODE, PREFILL, PREFILL2, PREFILL_LANES, Load, ewma
 
 
@@ -64,7 +64,7 @@ class StepTimings:
     @functools.cached_property
     def _graph_buckets(self) -> list[int]:
         ms = dict(self.graph_ms)
-        return undominated({t: ms[t] for t in candidate_buckets(max(ms)) if t in ms})
+        return undominated({t: ms[t] for t in candidate_buckets(max(ms)) if t in ms}, PRUNE_MARGIN)
 
     def _graph_step_ms(self, tokens: int, padded: bool) -> float:
         """A whole-graph step of `tokens` (padded: to its bucket), read off the curve (linear past its end)."""
@@ -80,21 +80,26 @@ class StepTimings:
 
     def inline_s(self, tokens: int, batch: int, beside_prefill: bool) -> float:
         """A mixed step's prompt work. Beside a prefill batch it gets what the prefill worker leaves of the GPU's
-        prompt rate (at least a tenth): the two lanes together never prefill faster than one alone."""
+        prompt rate (at least a tenth): the two lanes together never prefill faster than one alone. (`simulate`
+        asks for it alone and slows the whole step beside a prefill batch itself.)"""
         rate = self.inline_tok_s
         slower = 1.0
         if beside_prefill:
             beside = max(rate - float(np.interp(batch, self.batches, self.prefill_concurrent_tok_s)), 0.1 * rate)
             rate, slower = beside, rate / beside
         if self.graph_ms:  # [batch + tokens, padded] less [batch] (the decode step's own): the prompt's share
+            if not tokens:
+                return 0.0  # a decode step alone runs in a decode graph: no token bucket
             base = self._graph_step_ms(batch, False) if batch else 0.0
             return max(self._graph_step_ms(batch + tokens, True) - base, 0.0) * 1e-3 * slower
         return tokens / rate
 
     def prefill_s(self, tokens: int, batch: int) -> float:
-        """The prefill worker's time for `tokens` beside a decode batch (alone: a mixed step's rate)."""
-        rate = float(np.interp(batch, self.batches, self.prefill_concurrent_tok_s)) if batch else self.inline_tok_s
-        return tokens / rate
+        """The prefill worker's time for `tokens` beside a decode batch (alone: as a step with nothing decoding, on
+        the whole-graph curve when there is one, which the prefill worker's graphs are too)."""
+        if not batch:
+            return self.inline_s(tokens, 0, False)
+        return tokens / float(np.interp(batch, self.batches, self.prefill_concurrent_tok_s))
 
 
 @dataclass

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+PRUNE_MARGIN = 0.02  # whole graphs: a bucket is dropped only when a larger one is over 2% cheaper (noise stays out)
+
 
 def token_buckets(max_tokens: int, smallest: int = 16) -> list[int]:
     """16, 32, 64, 128, 256, 384, 512, 768, 1024, ... (x1.5 / x2 steps), ending exactly at max_tokens."""
@@ -32,12 +34,12 @@ def candidate_buckets(max_tokens: int) -> list[int]:
     return [s for s in out if s < max_tokens] + [max_tokens]
 
 
-def undominated(ms_by_size: dict[int, float]) -> list[int]:
-    """The sizes that no larger size beats (the largest always stays): padding a batch to the next one kept never
-    costs more than the size skipped."""
+def undominated(ms_by_size: dict[int, float], margin: float = 0.0) -> list[int]:
+    """The sizes that no larger size beats by more than `margin` (a share of the size's own time; the largest
+    always stays): padding a batch to the next one kept never costs more than the size skipped (1 + margin)."""
     kept, best = [], math.inf
     for size in sorted(ms_by_size, reverse=True):
-        if ms_by_size[size] < best:
+        if best >= (1 - margin) * ms_by_size[size]:
             kept.append(size)
-            best = ms_by_size[size]
+            best = min(best, ms_by_size[size])
     return sorted(kept)

@@ -9,8 +9,9 @@ Buckets, measured: a step pays for its bucket's tokens, and on the H200 (bench/r
 step is not smooth in its tokens. Some sizes cost more than larger ones (448 tokens 15.4 ms, 480 11.7; 1088 28.8,
 1216 27.9), and the x1.5/x2 buckets cost steps of 128-1024 tokens 10-13% more than their own size on average. So
 the runner captures a fine set of candidates (every 32 tokens to 1024, then every 128, 256, 512), times each
-graph once captured, and keeps only the sizes that no larger size beats (`undominated`): padding then never costs
-more than the bucket it skipped.
+graph once captured, and keeps only the sizes that no larger size beats by over 2% (`undominated`): padding then
+never costs more than the bucket it skipped. (It times the graphs with no sequences, so on the GEMMs'
+cost; bench/graph_buckets.py's curve includes a prompt's attention.)
 
 Padding: tokens past the batch's own carry slot -1 (no KV write) and belong to no sequence (their rows are
 computed and thrown away; rows never mix); sequence rows past the batch's own have no query tokens and context 0.
@@ -30,7 +31,7 @@ import time
 import torch
 
 from rapid.attention.metadata import AttentionMetadata
-from rapid.compile.buckets import candidate_buckets, undominated
+from rapid.compile.buckets import PRUNE_MARGIN, candidate_buckets, undominated
 from rapid.compile.cuda_graphs import capture_pieces
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ class FullGraphRunner:
                  block_size: int, *, capture: bool = True, progress: bool = True, sizes: list[int] | None = None):
         self.model, self.kv_pool = model, kv_pool
         # sizes: a benchmark's own (kept as given); else the candidates, pruned by their measured cost once captured
-        self.buckets = sorted(set(sizes)) if sizes else candidate_buckets(max_tokens)
+        self.buckets = sorted(set(sizes)) if sizes is not None else candidate_buckets(max_tokens)
         self.bucket_ms: dict[int, float] = {}  # each captured graph's replay time (before pruning)
         n = self.buckets[-1]
         self.buffers = MixedBatchBuffers(n, max_seqs, -(-max_model_len // block_size), max_model_len, kv_pool.device)
@@ -90,7 +91,7 @@ class FullGraphRunner:
         self.num_replays = 0  # batches run through a graph (tests and logs check the graphs are used)
         if capture:
             self._capture(progress)
-            if not sizes:
+            if sizes is None:
                 self._keep_undominated()
 
     def body(self, T: int) -> None:
@@ -114,12 +115,13 @@ class FullGraphRunner:
                     self.buckets[-1], self.capture_s)
 
     def _keep_undominated(self) -> None:
-        """Time every graph (the best of two replays after one, CUDA events; no sequences, so attention reads
-        nothing and the GEMMs set the cost) and drop the buckets a larger one beats."""
+        """Time every graph (the best of three replays after one, CUDA events: the best is the least disturbed by
+        another process capturing at the same time; no sequences, so attention reads nothing and the GEMMs set
+        the cost) and drop the buckets a larger one beats by more than PRUNE_MARGIN."""
         for T, graph in self.graphs.items():
             graph.replay()
             times = []
-            for _ in range(2):
+            for _ in range(3):
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
                 graph.replay()
@@ -127,7 +129,7 @@ class FullGraphRunner:
                 end.synchronize()
                 times.append(start.elapsed_time(end))
             self.bucket_ms[T] = min(times)
-        kept = undominated(self.bucket_ms)
+        kept = undominated(self.bucket_ms, PRUNE_MARGIN)
         self.graphs = {T: self.graphs[T] for T in kept}
         logger.info("kept %d of %d whole-graph token buckets (the rest cost more than a larger one): %s",
                     len(kept), len(self.buckets), kept)

@@ -55,8 +55,9 @@ class DecodeLoop:
     def __init__(self, runner: ModelRunner, config: EngineConfig, eos_token_ids: tuple[int, ...], *,
                  kv_read_elsewhere: bool = False):
         self.runner = runner
-        # a worker whose KV other processes read (rapid, disagg: a prefix-cache hit or the next chunk on a prefill
-        # worker) reports an inline prefill batch only once that step's writes are complete
+        # a worker whose KV other processes read (rapid's decode worker: a prefill worker reads its blocks for a
+        # prefix-cache hit or a prompt's next chunk) reports an inline prefill batch only once that step's writes
+        # are complete
         self.kv_read_elsewhere = kv_read_elsewhere
         self.block_size = config.cache.block_size
         self.max_model_len = config.scheduler.max_model_len

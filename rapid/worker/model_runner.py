@@ -195,12 +195,13 @@ class ModelRunner:
             return None
         return self.timer.read(span)
 
-    @staticmethod
-    def wait(launched: Launched) -> None:
+    def wait(self, launched: Launched) -> None:
         """Wait until a launched step's device work (its KV writes included) is complete; not for anything enqueued
-        after it, as a stream synchronize would."""
+        after it, as a stream synchronize would (the fallback, should a step have no end event)."""
         if launched.span is not None and launched.span.end is not None:
             launched.span.end.synchronize()
+        elif self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
 
     def collect(self, launched: Launched) -> list[SampledToken]:
         """Wait for a launched step's samples (not for anything enqueued after it) and return them."""
