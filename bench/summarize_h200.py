@@ -271,7 +271,10 @@ def simulation() -> None:
     from rapid.core.adaptive import AdaptivePlacement
     from rapid.core.placement import DECODE, PREFILL, PREFILL2, AtomPlacement, StaticPlacement
 
-    splits = {s: StepTimings.from_frontier(R / "frontier-h200.json", s) for s in ("100/100", "50/100", "50/50")}
+    # mixed steps costed as the whole CUDA graphs the engine runs since session 18, on the H200's curve (session 19)
+    curve = R / "session19" / "call1" / "graph-buckets.json"
+    splits = {s: StepTimings.from_frontier(R / "frontier-h200.json", s).with_graph_curve(curve)
+              for s in ("100/100", "50/100", "50/50")}
     full, half = splits["100/100"], splits["50/100"]  # frontier() writes the file first
     configurations = {  # name -> (policy factory given the SLO pair, the prefill worker's split, the second's)
         "hybrid": (lambda ttft, tpot: StaticPlacement(DECODE), full, None),
@@ -305,12 +308,15 @@ def simulation() -> None:
             plot_attainment(series, R / f"sim-{slug}-{ttft}-{tpot}.png",
                             f"Simulated (H200 timings): {wname}, {ttft} ms / {tpot} ms")
     table = ("# The placement policies in simulation (rapid.bench.simulate), on the H200's recorded step timings\n\n"
-             "Not a GPU measurement: the H200 frontier (frontier-h200.json: MPS splits and hybrid points) replayed "
-             "through the same policy objects the engine runs; each trace runs to completion (no warm-up cut). "
+             "Not a GPU measurement: the H200 frontier (frontier-h200.json: MPS splits and hybrid points), with mixed "
+             "steps costed on the H200's whole-graph step-cost curve (session19/call1/graph-buckets.json, padded to the "
+             "buckets the engine keeps), replayed through the same policy objects the engine runs; each trace runs to "
+             "completion (no warm-up cut). "
              "Attainment = share of requests meeting both SLOs. `python bench/summarize_h200.py` rebuilds it.\n\n"
              "| workload | SLO TTFT/TPOT (ms) | policy | rate:attainment |\n|---|---|---|---|\n"
              + "\n".join(lines) + "\n")
-    _write("sim-h200-timings", {"timings": "frontier-h200.json, splits 100/100, 50/100, 50/50", "results": results},
+    _write("sim-h200-timings", {"timings": "frontier-h200.json, splits 100/100, 50/100, 50/50; mixed steps: "
+                                "session19/call1/graph-buckets.json", "results": results},
            table)
 
 
