@@ -43,13 +43,31 @@ def idle_profile(steps: list[tuple[str, float, int]]) -> dict:
                         for idle, i, prev, kind, b in sorted(longest, reverse=True)[:12]]}
 
 
-def decode_idle_during(device_time: dict[str, dict], stats) -> dict | str:
-    """idle_profile of the decode and mixed steps counted in `device_time` (device_time_during's result): the
-    latest that many of Stats.decode_device_idle, or why not (the stats keep STATS_WINDOW steps)."""
+def decode_idle_during(device_time: dict[str, dict], stats, totals_before: dict | None = None) -> dict | str:
+    """Where the decode stream waited during a run. With `totals_before` (Stats.decode_idle_totals before it): the
+    difference of the engine's running totals by transition, however long the run; a step after the executor ran
+    out of work counts under "idle -> ...". The longest waits come from the per-step series
+    (Stats.decode_device_idle: the latest STATS_WINDOW steps) when it covers the run; without `totals_before`,
+    everything does (idle_profile), or the reason it cannot."""
     ran = sum(t["steps"] for k, t in device_time.items() if k in ("decode", "mixed"))
-    if len(stats.decode_device_idle) >= ran:
-        return idle_profile(stats.decode_device_idle[-ran:] if ran else [])
-    return f"not recorded: {ran} decode steps outnumber the {len(stats.decode_device_idle)} the engine's stats keep"
+    covered = len(stats.decode_device_idle) >= ran
+    if totals_before is None:
+        if covered:
+            return idle_profile(stats.decode_device_idle[-ran:] if ran else [])
+        return f"not recorded: {ran} decode steps outnumber the {len(stats.decode_device_idle)} the engine's stats keep"
+    delta = {}
+    for key, (n, idle, n_long, idle_long) in stats.decode_idle_totals.items():
+        n0, i0, l0, li0 = totals_before.get(key, (0, 0.0, 0, 0.0))
+        if n > n0:
+            delta[key] = (int(n - n0), idle - i0, int(n_long - l0), idle_long - li0)
+    out = {"steps": sum(d[0] for d in delta.values()), "idle_s": round(sum(d[1] for d in delta.values()), 4),
+           "by_transition": {k: {"steps": d[0], "idle_s": round(d[1], 4)}
+                             for k, d in sorted(delta.items(), key=lambda kv: -kv[1][1])},
+           "steps_over_1ms": sum(d[2] for d in delta.values()),
+           "idle_s_over_1ms": round(sum(d[3] for d in delta.values()), 4)}
+    if covered:
+        out["longest"] = idle_profile(stats.decode_device_idle[-ran:] if ran else [])["longest"]
+    return out
 
 
 def prefill_worker_batches(stats) -> list[tuple[tuple[float, float], float, float, int]]:
@@ -99,7 +117,8 @@ def run_offline(args) -> dict:
             params.append(SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=out_len, seed=rng.randrange(2**31)))
         llm.generate([{"prompt_token_ids": [rng.randrange(vocab) for _ in range(64)]}], SamplingParams(max_tokens=8),
                      use_tqdm=False)  # warm-up
-        before = llm.engine.get_stats().device_time
+        start = llm.engine.get_stats()
+        before, idle_before = start.device_time, start.decode_idle_totals
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=True)
         elapsed = time.perf_counter() - t0
@@ -115,7 +134,7 @@ def run_offline(args) -> dict:
                   "prefill_tokens_by_lane": stats.prefill_tokens_by_lane,
                   "device_time": device_time_during(before, stats.device_time),
                   "eager_steps": stats.eager_steps}  # since start: steps outside the captured graphs, by kind
-        engine["decode_idle"] = decode_idle_during(engine["device_time"], stats)
+        engine["decode_idle"] = decode_idle_during(engine["device_time"], stats, idle_before)
         engine["prefill_worker"] = prefill_worker_during(engine["device_time"], stats)
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     result = {

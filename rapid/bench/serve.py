@@ -175,7 +175,8 @@ def _write(summary: dict, out_dir: Path) -> None:
 def _engine_counts(stats) -> dict:
     return {"prefill_tokens_by_lane": dict(stats.prefill_tokens_by_lane),
             "prefill_batches_by_lane": dict(stats.prefill_batches_by_lane), "preemptions": stats.num_preemptions,
-            "restarts": stats.num_restarts, "device_time": dict(stats.device_time)}
+            "restarts": stats.num_restarts, "device_time": dict(stats.device_time),
+            "decode_idle_totals": {k: list(v) for k, v in stats.decode_idle_totals.items()}}
 
 
 def _engine_during(before: dict, after: dict, policy: str) -> dict:
@@ -209,7 +210,8 @@ def _sweep(summary: dict, mode: str, replay, warm, traces, plans, args, slos, pa
             stats = get_stats()
             r["engine"] = _engine_during(before, _engine_counts(stats), stats.placement_policy)
             r["engine"]["placement_learned"] = dict(stats.placement_learned)  # the policy's costs at the rate's end
-            r["engine"]["decode_idle"] = decode_idle_during(r["engine"]["device_time"], stats)  # where it waited
+            totals_before = {} if r["engine"]["restarts"] else before["decode_idle_totals"]  # a restart resets them
+            r["engine"]["decode_idle"] = decode_idle_during(r["engine"]["device_time"], stats, totals_before)
             r["engine"]["prefill_worker"] = prefill_worker_during(r["engine"]["device_time"], stats)  # host per batch
         per_rate.append(r)
         summary["modes"][mode] = mode_summary(per_rate, GPUS_PER_MODE.get(mode.split(":")[0], 1), pairs)

@@ -44,6 +44,8 @@ class StepStats:
         self.series = {n: deque(maxlen=STATS_WINDOW) for n in names}
         self.device_time: dict[str, list[float]] = {}  # kind -> [steps, busy_s, idle_s], since start
         self.eager_steps: dict[str, int] = {}  # kind -> steps run outside the worker's captured graphs, since start
+        self.decode_idle_totals: dict[str, list[float]] = {}  # see Stats.decode_idle_totals
+        self.last_decode_kind = "idle"
 
     def record(self, msg) -> None:
         s = self.series
@@ -64,14 +66,28 @@ class StepStats:
             s["decode_batch_sizes"].append(len(msg.sampled))
             if msg.device is not None:
                 s["decode_device_idle"].append((msg.device.kind, msg.device.idle_s, len(msg.sampled)))
+                self._count_idle(msg.device.kind, msg.device.idle_s, resumed=not msg.idle_gap_s)
             if msg.idle_gap_s:
                 s["decode_idle_gaps_s"].append(msg.idle_gap_s)
             s["handoff_s"].extend(msg.handoffs)
 
+    def _count_idle(self, kind: str, idle_s: float, resumed: bool) -> None:
+        """One decode-stream step's wait, by the kind of the step before it ("idle": the executor had run out of
+        work, so the wait is not host overhead; its host gap reads 0 then)."""
+        before = "idle" if resumed else self.last_decode_kind
+        total = self.decode_idle_totals.setdefault(f"{before} -> {kind}", [0, 0.0, 0, 0.0])
+        total[0] += 1
+        total[1] += idle_s
+        if idle_s > 1e-3:
+            total[2] += 1
+            total[3] += idle_s
+        self.last_decode_kind = kind
+
     def snapshot(self, **counters) -> Stats:
         return Stats(**{name: list(values) for name, values in self.series.items()},
                      device_time={kind: list(total) for kind, total in self.device_time.items()},
-                     eager_steps=dict(self.eager_steps), **counters)
+                     eager_steps=dict(self.eager_steps),
+                     decode_idle_totals={k: list(v) for k, v in self.decode_idle_totals.items()}, **counters)
 
 
 class EngineCore:

@@ -94,6 +94,9 @@ class Stats(msgspec.Struct, tag=True):
     device_time: dict[str, list[float]] = {}
     # since start, by step kind: steps that ran outside the worker's CUDA graphs although it captured some
     eager_steps: dict[str, int] = {}
+    # since start, the decode stream's idle time before each step by transition ("decode -> mixed"; "idle -> ..."
+    # for a step after the executor ran out of work): [steps, idle_s, steps that waited over 1 ms, their idle_s]
+    decode_idle_totals: dict[str, list[float]] = {}
     placement_learned: dict[str, float] = {}  # the placement policy's measured costs (rapid.core.adaptive.learned)
 
 
