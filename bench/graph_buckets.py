@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rapid.attention.metadata import AttentionMetadata, allocate_kv_pool  # noqa: E402
 from rapid.attention.triton_backend import TritonAttention  # noqa: E402
 from rapid.compile import warm_up  # noqa: E402
-from rapid.compile.buckets import candidate_buckets, token_buckets, undominated  # noqa: E402
+from rapid.compile.buckets import PRUNE_MARGIN, candidate_buckets, token_buckets, undominated  # noqa: E402
 from rapid.compile.full_graph import FullGraphRunner  # noqa: E402
 from rapid.model.config import ModelConfig  # noqa: E402
 from rapid.model.loader import build_model  # noqa: E402
@@ -131,9 +131,11 @@ def main() -> None:
                      for T in sizes if T > d}
         print(f"decodes {d}: " + ", ".join(f"{T}:{ms:.2f}" for T, ms in curves[d].items()), flush=True)
     coarse = token_buckets(args.max_tokens)  # the x1.5/x2 buckets (piecewise graphs; whole graphs before session 19)
-    pruned = {d: undominated({T: c[T] for T in candidate_buckets(args.max_tokens) if T in c}) for d, c in curves.items()}
+    pruned = {d: undominated({T: c[T] for T in candidate_buckets(args.max_tokens) if T in c}, PRUNE_MARGIN)
+              for d, c in curves.items()}
     result = {
-        "command": " ".join(sys.argv), "device": torch.cuda.get_device_name() if gpu else "cpu", "torch": torch.__version__,
+        "command": " ".join(sys.argv), "device": torch.cuda.get_device_name() if gpu else "cpu",
+        "torch": torch.__version__,
         "python": platform.python_version(), "model": cfg.__dict__ if hasattr(cfg, "__dict__") else str(cfg),
         "method": f"one whole CUDA graph per size; median of {args.reps} steps after 3, CUDA events; decode rows at "
                   f"context {args.ctx}, one fresh chunk, no KV writes",

@@ -5,8 +5,9 @@ policy put prefill tokens in it) and the prefill worker runs one batch at a time
 prefill worker at another MPS share, recorded at its own split; one prefill batch between the two at a time).
 Step costs come from `rapid bench frontier` on the GPU (`StepTimings.from_frontier`): per decode batch, the step
 alone, the step while the prefill worker runs at an MPS split and that worker's tokens/s then, and a mixed step's
-cost per prompt token, or (`with_graph_curve`) a whole-graph step's cost by its padded token count. A decode step runs at its recorded concurrent speed for the part of it that a prefill batch
-overlaps, and at its speed alone for the rest (its end is recomputed whenever a prefill batch starts or ends). The
+cost per prompt token, or (`with_graph_curve`) a whole-graph step's cost by its padded token count. A decode step
+runs at its recorded concurrent speed for the part of it that a prefill batch overlaps, and at its speed alone for
+the rest (its end is recomputed whenever a prefill batch starts or ends). The
 same policy objects as the engine's decide (rapid.core.placement, rapid.core.adaptive), so their choices in known
 regimes are unit tests on the CPU. Plain Python, no torch.
 """

@@ -7,7 +7,7 @@ to its bucket and replays one graph: no eager attention between pieces, so no ho
 
 Buckets, measured: a step pays for its bucket's tokens, and on the H200 (bench/results/session19/) the cost of a
 step is not smooth in its tokens. Some sizes cost more than larger ones (448 tokens 15.4 ms, 480 11.7; 1088 28.8,
-1216 27.9), and the x1.5/x2 buckets cost steps of 128-1024 tokens 10-13% more than their own size on average. So
+1216 27.9), and with the x1.5/x2 buckets a step of 128-2048 tokens paid 8-13% more than its own size on average. So
 the runner captures a fine set of candidates (every 32 tokens to 1024, then every 128, 256, 512), times each
 graph once captured, and keeps only the sizes that no larger size beats by over 2% (`undominated`): padding then
 never costs more than the bucket it skipped. (It times the graphs with no sequences, so on the GEMMs'
