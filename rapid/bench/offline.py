@@ -46,9 +46,10 @@ def idle_profile(steps: list[tuple[str, float, int]]) -> dict:
 def decode_idle_during(device_time: dict[str, dict], stats, totals_before: dict | None = None) -> dict | str:
     """Where the decode stream waited during a run. With `totals_before` (Stats.decode_idle_totals before it): the
     difference of the engine's running totals by transition, however long the run; a step after the executor ran
-    out of work counts under "idle -> ...". The longest waits come from the per-step series
-    (Stats.decode_device_idle: the latest STATS_WINDOW steps) when it covers the run; without `totals_before`,
-    everything does (idle_profile), or the reason it cannot."""
+    out of work counts under "idle -> ..." and in idle_s_without_work, not in the waits (idle_s, over 1 ms). The
+    longest waits come from the per-step series (Stats.decode_device_idle: the latest STATS_WINDOW steps, which cannot
+    tell a step after a dry spell) when it covers the run; without `totals_before`, everything does (idle_profile),
+    or the reason it cannot."""
     ran = sum(t["steps"] for k, t in device_time.items() if k in ("decode", "mixed"))
     covered = len(stats.decode_device_idle) >= ran
     if totals_before is None:
@@ -60,11 +61,12 @@ def decode_idle_during(device_time: dict[str, dict], stats, totals_before: dict 
         n0, i0, l0, li0 = totals_before.get(key, (0, 0.0, 0, 0.0))
         if n > n0:
             delta[key] = (int(n - n0), idle - i0, int(n_long - l0), idle_long - li0)
-    out = {"steps": sum(d[0] for d in delta.values()), "idle_s": round(sum(d[1] for d in delta.values()), 4),
+    working = [d for key, d in delta.items() if not key.startswith("idle ->")]  # not waits for work to arrive
+    out = {"steps": sum(d[0] for d in delta.values()), "idle_s": round(sum(d[1] for d in working), 4),
+           "idle_s_without_work": round(sum(d[1] for key, d in delta.items() if key.startswith("idle ->")), 4),
            "by_transition": {k: {"steps": d[0], "idle_s": round(d[1], 4)}
                              for k, d in sorted(delta.items(), key=lambda kv: -kv[1][1])},
-           "steps_over_1ms": sum(d[2] for d in delta.values()),
-           "idle_s_over_1ms": round(sum(d[3] for d in delta.values()), 4)}
+           "steps_over_1ms": sum(d[2] for d in working), "idle_s_over_1ms": round(sum(d[3] for d in working), 4)}
     if covered:
         out["longest"] = idle_profile(stats.decode_device_idle[-ran:] if ran else [])["longest"]
     return out
