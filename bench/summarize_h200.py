@@ -267,14 +267,15 @@ def policies() -> None:
 def simulation() -> None:
     """Attainment against rate for hybrid, static concurrent prefill and the adaptive policy, simulated."""
     from rapid.bench.datasets import random_requests, sharegpt_like_requests
-    from rapid.bench.simulate import StepTimings, sim_trace, simulate
+    from rapid.bench.simulate import H200_8B_ATTENTION_MS_PER_CONTEXT_TOKEN, StepTimings, sim_trace, simulate
     from rapid.core.adaptive import AdaptivePlacement
     from rapid.core.placement import DECODE, PREFILL, PREFILL2, AtomPlacement, StaticPlacement
 
     # mixed steps costed as the whole CUDA graphs the engine runs since session 18, on the H200's curve (session 19)
     curve = R / "session19" / "call1" / "graph-buckets.json"
+    # and decode steps moved by their batch's context (the frontier's decode at 1024 tokens a row; traces shorter)
     splits = {s: StepTimings.from_frontier(R / "frontier-h200.json", s).with_graph_curve(curve)
-              for s in ("100/100", "50/100", "50/50")}
+              .with_context_cost(H200_8B_ATTENTION_MS_PER_CONTEXT_TOKEN) for s in ("100/100", "50/100", "50/50")}
     full, half = splits["100/100"], splits["50/100"]  # frontier() writes the file first
     configurations = {  # name -> (policy factory given the SLO pair, the prefill worker's split, the second's)
         "hybrid": (lambda ttft, tpot: StaticPlacement(DECODE), full, None),
@@ -287,9 +288,9 @@ def simulation() -> None:
             lambda ttft, tpot: AdaptivePlacement(8192, ttft, tpot, prefill_lanes=(PREFILL, PREFILL2)), full, half),
     }
     workloads = {"sharegpt-like": (lambda rate: sim_trace(sharegpt_like_requests(1500, 1000, seed=0, max_len=4096),
-                                                          rate), (5, 10, 15, 20, 25, 30, 40)),
+                                                          rate), (10, 20, 30, 40, 44, 48, 52, 56, 60)),
                  "bursty sharegpt-like (gamma 0.5)": (lambda rate: sim_trace(sharegpt_like_requests(
-                     1500, 1000, seed=0, max_len=4096), rate, 0.5), (5, 10, 15, 20, 25, 30, 40)),
+                     1500, 1000, seed=0, max_len=4096), rate, 0.5), (10, 20, 30, 40, 44, 48, 52, 56, 60)),
                  "3000 in, 300 out": (lambda rate: sim_trace(random_requests(400, 3000, 300, 0.2, 1000, seed=0), rate),
                                       (1, 2, 3, 4, 5, 6, 7, 8))}
     results, lines = {}, []
@@ -310,13 +311,15 @@ def simulation() -> None:
     table = ("# The placement policies in simulation (rapid.bench.simulate), on the H200's recorded step timings\n\n"
              "Not a GPU measurement: the H200 frontier (frontier-h200.json: MPS splits and hybrid points), with mixed "
              "steps costed on the H200's whole-graph step-cost curve (session19/call1/graph-buckets.json, padded to the "
-             "buckets the engine keeps), replayed through the same policy objects the engine runs; each trace runs to "
-             "completion (no warm-up cut). "
+             "buckets the engine keeps) and decode steps moved by their batch's context (decode attention's cost per "
+             "token of context, session 17's profile), replayed through the same policy objects the engine runs; "
+             "each trace runs to completion (no warm-up cut). "
              "Attainment = share of requests meeting both SLOs. `python bench/summarize_h200.py` rebuilds it.\n\n"
              "| workload | SLO TTFT/TPOT (ms) | policy | rate:attainment |\n|---|---|---|---|\n"
              + "\n".join(lines) + "\n")
     _write("sim-h200-timings", {"timings": "frontier-h200.json, splits 100/100, 50/100, 50/50; mixed steps: "
-                                "session19/call1/graph-buckets.json", "results": results},
+                                "session19/call1/graph-buckets.json; decode steps by context: session17/call1",
+                                "results": results},
            table)
 
 

@@ -4,8 +4,8 @@ concurrent prefill on the same traces. No GPU.
 
 The recording is the H200's (bench/results/frontier-h200.json: MPS 100/100, decode batches 16, 64 and 256,
 session 13; 50/100 and 50/50, session 14), also with its mixed steps costed as whole CUDA graphs on the H200's
-step-cost curve (bench/results/session19/call1/graph-buckets.json, padded to the buckets the engine keeps); a
-variant where concurrency is cheap checks the other regime."""
+step-cost curve (bench/results/session19/call1/graph-buckets.json, padded to the buckets the engine keeps) and its
+decode steps at the trace's own contexts; a variant where concurrency is cheap checks the other regime."""
 
 import dataclasses
 from pathlib import Path
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from rapid.bench.datasets import random_requests, sharegpt_like_requests
-from rapid.bench.simulate import StepTimings, sim_trace, simulate
+from rapid.bench.simulate import H200_8B_ATTENTION_MS_PER_CONTEXT_TOKEN, StepTimings, sim_trace, simulate
 from rapid.core.adaptive import AdaptivePlacement
 from rapid.core.placement import DECODE, PREFILL, StaticPlacement
 
@@ -30,7 +30,8 @@ def recorded():
 
 @pytest.fixture(scope="module")
 def whole_graphs(recorded):
-    return recorded.with_graph_curve(GRAPH_CURVE)
+    """The engine as it runs now: whole-graph mixed steps, and decode steps at the trace's own contexts."""
+    return recorded.with_graph_curve(GRAPH_CURVE).with_context_cost(H200_8B_ATTENTION_MS_PER_CONTEXT_TOKEN)
 
 
 def sharegpt(rate, burstiness=1.0, n=1200):
@@ -161,3 +162,18 @@ def test_the_h200_spatial_lever_in_known_regimes(recorded):
     assert lever.attainment(300, 15) >= got["hybrid"] - 0.05, (lever.attainment(300, 15), got)
     with pytest.raises(ValueError, match="prefill2"):
         simulate(trace[:50], StaticPlacement(PREFILL2), recorded)  # no timings for the second worker
+
+
+def test_decode_steps_follow_their_batch_context(recorded, whole_graphs):
+    """With the context cost a decode step is the recorded one (1024 tokens a row) moved by the batch's own context
+    at decode attention's measured cost per token, never below 30% of it; without it, the recorded step. Below
+    saturation hybrid's simulated TPOT then lands near the GPU's (session 19: TPOT p50 11.0 ms at 48 req/s)."""
+    assert recorded.decode_ms(64, False, 64 * 300) == recorded.decode_ms(64, False)
+    full, short = whole_graphs.decode_ms(256, False, 256 * 1024), whole_graphs.decode_ms(256, False, 256 * 300)
+    assert full == pytest.approx(recorded.decode_ms(256, False))
+    assert full - short == pytest.approx(256 * 724 * H200_8B_ATTENTION_MS_PER_CONTEXT_TOKEN)
+    steep = whole_graphs.with_context_cost(1.0)  # a context cost no GPU has: the floor holds
+    assert steep.decode_ms(16, False, 16) == pytest.approx(0.3 * recorded.decode_ms(16, False))
+    run = simulate(sharegpt(48), StaticPlacement(DECODE), whole_graphs)
+    tpot = sorted(r.tpot_ms for r in run.requests)
+    assert 9.0 < tpot[len(tpot) // 2] < 13.0, tpot[len(tpot) // 2]

@@ -26,6 +26,11 @@ from rapid.compile.buckets import PRUNE_MARGIN, candidate_buckets, undominated
 from rapid.core.placement import DECODE, PREFILL, PREFILL2, PREFILL_LANES, Load, ewma
 
 
+# Llama-3.1-8B on the H200 (bench/results/session17/call1/step-profile.json): decode attention took 9.17 ms of a
+# batch-256 step at contexts 1,000-1,060, reading the KV at 3.7 TB/s
+H200_8B_ATTENTION_MS_PER_CONTEXT_TOKEN = 9.17 / (256 * 1030)
+
+
 @dataclass(frozen=True)
 class StepTimings:
     """Recorded costs at one MPS split (see the module docstring); batches ascending."""
@@ -40,6 +45,11 @@ class StepTimings:
     # ascending. Given, a mixed step's prompt work is what the curve adds from its decode rows alone to the whole
     # batch padded to its bucket (the sizes the engine keeps: rapid.compile.buckets.undominated), not inline_tok_s
     graph_ms: tuple[tuple[int, float], ...] = ()
+    # decode attention's ms per token of context summed over the batch: given, a decode step is the recorded one
+    # (at recorded_ctx tokens a row) moved by the batch's own context (the frontier decodes at 1024 tokens; real
+    # traces mostly shorter); 0: the recorded step whatever the context
+    ms_per_context_token: float = 0.0
+    recorded_ctx: int = 1024
 
     @classmethod
     def from_frontier(cls, path: str | Path, split: str) -> "StepTimings":
@@ -76,8 +86,16 @@ class StepTimings:
             tokens = next(b for b in self._graph_buckets if b >= tokens)
         return float(np.interp(tokens, sizes, ms))
 
-    def decode_ms(self, batch: int, concurrent: bool) -> float:
-        return float(np.interp(batch, self.batches, self.decode_concurrent_ms if concurrent else self.decode_alone_ms))
+    def with_context_cost(self, ms_per_context_token: float, recorded_ctx: int = 1024) -> "StepTimings":
+        """These timings with decode steps moved by their batch's context (see ms_per_context_token)."""
+        return replace(self, ms_per_context_token=ms_per_context_token, recorded_ctx=recorded_ctx)
+
+    def decode_ms(self, batch: int, concurrent: bool, context: int | None = None) -> float:
+        """A decode step of `batch` rows (`context`: their tokens so far, summed; None: as recorded)."""
+        ms = float(np.interp(batch, self.batches, self.decode_concurrent_ms if concurrent else self.decode_alone_ms))
+        if context is None or not self.ms_per_context_token:
+            return ms
+        return max(ms + self.ms_per_context_token * (context - batch * self.recorded_ctx), 0.3 * ms)
 
     def inline_s(self, tokens: int, batch: int, beside_prefill: bool) -> float:
         """A mixed step's prompt work. Beside a prefill batch it gets what the prefill worker leaves of the GPU's
@@ -133,6 +151,7 @@ class _Lane:
         self.queued: list[tuple[SimRequest, int, bool]] = []  # the decode lane: prompt work for its next step
         self.batch: list[SimRequest] = []  # the decode lane: the requests its running step advances
         self.beside = False  # the decode lane: a prefill batch ran during some of its running step
+        self.context = 0  # the decode lane: its running step's rows' tokens so far, summed
         self.work_ms = 0.0  # the decode lane: its running step's work left, in ms at its speed alone
         self.rate = 1.0  # the decode lane: that work's progress per ms now (slower beside a prefill batch)
         self.t_last = 0.0  # the decode lane: when work_ms was last brought up to date
@@ -192,8 +211,9 @@ def simulate(trace: list[tuple[float, int, int]], policy, timings: StepTimings, 
         Beside a prefill batch a step runs at (its time alone / its time concurrent, as recorded at that split)."""
         if dec.end is None:
             return
-        n = len(dec.batch)
-        dec.rate = 1.0 if pre.end is None else timings.decode_ms(n, False) / workers[pre.lane].decode_ms(n, True)
+        n, ctx = len(dec.batch), dec.context
+        dec.rate = 1.0 if pre.end is None else \
+            timings.decode_ms(n, False, ctx) / workers[pre.lane].decode_ms(n, True, ctx)
         dec.beside = dec.beside or pre.end is not None
         dec.end = dec.t_last + max(dec.work_ms, 0.0) / dec.rate * 1e-3
 
@@ -233,7 +253,8 @@ def simulate(trace: list[tuple[float, int, int]], policy, timings: StepTimings, 
         if dec.end is None and (decoding or dec.queued):
             dec.chunks, dec.queued = dec.queued, []
             inline = sum(c[1] for c in dec.chunks)
-            work_ms = (timings.decode_ms(len(decoding), False) if decoding else 0.0) + \
+            dec.context = sum(r.prompt_len + r.produced for r in decoding)
+            work_ms = (timings.decode_ms(len(decoding), False, dec.context) if decoding else 0.0) + \
                 timings.inline_s(inline, len(decoding), False) * 1e3  # at its speed alone
             dec.batch, dec.start, dec.beside, dec.work_ms, dec.t_last, dec.end = list(decoding), now, False, work_ms, \
                 now, now

@@ -11,8 +11,8 @@ cost inside a mixed step, the prefill worker's tokens/s, and how long requests' 
   (at most CHEAPER of a mixed step's cost), else hybrid batching, with a TPOT SLO as without. (Until session 19 a
   TPOT SLO also kept a prefill worker at equal cost, for a lower TPOT tail measured in session 14; that hybrid
   stalled on its host, and with whole-graph mixed steps its TPOT p99 was the lower in every run since:
-  bench/results/session18-19. On the H200's whole-graph recording the tie rule put 13-99% of the prompts on the
-  prefill worker and fell up to 0.11 below hybrid at 300 ms / 15 ms in simulation.) With a second
+  bench/results/session18-19. Simulated on the H200's recording as the engine runs now, the tie rule put up to 99%
+  of the prompts on the prefill worker and fell up to 0.16 below hybrid at 300 ms / 15 ms.) With a second
   prefill worker (at a restricted MPS share: the spatial lever) each prefill worker's cost is learned apart; the
   fastest is used unless a slower one is clearly cheaper for the decodes and keeps the queue inside the TTFT SLO
   (on the H200 a 50% share is not: bench/results/frontier-h200.md). Both costs are measured: a mixed step stalls
