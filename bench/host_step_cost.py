@@ -1,5 +1,5 @@
-"""The engine's own host work per decode step, without a model: the core (scheduler, output processing) and the
-decode executor (DecodeLoop) around a stand-in runner that samples a fixed token at once.
+"""The engine's own host work per decode step, without a model: the core (scheduler, output processing; token ids
+only, no detokenisation) and the decode executor (DecodeLoop) around a stand-in runner that samples at once.
 
 This is the Python that must fit inside a device step for the GPU never to wait (async scheduling overlaps it
 with the step in flight): on the H200 an 8B decode step takes 5-20 ms, a 135M model's far less. The model runner's
@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,64,256")
     ap.add_argument("--prompt-len", type=int, default=1000)
     ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--warmup", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=40)  # past the prompts' chunks (32 at batch 256): decode steps
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--out", default=None)

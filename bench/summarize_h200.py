@@ -310,8 +310,8 @@ def simulation() -> None:
                             f"Simulated (H200 timings): {wname}, {ttft} ms / {tpot} ms")
     table = ("# The placement policies in simulation (rapid.bench.simulate), on the H200's recorded step timings\n\n"
              "Not a GPU measurement: the H200 frontier (frontier-h200.json: MPS splits and hybrid points), with mixed "
-             "steps costed on the H200's whole-graph step-cost curve (session19/call1/graph-buckets.json, padded to the "
-             "buckets the engine keeps) and decode steps moved by their batch's context (decode attention's cost per "
+             "steps costed on the H200's whole-graph step-cost curve (session19/call1/graph-buckets.json, padded to "
+             "the buckets the engine keeps) and decode steps moved by their batch's context (decode attention's cost per "
              "token of context, session 17's profile), replayed through the same policy objects the engine runs; "
              "each trace runs to completion (no warm-up cut). "
              "Attainment = share of requests meeting both SLOs. `python bench/summarize_h200.py` rebuilds it.\n\n"

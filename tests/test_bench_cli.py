@@ -63,41 +63,46 @@ def test_idle_profile_groups_waits_by_transition():
 
 
 def test_decode_idle_totals_cover_runs_longer_than_the_stats_window():
-    """The engine counts the decode stream's waits by transition since start (a step after the executor ran dry under
-    "idle -> ..."), so a run of any length is profiled from two snapshots; the longest waits need the per-step
-    series to cover the run."""
+    """The engine counts the decode stream's waits by transition since start (a step after the executor had nothing
+    resident under "idle -> ...", apart from the waits), so a run of any length is profiled from two snapshots; the
+    longest waits need the per-step series to cover the run."""
     from types import SimpleNamespace
 
     from rapid.bench.offline import decode_idle_during
     from rapid.engine.core import StepStats
-    from rapid.protocol.worker import DecodeStep, DeviceTime
+    from rapid.protocol.worker import DecodeStep, DeviceTime, PrefillDone
 
     stats = StepStats()
 
-    def step(kind, idle_s, host_gap_s):
-        stats.record(DecodeStep([], [], 0.0, 1.0, idle_gap_s=host_gap_s, device=DeviceTime(kind, 0.01, idle_s)))
+    def step(kind, idle_s, after_idle=False):
+        stats.record(DecodeStep([], [], 0.0, 1.0, idle_gap_s=0.001, device=DeviceTime(kind, 0.01, idle_s),
+                                after_idle=after_idle))
 
-    step("decode", 2.0, 0.0)  # the first step, after start: the executor had nothing before
+    step("decode", 2.0, after_idle=True)  # the first step: nothing was resident before it
     before = stats.snapshot().decode_idle_totals
-    for kind, idle, gap in [("mixed", 0.0001, 0.001), ("decode", 0.003, 0.002), ("decode", 5.0, 0.0),
-                            ("decode", 0.0002, 0.001)]:
-        step(kind, idle, gap)
+    step("mixed", 0.0001)
+    step("decode", 0.003)
+    stats.record(PrefillDone(1, [], 0.0, 1.0, device=DeviceTime("inline", 0.01, 5.0)))  # prompt-only, after a spell
+    step("decode", 0.0002)  # after the inline step: not after "decode"
+    step("decode", 5.0, after_idle=True)
     after = stats.snapshot()
     assert after.decode_idle_totals["idle -> decode"] == [2, 7.0, 2, 7.0]
     device_time = {"decode": {"steps": 3}, "mixed": {"steps": 1}}
     d = decode_idle_during(device_time, after, before)
     assert d["by_transition"] == {"idle -> decode": {"steps": 1, "idle_s": 5.0},
                                   "mixed -> decode": {"steps": 1, "idle_s": 0.003},
-                                  "decode -> decode": {"steps": 1, "idle_s": 0.0002},
+                                  "inline -> decode": {"steps": 1, "idle_s": 0.0002},
                                   "decode -> mixed": {"steps": 1, "idle_s": 0.0001}}
-    assert d["steps"] == 4 and d["longest"][0]["idle_ms"] == 5000.0
-    assert d["steps_over_1ms"] == 1 and d["idle_s_without_work"] == 5.0  # the executor had no work: not a wait
+    assert d["steps"] == 4 and d["steps_over_1ms"] == 1 and d["idle_s_without_work"] == 5.0
     assert abs(d["idle_s"] - 0.0033) < 1e-9
+    assert d["longest"][0]["idle_ms"] == 3.0  # the waits only: the dry spell is not one
     short_window = SimpleNamespace(decode_device_idle=after.decode_device_idle[-2:],
                                    decode_idle_totals=after.decode_idle_totals)
     d = decode_idle_during(device_time, short_window, before)  # 4 steps ran, 2 kept: no longest, totals still
     assert "longest" not in d and d["steps"] == 4 and d["idle_s_over_1ms"] == 0.003
     assert decode_idle_during(device_time, short_window).startswith("not recorded")  # no snapshot before: as it was
+    restarted = decode_idle_during(device_time, after, {"decode -> decode": [99, 1.0, 0, 0.0]})
+    assert restarted["steps"] == 5  # totals below the snapshot: a new incarnation's, counted from zero
 
 
 def test_bench_serve_steady_state_two_modes_smoke(tiny_llama, tmp_path):

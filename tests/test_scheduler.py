@@ -353,3 +353,30 @@ def test_every_inline_prefill_waits_for_its_step(case):
     outs = loop.step() + loop.step()
     assert [o.batch_id for o in outs if isinstance(o, PrefillDone)] == [3]
     assert len(waited) == 1
+
+
+def test_after_idle_marks_the_first_step_after_nothing_was_resident():
+    """DecodeStep.after_idle: the first step after start or after the executor had nothing resident (its device wait
+    is no overhead), not the steps behind it (async: launched before the first is read back), and not a step after
+    a wait for blocks (requests resident)."""
+    from rapid.protocol.worker import DecodeStep, GrantBlocks, StartDecode, StopDecode
+
+    cfg = EngineConfig(model="m", tokenizer=None, mode="rapid", async_scheduling=True,
+                       cache=CacheConfig(block_size=4), scheduler=SchedulerConfig(max_num_seqs=8, max_model_len=64))
+    loop = DecodeLoop(FakeRunner(), cfg, (0,))
+
+    def steps(n):
+        return [o.after_idle for _ in range(n) for o in loop.step() if isinstance(o, DecodeStep)]
+
+    loop.handle(StartDecode("a", [1, 2, 3], [4], [0], SamplingParams(max_tokens=50)))  # one block: 4 tokens
+    assert steps(3) == [True]  # the first step, then one ahead, then it waits for a block
+    assert not loop.has_work()
+    loop.note_no_work()  # resident, waiting for a block: not a dry spell
+    loop.handle(GrantBlocks("a", [1, 2]))
+    assert steps(3) == [False, False]
+    loop.handle(StopDecode(["a"]))
+    while loop.has_work():
+        loop.step()
+    loop.note_no_work()  # nothing resident now
+    loop.handle(StartDecode("b", [1, 2, 3], [4], [3, 4], SamplingParams(max_tokens=50)))
+    assert steps(3) == [True, False]

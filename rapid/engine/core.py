@@ -45,7 +45,7 @@ class StepStats:
         self.device_time: dict[str, list[float]] = {}  # kind -> [steps, busy_s, idle_s], since start
         self.eager_steps: dict[str, int] = {}  # kind -> steps run outside the worker's captured graphs, since start
         self.decode_idle_totals: dict[str, list[float]] = {}  # see Stats.decode_idle_totals
-        self.last_decode_kind = "idle"
+        self.last_decode_kind = "idle"  # the decode stream's latest step kind (an inline prompt-only step included)
 
     def record(self, msg) -> None:
         s = self.series
@@ -57,6 +57,8 @@ class StepStats:
             if msg.device.eager:
                 self.eager_steps[msg.device.kind] = self.eager_steps.get(msg.device.kind, 0) + 1
         if isinstance(msg, PrefillDone):
+            if msg.device is not None and msg.device.kind == "inline":  # a prompt-only step on the decode stream
+                self.last_decode_kind = "inline"
             s["prefill_intervals"].append((msg.t_start, msg.t_end))
             s["prefill_tokens"].append(msg.num_tokens)
             s["prefill_host_s"].append(msg.host_s)  # 0 for a mixed step's prompt part (not a prefill worker's)
@@ -65,16 +67,16 @@ class StepStats:
             s["decode_intervals"].append((msg.t_start, msg.t_end))
             s["decode_batch_sizes"].append(len(msg.sampled))
             if msg.device is not None:
-                s["decode_device_idle"].append((msg.device.kind, msg.device.idle_s, len(msg.sampled)))
-                self._count_idle(msg.device.kind, msg.device.idle_s, resumed=not msg.idle_gap_s)
+                s["decode_device_idle"].append((msg.device.kind, msg.device.idle_s, len(msg.sampled), msg.after_idle))
+                self._count_idle(msg.device.kind, msg.device.idle_s, msg.after_idle)
             if msg.idle_gap_s:
                 s["decode_idle_gaps_s"].append(msg.idle_gap_s)
             s["handoff_s"].extend(msg.handoffs)
 
-    def _count_idle(self, kind: str, idle_s: float, resumed: bool) -> None:
-        """One decode-stream step's wait, by the kind of the step before it ("idle": the executor had run out of
-        work, so the wait is not host overhead; its host gap reads 0 then)."""
-        before = "idle" if resumed else self.last_decode_kind
+    def _count_idle(self, kind: str, idle_s: float, after_idle: bool) -> None:
+        """One decode-stream step's wait, by the kind of the step before it ("idle": the executor had had nothing
+        resident, so the wait is not host overhead)."""
+        before = "idle" if after_idle else self.last_decode_kind
         total = self.decode_idle_totals.setdefault(f"{before} -> {kind}", [0, 0.0, 0, 0.0])
         total[0] += 1
         total[1] += idle_s

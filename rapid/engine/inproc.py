@@ -38,7 +38,7 @@ class InprocWorkers:
         if self.loop.has_work():
             out += self.loop.step()
         else:
-            self.loop.last_step_end = None  # idle by lack of work, not host overhead
+            self.loop.note_no_work()
         return out
 
 

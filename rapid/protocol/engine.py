@@ -79,8 +79,8 @@ class Stats(msgspec.Struct, tag=True):
     prefill_host_s: list[float] = []  # per prefill interval: a prefill worker's host time (PrefillDone.host_s)
     prefill_idle_gaps_s: list[float] = []  # per prefill interval: that worker's wait for it (PrefillDone.idle_gap_s)
     decode_batch_sizes: list[int] = []  # sequences of each decode interval
-    # per decode interval: (DeviceTime kind, the device's idle_s before it, its decode rows)
-    decode_device_idle: list[tuple[str, float, int]] = []
+    # per decode interval: (DeviceTime kind, the device's idle_s before it, its decode rows, DecodeStep.after_idle)
+    decode_device_idle: list[tuple[str, float, int, bool]] = []
     num_preemptions: int = 0
     num_free_blocks: int = 0
     num_blocks: int = 0
@@ -95,7 +95,8 @@ class Stats(msgspec.Struct, tag=True):
     # since start, by step kind: steps that ran outside the worker's CUDA graphs although it captured some
     eager_steps: dict[str, int] = {}
     # since start, the decode stream's idle time before each step by transition ("decode -> mixed"; "idle -> ..."
-    # for a step after the executor ran out of work): [steps, idle_s, steps that waited over 1 ms, their idle_s]
+    # for a step after the executor had nothing resident, DecodeStep.after_idle): [steps, idle_s, steps that waited
+    # over 1 ms, their idle_s]
     decode_idle_totals: dict[str, list[float]] = {}
     placement_learned: dict[str, float] = {}  # the placement policy's measured costs (rapid.core.adaptive.learned)
 

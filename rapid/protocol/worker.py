@@ -136,6 +136,7 @@ class DecodeStep(msgspec.Struct, tag=True):
     idle_gap_s: float = 0.0  # time the GPU waited on the host before this step
     handoffs: list[float] = []  # for requests stepped for the first time: prefill end -> this step
     device: DeviceTime | None = None  # the whole step (its inline prompt tokens included)
+    after_idle: bool = False  # the first step after the executor had nothing resident: its device wait is no overhead
 
 
 

@@ -41,6 +41,7 @@ class Step:
     t0: float
     idle: float
     ids: set[str] = field(default_factory=set)  # request ids of the decode rows
+    after_idle: bool = False  # the first step after the executor had nothing resident (DecodeStep.after_idle)
 
 
 def _needs_host_tokens(params) -> bool:
@@ -68,6 +69,7 @@ class DecodeLoop:
         self.pending_handoff: dict[str, float] = {}  # request -> prefill end time
         self.inline: PrefillBatch | None = None  # prefill placed in this executor's next step
         self.last_step_end: float | None = None
+        self.ran_dry = True  # nothing resident since the last step launched (start included)
         self.peer_kv: torch.Tensor | None = None  # disagg: the prefill worker's KV pool (hand-off source)
         self.transferred: list[str] = []  # disagg: copies done since the last report
         self.grammars = runner.grammars = GrammarBook(config.tokenizer, eos_token_ids)  # structured outputs
@@ -120,6 +122,13 @@ class DecodeLoop:
 
     def has_work(self) -> bool:
         return self.inline is not None or self.pending is not None or bool(self.runnable())
+
+    def note_no_work(self) -> None:
+        """The executor has nothing to run now: the host's gap before the next step is not overhead, and when
+        nothing is resident either (not just waiting for blocks), neither is the device's wait (ran_dry)."""
+        self.last_step_end = None
+        if not self.running and self.inline is None:
+            self.ran_dry = True
 
     def step(self) -> list:
         """Enqueue the next forward pass (the runnable decodes first, then the inline prefill chunks) and read
@@ -185,7 +194,8 @@ class DecodeLoop:
         idle = 0.0 if self.last_step_end is None else max(0.0, t0 - self.last_step_end)
         inputs_from = (pending.launched, dst, src) if dst else None
         launched = self.runner.launch(work, inputs_from)
-        return Step(launched, batch, prefill, t0, idle, {r.request_id for r in batch})
+        after_idle, self.ran_dry = self.ran_dry and pending is None, False
+        return Step(launched, batch, prefill, t0, idle, {r.request_id for r in batch}, after_idle)
 
     def _finish(self, step: Step) -> list:
         """Read a step back: append each decode row's token, end the requests the rules end."""
@@ -216,7 +226,7 @@ class DecodeLoop:
         kind = ("mixed" if step.prefill is not None else "decode") if step.batch else "inline"
         device = DeviceTime(kind, *times, eager=step.launched.eager) if times is not None else None  # one message
         out: list = [DecodeStep(kept, finished, step.t0, t1, idle_gap_s=step.idle, handoffs=handoffs,
-                                device=device)] if step.batch else []
+                                device=device, after_idle=step.after_idle)] if step.batch else []
         if step.prefill is not None:
             out.append(PrefillDone(step.prefill.batch_id, first_tokens, step.t0, t1,
                                    num_tokens=sum(len(w.token_ids) for w in step.prefill.work),

@@ -175,6 +175,8 @@ def decode_main(raw_args: bytes) -> None:
         while True:
             # Never wait for the core while there is work: poll without blocking between steps.
             busy = loop.has_work()
+            if not busy:
+                loop.note_no_work()  # before waiting: work arriving in the wait does not follow a host gap
             msgs = inbox.drain() if busy else ([m] if (m := inbox.recv(timeout_ms=100)) is not None else [])
             if any(isinstance(m, Shutdown) for m in msgs):
                 break
@@ -186,7 +188,7 @@ def decode_main(raw_args: bytes) -> None:
             for d in dropped:
                 results.send(d)
             if not loop.has_work():
-                loop.last_step_end = None  # idle by lack of work, not host overhead
+                loop.note_no_work()
                 continue
             steps += 1
             if steps == fault_at:
