@@ -52,12 +52,21 @@ def test_prefill_worker_summary_takes_the_runs_worker_batches():
     assert short == {"batches": 9, "recorded": "not recorded: the engine's stats keep 4 of 9 batches"}
 
 
-def test_idle_profile_groups_waits_by_transition():
-    from rapid.bench.offline import idle_profile
+def test_decode_idle_groups_waits_by_transition():
+    """The same steps through the engine's stats and decode_idle_during: waits by the kinds before and waiting, the
+    ones over 1 ms, and the longest from the per-step series (the first step followed nothing resident)."""
+    from rapid.bench.offline import decode_idle_during
+    from rapid.engine.core import StepStats
+    from rapid.protocol.worker import DecodeStep, DeviceTime
 
-    d = idle_profile([("mixed", 0.0, 2), ("decode", 0.004, 3), ("decode", 0.0001, 3), ("mixed", 0.002, 4)])
+    stats = StepStats()
+    for kind, idle, rows, after_idle in [("mixed", 0.0, 2, True), ("decode", 0.004, 3, False),
+                                         ("decode", 0.0001, 3, False), ("mixed", 0.002, 4, False)]:
+        stats.record(DecodeStep([None] * rows, [], 0.0, 1.0, device=DeviceTime(kind, 0.01, idle),
+                                after_idle=after_idle))
+    d = decode_idle_during({"decode": {"steps": 2}, "mixed": {"steps": 2}}, stats.snapshot(), {})
     assert d["by_transition"]["mixed -> decode"] == {"steps": 1, "idle_s": 0.004}
-    assert d["by_transition"]["decode -> decode"]["steps"] == 1 and d["by_transition"]["start -> mixed"]["steps"] == 1
+    assert d["by_transition"]["decode -> decode"]["steps"] == 1 and d["by_transition"]["idle -> mixed"]["steps"] == 1
     assert d["steps_over_1ms"] == 2 and abs(d["idle_s_over_1ms"] - 0.006) < 1e-9
     assert d["longest"][0] == {"step": 1, "after": "mixed", "kind": "decode", "idle_ms": 4.0, "batch": 3}
 
@@ -100,7 +109,6 @@ def test_decode_idle_totals_cover_runs_longer_than_the_stats_window():
                                    decode_idle_totals=after.decode_idle_totals)
     d = decode_idle_during(device_time, short_window, before)  # 4 steps ran, 2 kept: no longest, totals still
     assert "longest" not in d and d["steps"] == 4 and d["idle_s_over_1ms"] == 0.003
-    assert decode_idle_during(device_time, short_window).startswith("not recorded")  # no snapshot before: as it was
     restarted = decode_idle_during(device_time, after, {"decode -> decode": [99, 1.0, 0, 0.0]})
     assert restarted["steps"] == 5  # totals below the snapshot: a new incarnation's, counted from zero
 

@@ -21,46 +21,22 @@ def device_time_during(before: dict[str, list[float]], after: dict[str, list[flo
     return out
 
 
-def idle_profile(steps: list[tuple]) -> dict:
-    """Where the decode stream idled, from the per-step (kind, idle_s, decode rows[, after_idle]) of a run
-    (Stats.decode_device_idle): the idle time by the kinds of the step before and the step that waited, the steps
-    that waited over 1 ms, and the longest waits (index in the run, kinds, ms, batch). The first step's "before"
-    is "start"; prompt-only steps are not in the series, so a wait after one is counted after the step before it.
-    A step after the executor had nothing resident counts under "idle -> ..." and in idle_s_without_work only."""
-    by_transition: dict[str, list[float]] = {}
-    waits, without_work = [], 0.0
-    for i, (kind, idle, batch, *flag) in enumerate(steps):
-        after_idle = bool(flag and flag[0])
-        prev = "idle" if after_idle else steps[i - 1][0] if i else "start"
-        counts = by_transition.setdefault(f"{prev} -> {kind}", [0, 0.0])
-        counts[0] += 1
-        counts[1] += idle
-        if after_idle:
-            without_work += idle
-        else:
-            waits.append((idle, i, prev, kind, batch))
-    long_waits = [w for w in waits if w[0] > 1e-3]
-    return {"steps": len(steps), "idle_s": round(sum(w[0] for w in waits), 4),
-            "idle_s_without_work": round(without_work, 4),
-            "by_transition": {k: {"steps": n, "idle_s": round(t, 4)} for k, (n, t) in
-                              sorted(by_transition.items(), key=lambda kv: -kv[1][1])},
-            "steps_over_1ms": len(long_waits), "idle_s_over_1ms": round(sum(w[0] for w in long_waits), 4),
-            "longest": [{"step": i, "after": prev, "kind": kind, "idle_ms": round(idle * 1e3, 2), "batch": b}
-                        for idle, i, prev, kind, b in sorted(waits, reverse=True)[:12]]}
+def longest_waits(steps: list[tuple[str, float, int, bool]], top: int = 12) -> list[dict]:
+    """The longest waits of the decode stream in a run's per-step (kind, idle_s, decode rows, after_idle)
+    (Stats.decode_device_idle): index in the run, the kinds before ("start" for the first) and waiting, ms, batch.
+    A step after the executor had nothing resident did not wait for the host: left out."""
+    waits = [(idle, i, steps[i - 1][0] if i else "start", kind, batch)
+             for i, (kind, idle, batch, after_idle) in enumerate(steps) if not after_idle]
+    return [{"step": i, "after": prev, "kind": kind, "idle_ms": round(idle * 1e3, 2), "batch": b}
+            for idle, i, prev, kind, b in sorted(waits, reverse=True)[:top]]
 
 
-def decode_idle_during(device_time: dict[str, dict], stats, totals_before: dict | None = None) -> dict | str:
-    """Where the decode stream waited during a run. With `totals_before` (Stats.decode_idle_totals before it): the
-    difference of the engine's running totals by transition, however long the run; a step after the executor
-    had nothing resident counts under "idle -> ..." and in idle_s_without_work, not in the waits (idle_s, over 1 ms).
-    The longest waits come from the per-step series (Stats.decode_device_idle: the latest STATS_WINDOW steps) when it
-    covers the run; without `totals_before`, everything does (idle_profile), or the reason it cannot."""
-    ran = sum(t["steps"] for k, t in device_time.items() if k in ("decode", "mixed"))
-    covered = len(stats.decode_device_idle) >= ran
-    if totals_before is None:
-        if covered:
-            return idle_profile(stats.decode_device_idle[-ran:] if ran else [])
-        return f"not recorded: {ran} decode steps outnumber the {len(stats.decode_device_idle)} the engine's stats keep"
+def decode_idle_during(device_time: dict[str, dict], stats, totals_before: dict) -> dict:
+    """Where the decode stream waited during a run: the difference of the engine's running totals by transition
+    (Stats.decode_idle_totals, `totals_before` taken before the run), however long the run. A step after the executor
+    had nothing resident counts under "idle -> ..." and in idle_s_without_work, not in the waits (idle_s, over
+    1 ms). The longest waits come from the per-step series (Stats.decode_device_idle: the latest STATS_WINDOW steps)
+    when it covers the run's decode and mixed steps, counted in `device_time` (device_time_during's result)."""
     totals = stats.decode_idle_totals
     if any(n0 > totals.get(key, (0,))[0] for key, (n0, *_) in totals_before.items()):
         totals_before = {}  # the totals restarted (a new engine incarnation): they are the new one's
@@ -75,8 +51,9 @@ def decode_idle_during(device_time: dict[str, dict], stats, totals_before: dict 
            "by_transition": {k: {"steps": d[0], "idle_s": round(d[1], 4)}
                              for k, d in sorted(delta.items(), key=lambda kv: -kv[1][1])},
            "steps_over_1ms": sum(d[2] for d in working), "idle_s_over_1ms": round(sum(d[3] for d in working), 4)}
-    if covered:
-        out["longest"] = idle_profile(stats.decode_device_idle[-ran:] if ran else [])["longest"]
+    ran = sum(t["steps"] for k, t in device_time.items() if k in ("decode", "mixed"))
+    if len(stats.decode_device_idle) >= ran:
+        out["longest"] = longest_waits(stats.decode_device_idle[-ran:] if ran else [])
     return out
 
 
