@@ -205,6 +205,44 @@ def test_the_other_lane_is_sampled_again_now_and_then():
     assert lanes.count(DECODE) == 2 and lanes[REEXPLORE_EVERY] == DECODE
 
 
+def dearer_prefill_worker():
+    """A policy that measured a mixed step at 25 us of decode time a prompt token and the prefill worker at 33."""
+    p = learned(slo_tpot_ms=25)
+    for _ in range(5):
+        p.observe_decode_step(20.0, beside_prefill=True)
+        p.observe_prefill(PREFILL, 300, 0.01, num_decoding=64)
+    assert p.cost(PREFILL) > p.cost(DECODE)
+    return p
+
+
+def test_only_placements_taken_count_towards_the_next_sample():
+    """The engine asks before every step and drops an answer whose lane is busy: those questions do not bring the
+    next sample of the other lane nearer (on the H200 they sent up to 20% of the prompt tokens to the prefill
+    worker, as samples, at 44 req/s)."""
+    from dataclasses import replace
+
+    from rapid.core.adaptive import REEXPLORE_EVERY
+
+    p = dearer_prefill_worker()
+    busy = replace(load(decoding=64, queued=512), decode_lane_busy=True)
+    assert [p.place(busy).lane for _ in range(10 * REEXPLORE_EVERY)] == [DECODE] * (10 * REEXPLORE_EVERY)
+    taken = [p.place(load(decoding=64, queued=512)).lane for _ in range(REEXPLORE_EVERY)]
+    assert taken == [DECODE] * REEXPLORE_EVERY  # the placements taken so far: none sampled yet
+    assert p.place(load(decoding=64, queued=512)).lane == PREFILL  # the next one is the sample
+
+
+def test_a_sample_waits_for_its_lane():
+    from dataclasses import replace
+
+    from rapid.core.adaptive import REEXPLORE_EVERY
+
+    p = dearer_prefill_worker()
+    for _ in range(REEXPLORE_EVERY):
+        assert p.place(load(decoding=64, queued=512)).lane == DECODE
+    assert p.place(replace(load(decoding=64, queued=512), prefill_lane_busy=True)).lane == DECODE
+    assert p.place(load(decoding=64, queued=512)).lane == PREFILL  # once free, the sample runs
+
+
 def test_nothing_learned_yet_means_concurrent_beside_decodes():
     assert AdaptivePlacement(8192, 500, 25).place(load(queued=100)).lane == PREFILL
 

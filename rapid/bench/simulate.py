@@ -234,7 +234,8 @@ def simulate(trace: list[tuple[float, int, int]], policy, timings: StepTimings, 
         queued = [r for r in waiting if not r.in_flight]
         if queued:  # the engine asks before each step; a lane with a batch not yet run is skipped
             load = Load(len(decoding), sum(r.left for r in queued), now - queued[0].arrival_s, step_ms,
-                        pre.end is not None, mixed_step_room=max_budget - len(decoding))
+                        pre.end is not None, mixed_step_room=max_budget - len(decoding),
+                        decode_lane_busy=bool(dec.queued))
             d = policy.place(load)
             if d.lane == DECODE and not dec.queued:  # joins the decode executor's next step
                 room = max_budget - len(decoding)

@@ -195,7 +195,7 @@ class Scheduler:
         return Load(num_decoding=decoding, queued_tokens=tokens,
                     oldest_wait_s=0.0 if oldest is None else max(0.0, time.time() - oldest),
                     decode_step_ms=self.decode_step_ms, prefill_lane_busy=self.prefilling_beside,
-                    mixed_step_room=self.token_budget - decoding)
+                    mixed_step_room=self.token_budget - decoding, decode_lane_busy=DECODE in self.in_flight)
 
     @property
     def prefilling_beside(self) -> bool:  # a prefill batch is in flight on a prefill worker
