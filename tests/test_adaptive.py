@@ -280,6 +280,7 @@ def test_rapid_core_places_by_load_and_reports_it(caplog):
     assert (stats.placement_policy, stats.placement) == ("adaptive", "prefill")
     assert stats.prefill_tokens_by_lane == {"decode": 100, "prefill": 3000}
     assert stats.prefill_batches_by_lane == {"decode": 1, "prefill": 1}
+    assert stats.prefill_batches_by_reason == {"decode: decode idle": 1, "prefill: concurrent": 1}
     # what the policy has measured so far: the decode step alone (10 ms); no lane's cost to the decodes yet
     assert stats.placement_learned["decode_alone_ms"] == pytest.approx(10.0, rel=0.01)
     assert not any(k.startswith("decode_us_per_prompt_token") for k in stats.placement_learned)

@@ -138,6 +138,8 @@ def test_bench_serve_steady_state_two_modes_smoke(tiny_llama, tmp_path):
             assert policy == ("static decode" if mode == "hybrid" else "static prefill") and r["engine"]["preemptions"] == 0
             assert lanes[lane] >= 32 * len(r["records"]) and sum(lanes.values()) == lanes[lane]
             assert r["engine"]["placement_learned"] == {}  # a static placement measures nothing
+            batches_on_lane = r["engine"]["prefill_batches_by_lane"][lane]
+            assert batches_on_lane > 0 and r["engine"]["prefill_batches_by_reason"] == {f"{lane}: static": batches_on_lane}
             # each worker stream's time during this rate: hybrid decodes on one, rapid also prefills on another
             device = r["engine"]["device_time"]
             assert device["decode"]["steps"] >= 5 and ("prefill" in device) == (mode != "hybrid")
@@ -276,15 +278,20 @@ def test_engine_counters_per_rate_survive_a_restart():
     from rapid.bench.serve import _engine_during
 
     before = {"prefill_tokens_by_lane": {"decode": 100}, "prefill_batches_by_lane": {"decode": 3}, "preemptions": 2,
-              "restarts": 0, "device_time": {"decode": [10, 1.0, 0.5]}}
+              "restarts": 0, "device_time": {"decode": [10, 1.0, 0.5]},
+              "prefill_batches_by_reason": {"decode: decode idle": 1, "decode: mixed step: cheaper": 2}}
     steady = {"prefill_tokens_by_lane": {"decode": 140}, "prefill_batches_by_lane": {"decode": 4}, "preemptions": 3,
-              "restarts": 0, "device_time": {"decode": [30, 3.0, 0.75]}}
+              "restarts": 0, "device_time": {"decode": [30, 3.0, 0.75]},
+              "prefill_batches_by_reason": {"decode: decode idle": 1, "decode: mixed step: cheaper": 3}}
     restarted = {"prefill_tokens_by_lane": {"decode": 40}, "prefill_batches_by_lane": {"decode": 1}, "preemptions": 0,
-                 "restarts": 1, "device_time": {"decode": [5, 0.25, 0.0]}}
+                 "restarts": 1, "device_time": {"decode": [5, 0.25, 0.0]},
+                 "prefill_batches_by_reason": {"decode: decode idle": 1}}
     got = _engine_during(before, steady, "adaptive")
     assert got == {"placement_policy": "adaptive", "preemptions": 1, "restarts": 0,
                    "prefill_tokens_by_lane": {"decode": 40}, "prefill_batches_by_lane": {"decode": 1},
+                   "prefill_batches_by_reason": {"decode: mixed step: cheaper": 1},  # reasons with no new batch drop
                    "device_time": {"decode": {"steps": 20, "busy_s": 2.0, "idle_s": 0.25}}}
     got = _engine_during(before, restarted, "adaptive")
     assert got["restarts"] == 1 and got["prefill_tokens_by_lane"] == {"decode": 40} and got["preemptions"] == 0
+    assert got["prefill_batches_by_reason"] == {"decode: decode idle": 1}
     assert got["device_time"] == {"decode": {"steps": 5, "busy_s": 0.25, "idle_s": 0.0}}

@@ -597,8 +597,11 @@ def test_mode_summary_and_markdown_mark_unstable_rates(tmp_path, monkeypatch):
                "modes": {"hybrid": entry}}
     per_rate[0]["engine"] = {"placement_policy": "adaptive", "preemptions": 0, "device_time": {},
                              "prefill_tokens_by_lane": {"decode": 10, "prefill": 90},
-                             "placement_learned": {"decode_alone_ms": 9.5, "decode_us_per_prompt_token:prefill": 18.25}}
+                             "placement_learned": {"decode_alone_ms": 9.5, "decode_us_per_prompt_token:prefill": 18.25},
+                             "prefill_batches_by_reason": {"decode: mixed step: cheaper": 3, "prefill: measuring": 7}}
     md = write_markdown(summary, tmp_path / "serve.md").read_text()
+    assert "- prefill batches by the placement's lane and reason: 5 req/s prefill: measuring 7, decode: mixed step: " \
+        "cheaper 3" in md  # the most frequent first
     assert "**UNSTABLE**" in md and "< 20 req/s (unstable there)" in md and "sustains 10 req/s" in md
     assert "measured costs at each rate's end" in md and "5 req/s decode_alone_ms 9.5, decode_us_per_prompt_token:" \
         "prefill 18.25" in md

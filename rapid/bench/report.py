@@ -66,6 +66,12 @@ def _mode_lines(mode: str, e: dict, pairs: list[str], has_slos: bool) -> list[st
                      + "; ".join(f"{rate:g} req/s " + " / ".join(f"{g['prefill_tokens_by_lane'].get(lane, 0):,}"
                                                                  for lane in lanes) + f", {g['preemptions']}"
                                  for rate, g in placed))
+        reasons = [(rate, g["prefill_batches_by_reason"]) for rate, g in placed
+                   if len(g.get("prefill_batches_by_reason") or {}) > 1]
+        if reasons:  # a policy with more than one reason: which rule placed the batches
+            lines.append("- prefill batches by the placement's lane and reason: " + "; ".join(
+                f"{rate:g} req/s " + ", ".join(f"{k} {n}" for k, n in sorted(c.items(), key=lambda kv: -kv[1]))
+                for rate, c in reasons))
         learned = [(rate, g["placement_learned"]) for rate, g in placed if g.get("placement_learned")]
         if learned:
             lines.append("- the placement policy's measured costs at each rate's end (decode step alone / beside a "

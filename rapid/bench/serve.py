@@ -175,6 +175,7 @@ def _write(summary: dict, out_dir: Path) -> None:
 def _engine_counts(stats) -> dict:
     return {"prefill_tokens_by_lane": dict(stats.prefill_tokens_by_lane),
             "prefill_batches_by_lane": dict(stats.prefill_batches_by_lane), "preemptions": stats.num_preemptions,
+            "prefill_batches_by_reason": dict(stats.prefill_batches_by_reason),
             "restarts": stats.num_restarts, "device_time": dict(stats.device_time),
             "decode_idle_totals": {k: list(v) for k, v in stats.decode_idle_totals.items()}}
 
@@ -184,12 +185,14 @@ def _engine_during(before: dict, after: dict, policy: str) -> dict:
     restart during the rate resets the counters: then they are the new incarnation's, and `restarts` says so."""
     restarts = after["restarts"] - before["restarts"]
     if restarts:
-        before = {"prefill_tokens_by_lane": {}, "prefill_batches_by_lane": {}, "preemptions": 0, "device_time": {}}
+        before = {"prefill_tokens_by_lane": {}, "prefill_batches_by_lane": {}, "prefill_batches_by_reason": {},
+                  "preemptions": 0, "device_time": {}}
     out = {"placement_policy": policy, "preemptions": after["preemptions"] - before["preemptions"],
            "restarts": restarts,  # and each worker stream's steps, busy and idle seconds during the rate:
            "device_time": device_time_during(before["device_time"], after["device_time"])}
-    for key in ("prefill_tokens_by_lane", "prefill_batches_by_lane"):
+    for key in ("prefill_tokens_by_lane", "prefill_batches_by_lane", "prefill_batches_by_reason"):
         out[key] = {lane: n - before[key].get(lane, 0) for lane, n in after[key].items()}
+    out["prefill_batches_by_reason"] = {k: n for k, n in out["prefill_batches_by_reason"].items() if n}
     return out
 
 

@@ -119,7 +119,7 @@ class AtomPlacement(ReadsNoTimings):
 
     def place(self, load: Load) -> Placement:
         if load.num_decoding >= ATOM_MIN_DECODE_BATCH:
-            return Placement(PREFILL2, None, f"atom: {load.num_decoding} decoding, prefill restricted")
+            return Placement(PREFILL2, None, f"atom: >= {ATOM_MIN_DECODE_BATCH} decoding, prefill restricted")
         return Placement(PREFILL, None, "atom: whole GPU")
 
 
@@ -130,6 +130,7 @@ class PlacementLog:
         self.policy = policy
         self.batches = dict.fromkeys((DECODE, PREFILL), 0)  # and PREFILL2 once it takes a batch
         self.tokens = dict.fromkeys((DECODE, PREFILL), 0)
+        self.reasons: dict[str, int] = {}  # prefill batches by the decision's reason ("lane: reason")
         self.last: Placement | None = None
 
     def record(self, decision: Placement, batch) -> None:
@@ -138,6 +139,8 @@ class PlacementLog:
             return
         self.batches[decision.lane] = self.batches.get(decision.lane, 0) + 1
         self.tokens[decision.lane] = self.tokens.get(decision.lane, 0) + sum(n for _, n in batch.chunks)
+        key = f"{decision.lane}: {decision.reason}"
+        self.reasons[key] = self.reasons.get(key, 0) + 1
         if self.last is None or self.last.lane != decision.lane:
             logger.info("prefill placement (%s policy): %s lane (%s)", self.policy, decision.lane, decision.reason)
         self.last = decision

@@ -171,4 +171,5 @@ class EngineCore:
                                    placement_policy=s.placement_log.policy, placement=s.placement_log.current,
                                    prefill_batches_by_lane=dict(s.placement_log.batches),
                                    prefill_tokens_by_lane=dict(s.placement_log.tokens),
+                                   prefill_batches_by_reason=dict(s.placement_log.reasons),
                                    placement_learned=learned() if learned else {})

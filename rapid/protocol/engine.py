@@ -90,6 +90,7 @@ class Stats(msgspec.Struct, tag=True):
     placement: str = ""  # the lane of the latest prefill batch: "decode" (hybrid batching), "prefill" or "prefill2"
     prefill_batches_by_lane: dict[str, int] = {}
     prefill_tokens_by_lane: dict[str, int] = {}
+    prefill_batches_by_reason: dict[str, int] = {}  # since start: "lane: the placement policy's reason" -> batches
     # since start, by step kind (rapid.protocol.worker.DeviceTime): [steps, busy_s, idle_s] on the device
     device_time: dict[str, list[float]] = {}
     # since start, by step kind: steps that ran outside the worker's CUDA graphs although it captured some
