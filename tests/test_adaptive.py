@@ -241,6 +241,18 @@ def test_a_sample_waits_for_its_lane():
         assert p.place(load(decoding=64, queued=512)).lane == DECODE
     assert p.place(replace(load(decoding=64, queued=512), prefill_lane_busy=True)).lane == DECODE
     assert p.place(load(decoding=64, queued=512)).lane == PREFILL  # once free, the sample runs
+    # the other way round: the prefill worker is the cheaper lane, and the sample of a mixed step waits while the
+    # decode executor holds all the chunks it takes
+    p = learned(slo_tpot_ms=25)
+    for _ in range(5):
+        p.observe_decode_step(10.5, beside_prefill=True)
+        p.observe_prefill(PREFILL, 300, 0.01, num_decoding=64)  # concurrent: 1.7 us a token
+    for _ in range(REEXPLORE_EVERY):
+        assert p.place(load(decoding=64, queued=512)).lane == PREFILL
+    decode_busy = replace(load(decoding=64, queued=512), decode_lane_busy=True)
+    assert [p.place(decode_busy).lane for _ in range(3)] == [PREFILL] * 3
+    sample = p.place(load(decoding=64, queued=512))
+    assert (sample.lane, sample.token_budget) == (DECODE, 512)
 
 
 def test_nothing_learned_yet_means_concurrent_beside_decodes():

@@ -282,8 +282,11 @@ def test_a_prefilling_request_preempted_to_make_room_is_not_scheduled_in_the_sam
             return Placement(self.lanes.pop(0) if self.lanes else PREFILL)
 
     bm = BlockManager(8, 4, enable_prefix_caching=False)
-    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=8, max_model_len=64), bm,
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=16, max_model_len=64), bm,
                       placement=Lanes([PREFILL, DECODE]))
+    sched.set_token_budget(8)
+    with pytest.raises(ValueError, match=r"integer in \[1, 16\].*got 17"):
+        sched.set_token_budget(17)  # past what the workers' graphs hold
     a = Request("a", list(range(1, 17)), SamplingParams(max_tokens=1))
     b = Request("b", list(range(20, 36)), SamplingParams(max_tokens=1))
     sched.add_request(a)
@@ -380,3 +383,146 @@ def test_after_idle_marks_the_first_step_after_nothing_was_resident():
     loop.note_no_work()  # nothing resident now
     loop.handle(StartDecode("b", [1, 2, 3], [4], [3, 4], SamplingParams(max_tokens=50)))
     assert steps(3) == [True, False]
+
+
+def test_the_decode_executor_holds_the_next_chunk_while_one_computes():
+    """With async scheduling a step is launched before the one before it is read back: the core places the next
+    mixed step's chunk while a chunk still computes (DECODE_LANE_DEPTH), so every step carries prompt tokens while
+    prompts wait (with one batch at a time, every other step carried none)."""
+    from rapid.core.in_flight import DECODE_LANE_DEPTH
+
+    assert DECODE_LANE_DEPTH == 2
+    for async_scheduling in (False, True):
+        e = Engine(async_scheduling=async_scheduling, budget=8)
+        a = e.add(prompt_len=4, max_tokens=40, ignore_eos=True)
+        e.forward()
+        e.forward()  # a decoding
+        b, c = e.add(tokens=list(range(50, 70)), max_tokens=3), e.add(tokens=list(range(150, 170)), max_tokens=3)
+        prompt_tokens = []
+        while b.num_computed_tokens < 20 or c.num_computed_tokens < 20:
+            work = e.forward()
+            assert sum(n for _, n in work) <= 8  # the budget covers decodes and chunks
+            prompt_tokens.append(sum(n for _, n in work if n > 1))  # decode rows have one token; chunks here 6-7
+        assert all(prompt_tokens[:-1]), prompt_tokens  # no step without a chunk while prompts wait
+        e.drain()
+        assert [len(r.output_token_ids) for r in (a, b, c)] == [40, 3, 3]
+
+
+def test_rows_handed_off_after_a_chunk_was_budgeted_wait_a_step():
+    """The core budgets a chunk against the decodes it knew of; requests handed off from the prefill worker before
+    the chunk's step launches wait a step rather than make it larger than the step budget (the largest graph)."""
+    from rapid.protocol.worker import PrefillBatch, SeqWork, StartDecode
+
+    cfg = EngineConfig(model="m", tokenizer=None, mode="rapid", async_scheduling=True, cache=CacheConfig(block_size=4),
+                       scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=8, max_model_len=64))
+    runner = FakeRunner()
+    loop = DecodeLoop(runner, cfg, (0,))
+    loop.handle(PrefillBatch(1, [SeqWork("p", list(range(6)), 0, [0, 1], True, SamplingParams(max_tokens=5))]))
+    for i in range(4):  # handed off after the chunk was budgeted for no decodes... and two more than room
+        loop.handle(StartDecode(f"d{i}", [1, 2, 3], [4], [2 + 2 * i, 3 + 2 * i], SamplingParams(max_tokens=50)))
+    loop.step()
+    assert [(w.request_id, len(w.token_ids)) for w in runner.steps[0]] == [("d0", 1), ("d1", 1), ("p", 6)]
+    loop.step()
+    assert [w.request_id for w in runner.steps[1]] == ["d0", "d1", "d2", "d3"]  # the next step: every row
+
+
+class QueuedWorkers:
+    """The decode executor as rapid's decode worker process runs it: the core's messages wait in its inbox, and it
+    steps only on some polls, so the core may send a second prefill batch before the first was launched."""
+
+    def __init__(self, loop, rng):
+        self.loop, self.rng, self.inbox = loop, rng, []
+
+    def send(self, lane, msg):
+        self.inbox.append(msg)
+
+    def poll(self, timeout_ms=0):
+        if self.rng.random() < 0.5:
+            return []
+        out = [d for m in self.inbox if (d := self.loop.handle(m)) is not None]
+        self.inbox = []
+        if self.loop.has_work():
+            return out + self.loop.step()
+        self.loop.note_no_work()
+        return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_two_chunks_queued_on_the_decode_executor_keep_every_prompt_in_order(seed):
+    """Random arrivals, aborts and preemptions, with two batches waiting unlaunched at times: each prompt's chunks
+    run in order and once, no step exceeds the budget, and every request ends with its blocks freed."""
+    import random
+
+    from rapid.core.placement import DECODE
+
+    rng = random.Random(seed)
+    cfg = EngineConfig(model="m", tokenizer=None, mode="hybrid", async_scheduling=True,
+                       cache=CacheConfig(block_size=4, enable_prefix_caching=False),
+                       scheduler=SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=12, max_model_len=128),
+                       rapid=RapidConfig(decode_lookahead_blocks=1))
+    runner = FakeRunner()
+    core = EngineCore(cfg, None, (0,), QueuedWorkers(DecodeLoop(runner, cfg, (0,)), rng), 40)
+    sched, prompts, next_start, deepest, added = core.scheduler, {}, {}, 0, 0
+    for _ in range(5000):
+        if added < 30 and rng.random() < 0.15:
+            rid, prompt = f"q{added}", list(range(100 * added, 100 * added + rng.randint(3, 40)))
+            core.add_request(AddRequest(rid, prompt, SamplingParams(max_tokens=rng.randint(1, 20))))
+            prompts[rid], added = prompt, added + 1
+        if sched.requests and rng.random() < 0.02:
+            core.abort([rng.choice(sorted(sched.requests))])
+        ran = len(runner.steps)
+        core.step()
+        deepest = max(deepest, len(sched.in_flight.by_lane.get(DECODE, ())))
+        for step in runner.steps[ran:]:
+            assert sum(len(w.token_ids) for w in step) <= 12
+            assert len({w.request_id for w in step}) == len(step)  # a request once a step
+            for w in step:
+                if w.start_pos < len(prompts[w.request_id]):  # decode rows start past the prompt
+                    # a prompt chunk: where the last one ended (or from the start again, after a preemption)
+                    assert w.start_pos in (0, next_start.get(w.request_id)), (w.request_id, w.start_pos)
+                    next_start[w.request_id] = w.start_pos + len(w.token_ids)
+        if added == 30 and not sched.has_unfinished():
+            break
+    assert deepest == 2 and not sched.has_unfinished()
+    assert sched.blocks.num_free_blocks == sched.blocks.num_blocks
+
+
+def test_a_step_launched_ahead_is_timed_from_the_step_in_front_of_it(monkeypatch):
+    """A step enqueued while the one before it runs cannot start before that one ends: its reported interval (what
+    the placement learns a step's and a prompt token's cost from) starts at the read-back of the step in front, not
+    at its own launch (which would count most of the step before twice)."""
+    import types
+
+    import rapid.worker.decode_loop as decode_loop
+    from rapid.protocol.worker import DecodeStep, PrefillBatch, PrefillDone, SeqWork, StartDecode
+
+    clock = [0.0]
+    monkeypatch.setattr(decode_loop, "time", types.SimpleNamespace(time=lambda: clock[0]))
+
+    class DeviceRunner(FakeRunner):
+        """A device running its steps one after another: 10 ms a step, 20 with a prompt chunk."""
+
+        free_at = 0.0
+
+        def launch(self, work, inputs_from=None):
+            self.free_at = max(clock[0], self.free_at) + (0.020 if any(len(w.token_ids) > 1 for w in work) else 0.010)
+            return self.free_at, super().launch(work, inputs_from)
+
+        def collect(self, launched):
+            clock[0] = max(clock[0], launched[0])  # the host waits for the step
+            return launched[1]
+
+    cfg = EngineConfig(model="m", tokenizer=None, mode="hybrid", async_scheduling=True,
+                       cache=CacheConfig(block_size=4), scheduler=SchedulerConfig(max_num_seqs=8, max_model_len=64))
+    loop = DecodeLoop(DeviceRunner(), cfg, (0,))
+    loop.handle(StartDecode("d", [1, 2, 3], [4], [0, 1, 2, 3], SamplingParams(max_tokens=50)))
+    outs = []
+    for i in range(8):
+        if i in (3, 4):  # two chunks queued back to back: mixed steps one behind the other
+            loop.handle(PrefillBatch(i, [SeqWork(f"p{i}", [9] * 6, 0, [4 + i], True, SamplingParams(max_tokens=5))]))
+        outs += loop.step()
+        clock[0] += 0.001  # the host's work between steps
+    steps = [(round((o.t_end - o.t_start) * 1e3, 3), o.__class__.__name__) for o in outs
+             if isinstance(o, (DecodeStep, PrefillDone))]
+    assert steps[1:] == [(10.0, "DecodeStep")] * 2 + [(20.0, "DecodeStep"), (20.0, "PrefillDone")] * 2 + [
+        (10.0, "DecodeStep")] * 2, steps

@@ -50,12 +50,12 @@ class Load:
     decode_step_ms: float | None  # recent decode step period (EWMA); None before the first step
     prefill_lane_busy: bool  # a batch is in flight on a prefill worker
     mixed_step_room: int = 1 << 30  # prompt tokens a mixed step can still take (the step budget less the decodes)
-    decode_lane_busy: bool = False  # a mixed step's prompt chunk is in flight: a DECODE placement waits for it
+    decode_lane_busy: bool = False  # the decode executor holds all the chunks it takes: a DECODE placement waits
 
 
 def lane_free(load: Load, lane: str) -> bool:
-    """The scheduler would take a batch for `lane` now (one batch in flight per lane; one between the prefill
-    workers)."""
+    """The scheduler would take a batch for `lane` now (one in flight between the prefill workers; the decode
+    executor holds rapid.core.in_flight.DECODE_LANE_DEPTH)."""
     return not (load.decode_lane_busy if lane == DECODE else load.prefill_lane_busy)
 
 

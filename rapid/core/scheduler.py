@@ -28,7 +28,8 @@ from typing import Callable
 from rapid.config import SchedulerConfig
 from rapid.core.admission import GrowthReserve
 from rapid.core.block_manager import BlockManager
-from rapid.core.placement import DECODE, PREFILL_LANES, Load, PlacementLog, StaticPlacement, ewma
+from rapid.core.in_flight import InFlight, InFlightBatches
+from rapid.core.placement import DECODE, Load, PlacementLog, StaticPlacement, ewma
 from rapid.core.request import Request, RequestStatus, check_fits
 from rapid.protocol.worker import (
     DecodeStep, Dropped, GrantBlocks, PrefillBatch, PrefillDone, SampledToken, SeqWork, StartDecode, StopDecode,
@@ -36,6 +37,13 @@ from rapid.protocol.worker import (
 )
 
 S = RequestStatus
+
+
+def check_token_budget(budget, limit: int) -> None:
+    """A run-time token budget: a positive integer no larger than the configured max_num_batched_tokens."""
+    if not isinstance(budget, int) or not 1 <= budget <= limit:
+        raise ValueError(f"max_num_batched_tokens must be an integer in [1, {limit}] (the configured "
+                         f"max_num_batched_tokens, which sizes the workers' graphs), got {budget!r}")
 
 
 def seq_work(req: Request, num_tokens: int, block_ids: list[int]) -> SeqWork:
@@ -48,14 +56,6 @@ def seq_work(req: Request, num_tokens: int, block_ids: list[int]) -> SeqWork:
         tokens = prompt[start:end] + output[: max(0, end - len(prompt))]
     return SeqWork(req.request_id, tokens, start, list(block_ids), end == len(prompt) + len(output), req.params,
                    len(output), prompt, output)
-
-
-@dataclass
-class InFlight:
-    """A prefill batch sent to a lane and not yet answered."""
-
-    batch_id: int
-    chunks: list[tuple[Request, int]]  # (request, new tokens)
 
 
 @dataclass
@@ -90,8 +90,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # PREFILLING and DECODING, in admission order
-        self.in_flight: dict[str, InFlight] = {}  # lane -> its prefill batch
-        self.in_flight_ids: set[str] = set()  # requests with a chunk in one of those batches
+        self.in_flight = InFlightBatches()  # per lane, the prefill batches sent and not yet answered
         self.num_preempting = 0  # decoding requests preempted, waiting for the executor's Dropped
         self.transfers: dict[str, list[int]] = {}  # disagg: prefill-pool blocks held until the copy is done
         self.outbox: list[tuple[str, object]] = []
@@ -121,9 +120,9 @@ class Scheduler:
         return min(self.blocks.num_blocks, self.decode_blocks.num_blocks)
 
     def set_token_budget(self, max_num_batched_tokens: int) -> None:
-        """Prefill tokens per batch (hybrid: per step, decodes included) at run time."""
-        if not isinstance(max_num_batched_tokens, int) or max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_batched_tokens must be a positive integer, got {max_num_batched_tokens!r}")
+        """Prefill tokens per batch (hybrid: per step, decodes included) at run time, up to the configured limit
+        (the largest step the workers' graphs and buffers hold)."""
+        check_token_budget(max_num_batched_tokens, self.config.max_num_batched_tokens)
         self.token_budget = max_num_batched_tokens
 
     # ------------------------------------------------------------------ requests in, requests out
@@ -173,16 +172,16 @@ class Scheduler:
             self.reserve.forget(req.request_id)
 
     def _in_flight(self, req: Request) -> bool:
-        return req.request_id in self.in_flight_ids
+        return req.request_id in self.in_flight.request_ids
 
     # ------------------------------------------------------------------ schedule
     def schedule(self) -> SchedulerOutput:
         self._grant_decode_blocks()
         if self.waiting or any(r.status == S.PREFILLING for r in self.running):
             decision = self.placement.place(self.load() if self.placement.reads_load else None)
-            if self._lane_free(decision.lane):
-                self._schedule_prefill(decision.lane, decision.token_budget)
-                self.placement_log.record(decision, self.in_flight.get(decision.lane))
+            if self.in_flight.lane_free(decision.lane):
+                batch = self._schedule_prefill(decision.lane, decision.token_budget)
+                self.placement_log.record(decision, batch)
         return SchedulerOutput(self.take_messages())
 
     def load(self) -> Load:
@@ -195,24 +194,21 @@ class Scheduler:
         return Load(num_decoding=decoding, queued_tokens=tokens,
                     oldest_wait_s=0.0 if oldest is None else max(0.0, time.time() - oldest),
                     decode_step_ms=self.decode_step_ms, prefill_lane_busy=self.prefilling_beside,
-                    mixed_step_room=self.token_budget - decoding, decode_lane_busy=DECODE in self.in_flight)
+                    mixed_step_room=self.token_budget - decoding, decode_lane_busy=not self.in_flight.lane_free(DECODE))
 
     @property
     def prefilling_beside(self) -> bool:  # a prefill batch is in flight on a prefill worker
-        return any(lane in self.in_flight for lane in PREFILL_LANES)
-
-    def _lane_free(self, lane: str) -> bool:
-        """A lane takes one batch at a time; the prefill workers, one between them (they share the prefill side)."""
-        return not self.prefilling_beside if lane in PREFILL_LANES else lane not in self.in_flight
+        return self.in_flight.beside
 
     def take_messages(self) -> list[tuple[str, object]]:
         """The messages decided so far and not yet sent (stops from `finish` are sent without waiting)."""
         out, self.outbox = self.outbox, []
         return out
 
-    def _schedule_prefill(self, lane: str, budget: int | None = None) -> None:
+    def _schedule_prefill(self, lane: str, budget: int | None = None) -> InFlight | None:
         """One prefill batch for `lane` of at most `budget` tokens (default: the step's token budget): unfinished
-        prompts first (arrival order), then waiting requests. A mixed step's decodes count against the budget."""
+        prompts first (arrival order), then waiting requests. A mixed step's decodes count against the budget.
+        Returns the batch (None when nothing could be scheduled)."""
         step_room = self.token_budget - (self.num_decoding if lane == DECODE else 0)
         budget = step_room if budget is None else min(budget, step_room)
         chunks: list[tuple[Request, int]] = []
@@ -241,12 +237,13 @@ class Scheduler:
             chunks.append((req, n))
             budget -= n
             reserved += self.reserve.to_come(req) if self.reserve else 0
-        if chunks:
-            batch_id = next(self.batch_ids)
-            self.in_flight[lane] = InFlight(batch_id, chunks)
-            self.in_flight_ids.update(r.request_id for r, _ in chunks)
-            work = [seq_work(r, n, self.blocks.block_table(r.request_id)) for r, n in chunks]
-            self.outbox.append((lane, PrefillBatch(batch_id, work)))
+        if not chunks:
+            return None
+        batch = InFlight(next(self.batch_ids), chunks)
+        self.in_flight.add(lane, batch)
+        work = [seq_work(r, n, self.blocks.block_table(r.request_id)) for r, n in chunks]
+        self.outbox.append((lane, PrefillBatch(batch.batch_id, work)))
+        return batch
 
     def _admit(self, req: Request, budget: int, reserved: int = 0) -> int | None:
         """A waiting request's first chunk: prefix-cache hits, then blocks for up to `budget` new tokens.
@@ -355,13 +352,9 @@ class Scheduler:
         return []
 
     def _on_prefill_done(self, msg: PrefillDone) -> list[Request]:
-        lane = next((k for k, f in self.in_flight.items() if f.batch_id == msg.batch_id), None)
-        if lane is None:
-            raise ValueError(f"PrefillDone for batch {msg.batch_id}, which is not in flight")
-        chunks = self.in_flight.pop(lane).chunks
+        lane, chunks = self.in_flight.pop(msg.batch_id)
         self.placement.observe_prefill(lane, msg.num_tokens, msg.t_end - msg.t_start, self.num_decoding,
                                        beside_prefill=lane == DECODE and self.prefilling_beside)
-        self.in_flight_ids.difference_update(r.request_id for r, _ in chunks)
         sampled = {s.request_id: s for s in msg.sampled}
         touched = []
         for req, n in chunks:
@@ -386,7 +379,7 @@ class Scheduler:
             step_ms = (msg.t_end - msg.t_start + msg.idle_gap_s) * 1e3
             self.decode_step_ms = ewma(self.decode_step_ms, step_ms)
             self.placement.observe_decode_step(step_ms, beside_prefill=self.prefilling_beside,
-                                               mixed=DECODE in self.in_flight)
+                                               mixed=self.in_flight.busy(DECODE))
         worker_finished = set(msg.finished)
         touched = []
         for tok in msg.sampled:

@@ -26,6 +26,7 @@ import zmq
 
 from rapid.config import EngineConfig
 from rapid.core.request import check_fits
+from rapid.core.scheduler import check_token_budget
 from rapid.engine import ipc, launch
 from rapid.engine.client import EngineClient, EngineDeadError
 from rapid.engine.mps import MpsDaemon, uses_cuda
@@ -232,8 +233,7 @@ class MPClient(EngineClient):
         raise TimeoutError("the engine core did not answer GetStats")
 
     def set_token_budget(self, max_num_batched_tokens: int) -> None:
-        if not isinstance(max_num_batched_tokens, int) or max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_batched_tokens must be a positive integer, got {max_num_batched_tokens!r}")
+        check_token_budget(max_num_batched_tokens, self.config.scheduler.max_num_batched_tokens)
         self._ensure_running()
         self.procs.inp.send(SetTokenBudget(max_num_batched_tokens))
         self._token_budget = max_num_batched_tokens

@@ -16,6 +16,7 @@ write its KV.
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -51,7 +52,8 @@ def _needs_host_tokens(params) -> bool:
 
 
 class DecodeLoop:
-    """Steps every resident request that has a block for its next token; one inline prefill batch at a time."""
+    """Steps every resident request that has a block for its next token; one inline prefill batch a step (the core
+    may queue the next while one computes)."""
 
     def __init__(self, runner: ModelRunner, config: EngineConfig, eos_token_ids: tuple[int, ...], *,
                  kv_read_elsewhere: bool = False):
@@ -63,12 +65,14 @@ class DecodeLoop:
         self.block_size = config.cache.block_size
         self.max_model_len = config.scheduler.max_model_len
         self.max_num_seqs = config.scheduler.max_num_seqs
+        self.max_step_tokens = config.scheduler.max_num_batched_tokens  # the largest step the graphs hold
         self.eos_token_ids = eos_token_ids
         self.running: dict[str, Request] = {}
         self.tables: dict[str, list[int]] = {}  # request id -> block table
         self.pending_handoff: dict[str, float] = {}  # request -> prefill end time
-        self.inline: PrefillBatch | None = None  # prefill placed in this executor's next step
+        self.inline: deque[PrefillBatch] = deque()  # prefill placed in this executor's next steps, one a step
         self.last_step_end: float | None = None
+        self.last_read_back = 0.0  # when the latest step was read back (its end, as the host sees it)
         self.ran_dry = True  # nothing resident since the last step launched (start included)
         self.peer_kv: torch.Tensor | None = None  # disagg: the prefill worker's KV pool (hand-off source)
         self.transferred: list[str] = []  # disagg: copies done since the last report
@@ -102,9 +106,7 @@ class DecodeLoop:
             now = [rid for rid in msg.request_ids if rid not in in_flight]
             return Dropped(now) if now else None
         elif isinstance(msg, PrefillBatch):
-            if self.inline is not None:
-                raise RuntimeError(f"prefill batch {msg.batch_id} placed while batch {self.inline.batch_id} runs")
-            self.inline = msg
+            self.inline.append(msg)
         return None
 
     def _copy_from_peer(self, src: list[int], dst: list[int]) -> None:
@@ -121,13 +123,13 @@ class DecodeLoop:
         return ready[: self.max_num_seqs]
 
     def has_work(self) -> bool:
-        return self.inline is not None or self.pending is not None or bool(self.runnable())
+        return bool(self.inline) or self.pending is not None or bool(self.runnable())
 
     def note_no_work(self) -> None:
         """The executor has nothing to run now: the host's gap before the next step is not overhead, and when
         nothing is resident either (not just waiting for blocks), neither is the device's wait (ran_dry)."""
         self.last_step_end = None
-        if not self.running and self.inline is None:
+        if not self.running and not self.inline:
             self.ran_dry = True
 
     def step(self) -> list:
@@ -163,7 +165,11 @@ class DecodeLoop:
                        len(req.output_token_ids) + 1, req.prompt_token_ids, req.output_token_ids)
 
     def _launch(self, pending: Step | None) -> Step | None:
-        prefill, self.inline = self.inline, None
+        prefill = self.inline.popleft() if self.inline else None
+        # the core budgets a mixed step's chunk against the decodes it knew of; requests handed off since (from the
+        # prefill worker) wait a step rather than overflow the largest graph
+        max_rows = min(self.max_num_seqs, self.max_step_tokens - sum(len(w.token_ids) for w in prefill.work)) \
+            if prefill is not None else self.max_num_seqs
         ahead_ids = pending.ids if pending is not None else set()
         bs = self.block_size
         batch: list[Request] = []
@@ -171,7 +177,7 @@ class DecodeLoop:
         dst, src = [], []
         src_row = {r.request_id: i for i, r in enumerate(pending.batch)} if pending is not None else {}
         for req in self.running.values():
-            if len(batch) == self.max_num_seqs:
+            if len(batch) >= max_rows:
                 break
             rid, table = req.request_id, self.tables[req.request_id]
             if rid in ahead_ids:
@@ -205,6 +211,10 @@ class DecodeLoop:
             # would then launch the next one late (session 19: 0.65 s of a 30 s run at 48 req/s)
             self.runner.wait(step.launched)
         t1 = time.time()
+        # the step's interval: launched ahead (async), it could not start before the step in front of it ended, so
+        # it starts at that one's read-back (from its launch, the interval held most of the step before: a mixed
+        # step behind a mixed step read as both, and the placement learned twice a prompt token's cost)
+        t_start, self.last_read_back = max(step.t0, self.last_read_back), t1
         decoded, first_tokens = sampled[: len(step.batch)], sampled[len(step.batch):]
         still_ahead = self.pending.ids if self.pending is not None and self.pending is not step else set()
         kept, finished, handoffs = [], [], []
@@ -225,10 +235,10 @@ class DecodeLoop:
         times = self.runner.device_time(step.launched)
         kind = ("mixed" if step.prefill is not None else "decode") if step.batch else "inline"
         device = DeviceTime(kind, *times, eager=step.launched.eager) if times is not None else None  # one message
-        out: list = [DecodeStep(kept, finished, step.t0, t1, idle_gap_s=step.idle, handoffs=handoffs,
+        out: list = [DecodeStep(kept, finished, t_start, t1, idle_gap_s=step.idle, handoffs=handoffs,
                                 device=device, after_idle=step.after_idle)] if step.batch else []
         if step.prefill is not None:
-            out.append(PrefillDone(step.prefill.batch_id, first_tokens, step.t0, t1,
+            out.append(PrefillDone(step.prefill.batch_id, first_tokens, t_start, t1,
                                    num_tokens=sum(len(w.token_ids) for w in step.prefill.work),
                                    device=None if step.batch else device))
         return out
