@@ -321,3 +321,32 @@ def test_metrics_carry_the_learned_costs_per_lane():
     got = samples({"decode_alone_ms": 9.0, "decode_us_per_prompt_token:decode": 25.0,
                    "decode_us_per_prompt_token:prefill": 18.5, "prefill_tok_s:prefill": 30000.0})
     assert got == {"decode": 25.0, "prefill": 18.5}
+
+
+def test_a_decode_step_says_whether_it_carried_a_chunk():
+    """The policy learns the decode step alone from the steps that ran no prompt tokens, as each step's device time
+    says (with two chunks held on the decode lane, a chunk in flight no longer means the step carried one)."""
+    from rapid.core.placement import Placement, ReadsNoTimings
+    from rapid.protocol.worker import DeviceTime
+
+    class Spy(ReadsNoTimings):
+        name, reads_load, steps = "spy", False, []
+
+        def place(self, load):
+            return Placement(DECODE, None, "spy")
+
+        def observe_decode_step(self, step_ms, beside_prefill=False, mixed=False):
+            self.steps.append((round(step_ms, 3), mixed))
+
+    core, w = make_core(num_blocks=1024, budget=4096, block_size=16, max_model_len=8192)
+    core.core.scheduler.placement = spy = Spy()
+    core.add_request(AddRequest("d", list(range(1, 101)), SamplingParams(max_tokens=100, ignore_eos=True)))
+    core.dispatch()
+    finish_prefill(core, w, token=5, lane="decode")
+    core.add_request(AddRequest("p", list(range(200, 300)), SamplingParams(max_tokens=4)))
+    core.dispatch()
+    assert core.core.scheduler.in_flight.busy(DECODE)  # a chunk held on the decode lane
+    core.deliver(DecodeStep([SampledToken("d", 6, -1.0)], [], 0.0, 0.030, device=DeviceTime("mixed", 0.03, 0.0)))
+    core.deliver(DecodeStep([SampledToken("d", 6, -1.0)], [], 1.0, 1.010, device=DeviceTime("decode", 0.01, 0.0)))
+    core.deliver(DecodeStep([SampledToken("d", 6, -1.0)], [], 2.0, 2.012))  # untimed: the chunk may be in it
+    assert spy.steps == [(30.0, True), (10.0, False), (12.0, True)]

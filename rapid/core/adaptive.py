@@ -284,8 +284,9 @@ class AdaptivePlacement:
         best = self.cheapest_lane(load)
         if best is not None:
             # the engine asks before every step, and drops the answer while its lane is busy: count only the
-            # placements taken (counting every question sampled the prefill worker every few steps: up to 20% of
-            # the prompt tokens there at 44 req/s on the H200, bench/results/session20)
+            # placements taken (counting every question sampled the prefill worker every few dozen steps, not every
+            # REEXPLORE_EVERY placements: most of the 17-25% of prompt tokens there at 44-52 req/s on the H200 at
+            # equal costs, bench/results/session20)
             if lane_free(load, best) and (best != DECODE or chunk > 0):  # (no chunk: another answer follows)
                 self.on_cheaper += 1
             if self.on_cheaper > REEXPLORE_EVERY and not load.prefill_lane_busy:  # a sample alone, to measure it

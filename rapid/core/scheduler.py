@@ -194,7 +194,8 @@ class Scheduler:
         return Load(num_decoding=decoding, queued_tokens=tokens,
                     oldest_wait_s=0.0 if oldest is None else max(0.0, time.time() - oldest),
                     decode_step_ms=self.decode_step_ms, prefill_lane_busy=self.prefilling_beside,
-                    mixed_step_room=self.token_budget - decoding, decode_lane_busy=not self.in_flight.lane_free(DECODE))
+                    mixed_step_room=self.token_budget - decoding,
+                    decode_lane_busy=not self.in_flight.lane_free(DECODE))
 
     @property
     def prefilling_beside(self) -> bool:  # a prefill batch is in flight on a prefill worker
@@ -378,8 +379,10 @@ class Scheduler:
         if msg.sampled:  # the step period the placement plans with (idle gaps between steps included)
             step_ms = (msg.t_end - msg.t_start + msg.idle_gap_s) * 1e3
             self.decode_step_ms = ewma(self.decode_step_ms, step_ms)
-            self.placement.observe_decode_step(step_ms, beside_prefill=self.prefilling_beside,
-                                               mixed=self.in_flight.busy(DECODE))
+            # a mixed step's time is learned through its PrefillDone; the step says what it ran (untimed: a chunk
+            # on the decode lane may have been in it; with two held, it may also be the next step's)
+            mixed = msg.device.kind == "mixed" if msg.device is not None else self.in_flight.busy(DECODE)
+            self.placement.observe_decode_step(step_ms, beside_prefill=self.prefilling_beside, mixed=mixed)
         worker_finished = set(msg.finished)
         touched = []
         for tok in msg.sampled:
