@@ -109,8 +109,8 @@ def test_decode_idle_totals_cover_runs_longer_than_the_stats_window():
                                    decode_idle_totals=after.decode_idle_totals)
     d = decode_idle_during(device_time, short_window, before)  # 4 steps ran, 2 kept: no longest, totals still
     assert "longest" not in d and d["steps"] == 4 and d["idle_s_over_1ms"] == 0.003
-    restarted = decode_idle_during(device_time, after, {"decode -> decode": [99, 1.0, 0, 0.0]})
-    assert restarted["steps"] == 5  # totals below the snapshot: a new incarnation's, counted from zero
+    restarted = decode_idle_during(device_time, after, {})  # the caller saw a restart: the new incarnation's totals
+    assert restarted["steps"] == 5 and restarted["by_transition"]["idle -> decode"]["steps"] == 2  # the first too
 
 
 def test_bench_serve_steady_state_two_modes_smoke(tiny_llama, tmp_path):

@@ -33,13 +33,12 @@ def longest_waits(steps: list[tuple[str, float, int, bool]], top: int = 12) -> l
 
 def decode_idle_during(device_time: dict[str, dict], stats, totals_before: dict) -> dict:
     """Where the decode stream waited during a run: the difference of the engine's running totals by transition
-    (Stats.decode_idle_totals, `totals_before` taken before the run), however long the run. A step after the executor
+    (Stats.decode_idle_totals, `totals_before` taken before the run: {} when the engine restarted since, its totals
+    then the new incarnation's), however long the run. A step after the executor
     had nothing resident counts under "idle -> ..." and in idle_s_without_work, not in the waits (idle_s, over
     1 ms). The longest waits come from the per-step series (Stats.decode_device_idle: the latest STATS_WINDOW steps)
     when it covers the run's decode and mixed steps, counted in `device_time` (device_time_during's result)."""
     totals = stats.decode_idle_totals
-    if any(n0 > totals.get(key, (0,))[0] for key, (n0, *_) in totals_before.items()):
-        totals_before = {}  # the totals restarted (a new engine incarnation): they are the new one's
     delta = {}
     for key, (n, idle, n_long, idle_long) in totals.items():
         n0, i0, l0, li0 = totals_before.get(key, (0, 0.0, 0, 0.0))
@@ -113,6 +112,8 @@ def run_offline(args) -> dict:
         in_tokens = sum(len(p["prompt_token_ids"]) for p in prompts)
         device = str(llm.config.device)
         stats = llm.engine.get_stats()
+        if stats.num_restarts != start.num_restarts:  # the engine restarted: its totals since start are the new one's
+            before, idle_before = {}, {}
         engine = {"max_num_seqs": llm.config.scheduler.max_num_seqs,  # as fitted to the KV pool when not given
                   "max_num_batched_tokens": llm.config.scheduler.max_num_batched_tokens,
                   "admission_reserve": llm.config.scheduler.admission_reserve,
