@@ -162,6 +162,9 @@ class _Lane:
 class SimRun:
     requests: list[SimRequest]  # in completion order, each with its times
     placed: dict[str, int]  # prompt tokens per lane
+    # as the engine's Stats.device_time: per kind of step or batch ("decode", "mixed", "inline" (a chunk with nothing
+    # decoding), "prefill", "prefill2"), [how many, seconds busy]
+    device_time: dict[str, list] = field(default_factory=dict)
 
     def attainment(self, ttft_ms: float, tpot_ms: float) -> float:
         """Share of requests meeting both SLOs."""
@@ -181,6 +184,11 @@ def simulate(trace: list[tuple[float, int, int]], policy, timings: StepTimings, 
     dec, pre = _Lane(), _Lane()
     now, step_ms = 0.0, None
     placed = {DECODE: 0, PREFILL: 0} | ({PREFILL2: 0} if second else {})
+    device: dict[str, list] = {}
+
+    def busy(kind: str, start: float) -> None:
+        steps, seconds = device.get(kind, (0, 0.0))
+        device[kind] = [steps + 1, seconds + now - start]
 
     def take(budget: int) -> list[tuple[SimRequest, int, bool]]:
         """(request, tokens, last chunk of its prompt) in arrival order, up to `budget` tokens; a request whose
@@ -262,15 +270,17 @@ def simulate(trace: list[tuple[float, int, int]], policy, timings: StepTimings, 
             retime()
         upcoming = [t for t in (dec.end, pre.end, pending[0].arrival_s if pending else None) if t is not None]
         if not upcoming:
-            return SimRun(done, placed)
+            return SimRun(done, placed, device)
         now = max(now, min(upcoming))
         progress(now)
         if pre.end is not None and pre.end <= now:
             policy.observe_prefill(pre.lane, sum(c[1] for c in pre.chunks), now - pre.start, len(decoding))
+            busy(pre.lane, pre.start)
             prompts_done(pre.chunks, now)
             pre.chunks, pre.end = [], None
             retime()
         if dec.end is not None and dec.end <= now + 1e-12:
+            busy("mixed" if dec.chunks and dec.batch else "inline" if dec.chunks else "decode", dec.start)
             if dec.chunks:
                 policy.observe_prefill(DECODE, sum(c[1] for c in dec.chunks), now - dec.start, len(dec.batch),
                                        beside_prefill=dec.beside)
