@@ -66,7 +66,10 @@ def test_every_request_runs_once_and_in_order_of_its_phases(recorded):
         assert len(run.requests) == len(trace), name
         assert sum(run.placed.values()) == sum(p for _, p, _ in trace), name
         assert all(r.arrival_s < r.first_token_s <= r.finish_s for r in run.requests), name
-    assert simulate(trace, StaticPlacement(DECODE), recorded).placed[PREFILL] == 0
+    hybrid = simulate(trace, StaticPlacement(DECODE), recorded)
+    assert hybrid.placed[PREFILL] == 0 and PREFILL not in hybrid.device_time
+    lane_s = sum(hybrid.device_time[kind][1] for kind in ("decode", "mixed", "inline") if kind in hybrid.device_time)
+    assert lane_s <= max(r.finish_s for r in hybrid.requests)  # one decode lane: its steps never overlap
     assert simulate(trace, StaticPlacement(PREFILL), recorded).placed[DECODE] == 0
 
 
@@ -143,10 +146,10 @@ def test_where_concurrency_is_cheap_adaptive_matches_it(recorded, ttft, tpot):
 def test_the_h200_spatial_lever_in_known_regimes(recorded):
     """The H200 recording at a 50% prefill share (50/100, session 14): beside decodes it slows them as much per prompt
     token as the full share (20-28 against 24-27 us) at half the prefill rate. So, simulated: the ATOM rule (restricted
-    prefill beside 64 or more decodes) loses attainment near saturation at 300/15 against static 100/100; the
-    adaptive policy given the second prefill worker measures it, uses it only for those measurements (it is not
-    clearly cheaper than a mixed step or the full share), and stays within 0.05 of the adaptive policy without it
-    and of hybrid batching."""
+    prefill beside 64 or more decodes) attains near saturation at 300/15 about as hybrid batching does (within 0.05;
+    session 20 measured both at 1.000 at 52 req/s, bursty), below static 100/100; the adaptive policy given the
+    second prefill worker measures it, uses it only for those measurements (it is not clearly cheaper than a mixed
+    step or the full share), and stays within 0.05 of the adaptive policy without it and of hybrid batching."""
     from rapid.core.placement import PREFILL2, AtomPlacement
 
     half = StepTimings.from_frontier(FRONTIER, "50/100")
@@ -157,7 +160,7 @@ def test_the_h200_spatial_lever_in_known_regimes(recorded):
     lever = simulate(trace, AdaptivePlacement(8192, 300, 15, prefill_lanes=(PREFILL, PREFILL2)), recorded, second=half)
     assert 0 < lever.placed[PREFILL2] < 0.05 * sum(lever.placed.values())  # measured, then left
     got = attainments(trace, recorded, 300, 15)
-    assert atom.attainment(300, 15) < got["rapid static"] - 0.2, (atom.attainment(300, 15), got)
+    assert got["hybrid"] - 0.05 <= atom.attainment(300, 15) < got["rapid static"], (atom.attainment(300, 15), got)
     assert lever.attainment(300, 15) >= got["adaptive"] - 0.05, (lever.attainment(300, 15), got)
     assert lever.attainment(300, 15) >= got["hybrid"] - 0.05, (lever.attainment(300, 15), got)
     with pytest.raises(ValueError, match="prefill2"):
@@ -177,3 +180,46 @@ def test_decode_steps_follow_their_batch_context(recorded, whole_graphs):
     run = simulate(sharegpt(48), StaticPlacement(DECODE), whole_graphs)
     tpot = sorted(r.tpot_ms for r in run.requests)
     assert 9.0 < tpot[len(tpot) // 2] < 13.0, tpot[len(tpot) // 2]
+
+
+def test_a_decode_step_beside_the_prefill_worker_slows_by_its_splits_recorded_ratio():
+    """Beside the prefill worker a decode step's work runs slower by the ratio recorded at that worker's split, its
+    step concurrent over its step alone in the same recording (50/100 at 64 decodes: 12.84 over 8.27 ms), whatever the
+    step's own context (the recording decodes at 1024 tokens a row). Session 20's ATOM run (a 50% prefill worker
+    beside about 113 decodes at 335 tokens of context) measured decode steps of 9.38 ms on average with that worker
+    busy 70% of the time, against 7.48 ms for hybrid's decode-only steps on the same trace: about 1.5x beside it,
+    where the concurrent step over another recording's step alone, moved by the same ms for the context, gave 2.0x."""
+    half = (StepTimings.from_frontier(FRONTIER, "50/100").with_graph_curve(GRAPH_CURVE)
+            .with_context_cost(H200_8B_ATTENTION_MS_PER_CONTEXT_TOKEN))
+    assert half.decode_slowdown(64) == pytest.approx(12.843 / 8.271)
+    # one request decodes (32-token prompt) while a prompt of 8000 tokens runs on the prefill worker beside it
+    first, long = sorted(simulate([(0.0, 32, 200), (0.05, 8000, 1)], StaticPlacement(PREFILL), half).requests,
+                         key=lambda r: r.arrival_s)
+    beside_s = long.first_token_s - long.arrival_s
+    assert beside_s == pytest.approx(half.prefill_s(8000, 1))
+    alone_s = sum(half.decode_ms(1, False, 32 + k) for k in range(1, 200)) * 1e-3  # its 199 steps' work alone
+    # the work done beside the prefill batch took decode_slowdown times as long
+    assert first.finish_s - first.first_token_s == pytest.approx(alone_s + beside_s * (1 - 1 / half.decode_slowdown(1)))
+
+
+def test_the_engine_before_6bf67b2_put_a_chunk_in_every_other_step_at_most(recorded):
+    """Session 20's GPU runs (a1995ac): the decode worker launched its next step before a chunk came back, so the step
+    after a mixed step carried none. Ten prompts of one step each beside a decoding request: with
+    `chunk_every_other_step` a decode-only step runs between each two of their mixed steps; without, they run back to
+    back."""
+    trace = [(0.0, 16, 400)] + [(0.1, 100, 1)] * 10
+    spread = {}
+    for flag in (False, True):
+        run = simulate(trace, StaticPlacement(DECODE), recorded, max_budget=101, chunk_every_other_step=flag)
+        assert run.device_time["mixed"][0] == 10
+        firsts = sorted(r.first_token_s for r in run.requests if r.output_len == 1)
+        spread[flag] = firsts[-1] - firsts[0]
+    assert spread[True] - spread[False] == pytest.approx(9 * recorded.decode_ms(1, False) * 1e-3)
+
+
+def test_a_trace_caps_outputs_as_the_serving_benchmark_does():
+    requests = sharegpt_like_requests(300, 1000, seed=0, max_len=4096)
+    capped, uncapped = sim_trace(requests, 10, max_tokens_cap=512), sim_trace(requests, 10)
+    assert max(o for _, _, o in capped) == 512 < max(o for _, _, o in uncapped)
+    assert [min(o, 512) for _, _, o in uncapped] == [o for _, _, o in capped]  # the same requests, at the same times
+    assert [t for t, _, _ in capped] == [t for t, _, _ in uncapped]

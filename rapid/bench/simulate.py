@@ -5,9 +5,10 @@ policy put prefill tokens in it) and the prefill worker runs one batch at a time
 prefill worker at another MPS share, recorded at its own split; one prefill batch between the two at a time).
 Step costs come from `rapid bench frontier` on the GPU (`StepTimings.from_frontier`): per decode batch, the step
 alone, the step while the prefill worker runs at an MPS split and that worker's tokens/s then, and a mixed step's
-cost per prompt token, or (`with_graph_curve`) a whole-graph step's cost by its padded token count. A decode step
-runs at its recorded concurrent speed for the part of it that a prefill batch overlaps, and at its speed alone for
-the rest (its end is recomputed whenever a prefill batch starts or ends). The
+cost per prompt token, or (`with_graph_curve`) a whole-graph step's cost by its padded token count. Beside a prefill
+batch the two lanes share the GPU as recorded at the prefill worker's split: a decode step's work runs slower by the
+recorded ratio (concurrent over alone, both from that split's recording) for the part of it that a prefill batch
+overlaps, and at its speed alone for the rest (its end is recomputed whenever a prefill batch starts or ends). The
 same policy objects as the engine's decide (rapid.core.placement, rapid.core.adaptive), so their choices in known
 regimes are unit tests on the CPU. Plain Python, no torch.
 """
@@ -97,6 +98,13 @@ class StepTimings:
             return ms
         return max(ms + self.ms_per_context_token * (context - batch * self.recorded_ctx), 0.3 * ms)
 
+    def decode_slowdown(self, batch: int) -> float:
+        """How much slower a decode step of `batch` rows runs while this split's prefill worker computes: its time
+        concurrent over its time alone, both recorded at this split (the same GPU, the same step). A ratio, as the
+        GPU's share left to the decodes: a step at a shorter context, less work, loses as much of its speed."""
+        return float(np.interp(batch, self.batches, self.decode_concurrent_ms) /
+                     np.interp(batch, self.batches, self.decode_alone_ms))
+
     def inline_s(self, tokens: int, batch: int, beside_prefill: bool) -> float:
         """A mixed step's prompt work. Beside a prefill batch it gets what the prefill worker leaves of the GPU's
         prompt rate (at least a tenth): the two lanes together never prefill faster than one alone. (`simulate`
@@ -151,7 +159,7 @@ class _Lane:
         self.queued: list[tuple[SimRequest, int, bool]] = []  # the decode lane: prompt work for its next step
         self.batch: list[SimRequest] = []  # the decode lane: the requests its running step advances
         self.beside = False  # the decode lane: a prefill batch ran during some of its running step
-        self.context = 0  # the decode lane: its running step's rows' tokens so far, summed
+        self.after_mixed = False  # the decode lane: its step before the running one carried a chunk
         self.work_ms = 0.0  # the decode lane: its running step's work left, in ms at its speed alone
         self.rate = 1.0  # the decode lane: that work's progress per ms now (slower beside a prefill batch)
         self.t_last = 0.0  # the decode lane: when work_ms was last brought up to date
@@ -173,9 +181,12 @@ class SimRun:
 
 
 def simulate(trace: list[tuple[float, int, int]], policy, timings: StepTimings, max_budget: int = 8192,
-             max_num_seqs: int = 1024, second: StepTimings | None = None) -> SimRun:
+             max_num_seqs: int = 1024, second: StepTimings | None = None,
+             chunk_every_other_step: bool = False) -> SimRun:
     """Run (arrival_s, prompt_len, output_len) requests to completion. `timings`: the prefill worker's split (and
-    the decode step alone, mixed steps); `second`: the second prefill worker's split, if the engine has one."""
+    the decode step alone, mixed steps); `second`: the second prefill worker's split, if the engine has one.
+    `chunk_every_other_step`: the engine before 6bf67b2 (session 20's GPU runs), whose decode worker had launched its
+    next step before a chunk came back, so that the step after a mixed step never carried a chunk."""
     workers = {PREFILL: timings, PREFILL2: second}
     pending = deque(SimRequest(a, p, o, left=p) for a, p, o in sorted(trace))
     done: list[SimRequest] = []
@@ -219,9 +230,7 @@ def simulate(trace: list[tuple[float, int, int]], policy, timings: StepTimings, 
         Beside a prefill batch a step runs at (its time alone / its time concurrent, as recorded at that split)."""
         if dec.end is None:
             return
-        n, ctx = len(dec.batch), dec.context
-        dec.rate = 1.0 if pre.end is None else \
-            timings.decode_ms(n, False, ctx) / workers[pre.lane].decode_ms(n, True, ctx)
+        dec.rate = 1.0 if pre.end is None else 1.0 / workers[pre.lane].decode_slowdown(len(dec.batch))
         dec.beside = dec.beside or pre.end is not None
         dec.end = dec.t_last + max(dec.work_ms, 0.0) / dec.rate * 1e-3
 
@@ -260,10 +269,12 @@ def simulate(trace: list[tuple[float, int, int]], policy, timings: StepTimings, 
                     pre.start, pre.end = now, now + workers[d.lane].prefill_s(tokens, len(decoding))
                     retime()
         if dec.end is None and (decoding or dec.queued):
-            dec.chunks, dec.queued = dec.queued, []
+            launched_ahead = chunk_every_other_step and decoding and dec.after_mixed
+            dec.chunks, dec.queued = ([], dec.queued) if launched_ahead else (dec.queued, [])
+            dec.after_mixed = bool(dec.chunks)
             inline = sum(c[1] for c in dec.chunks)
-            dec.context = sum(r.prompt_len + r.produced for r in decoding)
-            work_ms = (timings.decode_ms(len(decoding), False, dec.context) if decoding else 0.0) + \
+            context = sum(r.prompt_len + r.produced for r in decoding)
+            work_ms = (timings.decode_ms(len(decoding), False, context) if decoding else 0.0) + \
                 timings.inline_s(inline, len(decoding), False) * 1e3  # at its speed alone
             dec.batch, dec.start, dec.beside, dec.work_ms, dec.t_last, dec.end = list(decoding), now, False, work_ms, \
                 now, now
@@ -299,9 +310,12 @@ def simulate(trace: list[tuple[float, int, int]], policy, timings: StepTimings, 
             dec.chunks, dec.end, dec.batch = [], None, []
 
 
-def sim_trace(requests, rate: float, burstiness: float = 1.0, seed: int = 0) -> list[tuple[float, int, int]]:
-    """(arrival_s, prompt_len, output_len) of benchmark requests (rapid.bench.datasets) at `rate` req/s."""
+def sim_trace(requests, rate: float, burstiness: float = 1.0, seed: int = 0,
+              max_tokens_cap: int | None = None) -> list[tuple[float, int, int]]:
+    """(arrival_s, prompt_len, output_len) of benchmark requests (rapid.bench.datasets) at `rate` req/s; outputs
+    capped at `max_tokens_cap` as `rapid bench serve --max-tokens-cap` caps them."""
     from rapid.bench.arrivals import arrival_times
 
     times = arrival_times(len(requests), rate, burstiness, seed)
-    return [(float(t), r.prompt_len, r.output_len) for t, r in zip(times, requests)]
+    cap = max_tokens_cap or max((r.output_len for r in requests), default=0)
+    return [(float(t), r.prompt_len, min(r.output_len, cap)) for t, r in zip(times, requests)]
