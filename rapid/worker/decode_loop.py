@@ -72,7 +72,6 @@ class DecodeLoop:
         self.pending_handoff: dict[str, float] = {}  # request -> prefill end time
         self.inline: deque[PrefillBatch] = deque()  # prefill placed in this executor's next steps, one a step
         self.last_step_end: float | None = None
-        self.last_read_back = 0.0  # when the latest step was read back (its end, as the host sees it)
         self.ran_dry = True  # nothing resident since the last step launched (start included)
         self.peer_kv: torch.Tensor | None = None  # disagg: the prefill worker's KV pool (hand-off source)
         self.transferred: list[str] = []  # disagg: copies done since the last report
@@ -212,9 +211,10 @@ class DecodeLoop:
             self.runner.wait(step.launched)
         t1 = time.time()
         # the step's interval: launched ahead (async), it could not start before the step in front of it ended, so
-        # it starts at that one's read-back (from its launch, the interval held most of the step before: a mixed
-        # step behind a mixed step read as both, and the placement learned twice a prompt token's cost)
-        t_start, self.last_read_back = max(step.t0, self.last_read_back), t1
+        # it starts at that one's read-back, last_step_end (from its launch, the interval held most of the step
+        # before: a mixed step behind a mixed step read as both, and the placement learned twice a prompt token's
+        # cost). After a spell without work (last_step_end None) the step was launched after that read-back.
+        t_start = step.t0 if self.last_step_end is None else max(step.t0, self.last_step_end)
         decoded, first_tokens = sampled[: len(step.batch)], sampled[len(step.batch):]
         still_ahead = self.pending.ids if self.pending is not None and self.pending is not step else set()
         kept, finished, handoffs = [], [], []
