@@ -17,18 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from rapid.bench.simulate import H200_8B_ATTENTION_MS_PER_CONTEXT_TOKEN, StepTimings, simulate
+from summarize_h200 import h200_step_timings as timings  # bench/: this script's own folder
+
+from rapid.bench.simulate import simulate
 from rapid.core.adaptive import AdaptivePlacement
 from rapid.core.placement import DECODE, PREFILL, PREFILL2, AtomPlacement, StaticPlacement
 
 R = Path(__file__).parent / "results"
 SLO = (300, 15)  # TTFT, TPOT ms: the tightest pair session 20 measured
-
-
-def timings(split: str) -> StepTimings:
-    return (StepTimings.from_frontier(R / "frontier-h200.json", split)
-            .with_graph_curve(R / "session19" / "call1" / "graph-buckets.json")
-            .with_context_cost(H200_8B_ATTENTION_MS_PER_CONTEXT_TOKEN))
 
 
 def configuration(label: str, budget: int):

@@ -264,18 +264,25 @@ def policies() -> None:
     _write("policies-h200", {"device": DEVICE, "model": MODEL, "sources": POLICY_RUNS, "runs": runs}, table)
 
 
+def h200_step_timings(split: str):
+    """The simulator's H200 timings at an MPS split: the frontier's decode steps, mixed steps costed as the whole
+    CUDA graphs the engine runs since session 18 (session 19's curve), decode steps moved by their batch's context
+    (the frontier decodes at 1024 tokens a row; traces are shorter)."""
+    from rapid.bench.simulate import H200_8B_ATTENTION_MS_PER_CONTEXT_TOKEN, StepTimings
+
+    return (StepTimings.from_frontier(R / "frontier-h200.json", split)
+            .with_graph_curve(R / "session19" / "call1" / "graph-buckets.json")
+            .with_context_cost(H200_8B_ATTENTION_MS_PER_CONTEXT_TOKEN))
+
+
 def simulation() -> None:
     """Attainment against rate for hybrid, static concurrent prefill and the adaptive policy, simulated."""
     from rapid.bench.datasets import random_requests, sharegpt_like_requests
-    from rapid.bench.simulate import H200_8B_ATTENTION_MS_PER_CONTEXT_TOKEN, StepTimings, sim_trace, simulate
+    from rapid.bench.simulate import sim_trace, simulate
     from rapid.core.adaptive import AdaptivePlacement
     from rapid.core.placement import DECODE, PREFILL, PREFILL2, AtomPlacement, StaticPlacement
 
-    # mixed steps costed as the whole CUDA graphs the engine runs since session 18, on the H200's curve (session 19)
-    curve = R / "session19" / "call1" / "graph-buckets.json"
-    # and decode steps moved by their batch's context (the frontier's decode at 1024 tokens a row; traces shorter)
-    splits = {s: StepTimings.from_frontier(R / "frontier-h200.json", s).with_graph_curve(curve)
-              .with_context_cost(H200_8B_ATTENTION_MS_PER_CONTEXT_TOKEN) for s in ("100/100", "50/100", "50/50")}
+    splits = {s: h200_step_timings(s) for s in ("100/100", "50/100", "50/50")}
     full, half = splits["100/100"], splits["50/100"]  # frontier() writes the file first
     configurations = {  # name -> (policy factory given the SLO pair, the prefill worker's split, the second's)
         "hybrid": (lambda ttft, tpot: StaticPlacement(DECODE), full, None),
