@@ -526,3 +526,49 @@ def test_a_step_launched_ahead_is_timed_from_the_step_in_front_of_it(monkeypatch
              if isinstance(o, (DecodeStep, PrefillDone))]
     assert steps[1:] == [(10.0, "DecodeStep")] * 2 + [(20.0, "DecodeStep"), (20.0, "PrefillDone")] * 2 + [
         (10.0, "DecodeStep")] * 2, steps
+
+
+def test_a_timed_step_reports_the_devices_interval_when_the_host_reads_back_late(monkeypatch):
+    """With device times (CUDA events on a GPU) a step's interval is the device's: its busy time and the stream's
+    wait for the host before it. A read-back that lags a step's end would otherwise shorten the next step's host
+    interval (on the H200 the policy learned 5.1 ms decode steps where the device's averaged 9.5)."""
+    import types
+
+    import rapid.worker.decode_loop as decode_loop
+    from rapid.protocol.worker import DecodeStep, StartDecode
+
+    clock = [0.0]
+    monkeypatch.setattr(decode_loop, "time", types.SimpleNamespace(time=lambda: clock[0]))
+
+    class LateHostRunner(FakeRunner):
+        """10 ms steps back to back on the device; the host reads every other step back 6 ms late."""
+
+        free_at, reads = 0.0, 0
+
+        def launch(self, work, inputs_from=None):
+            start = max(clock[0], self.free_at)
+            idle, self.free_at = start - self.free_at if self.free_at else 0.0, start + 0.010
+            return types.SimpleNamespace(end=self.free_at, busy=0.010, idle=idle, eager=False,
+                                         sampled=super().launch(work, inputs_from))
+
+        def collect(self, launched):
+            self.reads += 1
+            clock[0] = max(clock[0], launched.end) + (0.006 if self.reads % 2 else 0.0)
+            return launched.sampled
+
+        def device_time(self, launched):
+            return launched.busy, launched.idle
+
+    cfg = EngineConfig(model="m", tokenizer=None, mode="hybrid", async_scheduling=True,
+                       cache=CacheConfig(block_size=4), scheduler=SchedulerConfig(max_num_seqs=8, max_model_len=64))
+    loop = DecodeLoop(LateHostRunner(), cfg, (0,))
+    loop.handle(StartDecode("d", [1, 2, 3], [4], [0, 1, 2, 3], SamplingParams(max_tokens=50)))
+    outs = []
+    for _ in range(8):
+        outs += loop.step()
+    steps = [o for o in outs if isinstance(o, DecodeStep)]
+    assert len(steps) >= 6
+    # each step: 10 ms on the device, plus the stream's wait where the late host launched the next step late
+    assert all(round((s.t_end - s.t_start) * 1e3, 3) == round((s.device.busy_s + s.device.idle_s) * 1e3, 3)
+               for s in steps[1:]), [(s.t_end - s.t_start, s.device) for s in steps]
+    assert all(9.999 <= (s.t_end - s.t_start) * 1e3 for s in steps[1:]), [(s.t_end - s.t_start) for s in steps]

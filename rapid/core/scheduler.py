@@ -377,7 +377,8 @@ class Scheduler:
 
     def _on_decode_step(self, msg: DecodeStep) -> list[Request]:
         if msg.sampled:  # the step period the placement plans with (idle gaps between steps included)
-            step_ms = (msg.t_end - msg.t_start + msg.idle_gap_s) * 1e3
+            # (a timed step's interval holds the device's wait for the host already: rapid/worker/decode_loop.py)
+            step_ms = (msg.t_end - msg.t_start + (0.0 if msg.device is not None else msg.idle_gap_s)) * 1e3
             self.decode_step_ms = ewma(self.decode_step_ms, step_ms)
             # a mixed step's time is learned through its PrefillDone; the step says what it ran (untimed: a chunk
             # on the decode lane may have been in it; with two held, it may also be the next step's)
