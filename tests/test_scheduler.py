@@ -572,3 +572,39 @@ def test_a_timed_step_reports_the_devices_interval_when_the_host_reads_back_late
     assert all(round((s.t_end - s.t_start) * 1e3, 3) == round((s.device.busy_s + s.device.idle_s) * 1e3, 3)
                for s in steps[1:]), [(s.t_end - s.t_start, s.device) for s in steps]
     assert all(9.999 <= (s.t_end - s.t_start) * 1e3 for s in steps[1:]), [(s.t_end - s.t_start) for s in steps]
+
+
+def test_decode_steps_are_learned_beside_a_prefill_batch_by_when_they_ran():
+    """A decode step that ran beside a prefill worker's batch is learned as beside it even when it is read after
+    the batch's answer (as one that ends after the batch often is); one that ran before the batch was sent, or after
+    it ended, as alone, whatever is in flight when it is read."""
+    import time
+
+    from rapid.core.placement import PREFILL, StaticPlacement
+    from rapid.protocol.worker import DecodeStep, PrefillDone
+
+    class Recording(StaticPlacement):
+        def __init__(self):
+            super().__init__(PREFILL)
+            object.__setattr__(self, "steps", [])
+
+        def observe_decode_step(self, step_ms, beside_prefill=False, mixed=False):
+            self.steps.append((round(step_ms, 3), beside_prefill))
+
+    policy = Recording()
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=8, max_model_len=64),
+                      BlockManager(16, 4, enable_prefix_caching=False), placement=policy)
+    sched.add_request(Request("a", list(range(1, 17)), SamplingParams(max_tokens=1)))
+    t = time.time()  # the batch is sent at about t
+    batch = sched.schedule().prefill_batch
+
+    def step(start_ms, end_ms):
+        sched.update_from_output(DecodeStep([SampledToken("gone", 7, 0.0)], [], t + start_ms / 1e3, t + end_ms / 1e3))
+
+    step(-12, -2)  # before the batch was sent, read while it is in flight: alone
+    step(-6, 6)  # half of it after the batch was sent: beside
+    sched.update_from_output(PrefillDone(batch.batch_id, [], t + 1e-3, t + 21e-3, num_tokens=8))
+    step(12, 24)  # 9 of its 12 ms beside the batch, read after the batch's answer: beside
+    step(20.5, 30.5)  # 0.5 of its 10 ms beside it: learned as neither
+    step(32, 42)  # after the batch: alone
+    assert policy.steps == [(10.0, False), (12.0, True), (12.0, True), (10.0, False)], policy.steps

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 from rapid.core.placement import DECODE, PREFILL_LANES
 from rapid.core.request import Request
@@ -12,6 +13,8 @@ from rapid.core.request import Request
 # decode worker, which launches a step before it reads the one before back, every other step carried no prompt
 # tokens and a prompt queued behind a chunk waited a step more than in hybrid (TTFT p50 +9-15 ms in session 20)
 DECODE_LANE_DEPTH = 2
+# a decode step that ran beside a prefill worker's batch for less than this share of its time is learned as neither
+BESIDE_MIN_SHARE = 0.1
 
 
 @dataclass
@@ -20,6 +23,7 @@ class InFlight:
 
     batch_id: int
     chunks: list[tuple[Request, int]]  # (request, tokens of it in this batch)
+    sent_at: float = field(default=0.0, compare=False)  # time.time() when the core sent it
 
 
 class InFlightBatches:
@@ -30,6 +34,7 @@ class InFlightBatches:
     def __init__(self):
         self.by_lane: dict[str, list[InFlight]] = {}
         self.request_ids: set[str] = set()
+        self.beside_ended: deque[tuple[float, float]] = deque(maxlen=4)  # the prefill workers' last batches' intervals
 
     def __bool__(self) -> bool:
         return bool(self.by_lane)
@@ -38,11 +43,13 @@ class InFlightBatches:
         self.by_lane.setdefault(lane, []).append(batch)
         self.request_ids.update(r.request_id for r, _ in batch.chunks)
 
-    def pop(self, batch_id: int) -> tuple[str, list[tuple[Request, int]]]:
-        """The answered batch's lane and chunks; ValueError for a batch not in flight."""
+    def pop(self, batch_id: int, interval: tuple[float, float] | None = None) -> tuple[str, list[tuple[Request, int]]]:
+        """The answered batch's lane and chunks; ValueError for a batch not in flight. `interval`: when it ran."""
         for lane, batches in self.by_lane.items():
             for i, batch in enumerate(batches):
                 if batch.batch_id == batch_id:
+                    if lane in PREFILL_LANES and interval is not None:
+                        self.beside_ended.append(interval)
                     del batches[i]
                     if not batches:
                         del self.by_lane[lane]
@@ -57,6 +64,15 @@ class InFlightBatches:
     def beside(self) -> bool:
         """A batch is in flight on a prefill worker."""
         return any(lane in self.by_lane for lane in PREFILL_LANES)
+
+    def beside_overlap_s(self, t_start: float, t_end: float) -> float:
+        """How long the interval [t_start, t_end] (a decode step's) overlapped a prefill worker's batch: those that
+        ended, and those in flight (from when they were sent). Whether a batch is in flight when a step's result
+        arrives says little: a step that ran beside a batch is often read after the batch's answer (counted alone,
+        it raised the decode step alone and hid its slowdown), and one in flight may have been sent as it ended."""
+        ran = [(start, end) for start, end in self.beside_ended]
+        ran += [(b.sent_at, t_end) for lane in PREFILL_LANES for b in self.by_lane.get(lane, ())]
+        return sum(max(0.0, min(end, t_end) - max(start, t_start)) for start, end in ran)
 
     def lane_free(self, lane: str) -> bool:
         if lane in PREFILL_LANES:

@@ -28,7 +28,7 @@ from typing import Callable
 from rapid.config import SchedulerConfig
 from rapid.core.admission import GrowthReserve
 from rapid.core.block_manager import BlockManager
-from rapid.core.in_flight import InFlight, InFlightBatches
+from rapid.core.in_flight import BESIDE_MIN_SHARE, InFlight, InFlightBatches
 from rapid.core.placement import DECODE, Load, PlacementLog, StaticPlacement, ewma
 from rapid.core.request import Request, RequestStatus, check_fits
 from rapid.protocol.worker import (
@@ -240,7 +240,7 @@ class Scheduler:
             reserved += self.reserve.to_come(req) if self.reserve else 0
         if not chunks:
             return None
-        batch = InFlight(next(self.batch_ids), chunks)
+        batch = InFlight(next(self.batch_ids), chunks, sent_at=time.time())
         self.in_flight.add(lane, batch)
         work = [seq_work(r, n, self.blocks.block_table(r.request_id)) for r, n in chunks]
         self.outbox.append((lane, PrefillBatch(batch.batch_id, work)))
@@ -353,7 +353,7 @@ class Scheduler:
         return []
 
     def _on_prefill_done(self, msg: PrefillDone) -> list[Request]:
-        lane, chunks = self.in_flight.pop(msg.batch_id)
+        lane, chunks = self.in_flight.pop(msg.batch_id, (msg.t_start, msg.t_end))
         self.placement.observe_prefill(lane, msg.num_tokens, msg.t_end - msg.t_start, self.num_decoding,
                                        beside_prefill=lane == DECODE and self.prefilling_beside)
         sampled = {s.request_id: s for s in msg.sampled}
@@ -383,7 +383,10 @@ class Scheduler:
             # a mixed step's time is learned through its PrefillDone; the step says what it ran (untimed: a chunk
             # on the decode lane may have been in it; with two held, it may also be the next step's)
             mixed = msg.device.kind == "mixed" if msg.device is not None else self.in_flight.busy(DECODE)
-            self.placement.observe_decode_step(step_ms, beside_prefill=self.prefilling_beside, mixed=mixed)
+            # beside a prefill batch by time, not by what is in flight now; a step barely touching one is not learned
+            share = self.in_flight.beside_overlap_s(msg.t_start, msg.t_end) / max(msg.t_end - msg.t_start, 1e-9)
+            if share == 0 or share >= BESIDE_MIN_SHARE:
+                self.placement.observe_decode_step(step_ms, beside_prefill=share > 0, mixed=mixed)
         worker_finished = set(msg.finished)
         touched = []
         for tok in msg.sampled:
