@@ -580,7 +580,7 @@ def test_decode_steps_are_learned_beside_a_prefill_batch_by_when_they_ran():
     it ended, as alone, whatever is in flight when it is read."""
     import time
 
-    from rapid.core.placement import PREFILL, StaticPlacement
+    from rapid.core.placement import DECODE, PREFILL, Placement, StaticPlacement
     from rapid.protocol.worker import DecodeStep, PrefillDone
 
     class Recording(StaticPlacement):
@@ -591,12 +591,22 @@ def test_decode_steps_are_learned_beside_a_prefill_batch_by_when_they_ran():
         def observe_decode_step(self, step_ms, beside_prefill=False, mixed=False):
             self.steps.append((round(step_ms, 3), beside_prefill))
 
+        def observe_prefill(self, lane, tokens, seconds, num_decoding=0, beside_prefill=False):
+            self.prefills.append((lane, beside_prefill))
+
+        def place(self, load):
+            return Placement(self.lanes.pop(0))
+
     policy = Recording()
+    object.__setattr__(policy, "prefills", [])
+    object.__setattr__(policy, "lanes", [PREFILL, DECODE, DECODE])
     sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=8, max_model_len=64),
-                      BlockManager(16, 4, enable_prefix_caching=False), placement=policy)
-    sched.add_request(Request("a", list(range(1, 17)), SamplingParams(max_tokens=1)))
+                      BlockManager(32, 4, enable_prefix_caching=False), placement=policy)
+    for rid in "abc":
+        sched.add_request(Request(rid, list(range(1, 9)), SamplingParams(max_tokens=1)))
     t = time.time()  # the batch is sent at about t
     batch = sched.schedule().prefill_batch
+    mixed, mixed_after = sched.schedule().prefill_batch, sched.schedule().prefill_batch  # two on the decode lane
 
     def step(start_ms, end_ms):
         sched.update_from_output(DecodeStep([SampledToken("gone", 7, 0.0)], [], t + start_ms / 1e3, t + end_ms / 1e3))
@@ -608,3 +618,7 @@ def test_decode_steps_are_learned_beside_a_prefill_batch_by_when_they_ran():
     step(20.5, 30.5)  # 0.5 of its 10 ms beside it: learned as neither
     step(32, 42)  # after the batch: alone
     assert policy.steps == [(10.0, False), (12.0, True), (12.0, True), (10.0, False)], policy.steps
+    # a mixed step is learned as beside a batch the same way: by when it ran
+    sched.update_from_output(PrefillDone(mixed.batch_id, [], t + 12e-3, t + 24e-3, num_tokens=8))
+    sched.update_from_output(PrefillDone(mixed_after.batch_id, [], t + 32e-3, t + 42e-3, num_tokens=8))
+    assert policy.prefills == [(PREFILL, False), (DECODE, True), (DECODE, False)], policy.prefills

@@ -74,6 +74,12 @@ class InFlightBatches:
         ran += [(b.sent_at, t_end) for lane in PREFILL_LANES for b in self.by_lane.get(lane, ())]
         return sum(max(0.0, min(end, t_end) - max(start, t_start)) for start, end in ran)
 
+    def ran_beside(self, t_start: float, t_end: float) -> bool | None:
+        """Whether a decode step of interval [t_start, t_end] ran beside a prefill worker's batch; None when it did
+        for less than BESIDE_MIN_SHARE of its time (learned as neither)."""
+        share = self.beside_overlap_s(t_start, t_end) / max(t_end - t_start, 1e-9)
+        return None if 0 < share < BESIDE_MIN_SHARE else share > 0
+
     def lane_free(self, lane: str) -> bool:
         if lane in PREFILL_LANES:
             return not self.beside

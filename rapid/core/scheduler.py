@@ -28,7 +28,7 @@ from typing import Callable
 from rapid.config import SchedulerConfig
 from rapid.core.admission import GrowthReserve
 from rapid.core.block_manager import BlockManager
-from rapid.core.in_flight import BESIDE_MIN_SHARE, InFlight, InFlightBatches
+from rapid.core.in_flight import InFlight, InFlightBatches
 from rapid.core.placement import DECODE, Load, PlacementLog, StaticPlacement, ewma
 from rapid.core.request import Request, RequestStatus, check_fits
 from rapid.protocol.worker import (
@@ -354,8 +354,9 @@ class Scheduler:
 
     def _on_prefill_done(self, msg: PrefillDone) -> list[Request]:
         lane, chunks = self.in_flight.pop(msg.batch_id, (msg.t_start, msg.t_end))
-        self.placement.observe_prefill(lane, msg.num_tokens, msg.t_end - msg.t_start, self.num_decoding,
-                                       beside_prefill=lane == DECODE and self.prefilling_beside)
+        beside = lane == DECODE and self.in_flight.ran_beside(msg.t_start, msg.t_end)  # a mixed step beside a batch
+        if beside is not None:
+            self.placement.observe_prefill(lane, msg.num_tokens, msg.t_end - msg.t_start, self.num_decoding, beside)
         sampled = {s.request_id: s for s in msg.sampled}
         touched = []
         for req, n in chunks:
@@ -383,10 +384,9 @@ class Scheduler:
             # a mixed step's time is learned through its PrefillDone; the step says what it ran (untimed: a chunk
             # on the decode lane may have been in it; with two held, it may also be the next step's)
             mixed = msg.device.kind == "mixed" if msg.device is not None else self.in_flight.busy(DECODE)
-            # beside a prefill batch by time, not by what is in flight now; a step barely touching one is not learned
-            share = self.in_flight.beside_overlap_s(msg.t_start, msg.t_end) / max(msg.t_end - msg.t_start, 1e-9)
-            if share == 0 or share >= BESIDE_MIN_SHARE:
-                self.placement.observe_decode_step(step_ms, beside_prefill=share > 0, mixed=mixed)
+            beside = self.in_flight.ran_beside(msg.t_start, msg.t_end)  # by when it ran, not by what is in flight
+            if beside is not None:
+                self.placement.observe_decode_step(step_ms, beside_prefill=beside, mixed=mixed)
         worker_finished = set(msg.finished)
         touched = []
         for tok in msg.sampled:
