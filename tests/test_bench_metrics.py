@@ -603,7 +603,7 @@ def test_mode_summary_and_markdown_mark_unstable_rates(tmp_path, monkeypatch):
     assert "- prefill batches by the placement's lane and reason: 5 req/s prefill: measuring 7, decode: mixed step: " \
         "cheaper 3" in md  # the most frequent first
     assert "**UNSTABLE**" in md and "< 20 req/s (unstable there)" in md and "sustains 10 req/s" in md
-    assert "measured costs at each rate's end" in md and "5 req/s decode_alone_ms 9.5, decode_us_per_prompt_token:" \
+    assert "measured costs at each rate's last arrival" in md and "5 req/s decode_alone_ms 9.5, decode_us_per_prompt_token:" \
         "prefill 18.25" in md
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the bench extra were not installed
     assert write_plots(summary, tmp_path) == PLOTS_SKIPPED and "'.[bench]'" in PLOTS_SKIPPED
@@ -643,3 +643,40 @@ def test_every_rate_gets_prompts_the_engine_has_never_seen(dataset):
     assert not any(tuple(r.prompt_token_ids[:16]) in first1 for r in rate2)  # no first block of rate 2 seen at rate 1
     assert shared_first_blocks([warm, rate1, rate2], 16) == 0
     assert shared_first_blocks([rate1, rate1], 16) == len(first1)  # the check does see a replayed trace
+
+
+def test_replay_calls_its_hook_once_at_the_last_arrival_before_the_queue_drains():
+    """`rapid bench serve` reads the placement policy's costs at a trace's last arrival: after the drain they were
+    those of the few small batches at its end. The hook runs once, after every request was sent and before any of
+    the last ones finished."""
+    import types
+
+    from rapid.bench.datasets import SampleRequest
+    from rapid.bench.replay import replay_inproc
+    from rapid.protocol.engine import RequestDelta
+
+    class Engine:
+        def __init__(self):
+            self.sent, self.steps, self.seen_at_hook = [], 0, None
+
+        def add_request(self, req):
+            self.sent.append(req.request_id)
+
+        def get_deltas(self, timeout_s=None):
+            self.steps += 1
+            if self.steps % 3:
+                return []
+            done, self.sent = self.sent, []
+            return [RequestDelta(rid, [7], "", finished=True) for rid in done]
+
+        def abort(self, rids):
+            pass
+
+    engine = Engine()
+    calls = []
+    trace = [SampleRequest(prompt_token_ids=[1, 2, 3], prompt=None, prompt_len=3, output_len=1) for _ in range(5)]
+    llm = types.SimpleNamespace(engine=engine, tokenizer=None)
+    records, _ = replay_inproc(llm, trace, [0.0, 0.0, 0.01, 0.02, 0.03], True,
+                               at_last_arrival=lambda: calls.append(list(engine.sent)))
+    assert len(calls) == 1 and calls[0][-1].endswith("-4")  # once, with the last request sent and not yet done
+    assert all(r.success and r.output_len == 1 for r in records)

@@ -11,7 +11,7 @@ must not hold the benchmark hostage while its queue drains.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from tqdm.auto import tqdm
 
@@ -27,9 +27,10 @@ ABORT_GRACE_S = 30.0  # after aborting, how long to wait for the engine's finish
 
 
 def replay_inproc(llm, trace: Sequence[SampleRequest], arrivals: Sequence[float], ignore_eos: bool, *,
-                  cap: int | None = None, tag: str = "", drain_timeout_s: float | None = None
-                  ) -> tuple[list[RequestRecord], float]:
-    """Send ``trace[i]`` at ``arrivals[i]`` (seconds from the start); return the records and the wall time."""
+                  cap: int | None = None, tag: str = "", drain_timeout_s: float | None = None,
+                  at_last_arrival: Callable[[], None] | None = None) -> tuple[list[RequestRecord], float]:
+    """Send ``trace[i]`` at ``arrivals[i]`` (seconds from the start); return the records and the wall time.
+    `at_last_arrival` is called once, right after the last request was sent (before the queue drains)."""
     if len(trace) != len(arrivals):
         raise ValueError(f"{len(trace)} requests but {len(arrivals)} arrival times")
     client = llm.engine
@@ -60,6 +61,8 @@ def replay_inproc(llm, trace: Sequence[SampleRequest], arrivals: Sequence[float]
                 records[rid].success, records[rid].error = False, str(e)
                 bar.update(1)
             next_i += 1
+            if next_i == len(trace) and at_last_arrival is not None:
+                at_last_arrival()
         if deadline is not None and aborted_at is None and pending and now > deadline:
             aborted_at = now
             for rid in pending:

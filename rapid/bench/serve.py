@@ -197,9 +197,10 @@ def _engine_during(before: dict, after: dict, policy: str) -> dict:
 
 
 def _sweep(summary: dict, mode: str, replay, warm, traces, plans, args, slos, pairs, criteria, out_dir,
-           get_stats=None) -> None:
+           get_stats=None, learned: dict | None = None) -> None:
     """Warm the engine up, then every rate on its own trace; serve.json is rewritten after each rate.
-    `get_stats`: the engine's stats (in process), to record where each rate's prompts ran."""
+    `get_stats`: the engine's stats (in process), to record where each rate's prompts ran; `learned`: the
+    placement policy's costs as the replay took them at the trace's last arrival."""
     replay(warm, [0.0] * len(warm), True, cap=WARMUP_TOKENS, tag=f"{mode}-warmup", drain_timeout_s=None)
     per_rate = []
     for i, (plan, trace) in enumerate(zip(plans, traces)):
@@ -212,7 +213,8 @@ def _sweep(summary: dict, mode: str, replay, warm, traces, plans, args, slos, pa
         if get_stats:
             stats = get_stats()
             r["engine"] = _engine_during(before, _engine_counts(stats), stats.placement_policy)
-            r["engine"]["placement_learned"] = dict(stats.placement_learned)  # the policy's costs at the rate's end
+            # the policy's costs at the last arrival: after the drain they were a few small batches' (session 21)
+            r["engine"]["placement_learned"] = dict(stats.placement_learned if learned is None else learned)
             totals_before = {} if r["engine"]["restarts"] else before["decode_idle_totals"]  # a restart resets them
             r["engine"]["decode_idle"] = decode_idle_during(r["engine"]["device_time"], stats, totals_before)
             r["engine"]["prefill_worker"] = prefill_worker_during(r["engine"]["device_time"], stats)  # host per batch
@@ -327,12 +329,18 @@ def _run_inproc(args, modes, summary, traces_for, plans, slos, pairs, criteria, 
         with LLM.from_engine_args(engine_args) as llm, startup_heap_frozen("rapid bench serve"):
             warm, traces = traces_for(llm.model_config.vocab_size, llm.config.scheduler.max_model_len, llm.tokenizer)
 
-            def replay(trace, arrivals, ignore_eos, *, cap, tag, drain_timeout_s, llm=llm):
+            learned: dict[str, float] = {}  # the policy's costs at a trace's last arrival, before its queue drains
+
+            def replay(trace, arrivals, ignore_eos, *, cap, tag, drain_timeout_s, llm=llm, learned=learned):
+                def snapshot():
+                    learned.clear()
+                    learned.update(llm.engine.get_stats().placement_learned)
+
                 return replay_inproc(llm, trace, arrivals, ignore_eos, cap=cap, tag=tag,
-                                     drain_timeout_s=drain_timeout_s)
+                                     drain_timeout_s=drain_timeout_s, at_last_arrival=snapshot)
 
             _sweep(summary, label, replay, warm, traces, plans, args, slos, pairs, criteria, out_dir,
-                   get_stats=llm.engine.get_stats)
+                   get_stats=llm.engine.get_stats, learned=learned)
 
 
 def _argv(args) -> list[str]:
