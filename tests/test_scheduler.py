@@ -572,6 +572,12 @@ def test_a_timed_step_reports_the_devices_interval_when_the_host_reads_back_late
     assert all(round((s.t_end - s.t_start) * 1e3, 3) == round((s.device.busy_s + s.device.idle_s) * 1e3, 3)
                for s in steps[1:]), [(s.t_end - s.t_start, s.device) for s in steps]
     assert all(9.999 <= (s.t_end - s.t_start) * 1e3 for s in steps[1:]), [(s.t_end - s.t_start) for s in steps]
+    # a pause with nothing to run (the request waiting for blocks: still resident) is no part of the next step
+    loop.note_no_work()
+    clock[0] += 0.5
+    after = [o for _ in range(3) for o in loop.step() if isinstance(o, DecodeStep)]
+    assert any(s.device.idle_s > 0.4 and not s.after_idle for s in after), after  # the device waited 0.5 s
+    assert all((s.t_end - s.t_start) * 1e3 < 20 for s in after), [(s.t_end - s.t_start, s.device) for s in after]
 
 
 def test_decode_steps_are_learned_beside_a_prefill_batch_by_when_they_ran():

@@ -43,6 +43,7 @@ class Step:
     idle: float
     ids: set[str] = field(default_factory=set)  # request ids of the decode rows
     after_idle: bool = False  # the first step after the executor had nothing resident (DecodeStep.after_idle)
+    after_pause: bool = False  # launched after a spell with nothing to run (note_no_work), residents waiting or not
 
 
 def _needs_host_tokens(params) -> bool:
@@ -200,7 +201,8 @@ class DecodeLoop:
         inputs_from = (pending.launched, dst, src) if dst else None
         launched = self.runner.launch(work, inputs_from)
         after_idle, self.ran_dry = self.ran_dry and pending is None, False
-        return Step(launched, batch, prefill, t0, idle, {r.request_id for r in batch}, after_idle)
+        return Step(launched, batch, prefill, t0, idle, {r.request_id for r in batch}, after_idle,
+                    after_pause=self.last_step_end is None)
 
     def _finish(self, step: Step) -> list:
         """Read a step back: append each decode row's token, end the requests the rules end."""
@@ -239,7 +241,8 @@ class DecodeLoop:
             # the device's own interval (its events): the step and the stream's wait for the host before it. The
             # host's read-back may lag a step's end and so shorten the next step's host interval (on the H200 the
             # policy learned decode steps of 5.1 ms where the device's averaged 9.5: session 21)
-            t_start = t1 - device.busy_s - (0.0 if step.after_idle else device.idle_s)
+            # (the stream's wait after a pause, requests waiting for blocks included, is no part of the step)
+            t_start = t1 - device.busy_s - (0.0 if step.after_pause else device.idle_s)
         out: list = [DecodeStep(kept, finished, t_start, t1, idle_gap_s=step.idle, handoffs=handoffs,
                                 device=device, after_idle=step.after_idle)] if step.batch else []
         if step.prefill is not None:
