@@ -350,3 +350,20 @@ def test_a_decode_step_says_whether_it_carried_a_chunk():
     core.deliver(DecodeStep([SampledToken("d", 6, -1.0)], [], 1.0, 1.010, device=DeviceTime("decode", 0.01, 0.0)))
     core.deliver(DecodeStep([SampledToken("d", 6, -1.0)], [], 2.0, 2.012))  # untimed: the chunk may be in it
     assert spy.steps == [(30.0, True), (10.0, False), (12.0, True)]
+
+
+def test_each_prefill_worker_is_charged_the_slowdown_of_the_steps_that_ran_beside_it():
+    """With two prefill workers a decode step's slowdown is charged to the worker it ran beside, even when it is
+    read after that worker's answer and before the other one's: the full-share worker slows the decodes by 6 ms a
+    batch of 300 tokens (20 us a token), the restricted one by 1.5 ms (5 us a token)."""
+    from rapid.core.placement import PREFILL2
+
+    p = AdaptivePlacement(8192, prefill_lanes=(PREFILL, PREFILL2))
+    p.observe_decode_step(10.0)
+    for _ in range(60):  # (each worker's first batch is charged nothing: its step is read after its answer)
+        p.observe_prefill(PREFILL, 300, 0.02, num_decoding=64)
+        p.observe_decode_step(16.0, beside_prefill=PREFILL)  # read after its worker's answer
+        p.observe_prefill(PREFILL2, 300, 0.04, num_decoding=64)
+        p.observe_decode_step(11.5, beside_prefill=PREFILL2)
+    assert p.cost(PREFILL) == pytest.approx(6.0 / 300, rel=0.03)
+    assert p.cost(PREFILL2) == pytest.approx(1.5 / 300, rel=0.03)

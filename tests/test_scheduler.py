@@ -623,8 +623,8 @@ def test_decode_steps_are_learned_beside_a_prefill_batch_by_when_they_ran():
     step(12, 24)  # 9 of its 12 ms beside the batch, read after the batch's answer: beside
     step(20.5, 30.5)  # 0.5 of its 10 ms beside it: learned as neither
     step(32, 42)  # after the batch: alone
-    assert policy.steps == [(10.0, False), (12.0, True), (12.0, True), (10.0, False)], policy.steps
+    assert policy.steps == [(10.0, False), (12.0, PREFILL), (12.0, PREFILL), (10.0, False)], policy.steps
     # a mixed step is learned as beside a batch the same way: by when it ran
     sched.update_from_output(PrefillDone(mixed.batch_id, [], t + 12e-3, t + 24e-3, num_tokens=8))
     sched.update_from_output(PrefillDone(mixed_after.batch_id, [], t + 32e-3, t + 42e-3, num_tokens=8))
-    assert policy.prefills == [(PREFILL, False), (DECODE, True), (DECODE, False)], policy.prefills
+    assert policy.prefills == [(PREFILL, False), (DECODE, PREFILL), (DECODE, False)], policy.prefills

@@ -158,7 +158,7 @@ class _Lane:
         self.chunks: list[tuple[SimRequest, int, bool]] = []
         self.queued: list[tuple[SimRequest, int, bool]] = []  # the decode lane: prompt work for its next step
         self.batch: list[SimRequest] = []  # the decode lane: the requests its running step advances
-        self.beside = False  # the decode lane: a prefill batch ran during some of its running step
+        self.beside: bool | str = False  # the decode lane: the prefill worker whose batch ran during its running step
         self.after_mixed = False  # the decode lane: its step before the running one carried a chunk
         self.work_ms = 0.0  # the decode lane: its running step's work left, in ms at its speed alone
         self.rate = 1.0  # the decode lane: that work's progress per ms now (slower beside a prefill batch)
@@ -231,7 +231,7 @@ def simulate(trace: list[tuple[float, int, int]], policy, timings: StepTimings, 
         if dec.end is None:
             return
         dec.rate = 1.0 if pre.end is None else 1.0 / workers[pre.lane].decode_slowdown(len(dec.batch))
-        dec.beside = dec.beside or pre.end is not None
+        dec.beside = dec.beside or (pre.lane if pre.end is not None else False)  # the prefill worker it ran beside
         dec.end = dec.t_last + max(dec.work_ms, 0.0) / dec.rate * 1e-3
 
     def prompts_done(chunks, t: float) -> None:

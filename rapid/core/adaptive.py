@@ -71,20 +71,23 @@ class StepCosts:
         self.beside_extra_ms: dict[str, float] = {}
         self.beside_tokens: dict[str, float] = {}
         self.beside_batches: dict[str, int] = {}
-        self.extra_this_batch_ms = 0.0
+        self.extra_by_lane_ms: dict[str, float] = {}  # per prefill worker: decode time lost beside its running batch
 
     @property
     def prefill_tok_s(self) -> float | None:
         """The (full-share) prefill worker's rate."""
         return self.prefill_rates.get(PREFILL)
 
-    def decode_step(self, step_ms: float, beside_prefill: bool, mixed: bool = False) -> None:
+    def decode_step(self, step_ms: float, beside_prefill: bool | str, mixed: bool = False) -> None:
+        """`beside_prefill`: False, or the prefill worker whose batch it ran beside (True: the first one)."""
         if mixed:
             return  # a mixed step's time is the decode part and the prompt part: learned through prefill()
         if beside_prefill:
             self.decode_beside_ms = ewma(self.decode_beside_ms, step_ms)
-            if self.decode_alone_ms is not None:
-                self.extra_this_batch_ms += max(step_ms - self.decode_alone_ms, 0.0)
+            if self.decode_alone_ms is not None:  # charged to that worker's next answered batch
+                lane = PREFILL if beside_prefill is True else beside_prefill
+                self.extra_by_lane_ms[lane] = self.extra_by_lane_ms.get(lane, 0.0) + max(
+                    step_ms - self.decode_alone_ms, 0.0)
         else:
             self.decode_alone_ms = ewma(self.decode_alone_ms, step_ms)
 
@@ -99,12 +102,14 @@ class StepCosts:
     def finished(self, num_output_tokens: int) -> None:
         self.output_len = ewma(self.output_len, max(num_output_tokens, 1))
 
-    def prefill(self, lane: str, tokens: int, seconds: float, num_decoding: int, beside_prefill: bool = False) -> None:
+    def prefill(self, lane: str, tokens: int, seconds: float, num_decoding: int,
+                beside_prefill: bool | str = False) -> None:
         if tokens <= 0 or seconds <= 0:
             return
+        beside_prefill = bool(beside_prefill)  # a mixed step: beside a prefill worker's batch or not
         if lane != DECODE:
             self.prefill_rates[lane] = ewma(self.prefill_rates.get(lane), tokens / seconds)
-            extra, self.extra_this_batch_ms = self.extra_this_batch_ms, 0.0
+            extra = self.extra_by_lane_ms.pop(lane, 0.0)
             if num_decoding and self.decode_alone_ms is not None:  # its cost needs the decode step alone
                 self.beside_extra_ms[lane] = DECAY * self.beside_extra_ms.get(lane, 0.0) + extra
                 self.beside_tokens[lane] = DECAY * self.beside_tokens.get(lane, 0.0) + tokens
@@ -150,11 +155,11 @@ class AdaptivePlacement:
         self.on_cheaper = 0  # placements on the cheapest lane since another one was last sampled
         self.samples = 0  # other lanes sampled so far (they take turns)
 
-    def observe_decode_step(self, step_ms: float, beside_prefill: bool = False, mixed: bool = False) -> None:
+    def observe_decode_step(self, step_ms: float, beside_prefill: bool | str = False, mixed: bool = False) -> None:
         self.costs.decode_step(step_ms, beside_prefill, mixed)
 
     def observe_prefill(self, lane: str, tokens: int, seconds: float, num_decoding: int = 0,
-                        beside_prefill: bool = False) -> None:
+                        beside_prefill: bool | str = False) -> None:
         self.costs.prefill(lane, tokens, seconds, num_decoding, beside_prefill)
 
     def observe_finished(self, num_output_tokens: int) -> None:

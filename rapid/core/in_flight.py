@@ -34,7 +34,7 @@ class InFlightBatches:
     def __init__(self):
         self.by_lane: dict[str, list[InFlight]] = {}
         self.request_ids: set[str] = set()
-        self.beside_ended: deque[tuple[float, float]] = deque(maxlen=4)  # the prefill workers' last batches' intervals
+        self.beside_ended: deque[tuple[float, float, str]] = deque(maxlen=4)  # prefill workers' last batches: when, where
 
     def __bool__(self) -> bool:
         return bool(self.by_lane)
@@ -49,7 +49,7 @@ class InFlightBatches:
             for i, batch in enumerate(batches):
                 if batch.batch_id == batch_id:
                     if lane in PREFILL_LANES and interval is not None:
-                        self.beside_ended.append(interval)
+                        self.beside_ended.append((*interval, lane))
                     del batches[i]
                     if not batches:
                         del self.by_lane[lane]
@@ -65,20 +65,25 @@ class InFlightBatches:
         """A batch is in flight on a prefill worker."""
         return any(lane in self.by_lane for lane in PREFILL_LANES)
 
-    def beside_overlap_s(self, t_start: float, t_end: float) -> float:
-        """How long the interval [t_start, t_end] (a decode step's) overlapped a prefill worker's batch: those that
-        ended, and those in flight (from when they were sent). Whether a batch is in flight when a step's result
+    def beside_overlap_s(self, t_start: float, t_end: float) -> dict[str, float]:
+        """Per prefill worker, how long the interval [t_start, t_end] (a decode step's) overlapped its batches: those
+        that ended, and those in flight (from when they were sent). Whether a batch is in flight when a step's result
         arrives says little: a step that ran beside a batch is often read after the batch's answer (counted alone,
         it raised the decode step alone and hid its slowdown), and one in flight may have been sent as it ended."""
-        ran = [(start, end) for start, end in self.beside_ended]
-        ran += [(b.sent_at, t_end) for lane in PREFILL_LANES for b in self.by_lane.get(lane, ())]
-        return sum(max(0.0, min(end, t_end) - max(start, t_start)) for start, end in ran)
+        ran = list(self.beside_ended)
+        ran += [(b.sent_at, t_end, lane) for lane in PREFILL_LANES for b in self.by_lane.get(lane, ())]
+        out: dict[str, float] = {}
+        for start, end, lane in ran:
+            out[lane] = out.get(lane, 0.0) + max(0.0, min(end, t_end) - max(start, t_start))
+        return out
 
-    def ran_beside(self, t_start: float, t_end: float) -> bool | None:
-        """Whether a decode step of interval [t_start, t_end] ran beside a prefill worker's batch; None when it did
-        for less than BESIDE_MIN_SHARE of its time (learned as neither)."""
-        share = self.beside_overlap_s(t_start, t_end) / max(t_end - t_start, 1e-9)
-        return None if 0 < share < BESIDE_MIN_SHARE else share > 0
+    def ran_beside(self, t_start: float, t_end: float) -> str | bool | None:
+        """The prefill worker a decode step of interval [t_start, t_end] ran beside longest, or False; None when it
+        ran beside one for less than BESIDE_MIN_SHARE of its time (learned as neither)."""
+        overlap = self.beside_overlap_s(t_start, t_end)
+        lane = max(overlap, key=overlap.get, default=None)
+        share = 0.0 if lane is None else sum(overlap.values()) / max(t_end - t_start, 1e-9)
+        return None if 0 < share < BESIDE_MIN_SHARE else lane if share > 0 else False
 
     def lane_free(self, lane: str) -> bool:
         if lane in PREFILL_LANES:

@@ -71,11 +71,11 @@ class Placement:
 class ReadsNoTimings:
     """The timing callbacks of a policy that decides without them (StaticPlacement, AtomPlacement)."""
 
-    def observe_decode_step(self, step_ms: float, beside_prefill: bool = False, mixed: bool = False) -> None:
+    def observe_decode_step(self, step_ms: float, beside_prefill: bool | str = False, mixed: bool = False) -> None:
         pass
 
     def observe_prefill(self, lane: str, tokens: int, seconds: float, num_decoding: int = 0,
-                        beside_prefill: bool = False) -> None:
+                        beside_prefill: bool | str = False) -> None:
         pass
 
     def observe_finished(self, num_output_tokens: int) -> None:
