@@ -603,7 +603,8 @@ def test_mode_summary_and_markdown_mark_unstable_rates(tmp_path, monkeypatch):
     assert "- prefill batches by the placement's lane and reason: 5 req/s prefill: measuring 7, decode: mixed step: " \
         "cheaper 3" in md  # the most frequent first
     assert "**UNSTABLE**" in md and "< 20 req/s (unstable there)" in md and "sustains 10 req/s" in md
-    assert "measured costs at each rate's last arrival" in md and "5 req/s decode_alone_ms 9.5, decode_us_per_prompt_token:" \
+    assert "measured costs at each rate's last arrival" in md \
+        and "5 req/s decode_alone_ms 9.5, decode_us_per_prompt_token:" \
         "prefill 18.25" in md
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the bench extra were not installed
     assert write_plots(summary, tmp_path) == PLOTS_SKIPPED and "'.[bench]'" in PLOTS_SKIPPED

@@ -74,8 +74,8 @@ def _mode_lines(mode: str, e: dict, pairs: list[str], has_slos: bool) -> list[st
                 for rate, c in reasons))
         learned = [(rate, g["placement_learned"]) for rate, g in placed if g.get("placement_learned")]
         if learned:
-            lines.append("- the placement policy's measured costs at each rate's last arrival (decode step alone / beside a "
-                         "prefill batch in ms; us of decode time per prompt token by lane): " + "; ".join(
+            lines.append("- the placement policy's measured costs at each rate's last arrival (decode step alone / "
+                         "beside a prefill batch in ms; us of decode time per prompt token by lane): " + "; ".join(
                              f"{rate:g} req/s " + ", ".join(f"{k} {v:g}" for k, v in c.items()) for rate, c in learned))
         waits = [(rate, g["decode_idle"]) for rate, g in placed if isinstance(g.get("decode_idle"), dict)]
         if waits:

@@ -34,7 +34,8 @@ class InFlightBatches:
     def __init__(self):
         self.by_lane: dict[str, list[InFlight]] = {}
         self.request_ids: set[str] = set()
-        self.beside_ended: deque[tuple[float, float, str]] = deque(maxlen=4)  # prefill workers' last batches: when, where
+        # the prefill workers' last answered batches: (start, end, lane)
+        self.beside_ended: deque[tuple[float, float, str]] = deque(maxlen=4)
 
     def __bool__(self) -> bool:
         return bool(self.by_lane)

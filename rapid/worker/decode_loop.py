@@ -238,10 +238,9 @@ class DecodeLoop:
         kind = ("mixed" if step.prefill is not None else "decode") if step.batch else "inline"
         device = DeviceTime(kind, *times, eager=step.launched.eager) if times is not None else None  # one message
         if device is not None:
-            # the device's own interval (its events): the step and the stream's wait for the host before it. The
-            # host's read-back may lag a step's end and so shorten the next step's host interval (on the H200 the
-            # policy learned decode steps of 5.1 ms where the device's averaged 9.5: session 21)
-            # (the stream's wait after a pause, requests waiting for blocks included, is no part of the step)
+            # the device's own interval (its events): the step and the stream's wait for the host before it. A
+            # read-back that lags a step's end would shorten the next step's host interval. (The stream's wait
+            # after a pause, requests waiting for blocks included, is no part of the step.)
             t_start = t1 - device.busy_s - (0.0 if step.after_pause else device.idle_s)
         out: list = [DecodeStep(kept, finished, t_start, t1, idle_gap_s=step.idle, handoffs=handoffs,
                                 device=device, after_idle=step.after_idle)] if step.batch else []
