@@ -487,6 +487,17 @@ def test_two_chunks_queued_on_the_decode_executor_keep_every_prompt_in_order(see
     assert sched.blocks.num_free_blocks == sched.blocks.num_blocks
 
 
+def _async_loop_with_one_request(runner) -> DecodeLoop:
+    """A hybrid decode executor one step ahead (async scheduling) over `runner`, one request decoding."""
+    from rapid.protocol.worker import StartDecode
+
+    cfg = EngineConfig(model="m", tokenizer=None, mode="hybrid", async_scheduling=True,
+                       cache=CacheConfig(block_size=4), scheduler=SchedulerConfig(max_num_seqs=8, max_model_len=64))
+    loop = DecodeLoop(runner, cfg, (0,))
+    loop.handle(StartDecode("d", [1, 2, 3], [4], [0, 1, 2, 3], SamplingParams(max_tokens=50)))
+    return loop
+
+
 def test_a_step_launched_ahead_is_timed_from_the_step_in_front_of_it(monkeypatch):
     """A step enqueued while the one before it runs cannot start before that one ends: its reported interval (what
     the placement learns a step's and a prompt token's cost from) starts at the read-back of the step in front, not
@@ -494,7 +505,7 @@ def test_a_step_launched_ahead_is_timed_from_the_step_in_front_of_it(monkeypatch
     import types
 
     import rapid.worker.decode_loop as decode_loop
-    from rapid.protocol.worker import DecodeStep, PrefillBatch, PrefillDone, SeqWork, StartDecode
+    from rapid.protocol.worker import DecodeStep, PrefillBatch, PrefillDone, SeqWork
 
     clock = [0.0]
     monkeypatch.setattr(decode_loop, "time", types.SimpleNamespace(time=lambda: clock[0]))
@@ -512,10 +523,7 @@ def test_a_step_launched_ahead_is_timed_from_the_step_in_front_of_it(monkeypatch
             clock[0] = max(clock[0], launched[0])  # the host waits for the step
             return launched[1]
 
-    cfg = EngineConfig(model="m", tokenizer=None, mode="hybrid", async_scheduling=True,
-                       cache=CacheConfig(block_size=4), scheduler=SchedulerConfig(max_num_seqs=8, max_model_len=64))
-    loop = DecodeLoop(DeviceRunner(), cfg, (0,))
-    loop.handle(StartDecode("d", [1, 2, 3], [4], [0, 1, 2, 3], SamplingParams(max_tokens=50)))
+    loop = _async_loop_with_one_request(DeviceRunner())
     outs = []
     for i in range(8):
         if i in (3, 4):  # two chunks queued back to back: mixed steps one behind the other
@@ -535,7 +543,7 @@ def test_a_timed_step_reports_the_devices_interval_when_the_host_reads_back_late
     import types
 
     import rapid.worker.decode_loop as decode_loop
-    from rapid.protocol.worker import DecodeStep, StartDecode
+    from rapid.protocol.worker import DecodeStep
 
     clock = [0.0]
     monkeypatch.setattr(decode_loop, "time", types.SimpleNamespace(time=lambda: clock[0]))
@@ -559,10 +567,7 @@ def test_a_timed_step_reports_the_devices_interval_when_the_host_reads_back_late
         def device_time(self, launched):
             return launched.busy, launched.idle
 
-    cfg = EngineConfig(model="m", tokenizer=None, mode="hybrid", async_scheduling=True,
-                       cache=CacheConfig(block_size=4), scheduler=SchedulerConfig(max_num_seqs=8, max_model_len=64))
-    loop = DecodeLoop(LateHostRunner(), cfg, (0,))
-    loop.handle(StartDecode("d", [1, 2, 3], [4], [0, 1, 2, 3], SamplingParams(max_tokens=50)))
+    loop = _async_loop_with_one_request(LateHostRunner())
     outs = []
     for _ in range(8):
         outs += loop.step()
