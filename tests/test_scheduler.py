@@ -408,6 +408,46 @@ def test_the_decode_executor_holds_the_next_chunk_while_one_computes():
         assert [len(r.output_token_ids) for r in (a, b, c)] == [40, 3, 3]
 
 
+def test_a_prompts_next_chunk_follows_the_one_in_flight_on_the_decode_executor():
+    """The decode executor runs its batches in order: a long prompt's next chunk is sent while the one before it
+    computes, so with async scheduling every step carries one of its chunks (waiting for each chunk's answer left a
+    step without prompt tokens at every chunk boundary). Its chunks start where the one ahead ends."""
+    e = Engine(async_scheduling=True, budget=8)
+    a = e.add(prompt_len=4, max_tokens=40, ignore_eos=True)
+    e.forward()
+    e.forward()  # a decoding
+    b = e.add(tokens=list(range(50, 90)), max_tokens=3)  # 40 prompt tokens: six or seven chunks
+    starts, sizes = [], []
+    while b.num_computed_tokens < 40:
+        work = e.forward()
+        sizes.append(sum(n for _, n in work if n > 1))
+        starts += [w.start_pos for w in e.runner.steps[-1] if w.request_id == b.request_id]
+    assert all(sizes[:-1]), sizes  # no step without a chunk of b until its prompt is done
+    assert starts == sorted(starts) and len(set(starts)) == len(starts) and starts[0] == 0
+    e.drain()
+    assert [len(r.output_token_ids) for r in (a, b)] == [40, 3]
+    assert e.blocks.num_free_blocks == e.blocks.num_blocks
+
+
+def test_a_prompts_chunks_do_not_chain_across_lanes():
+    """A chunk in flight on a prefill worker: the prompt's next chunk waits for its answer (the lanes run apart)."""
+    from rapid.core.in_flight import InFlight, InFlightBatches
+    from rapid.core.placement import DECODE, PREFILL
+
+    req = Request("r", list(range(30)), SamplingParams(max_tokens=2), (0,))
+    batches = InFlightBatches()
+    batches.add(PREFILL, InFlight(0, [(req, 8)]))
+    assert not batches.can_take("r", DECODE) and not batches.can_take("r", PREFILL)
+    batches.pop(0)
+    batches.add(DECODE, InFlight(1, [(req, 8)]))
+    batches.add(DECODE, InFlight(2, [(req, 6)]))
+    assert batches.can_take("r", DECODE) and not batches.can_take("r", PREFILL) and batches.tokens_ahead("r") == 14
+    batches.pop(1)
+    assert batches.tokens_ahead("r") == 6 and "r" in batches
+    batches.pop(2)
+    assert "r" not in batches and batches.can_take("r", PREFILL)
+
+
 def test_rows_handed_off_after_a_chunk_was_budgeted_wait_a_step():
     """The core budgets a chunk against the decodes it knew of; requests handed off from the prefill worker before
     the chunk's step launches wait a step rather than make it larger than the step budget (the largest graph)."""
@@ -599,10 +639,10 @@ def test_decode_steps_are_learned_beside_a_prefill_batch_by_when_they_ran():
             super().__init__(PREFILL)
             object.__setattr__(self, "steps", [])
 
-        def observe_decode_step(self, step_ms, beside_prefill=False, mixed=False):
+        def observe_decode_step(self, step_ms, beside_prefill=False, mixed=False, batch=None):
             self.steps.append((round(step_ms, 3), beside_prefill))
 
-        def observe_prefill(self, lane, tokens, seconds, num_decoding=0, beside_prefill=False):
+        def observe_prefill(self, lane, tokens, seconds, num_decoding=0, beside_prefill=False, batch=None):
             self.prefills.append((lane, beside_prefill))
 
         def place(self, load):

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from rapid.params import SamplingParams
+from rapid.protocol.worker import SeqWork
 
 
 class RequestStatus(enum.Enum):
@@ -125,3 +126,17 @@ def check_fits(who: str, num_prompt_tokens: int, max_tokens: int | None, max_mod
     if need > num_blocks:
         raise ValueError(f"{who}: {total} tokens need {need} KV blocks but the whole pool has "
                          f"{num_blocks} (raise kv_cache_memory_bytes or lower max_tokens)")
+
+
+def seq_work(req: Request, num_tokens: int, block_ids: list[int], start: int | None = None) -> SeqWork:
+    """The forward-pass work of `num_tokens` new tokens of `req`, from `start` (default: its first uncomputed one;
+    a prompt's next chunk sent behind one still computing starts after that one's tokens)."""
+    start = req.num_computed_tokens if start is None else start
+    end = start + num_tokens
+    prompt, output = req.prompt_token_ids, req.output_token_ids
+    if start >= len(prompt):  # a decode step or a recomputed output chunk: no copy of the whole sequence
+        tokens = output[start - len(prompt) : end - len(prompt)]
+    else:
+        tokens = prompt[start:end] + output[: max(0, end - len(prompt))]
+    return SeqWork(req.request_id, tokens, start, list(block_ids), end == len(prompt) + len(output), req.params,
+                   len(output), prompt, output)

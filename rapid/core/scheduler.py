@@ -28,34 +28,16 @@ from typing import Callable
 from rapid.config import SchedulerConfig
 from rapid.core.admission import GrowthReserve
 from rapid.core.block_manager import BlockManager
+from rapid.core.budget import check_token_budget
 from rapid.core.in_flight import InFlight, InFlightBatches
 from rapid.core.placement import DECODE, Load, PlacementLog, StaticPlacement, ewma
-from rapid.core.request import Request, RequestStatus, check_fits
+from rapid.core.request import Request, RequestStatus, check_fits, seq_work
 from rapid.protocol.worker import (
-    DecodeStep, Dropped, GrantBlocks, PrefillBatch, PrefillDone, SampledToken, SeqWork, StartDecode, StopDecode,
+    DecodeStep, Dropped, GrantBlocks, PrefillBatch, PrefillDone, SampledToken, StartDecode, StopDecode,
     Transferred,
 )
 
 S = RequestStatus
-
-
-def check_token_budget(budget, limit: int) -> None:
-    """A run-time token budget: a positive integer no larger than the configured max_num_batched_tokens."""
-    if not isinstance(budget, int) or not 1 <= budget <= limit:
-        raise ValueError(f"max_num_batched_tokens must be an integer in [1, {limit}] (the configured "
-                         f"max_num_batched_tokens, which sizes the workers' graphs), got {budget!r}")
-
-
-def seq_work(req: Request, num_tokens: int, block_ids: list[int]) -> SeqWork:
-    """The forward-pass work of `num_tokens` new tokens of `req`, from its first uncomputed one."""
-    start, end = req.num_computed_tokens, req.num_computed_tokens + num_tokens
-    prompt, output = req.prompt_token_ids, req.output_token_ids
-    if start >= len(prompt):  # a decode step or a recomputed output chunk: no copy of the whole sequence
-        tokens = output[start - len(prompt) : end - len(prompt)]
-    else:
-        tokens = prompt[start:end] + output[: max(0, end - len(prompt))]
-    return SeqWork(req.request_id, tokens, start, list(block_ids), end == len(prompt) + len(output), req.params,
-                   len(output), prompt, output)
 
 
 @dataclass
@@ -86,6 +68,7 @@ class Scheduler:
         self.placement = placement or StaticPlacement(DECODE)
         self.placement_log = PlacementLog(self.placement.name)
         self.decode_step_ms: float | None = None  # EWMA of the decode executor's step period
+        self.last_decode_batch: tuple[float, int, int] = (-1.0, 0, 0)  # the last step's end, decode rows, KV tokens
         self.on_token = on_token or (lambda req, tok: None)
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
@@ -127,8 +110,8 @@ class Scheduler:
 
     # ------------------------------------------------------------------ requests in, requests out
     def add_request(self, req: Request) -> None:
-        check_fits(f"request {req.request_id}", len(req.prompt_token_ids), req.params.max_tokens, self.config.max_model_len,
-                   self.num_blocks, self.blocks.block_size)
+        check_fits(f"request {req.request_id}", len(req.prompt_token_ids), req.params.max_tokens,
+                   self.config.max_model_len, self.num_blocks, self.blocks.block_size)
         if req.request_id in self.requests:
             raise ValueError(f"request id {req.request_id!r} is already in use")
         req.max_model_len = self.config.max_model_len
@@ -172,7 +155,13 @@ class Scheduler:
             self.reserve.forget(req.request_id)
 
     def _in_flight(self, req: Request) -> bool:
-        return req.request_id in self.in_flight.request_ids
+        return req.request_id in self.in_flight
+
+    def _tokens_left(self, req: Request, lane: str) -> bool:
+        """A prefilling request has prompt tokens that a batch for `lane` may take now (beyond those in flight)."""
+        rid = req.request_id
+        ahead = self.in_flight.tokens_ahead(rid)
+        return self.in_flight.can_take(rid, lane) and req.num_tokens > req.num_computed_tokens + ahead
 
     # ------------------------------------------------------------------ schedule
     def schedule(self) -> SchedulerOutput:
@@ -186,9 +175,9 @@ class Scheduler:
 
     def load(self) -> Load:
         """What the placement policy decides on: the decode batch, the queued prompt work, the oldest wait."""
-        queued = [r for r in self.running if r.status == S.PREFILLING and not self._in_flight(r)]
+        queued = [r for r in self.running if r.status == S.PREFILLING and self._tokens_left(r, DECODE)]
         queued += self.waiting
-        tokens = sum(r.num_tokens - r.num_computed_tokens for r in queued)
+        tokens = sum(r.num_tokens - r.num_computed_tokens - self.in_flight.tokens_ahead(r.request_id) for r in queued)
         oldest = min((r.arrival_time for r in queued), default=None)
         decoding = self.num_decoding
         return Load(num_decoding=decoding, queued_tokens=tokens,
@@ -213,13 +202,15 @@ class Scheduler:
         step_room = self.token_budget - (self.num_decoding if lane == DECODE else 0)
         budget = step_room if budget is None else min(budget, step_room)
         chunks: list[tuple[Request, int]] = []
-        for req in [r for r in self.running if r.status == S.PREFILLING and not self._in_flight(r)]:
+        starts: dict[str, int] = {}  # a chunk behind one in flight on the lane starts after it
+        for req in [r for r in self.running if r.status == S.PREFILLING and self._tokens_left(r, lane)]:
             if budget <= 0:
                 break
             if req.status != S.PREFILLING:
                 continue  # preempted while making room for an earlier one
-            n = min(req.num_prompt_tokens_left, budget)
-            if not self._grow(req, self.blocks, req.num_computed_tokens + n):
+            start = starts[req.request_id] = req.num_computed_tokens + self.in_flight.tokens_ahead(req.request_id)
+            n = min(req.num_tokens - start, budget)
+            if not self._grow(req, self.blocks, start + n):
                 break
             chunks.append((req, n))
             budget -= n
@@ -242,7 +233,7 @@ class Scheduler:
             return None
         batch = InFlight(next(self.batch_ids), chunks, sent_at=time.time())
         self.in_flight.add(lane, batch)
-        work = [seq_work(r, n, self.blocks.block_table(r.request_id)) for r, n in chunks]
+        work = [seq_work(r, n, self.blocks.block_table(r.request_id), starts.get(r.request_id)) for r, n in chunks]
         self.outbox.append((lane, PrefillBatch(batch.batch_id, work)))
         return batch
 
@@ -355,13 +346,16 @@ class Scheduler:
     def _on_prefill_done(self, msg: PrefillDone) -> list[Request]:
         lane, chunks = self.in_flight.pop(msg.batch_id, (msg.t_start, msg.t_end))
         beside = lane == DECODE and self.in_flight.ran_beside(msg.t_start, msg.t_end)  # a mixed step beside a batch
-        if beside is not None:
-            self.placement.observe_prefill(lane, msg.num_tokens, msg.t_end - msg.t_start, self.num_decoding, beside)
+        if beside is not None:  # (a mixed step's decode rows came in its DecodeStep, just before: the same interval)
+            batch = self.last_decode_batch[1:] if self.last_decode_batch[0] == msg.t_end and lane == DECODE else None
+            self.placement.observe_prefill(lane, msg.num_tokens, msg.t_end - msg.t_start, self.num_decoding, beside,
+                                           batch)
         sampled = {s.request_id: s for s in msg.sampled}
         touched = []
         for req, n in chunks:
             if req.status == S.STOPPING:
-                self._release(req)
+                if not self._in_flight(req):  # (a chunk behind this one still writes its KV: released after it)
+                    self._release(req)
                 continue
             req.num_computed_tokens += n
             self.blocks.commit(req.request_id, req.all_token_ids, req.num_computed_tokens)
@@ -385,8 +379,11 @@ class Scheduler:
             # on the decode lane may have been in it; with two held, it may also be the next step's)
             mixed = msg.device.kind == "mixed" if msg.device is not None else self.in_flight.busy(DECODE)
             beside = self.in_flight.ran_beside(msg.t_start, msg.t_end)  # by when it ran, not by what is in flight
+            kv = sum(r.num_tokens for t in msg.sampled if (r := self.requests.get(t.request_id)) is not None)
+            self.last_decode_batch = (msg.t_end, len(msg.sampled), kv)  # (its end, decode rows, their KV tokens)
             if beside is not None:
-                self.placement.observe_decode_step(step_ms, beside_prefill=beside, mixed=mixed)
+                self.placement.observe_decode_step(step_ms, beside_prefill=beside, mixed=mixed,
+                                                   batch=self.last_decode_batch[1:])
         worker_finished = set(msg.finished)
         touched = []
         for tok in msg.sampled:

@@ -26,7 +26,7 @@ import zmq
 
 from rapid.config import EngineConfig
 from rapid.core.request import check_fits
-from rapid.core.scheduler import check_token_budget
+from rapid.core.budget import check_token_budget
 from rapid.engine import ipc, launch
 from rapid.engine.client import EngineClient, EngineDeadError
 from rapid.engine.mps import MpsDaemon, uses_cuda

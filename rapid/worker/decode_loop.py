@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rapid.config import EngineConfig
-from rapid.core.request import Request
-from rapid.core.scheduler import seq_work
+from rapid.core.request import Request, seq_work
 from rapid.protocol.worker import (
     DecodeStep, DeviceTime, Dropped, GrantBlocks, PrefillBatch, PrefillDone, SampledToken, SeqWork, StartDecode,
     StopDecode,
