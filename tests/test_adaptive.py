@@ -335,7 +335,7 @@ def test_a_decode_step_says_whether_it_carried_a_chunk():
         def place(self, load):
             return Placement(DECODE, None, "spy")
 
-        def observe_decode_step(self, step_ms, beside_prefill=False, mixed=False, batch=None):
+        def observe_decode_step(self, step_ms, beside_prefill=False, mixed=False):
             self.steps.append((round(step_ms, 3), mixed))
 
     core, w = make_core(num_blocks=1024, budget=4096, block_size=16, max_model_len=8192)
@@ -368,47 +368,3 @@ def test_each_prefill_worker_is_charged_the_slowdown_of_the_steps_that_ran_besid
     assert p.cost(PREFILL) == pytest.approx(6.0 / 300, rel=0.03)
     assert p.cost(PREFILL2) == pytest.approx(1.5 / 300, rel=0.03)
 
-
-def _step_alone_ms(rows: int, kv_tokens: int) -> float:
-    """A decode step alone on a made-up GPU: 4 ms of weights, 1 ms per 100 rows, 3.5 ms per 100k KV tokens."""
-    return 4.0 + rows / 100 + 3.5 * kv_tokens / 1e5
-
-
-def test_the_decode_step_alone_is_fitted_by_its_batch():
-    """Steps alone at batches of 16-256 rows and contexts of 200-1500 tokens: the fit gives the step of a batch it
-    did not see within 3%, and follows the GPU when its steps drift (a newer step weighs more)."""
-    import random
-
-    from rapid.core.adaptive import StepFit
-
-    rng, fit = random.Random(0), StepFit()
-    assert fit.ms(64, 64_000) is None  # not fitted yet
-    for _ in range(300):
-        rows = rng.randint(16, 256)
-        kv = rows * rng.randint(200, 1500)
-        fit.add(rows, kv, _step_alone_ms(rows, kv) * rng.uniform(0.98, 1.02))
-    assert fit.ms(128, 128 * 700) == pytest.approx(_step_alone_ms(128, 128 * 700), rel=0.03)
-    for _ in range(1000):  # the same batches 20% slower
-        rows = rng.randint(16, 256)
-        kv = rows * rng.randint(200, 1500)
-        fit.add(rows, kv, 1.2 * _step_alone_ms(rows, kv))
-    assert fit.ms(128, 128 * 700) == pytest.approx(1.2 * _step_alone_ms(128, 128 * 700), rel=0.03)
-
-
-def test_both_lanes_are_costed_over_the_step_the_same_batch_takes_alone():
-    """Under load the steps alone are the small batches between prefill batches. Counted over their average, a large
-    batch's mixed step read its prompt tokens dear (on the H200 at 52 req/s 44 us of decode time a token, where
-    hybrid's mixed steps cost 28: session 22), and so did the steps beside a prefill batch. Counted over the step
-    its own batch takes alone, each lane is charged what it adds."""
-    p = AdaptivePlacement(8192)
-    for rows in [8, 16, 24, 32] * 5:  # only small batches ran alone
-        p.observe_decode_step(_step_alone_ms(rows, rows * 500), batch=(rows, rows * 500))
-    big = (160, 160 * 500)
-    for _ in range(10):  # mixed steps of 160 decodes and 200 prompt tokens at 25 us a token
-        p.observe_prefill(DECODE, 200, (_step_alone_ms(*big) + 200 * 0.025) * 1e-3, num_decoding=160, batch=big)
-    assert p.costs.decode_cost_ms_per_token(DECODE) == pytest.approx(0.025, rel=0.05)
-    for _ in range(5):  # prefill batches of 1000 tokens, each beside three steps of that batch slowed by 3 ms
-        for _ in range(3):
-            p.observe_decode_step(_step_alone_ms(*big) + 3.0, beside_prefill=True, batch=big)
-        p.observe_prefill(PREFILL, 1000, 0.03, num_decoding=160)
-    assert p.costs.decode_cost_ms_per_token(PREFILL) == pytest.approx(9.0 / 1000, rel=0.05)

@@ -639,10 +639,10 @@ def test_decode_steps_are_learned_beside_a_prefill_batch_by_when_they_ran():
             super().__init__(PREFILL)
             object.__setattr__(self, "steps", [])
 
-        def observe_decode_step(self, step_ms, beside_prefill=False, mixed=False, batch=None):
+        def observe_decode_step(self, step_ms, beside_prefill=False, mixed=False):
             self.steps.append((round(step_ms, 3), beside_prefill))
 
-        def observe_prefill(self, lane, tokens, seconds, num_decoding=0, beside_prefill=False, batch=None):
+        def observe_prefill(self, lane, tokens, seconds, num_decoding=0, beside_prefill=False):
             self.prefills.append((lane, beside_prefill))
 
         def place(self, load):

@@ -163,7 +163,6 @@ class _Lane:
         self.work_ms = 0.0  # the decode lane: its running step's work left, in ms at its speed alone
         self.rate = 1.0  # the decode lane: that work's progress per ms now (slower beside a prefill batch)
         self.t_last = 0.0  # the decode lane: when work_ms was last brought up to date
-        self.context = 0  # the decode lane: KV tokens its running step's decode rows read
         self.lane = PREFILL  # the prefill side: the worker running its current batch
 
 
@@ -279,7 +278,6 @@ def simulate(trace: list[tuple[float, int, int]], policy, timings: StepTimings, 
                 timings.inline_s(inline, len(decoding), False) * 1e3  # at its speed alone
             dec.batch, dec.start, dec.beside, dec.work_ms, dec.t_last, dec.end = list(decoding), now, False, work_ms, \
                 now, now
-            dec.context = context
             retime()
         upcoming = [t for t in (dec.end, pre.end, pending[0].arrival_s if pending else None) if t is not None]
         if not upcoming:
@@ -296,12 +294,11 @@ def simulate(trace: list[tuple[float, int, int]], policy, timings: StepTimings, 
             busy("mixed" if dec.chunks and dec.batch else "inline" if dec.chunks else "decode", dec.start)
             if dec.chunks:
                 policy.observe_prefill(DECODE, sum(c[1] for c in dec.chunks), now - dec.start, len(dec.batch),
-                                       beside_prefill=dec.beside, batch=(len(dec.batch), dec.context))
+                                       beside_prefill=dec.beside)
             if dec.batch:
                 period = (now - dec.start) * 1e3
                 step_ms = ewma(step_ms, period)  # the decode step period the engine's scheduler reports
-                policy.observe_decode_step(period, beside_prefill=dec.beside, mixed=bool(dec.chunks),
-                                           batch=(len(dec.batch), dec.context))
+                policy.observe_decode_step(period, beside_prefill=dec.beside, mixed=bool(dec.chunks))
             for r in dec.batch:
                 r.produced += 1
                 if r.produced >= r.output_len:

@@ -45,45 +45,6 @@ EXPLORE_MIXED = 3  # mixed steps tried (once the concurrent lane's cost is known
 MIN_BESIDE_BATCHES = 3  # prefill batches beside decodes before the concurrent lane's cost is trusted
 REEXPLORE_EVERY = 64  # placements taken on the cheapest lane between two samples of another one (costs drift)
 SMALL_CHUNK = 512  # prompt tokens of a batch that measures a lane's cost (exploring, or sampling it again)
-STEP_FIT_FORGET = 0.995  # weight a decode step alone keeps in the fit at each newer one (a memory of ~200 steps)
-STEP_FIT_MIN = 8  # decode steps alone fitted before the fit stands for the step a batch takes alone
-STEP_FIT_COV_CAP = 1e6  # the fit's covariance is scaled down past this trace (steps that vary in one direction only)
-
-
-class StepFit:
-    """A decode step's time alone as a line in its rows and their KV tokens (attention reads all of it; the weights
-    are read once a step), fitted by recursive least squares that forgets old steps.
-
-    It gives the step a batch would take without prefill work, for the batch at hand. A running average of the steps
-    alone stood for every batch, and under load the steps alone are not the others' batches (session 22: the
-    policy learned a mixed step's prompt token at 34-44 us of decode time where hybrid's mixed steps cost 28)."""
-
-    def __init__(self):
-        self.coef = [0.0, 0.0, 0.0]  # ms: fixed, per 100 rows, per 100k KV tokens
-        self.cov = [[1e4 if i == j else 0.0 for j in range(3)] for i in range(3)]
-        self.samples = 0
-
-    @staticmethod
-    def features(rows: int, kv_tokens: int) -> tuple[float, float, float]:
-        return 1.0, rows / 100, kv_tokens / 1e5
-
-    def add(self, rows: int, kv_tokens: int, step_ms: float) -> None:
-        x, p, lam = self.features(rows, kv_tokens), self.cov, STEP_FIT_FORGET
-        px = [sum(p[i][j] * x[j] for j in range(3)) for i in range(3)]
-        gain = [v / (lam + sum(a * b for a, b in zip(x, px))) for v in px]
-        err = step_ms - sum(c * v for c, v in zip(self.coef, x))
-        self.coef = [c + g * err for c, g in zip(self.coef, gain)]
-        self.cov = [[(p[i][j] - gain[i] * px[j]) / lam for j in range(3)] for i in range(3)]
-        trace = sum(self.cov[i][i] for i in range(3))
-        if trace > STEP_FIT_COV_CAP:
-            self.cov = [[v * STEP_FIT_COV_CAP / trace for v in row] for row in self.cov]
-        self.samples += 1
-
-    def ms(self, rows: int, kv_tokens: int) -> float | None:
-        """The step alone of a batch of `rows` decodes reading `kv_tokens` (None until fitted)."""
-        if self.samples < STEP_FIT_MIN:
-            return None
-        return max(sum(c * v for c, v in zip(self.coef, self.features(rows, kv_tokens))), 0.0)
 
 
 class StepCosts:
@@ -111,34 +72,24 @@ class StepCosts:
         self.beside_tokens: dict[str, float] = {}
         self.beside_batches: dict[str, int] = {}
         self.extra_by_lane_ms: dict[str, float] = {}  # per prefill worker: decode time lost beside its running batch
-        self.alone_fit = StepFit()  # the decode step alone by its batch (rows, KV tokens), where the engine says it
 
     @property
     def prefill_tok_s(self) -> float | None:
         """The (full-share) prefill worker's rate."""
         return self.prefill_rates.get(PREFILL)
 
-    def alone_ms(self, batch: tuple[int, int] | None) -> float | None:
-        """The decode step alone: of `batch` (decode rows, their KV tokens) once fitted, else the recent average."""
-        fitted = self.alone_fit.ms(*batch) if batch is not None else None
-        return fitted if fitted is not None else self.decode_alone_ms
-
-    def decode_step(self, step_ms: float, beside_prefill: bool | str, mixed: bool = False,
-                    batch: tuple[int, int] | None = None) -> None:
-        """`beside_prefill`: False, or the prefill worker whose batch it ran beside (True: the first one).
-        `batch`: the step's decode rows and their KV tokens, where known."""
+    def decode_step(self, step_ms: float, beside_prefill: bool | str, mixed: bool = False) -> None:
+        """`beside_prefill`: False, or the prefill worker whose batch it ran beside (True: the first one)."""
         if mixed:
             return  # a mixed step's time is the decode part and the prompt part: learned through prefill()
         if beside_prefill:
             self.decode_beside_ms = ewma(self.decode_beside_ms, step_ms)
-            alone = self.alone_ms(batch)
-            if alone is not None:  # charged to that worker's next answered batch
+            if self.decode_alone_ms is not None:  # charged to that worker's next answered batch
                 lane = PREFILL if beside_prefill is True else beside_prefill
-                self.extra_by_lane_ms[lane] = self.extra_by_lane_ms.get(lane, 0.0) + max(step_ms - alone, 0.0)
+                self.extra_by_lane_ms[lane] = self.extra_by_lane_ms.get(lane, 0.0) + max(
+                    step_ms - self.decode_alone_ms, 0.0)
         else:
             self.decode_alone_ms = ewma(self.decode_alone_ms, step_ms)
-            if batch is not None:
-                self.alone_fit.add(*batch, step_ms)
 
     def decode_cost_ms_per_token(self, lane: str) -> float | None:
         """What one prompt token costs the running decodes (ms of decode time) on `lane`; None until measured."""
@@ -152,8 +103,7 @@ class StepCosts:
         self.output_len = ewma(self.output_len, max(num_output_tokens, 1))
 
     def prefill(self, lane: str, tokens: int, seconds: float, num_decoding: int,
-                beside_prefill: bool | str = False, batch: tuple[int, int] | None = None) -> None:
-        """`batch`: a mixed step's decode rows and their KV tokens, where known."""
+                beside_prefill: bool | str = False) -> None:
         if tokens <= 0 or seconds <= 0:
             return
         beside_prefill = bool(beside_prefill)  # a mixed step: beside a prefill worker's batch or not
@@ -168,7 +118,7 @@ class StepCosts:
         if not num_decoding:
             self.idle_inline_ms_per_token = ewma(self.idle_inline_ms_per_token, seconds * 1e3 / tokens)
             return
-        decode = self.decode_beside_ms if beside_prefill else self.alone_ms(batch)
+        decode = self.decode_beside_ms if beside_prefill else self.decode_alone_ms
         keep = 1 - EWMA_WEIGHT  # the same memory as the running averages of the other timings
         self.mixed_extra_ms[beside_prefill] = keep * self.mixed_extra_ms[beside_prefill] + max(
             seconds * 1e3 - (decode or 0.0), 0.0)
@@ -205,13 +155,12 @@ class AdaptivePlacement:
         self.on_cheaper = 0  # placements on the cheapest lane since another one was last sampled
         self.samples = 0  # other lanes sampled so far (they take turns)
 
-    def observe_decode_step(self, step_ms: float, beside_prefill: bool | str = False, mixed: bool = False,
-                            batch: tuple[int, int] | None = None) -> None:
-        self.costs.decode_step(step_ms, beside_prefill, mixed, batch)
+    def observe_decode_step(self, step_ms: float, beside_prefill: bool | str = False, mixed: bool = False) -> None:
+        self.costs.decode_step(step_ms, beside_prefill, mixed)
 
     def observe_prefill(self, lane: str, tokens: int, seconds: float, num_decoding: int = 0,
-                        beside_prefill: bool | str = False, batch: tuple[int, int] | None = None) -> None:
-        self.costs.prefill(lane, tokens, seconds, num_decoding, beside_prefill, batch)
+                        beside_prefill: bool | str = False) -> None:
+        self.costs.prefill(lane, tokens, seconds, num_decoding, beside_prefill)
 
     def observe_finished(self, num_output_tokens: int) -> None:
         self.costs.finished(num_output_tokens)

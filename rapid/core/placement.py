@@ -11,9 +11,8 @@ The lanes:
 
 A placement policy is any object with `place(load: Load | None) -> Placement` (None when its `reads_load` is
 False),
-`observe_decode_step(ms, beside_prefill, mixed, batch)`, `observe_prefill(lane, tokens, seconds, num_decoding,
-beside_prefill, batch)` (`batch`: the step's decode rows and their KV tokens) and `observe_finished(num_output_tokens)`
-(the workers' timings and the lengths of completed outputs, as they arrive),
+`observe_decode_step(ms, beside_prefill, mixed)`, `observe_prefill(lane, tokens, seconds, num_decoding)` and
+`observe_finished(num_output_tokens)` (the workers' timings and the lengths of completed outputs, as they arrive),
 and optionally `learned() -> dict[str, float]` (what it has measured, for the engine's stats);
 `StaticPlacement` always answers the same lane, `rapid.core.adaptive.AdaptivePlacement` decides per batch
 from the load and the SLOs. Plain Python: no torch.
@@ -72,12 +71,11 @@ class Placement:
 class ReadsNoTimings:
     """The timing callbacks of a policy that decides without them (StaticPlacement, AtomPlacement)."""
 
-    def observe_decode_step(self, step_ms: float, beside_prefill: bool | str = False, mixed: bool = False,
-                            batch: tuple[int, int] | None = None) -> None:
+    def observe_decode_step(self, step_ms: float, beside_prefill: bool | str = False, mixed: bool = False) -> None:
         pass
 
     def observe_prefill(self, lane: str, tokens: int, seconds: float, num_decoding: int = 0,
-                        beside_prefill: bool | str = False, batch: tuple[int, int] | None = None) -> None:
+                        beside_prefill: bool | str = False) -> None:
         pass
 
     def observe_finished(self, num_output_tokens: int) -> None:

@@ -68,7 +68,6 @@ class Scheduler:
         self.placement = placement or StaticPlacement(DECODE)
         self.placement_log = PlacementLog(self.placement.name)
         self.decode_step_ms: float | None = None  # EWMA of the decode executor's step period
-        self.last_decode_batch: tuple[float, int, int] = (-1.0, 0, 0)  # the last step's end, decode rows, KV tokens
         self.on_token = on_token or (lambda req, tok: None)
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
@@ -346,10 +345,8 @@ class Scheduler:
     def _on_prefill_done(self, msg: PrefillDone) -> list[Request]:
         lane, chunks = self.in_flight.pop(msg.batch_id, (msg.t_start, msg.t_end))
         beside = lane == DECODE and self.in_flight.ran_beside(msg.t_start, msg.t_end)  # a mixed step beside a batch
-        if beside is not None:  # (a mixed step's decode rows came in its DecodeStep, just before: the same interval)
-            batch = self.last_decode_batch[1:] if self.last_decode_batch[0] == msg.t_end and lane == DECODE else None
-            self.placement.observe_prefill(lane, msg.num_tokens, msg.t_end - msg.t_start, self.num_decoding, beside,
-                                           batch)
+        if beside is not None:
+            self.placement.observe_prefill(lane, msg.num_tokens, msg.t_end - msg.t_start, self.num_decoding, beside)
         sampled = {s.request_id: s for s in msg.sampled}
         touched = []
         for req, n in chunks:
@@ -379,11 +376,8 @@ class Scheduler:
             # on the decode lane may have been in it; with two held, it may also be the next step's)
             mixed = msg.device.kind == "mixed" if msg.device is not None else self.in_flight.busy(DECODE)
             beside = self.in_flight.ran_beside(msg.t_start, msg.t_end)  # by when it ran, not by what is in flight
-            kv = sum(r.num_tokens for t in msg.sampled if (r := self.requests.get(t.request_id)) is not None)
-            self.last_decode_batch = (msg.t_end, len(msg.sampled), kv)  # (its end, decode rows, their KV tokens)
             if beside is not None:
-                self.placement.observe_decode_step(step_ms, beside_prefill=beside, mixed=mixed,
-                                                   batch=self.last_decode_batch[1:])
+                self.placement.observe_decode_step(step_ms, beside_prefill=beside, mixed=mixed)
         worker_finished = set(msg.finished)
         touched = []
         for tok in msg.sampled:
