@@ -33,7 +33,7 @@ Plain Python (no torch): the same object runs in the engine core and in rapid.be
 from __future__ import annotations
 
 from rapid.core.placement import (
-    DECODE, EWMA_WEIGHT, PREFILL, PREFILL2, AtomPlacement, Load, Placement, ewma, lane_free, placement_for_mode,
+    DECODE, PREFILL, PREFILL2, AtomPlacement, Load, Placement, ewma, lane_free, placement_for_mode,
 )
 
 TPOT_MARGIN = 0.8  # plan decode steps to at most this share of the TPOT SLO
@@ -119,10 +119,13 @@ class StepCosts:
             self.idle_inline_ms_per_token = ewma(self.idle_inline_ms_per_token, seconds * 1e3 / tokens)
             return
         decode = self.decode_beside_ms if beside_prefill else self.decode_alone_ms
-        keep = 1 - EWMA_WEIGHT  # the same memory as the running averages of the other timings
-        self.mixed_extra_ms[beside_prefill] = keep * self.mixed_extra_ms[beside_prefill] + max(
+        # the memory of the prefill workers' costs (DECAY), not of the step averages (EWMA_WEIGHT, about five steps):
+        # with that one the figure the lanes are compared by swung with the last few mixed steps (learned on the H200
+        # at 5.5-58 us a token over sessions 19-22, where hybrid's mixed steps cost 27 on the device: session 22), and
+        # a high swing sent the prompts to the prefill worker until the next sample, REEXPLORE_EVERY placements later
+        self.mixed_extra_ms[beside_prefill] = DECAY * self.mixed_extra_ms[beside_prefill] + max(
             seconds * 1e3 - (decode or 0.0), 0.0)
-        self.mixed_tokens[beside_prefill] = keep * self.mixed_tokens[beside_prefill] + tokens
+        self.mixed_tokens[beside_prefill] = DECAY * self.mixed_tokens[beside_prefill] + tokens
         self.mixed_samples += not beside_prefill
 
     def mixed_ms_per_token(self, beside_prefill: bool) -> float | None:
