@@ -23,6 +23,7 @@ serve_steady() {  # serve_steady TAG RATES DATASET-FLAGS...
     --goodput ttft:1000 tpot:50 --slo-pairs ${SLO_PAIRS:-1000/50,500/25,2000/100} --seed ${SEED:-0} \
     ${BURST:+--burstiness $BURST} --result-dir $OUT/serve-$tag-${m}${TAG:-} 2>&1 | tr '\r' '\n' | grep --line-buffered -v "it/s\]"
   cat $OUT/serve-$tag-${m}${TAG:-}/serve.md 2>/dev/null | grep -v "^Command:"
+  rm -f $OUT/serve-$tag-${m}${TAG:-}/*.png  # the device tool returns few files: bench/replot.py draws them from serve.json
 }
 # HTTP overhead (issue 13): the same steady-state trace at HTTP_RATE req/s, once through `rapid serve`'s OpenAI endpoint
 # (rapid bench serve --backend openai) and once in process; http-openai/ and http-inproc/ land in $OUT.
