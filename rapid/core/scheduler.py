@@ -207,10 +207,16 @@ class Scheduler:
                 break
             if req.status != S.PREFILLING:
                 continue  # preempted while making room for an earlier one
-            start = starts[req.request_id] = req.num_computed_tokens + self.in_flight.tokens_ahead(req.request_id)
+            ahead = self.in_flight.tokens_ahead(req.request_id)
+            start = req.num_computed_tokens + ahead
             n = min(req.num_tokens - start, budget)
-            if not self._grow(req, self.blocks, start + n):
+            # a chunk behind one in flight never preempts: the request is no victim then (it is in flight), so the
+            # victim would be an older request, maybe one already in this batch; it waits for the answer instead
+            grown = self.blocks.allocate(req.request_id, start + n) is not None if ahead else \
+                self._grow(req, self.blocks, start + n)
+            if not grown:
                 break
+            starts[req.request_id] = start  # (only now: a request that preempted itself may be admitted again below)
             chunks.append((req, n))
             budget -= n
         reserved = 0
