@@ -81,11 +81,6 @@ class Request:
         mt = self.max_tokens
         return len(self.prompt_token_ids) + mt if mt is not None else (self.max_model_len or 1 << 62)
 
-    @property
-    def num_prompt_tokens_left(self) -> int:
-        """Tokens whose KV must be computed before the next token can be sampled."""
-        return self.num_tokens - self.num_computed_tokens
-
     def append_token(self, token_id: int, now: float | None = None) -> str | None:
         """Record a sampled token; return the finish reason ('stop' / 'length') if it ends the request."""
         now = time.time() if now is None else now

@@ -156,7 +156,7 @@ class Scheduler:
     def _in_flight(self, req: Request) -> bool:
         return req.request_id in self.in_flight
 
-    def _tokens_left(self, req: Request, lane: str) -> bool:
+    def _has_chunk_for(self, req: Request, lane: str) -> bool:
         """A prefilling request has prompt tokens that a batch for `lane` may take now (beyond those in flight)."""
         rid = req.request_id
         ahead = self.in_flight.tokens_ahead(rid)
@@ -174,7 +174,7 @@ class Scheduler:
 
     def load(self) -> Load:
         """What the placement policy decides on: the decode batch, the queued prompt work, the oldest wait."""
-        queued = [r for r in self.running if r.status == S.PREFILLING and self._tokens_left(r, DECODE)]
+        queued = [r for r in self.running if r.status == S.PREFILLING and self._has_chunk_for(r, DECODE)]
         queued += self.waiting
         tokens = sum(r.num_tokens - r.num_computed_tokens - self.in_flight.tokens_ahead(r.request_id) for r in queued)
         oldest = min((r.arrival_time for r in queued), default=None)
@@ -202,7 +202,7 @@ class Scheduler:
         budget = step_room if budget is None else min(budget, step_room)
         chunks: list[tuple[Request, int]] = []
         starts: dict[str, int] = {}  # a chunk behind one in flight on the lane starts after it
-        for req in [r for r in self.running if r.status == S.PREFILLING and self._tokens_left(r, lane)]:
+        for req in [r for r in self.running if r.status == S.PREFILLING and self._has_chunk_for(r, lane)]:
             if budget <= 0:
                 break
             if req.status != S.PREFILLING:
