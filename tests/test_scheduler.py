@@ -513,15 +513,21 @@ class QueuedWorkers:
     """The decode executor as rapid's decode worker process runs it: the core's messages wait in its inbox, and it
     steps only on some polls, so the core may send a second prefill batch before the first was launched."""
 
-    def __init__(self, loop, rng):
-        self.loop, self.rng, self.inbox = loop, rng, []
+    def __init__(self, loop, rng, runner=None):
+        """`runner`: given, a prefill worker too, which answers its batches on some polls (recorded there)."""
+        self.loop, self.rng, self.inbox, self.runner, self.prefill = loop, rng, [], runner, []
 
     def send(self, lane, msg):
-        self.inbox.append(msg)
+        (self.prefill if lane == PREFILL else self.inbox).append(msg)
 
     def poll(self, timeout_ms=0):
         if self.rng.random() < 0.5:
             return []
+        if self.prefill and self.rng.random() < 0.3:
+            batch = self.prefill.pop(0)
+            sampled = self.runner.launch(batch.work)
+            tokens = sum(len(w.token_ids) for w in batch.work)
+            return [PrefillDone(batch.batch_id, sampled, 0.0, 1.0, num_tokens=tokens)]
         out = [d for m in self.inbox if (d := self.loop.handle(m)) is not None]
         self.inbox = []
         if self.loop.has_work():
@@ -530,21 +536,35 @@ class QueuedWorkers:
         return out
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2, 3, 17, 49, 50])  # 17, 49, 50 caught session 22's first chained chunks
-def test_two_chunks_queued_on_the_decode_executor_keep_every_prompt_in_order(seed):
-    """Random arrivals, aborts and preemptions, with two batches waiting unlaunched at times: each prompt's chunks
-    run in order and once, no step exceeds the budget, and every request ends with its blocks freed."""
+class RandomLanes(StaticPlacement):
+    """Each prefill batch to the decode executor or the prefill worker, at random."""
+
+    def __init__(self, rng):
+        super().__init__(PREFILL)
+        object.__setattr__(self, "rng", rng)
+
+    def place(self, load):
+        return Placement(self.rng.choice((DECODE, PREFILL)))
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "rapid"])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 17, 49, 50, 65, 73])  # 17-73 caught faults of the first chained chunks
+def test_two_chunks_queued_on_the_decode_executor_keep_every_prompt_in_order(seed, mode):
+    """Random arrivals, aborts and preemptions, with two batches waiting unlaunched at times (and in rapid, batches
+    on a prefill worker at random): each prompt's chunks run in order and once, each with blocks for its tokens, no
+    step exceeds the budget, and every request ends with its blocks freed."""
     import random
 
-    from rapid.core.placement import DECODE
-
     rng = random.Random(seed)
-    cfg = EngineConfig(model="m", tokenizer=None, mode="hybrid", async_scheduling=True,
+    cfg = EngineConfig(model="m", tokenizer=None, mode=mode, async_scheduling=True,
                        cache=CacheConfig(block_size=4, enable_prefix_caching=False),
                        scheduler=SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=12, max_model_len=128),
                        rapid=RapidConfig(decode_lookahead_blocks=1))
     runner = FakeRunner()
-    core = EngineCore(cfg, None, (0,), QueuedWorkers(DecodeLoop(runner, cfg, (0,)), rng), 40)
+    workers = QueuedWorkers(DecodeLoop(runner, cfg, (0,)), rng, runner if mode == "rapid" else None)
+    core = EngineCore(cfg, None, (0,), workers, 40)
+    if mode == "rapid":
+        core.scheduler.placement = RandomLanes(rng)
     sched, prompts, next_start, deepest, added = core.scheduler, {}, {}, 0, 0
     for _ in range(5000):
         if added < 30 and rng.random() < 0.15:
@@ -560,6 +580,7 @@ def test_two_chunks_queued_on_the_decode_executor_keep_every_prompt_in_order(see
             assert sum(len(w.token_ids) for w in step) <= 12
             assert len({w.request_id for w in step}) == len(step)  # a request once a step
             for w in step:
+                assert len(w.block_ids) * 4 >= w.start_pos + len(w.token_ids)  # blocks for every token it writes
                 if w.start_pos < len(prompts[w.request_id]):  # decode rows start past the prompt
                     # a prompt chunk: where the last one ended (or from the start again, after a preemption)
                     assert w.start_pos in (0, next_start.get(w.request_id)), (w.request_id, w.start_pos)
