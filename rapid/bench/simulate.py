@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import functools
 import json
+import math
+import random
 from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -182,11 +184,17 @@ class SimRun:
 
 def simulate(trace: list[tuple[float, int, int]], policy, timings: StepTimings, max_budget: int = 8192,
              max_num_seqs: int = 1024, second: StepTimings | None = None,
-             chunk_every_other_step: bool = False) -> SimRun:
+             chunk_every_other_step: bool = False, noise: float = 0.0, seed: int = 0) -> SimRun:
     """Run (arrival_s, prompt_len, output_len) requests to completion. `timings`: the prefill worker's split (and
     the decode step alone, mixed steps); `second`: the second prefill worker's split, if the engine has one.
     `chunk_every_other_step`: the engine before 6bf67b2 (session 20's GPU runs), whose decode worker had launched its
-    next step before a chunk came back, so that the step after a mixed step never carried a chunk."""
+    next step before a chunk came back, so that the step after a mixed step never carried a chunk. `noise`: every
+    step's and prefill batch's time is scaled by a random factor of that spread (lognormal sigma, mean 1; drawn with
+    `seed`), as the GPU's timings vary from step to step; 0: the recorded times exactly."""
+    rng = random.Random(seed)
+
+    def jitter(x: float) -> float:
+        return x * math.exp(rng.gauss(-noise * noise / 2, noise)) if noise else x
     workers = {PREFILL: timings, PREFILL2: second}
     pending = deque(SimRequest(a, p, o, left=p) for a, p, o in sorted(trace))
     done: list[SimRequest] = []
@@ -266,7 +274,7 @@ def simulate(trace: list[tuple[float, int, int]], policy, timings: StepTimings, 
                 if pre.chunks:
                     tokens = sum(c[1] for c in pre.chunks)
                     progress(now)
-                    pre.start, pre.end = now, now + workers[d.lane].prefill_s(tokens, len(decoding))
+                    pre.start, pre.end = now, now + jitter(workers[d.lane].prefill_s(tokens, len(decoding)))
                     retime()
         if dec.end is None and (decoding or dec.queued):
             launched_ahead = chunk_every_other_step and decoding and dec.after_mixed
@@ -274,8 +282,8 @@ def simulate(trace: list[tuple[float, int, int]], policy, timings: StepTimings, 
             dec.after_mixed = bool(dec.chunks)
             inline = sum(c[1] for c in dec.chunks)
             context = sum(r.prompt_len + r.produced for r in decoding)
-            work_ms = (timings.decode_ms(len(decoding), False, context) if decoding else 0.0) + \
-                timings.inline_s(inline, len(decoding), False) * 1e3  # at its speed alone
+            work_ms = jitter((timings.decode_ms(len(decoding), False, context) if decoding else 0.0) +
+                             timings.inline_s(inline, len(decoding), False) * 1e3)  # at its speed alone
             dec.batch, dec.start, dec.beside, dec.work_ms, dec.t_last, dec.end = list(decoding), now, False, work_ms, \
                 now, now
             retime()
