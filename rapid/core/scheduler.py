@@ -156,11 +156,13 @@ class Scheduler:
     def _in_flight(self, req: Request) -> bool:
         return req.request_id in self.in_flight
 
+    def _tokens_to_send(self, req: Request) -> int:
+        """Tokens whose KV is still to compute and not yet in a batch in flight."""
+        return req.num_tokens - req.num_computed_tokens - self.in_flight.tokens_ahead(req.request_id)
+
     def _has_chunk_for(self, req: Request, lane: str) -> bool:
         """A prefilling request has prompt tokens that a batch for `lane` may take now (beyond those in flight)."""
-        rid = req.request_id
-        ahead = self.in_flight.tokens_ahead(rid)
-        return self.in_flight.can_take(rid, lane) and req.num_tokens > req.num_computed_tokens + ahead
+        return self.in_flight.can_take(req.request_id, lane) and self._tokens_to_send(req) > 0
 
     # ------------------------------------------------------------------ schedule
     def schedule(self) -> SchedulerOutput:
@@ -176,7 +178,7 @@ class Scheduler:
         """What the placement policy decides on: the decode batch, the queued prompt work, the oldest wait."""
         queued = [r for r in self.running if r.status == S.PREFILLING and self._has_chunk_for(r, DECODE)]
         queued += self.waiting
-        tokens = sum(r.num_tokens - r.num_computed_tokens - self.in_flight.tokens_ahead(r.request_id) for r in queued)
+        tokens = sum(self._tokens_to_send(r) for r in queued)
         oldest = min((r.arrival_time for r in queued), default=None)
         decoding = self.num_decoding
         return Load(num_decoding=decoding, queued_tokens=tokens,
@@ -207,12 +209,11 @@ class Scheduler:
                 break
             if req.status != S.PREFILLING:
                 continue  # preempted while making room for an earlier one
-            ahead = self.in_flight.tokens_ahead(req.request_id)
-            start = req.num_computed_tokens + ahead
-            n = min(req.num_tokens - start, budget)
+            left = self._tokens_to_send(req)
+            start, n = req.num_tokens - left, min(left, budget)
             # a chunk behind one in flight never preempts: the request is no victim then (it is in flight), so the
             # victim would be an older request, maybe one already in this batch; it waits for the answer instead
-            grown = self.blocks.allocate(req.request_id, start + n) is not None if ahead else \
+            grown = self.blocks.allocate(req.request_id, start + n) is not None if self._in_flight(req) else \
                 self._grow(req, self.blocks, start + n)
             if not grown:
                 break
