@@ -247,6 +247,13 @@ def test_a_sample_waits_for_its_lane():
         assert p.place(load(decoding=64, queued=512)).lane == DECODE
     assert p.place(replace(load(decoding=64, queued=512), prefill_lane_busy=True)).lane == DECODE
     assert p.place(load(decoding=64, queued=512)).lane == PREFILL  # once free, the sample runs
+    for _ in range(REEXPLORE_EVERY):
+        assert p.place(load(decoding=64, queued=512)).lane == DECODE
+    # the only prompt tokens queued follow a chunk in flight on the decode executor: a prefill worker could take none,
+    # so the sample waits (sent there it built no batch, and was lost until REEXPLORE_EVERY placements later)
+    chained_only = replace(load(decoding=64, queued=512), prefill_queued_tokens=0)
+    assert [p.place(chained_only).lane for _ in range(3)] == [DECODE] * 3
+    assert p.place(load(decoding=64, queued=512)).lane == PREFILL
     # the other way round: the prefill worker is the cheaper lane, and the sample of a mixed step waits while the
     # decode executor holds all the chunks it takes
     p = learned(slo_tpot_ms=25)

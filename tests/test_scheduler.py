@@ -450,6 +450,19 @@ def test_a_prompts_chunks_do_not_chain_across_lanes():
     assert "r" not in batches and batches.can_take("r", PREFILL)
 
 
+def test_the_load_says_what_a_prefill_worker_could_take():
+    """A prompt's rest behind its chunk in flight on the decode executor is queued for that executor only."""
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=16, max_model_len=64),
+                      BlockManager(32, 4, enable_prefix_caching=False), placement=Lanes([DECODE, DECODE]))
+    sched.set_token_budget(8)
+    a = Request("a", list(range(1, 21)), SamplingParams(max_tokens=1), (0,))
+    sched.add_request(a)
+    sched.schedule()  # a[0:8] on the decode executor
+    assert (sched.load().queued_tokens, sched.load().prefill_queued_tokens) == (12, 0)
+    sched.add_request(Request("b", list(range(30, 35)), SamplingParams(max_tokens=1), (0,)))
+    assert (sched.load().queued_tokens, sched.load().prefill_queued_tokens) == (17, 5)
+
+
 def test_a_chained_chunk_never_preempts_a_request_of_its_batch():
     """a's first chunk on the prefill worker, b's on the decode executor; a answered, two blocks left. The next
     decode batch takes a's second chunk, then b's (chained behind its first): with no block left, b's chunk waits

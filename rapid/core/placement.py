@@ -51,12 +51,17 @@ class Load:
     prefill_lane_busy: bool  # a batch is in flight on a prefill worker
     mixed_step_room: int = 1 << 30  # prompt tokens a mixed step can still take (the step budget less the decodes)
     decode_lane_busy: bool = False  # the decode executor holds all the chunks it takes: a DECODE placement waits
+    # prompt tokens a prefill worker could take now (None: all queued); less than queued_tokens by the rest of prompts
+    # whose chunk is in flight on the decode executor (their next chunk follows it there: rapid.core.in_flight)
+    prefill_queued_tokens: int | None = None
 
 
 def lane_free(load: Load, lane: str) -> bool:
     """The scheduler would take a batch for `lane` now (one in flight between the prefill workers; the decode
-    executor holds rapid.core.in_flight.DECODE_LANE_DEPTH)."""
-    return not (load.decode_lane_busy if lane == DECODE else load.prefill_lane_busy)
+    executor holds rapid.core.in_flight.DECODE_LANE_DEPTH), and a prefill worker would find prompt tokens for it."""
+    if lane == DECODE:
+        return not load.decode_lane_busy
+    return not load.prefill_lane_busy and load.prefill_queued_tokens != 0
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from rapid.core.admission import GrowthReserve
 from rapid.core.block_manager import BlockManager
 from rapid.core.budget import check_token_budget
 from rapid.core.in_flight import InFlight, InFlightBatches
-from rapid.core.placement import DECODE, Load, PlacementLog, StaticPlacement, ewma
+from rapid.core.placement import DECODE, PREFILL, Load, PlacementLog, StaticPlacement, ewma
 from rapid.core.request import Request, RequestStatus, check_fits, seq_work
 from rapid.protocol.worker import (
     DecodeStep, Dropped, GrantBlocks, PrefillBatch, PrefillDone, SampledToken, StartDecode, StopDecode,
@@ -179,13 +179,14 @@ class Scheduler:
         queued = [r for r in self.running if r.status == S.PREFILLING and self._has_chunk_for(r, DECODE)]
         queued += self.waiting
         tokens = sum(self._tokens_to_send(r) for r in queued)
+        chained = sum(self._tokens_to_send(r) for r in queued if not self.in_flight.can_take(r.request_id, PREFILL))
         oldest = min((r.arrival_time for r in queued), default=None)
         decoding = self.num_decoding
         return Load(num_decoding=decoding, queued_tokens=tokens,
                     oldest_wait_s=0.0 if oldest is None else max(0.0, time.time() - oldest),
                     decode_step_ms=self.decode_step_ms, prefill_lane_busy=self.prefilling_beside,
                     mixed_step_room=self.token_budget - decoding,
-                    decode_lane_busy=not self.in_flight.lane_free(DECODE))
+                    decode_lane_busy=not self.in_flight.lane_free(DECODE), prefill_queued_tokens=tokens - chained)
 
     @property
     def prefilling_beside(self) -> bool:  # a prefill batch is in flight on a prefill worker
