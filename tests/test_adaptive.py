@@ -365,6 +365,23 @@ def test_a_decode_step_says_whether_it_carried_a_chunk():
     assert spy.steps == [(30.0, True), (10.0, False), (12.0, True)]
 
 
+def test_a_mixed_step_beside_a_batch_is_charged_to_it_too():
+    """10 ms decode steps alone, 25 us a prompt token in a mixed step: beside the prefill worker's 300-token batches
+    a decode step took 14 ms (4 over alone) and a mixed step of 200 prompt tokens 21 ms (6 over the same step
+    alone), so each batch cost the decodes 10 ms, 33 us a prompt token. Before session 23 the mixed step was left
+    out (13 us a token), and on the H200 mixed steps took 43% of the decode executor's time."""
+    p = AdaptivePlacement(8192)
+    for _ in range(20):
+        p.observe_decode_step(10.0)
+        p.observe_prefill(DECODE, 200, 0.015, num_decoding=64)
+    for _ in range(50):
+        p.observe_decode_step(14.0, beside_prefill=PREFILL)
+        p.observe_prefill(DECODE, 200, 0.021, num_decoding=64, beside_prefill=PREFILL)
+        p.observe_prefill(PREFILL, 300, 0.03, num_decoding=64)
+    assert p.cost(PREFILL) == pytest.approx(10.0 / 300)
+    assert p.cost(DECODE) == pytest.approx(0.025)  # a mixed step alone still costs what it did
+
+
 def test_each_prefill_worker_is_charged_the_slowdown_of_the_steps_that_ran_beside_it():
     """With two prefill workers a decode step's slowdown is charged to the worker it ran beside, even when it is
     read after that worker's answer and before the other one's: the full-share worker slows the decodes by 6 ms a

@@ -106,7 +106,6 @@ class StepCosts:
                 beside_prefill: bool | str = False) -> None:
         if tokens <= 0 or seconds <= 0:
             return
-        beside_prefill = bool(beside_prefill)  # a mixed step: beside a prefill worker's batch or not
         if lane != DECODE:
             self.prefill_rates[lane] = ewma(self.prefill_rates.get(lane), tokens / seconds)
             extra = self.extra_by_lane_ms.pop(lane, 0.0)
@@ -118,6 +117,9 @@ class StepCosts:
         if not num_decoding:
             self.idle_inline_ms_per_token = ewma(self.idle_inline_ms_per_token, seconds * 1e3 / tokens)
             return
+        if beside_prefill:
+            self._charge_mixed_step_beside(PREFILL if beside_prefill is True else beside_prefill, tokens, seconds)
+        beside_prefill = bool(beside_prefill)
         decode = self.decode_beside_ms if beside_prefill else self.decode_alone_ms
         # the memory of the prefill workers' costs (DECAY), not of the step averages (EWMA_WEIGHT, about five steps):
         # with that one the figure the lanes are compared by swung with the last few mixed steps (learned on the H200
@@ -127,6 +129,17 @@ class StepCosts:
             seconds * 1e3 - (decode or 0.0), 0.0)
         self.mixed_tokens[beside_prefill] = DECAY * self.mixed_tokens[beside_prefill] + tokens
         self.mixed_samples += not beside_prefill
+
+    def _charge_mixed_step_beside(self, lane: str, tokens: int, seconds: float) -> None:
+        """A mixed step that ran beside prefill worker `lane`'s batch: what it took over the same step alone (the
+        decode step alone and its prompt tokens at a mixed step's cost) is decode time that batch cost, as for a
+        decode step beside it. (Until session 23 only decode steps were charged: with ShareGPT-like prompts at 44
+        req/s on the H200 mixed steps took 43% of the decode executor's time, and their slowdown went uncounted.)"""
+        per_token = self.mixed_ms_per_token(False)
+        if self.decode_alone_ms is None or per_token is None:
+            return
+        alone_ms = self.decode_alone_ms + tokens * per_token
+        self.extra_by_lane_ms[lane] = self.extra_by_lane_ms.get(lane, 0.0) + max(seconds * 1e3 - alone_ms, 0.0)
 
     def mixed_ms_per_token(self, beside_prefill: bool) -> float | None:
         """A prompt token's marginal cost in a mixed step (None until one was measured)."""
