@@ -395,6 +395,30 @@ def test_a_step_of_several_inline_batches_is_learned_once():
     assert seen == [(DECODE, 16, pytest.approx(0.02))]
 
 
+def test_a_timed_inline_step_is_learned_as_one_with_nothing_decoding():
+    """A step of prompt tokens alone, answered while a request handed off meanwhile counts as decoding in the core:
+    its device time says it ran no decode rows, so the placement learns it as a step with nothing decoding."""
+    from rapid.core.placement import StaticPlacement
+    from rapid.protocol.worker import DeviceTime
+
+    class Spy(StaticPlacement):
+        def observe_prefill(self, lane, tokens, seconds, num_decoding=0, beside_prefill=False):
+            seen.append(num_decoding)
+
+    seen = []
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64),
+                      BlockManager(32, 4, enable_prefix_caching=False), placement=Spy(DECODE))
+    sched.add_request(Request("a", list(range(1, 9)), SamplingParams(max_tokens=3), (0,)))
+    batch = sched.schedule().prefill_batch
+    handed_off = Request("b", [1, 2], SamplingParams(max_tokens=3), (0,))
+    handed_off.status = RequestStatus.DECODING  # (handed off since, as the core counts it)
+    sched.running.append(handed_off)
+    assert sched.num_decoding == 1
+    sched.update_from_output(PrefillDone(batch.batch_id, [], 1.0, 1.02, num_tokens=8,
+                                         device=DeviceTime("inline", 0.02, 0.0)))
+    assert seen == [0]
+
+
 @pytest.mark.parametrize("case", ["a chunk alone, sampling nothing", "a decode row that cannot run ahead"])
 def test_every_inline_prefill_waits_for_its_step(case):
     """The other paths to PrefillDone wait too: a prompt's non-final chunk alone (no row samples, so reading the
@@ -516,6 +540,9 @@ def test_the_load_says_what_a_prefill_worker_could_take():
     assert (sched.load().queued_tokens, sched.load().prefill_queued_tokens) == (12, 0)
     sched.add_request(Request("b", list(range(30, 35)), SamplingParams(max_tokens=1), (0,)))
     assert (sched.load().queued_tokens, sched.load().prefill_queued_tokens) == (17, 5)
+    # no waiting prompt counts while none can be admitted (max_num_seqs reached: session 23's review)
+    sched.config = SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=16, max_model_len=64)
+    assert (sched.load().queued_tokens, sched.load().prefill_queued_tokens) == (17, 0)
 
 
 def test_a_chained_chunk_never_preempts_a_request_of_its_batch():

@@ -138,7 +138,7 @@ def test_one_prefill_batch_at_a_time_between_the_two_prefill_workers():
     assert not [m for _, m in sched.schedule().messages if isinstance(m, PrefillBatch)]  # prefill2 chosen: waits
     sched.update_from_output(PrefillDone(sent[0][1].batch_id, [], 0.0, 1.0, num_tokens=16))
     again = [(lane, m) for lane, m in sched.schedule().messages if isinstance(m, PrefillBatch)]
-    assert len(again) == 1 and again[0][0] in (PREFILL, PREFILL2) and sched.prefilling_beside
+    assert len(again) == 1 and again[0][0] in (PREFILL, PREFILL2) and sched.in_flight.beside
 
 
 @pytest.mark.slow

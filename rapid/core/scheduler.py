@@ -179,18 +179,16 @@ class Scheduler:
         queued = [r for r in self.running if r.status == S.PREFILLING and self._has_chunk_for(r, DECODE)]
         queued += self.waiting
         tokens = sum(self._tokens_to_send(r) for r in queued)
-        chained = sum(self._tokens_to_send(r) for r in queued if not self.in_flight.can_take(r.request_id, PREFILL))
+        admits = len(self.running) < self.config.max_num_seqs and not self.num_preempting
+        held = sum(self._tokens_to_send(r) for r in queued  # what no prefill worker could take now
+                   if not self.in_flight.can_take(r.request_id, PREFILL) or not admits and r.status == S.WAITING)
         oldest = min((r.arrival_time for r in queued), default=None)
         decoding = self.num_decoding
         return Load(num_decoding=decoding, queued_tokens=tokens,
                     oldest_wait_s=0.0 if oldest is None else max(0.0, time.time() - oldest),
-                    decode_step_ms=self.decode_step_ms, prefill_lane_busy=self.prefilling_beside,
+                    decode_step_ms=self.decode_step_ms, prefill_lane_busy=self.in_flight.beside,
                     mixed_step_room=self.token_budget - decoding,
-                    decode_lane_busy=not self.in_flight.lane_free(DECODE), prefill_queued_tokens=tokens - chained)
-
-    @property
-    def prefilling_beside(self) -> bool:  # a prefill batch is in flight on a prefill worker
-        return self.in_flight.beside
+                    decode_lane_busy=not self.in_flight.lane_free(DECODE), prefill_queued_tokens=tokens - held)
 
     def take_messages(self) -> list[tuple[str, object]]:
         """The messages decided so far and not yet sent (stops from `finish` are sent without waiting)."""
@@ -354,8 +352,9 @@ class Scheduler:
         lane, chunks = self.in_flight.pop(msg.batch_id, (msg.t_start, msg.t_end))
         beside = lane == DECODE and self.in_flight.ran_beside(msg.t_start, msg.t_end)  # a mixed step beside a batch
         tokens = msg.num_tokens if msg.step_tokens is None else msg.step_tokens  # (a step of several: learned once)
+        decoding = 0 if msg.device is not None and msg.device.kind == "inline" else self.num_decoding  # (timed: as run)
         if beside is not None and tokens:
-            self.placement.observe_prefill(lane, tokens, msg.t_end - msg.t_start, self.num_decoding, beside)
+            self.placement.observe_prefill(lane, tokens, msg.t_end - msg.t_start, decoding, beside)
         sampled = {s.request_id: s for s in msg.sampled}
         touched = []
         for req, n in chunks:
