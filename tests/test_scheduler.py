@@ -340,61 +340,6 @@ def test_inline_prefill_is_reported_after_its_own_step_only(kv_read_elsewhere):
         assert waited == []
 
 
-def test_inline_batches_queued_together_share_a_step():
-    """Three inline batches queued within one step (a worker process: the core sends one as prompts arrive): p's
-    and q's run in one step, within their budget, each answered with its own sampled token and the step's interval;
-    the first answer carries the step's prompt tokens, so the step is learned once. p's next chunk waits for the
-    step after (a prompt's chunks run in order), and a batch over the budget with the decodes waits too."""
-    from rapid.protocol.worker import PrefillBatch, PrefillDone, SeqWork, StartDecode
-
-    cfg = EngineConfig(model="m", tokenizer=None, mode="rapid", async_scheduling=True,
-                       cache=CacheConfig(block_size=4), scheduler=SchedulerConfig(max_num_seqs=8, max_model_len=64))
-    runner = FakeRunner()
-    runner.wait = lambda launched: None
-    loop = DecodeLoop(runner, cfg, (0,), kv_read_elsewhere=True)
-    loop.handle(StartDecode("d", [1, 2, 3], [4], [0, 1], SamplingParams(max_tokens=50)))
-    params = SamplingParams(max_tokens=5)
-    loop.handle(PrefillBatch(1, [SeqWork("p", [9] * 4, 0, [2], False, params)], max_step_tokens=16))
-    loop.handle(PrefillBatch(2, [SeqWork("q", [8] * 3, 0, [3], True, params)], max_step_tokens=16))
-    loop.handle(PrefillBatch(3, [SeqWork("p", [9] * 2, 4, [2, 4], True, params)], max_step_tokens=16))
-    loop.handle(PrefillBatch(4, [SeqWork("r", [7] * 14, 0, [5, 6, 7, 8], True, params)], max_step_tokens=16))
-    outs = [o for _ in range(5) for o in loop.step()]
-    assert [[(w.request_id, len(w.token_ids)) for w in step] for step in runner.steps[:3]] == [
-        [("d", 1), ("p", 4), ("q", 3)], [("d", 1), ("p", 2)], [("d", 1), ("r", 14)]]
-    done = [o for o in outs if isinstance(o, PrefillDone)]
-    assert [(d.batch_id, [t.request_id for t in d.sampled], d.num_tokens, d.step_tokens) for d in done] == [
-        (1, [], 4, 7), (2, ["q"], 3, 0), (3, ["p"], 2, None), (4, ["r"], 14, None)]
-    assert (done[0].t_start, done[0].t_end) == (done[1].t_start, done[1].t_end)
-    # without a budget (0: a batch the core planned alone) nothing shares its step
-    loop.handle(PrefillBatch(5, [SeqWork("s", [6] * 2, 0, [9], True, params)]))
-    loop.handle(PrefillBatch(6, [SeqWork("t", [6] * 2, 0, [10], True, params)], max_step_tokens=16))
-    before = len(runner.steps)
-    for _ in range(3):
-        loop.step()
-    assert [[w.request_id for w in step if w.request_id != "d"] for step in runner.steps[before:]] == [["s"], ["t"]]
-
-
-def test_a_step_of_several_inline_batches_is_learned_once():
-    """The scheduler learns a mixed step's prompt cost from the answer that carries the step's tokens (all its
-    batches'), not once per batch with the step's whole time."""
-    from rapid.core.placement import StaticPlacement
-
-    class Spy(StaticPlacement):
-        def observe_prefill(self, lane, tokens, seconds, num_decoding=0, beside_prefill=False):
-            seen.append((lane, tokens, seconds))
-
-    seen = []
-    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64),
-                      BlockManager(32, 4, enable_prefix_caching=False), placement=Spy(DECODE))
-    for rid in ("a", "b"):
-        sched.add_request(Request(rid, list(range(1, 9)), SamplingParams(max_tokens=3), (0,)))
-        sched.schedule()
-    first, second = sorted(sched.in_flight.by_lane[DECODE], key=lambda b: b.batch_id)
-    sched.update_from_output(PrefillDone(first.batch_id, [], 1.0, 1.02, num_tokens=8, step_tokens=16))
-    sched.update_from_output(PrefillDone(second.batch_id, [], 1.0, 1.02, num_tokens=8, step_tokens=0))
-    assert seen == [(DECODE, 16, pytest.approx(0.02))]
-
-
 def test_a_timed_inline_step_is_learned_as_one_with_nothing_decoding():
     """A step of prompt tokens alone, answered while a request handed off meanwhile counts as decoding in the core:
     its device time says it ran no decode rows, so the placement learns it as a step with nothing decoding."""
