@@ -52,7 +52,8 @@ class Load:
     mixed_step_room: int = 1 << 30  # prompt tokens a mixed step can still take (the step budget less the decodes)
     decode_lane_busy: bool = False  # the decode executor holds all the chunks it takes: a DECODE placement waits
     # prompt tokens a prefill worker could take now (None: all queued); less than queued_tokens by the rest of prompts
-    # whose chunk is in flight on the decode executor (their next chunk follows it there: rapid.core.in_flight)
+    # whose chunk is in flight on the decode executor (their next chunk follows it there: rapid.core.in_flight), and by
+    # the waiting prompts while none can be admitted
     prefill_queued_tokens: int | None = None
 
 
