@@ -84,10 +84,8 @@ class StepCosts:
             return  # a mixed step's time is the decode part and the prompt part: learned through prefill()
         if beside_prefill:
             self.decode_beside_ms = ewma(self.decode_beside_ms, step_ms)
-            if self.decode_alone_ms is not None:  # charged to that worker's next answered batch
-                lane = PREFILL if beside_prefill is True else beside_prefill
-                self.extra_by_lane_ms[lane] = self.extra_by_lane_ms.get(lane, 0.0) + max(
-                    step_ms - self.decode_alone_ms, 0.0)
+            if self.decode_alone_ms is not None:
+                self._charge_beside(beside_prefill, step_ms, self.decode_alone_ms)
         else:
             self.decode_alone_ms = ewma(self.decode_alone_ms, step_ms)
 
@@ -117,8 +115,11 @@ class StepCosts:
         if not num_decoding:
             self.idle_inline_ms_per_token = ewma(self.idle_inline_ms_per_token, seconds * 1e3 / tokens)
             return
-        if beside_prefill:
-            self._charge_mixed_step_beside(PREFILL if beside_prefill is True else beside_prefill, tokens, seconds)
+        # a mixed step beside a batch is charged as a decode step there is (until session 23 only decode steps were:
+        # with ShareGPT-like prompts at 44 req/s on the H200 mixed steps took 43% of the decode executor's time)
+        per_token = self.mixed_ms_per_token(False)
+        if beside_prefill and self.decode_alone_ms is not None and per_token is not None:
+            self._charge_beside(beside_prefill, seconds * 1e3, self.decode_alone_ms + tokens * per_token)
         beside_prefill = bool(beside_prefill)
         decode = self.decode_beside_ms if beside_prefill else self.decode_alone_ms
         # the memory of the prefill workers' costs (DECAY), not of the step averages (EWMA_WEIGHT, about five steps):
@@ -130,16 +131,11 @@ class StepCosts:
         self.mixed_tokens[beside_prefill] = DECAY * self.mixed_tokens[beside_prefill] + tokens
         self.mixed_samples += not beside_prefill
 
-    def _charge_mixed_step_beside(self, lane: str, tokens: int, seconds: float) -> None:
-        """A mixed step that ran beside prefill worker `lane`'s batch: what it took over the same step alone (the
-        decode step alone and its prompt tokens at a mixed step's cost) is decode time that batch cost, as for a
-        decode step beside it. (Until session 23 only decode steps were charged: with ShareGPT-like prompts at 44
-        req/s on the H200 mixed steps took 43% of the decode executor's time, and their slowdown went uncounted.)"""
-        per_token = self.mixed_ms_per_token(False)
-        if self.decode_alone_ms is None or per_token is None:
-            return
-        alone_ms = self.decode_alone_ms + tokens * per_token
-        self.extra_by_lane_ms[lane] = self.extra_by_lane_ms.get(lane, 0.0) + max(seconds * 1e3 - alone_ms, 0.0)
+    def _charge_beside(self, beside_prefill: bool | str, step_ms: float, alone_ms: float) -> None:
+        """A step that ran beside a prefill worker's batch (True: the first worker's): its time over the same step
+        alone is decode time that batch cost, charged to that worker's next answered batch."""
+        lane = PREFILL if beside_prefill is True else beside_prefill
+        self.extra_by_lane_ms[lane] = self.extra_by_lane_ms.get(lane, 0.0) + max(step_ms - alone_ms, 0.0)
 
     def mixed_ms_per_token(self, beside_prefill: bool) -> float | None:
         """A prompt token's marginal cost in a mixed step (None until one was measured)."""
