@@ -178,9 +178,10 @@ class Scheduler:
         """What the placement policy decides on: the decode batch, the queued prompt work, the oldest wait."""
         queued = [r for r in self.running if r.status == S.PREFILLING and self._has_chunk_for(r, DECODE)]
         queued += self.waiting
-        tokens = sum(self._tokens_to_send(r) for r in queued)
         admits = len(self.running) < self.config.max_num_seqs and not self.num_preempting
-        held = sum(self._tokens_to_send(r) for r in queued  # what no prefill worker could take now
+        to_send = [(self._tokens_to_send(r), r) for r in queued]
+        tokens = sum(n for n, _ in to_send)
+        held = sum(n for n, r in to_send  # what no prefill worker could take now
                    if not self.in_flight.can_take(r.request_id, PREFILL) or not admits and r.status == S.WAITING)
         oldest = min((r.arrival_time for r in queued), default=None)
         decoding = self.num_decoding
@@ -351,8 +352,8 @@ class Scheduler:
     def _on_prefill_done(self, msg: PrefillDone) -> list[Request]:
         lane, chunks = self.in_flight.pop(msg.batch_id, (msg.t_start, msg.t_end))
         beside = lane == DECODE and self.in_flight.ran_beside(msg.t_start, msg.t_end)  # a mixed step beside a batch
-        decoding = 0 if msg.device is not None and msg.device.kind == "inline" else self.num_decoding  # (timed: as run)
         if beside is not None:
+            decoding = 0 if msg.device is not None and msg.device.kind == "inline" else self.num_decoding  # (timed)
             self.placement.observe_prefill(lane, msg.num_tokens, msg.t_end - msg.t_start, decoding, beside)
         sampled = {s.request_id: s for s in msg.sampled}
         touched = []
