@@ -16,7 +16,7 @@ from rapid.engine.core import EngineCore
 from rapid.engine.inproc import InprocWorkers
 from rapid.params import SamplingParams
 from rapid.protocol.engine import AddRequest
-from rapid.protocol.worker import PrefillDone, SampledToken
+from rapid.protocol.worker import PrefillBatch, PrefillDone, SampledToken
 from rapid.worker.decode_loop import DecodeLoop
 
 _ids = itertools.count()
@@ -340,6 +340,82 @@ def test_inline_prefill_is_reported_after_its_own_step_only(kv_read_elsewhere):
         assert waited == []
 
 
+def test_inline_batches_queued_together_share_a_step():
+    """Three inline batches queued within one step (a worker process: the core sends one as prompts arrive): p's
+    and q's run in one step, within their budget, each answered with its own sampled token and the step's interval;
+    the first answer carries the step's prompt tokens, so the step is learned once. p's next chunk waits for the
+    step after (a prompt's chunks run in order), and a batch over the budget with the decodes waits too."""
+    from rapid.protocol.worker import PrefillBatch, PrefillDone, SeqWork, StartDecode
+
+    cfg = EngineConfig(model="m", tokenizer=None, mode="rapid", async_scheduling=True,
+                       cache=CacheConfig(block_size=4), scheduler=SchedulerConfig(max_num_seqs=8, max_model_len=64))
+    runner = FakeRunner()
+    runner.wait = lambda launched: None
+    loop = DecodeLoop(runner, cfg, (0,), kv_read_elsewhere=True)
+    loop.handle(StartDecode("d", [1, 2, 3], [4], [0, 1], SamplingParams(max_tokens=50)))
+    params = SamplingParams(max_tokens=5)
+    loop.handle(PrefillBatch(1, [SeqWork("p", [9] * 4, 0, [2], False, params)], max_step_tokens=16))
+    loop.handle(PrefillBatch(2, [SeqWork("q", [8] * 3, 0, [3], True, params)], max_step_tokens=16))
+    loop.handle(PrefillBatch(3, [SeqWork("p", [9] * 2, 4, [2, 4], True, params)], max_step_tokens=16))
+    loop.handle(PrefillBatch(4, [SeqWork("r", [7] * 14, 0, [5, 6, 7, 8], True, params)], max_step_tokens=16))
+    outs = [o for _ in range(5) for o in loop.step()]
+    assert [[(w.request_id, len(w.token_ids)) for w in step] for step in runner.steps[:3]] == [
+        [("d", 1), ("p", 4), ("q", 3)], [("d", 1), ("p", 2)], [("d", 1), ("r", 14)]]
+    done = [o for o in outs if isinstance(o, PrefillDone)]
+    assert [(d.batch_id, [t.request_id for t in d.sampled], d.num_tokens, d.step_tokens) for d in done] == [
+        (1, [], 4, 7), (2, ["q"], 3, 0), (3, ["p"], 2, None), (4, ["r"], 14, None)]
+    assert (done[0].t_start, done[0].t_end) == (done[1].t_start, done[1].t_end)
+    # without a budget (0: a batch the core planned alone) nothing shares its step
+    loop.handle(PrefillBatch(5, [SeqWork("s", [6] * 2, 0, [9], True, params)]))
+    loop.handle(PrefillBatch(6, [SeqWork("t", [6] * 2, 0, [10], True, params)], max_step_tokens=16))
+    before = len(runner.steps)
+    for _ in range(3):
+        loop.step()
+    assert [[w.request_id for w in step if w.request_id != "d"] for step in runner.steps[before:]] == [["s"], ["t"]]
+
+
+def test_a_step_of_several_inline_batches_is_learned_once():
+    """The scheduler learns a mixed step's prompt cost from the answer that carries the step's tokens (all its
+    batches'), not once per batch with the step's whole time."""
+    from rapid.core.placement import StaticPlacement
+
+    class Spy(StaticPlacement):
+        def observe_prefill(self, lane, tokens, seconds, num_decoding=0, beside_prefill=False):
+            seen.append((lane, tokens, seconds))
+
+    seen = []
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64),
+                      BlockManager(32, 4, enable_prefix_caching=False), placement=Spy(DECODE))
+    for rid in ("a", "b"):
+        sched.add_request(Request(rid, list(range(1, 9)), SamplingParams(max_tokens=3), (0,)))
+        sched.schedule()
+    first, second = sorted(sched.in_flight.by_lane[DECODE], key=lambda b: b.batch_id)
+    sched.update_from_output(PrefillDone(first.batch_id, [], 1.0, 1.02, num_tokens=8, step_tokens=16))
+    sched.update_from_output(PrefillDone(second.batch_id, [], 1.0, 1.02, num_tokens=8, step_tokens=0))
+    assert seen == [(DECODE, 16, pytest.approx(0.02))]
+
+
+def test_a_third_prompt_is_sent_while_one_batch_runs_and_one_waits():
+    """Across processes a batch is in flight from the send to its answer, which comes after the decode worker has
+    launched its next step: prompts arriving one after another are each sent, up to DECODE_LANE_DEPTH (three) on
+    the decode executor, so the two waiting may share its next step; a fourth waits in the core."""
+    from rapid.core.in_flight import DECODE_LANE_DEPTH
+    from rapid.core.placement import StaticPlacement
+
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64),
+                      BlockManager(32, 4, enable_prefix_caching=False), placement=StaticPlacement(DECODE))
+    sent = []
+    for rid in "abcd":
+        sched.add_request(Request(rid, list(range(1, 9)), SamplingParams(max_tokens=3), (0,)))
+        sent.append([m for _, m in sched.schedule().messages if isinstance(m, PrefillBatch)])
+    assert DECODE_LANE_DEPTH == 3
+    assert [[w.request_id for m in batches for w in m.work] for batches in sent] == [["a"], ["b"], ["c"], []]
+    assert [m.max_step_tokens for batches in sent for m in batches] == [64] * 3  # each may share a step
+    first = min(sched.in_flight.by_lane[DECODE], key=lambda b: b.batch_id)
+    sched.update_from_output(PrefillDone(first.batch_id, [], 1.0, 1.02, num_tokens=8))
+    assert [w.request_id for _, m in sched.schedule().messages if isinstance(m, PrefillBatch) for w in m.work] == ["d"]
+
+
 def test_a_timed_inline_step_is_learned_as_one_with_nothing_decoding():
     """A step of prompt tokens alone, answered while a request handed off meanwhile counts as decoding in the core:
     its device time says it ran no decode rows, so the placement learns it as a step with nothing decoding."""
@@ -413,11 +489,12 @@ def test_after_idle_marks_the_first_step_after_nothing_was_resident():
 
 def test_the_decode_executor_holds_the_next_chunk_while_one_computes():
     """With async scheduling a step is launched before the one before it is read back: the core places the next
-    mixed step's chunk while a chunk still computes (DECODE_LANE_DEPTH), so every step carries prompt tokens while
-    prompts wait (with one batch at a time, every other step carried none)."""
+    mixed step's chunk while a chunk still computes (DECODE_LANE_DEPTH, three: one running and two that may share
+    the next step), so every step carries prompt tokens while prompts wait (with one batch at a time, every other
+    step carried none)."""
     from rapid.core.in_flight import DECODE_LANE_DEPTH
 
-    assert DECODE_LANE_DEPTH == 2
+    assert DECODE_LANE_DEPTH == 3
     for async_scheduling in (False, True):
         e = Engine(async_scheduling=async_scheduling, budget=8)
         a = e.add(prompt_len=4, max_tokens=40, ignore_eos=True)
@@ -590,10 +667,12 @@ class RandomLanes(StaticPlacement):
 @pytest.mark.parametrize("mode", ["hybrid", "rapid"])
 @pytest.mark.parametrize("seed", [0, 1, 2, 3, 17, 49, 50, 65, 73])  # 17-73 caught faults of the first chained chunks
 def test_two_chunks_queued_on_the_decode_executor_keep_every_prompt_in_order(seed, mode):
-    """Random arrivals, aborts and preemptions, with two batches waiting unlaunched at times (and in rapid, batches
-    on a prefill worker at random): each prompt's chunks run in order and once, each with blocks for its tokens, no
+    """Random arrivals, aborts and preemptions, with two batches waiting unlaunched at times, sharing a step when
+    they fit (and in rapid, batches on a prefill worker at random): each prompt's chunks run in order and once, each with blocks for its tokens, no
     step exceeds the budget, and every request ends with its blocks freed."""
     import random
+
+    from rapid.core.in_flight import DECODE_LANE_DEPTH
 
     rng = random.Random(seed)
     cfg = EngineConfig(model="m", tokenizer=None, mode=mode, async_scheduling=True,
@@ -627,7 +706,7 @@ def test_two_chunks_queued_on_the_decode_executor_keep_every_prompt_in_order(see
                     next_start[w.request_id] = w.start_pos + len(w.token_ids)
         if added == 30 and not sched.has_unfinished():
             break
-    assert deepest == 2 and not sched.has_unfinished()
+    assert deepest == DECODE_LANE_DEPTH and not sched.has_unfinished()  # (three: a step may take two)
     assert sched.blocks.num_free_blocks == sched.blocks.num_blocks
 
 

@@ -8,11 +8,13 @@ from dataclasses import dataclass, field
 from rapid.core.placement import DECODE, PREFILL_LANES
 from rapid.core.request import Request
 
-# prefill batches the decode executor holds at once: one in its running step, the next waiting for its next step.
-# With one, a chunk could join only a step launched after the core had seen the last one come back: in rapid's
-# decode worker, which launches a step before it reads the one before back, every other step carried no prompt
-# tokens and a prompt queued behind a chunk waited a step more than in hybrid (TTFT p50 +9-15 ms in session 20)
-DECODE_LANE_DEPTH = 2
+# prefill batches the decode executor holds at once: one in its running step, and two waiting for its next step,
+# which takes both when they fit its budget (DecodeLoop._take_inline). With one, a chunk could join only a step
+# launched after the core had seen the last one come back (TTFT p50 +9-15 ms over hybrid in session 20). With two,
+# a prompt arriving while one batch ran and one waited stayed in the core until the running one's answer, which
+# comes after the worker has launched its next step: across processes a batch is in flight from the send, through
+# the worker's inbox, to the answer, where in hybrid the core schedules right before the step that runs it
+DECODE_LANE_DEPTH = 3
 # The decode executor runs its batches in order, so a prompt's next chunk may follow one still in flight there (as
 # vLLM's async scheduling does). Waiting for a chunk's answer before sending the next cost a step per chunk
 # boundary in rapid's decode worker (it launches a step before reading the one before back) and hybrid's: with

@@ -240,7 +240,7 @@ class Scheduler:
         batch = InFlight(next(self.batch_ids), chunks, sent_at=time.time())
         self.in_flight.add(lane, batch)
         work = [seq_work(r, n, self.blocks.block_table(r.request_id), starts.get(r.request_id)) for r, n in chunks]
-        self.outbox.append((lane, PrefillBatch(batch.batch_id, work)))
+        self.outbox.append((lane, PrefillBatch(batch.batch_id, work, self.token_budget if lane == DECODE else 0)))
         return batch
 
     def _admit(self, req: Request, budget: int, reserved: int = 0) -> int | None:
@@ -352,9 +352,10 @@ class Scheduler:
     def _on_prefill_done(self, msg: PrefillDone) -> list[Request]:
         lane, chunks = self.in_flight.pop(msg.batch_id, (msg.t_start, msg.t_end))
         beside = lane == DECODE and self.in_flight.ran_beside(msg.t_start, msg.t_end)  # a mixed step beside a batch
-        if beside is not None:
-            decoding = 0 if msg.device is not None and msg.device.kind == "inline" else self.num_decoding  # (timed)
-            self.placement.observe_prefill(lane, msg.num_tokens, msg.t_end - msg.t_start, decoding, beside)
+        tokens = msg.num_tokens if msg.step_tokens is None else msg.step_tokens  # (a step of several: learned once)
+        decoding = 0 if msg.device is not None and msg.device.kind == "inline" else self.num_decoding  # (timed)
+        if beside is not None and tokens:
+            self.placement.observe_prefill(lane, tokens, msg.t_end - msg.t_start, decoding, beside)
         sampled = {s.request_id: s for s in msg.sampled}
         touched = []
         for req, n in chunks:

@@ -67,6 +67,9 @@ class WorkerReady(msgspec.Struct, tag=True):
 class PrefillBatch(msgspec.Struct, tag=True):
     batch_id: int
     work: list[SeqWork]
+    # an inline batch: the step's token budget the core planned it in (decode rows included); the decode executor
+    # may run queued batches in one step within all their budgets. 0: never with another
+    max_step_tokens: int = 0
 
 
 class DeviceTime(msgspec.Struct):
@@ -91,6 +94,9 @@ class PrefillDone(msgspec.Struct, tag=True):
     host_s: float = 0.0  # a prefill worker: time to enqueue the batch's forward pass and sampling (host work)
     idle_gap_s: float = 0.0  # a prefill worker: time since its previous batch ended (waiting for this one)
     device: DeviceTime | None = None  # a prefill worker's batch, or an inline batch that had no decode rows
+    # an inline batch that shared its step with others: the step's prompt tokens on the first batch's answer, 0 on
+    # the rest (the step is learned once); None: the batch had its step to itself
+    step_tokens: int | None = None
 
 
 class StartDecode(msgspec.Struct, tag=True):
