@@ -25,7 +25,7 @@ DTYPES = ("auto", "float32", "float", "bfloat16", "float16", "half")
 ATTENTION_BACKENDS = ("auto", "reference", "triton", "flashinfer")
 PREFILL_ATTENTIONS = ("flash", "cudnn", "auto", "paged")
 LOAD_FORMATS = ("safetensors", "dummy")
-PLACEMENTS = ("adaptive", "static", "atom")
+PLACEMENTS = ("adaptive", "static", "atom", "mixed")
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
@@ -115,7 +115,7 @@ class RapidConfig:
     use_mps: bool = True  # False: time-sliced (no real concurrency), with a warning
     worker_start_timeout_s: float = 300.0
     decode_lookahead_blocks: int = 2  # blocks granted ahead of a decoding sequence
-    placement: str = "adaptive"  # adaptive (per batch), static (the prefill worker), atom (ROCm ATOM's fixed rule)
+    placement: str = "adaptive"  # one of PLACEMENTS; EngineArgs.placement's help says what each does
     slo_ttft_ms: float | None = None  # the SLOs the adaptive placement plans for; None: maximise throughput
     slo_tpot_ms: float | None = None
 
@@ -128,8 +128,8 @@ class RapidConfig:
                f"second_prefill_sm_percentage must be an integer in [1, 100] or None, got {v!r}")
         _check(self.placement != "atom" or v is not None, "placement 'atom' routes prefill batches between two prefill "
                "workers: give second_prefill_sm_percentage too (ATOM restricts prefill to half the GPU: 50)")
-        _check(v is None or self.placement != "static", f"second_prefill_sm_percentage ({v}) starts a prefill worker "
-               "that placement 'static' never uses; use placement 'adaptive' or 'atom', or leave it unset")
+        _check(v is None or self.placement in ("adaptive", "atom"), f"second_prefill_sm_percentage ({v}) starts a "
+               f"prefill worker that placement {self.placement!r} never uses; use 'adaptive' or 'atom', or leave it unset")
         _check(_is_number(self.worker_start_timeout_s) and self.worker_start_timeout_s > 0,
                f"worker_start_timeout_s must be > 0, got {self.worker_start_timeout_s!r}")
         _check_bool(self, "use_mps")
@@ -184,9 +184,9 @@ class EngineConfig:
         _check_bool(self, "engine_process")
 
     @property
-    def places_adaptively(self) -> bool:
-        """Mode rapid with the adaptive placement: prompts may also run inside the decode worker's steps."""
-        return self.mode == "rapid" and self.rapid.placement == "adaptive"
+    def decode_runs_prompts(self) -> bool:
+        """Mode rapid whose placement may put prompts in the decode worker's steps (adaptive, mixed)."""
+        return self.mode == "rapid" and self.rapid.placement in ("adaptive", "mixed")
 
 
 def resolve_model_path(model: str | Path | None) -> str:
@@ -304,7 +304,8 @@ class EngineArgs:
         RapidConfig, "placement", "mode rapid: where each prefill batch runs; adaptive: inside the decode step "
         "(hybrid batching) or on a prefill worker, chosen per batch from the load and the SLOs; static: always the "
         "prefill worker; atom: the ROCm ATOM rule (the second prefill worker while 64 or more requests decode, "
-        "else the first)", choices=PLACEMENTS)
+        "else the first); mixed: always inside the decode step (hybrid batching across rapid's processes, a baseline)",
+        choices=PLACEMENTS)
     slo_ttft_ms: float | None = _shared(
         RapidConfig, "slo_ttft_ms", "time-to-first-token SLO in ms that mode rapid's adaptive placement plans for",
         none="none: maximise throughput")

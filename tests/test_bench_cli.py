@@ -259,13 +259,16 @@ def test_bench_serve_configurations_are_modes_with_placement_and_split(capsys):
     assert parse_configuration("hybrid:attn=flash") == ("hybrid", {"prefill_attention": "flash"})
     assert parse_configuration("rapid:adaptive:attn=paged") == (
         "rapid", {"placement": "adaptive", "prefill_attention": "paged"})
+    # the layout's cost: hybrid batching in rapid's processes, with and without MPS
+    assert parse_configuration("rapid:mixed:nomps") == ("rapid", {"placement": "mixed", "use_mps": False})
     for bad, why in (("hybrid:attn=fast", "names no prefill attention"),
                      ("hybrid:attn=paged:attn=flash", "more than one prefill attention"),
                      ("fast", "the mode must be one of"), ("rapid:best", "neither a placement"),
                      ("hybrid:static", "mode 'rapid' only"), ("rapid:50/", "neither a placement"),
                      ("rapid:slo=fast/15", "needs numbers"), ("rapid:static:0/50", r"in \[1, 100\], got 0"),
                      ("rapid:slo=0/25", "positive number"), ("rapid:static:adaptive", "more than one placement"),
-                     ("rapid:50/50:60/40", "more than one MPS split")):
+                     ("rapid:50/50:60/40", "more than one MPS split"), ("hybrid:nomps", "mode 'rapid' only"),
+                     ("rapid:nomps:nomps", "more than one MPS off")):
         with pytest.raises(ValueError, match=why):
             parse_configuration(bad)
     # checked before any engine starts (the model folder does not even exist): exit 2, the entry named

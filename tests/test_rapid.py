@@ -50,6 +50,18 @@ def test_rapid_equals_hybrid_and_transformers(tiny_llama, rapid_llm):
     assert learned["decode_alone_ms"] > 0 and learned["prefill_tok_s:prefill"] > 0, learned
 
 
+def test_placement_mixed_runs_every_prompt_in_the_decode_workers_steps(tiny_llama):
+    """Placement 'mixed' is hybrid batching in rapid's processes (the baseline that prices the layout): every
+    prompt token runs in the decode worker's steps, and greedy tokens equal transformers'."""
+    ps = prompts()
+    with LLM(tiny_llama, mode="rapid", placement="mixed", max_num_batched_tokens=32) as llm:
+        got = run(llm, ps)
+        stats = llm.engine.get_stats()
+    assert got == [hf_greedy(tiny_llama, p, GREEDY.max_tokens) for p in ps]
+    assert stats.placement_policy == "static decode"
+    assert stats.prefill_tokens_by_lane.get("prefill", 0) == 0 and stats.prefill_tokens_by_lane["decode"] > 0, stats
+
+
 def test_rapid_sampling_seeded_equals_hybrid(tiny_llama, rapid_llm):
     params = SamplingParams(temperature=0.9, top_k=50, seed=11, max_tokens=10, ignore_eos=True)
     ps = prompts(seed=3, lengths=(4, 40))

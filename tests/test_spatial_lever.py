@@ -48,8 +48,9 @@ def test_the_second_prefill_worker_is_configured_once_and_checked():
         RapidConfig(second_prefill_sm_percentage=0)
     with pytest.raises(ValueError, match="placement 'atom'.*second_prefill_sm_percentage"):
         RapidConfig(placement="atom")
-    with pytest.raises(ValueError, match=r"second_prefill_sm_percentage \(50\) .*placement 'static' never uses"):
-        RapidConfig(placement="static", second_prefill_sm_percentage=50)
+    for never in ("static", "mixed"):
+        with pytest.raises(ValueError, match=rf"second_prefill_sm_percentage \(50\) .*placement '{never}' never uses"):
+            RapidConfig(placement=never, second_prefill_sm_percentage=50)
     with pytest.raises(ValueError, match="second_prefill_sm_percentage \\(50\\) needs mode 'rapid'"):
         EngineConfig(model="m", tokenizer=None, mode="hybrid", rapid=RapidConfig(second_prefill_sm_percentage=50))
     assert parse_configuration("rapid:atom:p2=50") == ("rapid", {"placement": "atom",

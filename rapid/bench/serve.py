@@ -33,7 +33,8 @@ GPUS_PER_MODE = {"hybrid": 1, "rapid": 1, "disagg": 2}
 def parse_configuration(label: str) -> tuple[str, dict]:
     """A --modes entry -> (mode, EngineArgs overrides): 'hybrid', 'rapid', 'rapid:static', 'rapid:adaptive',
     'rapid:static:50/50' (placement and/or prefill/decode MPS split), 'rapid:adaptive:slo=500/25' (the SLOs the
-    placement plans for: TTFT/TPOT ms), 'rapid:atom:p2=50' (a second prefill worker at 50% of the SMs), and for any
+    placement plans for: TTFT/TPOT ms), 'rapid:atom:p2=50' (a second prefill worker at 50% of the SMs),
+    'rapid:mixed:nomps' (the workers time-sliced, without MPS: with placement mixed, the layout's cost), and for any
     mode 'attn=flash' (the prefill attention; the default paged runs prefill and mixed batches as whole CUDA
     graphs, an SDPA choice as piecewise ones), so every baseline runs on the same traces."""
     from rapid.config import MODES, PLACEMENTS, PREFILL_ATTENTIONS, RapidConfig
@@ -47,7 +48,7 @@ def parse_configuration(label: str) -> tuple[str, dict]:
     for part in parts:
         kind = ("placement" if part in PLACEMENTS else "SLO pair" if part.startswith("slo=")
                 else "second prefill share" if part.startswith("p2=")
-                else "prefill attention" if part.startswith("attn=") else "MPS split")
+                else "prefill attention" if part.startswith("attn=") else "MPS off" if part == "nomps" else "MPS split")
         if kind in seen:
             raise ValueError(f"--modes entry {label!r}: more than one {kind}")
         seen.add(kind)
@@ -62,6 +63,8 @@ def parse_configuration(label: str) -> tuple[str, dict]:
                 overrides["slo_ttft_ms"], overrides["slo_tpot_ms"] = (float(x) for x in part[4:].split("/"))
             except ValueError:
                 raise ValueError(f"--modes entry {label!r}: {part!r} needs numbers, as slo=500/25") from None
+        elif part == "nomps":
+            overrides["use_mps"] = False
         elif part.startswith("p2=") and part[3:].isdigit():
             overrides["second_prefill_sm_percentage"] = int(part[3:])
         elif part.count("/") == 1 and all(x.isdigit() for x in part.split("/")):
@@ -69,10 +72,11 @@ def parse_configuration(label: str) -> tuple[str, dict]:
             overrides.update(prefill_sm_percentage=p, decode_sm_percentage=d)
         else:
             raise ValueError(f"--modes entry {label!r}: {part!r} is neither a placement {PLACEMENTS}, an MPS split "
-                             "such as 50/50, SLOs such as slo=500/25, a second prefill share such as p2=50, nor a "
-                             "prefill attention such as attn=paged")
+                             "such as 50/50, SLOs such as slo=500/25, a second prefill share such as p2=50, "
+                             "nomps, nor a prefill attention such as attn=paged")
     if overrides and mode != "rapid":
-        raise ValueError(f"--modes entry {label!r}: a placement, MPS split, SLOs or p2= apply to mode 'rapid' only")
+        raise ValueError(f"--modes entry {label!r}: a placement, MPS split, SLOs, p2= or nomps apply to mode 'rapid' "
+                         "only")
     try:
         RapidConfig(**overrides)  # the values themselves (split in [1, 100], SLOs positive), before any engine
     except ValueError as e:

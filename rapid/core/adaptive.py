@@ -33,7 +33,8 @@ Plain Python (no torch): the same object runs in the engine core and in rapid.be
 from __future__ import annotations
 
 from rapid.core.placement import (
-    DECODE, PREFILL, PREFILL2, AtomPlacement, Load, Placement, ewma, lane_free, placement_for_mode,
+    DECODE, PREFILL, PREFILL2, AtomPlacement, Load, Placement, StaticPlacement, ewma, lane_free,
+    placement_for_mode,
 )
 
 TPOT_MARGIN = 0.8  # plan decode steps to at most this share of the TPOT SLO
@@ -327,12 +328,14 @@ class AdaptivePlacement:
 
 
 def make_placement(config):
-    """The policy of an EngineConfig: mode rapid's placement (adaptive, static or the ATOM rule), else the mode's
-    lane."""
+    """The policy of an EngineConfig: mode rapid's placement (adaptive, static, the ATOM rule or mixed), else the
+    mode's lane."""
     rapid = config.rapid
     if config.mode == "rapid" and rapid.placement == "atom":
         return AtomPlacement()
-    if config.places_adaptively:
+    if config.mode == "rapid" and rapid.placement == "mixed":
+        return StaticPlacement(DECODE)
+    if config.mode == "rapid" and rapid.placement == "adaptive":
         lanes = (PREFILL,) if rapid.second_prefill_sm_percentage is None else (PREFILL, PREFILL2)
         return AdaptivePlacement(config.scheduler.max_num_batched_tokens, rapid.slo_ttft_ms, rapid.slo_tpot_ms,
                                  prefill_lanes=lanes)

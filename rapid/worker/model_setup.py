@@ -45,9 +45,9 @@ def arena_roles(config: EngineConfig, role: str) -> tuple[str, ...]:
 
 def runs_prefill_graphs(role: str, config: EngineConfig) -> bool:
     """The roles that capture prefill CUDA graphs: hybrid runs every step shape, the prefill workers prefill, and
-    rapid's decode worker runs mixed steps when the adaptive placement may put prompts there (without graphs a
+    rapid's decode worker runs mixed steps when its placement may put prompts there (without graphs a
     mixed step there ran its layers eagerly: 48 ms at 50 req/s on the H200, against 16.5 in hybrid's graphs)."""
-    return role in ("prefill", "prefill2", "hybrid") or (role == "decode" and config.places_adaptively)
+    return role in ("prefill", "prefill2", "hybrid") or (role == "decode" and config.decode_runs_prompts)
 
 
 def profile_processes(config: EngineConfig, model_cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
