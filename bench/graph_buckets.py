@@ -86,14 +86,16 @@ def time_step(runner: FullGraphRunner, batch, reps: int) -> float:
     return statistics.median(times)
 
 
-def padding_cost(curve: dict[int, float], buckets: list[int]) -> dict:
+def padding_cost(curve: dict[int, float], buckets: list[int]) -> dict | None:
     """For each measured size T (a batch of T tokens), the bucket it would replay and that bucket's cost over
-    T's own: mean and worst, over sizes 128 and up (where prompts chunks sit)."""
+    T's own: mean and worst, over sizes 128 and up (where prompts chunks sit). None when --sizes measured none."""
     ratios = {}
     for T, ms in curve.items():
         b = next((b for b in buckets if b >= T), None)
         if b is not None and b in curve and T >= 128:
             ratios[T] = curve[b] / ms
+    if not ratios:
+        return None
     worst = max(ratios, key=ratios.get)
     return {"buckets": buckets, "mean_ratio": round(statistics.mean(ratios.values()), 4),
             "worst_ratio": round(ratios[worst], 4), "worst_at_tokens": worst}
@@ -150,6 +152,8 @@ def main() -> None:
     (out / "graph-buckets.json").write_text(json.dumps(result, indent=1, default=str))
     for key in ("coarse_buckets_padding", "pruned_candidates_padding"):
         for d, c in result[key].items():
+            if c is None:
+                continue
             print(f"{key}, decodes {d}: {len(c['buckets'])} buckets cost {c['mean_ratio']:.3f}x a step's own size on "
                   f"average, {c['worst_ratio']:.3f}x at worst ({c['worst_at_tokens']} tokens)")
 

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Does CUDA MPS slow one process's step graphs on this GPU? The same whole-graph steps (bench/graph_buckets.py: decode
+# rows plus a prompt chunk) timed with CUDA events in one process: without MPS; as an MPS client with rapid's thread
+# percentage (100); as one without a percentage; and with 100 beside a second, idle MPS client (rapid's prefill worker
+# while no prompt runs there). On the H200 in session 24, rapid's decode worker with every prompt in its own steps ran
+# its mixed steps 13% longer under MPS than without (placement mixed, 44 req/s).
+#   OUT=/tmp/out MODEL=/tmp/llama8b bash bench/mps_cost.sh     (after bench/gpu_session.sh has made the model folder)
+set -uo pipefail
+MODEL=${MODEL:-/tmp/llama8b}; OUT=${OUT:-/tmp/out}
+ARGS="--model $MODEL --decodes ${DECODES:-0,96} --ctx ${CTX:-1024} --sizes ${SIZES:-112,288,480} --reps ${REPS:-50}
+  --max-tokens 2048"
+run() {  # run NAME [VAR=VALUE...]: one graph_buckets run with these variables set
+  local name=$1; shift
+  echo "--- $name"
+  env "$@" python3 bench/graph_buckets.py $ARGS --out $OUT/mps-cost/$name 2>&1 | grep -E "^decodes|Error|error" | head -5
+}
+run no-mps
+pipe=$(mktemp -d /tmp/mps-cost-pipe.XXXX); log=$(mktemp -d /tmp/mps-cost-log.XXXX)
+export CUDA_MPS_PIPE_DIRECTORY=$pipe CUDA_MPS_LOG_DIRECTORY=$log
+nvidia-cuda-mps-control -d || { echo "no MPS daemon"; exit 1; }
+run mps-100 CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=100
+run mps-unset
+CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=100 python3 -c "import time, torch; torch.ones(1, device='cuda'); time.sleep(900)" &
+idle=$!
+sleep 5
+run mps-100-beside-idle-client CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=100
+kill $idle; wait $idle 2>/dev/null
+echo quit | nvidia-cuda-mps-control
+sleep 2; rm -rf $pipe $log
