@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from rapid.bench.datasets import random_requests, sharegpt_like_requests
-from rapid.bench.simulate import H200_8B_ATTENTION_MS_PER_CONTEXT_TOKEN, StepTimings, sim_trace, simulate
+from rapid.bench.simulate import (
+    H200_8B_ATTENTION_MS_PER_CONTEXT_TOKEN, H200_8B_MPS_PROMPT_STEP_MS, StepTimings, sim_trace, simulate,
+)
 from rapid.core.adaptive import AdaptivePlacement
 from rapid.core.placement import DECODE, PREFILL, StaticPlacement
 
@@ -235,3 +237,25 @@ def test_a_trace_caps_outputs_as_the_serving_benchmark_does():
     assert max(o for _, _, o in capped) == 512 < max(o for _, _, o in uncapped)
     assert [min(o, 512) for _, _, o in uncapped] == [o for _, _, o in capped]  # the same requests, at the same times
     assert [t for t, _, _ in capped] == [t for t, _, _ in uncapped]
+
+
+def test_mps_step_cost_puts_rapids_mixed_steps_behind_hybrids(whole_graphs):
+    """MPS adds about 0.75 ms to every step with prompt tokens (bench/mps_cost.sh on the H200, session 24), and
+    rapid's workers run under MPS. At 44 req/s on ShareGPT-like lengths, the GPU gave rapid with every prompt in
+    its decode worker's steps (placement 'mixed') a TPOT p50 1.065x hybrid's (9.9 against 9.3 ms), and without MPS
+    0.96x: simulated, that cost alone moves TPOT by about as much, and the adaptive policy, which keeps these
+    prompts inline, pays it as well. Without the cost it equals hybrid."""
+    trace = sharegpt(44)
+
+    def tpot_p50(policy, mps_ms):
+        run = simulate(trace, policy, whole_graphs, max_budget=2048, mps_step_ms=mps_ms)
+        tpots = sorted(r.tpot_ms for r in run.requests)
+        return tpots[len(tpots) // 2], run.placed
+
+    hybrid, _ = tpot_p50(StaticPlacement(DECODE), 0.0)
+    mixed, _ = tpot_p50(StaticPlacement(DECODE), H200_8B_MPS_PROMPT_STEP_MS)
+    adaptive, placed = tpot_p50(AdaptivePlacement(2048, 300, 15), H200_8B_MPS_PROMPT_STEP_MS)
+    adaptive_without, _ = tpot_p50(AdaptivePlacement(2048, 300, 15), 0.0)
+    assert 1.03 < mixed / hybrid < 1.10, (mixed, hybrid)
+    assert placed[PREFILL] < 0.05 * sum(placed.values()), placed  # inline, as on the GPU (1.5-6% elsewhere)
+    assert adaptive == pytest.approx(mixed, rel=0.01) and adaptive_without == pytest.approx(hybrid, rel=0.01)

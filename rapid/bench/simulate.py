@@ -32,6 +32,11 @@ from rapid.core.placement import DECODE, PREFILL, PREFILL2, PREFILL_LANES, Load,
 # Llama-3.1-8B on the H200 (bench/results/session17/call1/step-profile.json): decode attention took 9.17 ms of a
 # batch-256 step at contexts 1,000-1,060, reading the KV at 3.7 TB/s
 H200_8B_ATTENTION_MS_PER_CONTEXT_TOKEN = 9.17 / (256 * 1030)
+# what MPS adds to one step with prompt tokens (a whole CUDA graph) of Llama-3.1-8B on the H200, whatever its size
+# (median over six shapes of 112-480 tokens, 0.65-0.80 ms each, with or without a thread percentage or an idle second
+# client: bench/results/session24/call3/mps-cost/mps-cost.md). Rapid's workers run under MPS, hybrid does not. The
+# recorded decode steps alone come from rapid's decode worker, so under MPS already (0.10-0.24 ms over hybrid's)
+H200_8B_MPS_PROMPT_STEP_MS = 0.745
 
 
 @dataclass(frozen=True)
@@ -184,13 +189,16 @@ class SimRun:
 
 def simulate(trace: list[tuple[float, int, int]], policy, timings: StepTimings, max_budget: int = 8192,
              max_num_seqs: int = 1024, second: StepTimings | None = None,
-             chunk_every_other_step: bool = False, noise: float = 0.0, seed: int = 0) -> SimRun:
+             chunk_every_other_step: bool = False, noise: float = 0.0, seed: int = 0,
+             mps_step_ms: float = 0.0) -> SimRun:
     """Run (arrival_s, prompt_len, output_len) requests to completion. `timings`: the prefill worker's split (and
     the decode step alone, mixed steps); `second`: the second prefill worker's split, if the engine has one.
     `chunk_every_other_step`: the engine before 6bf67b2 (session 20's GPU runs), whose decode worker had launched its
     next step before a chunk came back, so that the step after a mixed step never carried a chunk. `noise`: every
     step's and prefill batch's time is scaled by a random factor of that spread (lognormal sigma, mean 1; drawn with
-    `seed`), as the GPU's timings vary from step to step; 0: the recorded times exactly."""
+    `seed`), as the GPU's timings vary from step to step; 0: the recorded times exactly. `mps_step_ms`: what a step
+    with prompt tokens costs more under MPS, a mixed step or a prefill batch with nothing decoding, whose recorded
+    costs come from one process without MPS (rapid's processes: H200_8B_MPS_PROMPT_STEP_MS; hybrid: 0)."""
     rng = random.Random(seed)
 
     def jitter(x: float) -> float:
@@ -274,7 +282,9 @@ def simulate(trace: list[tuple[float, int, int]], policy, timings: StepTimings, 
                 if pre.chunks:
                     tokens = sum(c[1] for c in pre.chunks)
                     progress(now)
-                    pre.start, pre.end = now, now + jitter(workers[d.lane].prefill_s(tokens, len(decoding)))
+                    alone_tax = 0.0 if decoding else mps_step_ms * 1e-3  # (beside decodes: recorded under MPS)
+                    batch_s = workers[d.lane].prefill_s(tokens, len(decoding)) + alone_tax
+                    pre.start, pre.end = now, now + jitter(batch_s)
                     retime()
         if dec.end is None and (decoding or dec.queued):
             launched_ahead = chunk_every_other_step and decoding and dec.after_mixed
@@ -282,8 +292,9 @@ def simulate(trace: list[tuple[float, int, int]], policy, timings: StepTimings, 
             dec.after_mixed = bool(dec.chunks)
             inline = sum(c[1] for c in dec.chunks)
             context = sum(r.prompt_len + r.produced for r in decoding)
+            prompt_ms = timings.inline_s(inline, len(decoding), False) * 1e3 + (mps_step_ms if inline else 0.0)
             work_ms = jitter((timings.decode_ms(len(decoding), False, context) if decoding else 0.0) +
-                             timings.inline_s(inline, len(decoding), False) * 1e3)  # at its speed alone
+                             prompt_ms)  # at its speed alone
             dec.batch, dec.start, dec.beside, dec.work_ms, dec.t_last, dec.end = list(decoding), now, False, work_ms, \
                 now, now
             retime()
