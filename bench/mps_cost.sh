@@ -12,10 +12,18 @@ ARGS="--model $MODEL --decodes ${DECODES:-0,96} --ctx ${CTX:-1024} --sizes ${SIZ
 run() {  # run NAME [VAR=VALUE...]: one graph_buckets run with these variables set
   local name=$1; shift
   echo "--- $name"
-  env "$@" python3 bench/graph_buckets.py $ARGS --out $OUT/mps-cost/$name 2>&1 | grep -E "^decodes|Error|error" | head -5
+  env "$@" python3 bench/graph_buckets.py $ARGS --out $OUT/mps-cost/$name 2>&1 | grep -E "^decodes|rror" | head -5
 }
+# the baseline must not join a daemon that already runs (a CUDA process joins the one at its pipe by itself)
+[ -e "${CUDA_MPS_PIPE_DIRECTORY:-/tmp/nvidia-mps}/control" ] && { echo "an MPS daemon runs: stop it first"; exit 1; }
 run no-mps
-pipe=$(mktemp -d /tmp/mps-cost-pipe.XXXX); log=$(mktemp -d /tmp/mps-cost-log.XXXX)
+pipe=$(mktemp -d /tmp/mps-cost-pipe.XXXX); log=$(mktemp -d /tmp/mps-cost-log.XXXX); idle=
+cleanup() {  # also when the call's time limit stops the script
+  [ -n "$idle" ] && kill $idle 2>/dev/null
+  echo quit | CUDA_MPS_PIPE_DIRECTORY=$pipe nvidia-cuda-mps-control 2>/dev/null
+  sleep 2; rm -rf $pipe $log
+}
+trap cleanup EXIT
 export CUDA_MPS_PIPE_DIRECTORY=$pipe CUDA_MPS_LOG_DIRECTORY=$log
 nvidia-cuda-mps-control -d || { echo "no MPS daemon"; exit 1; }
 run mps-100 CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=100
@@ -24,6 +32,4 @@ CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=100 python3 -c "import time, torch; torch.ones
 idle=$!
 sleep 5
 run mps-100-beside-idle-client CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=100
-kill $idle; wait $idle 2>/dev/null
-echo quit | nvidia-cuda-mps-control
-sleep 2; rm -rf $pipe $log
+kill $idle; wait $idle 2>/dev/null; idle=

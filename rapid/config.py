@@ -129,7 +129,7 @@ class RapidConfig:
         _check(self.placement != "atom" or v is not None, "placement 'atom' routes prefill batches between two prefill "
                "workers: give second_prefill_sm_percentage too (ATOM restricts prefill to half the GPU: 50)")
         _check(v is None or self.placement in ("adaptive", "atom"), f"second_prefill_sm_percentage ({v}) starts a "
-               f"prefill worker that placement {self.placement!r} never uses; use 'adaptive' or 'atom', or leave it unset")
+               f"prefill worker that placement {self.placement!r} never uses; use 'adaptive' or 'atom', or omit it")
         _check(_is_number(self.worker_start_timeout_s) and self.worker_start_timeout_s > 0,
                f"worker_start_timeout_s must be > 0, got {self.worker_start_timeout_s!r}")
         _check_bool(self, "use_mps")
@@ -164,9 +164,9 @@ class EngineConfig:
 
     def __post_init__(self):
         _check(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
-        _check(self.mode == "rapid" or self.rapid.second_prefill_sm_percentage is None,
-               f"second_prefill_sm_percentage ({self.rapid.second_prefill_sm_percentage}) needs mode 'rapid' (the "
-               f"prefill workers share the decode worker's GPU), not {self.mode!r}")
+        p2, placement = self.rapid.second_prefill_sm_percentage, self.rapid.placement
+        _check(self.mode == "rapid" or (p2 is None and placement == "adaptive"), f"second_prefill_sm_percentage "
+               f"({p2}) and placement ({placement!r}) need mode 'rapid' (its prompts' lanes), not {self.mode!r}")
         _check(not isinstance(self.dtype, str) or self.dtype in DTYPES,
                f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         _check(isinstance(self.device, str) and (self.device in ("auto", "cpu", "cuda") or

@@ -65,7 +65,8 @@ def make_core(num_blocks=32, budget=64, lookahead=1, tokenizer=None, mode="rapid
                        cache=CacheConfig(block_size=block_size),
                        scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=budget,
                                                  max_model_len=max_model_len),
-                       rapid=RapidConfig(decode_lookahead_blocks=lookahead, placement=placement,
+                       rapid=RapidConfig(decode_lookahead_blocks=lookahead,
+                                         placement=placement if mode == "rapid" else "adaptive",  # (rapid's only)
                                          slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms))
     w = FakeWorkers()
     return Harness(EngineCore(cfg, tokenizer, (0,), w, num_blocks, num_decode_blocks=num_decode_blocks), w), w

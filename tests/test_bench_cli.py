@@ -268,7 +268,8 @@ def test_bench_serve_configurations_are_modes_with_placement_and_split(capsys):
                      ("rapid:slo=fast/15", "needs numbers"), ("rapid:static:0/50", r"in \[1, 100\], got 0"),
                      ("rapid:slo=0/25", "positive number"), ("rapid:static:adaptive", "more than one placement"),
                      ("rapid:50/50:60/40", "more than one MPS split"), ("hybrid:nomps", "mode 'rapid' only"),
-                     ("rapid:nomps:nomps", "more than one MPS off")):
+                     ("rapid:nomps:nomps", "more than one MPS off"), ("rapid:nomps:50/50", "means nothing with nomps"),
+                     ("rapid:atom:p2=50:nomps", "means nothing with nomps")):
         with pytest.raises(ValueError, match=why):
             parse_configuration(bad)
     # checked before any engine starts (the model folder does not even exist): exit 2, the entry named

@@ -374,6 +374,40 @@ def test_inline_batches_queued_together_share_a_step():
     assert [[w.request_id for w in step if w.request_id != "d"] for step in runner.steps[before:]] == [["s"], ["t"]]
 
 
+def test_a_batch_the_placement_sized_shares_a_step_only_within_that_size():
+    """A placement that sizes its decode-lane batches (the adaptive policy's TPOT-checked chunks and its small
+    samples) plans the step at that size: each batch carries it (decodes included), so batches of 8 planned beside
+    one decode never run as one step of 16 (review of session 24)."""
+    from rapid.protocol.worker import StartDecode
+
+    class EightAtATime(StaticPlacement):
+        def place(self, load):
+            return Placement(DECODE, 8, "mixed step: sooner first token, inside the TPOT SLO")
+
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64),
+                      BlockManager(64, 4, enable_prefix_caching=False), placement=EightAtATime(DECODE))
+    sched.add_request(Request("z", [1, 2, 3], SamplingParams(max_tokens=20), (0,)))
+    first = [m for _, m in sched.schedule().messages if isinstance(m, PrefillBatch)][0]
+    sched.update_from_output(PrefillDone(first.batch_id, [SampledToken("z", 5, 0.0)], 1.0, 1.01, num_tokens=3))
+    assert sched.num_decoding == 1  # the step planned: 8 prompt tokens and z's row
+    sent = []
+    for rid in "ab":
+        sched.add_request(Request(rid, list(range(1, 9)), SamplingParams(max_tokens=3), (0,)))
+        sent += [m for _, m in sched.schedule().messages if isinstance(m, PrefillBatch)]
+    assert [m.max_step_tokens for m in sent] == [9, 9]
+    cfg = EngineConfig(model="m", tokenizer=None, mode="rapid", async_scheduling=True, cache=CacheConfig(block_size=4),
+                       scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64))
+    runner = FakeRunner()
+    runner.wait = lambda launched: None
+    loop = DecodeLoop(runner, cfg, (0,), kv_read_elsewhere=True)
+    loop.handle(StartDecode("d", [1, 2, 3], [4], [40, 41], SamplingParams(max_tokens=50)))
+    for m in sent:
+        loop.handle(m)
+    for _ in range(3):
+        loop.step()
+    assert [[w.request_id for w in step if w.request_id != "d"] for step in runner.steps[:2]] == [["a"], ["b"]]
+
+
 def test_a_step_of_several_inline_batches_is_learned_once():
     """The scheduler learns a mixed step's prompt cost from the answer that carries the step's tokens (all its
     batches'), not once per batch with the step's whole time."""
@@ -630,15 +664,25 @@ class QueuedWorkers:
     """The decode executor as rapid's decode worker process runs it: the core's messages wait in its inbox, and it
     steps only on some polls, so the core may send a second prefill batch before the first was launched."""
 
-    def __init__(self, loop, rng, runner=None):
-        """`runner`: given, a prefill worker too, which answers its batches on some polls (recorded there)."""
+    def __init__(self, loop, rng, runner=None, idle_polls=0.5):
+        """`runner`: given, a prefill worker too, which answers its batches on some polls (recorded there).
+        `idle_polls`: the share of polls on which nothing happens (more: more batches queue, and share a step)."""
         self.loop, self.rng, self.inbox, self.runner, self.prefill = loop, rng, [], runner, []
+        self.idle_polls, self.sent, self.answered = idle_polls, [], []  # batch ids sent and answered, in order
+        self.joined = 0  # batches that ran in a step with another before them
 
     def send(self, lane, msg):
         (self.prefill if lane == PREFILL else self.inbox).append(msg)
+        self.sent += [msg.batch_id] if isinstance(msg, PrefillBatch) else []
 
     def poll(self, timeout_ms=0):
-        if self.rng.random() < 0.5:
+        out = self._poll()
+        self.answered += [m.batch_id for m in out if isinstance(m, PrefillDone)]
+        self.joined += sum(1 for m in out if isinstance(m, PrefillDone) and m.step_tokens == 0)  # shared a step
+        return out
+
+    def _poll(self):
+        if self.rng.random() < self.idle_polls:
             return []
         if self.prefill and self.rng.random() < 0.3:
             batch = self.prefill.pop(0)
@@ -707,6 +751,42 @@ def test_two_chunks_queued_on_the_decode_executor_keep_every_prompt_in_order(see
         if added == 30 and not sched.has_unfinished():
             break
     assert deepest == DECODE_LANE_DEPTH and not sched.has_unfinished()  # (three: a step may take two)
+    assert sched.blocks.num_free_blocks == sched.blocks.num_blocks
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_inline_batches_that_share_steps_each_run_once_in_order(seed):
+    """A decode worker that steps on few polls, short prompts, prefix caching on: queued inline batches often share
+    a step, two or three at a time. Each batch is answered exactly once, each prompt's chunks run in order within
+    the step budget, and every block is freed (the review of session 24 ran this over 40 seeds)."""
+    import random
+
+    rng = random.Random(seed)
+    cfg = EngineConfig(model="m", tokenizer=None, mode="hybrid", async_scheduling=True,
+                       cache=CacheConfig(block_size=4, enable_prefix_caching=True),
+                       scheduler=SchedulerConfig(max_num_seqs=12, max_num_batched_tokens=48, max_model_len=128))
+    runner = FakeRunner()
+    workers = QueuedWorkers(DecodeLoop(runner, cfg, (0,)), rng, idle_polls=0.7)
+    core = EngineCore(cfg, None, (0,), workers, 128)  # room for all: no preemption (a chunk would start again)
+    sched, prompts, next_start = core.scheduler, {}, {}
+    shared_prefix = list(range(1000, 1016))
+    for i in range(40):
+        prompt = shared_prefix[: rng.choice((0, 8, 16))] + list(range(100 * i, 100 * i + rng.randint(1, 6)))
+        prompts[f"q{i}"] = prompt
+        core.add_request(AddRequest(f"q{i}", prompt, SamplingParams(max_tokens=rng.randint(1, 8))))
+        for _ in range(rng.randint(1, 3)):  # each arrival its own batch
+            ran = len(runner.steps)
+            core.step()
+            for step in runner.steps[ran:]:
+                assert sum(len(w.token_ids) for w in step) <= 48
+                for w in step:
+                    if w.start_pos < len(prompts[w.request_id]) and w.request_id in next_start:
+                        assert w.start_pos == next_start[w.request_id], w.request_id  # after the chunk before
+                    next_start[w.request_id] = w.start_pos + len(w.token_ids)
+    while sched.has_unfinished():
+        core.step()
+    assert sorted(workers.answered) == sorted(workers.sent) == sorted(set(workers.sent))  # once each
+    assert workers.joined >= 3, workers.joined  # batches queued together shared steps
     assert sched.blocks.num_free_blocks == sched.blocks.num_blocks
 
 

@@ -51,8 +51,11 @@ def test_the_second_prefill_worker_is_configured_once_and_checked():
     for never in ("static", "mixed"):
         with pytest.raises(ValueError, match=rf"second_prefill_sm_percentage \(50\) .*placement '{never}' never uses"):
             RapidConfig(placement=never, second_prefill_sm_percentage=50)
-    with pytest.raises(ValueError, match="second_prefill_sm_percentage \\(50\\) needs mode 'rapid'"):
+    with pytest.raises(ValueError, match=r"second_prefill_sm_percentage \(50\) and placement \('adaptive'\) need mode"):
         EngineConfig(model="m", tokenizer=None, mode="hybrid", rapid=RapidConfig(second_prefill_sm_percentage=50))
+    for mode in ("hybrid", "disagg"):  # a placement names lanes of mode rapid (disagg's prompts run on its prefill GPU)
+        with pytest.raises(ValueError, match=rf"placement \('mixed'\) need mode 'rapid'.*not '{mode}'"):
+            EngineConfig(model="m", tokenizer=None, mode=mode, rapid=RapidConfig(placement="mixed"))
     assert parse_configuration("rapid:atom:p2=50") == ("rapid", {"placement": "atom",
                                                                 "second_prefill_sm_percentage": 50})
     with pytest.raises(ValueError, match="p2=101"):
@@ -177,3 +180,24 @@ def test_rapid_serve_with_a_second_prefill_worker(tiny_llama):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_use_mps_false_warns_when_a_running_daemon_would_take_the_workers(monkeypatch, tmp_path):
+    """A CUDA process joins the MPS daemon at its pipe whatever the engine asks: use_mps=False says so when one
+    runs (a 'nomps' measurement would not be one), and only the time-slicing warning when none does."""
+    import warnings
+
+    from rapid.engine import mps
+
+    monkeypatch.setattr(mps, "uses_cuda", lambda config: True)
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path))
+    cfg = EngineConfig(model="m", tokenizer=None, mode="rapid", rapid=RapidConfig(use_mps=False))
+    for running in (False, True):
+        if running:
+            (tmp_path / "control").touch()  # what daemon_running looks for
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert MpsDaemon.for_config(cfg) is None
+        messages = [str(w.message) for w in caught]
+        assert any("time-slice" in m for m in messages)
+        assert any(f"an MPS daemon runs at {tmp_path}" in m for m in messages) == running, messages

@@ -77,6 +77,8 @@ def parse_configuration(label: str) -> tuple[str, dict]:
     if overrides and mode != "rapid":
         raise ValueError(f"--modes entry {label!r}: a placement, MPS split, SLOs, p2= or nomps apply to mode 'rapid' "
                          "only")
+    if "MPS off" in seen and {"MPS split", "second prefill share"} & seen:
+        raise ValueError(f"--modes entry {label!r}: an MPS split or p2= means nothing with nomps (no MPS shares)")
     try:
         RapidConfig(**overrides)  # the values themselves (split in [1, 100], SLOs positive), before any engine
     except ValueError as e:
@@ -98,7 +100,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="--backend openai: vocabulary of the random prompts (default: the --model folder's config)")
     p.add_argument("--modes", default=None, help="comma list of configurations to sweep on the same traces (default: "
                    "--mode): a mode, or rapid with a placement, MPS split, SLOs and/or a second prefill share, e.g. "
-                   "hybrid,rapid:static:100/100,rapid:static:50/50,rapid:adaptive:slo=500/25,rapid:atom:p2=50; any "
+                   "hybrid,rapid:static:100/100,rapid:static:50/50,rapid:adaptive:slo=500/25,rapid:atom:p2=50, "
+                   "rapid:mixed:nomps (every prompt in the decode worker's steps, without MPS); any "
                    "mode may add attn=<prefill attention>, e.g. hybrid:attn=flash; with --backend openai, the one "
                    "label of the server's mode")
     p.add_argument("--dataset-name", default="sharegpt-like", choices=["random", "sharegpt", "sharegpt-like"],

@@ -128,7 +128,7 @@ class Scheduler:
             self.running.remove(req)
             req.status = S.STOPPING
             self.outbox.append((DECODE, StopDecode([req.request_id])))
-        elif req.status == S.PREEMPTED or self._in_flight(req):
+        elif req.status == S.PREEMPTED or req.request_id in self.in_flight:
             if req in self.running:
                 self.running.remove(req)
             if req.status == S.PREEMPTED:
@@ -152,9 +152,6 @@ class Scheduler:
             pool.free(req.request_id)
         if self.reserve:
             self.reserve.forget(req.request_id)
-
-    def _in_flight(self, req: Request) -> bool:
-        return req.request_id in self.in_flight
 
     def _tokens_to_send(self, req: Request) -> int:
         """Tokens whose KV is still to compute and not yet in a batch in flight."""
@@ -202,6 +199,7 @@ class Scheduler:
         Returns the batch (None when nothing could be scheduled)."""
         step_room = self.token_budget - (self.num_decoding if lane == DECODE else 0)
         budget = step_room if budget is None else min(budget, step_room)
+        planned = budget + self.token_budget - step_room if lane == DECODE else 0  # the step it may share (decodes in)
         chunks: list[tuple[Request, int]] = []
         starts: dict[str, int] = {}  # a chunk behind one in flight on the lane starts after it
         for req in [r for r in self.running if r.status == S.PREFILLING and self._has_chunk_for(r, lane)]:
@@ -213,7 +211,8 @@ class Scheduler:
             start, n = req.num_tokens - left, min(left, budget)
             # a chunk behind one in flight never preempts: the request is no victim then (it is in flight), so the
             # victim would be an older request, maybe one already in this batch; it waits for the answer instead
-            grown = self.blocks.allocate(req.request_id, start + n) is not None if self._in_flight(req) else \
+            held = req.request_id in self.in_flight
+            grown = self.blocks.allocate(req.request_id, start + n) is not None if held else \
                 self._grow(req, self.blocks, start + n)
             if not grown:
                 break
@@ -240,7 +239,7 @@ class Scheduler:
         batch = InFlight(next(self.batch_ids), chunks, sent_at=time.time())
         self.in_flight.add(lane, batch)
         work = [seq_work(r, n, self.blocks.block_table(r.request_id), starts.get(r.request_id)) for r, n in chunks]
-        self.outbox.append((lane, PrefillBatch(batch.batch_id, work, self.token_budget if lane == DECODE else 0)))
+        self.outbox.append((lane, PrefillBatch(batch.batch_id, work, planned)))
         return batch
 
     def _admit(self, req: Request, budget: int, reserved: int = 0) -> int | None:
@@ -273,7 +272,7 @@ class Scheduler:
         itself (vLLM's rule). One victim at a time: a decoding victim frees its blocks on Dropped."""
         if self.num_preempting:
             return
-        holders = [r for r in self.running if not self._in_flight(r)
+        holders = [r for r in self.running if r.request_id not in self.in_flight
                    and (not self.separate_pools or (r.status == S.DECODING) == (pool is self.decode_blocks))]
         if holders:
             self._preempt(holders[-1])
@@ -360,7 +359,7 @@ class Scheduler:
         touched = []
         for req, n in chunks:
             if req.status == S.STOPPING:
-                if not self._in_flight(req):  # (a chunk behind this one still writes its KV: released after it)
+                if req.request_id not in self.in_flight:  # (a chunk behind it still writes its KV: released after it)
                     self._release(req)
                 continue
             req.num_computed_tokens += n
@@ -382,7 +381,7 @@ class Scheduler:
             step_ms = (msg.t_end - msg.t_start + (0.0 if msg.device is not None else msg.idle_gap_s)) * 1e3
             self.decode_step_ms = ewma(self.decode_step_ms, step_ms)
             # a mixed step's time is learned through its PrefillDone; the step says what it ran (untimed: a chunk
-            # on the decode lane may have been in it; with two held, it may also be the next step's)
+            # on the decode lane may have been in it; with more held, it may also be a later step's)
             mixed = msg.device.kind == "mixed" if msg.device is not None else self.in_flight.busy(DECODE)
             beside = self.in_flight.ran_beside(msg.t_start, msg.t_end)  # by when it ran, not by what is in flight
             if beside is not None:

@@ -67,6 +67,10 @@ class MpsDaemon:
         if not config.rapid.use_mps:
             warnings.warn("mode 'rapid' without MPS: the workers only time-slice the GPU (no real "
                           "concurrency); results are not representative", RuntimeWarning, stacklevel=3)
+            pipe_dir = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", DEFAULT_PIPE_DIR)
+            if daemon_running(pipe_dir):  # a CUDA process joins the daemon it finds whatever the engine asks
+                warnings.warn(f"use_mps=False, but an MPS daemon runs at {pipe_dir}: the workers will be its "
+                              "clients anyway; stop it for a run without MPS", RuntimeWarning, stacklevel=3)
             return None
         if shutil.which("nvidia-cuda-mps-control") is None:
             raise RuntimeError(

@@ -67,8 +67,8 @@ class WorkerReady(msgspec.Struct, tag=True):
 class PrefillBatch(msgspec.Struct, tag=True):
     batch_id: int
     work: list[SeqWork]
-    # an inline batch: the step's token budget the core planned it in (decode rows included); the decode executor
-    # may run queued batches in one step within all their budgets. 0: never with another
+    # an inline batch: the step size the core planned it in (decode rows included; the placement's own budget when it
+    # sized the batch); the decode executor may run queued batches in one step within all their sizes. 0: never
     max_step_tokens: int = 0
 
 
