@@ -164,6 +164,7 @@ class _Lane:
         self.start = 0.0
         self.chunks: list[tuple[SimRequest, int, bool]] = []
         self.queued: list[tuple[SimRequest, int, bool]] = []  # the decode lane: prompt work for its next step
+        self.queued_limit = math.inf  # the decode lane: the prompt tokens every batch queued there was planned in
         self.batch: list[SimRequest] = []  # the decode lane: the requests its running step advances
         self.beside: bool | str = False  # the decode lane: the prefill worker whose batch ran during its running step
         self.after_mixed = False  # the decode lane: its step before the running one carried a chunk
@@ -265,15 +266,19 @@ def simulate(trace: list[tuple[float, int, int]], policy, timings: StepTimings, 
         while pending and pending[0].arrival_s <= now:
             waiting.append(pending.popleft())
         queued = [r for r in waiting if not r.in_flight]
-        if queued:  # the engine asks before each step; a lane with a batch not yet run is skipped
+        if queued:  # the engine asks as prompts arrive and steps end
+            room, in_next = max_budget - len(decoding), sum(c[1] for c in dec.queued)
             load = Load(len(decoding), sum(r.left for r in queued), now - queued[0].arrival_s, step_ms,
-                        pre.end is not None, mixed_step_room=max_budget - len(decoding),
-                        decode_lane_busy=bool(dec.queued))
+                        pre.end is not None, mixed_step_room=room,
+                        decode_lane_busy=in_next >= min(room, dec.queued_limit))
             d = policy.place(load)
-            if d.lane == DECODE and not dec.queued:  # joins the decode executor's next step
-                room = max_budget - len(decoding)
-                dec.queued = take(min(d.token_budget or room, room))
-                placed[DECODE] += sum(c[1] for c in dec.queued)
+            if d.lane == DECODE:  # joins the decode executor's next step, inside every queued batch's plan (the
+                # decode worker runs queued batches in one step: rapid.worker.decode_loop.DecodeLoop._take_inline)
+                limit = min(d.token_budget or room, room, dec.queued_limit)
+                more = take(limit - in_next)
+                if more:
+                    dec.queued, dec.queued_limit = dec.queued + more, limit
+                    placed[DECODE] += sum(c[1] for c in more)
             elif d.lane in PREFILL_LANES and pre.end is None:
                 if workers[d.lane] is None:
                     raise ValueError(f"the policy placed a batch on {d.lane!r}, which has no timings here")
@@ -289,6 +294,7 @@ def simulate(trace: list[tuple[float, int, int]], policy, timings: StepTimings, 
         if dec.end is None and (decoding or dec.queued):
             launched_ahead = chunk_every_other_step and decoding and dec.after_mixed
             dec.chunks, dec.queued = ([], dec.queued) if launched_ahead else (dec.queued, [])
+            dec.queued_limit = dec.queued_limit if dec.queued else math.inf
             dec.after_mixed = bool(dec.chunks)
             inline = sum(c[1] for c in dec.chunks)
             context = sum(r.prompt_len + r.produced for r in decoding)
