@@ -66,11 +66,12 @@ def mixed_batch(T: int, decodes: int, ctx: int, device: torch.device):
 
 
 def time_step(runner: FullGraphRunner, batch, reps: int) -> float:
-    """Median ms of one step (load into the static buffers + replay), CUDA events, after 3 warm-up steps."""
+    """Median ms of one step (load into the static buffers + replay, or the body run eagerly with --eager), CUDA
+    events, after 3 warm-up steps."""
     for _ in range(3):
         runner.run(*batch)
     times = []
-    if not runner.graphs:  # a CPU dry run (TRITON_INTERPRET=1): wall time of the eager body
+    if not torch.cuda.is_available():  # a CPU dry run (TRITON_INTERPRET=1): wall time of the eager body
         for _ in range(reps):
             t = time.perf_counter()
             runner.run(*batch)
@@ -109,6 +110,8 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=1024, help="context of each decode row")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--sizes", default=None, help="comma-separated token counts (default: fine_sizes)")
+    ap.add_argument("--eager", action="store_true",
+                    help="run each step's body without capturing it (its compiled pieces, launched one by one)")
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
     gpu = torch.cuda.is_available()  # else a dry run of the script on a tiny model: TRITON_INTERPRET=1, no graphs
@@ -126,7 +129,8 @@ def main() -> None:
     if gpu:
         model.compile_pieces()
         warm_up(model, pool)
-    runner = FullGraphRunner(model, pool, args.max_tokens, rows, per_seq * BLOCK, BLOCK, sizes=sizes, capture=gpu)
+    runner = FullGraphRunner(model, pool, args.max_tokens, rows, per_seq * BLOCK, BLOCK, sizes=sizes,
+                             capture=gpu and not args.eager)
     curves = {}
     for d in decodes:
         curves[d] = {T: round(time_step(runner, mixed_batch(T, d, args.ctx, dev), args.reps), 4)
@@ -139,7 +143,8 @@ def main() -> None:
         "command": " ".join(sys.argv), "device": torch.cuda.get_device_name() if gpu else "cpu",
         "torch": torch.__version__,
         "python": platform.python_version(), "model": cfg.__dict__ if hasattr(cfg, "__dict__") else str(cfg),
-        "method": f"one whole CUDA graph per size; median of {args.reps} steps after 3, CUDA events; decode rows at "
+        "method": f"{'each step eagerly (--eager)' if args.eager else 'one whole CUDA graph per size'}; median of "
+                  f"{args.reps} steps after 3, CUDA events; decode rows at "
                   f"context {args.ctx}, one fresh chunk, no KV writes",
         "capture_s": round(runner.capture_s, 1),
         "ms_by_decodes_and_tokens": {str(d): {str(T): ms for T, ms in c.items()} for d, c in curves.items()},

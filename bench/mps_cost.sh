@@ -5,18 +5,24 @@
 # while no prompt runs there). On the H200 in session 24, rapid's decode worker with every prompt in its own steps ran
 # its mixed steps 13% longer under MPS than without (placement mixed, 44 req/s).
 #   OUT=/tmp/out MODEL=/tmp/llama8b bash bench/mps_cost.sh     (after bench/gpu_session.sh has made the model folder)
+# EAGER=1: the same steps without graphs (their compiled pieces launched one by one), to tell a cost of graphs under MPS
+# from one of every kernel; VARIANTS: which of the four runs (default all), e.g. VARIANTS="no-mps mps-100".
 set -uo pipefail
 MODEL=${MODEL:-/tmp/llama8b}; OUT=${OUT:-/tmp/out}
 ARGS="--model $MODEL --decodes ${DECODES:-0,96} --ctx ${CTX:-1024} --sizes ${SIZES:-112,288,480} --reps ${REPS:-50}
-  --max-tokens 2048"
-run() {  # run NAME [VAR=VALUE...]: one graph_buckets run with these variables set
+  --max-tokens 2048 ${EAGER:+--eager}"
+VARIANTS=${VARIANTS:-no-mps mps-100 mps-unset mps-100-beside-idle-client}
+run() {  # run NAME [VAR=VALUE...]: one graph_buckets run with these variables set, if VARIANTS names it
   local name=$1; shift
-  echo "--- $name"
-  env "$@" python3 bench/graph_buckets.py $ARGS --out $OUT/mps-cost/$name 2>&1 | grep -E "^decodes|rror" | head -5
+  [[ " $VARIANTS " == *" $name "* ]] || return 0
+  echo "--- $name${EAGER:+ (eager)}"
+  env "$@" python3 bench/graph_buckets.py $ARGS --out $OUT/mps-cost/$name${EAGER:+-eager} 2>&1 \
+    | grep -E "^decodes|rror" | head -5
 }
 # the baseline must not join a daemon that already runs (a CUDA process joins the one at its pipe by itself)
 [ -e "${CUDA_MPS_PIPE_DIRECTORY:-/tmp/nvidia-mps}/control" ] && { echo "an MPS daemon runs: stop it first"; exit 1; }
 run no-mps
+[[ " $VARIANTS" == *" mps-"* ]] || exit 0
 pipe=$(mktemp -d /tmp/mps-cost-pipe.XXXX); log=$(mktemp -d /tmp/mps-cost-log.XXXX); idle=
 cleanup() {  # also when the call's time limit stops the script
   [ -n "$idle" ] && kill $idle 2>/dev/null
@@ -28,6 +34,7 @@ export CUDA_MPS_PIPE_DIRECTORY=$pipe CUDA_MPS_LOG_DIRECTORY=$log
 nvidia-cuda-mps-control -d || { echo "no MPS daemon"; exit 1; }
 run mps-100 CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=100
 run mps-unset
+[[ " $VARIANTS " == *" mps-100-beside-idle-client "* ]] || exit 0
 CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=100 python3 -c "import time, torch; torch.ones(1, device='cuda'); time.sleep(900)" &
 idle=$!
 sleep 5
