@@ -331,12 +331,12 @@ def make_placement(config):
     """The policy of an EngineConfig: mode rapid's placement (adaptive, static, the ATOM rule or mixed), else the
     mode's lane."""
     rapid = config.rapid
-    if config.mode == "rapid" and rapid.placement == "atom":
+    if config.mode != "rapid" or rapid.placement == "static":
+        return placement_for_mode(config.mode)
+    if rapid.placement == "atom":
         return AtomPlacement()
-    if config.mode == "rapid" and rapid.placement == "mixed":
+    if rapid.placement == "mixed":
         return StaticPlacement(DECODE)
-    if config.mode == "rapid" and rapid.placement == "adaptive":
-        lanes = (PREFILL,) if rapid.second_prefill_sm_percentage is None else (PREFILL, PREFILL2)
-        return AdaptivePlacement(config.scheduler.max_num_batched_tokens, rapid.slo_ttft_ms, rapid.slo_tpot_ms,
-                                 prefill_lanes=lanes)
-    return placement_for_mode(config.mode)
+    lanes = (PREFILL,) if rapid.second_prefill_sm_percentage is None else (PREFILL, PREFILL2)
+    return AdaptivePlacement(config.scheduler.max_num_batched_tokens, rapid.slo_ttft_ms, rapid.slo_tpot_ms,
+                             prefill_lanes=lanes)

@@ -197,9 +197,9 @@ class Scheduler:
         """One prefill batch for `lane` of at most `budget` tokens (default: the step's token budget): unfinished
         prompts first (arrival order), then waiting requests. A mixed step's decodes count against the budget.
         Returns the batch (None when nothing could be scheduled)."""
-        step_room = self.token_budget - (self.num_decoding if lane == DECODE else 0)
-        budget = step_room if budget is None else min(budget, step_room)
-        planned = budget + self.token_budget - step_room if lane == DECODE else 0  # the step it may share (decodes in)
+        decode_rows = self.num_decoding if lane == DECODE else 0
+        budget = self.token_budget - decode_rows if budget is None else min(budget, self.token_budget - decode_rows)
+        planned = budget + decode_rows if lane == DECODE else 0  # the step it may share (decodes in)
         chunks: list[tuple[Request, int]] = []
         starts: dict[str, int] = {}  # a chunk behind one in flight on the lane starts after it
         for req in [r for r in self.running if r.status == S.PREFILLING and self._has_chunk_for(r, lane)]:
@@ -352,8 +352,8 @@ class Scheduler:
         lane, chunks = self.in_flight.pop(msg.batch_id, (msg.t_start, msg.t_end))
         beside = lane == DECODE and self.in_flight.ran_beside(msg.t_start, msg.t_end)  # a mixed step beside a batch
         tokens = msg.num_tokens if msg.step_tokens is None else msg.step_tokens  # (a step of several: learned once)
-        decoding = 0 if msg.device is not None and msg.device.kind == "inline" else self.num_decoding  # (timed)
         if beside is not None and tokens:
+            decoding = 0 if msg.device is not None and msg.device.kind == "inline" else self.num_decoding  # (timed)
             self.placement.observe_prefill(lane, tokens, msg.t_end - msg.t_start, decoding, beside)
         sampled = {s.request_id: s for s in msg.sampled}
         touched = []

@@ -64,11 +64,12 @@ class MpsDaemon:
     def for_config(cls, config: EngineConfig) -> "MpsDaemon | None":
         if config.mode != "rapid" or not uses_cuda(config):
             return None
+        pipe_dir = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", DEFAULT_PIPE_DIR)
+        running = daemon_running(pipe_dir)
         if not config.rapid.use_mps:
             warnings.warn("mode 'rapid' without MPS: the workers only time-slice the GPU (no real "
                           "concurrency); results are not representative", RuntimeWarning, stacklevel=3)
-            pipe_dir = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", DEFAULT_PIPE_DIR)
-            if daemon_running(pipe_dir):  # a CUDA process joins the daemon it finds whatever the engine asks
+            if running:  # a CUDA process joins the daemon it finds whatever the engine asks
                 warnings.warn(f"use_mps=False, but an MPS daemon runs at {pipe_dir}: the workers will be its "
                               "clients anyway; stop it for a run without MPS", RuntimeWarning, stacklevel=3)
             return None
@@ -77,8 +78,7 @@ class MpsDaemon:
                 "mode 'rapid' on CUDA needs MPS but nvidia-cuda-mps-control is not on PATH; install the CUDA "
                 "driver tools, or pass use_mps=False to run time-sliced (slower, with a warning)"
             )
-        pipe_dir = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", DEFAULT_PIPE_DIR)
-        if daemon_running(pipe_dir):
+        if running:
             logger.info("using the running MPS daemon (%s); it is left running at shutdown", pipe_dir)
             return cls(pipe_dir, None, started=False)
         pipe_dir = tempfile.mkdtemp(prefix="rapid-mps-pipe-")
