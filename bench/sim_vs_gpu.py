@@ -12,12 +12,12 @@ GPU and simulated figures side by side as gpu/sim. Run: PYTHONPATH=. python benc
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from summarize_h200 import h200_step_timings as timings  # bench/: this script's own folder
+from result_files import read_json  # bench/: this script's own folder
+from summarize_h200 import h200_step_timings as timings
 
 from rapid.bench.simulate import simulate
 from rapid.core.adaptive import AdaptivePlacement
@@ -81,8 +81,8 @@ def compare(label: str, budget: int, rate: dict) -> dict:
 
 def runs():
     """(call, mode label, token budget, per-rate entry) of every session 20 serve.json."""
-    for path in sorted((R / "session20").glob("call*/*/serve.json")):
-        d = json.loads(path.read_text())
+    for path in sorted((R / "session20").glob("call*/*/serve.json*")):
+        d = read_json(path.with_name("serve.json"))
         args = dict(a[2:].split("=", 1) for a in d["command"].split() if a.startswith("--") and "=" in a)
         workload = ("3000 in" if args["dataset-name"] == "random" else
                     "bursty" if float(args["burstiness"]) != 1 else "poisson")

@@ -10,13 +10,13 @@ was not recorded). Every GPU figure comes from a JSON written on the GPU by the 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from rapid.bench.metrics import RequestRecord
 from rapid.bench.plots import plot_attainment, plot_frontier
 from rapid.bench.results import mode_summary
 from rapid.bench.steady import stability
+from result_files import has_json, read_json, write_json  # bench/: this script's own folder
 
 R = Path("bench/results")
 DEVICE = "NVIDIA H200 (nvidia-h200), torch 2.11.0+cu130"
@@ -25,9 +25,9 @@ ROOFLINES = {"hbm_copy_tb_s": 4.3, "bf16_tflop_s": 790}
 
 
 def _write(name: str, data, table: str) -> None:
-    (R / f"{name}.json").write_text(json.dumps(data, indent=1))
+    written = write_json(R / f"{name}.json", data)
     (R / f"{name}.md").write_text(table)
-    print("wrote", R / f"{name}.json", R / f"{name}.md")
+    print("wrote", written, R / f"{name}.md")
 
 
 def offline() -> None:
@@ -64,8 +64,8 @@ def offline() -> None:
                         ("hybrid, flash SDPA: mixed steps piecewise (session 18, call 4, the same machine as call 2)",
                          "session18/call4/offline1k-hybrid-flash.json")):
         path = R / file
-        if path.exists():
-            runs.append({"setting": label, "source": file, **json.loads(path.read_text())})
+        if has_json(path):
+            runs.append({"setting": label, "source": file, **read_json(path)})
     def device(r):  # busy (and idle) seconds per step kind on each worker's stream, CUDA events
         times = r.get("engine", {}).get("device_time")
         if not times:
@@ -89,11 +89,11 @@ def frontier() -> list[dict]:
     points = []
     files = ("session13/calld/frontier-rapid.json", "session13/calld/frontier-hybrid.json",
              "session14/calla/frontier-rapid.json")
-    if not all((R / f).exists() for f in files):  # half a frontier would overwrite the simulator's recording
-        print("frontier: missing", [f for f in files if not (R / f).exists()])
+    if not all(has_json(R / f) for f in files):  # half a frontier would overwrite the simulator's recording
+        print("frontier: missing", [f for f in files if not has_json(R / f)])
         return points
     for file in files:
-        points += [{**p, "source": file} for p in json.loads((R / file).read_text())]
+        points += [{**p, "source": file} for p in read_json(R / file)]
     for p in points:  # decode time lost per prompt token prefilled: (window - decode steps x step alone) / tokens
         known = p.get("tpot_mean_ms") and p.get("decode_alone_ms") and p.get("prefill_tok_s")
         lost = 1 - p["decode_alone_ms"] / p["tpot_mean_ms"] if known else None
@@ -136,7 +136,7 @@ HTTP_RUNS = {  # label -> serve.json; each pair (HTTP, in process) ran in one de
 
 
 def http_overhead() -> None:
-    runs = {label: json.loads((R / f).read_text()) for label, f in HTTP_RUNS.items() if (R / f).exists()}
+    runs = {label: read_json(R / f) for label, f in HTTP_RUNS.items() if has_json(R / f)}
     if not runs:
         print("http: no runs")
         return
@@ -223,7 +223,7 @@ def goodput_lines(workload: str, run: dict) -> list[str]:
 
 def policies() -> None:
     """The placement policies against hybrid on the GPU, per workload: attainment at the three SLO pairs."""
-    runs = {label: reread(json.loads((R / f).read_text())) for label, f in POLICY_RUNS.items() if (R / f).exists()}
+    runs = {label: reread(read_json(R / f)) for label, f in POLICY_RUNS.items() if has_json(R / f)}
     lines = []
     for workload, d in runs.items():
         for name, mode in d["modes"].items():
