@@ -67,11 +67,17 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(t, inv_freq)  # [P, D/2]
         self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions: [T]; q: [T, H, D]; k: [T, KVH, D]
+    def forward(self, positions: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        """positions [T], heads [T, N, D] (queries and keys together: one kernel once compiled) -> roped [T, N, D]."""
         cos, sin = self.cos_sin[positions].chunk(2, dim=-1)  # [T, D/2] each
-        cos, sin = cos[:, None, :], sin[:, None, :]
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return _rotate(heads, cos[:, None, :], sin[:, None, :])
+
+
+def residual_add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x + y, rounded once to x's dtype as a bf16 add is. Written in float32 so that torch.compile fuses the add
+    into the next norm's kernel instead of into the matmul before it (cuBLAS addmm: a copy of x, then a GEMM that
+    adds it)."""
+    return (x.float() + y.float()).to(x.dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -96,11 +102,13 @@ class Attention(nn.Module):
 
     def qkv(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding):
         """x [T, hidden] (normed) -> q [T, H, D], k [T, KVH, D] (q/k-normed for Qwen3, roped), v [T, KVH, D]."""
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in (q, k, v))
+        heads = self.qkv_proj(x).unflatten(-1, (-1, self.head_dim))  # [T, H + 2 KVH, D]
+        n_q, n_kv = self.q_size // self.head_dim, self.kv_size // self.head_dim
+        qk, v = heads.split([n_q + n_kv, n_kv], dim=1)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
+            q, k = qk.split([n_q, n_kv], dim=1)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=1)
+        q, k = rotary(positions, qk).split([n_q, n_kv], dim=1)  # views of one roped buffer
         return q, k, v
 
     def attend(self, q, k, v, kv_pool: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -140,8 +148,8 @@ class DecoderLayer(nn.Module):
 
     def post_attention(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """x [T, hidden], attn [T, H, D] -> x [T, hidden]: o_proj + residual, norm, SwiGLU MLP + residual."""
-        x = x + self.self_attn.o_proj(attn.flatten(1))
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = residual_add(x, self.self_attn.o_proj(attn.flatten(1)))
+        return residual_add(x, self.mlp(self.post_attention_layernorm(x)))
 
     def post_then_pre(self, x, attn, nxt: DecoderLayer, positions, rotary):
         """This layer's post-attention work and the next layer's pre-attention work -> x, q, k, v."""
