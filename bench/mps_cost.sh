@@ -7,6 +7,8 @@
 #   OUT=/tmp/out MODEL=/tmp/llama8b bash bench/mps_cost.sh     (after bench/gpu_session.sh has made the model folder)
 # EAGER=1: the same steps without graphs (their compiled pieces launched one by one), to tell a cost of graphs under MPS
 # from one of every kernel; VARIANTS: which of the four runs (default all), e.g. VARIANTS="no-mps mps-100".
+# PROBE=1: chains of 1-512 small kernels instead of the model's steps (bench/mps_launch_probe.py), then one table.
+# PROFILE=1: the engine's decode steps at batch 1, 64 and 256, kernel by kernel (bench/step_profile.py, hybrid).
 set -uo pipefail
 MODEL=${MODEL:-/tmp/llama8b}; OUT=${OUT:-/tmp/out}
 ARGS="--model $MODEL --decodes ${DECODES:-0,96} --ctx ${CTX:-1024} --sizes ${SIZES:-112,288,480} --reps ${REPS:-50}
@@ -15,9 +17,18 @@ VARIANTS=${VARIANTS:-no-mps mps-100 mps-unset mps-100-beside-idle-client}
 run() {  # run NAME [VAR=VALUE...]: one graph_buckets run with these variables set, if VARIANTS names it
   local name=$1; shift
   [[ " $VARIANTS " == *" $name "* ]] || return 0
-  echo "--- $name${EAGER:+ (eager)}"
-  env "$@" python3 bench/graph_buckets.py $ARGS --out $OUT/mps-cost/$name${EAGER:+-eager} 2>&1 \
-    | grep -E "^decodes|rror" | head -5
+  echo "--- $name${EAGER:+ (eager)}${PROBE:+ (launch probe)}${PROFILE:+ (step profile)}"
+  if [ -n "${PROFILE:-}" ]; then
+    mkdir -p $OUT/step-profile/$name
+    env "$@" python3 bench/step_profile.py --model $MODEL --batches ${PBATCHES:-1,64,256} --ctx ${CTX:-1000} \
+      --out $OUT/step-profile/$name > $OUT/step-profile/$name/log 2>&1; grep -E "rror" $OUT/step-profile/$name/log
+    rm -f $OUT/step-profile/$name/trace-*.json.gz  # the device tool returns few files; the JSON has the families
+  elif [ -n "${PROBE:-}" ]; then
+    env "$@" python3 bench/mps_launch_probe.py --out $OUT/launch-probe/$name 2>&1 | grep -E "^launch|rror"
+  else
+    env "$@" python3 bench/graph_buckets.py $ARGS --out $OUT/mps-cost/$name${EAGER:+-eager} 2>&1 \
+      | grep -E "^decodes|rror" | head -5
+  fi
 }
 # the baseline must not join a daemon that already runs (a CUDA process joins the one at its pipe by itself)
 [ -e "${CUDA_MPS_PIPE_DIRECTORY:-/tmp/nvidia-mps}/control" ] && { echo "an MPS daemon runs: stop it first"; exit 1; }
@@ -28,6 +39,7 @@ cleanup() {  # also when the call's time limit stops the script
   [ -n "$idle" ] && kill $idle 2>/dev/null
   echo quit | CUDA_MPS_PIPE_DIRECTORY=$pipe nvidia-cuda-mps-control 2>/dev/null
   sleep 2; rm -rf $pipe $log
+  [ -n "${PROBE:-}" ] && python3 bench/mps_launch_probe.py --summarize $OUT/launch-probe
 }
 trap cleanup EXIT
 export CUDA_MPS_PIPE_DIRECTORY=$pipe CUDA_MPS_LOG_DIRECTORY=$log
