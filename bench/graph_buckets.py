@@ -87,6 +87,21 @@ def time_step(runner: FullGraphRunner, batch, reps: int) -> float:
     return statistics.median(times)
 
 
+def profile_step(runner: FullGraphRunner, batch, steps: int = 10) -> dict:
+    """One size's kernels by family and the device's gaps between them (torch.profiler, CUDA activity only)."""
+    from kernels import cuda_intervals  # bench/: this script's own folder
+    from step_profile import device_gaps, kernels_by_family
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            runner.run(*batch)
+        torch.cuda.synchronize()
+    intervals = cuda_intervals(prof)
+    return {"kernels": kernels_by_family(intervals, steps), "device": device_gaps(intervals, steps)}
+
+
 def padding_cost(curve: dict[int, float], buckets: list[int]) -> dict | None:
     """For each measured size T (a batch of T tokens), the bucket it would replay and that bucket's cost over
     T's own: mean and worst, over sizes 128 and up (where prompts chunks sit). None when --sizes measured none."""
@@ -112,6 +127,8 @@ def main() -> None:
     ap.add_argument("--sizes", default=None, help="comma-separated token counts (default: fine_sizes)")
     ap.add_argument("--eager", action="store_true",
                     help="run each step's body without capturing it (its compiled pieces, launched one by one)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also each size's kernels by family and the device's gaps (torch.profiler, 10 steps)")
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
     gpu = torch.cuda.is_available()  # else a dry run of the script on a tiny model: TRITON_INTERPRET=1, no graphs
@@ -136,6 +153,8 @@ def main() -> None:
         curves[d] = {T: round(time_step(runner, mixed_batch(T, d, args.ctx, dev), args.reps), 4)
                      for T in sizes if T > d}
         print(f"decodes {d}: " + ", ".join(f"{T}:{ms:.2f}" for T, ms in curves[d].items()), flush=True)
+    profiles = {f"{d}+{T - d}": profile_step(runner, mixed_batch(T, d, args.ctx, dev))
+                for d in decodes for T in sizes if T > d} if args.profile and gpu else {}
     coarse = token_buckets(args.max_tokens)  # the x1.5/x2 buckets (piecewise graphs; whole graphs before session 19)
     pruned = {d: undominated({T: c[T] for T in candidate_buckets(args.max_tokens) if T in c}, PRUNE_MARGIN)
               for d, c in curves.items()}
@@ -151,6 +170,7 @@ def main() -> None:
         "coarse_buckets_padding": {str(d): padding_cost(c, coarse) for d, c in curves.items()},
         # the candidates pruned on this same curve (so optimistic: a size's own noise can keep or drop it)
         "pruned_candidates_padding": {str(d): padding_cost(c, pruned[d]) for d, c in curves.items()},
+        "profiles_by_decodes_and_chunk": profiles,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

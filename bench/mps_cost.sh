@@ -8,11 +8,12 @@
 # EAGER=1: the same steps without graphs (their compiled pieces launched one by one), to tell a cost of graphs under MPS
 # from one of every kernel; VARIANTS: which of the four runs (default all), e.g. VARIANTS="no-mps mps-100".
 # PROBE=1: chains of 1-512 small kernels instead of the model's steps (bench/mps_launch_probe.py), then one table.
+# KERNELS=1: with the model's steps, each one's kernels by family (graph_buckets.py --profile).
 # PROFILE=1: the engine's decode steps at batch 1, 64 and 256, kernel by kernel (bench/step_profile.py, hybrid).
 set -uo pipefail
 MODEL=${MODEL:-/tmp/llama8b}; OUT=${OUT:-/tmp/out}
 ARGS="--model $MODEL --decodes ${DECODES:-0,96} --ctx ${CTX:-1024} --sizes ${SIZES:-112,288,480} --reps ${REPS:-50}
-  --max-tokens 2048 ${EAGER:+--eager}"
+  --max-tokens 2048 ${EAGER:+--eager} ${KERNELS:+--profile}"
 VARIANTS=${VARIANTS:-no-mps mps-100 mps-unset mps-100-beside-idle-client}
 run() {  # run NAME [VAR=VALUE...]: one graph_buckets run with these variables set, if VARIANTS names it
   local name=$1; shift
