@@ -239,6 +239,26 @@ def test_wrapper_is_graph_safe(monkeypatch):
         assert m.shape == (7, 2) and _same_map(m, expected_tile_map(starts.tolist(), 8, 7)), m.tolist()
 
 
+def test_step_tile_map_is_the_map_each_call_would_build(monkeypatch):
+    """Built once per step (TritonAttention.plan), the map is the one the call builds for itself, goes to the
+    kernel as given, and a map built for another batch shape is refused."""
+    from rapid.attention import paged_prefill as pp
+
+    q, pool, tables, starts, lens = make_batch([(11, 11), (30, 7), (0, 0), (9, 1)], 4, 2, 16, 4, torch.float32,
+                                               extra_rows=1)
+    launch = _Launch()
+    monkeypatch.setattr(pp, "_paged_prefill_kernel", launch)
+    pp.paged_prefill_attention(q, pool, tables, starts, lens, 0.25, max_query_len=16, block_m=16)
+    own = launch.calls[-1][1][6]
+    shared = pp.step_tile_map(q.shape[0], 16, 4, 2, starts, block_m=16)
+    assert torch.equal(shared, own)
+    pp.paged_prefill_attention(q, pool, tables, starts, lens, 0.25, max_query_len=16, block_m=16, tile_map=shared)
+    assert launch.calls[-1][1][6] is shared and launch.calls[-1][0] == launch.calls[-2][0]
+    with pytest.raises(ValueError, match="tile_map has 3 tiles, this launch needs 7"):
+        pp.paged_prefill_attention(q, pool, tables, starts, lens, 0.25, max_query_len=16, block_m=16,
+                                   tile_map=shared[:3])
+
+
 def test_flat_grid_is_proportional_to_the_work(monkeypatch):
     """255 decode rows + one 2048-token chunk + a padding row (S = 257): the flat grid launches
     cdiv(T, TOKENS) + S programs per kv head, not S x cdiv(max_query_len, TOKENS) (host arithmetic; the

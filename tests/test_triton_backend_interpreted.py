@@ -38,8 +38,13 @@ def run_case(name, seqs, H, KVH, D, block_size, dtype, prefill_attention) -> dic
     out = torch.full_like(q, float("nan"))
     tri.forward(q, k, v, pool, meta, out=out)
     ref = ReferenceAttention(H, KVH, D, D**-0.5).forward(q.float(), k.float(), v.float(), ref_pool, meta)
+    planned = tri.plan(meta)  # what the model does once per step: the same output with the shared tile map
+    planned_out = torch.full_like(q, float("nan"))
+    tri.forward(q, k, v, pool.clone(), planned, out=planned_out)
     return {"finite": bool(torch.isfinite(out).all()), "max_err": float((out.float() - ref).abs().max()),
-            "pool_equal": bool(torch.equal(pool.float(), ref_pool))}
+            "pool_equal": bool(torch.equal(pool.float(), ref_pool)),
+            "planned_equal": bool(torch.equal(planned_out, out)),
+            "planned_map": planned.prefill_tile_map is not None}
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +65,9 @@ def test_backend_equals_the_reference_under_the_interpreter(interpreted, case):
     assert got["finite"], f"unwritten or non-finite rows: {got}"
     assert got["pool_equal"], "the KV store wrote something other than the reference's store"
     assert got["max_err"] < TOLERANCE[case[6]], got
+    assert got["planned_equal"], "the step's shared tile map changed the output"
+    seqs, prefill_attention = case[1], case[7]
+    assert got["planned_map"] == (prefill_attention == "paged" and any(n > 1 for _, n in seqs)), got
 
 
 if __name__ == "__main__":  # the interpreter subprocess

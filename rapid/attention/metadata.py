@@ -27,6 +27,8 @@ class AttentionMetadata:
     # Host copies for the per-sequence prefill path (avoids device->host syncs).
     query_start_loc_host: list[int] | None = None
     seq_lens_host: list[int] | None = None
+    # Set by the backend's plan() once per step: work every layer's attention call would otherwise repeat.
+    prefill_tile_map: torch.Tensor | None = None  # [num_tiles, 2] int32, the paged prefill kernel's (seq, token)
 
     @property
     def num_seqs(self) -> int:

@@ -160,6 +160,16 @@ def prefill_tile_map(query_start_loc: torch.Tensor, tokens: int, num_tiles: int)
     return torch.stack([torch.where(seq < per_seq.shape[0], seq, -1), first], 1)
 
 
+def step_tile_map(num_rows: int, max_query_len: int, num_heads: int, num_kv_heads: int,
+                  query_start_loc: torch.Tensor, block_m: int = 64) -> torch.Tensor:
+    """The tile map paged_prefill_attention builds for q of num_rows rows over these sequences (query_start_loc
+    [S+1]), given the same max_query_len and block_m and no max_num_tokens: built once so that every layer of a
+    step can pass it (`tile_map=`)."""
+    grid, bm = prefill_launch_config(query_start_loc.shape[0] - 1, max_query_len, num_heads, num_kv_heads, block_m,
+                                     max_num_tokens=num_rows)
+    return prefill_tile_map(query_start_loc, bm // (num_heads // num_kv_heads), grid[0])
+
+
 def paged_prefill_attention(
     q: torch.Tensor,  # [T, H, D] queries of all prefill chunks, flattened
     kv_layer: torch.Tensor,  # [2, num_blocks, block_size, KVH, D] one layer of the pool (as TritonAttention.decode)
@@ -176,6 +186,7 @@ def paged_prefill_attention(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
+    tile_map: torch.Tensor | None = None,  # [num_tiles, 2] from step_tile_map (same rows, sequences, block_m)
 ) -> torch.Tensor:
     """Causal paged attention of every sequence's chunk over its whole context -> out [T, H, D].
 
@@ -185,7 +196,8 @@ def paged_prefill_attention(
     S * cdiv(max_query_len, TOKENS) programs per kv head. Rows of q covered by no sequence are left as
     they are in `out` (uninitialised when out is None). To run a mixed batch's prefill part, pass the
     metadata tensors sliced from num_decodes on (query_start_loc[nd:] keeps absolute row offsets); decode
-    rows (q_len 1) are valid input too. No host sync: safe to capture in a CUDA graph.
+    rows (q_len 1) are valid input too. No host sync: safe to capture in a CUDA graph. tile_map: the flat
+    grid's map, built once per step by step_tile_map (else built here, about ten small kernels a call).
     """
     T, H, D = q.shape
     kc, vc = kv_layer[0], kv_layer[1]  # [NB, BS, KVH, D]
@@ -202,7 +214,13 @@ def paged_prefill_attention(
     grid, bm = prefill_launch_config(S, T if max_query_len is None else max_query_len, H, KVH, block_m,
                                      max_num_tokens=T if max_num_tokens is None else max_num_tokens,
                                      flat_grid=flat_grid)
-    tile_map = prefill_tile_map(query_start_loc, bm // (H // KVH), grid[0]) if flat_grid else query_start_loc
+    if not flat_grid:
+        tile_map = query_start_loc
+    elif tile_map is None:
+        tile_map = prefill_tile_map(query_start_loc, bm // (H // KVH), grid[0])
+    elif tile_map.shape[0] != grid[0]:
+        raise ValueError(f"tile_map has {tile_map.shape[0]} tiles, this launch needs {grid[0]} "
+                         f"({T} rows, {S} sequences, BLOCK_M {bm}): build it with step_tile_map for the same batch")
     _paged_prefill_kernel[grid](
         q, kc, vc, block_tables, query_start_loc, seq_lens, tile_map, out,
         scale * 1.4426950408889634,
@@ -217,4 +235,4 @@ def paged_prefill_attention(
     return out
 
 
-__all__ = ["paged_prefill_attention", "prefill_launch_config", "prefill_tile_map"]
+__all__ = ["paged_prefill_attention", "prefill_launch_config", "prefill_tile_map", "step_tile_map"]

@@ -35,6 +35,10 @@ class ReferenceAttention:
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
 
+    def plan(self, meta: AttentionMetadata) -> AttentionMetadata:
+        """Nothing is shared between layers here: the step's metadata as it is."""
+        return meta
+
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:

@@ -21,6 +21,7 @@ output is 0.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ import triton.language as tl
 from torch.nn.attention.bias import causal_lower_right
 
 from rapid.attention.metadata import AttentionMetadata
-from rapid.attention.paged_prefill import paged_prefill_attention
+from rapid.attention.paged_prefill import paged_prefill_attention, step_tile_map
 from rapid.attention.reference import gather_context
 
 
@@ -306,6 +307,15 @@ class TritonAttention:
                                               enable_gqa=gqa)
 
     # ------------------------------------------------------------------ the backend call
+    def plan(self, meta: AttentionMetadata) -> AttentionMetadata:
+        """The step's metadata with what every layer's call would repeat built once: the paged prefill kernel's
+        tile map (some ten small kernels a layer otherwise, inside every prefill and mixed graph)."""
+        if not (self.paged_prefill and meta.num_prefills) or meta.prefill_tile_map is not None:
+            return meta
+        nd, T = meta.num_decodes, meta.slot_mapping.shape[0]
+        tile_map = step_tile_map(T, T - nd, self.num_heads, self.num_kv_heads, meta.query_start_loc[nd:])
+        return dataclasses.replace(meta, prefill_tile_map=tile_map)
+
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata,
         out: torch.Tensor | None = None,
@@ -328,7 +338,7 @@ class TritonAttention:
         if meta.num_prefills and self.paged_prefill:  # every prefill row in one launch, bounded by T
             out = torch.empty_like(q) if out is None else out
             paged_prefill_attention(q, kv_layer, meta.block_tables[nd:], meta.query_start_loc[nd:], meta.seq_lens[nd:],
-                                    self.scale, max_query_len=q.shape[0] - nd, out=out)
+                                    self.scale, max_query_len=q.shape[0] - nd, out=out, tile_map=meta.prefill_tile_map)
         elif meta.num_prefills:
             starts = meta.query_start_loc_host or meta.query_start_loc.tolist()
             lens = meta.seq_lens_host or meta.seq_lens.tolist()

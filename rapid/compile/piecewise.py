@@ -107,6 +107,7 @@ class PiecewiseGraphRunner:
         self.input_ids[:T].copy_(input_ids, non_blocking=True)
         self.positions[:T].copy_(positions, non_blocking=True)
         graphs = self.graphs[b]
+        meta = self.model.layers[0].self_attn.backend.plan(meta)  # once for every layer's attention call
         graphs[0].replay()
         for i, layer in enumerate(self.model.layers):  # attention eager between the graphs
             self.attn[:T].copy_(layer.self_attn.attend(self.q[:T], self.k[:T], self.v[:T], self.kv_pool, meta))

@@ -190,6 +190,7 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, hidden]. Writes this step's KV into kv_pool."""
         fn, layers, rotary = self.pieces, self.layers, self.rotary
+        meta = layers[0].self_attn.backend.plan(meta)  # what every layer's attention call shares, built once
         x = self.embed_tokens(input_ids)  # [T, hidden]
         q, k, v = fn.pre(layers[0], x, positions, rotary)  # [T, H, D], [T, KVH, D], [T, KVH, D]
         for i in range(len(layers) - 1):
