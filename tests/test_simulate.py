@@ -244,7 +244,8 @@ def test_mps_step_cost_puts_rapids_mixed_steps_behind_hybrids(whole_graphs):
     rapid's workers run under MPS. At 44 req/s on ShareGPT-like lengths, the GPU gave rapid with every prompt in
     its decode worker's steps (placement 'mixed') a TPOT p50 1.065x hybrid's (9.9 against 9.3 ms), and without MPS
     0.96x: simulated, that cost alone moves TPOT by about as much, and the adaptive policy, which keeps these
-    prompts inline, pays it as well. Without the cost it equals hybrid."""
+    prompts inline, pays it as well. Without the cost it equals hybrid. (Session 25 removed most of that cost from
+    the engine; the recorded timings and this figure are from before.)"""
     trace = sharegpt(44)
 
     def tpot_p50(policy, mps_ms):

@@ -35,7 +35,10 @@ H200_8B_ATTENTION_MS_PER_CONTEXT_TOKEN = 9.17 / (256 * 1030)
 # what MPS adds to one step with prompt tokens (a whole CUDA graph) of Llama-3.1-8B on the H200, whatever its size
 # (median over six shapes of 112-480 tokens, 0.65-0.80 ms each, with or without a thread percentage or an idle second
 # client: bench/results/session24/call3/mps-cost/mps-cost.md). Rapid's workers run under MPS, hybrid does not. The
-# recorded decode steps alone come from rapid's decode worker, so under MPS already (0.10-0.24 ms over hybrid's)
+# recorded decode steps alone come from rapid's decode worker, so under MPS already (0.10-0.24 ms over hybrid's).
+# Session 25 traced most of it to the paged prefill kernel's tile map, built in every layer by small eager kernels
+# that MPS slowed; built once per step (d443cf2), MPS adds 0.05-0.13 ms. The recorded step timings are from the
+# code before, and this figure goes with them.
 H200_8B_MPS_PROMPT_STEP_MS = 0.745
 
 
