@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One device call: install carried wheels, run the GPU tests, then the engine-level GPU benchmarks.
 #   bash bench/gpu_session.sh STAGE...   (stages: tests frontier-hybrid frontier-rapid offline offline1k graph-buckets sampler step-profile kernels
-#                                          serve (= serve-sharegpt-like) serve-3k http)
+#                                          serve (= serve-sharegpt-like) serve-3k http pack)
+# pack (last): everything in $OUT but commit.txt into one results.tgz, since the device tool returns at most 8 files
+# and none deeper than two folders (session 25 lost a step profile to that).
 set -uo pipefail
 python3 -c "import msgspec, zmq, gguf, fastapi, uvicorn" 2>/dev/null || [ -d /tmp/site/msgspec ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -79,6 +81,8 @@ for stage in "$@"; do
         python3 -m rapid.entrypoints.cli bench offline --model $MODEL $m --load-format dummy --skip-tokenizer-init \
           --max-model-len 4096 --num-seqs ${NUM_SEQS:-256} --min-input-len 1000 --max-input-len 1000 --min-output-len 1000 \
           --max-output-len 1000 ${OFFLINE_EXTRA:-} --output-json $OUT/offline1k-$tag${TAG:-}.json 2>&1 | grep --line-buffered -v "it/s" | tail -3; done ;;
+    pack) (cd $OUT && find . -mindepth 1 -maxdepth 1 ! -name commit.txt ! -name results.tgz -printf '%P\0' \
+        | tar czf results.tgz --null -T - --remove-files) && ls -la $OUT ;;
     offline) for mode in ${OFFLINE_MODES:-hybrid rapid}; do python3 -m rapid.entrypoints.cli bench offline --model $MODEL --mode $mode \
         --load-format dummy --skip-tokenizer-init --max-model-len 4096 --num-seqs ${NUM_SEQS:-256} --output-json $OUT/offline-$mode.json 2>&1 | grep --line-buffered -v "it/s" | tail -5; done ;;
   esac
