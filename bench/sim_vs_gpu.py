@@ -81,8 +81,8 @@ def compare(label: str, budget: int, rate: dict) -> dict:
 
 def runs():
     """(call, mode label, token budget, per-rate entry) of every session 20 serve.json."""
-    for path in sorted((R / "session20").glob("call*/*/serve.json*")):
-        d = read_json(path.with_name("serve.json"))
+    for path in sorted({p.with_name("serve.json") for p in (R / "session20").glob("call*/*/serve.json*")}):
+        d = read_json(path)
         args = dict(a[2:].split("=", 1) for a in d["command"].split() if a.startswith("--") and "=" in a)
         workload = ("3000 in" if args["dataset-name"] == "random" else
                     "bursty" if float(args["burstiness"]) != 1 else "poisson")

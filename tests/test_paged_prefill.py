@@ -254,9 +254,10 @@ def test_step_tile_map_is_the_map_each_call_would_build(monkeypatch):
     assert torch.equal(shared, own)
     pp.paged_prefill_attention(q, pool, tables, starts, lens, 0.25, max_query_len=16, block_m=16, tile_map=shared)
     assert launch.calls[-1][1][6] is shared and launch.calls[-1][0] == launch.calls[-2][0]
-    with pytest.raises(ValueError, match="tile_map has 3 tiles, this launch needs 7"):
+    other_batch = pp.step_tile_map(q.shape[0] + 40, 16, 4, 2, starts, block_m=16)  # planned for 40 more rows
+    with pytest.raises(ValueError, match=f"tile_map has {other_batch.shape[0]} tiles, this launch needs 7"):
         pp.paged_prefill_attention(q, pool, tables, starts, lens, 0.25, max_query_len=16, block_m=16,
-                                   tile_map=shared[:3])
+                                   tile_map=other_batch)
 
 
 def test_flat_grid_is_proportional_to_the_work(monkeypatch):

@@ -6,6 +6,7 @@ run as a script); each case prints a RESULT line that the tests read."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -41,10 +42,16 @@ def run_case(name, seqs, H, KVH, D, block_size, dtype, prefill_attention) -> dic
     planned = tri.plan(meta)  # what the model does once per step: the same output with the shared tile map
     planned_out = torch.full_like(q, float("nan"))
     tri.forward(q, k, v, pool.clone(), planned, out=planned_out)
+    # and forward really uses the planned map: one whose every tile exits leaves the prefill rows unwritten
+    unwritten = torch.full_like(q, float("nan"))
+    if planned.prefill_tile_map is not None:
+        exits = dataclasses.replace(planned, prefill_tile_map=torch.full_like(planned.prefill_tile_map, -1))
+        tri.forward(q, k, v, pool.clone(), exits, out=unwritten)
     return {"finite": bool(torch.isfinite(out).all()), "max_err": float((out.float() - ref).abs().max()),
             "pool_equal": bool(torch.equal(pool.float(), ref_pool)),
             "planned_equal": bool(torch.equal(planned_out, out)),
-            "planned_map": planned.prefill_tile_map is not None}
+            "planned_map": planned.prefill_tile_map is not None,
+            "prefill_rows_unwritten_without_tiles": bool(torch.isnan(unwritten[meta.num_decodes:]).all())}
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +75,8 @@ def test_backend_equals_the_reference_under_the_interpreter(interpreted, case):
     assert got["planned_equal"], "the step's shared tile map changed the output"
     seqs, prefill_attention = case[1], case[7]
     assert got["planned_map"] == (prefill_attention == "paged" and any(n > 1 for _, n in seqs)), got
+    if got["planned_map"]:
+        assert got["prefill_rows_unwritten_without_tiles"], "forward built its own tile map instead of the planned one"
 
 
 if __name__ == "__main__":  # the interpreter subprocess

@@ -33,8 +33,9 @@ Used by TritonAttention when prefill_attention="paged" (the default). On the H20
 2048 tokens equals flash SDPA's (bench/results/REPORT.md, section 3), and the whole-batch graphs built on it
 (rapid/compile/full_graph.py, decodes as q_len-1 rows) match transformers' greedy tokens there
 (tests/test_gpu_rapid.py). On the CPU it runs through Triton's interpreter (tests/test_paged_prefill.py,
-tests/test_triton_backend_interpreted.py). Not done: tile sizes, warps and stages are untuned, and the tile
-map is rebuilt on every call (every layer) although it depends only on the step's metadata.
+tests/test_triton_backend_interpreted.py). The tile map depends only on the step's metadata, so
+TritonAttention.plan builds it once per step (step_tile_map) and every layer's call takes it as `tile_map`.
+Not done: tile sizes, warps and stages are untuned.
 """
 
 from __future__ import annotations

@@ -309,7 +309,8 @@ class TritonAttention:
     # ------------------------------------------------------------------ the backend call
     def plan(self, meta: AttentionMetadata) -> AttentionMetadata:
         """The step's metadata with what every layer's call would repeat built once: the paged prefill kernel's
-        tile map (some ten small kernels a layer otherwise, inside every prefill and mixed graph)."""
+        tile map (some ten small kernels a layer otherwise, inside every prefill and mixed graph). The step's rows
+        are len(slot_mapping) (one slot per query row, -1 for padding), as every caller builds it."""
         if not (self.paged_prefill and meta.num_prefills) or meta.prefill_tile_map is not None:
             return meta
         nd, T = meta.num_decodes, meta.slot_mapping.shape[0]
