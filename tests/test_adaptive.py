@@ -107,7 +107,7 @@ def test_a_mixed_step_when_it_gives_the_first_token_sooner_inside_the_tpot_slo()
     over 200 output tokens adds 0.4 ms to the 10 ms steps, under 0.8 x 25 ms."""
     p = learned()
     d = p.place(load(queued=3000))
-    assert (d.lane, d.token_budget) == (DECODE, 3000)
+    assert (d.lane, d.token_budget, d.bounds_step) == (DECODE, 3000, True)  # the TPOT check sized the step
     assert p.inline_ttft_ms(load(queued=3000), 3000) == pytest.approx(90.0)
     # the prefill worker faster than inline: concurrent
     assert learned(prefill_tok_s=60_000).place(load(queued=3000)).lane == PREFILL
@@ -158,6 +158,8 @@ def test_beside_decodes_the_lane_that_costs_them_less_per_prompt_token(beside_ms
         assert figures["prefill_tok_s:prefill"] == pytest.approx(30_000) and figures["decode_alone_ms"] > 0
         placed = p.place(load(decoding=64, queued=512))
         assert placed.lane == want and "cheaper for the decodes" in placed.reason
+        # the chunk is what is queued now, not a size for the step: prompts arriving later may share it
+        assert not placed.bounds_step
 
 
 @pytest.mark.parametrize("mixed_us,then", [(4, DECODE), (30, PREFILL)])
@@ -176,6 +178,7 @@ def test_a_mixed_step_is_measured_beside_decodes_before_the_lanes_are_compared(m
     for _ in range(6):
         placed = p.place(load(decoding=64, queued=512, step_ms=6.0))
         lanes.append(placed.lane)
+        assert placed.bounds_step == ("measuring" in placed.reason)  # a sample runs alone, to be measured
         if placed.lane == DECODE:
             p.observe_prefill(DECODE, 512, (6.0 + 512 * mixed_us * 1e-3) * 1e-3, num_decoding=64)
     assert lanes == [DECODE] * 3 + [then] * 3

@@ -277,8 +277,9 @@ def simulate(trace: list[tuple[float, int, int]], policy, timings: StepTimings, 
             d = policy.place(load)
             if d.lane == DECODE:  # joins the decode executor's next step, inside every queued batch's plan (the
                 # decode worker runs queued batches in one step: rapid.worker.decode_loop.DecodeLoop._take_inline)
-                limit = min(d.token_budget or room, room, dec.queued_limit)
-                more = take(limit - in_next)
+                cap = min(d.token_budget or room, room)  # what this answer takes; the step's size if it bounds it
+                limit = min(cap if d.bounds_step else room, dec.queued_limit)
+                more = take(min(cap, limit - in_next))
                 if more:
                     dec.queued, dec.queued_limit = dec.queued + more, limit
                     placed[DECODE] += sum(c[1] for c in more)

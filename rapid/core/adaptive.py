@@ -246,7 +246,8 @@ class AdaptivePlacement:
         if not any(self.cost(lane) is not None for lane in self.prefill_lanes):
             return None  # the earlier rule measures the first prefill worker
         if chunk > 0 and self.costs.mixed_samples < EXPLORE_MIXED and not load.prefill_lane_busy:
-            return Placement(DECODE, min(chunk, SMALL_CHUNK), "mixed step: measuring its cost beside decodes")
+            return Placement(DECODE, min(chunk, SMALL_CHUNK), "mixed step: measuring its cost beside decodes",
+                             bounds_step=True)
         unmeasured = [lane for lane in self.prefill_lanes if self.cost(lane) is None]
         if unmeasured and not load.prefill_lane_busy:
             return Placement(unmeasured[0], min(self.max_budget, SMALL_CHUNK), "concurrent: measuring its cost beside "
@@ -312,7 +313,7 @@ class AdaptivePlacement:
                 if other is not None:
                     self.on_cheaper = 0
                     budget = min(chunk if other == DECODE else self.max_budget, SMALL_CHUNK)
-                    return Placement(other, budget, "measuring its cost again")
+                    return Placement(other, budget, "measuring its cost again", bounds_step=True)
             if best != DECODE:
                 return Placement(best, self.max_budget, "concurrent: cheaper for the decodes")
             if chunk > 0:  # TPOT is an average: the cheaper lane is the better one even when tight
@@ -323,7 +324,7 @@ class AdaptivePlacement:
             relaxed = (self.slo_ttft_ms is not None and beside is not None
                        and load.oldest_wait_s * 1e3 + beside <= TTFT_RELAXED * self.slo_ttft_ms)
             if (beside is None or inline <= beside) and not relaxed:
-                return Placement(DECODE, chunk, "mixed step: sooner first token, inside the TPOT SLO")
+                return Placement(DECODE, chunk, "mixed step: sooner first token, inside the TPOT SLO", bounds_step=True)
         return Placement(self.prefill_lane(load), self.max_budget, "concurrent")
 
 

@@ -72,6 +72,9 @@ class Placement:
     lane: str
     token_budget: int | None = None
     reason: str = ""  # a few words for logs and stats
+    # the budget sizes the whole step too (a TPOT-checked or measured size): no later decode-lane batch shares it.
+    # Otherwise batches queued on the decode executor share its next step up to the core's token budget.
+    bounds_step: bool = False
 
 
 class ReadsNoTimings:

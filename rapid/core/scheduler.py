@@ -167,7 +167,7 @@ class Scheduler:
         if self.waiting or any(r.status == S.PREFILLING for r in self.running):
             decision = self.placement.place(self.load() if self.placement.reads_load else None)
             if self.in_flight.lane_free(decision.lane):
-                batch = self._schedule_prefill(decision.lane, decision.token_budget)
+                batch = self._schedule_prefill(decision.lane, decision.token_budget, decision.bounds_step)
                 self.placement_log.record(decision, batch)
         return SchedulerOutput(self.take_messages())
 
@@ -193,13 +193,14 @@ class Scheduler:
         out, self.outbox = self.outbox, []
         return out
 
-    def _schedule_prefill(self, lane: str, budget: int | None = None) -> InFlight | None:
+    def _schedule_prefill(self, lane: str, budget: int | None = None, bounds_step: bool = False) -> InFlight | None:
         """One prefill batch for `lane` of at most `budget` tokens (default: the step's token budget): unfinished
         prompts first (arrival order), then waiting requests. A mixed step's decodes count against the budget.
         Returns the batch (None when nothing could be scheduled)."""
         decode_rows = self.num_decoding if lane == DECODE else 0
         budget = self.token_budget - decode_rows if budget is None else min(budget, self.token_budget - decode_rows)
-        planned = budget + decode_rows if lane == DECODE else 0  # the step it may share (decodes in)
+        # the step it may share on the decode executor (decodes in): the core's budget unless the placement sized it
+        planned = (budget + decode_rows if bounds_step else self.token_budget) if lane == DECODE else 0
         chunks: list[tuple[Request, int]] = []
         starts: dict[str, int] = {}  # a chunk behind one in flight on the lane starts after it
         for req in [r for r in self.running if r.status == S.PREFILLING and self._has_chunk_for(r, lane)]:
