@@ -76,7 +76,7 @@ class RotaryEmbedding(nn.Module):
 def residual_add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """x + y, rounded once to x's dtype as a bf16 add is. Written in float32 so that torch.compile fuses the add
     into the next norm's kernel instead of into the matmul before it (cuBLAS addmm: a copy of x, then a GEMM that
-    adds it)."""
+    adds it); compiled, that norm then reads the float32 sum before its rounding (tests/test_gpu_attention.py)."""
     return (x.float() + y.float()).to(x.dtype)
 
 
