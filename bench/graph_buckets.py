@@ -89,16 +89,10 @@ def time_step(runner: FullGraphRunner, batch, reps: int) -> float:
 
 def profile_step(runner: FullGraphRunner, batch, steps: int = 10) -> dict:
     """One size's kernels by family and the device's gaps between them (torch.profiler, CUDA activity only)."""
-    from kernels import cuda_intervals  # bench/: this script's own folder
+    from kernels import profiled_intervals  # bench/: this script's own folder
     from step_profile import device_gaps, kernels_by_family
-    from torch.profiler import ProfilerActivity, profile
 
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            runner.run(*batch)
-        torch.cuda.synchronize()
-    intervals = cuda_intervals(prof)
+    intervals = profiled_intervals(lambda: runner.run(*batch), steps)
     return {"kernels": kernels_by_family(intervals, steps), "device": device_gaps(intervals, steps)}
 
 

@@ -267,17 +267,22 @@ def kernel_times_ms(intervals: list[tuple[float, float, str]], n: int) -> tuple[
     return ms(fams), ms(names)
 
 
-def profile_breakdown(fn, n: int = 3) -> dict:
-    """Device time per step by kernel family (torch.profiler over n calls of fn), and the top kernels."""
+def profiled_intervals(fn, n: int) -> list[tuple[float, float, str]]:
+    """The device activities of n calls of fn (torch.profiler, CUDA activity only), as cuda_intervals gives them."""
     from torch.profiler import ProfilerActivity, profile
 
-    fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(n):
             fn()
         torch.cuda.synchronize()
-    intervals = cuda_intervals(prof)
+    return cuda_intervals(prof)
+
+
+def profile_breakdown(fn, n: int = 3) -> dict:
+    """Device time per step by kernel family (torch.profiler over n calls of fn), and the top kernels."""
+    fn()
+    intervals = profiled_intervals(fn, n)
     fams, names = kernel_times_ms(intervals, n)
     return {"families_ms": dict(fams), "kernel_sum_ms": round(sum(e - s for s, e, _ in intervals) / n / 1e3, 3),
             "top_kernels_ms": names[:12]}

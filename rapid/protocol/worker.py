@@ -67,9 +67,15 @@ class WorkerReady(msgspec.Struct, tag=True):
 class PrefillBatch(msgspec.Struct, tag=True):
     batch_id: int
     work: list[SeqWork]
-    # an inline batch: the step size the core planned it in (decode rows included; the placement's own budget when it
-    # sized the batch); the decode executor may run queued batches in one step within all their sizes. 0: never
+    # an inline batch: the step size the core planned it in (decode rows included: the placement's budget when it
+    # sized the step, Placement.bounds_step, else the core's); the decode executor may run queued batches in one step
+    # within all their sizes. 0: never
     max_step_tokens: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        """The batch's prompt tokens, every chunk's."""
+        return sum(len(w.token_ids) for w in self.work)
 
 
 class DeviceTime(msgspec.Struct):

@@ -174,12 +174,12 @@ class DecodeLoop:
             return []
         taken = [self.inline.popleft()]
         ids = {w.request_id for w in taken[0].work}
-        tokens = sum(len(w.token_ids) for w in taken[0].work)
+        tokens = taken[0].num_tokens
         rows = min(len(self.running), self.max_num_seqs)
         while self.inline:
             nxt = self.inline[0]
             budget = min(b.max_step_tokens for b in (*taken, nxt))
-            more = sum(len(w.token_ids) for w in nxt.work)
+            more = nxt.num_tokens
             if not budget or tokens + more + rows > budget or any(w.request_id in ids for w in nxt.work):
                 break
             taken.append(self.inline.popleft())
@@ -191,8 +191,7 @@ class DecodeLoop:
         prefills = self._take_inline()
         # the core budgets a mixed step's chunk against the decodes it knew of; requests handed off since (from the
         # prefill worker) wait a step rather than overflow the largest graph
-        max_rows = min(self.max_num_seqs, self.max_step_tokens - sum(len(w.token_ids) for b in prefills
-                                                                     for w in b.work))
+        max_rows = min(self.max_num_seqs, self.max_step_tokens - sum(b.num_tokens for b in prefills))
         ahead_ids = pending.ids if pending is not None else set()
         bs = self.block_size
         batch: list[Request] = []
@@ -276,7 +275,7 @@ class DecodeLoop:
         """One PrefillDone per inline batch of the step, in order, with the step's interval. When the step ran
         several, the first carries the step's prompt tokens and device time for the placement and stats, the rest
         none (step_tokens 0), so that the step is learned once."""
-        tokens = [sum(len(w.token_ids) for w in b.work) for b in step.prefills]
+        tokens = [b.num_tokens for b in step.prefills]
         merged = len(step.prefills) > 1
         out = []
         for i, (b, n) in enumerate(zip(step.prefills, tokens)):

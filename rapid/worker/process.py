@@ -155,7 +155,7 @@ def prefill_main(raw_args: bytes) -> None:
                 t_end = time.time()
                 times = runner.device_time(launched)
                 results.send(PrefillDone(msg.batch_id, sampled, t0, t_end,
-                                         num_tokens=sum(len(w.token_ids) for w in msg.work), host_s=max(host_s, 1e-9),
+                                         num_tokens=msg.num_tokens, host_s=max(host_s, 1e-9),
                                          idle_gap_s=0.0 if last_end is None else t0 - last_end,
                                          device=DeviceTime(args.name, *times, eager=launched.eager)
                                          if times is not None else None))
