@@ -262,7 +262,7 @@ def test_compile_pieces_matches_eager(tmp_path, dynamic):
     ref = model(ids, pos_t, p_eager, meta)
     model.compile_pieces(dynamic=dynamic)
     try:
-        got = model(ids, pos_t, pool, meta)
+        got = model(ids, pos_t, pool, meta).clone()
         # 2e-2: the compiled pieces fuse each residual add into the next norm, and inductor drops the float32 ->
         # bf16 -> float32 round trip, so the norm reads the sum before its bf16 rounding; eager rounds first. 0.0116
         # on the H200 in session 25 (under 1e-2 while cuBLAS addmm did the add); greedy tokens still equal
@@ -276,10 +276,11 @@ def test_compile_pieces_matches_eager(tmp_path, dynamic):
         g_out = runner.run(d_ids, d_pos, d_meta).clone()
         e_out = model(d_ids, d_pos, p2, d_meta)
         assert rel_err(g_out, e_out) < 1e-2
-        # and into the piecewise prefill/mixed graphs (bucket 64 for 39 tokens; attention eager between)
+        # and into the piecewise prefill/mixed graphs (bucket 64 for 39 tokens; attention eager between), which
+        # replay the compiled pieces: against their output, not eager's (0.0116 from eager on the H200, session 26)
         pw = PiecewiseGraphRunner(model, pool, 64, progress=False)
         assert pw.can_run(meta, starts[-1])
-        assert rel_err(pw.run(ids, pos_t, meta), ref) < 1e-2
+        assert rel_err(pw.run(ids, pos_t, meta), got) < 1e-2
     finally:
         model.uncompile_pieces()
 
