@@ -1,5 +1,6 @@
 """How the HTTP server takes the engine's deltas: one event-loop wake-up per burst (LoopMailbox), and a stream that
-fell behind sends the tokens queued meanwhile in one chunk (Job.deltas), while the metrics still see every token."""
+fell behind sends the tokens queued meanwhile in one chunk (Job.deltas). The metrics see every token before that, on
+the engine loop (EngineFrontend.observe_requests; tests/test_http_server.py counts them)."""
 
 import asyncio
 import threading
@@ -51,29 +52,19 @@ def delta(ids, text, finished=False, logprobs=None, error=None):
                         finish_reason="length" if finished else None, error=error, last_token_time=float(len(ids)))
 
 
-class _Tracker:
-    def __init__(self):
-        self.seen = []
-
-    def on_delta(self, d):
-        self.seen.append(d)
-
-
 def test_a_stream_behind_the_engine_merges_a_choices_queued_deltas():
     async def main():
         job = Job.__new__(Job)  # the queue side of a Job, without a server
         job.queue, job.unfinished = asyncio.Queue(), {0, 1}
-        job.trackers = {0: _Tracker(), 1: _Tracker()}
         for item in [(0, delta([1], "a")), (0, delta([2], "b")), (0, delta([3], "c")), (1, delta([9], "z")),
                      (0, delta([4], "d", logprobs=[{4: -0.1}])), (0, delta([5], "e", finished=True)),
                      (1, delta([8], "y", finished=True))]:
             job.queue.put_nowait(item)
-        return [(i, d.new_token_ids, d.new_text, d.finished) async for i, d in job.deltas()], job.trackers
+        return [(i, d.new_token_ids, d.new_text, d.finished) async for i, d in job.deltas()]
 
-    out, trackers = asyncio.run(main())
+    out = asyncio.run(main())
     assert out == [(0, [1, 2, 3], "abc", False), (1, [9], "z", False), (0, [4], "d", False), (0, [5], "e", True),
                    (1, [8], "y", True)]
-    assert [d.new_token_ids for d in trackers[0].seen] == [[1], [2], [3], [4], [5]]  # metrics: every token
     assert not mergeable(delta([1], "a", finished=True), delta([2], "b"))
     assert not mergeable(delta([1], "a"), delta([2], "b", error="boom"))
     m = merged(delta([1], "a"), delta([2, 3], "bc", finished=True))

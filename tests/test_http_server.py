@@ -262,6 +262,36 @@ def test_metrics_move(served, client):
     assert "rapid:request_success_total{length}" in after
 
 
+def test_metrics_count_requests_of_a_zeromq_server_sharing_the_engine(served):
+    """`rapid serve` runs ZeroMQ beside HTTP over one frontend: /metrics counts both, as vLLM's engine metrics do."""
+    from rapid.client import Client
+    from rapid.server import RapidServer
+
+    url, frontend = served[0].url, served[2]
+    before = metrics(url)
+    server = RapidServer(frontend.llm, frontend=frontend).start()
+    try:
+        with Client(server.address, timeout_s=60) as c:
+            out = c.generate("Paris is", SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+            stream = c.stream("Once upon", SamplingParams(max_tokens=MAX_LEN - 10, ignore_eos=True))
+            next(stream)
+            stream.close()  # cancelled mid-way: counted as aborted
+    finally:
+        server.close()
+    assert len(out.token_ids) == 5
+    deadline = time.time() + 10
+    while frontend.num_pending and time.time() < deadline:
+        time.sleep(0.05)
+    after = metrics(url)
+    assert after["rapid:generation_tokens_total"].value >= before["rapid:generation_tokens_total"].value + 6
+    assert after["rapid:e2e_request_latency_seconds_count"].value == before[
+        "rapid:e2e_request_latency_seconds_count"].value + 2
+    assert after["rapid:request_success_total{length}"].value == before["rapid:request_success_total{length}"].value + 1
+    aborted = before.get("rapid:request_success_total{abort}")
+    assert after["rapid:request_success_total{abort}"].value == (aborted.value if aborted else 0) + 1
+    assert after["rapid:num_requests_running"].value == after["rapid:num_requests_waiting"].value == 0
+
+
 def test_disconnected_stream_is_aborted(served):
     url, frontend = served[0].url, served[2]
     aborted = metrics(url).get("rapid:request_success_total{abort}")

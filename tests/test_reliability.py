@@ -128,6 +128,35 @@ def test_thread_made_engine_survives_its_thread_and_dies_with_its_process(tiny_l
     assert not os.path.exists(own)
 
 
+@pytest.mark.slow
+def test_sigkill_of_the_owner_leaves_no_shared_memory(tiny_llama, tmp_path):
+    """An engine made in the main thread: the kernel SIGKILLs its children with it (PR_SET_PDEATHSIG), so none of
+    them can unlink the CPU arena then. Its name is gone once every process has mapped it, and the memory goes
+    with the last mapping (a SIGKILLed server used to leave its 800 MB arena in /dev/shm until the next start)."""
+    proc = script(tmp_path, (
+        "import json, time\n"
+        "from rapid import LLM, SamplingParams\n"
+        f"llm = LLM({str(tiny_llama)!r}, mode='rapid')\n"
+        "c = llm.engine\n"
+        "out = llm.generate('hello', SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)\n"
+        "print(json.dumps({'pids': [ch.process.pid for ch in c.children], 'shm': c.shm_names,\n"
+        "                  'tokens': out[0].outputs[0].token_ids}), flush=True)\n"
+        "time.sleep(600)\n"
+    ))
+    try:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()[-3000:]
+        info = json.loads(line)
+        assert len(info["tokens"]) == 4 and info["shm"] and not any(gone(p) for p in info["pids"])
+        assert not shm_of(info["pids"], info["shm"])  # serving from mappings whose names are already gone
+        os.kill(proc.pid, signal.SIGKILL)
+        assert wait_until(lambda: all(gone(p) for p in info["pids"]), timeout=5.0), "children outlived their parent"
+        assert not shm_of(info["pids"], info["shm"])
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 # ---------------------------------------------------------------------- start-up
 @pytest.mark.slow
 def test_sigterm_during_startup_leaves_nothing(tiny_llama, tmp_path):

@@ -95,6 +95,12 @@ def test_chat_and_logprobs(llm, client):
     assert out.prompt.startswith("<|user|>hi") and out.prompt.endswith("<|assistant|>")
     streamed = list(client.chat_stream(conv, GREEDY))
     assert "".join(d.new_text for d in streamed) == out.text
+    # roles as the OpenAI endpoint takes them: 'developer' is the template's 'system', an unknown one is refused
+    developer = client.chat([{"role": "developer", "content": "be brief"}, *conv], GREEDY)
+    assert developer.prompt == client.chat([{"role": "system", "content": "be brief"}, *conv], GREEDY).prompt
+    with pytest.raises(ServerError, match=r"messages\[0\]\.role must be one of .*got 'wizard'"):
+        client.chat([{"role": "wizard", "content": "hi"}], GREEDY)
+    assert client.chat(conv, GREEDY).text == out.text  # and the server goes on
     lp = client.generate("hello", SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=2))
     assert len(lp.logprobs) == 4 and all(t in d for t, d in zip(lp.token_ids, lp.logprobs))
     assert lp.cumulative_logprob == pytest.approx(sum(d[t] for t, d in zip(lp.token_ids, lp.logprobs)), abs=1e-4)

@@ -84,6 +84,8 @@ class EngineProcesses:
             for ready in self._wait_ready(*(spawned[role.name] for role in stage)).values():
                 if ready.arena is not None and ready.arena.kind == "shm":  # removed even if its owner is killed
                     self.shm_names.append(ready.arena.shm_name)
+        for name in self.shm_names:  # every process has mapped its arena: the name goes, the memory stays mapped
+            ipc.unlink_shm(name)  # until the last of them exits, however it exits (SIGKILL of the owner included)
         self.inp = ipc.Channel(self.ctx, zmq.PUSH, self.endpoints["core_in"], bind=False)
         workers = launch.workers(self.config)
         self.worker_lines = {n: ipc.Channel(self.ctx, zmq.PUSH, self.endpoints[f"{n}_in"], bind=False) for n in workers}

@@ -4,7 +4,8 @@ One thread, the engine loop, owns `llm.engine`; other threads only enqueue comma
 carries a callback that the engine loop calls with every RequestDelta of that request (the last has
 finished=True, or error set); callbacks must not block (hand the delta to your own thread or event loop:
 `loop.call_soon_threadsafe(queue.put_nowait, delta)` for asyncio). The loop also checks the engine's
-health while idle, so a dead worker is noticed without waiting for a request.
+health while idle, so a dead worker is noticed without waiting for a request. Observers (a server's metrics:
+`observe_requests`) follow every request, whichever server submitted it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Protocol
 
 from rapid.engine.client import EngineDeadError
 from rapid.params import SamplingParams
@@ -24,6 +26,15 @@ from rapid.protocol.engine import AddRequest, RequestDelta
 logger = logging.getLogger(__name__)
 
 DeltaCallback = Callable[[RequestDelta], None]
+
+
+class RequestObserver(Protocol):
+    """Follows one request (e.g. openai.metrics.RequestTracker): every delta, on the engine loop's thread."""
+
+    def on_delta(self, delta: RequestDelta) -> None: ...
+
+
+ObserverFactory = Callable[[int], RequestObserver]  # called with the request's prompt length as it reaches the engine
 IDLE_WAIT_S = 0.05  # how long the idle loop sleeps between health checks and command polls
 BUSY_WAIT_S = 0.005  # with requests in flight, the longest a new command waits while no output comes
 HEALTH_EVERY_S = 0.5
@@ -61,6 +72,8 @@ class EngineFrontend:
         self.max_pending = max_pending
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._callbacks: dict[str, DeltaCallback] = {}  # owned by the engine loop
+        self._observers: dict[str, list[RequestObserver]] = {}  # owned by the engine loop
+        self._observer_factories: tuple[ObserverFactory, ...] = ()
         self._num_pending = 0  # requests submitted and not finished (read from any thread: a snapshot)
         self._count_lock = threading.Lock()  # also orders submit against close (no command queued after it)
         self._closed = False  # set under _count_lock once the engine loop takes no more commands
@@ -87,6 +100,11 @@ class EngineFrontend:
             self._num_pending += 1
             self._commands.put(_Submit(request_id, list(prompt_token_ids), params, prompt, on_delta, time.time()))
 
+    def observe_requests(self, factory: ObserverFactory) -> None:
+        """Follow every request submitted from now on, by any server: `factory(num_prompt_tokens)` makes its
+        observer as it reaches the engine, which then sees each of its deltas before the request's own callback."""
+        self._observer_factories = (*self._observer_factories, factory)
+
     def abort(self, request_ids: list[str]) -> None:
         """End these requests; each still gets its final delta (finish_reason 'abort')."""
         self._commands.put(_Abort(list(request_ids)))
@@ -112,6 +130,7 @@ class EngineFrontend:
     # ------------------------------------------------------------------ the engine loop
     def _finish(self, request_id: str) -> None:
         self._callbacks.pop(request_id, None)
+        self._observers.pop(request_id, None)
         with self._count_lock:
             self._num_pending -= 1
 
@@ -119,6 +138,11 @@ class EngineFrontend:
         callback = self._callbacks.get(delta.request_id)
         if callback is None:
             return
+        for observer in self._observers.get(delta.request_id, ()):
+            try:
+                observer.on_delta(delta)
+            except Exception:  # a broken observer must not stop the loop
+                logger.exception("request observer for %s failed", delta.request_id)
         if delta.finished or delta.error is not None:
             self._finish(delta.request_id)
         try:
@@ -154,6 +178,7 @@ class EngineFrontend:
             self._refuse(cmd, f"request id {cmd.request_id!r} is already in use")
             return
         self._callbacks[cmd.request_id] = cmd.on_delta
+        self._observers[cmd.request_id] = [make(len(cmd.prompt_token_ids)) for make in self._observer_factories]
         try:
             engine.add_request(AddRequest(cmd.request_id, cmd.prompt_token_ids, cmd.params, prompt=cmd.prompt,
                                           arrival_time=cmd.arrival_time))

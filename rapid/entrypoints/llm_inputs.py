@@ -95,6 +95,21 @@ def prepare_params(params: SamplingParams, num_prompt_tokens: int, *, tokenizer,
     return msgspec.structs.replace(params, **changes) if changes else params
 
 
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")  # what the servers accept (OpenAI's roles)
+
+
+def server_chat_messages(messages: list[dict]) -> list[dict]:
+    """A server's chat messages checked as the OpenAI endpoint checks them: a role of CHAT_ROLES ('developer' goes to
+    the template as 'system'); ValueError naming the message otherwise."""
+    out = []
+    for i, message in enumerate(messages):
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            raise ValueError(f"messages[{i}].role must be one of {list(CHAT_ROLES)}, got {role!r}")
+        out.append({**message, "role": "system"} if role == "developer" else message)
+    return out
+
+
 def text_parts_joined(conversation: list[dict]) -> list[dict]:
     """The conversation with OpenAI content-part lists ([{"type": "text", "text": ...}, ...]) as the chat template's
     string, parts joined by newlines (as vLLM does); ValueError for a part that is not text."""

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Optional
 
 import msgspec
 
+from rapid.entrypoints.llm_inputs import server_chat_messages
 from rapid.entrypoints.zmq_limits import MAX_CHAT_KEY_CHARS, MAX_CHAT_KEYS, ServerLimits
 from rapid.params import SamplingParams
 from rapid.protocol.api import CancelRequest, ChatRequest, GenerateRequest
@@ -144,7 +145,7 @@ class RequestReader:
                 raise ValueError(f"the chat's messages hold {chars} characters; at most {self.max_chars} "
                                  f"(max_model_len {self.max_model_len} x {self.limits.max_chars_per_token} "
                                  "characters per token) are tokenized")
-            ids = llm.chat_prompt_ids(msg.messages, msg.add_generation_prompt)
+            ids = llm.chat_prompt_ids(server_chat_messages(msg.messages), msg.add_generation_prompt)
             _, ids, params = llm.prepare({"prompt_token_ids": ids}, params)
             return llm.tokenizer.decode(ids), ids, params
         if (msg.prompt is None) == (msg.prompt_token_ids is None):

@@ -59,6 +59,7 @@ def build_app(frontend: EngineFrontend, *, model_name: str | list[str] | None = 
     if metrics is None:
         metrics = ServerMetrics(model_name, config.mode, get_stats=getattr(frontend, "get_stats", None),
                                 placement=make_placement(config).name)
+    frontend.observe_requests(metrics.track)  # every request through the frontend: ZeroMQ's beside it too
     serving = OpenAIServing(frontend, model_name, metrics, chat_template, aliases)
     app = FastAPI(title="RAPID", openapi_url=None, docs_url=None, redoc_url=None)
     app.state.serving = serving

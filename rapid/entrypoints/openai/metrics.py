@@ -1,7 +1,7 @@
 """Prometheus metrics of the HTTP server, named as vLLM's `vllm:*` with the prefix `rapid:`.
 
-Each server owns its registry (no global state). Request metrics are observed from the deltas each
-HTTP request consumes; engine metrics (KV usage, preemptions) come from a stats callable asked at most
+Each server owns its registry (no global state). Request metrics are observed from the deltas of every request
+through the server's engine frontend (its own, and those of a ZeroMQ server sharing it); engine metrics (KV usage, preemptions) come from a stats callable asked at most
 once per `stats_interval_s` at scrape time (it is a round trip to the engine core in multi-process modes).
 """
 
@@ -125,7 +125,7 @@ class ServerMetrics:
 
 
 class RequestTracker:
-    """One engine request's metrics; feed it every delta, then close() (also after a disconnect)."""
+    """One engine request's metrics, fed every delta (EngineFrontend.observe_requests); it closes on the last."""
 
     def __init__(self, m: ServerMetrics, num_prompt_tokens: int):
         self.m, self.num_prompt_tokens = m, num_prompt_tokens

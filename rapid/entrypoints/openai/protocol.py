@@ -11,11 +11,11 @@ from typing import Any
 
 import msgspec
 
+from rapid.entrypoints.llm_inputs import CHAT_ROLES
 from rapid.params import MAX_LOGPROBS, SamplingParams
 
 MAX_N = 64  # choices per request (each one is an engine request)
 SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class ApiError(Exception):

@@ -20,7 +20,7 @@ from rapid.engine.client import EngineDeadError
 from rapid.entrypoints.frontend import EngineFrontend, OverloadedError
 from rapid.entrypoints.openai import protocol as P
 from rapid.entrypoints.openai.mailbox import LoopMailbox
-from rapid.entrypoints.openai.metrics import RequestTracker, ServerMetrics
+from rapid.entrypoints.openai.metrics import ServerMetrics
 from rapid.entrypoints.openai.responses import SSE_DONE, Builder, ChoiceState, sse, usage
 from rapid.params import SamplingParams
 from rapid.protocol.engine import RequestDelta
@@ -50,7 +50,6 @@ class Job:
         self.base = uuid.uuid4().hex
         self.queue: asyncio.Queue[tuple[int, RequestDelta]] = asyncio.Queue()
         self.unfinished: set[int] = set()
-        self.trackers: dict[int, RequestTracker] = {}
 
     def rid(self, index: int) -> str:
         return f"{self.base}-{index}"
@@ -63,7 +62,6 @@ class Job:
                                 lambda d, i=it.index: mailbox.post(self.queue.put_nowait, (i, d)),
                                 prompt=it.text)
                 self.unfinished.add(it.index)
-                self.trackers[it.index] = self.serving.metrics.track(len(it.ids))
         except OverloadedError as e:
             self.abort()
             raise P.ApiError(429, str(e), type="rate_limit_error", code="overloaded") from None
@@ -78,27 +76,25 @@ class Job:
         while self.unfinished or held is not None:
             index, d = held if held is not None else await self.queue.get()
             held = None
-            self._track(index, d)
+            self._note(index, d)
             while not self.queue.empty():
                 index2, d2 = self.queue.get_nowait()
                 if index2 != index or not mergeable(d, d2):
                     held = (index2, d2)
                     break
-                self._track(index2, d2)
+                self._note(index2, d2)
                 d = merged(d, d2)
             yield index, d
 
-    def _track(self, index: int, d: RequestDelta) -> None:
-        self.trackers[index].on_delta(d)  # every delta: the server's metrics see each token's time
+    def _note(self, index: int, d: RequestDelta) -> None:
         if d.finished or d.error is not None:
             self.unfinished.discard(index)
 
     def abort(self) -> None:
-        """End every unfinished engine request (their final deltas may still arrive) and stop tracking them."""
+        """End every unfinished engine request (their final deltas, finish_reason 'abort', still reach the
+        frontend's observers: the server's metrics)."""
         if self.unfinished:
             self.serving.frontend.abort([self.rid(i) for i in sorted(self.unfinished)])
-        for t in self.trackers.values():
-            t.close()
         self.serving.jobs.discard(self)
 
 
