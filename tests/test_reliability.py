@@ -90,37 +90,51 @@ def test_stale_dirs_removed_only_when_their_owner_is_gone(tmp_path):
         shm.unlink(missing_ok=True)
 
 
-@pytest.mark.slow
-def test_thread_made_engine_survives_its_thread_and_dies_with_its_process(tiny_llama, tmp_path, monkeypatch):
-    """PR_SET_PDEATHSIG follows the parent thread: an engine made in a thread that exits must keep serving;
-    SIGKILL of its process must still take every child down (and their /dev/shm); the next start removes the
-    socket dir the killed owner left."""
+def sigkill_a_serving_owner(tmp_path: Path, make_llm: str, while_serving=lambda info: None) -> dict:
+    """A script binds `llm` (`make_llm`, which may fill the dict `extra`), generates, prints what the engine holds
+    and sleeps; `while_serving(info)` checks it then; the script is SIGKILLed and its children must follow at once.
+    Returns what it printed: dir, pids, shm (the engine's /dev/shm names), tokens and `extra`."""
     proc = script(tmp_path, (
         "import json, threading, time\n"
         "from rapid import LLM, SamplingParams\n"
-        "box = {}\n"
-        f"t = threading.Thread(target=lambda: box.update(llm=LLM({str(tiny_llama)!r}, mode='rapid')))\n"
-        "t.start(); t.join()\n"
-        "time.sleep(0.5)  # the creating thread is gone\n"
-        "c = box['llm'].engine\n"
-        "out = box['llm'].generate('hello', SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)\n"
-        "print(json.dumps({'dir': c.dir, 'pids': [ch.process.pid for ch in c.children], 'alive': t.is_alive(),\n"
-        "                  'shm': c.shm_names, 'tokens': out[0].outputs[0].token_ids}), flush=True)\n"
+        "extra = {}\n" + make_llm +
+        "c = llm.engine\n"
+        "out = llm.generate('hello', SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)\n"
+        "print(json.dumps({'dir': c.dir, 'pids': [ch.process.pid for ch in c.children], 'shm': c.shm_names,\n"
+        "                  'tokens': out[0].outputs[0].token_ids, **extra}), flush=True)\n"
         "time.sleep(600)\n"
     ))
     try:
         line = proc.stdout.readline()
         assert line, proc.stderr.read()[-3000:]
         info = json.loads(line)
-        assert len(info["tokens"]) == 4 and not info["alive"]
-        assert len(info["pids"]) == 3 and not any(gone(p) for p in info["pids"]) and info["shm"]
+        assert len(info["tokens"]) == 4 and info["shm"]
+        assert len(info["pids"]) == 3 and not any(gone(p) for p in info["pids"])
+        while_serving(info)
         os.kill(proc.pid, signal.SIGKILL)
         assert wait_until(lambda: all(gone(p) for p in info["pids"]), timeout=5.0), "children outlived their parent"
-        assert wait_until(lambda: not shm_of(info["pids"], info["shm"]), timeout=2.0)
-        assert os.path.isdir(info["dir"])  # SIGKILL: nobody could remove it yet
     finally:
         proc.kill()
         proc.wait()
+    return info
+
+
+@pytest.mark.slow
+def test_thread_made_engine_survives_its_thread_and_dies_with_its_process(tiny_llama, tmp_path, monkeypatch):
+    """PR_SET_PDEATHSIG follows the parent thread: an engine made in a thread that exits must keep serving;
+    SIGKILL of its process must still take every child down (and their /dev/shm); the next start removes the
+    socket dir the killed owner left."""
+    info = sigkill_a_serving_owner(tmp_path, (
+        "box = {}\n"
+        f"t = threading.Thread(target=lambda: box.update(llm=LLM({str(tiny_llama)!r}, mode='rapid')))\n"
+        "t.start(); t.join()\n"
+        "time.sleep(0.5)  # the creating thread is gone\n"
+        "llm = box['llm']\n"
+        "extra['alive'] = t.is_alive()\n"
+    ))
+    assert not info["alive"]
+    assert wait_until(lambda: not shm_of(info["pids"], info["shm"]), timeout=2.0)
+    assert os.path.isdir(info["dir"])  # SIGKILL: nobody could remove it yet
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     with LLM(tiny_llama, mode="rapid") as llm:
         assert not os.path.exists(info["dir"])  # the next start cleaned it
@@ -133,28 +147,12 @@ def test_sigkill_of_the_owner_leaves_no_shared_memory(tiny_llama, tmp_path):
     """An engine made in the main thread: the kernel SIGKILLs its children with it (PR_SET_PDEATHSIG), so none of
     them can unlink the CPU arena then. Its name is gone once every process has mapped it, and the memory goes
     with the last mapping (a SIGKILLed server used to leave its 800 MB arena in /dev/shm until the next start)."""
-    proc = script(tmp_path, (
-        "import json, time\n"
-        "from rapid import LLM, SamplingParams\n"
-        f"llm = LLM({str(tiny_llama)!r}, mode='rapid')\n"
-        "c = llm.engine\n"
-        "out = llm.generate('hello', SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)\n"
-        "print(json.dumps({'pids': [ch.process.pid for ch in c.children], 'shm': c.shm_names,\n"
-        "                  'tokens': out[0].outputs[0].token_ids}), flush=True)\n"
-        "time.sleep(600)\n"
-    ))
-    try:
-        line = proc.stdout.readline()
-        assert line, proc.stderr.read()[-3000:]
-        info = json.loads(line)
-        assert len(info["tokens"]) == 4 and info["shm"] and not any(gone(p) for p in info["pids"])
-        assert not shm_of(info["pids"], info["shm"])  # serving from mappings whose names are already gone
-        os.kill(proc.pid, signal.SIGKILL)
-        assert wait_until(lambda: all(gone(p) for p in info["pids"]), timeout=5.0), "children outlived their parent"
+
+    def names_gone_already(info):  # serving from mappings whose names are gone
         assert not shm_of(info["pids"], info["shm"])
-    finally:
-        proc.kill()
-        proc.wait()
+
+    info = sigkill_a_serving_owner(tmp_path, f"llm = LLM({str(tiny_llama)!r}, mode='rapid')\n", names_gone_already)
+    assert not shm_of(info["pids"], info["shm"])
 
 
 # ---------------------------------------------------------------------- start-up
