@@ -51,6 +51,8 @@ def test_requests_from_many_threads_equal_generate(tiny_llama):
 def test_abort_overload_refusal_and_close(tiny_llama):
     with LLM(tiny_llama, max_model_len=256) as llm:
         frontend = EngineFrontend(llm, max_pending=2)
+        observed = _Observed()  # the server's metrics: every request that reached the engine, to its end
+        frontend.observe_requests(observed)
         try:
             long = SamplingParams(max_tokens=200, ignore_eos=True)
             a, b = Collector(), Collector()
@@ -67,6 +69,10 @@ def test_abort_overload_refusal_and_close(tiny_llama):
             frontend.close()
         assert b.done.is_set() and b.deltas[-1].finished  # in flight at close: ended, with a final delta
         assert frontend.num_pending == 0
+        # a (aborted), b (in flight at close), too-long (refused by the engine); c never reached it
+        assert len(observed.made) == 3
+        assert all(sum(d.finished or d.error is not None for d in seen) == 1 for seen in observed.made)
+        assert all(seen[-1].finished or seen[-1].error is not None for seen in observed.made)
 
 
 class _BlockingEngine:
@@ -162,3 +168,52 @@ def test_an_unexpected_engine_error_aborts_the_requests_in_the_engine(tiny_llama
             assert "victim" in aborted  # the engine stops working for it, not only its caller
         finally:
             frontend.close()
+
+
+class _Observed:
+    """What observe_requests' observers saw: per request made, its deltas."""
+
+    def __init__(self):
+        self.made: list[list] = []
+
+    def __call__(self, num_prompt_tokens):
+        seen = []
+        self.made.append(seen)
+
+        class Observer:
+            def on_delta(self, delta):
+                seen.append(delta)
+
+        return Observer()
+
+
+def test_observers_see_each_request_that_reaches_the_engine_to_its_end():
+    """The server's metrics (observe_requests): an observer per request the engine takes, fed to its final delta; a
+    refused duplicate id gets none and leaves the first one's alone; a broken factory only loses its own; stop()
+    ends the following."""
+    engine = _BlockingEngine()
+    engine.release.set()
+    frontend = EngineFrontend(_FakeLLM(engine))
+    observed = _Observed()
+
+    def broken(num_prompt_tokens):
+        raise RuntimeError("a broken factory")
+
+    try:
+        stop = frontend.observe_requests(observed)
+        assert frontend.observe_requests(observed) is not None  # given twice, counted once
+        frontend.observe_requests(broken)
+        first, dup = Collector(), Collector()
+        frontend.submit("x", [1, 2], GREEDY, first)
+        frontend.submit("x", [1, 2], GREEDY, dup)
+        assert dup.done.wait(10) and "already in use" in dup.deltas[-1].error
+        frontend.abort(["x"])
+        assert first.done.wait(10) and first.deltas[-1].finish_reason == "abort"
+        assert [[d.finish_reason for d in seen] for seen in observed.made] == [["abort"]]
+        stop()
+        later = Collector()
+        frontend.submit("y", [1, 2], GREEDY, later)
+        frontend.abort(["y"])
+        assert later.done.wait(10) and len(observed.made) == 1  # no longer followed
+    finally:
+        frontend.close()

@@ -282,6 +282,7 @@ def test_metrics_count_requests_of_a_zeromq_server_sharing_the_engine(served):
     deadline = time.time() + 10
     while frontend.num_pending and time.time() < deadline:
         time.sleep(0.05)
+    assert frontend.num_pending == 0
     after = metrics(url)
     assert after["rapid:generation_tokens_total"].value >= before["rapid:generation_tokens_total"].value + 6
     assert after["rapid:e2e_request_latency_seconds_count"].value == before[

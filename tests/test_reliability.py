@@ -93,7 +93,7 @@ def test_stale_dirs_removed_only_when_their_owner_is_gone(tmp_path):
 def sigkill_a_serving_owner(tmp_path: Path, make_llm: str, while_serving=lambda info: None) -> dict:
     """A script binds `llm` (`make_llm`, which may fill the dict `extra`), generates, prints what the engine holds
     and sleeps; `while_serving(info)` checks it then; the script is SIGKILLed and its children must follow at once.
-    Returns what it printed: dir, pids, shm (the engine's /dev/shm names), tokens and `extra`."""
+    Returns what it printed: dir, pids and roles, shm (the engine's /dev/shm names), tokens and `extra`."""
     proc = script(tmp_path, (
         "import json, threading, time\n"
         "from rapid import LLM, SamplingParams\n"
@@ -101,6 +101,7 @@ def sigkill_a_serving_owner(tmp_path: Path, make_llm: str, while_serving=lambda 
         "c = llm.engine\n"
         "out = llm.generate('hello', SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)\n"
         "print(json.dumps({'dir': c.dir, 'pids': [ch.process.pid for ch in c.children], 'shm': c.shm_names,\n"
+        "                  'roles': [ch.name for ch in c.children],\n"
         "                  'tokens': out[0].outputs[0].token_ids, **extra}), flush=True)\n"
         "time.sleep(600)\n"
     ))
@@ -150,9 +151,14 @@ def test_sigkill_of_the_owner_leaves_no_shared_memory(tiny_llama, tmp_path):
 
     def names_gone_already(info):  # serving from mappings whose names are gone
         assert not shm_of(info["pids"], info["shm"])
+        workers = [pid for pid, role in zip(info["pids"], info["roles"]) if role != "core"]  # the core maps none
+        assert len(workers) == 2
+        for pid in workers:
+            maps = Path(f"/proc/{pid}/maps").read_text()
+            assert any(f"/dev/shm/{name} (deleted)" in maps for name in info["shm"]), pid
 
     info = sigkill_a_serving_owner(tmp_path, f"llm = LLM({str(tiny_llama)!r}, mode='rapid')\n", names_gone_already)
-    assert not shm_of(info["pids"], info["shm"])
+    assert len(info["tokens"]) == 4  # served from those mappings
 
 
 # ---------------------------------------------------------------------- start-up

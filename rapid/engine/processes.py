@@ -146,7 +146,8 @@ class EngineProcesses:
 
     # ------------------------------------------------------------------ shutdown
     def stop(self, graceful: bool = True) -> None:
-        """Importers (prefill workers, core) first, then the owner of the shared arena (decode); then the arena itself.
+        """Importers (prefill workers, core) first, then the owner of the shared arena (decode); then any arena name
+        a failed start left.
 
         graceful: a Shutdown handshake (5 s) with each process that reported ready. Not graceful (a process
         died, or the start failed): SIGTERM at once. Either way SIGKILL after 3 s more.

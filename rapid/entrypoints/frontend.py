@@ -100,10 +100,17 @@ class EngineFrontend:
             self._num_pending += 1
             self._commands.put(_Submit(request_id, list(prompt_token_ids), params, prompt, on_delta, time.time()))
 
-    def observe_requests(self, factory: ObserverFactory) -> None:
-        """Follow every request submitted from now on, by any server: `factory(num_prompt_tokens)` makes its
-        observer as it reaches the engine, which then sees each of its deltas before the request's own callback."""
-        self._observer_factories = (*self._observer_factories, factory)
+    def observe_requests(self, factory: ObserverFactory) -> Callable[[], None]:
+        """Follow every request that reaches the engine from now on, by any server: `factory(num_prompt_tokens)`
+        makes its observer then, which sees each of its deltas before the request's own callback. Returns the
+        function that stops it (a factory given twice counts once)."""
+        if factory not in self._observer_factories:
+            self._observer_factories = (*self._observer_factories, factory)
+
+        def stop() -> None:
+            self._observer_factories = tuple(f for f in self._observer_factories if f != factory)
+
+        return stop
 
     def abort(self, request_ids: list[str]) -> None:
         """End these requests; each still gets its final delta (finish_reason 'abort')."""
@@ -178,12 +185,21 @@ class EngineFrontend:
             self._refuse(cmd, f"request id {cmd.request_id!r} is already in use")
             return
         self._callbacks[cmd.request_id] = cmd.on_delta
-        self._observers[cmd.request_id] = [make(len(cmd.prompt_token_ids)) for make in self._observer_factories]
+        self._observers[cmd.request_id] = self._make_observers(len(cmd.prompt_token_ids))
         try:
             engine.add_request(AddRequest(cmd.request_id, cmd.prompt_token_ids, cmd.params, prompt=cmd.prompt,
                                           arrival_time=cmd.arrival_time))
         except Exception as e:  # refused (ValueError) or the engine is dead
             self._deliver(RequestDelta(cmd.request_id, [], "", finished=True, finish_reason="abort", error=str(e)))
+
+    def _make_observers(self, num_prompt_tokens: int) -> list[RequestObserver]:
+        observers = []
+        for make in self._observer_factories:
+            try:
+                observers.append(make(num_prompt_tokens))
+            except Exception:  # a broken observer must not stop the loop
+                logger.exception("a request observer could not be made")
+        return observers
 
     def _run(self) -> None:
         last_health = 0.0

@@ -175,4 +175,6 @@ def _serve_llm(llm, args: argparse.Namespace, stop: threading.Event) -> None:
             http.stop()
         if zmq is not None:
             zmq.close()
+        if serving is not None:
+            serving.close()
         frontend.close()

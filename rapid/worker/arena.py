@@ -2,8 +2,9 @@
 
 CPU: a POSIX shared-memory segment (/dev/shm/rapid_{owner pid}_..., opened by name and mapped with
 mmap; not multiprocessing.shared_memory, whose resource tracker process would outlive a killed worker
-and end its log with a leak warning instead of the cause: the owner unlinks at close, its supervisor
-or its own parent watch when it dies). CUDA: one device allocation exported
+and end its log with a leak warning instead of the cause). The name lives only through the start: once every
+process has mapped it the supervisor unlinks it (rapid.engine.processes), and the memory goes with the last mapping,
+however its processes end. CUDA: one device allocation exported
 with a CUDA IPC handle. Either way only an `ArenaHandle` (a msgspec Struct: names, bytes, ints)
 crosses the process boundary, and both sides compute the same layout of tensors inside the arena
 from the config, so nothing but the handle is sent. The owner must outlive every importer.
@@ -77,7 +78,8 @@ class SharedArena:
             try:
                 shm = ShmSegment(handle.shm_name, handle.nbytes, create=False)
             except FileNotFoundError as e:
-                raise RuntimeError(f"shared memory {handle.shm_name} is gone: its owner process exited") from e
+                raise RuntimeError(f"shared memory {handle.shm_name} is gone: its owner process exited, or the "
+                                   "engine's start had ended (the name lives until every process mapped it)") from e
             buffer = torch.frombuffer(shm.buf, dtype=torch.uint8, count=handle.nbytes)
             return cls(buffer, handle, owner=False, shm=shm)
         if handle.kind != "cuda":

@@ -59,8 +59,8 @@ def build_app(frontend: EngineFrontend, *, model_name: str | list[str] | None = 
     if metrics is None:
         metrics = ServerMetrics(model_name, config.mode, get_stats=getattr(frontend, "get_stats", None),
                                 placement=make_placement(config).name)
-    frontend.observe_requests(metrics.track)  # every request through the frontend: ZeroMQ's beside it too
     serving = OpenAIServing(frontend, model_name, metrics, chat_template, aliases)
+    serving.stop_metrics = frontend.observe_requests(metrics.track)  # ZeroMQ's requests beside it too; close() stops it
     app = FastAPI(title="RAPID", openapi_url=None, docs_url=None, redoc_url=None)
     app.state.serving = serving
     created = int(time.time())

@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -201,6 +201,7 @@ class OpenAIServing(RequestConverter):
         self.closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.mailbox: LoopMailbox | None = None  # the engine thread's way onto the event loop
+        self.stop_metrics: Callable[[], None] = lambda: None  # build_app: the metrics stop following the frontend
 
     # ------------------------------------------------------------------ running
     def start(self, items: list[Item]) -> Job:
@@ -227,6 +228,11 @@ class OpenAIServing(RequestConverter):
             asyncio.run_coroutine_threadsafe(abort(), loop).result(timeout_s)
         except Exception as e:  # the loop stopped meanwhile: nothing is left to abort
             logger.warning("aborting in-flight HTTP requests failed: %s", e)
+
+    def close(self) -> None:
+        """The server is done: its metrics stop following the frontend's requests (the frontend may serve on)."""
+        self.closing = True
+        self.stop_metrics()
 
     async def collect(self, job: Job, builder: Builder) -> dict:
         """The whole response once every choice finished; ApiError 503 if the engine failed."""
