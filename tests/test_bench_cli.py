@@ -30,6 +30,8 @@ def test_bench_offline_smoke(tiny_llama, tmp_path):
     assert abs(idle["idle_s"] - sum(t["idle_s"] for k, t in device.items() if k in ("decode", "mixed"))) < 1e-3
     assert idle["longest"] and all(w["kind"] in ("decode", "mixed") for w in idle["longest"])
     assert result["engine"]["prefill_worker"] is None  # hybrid: no prefill worker
+    # the run's prompt tokens, all in hybrid's steps: the warm-up's are left out (64 more before)
+    assert result["engine"]["prefill_tokens_by_lane"] == {"decode": result["input_tokens"], "prefill": 0}
     assert result["engine"]["eager_steps"] == {}  # no graphs on the CPU, so none fell back
 
 

@@ -112,14 +112,16 @@ def run_offline(args) -> dict:
         in_tokens = sum(len(p["prompt_token_ids"]) for p in prompts)
         device = str(llm.config.device)
         stats = llm.engine.get_stats()
+        placed_before = start.prefill_tokens_by_lane  # the warm-up's prompt, left out
         if stats.num_restarts != start.num_restarts:  # the engine restarted: its totals since start are the new one's
-            before, idle_before = {}, {}
+            before, idle_before, placed_before = {}, {}, {}
         engine = {"max_num_seqs": llm.config.scheduler.max_num_seqs,  # as fitted to the KV pool when not given
                   "max_num_batched_tokens": llm.config.scheduler.max_num_batched_tokens,
                   "admission_reserve": llm.config.scheduler.admission_reserve,
                   "kv_pool_tokens": llm.engine.num_blocks * llm.config.cache.block_size,
                   "num_preemptions": stats.num_preemptions, "placement_policy": stats.placement_policy,
-                  "prefill_tokens_by_lane": stats.prefill_tokens_by_lane,
+                  "prefill_tokens_by_lane": {lane: n - placed_before.get(lane, 0)
+                                             for lane, n in stats.prefill_tokens_by_lane.items()},
                   "device_time": device_time_during(before, stats.device_time),
                   "eager_steps": stats.eager_steps}  # since start: steps outside the captured graphs, by kind
         engine["decode_idle"] = decode_idle_during(engine["device_time"], stats, idle_before)
