@@ -35,6 +35,7 @@ class RequestObserver(Protocol):
 
 
 ObserverFactory = Callable[[int], RequestObserver]  # called with the request's prompt length as it reaches the engine
+
 IDLE_WAIT_S = 0.05  # how long the idle loop sleeps between health checks and command polls
 BUSY_WAIT_S = 0.005  # with requests in flight, the longest a new command waits while no output comes
 HEALTH_EVERY_S = 0.5

@@ -2,8 +2,9 @@
 
 Each server owns its registry (no global state). Request metrics are observed from the deltas of every request
 through the server's engine frontend (its own, and those of a ZeroMQ server sharing it), on the frontend's engine
-loop from the moment a request reaches the engine (one queued in the frontend is not yet waiting); engine metrics (KV usage, preemptions) come from a stats callable asked at most
-once per `stats_interval_s` at scrape time (it is a round trip to the engine core in multi-process modes).
+loop from the moment a request reaches the engine (one still queued in the frontend is not yet waiting). Engine
+metrics (KV usage, preemptions) come from a stats callable asked at most once per `stats_interval_s` at scrape time
+(it is a round trip to the engine core in multi-process modes).
 """
 
 from __future__ import annotations
