@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -344,6 +345,13 @@ def test_serve_refuses_a_remote_host_before_building_the_engine(tmp_path):
     proc = rapid_serve(str(tmp_path / "a"), "--model", str(tmp_path / "b"))
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "the model is given twice" in err
+    with socket.socket() as taken:  # a port something listens on: refused before the model loads, as vLLM does
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = rapid_serve("--model", str(tmp_path / "absent"), "--port", str(port))
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and f"--port {port} on 127.0.0.1 is in use" in err
 
 
 def test_sigterm_under_load_ends_every_request(tiny_llama):

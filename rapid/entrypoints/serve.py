@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -77,6 +78,24 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """ValueError now, not after the model loaded, when something already listens on host:port (port 0: any)."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+    except OSError:
+        return  # an unresolvable host: uvicorn names it when it binds
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
+        try:
+            probe.bind(address)
+        except OSError as e:
+            busy = f"--port {port} on {host} is in use ({e.strerror}); choose another --port, or --no-http"
+            raise ValueError(busy) from None
+
+
 def check_serve_args(args: argparse.Namespace) -> None:
     """ValueError for any bad address, host, port or key flag (before the engine is built)."""
     from rapid.entrypoints.server import check_address
@@ -91,6 +110,7 @@ def check_serve_args(args: argparse.Namespace) -> None:
         if not _is_loopback(args.host) and not (args.allow_remote and args.api_key):
             raise ValueError(f"--host {args.host} is not a loopback address: anyone who can reach it could use the "
                              "model. Pass both --allow-remote and --api-key to bind it.")
+        _check_port_free(args.host, args.port)
     if args.zmq and args.address is not None:
         check_address(args.address, args.allow_remote)
     if args.max_pending < 1:
