@@ -98,16 +98,17 @@ def prepare_params(params: SamplingParams, num_prompt_tokens: int, *, tokenizer,
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")  # what the servers accept (OpenAI's roles)
 
 
+def chat_role(index: int, role: object) -> str:
+    """The chat template's role for a server's message `index` (both servers take CHAT_ROLES; 'developer' is
+    'system'); ValueError naming the message otherwise."""
+    if role not in CHAT_ROLES:
+        raise ValueError(f"messages[{index}].role must be one of {list(CHAT_ROLES)}, got {role!r}")
+    return "system" if role == "developer" else role
+
+
 def server_chat_messages(messages: list[dict]) -> list[dict]:
-    """A server's chat messages checked as the OpenAI endpoint checks them: a role of CHAT_ROLES ('developer' goes to
-    the template as 'system'); ValueError naming the message otherwise."""
-    out = []
-    for i, message in enumerate(messages):
-        role = message.get("role")
-        if role not in CHAT_ROLES:
-            raise ValueError(f"messages[{i}].role must be one of {list(CHAT_ROLES)}, got {role!r}")
-        out.append({**message, "role": "system"} if role == "developer" else message)
-    return out
+    """A server's chat messages with their roles checked and mapped (chat_role)."""
+    return [{**message, "role": chat_role(i, message.get("role"))} for i, message in enumerate(messages)]
 
 
 def text_parts_joined(conversation: list[dict]) -> list[dict]:

@@ -60,7 +60,6 @@ def build_app(frontend: EngineFrontend, *, model_name: str | list[str] | None = 
         metrics = ServerMetrics(model_name, config.mode, get_stats=getattr(frontend, "get_stats", None),
                                 placement=make_placement(config).name)
     serving = OpenAIServing(frontend, model_name, metrics, chat_template, aliases)
-    serving.stop_metrics = frontend.observe_requests(metrics.track)  # ZeroMQ's requests beside it too; close() stops it
     app = FastAPI(title="RAPID", openapi_url=None, docs_url=None, redoc_url=None)
     app.state.serving = serving
     created = int(time.time())

@@ -11,7 +11,7 @@ from typing import Any
 
 import msgspec
 
-from rapid.entrypoints.llm_inputs import CHAT_ROLES
+from rapid.entrypoints.llm_inputs import chat_role
 from rapid.params import MAX_LOGPROBS, SamplingParams
 
 MAX_N = 64  # choices per request (each one is an engine request)
@@ -271,9 +271,10 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
                        param="tool_choice")
     out = []
     for i, m in enumerate(req.messages):
-        if m.role not in CHAT_ROLES:
-            raise ApiError(400, f"messages[{i}].role must be one of {list(CHAT_ROLES)}, got {m.role!r}",
-                           param="messages")
+        try:
+            role = chat_role(i, m.role)
+        except ValueError as e:
+            raise ApiError(400, str(e), param="messages") from None
         content = m.content
         if isinstance(content, list):
             bad = [p.type for p in content if p.type != "text" or p.text is None]
@@ -281,7 +282,7 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
                 raise ApiError(400, f"messages[{i}].content: only text parts are supported, got type {bad[0]!r}",
                                param="messages")
             content = "\n".join(p.text for p in content)  # as vLLM joins text parts
-        message = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
+        message = {"role": role, "content": content or ""}
         for key in ("name", "tool_calls", "tool_call_id"):  # to the template as given, as vLLM
             if getattr(m, key) is not None:
                 message[key] = getattr(m, key)

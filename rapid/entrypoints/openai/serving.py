@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import msgspec
@@ -201,7 +201,7 @@ class OpenAIServing(RequestConverter):
         self.closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.mailbox: LoopMailbox | None = None  # the engine thread's way onto the event loop
-        self.stop_metrics: Callable[[], None] = lambda: None  # build_app: the metrics stop following the frontend
+        self.stop_metrics = frontend.observe_requests(metrics.track)  # ZeroMQ's requests beside these too
 
     # ------------------------------------------------------------------ running
     def start(self, items: list[Item]) -> Job:
