@@ -222,6 +222,13 @@ def test_malformed_bodies_and_the_server_keeps_serving(served, client):
             assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text
     r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "wizard", "content": "x"}]})
     assert r.status_code == 400 and "role" in r.json()["error"]["message"]
+    for message in ({"role": "user"}, {"role": "system", "content": None}):  # OpenAI requires content but for the
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": [message]})  # assistant's (tool calls)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["message"] == f"messages[0].content is required for role {message['role']!r}"
+    ok = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": []},
+                       {"role": "user", "content": "go on"}], "max_tokens": 2}
+    assert httpx.post(url + "/v1/chat/completions", json=ok).status_code == 200
     assert httpx.get(url + "/v1/nothing").status_code == 404
     assert client.completions.create(model="tiny", prompt="hello", max_tokens=2).choices[0].finish_reason
 

@@ -69,6 +69,16 @@ def test_sampled_outputs_valid_and_older_name(llm):
     assert len(out.outputs) == 3 and all(re.fullmatch(REGEX, c.text) for c in out.outputs)
 
 
+def test_json_object_gives_objects_never_arrays(llm):
+    # OpenAI's JSON mode promises an object; xgrammar's builtin JSON grammar gave this tiny model 16 arrays in 40
+    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=24,
+                             structured_outputs=StructuredOutputsParams(json_object=True)) for s in range(24)]
+    outs = [o.outputs[0] for o in llm.generate(["hi"] * 24, params, use_tqdm=False)]
+    assert all(c.text.lstrip(" \t\r\n").startswith("{") for c in outs), [c.text for c in outs]
+    finished = [c for c in outs if c.finish_reason == "stop"]
+    assert finished and all(isinstance(json.loads(c.text), dict) for c in finished)
+
+
 def test_json_object_under_preemption_is_valid_json(tiny_llama):
     # a small KV pool: requests are preempted and recomputed, their matchers rebuilt by replaying their tokens
     spec = StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True)

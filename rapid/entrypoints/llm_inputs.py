@@ -98,17 +98,21 @@ def prepare_params(params: SamplingParams, num_prompt_tokens: int, *, tokenizer,
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")  # what the servers accept (OpenAI's roles)
 
 
-def chat_role(index: int, role: object) -> str:
+def chat_role(index: int, role: object, content: object) -> str:
     """The chat template's role for a server's message `index` (both servers take CHAT_ROLES; 'developer' is
-    'system'); ValueError naming the message otherwise."""
+    'system'); ValueError naming the message otherwise, or when it has no content and is not the assistant's (as
+    OpenAI requires: only an assistant message, one with tool calls, may leave it out)."""
     if role not in CHAT_ROLES:
         raise ValueError(f"messages[{index}].role must be one of {list(CHAT_ROLES)}, got {role!r}")
+    if content is None and role != "assistant":
+        raise ValueError(f"messages[{index}].content is required for role {role!r}")
     return "system" if role == "developer" else role
 
 
 def server_chat_messages(messages: list[dict]) -> list[dict]:
-    """A server's chat messages with their roles checked and mapped (chat_role)."""
-    return [{**message, "role": chat_role(i, message.get("role"))} for i, message in enumerate(messages)]
+    """A server's chat messages with their roles and contents checked and roles mapped (chat_role)."""
+    return [{**message, "role": chat_role(i, message.get("role"), message.get("content"))}
+            for i, message in enumerate(messages)]
 
 
 def text_parts_joined(conversation: list[dict]) -> list[dict]:

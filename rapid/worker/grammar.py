@@ -23,6 +23,9 @@ from rapid.protocol.worker import SeqWork
 logger = logging.getLogger(__name__)
 
 
+JSON_OBJECT_SCHEMA = '{"type": "object"}'
+
+
 def choice_ebnf(choices: Sequence[str]) -> str:
     """An EBNF grammar whose sentences are exactly `choices` (JSON string escapes are EBNF's too)."""
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
@@ -87,8 +90,8 @@ class GrammarBook:
             compiled = c.compile_grammar(choice_ebnf(spec.choice))
         elif spec.grammar is not None:
             compiled = c.compile_grammar(spec.grammar)
-        else:
-            compiled = c.compile_builtin_json_grammar()
+        else:  # json_object: any JSON object, as OpenAI's JSON mode promises (xgrammar's builtin JSON takes arrays too)
+            compiled = c.compile_json_schema(JSON_OBJECT_SCHEMA, any_whitespace=not spec.disable_any_whitespace)
         self._compiled[spec] = compiled
         return compiled
 

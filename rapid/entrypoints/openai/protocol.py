@@ -272,7 +272,7 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
     out = []
     for i, m in enumerate(req.messages):
         try:
-            role = chat_role(i, m.role)
+            role = chat_role(i, m.role, m.content)
         except ValueError as e:
             raise ApiError(400, str(e), param="messages") from None
         content = m.content
