@@ -61,6 +61,14 @@ class _Abort:
 
 
 @dataclass
+class _Live:
+    """A request in the engine: its consumer, and the observers that see each delta first."""
+
+    on_delta: DeltaCallback
+    observers: list[RequestObserver]
+
+
+@dataclass
 class _GetStats:
     answer: Future  # set by the engine loop with the engine's Stats (or its error)
 
@@ -72,8 +80,7 @@ class EngineFrontend:
         self.llm = llm
         self.max_pending = max_pending
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._callbacks: dict[str, DeltaCallback] = {}  # owned by the engine loop
-        self._observers: dict[str, list[RequestObserver]] = {}  # owned by the engine loop
+        self._live: dict[str, _Live] = {}  # the requests in the engine, by id; owned by the engine loop
         self._observer_factories: tuple[ObserverFactory, ...] = ()
         self._num_pending = 0  # requests submitted and not finished (read from any thread: a snapshot)
         self._count_lock = threading.Lock()  # also orders submit against close (no command queued after it)
@@ -137,16 +144,15 @@ class EngineFrontend:
 
     # ------------------------------------------------------------------ the engine loop
     def _finish(self, request_id: str) -> None:
-        self._callbacks.pop(request_id, None)
-        self._observers.pop(request_id, None)
+        self._live.pop(request_id, None)
         with self._count_lock:
             self._num_pending -= 1
 
     def _deliver(self, delta: RequestDelta) -> None:
-        callback = self._callbacks.get(delta.request_id)
-        if callback is None:
+        live = self._live.get(delta.request_id)
+        if live is None:
             return
-        for observer in self._observers.get(delta.request_id, ()):
+        for observer in live.observers:
             try:
                 observer.on_delta(delta)
             except Exception:  # a broken observer must not stop the loop
@@ -154,12 +160,12 @@ class EngineFrontend:
         if delta.finished or delta.error is not None:
             self._finish(delta.request_id)
         try:
-            callback(delta)
+            live.on_delta(delta)
         except Exception:  # a broken consumer must not stop the loop
             logger.exception("delta callback for %s failed", delta.request_id)
 
     def _fail_all(self, reason: str) -> None:
-        for rid in list(self._callbacks):
+        for rid in list(self._live):
             self._deliver(RequestDelta(rid, [], "", finished=True, finish_reason="abort", error=reason))
 
     def _refuse(self, cmd: _Submit, error: str) -> None:
@@ -180,13 +186,12 @@ class EngineFrontend:
                 cmd.answer.set_exception(e)
             return
         if isinstance(cmd, _Abort):
-            engine.abort([rid for rid in cmd.request_ids if rid in self._callbacks])
+            engine.abort([rid for rid in cmd.request_ids if rid in self._live])
             return
-        if cmd.request_id in self._callbacks:  # the first request keeps its callback
+        if cmd.request_id in self._live:  # the first request keeps its callback
             self._refuse(cmd, f"request id {cmd.request_id!r} is already in use")
             return
-        self._callbacks[cmd.request_id] = cmd.on_delta
-        self._observers[cmd.request_id] = self._make_observers(len(cmd.prompt_token_ids))
+        self._live[cmd.request_id] = _Live(cmd.on_delta, self._make_observers(len(cmd.prompt_token_ids)))
         try:
             engine.add_request(AddRequest(cmd.request_id, cmd.prompt_token_ids, cmd.params, prompt=cmd.prompt,
                                           arrival_time=cmd.arrival_time))
@@ -207,7 +212,7 @@ class EngineFrontend:
         while not self._stop.is_set():
             try:
                 self._turn()
-                if not self._callbacks and time.monotonic() - last_health > HEALTH_EVERY_S:
+                if not self._live and time.monotonic() - last_health > HEALTH_EVERY_S:
                     last_health = time.monotonic()
                     self.llm.engine.check_health()
                     self.dead_reason = None  # healthy (again, if the engine restarted its processes)
@@ -216,9 +221,9 @@ class EngineFrontend:
                 if self.dead_reason != reason:
                     logger.error("engine failed: %s", reason)
                 self.dead_reason = reason
-                if not isinstance(e, EngineDeadError) and self._callbacks:
+                if not isinstance(e, EngineDeadError) and self._live:
                     try:  # a live engine must not go on working for requests nobody will read
-                        self.llm.engine.abort(list(self._callbacks))
+                        self.llm.engine.abort(list(self._live))
                     except Exception:
                         logger.exception("aborting the failed requests failed")
                 self._fail_all(f"engine error: {reason}")
@@ -228,7 +233,7 @@ class EngineFrontend:
     def _turn(self) -> None:
         """Apply the queued commands (waiting a little when idle), then one engine step if anything runs."""
         try:
-            cmd = self._commands.get_nowait() if self._callbacks else self._commands.get(timeout=IDLE_WAIT_S)
+            cmd = self._commands.get_nowait() if self._live else self._commands.get(timeout=IDLE_WAIT_S)
         except queue.Empty:
             cmd = None
         while cmd is not None:
@@ -237,7 +242,7 @@ class EngineFrontend:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 cmd = None
-        if self._callbacks:
+        if self._live:
             for delta in self.llm.engine.get_deltas(timeout_s=BUSY_WAIT_S):
                 self._deliver(delta)
 
@@ -255,12 +260,12 @@ class EngineFrontend:
                 self._refuse(cmd, "the server is shutting down")
             elif isinstance(cmd, _GetStats):
                 cmd.answer.set_exception(EngineDeadError("the frontend is closed"))
-        if not self._callbacks:
+        if not self._live:
             return
         try:
-            self.llm.engine.abort(list(self._callbacks))
+            self.llm.engine.abort(list(self._live))
             deadline = time.monotonic() + 5.0
-            while self._callbacks and time.monotonic() < deadline:
+            while self._live and time.monotonic() < deadline:
                 for delta in self.llm.engine.get_deltas(timeout_s=0.1):
                     self._deliver(delta)
         except Exception as e:
