@@ -1,10 +1,12 @@
 """GPU micro-benchmark: the decode step's GEMMs at Llama-3.1-8B shapes, per BLAS backend, against the copy roofline.
 
 A decode step at batch M runs, per layer, x[M, K] @ W[N, K]^T for the fused QKV, the attention output, the fused
-gate/up and the down projection, then the LM head once. Each is timed alone (CUDA events, median of --reps after
-warm-up, weights larger than L2 so every call reads them from HBM) with torch's default cuBLAS path, with cuBLASLt
-(torch.backends.cuda.preferred_blas_library) and, with --autotune, with Inductor's max-autotune templates. The
-step's GEMM time is 32 x the four layer GEMMs + the LM head.
+gate/up and the down projection, then the LM head once. Each GEMM is timed as the engine runs it, inside a CUDA
+graph: one graph replays --calls calls back to back, each on the next of enough copies of the weight that together
+they exceed L2 (every call reads its weight from HBM); the time per call is the graph's (CUDA events, median of
+--reps replays after warm-up) over --calls. Backends: torch's default cuBLAS path, cuBLASLt
+(torch.backends.cuda.preferred_blas_library) and, with --autotune, Inductor's max-autotune templates. The step's
+GEMM time is 32 x the four layer GEMMs + the LM head.
 Usage (on the GPU machine):  python3 bench/gemm_shapes.py [--batches 1,64,256] [--autotune] [--out DIR]
 Writes gemm-shapes.json and gemm-shapes.md into --out.
 """
@@ -27,8 +29,11 @@ SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "dow
           "lm_head": (128256, 4096)}  # name -> (N out features, K in features)
 
 
+L2_BYTES = 50 * 2**20  # the H100's and H200's L2; the copies of one weight together exceed it at least twice
+
+
 def median_ms(fn, reps: int) -> float:
-    for _ in range(5):
+    for _ in range(3):
         fn()
     torch.cuda.synchronize()
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
@@ -38,6 +43,22 @@ def median_ms(fn, reps: int) -> float:
         end.record()
     torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def graph_of_calls(fn, x: torch.Tensor, copies: list[torch.Tensor], calls: int) -> torch.cuda.CUDAGraph:
+    """One CUDA graph of `calls` calls fn(x, w), w cycling through `copies`."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for w in copies:  # warm-up outside capture (cuBLAS workspaces, Inductor's compile and autotuning)
+            fn(x, w)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(x, copies[i % len(copies)])
+    return graph
 
 
 def linear_fn(backend: str):
@@ -50,24 +71,31 @@ def linear_fn(backend: str):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batches", default="1,64,256")
-    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--reps", type=int, default=20, help="graph replays timed")
+    ap.add_argument("--calls", type=int, default=32, help="GEMM calls in one graph")
     ap.add_argument("--autotune", action="store_true", help="also Inductor's max-autotune GEMM templates (slow)")
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
     torch.manual_seed(0)
-    weights = {name: torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for name, (n, k) in SHAPES.items()}
+    weights = {}  # name -> copies of the weight [N, K], together at least twice L2
+    for name, (n, k) in SHAPES.items():
+        count = max(2, -(-2 * L2_BYTES // (n * k * 2)))
+        weights[name] = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(count)]
     backends = ["cublas", "cublaslt"] + (["autotune"] if args.autotune else [])
     rows = []
     for backend in backends:
         torch.backends.cuda.preferred_blas_library("cublaslt" if backend == "cublaslt" else "cublas")
         fn = linear_fn(backend)
         for m in (int(b) for b in args.batches.split(",")):
-            for name, w in weights.items():
-                x = torch.randn(m, w.shape[1], device="cuda", dtype=torch.bfloat16)
+            for name, copies in weights.items():
+                n, k = copies[0].shape
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 t0 = time.perf_counter()
-                ms = median_ms(lambda: fn(x, w), args.reps)  # noqa: B023 (called before the next iteration)
-                bytes_read = w.numel() * 2 + x.numel() * 2 + m * w.shape[0] * 2
-                rows.append({"backend": backend, "batch": m, "gemm": name, "n": w.shape[0], "k": w.shape[1],
+                graph = graph_of_calls(fn, x, copies, args.calls)
+                ms = median_ms(graph.replay, args.reps) / args.calls
+                del graph
+                bytes_read = n * k * 2 + x.numel() * 2 + m * n * 2
+                rows.append({"backend": backend, "batch": m, "gemm": name, "n": n, "k": k, "weight_copies": len(copies),
                              "ms": round(ms, 4), "tb_s": round(bytes_read / ms / 1e9, 3),
                              "of_copy_roofline": round(bytes_read / ms / 1e9 / (HBM_BPS / 1e12), 3),
                              "setup_s": round(time.perf_counter() - t0, 1)})
@@ -86,7 +114,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     result = {"command": "python3 " + " ".join(sys.argv),
               "device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-              "method": "CUDA events, median of reps after 5 warm-up calls; each GEMM alone",
+              "method": "per call: a CUDA graph of --calls calls over weight copies exceeding L2, CUDA events, "
+                        "median of --reps replays after 3, over --calls",
               "rooflines": {"hbm_copy_tb_s": HBM_BPS / 1e12}, "weights_read_floor_ms": round(floor_ms, 3),
               "gemms": rows, "steps": steps}
     (out / "gemm-shapes.json").write_text(json.dumps(result, indent=1))
