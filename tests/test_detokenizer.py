@@ -82,11 +82,11 @@ def encode(tok, text: str) -> list[int]:
     return tok.encode(text, add_special_tokens=False)
 
 
-def run(tok, prompt_ids, output_ids, *, skip_special_tokens=True, stop=(), include=False, flush=True):
+def run(tok, prompt_ids, output_ids, *, skip_special_tokens=True, stop=(), include=False, flush=True, min_tokens=0):
     """Feed output_ids one by one; return (detokenizer, deltas, matched stop)."""
     detok = IncrementalDetokenizer(
         tok, prompt_ids, skip_special_tokens=skip_special_tokens, stop=tuple(stop),
-        include_stop_str_in_output=include,
+        include_stop_str_in_output=include, min_tokens=min_tokens,
     )
     deltas: list[str] = []
     matched = None
@@ -289,6 +289,27 @@ def test_stop_never_leaks_in_streamed_deltas(byte_level):
         assert "".join(deltas) == detok.text == text[: text.index(stop)]
         detok, deltas, _ = run(byte_level, [], ids, stop=[stop], include=True, flush=False)
         assert "".join(deltas) == detok.text == text[: text.index(stop) + len(stop)]
+
+
+def test_min_tokens_defers_stop_strings(byte_level):
+    # vLLM's rule: a stop string counts only in text decoded after min_tokens tokens; one that completes then may
+    # begin earlier. "o" first completes in token 1 or 2 ("hello"), again in "world" and "brown"
+    text = "hello world, the quick brown fox"
+    ids = encode(byte_level, text)
+    first_o = next(i for i in range(len(ids)) if "o" in byte_level.decode(ids[: i + 1]))
+    detok, deltas, matched = run(byte_level, [], ids, stop=["o"], flush=False, min_tokens=first_o + 1)
+    assert matched == "o" and "".join(deltas) == detok.text
+    assert detok.text == text[: text.index("o", len(byte_level.decode(ids[: first_o + 1])))]
+    assert len(detok.text) > len("hell")
+    # a stop that begins before min_tokens and completes after it still ends the output
+    k = next(i for i in range(len(ids)) if byte_level.decode(ids[: i + 1]).endswith("quick"))
+    begun = next(i for i in range(len(ids)) if "qu" in byte_level.decode(ids[: i + 1]))
+    if begun < k:  # "quick" spans tokens: min_tokens between its first and last
+        detok, _, matched = run(byte_level, [], ids, stop=["quick"], flush=False, min_tokens=begun + 1)
+        assert matched == "quick" and detok.text == "hello world, the "
+    # nothing after min_tokens: the whole text, stop unmatched
+    detok, _, matched = run(byte_level, [], ids, stop=["o"], min_tokens=len(ids))
+    assert matched is None and detok.text == text
 
 
 def test_first_completed_stop_wins(byte_level):

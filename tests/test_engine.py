@@ -111,10 +111,14 @@ def test_stop_strings_are_trimmed(tiny_llama):
                            use_tqdm=False)[0].outputs[0]
         kept = llm.generate("Paris is", SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=[stop],
                                                        include_stop_str_in_output=True), use_tqdm=False)[0].outputs[0]
+        # as vLLM: stop strings count only in text decoded after min_tokens tokens
+        late = llm.generate("Paris is", SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=[stop],
+                                                       min_tokens=len(cut.token_ids) + 2), use_tqdm=False)[0].outputs[0]
     first = text.index(stop)
     assert cut.text == text[:first] and cut.finish_reason == "stop" and cut.stop_reason == stop
     assert kept.text == text[: first + len(stop)]
     assert len(cut.token_ids) < 20
+    assert len(late.token_ids) >= len(cut.token_ids) + 2 and text.startswith(late.text) and len(late.text) > first
 
 
 def test_stop_token_ids_and_eos(tiny_llama):

@@ -456,6 +456,9 @@ def test_tokenize_detokenize_version_and_ping(served):
     url, tokenizer = served[0].url, served[2].llm.tokenizer
     tok = httpx.post(url + "/tokenize", json={"prompt": "Paris is"}).json()
     assert tok["tokens"] == list(tokenizer.encode("Paris is")) and tok["count"] == len(tok["tokens"])
+    assert tok["token_strs"] is None
+    strs = httpx.post(url + "/tokenize", json={"prompt": "Paris is", "return_token_strs": True}).json()["token_strs"]
+    assert strs == tokenizer.convert_ids_to_tokens(tok["tokens"]) and len(strs) == tok["count"]
     assert tok["max_model_len"] == MAX_LEN
     chat = httpx.post(url + "/v1/tokenize", json={"messages": CHAT}).json()
     assert chat["tokens"] == served[3]["chat"].prompt_token_ids

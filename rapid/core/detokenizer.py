@@ -103,6 +103,8 @@ class IncrementalDetokenizer:
     tokenizer:        a Hugging Face tokenizer (fast or slow) or a `tokenizers.Tokenizer`.
     prompt_token_ids: the prompt; its last few tokens give the first output token its context.
     stop:             stop strings (may span tokens); output is trimmed at the first one completed.
+    min_tokens:       stop strings are looked for only once more tokens than this were added (vLLM's rule: one
+                      that completes later may begin in earlier text).
     """
 
     def __init__(
@@ -113,12 +115,14 @@ class IncrementalDetokenizer:
         skip_special_tokens: bool = True,
         stop: Sequence[str] | str | None = (),
         include_stop_str_in_output: bool = False,
+        min_tokens: int = 0,
     ) -> None:
         self._decode, self._vocab_size = _make_decode(tokenizer, skip_special_tokens)
         self._stop: tuple[str, ...] = (stop,) if isinstance(stop, str) else tuple(stop or ())
         if any(not s for s in self._stop):
             raise ValueError(f"stop strings must be non-empty, got {self._stop!r}")
         self._include_stop = include_stop_str_in_output
+        self._min_tokens = min_tokens  # stop strings match only in text decoded after this many tokens, as vLLM
         self._max_stop_len = max((len(s) for s in self._stop), default=0)
 
         # Window state: ids[prefix_offset:read_offset] is emitted context; ids[read_offset:] is
@@ -239,7 +243,8 @@ class IncrementalDetokenizer:
 
         # The stop completed first: smallest end position, then the longest at that end.
         best: tuple[int, int, str] | None = None
-        for s in self._stop:
+        armed = self._num_output_tokens > self._min_tokens  # before that, possible stops are only held back
+        for s in self._stop if armed else ():
             i = window.find(s, max(0, new_start - len(s) + 1))
             if i != -1:
                 key = (i + len(s), i, s)

@@ -31,7 +31,7 @@ class OutputProcessor:
         p = req.params
         detok = None if self.tokenizer is None else IncrementalDetokenizer(
             self.tokenizer, req.prompt_token_ids, skip_special_tokens=p.skip_special_tokens,
-            stop=p.stop, include_stop_str_in_output=p.include_stop_str_in_output,
+            stop=p.stop, include_stop_str_in_output=p.include_stop_str_in_output, min_tokens=p.min_tokens,
         )
         self.states[req.request_id] = _RequestText(detok)
 

@@ -139,6 +139,7 @@ class TokenizeRequest(msgspec.Struct, kw_only=True):
     continue_final_message: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False  # also the tokenizer's string of each token (vLLM's token_strs)
 
 
 class DetokenizeRequest(msgspec.Struct, kw_only=True):

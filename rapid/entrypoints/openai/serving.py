@@ -160,7 +160,8 @@ class RequestConverter:
             raise P.ApiError(400, str(e), param="messages") from None
 
     def tokenize(self, req: P.TokenizeRequest) -> dict:
-        """vLLM's /tokenize: {"count", "max_model_len", "tokens"} of a prompt or of messages (the chat template)."""
+        """vLLM's /tokenize: {"count", "max_model_len", "tokens", "token_strs"} of a prompt or of messages (the chat
+        template); token_strs (the tokenizer's token strings) only when asked for, else null."""
         self._check_model(req)
         if (req.prompt is None) == (req.messages is None):
             raise P.ApiError(400, "give exactly one of prompt and messages", param="prompt")
@@ -171,7 +172,8 @@ class RequestConverter:
             ids = list(tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens))
         else:
             ids = self._chat_prompt_ids(req)
-        return {"count": len(ids), "max_model_len": self.llm.longest_sequence, "tokens": ids}
+        token_strs = tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        return {"count": len(ids), "max_model_len": self.llm.longest_sequence, "tokens": ids, "token_strs": token_strs}
 
     def detokenize(self, req: P.DetokenizeRequest) -> dict:
         """vLLM's /detokenize: {"prompt"} of token ids."""
