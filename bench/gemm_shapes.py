@@ -27,8 +27,6 @@ HBM_BPS = 4.3e12  # the H200's copy rate (bench/results/REPORT.md)
 LAYERS = 32
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "lm_head": (128256, 4096)}  # name -> (N out features, K in features)
-
-
 L2_BYTES = 50 * 2**20  # the H100's and H200's L2; the copies of one weight together exceed it at least twice
 
 
@@ -62,8 +60,10 @@ def graph_of_calls(fn, x: torch.Tensor, copies: list[torch.Tensor], calls: int) 
 
 
 def linear_fn(backend: str):
-    """F.linear as the backend runs it: 'cublas' / 'cublaslt' (eager), 'autotune' (Inductor max-autotune)."""
+    """F.linear as the backend runs it: 'cublas' / 'cublaslt' (eager), 'autotune' (Inductor max-autotune: a fresh
+    compile for each shape, so that no shape falls back to eager at Dynamo's recompile limit)."""
     if backend == "autotune":
+        torch._dynamo.reset()
         return torch.compile(F.linear, mode="max-autotune-no-cudagraphs", dynamic=False)
     return F.linear
 
@@ -85,14 +85,14 @@ def main() -> None:
     rows = []
     for backend in backends:
         torch.backends.cuda.preferred_blas_library("cublaslt" if backend == "cublaslt" else "cublas")
-        fn = linear_fn(backend)
         for m in (int(b) for b in args.batches.split(",")):
             for name, copies in weights.items():
                 n, k = copies[0].shape
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 t0 = time.perf_counter()
-                graph = graph_of_calls(fn, x, copies, args.calls)
-                ms = median_ms(graph.replay, args.reps) / args.calls
+                calls = -(-args.calls // len(copies)) * len(copies)  # whole rounds: no copy read twice in a row
+                graph = graph_of_calls(linear_fn(backend), x, copies, calls)
+                ms = median_ms(graph.replay, args.reps) / calls
                 del graph
                 bytes_read = n * k * 2 + x.numel() * 2 + m * n * 2
                 rows.append({"backend": backend, "batch": m, "gemm": name, "n": n, "k": k, "weight_copies": len(copies),

@@ -439,7 +439,8 @@ def _peer(value: float | None, fmt: str, scale: float = 1.0) -> str:
 
 
 def markdown(report: dict) -> str:
-    targets, peers = TARGETS_BY_GPU.get(report.get("gpu"), {}), PEERS_BY_GPU.get(report.get("gpu"), {})
+    gpu = report.get("gpu") or next((g for g in TARGETS_BY_GPU if g in report["device"].lower()), None)
+    targets, peers = TARGETS_BY_GPU.get(gpu, {}), PEERS_BY_GPU.get(gpu, {})
     lines = [f"# Kernel benchmark: {report['device']}", "",
              f"`{report['command']}` — torch {report['torch']}, triton {report['triton']}; "
              f"ceilings as found: copy {report['ceilings'].get('copy_TBps')} TB/s, "
@@ -505,7 +506,8 @@ def main() -> None:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {
-        "command": "python3 bench/kernels.py " + " ".join(sys.argv[1:]), "device": torch.cuda.get_device_name(), "gpu": gpu,
+        "command": "python3 bench/kernels.py " + " ".join(sys.argv[1:]), "device": torch.cuda.get_device_name(),
+        "gpu": gpu,
         "torch": torch.__version__, "triton": triton.__version__, "model": {}, "errors": [],
         "roofline": {"hbm_Bps": HBM_BPS, "matmul_flops": MATMUL_FLOPS,
                      "decode": f"(weights except embedding + KV read) / {HBM_BPS:.1e} B/s",

@@ -54,7 +54,7 @@ class StructuredOutputsParams(msgspec.Struct, frozen=True, kw_only=True):
     choice: tuple[str, ...] | None = None
     grammar: str | None = None
     json_object: bool | None = None
-    disable_any_whitespace: bool = False  # json: no optional whitespace between tokens (compact JSON)
+    disable_any_whitespace: bool = False  # json / json_object: no optional whitespace between tokens (compact JSON)
 
     def __post_init__(self) -> None:
         set_ = msgspec.structs.force_setattr

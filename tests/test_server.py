@@ -102,6 +102,8 @@ def test_chat_and_logprobs(llm, client):
         client.chat([{"role": "wizard", "content": "hi"}], GREEDY)
     with pytest.raises(ServerError, match=r"messages\[1\]\.content is required for role 'user'"):
         client.chat([{"role": "system", "content": "x"}, {"role": "user"}], GREEDY)
+    with pytest.raises(ServerError, match=r"messages\[1\]\.content is required unless it has tool_calls"):
+        client.chat([{"role": "user", "content": "x"}, {"role": "assistant"}], GREEDY)
     assert client.chat(conv, GREEDY).text == out.text  # and the server goes on
     lp = client.generate("hello", SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=2))
     assert len(lp.logprobs) == 4 and all(t in d for t, d in zip(lp.token_ids, lp.logprobs))

@@ -98,21 +98,22 @@ def prepare_params(params: SamplingParams, num_prompt_tokens: int, *, tokenizer,
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")  # what the servers accept (OpenAI's roles)
 
 
-def chat_role(index: int, role: object, content: object) -> str:
+def chat_role(index: int, role: object, content: object, tool_calls: object = None) -> str:
     """The chat template's role for a server's message `index` (both servers take CHAT_ROLES; 'developer' is
-    'system'); ValueError naming the message otherwise, or when it has no content and is not the assistant's (as
-    OpenAI requires: only an assistant message, one with tool calls, may leave it out)."""
+    'system'); ValueError naming the message otherwise, or when it has no content, which OpenAI allows only to an
+    assistant message with tool calls (vLLM reads a missing content as empty)."""
     if role not in CHAT_ROLES:
         raise ValueError(f"messages[{index}].role must be one of {list(CHAT_ROLES)}, got {role!r}")
-    if content is None and role != "assistant":
-        raise ValueError(f"messages[{index}].content is required for role {role!r}")
+    if content is None and not (role == "assistant" and tool_calls is not None):
+        needs = "unless it has tool_calls" if role == "assistant" else f"for role {role!r}"
+        raise ValueError(f"messages[{index}].content is required {needs}")
     return "system" if role == "developer" else role
 
 
 def server_chat_messages(messages: list[dict]) -> list[dict]:
     """A server's chat messages with their roles and contents checked and roles mapped (chat_role)."""
-    return [{**message, "role": chat_role(i, message.get("role"), message.get("content"))}
-            for i, message in enumerate(messages)]
+    return [{**m, "role": chat_role(i, m.get("role"), m.get("content"), m.get("tool_calls"))}
+            for i, m in enumerate(messages)]
 
 
 def text_parts_joined(conversation: list[dict]) -> list[dict]:

@@ -273,7 +273,7 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
     out = []
     for i, m in enumerate(req.messages):
         try:
-            role = chat_role(i, m.role, m.content)
+            role = chat_role(i, m.role, m.content, m.tool_calls)
         except ValueError as e:
             raise ApiError(400, str(e), param="messages") from None
         content = m.content
