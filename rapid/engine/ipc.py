@@ -7,7 +7,6 @@ import ctypes
 import logging
 import os
 import re
-import shutil
 import signal
 import tempfile
 import threading
@@ -16,12 +15,21 @@ from typing import Any
 import msgspec
 import zmq
 
+from rapid.engine.reaper import (  # noqa: F401 (shm_prefix, unlink_shm: re-exported for the engine's modules)
+    CHILDREN_FILE,
+    clean_engine_dir,
+    process_start_time,
+    same_process,
+    shm_prefix,
+    unlink_shm,
+    unlink_shm_of,
+)
+
 logger = logging.getLogger(__name__)
 
 
 SOCKET_DIR_PREFIX = "rapid-"
 OWNER_FILE = "owner"  # "rapid-engine PID START PIDNS": marks the directory as an engine's, names its owner
-CHILDREN_FILE = "children"  # one "PID START ROLE" line per child process the owner started
 OWNER_MARK = "rapid-engine"
 
 
@@ -51,22 +59,6 @@ def record_child(directory: str, pid: int, role: str) -> None:
         f.write(f"{pid} {process_start_time(pid)} {role}\n")
 
 
-def process_start_time(pid: int) -> int | None:
-    """The start time of a live process (clock ticks since boot; tells a pid from a reused one); None if it is
-    gone or a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-    except OSError:
-        return None
-    return None if fields[0] == "Z" else int(fields[19])
-
-
-def _same_process(pid: int, start: str) -> bool:
-    now = process_start_time(pid)
-    return now is not None and str(now) == start
-
-
 def remove_stale_dirs(parent: str | None = None) -> list[str]:
     """Remove what engines whose owner process died left behind: only directories this user owns, marked as
     an engine's, whose owner pid is gone (or reused). Their recorded children still alive are killed and
@@ -88,26 +80,14 @@ def remove_stale_dirs(parent: str | None = None) -> list[str]:
                 mark, pid, start, namespace = (f.read().split() + ["-"])[:4]
         except (OSError, ValueError):
             continue  # not an engine's directory (or not yet marked): leave it
-        if mark != OWNER_MARK or namespace != _pid_namespace() or _same_process(int(pid), start):
+        if mark != OWNER_MARK or namespace != _pid_namespace() or same_process(int(pid), start):
             continue  # not an engine's, another namespace's, or its owner lives
-        for child_pid, child_start in _recorded_children(path):
-            if _same_process(child_pid, child_start):
-                logger.warning("killing process %d, left running by dead engine owner %s", child_pid, pid)
-                with contextlib.suppress(OSError):
-                    os.kill(child_pid, signal.SIGKILL)
-            unlink_shm_of(child_pid)
-        shutil.rmtree(path, ignore_errors=True)
+        killed = clean_engine_dir(path)
+        if killed:
+            logger.warning("killed processes %s, left running by dead engine owner %s", killed, pid)
         logger.info("removed %s, left by engine owner pid %s which is gone", path, pid)
         removed.append(path)
     return removed
-
-
-def _recorded_children(directory: str) -> list[tuple[int, str]]:
-    try:
-        with open(os.path.join(directory, CHILDREN_FILE)) as f:
-            return [(int(line.split()[0]), line.split()[1]) for line in f if len(line.split()) >= 2]
-    except (OSError, ValueError):
-        return []
 
 
 def endpoint(directory: str, name: str) -> str:
@@ -280,31 +260,6 @@ def tail(path: str, lines: int = 20) -> str:
     last = text[-lines:]
     causes = [line for line in text[:-lines] if CAUSE.search(line)] if len(text) > lines else []
     return "".join(([causes[-1], "...\n"] if causes else []) + last) or "(the log is empty)\n"
-
-
-def shm_prefix(pid: int) -> str:
-    """The /dev/shm name prefix of the segments that process `pid` creates (rapid.worker.arena names them so)."""
-    return f"rapid_{pid}_"
-
-
-def unlink_shm_of(pid: int) -> None:
-    """Remove every /dev/shm segment that process `pid` created (it died before it could, or is exiting)."""
-    prefix = shm_prefix(pid)
-    try:
-        names = [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
-    except OSError:
-        return
-    for name in names:
-        unlink_shm(name)
-
-
-def unlink_shm(name: str) -> None:
-    """Remove a segment left by a process that died before it could (the supervisor's clean-up)."""
-    path = f"/dev/shm/{name}"
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def check_no_expandable_segments() -> None:

@@ -11,7 +11,8 @@ on the GPU, so they all go). Then, on the next call (add_request, get_deltas, ge
 set_token_budget), the engine starts all its processes again in stage order and serves new requests;
 `num_restarts` (also in get_stats()) counts the restarts. After MAX_RESTARTS restarts within
 RESTART_WINDOW_S the next death leaves the engine down for good with an error naming the process, its
-exit code and the count.
+exit code and the count. If the owner itself is killed, its reaper (rapid/engine/reaper.py) kills the children
+and removes the directory and the /dev/shm segments.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import zmq
 from rapid.config import EngineConfig
 from rapid.core.request import check_fits
 from rapid.core.budget import check_token_budget
-from rapid.engine import ipc, launch
+from rapid.engine import ipc, launch, reaper
 from rapid.engine.client import EngineClient, EngineDeadError
 from rapid.engine.mps import MpsDaemon, uses_cuda
 from rapid.engine.processes import POLL_MS, ChildProcess, EngineProcesses
@@ -61,6 +62,7 @@ class MPClient(EngineClient):
         self.devices: dict[str, str] = {}
         self.num_blocks = self.max_num_seqs = 0
         self.dir = ipc.private_socket_dir()
+        self.reaper = reaper.start(self.dir)  # removes the children and /dev/shm segments if this process is killed
         self.ctx = zmq.Context()
         try:
             with ipc.start_interruptible():
@@ -259,3 +261,4 @@ class MPClient(EngineClient):
             if self.mps is not None:
                 self.mps.stop()
             shutil.rmtree(self.dir, ignore_errors=True)
+            reaper.stop(self.reaper)

@@ -4,7 +4,7 @@ its sockets and its /dev/shm arena. MPClient owns one at a time and replaces it 
 Each incarnation has endpoints of its own (names suffixed with its number) in the engine's private
 directory, so nothing an earlier incarnation sent can reach a later one. Each child's stdin stays open
 for its life (the parent-process watch, see ipc.watch_parent) and is recorded in the directory's
-children file (for clean-up after a killed owner, see ipc.remove_stale_dirs).
+children file (for clean-up after a killed owner: rapid/engine/reaper.py, and ipc.remove_stale_dirs).
 """
 
 from __future__ import annotations
