@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from rapid import LLM, SamplingParams
-from rapid.engine import ipc, mp_client
+from rapid.engine import ipc, mp_client, reaper
 from rapid.engine.client import EngineDeadError
 from tiny import children, engine_pids, gone, shm_of
 
@@ -87,6 +87,30 @@ def test_stale_dirs_removed_only_when_their_owner_is_gone(tmp_path):
         assert not shm.exists()
     finally:
         leftover.kill()
+        shm.unlink(missing_ok=True)
+
+
+def test_reaper_cleans_up_once_its_pipe_closes(tmp_path):
+    """The reaper alone, without an engine: while its owner holds the pipe it waits; once the pipe closes it kills
+    the recorded children still alive, unlinks their /dev/shm and removes the directory, then exits."""
+    directory = tmp_path / "rapid-engine"
+    directory.mkdir()
+    child = subprocess.Popen(["sleep", "60"])  # stands for a worker of the dead owner
+    shm = Path(f"/dev/shm/{ipc.shm_prefix(child.pid)}reaper-test")
+    shm.write_bytes(b"x")
+    (directory / ipc.CHILDREN_FILE).write_text(f"{child.pid} {ipc.process_start_time(child.pid)} decode\n")
+    proc = reaper.start(str(directory))
+    try:
+        time.sleep(0.3)
+        assert proc.poll() is None and directory.exists() and child.poll() is None  # the owner still holds the pipe
+        assert "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text()  # stdlib only: a light process
+        reaper.stop(proc, timeout_s=10.0)  # closes the pipe, as the kernel does when the owner dies
+        assert proc.returncode == 0
+        assert child.wait(timeout=5) == -signal.SIGKILL
+        assert not shm.exists() and not directory.exists()
+    finally:
+        child.kill()
+        proc.kill()
         shm.unlink(missing_ok=True)
 
 
