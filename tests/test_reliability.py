@@ -180,6 +180,35 @@ def test_sigkill_of_the_owner_leaves_no_shared_memory(tiny_llama, tmp_path):
     assert len(info["tokens"]) == 4  # served from those mappings
 
 
+@pytest.mark.slow
+def test_ctrl_c_reaches_the_owner_alone(tiny_llama, tmp_path):
+    """SIGINT to the owner's process group (Ctrl-C in a terminal) interrupts the owner; its children, in groups of
+    their own, keep serving (they used to die of it, and `rapid serve` restarted its engine while shutting down)."""
+    (tmp_path / "script.py").write_text(
+        "import json, time\n"
+        "from rapid import LLM, SamplingParams\n"
+        f"llm = LLM({str(tiny_llama)!r}, mode='rapid')\n"
+        "print('ready', flush=True)\n"
+        "try:\n"
+        "    time.sleep(60)\n"
+        "except KeyboardInterrupt:\n"
+        "    pass\n"
+        "out = llm.generate('hello', SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)\n"
+        "print(json.dumps({'tokens': len(out[0].outputs[0].token_ids), 'restarts': llm.engine.num_restarts}))\n"
+        "llm.shutdown()\n")
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "script.py")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    try:
+        assert proc.stdout.readline() == "ready\n", proc.stderr.read()[-3000:]
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err[-3000:]
+        assert json.loads(out) == {"tokens": 4, "restarts": 0}
+    finally:
+        proc.kill()
+
+
 # ---------------------------------------------------------------------- start-up
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])

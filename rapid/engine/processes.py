@@ -98,8 +98,11 @@ class EngineProcesses:
         extra = ["pdeathsig"] if threading.current_thread() is threading.main_thread() else []
         env = {**os.environ, **worker_env(self.config, name, self.mps)}  # in effect before its imports (MPS share)
         with open(log_path, "ab") as log:
+            # a process group of its own: Ctrl-C in a terminal (SIGINT to the foreground group) or a signal to the
+            # owner's group reaches the owner alone, which drains and stops its children (they did die of it first)
             proc = subprocess.Popen([sys.executable, "-m", "rapid.engine.child", name, *extra], env=env,
-                                    stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, close_fds=True)
+                                    stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, close_fds=True,
+                                    process_group=0)
         child = ChildProcess(name, proc, log_path)
         self.children.append(child)
         ipc.record_child(self.dir, proc.pid, name)
