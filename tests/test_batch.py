@@ -177,6 +177,17 @@ def test_cli_batch_size_checked_before_the_engine_starts(tmp_path, capsys):
     assert "got 0" in capsys.readouterr().err
 
 
+def test_the_input_is_never_the_output(tiny_llama, tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    write_jsonl(src, [{"prompt": "hello"}, {"prompt": "again"}])
+    before = src.read_text()
+    (tmp_path / "link.jsonl").symlink_to(src)
+    for out in (src, tmp_path / "link.jsonl", tmp_path / "." / "in.jsonl"):  # the same file by any path
+        assert main(["batch", str(src), str(out), "--model", str(tiny_llama)]) == 2
+        assert "is the input file" in capsys.readouterr().err
+    assert src.read_text() == before  # it used to drop the lines it took for results
+
+
 def test_ids_that_cannot_be_resumed_are_refused_by_line_number(llm, tmp_path):
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(src, [{"id": None, "prompt": "hello", "max_tokens": 2}, {"id": [1], "prompt": "hi", "max_tokens": 2}])

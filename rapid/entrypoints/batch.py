@@ -269,6 +269,7 @@ def run_file(llm, input_path: str, output_path: str, *, max_tokens: int = 128, t
     """Run every line of `input_path` not yet in `output_path` (appending); returns {'ok', 'errors', 'skipped'}."""
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"the batch size (lines in the engine at once) must be >= 1, got {chunk_size}")
+    _check_distinct(input_path, output_path)
     defaults = {"max_tokens": max_tokens, "temperature": temperature}
     window = chunk_size or max(64, 4 * llm.config.scheduler.max_num_seqs)
     converter = RequestConverter(llm, None)
@@ -301,6 +302,12 @@ def run_file(llm, input_path: str, output_path: str, *, max_tokens: int = 128, t
     return counts
 
 
+def _check_distinct(input_path: str, output_path: str) -> None:
+    """The output is appended to and repaired on resume: it must not be the input (the same file by any path)."""
+    if os.path.exists(output_path) and os.path.samefile(input_path, output_path):
+        raise ValueError(f"the output {output_path} is the input file {input_path}: give another output path")
+
+
 def run_batch(args) -> int:
     """`rapid batch INPUT OUTPUT [--max-tokens N] [--temperature T]`; exit status 1 when any line failed."""
     from rapid.config import EngineArgs
@@ -311,6 +318,7 @@ def run_batch(args) -> int:
         raise FileNotFoundError(f"{args.input}: no such input file")
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    _check_distinct(args.input, args.output)  # before the engine starts
     with LLM.from_engine_args(EngineArgs.from_cli_args(args)) as llm, startup_heap_frozen("rapid batch"):
         counts = run_file(llm, args.input, args.output, max_tokens=args.max_tokens, temperature=args.temperature,
                           chunk_size=args.batch_size)
