@@ -35,6 +35,17 @@ def test_bench_offline_smoke(tiny_llama, tmp_path):
     assert result["engine"]["eager_steps"] == {}  # no graphs on the CPU, so none fell back
 
 
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-seqs", "0"], "--num-seqs must be >= 1, got 0"),
+    (["--min-input-len", "10", "--max-input-len", "5"], "got 10 and 5"),
+    (["--min-output-len", "0"], "--min-output-len and --max-output-len must satisfy"),
+])
+def test_bench_offline_refuses_bad_lengths_before_loading(tmp_path, capsys, flags, message):
+    assert main(["bench", "offline", "--model", str(tmp_path / "absent"), *flags]) == 2  # no model is read
+    assert message in capsys.readouterr().err
+
+
 def test_prefill_worker_summary_takes_the_runs_worker_batches():
     """The prefill workers' batches of the run: the latest that many entries with host time (a mixed step's prompt
     part reports 0), medians in ms, and device time from the run's counters."""

@@ -82,6 +82,17 @@ def prefill_worker_during(device_time: dict[str, dict], stats) -> dict | None:
             "device_ms_mean": round(busy / ran * 1e3, 3)}
 
 
+def check_lengths(args) -> None:
+    """The workload's numbers, before any model loads: ValueError quoting them."""
+    if args.num_seqs < 1:
+        raise ValueError(f"--num-seqs must be >= 1, got {args.num_seqs}")
+    for kind in ("input", "output"):
+        low, high = getattr(args, f"min_{kind}_len"), getattr(args, f"max_{kind}_len")
+        if not 1 <= low <= high:
+            raise ValueError(f"--min-{kind}-len and --max-{kind}-len must satisfy 1 <= min <= max, "
+                             f"got {low} and {high}")
+
+
 def run_offline(args) -> dict:
     import torch
 
@@ -89,6 +100,7 @@ def run_offline(args) -> dict:
     from rapid.config import EngineArgs
     from rapid.worker.gc_heap import startup_heap_frozen
 
+    check_lengths(args)
     rng = random.Random(args.seed)
     with LLM.from_engine_args(EngineArgs.from_cli_args(args)) as llm, startup_heap_frozen("rapid bench offline"):
         vocab = llm.model_config.vocab_size
