@@ -2,6 +2,7 @@
 finish, bad lines reported with their ids, resumable runs, and the CLI exit status."""
 
 import json
+import os
 
 import pytest
 
@@ -177,13 +178,14 @@ def test_cli_batch_size_checked_before_the_engine_starts(tmp_path, capsys):
     assert "got 0" in capsys.readouterr().err
 
 
-def test_the_input_is_never_the_output(tiny_llama, tmp_path, capsys):
+def test_the_input_is_never_the_output(tmp_path, capsys):
     src = tmp_path / "in.jsonl"
     write_jsonl(src, [{"prompt": "hello"}, {"prompt": "again"}])
     before = src.read_text()
     (tmp_path / "link.jsonl").symlink_to(src)
-    for out in (src, tmp_path / "link.jsonl", tmp_path / "." / "in.jsonl"):  # the same file by any path
-        assert main(["batch", str(src), str(out), "--model", str(tiny_llama)]) == 2
+    os.link(src, tmp_path / "hard.jsonl")
+    for out in (src, tmp_path / "link.jsonl", tmp_path / "hard.jsonl", f"{tmp_path}/./in.jsonl"):  # the same file
+        assert main(["batch", str(src), str(out), "--model", str(tmp_path / "absent")]) == 2  # before any model
         assert "is the input file" in capsys.readouterr().err
     assert src.read_text() == before  # it used to drop the lines it took for results
 

@@ -35,7 +35,6 @@ def test_bench_offline_smoke(tiny_llama, tmp_path):
     assert result["engine"]["eager_steps"] == {}  # no graphs on the CPU, so none fell back
 
 
-
 @pytest.mark.parametrize("flags, message", [
     (["--num-seqs", "0"], "--num-seqs must be >= 1, got 0"),
     (["--min-input-len", "10", "--max-input-len", "5"], "got 10 and 5"),

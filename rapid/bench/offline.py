@@ -94,13 +94,13 @@ def check_lengths(args) -> None:
 
 
 def run_offline(args) -> dict:
+    check_lengths(args)
     import torch
 
     from rapid import LLM, SamplingParams
     from rapid.config import EngineArgs
     from rapid.worker.gc_heap import startup_heap_frozen
 
-    check_lengths(args)
     rng = random.Random(args.seed)
     with LLM.from_engine_args(EngineArgs.from_cli_args(args)) as llm, startup_heap_frozen("rapid bench offline"):
         vocab = llm.model_config.vocab_size

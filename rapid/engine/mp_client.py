@@ -257,8 +257,10 @@ class MPClient(EngineClient):
             if self.procs is not None:
                 self.procs.stop(graceful)
         finally:
-            self.ctx.term()
-            if self.mps is not None:
-                self.mps.stop()
-            shutil.rmtree(self.dir, ignore_errors=True)
-            reaper.stop(self.reaper)
+            try:
+                self.ctx.term()
+                if self.mps is not None:
+                    self.mps.stop()
+            finally:  # the directory and the reaper go whatever failed above (a second Ctrl-C included)
+                shutil.rmtree(self.dir, ignore_errors=True)
+                reaper.stop(self.reaper)

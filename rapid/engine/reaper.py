@@ -76,7 +76,10 @@ def clean_engine_dir(directory: str) -> list[int]:
     for pid, start in recorded_children(directory):
         if same_process(pid, start):
             with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+                if os.getpgid(pid) == pid:  # each child leads a group of its own: its helpers (inductor's) go too
+                    os.killpg(pid, signal.SIGKILL)
+                else:
+                    os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
         unlink_shm_of(pid)
     shutil.rmtree(directory, ignore_errors=True)
