@@ -15,32 +15,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from kernels import median_ms  # bench/: this script's own folder (CUDA events, median after 3 warm-up calls)
 
 HBM_BPS = 4.3e12  # the H200's copy rate (bench/results/REPORT.md)
 LAYERS = 32
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "lm_head": (128256, 4096)}  # name -> (N out features, K in features)
 L2_BYTES = 50 * 2**20  # the H100's and H200's L2; the copies of one weight together exceed it at least twice
-
-
-def median_ms(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
 def graph_of_calls(fn, x: torch.Tensor, copies: list[torch.Tensor], calls: int) -> torch.cuda.CUDAGraph:

@@ -36,14 +36,15 @@ def wait_until(cond, timeout: float, step: float = 0.02) -> bool:
     return cond()
 
 
-def script(tmp_path: Path, body: str) -> subprocess.Popen:
-    """A Python script in its own process whose temporary directory (the engine's socket dir) is tmp_path/tmp."""
+def script(tmp_path: Path, body: str, new_session: bool = False) -> subprocess.Popen:
+    """A Python script in its own process whose temporary directory (the engine's socket dir) is tmp_path/tmp;
+    new_session: also in a session and process group of its own (to signal that group)."""
     path = tmp_path / "script.py"
     path.write_text(body)
     (tmp_path / "tmp").mkdir(exist_ok=True)
     env = dict(os.environ, TMPDIR=str(tmp_path / "tmp"), PYTHONPATH=os.pathsep.join(sys.path))
     return subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
+                            env=env, start_new_session=new_session)
 
 
 def engine_dirs(parent: Path) -> list[Path]:
@@ -184,7 +185,7 @@ def test_sigkill_of_the_owner_leaves_no_shared_memory(tiny_llama, tmp_path):
 def test_ctrl_c_reaches_the_owner_alone(tiny_llama, tmp_path):
     """SIGINT to the owner's process group (Ctrl-C in a terminal) interrupts the owner; its children, in groups of
     their own, keep serving (they used to die of it, and `rapid serve` restarted its engine while shutting down)."""
-    (tmp_path / "script.py").write_text(
+    proc = script(tmp_path, (
         "import json, time\n"
         "from rapid import LLM, SamplingParams\n"
         f"llm = LLM({str(tiny_llama)!r}, mode='rapid')\n"
@@ -197,10 +198,7 @@ def test_ctrl_c_reaches_the_owner_alone(tiny_llama, tmp_path):
         "pids = [c.process.pid for c in llm.engine.children] + [llm.engine.reaper.pid]\n"
         "print(json.dumps({'tokens': len(out[0].outputs[0].token_ids), 'restarts': llm.engine.num_restarts,\n"
         "                  'pids': pids}))\n"
-        "llm.shutdown()\n")
-    proc = subprocess.Popen([sys.executable, str(tmp_path / "script.py")], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+        "llm.shutdown()\n"), new_session=True)
     try:
         assert proc.stdout.readline() == "ready\n", proc.stderr.read()[-3000:]
         os.killpg(proc.pid, signal.SIGINT)
