@@ -210,8 +210,34 @@ def test_the_other_lane_is_sampled_again_now_and_then():
     for _ in range(5):
         p.observe_decode_step(10.5, beside_prefill=True)
         p.observe_prefill(PREFILL, 300, 0.01, num_decoding=64)  # concurrent: 1.7 us a token
-    lanes = [p.place(load(decoding=64, queued=512)).lane for _ in range(2 * REEXPLORE_EVERY + 2)]
-    assert lanes.count(DECODE) == 2 and lanes[REEXPLORE_EVERY] == DECODE
+    lanes = [p.place(load(decoding=64, queued=512)).lane for _ in range(3 * REEXPLORE_EVERY + 2)]
+    assert [i for i, lane in enumerate(lanes) if lane == DECODE] == [REEXPLORE_EVERY, 3 * REEXPLORE_EVERY + 1]
+
+
+def test_samples_grow_rarer_while_the_cheapest_lane_holds_and_sooner_once_it_changes():
+    """Each sample that leaves the cheapest lane as it was doubles the interval to the next (64, 128, ... up to
+    REEXPLORE_MAX placements): every sample lengthens the decode steps beside it. A change of the cheapest lane
+    brings the interval back to REEXPLORE_EVERY."""
+    from rapid.core.adaptive import REEXPLORE_EVERY, REEXPLORE_MAX
+
+    p = learned(slo_tpot_ms=25)  # inline: 25 us a token
+    for _ in range(5):
+        p.observe_decode_step(10.5, beside_prefill=True)
+        p.observe_prefill(PREFILL, 300, 0.01, num_decoding=64)  # concurrent: 1.7 us a token
+    lanes = [p.place(load(decoding=64, queued=512)).lane for _ in range(4000)]
+    samples = [i for i, lane in enumerate(lanes) if lane == DECODE]
+    gaps = [b - a - 1 for a, b in zip([-1, *samples], samples)]  # placements on the cheapest lane before each
+    assert gaps[:5] == [REEXPLORE_EVERY, 2 * REEXPLORE_EVERY, 4 * REEXPLORE_EVERY, 8 * REEXPLORE_EVERY,
+                        REEXPLORE_MAX]
+    assert set(gaps[4:]) == {REEXPLORE_MAX}  # 10 samples in 4000 placements, not 61
+    # the prefill worker's batches now slow the decodes far more: the mixed step becomes the cheaper lane, and the
+    # prefill worker is sampled again REEXPLORE_EVERY placements later
+    for _ in range(200):
+        p.observe_decode_step(30.0, beside_prefill=True)
+        p.observe_prefill(PREFILL, 300, 0.01, num_decoding=64)
+    assert p.cost(PREFILL) > p.cost(DECODE)
+    lanes = [p.place(load(decoding=64, queued=512)).lane for _ in range(REEXPLORE_EVERY + 1)]
+    assert lanes == [DECODE] * REEXPLORE_EVERY + [PREFILL]
 
 
 def dearer_prefill_worker():
@@ -250,7 +276,7 @@ def test_a_sample_waits_for_its_lane():
         assert p.place(load(decoding=64, queued=512)).lane == DECODE
     assert p.place(replace(load(decoding=64, queued=512), prefill_lane_busy=True)).lane == DECODE
     assert p.place(load(decoding=64, queued=512)).lane == PREFILL  # once free, the sample runs
-    for _ in range(REEXPLORE_EVERY):
+    for _ in range(2 * REEXPLORE_EVERY):  # the cheapest lane held: the next sample comes after twice as many
         assert p.place(load(decoding=64, queued=512)).lane == DECODE
     # the only prompt tokens queued follow a chunk in flight on the decode executor: a prefill worker could take none,
     # so the sample waits (sent there it built no batch, and was lost until REEXPLORE_EVERY placements later)

@@ -20,12 +20,14 @@ cost inside a mixed step, the prefill worker's tokens/s, and how long requests' 
   nothing decoding carries the step's fixed cost); the prefill worker slows every decode step it runs beside (on
   the H200 at MPS 100/100 from 5.9 to 23 ms at batch 16, bench/results/frontier-h200.md), summed over a batch and
   divided by its tokens. Once the prefill worker's cost is known a few small mixed steps measure theirs (then a few
-  small batches each other prefill worker's), and another lane is sampled again with a small batch every
-  REEXPLORE_EVERY placements. Until a mixed step's and a prefill worker's costs are measured the earlier rule holds:
-  inline when it is predicted to give the chunk its first token sooner (it joins the decode executor's next step,
-  after the running one ends) than the prefill worker (after its running batch, if any), only while the decode
-  step period plus the chunk's stall, spread over an output's tokens, stays inside the TPOT SLO (TPOT is an
-  average per request), and only while the prefill worker would not meet half the TTFT SLO anyway.
+  small batches each other prefill worker's), and another lane is sampled again with a small batch after
+  REEXPLORE_EVERY placements, an interval that doubles after each sample (up to REEXPLORE_MAX) while the cheapest
+  lane stays the same and falls back to REEXPLORE_EVERY when it changes. Until a mixed step's and a prefill
+  worker's costs are measured the earlier rule holds: inline when it is predicted to give the chunk its first token
+  sooner (it joins the decode executor's next step, after the running one ends) than the prefill worker (after its
+  running batch, if any), only while the decode step period plus the chunk's stall, spread over an output's tokens,
+  stays inside the TPOT SLO (TPOT is an average per request), and only while the prefill worker would not meet half
+  the TTFT SLO anyway.
 
 Plain Python (no torch): the same object runs in the engine core and in rapid.bench.simulate.
 """
@@ -44,7 +46,8 @@ CHEAPER = 0.8  # concurrent prefill is "cheaper" for the decodes when it costs t
 DECAY = 0.98  # weight kept by the running sums of the concurrent lane's cost at each new observation
 EXPLORE_MIXED = 3  # mixed steps tried (once the concurrent lane's cost is known) to learn what they cost
 MIN_BESIDE_BATCHES = 3  # prefill batches beside decodes before the concurrent lane's cost is trusted
-REEXPLORE_EVERY = 64  # placements taken on the cheapest lane between two samples of another one (costs drift)
+REEXPLORE_EVERY = 64  # placements taken on the cheapest lane before another one is sampled (costs drift)
+REEXPLORE_MAX = 512  # the interval doubles after each sample while the cheapest lane stays the same, up to this
 SMALL_CHUNK = 512  # prompt tokens of a batch that measures a lane's cost (exploring, or sampling it again)
 
 
@@ -167,6 +170,8 @@ class AdaptivePlacement:
         self.costs = StepCosts()
         self.on_cheaper = 0  # placements on the cheapest lane since another one was last sampled
         self.samples = 0  # other lanes sampled so far (they take turns)
+        self.sample_interval = REEXPLORE_EVERY  # placements on the cheapest lane before the next sample
+        self.last_best: str | None = None  # the cheapest lane at the last placement that compared them
 
     def observe_decode_step(self, step_ms: float, beside_prefill: bool | str = False, mixed: bool = False) -> None:
         self.costs.decode_step(step_ms, beside_prefill, mixed)
@@ -255,8 +260,8 @@ class AdaptivePlacement:
         return None
 
     def sample_other(self, best: str, chunk: int, load: Load) -> str | None:
-        """Every REEXPLORE_EVERY placements one of the other lanes, in turn (costs drift with the load); None while
-        that lane is busy (the sample waits for it)."""
+        """One of the other lanes, in turn (costs drift with the load), sample_interval placements after the last
+        sample; None while that lane is busy (the sample waits for it)."""
         others = [lane for lane in (DECODE, *self.prefill_lanes) if lane != best and (lane != DECODE or chunk > 0)]
         if not others:
             return None
@@ -264,7 +269,17 @@ class AdaptivePlacement:
         if not lane_free(load, other):
             return None
         self.samples += 1
+        self.on_cheaper = 0
+        self.sample_interval = min(2 * self.sample_interval, REEXPLORE_MAX)
         return other
+
+    def note_best(self, best: str) -> None:
+        """A change of the cheapest lane starts the sampling interval again: the costs moved, so sample them sooner
+        (each sample beside decodes lengthens their steps: on the H200 samples every 64 placements were about 40% of
+        adaptive's decode-step excess over hybrid's, bench/results/session27)."""
+        if best != self.last_best:
+            self.sample_interval, self.on_cheaper = REEXPLORE_EVERY, 0
+        self.last_best = best
 
     def fits_tpot(self, load: Load, chunk: int) -> bool:
         """The chunk's stall in the next decode step, spread over an output's tokens, keeps the step period inside
@@ -302,16 +317,16 @@ class AdaptivePlacement:
             return explore
         best = self.cheapest_lane(load)
         if best is not None:
+            self.note_best(best)
             # the engine asks before every step, and drops the answer while its lane is busy: count only the
             # placements taken (counting every question sampled the prefill worker every few dozen steps, not every
             # REEXPLORE_EVERY placements: most of the 17-25% of prompt tokens there at 44-52 req/s on the H200 at
             # equal costs, bench/results/session20)
             if lane_free(load, best) and (best != DECODE or chunk > 0):  # (no chunk: another answer follows)
                 self.on_cheaper += 1
-            if self.on_cheaper > REEXPLORE_EVERY and not load.prefill_lane_busy:  # a sample alone, to measure it
+            if self.on_cheaper > self.sample_interval and not load.prefill_lane_busy:  # a sample alone, to measure it
                 other = self.sample_other(best, chunk, load)
                 if other is not None:
-                    self.on_cheaper = 0
                     budget = min(chunk if other == DECODE else self.max_budget, SMALL_CHUNK)
                     return Placement(other, budget, "measuring its cost again", bounds_step=True)
             if best != DECODE:
