@@ -13,8 +13,7 @@ import argparse
 import difflib
 import inspect
 import math
-import typing
-from dataclasses import MISSING, Field, dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -365,43 +364,14 @@ class EngineArgs:
     def add_cli_args(cls, parser: argparse.ArgumentParser, *, exclude: tuple[str, ...] = (),
                      defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
         """One --kebab-case flag per field (bools as --flag/--no-flag), with its help and default."""
-        group = parser.add_argument_group("engine arguments")
-        hints = typing.get_type_hints(cls)
-        for f in fields(cls):
-            if f.name in exclude:
-                continue
-            default = (defaults or {}).get(f.name, f.default)
-            flag, kind = "--" + f.name.replace("_", "-"), _scalar_type(hints[f.name])
-            if kind is bool:
-                action = group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-            else:
-                metavar = f.metadata.get("metavar", None if "choices" in f.metadata else kind.__name__.upper())
-                action = group.add_argument(flag, type=kind, default=default, choices=f.metadata.get("choices"),
-                                            metavar=metavar)
-            action.help = _cli_help(f, default)
-        return parser
+        from rapid.config_cli import add_engine_flags
+
+        return add_engine_flags(cls, parser, exclude, defaults)
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":
         """The EngineArgs of parsed flags (a field without a flag keeps its default)."""
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
-
-
-def _scalar_type(hint: Any) -> type:
-    """int for `int | None`, and so on."""
-    options = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
-    return options[0]
-
-
-def _cli_help(f: Field, default: Any) -> str:
-    text = f.metadata["help"].replace("%", "%%")
-    if f.metadata.get("gpu_only"):
-        text += " (GPU only)"
-    if default is not None:
-        text += " (default: %(default)s)"
-    elif "none" in f.metadata:
-        text += f" (default: {f.metadata['none']})".replace("%", "%%")
-    return text
 
 
 def seqs_for_pool(pool_tokens: int, max_model_len: int) -> int:
