@@ -1,18 +1,24 @@
 """The model's default sampling parameters, as vLLM's --generation-config: generation_config.json's temperature,
 top_p, top_k, min_p, repetition_penalty and max_new_tokens (as max_tokens) are what LLM.generate / chat run without
-params; 'vllm' reads no file, a folder reads its own. On the CPU with a tiny random Llama."""
+params and what the HTTP server puts in a field a request leaves out; a value the request sets wins; 'vllm' reads
+no file, a folder reads its own. On the CPU with a tiny random Llama."""
 
+import contextlib
 import json
 import logging
 import re
 import shutil
 
+import openai
 import pytest
 
 import rapid.entrypoints.llm as llm_module
 from rapid import LLM, SamplingParams
 from rapid.config import EngineArgs
 from rapid.entrypoints.cli import build_parser
+from rapid.entrypoints.frontend import EngineFrontend
+from rapid.entrypoints.openai.api_server import build_app
+from rapid.entrypoints.openai.http_server import HttpServer
 from tiny import hf_greedy, make_tiny_model
 
 MAX_LEN = 128
@@ -39,6 +45,24 @@ def model(tmp_path_factory):
 def llm(model):
     with LLM(str(model), max_model_len=MAX_LEN) as llm:
         yield llm
+
+
+@contextlib.contextmanager
+def openai_client(llm):
+    """An `openai` client of the HTTP server over `llm` (port 0: a free one)."""
+    frontend = EngineFrontend(llm)
+    http = HttpServer(build_app(frontend, model_name="tiny"), port=0).start()
+    try:
+        yield openai.OpenAI(base_url=http.url + "/v1", api_key="unused", max_retries=0)
+    finally:
+        http.stop()
+        frontend.close()
+
+
+@pytest.fixture(scope="module")
+def server(llm):
+    with openai_client(llm) as client:
+        yield client
 
 
 def run(llm, prompt, params=None):
@@ -115,3 +139,49 @@ def test_bad_sources_are_refused_before_the_engine_starts(model, tmp_path, monke
             LLM(str(bad))
         assert str(bad / "generation_config.json") in str(e.value)
         write_generation_config(bad, {"top_p": None, "max_new_tokens": None, "top_k": None})
+
+
+# ---------------------------------------------------------------------- the HTTP server
+def test_chat_takes_the_defaults_for_what_the_request_leaves_out(llm, server):
+    greedy = llm.chat(CHAT, MODEL_PARAMS, use_tqdm=False)[0].outputs[0]
+    out = server.chat.completions.create(model="tiny", messages=CHAT)
+    assert out.usage.completion_tokens == 7 and out.choices[0].finish_reason == "length"
+    assert out.choices[0].message.content == greedy.text
+    assert server.chat.completions.create(model="tiny", messages=CHAT, max_tokens=3).usage.completion_tokens == 3
+    # the request's temperature wins; top_k, top_p, min_p and max_tokens still come from the model
+    texts = []
+    for seed in range(4):
+        got = server.chat.completions.create(model="tiny", messages=CHAT, temperature=1.0, seed=seed)
+        want = llm.chat(CHAT, SamplingParams(temperature=1.0, seed=seed, top_k=5, top_p=0.9, min_p=0.05, max_tokens=7),
+                        use_tqdm=False)[0].outputs[0]
+        assert got.choices[0].message.content == want.text and got.usage.completion_tokens == 7
+        texts.append(want.text)
+    assert set(texts) != {greedy.text}  # sampled, not greedy
+
+
+def test_completions_take_the_defaults_but_keep_openais_16_tokens(llm, server):
+    out = server.completions.create(model="tiny", prompt=PROMPT)
+    assert out.usage.completion_tokens == 16  # vLLM's (and OpenAI's) default for completions
+    assert out.choices[0].text == run(llm, PROMPT, SamplingParams(temperature=0, max_tokens=16)).text  # greedy
+    got = server.completions.create(model="tiny", prompt=PROMPT, temperature=1.0, seed=1, max_tokens=5,
+                                    extra_body={"top_k": 2})
+    want = SamplingParams(temperature=1.0, seed=1, max_tokens=5, top_k=2, top_p=0.9, min_p=0.05)
+    assert got.choices[0].text == run(llm, PROMPT, want).text
+
+
+def test_a_default_max_tokens_past_the_room_left_is_cut_to_it(model, tmp_path):
+    """max_new_tokens above what max_model_len leaves: an output ends there ('length'), as vLLM's min(); a
+    request's own max_tokens past it is still refused (400)."""
+    other = tmp_path / "long"
+    other.mkdir()
+    write_generation_config(other, {"temperature": 0.0, "max_new_tokens": 100_000})
+    with LLM(str(model), max_model_len=MAX_LEN, generation_config=str(other)) as llm:
+        room = MAX_LEN - len(llm.chat_prompt_ids(CHAT))
+        offline = llm.chat(CHAT, use_tqdm=False)[0].outputs[0]
+        with openai_client(llm) as client:
+            out = client.chat.completions.create(model="tiny", messages=CHAT)
+            with pytest.raises(openai.BadRequestError, match="max_tokens"):
+                client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=room + 1)
+    assert out.usage.completion_tokens == len(offline.token_ids) == room
+    assert out.choices[0].finish_reason == offline.finish_reason == "length"
+    assert out.choices[0].message.content == offline.text
