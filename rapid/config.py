@@ -13,8 +13,7 @@ import argparse
 import difflib
 import inspect
 import math
-import typing
-from dataclasses import MISSING, Field, dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +157,7 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto | reference | triton | flashinfer
     prefill_attention: str = "paged"  # triton backend: paged (whole-graph mixed steps) | flash | cudnn | auto (SDPA)
     load_format: str = "safetensors"  # or "dummy": random weights at the config's shapes (benchmarks)
+    generation_config: str = "auto"  # sampling defaults: rapid.entrypoints.generation_defaults reads them
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     rapid: RapidConfig = field(default_factory=RapidConfig)
@@ -179,6 +179,8 @@ class EngineConfig:
         _check(_is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
         _check(self.load_format in LOAD_FORMATS,
                f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+        _check(isinstance(self.generation_config, str) and self.generation_config.strip() != "", "generation_config "
+               f"must be 'auto', 'vllm' or a folder holding generation_config.json, got {self.generation_config!r}")
         _check_bool(self, "enforce_eager")
         _check_bool(self, "async_scheduling")
         _check_bool(self, "engine_process")
@@ -240,6 +242,11 @@ class EngineArgs:
     load_format: str = _shared(
         EngineConfig, "load_format", "safetensors: the folder's weights; dummy: random weights at the config's "
         "shapes (benchmarks without a checkpoint)", choices=LOAD_FORMATS)
+    generation_config: str = _shared(
+        EngineConfig, "generation_config", "default sampling parameters, as vLLM's: auto: those of the model folder's "
+        "generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens as max_tokens); "
+        "vllm: none (SamplingParams' own); or a folder: its generation_config.json. A request's own values win",
+        metavar="auto|vllm|FOLDER")
     seed: int = _shared(EngineConfig, "seed", "seed of the engine's sampler (requests without their own seed)")
     max_model_len: int | None = _own(
         None, "most tokens of one sequence (prompt + output), at most the model's max_position_embeddings",
@@ -365,43 +372,14 @@ class EngineArgs:
     def add_cli_args(cls, parser: argparse.ArgumentParser, *, exclude: tuple[str, ...] = (),
                      defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
         """One --kebab-case flag per field (bools as --flag/--no-flag), with its help and default."""
-        group = parser.add_argument_group("engine arguments")
-        hints = typing.get_type_hints(cls)
-        for f in fields(cls):
-            if f.name in exclude:
-                continue
-            default = (defaults or {}).get(f.name, f.default)
-            flag, kind = "--" + f.name.replace("_", "-"), _scalar_type(hints[f.name])
-            if kind is bool:
-                action = group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-            else:
-                metavar = f.metadata.get("metavar", None if "choices" in f.metadata else kind.__name__.upper())
-                action = group.add_argument(flag, type=kind, default=default, choices=f.metadata.get("choices"),
-                                            metavar=metavar)
-            action.help = _cli_help(f, default)
-        return parser
+        from rapid.config_cli import add_engine_flags
+
+        return add_engine_flags(cls, parser, exclude, defaults)
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":
         """The EngineArgs of parsed flags (a field without a flag keeps its default)."""
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
-
-
-def _scalar_type(hint: Any) -> type:
-    """int for `int | None`, and so on."""
-    options = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
-    return options[0]
-
-
-def _cli_help(f: Field, default: Any) -> str:
-    text = f.metadata["help"].replace("%", "%%")
-    if f.metadata.get("gpu_only"):
-        text += " (GPU only)"
-    if default is not None:
-        text += " (default: %(default)s)"
-    elif "none" in f.metadata:
-        text += f" (default: {f.metadata['none']})".replace("%", "%%")
-    return text
 
 
 def seqs_for_pool(pool_tokens: int, max_model_len: int) -> int:

@@ -127,7 +127,7 @@ def test_every_field_reaches_the_engine_config(folder):
                  prefill_attention="cudnn", prefill_sm_percentage=60, decode_sm_percentage=40, use_mps=False,
                  worker_start_timeout_s=10.0, decode_lookahead_blocks=3, slo_tpot_ms=25.0, slo_ttft_ms=500.0,
                  placement="atom", admission_reserve=0.5, engine_process=True,
-                 second_prefill_sm_percentage=30)
+                 second_prefill_sm_percentage=30, generation_config="vllm")
     assert set(given) == set(FIELDS), "a new EngineArgs field needs a value here"
     for name, value in given.items():
         assert value != FIELDS[name].default or name == "skip_tokenizer_init", name
@@ -170,6 +170,7 @@ def test_model_folder_sets_the_length_and_the_tokenizer(folder):
     (dict(load_format="gguf"), "got 'gguf'"),
     (dict(enable_prefix_caching="yes"), "got 'yes'"),
     (dict(skip_tokenizer_init="no"), "got 'no'"),
+    (dict(generation_config=""), "generation_config must be 'auto', 'vllm' or a folder"),
 ])
 def test_bad_values_are_value_errors_quoting_them(folder, kwargs, quoted):
     with pytest.raises(ValueError, match=re.escape(quoted)) as e:

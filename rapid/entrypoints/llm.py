@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import logging
 import time
 import weakref
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -20,6 +18,7 @@ from rapid.model.config import ModelConfig
 from rapid.entrypoints.llm_inputs import (
     parse_prompt, prepare_params, text_parts_joined, to_sampling_params, truncate,
 )
+from rapid.entrypoints.generation_defaults import read_generation_config, read_sampling_defaults
 from rapid.entrypoints.llm_outputs import LogprobConverter, apply_delta
 from rapid.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from rapid.protocol.engine import AddRequest, RequestDelta
@@ -35,10 +34,8 @@ logger = logging.getLogger(__name__)
 def read_eos_token_ids(folder: str, model_cfg: ModelConfig, tokenizer) -> tuple[int, ...]:
     """EOS ids from config.json, generation_config.json and the tokenizer, as vLLM stops on any of them."""
     ids = set(model_cfg.eos_token_ids)
-    gen = Path(folder) / "generation_config.json"
-    if gen.is_file():
-        eos = json.loads(gen.read_text()).get("eos_token_id")
-        ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    eos = read_generation_config(folder).get("eos_token_id")
+    ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return tuple(sorted(ids))
@@ -53,6 +50,8 @@ class LLM:
         """The keyword arguments are the fields of rapid.config.EngineArgs (defaults and help text there)."""
         self.engine_args = EngineArgs.from_kwargs("LLM", model=model, **kwargs)
         config = self._config = self.engine_args.create_engine_config()
+        # the model's sampling defaults (vLLM's --generation-config): what generate / chat run without params
+        self.default_sampling_params = read_sampling_defaults(config.generation_config, config.model)
         self.model_config = ModelConfig.from_folder(config.model)
         self.tokenizer = load_tokenizer(config.tokenizer)
         self.eos_token_ids = read_eos_token_ids(config.model, self.model_config, self.tokenizer)
@@ -99,6 +98,12 @@ class LLM:
     def get_tokenizer(self):
         return self.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The SamplingParams generate / chat use when given none, as vLLM's: SamplingParams() with the model's
+        defaults (`default_sampling_params`, from the generation_config.json that EngineArgs.generation_config
+        names) in place of its own."""
+        return SamplingParams(**self.default_sampling_params)
+
     # ------------------------------------------------------------------ input checks
     def _prompt_ids(self, prompt: Any) -> tuple[str | None, list[int]]:
         text, ids = parse_prompt(prompt, self.tokenizer)
@@ -124,7 +129,7 @@ class LLM:
         truncate_prompt_tokens, the params the engine runs: max_tokens=None resolved, bad_words tokenized),
         or TypeError / ValueError with the same message generate() would raise. cap_max_tokens (the offline API,
         as vLLM's): a max_tokens past the longest sequence is cut to it, so the output ends there ('length')."""
-        params = to_sampling_params(SamplingParams() if sampling_params is None else sampling_params)
+        params = to_sampling_params(self.get_default_sampling_params() if sampling_params is None else sampling_params)
         text, ids = self._prompt_ids(prompt)
         ids = truncate(ids, params)
         longest = self.longest_sequence
@@ -178,7 +183,7 @@ class LLM:
         if not isinstance(prompts, Sequence) or isinstance(prompts, bytes):
             raise TypeError(f"prompts must be a str, a dict or a list of them, got {type(prompts).__name__}")
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, (SamplingParams, dict)):
             params = [to_sampling_params(sampling_params)] * len(prompts)
         elif isinstance(sampling_params, Sequence) and not isinstance(sampling_params, str):

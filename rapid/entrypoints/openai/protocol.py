@@ -298,11 +298,13 @@ def chat_logprobs(req: ChatCompletionRequest) -> int | None:
 
 
 def sampling_params(req: _Sampling, *, max_tokens: int | None, logprobs: int | None, default_max_tokens: int,
-                    index: int = 0) -> SamplingParams:
-    """The engine's params for choice `index` (n=1, seed + index when seeded), or ApiError 400."""
+                    index: int = 0, defaults: dict[str, Any] | None = None) -> SamplingParams:
+    """The engine's params for choice `index` (n=1, seed + index when seeded), or ApiError 400. `defaults`: the
+    model's sampling defaults (LLM.default_sampling_params), for the fields the request leaves out."""
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
         raise ApiError(400, f"logprobs must be in [0, {MAX_LOGPROBS}], got {logprobs}", param="logprobs")
-    fields: dict[str, Any] = {k: getattr(req, k) for k in SAMPLING_FIELDS if getattr(req, k) is not None}
+    fields: dict[str, Any] = {k: v for k, v in (defaults or {}).items() if k in SAMPLING_FIELDS}
+    fields |= {k: getattr(req, k) for k in SAMPLING_FIELDS if getattr(req, k) is not None}
     if req.seed is not None:
         fields["seed"] = req.seed + index
     fields["max_tokens"] = default_max_tokens if max_tokens is None else max_tokens

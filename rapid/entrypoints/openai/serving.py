@@ -27,7 +27,8 @@ from rapid.protocol.engine import RequestDelta
 
 logger = logging.getLogger(__name__)
 
-COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+# OpenAI's default for /v1/completions; vLLM's too, the model's max_new_tokens notwithstanding (chat takes that)
+COMPLETION_DEFAULT_MAX_TOKENS = 16
 
 
 @dataclass
@@ -124,13 +125,15 @@ class RequestConverter:
             raise P.ApiError(400, str(e), param="prompt") from None
 
     def _items(self, req, prompts: list[tuple[str | None, list[int]]], max_tokens, logprobs, default) -> list[Item]:
+        """`default`: the max_tokens of a request without one (0: the model's, within the room left)."""
         items, index = [], itertools.count()
         limit = self.llm.longest_sequence  # max_model_len, or the KV pool where it is smaller
+        model = self.llm.default_sampling_params  # generation_config.json's, for what the request leaves out
         for p_idx, (text, ids) in enumerate(prompts):
+            room = max(limit - len(ids), 1)
             for i in range(req.n):
-                params = P.sampling_params(req, max_tokens=max_tokens, logprobs=logprobs,
-                                           default_max_tokens=default if default else max(limit - len(ids), 1),
-                                           index=i)
+                params = P.sampling_params(req, max_tokens=max_tokens, logprobs=logprobs, index=i, defaults=model,
+                                           default_max_tokens=default or min(model.get("max_tokens", room), room))
                 try:  # the params the engine runs: max_tokens=None resolved, bad_words tokenized
                     _, ids_run, params = self.llm.prepare({"prompt_token_ids": ids}, params)
                 except (ValueError, TypeError) as e:  # the field it names; else the length (prompt + max_tokens)

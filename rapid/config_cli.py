@@ -1,0 +1,49 @@
+"""EngineArgs on the command line: one --kebab-case flag per field, with its help text and default.
+
+Plain argparse over the dataclass's fields (no torch, and nothing of rapid imported: rapid.config calls this).
+"""
+
+from __future__ import annotations
+
+import argparse
+import typing
+from dataclasses import Field, fields
+from typing import Any
+
+
+def add_engine_flags(args_cls: type, parser: argparse.ArgumentParser, exclude: tuple[str, ...] = (),
+                     defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
+    """One --kebab-case flag per field of the dataclass `args_cls` (bools as --flag/--no-flag), with its help and
+    default (`defaults` overrides a field's), in a group "engine arguments"; fields in `exclude` get none."""
+    group = parser.add_argument_group("engine arguments")
+    hints = typing.get_type_hints(args_cls)
+    for f in fields(args_cls):
+        if f.name in exclude:
+            continue
+        default = (defaults or {}).get(f.name, f.default)
+        flag, kind = "--" + f.name.replace("_", "-"), _scalar_type(hints[f.name])
+        if kind is bool:
+            action = group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            metavar = f.metadata.get("metavar", None if "choices" in f.metadata else kind.__name__.upper())
+            action = group.add_argument(flag, type=kind, default=default, choices=f.metadata.get("choices"),
+                                        metavar=metavar)
+        action.help = _cli_help(f, default)
+    return parser
+
+
+def _scalar_type(hint: Any) -> type:
+    """int for `int | None`, and so on."""
+    options = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+    return options[0]
+
+
+def _cli_help(f: Field, default: Any) -> str:
+    text = f.metadata["help"].replace("%", "%%")
+    if f.metadata.get("gpu_only"):
+        text += " (GPU only)"
+    if default is not None:
+        text += " (default: %(default)s)"
+    elif "none" in f.metadata:
+        text += f" (default: {f.metadata['none']})".replace("%", "%%")
+    return text

@@ -1,0 +1,187 @@
+"""The model's default sampling parameters, as vLLM's --generation-config: generation_config.json's temperature,
+top_p, top_k, min_p, repetition_penalty and max_new_tokens (as max_tokens) are what LLM.generate / chat run without
+params and what the HTTP server puts in a field a request leaves out; a value the request sets wins; 'vllm' reads
+no file, a folder reads its own. On the CPU with a tiny random Llama."""
+
+import contextlib
+import json
+import logging
+import re
+import shutil
+
+import openai
+import pytest
+
+import rapid.entrypoints.llm as llm_module
+from rapid import LLM, SamplingParams
+from rapid.config import EngineArgs
+from rapid.entrypoints.cli import build_parser
+from rapid.entrypoints.frontend import EngineFrontend
+from rapid.entrypoints.openai.api_server import build_app
+from rapid.entrypoints.openai.http_server import HttpServer
+from tiny import hf_greedy, make_tiny_model
+
+MAX_LEN = 128
+PROMPT = "Paris is"
+CHAT = [{"role": "user", "content": "hi"}]
+# what the model folder's generation_config.json recommends (besides its token ids)
+MODEL_DEFAULTS = {"temperature": 0.0, "top_k": 5, "top_p": 0.9, "min_p": 0.05, "max_new_tokens": 7}
+MODEL_PARAMS = SamplingParams(temperature=0.0, top_k=5, top_p=0.9, min_p=0.05, max_tokens=7)
+
+
+def write_generation_config(folder, values: dict) -> None:
+    path = folder / "generation_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | values if path.is_file() else values))
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    folder = make_tiny_model(tmp_path_factory.mktemp("tiny-gen-defaults"), "llama", seed=3)
+    write_generation_config(folder, MODEL_DEFAULTS | {"do_sample": False, "length_penalty": 2.0})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llm(model):
+    with LLM(str(model), max_model_len=MAX_LEN) as llm:
+        yield llm
+
+
+@contextlib.contextmanager
+def openai_client(llm):
+    """An `openai` client of the HTTP server over `llm` (port 0: a free one)."""
+    frontend = EngineFrontend(llm)
+    http = HttpServer(build_app(frontend, model_name="tiny"), port=0).start()
+    try:
+        yield openai.OpenAI(base_url=http.url + "/v1", api_key="unused", max_retries=0)
+    finally:
+        http.stop()
+        frontend.close()
+
+
+@pytest.fixture(scope="module")
+def server(llm):
+    with openai_client(llm) as client:
+        yield client
+
+
+def run(llm, prompt, params=None):
+    return llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+
+
+# ---------------------------------------------------------------------- offline
+def test_default_sampling_params_are_the_files(llm):
+    assert llm.default_sampling_params == {"temperature": 0.0, "top_k": 5, "top_p": 0.9, "min_p": 0.05,
+                                           "max_tokens": 7}
+    assert llm.get_default_sampling_params() == MODEL_PARAMS
+    assert llm.config.generation_config == "auto"
+
+
+def test_generate_and_chat_without_params_use_them(llm, model):
+    out = run(llm, PROMPT)
+    assert len(out.token_ids) == 7 and out.finish_reason == "length"  # max_new_tokens, not SamplingParams' 16
+    # temperature 0: the greedy tokens (transformers' oracle), again on every call
+    assert out.token_ids == hf_greedy(model, llm.tokenizer.encode(PROMPT), 7) == run(llm, PROMPT).token_ids
+    chat = llm.chat(CHAT, use_tqdm=False)[0].outputs[0]
+    assert chat.token_ids == llm.chat(CHAT, MODEL_PARAMS, use_tqdm=False)[0].outputs[0].token_ids
+    assert len(chat.token_ids) == 7
+    # params given: the model's defaults play no part (SamplingParams' own: max_tokens 16)
+    assert len(run(llm, PROMPT, SamplingParams(temperature=0)).token_ids) == 16
+
+
+def test_vllm_ignores_the_file(model):
+    assert EngineArgs.from_cli_args(build_parser().parse_args(["serve", "--generation-config", "vllm"])
+                                    ).generation_config == "vllm"
+    assert EngineArgs.from_cli_args(build_parser().parse_args(["generate", "hi"])).generation_config == "auto"
+    with LLM(str(model), max_model_len=MAX_LEN, generation_config="vllm") as llm:
+        assert llm.default_sampling_params == {} and llm.get_default_sampling_params() == SamplingParams()
+        out = run(llm, PROMPT)
+        greedy = run(llm, PROMPT, SamplingParams(temperature=0, max_tokens=16))
+        assert len(out.token_ids) == 16 and out.token_ids != greedy.token_ids  # temperature 1, 16 tokens
+
+
+def test_a_folder_gives_its_own_file(model, tmp_path, caplog):
+    other = tmp_path / "other"
+    other.mkdir()
+    # null and unknown keys are not read; do_sample is not either (vLLM reads only the six)
+    write_generation_config(other, {"temperature": 0, "repetition_penalty": 1.3, "top_k": None, "do_sample": True,
+                                    "max_new_tokens": 3})
+    with caplog.at_level(logging.INFO, logger="rapid"):
+        with LLM(str(model), max_model_len=MAX_LEN, generation_config=str(other)) as llm:
+            assert llm.get_default_sampling_params() == SamplingParams(temperature=0.0, repetition_penalty=1.3,
+                                                                       max_tokens=3)
+            out = run(llm, PROMPT)
+            assert out.token_ids == run(llm, PROMPT, SamplingParams(temperature=0, repetition_penalty=1.3,
+                                                                    max_tokens=3)).token_ids
+            assert len(out.token_ids) == 3
+    said = [r for r in caplog.records if "default sampling parameters" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.INFO
+    assert f"from {other / 'generation_config.json'}: temperature=0.0, repetition_penalty=1.3, max_tokens=3" in (
+        said[0].getMessage())
+
+
+def test_bad_sources_are_refused_before_the_engine_starts(model, tmp_path, monkeypatch):
+    def no_engine(*a, **k):
+        raise AssertionError("the engine must not start")
+
+    monkeypatch.setattr(llm_module, "make_client", no_engine)
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        LLM(str(model), generation_config=str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="holds no generation_config.json"):
+        LLM(str(model), generation_config=str(tmp_path))
+    bad = tmp_path / "bad"
+    shutil.copytree(model, bad)
+    for values, quoted in (({"top_p": 0}, "top_p 0 is not a valid default: top_p must be in (0, 1], got 0"),
+                           ({"max_new_tokens": 0}, "max_new_tokens 0 is not a valid default"),
+                           ({"top_k": 2.5}, "top_k 2.5 is not a valid default")):
+        write_generation_config(bad, values)
+        with pytest.raises(ValueError, match=re.escape(quoted)) as e:
+            LLM(str(bad))
+        assert str(bad / "generation_config.json") in str(e.value)
+        write_generation_config(bad, {"top_p": None, "max_new_tokens": None, "top_k": None})
+
+
+# ---------------------------------------------------------------------- the HTTP server
+def test_chat_takes_the_defaults_for_what_the_request_leaves_out(llm, server):
+    greedy = llm.chat(CHAT, MODEL_PARAMS, use_tqdm=False)[0].outputs[0]
+    out = server.chat.completions.create(model="tiny", messages=CHAT)
+    assert out.usage.completion_tokens == 7 and out.choices[0].finish_reason == "length"
+    assert out.choices[0].message.content == greedy.text
+    assert server.chat.completions.create(model="tiny", messages=CHAT, max_tokens=3).usage.completion_tokens == 3
+    # the request's temperature wins; top_k, top_p, min_p and max_tokens still come from the model
+    texts = []
+    for seed in range(4):
+        got = server.chat.completions.create(model="tiny", messages=CHAT, temperature=1.0, seed=seed)
+        want = llm.chat(CHAT, SamplingParams(temperature=1.0, seed=seed, top_k=5, top_p=0.9, min_p=0.05, max_tokens=7),
+                        use_tqdm=False)[0].outputs[0]
+        assert got.choices[0].message.content == want.text and got.usage.completion_tokens == 7
+        texts.append(want.text)
+    assert set(texts) != {greedy.text}  # sampled, not greedy
+
+
+def test_completions_take_the_defaults_but_keep_openais_16_tokens(llm, server):
+    out = server.completions.create(model="tiny", prompt=PROMPT)
+    assert out.usage.completion_tokens == 16  # vLLM's (and OpenAI's) default for completions
+    assert out.choices[0].text == run(llm, PROMPT, SamplingParams(temperature=0, max_tokens=16)).text  # greedy
+    got = server.completions.create(model="tiny", prompt=PROMPT, temperature=1.0, seed=1, max_tokens=5,
+                                    extra_body={"top_k": 2})
+    want = SamplingParams(temperature=1.0, seed=1, max_tokens=5, top_k=2, top_p=0.9, min_p=0.05)
+    assert got.choices[0].text == run(llm, PROMPT, want).text
+
+
+def test_a_default_max_tokens_past_the_room_left_is_cut_to_it(model, tmp_path):
+    """max_new_tokens above what max_model_len leaves: an output ends there ('length'), as vLLM's min(); a
+    request's own max_tokens past it is still refused (400)."""
+    other = tmp_path / "long"
+    other.mkdir()
+    write_generation_config(other, {"temperature": 0.0, "max_new_tokens": 100_000})
+    with LLM(str(model), max_model_len=MAX_LEN, generation_config=str(other)) as llm:
+        room = MAX_LEN - len(llm.chat_prompt_ids(CHAT))
+        offline = llm.chat(CHAT, use_tqdm=False)[0].outputs[0]
+        with openai_client(llm) as client:
+            out = client.chat.completions.create(model="tiny", messages=CHAT)
+            with pytest.raises(openai.BadRequestError, match="max_tokens"):
+                client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=room + 1)
+    assert out.usage.completion_tokens == len(offline.token_ids) == room
+    assert out.choices[0].finish_reason == offline.finish_reason == "length"
+    assert out.choices[0].message.content == offline.text
