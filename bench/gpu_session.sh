@@ -72,7 +72,7 @@ for stage in "$@"; do
     http) http_vs_inproc ;;
     serve-3k) serve_steady random3k ${RATES:-2,4,6} --dataset-name random --random-input-len 3000 --random-output-len 300 --ignore-eos ;;
     graph-buckets) python3 bench/graph_buckets.py --model $MODEL --decodes ${DECODES:-0,128} --out $OUT 2>&1 | grep -v "it/s" | tail -6 ;;
-    gemm) python3 bench/gemm_shapes.py ${GEMM_AUTOTUNE:+--autotune} --out $OUT 2>&1 | grep -v "^ \|AUTOTUNE" | tail -16 ;;
+    gemm) python3 bench/gemm_shapes.py ${GEMM_AUTOTUNE:+--autotune} ${GEMM_BATCHES:+--batches $GEMM_BATCHES} --out $OUT 2>&1 | grep -v "^ \|AUTOTUNE" | tail -16 ;;
     sampler) python3 bench/sampler_cost.py --out $OUT 2>&1 | tail -12 ;;
     step-profile) python3 bench/step_profile.py --model $MODEL --batches ${PBATCHES:-1,64,256} --ctx ${CTX:-1000} --out $OUT 2>&1 \
         | grep -v "it/s" > $OUT/step-profile.log; grep -v "^ " $OUT/step-profile.log | tail -5 ;;
