@@ -319,11 +319,23 @@ class EngineArgs:
     slo_tpot_ms: float | None = _shared(
         RapidConfig, "slo_tpot_ms", "time-per-output-token SLO in ms that mode rapid's adaptive placement plans for "
         "(it also bounds the prefill tokens per launch)", none="none: maximise throughput")
+    # vLLM's, accepted so that scripts written for vLLM run; nothing past create_engine_config reads them
+    trust_remote_code: bool = _own(False, "accepted for vLLM scripts; changes nothing: RAPID runs no code from a "
+                                          "checkpoint (its own Llama-family models; tokenizers without remote code)")
+    tensor_parallel_size: int = _own(1, "accepted for vLLM scripts: only 1 (RAPID runs a model on one GPU)")
+    pipeline_parallel_size: int = _own(1, "accepted for vLLM scripts: only 1 (RAPID runs a model on one GPU)")
+    disable_log_stats: bool = _own(False, "accepted for vLLM scripts; changes nothing: RAPID logs no periodic "
+                                          "stats (/metrics is served either way)")
 
     # ------------------------------------------------------------------ to the engine
     def create_engine_config(self) -> EngineConfig:
         """The validated EngineConfig: ValueError quoting the value, FileNotFoundError for a missing folder."""
-        _check_bool(self, "skip_tokenizer_init")
+        for name in ("skip_tokenizer_init", "trust_remote_code", "disable_log_stats"):
+            _check_bool(self, name)
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            v = getattr(self, name)
+            _check(_is_int(v) and v == 1, f"{name} must be 1, got {v!r}: RAPID runs a model on one GPU, with no "
+                   "tensor or pipeline parallelism")
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         if self.max_model_len is None:  # a stand-in until the model's config is read
             values["max_model_len"] = SchedulerConfig.max_model_len

@@ -28,6 +28,8 @@ LLM_KEYWORDS = ("tokenizer", "dtype", "mode", "device", "max_model_len", "max_nu
                 "enforce_eager", "attention_backend", "prefill_attention", "load_format", "seed",
                 "prefill_sm_percentage", "decode_sm_percentage", "use_mps", "worker_start_timeout_s",
                 "slo_ttft_ms", "slo_tpot_ms", "placement", "skip_tokenizer_init")
+# vLLM's arguments accepted for its scripts and checked, that reach no config (tests/test_vllm_compat_args.py)
+VLLM_ONLY = ("trust_remote_code", "tensor_parallel_size", "pipeline_parallel_size", "disable_log_stats")
 
 
 @pytest.fixture
@@ -128,7 +130,7 @@ def test_every_field_reaches_the_engine_config(folder):
                  worker_start_timeout_s=10.0, decode_lookahead_blocks=3, slo_tpot_ms=25.0, slo_ttft_ms=500.0,
                  placement="atom", admission_reserve=0.5, engine_process=True,
                  second_prefill_sm_percentage=30, generation_config="vllm")
-    assert set(given) == set(FIELDS), "a new EngineArgs field needs a value here"
+    assert set(given) == set(FIELDS) - set(VLLM_ONLY), "a new EngineArgs field needs a value here"
     for name, value in given.items():
         assert value != FIELDS[name].default or name == "skip_tokenizer_init", name
     cfg = EngineArgs(**given).create_engine_config()
@@ -171,6 +173,11 @@ def test_model_folder_sets_the_length_and_the_tokenizer(folder):
     (dict(enable_prefix_caching="yes"), "got 'yes'"),
     (dict(skip_tokenizer_init="no"), "got 'no'"),
     (dict(generation_config=""), "generation_config must be 'auto', 'vllm' or a folder"),
+    (dict(tensor_parallel_size=2), "tensor_parallel_size must be 1, got 2: RAPID runs a model on one GPU"),
+    (dict(pipeline_parallel_size=0), "pipeline_parallel_size must be 1, got 0"),
+    (dict(tensor_parallel_size=True), "got True"),
+    (dict(trust_remote_code="yes"), "trust_remote_code must be True or False, got 'yes'"),
+    (dict(disable_log_stats=1), "disable_log_stats must be True or False, got 1"),
 ])
 def test_bad_values_are_value_errors_quoting_them(folder, kwargs, quoted):
     with pytest.raises(ValueError, match=re.escape(quoted)) as e:
