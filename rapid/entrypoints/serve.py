@@ -45,6 +45,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-template", default=None,
                    help="chat template for /v1/chat/completions, a file or the Jinja text itself (default: the "
                         "tokenizer's); a request's own chat_template wins")
+    p.add_argument("--enable-log-requests", action="store_true",
+                   help="log each request the HTTP server receives: its id, prompt length in tokens and sampling "
+                        "parameters (at INFO, shown whatever --log-level)")
+    p.add_argument("--disable-log-requests", dest="enable_log_requests", action="store_false",
+                   help="vLLM's deprecated flag: do not log requests (the default)")
 
 
 def with_model_tag(args: argparse.Namespace) -> argparse.Namespace:
@@ -168,9 +173,14 @@ def _serve_llm(llm, args: argparse.Namespace, stop: threading.Event) -> None:
         if args.http:
             from rapid.entrypoints.openai.api_server import build_app
             from rapid.entrypoints.openai.http_server import HttpServer
+            from rapid.entrypoints.openai.serving import request_logger
+
+            if args.enable_log_requests and not request_logger.isEnabledFor(logging.INFO):
+                request_logger.setLevel(logging.INFO)  # asked for by name: shown under --log-level WARNING too
 
             app = build_app(frontend, model_name=args.served_model_name, api_key=args.api_key,
-                            chat_template=read_chat_template(args.chat_template), allowed_origins=args.allowed_origins)
+                            chat_template=read_chat_template(args.chat_template), allowed_origins=args.allowed_origins,
+                            log_requests=args.enable_log_requests)
             serving = app.state.serving
             http = HttpServer(app, args.host, args.port).start()
         if args.zmq:

@@ -49,17 +49,18 @@ async def _unless_disconnected(request: Request, coro, on_disconnect) -> dict | 
 
 def build_app(frontend: EngineFrontend, *, model_name: str | list[str] | None = None, api_key: str | None = None,
               metrics: ServerMetrics | None = None, chat_template: str | None = None,
-              allowed_origins: list[str] | None = None) -> FastAPI:
+              allowed_origins: list[str] | None = None, log_requests: bool = False) -> FastAPI:
     """The app; `model_name` (one name, or several as `vllm serve --served-model-name A B`: the first is the one
     responses report) defaults to the model folder given to the LLM (requests may use any of them).
-    `allowed_origins`: the browser origins CORS lets in ("*": any; None: no CORS headers)."""
+    `allowed_origins`: the browser origins CORS lets in ("*": any; None: no CORS headers); `log_requests`
+    (`rapid serve --enable-log-requests`): an INFO line per request received."""
     config = frontend.llm.config
     names = [model_name] if isinstance(model_name, str) else list(model_name or [])
     model_name, aliases = (names[0], tuple(names[1:])) if names else (config.model, ())
     if metrics is None:
         metrics = ServerMetrics(model_name, config.mode, get_stats=getattr(frontend, "get_stats", None),
                                 placement=make_placement(config).name)
-    serving = OpenAIServing(frontend, model_name, metrics, chat_template, aliases)
+    serving = OpenAIServing(frontend, model_name, metrics, chat_template, aliases, log_requests)
     app = FastAPI(title="RAPID", openapi_url=None, docs_url=None, redoc_url=None)
     app.state.serving = serving
     created = int(time.time())
@@ -118,7 +119,7 @@ def build_app(frontend: EngineFrontend, *, model_name: str | list[str] | None = 
         req = P.decode(body, P.ChatCompletionRequest if chat else P.CompletionRequest)
         items = serving.chat_items(req) if chat else serving.completion_items(req)
         builder = serving.builder(chat, P.chat_logprobs(req) if chat else req.logprobs, req.return_token_ids)
-        job = serving.start(items)
+        job = serving.start(items, builder.id)
         if req.stream:
             opts = req.stream_options
             include_usage = bool(opts and opts.include_usage)

@@ -26,6 +26,7 @@ from rapid.params import SamplingParams
 from rapid.protocol.engine import RequestDelta
 
 logger = logging.getLogger(__name__)
+request_logger = logging.getLogger(__name__ + ".requests")  # log_requests' lines (rapid serve --enable-log-requests)
 
 # OpenAI's default for /v1/completions; vLLM's too, the model's max_new_tokens notwithstanding (chat takes that)
 COMPLETION_DEFAULT_MAX_TOKENS = 16
@@ -199,9 +200,10 @@ class OpenAIServing(RequestConverter):
     """Turns request bodies into engine requests on the frontend and engine deltas into OpenAI bodies."""
 
     def __init__(self, frontend: EngineFrontend, model_name: str, metrics: ServerMetrics,
-                 chat_template: str | None = None, aliases: tuple[str, ...] = ()):
+                 chat_template: str | None = None, aliases: tuple[str, ...] = (), log_requests: bool = False):
+        """`log_requests`: an INFO line per engine request received (vLLM's --enable-log-requests)."""
         super().__init__(frontend.llm, model_name, chat_template, aliases)
-        self.frontend, self.metrics = frontend, metrics
+        self.frontend, self.metrics, self.log_requests = frontend, metrics, log_requests
         self.jobs: set[Job] = set()  # touched on the event loop only
         self.closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -209,13 +211,18 @@ class OpenAIServing(RequestConverter):
         self.stop_metrics = frontend.observe_requests(metrics.track)  # ZeroMQ's requests beside these too
 
     # ------------------------------------------------------------------ running
-    def start(self, items: list[Item]) -> Job:
+    def start(self, items: list[Item], response_id: str) -> Job:
+        """Submit `items` (the engine requests of response `response_id`), logged first when log_requests."""
         if self.closing:
             raise P.ApiError(503, "the server is shutting down", type="service_unavailable")
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             self._loop, self.mailbox = loop, LoopMailbox(loop)
         job = Job(self, items)
+        if self.log_requests:
+            for it in items:
+                request_logger.info("received request %s (response %s): prompt of %d tokens, %s", job.rid(it.index),
+                                    response_id, len(it.ids), it.params)
         job.submit()
         return job
 
