@@ -16,9 +16,9 @@ from triton_interpreted import interpreted_results
 from rapid.model.skinny_gemm import SKINNY_MAX_ROWS, Linear, rapid_linear
 
 # (M, N, K, bias, BLOCK_N, BLOCK_K): one row; rows and columns that do not fill a block; K not a multiple of BLOCK_K;
-# 16 rows; a bias; rows padded to 64
+# the most rows; a bias
 KERNEL_CASES = [(1, 64, 128, False, 16, 64), (3, 50, 96, False, 32, 64), (16, 40, 200, True, 16, 128),
-                (7, 33, 33, True, 16, 16), (2, 128, 256, False, 64, 256), (40, 48, 64, True, 16, 32)]
+                (7, 33, 33, True, 16, 16), (2, 128, 256, False, 64, 256)]
 
 
 def run_kernel_cases() -> list[dict]:
@@ -46,11 +46,10 @@ def test_triton_kernel_equals_a_matmul_under_the_interpreter():
 
 def test_the_kernel_refuses_more_rows_than_it_pads_to():
     pytest.importorskip("triton")
-    from rapid.model.skinny_gemm_kernel import MAX_ROWS, skinny_matmul
+    from rapid.model.skinny_gemm_kernel import skinny_matmul
 
-    for rows in (0, MAX_ROWS + 1):
-        with pytest.raises(ValueError, match="takes 1 to 64 rows"):
-            skinny_matmul(torch.zeros(rows, 8), torch.zeros(4, 8))
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        skinny_matmul(torch.zeros(SKINNY_MAX_ROWS + 1, 8), torch.zeros(4, 8))
 
 
 def test_on_the_cpu_the_layer_and_the_op_are_f_linear_eager_and_compiled():
@@ -82,11 +81,6 @@ def test_the_kernel_matches_cublas_at_llama_shapes():
             ref = F.linear(x, w)  # cuBLAS, bf16 out: the kernel must be as close to float64 as cuBLAS is
             err, ref_err = (got.double() - want).abs().max(), (ref.double() - want).abs().max()
             assert err <= 2 * ref_err + 1e-3, (n, k, rows, float(err), float(ref_err))
-        from rapid.model.skinny_gemm_kernel import skinny_matmul
-
-        x = torch.randn(64, k, device="cuda", dtype=torch.bfloat16)  # the kernel's most rows (bench/gemm_shapes.py)
-        err = (skinny_matmul(x, w).double() - F.linear(x.double(), w.double())).abs().max()
-        assert err <= 2 * (F.linear(x, w).double() - F.linear(x.double(), w.double())).abs().max() + 1e-3
 
 
 if __name__ == "__main__":  # the interpreter subprocess
