@@ -5,10 +5,8 @@ gate/up and the down projection, then the LM head once. Each GEMM is timed as th
 graph: one graph replays --calls calls back to back, each on the next of enough copies of the weight that together
 they exceed L2 (every call reads its weight from HBM); the time per call is the graph's (CUDA events, median of
 --reps replays after warm-up) over --calls. Backends: torch's default cuBLAS path, cuBLASLt
-(torch.backends.cuda.preferred_blas_library), the engine's own Triton kernel for at most 16 rows ('skinny',
-rapid.model.skinny_gemm, with its autotuner) and, with --autotune, Inductor's max-autotune templates. The step's
-GEMM time is 32 x the four layer GEMMs + the LM head (for 'skinny' the LM head's cuBLAS time: the engine computes
-logits with F.linear).
+(torch.backends.cuda.preferred_blas_library) and, with --autotune, Inductor's max-autotune templates. The step's
+GEMM time is 32 x the four layer GEMMs + the LM head.
 Usage (on the GPU machine):  python3 bench/gemm_shapes.py [--batches 1,64,256] [--autotune] [--out DIR]
 Writes gemm-shapes.json and gemm-shapes.md into --out.
 """
@@ -24,8 +22,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from kernels import median_ms  # bench/: this script's own folder (CUDA events, median after 3 warm-up calls)
-
-from rapid.model.skinny_gemm import SKINNY_MAX_ROWS
 
 HBM_BPS = 4.3e12  # the H200's copy rate (bench/results/REPORT.md)
 LAYERS = 32
@@ -56,16 +52,12 @@ def linear_fn(backend: str):
     if backend == "autotune":
         torch._dynamo.reset()
         return torch.compile(F.linear, mode="max-autotune-no-cudagraphs", dynamic=False)
-    if backend == "skinny":
-        from rapid.model.skinny_gemm_kernel import skinny_matmul
-
-        return skinny_matmul
     return F.linear
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--batches", default="1,2,4,8,16,64,256")
+    ap.add_argument("--batches", default="1,64,256")
     ap.add_argument("--reps", type=int, default=20, help="graph replays timed")
     ap.add_argument("--calls", type=int, default=32, help="GEMM calls in one graph")
     ap.add_argument("--autotune", action="store_true", help="also Inductor's max-autotune GEMM templates (slow)")
@@ -76,13 +68,11 @@ def main() -> None:
     for name, (n, k) in SHAPES.items():
         count = max(2, -(-2 * L2_BYTES // (n * k * 2)))
         weights[name] = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(count)]
-    backends = ["cublas", "cublaslt", "skinny"] + (["autotune"] if args.autotune else [])
+    backends = ["cublas", "cublaslt"] + (["autotune"] if args.autotune else [])
     rows = []
     for backend in backends:
         torch.backends.cuda.preferred_blas_library("cublaslt" if backend == "cublaslt" else "cublas")
         for m in (int(b) for b in args.batches.split(",")):
-            if backend == "skinny" and m > SKINNY_MAX_ROWS:
-                continue
             for name, copies in weights.items():
                 n, k = copies[0].shape
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -100,11 +90,9 @@ def main() -> None:
     torch.backends.cuda.preferred_blas_library("cublas")
     steps = []
     for backend in backends:
-        for m in sorted({r["batch"] for r in rows if r["backend"] == backend}):
+        for m in sorted({r["batch"] for r in rows}):
             t = {r["gemm"]: r["ms"] for r in rows if r["backend"] == backend and r["batch"] == m}
-            lm_head = t["lm_head"] if backend != "skinny" else next(
-                r["ms"] for r in rows if (r["backend"], r["batch"], r["gemm"]) == ("cublas", m, "lm_head"))
-            ms = LAYERS * (t["qkv"] + t["o"] + t["gate_up"] + t["down"]) + lm_head
+            ms = LAYERS * (t["qkv"] + t["o"] + t["gate_up"] + t["down"]) + t["lm_head"]
             steps.append({"backend": backend, "batch": m, "step_gemm_ms": round(ms, 3)})
     weight_bytes = sum(LAYERS * n * k * 2 for name, (n, k) in SHAPES.items() if name != "lm_head")
     weight_bytes += SHAPES["lm_head"][0] * SHAPES["lm_head"][1] * 2

@@ -228,8 +228,6 @@ def kernel_family(name: str) -> str:
         return "kv store (triton)"
     if "_paged_prefill_kernel" in name:
         return "prefill attention (triton paged)"
-    if "_skinny_kernel" in name:
-        return "gemm (triton skinny)"
     if "_race_kernel" in name:
         return "sampler race (triton)"
     if "_partial_lse_kernel" in name or "_merge_kernel" in name:
@@ -541,9 +539,7 @@ def main() -> None:
     with torch.inference_mode():
         model, backend = build_8b(cfg, max_positions=max(args.max_model_len, 8192) + 16)
         default_sdpa = backend.prefill_sdpa_backends  # flash first (see TritonAttention)
-        # compiled-cublas-decode: decode only, every linear on cuBLAS (the default runs up to 16 rows on Triton)
-        for variant in ("eager", "compiled", "compiled-cudnn-prefill", "compiled-paged-prefill",
-                        "compiled-cublas-decode"):
+        for variant in ("eager", "compiled", "compiled-cudnn-prefill", "compiled-paged-prefill"):
             if variant in skip or (variant.startswith("compiled") and "compiled" in skip):
                 continue
             t0 = time.perf_counter()
@@ -554,20 +550,16 @@ def main() -> None:
                     backend.set_prefill_attention("cudnn")
                 if variant == "compiled-paged-prefill":  # prefill only: the Triton paged kernel, no gather
                     backend.set_prefill_attention("paged")
-                if variant == "compiled-cublas-decode":  # compiled afresh: no guard on the switch, no recompile limit
-                    model.use_skinny_gemm(False).compile_pieces(
-                        dynamic=True if args.compile_dynamic == "true" else "tokens")
                 v = report["model"].setdefault(variant, {})
-                if not variant.endswith("-decode"):
-                    pool, _, _ = decode_case(1, 8192, cfg, layers=cfg.num_layers, extra_blocks=0)
-                    v["prefill"] = bench_prefill(model, cfg, variant, pool, refs, profile=variant != "eager")
-                    del pool
-                    torch.cuda.empty_cache()
-                    save()
+                pool, _, _ = decode_case(1, 8192, cfg, layers=cfg.num_layers, extra_blocks=0)
+                v["prefill"] = bench_prefill(model, cfg, variant, pool, refs, profile=variant != "eager")
+                del pool
+                torch.cuda.empty_cache()
+                save()
                 if not variant.endswith("-prefill"):
                     v["decode"] = bench_decode(model, backend, cfg, variant, best, args.apply_best,
                                                args.max_model_len, full_buckets=variant == "compiled", refs=refs,
-                                               profile=variant in ("compiled", "compiled-cublas-decode"))
+                                               profile=variant == "compiled")
                 v["wall_s"] = round(time.perf_counter() - t0, 1)
             except Exception as e:
                 traceback.print_exc()

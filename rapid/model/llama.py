@@ -24,7 +24,6 @@ from torch import nn
 
 from rapid.attention.metadata import AttentionMetadata
 from rapid.model.config import ModelConfig, RopeConfig
-from rapid.model.skinny_gemm import Linear
 
 
 class RMSNorm(nn.Module):
@@ -92,8 +91,8 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.head_dim, self.q_size, self.kv_size = cfg.head_dim, cfg.q_size, cfg.kv_size
         # q, k and v projections fused into one matmul; the loader stacks the checkpoint's three.
-        self.qkv_proj = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, bias=False)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -121,8 +120,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.intermediate_size = cfg.intermediate_size
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # gate and up fused
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # gate and up fused
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
@@ -216,14 +215,6 @@ class LlamaModel(nn.Module):
         if dynamic not in (True, False, "tokens"):
             raise ValueError(f"dynamic must be True, False or 'tokens', got {dynamic!r}")
         self.pieces = Pieces(*(_compile(fn, dynamic) for fn in EAGER))
-        return self
-
-    def use_skinny_gemm(self, on: bool) -> LlamaModel:
-        """Whether the layers' linears run rapid.model.skinny_gemm's Triton kernel for up to 16 rows on CUDA (the
-        default) or cuBLAS always (bench/kernels.py compares the two). Set it before compiling and capturing."""
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.skinny = on
         return self
 
     def uncompile_pieces(self) -> LlamaModel:
