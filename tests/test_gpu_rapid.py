@@ -6,12 +6,14 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import msgspec
 import pytest
 import torch
 
 from rapid import LLM, SamplingParams
+from rapid.engine import reaper
 from tiny import hf_greedy
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -132,6 +134,8 @@ def test_rapid_starts_checks_and_stops_its_own_mps_daemon(tiny_llama):
              gpu_memory_utilization=0.3) as llm:
         mps = llm.engine.mps
         assert mps is not None and (mps.started or before > 0)
+        recorded = Path(llm.engine.dir) / reaper.MPS_FILE  # what the reaper stops should this process be killed
+        assert recorded.read_text().split()[0] == mps.pipe_dir if mps.started else not recorded.exists()
         out = llm.generate("hello", SamplingParams(max_tokens=4), use_tqdm=False)[0]
         assert len(out.outputs[0].token_ids) == 4
     deadline = time.monotonic() + 10.0  # the daemon and its server exit after 'quit' (the engine waits for them)

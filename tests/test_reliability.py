@@ -115,6 +115,35 @@ def test_reaper_cleans_up_once_its_pipe_closes(tmp_path):
         shm.unlink(missing_ok=True)
 
 
+def test_the_reaper_stops_the_mps_daemon_its_engine_started(tmp_path, monkeypatch):
+    """A rapid engine on CUDA that found no MPS daemon starts a private one and records it; if the owner dies, the
+    reaper sends that daemon 'quit' (through nvidia-cuda-mps-control, faked here) and removes its directories. A
+    daemon the engine found running is not recorded, so nothing stops it."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "control.log"
+    bin_dir.mkdir()
+    fake = bin_dir / "nvidia-cuda-mps-control"
+    fake.write_text(f'#!/bin/sh\necho "$CUDA_MPS_PIPE_DIRECTORY $(cat)" >> {log}\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    directory, pipe_dir, log_dir = tmp_path / "rapid-engine", tmp_path / "mps-pipe", tmp_path / "mps-log"
+    for d in (directory, pipe_dir, log_dir):
+        d.mkdir()
+    reaper.record_private_mps(str(directory), str(pipe_dir), str(log_dir))
+    proc = reaper.start(str(directory))
+    try:
+        time.sleep(0.3)
+        assert not log.exists()  # the owner still holds the pipe: nothing is stopped
+        reaper.stop(proc, timeout_s=10.0)  # the pipe closes, as when the owner dies
+        assert log.read_text().split() == [str(pipe_dir), "quit"]
+        assert not pipe_dir.exists() and not log_dir.exists() and not directory.exists()
+    finally:
+        proc.kill()
+    found = tmp_path / "rapid-engine-2"  # an engine that used a running daemon records none
+    found.mkdir()
+    assert reaper.quit_private_mps(str(found)) is None and ipc.clean_engine_dir(str(found)) == []
+    assert log.read_text().split() == [str(pipe_dir), "quit"] and not found.exists()
+
+
 def sigkill_a_serving_owner(tmp_path: Path, make_llm: str, while_serving=lambda info: None) -> dict:
     """A script binds `llm` (`make_llm`, which may fill the dict `extra`), generates, prints what the engine holds
     and sleeps; `while_serving(info)` checks it then; the script is SIGKILLed and its children must follow at once.

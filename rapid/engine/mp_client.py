@@ -70,6 +70,8 @@ class MPClient(EngineClient):
                 if cuda and config.mode != "hybrid":  # hybrid's one process shares no memory through IPC
                     ipc.check_no_expandable_segments()
                 self.mps = MpsDaemon.for_config(config)
+                if self.mps is not None and self.mps.started:  # the reaper stops it if this process is killed
+                    reaper.record_private_mps(self.dir, self.mps.pipe_dir, self.mps.log_dir or "")
                 self.devices = launch.devices(config, cuda)
                 self._start_processes()
         except BaseException as e:

@@ -3,8 +3,9 @@
 A multi-process engine's owner starts one reaper beside its children: a small process that holds the read end of a
 pipe whose write end only the owner holds. When the owner exits, however it exits (SIGKILL included), the kernel
 closes that end, the reaper's read returns, and it kills the children recorded in the engine's private directory
-that still live, unlinks their /dev/shm segments and removes the directory. An owner that shuts down cleanly has
-removed the directory already, and the reaper just exits.
+that still live, unlinks their /dev/shm segments, stops the MPS control daemon the engine started (when it started
+one: none ran before) and removes the directory. An owner that shuts down cleanly has removed the directory already,
+and the reaper just exits.
 
 Stdlib only: the reaper runs this file as a script (`python -I reaper.py DIR`), so it imports neither rapid nor
 torch, and starts in some 20 ms. The engine's ipc module reuses the helpers below for its own clean-up.
@@ -20,6 +21,7 @@ import subprocess
 import sys
 
 CHILDREN_FILE = "children"  # one "PID START ROLE" line per child process the owner started
+MPS_FILE = "mps"  # the pipe and log directories of the MPS control daemon the owner started, one a line
 
 
 def shm_prefix(pid: int) -> str:
@@ -69,9 +71,36 @@ def unlink_shm_of(pid: int) -> None:
         unlink_shm(name)
 
 
+def record_private_mps(directory: str, pipe_dir: str, log_dir: str) -> None:
+    """Note in an engine's directory the MPS control daemon its owner started, for the reaper to stop."""
+    with open(os.path.join(directory, MPS_FILE), "w") as f:
+        f.write(f"{pipe_dir}\n{log_dir}\n")
+
+
+def quit_private_mps(directory: str, timeout_s: float = 10.0) -> str | None:
+    """Send 'quit' to the MPS control daemon recorded in an engine's directory and remove its pipe and log
+    directories; returns the pipe directory, None when none was recorded. (The daemon, once told, stops its server
+    and exits; rapid.engine.mps waits for that on a clean shutdown, which a reaper has no reason to.)"""
+    try:
+        with open(os.path.join(directory, MPS_FILE)) as f:
+            pipe_dir, log_dir = (f.read().splitlines() + ["", ""])[:2]
+    except OSError:
+        return None
+    if not pipe_dir:
+        return None
+    env = dict(os.environ, CUDA_MPS_PIPE_DIRECTORY=pipe_dir)
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", text=True, env=env, timeout=timeout_s,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for d in (pipe_dir, log_dir):
+        if d:
+            shutil.rmtree(d, ignore_errors=True)
+    return pipe_dir
+
+
 def clean_engine_dir(directory: str) -> list[int]:
-    """Kill the recorded children of a dead owner that still live, unlink their segments, remove the directory.
-    Returns the pids killed."""
+    """Kill the recorded children of a dead owner that still live, unlink their segments, stop the MPS daemon it
+    started, remove the directory. Returns the pids killed."""
     killed = []
     for pid, start in recorded_children(directory):
         if same_process(pid, start):
@@ -82,6 +111,7 @@ def clean_engine_dir(directory: str) -> list[int]:
                     os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
         unlink_shm_of(pid)
+    quit_private_mps(directory)  # after its clients are gone
     shutil.rmtree(directory, ignore_errors=True)
     return killed
 
