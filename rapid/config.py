@@ -322,8 +322,10 @@ class EngineArgs:
     # vLLM's, accepted so that scripts written for vLLM run; nothing past create_engine_config reads them
     trust_remote_code: bool = _own(False, "accepted for vLLM scripts; changes nothing: RAPID runs no code from a "
                                           "checkpoint (its own Llama-family models; tokenizers without remote code)")
-    tensor_parallel_size: int = _own(1, "accepted for vLLM scripts: only 1 (RAPID runs a model on one GPU)")
-    pipeline_parallel_size: int = _own(1, "accepted for vLLM scripts: only 1 (RAPID runs a model on one GPU)")
+    tensor_parallel_size: int = _own(1, "accepted for vLLM scripts: only 1 (RAPID runs a model on one GPU)",
+                                     alias="-tp")
+    pipeline_parallel_size: int = _own(1, "accepted for vLLM scripts: only 1 (RAPID runs a model on one GPU)",
+                                       alias="-pp")
     disable_log_stats: bool = _own(False, "accepted for vLLM scripts; changes nothing: RAPID logs no periodic "
                                           "stats (/metrics is served either way)")
 

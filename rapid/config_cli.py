@@ -22,11 +22,12 @@ def add_engine_flags(args_cls: type, parser: argparse.ArgumentParser, exclude: t
             continue
         default = (defaults or {}).get(f.name, f.default)
         flag, kind = "--" + f.name.replace("_", "-"), _scalar_type(hints[f.name])
+        flags = (flag, f.metadata["alias"]) if "alias" in f.metadata else (flag,)  # vLLM's short forms: -tp, -pp
         if kind is bool:
-            action = group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            action = group.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default)
         else:
             metavar = f.metadata.get("metavar", None if "choices" in f.metadata else kind.__name__.upper())
-            action = group.add_argument(flag, type=kind, default=default, choices=f.metadata.get("choices"),
+            action = group.add_argument(*flags, type=kind, default=default, choices=f.metadata.get("choices"),
                                         metavar=metavar)
         action.help = _cli_help(f, default)
     return parser

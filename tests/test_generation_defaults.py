@@ -115,9 +115,9 @@ def test_a_folder_gives_its_own_file(model, tmp_path, caplog):
                                                                     max_tokens=3)).token_ids
             assert len(out.token_ids) == 3
     said = [r for r in caplog.records if "default sampling parameters" in r.getMessage()]
-    assert len(said) == 1 and said[0].levelno == logging.INFO
-    assert f"from {other / 'generation_config.json'}: temperature=0.0, repetition_penalty=1.3, max_tokens=3" in (
-        said[0].getMessage())
+    assert len(said) == 1 and said[0].levelno == logging.WARNING  # as vLLM's: sampling changed for callers
+    assert f"by the model's {other / 'generation_config.json'}: temperature=0.0, repetition_penalty=1.3, " \
+        "max_tokens=3" in said[0].getMessage()
 
 
 def test_bad_sources_are_refused_before_the_engine_starts(model, tmp_path, monkeypatch):
@@ -167,6 +167,37 @@ def test_completions_take_the_defaults_but_keep_openais_16_tokens(llm, server):
                                     extra_body={"top_k": 2})
     want = SamplingParams(temperature=1.0, seed=1, max_tokens=5, top_k=2, top_p=0.9, min_p=0.05)
     assert got.choices[0].text == run(llm, PROMPT, want).text
+
+
+def test_completions_with_max_tokens_null_take_the_models_default(server):
+    """Absent, max_tokens is OpenAI's 16; an explicit null asks for the model's default (vLLM's protocol field
+    defaults to 16 and lets null through to its default)."""
+    out = server.completions.create(model="tiny", prompt=PROMPT, extra_body={"max_tokens": None})
+    assert out.usage.completion_tokens == 7 and out.choices[0].finish_reason == "length"
+
+
+def test_a_folder_caps_every_request_and_gives_its_eos_ids(model, llm, tmp_path):
+    """A generation config given as a folder caps each HTTP request's max_tokens at its max_new_tokens (vLLM's
+    override_max_tokens), and its eos_token_id ends generation (vLLM stops on a folder's corrected EOS ids)."""
+    tokens = run(llm, PROMPT, SamplingParams(temperature=0, max_tokens=8)).token_ids
+    stop_at = next(i for i in range(1, 8) if tokens[i] not in tokens[:i])
+    other = tmp_path / "capped"
+    other.mkdir()
+    write_generation_config(other, {"temperature": 0.0, "max_new_tokens": 4})
+    with LLM(str(model), max_model_len=MAX_LEN, generation_config=str(other)) as capped:
+        with openai_client(capped) as client:
+            assert client.completions.create(model="tiny", prompt=PROMPT).usage.completion_tokens == 4
+            assert client.completions.create(model="tiny", prompt=PROMPT, max_tokens=10).usage.completion_tokens == 4
+            assert client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2
+            assert client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=10).usage.completion_tokens \
+                == 4
+        assert len(run(capped, PROMPT, SamplingParams(temperature=0, max_tokens=10)).token_ids) == 10  # offline: no cap
+    write_generation_config(other, {"eos_token_id": [tokens[stop_at]], "max_new_tokens": None})
+    with LLM(str(model), max_model_len=MAX_LEN, generation_config=str(other)) as corrected:
+        assert tokens[stop_at] in corrected.eos_token_ids
+        out = run(corrected, PROMPT, SamplingParams(temperature=0, max_tokens=8))
+    assert out.finish_reason == "stop" and list(out.token_ids[:stop_at]) == list(tokens[:stop_at])
+    assert len(out.token_ids) <= stop_at + 1
 
 
 def test_a_default_max_tokens_past_the_room_left_is_cut_to_it(model, tmp_path):

@@ -58,6 +58,8 @@ def test_parallel_size_other_than_1_is_refused_before_any_engine_starts(tiny_lla
 def test_parallel_size_flag_is_an_error_naming_it(tiny_llama, capsys):
     assert main(["generate", "hi", "--model", str(tiny_llama), "--tensor-parallel-size", "4"]) == 2
     assert "tensor_parallel_size must be 1, got 4" in capsys.readouterr().err
+    assert main(["generate", "hi", "--model", str(tiny_llama), "-pp", "2"]) == 2
+    assert "pipeline_parallel_size must be 1, got 2" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [["generate", "hi"], ["serve"], ["batch", "in.jsonl", "out.jsonl"],
@@ -69,6 +71,8 @@ def test_every_engine_command_takes_the_vllm_flags(argv):
     assert all(getattr(args, k) == v for k, v in VLLM_HABITS.items())
     defaults = EngineArgs.from_cli_args(build_parser().parse_args(argv))
     assert (defaults.trust_remote_code, defaults.tensor_parallel_size, defaults.disable_log_stats) == (False, 1, False)
+    short = EngineArgs.from_cli_args(build_parser().parse_args(argv + ["-tp", "1", "-pp", "1"]))  # vLLM's short forms
+    assert (short.tensor_parallel_size, short.pipeline_parallel_size) == (1, 1)
 
 
 def test_serve_takes_the_log_requests_flags():

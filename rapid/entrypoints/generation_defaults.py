@@ -58,7 +58,7 @@ def generation_config_folder(generation_config: str, model: str) -> Path | None:
 
 def read_sampling_defaults(generation_config: str, model: str) -> dict[str, Any]:
     """{SamplingParams field: default} from the file `generation_config` names ({} for "vllm" or a file that
-    gives none), logged once (info) when there are any; ValueError naming the file and the key for a value
+    gives none), logged once (a warning) when there are any; ValueError naming the file and the key for a value
     SamplingParams refuses."""
     folder = generation_config_folder(generation_config, model)
     if folder is None:
@@ -71,7 +71,8 @@ def read_sampling_defaults(generation_config: str, model: str) -> dict[str, Any]
             defaults[field] = getattr(SamplingParams(**{field: config[key]}), field)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{folder / FILE}: {key} {config[key]!r} is not a valid default: {e}") from None
-    if defaults:
-        logger.info("default sampling parameters from %s: %s (a request's own values win; --generation-config vllm "
-                    "leaves them out)", folder / FILE, ", ".join(f"{k}={v!r}" for k, v in defaults.items()))
+    if defaults:  # a warning, as vLLM's: sampling changes for callers who pass no params
+        logger.warning("default sampling parameters overridden by the model's %s: %s (a request's own values win; "
+                       "--generation-config vllm leaves them out)", folder / FILE,
+                       ", ".join(f"{k}={v!r}" for k, v in defaults.items()))
     return defaults

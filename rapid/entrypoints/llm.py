@@ -18,7 +18,9 @@ from rapid.model.config import ModelConfig
 from rapid.entrypoints.llm_inputs import (
     parse_prompt, prepare_params, text_parts_joined, to_sampling_params, truncate,
 )
-from rapid.entrypoints.generation_defaults import read_generation_config, read_sampling_defaults
+from rapid.entrypoints.generation_defaults import (
+    generation_config_folder, read_generation_config, read_sampling_defaults,
+)
 from rapid.entrypoints.llm_outputs import LogprobConverter, apply_delta
 from rapid.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from rapid.protocol.engine import AddRequest, RequestDelta
@@ -54,7 +56,9 @@ class LLM:
         self.default_sampling_params = read_sampling_defaults(config.generation_config, config.model)
         self.model_config = ModelConfig.from_folder(config.model)
         self.tokenizer = load_tokenizer(config.tokenizer)
-        self.eos_token_ids = read_eos_token_ids(config.model, self.model_config, self.tokenizer)
+        # EOS ids from the generation config's folder (vLLM's: --generation-config FOLDER may correct the model's)
+        gen_folder = generation_config_folder(config.generation_config, config.model) or config.model
+        self.eos_token_ids = read_eos_token_ids(gen_folder, self.model_config, self.tokenizer)
         self._ids = itertools.count()
         self.engine: EngineClient = make_client(config, self.tokenizer, self.eos_token_ids)
         self._finalizer = weakref.finalize(self, self.engine.shutdown)

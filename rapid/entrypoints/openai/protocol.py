@@ -90,6 +90,9 @@ class _Sampling(msgspec.Struct, kw_only=True):
 
 
 class CompletionRequest(_Sampling, kw_only=True):
+    # OpenAI's and vLLM's default when the field is absent is 16 tokens; an explicit null means the model's default
+    # (generation_config.json's max_new_tokens), else the room max_model_len leaves
+    max_tokens: int | None | msgspec.UnsetType = msgspec.UNSET
     prompt: Any = None  # str | list[str] | list[int] | list[list[int]]: checked in prompts()
     logprobs: int | None = None
     echo: bool = False

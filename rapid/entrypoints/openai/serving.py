@@ -28,7 +28,7 @@ from rapid.protocol.engine import RequestDelta
 logger = logging.getLogger(__name__)
 request_logger = logging.getLogger(__name__ + ".requests")  # log_requests' lines (rapid serve --enable-log-requests)
 
-# OpenAI's default for /v1/completions; vLLM's too, the model's max_new_tokens notwithstanding (chat takes that)
+# OpenAI's and vLLM's default for /v1/completions without the field (chat takes the model's max_new_tokens)
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 
 
@@ -125,16 +125,19 @@ class RequestConverter:
         except (ValueError, TypeError) as e:
             raise P.ApiError(400, str(e), param="prompt") from None
 
-    def _items(self, req, prompts: list[tuple[str | None, list[int]]], max_tokens, logprobs, default) -> list[Item]:
-        """`default`: the max_tokens of a request without one (0: the model's, within the room left)."""
+    def _items(self, req, prompts: list[tuple[str | None, list[int]]], max_tokens, logprobs) -> list[Item]:
+        """`max_tokens` None: the model's default (generation_config.json's max_new_tokens), within the room left."""
         items, index = [], itertools.count()
         limit = self.llm.longest_sequence  # max_model_len, or the KV pool where it is smaller
         model = self.llm.default_sampling_params  # generation_config.json's, for what the request leaves out
+        if max_tokens is not None and "max_tokens" in model and self.llm.config.generation_config not in (
+                "auto", "vllm"):  # vLLM's: a generation config given as a folder caps every request at its length
+            max_tokens = min(max_tokens, model["max_tokens"])
         for p_idx, (text, ids) in enumerate(prompts):
             room = max(limit - len(ids), 1)
             for i in range(req.n):
                 params = P.sampling_params(req, max_tokens=max_tokens, logprobs=logprobs, index=i, defaults=model,
-                                           default_max_tokens=default or min(model.get("max_tokens", room), room))
+                                           default_max_tokens=min(model.get("max_tokens", room), room))
                 try:  # the params the engine runs: max_tokens=None resolved, bad_words tokenized
                     _, ids_run, params = self.llm.prepare({"prompt_token_ids": ids}, params)
                 except (ValueError, TypeError) as e:  # the field it names; else the length (prompt + max_tokens)
@@ -145,13 +148,14 @@ class RequestConverter:
     def completion_items(self, req: P.CompletionRequest) -> list[Item]:
         self._check_model(req)
         prompts = [self._validate(p if isinstance(p, str) else {"prompt_token_ids": p}, req) for p in P.prompts(req)]
-        return self._items(req, prompts, req.max_tokens, req.logprobs, COMPLETION_DEFAULT_MAX_TOKENS)
+        max_tokens = COMPLETION_DEFAULT_MAX_TOKENS if req.max_tokens is msgspec.UNSET else req.max_tokens
+        return self._items(req, prompts, max_tokens, req.logprobs)
 
     def chat_items(self, req: P.ChatCompletionRequest) -> list[Item]:
         self._check_model(req)
         _, ids = self._validate({"prompt_token_ids": self._chat_prompt_ids(req)}, req)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        return self._items(req, [(None, ids)], max_tokens, P.chat_logprobs(req), 0)
+        return self._items(req, [(None, ids)], max_tokens, P.chat_logprobs(req))
 
     def _chat_prompt_ids(self, req: P.ChatCompletionRequest | P.TokenizeRequest) -> list[int]:
         """The messages through the chat template (the request's, else the server's), or ApiError 400."""
