@@ -17,6 +17,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from rapid.config_cli import add_engine_flags
 from rapid.model.config import ModelConfig
 
 MODES = ("hybrid", "rapid", "disagg")
@@ -391,8 +392,6 @@ class EngineArgs:
     def add_cli_args(cls, parser: argparse.ArgumentParser, *, exclude: tuple[str, ...] = (),
                      defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
         """One --kebab-case flag per field (bools as --flag/--no-flag), with its help and default."""
-        from rapid.config_cli import add_engine_flags
-
         return add_engine_flags(cls, parser, exclude, defaults)
 
     @classmethod
