@@ -36,13 +36,29 @@ def test_bench_offline_smoke(tiny_llama, tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--num-seqs", "0"], "--num-seqs must be >= 1, got 0"),
+    (["--num-seqs", "0"], "--num-seqs (--num-prompts) must be >= 1, got 0"),
     (["--min-input-len", "10", "--max-input-len", "5"], "got 10 and 5"),
     (["--min-output-len", "0"], "--min-output-len and --max-output-len must satisfy"),
+    (["--num-prompts", "0"], "--num-seqs (--num-prompts) must be >= 1, got 0"),
+    (["--input-len", "0"], "--min-input-len and --max-input-len must satisfy"),
 ])
 def test_bench_offline_refuses_bad_lengths_before_loading(tmp_path, capsys, flags, message):
     assert main(["bench", "offline", "--model", str(tmp_path / "absent"), *flags]) == 2  # no model is read
     assert message in capsys.readouterr().err
+
+
+def test_bench_commands_take_vllms_flag_names():
+    """`vllm bench throughput`'s --num-prompts / --input-len / --output-len and `vllm bench serve`'s --request-rate
+    name the same settings as rapid's own flags."""
+    from rapid.entrypoints.cli import build_parser
+
+    parse = build_parser().parse_args
+    a = parse(["bench", "offline", "--num-prompts", "7", "--input-len", "50", "--output-len", "20"])
+    assert (a.num_seqs, a.min_input_len, a.max_input_len, a.min_output_len, a.max_output_len) == (7, 50, 50, 20, 20)
+    assert not hasattr(a, "input") and not hasattr(a, "output")
+    b = parse(["bench", "offline"])
+    assert (b.num_seqs, b.min_input_len, b.max_input_len) == (256, 100, 1024)
+    assert parse(["bench", "serve", "--request-rate", "5"]).request_rates == "5"
 
 
 def test_prefill_worker_summary_takes_the_runs_worker_batches():

@@ -85,7 +85,7 @@ def prefill_worker_during(device_time: dict[str, dict], stats) -> dict | None:
 def check_lengths(args) -> None:
     """The workload's numbers, before any model loads: ValueError quoting them."""
     if args.num_seqs < 1:
-        raise ValueError(f"--num-seqs must be >= 1, got {args.num_seqs}")
+        raise ValueError(f"--num-seqs (--num-prompts) must be >= 1, got {args.num_seqs}")
     for kind in ("input", "output"):
         low, high = getattr(args, f"min_{kind}_len"), getattr(args, f"max_{kind}_len")
         if not 1 <= low <= high:

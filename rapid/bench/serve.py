@@ -122,8 +122,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-output-len", type=int, default=128, help="--dataset-name random (default: %(default)s)")
     p.add_argument("--random-range-ratio", type=float, default=0.0,
                    help="--dataset-name random: lengths vary by this fraction (default: %(default)s)")
-    p.add_argument("--request-rates", default="1,2,4,8",
-                   help="requests/s, comma list; inf = all at once (needs --num-prompts) (default: %(default)s)")
+    p.add_argument("--request-rates", "--request-rate", dest="request_rates", default="1,2,4,8",
+                   help="requests/s, comma list; inf = all at once (needs --num-prompts); --request-rate is vLLM's "
+                        "name (default: %(default)s)")
     p.add_argument("--burstiness", type=float, default=1.0, help="1 = Poisson; gamma shape otherwise")
     p.add_argument("--ignore-eos", action="store_true", help="generate every request's full output length")
     p.add_argument("--goodput", nargs="*", default=["ttft:1000", "tpot:50"], help="SLOs, e.g. ttft:1000 tpot:50 (ms)")

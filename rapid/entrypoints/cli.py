@@ -44,6 +44,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+class _EveryLength(argparse.Action):
+    """--input-len N / --output-len N: min and max of that length both N."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        setattr(namespace, f"min_{self.dest}_len", value)
+        setattr(namespace, f"max_{self.dest}_len", value)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.bench_cmd == "offline":
         from rapid.bench.offline import run_offline
@@ -136,11 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench_cmd", required=True)
     off = bsub.add_parser("offline", help="nano-vllm-style offline throughput")
-    off.add_argument("--num-seqs", type=int, default=256, help="random prompts (default: %(default)s)")
+    off.add_argument("--num-seqs", "--num-prompts", dest="num_seqs", type=int, default=256,
+                     help="random prompts; --num-prompts is vLLM's name (default: %(default)s)")
     off.add_argument("--min-input-len", type=int, default=100, help="(default: %(default)s)")
     off.add_argument("--max-input-len", type=int, default=1024, help="(default: %(default)s)")
     off.add_argument("--min-output-len", type=int, default=100, help="(default: %(default)s)")
     off.add_argument("--max-output-len", type=int, default=1024, help="(default: %(default)s)")
+    for kind in ("input", "output"):  # vLLM's `bench throughput` names: one length for every request
+        off.add_argument(f"--{kind}-len", dest=kind, type=int, action=_EveryLength, default=argparse.SUPPRESS,
+                         help=f"every request's {kind} length (sets --min-{kind}-len and --max-{kind}-len)")
     off.add_argument("--output-json", default=None, help="default: bench/results/offline-<mode>-<device>.json")
     EngineArgs.add_cli_args(off)
     off.set_defaults(func=cmd_bench)
