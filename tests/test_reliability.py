@@ -211,6 +211,43 @@ def test_sigkill_of_the_owner_leaves_no_shared_memory(tiny_llama, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_process_forked_from_the_owner_leaves_the_engine_alone(tiny_llama, tmp_path):
+    """os.fork() after LLM(...) (a fork pool, say): a child that exits normally runs its copy of the LLM's finalizer,
+    which must not stop the owner's engine; a child still alive must not hold the reaper's pipe, or the owner's
+    clean shutdown waits for the reaper (5 s) and a killed owner's clean-up waits for the child."""
+    proc = script(tmp_path, (
+        "import json, os, sys, time\n"
+        "from rapid import LLM, SamplingParams\n"
+        f"llm = LLM({str(tiny_llama)!r}, mode='rapid')\n"
+        "params = SamplingParams(max_tokens=4, ignore_eos=True)\n"
+        "if os.fork() == 0:\n"
+        "    sys.exit(0)  # a normal exit: atexit runs the finalizers this copy inherited\n"
+        "os.wait()\n"
+        "intact = os.path.isdir(llm.engine.dir) and llm.engine.reaper.poll() is None\n"
+        "tokens = len(llm.generate('hello', params, use_tqdm=False)[0].outputs[0].token_ids)\n"
+        "sleeper = os.fork()\n"
+        "if sleeper == 0:\n"
+        "    time.sleep(60)\n"
+        "    os._exit(0)\n"
+        "reaper = llm.engine.reaper.pid\n"
+        "t0 = time.monotonic()\n"
+        "llm.shutdown()\n"
+        "print(json.dumps({'tokens': tokens, 'restarts': llm.engine.num_restarts, 'reaper': reaper, 'intact': intact,\n"
+        "                  'shutdown_s': time.monotonic() - t0, 'reaper_code': llm.engine.reaper.returncode}))\n"
+        "os.kill(sleeper, 9)\n"))
+    try:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-3000:]
+        result = json.loads(out)
+        assert result["intact"]  # the fork's exit left the engine's directory and reaper (it removed both)
+        assert (result["tokens"], result["restarts"]) == (4, 0)  # and serving
+        assert result["reaper_code"] == 0 and result["shutdown_s"] < 4.0  # the reaper ended with the pipe's close
+        assert gone(result["reaper"])
+    finally:
+        proc.kill()
+
+
+@pytest.mark.slow
 def test_ctrl_c_reaches_the_owner_alone(tiny_llama, tmp_path):
     """SIGINT to the owner's process group (Ctrl-C in a terminal) interrupts the owner; its children, in groups of
     their own, keep serving (they used to die of it, and `rapid serve` restarted its engine while shutting down)."""

@@ -18,6 +18,7 @@ and removes the directory and the /dev/shm segments.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from collections import deque
@@ -61,6 +62,7 @@ class MPClient(EngineClient):
         self.mps: MpsDaemon | None = None
         self.devices: dict[str, str] = {}
         self.num_blocks = self.max_num_seqs = 0
+        self.owner_pid = os.getpid()  # a forked copy of this client must not stop the owner's engine
         self.dir = ipc.private_socket_dir()
         self.reaper = reaper.start(self.dir)  # removes the children and /dev/shm segments if this process is killed
         self.ctx = zmq.Context()
@@ -255,6 +257,8 @@ class MPClient(EngineClient):
         if self._closed:
             return
         self._closed = True
+        if os.getpid() != self.owner_pid:  # a copy in a process forked from the owner (exiting): the engine is not its
+            return
         try:
             if self.procs is not None:
                 self.procs.stop(graceful)

@@ -14,11 +14,13 @@ torch, and starts in some 20 ms. The engine's ipc module reuses the helpers belo
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import weakref
 
 CHILDREN_FILE = "children"  # one "PID START ROLE" line per child process the owner started
 MPS_FILE = "mps"  # the pipe and log directories of the MPS control daemon the owner started, one a line
@@ -118,9 +120,20 @@ def clean_engine_dir(directory: str) -> list[int]:
 
 def start(directory: str) -> subprocess.Popen:
     """Start the reaper of an engine's private directory. The caller owns the returned process: it keeps its
-    stdin open for the engine's life, and `stop` ends it."""
-    return subprocess.Popen([sys.executable, "-I", os.path.abspath(__file__), directory], stdin=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, start_new_session=True)  # not in the owner's signal group
+    stdin open for the engine's life, and `stop` ends it. A process forked from the owner closes its copy of that
+    pipe at once, so the reaper still follows the owner alone (a fork pool's worker kept it waiting)."""
+    reaper = subprocess.Popen([sys.executable, "-I", os.path.abspath(__file__), directory], stdin=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL, start_new_session=True)  # not in the owner's signal group
+    os.register_at_fork(after_in_child=functools.partial(_close_pipe, weakref.ref(reaper)))
+    return reaper
+
+
+def _close_pipe(reaper_ref: weakref.ref) -> None:
+    """In a child forked from the owner: close the child's copy of the reaper's pipe."""
+    reaper = reaper_ref()
+    if reaper is not None and reaper.stdin is not None:
+        with contextlib.suppress(OSError):
+            reaper.stdin.close()
 
 
 def stop(reaper: subprocess.Popen, timeout_s: float = 5.0) -> None:
