@@ -389,6 +389,30 @@ def test_restart_limit_leaves_the_engine_down_with_a_clear_error(tiny_llama, mon
     assert not children(others)
 
 
+@pytest.mark.slow
+def test_a_stopping_owner_restarts_nothing(tiny_llama, tmp_path):
+    """`rapid serve` on SIGTERM tells its engine it is stopping: a child that dies then (systemd's control-group kill
+    sends SIGTERM to every process of the service at once) leaves the engine down instead of restarting it, and
+    the server still exits 0 (it used to restart its engine while shutting down)."""
+    proc = subprocess.Popen([sys.executable, "-m", "rapid.entrypoints.cli", "--log-level", "INFO", "serve", "--model",
+                             str(tiny_llama), "--mode", "rapid", "--port", "0", "--no-zmq"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), TMPDIR=str(tmp_path)),
+                            start_new_session=True)
+    try:
+        assert "RAPID serving" in proc.stdout.readline(), proc.stderr.read()[-3000:]
+        kids = [p for p in psutil.Process(proc.pid).children() if "reaper.py" not in " ".join(p.cmdline())]
+        assert len(kids) >= 2
+        for target in [proc.pid] + [p.pid for p in kids]:  # the whole service at once, owner first
+            os.kill(target, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err[-3000:]
+        assert "restarts its processes" not in err and "restart 1 of" not in err
+        assert all(gone(p.pid) for p in kids)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+
+
 class _FakeChild:
     def death_reason(self) -> str:
         return "decode process (pid 1) died with exit code -9"

@@ -48,3 +48,7 @@ class EngineClient(abc.ABC):
     @abc.abstractmethod
     def shutdown(self) -> None:
         """Stop every process the engine started and free what it holds; idempotent."""
+
+    def stop_restarts(self) -> None:
+        """The owner is stopping: from now on a process that dies ends the engine instead of restarting it (under
+        systemd's control-group kill the children get the owner's SIGTERM too). Nothing to do without children."""

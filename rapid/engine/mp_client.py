@@ -52,6 +52,7 @@ class MPClient(EngineClient):
         self.dead_reason: str | None = None  # set: down for good
         self.num_restarts = 0
         self._restart_due: str | None = None  # set: a process died; the next call restarts them all
+        self._no_restarts = False  # set by stop_restarts: the owner is stopping
         self._last_death = ""
         self._restart_times: deque[float] = deque()
         self._token_budget: int | None = None  # re-sent to a restarted core
@@ -134,7 +135,9 @@ class MPClient(EngineClient):
         while self._restart_times and now - self._restart_times[0] > RESTART_WINDOW_S:
             self._restart_times.popleft()
         recent = len(self._restart_times)
-        if recent >= MAX_RESTARTS:
+        if self._no_restarts:
+            self.dead_reason = self._last_death = f"{reason}\n(the engine is stopping: its processes are not restarted)"
+        elif recent >= MAX_RESTARTS:
             self.dead_reason = (f"{reason}\n(the engine stays down: its processes were restarted {recent} time(s) in "
                                 f"the last {RESTART_WINDOW_S:g} s, the limit is {MAX_RESTARTS}; create a new LLM)")
             self._last_death = self.dead_reason
@@ -250,6 +253,11 @@ class MPClient(EngineClient):
         self._check_children()
 
     # ------------------------------------------------------------------ shutdown
+    def stop_restarts(self) -> None:
+        self._no_restarts = True
+        if self._restart_due is not None:  # a death not yet acted on: the engine stays down
+            self.dead_reason, self._restart_due = f"{self._restart_due}\n(the engine is stopping: not restarted)", None
+
     def shutdown(self) -> None:
         self._shutdown(graceful=True)
 

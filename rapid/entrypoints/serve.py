@@ -191,6 +191,7 @@ def _serve_llm(llm, args: argparse.Namespace, stop: threading.Event) -> None:
         while not stop.wait(0.2):
             pass
         logger.info("stopping: refusing new requests, %d in flight", frontend.num_pending)
+        llm.engine.stop_restarts()  # a child killed with the owner (systemd's SIGTERM to the group) stays dead
         if serving is not None:
             serving.closing = True
         if zmq is not None:
