@@ -344,8 +344,9 @@ def test_engine_restarts_after_a_worker_dies(tiny_llama):
         timer.join()
         t0 = time.monotonic()
         assert run(llm) == before  # the same greedy tokens from the new processes
-        # 10 s on an idle machine (a restart is a start: ~5 s here); on a loaded shared one, as slow as a start
-        assert time.monotonic() - t0 < max(10.0, 1.5 * start_s)
+        # a restart is a start (~5 s here): a bound that catches a hang (a 30 s timeout waited out), not a speed
+        # target; CI once took 12.9 s under the load of other test runs, against a 10.3 s bound
+        assert time.monotonic() - t0 < max(20.0, 3 * start_s)
         client.check_health()
         assert client.get_stats().num_restarts == 1 and client.num_restarts == 1
         second = engine_pids(llm)
