@@ -240,6 +240,33 @@ def test_samples_grow_rarer_while_the_cheapest_lane_holds_and_sooner_once_it_cha
     assert lanes == [DECODE] * REEXPLORE_EVERY + [PREFILL]
 
 
+def test_questions_whose_lane_is_busy_do_not_hold_the_samples_off():
+    """Two prefill workers: the restricted one is the cheapest while the queue is short, the full one when the
+    restricted one would miss the TTFT SLO. Free questions (short queue) are taken; busy ones (long queue) are
+    dropped. Only the placements taken say which lane is the cheapest: counting the dropped ones as changes reset
+    the count before every sample, and the other lanes were never measured again."""
+    from dataclasses import replace
+
+    from rapid.core.placement import PREFILL2
+
+    p = AdaptivePlacement(8192, slo_ttft_ms=500, slo_tpot_ms=25, prefill_lanes=(PREFILL, PREFILL2))
+    p.observe_decode_step(10.0)
+    for _ in range(60):
+        p.observe_prefill(DECODE, 400, 0.01 + 400 * 40e-6, num_decoding=64)  # a mixed step: 40 us a prompt token
+        p.observe_prefill(PREFILL, 300, 0.02, num_decoding=64)  # 15k tok/s, 20 us a token beside decodes
+        p.observe_decode_step(16.0, beside_prefill=PREFILL)
+        p.observe_prefill(PREFILL2, 300, 0.04, num_decoding=64)  # 7.5k tok/s, 5 us a token
+        p.observe_decode_step(11.5, beside_prefill=PREFILL2)
+    short, long_busy = load(queued=512), replace(load(queued=5000), prefill_lane_busy=True)
+    assert p.cheapest_lane(short) == PREFILL2 and p.cheapest_lane(long_busy) == PREFILL
+    reasons = []
+    for _ in range(2000):
+        reasons.append(p.place(short).reason)
+        for _ in range(3):
+            p.place(long_busy)
+    assert reasons.count("measuring its cost again") == 6  # after 64, 128, 256, 512 and 512 placements
+
+
 def dearer_prefill_worker():
     """A policy that measured a mixed step at 25 us of decode time a prompt token and the prefill worker at 33."""
     p = learned(slo_tpot_ms=25)

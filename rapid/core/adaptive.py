@@ -277,8 +277,8 @@ class AdaptivePlacement:
         """A change of the cheapest lane starts the sampling interval again: the costs moved, so sample them sooner
         (each sample beside decodes lengthens their steps: on the H200 samples every 64 placements were about 40% of
         adaptive's decode-step excess over hybrid's, bench/results/session27)."""
-        if best != self.last_best:
-            self.sample_interval, self.on_cheaper = REEXPLORE_EVERY, 0
+        if best != self.last_best and self.sample_interval > REEXPLORE_EVERY:  # (at 64 already: keep counting, or
+            self.sample_interval, self.on_cheaper = REEXPLORE_EVERY, 0  # lanes that alternate would never sample)
         self.last_best = best
 
     def fits_tpot(self, load: Load, chunk: int) -> bool:
@@ -317,12 +317,12 @@ class AdaptivePlacement:
             return explore
         best = self.cheapest_lane(load)
         if best is not None:
-            self.note_best(best)
             # the engine asks before every step, and drops the answer while its lane is busy: count only the
             # placements taken (counting every question sampled the prefill worker every few dozen steps, not every
             # REEXPLORE_EVERY placements: most of the 17-25% of prompt tokens there at 44-52 req/s on the H200 at
-            # equal costs, bench/results/session20)
+            # equal costs, bench/results/session20), and only they say which lane is the cheapest
             if lane_free(load, best) and (best != DECODE or chunk > 0):  # (no chunk: another answer follows)
+                self.note_best(best)
                 self.on_cheaper += 1
             if self.on_cheaper > self.sample_interval and not load.prefill_lane_busy:  # a sample alone, to measure it
                 other = self.sample_other(best, chunk, load)
