@@ -356,10 +356,14 @@ class EngineArgs:
         limit = longest if self.max_model_len is None else self.max_model_len
         if limit > longest:
             raise ValueError(f"max_model_len ({limit}) exceeds the model's max_position_embeddings ({longest})")
-        block = model_cfg.num_layers * 2 * draft.cache.block_size * model_cfg.num_kv_heads * model_cfg.head_dim * 2
+        # float32 where it is sure to be (asked for, or dtype auto on the CPU), else 16-bit: a lower bound
+        wide = self.dtype in ("float32", "float") or (self.dtype == "auto" and self.device == "cpu")
+        block = model_cfg.num_layers * 2 * draft.cache.block_size * model_cfg.num_kv_heads * model_cfg.head_dim * (
+            4 if wide else 2)
         _check(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes >= block,
                f"kv_cache_memory_bytes ({self.kv_cache_memory_bytes}) holds no KV block: one block of "
-               f"{draft.cache.block_size} tokens takes {block} bytes of this model's cache in 16-bit (twice in float32)")
+               f"{draft.cache.block_size} tokens takes {block} bytes of this model's cache in "
+               f"{'float32' if wide else '16-bit (twice in float32)'}")
         tokenizer = None if self.skip_tokenizer_init else str(self.tokenizer or folder)
         scheduler = replace(draft.scheduler, max_model_len=limit)
         return replace(draft, model=folder, tokenizer=tokenizer, scheduler=scheduler)

@@ -158,6 +158,8 @@ def test_model_folder_sets_the_length_and_the_tokenizer(folder):
     (dict(kv_cache_memory_bytes=0), "got 0"),
     # the folder's model (2 layers, 2 KV heads of 16) keeps 2 * 2 * 16 * 2 * 16 * 2 = 4096 bytes in a 16-bit block
     (dict(kv_cache_memory_bytes=10), "kv_cache_memory_bytes (10) holds no KV block: one block of 16 tokens takes 4096"),
+    (dict(kv_cache_memory_bytes=6000, device="cpu"), "(6000) holds no KV block: one block of 16 tokens takes 8192 "
+                                                     "bytes of this model's cache in float32"),
     (dict(gpu_memory_utilization=1.5), "got 1.5"),
     (dict(prefill_sm_percentage=101), "got 101"),
     (dict(decode_sm_percentage=0), "got 0"),

@@ -212,8 +212,8 @@ def test_sigkill_of_the_owner_leaves_no_shared_memory(tiny_llama, tmp_path):
 
 @pytest.mark.slow
 def test_a_process_forked_from_the_owner_leaves_the_engine_alone(tiny_llama, tmp_path):
-    """os.fork() after LLM(...) (a fork pool, say): a child that exits normally runs its copy of the LLM's finalizer,
-    which must not stop the owner's engine; a child still alive must not hold the reaper's pipe, or the owner's
+    """os.fork() after LLM(...) (a fork pool, say): the child's copy of the engine refuses to be used, and a child
+    that exits normally runs its copy of the LLM's finalizer, which must not stop the owner's engine; a child still alive must not hold the reaper's pipe, or the owner's
     clean shutdown waits for the reaper (5 s) and a killed owner's clean-up waits for the child."""
     proc = script(tmp_path, (
         "import json, os, sys, time\n"
@@ -221,8 +221,13 @@ def test_a_process_forked_from_the_owner_leaves_the_engine_alone(tiny_llama, tmp
         f"llm = LLM({str(tiny_llama)!r}, mode='rapid')\n"
         "params = SamplingParams(max_tokens=4, ignore_eos=True)\n"
         "if os.fork() == 0:\n"
-        "    sys.exit(0)  # a normal exit: atexit runs the finalizers this copy inherited\n"
-        "os.wait()\n"
+        "    try:  # the copy refuses to act (it took live workers for dead ones and started another engine)\n"
+        "        llm.generate('hello', params, use_tqdm=False)\n"
+        "        code = 3\n"
+        "    except RuntimeError as e:\n"
+        "        code = 0 if 'a process forked from it cannot use it' in str(e) else 4\n"
+        "    sys.exit(code)  # a normal exit: atexit runs the finalizers this copy inherited\n"
+        "forked_use = os.waitstatus_to_exitcode(os.wait()[1])\n"
         "intact = os.path.isdir(llm.engine.dir) and llm.engine.reaper.poll() is None\n"
         "tokens = len(llm.generate('hello', params, use_tqdm=False)[0].outputs[0].token_ids)\n"
         "sleeper = os.fork()\n"
@@ -233,12 +238,14 @@ def test_a_process_forked_from_the_owner_leaves_the_engine_alone(tiny_llama, tmp
         "t0 = time.monotonic()\n"
         "llm.shutdown()\n"
         "print(json.dumps({'tokens': tokens, 'restarts': llm.engine.num_restarts, 'reaper': reaper, 'intact': intact,\n"
+        "                  'forked_use': forked_use,\n"
         "                  'shutdown_s': time.monotonic() - t0, 'reaper_code': llm.engine.reaper.returncode}))\n"
         "os.kill(sleeper, 9)\n"))
     try:
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err[-3000:]
         result = json.loads(out)
+        assert result["forked_use"] == 0  # the fork's generate was refused, naming why
         assert result["intact"]  # the fork's exit left the engine's directory and reaper (it removed both)
         assert (result["tokens"], result["restarts"]) == (4, 0)  # and serving
         assert result["reaper_code"] == 0 and result["shutdown_s"] < 4.0  # the reaper ended with the pipe's close

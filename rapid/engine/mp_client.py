@@ -121,6 +121,7 @@ class MPClient(EngineClient):
 
     # ------------------------------------------------------------------ deaths and restarts
     def _ensure_running(self) -> None:
+        self._check_owner()
         if self._closed:
             raise EngineDeadError("the engine was shut down")
         if self.dead_reason is not None:
@@ -193,6 +194,7 @@ class MPClient(EngineClient):
 
     def abort(self, request_ids: list[str]) -> None:
         """Requests of a dead incarnation already ended with their error: nothing to send then."""
+        self._check_owner()
         live = self.procs is not None and not self.procs.stopped and self.procs.inp is not None
         if live and not self._closed:
             self.procs.inp.send(AbortRequest(list(request_ids)))
@@ -251,6 +253,13 @@ class MPClient(EngineClient):
         """EngineDeadError once for a death (then the next call restarts), and for good past the restart limit."""
         self._ensure_running()
         self._check_children()
+
+    def _check_owner(self) -> None:
+        """A copy of this client in a process forked from its owner must not act (its sockets are dead after the
+        fork; it took live workers for dead ones and started a second engine)."""
+        if os.getpid() != self.owner_pid:
+            raise RuntimeError(f"this engine belongs to process {self.owner_pid}; a process forked from it cannot use "
+                               "it: create the LLM in that process, or start it with the 'spawn' method")
 
     # ------------------------------------------------------------------ shutdown
     def stop_restarts(self) -> None:
