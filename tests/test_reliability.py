@@ -144,6 +144,42 @@ def test_the_reaper_stops_the_mps_daemon_its_engine_started(tmp_path, monkeypatc
     assert log.read_text().split() == [str(pipe_dir), "quit"] and not found.exists()
 
 
+def test_a_private_mps_daemon_is_recorded_before_it_starts_and_removed_if_it_fails(tmp_path, monkeypatch):
+    """The engine records the daemon it is about to start before starting it (a signal during the start leaves
+    the reaper something to stop), and a start that fails leaves neither its directories nor a daemon behind."""
+    from rapid.config import EngineConfig
+    from rapid.engine import mps
+
+    bin_dir, log = tmp_path / "bin", tmp_path / "control.log"
+    bin_dir.mkdir()
+    fake = bin_dir / "nvidia-cuda-mps-control"  # exits with $FAKE_MPS_EXIT for -d; logs what it is told
+    fake.write_text(f'#!/bin/sh\nif [ "$1" = "-d" ]; then echo start >> {log}; echo "no GPU" >&2; '
+                    f'exit $FAKE_MPS_EXIT; fi\necho "$CUDA_MPS_PIPE_DIRECTORY $(cat)" >> {log}\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path / "no-daemon-here"))
+    monkeypatch.setattr(mps, "uses_cuda", lambda config: True)
+    cfg = EngineConfig(model="m", tokenizer=None, mode="rapid")
+    seen = []
+
+    def record(pipe_dir, log_dir):
+        seen.append((pipe_dir, log_dir, os.path.isdir(pipe_dir), log.exists()))
+
+    monkeypatch.setenv("FAKE_MPS_EXIT", "1")
+    with pytest.raises(RuntimeError, match="could not start the MPS daemon \\(exit 1\\): no GPU"):
+        mps.MpsDaemon.for_config(cfg, record)
+    (pipe_dir, log_dir, existed, started_before), = seen
+    assert existed and not started_before  # recorded first, then started
+    assert not os.path.exists(pipe_dir) and not os.path.exists(log_dir)  # and removed after the failure
+    assert log.read_text().split() == ["start", pipe_dir, "quit"]
+    log.unlink()
+    monkeypatch.setenv("FAKE_MPS_EXIT", "0")
+    daemon = mps.MpsDaemon.for_config(cfg, record)
+    assert daemon.started and seen[-1][:2] == (daemon.pipe_dir, daemon.log_dir)
+    daemon.stop()
+    assert log.read_text().split() == ["start", seen[-1][0], "quit"] and not os.path.exists(seen[-1][0])
+
+
 def sigkill_a_serving_owner(tmp_path: Path, make_llm: str, while_serving=lambda info: None) -> dict:
     """A script binds `llm` (`make_llm`, which may fill the dict `extra`), generates, prints what the engine holds
     and sleeps; `while_serving(info)` checks it then; the script is SIGKILLed and its children must follow at once.
@@ -213,8 +249,9 @@ def test_sigkill_of_the_owner_leaves_no_shared_memory(tiny_llama, tmp_path):
 @pytest.mark.slow
 def test_a_process_forked_from_the_owner_leaves_the_engine_alone(tiny_llama, tmp_path):
     """os.fork() after LLM(...) (a fork pool, say): the child's copy of the engine refuses to be used, and a child
-    that exits normally runs its copy of the LLM's finalizer, which must not stop the owner's engine; a child still alive must not hold the reaper's pipe, or the owner's
-    clean shutdown waits for the reaper (5 s) and a killed owner's clean-up waits for the child."""
+    that exits normally runs its copy of the LLM's finalizer, which must not stop the owner's engine; a child still
+    alive must not hold the reaper's pipe, or the owner's clean shutdown waits for the reaper (5 s) and a killed
+    owner's clean-up waits for the child."""
     proc = script(tmp_path, (
         "import json, os, sys, time\n"
         "from rapid import LLM, SamplingParams\n"

@@ -17,6 +17,7 @@ and removes the directory and the /dev/shm segments.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -72,9 +73,8 @@ class MPClient(EngineClient):
                 cuda = uses_cuda(config)
                 if cuda and config.mode != "hybrid":  # hybrid's one process shares no memory through IPC
                     ipc.check_no_expandable_segments()
-                self.mps = MpsDaemon.for_config(config)
-                if self.mps is not None and self.mps.started:  # the reaper stops it if this process is killed
-                    reaper.record_private_mps(self.dir, self.mps.pipe_dir, self.mps.log_dir or "")
+                # a daemon this engine starts is recorded first: the reaper stops it if this process is killed
+                self.mps = MpsDaemon.for_config(config, functools.partial(reaper.record_private_mps, self.dir))
                 self.devices = launch.devices(config, cuda)
                 self._start_processes()
         except BaseException as e:

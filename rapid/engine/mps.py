@@ -12,6 +12,7 @@ import subprocess
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 
 from rapid.config import EngineConfig
 
@@ -61,7 +62,10 @@ class MpsDaemon:
         self.pipe_dir, self.log_dir, self.started = pipe_dir, log_dir, started
 
     @classmethod
-    def for_config(cls, config: EngineConfig) -> "MpsDaemon | None":
+    def for_config(cls, config: EngineConfig, record: Callable[[str, str], None] = lambda pipe, log: None
+                   ) -> "MpsDaemon | None":
+        """The daemon the engine's workers join: the running one, or one started now. `record(pipe_dir, log_dir)` is
+        called before a daemon is started (the engine's reaper stops it, should the owner die from then on)."""
         if config.mode != "rapid" or not uses_cuda(config):
             return None
         pipe_dir = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", DEFAULT_PIPE_DIR)
@@ -83,13 +87,20 @@ class MpsDaemon:
             return cls(pipe_dir, None, started=False)
         pipe_dir = tempfile.mkdtemp(prefix="rapid-mps-pipe-")
         log_dir = tempfile.mkdtemp(prefix="rapid-mps-log-")
-        env = dict(os.environ, CUDA_MPS_PIPE_DIRECTORY=pipe_dir, CUDA_MPS_LOG_DIRECTORY=log_dir)
-        res = subprocess.run(["nvidia-cuda-mps-control", "-d"], env=env, capture_output=True, text=True, timeout=30)
-        if res.returncode != 0:
-            raise RuntimeError(f"could not start the MPS daemon (exit {res.returncode}): {res.stderr.strip()}; "
-                               "pass use_mps=False to run time-sliced")
+        daemon = cls(pipe_dir, log_dir, started=True)
+        try:
+            record(pipe_dir, log_dir)
+            env = dict(os.environ, CUDA_MPS_PIPE_DIRECTORY=pipe_dir, CUDA_MPS_LOG_DIRECTORY=log_dir)
+            res = subprocess.run(["nvidia-cuda-mps-control", "-d"], env=env, capture_output=True, text=True,
+                                 timeout=30)
+            if res.returncode != 0:
+                raise RuntimeError(f"could not start the MPS daemon (exit {res.returncode}): {res.stderr.strip()}; "
+                                   "pass use_mps=False to run time-sliced")
+        except BaseException:  # a failed start, or a signal meanwhile: nothing of it stays behind
+            daemon.stop()
+            raise
         logger.info("started an MPS daemon (pipe %s, log %s)", pipe_dir, log_dir)
-        return cls(pipe_dir, log_dir, started=True)
+        return daemon
 
     def check_clients(self, pids: list[int]) -> None:
         """Fail if a worker runs outside MPS (a client that cannot reach the daemon runs alone, silently)."""

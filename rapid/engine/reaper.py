@@ -74,9 +74,12 @@ def unlink_shm_of(pid: int) -> None:
 
 
 def record_private_mps(directory: str, pipe_dir: str, log_dir: str) -> None:
-    """Note in an engine's directory the MPS control daemon its owner started, for the reaper to stop."""
-    with open(os.path.join(directory, MPS_FILE), "w") as f:
+    """Note in an engine's directory the MPS control daemon its owner starts, for the reaper to stop (written whole
+    or not at all: a reader never sees half a record)."""
+    path = os.path.join(directory, MPS_FILE)
+    with open(path + ".tmp", "w") as f:
         f.write(f"{pipe_dir}\n{log_dir}\n")
+    os.replace(path + ".tmp", path)
 
 
 def quit_private_mps(directory: str, timeout_s: float = 10.0) -> str | None:
