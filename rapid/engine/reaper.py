@@ -127,6 +127,7 @@ def start(directory: str) -> subprocess.Popen:
     pipe at once, so the reaper still follows the owner alone (a fork pool's worker kept it waiting)."""
     reaper = subprocess.Popen([sys.executable, "-I", os.path.abspath(__file__), directory], stdin=subprocess.PIPE,
                               stdout=subprocess.DEVNULL, start_new_session=True)  # not in the owner's signal group
+    # (one hook per engine started, never removed: a few hundred bytes each, and a no-op once the engine is gone)
     os.register_at_fork(after_in_child=functools.partial(_close_pipe, weakref.ref(reaper)))
     return reaper
 
