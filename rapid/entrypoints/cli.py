@@ -152,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     off.add_argument("--max-output-len", type=int, default=1024, help="(default: %(default)s)")
     for kind in ("input", "output"):  # vLLM's `bench throughput` names: one length for every request
         off.add_argument(f"--{kind}-len", dest=kind, type=int, action=_EveryLength, default=argparse.SUPPRESS,
+                         metavar="N",
                          help=f"every request's {kind} length: sets --min-{kind}-len and --max-{kind}-len, which "
                               "override it where they come after it")
     off.add_argument("--output-json", default=None, help="default: bench/results/offline-<mode>-<device>.json")
