@@ -494,6 +494,7 @@ def test_a_request_finished_while_get_stats_waits_is_not_failed_again_at_a_death
     client.config, client._closed, client.dead_reason, client._restart_due = None, False, None, None
     client.in_flight, client._buffered, client.num_restarts = set(), [], 0
     client._restart_times, client._last_death = __import__("collections").deque(), ""
+    client.owner_pid, client._no_restarts = os.getpid(), False
     done = RequestDelta("a", [1], "", finished=True, finish_reason="length")
     stats = Stats(*([[]] * 6))
     client.procs = _FakeProcs([EngineOutputs([done]), stats])
