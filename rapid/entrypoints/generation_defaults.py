@@ -76,3 +76,9 @@ def read_sampling_defaults(generation_config: str, model: str) -> dict[str, Any]
                        "--generation-config vllm leaves them out)", folder / FILE,
                        ", ".join(f"{k}={v!r}" for k, v in defaults.items()))
     return defaults
+
+
+def max_tokens_cap(generation_config: str, defaults: dict[str, Any]) -> int | None:
+    """vLLM's override_max_tokens: a generation config given as a folder caps every server request's max_tokens at
+    its max_new_tokens; None (no cap) for "auto", "vllm" or a file without max_new_tokens."""
+    return None if generation_config in ("auto", "vllm") else defaults.get("max_tokens")

@@ -18,6 +18,7 @@ import msgspec
 
 from rapid.engine.client import EngineDeadError
 from rapid.entrypoints.frontend import EngineFrontend, OverloadedError
+from rapid.entrypoints.generation_defaults import max_tokens_cap
 from rapid.entrypoints.openai import protocol as P
 from rapid.entrypoints.openai.mailbox import LoopMailbox
 from rapid.entrypoints.openai.metrics import ServerMetrics
@@ -107,6 +108,7 @@ class RequestConverter:
         """`chat_template`: the server's template (`rapid serve --chat-template`) where a request gives none;
         `aliases`: more names requests may use (`--served-model-name A B`)."""
         self.llm, self.model_name, self.chat_template = llm, model_name, chat_template
+        self.max_tokens_cap = max_tokens_cap(llm.config.generation_config, llm.default_sampling_params)
         self.accepted_models = {model_name, llm.config.model, *aliases} if model_name is not None else None
 
     def _check_model(self, req) -> None:
@@ -130,9 +132,8 @@ class RequestConverter:
         items, index = [], itertools.count()
         limit = self.llm.longest_sequence  # max_model_len, or the KV pool where it is smaller
         model = self.llm.default_sampling_params  # generation_config.json's, for what the request leaves out
-        if max_tokens is not None and "max_tokens" in model and self.llm.config.generation_config not in (
-                "auto", "vllm"):  # vLLM's: a generation config given as a folder caps every request at its length
-            max_tokens = min(max_tokens, model["max_tokens"])
+        if max_tokens is not None and self.max_tokens_cap is not None:
+            max_tokens = min(max_tokens, self.max_tokens_cap)
         for p_idx, (text, ids) in enumerate(prompts):
             room = max(limit - len(ids), 1)
             for i in range(req.n):
