@@ -42,6 +42,7 @@ from rapid.protocol.worker import WorkerReady
 logger = logging.getLogger(__name__)
 MAX_RESTARTS = 3  # restarts allowed within RESTART_WINDOW_S; the next death leaves the engine down
 RESTART_WINDOW_S = 60.0
+STOPPING = "(the engine is stopping: its processes are not restarted)"  # a death after stop_restarts
 
 __all__ = ["MPClient", "ChildProcess", "MAX_RESTARTS", "RESTART_WINDOW_S"]
 
@@ -137,7 +138,7 @@ class MPClient(EngineClient):
             self._restart_times.popleft()
         recent = len(self._restart_times)
         if self._no_restarts:
-            self.dead_reason = self._last_death = f"{reason}\n(the engine is stopping: its processes are not restarted)"
+            self.dead_reason = self._last_death = f"{reason}\n{STOPPING}"
         elif recent >= MAX_RESTARTS:
             self.dead_reason = (f"{reason}\n(the engine stays down: its processes were restarted {recent} time(s) in "
                                 f"the last {RESTART_WINDOW_S:g} s, the limit is {MAX_RESTARTS}; create a new LLM)")
@@ -254,10 +255,15 @@ class MPClient(EngineClient):
         self._ensure_running()
         self._check_children()
 
+    @property
+    def _forked_copy(self) -> bool:
+        """This object is a copy in a process forked from the engine's owner."""
+        return os.getpid() != self.owner_pid
+
     def _check_owner(self) -> None:
         """A copy of this client in a process forked from its owner must not act (its sockets are dead after the
         fork; it took live workers for dead ones and started a second engine)."""
-        if os.getpid() != self.owner_pid:
+        if self._forked_copy:
             raise RuntimeError(f"this engine belongs to process {self.owner_pid}; a process forked from it cannot use "
                                "it: create the LLM in that process, or start it with the 'spawn' method")
 
@@ -265,7 +271,7 @@ class MPClient(EngineClient):
     def stop_restarts(self) -> None:
         self._no_restarts = True
         if self._restart_due is not None:  # a death not yet acted on: the engine stays down
-            self.dead_reason, self._restart_due = f"{self._restart_due}\n(the engine is stopping: not restarted)", None
+            self.dead_reason, self._restart_due = f"{self._restart_due}\n{STOPPING}", None
 
     def shutdown(self) -> None:
         self._shutdown(graceful=True)
@@ -274,7 +280,7 @@ class MPClient(EngineClient):
         if self._closed:
             return
         self._closed = True
-        if os.getpid() != self.owner_pid:  # a copy in a process forked from the owner (exiting): the engine is not its
+        if self._forked_copy:  # exiting in a process forked from the owner: the engine is not its to stop
             return
         try:
             if self.procs is not None:
