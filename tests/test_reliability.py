@@ -115,16 +115,25 @@ def test_reaper_cleans_up_once_its_pipe_closes(tmp_path):
         shm.unlink(missing_ok=True)
 
 
+def fake_mps_control(tmp_path: Path, monkeypatch) -> Path:
+    """An nvidia-cuda-mps-control first on PATH: `-d` logs "start" and exits with $FAKE_MPS_EXIT (0 by default,
+    "no GPU" on stderr otherwise); a command on stdin is logged after the pipe directory it was sent to. Returns
+    the log."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "control.log"
+    bin_dir.mkdir()
+    fake = bin_dir / "nvidia-cuda-mps-control"
+    fake.write_text(f'#!/bin/sh\nif [ "$1" = "-d" ]; then echo start >> {log}; echo "no GPU" >&2; '
+                    f'exit ${{FAKE_MPS_EXIT:-0}}; fi\necho "$CUDA_MPS_PIPE_DIRECTORY $(cat)" >> {log}\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return log
+
+
 def test_the_reaper_stops_the_mps_daemon_its_engine_started(tmp_path, monkeypatch):
     """A rapid engine on CUDA that found no MPS daemon starts a private one and records it; if the owner dies, the
     reaper sends that daemon 'quit' (through nvidia-cuda-mps-control, faked here) and removes its directories. A
     daemon the engine found running is not recorded, so nothing stops it."""
-    bin_dir, log = tmp_path / "bin", tmp_path / "control.log"
-    bin_dir.mkdir()
-    fake = bin_dir / "nvidia-cuda-mps-control"
-    fake.write_text(f'#!/bin/sh\necho "$CUDA_MPS_PIPE_DIRECTORY $(cat)" >> {log}\n')
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    log = fake_mps_control(tmp_path, monkeypatch)
     directory, pipe_dir, log_dir = tmp_path / "rapid-engine", tmp_path / "mps-pipe", tmp_path / "mps-log"
     for d in (directory, pipe_dir, log_dir):
         d.mkdir()
@@ -150,13 +159,7 @@ def test_a_private_mps_daemon_is_recorded_before_it_starts_and_removed_if_it_fai
     from rapid.config import EngineConfig
     from rapid.engine import mps
 
-    bin_dir, log = tmp_path / "bin", tmp_path / "control.log"
-    bin_dir.mkdir()
-    fake = bin_dir / "nvidia-cuda-mps-control"  # exits with $FAKE_MPS_EXIT for -d; logs what it is told
-    fake.write_text(f'#!/bin/sh\nif [ "$1" = "-d" ]; then echo start >> {log}; echo "no GPU" >&2; '
-                    f'exit $FAKE_MPS_EXIT; fi\necho "$CUDA_MPS_PIPE_DIRECTORY $(cat)" >> {log}\n')
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    log = fake_mps_control(tmp_path, monkeypatch)
     monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path / "no-daemon-here"))
     monkeypatch.setattr(mps, "uses_cuda", lambda config: True)
     cfg = EngineConfig(model="m", tokenizer=None, mode="rapid")
