@@ -358,8 +358,7 @@ class EngineArgs:
             raise ValueError(f"max_model_len ({limit}) exceeds the model's max_position_embeddings ({longest})")
         # float32 where it is sure to be (asked for, or dtype auto on the CPU), else 16-bit: a lower bound
         wide = self.dtype in ("float32", "float") or (self.dtype == "auto" and self.device == "cpu")
-        block = model_cfg.num_layers * 2 * draft.cache.block_size * model_cfg.num_kv_heads * model_cfg.head_dim * (
-            4 if wide else 2)
+        block = model_cfg.kv_block_bytes(draft.cache.block_size, 4 if wide else 2)
         _check(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes >= block,
                f"kv_cache_memory_bytes ({self.kv_cache_memory_bytes}) holds no KV block: one block of "
                f"{draft.cache.block_size} tokens takes {block} bytes of this model's cache in "

@@ -55,6 +55,10 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    def kv_block_bytes(self, block_size: int, itemsize: int) -> int:
+        """Bytes of one KV-cache block across all layers, keys and values, at `itemsize` bytes a value."""
+        return self.num_layers * 2 * block_size * self.kv_size * itemsize
+
     def num_params(self) -> int:
         """Parameter count (embeddings counted once when tied)."""
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size

@@ -40,7 +40,7 @@ def prefill_attention(config: EngineConfig) -> str:
 
 def kv_block_bytes(model_cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     """Bytes of one block across all layers, keys and values."""
-    return model_cfg.num_layers * 2 * block_size * model_cfg.num_kv_heads * model_cfg.head_dim * dtype.itemsize
+    return model_cfg.kv_block_bytes(block_size, dtype.itemsize)
 
 
 def num_kv_blocks(config: EngineConfig, model_cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
