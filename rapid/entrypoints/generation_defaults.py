@@ -1,17 +1,20 @@
-"""The model's default sampling parameters from generation_config.json, as vLLM's `--generation-config` reads them.
+"""The model's default sampling parameters from generation_config.json, as vLLM's `--generation-config` reads them,
+and vLLM's `--override-generation-config` on top of them.
 
 EngineConfig.generation_config says where they come from: "auto" (the default) the model folder's
 generation_config.json, "vllm" nowhere (SamplingParams' own defaults), any other value that folder's
 generation_config.json. Of the file, temperature, top_p, top_k, min_p, repetition_penalty and max_new_tokens (as
 max_tokens) are taken, each one that is given and not null, whatever its value (vLLM with transformers 5, whose
 GenerationConfig has no defaults of its own to leave out); do_sample and everything else are not read.
+EngineConfig.override_generation_config (a dict; a JSON object on the command line) is applied on top, as vLLM's
+get_diff_sampling_param does: its keys, the file's names, replace the file's values ("auto" or a folder) or are the
+only ones ("vllm"); a null removes the file's value. A key other than those six is not read (vLLM ignores it
+silently): a warning names it and it is dropped. A value SamplingParams refuses is a ValueError naming the key when
+the config is built, before any engine process starts. check_override keeps the dict as a tuple of (key, value)
+pairs, so that the frozen EngineConfig stays hashable and crosses to engine processes as msgpack.
 LLM.get_default_sampling_params() builds a SamplingParams from them, LLM.generate / chat use it when given no
-params, and the HTTP server fills each sampling field a request leaves out with them (a field it sets wins).
-EngineConfig.override_generation_config (vLLM's --override-generation-config, a dict) is checked by check_override:
-a key other than those six is not read (vLLM ignores it silently): a warning names it and it is dropped; a value
-SamplingParams refuses is a ValueError naming the key when the config is built, before any engine process starts.
-It is kept as a tuple of (key, value) pairs, so that the frozen EngineConfig stays hashable and crosses to engine
-processes as msgpack.
+params, and the HTTP server fills each sampling field a request leaves out with them (a field it sets wins) and
+caps max_tokens as vLLM's override_max_tokens does (max_tokens_cap).
 """
 
 from __future__ import annotations
@@ -106,24 +109,31 @@ def check_override(override: Any) -> tuple[tuple[str, Any], ...]:
     return tuple((k, None if given[k] is None else _default(k, given[k], OVERRIDE)) for k in FIELDS if k in given)
 
 
-def read_sampling_defaults(generation_config: str, model: str) -> dict[str, Any]:
+def read_sampling_defaults(generation_config: str, model: str,
+                           override: tuple[tuple[str, Any], ...] = ()) -> dict[str, Any]:
     """{SamplingParams field: default} from the file `generation_config` names ({} for "vllm" or a file that
-    gives none), logged once (a warning) when there are any; ValueError naming the file and the key for a value
-    SamplingParams refuses."""
-    folder = generation_config_folder(generation_config, model)
-    if folder is None:
-        return {}
-    config = read_generation_config(folder)
-    defaults = {field: _default(key, config[key], folder / FILE) for key, field in FIELDS.items()
-                if config.get(key) is not None}
+    gives none) with `override` (EngineConfig.override_generation_config) on top, logged once (a warning) when
+    there are any; ValueError naming the file and the key for a value SamplingParams refuses."""
+    folder, override = generation_config_folder(generation_config, model), dict(override)
+    config = {} if folder is None else read_generation_config(folder)
+    config.update(override)
+    keys = [k for k in FIELDS if config.get(k) is not None]
+    defaults = {FIELDS[k]: _default(k, config[k], OVERRIDE if k in override else folder / FILE) for k in keys}
     if defaults:  # a warning, as vLLM's: sampling changes for callers who pass no params
-        logger.warning("default sampling parameters overridden by the model's %s: %s (a request's own values win; "
-                       "--generation-config vllm leaves them out)", folder / FILE,
-                       ", ".join(f"{k}={v!r}" for k, v in defaults.items()))
+        by = [f"the model's {folder / FILE}"] if any(k not in override for k in keys) else []
+        by += [OVERRIDE] if any(k in override for k in keys) else []
+        left_out = "" if by == [OVERRIDE] else "the file's" if len(by) == 2 else "them"  # the override stays
+        hint = f"; --generation-config vllm leaves {left_out} out" if left_out else ""
+        logger.warning("default sampling parameters overridden by %s: %s (a request's own values win%s)",
+                       " and ".join(by), ", ".join(f"{k}={v!r}" for k, v in defaults.items()), hint)
     return defaults
 
 
-def max_tokens_cap(generation_config: str, defaults: dict[str, Any]) -> int | None:
-    """vLLM's override_max_tokens: a generation config given as a folder caps every server request's max_tokens at
-    its max_new_tokens; None (no cap) for "auto", "vllm" or a file without max_new_tokens."""
-    return None if generation_config in ("auto", "vllm") else defaults.get("max_tokens")
+def max_tokens_cap(generation_config: str, defaults: dict[str, Any],
+                   override: tuple[tuple[str, Any], ...] = ()) -> int | None:
+    """vLLM's override_max_tokens, the cap on every server request's max_tokens: with a generation config given as a
+    folder, the defaults' max_tokens (its max_new_tokens, or the override's in its place); with "auto" or "vllm",
+    the override's max_new_tokens alone (the model folder's file gives a default, not a cap). None: no cap."""
+    if generation_config in ("auto", "vllm"):
+        return dict(override).get("max_new_tokens")
+    return defaults.get("max_tokens")
