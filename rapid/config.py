@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from rapid.config_cli import add_engine_flags
+from rapid.entrypoints.generation_defaults import GENERATION_CONFIG_HELP, OVERRIDE, OVERRIDE_HELP, check_override
 from rapid.model.config import ModelConfig
 
 MODES = ("hybrid", "rapid", "disagg")
@@ -159,6 +160,7 @@ class EngineConfig:
     prefill_attention: str = "paged"  # triton backend: paged (whole-graph mixed steps) | flash | cudnn | auto (SDPA)
     load_format: str = "safetensors"  # or "dummy": random weights at the config's shapes (benchmarks)
     generation_config: str = "auto"  # sampling defaults: rapid.entrypoints.generation_defaults reads them
+    override_generation_config: tuple[tuple[str, Any], ...] | None = None  # a dict, stored as pairs: check_override
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     rapid: RapidConfig = field(default_factory=RapidConfig)
@@ -182,6 +184,7 @@ class EngineConfig:
                f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         _check(isinstance(self.generation_config, str) and self.generation_config.strip() != "", "generation_config "
                f"must be 'auto', 'vllm' or a folder holding generation_config.json, got {self.generation_config!r}")
+        object.__setattr__(self, "override_generation_config", check_override(self.override_generation_config))
         _check_bool(self, "enforce_eager")
         _check_bool(self, "async_scheduling")
         _check_bool(self, "engine_process")
@@ -243,11 +246,9 @@ class EngineArgs:
     load_format: str = _shared(
         EngineConfig, "load_format", "safetensors: the folder's weights; dummy: random weights at the config's "
         "shapes (benchmarks without a checkpoint)", choices=LOAD_FORMATS)
-    generation_config: str = _shared(
-        EngineConfig, "generation_config", "default sampling parameters, as vLLM's: auto: those of the model folder's "
-        "generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens as max_tokens); "
-        "vllm: none (SamplingParams' own); or a folder: its generation_config.json. A request's own values win",
-        metavar="auto|vllm|FOLDER")
+    generation_config: str = _shared(EngineConfig, "generation_config", GENERATION_CONFIG_HELP,
+                                     metavar="auto|vllm|FOLDER")
+    override_generation_config: dict[str, Any] | None = _shared(EngineConfig, OVERRIDE, OVERRIDE_HELP, none="none")
     seed: int = _shared(EngineConfig, "seed", "seed of the engine's sampler (requests without their own seed)")
     max_model_len: int | None = _own(
         None, "most tokens of one sequence (prompt + output), at most the model's max_position_embeddings",

@@ -1,14 +1,18 @@
 """EngineArgs on the command line: one --kebab-case flag per field, with its help text and default.
 
-Plain argparse over the dataclass's fields (no torch, and nothing of rapid imported: rapid.config calls this).
+Plain argparse over the dataclass's fields (no torch, and nothing of rapid imported: rapid.config calls this). A
+dict field takes a JSON object, as vLLM's do: --override-generation-config '{"temperature": 0.5}'.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import typing
 from dataclasses import Field, fields
 from typing import Any
+
+GIVE_OBJECT = "give a JSON object such as '{\"key\": 1}'"
 
 
 def add_engine_flags(args_cls: type, parser: argparse.ArgumentParser, exclude: tuple[str, ...] = (),
@@ -23,14 +27,29 @@ def add_engine_flags(args_cls: type, parser: argparse.ArgumentParser, exclude: t
         default = (defaults or {}).get(f.name, f.default)
         flag, kind = "--" + f.name.replace("_", "-"), _scalar_type(hints[f.name])
         flags = (flag, f.metadata["alias"]) if "alias" in f.metadata else (flag,)  # vLLM's short forms: -tp, -pp
+        if typing.get_origin(kind) is dict:  # given as a JSON object
+            kind = json_object
         if kind is bool:
             action = group.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default)
         else:
-            metavar = f.metadata.get("metavar", None if "choices" in f.metadata else kind.__name__.upper())
+            name = "JSON" if kind is json_object else kind.__name__.upper()
+            metavar = f.metadata.get("metavar", None if "choices" in f.metadata else name)
             action = group.add_argument(*flags, type=kind, default=default, choices=f.metadata.get("choices"),
                                         metavar=metavar)
         action.help = _cli_help(f, default)
     return parser
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """The argparse type of a dict field: the JSON object `text` holds; an error saying what is wrong otherwise."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid JSON ({e}); {GIVE_OBJECT}") from None
+    if not isinstance(value, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
+        raise argparse.ArgumentTypeError(f"{text!r} is {kind}, not a JSON object; {GIVE_OBJECT}")
+    return value
 
 
 def _scalar_type(hint: Any) -> type:

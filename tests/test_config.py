@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import logging
 import os
 import re
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 from rapid.config import (AUTO_MAX_NUM_SEQS, CacheConfig, EngineArgs, EngineConfig, RapidConfig, SchedulerConfig,
                           fit_to_pool, seqs_for_pool)
 from rapid.entrypoints.cli import FRONTIER_OWN, build_parser, main, version
+from rapid.protocol.worker import WorkerArgs, decode_args, encode_args
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = {f.name: f for f in dataclasses.fields(EngineArgs)}
@@ -129,7 +131,8 @@ def test_every_field_reaches_the_engine_config(folder):
                  prefill_attention="cudnn", prefill_sm_percentage=60, decode_sm_percentage=40, use_mps=False,
                  worker_start_timeout_s=10.0, decode_lookahead_blocks=3, slo_tpot_ms=25.0, slo_ttft_ms=500.0,
                  placement="atom", admission_reserve=0.5, engine_process=True,
-                 second_prefill_sm_percentage=30, generation_config="vllm")
+                 second_prefill_sm_percentage=30, generation_config="vllm",
+                 override_generation_config={"top_p": 0.5})
     assert set(given) == set(FIELDS) - set(VLLM_ONLY), "a new EngineArgs field needs a value here"
     for name, value in given.items():
         assert value != FIELDS[name].default or name == "skip_tokenizer_init", name
@@ -138,8 +141,8 @@ def test_every_field_reaches_the_engine_config(folder):
     for part in (cfg.cache, cfg.scheduler, cfg.rapid):
         seen |= {f.name: getattr(part, f.name) for f in dataclasses.fields(part)}
     for name, value in given.items():
-        if name != "skip_tokenizer_init":
-            assert seen[name] == value, name
+        if name != "skip_tokenizer_init":  # the override's dict is kept as its (key, value) pairs
+            assert seen[name] == (tuple(value.items()) if name == "override_generation_config" else value), name
 
 
 def test_model_folder_sets_the_length_and_the_tokenizer(folder):
@@ -177,6 +180,13 @@ def test_model_folder_sets_the_length_and_the_tokenizer(folder):
     (dict(enable_prefix_caching="yes"), "got 'yes'"),
     (dict(skip_tokenizer_init="no"), "got 'no'"),
     (dict(generation_config=""), "generation_config must be 'auto', 'vllm' or a folder"),
+    (dict(override_generation_config={"temperature": -1}),
+     "override_generation_config: temperature -1 is not a valid default: temperature must be"),
+    (dict(override_generation_config={"top_k": 2.5}), "override_generation_config: top_k 2.5 is not a valid default"),
+    (dict(override_generation_config={"max_new_tokens": True}), "max_new_tokens True is not a valid default"),
+    (dict(override_generation_config="temperature=0.5"), "override_generation_config must be a dict of "
+                                                         "generation_config.json keys to values, such as"),
+    (dict(override_generation_config={1: 0.5}), "override_generation_config must be a dict"),
     (dict(tensor_parallel_size=2), "tensor_parallel_size must be 1, got 2: RAPID runs a model on one GPU"),
     (dict(pipeline_parallel_size=0), "pipeline_parallel_size must be 1, got 0"),
     (dict(tensor_parallel_size=True), "got True"),
@@ -187,6 +197,26 @@ def test_bad_values_are_value_errors_quoting_them(folder, kwargs, quoted):
     with pytest.raises(ValueError, match=re.escape(quoted)) as e:
         EngineArgs(model=folder, **kwargs).create_engine_config()
     assert next(iter(kwargs)) in str(e.value)
+
+
+def test_override_generation_config_is_kept_as_hashable_pairs(folder, caplog):
+    """vLLM's dict, kept in the frozen EngineConfig as ((key, value), ...) in generation_config.json's order, values
+    as SamplingParams holds them; keys vLLM does not read are dropped with one warning; the pairs survive
+    dataclasses.replace and the msgpack trip to an engine process."""
+    given = {"max_tokens": 5, "top_k": -1, "do_sample": True, "min_p": None, "temperature": 1}
+    with caplog.at_level(logging.WARNING, logger="rapid"):
+        cfg = EngineArgs(model=folder, override_generation_config=given).create_engine_config()
+    assert cfg.override_generation_config == (("temperature", 1.0), ("top_k", 0), ("min_p", None))
+    warned = [r.getMessage() for r in caplog.records if "override_generation_config" in r.getMessage()]
+    assert len(warned) == 1 and "ignoring 'max_tokens' (did you mean 'max_new_tokens'?), 'do_sample': only " \
+        "temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens are read" in warned[0]
+    assert hash(cfg) == hash(dataclasses.replace(cfg))
+    assert dataclasses.replace(cfg, seed=1).override_generation_config == cfg.override_generation_config
+    sent = WorkerArgs(name="core", config=cfg, endpoints={}, log_path="", log_level=0, eos_token_ids=(2,))
+    assert decode_args(encode_args(sent)).config == cfg
+    assert EngineArgs(model=folder).create_engine_config().override_generation_config == ()
+    assert EngineArgs(model=folder, override_generation_config={}).create_engine_config() == \
+        EngineArgs(model=folder).create_engine_config()
 
 
 def test_values_are_checked_before_the_model_folder(tmp_path):

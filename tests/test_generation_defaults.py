@@ -120,11 +120,17 @@ def test_a_folder_gives_its_own_file(model, tmp_path, caplog):
         "max_tokens=3" in said[0].getMessage()
 
 
-def test_bad_sources_are_refused_before_the_engine_starts(model, tmp_path, monkeypatch):
-    def no_engine(*a, **k):
+@pytest.fixture
+def no_engine(monkeypatch):
+    """LLM() fails the test if it gets as far as loading the tokenizer or starting the engine."""
+    def refuse(*a, **k):
         raise AssertionError("the engine must not start")
 
-    monkeypatch.setattr(llm_module, "make_client", no_engine)
+    monkeypatch.setattr(llm_module, "make_client", refuse)
+    monkeypatch.setattr(llm_module, "load_tokenizer", refuse)
+
+
+def test_bad_sources_are_refused_before_the_engine_starts(model, tmp_path, no_engine):
     with pytest.raises(FileNotFoundError, match="is not a folder"):
         LLM(str(model), generation_config=str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="holds no generation_config.json"):
@@ -216,3 +222,63 @@ def test_a_default_max_tokens_past_the_room_left_is_cut_to_it(model, tmp_path):
     assert out.usage.completion_tokens == len(offline.token_ids) == room
     assert out.choices[0].finish_reason == offline.finish_reason == "length"
     assert out.choices[0].message.content == offline.text
+
+
+# ---------------------------------------------------------------------- override_generation_config
+# on top of the file (auto): temperature replaced, top_k removed (null), max_new_tokens replaced
+OVERRIDE = {"temperature": 1.0, "top_k": None, "max_new_tokens": 5}
+OVERRIDDEN = dict(temperature=1.0, top_p=0.9, min_p=0.05, max_tokens=5)
+
+
+def test_the_override_replaces_the_files_values_offline_and_over_http(model, caplog):
+    """vLLM's --override-generation-config with 'auto': the file's values, the override's keys in their place (a
+    null removes one). The server fills what a request leaves out with them, and the override's max_new_tokens caps
+    every request's max_tokens (vLLM's override_max_tokens); offline, a max_tokens given is not capped."""
+    with caplog.at_level(logging.WARNING, logger="rapid"):
+        llm = LLM(str(model), max_model_len=MAX_LEN, override_generation_config=OVERRIDE)
+    with llm, openai_client(llm) as client:
+        assert llm.get_default_sampling_params() == SamplingParams(**OVERRIDDEN)
+        assert llm.config.override_generation_config == tuple(OVERRIDE.items())
+        assert len(run(llm, PROMPT, SamplingParams(temperature=0, max_tokens=10)).token_ids) == 10
+        greedy = llm.chat(CHAT, SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)[0].outputs[0]
+        texts = set()
+        for seed in range(3):  # temperature left out: the override's 1.0, not the file's 0
+            got = client.chat.completions.create(model="tiny", messages=CHAT, seed=seed)
+            want = llm.chat(CHAT, SamplingParams(seed=seed, **OVERRIDDEN), use_tqdm=False)[0].outputs[0]
+            assert got.choices[0].message.content == want.text
+            texts.add(want.text)
+        assert texts != {greedy.text}  # sampled, not greedy
+        out = client.chat.completions.create(model="tiny", messages=CHAT, temperature=0, max_tokens=10)
+        assert out.usage.completion_tokens == 5 and out.choices[0].message.content == greedy.text
+        assert client.completions.create(model="tiny", prompt=PROMPT, temperature=0).usage.completion_tokens == 5
+    said = [r.getMessage() for r in caplog.records if "default sampling parameters" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(
+        f"default sampling parameters overridden by the model's {model / 'generation_config.json'} and "
+        "override_generation_config: temperature=1.0, top_p=0.9, min_p=0.05, max_tokens=5")
+
+
+def test_the_override_alone_with_vllm_and_over_a_folders_file(model, tmp_path):
+    """'vllm': the override's values are the only defaults. A folder: its file's, the override's keys in their
+    place, and the cap on max_tokens is the result's (the override's max_new_tokens, as vLLM's)."""
+    with LLM(str(model), max_model_len=MAX_LEN, generation_config="vllm",
+             override_generation_config={"top_k": 3, "repetition_penalty": 1.2}) as llm:
+        assert llm.get_default_sampling_params() == SamplingParams(top_k=3, repetition_penalty=1.2)
+    other = tmp_path / "other"
+    other.mkdir()
+    write_generation_config(other, {"temperature": 0.0, "max_new_tokens": 4})
+    with LLM(str(model), max_model_len=MAX_LEN, generation_config=str(other),
+             override_generation_config={"max_new_tokens": 6}) as llm:
+        assert llm.get_default_sampling_params() == SamplingParams(temperature=0.0, max_tokens=6)
+        with openai_client(llm) as client:
+            assert client.completions.create(model="tiny", prompt=PROMPT, max_tokens=10).usage.completion_tokens == 6
+
+
+def test_a_bad_override_is_refused_before_the_engine_starts(model, no_engine):
+    for given, quoted in (({"top_p": 0}, "override_generation_config: top_p 0 is not a valid default: top_p must "
+                                         "be in (0, 1], got 0"),
+                          ({"temperature": "hot"}, "override_generation_config: temperature 'hot' is not a valid "
+                                                   "default: temperature must be a float, got str 'hot'"),
+                          ({"max_new_tokens": 0}, "override_generation_config: max_new_tokens 0 is not a valid"),
+                          ([("temperature", 0.5)], "override_generation_config must be a dict of")):
+        with pytest.raises(ValueError, match=re.escape(quoted)):
+            LLM(str(model), override_generation_config=given)

@@ -1,6 +1,7 @@
 """vLLM's engine arguments that scripts pass by habit: trust_remote_code, tensor_parallel_size,
-pipeline_parallel_size and disable_log_stats (LLM keywords and flags of every command), and `rapid serve`'s
---enable-log-requests / --disable-log-requests."""
+pipeline_parallel_size and disable_log_stats (LLM keywords and flags of every command), `rapid serve`'s
+--enable-log-requests / --disable-log-requests, and --override-generation-config's JSON on every command (what it
+does: tests/test_generation_defaults.py)."""
 
 import logging
 import re
@@ -73,6 +74,36 @@ def test_every_engine_command_takes_the_vllm_flags(argv):
     assert (defaults.trust_remote_code, defaults.tensor_parallel_size, defaults.disable_log_stats) == (False, 1, False)
     short = EngineArgs.from_cli_args(build_parser().parse_args(argv + ["-tp", "1", "-pp", "1"]))  # vLLM's short forms
     assert (short.tensor_parallel_size, short.pipeline_parallel_size) == (1, 1)
+
+
+@pytest.mark.parametrize("argv", [["generate", "hi"], ["serve"], ["batch", "in.jsonl", "out.jsonl"],
+                                  ["bench", "offline"], ["bench", "serve"]], ids=" ".join)
+def test_every_engine_command_takes_override_generation_config_as_json(argv):
+    given = '{"temperature": 0.5, "top_k": null, "max_new_tokens": 64}'
+    args = EngineArgs.from_cli_args(build_parser().parse_args(argv + ["--override-generation-config", given]))
+    assert args.override_generation_config == {"temperature": 0.5, "top_k": None, "max_new_tokens": 64}
+    assert EngineArgs.from_cli_args(build_parser().parse_args(argv)).override_generation_config is None
+
+
+@pytest.mark.parametrize("given, said", [
+    ("{temperature: 0.5}", "'{temperature: 0.5}' is not valid JSON (Expecting property name enclosed in double "
+                           "quotes: line 1 column 2 (char 1)); give a JSON object such as"),
+    ('[["temperature", 0.5]]', """'[["temperature", 0.5]]' is an array, not a JSON object"""),
+    ("0.5", "'0.5' is a number, not a JSON object"),
+    ("null", "'null' is null, not a JSON object"),
+])
+def test_override_generation_config_that_is_no_json_object_is_a_usage_error(given, said, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["serve", "--override-generation-config", given])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument --override-generation-config: {said}" in err, err
+
+
+def test_override_generation_config_value_is_an_error_naming_it(tiny_llama, capsys):
+    argv = ["generate", "hi", "--model", str(tiny_llama), "--override-generation-config"]
+    assert main(argv + ['{"top_p": 2}']) == 2
+    assert "override_generation_config: top_p 2 is not a valid default: top_p must be in (0, 1], got 2" \
+        in capsys.readouterr().err
 
 
 def test_serve_takes_the_log_requests_flags():

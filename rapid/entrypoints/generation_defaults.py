@@ -1,18 +1,28 @@
-"""The model's default sampling parameters from generation_config.json, as vLLM's `--generation-config` reads them.
+"""The model's default sampling parameters from generation_config.json, as vLLM's `--generation-config` reads them,
+and vLLM's `--override-generation-config` on top of them.
 
 EngineConfig.generation_config says where they come from: "auto" (the default) the model folder's
 generation_config.json, "vllm" nowhere (SamplingParams' own defaults), any other value that folder's
 generation_config.json. Of the file, temperature, top_p, top_k, min_p, repetition_penalty and max_new_tokens (as
 max_tokens) are taken, each one that is given and not null, whatever its value (vLLM with transformers 5, whose
 GenerationConfig has no defaults of its own to leave out); do_sample and everything else are not read.
+EngineConfig.override_generation_config (a dict; a JSON object on the command line) is applied on top, as vLLM's
+get_diff_sampling_param does: its keys, the file's names, replace the file's values ("auto" or a folder) or are the
+only ones ("vllm"); a null removes the file's value. A key other than those six is not read (vLLM ignores it
+silently): a warning names it and it is dropped. A value SamplingParams refuses is a ValueError naming the key when
+the config is built, before any engine process starts. check_override keeps the dict as a tuple of (key, value)
+pairs, so that the frozen EngineConfig stays hashable and crosses to engine processes as msgpack.
 LLM.get_default_sampling_params() builds a SamplingParams from them, LLM.generate / chat use it when given no
-params, and the HTTP server fills each sampling field a request leaves out with them (a field it sets wins).
+params, and the HTTP server fills each sampling field a request leaves out with them (a field it sets wins) and
+caps max_tokens as vLLM's override_max_tokens does (max_tokens_cap).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +34,17 @@ FILE = "generation_config.json"
 # the file's key -> the SamplingParams field it gives the default of (vLLM's list)
 FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
           "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+OVERRIDE = "override_generation_config"
+# EngineArgs' help text of the two fields (here, beside the rules they describe)
+GENERATION_CONFIG_HELP = (
+    "default sampling parameters, as vLLM's: auto: those of the model folder's generation_config.json (temperature, "
+    "top_p, top_k, min_p, repetition_penalty, max_new_tokens as max_tokens); vllm: none (SamplingParams' own); or a "
+    "folder: its generation_config.json. A request's own values win")
+OVERRIDE_HELP = (
+    "default sampling parameters set on top of --generation-config, as vLLM's: a JSON object of generation_config.json "
+    "keys (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens), e.g. '{\"temperature\": 0.5}'; with "
+    "auto or a folder its values replace the file's (null removes one), with vllm they are the only ones. Its "
+    "max_new_tokens also caps every HTTP request's max_tokens, as in vLLM. Other keys are ignored, with a warning")
 
 
 def read_generation_config(folder: str | Path) -> dict[str, Any]:
@@ -56,29 +77,63 @@ def generation_config_folder(generation_config: str, model: str) -> Path | None:
     return folder
 
 
-def read_sampling_defaults(generation_config: str, model: str) -> dict[str, Any]:
+def _default(key: str, value: Any, where: Any) -> Any:
+    """`value` of generation_config.json's `key` as SamplingParams holds it (a float temperature, top_k -1 as 0);
+    ValueError naming `where`, the key and the value when SamplingParams refuses it."""
+    field = FIELDS[key]
+    try:
+        return getattr(SamplingParams(**{field: value}), field)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{where}: {key} {value!r} is not a valid default: {e}") from None
+
+
+def check_override(override: Any) -> tuple[tuple[str, Any], ...]:
+    """EngineConfig.override_generation_config as the frozen config keeps it: ((key, value), ...) in FIELDS' order,
+    each value as SamplingParams holds it or None (it removes the file's); () for None. It takes a dict, or such a
+    tuple (a config rebuilt by dataclasses.replace or decoded from msgpack). Keys not in FIELDS are dropped with a
+    warning (vLLM ignores them); ValueError quoting the value for anything else that is wrong."""
+    if override is None:
+        return ()
+    try:
+        given = dict(override) if isinstance(override, (Mapping, tuple)) else None
+    except (TypeError, ValueError):
+        given = None
+    if given is None or not all(isinstance(k, str) for k in given):
+        raise ValueError(f"{OVERRIDE} must be a dict of generation_config.json keys to values, such as "
+                         f"{{'temperature': 0.5}}, got {override!r}")
+    unknown = [k for k in given if k not in FIELDS]
+    if unknown:
+        named = [repr(k) + "".join(f" (did you mean {m!r}?)" for m in get_close_matches(k, FIELDS, n=1))
+                 for k in unknown]
+        logger.warning("%s: ignoring %s: only %s are read, as in vLLM", OVERRIDE, ", ".join(named), ", ".join(FIELDS))
+    return tuple((k, None if given[k] is None else _default(k, given[k], OVERRIDE)) for k in FIELDS if k in given)
+
+
+def read_sampling_defaults(generation_config: str, model: str,
+                           override: tuple[tuple[str, Any], ...] = ()) -> dict[str, Any]:
     """{SamplingParams field: default} from the file `generation_config` names ({} for "vllm" or a file that
-    gives none), logged once (a warning) when there are any; ValueError naming the file and the key for a value
-    SamplingParams refuses."""
-    folder = generation_config_folder(generation_config, model)
-    if folder is None:
-        return {}
-    config, defaults = read_generation_config(folder), {}
-    for key, field in FIELDS.items():
-        if config.get(key) is None:
-            continue
-        try:  # the value as SamplingParams holds it (a float temperature, top_k -1 as 0)
-            defaults[field] = getattr(SamplingParams(**{field: config[key]}), field)
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"{folder / FILE}: {key} {config[key]!r} is not a valid default: {e}") from None
+    gives none) with `override` (EngineConfig.override_generation_config) on top, logged once (a warning) when
+    there are any; ValueError naming the file and the key for a value SamplingParams refuses."""
+    folder, override = generation_config_folder(generation_config, model), dict(override)
+    config = {} if folder is None else read_generation_config(folder)
+    config.update(override)
+    keys = [k for k in FIELDS if config.get(k) is not None]
+    defaults = {FIELDS[k]: _default(k, config[k], OVERRIDE if k in override else folder / FILE) for k in keys}
     if defaults:  # a warning, as vLLM's: sampling changes for callers who pass no params
-        logger.warning("default sampling parameters overridden by the model's %s: %s (a request's own values win; "
-                       "--generation-config vllm leaves them out)", folder / FILE,
-                       ", ".join(f"{k}={v!r}" for k, v in defaults.items()))
+        by = [f"the model's {folder / FILE}"] if any(k not in override for k in keys) else []
+        by += [OVERRIDE] if any(k in override for k in keys) else []
+        left_out = "" if by == [OVERRIDE] else "the file's" if len(by) == 2 else "them"  # the override stays
+        hint = f"; --generation-config vllm leaves {left_out} out" if left_out else ""
+        logger.warning("default sampling parameters overridden by %s: %s (a request's own values win%s)",
+                       " and ".join(by), ", ".join(f"{k}={v!r}" for k, v in defaults.items()), hint)
     return defaults
 
 
-def max_tokens_cap(generation_config: str, defaults: dict[str, Any]) -> int | None:
-    """vLLM's override_max_tokens: a generation config given as a folder caps every server request's max_tokens at
-    its max_new_tokens; None (no cap) for "auto", "vllm" or a file without max_new_tokens."""
-    return None if generation_config in ("auto", "vllm") else defaults.get("max_tokens")
+def max_tokens_cap(generation_config: str, defaults: dict[str, Any],
+                   override: tuple[tuple[str, Any], ...] = ()) -> int | None:
+    """vLLM's override_max_tokens, the cap on every server request's max_tokens: with a generation config given as a
+    folder, the defaults' max_tokens (its max_new_tokens, or the override's in its place); with "auto" or "vllm",
+    the override's max_new_tokens alone (the model folder's file gives a default, not a cap). None: no cap."""
+    if generation_config in ("auto", "vllm"):
+        return dict(override).get("max_new_tokens")
+    return defaults.get("max_tokens")

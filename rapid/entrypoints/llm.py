@@ -52,8 +52,10 @@ class LLM:
         """The keyword arguments are the fields of rapid.config.EngineArgs (defaults and help text there)."""
         self.engine_args = EngineArgs.from_kwargs("LLM", model=model, **kwargs)
         config = self._config = self.engine_args.create_engine_config()
-        # the model's sampling defaults (vLLM's --generation-config): what generate / chat run without params
-        self.default_sampling_params = read_sampling_defaults(config.generation_config, config.model)
+        # the model's sampling defaults (vLLM's --generation-config and --override-generation-config): what
+        # generate / chat run without params
+        self.default_sampling_params = read_sampling_defaults(config.generation_config, config.model,
+                                                              config.override_generation_config)
         self.model_config = ModelConfig.from_folder(config.model)
         self.tokenizer = load_tokenizer(config.tokenizer)
         # EOS ids from the generation config's folder (vLLM's: --generation-config FOLDER may correct the model's)
@@ -105,7 +107,7 @@ class LLM:
     def get_default_sampling_params(self) -> SamplingParams:
         """The SamplingParams generate / chat use when given none, as vLLM's: SamplingParams() with the model's
         defaults (`default_sampling_params`, from the generation_config.json that EngineArgs.generation_config
-        names) in place of its own."""
+        names, EngineArgs.override_generation_config on top) in place of its own."""
         return SamplingParams(**self.default_sampling_params)
 
     # ------------------------------------------------------------------ input checks

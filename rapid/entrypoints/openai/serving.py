@@ -108,7 +108,8 @@ class RequestConverter:
         """`chat_template`: the server's template (`rapid serve --chat-template`) where a request gives none;
         `aliases`: more names requests may use (`--served-model-name A B`)."""
         self.llm, self.model_name, self.chat_template = llm, model_name, chat_template
-        self.max_tokens_cap = max_tokens_cap(llm.config.generation_config, llm.default_sampling_params)
+        self.max_tokens_cap = max_tokens_cap(llm.config.generation_config, llm.default_sampling_params,
+                                             llm.config.override_generation_config)
         self.accepted_models = {model_name, llm.config.model, *aliases} if model_name is not None else None
 
     def _check_model(self, req) -> None:
