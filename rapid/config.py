@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from rapid.config_cli import add_engine_flags
-from rapid.entrypoints.generation_defaults import GENERATION_CONFIG_HELP, OVERRIDE, OVERRIDE_HELP, check_override
+from rapid.generation_defaults import GENERATION_CONFIG_HELP, OVERRIDE, OVERRIDE_HELP, check_override
 from rapid.model.config import ModelConfig
 
 MODES = ("hybrid", "rapid", "disagg")
@@ -159,7 +159,7 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto | reference | triton | flashinfer
     prefill_attention: str = "paged"  # triton backend: paged (whole-graph mixed steps) | flash | cudnn | auto (SDPA)
     load_format: str = "safetensors"  # or "dummy": random weights at the config's shapes (benchmarks)
-    generation_config: str = "auto"  # sampling defaults: rapid.entrypoints.generation_defaults reads them
+    generation_config: str = "auto"  # sampling defaults: rapid.generation_defaults reads them
     override_generation_config: tuple[tuple[str, Any], ...] | None = None  # a dict, stored as pairs: check_override
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -18,7 +18,7 @@ from rapid.model.config import ModelConfig
 from rapid.entrypoints.llm_inputs import (
     parse_prompt, prepare_params, text_parts_joined, to_sampling_params, truncate,
 )
-from rapid.entrypoints.generation_defaults import (
+from rapid.generation_defaults import (
     generation_config_folder, read_generation_config, read_sampling_defaults,
 )
 from rapid.entrypoints.llm_outputs import LogprobConverter, apply_delta

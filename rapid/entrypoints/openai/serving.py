@@ -18,7 +18,7 @@ import msgspec
 
 from rapid.engine.client import EngineDeadError
 from rapid.entrypoints.frontend import EngineFrontend, OverloadedError
-from rapid.entrypoints.generation_defaults import max_tokens_cap
+from rapid.generation_defaults import max_tokens_cap
 from rapid.entrypoints.openai import protocol as P
 from rapid.entrypoints.openai.mailbox import LoopMailbox
 from rapid.entrypoints.openai.metrics import ServerMetrics
