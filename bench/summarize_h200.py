@@ -87,20 +87,22 @@ def offline() -> None:
 
 def frontier() -> list[dict]:
     points = []
-    files = ("session13/calld/frontier-rapid.json", "session13/calld/frontier-hybrid.json",
-             "session14/calla/frontier-rapid.json")
+    # session 29's call (100/100, 100/75, 100/60, 50/50 and hybrid, one machine) and session 14's restricted prefill
+    # shares (30/100, 50/100; its 50/50 was measured again). Session 13's points stay in session13/calld as history.
+    files = {"session29/call2/frontier-rapid.json": None, "session29/call2/frontier-hybrid.json": None,
+             "session14/calla/frontier-rapid.json": ("30/100", "50/100")}
     if not all(has_json(R / f) for f in files):  # half a frontier would overwrite the simulator's recording
         print("frontier: missing", [f for f in files if not has_json(R / f)])
         return points
-    for file in files:
-        points += [{**p, "source": file} for p in read_json(R / file)]
+    for file, splits in files.items():
+        points += [{**p, "source": file} for p in read_json(R / file) if splits is None or p.get("split") in splits]
     for p in points:  # decode time lost per prompt token prefilled: (window - decode steps x step alone) / tokens
         known = p.get("tpot_mean_ms") and p.get("decode_alone_ms") and p.get("prefill_tok_s")
         lost = 1 - p["decode_alone_ms"] / p["tpot_mean_ms"] if known else None
         p["decode_us_per_prompt_token"] = round(lost / p["prefill_tok_s"] * 1e6, 1) if known else None
-    cmd = ("bash bench/gpu_session.sh frontier-rapid frontier-hybrid with BATCHES=16,64,256 WINDOW=1.5: session 13 "
-           "SPLITS=100/100 CHUNKS=2048, session 14 SPLITS=30/100,50/100,50/50 (rapid bench frontier --ctx 1024 "
-           "--prefill-len 2048)")
+    cmd = ("bash bench/gpu_session.sh frontier-rapid frontier-hybrid with BATCHES=16,64,256 WINDOW=1.5: session 29 "
+           "SPLITS=100/100,100/75,100/60,50/50 CHUNKS=2048, session 14 SPLITS=30/100,50/100 (rapid bench frontier "
+           "--ctx 1024 --prefill-len 2048)")
     data = {"command": cmd, "device": DEVICE, "model": MODEL, "rooflines": ROOFLINES,
             "tpot": "start-to-start time of consecutive decode steps of the batch, host gaps included",
             "points": points}

@@ -2,8 +2,8 @@
 `rapid bench frontier`: the adaptive policy's choices in known regimes, against hybrid batching and static
 concurrent prefill on the same traces. No GPU.
 
-The recording is the H200's (bench/results/frontier-h200.json: MPS 100/100, decode batches 16, 64 and 256,
-session 13; 50/100 and 50/50, session 14), also with its mixed steps costed as whole CUDA graphs on the H200's
+The recording is the H200's (bench/results/frontier-h200.json: MPS 100/100 and 50/50, decode batches 16, 64 and
+256, session 29; 50/100, session 14), also with its mixed steps costed as whole CUDA graphs on the H200's
 step-cost curve (bench/results/session19/call1/graph-buckets.json, padded to the buckets the engine keeps) and its
 decode steps at the trace's own contexts; a variant where concurrency is cheap checks the other regime."""
 
@@ -159,7 +159,7 @@ def test_where_concurrency_is_cheap_adaptive_matches_it(recorded, ttft, tpot):
 
 def test_the_h200_spatial_lever_in_known_regimes(recorded):
     """The H200 recording at a 50% prefill share (50/100, session 14): beside decodes it slows them as much per prompt
-    token as the full share (20-28 against 24-27 us) at half the prefill rate. So, simulated: the ATOM rule (restricted
+    token as the full share (20-28 against 25-26 us) at half the prefill rate. So, simulated: the ATOM rule (restricted
     prefill beside 64 or more decodes) attains near saturation at 300/15 about as hybrid batching does (within 0.05;
     session 20 measured both at 1.000 at 52 req/s, bursty), below static 100/100; the adaptive policy given the
     second prefill worker measures it, uses it only for those measurements (it is not clearly cheaper than a mixed

@@ -18,7 +18,7 @@ cost inside a mixed step, the prefill worker's tokens/s, and how long requests' 
   (on the H200 a 50% share is not: bench/results/frontier-h200.md). Both costs are measured: a mixed step stalls
   the decodes for its prompt work (its marginal time per prompt token, learned from mixed steps only: a step with
   nothing decoding carries the step's fixed cost); the prefill worker slows every decode step it runs beside (on
-  the H200 at MPS 100/100 from 5.9 to 23 ms at batch 16, bench/results/frontier-h200.md), summed over a batch and
+  the H200 at MPS 100/100 from 5.6 to 25 ms at batch 16, bench/results/frontier-h200.md), summed over a batch and
   divided by its tokens. Once the prefill worker's cost is known a few small mixed steps measure theirs (then a few
   small batches each other prefill worker's), and another lane is sampled again with a small batch after
   REEXPLORE_EVERY placements, an interval that doubles after each sample (up to REEXPLORE_MAX) while the cheapest
