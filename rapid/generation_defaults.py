@@ -77,6 +77,17 @@ def generation_config_folder(generation_config: str, model: str) -> Path | None:
     return folder
 
 
+def read_eos_ids(folder: str | Path) -> list[int]:
+    """The eos_token_id of the folder's generation_config.json as a list ([] when it gives none); ValueError naming
+    the file for anything but a token id (an int >= 0) or a list of them."""
+    eos = read_generation_config(folder).get("eos_token_id")
+    ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"{Path(folder).expanduser() / FILE}: eos_token_id must be a token id (an int >= 0) or a "
+                         f"list of them, got {eos!r}")
+    return ids
+
+
 def _default(key: str, value: Any, where: Any) -> Any:
     """`value` of generation_config.json's `key` as SamplingParams holds it (a float temperature, top_k -1 as 0);
     ValueError naming `where`, the key and the value when SamplingParams refuses it."""

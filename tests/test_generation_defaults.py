@@ -147,6 +147,18 @@ def test_bad_sources_are_refused_before_the_engine_starts(model, tmp_path, no_en
         write_generation_config(bad, {"top_p": None, "max_new_tokens": None, "top_k": None})
 
 
+def test_a_bad_eos_token_id_is_named_before_the_engine_starts(model, tmp_path, no_engine):
+    """generation_config.json's eos_token_id must be token ids: anything else is an error naming the file and
+    the key (it was a bare "'<' not supported between instances of 'str' and 'int'")."""
+    bad = tmp_path / "bad-eos"
+    shutil.copytree(model, bad)
+    for eos in ("</s>", [1, None], True, -1):
+        write_generation_config(bad, {"eos_token_id": eos})
+        with pytest.raises(ValueError, match=re.escape(f"{bad / 'generation_config.json'}: eos_token_id must be a "
+                                                       f"token id (an int >= 0) or a list of them, got {eos!r}")):
+            LLM(str(bad), generation_config="vllm")  # read for its EOS ids with 'vllm' too, as vLLM's
+
+
 # ---------------------------------------------------------------------- the HTTP server
 def test_chat_takes_the_defaults_for_what_the_request_leaves_out(llm, server):
     greedy = llm.chat(CHAT, MODEL_PARAMS, use_tqdm=False)[0].outputs[0]

@@ -19,7 +19,7 @@ from rapid.entrypoints.llm_inputs import (
     parse_prompt, prepare_params, text_parts_joined, to_sampling_params, truncate,
 )
 from rapid.generation_defaults import (
-    generation_config_folder, read_generation_config, read_sampling_defaults,
+    generation_config_folder, read_eos_ids, read_sampling_defaults,
 )
 from rapid.entrypoints.llm_outputs import LogprobConverter, apply_delta
 from rapid.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -33,11 +33,9 @@ from rapid.params import SamplingParams
 logger = logging.getLogger(__name__)
 
 
-def read_eos_token_ids(folder: str, model_cfg: ModelConfig, tokenizer) -> tuple[int, ...]:
-    """EOS ids from config.json, generation_config.json and the tokenizer, as vLLM stops on any of them."""
-    ids = set(model_cfg.eos_token_ids)
-    eos = read_generation_config(folder).get("eos_token_id")
-    ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+def read_eos_token_ids(file_ids: list[int], model_cfg: ModelConfig, tokenizer) -> tuple[int, ...]:
+    """EOS ids from config.json, generation_config.json (`file_ids`) and the tokenizer, as vLLM stops on any."""
+    ids = set(model_cfg.eos_token_ids) | set(file_ids)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return tuple(sorted(ids))
@@ -56,11 +54,12 @@ class LLM:
         # generate / chat run without params
         self.default_sampling_params = read_sampling_defaults(config.generation_config, config.model,
                                                               config.override_generation_config)
+        # EOS ids from the generation config's folder (vLLM's: --generation-config FOLDER may correct the model's),
+        # checked before the tokenizer loads
+        file_eos = read_eos_ids(generation_config_folder(config.generation_config, config.model) or config.model)
         self.model_config = ModelConfig.from_folder(config.model)
         self.tokenizer = load_tokenizer(config.tokenizer)
-        # EOS ids from the generation config's folder (vLLM's: --generation-config FOLDER may correct the model's)
-        gen_folder = generation_config_folder(config.generation_config, config.model) or config.model
-        self.eos_token_ids = read_eos_token_ids(gen_folder, self.model_config, self.tokenizer)
+        self.eos_token_ids = read_eos_token_ids(file_eos, self.model_config, self.tokenizer)
         self._ids = itertools.count()
         self.engine: EngineClient = make_client(config, self.tokenizer, self.eos_token_ids)
         self._finalizer = weakref.finalize(self, self.engine.shutdown)
