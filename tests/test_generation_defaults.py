@@ -285,6 +285,23 @@ def test_the_override_alone_with_vllm_and_over_a_folders_file(model, tmp_path):
             assert client.completions.create(model="tiny", prompt=PROMPT, max_tokens=10).usage.completion_tokens == 6
 
 
+def test_rapid_generate_takes_the_defaults_where_its_flags_are_not_given(model, monkeypatch, capsys):
+    """`rapid generate` runs the model's defaults with the override on top (its start-up warning says they apply),
+    the flags it is given on top of them; it ran its own 64 tokens at temperature 0 whatever the defaults said."""
+    from rapid.entrypoints import cli
+
+    ran = []
+    real = LLM.generate
+    monkeypatch.setattr(LLM, "generate", lambda self, prompts, params=None, **kw: ran.append(params) or real(
+        self, prompts, params, **kw))
+    argv = ["generate", PROMPT, "--model", str(model), "--max-model-len", str(MAX_LEN), "--no-chat",
+            "--override-generation-config", json.dumps(OVERRIDE)]
+    assert cli.main(argv) == 0 and ran[-1] == SamplingParams(**OVERRIDDEN)
+    assert "5 tokens in" in capsys.readouterr().out
+    assert cli.main(argv + ["--max-tokens", "3", "--temperature", "0"]) == 0
+    assert ran[-1] == SamplingParams(**OVERRIDDEN | {"max_tokens": 3, "temperature": 0.0})
+
+
 def test_a_bad_override_is_refused_before_the_engine_starts(model, no_engine):
     for given, quoted in (({"top_p": 0}, "override_generation_config: top_p 0 is not a valid default: top_p must "
                                          "be in (0, 1], got 0"),

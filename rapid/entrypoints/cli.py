@@ -19,13 +19,17 @@ FRONTIER_OWN = ("mode", "max_num_seqs", "max_num_batched_tokens", "prefill_sm_pe
                 "skip_tokenizer_init", "tokenizer", "placement", "second_prefill_sm_percentage")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# rapid generate's sampling where neither its flags nor the model's defaults give one
+GENERATE_DEFAULTS = {"max_tokens": 64, "temperature": 0.0}
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from rapid import LLM, SamplingParams
 
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
     with LLM.from_engine_args(EngineArgs.from_cli_args(args)) as llm:
+        # the model's sampling defaults (--generation-config, --override-generation-config), the flags given on top
+        given = {k: v for k, v in (("max_tokens", args.max_tokens), ("temperature", args.temperature)) if v is not None}
+        params = SamplingParams(**GENERATE_DEFAULTS | llm.default_sampling_params | given)
         use_chat = args.chat if args.chat is not None else getattr(llm.tokenizer, "chat_template", None) is not None
         # warm-up (first-call compilation, allocator, lazy imports) outside the measurement
         llm.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)
@@ -117,8 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text for one prompt")
     g.add_argument("prompt")
-    g.add_argument("--max-tokens", type=int, default=64, help="most output tokens (default: %(default)s)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default: %(default)s)")
+    g.add_argument("--max-tokens", type=int, default=None, help="most output tokens (default: the model's default "
+                   f"max_new_tokens, else {GENERATE_DEFAULTS['max_tokens']})")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="0: greedy (default: the model's default, else 0)")
     g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="apply the chat template (default: when the model has one)")
     EngineArgs.add_cli_args(g)
