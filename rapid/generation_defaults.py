@@ -135,8 +135,10 @@ def read_sampling_defaults(generation_config: str, model: str,
         by += [OVERRIDE] if any(k in override for k in keys) else []
         left_out = "" if by == [OVERRIDE] else "the file's" if len(by) == 2 else "them"  # the override stays
         hint = f"; --generation-config vllm leaves {left_out} out" if left_out else ""
-        logger.warning("default sampling parameters overridden by %s: %s (a request's own values win%s)",
-                       " and ".join(by), ", ".join(f"{k}={v!r}" for k, v in defaults.items()), hint)
+        cap = max_tokens_cap(generation_config, defaults, tuple(override.items()))
+        wins = "a request's own values win" + (f", but the HTTP server caps its max_tokens at {cap}" if cap else "")
+        logger.warning("default sampling parameters overridden by %s: %s (%s%s)", " and ".join(by),
+                       ", ".join(f"{k}={v!r}" for k, v in defaults.items()), wins, hint)
     return defaults
 
 

@@ -117,7 +117,8 @@ def test_a_folder_gives_its_own_file(model, tmp_path, caplog):
     said = [r for r in caplog.records if "default sampling parameters" in r.getMessage()]
     assert len(said) == 1 and said[0].levelno == logging.WARNING  # as vLLM's: sampling changed for callers
     assert f"by the model's {other / 'generation_config.json'}: temperature=0.0, repetition_penalty=1.3, " \
-        "max_tokens=3" in said[0].getMessage()
+        "max_tokens=3 (a request's own values win, but the HTTP server caps its max_tokens at 3;" \
+        in said[0].getMessage()
 
 
 @pytest.fixture
@@ -266,7 +267,8 @@ def test_the_override_replaces_the_files_values_offline_and_over_http(model, cap
     said = [r.getMessage() for r in caplog.records if "default sampling parameters" in r.getMessage()]
     assert len(said) == 1 and said[0].startswith(
         f"default sampling parameters overridden by the model's {model / 'generation_config.json'} and "
-        "override_generation_config: temperature=1.0, top_p=0.9, min_p=0.05, max_tokens=5")
+        "override_generation_config: temperature=1.0, top_p=0.9, min_p=0.05, max_tokens=5 (a request's own values "
+        "win, but the HTTP server caps its max_tokens at 5;")  # the cap is said, not only the default
 
 
 def test_the_override_alone_with_vllm_and_over_a_folders_file(model, tmp_path):
