@@ -1,0 +1,62 @@
+"""`rapid serve` and its ZeroMQ endpoint from outside, around their lifecycle: a signal while the engine starts, a
+server process SIGKILLed. Observed: the exit code, what it printed, its children, its socket directories."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rapid.engine import ipc
+from tiny import gone, wait_until
+
+ROOT = Path(__file__).parents[1]
+
+
+def private_env(tmp_path: Path) -> dict:
+    """TMPDIR of the process: where its private socket directories go (rapid-PID-*)."""
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    return dict(os.environ, TMPDIR=str(tmp_path / "tmp"), PYTHONPATH=os.pathsep.join([str(ROOT), *sys.path]))
+
+
+def socket_dirs(tmp_path: Path) -> list[Path]:
+    return [p for p in (tmp_path / "tmp").iterdir() if p.name.startswith("rapid-")]
+
+
+def recorded_children(tmp_path: Path) -> dict[str, int]:
+    """role -> pid of the children recorded in the engine's directory (empty before the engine starts them)."""
+    kids = {}
+    for d in socket_dirs(tmp_path):
+        try:
+            lines = (d / ipc.CHILDREN_FILE).read_text().splitlines()
+        except OSError:
+            continue
+        kids.update({ln.split()[2]: int(ln.split()[0]) for ln in lines if len(ln.split()) == 3})
+    return kids
+
+
+def test_a_signal_while_the_engine_starts_stops_the_start(tiny_llama, tmp_path):
+    """SIGTERM once the engine's process is started but before it is ready: `rapid serve` used to finish the start
+    (minutes on a GPU), bind its ports, print 'RAPID serving' and only then stop; it now cuts the start short,
+    cleans up and exits 0 without serving."""
+    proc = subprocess.Popen([sys.executable, "-m", "rapid.entrypoints.cli", "serve", str(tiny_llama), "--port", "0",
+                             "--device", "cpu", "--mode", "hybrid", "--engine-process"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=private_env(tmp_path))
+    try:
+        assert wait_until(lambda: "core" in recorded_children(tmp_path) or proc.poll() is not None, timeout=60)
+        kids = recorded_children(tmp_path)
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    assert "RAPID serving" not in out and "RAPID server stopped" in out
+    assert "signal 15 during the engine start" in err
+    assert time.monotonic() - t0 < 5.0
+    assert wait_until(lambda: all(gone(pid) for pid in kids.values()), timeout=5.0)
+    assert not socket_dirs(tmp_path)
+
