@@ -60,3 +60,28 @@ def test_a_signal_while_the_engine_starts_stops_the_start(tiny_llama, tmp_path):
     assert wait_until(lambda: all(gone(pid) for pid in kids.values()), timeout=5.0)
     assert not socket_dirs(tmp_path)
 
+
+def test_a_sigkilled_servers_socket_directory_goes_with_it(tmp_path):
+    """The private directory (and socket file) of a server's default ipc:// address: removed by its reaper when
+    the server is SIGKILLed (it used to stay until the next engine started in that TMPDIR)."""
+    script = tmp_path / "server.py"
+    script.write_text(
+        "import time, zmq\n"
+        "from rapid.entrypoints.zmq_endpoint import Endpoint\n"
+        "ep = Endpoint(zmq.Context().socket(zmq.ROUTER), None)\n"
+        "print(ep.address, flush=True)\n"
+        "time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=private_env(tmp_path))
+    try:
+        address = proc.stdout.readline().strip()
+        assert address.startswith("ipc://"), proc.stderr.read()[-3000:]
+        path = Path(address.removeprefix("ipc://"))
+        assert path.exists() and path.parent in socket_dirs(tmp_path)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert wait_until(lambda: not path.parent.exists(), timeout=5.0)
+    assert not socket_dirs(tmp_path)
