@@ -85,3 +85,77 @@ def test_a_sigkilled_servers_socket_directory_goes_with_it(tmp_path):
         proc.wait()
     assert wait_until(lambda: not path.parent.exists(), timeout=5.0)
     assert not socket_dirs(tmp_path)
+
+
+FAKE_SERVER = (  # answers every request with one unfinished Delta, then never again (until it is killed)
+    "import sys, msgspec, zmq\n"
+    "from rapid.protocol.api import Delta, ClientMessage\n"
+    "sock = zmq.Context().socket(zmq.ROUTER)\n"
+    "sock.bind(sys.argv[1])\n"
+    "print('ready', flush=True)\n"
+    "while True:\n"
+    "    peer, raw = sock.recv_multipart()\n"
+    "    req = msgspec.msgpack.decode(raw, type=ClientMessage)\n"
+    "    sock.send_multipart([peer, msgspec.msgpack.encode(Delta(req.client_request_id, [5], 'a'))])\n"
+)
+
+
+def test_clients_in_flight_fail_when_the_server_is_killed(tmp_path):
+    """rapid.client's Client and AsyncClient: requests in flight when the server is SIGKILLed raise ServerError at
+    once (they used to wait forever without timeout_s, and until it with one); a request sent once a server is back
+    is served."""
+    import asyncio
+    import threading
+
+    import pytest
+
+    from rapid.client import AsyncClient, Client, ServerError
+
+    address = f"ipc://{tmp_path}/fake.sock"
+    script = tmp_path / "fake_server.py"
+    script.write_text(FAKE_SERVER)
+
+    def fake_server():
+        proc = subprocess.Popen([sys.executable, str(script), address], stdout=subprocess.PIPE, text=True,
+                                env=private_env(tmp_path))
+        assert proc.stdout.readline() == "ready\n"
+        return proc
+
+    async def async_stream(results):
+        async with AsyncClient(address, timeout_s=10) as c:
+            async for d in c.stream("hi", {"max_tokens": 4}):
+                results.append(d.new_text)
+
+    for _ in range(1000):  # each client's connection monitor has an inproc name of its own (no EADDRINUSE)
+        Client(address).close()
+    server = fake_server()
+    failures = {}
+
+    def run_async():
+        results = []
+        try:
+            asyncio.run(async_stream(results))
+        except ServerError as e:
+            failures["async"] = (results, str(e))
+
+    waiter = threading.Thread(target=run_async, daemon=True)
+    try:
+        with Client(address, timeout_s=10) as client:
+            stream = client.stream("hi", {"max_tokens": 4})
+            assert next(stream).new_text == "a"
+            waiter.start()
+            time.sleep(0.5)  # the async client has its first Delta too
+            server.kill()
+            server.wait()
+            t0 = time.monotonic()
+            with pytest.raises(ServerError, match="the connection to .* closed"):
+                next(stream)
+            assert time.monotonic() - t0 < 5.0
+            waiter.join(5.0)
+            assert not waiter.is_alive() and failures["async"][0] == ["a"]
+            assert "closed (the server stopped or was killed)" in failures["async"][1]
+            server = fake_server()  # a new server on the same address: the same client works again
+            assert next(client.stream("hi", {"max_tokens": 4})).new_text == "a"
+    finally:
+        server.kill()
+        server.wait()
