@@ -194,8 +194,11 @@ def test_generate_stream_yields_deltas(tiny_llama):
     with LLM(tiny_llama) as llm:
         deltas = list(llm.generate_stream("hello", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)))
         whole = llm.generate("hello", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)[0]
+        left_open = llm.generate_stream("hello", SamplingParams(max_tokens=100, ignore_eos=True))
+        next(left_open)
     assert deltas[-1].finished and sum(len(d.new_token_ids) for d in deltas) == 8
     assert "".join(d.new_text for d in deltas) == whole.outputs[0].text
+    left_open.close()  # after the engine's shutdown (at interpreter exit, say): it used to raise AttributeError
 
 
 @pytest.mark.parametrize("prompt,error,match", [

@@ -17,7 +17,7 @@ import pytest
 from rapid import LLM, SamplingParams
 from rapid.engine import ipc, mp_client, reaper
 from rapid.engine.client import EngineDeadError
-from tiny import children, engine_pids, gone, shm_of
+from tiny import children, engine_pids, gone, shm_of, wait_until
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 PROMPTS = [[5, 6, 7], list(range(10, 50))]
@@ -25,15 +25,6 @@ PROMPTS = [[5, 6, 7], list(range(10, 50))]
 
 def run(llm, ps=PROMPTS, params=GREEDY):
     return [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in ps], params, use_tqdm=False)]
-
-
-def wait_until(cond, timeout: float, step: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(step)
-    return cond()
 
 
 def script(tmp_path: Path, body: str, new_session: bool = False) -> subprocess.Popen:

@@ -4,6 +4,7 @@ what the engine tests check leaks with: this test's own child processes and one 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -155,3 +156,13 @@ def shm_of(pids, names=()) -> set[str]:
     or that are named in `names` (an engine's `shm_names`)."""
     prefixes = tuple(f"rapid_{pid}_" for pid in pids)
     return {n for n in os.listdir("/dev/shm") if n in set(names) or (prefixes and n.startswith(prefixes))}
+
+
+def wait_until(cond, timeout: float, step: float = 0.02) -> bool:
+    """Poll `cond` until it holds or `timeout` seconds pass; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(step)
+    return cond()

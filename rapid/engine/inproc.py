@@ -91,6 +91,8 @@ class InprocClient(EngineClient):
         self.core.add_request(msg)
 
     def abort(self, request_ids: list[str]) -> None:
+        if self.core is None:  # shut down: its requests ended with it (a stream closed late, at exit say)
+            return
         self._pending.extend(self.core.abort(request_ids))
 
     def get_deltas(self, timeout_s: float | None = None) -> list[RequestDelta]:

@@ -15,6 +15,8 @@ chat_stream() take a list of {'role', 'content'} dicts. Requests the server refu
 its message. Each client owns one DEALER socket: use a Client from one thread at a time (several requests
 may still be interleaved: replies are sorted by request id), and an AsyncClient from one event loop
 (any number of concurrent coroutines). Breaking out of a stream cancels the request on the server.
+When the connection to the server closes (the server stopped or was killed), every request in flight raises
+ServerError: the server has forgotten them (they used to wait forever, or until `timeout_s`).
 A request whose encoding exceeds `max_message_bytes` (the server's default frame limit, 4 MiB) raises
 ValueError before it is sent.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -99,12 +102,21 @@ def _chat_request(cid: str, messages: Any, params, stream: bool, add_generation_
                        add_generation_prompt=add_generation_prompt)
 
 
-def _dealer(ctx: zmq.Context, address: str) -> zmq.Socket:
+def _dealer(ctx: zmq.Context, address: str) -> tuple[zmq.Socket, zmq.Socket]:
+    """The DEALER, connected, and a socket that gets a message each time its connection to the server closes."""
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVHWM, 0)  # streamed deltas are never dropped on this side either
+    # a name of its own: pyzmq's default (the socket's fd) can still be bound by a closed client's monitor
+    monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED, f"inproc://rapid-client-monitor-{uuid.uuid4().hex}")
     sock.connect(address)
-    return sock
+    return sock, monitor
+
+
+def _lost(cid: str, address: str) -> ErrorReply:
+    """The end of a request in flight when the connection closed: the server (or its successor) forgot it."""
+    return ErrorReply(cid, f"the connection to {address} closed (the server stopped or was killed) before this "
+                           "request ended; send it again once the server is back")
 
 
 def _encode(encoder, msg, limit: int) -> bytes:
@@ -132,7 +144,10 @@ class Client:
         self.address = address
         self.timeout_s = timeout_s
         self.max_message_bytes = max_message_bytes
-        self._sock = _dealer(context or zmq.Context.instance(), address)
+        self._sock, self._monitor = _dealer(context or zmq.Context.instance(), address)
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(ServerMessage)
         self._ids = itertools.count()
@@ -149,6 +164,7 @@ class Client:
         if not self._closed:
             self._closed = True
             self._sock.close(linger=0)
+            self._monitor.close(linger=0)
 
     # ------------------------------------------------------------------ requests
     def generate(self, prompt, params: SamplingParams | dict | None = None) -> Completion:
@@ -177,6 +193,9 @@ class Client:
     def _send(self, msg) -> None:
         if self._closed:
             raise RuntimeError("the client is closed")
+        if self._monitor.poll(0, zmq.POLLIN):  # a closed connection ends what was sent before it, not this request
+            while self._poller.poll(0):
+                self._receive()
         self._sock.send(_encode(self._encoder, msg, self.max_message_bytes))
 
     def _unary(self, req) -> Completion:
@@ -216,17 +235,27 @@ class Client:
         box = self._inbox[cid]
         timeout_ms = None if self.timeout_s is None else int(self.timeout_s * 1000)
         while not box:
-            if not self._sock.poll(timeout_ms, zmq.POLLIN):
+            if not self._poller.poll(timeout_ms):
                 raise TimeoutError(f"no reply from {self.address} within {self.timeout_s}s")
+            self._receive()
+        return box.popleft()
+
+    def _receive(self) -> None:
+        """Sort one reply into its request's box; or, the connection closed (the replies it brought are read
+        first), end every request in flight."""
+        if self._sock.poll(0, zmq.POLLIN):
             msg = _decode_reply(self._decoder, self._sock.recv(), self.address)
             if msg is None:
-                continue
+                return
             other = self._inbox.get(msg.client_request_id)
             if other is not None:
                 other.append(msg)
             else:
                 _unclaimed(msg)
-        return box.popleft()
+        elif self._monitor.poll(0, zmq.POLLIN):
+            self._monitor.recv_multipart()
+            for cid, box in self._inbox.items():
+                box.append(_lost(cid, self.address))
 
 
 class AsyncClient:
@@ -239,7 +268,7 @@ class AsyncClient:
         self.address = address
         self.timeout_s = timeout_s
         self.max_message_bytes = max_message_bytes
-        self._sock = _dealer(context or zmq.asyncio.Context.instance(), address)
+        self._sock, self._monitor = _dealer(context or zmq.asyncio.Context.instance(), address)
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(ServerMessage)
         self._ids = itertools.count()
@@ -264,6 +293,7 @@ class AsyncClient:
             except (asyncio.CancelledError, Exception):
                 pass
         self._sock.close(linger=0)
+        self._monitor.close(linger=0)
 
     # ------------------------------------------------------------------ requests
     async def generate(self, prompt, params: SamplingParams | dict | None = None) -> Completion:
@@ -295,8 +325,19 @@ class AsyncClient:
         await self._sock.send(_encode(self._encoder, msg, self.max_message_bytes))
 
     async def _read_loop(self) -> None:
+        import zmq.asyncio
+
+        poller = zmq.asyncio.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
         try:
             while True:
+                ready = dict(await poller.poll())
+                if self._sock not in ready:  # the connection closed (the replies it brought were read first)
+                    await self._monitor.recv_multipart()
+                    for cid, q in self._inbox.items():
+                        q.put_nowait(_lost(cid, self.address))
+                    continue
                 msg = _decode_reply(self._decoder, await self._sock.recv(), self.address)
                 if msg is None:
                     continue

@@ -3,6 +3,7 @@
 Every address flag is checked before the (slow) engine start. On SIGINT / SIGTERM: new requests are refused
 (503), in-flight ones get `--shutdown-grace-s` to finish and are then aborted (each still ends with a final
 message), the servers stop, the engine shuts down, and the process exits 0. A second signal acts as usual.
+A signal while the engine starts cuts the start short (its clean-up runs): nothing is served, the exit is 0.
 """
 
 from __future__ import annotations
@@ -139,6 +140,14 @@ def _zmq_server(llm, frontend, args):
     return RapidServer(llm, args.address, allow_remote=args.allow_remote).start()
 
 
+class StoppedDuringStart(BaseException):
+    """SIGINT / SIGTERM while the engine starts (a BaseException: the start's own clean-up runs and re-raises)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum} during the engine start")
+        self.signum = signum
+
+
 def serve(args: argparse.Namespace) -> None:
     """Check the flags, build the engine and servers, print the addresses, serve until SIGINT / SIGTERM."""
     from rapid.config import EngineArgs
@@ -148,16 +157,23 @@ def serve(args: argparse.Namespace) -> None:
     engine_args = EngineArgs.from_cli_args(with_model_tag(args))
     stop = threading.Event()
     previous = {}
+    starting = [True]
 
     def on_signal(signum, _frame):
         stop.set()
         signal.signal(signum, previous.get(signum, signal.SIG_DFL))  # a second signal: the usual behaviour
+        if starting[0]:  # the engine start (minutes on a GPU) is cut short: its clean-up runs, nothing is served
+            raise StoppedDuringStart(signum)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         previous[sig] = signal.signal(sig, on_signal)
     try:
-        with LLM.from_engine_args(engine_args) as llm:
+        llm = LLM.from_engine_args(engine_args)
+        starting[0] = False
+        with llm:
             _serve_llm(llm, args, stop)
+    except StoppedDuringStart as e:
+        logger.warning("signal %d during the engine start: stopped before serving", e.signum)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -5,7 +5,8 @@ lives; the kernel releases it if the process dies). A second server on the same 
 AddressInUseError before it binds, so the first keeps its socket file. A socket file with no lock holder and no
 listener (a server that was killed) is stale and replaced; one that accepts connections belongs to some other
 program and is left alone (AddressInUseError). At exit a server removes the socket and lock files only if they
-are still the ones it made (same device and inode).
+are still the ones it made (same device and inode). The private directory of a default address has a reaper
+(rapid.engine.reaper): a server killed with SIGKILL leaves no directory or socket file behind either.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import stat
 
 import zmq
 
-from rapid.engine import ipc
+from rapid.engine import ipc, reaper
 
 logger = logging.getLogger(__name__)
 
@@ -132,8 +133,10 @@ class Endpoint:
         self._lock_id: tuple[int, int] | None = None
         self._socket_path = ""
         self._socket_id: tuple[int, int] | None = None
+        self._reaper = None
         if address is None:
             self._dir = ipc.private_socket_dir()
+            self._reaper = reaper.start(self._dir)  # removes the directory if this process is killed
             address = ipc.endpoint(self._dir, "server")
         else:
             check_address(address, allow_remote)
@@ -176,3 +179,6 @@ class Endpoint:
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
+        if self._reaper is not None:
+            reaper.stop(self._reaper)  # the directory is gone: it exits at once
+            self._reaper = None

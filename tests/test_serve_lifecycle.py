@@ -1,0 +1,161 @@
+"""`rapid serve` and its ZeroMQ endpoint from outside, around their lifecycle: a signal while the engine starts, a
+server process SIGKILLed. Observed: the exit code, what it printed, its children, its socket directories."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rapid.engine import ipc
+from tiny import gone, wait_until
+
+ROOT = Path(__file__).parents[1]
+
+
+def private_env(tmp_path: Path) -> dict:
+    """TMPDIR of the process: where its private socket directories go (rapid-PID-*)."""
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    return dict(os.environ, TMPDIR=str(tmp_path / "tmp"), PYTHONPATH=os.pathsep.join([str(ROOT), *sys.path]))
+
+
+def socket_dirs(tmp_path: Path) -> list[Path]:
+    return [p for p in (tmp_path / "tmp").iterdir() if p.name.startswith("rapid-")]
+
+
+def recorded_children(tmp_path: Path) -> dict[str, int]:
+    """role -> pid of the children recorded in the engine's directory (empty before the engine starts them)."""
+    kids = {}
+    for d in socket_dirs(tmp_path):
+        try:
+            lines = (d / ipc.CHILDREN_FILE).read_text().splitlines()
+        except OSError:
+            continue
+        kids.update({ln.split()[2]: int(ln.split()[0]) for ln in lines if len(ln.split()) == 3})
+    return kids
+
+
+def test_a_signal_while_the_engine_starts_stops_the_start(tiny_llama, tmp_path):
+    """SIGTERM once the engine's process is started but before it is ready: `rapid serve` used to finish the start
+    (minutes on a GPU), bind its ports, print 'RAPID serving' and only then stop; it now cuts the start short,
+    cleans up and exits 0 without serving."""
+    proc = subprocess.Popen([sys.executable, "-m", "rapid.entrypoints.cli", "serve", str(tiny_llama), "--port", "0",
+                             "--device", "cpu", "--mode", "hybrid", "--engine-process"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=private_env(tmp_path))
+    try:
+        assert wait_until(lambda: "core" in recorded_children(tmp_path) or proc.poll() is not None, timeout=60)
+        kids = recorded_children(tmp_path)
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    assert "RAPID serving" not in out and "RAPID server stopped" in out
+    assert "signal 15 during the engine start" in err
+    assert time.monotonic() - t0 < 5.0
+    assert wait_until(lambda: all(gone(pid) for pid in kids.values()), timeout=5.0)
+    assert not socket_dirs(tmp_path)
+
+
+def test_a_sigkilled_servers_socket_directory_goes_with_it(tmp_path):
+    """The private directory (and socket file) of a server's default ipc:// address: removed by its reaper when
+    the server is SIGKILLed (it used to stay until the next engine started in that TMPDIR)."""
+    script = tmp_path / "server.py"
+    script.write_text(
+        "import time, zmq\n"
+        "from rapid.entrypoints.zmq_endpoint import Endpoint\n"
+        "ep = Endpoint(zmq.Context().socket(zmq.ROUTER), None)\n"
+        "print(ep.address, flush=True)\n"
+        "time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=private_env(tmp_path))
+    try:
+        address = proc.stdout.readline().strip()
+        assert address.startswith("ipc://"), proc.stderr.read()[-3000:]
+        path = Path(address.removeprefix("ipc://"))
+        assert path.exists() and path.parent in socket_dirs(tmp_path)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert wait_until(lambda: not path.parent.exists(), timeout=5.0)
+    assert not socket_dirs(tmp_path)
+
+
+FAKE_SERVER = (  # answers every request with one unfinished Delta, then never again (until it is killed)
+    "import sys, msgspec, zmq\n"
+    "from rapid.protocol.api import Delta, ClientMessage\n"
+    "sock = zmq.Context().socket(zmq.ROUTER)\n"
+    "sock.bind(sys.argv[1])\n"
+    "print('ready', flush=True)\n"
+    "while True:\n"
+    "    peer, raw = sock.recv_multipart()\n"
+    "    req = msgspec.msgpack.decode(raw, type=ClientMessage)\n"
+    "    sock.send_multipart([peer, msgspec.msgpack.encode(Delta(req.client_request_id, [5], 'a'))])\n"
+)
+
+
+def test_clients_in_flight_fail_when_the_server_is_killed(tmp_path):
+    """rapid.client's Client and AsyncClient: requests in flight when the server is SIGKILLed raise ServerError at
+    once (they used to wait forever without timeout_s, and until it with one); a request sent once a server is back
+    is served."""
+    import asyncio
+    import threading
+
+    import pytest
+
+    from rapid.client import AsyncClient, Client, ServerError
+
+    address = f"ipc://{tmp_path}/fake.sock"
+    script = tmp_path / "fake_server.py"
+    script.write_text(FAKE_SERVER)
+
+    def fake_server():
+        proc = subprocess.Popen([sys.executable, str(script), address], stdout=subprocess.PIPE, text=True,
+                                env=private_env(tmp_path))
+        assert proc.stdout.readline() == "ready\n"
+        return proc
+
+    async def async_stream(results):
+        async with AsyncClient(address, timeout_s=10) as c:
+            async for d in c.stream("hi", {"max_tokens": 4}):
+                results.append(d.new_text)
+
+    for _ in range(1000):  # each client's connection monitor has an inproc name of its own (no EADDRINUSE)
+        Client(address).close()
+    server = fake_server()
+    failures = {}
+
+    def run_async():
+        results = []
+        try:
+            asyncio.run(async_stream(results))
+        except ServerError as e:
+            failures["async"] = (results, str(e))
+
+    waiter = threading.Thread(target=run_async, daemon=True)
+    try:
+        with Client(address, timeout_s=10) as client:
+            stream = client.stream("hi", {"max_tokens": 4})
+            assert next(stream).new_text == "a"
+            waiter.start()
+            time.sleep(0.5)  # the async client has its first Delta too
+            server.kill()
+            server.wait()
+            t0 = time.monotonic()
+            with pytest.raises(ServerError, match="the connection to .* closed"):
+                next(stream)
+            assert time.monotonic() - t0 < 5.0
+            waiter.join(5.0)
+            assert not waiter.is_alive() and failures["async"][0] == ["a"]
+            assert "closed (the server stopped or was killed)" in failures["async"][1]
+            server = fake_server()  # a new server on the same address: the same client works again
+            assert next(client.stream("hi", {"max_tokens": 4})).new_text == "a"
+    finally:
+        server.kill()
+        server.wait()
