@@ -234,6 +234,9 @@ def structured_output(req: _Sampling):
                 return StructuredOutputsParams(json_object=True)
             return StructuredOutputsParams(json=value.json_schema.schema_ or {})
         if name == "structured_outputs":
+            unknown = sorted(set(value) - set(StructuredOutputsParams.__struct_fields__))
+            if unknown:  # vLLM's structural_tag, whitespace_pattern, ...: refused, as LLM.generate does
+                raise ValueError(f"structured_outputs.{unknown[0]} is not supported by this server")
             return msgspec.convert(value, StructuredOutputsParams)
         return StructuredOutputsParams(**{GUIDED[name]: value})
     except (ValueError, TypeError, msgspec.ValidationError) as e:
