@@ -416,6 +416,30 @@ def test_vllm_structured_output_fields_constrain_the_output(client, extra, check
     assert check(out.choices[0].text), out.choices[0].text
 
 
+@pytest.mark.parametrize("extra, param", [
+    ({"guided_regex": "[a-"}, "guided_regex"),
+    ({"guided_grammar": "root ::= "}, "guided_grammar"),
+    ({"guided_json": {"type": "object", "properties": 3}}, "guided_json"),
+    ({"structured_outputs": {"regex": "[a-"}}, "structured_outputs"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "x"}}}},
+     "response_format"),
+])
+def test_a_spec_xgrammar_refuses_is_a_400_naming_the_field_given(client, extra, param):
+    # it named response_format whatever field carried the spec
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="hi", max_tokens=2, extra_body=extra)
+    assert e.value.body["param"] == param and "xgrammar" in e.value.body["message"]
+
+
+@pytest.mark.parametrize("spec", [{"regex": "a+", "whitespace_pattern": " "}, {"structural_tag": "{}"}])
+def test_structured_outputs_keys_not_implemented_are_refused(client, spec):
+    # they were dropped silently (the constraint ran without them, or 'got none' when nothing else was given)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="hi", max_tokens=2, extra_body={"structured_outputs": spec})
+    assert e.value.body["param"] == "structured_outputs"
+    assert f"structured_outputs.{[k for k in spec if k != 'regex'][0]} is not supported" in e.value.body["message"]
+
+
 def test_vllm_sampling_and_template_fields_are_honoured_or_refused(served, client):
     # allowed_token_ids: only those tokens; bad_words: a banned first token is avoided
     only = client.completions.create(model="tiny", prompt="The quick brown", max_tokens=5, temperature=0,

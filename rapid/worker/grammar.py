@@ -63,6 +63,7 @@ class GrammarBook:
         self.stop_token_ids = list(stop_token_ids)
         self.vocab_size = 0  # the logits' width, set by the first bitmask() call
         self._compiler = None  # built on the first structured request (loads the tokenizer)
+        self._keep: torch.Tensor | None = None  # bitmask words without the special tokens (stop tokens kept)
         self._compiled: dict[StructuredOutputsParams, object] = {}
         self._matchers: dict[str, _Matcher] = {}
 
@@ -78,8 +79,10 @@ class GrammarBook:
                 raise RuntimeError("structured outputs need a tokenizer (the engine was started without one)")
             from rapid.core.tokenizer import load_tokenizer
 
-            info = xgr.TokenizerInfo.from_huggingface(load_tokenizer(self.tokenizer_path), vocab_size=self.vocab_size,
+            tokenizer = load_tokenizer(self.tokenizer_path)
+            info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size,
                                                       stop_token_ids=self.stop_token_ids or None)
+            self._keep = _without_special_tokens(tokenizer, self.vocab_size, self.stop_token_ids)
             self._compiler = xgr.GrammarCompiler(info, max_threads=1)
         c = self._compiler
         if spec.json is not None:
@@ -129,6 +132,8 @@ class GrammarBook:
                     mask[i, t // 32] |= _bit(t % 32)
             else:
                 m.fill_next_token_bitmask(mask, i)
+                if self._keep is not None:
+                    mask[i] &= self._keep
         return mask.to(device, non_blocking=True)
 
     def advance(self, rows: Sequence[SeqWork], token_ids: Sequence[int]) -> None:
@@ -148,6 +153,21 @@ class GrammarBook:
         keep = set(request_ids)
         for rid in [r for r in self._matchers if r not in keep]:
             del self._matchers[rid]
+
+
+def _without_special_tokens(tokenizer, vocab_size: int, stop_token_ids: Sequence[int]) -> torch.Tensor | None:
+    """Bitmask words allowing every token but the special ones (<s>, <|user|>, ...; not the stop tokens), or None.
+    xgrammar matches a special token as its literal text ('<s>' inside a JSON string or a regex's '.'), but the
+    detokenizer drops it (skip_special_tokens), so the output would not match the grammar."""
+    special = {i for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(tok, "special", False)}
+    special |= set(getattr(tokenizer, "all_special_ids", ()))
+    banned = sorted(t for t in special - set(stop_token_ids) if 0 <= t < vocab_size)
+    if not banned:
+        return None
+    keep = torch.full(((vocab_size + 31) // 32,), -1, dtype=torch.int32)
+    for t in banned:
+        keep[t // 32] &= ~_bit(t % 32)
+    return keep
 
 
 def _bit(i: int) -> int:

@@ -222,10 +222,7 @@ def structured_output(req: _Sampling):
     fields (at most one of them; None for plain text)."""
     from rapid.params import StructuredOutputsParams
 
-    fmt = req.response_format
-    given = {name: getattr(req, name) for name in ("structured_outputs", *GUIDED) if getattr(req, name) is not None}
-    if fmt is not None and fmt.type != "text":
-        given["response_format"] = fmt
+    given = _structured_fields(req)
     if len(given) > 1:
         raise ApiError(400, f"give one structured-output constraint, got {sorted(given)}", param=sorted(given)[1])
     if not given:
@@ -237,10 +234,21 @@ def structured_output(req: _Sampling):
                 return StructuredOutputsParams(json_object=True)
             return StructuredOutputsParams(json=value.json_schema.schema_ or {})
         if name == "structured_outputs":
+            unknown = sorted(set(value) - set(StructuredOutputsParams.__struct_fields__))
+            if unknown:  # vLLM's structural_tag, whitespace_pattern, ...: refused, as LLM.generate does
+                raise ValueError(f"structured_outputs.{unknown[0]} is not supported by this server")
             return msgspec.convert(value, StructuredOutputsParams)
         return StructuredOutputsParams(**{GUIDED[name]: value})
     except (ValueError, TypeError, msgspec.ValidationError) as e:
         raise ApiError(400, f"{name}: {e}", param=name) from None
+
+
+def _structured_fields(req: _Sampling) -> dict[str, Any]:
+    """The structured-output fields the request sets: {name: value}."""
+    given = {name: getattr(req, name) for name in ("structured_outputs", *GUIDED) if getattr(req, name) is not None}
+    if req.response_format is not None and req.response_format.type != "text":
+        given["response_format"] = req.response_format
+    return given
 
 
 def prompts(req: CompletionRequest) -> list[str | list[int]]:
@@ -324,14 +332,15 @@ def sampling_params(req: _Sampling, *, max_tokens: int | None, logprobs: int | N
     try:
         return SamplingParams(**fields)
     except (ValueError, TypeError) as e:
-        raise ApiError(400, str(e), param=param_of(e)) from None
+        raise ApiError(400, str(e), param=param_of(e, req=req)) from None
 
 
-def param_of(error: Exception, default: str | None = None) -> str | None:
-    """The request field an engine-side error names ('logit_bias has token id ...' -> logit_bias), else default."""
+def param_of(error: Exception, default: str | None = None, req: _Sampling | None = None) -> str | None:
+    """The request field an engine-side error names ('logit_bias has token id ...' -> logit_bias), else default;
+    a structured-output error names the field `req` gave it in (guided_regex, structured_outputs, ...)."""
     word = str(error).split(" ", 1)[0].split(".", 1)[0]
     if word == "structured_outputs":
-        return "response_format"
+        return next(iter(_structured_fields(req)), "response_format") if req is not None else "response_format"
     return word if word in PARAM_NAMES else default
 
 
