@@ -106,7 +106,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1 = off
     min_p: float = 0.0
-    seed: int | None = None
+    seed: int | None = None  # -1 means None (unseeded), as vLLM
     max_tokens: int | None = 16  # None: up to max_model_len - prompt length
     min_tokens: int = 0
     stop: tuple[str, ...] | None = None  # str or list[str] accepted; normalised to a tuple
@@ -156,7 +156,8 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
         set_(self, "min_p", min_p)
 
         if self.seed is not None:
-            _check_int("seed", self.seed)
+            if _check_int("seed", self.seed) == -1:  # vLLM's (and OpenAI clients') "no seed"
+                set_(self, "seed", None)
 
         max_tokens = None if self.max_tokens is None else _check_int("max_tokens", self.max_tokens)
         if max_tokens is not None and max_tokens < 1:

@@ -110,6 +110,13 @@ def test_valid_edges_and_normalisation():
     assert SamplingParams(logprobs=MAX_LOGPROBS).logprobs == MAX_LOGPROBS
 
 
+def test_seed_minus_one_means_unseeded_as_vllm():
+    # vLLM reads seed=-1 as None; taken as a fixed seed, every call returned the same "random" tokens
+    assert SamplingParams(seed=-1).seed is None
+    assert SamplingParams.from_dict(SamplingParams(seed=-1).to_dict()).seed is None
+    assert SamplingParams(seed=-2).seed == -2
+
+
 def test_greedy_property():
     assert SamplingParams(temperature=0).greedy
     assert SamplingParams(top_k=1).greedy
