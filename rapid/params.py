@@ -6,6 +6,7 @@ and is validated again on decoding.
 
 from __future__ import annotations
 
+import copy
 import json as _json
 import math
 from typing import Any
@@ -253,6 +254,11 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     def greedy(self) -> bool:
         """True when the row takes the argmax (temperature 0 or top_k 1)."""
         return self.temperature == 0.0 or self.top_k == 1
+
+    def clone(self) -> "SamplingParams":
+        """A deep copy (vLLM's name). SamplingParams is frozen: for changed fields use
+        `msgspec.structs.replace(params, max_tokens=...)`."""
+        return copy.deepcopy(self)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of all fields (tuples stay tuples)."""

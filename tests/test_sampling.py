@@ -117,6 +117,13 @@ def test_seed_minus_one_means_unseeded_as_vllm():
     assert SamplingParams(seed=-2).seed == -2
 
 
+def test_clone_as_vllm():
+    # vLLM scripts call params.clone(); it was an AttributeError
+    p = SamplingParams(temperature=0.3, logit_bias={5: 1.0}, stop=["x"])
+    q = p.clone()
+    assert q == p and q is not p and q.logit_bias is not p.logit_bias
+
+
 def test_greedy_property():
     assert SamplingParams(temperature=0).greedy
     assert SamplingParams(top_k=1).greedy
