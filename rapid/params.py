@@ -6,6 +6,7 @@ and is validated again on decoding.
 
 from __future__ import annotations
 
+import copy
 import json as _json
 import math
 from typing import Any
@@ -106,7 +107,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1 = off
     min_p: float = 0.0
-    seed: int | None = None
+    seed: int | None = None  # -1 means None (unseeded), as vLLM
     max_tokens: int | None = 16  # None: up to max_model_len - prompt length
     min_tokens: int = 0
     stop: tuple[str, ...] | None = None  # str or list[str] accepted; normalised to a tuple
@@ -156,7 +157,8 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
         set_(self, "min_p", min_p)
 
         if self.seed is not None:
-            _check_int("seed", self.seed)
+            if _check_int("seed", self.seed) == -1:  # vLLM's (and OpenAI clients') "no seed"
+                set_(self, "seed", None)
 
         max_tokens = None if self.max_tokens is None else _check_int("max_tokens", self.max_tokens)
         if max_tokens is not None and max_tokens < 1:
@@ -252,6 +254,11 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     def greedy(self) -> bool:
         """True when the row takes the argmax (temperature 0 or top_k 1)."""
         return self.temperature == 0.0 or self.top_k == 1
+
+    def clone(self) -> "SamplingParams":
+        """A deep copy (vLLM's name). SamplingParams is frozen: for changed fields use
+        `msgspec.structs.replace(params, max_tokens=...)`."""
+        return copy.deepcopy(self)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of all fields (tuples stay tuples)."""

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from rapid import LLM, Logprob, SamplingParams, TextPrompt, TokensPrompt
+from rapid.entrypoints.llm_outputs import LogprobConverter
 from tiny import hf_greedy
 
 MAX_MODEL_LEN = 96
@@ -85,6 +86,18 @@ def test_logprobs_and_prompt_logprobs_equal_transformers(llm, hf):
         for t, (tok, entries) in enumerate(zip(out.outputs[0].token_ids, out.outputs[0].logprobs)):
             row = ref[len(PROMPT) - 1 + t]
             assert entries[tok].rank == 1 and entries[tok].logprob == pytest.approx(row[tok].item(), abs=1e-4)
+
+
+def test_logprobs_dicts_start_with_the_chosen_token_as_vllm(llm):
+    # vLLM puts the sampled (or prompt) token first, then the top-N; RAPID put it after them when outside the top-N
+    params = SamplingParams(temperature=2.0, seed=11, max_tokens=24, ignore_eos=True, logprobs=1)
+    comp = gen(llm, [{"prompt_token_ids": PROMPT}], params)[0].outputs[0]
+    assert any(entries[tok].rank > 1 for tok, entries in zip(comp.token_ids, comp.logprobs))  # a token outside top-1
+    assert [next(iter(entries)) for entries in comp.logprobs] == comp.token_ids
+    assert all(len(entries) <= 2 for entries in comp.logprobs)
+    # prompt logprobs go through the same conversion: the prompt token (here outside the top-2) first
+    (entries,) = LogprobConverter(None).convert([{4: -1.0, 8: -2.0, 3: -5.0}], [3], [9])
+    assert list(entries) == [3, 4, 8] and [e.rank for e in entries.values()] == [9, 1, 2]
 
 
 def test_logit_bias_allowed_token_ids_and_bad_words_equal_transformers(llm, hf):

@@ -110,6 +110,20 @@ def test_valid_edges_and_normalisation():
     assert SamplingParams(logprobs=MAX_LOGPROBS).logprobs == MAX_LOGPROBS
 
 
+def test_seed_minus_one_means_unseeded_as_vllm():
+    # vLLM reads seed=-1 as None; taken as a fixed seed, every call returned the same "random" tokens
+    assert SamplingParams(seed=-1).seed is None
+    assert SamplingParams.from_dict(SamplingParams(seed=-1).to_dict()).seed is None
+    assert SamplingParams(seed=-2).seed == -2
+
+
+def test_clone_as_vllm():
+    # vLLM scripts call params.clone(); it was an AttributeError
+    p = SamplingParams(temperature=0.3, logit_bias={5: 1.0}, stop=["x"])
+    q = p.clone()
+    assert q == p and q is not p and q.logit_bias is not p.logit_bias
+
+
 def test_greedy_property():
     assert SamplingParams(temperature=0).greedy
     assert SamplingParams(top_k=1).greedy

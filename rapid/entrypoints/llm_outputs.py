@@ -10,7 +10,8 @@ from rapid.protocol.engine import RequestDelta
 
 
 class LogprobConverter:
-    """{token: logprob} dicts (top-N in rank order, then the chosen token) -> {token: Logprob}."""
+    """{token: logprob} dicts (top-N in rank order, then the chosen token) -> {token: Logprob}, the chosen token
+    first as in vLLM (scripts read `next(iter(entries))` as the sampled token)."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -29,8 +30,11 @@ class LogprobConverter:
         out = []
         for i, (d, tok) in enumerate(zip(entries, chosen)):
             rank = ranks[i] if ranks is not None and i < len(ranks) else None
-            out.append({t: Logprob(lp, (rank or None) if t == tok else pos, self.decoded(t))
-                        for pos, (t, lp) in enumerate(d.items(), start=1)})
+            entry = {t: Logprob(lp, (rank or None) if t == tok else pos, self.decoded(t))
+                     for pos, (t, lp) in enumerate(d.items(), start=1)}
+            if tok in entry:  # vLLM's order: the chosen (sampled or prompt) token first, then the top-N
+                entry = {tok: entry.pop(tok), **entry}
+            out.append(entry)
         return out
 
 
