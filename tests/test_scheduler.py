@@ -304,6 +304,25 @@ def test_a_prefilling_request_preempted_to_make_room_is_not_scheduled_in_the_sam
     assert batch.work[0].block_ids == bm.block_table("a") and len(bm.block_table("a")) == 4
 
 
+def test_a_prompt_logprobs_prompt_stays_on_the_lane_of_its_first_chunk():
+    """Each worker process gathers a prompt's logprobs over the chunks it ran, so a prompt_logprobs prompt started on
+    one lane goes on there, whatever the placement says (mode rapid sent a later chunk to the decode worker, and the
+    request came back without prompt logprobs); another prompt still goes where the placement says."""
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=8, max_model_len=64),
+                      BlockManager(32, 4, enable_prefix_caching=False), placement=Lanes([PREFILL, DECODE, DECODE]))
+    sched.add_request(Request("p", list(range(1, 21)), SamplingParams(max_tokens=1, prompt_logprobs=1)))
+    lanes = []
+    for _ in range(3):
+        (lane, batch), = [(lane, m) for lane, m in sched.schedule().messages if isinstance(m, PrefillBatch)]
+        lanes.append((lane, [(w.request_id, w.start_pos) for w in batch.work]))
+        sched.update_from_output(PrefillDone(batch.batch_id, [], 0.0, 1.0))
+        if len(lanes) == 1:
+            sched.add_request(Request("q", list(range(30, 34)), SamplingParams(max_tokens=1)))
+    assert lanes[:2] == [(PREFILL, [("p", 0)]), (PREFILL, [("p", 8)])]
+    assert lanes[2] == (PREFILL, [("p", 16), ("q", 0)])  # q rides along: the placement's DECODE was overridden
+    assert sched.placement_log.reasons.get("prefill: prompt logprobs: the lane of its first chunk") == 2
+
+
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_max_tokens_none_runs_up_to_max_model_len(async_scheduling):
     """The engine core takes max_tokens=None (up to max_model_len); the decode executor's run-ahead check too."""

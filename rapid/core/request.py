@@ -54,11 +54,18 @@ class Request:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    prompt_lane: str | None = None  # the lane of the prompt's first chunk: with prompt_logprobs, it gathers them
 
     def __post_init__(self) -> None:
         k = self.params.truncate_prompt_tokens
         if k is not None and len(self.prompt_token_ids) > k:  # keep the last k (the edge may have done it)
             self.prompt_token_ids = self.prompt_token_ids[-k:]
+
+    def keeps_lane(self, lane: str, tokens_left: int) -> bool:
+        """A chunk may go to `lane`: with prompt_logprobs, once the prompt has started (fewer than all its tokens
+        left), only to its first chunk's lane (that worker process holds the logprobs of the positions before)."""
+        started = tokens_left < self.num_tokens
+        return self.params.prompt_logprobs is None or not started or self.prompt_lane in (None, lane)
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -135,3 +142,10 @@ def seq_work(req: Request, num_tokens: int, block_ids: list[int], start: int | N
         tokens = prompt[start:end] + output[: max(0, end - len(prompt))]
     return SeqWork(req.request_id, tokens, start, list(block_ids), end == len(prompt) + len(output), req.params,
                    len(output), prompt, output)
+
+
+def lane_kept_for_prompt_logprobs(running: list[Request], lane: str, has_chunk) -> str | None:
+    """The lane where a prompt_logprobs prompt part-way through must go on, when it is not `lane` and that lane may
+    take its next chunk (`has_chunk(req, lane)`); None: no such prompt."""
+    return next((r.prompt_lane for r in running if r.status == RequestStatus.PREFILLING and r.prompt_lane
+                 and not r.keeps_lane(lane, 0) and has_chunk(r, r.prompt_lane)), None)

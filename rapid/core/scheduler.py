@@ -10,11 +10,10 @@ Contract (in the spirit of vLLM v1's SchedulerInterface):
                                 returns the requests with new output
     finish(req, reason)         end a request (abort, stop string) wherever it is
 
-Decoding requests are resident on the decode executor, which steps them by itself; the scheduler keeps
-each one `decode_lookahead_blocks` blocks ahead. Where prefill runs (inside the decode executor's steps
-= hybrid batching, or on the prefill worker) is asked of the placement policy before each batch
-(rapid/core/placement.py). A block is reused only after the executor that last touched it said so.
-Plain Python: no torch.
+Decoding requests are resident on the decode executor, which steps them by itself; the scheduler keeps each one
+`decode_lookahead_blocks` blocks ahead. Where prefill runs (inside the decode executor's steps = hybrid batching, or
+on the prefill worker) is asked of the placement policy before each batch (rapid/core/placement.py). A block is
+reused only after the executor that last touched it said so. Plain Python: no torch.
 """
 
 from __future__ import annotations
@@ -30,8 +29,8 @@ from rapid.core.admission import GrowthReserve
 from rapid.core.block_manager import BlockManager
 from rapid.core.budget import check_token_budget
 from rapid.core.in_flight import InFlight, InFlightBatches
-from rapid.core.placement import DECODE, PREFILL, Load, PlacementLog, StaticPlacement, ewma
-from rapid.core.request import Request, RequestStatus, check_fits, seq_work
+from rapid.core.placement import DECODE, PREFILL, Load, Placement, PlacementLog, StaticPlacement, ewma
+from rapid.core.request import Request, RequestStatus, check_fits, lane_kept_for_prompt_logprobs, seq_work
 from rapid.protocol.worker import (
     DecodeStep, Dropped, GrantBlocks, PrefillBatch, PrefillDone, SampledToken, StartDecode, StopDecode,
     Transferred,
@@ -60,8 +59,7 @@ class Scheduler:
         self.blocks = blocks
         self.decode_blocks = decode_blocks or blocks
         self.separate_pools = decode_blocks is not None
-        # admission keeps room for the running requests' growth (one shared pool only; disagg's decode pool fills
-        # after admission, at hand-off)
+        # admission keeps room for the running requests' growth (one shared pool only: disagg's fills at hand-off)
         self.reserve = (GrowthReserve(config.admission_reserve, blocks, config.max_model_len)
                         if config.admission_reserve > 0 and not self.separate_pools else None)
         self.lookahead_tokens = lookahead_blocks * blocks.block_size
@@ -102,8 +100,7 @@ class Scheduler:
         return min(self.blocks.num_blocks, self.decode_blocks.num_blocks)
 
     def set_token_budget(self, max_num_batched_tokens: int) -> None:
-        """Prefill tokens per batch (hybrid: per step, decodes included) at run time, up to the configured limit
-        (the largest step the workers' graphs and buffers hold)."""
+        """Prefill tokens per batch (hybrid: per step, decodes included) at run time, up to the configured limit."""
         check_token_budget(max_num_batched_tokens, self.config.max_num_batched_tokens)
         self.token_budget = max_num_batched_tokens
 
@@ -159,13 +156,16 @@ class Scheduler:
 
     def _has_chunk_for(self, req: Request, lane: str) -> bool:
         """A prefilling request has prompt tokens that a batch for `lane` may take now (beyond those in flight)."""
-        return self.in_flight.can_take(req.request_id, lane) and self._tokens_to_send(req) > 0
+        left = self._tokens_to_send(req)
+        return self.in_flight.can_take(req.request_id, lane) and req.keeps_lane(lane, left) and left > 0
 
     # ------------------------------------------------------------------ schedule
     def schedule(self) -> SchedulerOutput:
         self._grant_decode_blocks()
         if self.waiting or any(r.status == S.PREFILLING for r in self.running):
             decision = self.placement.place(self.load() if self.placement.reads_load else None)
+            kept = lane_kept_for_prompt_logprobs(self.running, decision.lane, self._has_chunk_for)  # (or it waits)
+            decision = Placement(kept, None, "prompt logprobs: the lane of its first chunk") if kept else decision
             if self.in_flight.lane_free(decision.lane):
                 batch = self._schedule_prefill(decision.lane, decision.token_budget, decision.bounds_step)
                 self.placement_log.record(decision, batch)
@@ -230,7 +230,7 @@ class Scheduler:
             if n is None:
                 break
             self.waiting.popleft()
-            req.status = S.PREFILLING
+            req.status, req.prompt_lane = S.PREFILLING, lane
             self.running.append(req)
             chunks.append((req, n))
             budget -= n
