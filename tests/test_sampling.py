@@ -115,6 +115,15 @@ def test_seed_minus_one_means_unseeded_as_vllm():
     assert SamplingParams(seed=-1).seed is None
     assert SamplingParams.from_dict(SamplingParams(seed=-1).to_dict()).seed is None
     assert SamplingParams(seed=-2).seed == -2
+    # over HTTP, n choices take seed + index: with -1 the second choice was seeded (0)
+    from rapid.entrypoints.openai.protocol import CompletionRequest, sampling_params
+
+    req = CompletionRequest(model="m", prompt="x", seed=-1, n=2)
+    assert [sampling_params(req, max_tokens=4, logprobs=None, default_max_tokens=16, index=i).seed
+            for i in range(2)] == [None, None]
+    req = CompletionRequest(model="m", prompt="x", seed=7, n=2)
+    assert [sampling_params(req, max_tokens=4, logprobs=None, default_max_tokens=16, index=i).seed
+            for i in range(2)] == [7, 8]
 
 
 def test_clone_as_vllm():

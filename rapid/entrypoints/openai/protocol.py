@@ -316,8 +316,8 @@ def sampling_params(req: _Sampling, *, max_tokens: int | None, logprobs: int | N
         raise ApiError(400, f"logprobs must be in [0, {MAX_LOGPROBS}], got {logprobs}", param="logprobs")
     fields: dict[str, Any] = {k: v for k, v in (defaults or {}).items() if k in SAMPLING_FIELDS}
     fields |= {k: getattr(req, k) for k in SAMPLING_FIELDS if getattr(req, k) is not None}
-    if req.seed is not None:
-        fields["seed"] = req.seed + index
+    if req.seed is not None:  # -1: unseeded, as vLLM (seed + index would seed every choice but the first)
+        fields["seed"] = None if req.seed == -1 else req.seed + index
     fields["max_tokens"] = default_max_tokens if max_tokens is None else max_tokens
     if req.stop is not None:
         fields["stop"] = req.stop
