@@ -325,9 +325,7 @@ class AsyncClient:
         await self._sock.send(_encode(self._encoder, msg, self.max_message_bytes))
 
     async def _read_loop(self) -> None:
-        import zmq.asyncio
-
-        poller = zmq.asyncio.Poller()
+        poller = zmq.asyncio.Poller()  # (zmq.asyncio imported by __init__)
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._monitor, zmq.POLLIN)
         try:
