@@ -228,6 +228,8 @@ def kernel_family(name: str) -> str:
         return "kv store (triton)"
     if "_paged_prefill_kernel" in name:
         return "prefill attention (triton paged)"
+    if "_gemv_kernel" in name:
+        return "gemv (triton)"
     if "_race_kernel" in name:
         return "sampler race (triton)"
     if "_partial_lse_kernel" in name or "_merge_kernel" in name:
@@ -539,33 +541,39 @@ def main() -> None:
     with torch.inference_mode():
         model, backend = build_8b(cfg, max_positions=max(args.max_model_len, 8192) + 16)
         default_sdpa = backend.prefill_sdpa_backends  # flash first (see TritonAttention)
-        for variant in ("eager", "compiled", "compiled-cudnn-prefill", "compiled-paged-prefill"):
+        variants = ("eager", "compiled", "compiled-cublas-decode", "compiled-cudnn-prefill", "compiled-paged-prefill")
+        for variant in variants:
             if variant in skip or (variant.startswith("compiled") and "compiled" in skip):
                 continue
             t0 = time.perf_counter()
             try:
                 if variant == "compiled":
                     model.compile_pieces(dynamic=True if args.compile_dynamic == "true" else "tokens")
+                    model.use_gemv(True)  # as rapid.compile.prepare_model does on CUDA
+                if variant == "compiled-cublas-decode":  # decode only: batch 1's products on cuBLAS, not the GEMV
+                    model.use_gemv(False)
                 if variant == "compiled-cudnn-prefill":  # prefill only: SDPA with cuDNN first, then flash
                     backend.set_prefill_attention("cudnn")
                 if variant == "compiled-paged-prefill":  # prefill only: the Triton paged kernel, no gather
                     backend.set_prefill_attention("paged")
                 v = report["model"].setdefault(variant, {})
-                pool, _, _ = decode_case(1, 8192, cfg, layers=cfg.num_layers, extra_blocks=0)
-                v["prefill"] = bench_prefill(model, cfg, variant, pool, refs, profile=variant != "eager")
-                del pool
-                torch.cuda.empty_cache()
-                save()
+                if not variant.endswith("-decode"):
+                    pool, _, _ = decode_case(1, 8192, cfg, layers=cfg.num_layers, extra_blocks=0)
+                    v["prefill"] = bench_prefill(model, cfg, variant, pool, refs, profile=variant != "eager")
+                    del pool
+                    torch.cuda.empty_cache()
+                    save()
                 if not variant.endswith("-prefill"):
                     v["decode"] = bench_decode(model, backend, cfg, variant, best, args.apply_best,
                                                args.max_model_len, full_buckets=variant == "compiled", refs=refs,
-                                               profile=variant == "compiled")
+                                               profile=variant.startswith("compiled"))
                 v["wall_s"] = round(time.perf_counter() - t0, 1)
             except Exception as e:
                 traceback.print_exc()
                 report["errors"].append(f"{variant}: {e!r}"[:300])
             backend.set_prefill_attention("flash")
             backend.prefill_sdpa_backends = default_sdpa
+            model.use_gemv(variant != "eager")
             save()
     save()
     print(markdown(report))

@@ -24,6 +24,7 @@ from torch import nn
 
 from rapid.attention.metadata import AttentionMetadata
 from rapid.model.config import ModelConfig, RopeConfig
+from rapid.model.linear import GemvConfig, Linear, config_for
 
 
 class RMSNorm(nn.Module):
@@ -91,8 +92,8 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.head_dim, self.q_size, self.kv_size = cfg.head_dim, cfg.q_size, cfg.kv_size
         # q, k and v projections fused into one matmul; the loader stacks the checkpoint's three.
-        self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, bias=False)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -120,8 +121,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.intermediate_size = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # gate and up fused
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # gate and up fused
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
@@ -182,8 +183,9 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, backend) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, max_positions or cfg.max_position_embeddings)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.pieces = EAGER  # compile_pieces replaces them with this model's compiled copies
+        self.logits_gemv: GemvConfig | None = None  # use_gemv sets it
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_pool: torch.Tensor, meta: AttentionMetadata
@@ -202,7 +204,19 @@ class LlamaModel(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [S, hidden] (the rows that sample) -> float32 logits [S, vocab]."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        if self.logits_gemv is not None and hidden.shape[0] == 1:
+            from rapid.model.gemv import gemv
+
+            return gemv(hidden.contiguous(), weight, self.logits_gemv).float()
         return nn.functional.linear(hidden, weight).float()
+
+    def use_gemv(self, on: bool) -> LlamaModel:
+        """One token's products (a batch-1 decode step, one row's logits) through the Triton GEMV (CUDA only)."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.use_gemv(on)
+        self.logits_gemv = config_for(self.config.hidden_size) if on else None
+        return self
 
     def compile_pieces(self, dynamic: bool | str = "tokens") -> LlamaModel:
         """Run the pieces through torch.compile (fullgraph); attention stays eager between them. Returns self.

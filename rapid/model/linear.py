@@ -1,0 +1,40 @@
+"""nn.Linear that runs one token's product through the Triton GEMV of rapid/model/gemv.py once told to (CUDA).
+
+This module imports no Triton: the kernel's module is imported on first use, so the CPU needs none.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+
+class GemvConfig(NamedTuple):
+    block_n: int = 2
+    block_k: int = 1024
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def config_for(in_features: int) -> GemvConfig:
+    """The sweep's best on the H200: 1024-column blocks, or 512 with 2 warps for long rows (down_proj)."""
+    return GemvConfig(2, 512, 2, 3) if in_features > 8192 else GemvConfig(2, 1024, 4, 3)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose one-token product runs the Triton GEMV once `use_gemv` gave it a configuration."""
+
+    gemv_config: GemvConfig | None = None
+
+    def use_gemv(self, on: bool) -> None:
+        self.gemv_config = config_for(self.in_features) if on else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gemv_config is None or x.shape[0] != 1:
+            return super().forward(x)
+        from rapid.model.gemv import gemv
+
+        y = gemv(x.contiguous(), self.weight, self.gemv_config)  # [1, out_features]
+        return y if self.bias is None else y + self.bias

@@ -1,0 +1,125 @@
+"""The one-token Triton GEMV (rapid/model/gemv.py) and the Linear that uses it (rapid/model/linear.py): on the CPU
+through Triton's interpreter, in a subprocess (this file run as a script), against torch's products; a tiny
+model's prefill-then-decode logits with the GEMV on equal transformers'. What the GEMV is switched on for, and
+that it stays off for more than one token, is checked here in process."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+from triton_interpreted import interpreted_results
+
+from rapid.model.linear import GemvConfig, Linear, config_for
+
+# (N, K, config, dtype): rows and columns that divide the blocks; neither divides; one row per program
+KERNEL_CASES = [(48, 64, (8, 32, 4, 2), "float32"), (50, 96, (16, 64, 4, 1), "float32"),
+                (7, 40, (1, 16, 1, 2), "float32"), (33, 100, (2, 32, 2, 3), "bfloat16")]
+NUM_CASES = len(KERNEL_CASES) + 2
+
+
+def run_cases() -> list[dict]:
+    from rapid.model.gemv import gemv  # in the interpreter subprocess only
+
+    out = []
+    for i, (N, K, cfg, dtype) in enumerate(KERNEL_CASES):
+        g = torch.Generator().manual_seed(i)
+        dt = getattr(torch, dtype)
+        x, w = torch.randn(1, K, generator=g).to(dt), torch.randn(N, K, generator=g).to(dt)
+        y = gemv(x, w, GemvConfig(*cfg))
+        ref = x.float() @ w.float().T
+        out.append({"case": f"kernel {N}x{K} {dtype}", "shape": list(y.shape), "dtype": str(y.dtype),
+                    "max_err": float((y.float() - ref).abs().max()), "scale": float(ref.abs().max())})
+    # the Linear: one token through the GEMV (with a bias), three tokens through torch
+    torch.manual_seed(5)
+    lin = Linear(40, 24, bias=True)
+    lin.use_gemv(True)
+    one, three = torch.randn(1, 40), torch.randn(3, 40)
+    out.append({"case": "linear", "one_err": float((lin(one) - torch.nn.functional.linear(one, lin.weight, lin.bias))
+                                                   .abs().max()),
+                "three_equal": bool(torch.equal(lin(three), torch.nn.functional.linear(three, lin.weight, lin.bias)))})
+    out.append({"case": "model", **model_case()})
+    return out
+
+
+def model_case() -> dict:
+    """A tiny Llama's logits, prompt then three single-token steps, with the GEMV on, against transformers."""
+    import tempfile
+
+    from test_model import load, run_chunks
+    from tiny import make_tiny_model
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = make_tiny_model(tmp, "qwen2", with_tokenizer=False, tie=True)  # qkv bias, tied LM head
+        ours = load(folder).use_gemv(True)
+        ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        ids = torch.randint(0, 300, (12,), generator=torch.Generator().manual_seed(1))
+        want = ref(ids[None]).logits[0]
+    got = run_chunks(ours, ids, [(0, 9), (9, 10), (10, 11), (11, 12)])
+    return {"max_err": float((got - want).abs().max()), "argmax_equal": bool(torch.equal(got.argmax(-1),
+                                                                                         want.argmax(-1)))}
+
+
+def test_gemv_equals_torch_under_the_interpreter():
+    results = {r["case"]: r for r in interpreted_results(__file__, NUM_CASES)}
+    for N, K, _, dtype in KERNEL_CASES:
+        r = results[f"kernel {N}x{K} {dtype}"]
+        assert r["shape"] == [1, N] and r["dtype"] == f"torch.{dtype}"
+        # float32: summation order only; bfloat16: the output's rounding (8 bits of mantissa)
+        assert r["max_err"] <= (1e-5 if dtype == "float32" else 2**-7) * r["scale"], r
+    assert results["linear"]["one_err"] < 1e-5 and results["linear"]["three_equal"], results["linear"]
+    model = results["model"]
+    assert model["max_err"] < 2e-4 and model["argmax_equal"], model
+
+
+def test_use_gemv_configures_every_projection_and_the_lm_head(tmp_path):
+    from test_model import load
+    from tiny import make_tiny_model
+
+    model = load(make_tiny_model(tmp_path, "llama", with_tokenizer=False))  # untied: an lm_head Linear
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert len(linears) == 4 * model.config.num_layers + 1 and all(m.gemv_config is None for m in linears)
+    model.use_gemv(True)
+    assert all(m.gemv_config == config_for(m.in_features) for m in linears)
+    assert model.logits_gemv == config_for(model.config.hidden_size)
+    model.use_gemv(False)
+    assert all(m.gemv_config is None for m in linears) and model.logits_gemv is None
+
+
+def test_config_for_follows_the_sweep():
+    # bench/results/session30: 1024-column blocks of 2 rows, 4 warps; down_proj's 14336 columns: 512 and 2 warps
+    assert config_for(4096) == GemvConfig(2, 1024, 4, 3)
+    assert config_for(14336) == GemvConfig(2, 512, 2, 3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (1000, 300)])
+def test_gpu_gemv_compiled_and_in_a_cuda_graph(n, k):
+    """On the GPU: against cuBLAS in bf16, and the same bits from eager, torch.compile (Dynamo traces the Triton
+    launch) and a CUDA graph replay of the compiled Linear, as the decode graphs run it."""
+    torch.manual_seed(0)
+    lin = Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+    lin.use_gemv(True)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    eager = lin(x)
+    ref = torch.nn.functional.linear(x.float(), lin.weight.float())
+    assert ((eager.float() - ref).norm() / ref.norm()).item() < 1e-2
+    compiled = torch.compile(lin.forward, fullgraph=True, dynamic=False)
+    assert torch.equal(compiled(x), eager)
+    graph, static_x = torch.cuda.CUDAGraph(), x.clone()
+    with torch.cuda.graph(graph):
+        static_y = compiled(static_x)
+    static_x.copy_(x * 2)
+    graph.replay()
+    assert torch.equal(static_y, lin(x * 2))
+
+
+if __name__ == "__main__":  # the interpreter subprocess
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    sys.path.insert(0, os.path.dirname(__file__))
+    for r in run_cases():
+        print("RESULT " + json.dumps(r), flush=True)
