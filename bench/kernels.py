@@ -291,7 +291,7 @@ def profile_breakdown(fn, n: int = 3) -> dict:
 
 
 def bench_decode(model, backend, cfg, variant: str, best: dict, apply_best: bool, max_model_len: int,
-                 full_buckets: bool, refs: dict, profile: bool) -> dict:
+                 full_buckets: bool, refs: dict, profile: bool, blas_by_batch: bool = True) -> dict:
     from rapid.compile.cuda_graphs import DecodeGraphRunner
 
     res = {}
@@ -325,7 +325,7 @@ def bench_decode(model, backend, cfg, variant: str, best: dict, apply_best: bool
             sizes = None if (full_buckets and B == 256) else [B]
             t0 = time.perf_counter()
             runner = DecodeGraphRunner(model, pool, 256 if sizes is None else B, BLOCK, max_model_len,
-                                       capture_sizes=sizes, progress=False)
+                                       capture_sizes=sizes, progress=False, blas_by_batch=blas_by_batch)
             capture_s = time.perf_counter() - t0
             assert runner.can_run(meta, B)
 
@@ -550,7 +550,7 @@ def main() -> None:
                 if variant == "compiled":
                     model.compile_pieces(dynamic=True if args.compile_dynamic == "true" else "tokens")
                     model.use_gemv(True)  # as rapid.compile.prepare_model does on CUDA
-                if variant == "compiled-cublas-decode":  # decode only: batch 1's products on cuBLAS, not the GEMV
+                if variant == "compiled-cublas-decode":  # decode only: cuBLAS for every batch (no GEMV, no cuBLASLt)
                     model.use_gemv(False)
                 if variant == "compiled-cudnn-prefill":  # prefill only: SDPA with cuDNN first, then flash
                     backend.set_prefill_attention("cudnn")
@@ -566,7 +566,8 @@ def main() -> None:
                 if not variant.endswith("-prefill"):
                     v["decode"] = bench_decode(model, backend, cfg, variant, best, args.apply_best,
                                                args.max_model_len, full_buckets=variant == "compiled", refs=refs,
-                                               profile=variant.startswith("compiled"))
+                                               profile=variant.startswith("compiled"),
+                                               blas_by_batch=variant != "compiled-cublas-decode")
                 v["wall_s"] = round(time.perf_counter() - t0, 1)
             except Exception as e:
                 traceback.print_exc()

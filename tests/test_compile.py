@@ -89,3 +89,26 @@ def test_capture_pieces_warms_every_piece_up_then_captures_each_once_in_order(mo
     graphs = capture_pieces([lambda: log.append("a"), lambda: log.append("b")], pool="P")
     assert log == ["a", "b", "sync", ("capture", "P"), "a", ("capture", "P"), "b"]
     assert len(graphs) == 2 and all(isinstance(g, Graph) for g in graphs)
+
+
+def test_decode_graphs_pick_cublaslt_for_mid_batches_and_put_the_choice_back(monkeypatch):
+    """Batches 32-96 capture cuBLASLt's GEMMs (faster there on the H200), the rest cuBLAS; the process-wide choice is
+    restored after each capture, also when the capture raises. (The CPU build cannot select cuBLASLt: a fake setter.)"""
+    from rapid.compile import cuda_graphs
+
+    assert [cuda_graphs.blas_library_for(b) for b in (1, 8, 16, 24, 32, 64, 96, 104, 128, 256)] == \
+        ["cublas"] * 4 + ["cublaslt"] * 3 + ["cublas"] * 3
+    state = ["cublas"]
+
+    def fake(backend=None):
+        if backend is not None:
+            state[0] = backend
+        return state[0]
+
+    monkeypatch.setattr(torch.backends.cuda, "preferred_blas_library", fake)
+    with cuda_graphs.preferred_blas("cublaslt"):
+        assert state[0] == "cublaslt"
+    assert state[0] == "cublas"
+    with pytest.raises(RuntimeError), cuda_graphs.preferred_blas("cublaslt"):
+        raise RuntimeError("capture failed")
+    assert state[0] == "cublas"

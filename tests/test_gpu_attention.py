@@ -190,18 +190,20 @@ def _decode_batch(n, ctx_lens, block_size, tables, vocab, device):
 @torch.inference_mode()
 def test_decode_graph_matches_eager(tmp_path, arch):
     from rapid.attention.metadata import kv_pool_shape
-    from rapid.compile.cuda_graphs import DecodeGraphRunner
+    from rapid.compile.cuda_graphs import DecodeGraphRunner, blas_library_for
 
     model, cfg = _tiny_model(tmp_path, arch, num_heads=4, num_kv_heads=2, head_dim=64, hidden_size=128)
-    bs, max_len, max_seqs = 16, 256, 20
+    bs, max_len, max_seqs = 16, 256, 40
     num_blocks = max_seqs * (max_len // bs) + 1
     pool = torch.randn(kv_pool_shape(cfg.num_layers, num_blocks, bs, cfg.num_kv_heads, cfg.head_dim),
                        device=DEV).to(torch.bfloat16)
+    model.use_gemv(True)  # as prepare_model does: batch 1's graph holds the Triton GEMV
     runner = DecodeGraphRunner(model, pool, max_seqs, bs, max_len, progress=False)
-    assert runner.sizes == [1, 2, 4, 8, 16, 24]
+    assert runner.sizes == [1, 2, 4, 8, 16, 24, 32, 40]
+    assert [blas_library_for(b) for b in runner.sizes[-3:]] == ["cublas", "cublaslt", "cublaslt"]
     perm = torch.randperm(num_blocks - 1).add(1).tolist()
     rng = random.Random(0)
-    for n in [1, 3, 8, 13, 20]:
+    for n in [1, 3, 8, 13, 20, 29, 40]:
         ctx = [rng.randint(1, max_len) for _ in range(n)]
         tables = []
         for c in ctx:

@@ -24,6 +24,7 @@ batch 256 34.8 -> 31.1 ms.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import time
 
@@ -58,9 +59,34 @@ def bucket_sizes(max_num_seqs: int) -> list[int]:
     return below + [next(c for c in candidates if c >= max(max_num_seqs, 1))]
 
 
+# Decode batches whose graphs capture cuBLASLt's GEMMs instead of cuBLAS's: on the H200 the step's GEMMs took
+# 3.971 / 4.081 / 4.021 / 4.231 ms with cuBLASLt at batch 32 / 48 / 64 / 96 against cuBLAS's 4.088 / 4.238 / 4.255 /
+# 4.486, and longer at 8, 16, 128, 192 and 256 (bench/results/session30/call2/gemm-shapes.md; 64 also in sessions
+# 27 and 28).
+CUBLASLT_BATCHES = (32, 96)
+
+
+def blas_library_for(batch: int) -> str:
+    """The BLAS library a decode graph of this batch captures its GEMMs with."""
+    return "cublaslt" if CUBLASLT_BATCHES[0] <= batch <= CUBLASLT_BATCHES[1] else "cublas"
+
+
+@contextlib.contextmanager
+def preferred_blas(library: str):
+    """torch's process-wide BLAS choice set for a capture, and put back after it."""
+    before = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library(library)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_blas_library(before)
+
+
 class DecodeGraphRunner:
     def __init__(self, model, kv_pool: torch.Tensor, max_num_seqs: int, block_size: int, max_model_len: int,
-                 *, capture_sizes: list[int] | None = None, progress: bool = True):
+                 *, capture_sizes: list[int] | None = None, progress: bool = True, blas_by_batch: bool = True):
+        """blas_by_batch: capture batches in CUBLASLT_BATCHES with cuBLASLt (else every batch with torch's default)."""
+        self.blas_by_batch = blas_by_batch
         self.model = model
         self.kv_pool = kv_pool
         self.block_size = block_size
@@ -109,12 +135,14 @@ class DecodeGraphRunner:
         for b in tqdm(sizes, desc="capturing decode CUDA graphs", disable=not progress, leave=False):
             meta = self._meta(b)
             ids, pos = self.input_ids[:b], self.positions[:b]
-            for _ in range(2):  # compile Triton/Inductor kernels for this shape outside the capture
-                self.model(ids, pos, self.kv_pool, meta)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = self.model(ids, pos, self.kv_pool, meta)
+            library = blas_library_for(b) if self.blas_by_batch else torch.backends.cuda.preferred_blas_library()
+            with preferred_blas(library):
+                for _ in range(2):  # compile Triton/Inductor kernels for this shape outside the capture
+                    self.model(ids, pos, self.kv_pool, meta)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    out = self.model(ids, pos, self.kv_pool, meta)
             self.graphs[b], self.outputs[b] = graph, out
         torch.cuda.synchronize()
         self.seq_lens.fill_(0)
