@@ -4,7 +4,8 @@ One layer's attention (32 query heads, 8 kv heads, head_dim 128, bf16, 16-token 
 for: one 2048-token prompt, one 8192-token prompt, and four 512-token chunks each at the end of a 2048-token
 context. Every (block_m, block_n, num_warps, num_stages) of the grid is timed (CUDA events, median of --reps
 calls after 3, the tile map built once as the engine's plan does) and checked against flash SDPA on the same
-keys laid out contiguously; flash and cuDNN SDPA are timed too (the single prompts only).
+keys laid out contiguously (kv heads repeated); flash and cuDNN SDPA are timed too (the single prompts only;
+their times include the repeat of the kv heads, a copy the engine's SDPA path does not make).
 Usage (on the GPU machine):  python3 bench/paged_prefill_sweep.py [--out DIR]   -> paged-prefill-sweep.{json,md}
 """
 
@@ -62,15 +63,17 @@ def build(cases, gen):
     return q, kv, tables, qsl, seq_lens, contiguous
 
 
-def sdpa(q, qsl, cases, contiguous, backend):
+def sdpa(q, qsl, cases, contiguous, backends):
+    """Each sequence through SDPA, kv heads repeated for the query heads (flash refuses enable_gqa here)."""
     outs = []
-    with sdpa_kernel([backend]):
+    with sdpa_kernel(backends):
         for s, (q_len, ctx) in enumerate(cases):
             qs = q[qsl[s]: qsl[s] + q_len].transpose(0, 1)[None]  # [1, H, q_len, D]
             k, v = contiguous[s]
             mask = None if q_len == ctx else torch.ones(q_len, ctx, dtype=torch.bool, device="cuda").tril(ctx - q_len)
+            k, v = (t.repeat_interleave(H // KVH, dim=1) for t in (k, v))  # [1, H, ctx, D]
             outs.append(F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, is_causal=mask is None,
-                                                       scale=D**-0.5, enable_gqa=True)[0].transpose(0, 1))
+                                                       scale=D**-0.5)[0].transpose(0, 1))
     return torch.cat(outs)
 
 
@@ -89,12 +92,13 @@ def main() -> None:
         q, kv, tables, qsl, seq_lens, contiguous = build(cases, gen)
         T = q.shape[0]
         flops = causal_flops(cases)
-        ref = sdpa(q, qsl, cases, contiguous, SDPBackend.FLASH_ATTENTION).float()
+        ref = sdpa(q, qsl, cases, contiguous, [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                                               SDPBackend.MATH]).float()
         entry = {"cases": cases, "tflop_per_layer": round(flops / 1e12, 4), "sdpa": {}, "paged": []}
         if len(cases) == 1:
             for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
                 try:
-                    ms = median_ms(lambda b=backend: sdpa(q, qsl, cases, contiguous, b), args.reps)
+                    ms = median_ms(lambda b=backend: sdpa(q, qsl, cases, contiguous, [b]), args.reps)
                     entry["sdpa"][name] = {"ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1)}
                 except Exception as e:
                     entry["sdpa"][name] = {"error": repr(e)[:160]}
