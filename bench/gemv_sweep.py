@@ -24,7 +24,10 @@ from kernels import median_ms
 from rapid.model.gemv import gemv
 from rapid.model.linear import GemvConfig, config_for
 
-GRID = [GemvConfig(*c) for c in itertools.product((1, 2, 4), (1024, 2048, 4096), (1, 2, 4), (2, 3))]
+# call 2's grid, and whole 4096-column rows (a larger grid in call 4, with 4 rows x 4096 columns on 1 warp, did not
+# finish in 60 s)
+GRID = [GemvConfig(*c) for c in itertools.product((1, 2), (512, 1024, 2048), (1, 2, 4, 8), (2, 3, 4))] + [
+    GemvConfig(2, 4096, 2, 3), GemvConfig(2, 4096, 4, 3), GemvConfig(1, 4096, 2, 3)]
 
 
 def timed(fn, x, copies, calls: int, reps: int) -> float:

@@ -78,7 +78,7 @@ for stage in "$@"; do
     sampler) python3 bench/sampler_cost.py --out $OUT 2>&1 | tail -12 ;;
     step-profile) python3 bench/step_profile.py --model $MODEL --batches ${PBATCHES:-1,64,256} --ctx ${CTX:-1000} --out $OUT 2>&1 \
         | grep -v "it/s" > $OUT/step-profile.log; grep -v "^ " $OUT/step-profile.log | tail -5 ;;
-    kernels) python3 bench/kernels.py --skip ${KSKIP:-attention} --compile-dynamic ${KDYN:-tokens} --out $OUT 2>&1 | grep -v "it/s" | tail -40 ;;
+    kernels) python3 bench/kernels.py --skip ${KSKIP:-attention} --compile-dynamic ${KDYN:-tokens} ${KARGS:-} --out $OUT 2>&1 | grep -v "it/s" | tail -40 ;;
     offline1k) for split in ${SPLITS1K:-hybrid 70/30 100/100}; do
         if [ $split = hybrid ]; then m="--mode hybrid"; tag=hybrid; else m="--mode rapid --prefill-sm-percentage ${split%/*} --decode-sm-percentage ${split#*/}"; tag=rapid-${split%/*}-${split#*/}; fi
         python3 -m rapid.entrypoints.cli bench offline --model $MODEL $m --load-format dummy --skip-tokenizer-init \

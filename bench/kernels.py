@@ -291,12 +291,15 @@ def profile_breakdown(fn, n: int = 3) -> dict:
 
 
 def bench_decode(model, backend, cfg, variant: str, best: dict, apply_best: bool, max_model_len: int,
-                 full_buckets: bool, refs: dict, profile: bool, blas_by_batch: bool = True) -> dict:
+                 full_buckets: bool, refs: dict, profile: bool, blas_by_batch: bool = True,
+                 only: set[str] | None = None) -> dict:
     from rapid.compile.cuda_graphs import DecodeGraphRunner
 
     res = {}
     gen = torch.Generator(device="cuda").manual_seed(1)
     plans = [((1, 1024), (64, 1024)), ((256, 2048),)]
+    if only:  # --decode-cases: the named cases, e.g. {"B1_ctx1024"}
+        plans = [g for g in (tuple(c for c in group if f"B{c[0]}_ctx{c[1]}" in only) for group in plans) if g]
     keys = ("tile_n", "num_warps", "num_stages", "programs_per_sm")
     for group in plans:
         B0, ctx0 = group[-1]
@@ -494,6 +497,8 @@ def main() -> None:
     ap.add_argument("--compile-dynamic", default="true", choices=["true", "tokens"],
                     help="model.compile_pieces(dynamic=...): true = every size symbolic; tokens = only T symbolic")
     ap.add_argument("--max-model-len", type=int, default=4096, help="the graphs' host bound of the context")
+    ap.add_argument("--decode-only", action="store_true", help="no prefill cases in any variant")
+    ap.add_argument("--decode-cases", default="", help="comma list of decode cases to run, e.g. B1_ctx1024")
     ap.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -557,7 +562,7 @@ def main() -> None:
                 if variant == "compiled-paged-prefill":  # prefill only: the Triton paged kernel, no gather
                     backend.set_prefill_attention("paged")
                 v = report["model"].setdefault(variant, {})
-                if not variant.endswith("-decode"):
+                if not (variant.endswith("-decode") or args.decode_only):
                     pool, _, _ = decode_case(1, 8192, cfg, layers=cfg.num_layers, extra_blocks=0)
                     v["prefill"] = bench_prefill(model, cfg, variant, pool, refs, profile=variant != "eager")
                     del pool
@@ -567,7 +572,8 @@ def main() -> None:
                     v["decode"] = bench_decode(model, backend, cfg, variant, best, args.apply_best,
                                                args.max_model_len, full_buckets=variant == "compiled", refs=refs,
                                                profile=variant.startswith("compiled"),
-                                               blas_by_batch=variant != "compiled-cublas-decode")
+                                               blas_by_batch=variant != "compiled-cublas-decode",
+                                               only=set(filter(None, args.decode_cases.split(","))))
                 v["wall_s"] = round(time.perf_counter() - t0, 1)
             except Exception as e:
                 traceback.print_exc()
