@@ -13,7 +13,7 @@ import pytest
 import torch
 from triton_interpreted import interpreted_results
 
-from rapid.model.linear import GemvConfig, Linear, config_for
+from rapid.model.linear import GemvConfig, Linear, config_for, gemv_applies
 
 # (N, K, config, dtype): rows and columns that divide the blocks; neither divides; one row per program
 KERNEL_CASES = [(48, 64, (8, 32, 4, 2), "float32"), (50, 96, (16, 64, 4, 1), "float32"),
@@ -40,7 +40,9 @@ def run_cases() -> list[dict]:
     one, three = torch.randn(1, 40), torch.randn(3, 40)
     out.append({"case": "linear", "one_err": float((lin(one) - torch.nn.functional.linear(one, lin.weight, lin.bias))
                                                    .abs().max()),
-                "three_equal": bool(torch.equal(lin(three), torch.nn.functional.linear(three, lin.weight, lin.bias)))})
+                "three_equal": bool(torch.equal(lin(three), torch.nn.functional.linear(three, lin.weight, lin.bias))),
+                "one_3d_equal": bool(torch.equal(lin(one[None]), torch.nn.functional.linear(one[None], lin.weight,
+                                                                                           lin.bias)))})
     out.append({"case": "model", **model_case()})
     return out
 
@@ -71,7 +73,8 @@ def test_gemv_equals_torch_under_the_interpreter():
         assert r["shape"] == [1, N] and r["dtype"] == f"torch.{dtype}"
         # float32: summation order only; bfloat16: the output's rounding (8 bits of mantissa)
         assert r["max_err"] <= (1e-5 if dtype == "float32" else 2**-7) * r["scale"], r
-    assert results["linear"]["one_err"] < 1e-5 and results["linear"]["three_equal"], results["linear"]
+    lin = results["linear"]  # one row: the GEMV; three rows, or one row in 3-D: torch's product, bit for bit
+    assert lin["one_err"] < 1e-5 and lin["three_equal"] and lin["one_3d_equal"], lin
     model = results["model"]
     assert model["max_err"] < 2e-4 and model["argmax_equal"], model
 
@@ -88,6 +91,30 @@ def test_use_gemv_configures_every_projection_and_the_lm_head(tmp_path):
     assert model.logits_gemv == config_for(model.config.hidden_size)
     model.use_gemv(False)
     assert all(m.gemv_config is None for m in linears) and model.logits_gemv is None
+
+
+def test_only_one_row_of_the_weights_width_dtype_and_layout_reaches_the_kernel(monkeypatch):
+    """Everything else goes to torch: a wrong width or dtype gets torch's own error, and a weight whose rows are not
+    contiguous (the kernel reads rows by one stride) gets torch's product. The kernel is a stub that must not run."""
+    import rapid.model.gemv
+
+    def launched(*args):
+        raise AssertionError("the GEMV kernel was launched")
+
+    monkeypatch.setattr(rapid.model.gemv, "gemv", launched)
+    lin = Linear(8, 4, bias=False)
+    lin.use_gemv(True)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        lin(torch.randn(1, 6))
+    with pytest.raises(RuntimeError, match="dtype"):
+        lin(torch.randn(1, 8, dtype=torch.float64))
+    x = torch.randn(1, 8)
+    lin.weight = torch.nn.Parameter(torch.randn(8, 4).t(), requires_grad=False)  # [4, 8], column stride 4
+    assert not gemv_applies(x, lin.weight) and torch.equal(lin(x), x @ lin.weight.t())
+    assert gemv_applies(x, lin.weight.contiguous())
+    lin.weight = torch.nn.Parameter(torch.randn(4, 8), requires_grad=False)
+    with pytest.raises(AssertionError, match="launched"):  # and a product the GEMV computes does reach it
+        lin(x)
 
 
 def test_config_for_follows_the_sweep():

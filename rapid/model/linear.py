@@ -19,9 +19,16 @@ class GemvConfig(NamedTuple):
 
 
 def config_for(in_features: int) -> GemvConfig:
-    """The sweep's best on the H200 (bench/results/session30/call2/gemv-sweep.md): two rows a program, 2048 columns
-    at a time, 2 warps was within 0.2% of the best at every Llama-3.1-8B shape (in_features 4096 and 14336)."""
+    """The sweep's choice on the H200 (bench/results/session30/call2/gemv-sweep.json): two rows a program, 2048
+    columns at a time, 2 warps was within 0.4% of the best at every Llama-3.1-8B shape (in_features 4096, 14336)."""
     return GemvConfig()
+
+
+def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether x @ weight^T is a product the GEMV computes: one row of the weight's width and dtype, the weight's
+    rows contiguous. Anything else goes to torch, which also raises torch's own error for a wrong input."""
+    return (x.dim() == 2 and x.shape[0] == 1 and x.shape[1] == weight.shape[1] and x.dtype == weight.dtype
+            and weight.stride(1) == 1)
 
 
 class Linear(nn.Linear):
@@ -33,7 +40,7 @@ class Linear(nn.Linear):
         self.gemv_config = config_for(self.in_features) if on else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gemv_config is None or x.shape[0] != 1:
+        if self.gemv_config is None or not gemv_applies(x, self.weight):
             return super().forward(x)
         from rapid.model.gemv import gemv
 
