@@ -61,7 +61,8 @@ else: sys.exit('rapid serve never became healthy')" || { tail -30 $OUT/http-serv
 for stage in "$@"; do
   echo "=== $stage $(date +%T)"
   case $stage in
-    tests) python3 -m pytest -q -p no:cacheprovider --durations=10 tests/test_gpu_rapid.py tests/test_gpu_memory.py tests/test_gpu_attention.py tests/test_gemv.py > $OUT/gpu-tests.log 2>&1; tail -30 $OUT/gpu-tests.log ;;
+    tests) python3 -m pytest -q -p no:cacheprovider --durations=10 tests/test_gpu_rapid.py tests/test_gpu_memory.py tests/test_gpu_attention.py tests/test_gemv.py \
+      --deselect tests/test_gemv.py::test_gemv_equals_torch_under_the_interpreter > $OUT/gpu-tests.log 2>&1; tail -30 $OUT/gpu-tests.log ;;
     frontier-hybrid) python3 -m rapid.entrypoints.cli --log-level INFO bench frontier --model $MODEL --mode hybrid \
         --load-format dummy --chunks ${CHUNKS:-256,512,1024,2048,4096} --batches $BATCHES --ctx 1024 \
         --prefill-len 2048 --window-s ${WINDOW:-2} --max-model-len 4096 --output-json $OUT/frontier-hybrid.json 2>&1 | grep --line-buffered -v "it/s" ;;

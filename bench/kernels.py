@@ -572,7 +572,7 @@ def main() -> None:
                     v["decode"] = bench_decode(model, backend, cfg, variant, best, args.apply_best,
                                                args.max_model_len, full_buckets=variant == "compiled", refs=refs,
                                                profile=variant.startswith("compiled"),
-                                               blas_by_batch=variant != "compiled-cublas-decode",
+                                               blas_by_batch=variant == "compiled",
                                                only=set(filter(None, args.decode_cases.split(","))))
                 v["wall_s"] = round(time.perf_counter() - t0, 1)
             except Exception as e:
