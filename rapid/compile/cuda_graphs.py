@@ -61,8 +61,8 @@ def bucket_sizes(max_num_seqs: int) -> list[int]:
 
 # Decode batches whose graphs capture cuBLASLt's GEMMs instead of cuBLAS's: on the H200 the step's GEMMs took
 # 3.971 / 4.081 / 4.021 / 4.231 ms with cuBLASLt at batch 32 / 48 / 64 / 96 against cuBLAS's 4.088 / 4.238 / 4.255 /
-# 4.486, and longer at 8, 16, 128, 192 and 256 (bench/results/session30/call2/gemm-shapes.md; 64 also in sessions
-# 27 and 28).
+# 4.486, and longer at 8, 16, 128 and 256 (bench/results/session30/call2/gemm-shapes.md; 64 also in sessions 27 and
+# 28). It was faster at 192 too (5.602 against 5.825), one point between two where it lost: not adopted.
 CUBLASLT_BATCHES = (32, 96)
 
 

@@ -5,8 +5,8 @@ o_proj, down_proj) at 2.6-3.8 TB/s on the H200, against a copy rate of 4.3. Each
 rows of W, BLOCK_K columns at a time, accumulates w * x elementwise in float32 and sums over K once at the end:
 thousands of small programs keep enough loads in flight. bench/gemv_sweep.py chose the configuration
 (bench/results/session30/call2): every projection of a Llama-3.1-8B step ran faster than cuBLAS, the step's
-products 3.61 ms against 3.93, and the engine's batch-1 decode step took 4.18 ms against 4.60 with cuBLAS. A fused
-form (residual add + RMSNorm in the prologue) was measured in call 1 and did not pay.
+products 3.61 ms against 3.93; the engine's batch-1 decode step took 4.143 ms against 4.496 with cuBLAS (call 5).
+A fused form (residual add + RMSNorm in the prologue) was measured in call 1 and did not pay.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w, BLOCK_N: tl.constexpr, BLO
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int]) -> torch.Tensor:
-    """x [1, K] (contiguous), weight [N, K] (rows contiguous) -> y [1, N] in x's dtype.
+    """x [1, K] (contiguous), weight [N, K] (rows contiguous: rapid.model.linear.gemv_applies) -> y [1, N] in x's dtype.
 
     config: (block_n, block_k, num_warps, num_stages), a rapid.model.linear.GemvConfig."""
     block_n, block_k, num_warps, num_stages = config
