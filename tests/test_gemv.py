@@ -79,7 +79,8 @@ def test_gemv_equals_torch_under_the_interpreter():
     assert model["max_err"] < 2e-4 and model["argmax_equal"], model
 
 
-def test_use_gemv_configures_every_projection_and_the_lm_head(tmp_path):
+def test_use_gemv_configures_every_projection_and_the_lm_head(tmp_path, monkeypatch):
+    import rapid.model.gemv
     from test_model import load
     from tiny import make_tiny_model
 
@@ -89,6 +90,11 @@ def test_use_gemv_configures_every_projection_and_the_lm_head(tmp_path):
     model.use_gemv(True)
     assert all(m.gemv_config == config_for(m.in_features) for m in linears)
     assert model.logits_gemv == config_for(model.config.hidden_size)
+    # one row's logits go through the kernel (a stub here), two rows' through torch
+    monkeypatch.setattr(rapid.model.gemv, "gemv", lambda x, w, cfg: torch.full((1, w.shape[0]), 7.0))
+    hidden = torch.randn(2, model.config.hidden_size)
+    assert bool((model.compute_logits(hidden[:1]) == 7).all())
+    assert torch.equal(model.compute_logits(hidden), hidden @ model.lm_head.weight.t())
     model.use_gemv(False)
     assert all(m.gemv_config is None for m in linears) and model.logits_gemv is None
 
