@@ -31,6 +31,16 @@ def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and weight.stride(1) == 1)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig | None) -> torch.Tensor:
+    """x @ weight^T + bias: through the GEMV when `config` is given and gemv_applies, else torch's F.linear."""
+    if config is None or not gemv_applies(x, weight):
+        return nn.functional.linear(x, weight, bias)
+    from rapid.model.gemv import gemv
+
+    y = gemv(x.contiguous(), weight, config)  # [1, out_features]
+    return y if bias is None else y + bias
+
+
 class Linear(nn.Linear):
     """nn.Linear whose one-token product runs the Triton GEMV once `use_gemv` gave it a configuration."""
 
@@ -40,9 +50,4 @@ class Linear(nn.Linear):
         self.gemv_config = config_for(self.in_features) if on else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gemv_config is None or not gemv_applies(x, self.weight):
-            return super().forward(x)
-        from rapid.model.gemv import gemv
-
-        y = gemv(x.contiguous(), self.weight, self.gemv_config)  # [1, out_features]
-        return y if self.bias is None else y + self.bias
+        return linear(x, self.weight, self.bias, self.gemv_config)

@@ -24,7 +24,7 @@ from torch import nn
 
 from rapid.attention.metadata import AttentionMetadata
 from rapid.model.config import ModelConfig, RopeConfig
-from rapid.model.linear import GemvConfig, Linear, config_for, gemv_applies
+from rapid.model.linear import GemvConfig, Linear, config_for, linear
 
 
 class RMSNorm(nn.Module):
@@ -204,11 +204,7 @@ class LlamaModel(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [S, hidden] (the rows that sample) -> float32 logits [S, vocab]."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        if self.logits_gemv is not None and gemv_applies(hidden, weight):
-            from rapid.model.gemv import gemv
-
-            return gemv(hidden.contiguous(), weight, self.logits_gemv).float()
-        return nn.functional.linear(hidden, weight).float()
+        return linear(hidden, weight, None, self.logits_gemv).float()
 
     def use_gemv(self, on: bool) -> LlamaModel:
         """One token's products (a batch-1 decode step, one row's logits) through the Triton GEMV (CUDA only)."""
