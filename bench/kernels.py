@@ -159,9 +159,8 @@ def bench_attention(cfg: ModelConfig, shapes, sweep: bool, bound: int) -> dict:
         entry["default"] = run_cfg(base)
         rows = [entry["default"]]
         if sweep and B > 1:
-            tiles = [(16, 2, 4), (32, 2, 4), (32, 4, 3), (64, 2, 3), (64, 4, 2), (64, 4, 4), (128, 4, 2), (128, 8, 2)]
-            if B >= 256:
-                tiles = [(16, 2, 4), (64, 2, 3), (128, 4, 2)]
+            # (tile_n, num_warps, num_stages): every tile with 2, 4 and 8 warps at 2-4 stages, the default included
+            tiles = [(t, w, st) for t in (32, 64, 128) for w in (2, 4, 8) for st in (2, 3, 4)]
             rows += [run_cfg(dict(tile_n=t, num_warps=w, num_stages=st, programs_per_sm=base["programs_per_sm"]))
                      for t, w, st in tiles]
             best = min((r for r in rows if "us" in r), key=lambda r: r["us"])
