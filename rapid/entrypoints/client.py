@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -34,10 +33,11 @@ from typing import Any
 import msgspec
 import zmq
 
+from rapid.entrypoints.zmq_monitor import close_monitored, open_disconnect_monitor
+from rapid.params import SamplingParams
 from rapid.protocol.api import (
     CancelRequest, ChatRequest, Completion, Delta, ErrorReply, GenerateRequest, ServerMessage,
 )
-from rapid.params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -107,8 +107,7 @@ def _dealer(ctx: zmq.Context, address: str) -> tuple[zmq.Socket, zmq.Socket]:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVHWM, 0)  # streamed deltas are never dropped on this side either
-    # a name of its own: pyzmq's default (the socket's fd) can still be bound by a closed client's monitor
-    monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED, f"inproc://rapid-client-monitor-{uuid.uuid4().hex}")
+    monitor = open_disconnect_monitor(sock)
     sock.connect(address)
     return sock, monitor
 
@@ -163,8 +162,7 @@ class Client:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._sock.close(linger=0)
-            self._monitor.close(linger=0)
+            close_monitored(self._sock, self._monitor)
 
     # ------------------------------------------------------------------ requests
     def generate(self, prompt, params: SamplingParams | dict | None = None) -> Completion:
@@ -292,8 +290,7 @@ class AsyncClient:
                 await self._reader
             except (asyncio.CancelledError, Exception):
                 pass
-        self._sock.close(linger=0)
-        self._monitor.close(linger=0)
+        close_monitored(self._sock, self._monitor)
 
     # ------------------------------------------------------------------ requests
     async def generate(self, prompt, params: SamplingParams | dict | None = None) -> Completion:

@@ -50,6 +50,7 @@ from rapid.entrypoints.zmq_endpoint import Endpoint
 from rapid.entrypoints.zmq_limits import (
     HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS, MiB, ZMQ_RCVHWM, ZMQ_SNDHWM, ServerLimits,
 )
+from rapid.entrypoints.zmq_monitor import close_monitored, open_disconnect_monitor
 from rapid.entrypoints.zmq_peers import Clients, Job, Peer, Queued, aborted_reply
 from rapid.entrypoints.zmq_requests import Envelope, RequestError, RequestReader
 from rapid.entrypoints.zmq_waker import Waker
@@ -92,11 +93,9 @@ class RapidServer:
                                (zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS), (zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)):
                 self._sock.setsockopt(opt, value)
             self._endpoint = Endpoint(self._sock, address, allow_remote)
-            self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            self._monitor = open_disconnect_monitor(self._sock)
         except BaseException:
-            if self._monitor is not None:
-                self._monitor.close(linger=0)
-            self._sock.close(linger=0)
+            close_monitored(self._sock, self._monitor)
             self._ctx.term()
             raise
         self.address: str = self._endpoint.address
@@ -191,9 +190,7 @@ class RapidServer:
         self._release_socket(CLOSE_LINGER_MS)
 
     def _release_socket(self, linger_ms: int) -> None:
-        self._sock.disable_monitor()
-        self._monitor.close(linger=0)
-        self._sock.close(linger=linger_ms)
+        close_monitored(self._sock, self._monitor, linger_ms)
         self._ctx.term()  # waits for the I/O thread (at most the linger)
         self._endpoint.release()
         self._waker.close()
