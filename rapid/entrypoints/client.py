@@ -290,6 +290,8 @@ class AsyncClient:
                 await self._reader
             except (asyncio.CancelledError, Exception):
                 pass
+        for cid, q in self._inbox.items():  # requests other tasks still await end now, instead of never
+            q.put_nowait(ErrorReply(cid, "the client was closed before this request ended"))
         close_monitored(self._sock, self._monitor)
 
     # ------------------------------------------------------------------ requests

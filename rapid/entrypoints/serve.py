@@ -15,7 +15,6 @@ import logging
 import os
 import signal
 import socket
-import threading
 import time
 
 logger = logging.getLogger(__name__)
@@ -155,12 +154,12 @@ def serve(args: argparse.Namespace) -> None:
 
     check_serve_args(args)
     engine_args = EngineArgs.from_cli_args(with_model_tag(args))
-    stop = threading.Event()
+    stop = [False]  # a plain flag: Event.set in the handler could wait on the lock Event.wait holds in this thread
     previous = {}
     starting = [True]
 
     def on_signal(signum, _frame):
-        stop.set()
+        stop[0] = True
         signal.signal(signum, previous.get(signum, signal.SIG_DFL))  # a second signal: the usual behaviour
         if starting[0]:  # the engine start (minutes on a GPU) is cut short: its clean-up runs, nothing is served
             raise StoppedDuringStart(signum)
@@ -180,7 +179,7 @@ def serve(args: argparse.Namespace) -> None:
     print("RAPID server stopped", flush=True)
 
 
-def _serve_llm(llm, args: argparse.Namespace, stop: threading.Event) -> None:
+def _serve_llm(llm, args: argparse.Namespace, stop: list[bool]) -> None:
     from rapid.entrypoints.frontend import EngineFrontend
 
     frontend = EngineFrontend(llm, max_pending=args.max_pending)
@@ -204,8 +203,8 @@ def _serve_llm(llm, args: argparse.Namespace, stop: threading.Event) -> None:
         where = [f"HTTP (OpenAI API) at {http.url}/v1"] if http else []
         where += [f"ZeroMQ at {zmq.address}"] if zmq else []
         print(f"RAPID serving {llm.config.model} ({llm.config.mode} mode): {'; '.join(where)}", flush=True)
-        while not stop.wait(0.2):
-            pass
+        while not stop[0]:
+            time.sleep(0.2)
         logger.info("stopping: refusing new requests, %d in flight", frontend.num_pending)
         llm.engine.stop_restarts()  # a child killed with the owner (systemd's SIGTERM to the group) stays dead
         if serving is not None:

@@ -113,6 +113,7 @@ class RapidServer:
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._serving = False
+        self._loop_thread, self._close_when_done = None, False  # serve_forever's thread; close() called in it
         self._thread: threading.Thread | None = None
         self._closed = False
         self.refusing = False  # refuse_new(): the shutdown's grace period
@@ -159,6 +160,7 @@ class RapidServer:
                 raise RuntimeError("the server is closed or already serving")
             self._serving = True
         self._done.clear()
+        self._loop_thread = threading.get_ident()
         try:
             while not self._stop.is_set():
                 self._turn()
@@ -170,14 +172,23 @@ class RapidServer:
                 self._shutdown_requests()
             finally:
                 self._done.set()
+                if self._close_when_done:
+                    self._finish_close()
 
     def close(self) -> None:
-        """Stop the loop (waiting for it), tell waiting clients, release the socket, its files and the frontend."""
+        """Stop the loop (waiting for it), tell waiting clients, release the socket, its files and the frontend
+        (inside the loop's own thread, from a signal handler: at once; serve_forever finishes it as it returns)."""
         self.stop()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
-        elif self._serving:
+        elif self._serving and not self._done.is_set():
+            if self._loop_thread == threading.get_ident():  # waiting here would wait for this very stack
+                self._close_when_done = True
+                return
             self._done.wait()
+        self._finish_close()
+
+    def _finish_close(self) -> None:
         with self._lock:
             if self._closed:
                 return
