@@ -465,7 +465,7 @@ class _FakeProcs:
         self.inp = self
         self.out = self
 
-    def send(self, msg):
+    def send(self, msg, check=None):
         self.sent.append(msg)
 
     def recv(self, timeout_ms=0):

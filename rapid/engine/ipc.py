@@ -10,6 +10,7 @@ import re
 import signal
 import tempfile
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -108,8 +109,20 @@ class Channel:
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(decode_type) if decode_type is not None else None
 
-    def send(self, msg: Any) -> None:
-        self.sock.send(self._encoder.encode(msg), copy=False)
+    def send(self, msg: Any, check: Callable[[], None] | None = None, interval_ms: int = 100) -> None:
+        """Queue `msg`; while the queue is full (the peer reads slowly, or is dead), wait. With `check`, call it
+        between waits of `interval_ms`: it raises once waiting is pointless (the peer died)."""
+        raw = self._encoder.encode(msg)
+        if check is None:
+            self.sock.send(raw, copy=False)
+            return
+        while True:
+            try:
+                self.sock.send(raw, zmq.NOBLOCK, copy=False)
+                return
+            except zmq.Again:
+                check()
+                self.sock.poll(interval_ms, zmq.POLLOUT)
 
     def poll(self, timeout_ms: int) -> bool:
         return bool(self.sock.poll(timeout_ms, zmq.POLLIN))

@@ -175,7 +175,11 @@ class MPClient(EngineClient):
                                 f"(the engine stays down): {e}")
             raise EngineDeadError(self.dead_reason) from e
         if self._token_budget is not None:
-            self.procs.inp.send(SetTokenBudget(self._token_budget))
+            self._send_to_core(SetTokenBudget(self._token_budget))
+
+    def _send_to_core(self, msg) -> None:
+        """Never blocks for good: a core that died with its inbox full raises EngineDeadError here."""
+        self.procs.inp.send(msg, check=self._check_children)
 
     def _check_children(self) -> None:
         """A dead child: fail what is in flight (buffered for get_deltas) and raise EngineDeadError."""
@@ -190,7 +194,7 @@ class MPClient(EngineClient):
         sched = self.config.scheduler
         check_fits(f"request {msg.request_id}", len(msg.prompt_token_ids), msg.params.max_tokens, sched.max_model_len,
                    self.num_blocks, self.config.cache.block_size)
-        self.procs.inp.send(msg)
+        self._send_to_core(msg)
         self.in_flight.add(msg.request_id)
 
     def abort(self, request_ids: list[str]) -> None:
@@ -198,7 +202,10 @@ class MPClient(EngineClient):
         self._check_owner()
         live = self.procs is not None and not self.procs.stopped and self.procs.inp is not None
         if live and not self._closed:
-            self.procs.inp.send(AbortRequest(list(request_ids)))
+            try:
+                self._send_to_core(AbortRequest(list(request_ids)))
+            except EngineDeadError:
+                pass  # the death ended them: get_deltas reports it
 
     def get_deltas(self, timeout_s: float | None = None) -> list[RequestDelta]:
         if self._buffered:
@@ -233,7 +240,7 @@ class MPClient(EngineClient):
     def get_stats(self, timeout_s: float = 10.0) -> Stats:
         """Worker timings (prefill batches, decode steps, idle gaps, hand-offs) from the core; num_restarts."""
         self._ensure_running()
-        self.procs.inp.send(GetStats())
+        self._send_to_core(GetStats())
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             msg = self._recv_before(deadline)
@@ -247,7 +254,7 @@ class MPClient(EngineClient):
     def set_token_budget(self, max_num_batched_tokens: int) -> None:
         check_token_budget(max_num_batched_tokens, self.config.scheduler.max_num_batched_tokens)
         self._ensure_running()
-        self.procs.inp.send(SetTokenBudget(max_num_batched_tokens))
+        self._send_to_core(SetTokenBudget(max_num_batched_tokens))
         self._token_budget = max_num_batched_tokens
 
     def check_health(self) -> None:
