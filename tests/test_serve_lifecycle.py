@@ -161,3 +161,49 @@ def test_clients_in_flight_fail_when_the_server_is_killed(tmp_path):
     finally:
         server.kill()
         server.wait()
+
+
+def test_requests_in_flight_fail_when_the_server_stops_answering(tmp_path):
+    """A server that stops answering without closing the connection (here SIGSTOP; a host gone, a partition): the
+    client's heartbeats end the connection, so a request in flight raises ServerError instead of waiting for ever
+    (timeout_s None)."""
+    import signal
+    import threading
+
+    import zmq
+
+    from rapid.client import Client, ServerError
+
+    address = f"ipc://{tmp_path}/fake.sock"
+    script = tmp_path / "fake_server.py"
+    script.write_text(FAKE_SERVER)
+    proc = subprocess.Popen([sys.executable, str(script), address], stdout=subprocess.PIPE, text=True,
+                            env=private_env(tmp_path))
+    ctx = zmq.Context()  # the client's own: a regression leaves a thread waiting in it, not in the shared one
+    outcome = []
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        client = Client(address, context=ctx)
+        stream = client.stream("hi", {"max_tokens": 4})
+        assert next(stream).new_text == "a"
+        proc.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+
+        def wait_for_the_rest():
+            try:
+                next(stream)
+            except ServerError as e:
+                outcome.append((str(e), time.monotonic() - t0))
+
+        waiter = threading.Thread(target=wait_for_the_rest, daemon=True)
+        waiter.start()
+        waiter.join(60)
+        assert outcome and "the connection to" in outcome[0][0] and "closed" in outcome[0][0], outcome
+        assert outcome[0][1] < 30  # the heartbeat's timeout is 10 s
+        client.close()
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        proc.kill()
+        proc.wait()
+    if outcome:
+        ctx.term()

@@ -33,6 +33,7 @@ from typing import Any
 import msgspec
 import zmq
 
+from rapid.entrypoints.zmq_limits import HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS
 from rapid.entrypoints.zmq_monitor import close_monitored, open_disconnect_monitor
 from rapid.params import SamplingParams
 from rapid.protocol.api import (
@@ -107,6 +108,9 @@ def _dealer(ctx: zmq.Context, address: str) -> tuple[zmq.Socket, zmq.Socket]:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVHWM, 0)  # streamed deltas are never dropped on this side either
+    # a server that stops answering (its host gone, a partition, a stopped process) ends the connection as a close does
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
     monitor = open_disconnect_monitor(sock)
     sock.connect(address)
     return sock, monitor
