@@ -394,6 +394,9 @@ def test_engine_restarts_after_a_worker_dies(tiny_llama):
         # nothing else of this test runs: the engine's processes and its reaper (the same since the start)
         assert {p.pid for p in children(others)} == {*second.values(), client.reaper.pid}
         assert "resource_tracker" not in Path(client.dir, "decode.log").read_text()
+        # only the running incarnation's socket files: a dead one's go with it (they piled up, 6 a restart)
+        socket_files = {p.name for p in Path(client.dir).glob("*.sock")}
+        assert socket_files and socket_files <= {Path(a).name for a in client.procs.endpoints.values()}
         sock_dir = client.dir
     finally:
         llm.shutdown()

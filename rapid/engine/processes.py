@@ -184,6 +184,11 @@ class EngineProcesses:
             for ch in (self.inp, self.out, self.ready, *self.worker_lines.values()):
                 if ch is not None:
                     ch.close()
+            for address in self.endpoints.values():  # this incarnation's socket files: a restart makes new ones
+                try:
+                    os.unlink(address.removeprefix("ipc://"))
+                except OSError:
+                    pass
 
     def _tell_stop(self, child: ChildProcess) -> bool:
         """Send Shutdown (the core through its inbox, a worker on its direct line); whether it was sent."""

@@ -155,11 +155,14 @@ def serve(args: argparse.Namespace) -> None:
     check_serve_args(args)
     engine_args = EngineArgs.from_cli_args(with_model_tag(args))
     stop = [False]  # a plain flag: Event.set in the handler could wait on the lock Event.wait holds in this thread
+    started = []  # the LLM, once started
     previous = {}
     starting = [True]
 
     def on_signal(signum, _frame):
         stop[0] = True
+        for llm in started:  # at once (attribute writes only), before a child killed with this process is acted on
+            llm.engine.stop_restarts()
         signal.signal(signum, previous.get(signum, signal.SIG_DFL))  # a second signal: the usual behaviour
         if starting[0]:  # the engine start (minutes on a GPU) is cut short: its clean-up runs, nothing is served
             raise StoppedDuringStart(signum)
@@ -168,6 +171,7 @@ def serve(args: argparse.Namespace) -> None:
         previous[sig] = signal.signal(sig, on_signal)
     try:
         llm = LLM.from_engine_args(engine_args)
+        started.append(llm)
         starting[0] = False
         with llm:
             _serve_llm(llm, args, stop)
