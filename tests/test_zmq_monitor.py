@@ -46,6 +46,7 @@ def reaches(ctx: zmq.Context, directory) -> bool:
     except zmq.Again:
         return False
     finally:
+        dealer.close()
         router.close()
         server_ctx.term()
 
