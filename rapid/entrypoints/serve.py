@@ -157,14 +157,14 @@ def serve(args: argparse.Namespace) -> None:
     stop = [False]  # a plain flag: Event.set in the handler could wait on the lock Event.wait holds in this thread
     started = []  # the LLM, once started
     previous = {}
-    starting = [True]
 
     def on_signal(signum, _frame):
         stop[0] = True
-        for llm in started:  # at once (attribute writes only), before a child killed with this process is acted on
+        # at once (attribute writes only): a child killed with the owner (systemd's SIGTERM to the group) stays dead
+        for llm in started:
             llm.engine.stop_restarts()
         signal.signal(signum, previous.get(signum, signal.SIG_DFL))  # a second signal: the usual behaviour
-        if starting[0]:  # the engine start (minutes on a GPU) is cut short: its clean-up runs, nothing is served
+        if not started:  # the engine start (minutes on a GPU) is cut short: its clean-up runs, nothing is served
             raise StoppedDuringStart(signum)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -172,7 +172,6 @@ def serve(args: argparse.Namespace) -> None:
     try:
         llm = LLM.from_engine_args(engine_args)
         started.append(llm)
-        starting[0] = False
         with llm:
             _serve_llm(llm, args, stop)
     except StoppedDuringStart as e:
@@ -210,7 +209,6 @@ def _serve_llm(llm, args: argparse.Namespace, stop: list[bool]) -> None:
         while not stop[0]:
             time.sleep(0.2)
         logger.info("stopping: refusing new requests, %d in flight", frontend.num_pending)
-        llm.engine.stop_restarts()  # a child killed with the owner (systemd's SIGTERM to the group) stays dead
         if serving is not None:
             serving.closing = True
         if zmq is not None:
