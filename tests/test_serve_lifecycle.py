@@ -100,6 +100,21 @@ FAKE_SERVER = (  # answers every request with one unfinished Delta, then never a
 )
 
 
+def start_fake_server(tmp_path: Path, address: str) -> subprocess.Popen:
+    """FAKE_SERVER on `address`, once it is bound."""
+    script = tmp_path / "fake_server.py"
+    script.write_text(FAKE_SERVER)
+    proc = subprocess.Popen([sys.executable, str(script), address], stdout=subprocess.PIPE, text=True,
+                            env=private_env(tmp_path))
+    try:
+        assert proc.stdout.readline() == "ready\n"
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc
+
+
 def test_clients_in_flight_fail_when_the_server_is_killed(tmp_path):
     """rapid.client's Client and AsyncClient: requests in flight when the server is SIGKILLed raise ServerError at
     once (they used to wait forever without timeout_s, and until it with one); a request sent once a server is back
@@ -112,14 +127,6 @@ def test_clients_in_flight_fail_when_the_server_is_killed(tmp_path):
     from rapid.client import AsyncClient, Client, ServerError
 
     address = f"ipc://{tmp_path}/fake.sock"
-    script = tmp_path / "fake_server.py"
-    script.write_text(FAKE_SERVER)
-
-    def fake_server():
-        proc = subprocess.Popen([sys.executable, str(script), address], stdout=subprocess.PIPE, text=True,
-                                env=private_env(tmp_path))
-        assert proc.stdout.readline() == "ready\n"
-        return proc
 
     async def async_stream(results):
         async with AsyncClient(address, timeout_s=10) as c:
@@ -130,7 +137,7 @@ def test_clients_in_flight_fail_when_the_server_is_killed(tmp_path):
         Client(address).close()
         if i % 100 == 99:  # libzmq frees closed sockets on a thread of its own: let it catch up, or its limit of
             time.sleep(0.05)  # 1,023 sockets at once is reached (about 500-2,700 tight create/close cycles here)
-    server = fake_server()
+    server = start_fake_server(tmp_path, address)
     failures = {}
 
     def run_async():
@@ -156,7 +163,7 @@ def test_clients_in_flight_fail_when_the_server_is_killed(tmp_path):
             waiter.join(5.0)
             assert not waiter.is_alive() and failures["async"][0] == ["a"]
             assert "closed (the server stopped or was killed)" in failures["async"][1]
-            server = fake_server()  # a new server on the same address: the same client works again
+            server = start_fake_server(tmp_path, address)  # a new server, same address: the client works again
             assert next(client.stream("hi", {"max_tokens": 4})).new_text == "a"
     finally:
         server.kill()
@@ -174,16 +181,11 @@ def test_requests_in_flight_fail_when_the_server_stops_answering(tmp_path):
 
     from rapid.client import Client, ServerError
 
-    address = f"ipc://{tmp_path}/fake.sock"
-    script = tmp_path / "fake_server.py"
-    script.write_text(FAKE_SERVER)
-    proc = subprocess.Popen([sys.executable, str(script), address], stdout=subprocess.PIPE, text=True,
-                            env=private_env(tmp_path))
+    proc = start_fake_server(tmp_path, f"ipc://{tmp_path}/fake.sock")
     ctx = zmq.Context()  # the client's own: a regression leaves a thread waiting in it, not in the shared one
     outcome = []
     try:
-        assert proc.stdout.readline() == "ready\n"
-        client = Client(address, context=ctx)
+        client = Client(f"ipc://{tmp_path}/fake.sock", context=ctx)
         stream = client.stream("hi", {"max_tokens": 4})
         assert next(stream).new_text == "a"
         proc.send_signal(signal.SIGSTOP)

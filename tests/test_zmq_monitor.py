@@ -30,12 +30,17 @@ def private_context(kind=zmq.Context):
     ctx.term()
 
 
+def serve_once(server_ctx: zmq.Context, address: str) -> zmq.Socket:
+    router = server_ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind(address)
+    return router
+
+
 def reaches(ctx: zmq.Context, directory) -> bool:
     """Whether a new DEALER of `ctx` gets a message to a live ROUTER (of a context of its own) within WAIT_MS."""
     server_ctx = zmq.Context()
-    router = server_ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    router.bind(f"ipc://{directory}/live.sock")
+    router = serve_once(server_ctx, f"ipc://{directory}/live.sock")
     dealer = ctx.socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.setsockopt(zmq.SNDTIMEO, WAIT_MS)
@@ -49,13 +54,6 @@ def reaches(ctx: zmq.Context, directory) -> bool:
         dealer.close()
         router.close()
         server_ctx.term()
-
-
-def serve_once(server_ctx: zmq.Context, address: str) -> zmq.Socket:
-    router = server_ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    router.bind(address)
-    return router
 
 
 def test_a_client_closed_just_before_its_server_goes_does_not_stall_the_context(tmp_path):
