@@ -11,7 +11,9 @@ reads kv head h // (H // KVH).
 Kernel: flash-attention-2 style online softmax, fp32 accumulation, scores in the log2 domain (exp2) as
 in the decode kernel. One program per (query tile, kv head); a query tile packs TOKENS query tokens x all
 GROUP query heads of the kv head into BLOCK_M rows, so every K/V tile is loaded once for the whole GQA
-group. Key tiles are BLOCK_N positions; the loop stops at the tile's causal limit.
+group. Key tiles are BLOCK_N positions; the loop stops at the tile's causal limit, and only the key tiles that
+some row of the tile cannot wholly see (its diagonal) pay for the causal mask. Programs start longest first: a
+sequence's last query tiles, which see the most keys, are launched first, for every kv head.
 
 Grid (default, flat_grid=True): (num_tiles, KVH), num_tiles = min(cdiv(T_bound, TOKENS) + S,
 S * cdiv(max_query_len, TOKENS)), an upper bound of sum_s cdiv(q_len_s, TOKENS) from host bounds only
@@ -35,7 +37,8 @@ Used by TritonAttention when prefill_attention="paged" (the default). On the H20
 (tests/test_gpu_rapid.py). On the CPU it runs through Triton's interpreter (tests/test_paged_prefill.py,
 tests/test_triton_backend_interpreted.py). The tile map depends only on the step's metadata, so
 TritonAttention.plan builds it once per step (step_tile_map) and every layer's call takes it as `tile_map`.
-Not done: tile sizes, warps and stages are untuned.
+Launch settings: bench/paged_prefill_sweep.py times them (bench/results/session30/call4, before the unmasked
+loop and the launch order: 128-row tiles were 7-11% faster on prompts; not adopted, see REPORT.md section 3).
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from rapid.attention.online_softmax import online_softmax_step
 
 
 @triton.jit
@@ -59,8 +64,12 @@ def _paged_prefill_kernel(
     """Program (tile, kv_head): TOKENS query tokens x GROUP heads (BLOCK_M rows) over their causal context."""
     TOKENS: tl.constexpr = BLOCK_M // GROUP
     if FLAT:  # grid (num_tiles, KVH): the tile's sequence and first token come from the device tile map
-        tid = tl.program_id(0)
-        kvh = tl.program_id(1)
+        # Longest first: the GPU starts programs in launch order (axis 0 fastest), and a sequence's later tiles
+        # see more keys, so launch slot i runs kv head i % KVH of tile num_tiles - 1 - i // KVH.
+        num_tiles = tl.num_programs(0)
+        slot = tl.program_id(1) * num_tiles + tl.program_id(0)
+        kvh = slot % tl.num_programs(1)
+        tid = num_tiles - 1 - slot // tl.num_programs(1)
         seq = tl.load(TILE_MAP + 2 * tid)  # -1: past the batch's tiles
         first = tl.load(TILE_MAP + 2 * tid + 1)
     else:  # grid (S, cdiv(max_query_len, TOKENS), KVH)
@@ -94,9 +103,19 @@ def _paged_prefill_kernel(
         head_off = kvh * stride_ch
         # Keys 0..end-1 are all this tile can see; key 0 is visible to every row (pos >= 0, since seq_len >= q_len:
         # a row with pos < 0 would come out NaN), so each row's running max is finite after the first key tile
-        # and exp2(m_i - m_new) never sees -inf - -inf.
+        # and exp2(m_i - m_new) never sees -inf - -inf. Keys 0..ctx_start + first are visible to every row: the
+        # whole key tiles among them run without masks, the rest (the tile's diagonal) with the causal mask.
         end = ctx_start + tl.minimum(first + TOKENS, q_len)
-        for n0 in range(0, end, BLOCK_N):
+        unmasked_end = (ctx_start + first + 1) // BLOCK_N * BLOCK_N
+        for n0 in range(0, unmasked_end, BLOCK_N):
+            kpos = n0 + offs_n  # [BLOCK_N]
+            blk = tl.load(bt_row + kpos // BLOCK_SIZE).to(tl.int64)
+            krow = blk * stride_cb + (kpos % BLOCK_SIZE) * stride_co + head_off  # [BLOCK_N]
+            k = tl.load(KC + krow[:, None] + d[None, :], mask=dmask, other=0.0).to(q.dtype)  # [BLOCK_N, D_PAD]
+            v = tl.load(VC + krow[:, None] + d[None, :], mask=dmask, other=0.0).to(q.dtype)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+            m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
+        for n0 in range(unmasked_end, end, BLOCK_N):
             kpos = n0 + offs_n  # [BLOCK_N]
             nmask = kpos < end
             blk = tl.load(bt_row + kpos // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
@@ -106,12 +125,7 @@ def _paged_prefill_kernel(
             v = tl.load(VC + krow[:, None] + d[None, :], mask=kvmask, other=0.0).to(q.dtype)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
             s = tl.where(nmask[None, :] & (kpos[None, :] <= pos[:, None]), s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+            m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
 
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         o_rows = (q_start + tok).to(tl.int64) * stride_ot + heads * stride_oh

@@ -30,6 +30,7 @@ import triton.language as tl
 from torch.nn.attention.bias import causal_lower_right
 
 from rapid.attention.metadata import AttentionMetadata
+from rapid.attention.online_softmax import online_softmax_step
 from rapid.attention.paged_prefill import paged_prefill_attention, step_tile_map
 from rapid.attention.reference import gather_context
 
@@ -90,22 +91,27 @@ def _decode_kernel(
     offs_n = tl.arange(0, TILE_N)
     bt_row = BT + seq.to(tl.int64) * stride_bt
     head_off = kvh * stride_ch
-    for t in range(start, end, TILE_N):
+    dmask = d[None, :] < HEAD_DIM
+    full_end = start + tl.maximum(end - start, 0) // TILE_N * TILE_N  # whole tiles: no row mask
+    for t in range(start, full_end, TILE_N):
+        tok = t + offs_n
+        blk = tl.load(bt_row + tok // BLOCK_SIZE).to(tl.int64)
+        row = blk * stride_cb + (tok % BLOCK_SIZE) * stride_co + head_off
+        k = tl.load(KC + row[:, None] + d[None, :], mask=dmask, other=0.0)
+        v = tl.load(VC + row[:, None] + d[None, :], mask=dmask, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # [G_PAD, TILE_N]
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, None)
+    for t in range(full_end, end, TILE_N):  # the last, partial tile
         tok = t + offs_n
         nmask = tok < end
         blk = tl.load(bt_row + tok // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
         row = blk * stride_cb + (tok % BLOCK_SIZE) * stride_co + head_off
-        kvmask = nmask[:, None] & (d[None, :] < HEAD_DIM)
+        kvmask = nmask[:, None] & dmask
         k = tl.load(KC + row[:, None] + d[None, :], mask=kvmask, other=0.0)
         v = tl.load(VC + row[:, None] + d[None, :], mask=kvmask, other=0.0)
         s = tl.dot(q, tl.trans(k)) * qk_scale  # [G_PAD, TILE_N]
         s = tl.where(nmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, None)
 
     safe_l = tl.where(l_i > 0, l_i, 1.0)
     o = acc / safe_l[:, None]  # an empty range (seq_len 0, or a split past the end) gives 0
