@@ -492,6 +492,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sweep", action="store_true", help="sweep decode kernel configs")
     ap.add_argument("--apply-best", action="store_true", help="use the sweep's best config per decode shape")
+    ap.add_argument("--attention-shapes", default="1x1024,64x1024,256x2048", help="decode attention cases, BxCTX")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: attention,eager,compiled")
     ap.add_argument("--compile-dynamic", default="true", choices=["true", "tokens"],
                     help="model.compile_pieces(dynamic=...): true = every size symbolic; tokens = only T symbolic")
@@ -531,8 +532,8 @@ def main() -> None:
     best = {}
     if "attention" not in skip:
         try:
-            report["attention"] = bench_attention(cfg, [(1, 1024), (64, 1024), (256, 2048)], args.sweep,
-                                                  args.max_model_len)
+            shapes = [tuple(int(v) for v in s.split("x")) for s in args.attention_shapes.split(",")]
+            report["attention"] = bench_attention(cfg, shapes, args.sweep, args.max_model_len)
             # a sweep winner replaces the default only where it is more than 1% faster
             best = {k: e["best"] for k, e in report["attention"].items()
                     if e.get("best") and e["best"]["us"] < 0.99 * e["default"].get("us", 1e9)}

@@ -1,4 +1,4 @@
-"""GPU micro-benchmark: the split-K Triton GEMM (rapid/model/splitk_gemm.py) against cuBLAS and cuBLASLt, M 16-128.
+"""GPU micro-benchmark: the split-K Triton GEMM (bench/splitk_gemm.py) against cuBLAS and cuBLASLt, M 16-128.
 
 Each decode-step GEMM at Llama-3.1-8B shapes is timed as bench/gemm_shapes.py times it: one CUDA graph of --calls
 calls over copies of the weight that together exceed L2, CUDA events, the median of --reps replays, over --calls.
@@ -34,7 +34,7 @@ from kernels import median_ms  # (also puts the repository on sys.path)
 if "--dry-run" in sys.argv:  # before the kernel's module is imported: Triton reads it when a kernel is decorated
     os.environ["TRITON_INTERPRET"] = "1"
 
-from rapid.model.splitk_gemm import SplitKConfig  # noqa: E402
+from splitk_gemm import SplitKConfig  # noqa: E402
 
 GRID = [SplitKConfig(*c) for c in itertools.product((32, 64, 128, 256), (64, 128, 256), (1, 2, 4, 8), (4, 8),
                                                     (3, 4, 5))]
@@ -95,7 +95,7 @@ def compile_key(m: int, k: int, cfg: SplitKConfig) -> tuple:
 def compile_some(items: list[tuple[int, int, SplitKConfig]]) -> list[str]:
     """In a worker process: run each (m, k, config) once on a small weight [256, k], which compiles the same kernels
     (same constexprs, same divisibility of every integer argument) into Triton's disk cache. Returns the errors."""
-    from rapid.model.splitk_gemm import splitk_gemm
+    from splitk_gemm import splitk_gemm
 
     errors = []
     for m, k, cfg in items:
@@ -165,7 +165,7 @@ def check(gemm, x, w, ref: torch.Tensor) -> tuple[float, bool, float]:
 
 def sweep_shape(m, name, copies, cfgs, timer, deadline, dry_run) -> tuple[dict, list[dict]]:
     """cuBLAS, cuBLASLt and every config of `cfgs` on one shape at batch m: (summary, rows)."""
-    from rapid.model.splitk_gemm import splitk_gemm
+    from splitk_gemm import splitk_gemm
 
     n, k = copies[0].shape
     nbytes = (n * k + m * k + m * n) * copies[0].element_size()

@@ -83,3 +83,16 @@ if __name__ == "__main__":  # the interpreter subprocess
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     for case in CASES:
         print("RESULT " + json.dumps({"name": case[0], **run_case(*case)}), flush=True)
+
+
+def test_decode_settings_follow_the_measured_tuning():
+    """Batch 1 and batches past 64 keep the defaults; 2-64 take the sweep's 32-token tiles on 2 warps, 2 stages."""
+    from rapid.attention.triton_backend import TritonAttention
+
+    att = TritonAttention(32, 8, 128, 128**-0.5)
+    defaults = dict(tile_n=att.tile_n, num_warps=att.num_warps, num_stages=att.num_stages,
+                    programs_per_sm=att.programs_per_sm)
+    tuned = {**defaults, "tile_n": 32, "num_warps": 2, "num_stages": 2}
+    assert att.decode_config(1) == defaults
+    assert att.decode_config(2) == att.decode_config(64) == tuned
+    assert att.decode_config(65) == att.decode_config(256) == defaults

@@ -149,8 +149,10 @@ def _reduce_kernel(
     tl.store(OUT + seq.to(tl.int64) * stride_ot + h * stride_oh + d, out.to(OUT.dtype.element_ty), mask=d < HEAD_DIM)
 
 
-# Decode settings that measured better than the defaults for some batch sizes (bench/kernels.py).
-DECODE_TUNING: list[tuple[int, dict]] = []
+# Decode settings that measured better than the defaults for some batch sizes (bench/kernels.py --sweep on the H200,
+# bench/results/session32): at batch 64, context 1024, 32-token tiles on 2 warps at 2 stages took 69.2 us a layer
+# against the defaults' 73.8. Batch 1 keeps the defaults (not swept); past 64 too (at 256 the best was within 1%).
+DECODE_TUNING: list[tuple[int, dict]] = [(1, {}), (64, dict(tile_n=32, num_warps=2, num_stages=2))]
 
 
 def _next_pow2(n: int) -> int:
