@@ -42,9 +42,11 @@ def fine_sizes(max_tokens: int) -> list[int]:
     return [s for s in sizes if s <= max_tokens]
 
 
-def mixed_batch(T: int, decodes: int, ctx: int, device: torch.device):
-    """`decodes` one-token rows at context `ctx` on their own blocks, then one fresh chunk of T - decodes tokens.
-    No KV is written (slots -1): the cost of the writes is small beside the step, and the pool stays as it is."""
+def mixed_batch(T: int, decodes: int, ctx: int, device: torch.device, ids: str = "random", vocab: int = 32000):
+    """`decodes` one-token rows at context `ctx` on their own blocks, then one fresh chunk of T - decodes tokens, each
+    row writing its keys and values at its position, as the engine's step does. ids "random" (seeded): token ids as
+    a prompt's; "zeros": every row the same token, the curve of sessions 18-32, whose matmuls run faster on inputs
+    of identical rows (session 32: a 2048-token prompt's step took 42.6 ms with them)."""
     chunk = T - decodes
     ctx_blocks, chunk_blocks = -(-ctx // BLOCK), -(-chunk // BLOCK)
     lens = [ctx] * decodes + [chunk]
@@ -56,13 +58,19 @@ def mixed_batch(T: int, decodes: int, ctx: int, device: torch.device):
     tables[:decodes, :ctx_blocks] = torch.arange(decodes * ctx_blocks, dtype=torch.int32,
                                                  device=device).view(decodes, ctx_blocks)
     tables[decodes, :chunk_blocks] = torch.arange(chunk_blocks, dtype=torch.int32, device=device) + decodes * ctx_blocks
+    positions = torch.cat([torch.full((decodes,), ctx - 1, device=device), torch.arange(chunk, device=device)])  # [T]
+    row_seq = torch.cat([torch.arange(decodes, device=device), torch.full((chunk,), decodes, device=device)])  # [T]
+    slots = tables[row_seq, positions // BLOCK].long() * BLOCK + positions % BLOCK  # [T]
     meta = AttentionMetadata(
-        slot_mapping=torch.full((T,), -1, dtype=torch.int64, device=device),
-        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        slot_mapping=slots, query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
         seq_lens=torch.tensor(lens, dtype=torch.int32, device=device), block_tables=tables,
         num_decodes=decodes, max_seq_len=max(lens), query_start_loc_host=starts, seq_lens_host=lens)
-    positions = torch.cat([torch.full((decodes,), ctx - 1, device=device), torch.arange(chunk, device=device)])
-    return torch.zeros(T, dtype=torch.int64, device=device), positions, meta
+    if ids == "zeros":
+        token_ids = torch.zeros(T, dtype=torch.int64, device=device)
+    else:
+        gen = torch.Generator(device=device).manual_seed(T * 1000 + decodes)
+        token_ids = torch.randint(0, vocab, (T,), generator=gen, device=device)
+    return token_ids, positions, meta
 
 
 def time_step(runner: FullGraphRunner, batch, reps: int) -> float:
@@ -123,6 +131,8 @@ def main() -> None:
                     help="run each step's body without capturing it (its compiled pieces, launched one by one)")
     ap.add_argument("--profile", action="store_true",
                     help="also each size's kernels by family and the device's gaps (torch.profiler, 10 steps)")
+    ap.add_argument("--ids", choices=("random", "zeros"), default="random",
+                    help="token ids: random (a prompt's) or zeros (identical rows: faster matmuls)")
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
     gpu = torch.cuda.is_available()  # else a dry run of the script on a tiny model: TRITON_INTERPRET=1, no graphs
@@ -144,10 +154,10 @@ def main() -> None:
                              capture=gpu and not args.eager)
     curves = {}
     for d in decodes:
-        curves[d] = {T: round(time_step(runner, mixed_batch(T, d, args.ctx, dev), args.reps), 4)
+        curves[d] = {T: round(time_step(runner, mixed_batch(T, d, args.ctx, dev, args.ids, cfg.vocab_size), args.reps), 4)
                      for T in sizes if T > d}
         print(f"decodes {d}: " + ", ".join(f"{T}:{ms:.2f}" for T, ms in curves[d].items()), flush=True)
-    profiles = {f"{d}+{T - d}": profile_step(runner, mixed_batch(T, d, args.ctx, dev))
+    profiles = {f"{d}+{T - d}": profile_step(runner, mixed_batch(T, d, args.ctx, dev, args.ids, cfg.vocab_size))
                 for d in decodes for T in sizes if T > d} if args.profile and gpu else {}
     coarse = token_buckets(args.max_tokens)  # the x1.5/x2 buckets (piecewise graphs; whole graphs before session 19)
     pruned = {d: undominated({T: c[T] for T in candidate_buckets(args.max_tokens) if T in c}, PRUNE_MARGIN)
@@ -158,7 +168,7 @@ def main() -> None:
         "python": platform.python_version(), "model": cfg.__dict__ if hasattr(cfg, "__dict__") else str(cfg),
         "method": f"{'each step eagerly (--eager)' if args.eager else 'one whole CUDA graph per size'}; median of "
                   f"{args.reps} steps after 3, CUDA events; decode rows at "
-                  f"context {args.ctx}, one fresh chunk, no KV writes",
+                  f"context {args.ctx}, one fresh chunk, KV written, token ids {args.ids}",
         "capture_s": round(runner.capture_s, 1),
         "ms_by_decodes_and_tokens": {str(d): {str(T): ms for T, ms in c.items()} for d, c in curves.items()},
         "coarse_buckets_padding": {str(d): padding_cost(c, coarse) for d, c in curves.items()},
