@@ -131,7 +131,7 @@ def bench_attention(cfg: ModelConfig, shapes, sweep: bool, bound: int) -> dict:
     F = torch.nn.functional
     res = {}
     default = TritonAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, 1.0)
-    keys = ("tile_n", "num_warps", "num_stages", "programs_per_sm")
+    keys = ("tile_n", "num_warps", "num_stages", "programs_per_sm", "unmasked_tiles")
     for B, ctx in shapes:
         nbytes = kv_bytes(B, ctx, cfg)
         sets = max(1, min(32, -(-256 * 2**20 // nbytes)))  # >= 256 MB touched per round
@@ -161,10 +161,11 @@ def bench_attention(cfg: ModelConfig, shapes, sweep: bool, bound: int) -> dict:
         if sweep and B > 1:
             # (tile_n, num_warps, num_stages): every tile with 2, 4 and 8 warps at 2-4 stages, the default included
             tiles = [(t, w, st) for t in (32, 64, 128) for w in (2, 4, 8) for st in (2, 3, 4)]
-            rows += [run_cfg(dict(tile_n=t, num_warps=w, num_stages=st, programs_per_sm=base["programs_per_sm"]))
-                     for t, w, st in tiles]
+            rows += [run_cfg(dict(tile_n=t, num_warps=w, num_stages=st, programs_per_sm=base["programs_per_sm"],
+                                  unmasked_tiles=base["unmasked_tiles"])) for t, w, st in tiles]
             best = min((r for r in rows if "us" in r), key=lambda r: r["us"])
             rows += [run_cfg({**best, "programs_per_sm": p}) for p in (1, 2, 8, 16) if p != best["programs_per_sm"]]
+            rows += [run_cfg({**best, "unmasked_tiles": not best["unmasked_tiles"]})]
         entry["configs"] = rows
         entry["best"] = min((r for r in rows if "us" in r), key=lambda r: r["us"])
         # baseline: SDPA over a contiguous [B, KVH, ctx, D] cache (what plain PyTorch does), same rotation
@@ -299,7 +300,7 @@ def bench_decode(model, backend, cfg, variant: str, best: dict, apply_best: bool
     plans = [((1, 1024), (64, 1024)), ((256, 2048),)]
     if only:  # --decode-cases: the named cases, e.g. {"B1_ctx1024"}
         plans = [g for g in (tuple(c for c in group if f"B{c[0]}_ctx{c[1]}" in only) for group in plans) if g]
-    keys = ("tile_n", "num_warps", "num_stages", "programs_per_sm")
+    keys = ("tile_n", "num_warps", "num_stages", "programs_per_sm", "unmasked_tiles")
     for group in plans:
         B0, ctx0 = group[-1]
         shared = B0 * ctx0 * 32 * 2 * cfg.num_kv_heads * cfg.head_dim * 2 > 40e9
@@ -470,7 +471,7 @@ def markdown(report: dict) -> str:
     for key, e in report.get("attention", {}).items():
         d, b = e.get("default", {}), e.get("best")
         best = (f"{b['us']} us ({b['TBps']} TB/s) tile {b['tile_n']} w{b['num_warps']} s{b['num_stages']} "
-                f"pps {b['programs_per_sm']}") if b else ""
+                f"pps {b['programs_per_sm']}{' unmasked' if b.get('unmasked_tiles') else ''}") if b else ""
         lines.append(f"| {key} | {d.get('us')} us ({d.get('TBps')} TB/s) | {best} | "
                      f"{e['sdpa_contiguous']['us']} us ({e['sdpa_contiguous']['TBps']} TB/s) | {e['roofline_us']} us |")
     prof = []

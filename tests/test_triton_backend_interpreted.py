@@ -21,7 +21,8 @@ CASES = [
     ("mixed-paged-f32", [(9, 1), (17, 1), (5, 5), (21, 6), (12, 12)], 4, 2, 16, 4, "float32", "paged"),
     ("mixed-sdpa-f32", [(9, 1), (17, 1), (5, 5), (21, 6), (12, 12)], 4, 2, 16, 4, "float32", "auto"),
     ("prefill-only-paged-f16", [(30, 30), (40, 8)], 4, 4, 32, 16, "float16", "paged"),
-    ("decode-only-f32", [(33, 1), (3, 1), (48, 1)], 8, 2, 16, 16, "float32", "paged"),
+    ("decode-only-f32", [(33, 1), (3, 1), (48, 1)], 8, 2, 16, 16, "float32", "paged"),  # whole tiles unmasked
+    ("decode-one-f32", [(37, 1)], 8, 2, 16, 16, "float32", "paged"),  # batch 1: the default, one masked loop
 ]
 TOLERANCE = {"float32": 1e-4, "float16": 5e-3}
 
@@ -86,13 +87,14 @@ if __name__ == "__main__":  # the interpreter subprocess
 
 
 def test_decode_settings_follow_the_measured_tuning():
-    """Batch 1 and batches past 64 keep the defaults; 2-64 take the sweep's 32-token tiles on 2 warps, 2 stages."""
+    """Batch 1 and batches past 64 keep the defaults (one masked loop); 2-64 take the sweep's 32-token tiles on 2
+    warps, 2 stages, the whole tiles unmasked."""
     from rapid.attention.triton_backend import TritonAttention
 
     att = TritonAttention(32, 8, 128, 128**-0.5)
     defaults = dict(tile_n=att.tile_n, num_warps=att.num_warps, num_stages=att.num_stages,
-                    programs_per_sm=att.programs_per_sm)
-    tuned = {**defaults, "tile_n": 32, "num_warps": 2, "num_stages": 2}
+                    programs_per_sm=att.programs_per_sm, unmasked_tiles=False)
+    tuned = {**defaults, "tile_n": 32, "num_warps": 2, "num_stages": 2, "unmasked_tiles": True}
     assert att.decode_config(1) == defaults
     assert att.decode_config(2) == att.decode_config(64) == tuned
     assert att.decode_config(65) == att.decode_config(256) == defaults

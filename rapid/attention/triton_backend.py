@@ -68,7 +68,7 @@ def _decode_kernel(
     stride_ot, stride_oh,
     stride_pt, stride_ph, stride_ps,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, DIRECT: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, DIRECT: tl.constexpr, UNMASKED_TILES: tl.constexpr,
 ):
     """Program (seq, kv_head, split): attention of the GROUP query heads over one piece of the context."""
     seq = tl.program_id(0)
@@ -91,10 +91,18 @@ def _decode_kernel(
     offs_n = tl.arange(0, TILE_N)
     bt_row = BT + seq.to(tl.int64) * stride_bt
     head_off = kvh * stride_ch
-    # One masked loop. Whole tiles without masks, then the partial tile, as the paged prefill kernel does, was tried
-    # (session 32): the batch-1 step's decode kernel took 0.183-0.185 ms on the H200 against 0.156-0.159 in session
-    # 30 (each of its 16 splits is one 64-token tile there).
-    for t in range(start, end, TILE_N):
+    masked_from = start
+    if UNMASKED_TILES:  # the whole tiles without a row mask, then the partial one (batches 2-64: DECODE_TUNING)
+        masked_from = start + tl.maximum(end - start, 0) // TILE_N * TILE_N
+        for t in range(start, masked_from, TILE_N):
+            tok = t + offs_n
+            blk = tl.load(bt_row + tok // BLOCK_SIZE).to(tl.int64)
+            row = blk * stride_cb + (tok % BLOCK_SIZE) * stride_co + head_off
+            k = tl.load(KC + row[:, None] + d[None, :], mask=d[None, :] < HEAD_DIM, other=0.0)
+            v = tl.load(VC + row[:, None] + d[None, :], mask=d[None, :] < HEAD_DIM, other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale  # [G_PAD, TILE_N]
+            m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, None)
+    for t in range(masked_from, end, TILE_N):
         tok = t + offs_n
         nmask = tok < end
         blk = tl.load(bt_row + tok // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
@@ -143,9 +151,12 @@ def _reduce_kernel(
 
 
 # Decode settings that measured better than the defaults for some batch sizes (bench/kernels.py --sweep on the H200,
-# bench/results/session32): at batch 64, context 1024, 32-token tiles on 2 warps at 2 stages took 69.2 us a layer
-# against the defaults' 73.8. Batch 1 keeps the defaults (not swept); past 64 too (at 256 the best was within 1%).
-DECODE_TUNING: list[tuple[int, dict]] = [(1, {}), (64, dict(tile_n=32, num_warps=2, num_stages=2))]
+# bench/results/session32): at batch 64, context 1024, 32-token tiles on 2 warps at 2 stages, the whole tiles without
+# a row mask, took 69.2 us a layer against 73.8 with the default tiles (also unmasked); 16 and 32 tied or gained.
+# Batch 1 keeps the defaults and its one masked loop: with the unmasked loop its decode kernel took 0.183-0.185 ms a
+# step in session 32's calls against 0.156-0.159 in session 30's. Past 64 the defaults (at 256 the best was within 1%).
+DECODE_TUNING: list[tuple[int, dict]] = [
+    (1, {}), (64, dict(tile_n=32, num_warps=2, num_stages=2, unmasked_tiles=True))]
 
 
 def _next_pow2(n: int) -> int:
@@ -171,7 +182,8 @@ class TritonAttention:
         self.programs_per_sm = 4  # split the context until about this many programs per SM run
         self.min_split_tokens = 256  # but never pieces shorter than this (bounded by the host max length)
         self.max_splits = 64
-        # Per-batch overrides of the four settings above: [(max_batch, {name: value})], first match wins.
+        self.unmasked_tiles = False  # a loop over the whole context tiles without row masks before the partial one
+        # Per-batch overrides of decode_config's settings: [(max_batch, {name: value})], first match wins.
         self.tuning: list[tuple[int, dict]] = list(DECODE_TUNING)
         # Prefill SDPA backends, in priority order (None = torch's own choice). Flash first: torch's own
         # choice on an H100 is cuDNN, which builds an execution plan for every new (query, context) length
@@ -183,9 +195,10 @@ class TritonAttention:
 
     # ------------------------------------------------------------------ helpers
     def decode_config(self, batch: int) -> dict:
-        """tile_n, num_warps, num_stages, programs_per_sm for a decode batch (defaults, then self.tuning)."""
+        """tile_n, num_warps, num_stages, programs_per_sm, unmasked_tiles for a decode batch (defaults, then
+        self.tuning)."""
         c = dict(tile_n=self.tile_n, num_warps=self.num_warps, num_stages=self.num_stages,
-                 programs_per_sm=self.programs_per_sm)
+                 programs_per_sm=self.programs_per_sm, unmasked_tiles=self.unmasked_tiles)
         for max_batch, over in self.tuning:
             if batch <= max_batch:
                 c.update(over)
@@ -233,7 +246,7 @@ class TritonAttention:
         H, D = self.num_heads, self.head_dim
         d_pad = max(16, _next_pow2(D))
         common = dict(GROUP=self.group, G_PAD=max(16, _next_pow2(self.group)), HEAD_DIM=D, D_PAD=d_pad,
-                      BLOCK_SIZE=kc.shape[1], TILE_N=c["tile_n"])
+                      BLOCK_SIZE=kc.shape[1], TILE_N=c["tile_n"], UNMASKED_TILES=c["unmasked_tiles"])
         launch = dict(num_warps=c["num_warps"], num_stages=c["num_stages"])
         grid = (B, self.num_kv_heads, splits)
         qk_scale = self.scale * 1.4426950408889634
