@@ -36,6 +36,8 @@ if "--dry-run" in sys.argv:  # before the kernel's module is imported: Triton re
 
 from splitk_gemm import SplitKConfig  # noqa: E402
 
+from rapid.compile.cuda_graphs import preferred_blas  # noqa: E402
+
 GRID = [SplitKConfig(*c) for c in itertools.product((32, 64, 128, 256), (64, 128, 256), (1, 2, 4, 8), (4, 8),
                                                     (3, 4, 5))]
 SMS = 132  # the H200's SMs
@@ -124,16 +126,6 @@ def precompile(plans: dict[int, dict[str, list[SplitKConfig]]], shapes, workers:
             "errors": errors[:20], "error_count": len(errors)}
 
 
-@contextlib.contextmanager
-def blas_library(name: str):
-    prev = torch.backends.cuda.preferred_blas_library()
-    torch.backends.cuda.preferred_blas_library(name)
-    try:
-        yield
-    finally:
-        torch.backends.cuda.preferred_blas_library(prev)
-
-
 def make_timer(calls: int, reps: int, dry_run: bool):
     """fn(x, w) -> ms per call: a CUDA graph of `calls` calls over the copies (whole rounds: no copy read twice in a
     row); in a dry run one call's wall-clock time."""
@@ -176,7 +168,7 @@ def sweep_shape(m, name, copies, cfgs, timer, deadline, dry_run) -> tuple[dict, 
     x = torch.randn(m, k, device=copies[0].device, dtype=copies[0].dtype)
     ref = F.linear(x, copies[0]).float()
     summary = {"batch": m, "gemm": name, "n": n, "k": k, "cublas_ms": round(timer(F.linear, x, copies), 5)}
-    with contextlib.nullcontext() if dry_run else blas_library("cublaslt"):
+    with contextlib.nullcontext() if dry_run else preferred_blas("cublaslt"):
         summary["cublaslt_ms"] = round(timer(F.linear, x, copies), 5)
     rows = []
     for cfg in cfgs:
