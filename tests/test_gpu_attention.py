@@ -143,12 +143,13 @@ def test_fp16_and_block_size_32():
 
 def test_tile_configs():
     t = TritonAttention(32, 8, 128, 128**-0.5)
+    t.tuning = []  # the settings below, not DECODE_TUNING's for this batch
     rng = random.Random(4)
-    for tile, warps, stages in [(16, 2, 2), (32, 4, 3), (128, 8, 2)]:
+    for tile, warps, stages, unmasked in [(16, 2, 2, False), (32, 4, 3, True), (32, 2, 2, False), (128, 8, 2, True)]:
         seqs = [(rng.randint(1, 3000), 1) for _ in range(9)]
         q, k, v, pool, meta = make_case(seqs, 32, 8, 128, device=DEV, seed=tile)
         ref_pool = pool.clone()
-        t.tile_n, t.num_warps, t.num_stages = tile, warps, stages
+        t.tile_n, t.num_warps, t.num_stages, t.unmasked_tiles = tile, warps, stages, unmasked
         out = torch.full_like(q, float("nan"))
         t.forward(q, k, v, pool, meta, out=out)
         ref = ReferenceAttention(32, 8, 128, 128**-0.5).forward(q, k, v, ref_pool, meta)

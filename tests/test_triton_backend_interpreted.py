@@ -80,12 +80,6 @@ def test_backend_equals_the_reference_under_the_interpreter(interpreted, case):
         assert got["prefill_rows_unwritten_without_tiles"], "forward built its own tile map instead of the planned one"
 
 
-if __name__ == "__main__":  # the interpreter subprocess
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    for case in CASES:
-        print("RESULT " + json.dumps({"name": case[0], **run_case(*case)}), flush=True)
-
-
 def test_decode_settings_follow_the_measured_tuning():
     """Batch 1 and batches past 64 keep the defaults (one masked loop); 2-64 take the sweep's 32-token tiles on 2
     warps, 2 stages, the whole tiles unmasked."""
@@ -98,3 +92,10 @@ def test_decode_settings_follow_the_measured_tuning():
     assert att.decode_config(1) == defaults
     assert att.decode_config(2) == att.decode_config(64) == tuned
     assert att.decode_config(65) == att.decode_config(256) == defaults
+
+
+if __name__ == "__main__":  # the interpreter subprocess
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    for case in CASES:
+        print("RESULT " + json.dumps({"name": case[0], **run_case(*case)}), flush=True)
+
