@@ -82,12 +82,22 @@ def ceilings() -> dict:
 
 
 def decode_case(B: int, ctx: int, cfg: ModelConfig, layers: int = 1, extra_blocks: int = 0, shared_layers: int = 0,
-                gen: torch.Generator | None = None):
-    """A pool holding B sequences of ctx tokens in random blocks, and the decode metadata of their next step."""
+                gen: torch.Generator | None = None, layout: str = "nhd"):
+    """A pool holding B sequences of ctx tokens in random blocks, and the decode metadata of their next step.
+
+    layout "nhd": the engine's pool, [L, 2, NB, BS, KVH, D] in memory; "hnd": each kv head's block of BS tokens
+    contiguous ([L, 2, NB, KVH, BS, D] in memory), handed over as the same [L, 2, NB, BS, KVH, D] view, which the
+    kernels read through its strides."""
     nb = -(-ctx // BLOCK)
     num_blocks = B * nb + extra_blocks
     shape = kv_pool_shape(1 if shared_layers else layers, num_blocks, BLOCK, cfg.num_kv_heads, cfg.head_dim)
-    pool = torch.empty(shape, device="cuda", dtype=torch.bfloat16)
+    if layout not in ("nhd", "hnd"):
+        raise ValueError(f"layout must be nhd or hnd, got {layout!r}")
+    if layout == "hnd":  # [L, 2, NB, KVH, BS, D] in memory, seen as [L, 2, NB, BS, KVH, D]
+        pool = torch.empty(shape[:3] + (shape[4], shape[3], shape[5]), device="cuda",
+                           dtype=torch.bfloat16).transpose(3, 4)
+    else:
+        pool = torch.empty(shape, device="cuda", dtype=torch.bfloat16)
     for i in range(shape[0]):
         pool[i].normal_(0, 1, generator=gen)
     if shared_layers:  # layer dimension of stride 0: every layer is the same memory
@@ -123,9 +133,10 @@ def graphed_ms(fns, reps: int = 10) -> float:
     return ms / len(fns)
 
 
-def bench_attention(cfg: ModelConfig, shapes, sweep: bool, bound: int) -> dict:
+def bench_attention(cfg: ModelConfig, shapes, sweep: bool, bound: int, layout: str = "nhd") -> dict:
     """Decode attention of one layer inside a CUDA graph: Triton paged kernel (configs) vs SDPA on a
-    contiguous cache. Calls rotate over several KV pools so that none is served from L2."""
+    contiguous cache. Calls rotate over several KV pools so that none is served from L2. layout: the pool's
+    (decode_case); results of "hnd" are keyed with an "_hnd" suffix."""
     from rapid.attention.triton_backend import TritonAttention
 
     F = torch.nn.functional
@@ -135,7 +146,7 @@ def bench_attention(cfg: ModelConfig, shapes, sweep: bool, bound: int) -> dict:
     for B, ctx in shapes:
         nbytes = kv_bytes(B, ctx, cfg)
         sets = max(1, min(32, -(-256 * 2**20 // nbytes)))  # >= 256 MB touched per round
-        cases = [decode_case(B, ctx, cfg) for _ in range(sets)]
+        cases = [decode_case(B, ctx, cfg, layout=layout) for _ in range(sets)]
         q = torch.randn(B, cfg.num_heads, cfg.head_dim, device="cuda", dtype=torch.bfloat16)
         out = torch.empty_like(q)
         att = TritonAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5)
@@ -177,7 +188,8 @@ def bench_attention(cfg: ModelConfig, shapes, sweep: bool, bound: int) -> dict:
         ms = graphed_ms(fns * max(1, 8 // sets))
         entry["sdpa_contiguous"] = {"us": round(ms * 1e3, 1), "TBps": round(nbytes / (ms / 1e3) / 1e12, 3)}
         entry["roofline_us"] = round(nbytes / HBM_BPS * 1e6, 1)
-        res[f"B{B}_ctx{ctx}"] = entry
+        entry["kv_layout"] = layout
+        res[f"B{B}_ctx{ctx}" + ("_hnd" if layout == "hnd" else "")] = entry
         d = entry["default"]
         print(f"attention B={B} ctx={ctx} (graphed): default {d.get('us')} us ({d.get('TBps')} TB/s), "
               f"best {entry['best']}, SDPA contiguous {entry['sdpa_contiguous']}", flush=True)
@@ -493,6 +505,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sweep", action="store_true", help="sweep decode kernel configs")
     ap.add_argument("--apply-best", action="store_true", help="use the sweep's best config per decode shape")
+    ap.add_argument("--kv-layouts", default="nhd",
+                    help="decode attention's pool layouts: nhd (the engine's) and/or hnd")
     ap.add_argument("--attention-shapes", default="1x1024,64x1024,256x2048", help="decode attention cases, BxCTX")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: attention,eager,compiled")
     ap.add_argument("--compile-dynamic", default="true", choices=["true", "tokens"],
@@ -534,7 +548,9 @@ def main() -> None:
     if "attention" not in skip:
         try:
             shapes = [tuple(int(v) for v in s.split("x")) for s in args.attention_shapes.split(",")]
-            report["attention"] = bench_attention(cfg, shapes, args.sweep, args.max_model_len)
+            report["attention"] = {}
+            for layout in args.kv_layouts.split(","):
+                report["attention"].update(bench_attention(cfg, shapes, args.sweep, args.max_model_len, layout))
             # a sweep winner replaces the default only where it is more than 1% faster
             best = {k: e["best"] for k, e in report["attention"].items()
                     if e.get("best") and e["best"]["us"] < 0.99 * e["default"].get("us", 1e9)}
