@@ -45,8 +45,8 @@ def fine_sizes(max_tokens: int) -> list[int]:
 def mixed_batch(T: int, decodes: int, ctx: int, device: torch.device, ids: str = "random", vocab: int = 32000):
     """`decodes` one-token rows at context `ctx` on their own blocks, then one fresh chunk of T - decodes tokens, each
     row writing its keys and values at its position, as the engine's step does. ids "random" (seeded): token ids as
-    a prompt's; "zeros": every row the same token, the curve of sessions 18-32, whose matmuls run faster on inputs
-    of identical rows (session 32: a 2048-token prompt's step took 42.6 ms with them)."""
+    a prompt's; "zeros": every row the same token, as this script fed before session 32's call 3, whose matmuls
+    run faster on identical rows (session 32: a 2048-token prompt's step took 42.7 ms with them, 49.4 without)."""
     chunk = T - decodes
     ctx_blocks, chunk_blocks = -(-ctx // BLOCK), -(-chunk // BLOCK)
     lens = [ctx] * decodes + [chunk]
@@ -154,8 +154,8 @@ def main() -> None:
                              capture=gpu and not args.eager)
     curves = {}
     for d in decodes:
-        curves[d] = {T: round(time_step(runner, mixed_batch(T, d, args.ctx, dev, args.ids, cfg.vocab_size), args.reps), 4)
-                     for T in sizes if T > d}
+        curves[d] = {T: round(time_step(runner, mixed_batch(T, d, args.ctx, dev, args.ids, cfg.vocab_size),
+                                        args.reps), 4) for T in sizes if T > d}
         print(f"decodes {d}: " + ", ".join(f"{T}:{ms:.2f}" for T, ms in curves[d].items()), flush=True)
     profiles = {f"{d}+{T - d}": profile_step(runner, mixed_batch(T, d, args.ctx, dev, args.ids, cfg.vocab_size))
                 for d in decodes for T in sizes if T > d} if args.profile and gpu else {}
