@@ -46,6 +46,16 @@ def graph_of_calls(fn, x: torch.Tensor, copies: list[torch.Tensor], calls: int) 
     return graph
 
 
+def ms_per_call(fn, x: torch.Tensor, copies: list[torch.Tensor], calls: int, reps: int) -> float:
+    """fn(x, w)'s device time per call: graph_of_calls of `calls` rounded up to whole rounds of the copies (no copy
+    read twice in a row), the median of `reps` replays over the calls."""
+    calls = -(-calls // len(copies)) * len(copies)
+    graph = graph_of_calls(fn, x, copies, calls)
+    ms = median_ms(graph.replay, reps) / calls
+    del graph
+    return ms
+
+
 def linear_fn(backend: str):
     """F.linear as the backend runs it: 'cublas' / 'cublaslt' (eager), 'autotune' (Inductor max-autotune: a fresh
     compile for each shape, so that no shape falls back to eager at Dynamo's recompile limit)."""
@@ -77,10 +87,7 @@ def main() -> None:
                 n, k = copies[0].shape
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 t0 = time.perf_counter()
-                calls = -(-args.calls // len(copies)) * len(copies)  # whole rounds: no copy read twice in a row
-                graph = graph_of_calls(linear_fn(backend), x, copies, calls)
-                ms = median_ms(graph.replay, args.reps) / calls
-                del graph
+                ms = ms_per_call(linear_fn(backend), x, copies, args.calls, args.reps)
                 bytes_read = n * k * 2 + x.numel() * 2 + m * n * 2
                 rows.append({"backend": backend, "batch": m, "gemm": name, "n": n, "k": k, "weight_copies": len(copies),
                              "ms": round(ms, 4), "tb_s": round(bytes_read / ms / 1e9, 3),

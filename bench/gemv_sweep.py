@@ -18,8 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from gemm_shapes import HBM_BPS, L2_BYTES, LAYERS, SHAPES, graph_of_calls  # bench/: this script's folder
-from kernels import median_ms
+from gemm_shapes import HBM_BPS, L2_BYTES, LAYERS, SHAPES, ms_per_call  # bench/: this script's folder
 
 from rapid.model.gemv import gemv
 from rapid.model.linear import GemvConfig, config_for
@@ -28,14 +27,6 @@ from rapid.model.linear import GemvConfig, config_for
 # rows x 4096 columns on 1 warp, did not finish in 60 s)
 GRID = [GemvConfig(*c) for c in itertools.product((1, 2), (512, 1024, 2048), (1, 2, 4, 8), (2, 3, 4))] + [
     GemvConfig(2, 4096, 2, 3), GemvConfig(2, 4096, 4, 3), GemvConfig(1, 4096, 2, 3)]
-
-
-def timed(fn, x, copies, calls: int, reps: int) -> float:
-    calls = -(-calls // len(copies)) * len(copies)  # whole rounds: no copy read twice in a row
-    graph = graph_of_calls(fn, x, copies, calls)
-    ms = median_ms(graph.replay, reps) / calls
-    del graph
-    return ms
 
 
 def main() -> None:
@@ -53,14 +44,14 @@ def main() -> None:
         n, k = copies[0].shape
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         ref = F.linear(x, copies[0]).float()
-        cublas = timed(F.linear, x, copies, args.calls, args.reps)
+        cublas = ms_per_call(F.linear, x, copies, args.calls, args.reps)
         rows.append({"gemm": name, "n": n, "k": k, "kernel": "cublas", "ms": round(cublas, 5)})
         best = None
         for cfg in GRID:
             try:
                 y = gemv(x, copies[0], cfg)
                 err = ((y.float() - ref).norm() / ref.norm()).item()
-                ms = timed(lambda a, w, c=cfg: gemv(a, w, c), x, copies, args.calls, args.reps)
+                ms = ms_per_call(lambda a, w, c=cfg: gemv(a, w, c), x, copies, args.calls, args.reps)
             except Exception as e:  # a config Triton cannot build (registers, shared memory): recorded, skipped
                 rows.append({"gemm": name, "kernel": "triton", "config": cfg._asdict(), "error": repr(e)[:160]})
                 continue

@@ -142,7 +142,7 @@ def bench_attention(cfg: ModelConfig, shapes, sweep: bool, bound: int, layout: s
     F = torch.nn.functional
     res = {}
     default = TritonAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, 1.0)
-    keys = ("tile_n", "num_warps", "num_stages", "programs_per_sm", "unmasked_tiles")
+    keys = tuple(default.decode_config(1))  # the kernel's settings, as the backend names them
     for B, ctx in shapes:
         nbytes = kv_bytes(B, ctx, cfg)
         sets = max(1, min(32, -(-256 * 2**20 // nbytes)))  # >= 256 MB touched per round
@@ -312,7 +312,7 @@ def bench_decode(model, backend, cfg, variant: str, best: dict, apply_best: bool
     plans = [((1, 1024), (64, 1024)), ((256, 2048),)]
     if only:  # --decode-cases: the named cases, e.g. {"B1_ctx1024"}
         plans = [g for g in (tuple(c for c in group if f"B{c[0]}_ctx{c[1]}" in only) for group in plans) if g]
-    keys = ("tile_n", "num_warps", "num_stages", "programs_per_sm", "unmasked_tiles")
+    keys = tuple(backend.decode_config(1))  # the kernel's settings, as the backend names them
     for group in plans:
         B0, ctx0 = group[-1]
         shared = B0 * ctx0 * 32 * 2 * cfg.num_kv_heads * cfg.head_dim * 2 > 40e9

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from gemm_shapes import HBM_BPS, L2_BYTES, LAYERS, SHAPES, graph_of_calls  # bench/: this script's folder
-from kernels import median_ms  # (also puts the repository on sys.path)
+from gemm_shapes import HBM_BPS, L2_BYTES, LAYERS, SHAPES, ms_per_call  # bench/: this script's folder (and, through
+# its import of kernels, the repository on sys.path)
 
 if "--dry-run" in sys.argv:  # before the kernel's module is imported: Triton reads it when a kernel is decorated
     os.environ["TRITON_INTERPRET"] = "1"
@@ -130,11 +130,7 @@ def make_timer(calls: int, reps: int, dry_run: bool):
     """fn(x, w) -> ms per call: a CUDA graph of `calls` calls over the copies (whole rounds: no copy read twice in a
     row); in a dry run one call's wall-clock time."""
     def graph_ms(fn, x, copies) -> float:
-        n = -(-calls // len(copies)) * len(copies)
-        graph = graph_of_calls(fn, x, copies, n)
-        ms = median_ms(graph.replay, reps) / n
-        del graph
-        return ms
+        return ms_per_call(fn, x, copies, calls, reps)
 
     def wall_ms(fn, x, copies) -> float:
         t0 = time.perf_counter()
