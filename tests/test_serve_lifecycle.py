@@ -181,11 +181,12 @@ def test_requests_in_flight_fail_when_the_server_stops_answering(tmp_path):
 
     from rapid.client import Client, ServerError
 
-    proc = start_fake_server(tmp_path, f"ipc://{tmp_path}/fake.sock")
+    address = f"ipc://{tmp_path}/fake.sock"
+    proc = start_fake_server(tmp_path, address)
     ctx = zmq.Context()  # the client's own: a regression leaves a thread waiting in it, not in the shared one
     outcome = []
     try:
-        client = Client(f"ipc://{tmp_path}/fake.sock", context=ctx)
+        client = Client(address, context=ctx)
         stream = client.stream("hi", {"max_tokens": 4})
         assert next(stream).new_text == "a"
         proc.send_signal(signal.SIGSTOP)
