@@ -133,6 +133,9 @@ def main() -> None:
                     help="also each size's kernels by family and the device's gaps (torch.profiler, 10 steps)")
     ap.add_argument("--ids", choices=("random", "zeros"), default="random",
                     help="token ids: random (a prompt's) or zeros (identical rows: faster matmuls)")
+    ap.add_argument("--warm-tokens", type=int, default=None,
+                    help="the warm-up's first forward, whose size the fused kernels are tuned on (default: "
+                         "--max-tokens, as the engine does)")
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
     gpu = torch.cuda.is_available()  # else a dry run of the script on a tiny model: TRITON_INTERPRET=1, no graphs
@@ -149,7 +152,7 @@ def main() -> None:
     pool = allocate_kv_pool(cfg, blocks, BLOCK, dtype, dev)  # [L, 2, NB, BS, KVH, D]
     if gpu:
         model.compile_pieces()
-        warm_up(model, pool)
+        warm_up(model, pool, args.warm_tokens or args.max_tokens)
     runner = FullGraphRunner(model, pool, args.max_tokens, rows, per_seq * BLOCK, BLOCK, sizes=sizes,
                              capture=gpu and not args.eager)
     curves = {}

@@ -19,33 +19,36 @@ def prepare_model(model, kv_pool, config, decode_graphs: bool, prefill_graphs: b
         return []
     t0 = time.perf_counter()
     model.compile_pieces()  # dynamic="tokens"
-    warm_up(model, kv_pool)
+    sched = config.scheduler  # warm up on the largest batch this role runs: the fused kernels keep its settings
+    warm_up(model, kv_pool, sched.max_num_batched_tokens if prefill_graphs else sched.max_num_seqs)
     logging.getLogger(__name__).info("torch.compile warm-up took %.1fs", time.perf_counter() - t0)
     runners = []
     if decode_graphs:
         from rapid.compile.cuda_graphs import DecodeGraphRunner
 
-        runners.append(DecodeGraphRunner(model, kv_pool, config.scheduler.max_num_seqs, config.cache.block_size,
-                                         config.scheduler.max_model_len))
+        runners.append(DecodeGraphRunner(model, kv_pool, sched.max_num_seqs, config.cache.block_size,
+                                         sched.max_model_len))
     # whole graphs only when every attention call of a batch is one graph-safe launch (Triton, paged prefill)
     paged = getattr(model.layers[0].self_attn.backend, "paged_prefill", False)
     if prefill_graphs and paged:
         from rapid.compile.full_graph import FullGraphRunner
 
-        sched = config.scheduler
         runners.append(FullGraphRunner(model, kv_pool, sched.max_num_batched_tokens, sched.max_num_seqs,
                                        sched.max_model_len, config.cache.block_size))
     elif prefill_graphs:
         from rapid.compile.piecewise import PiecewiseGraphRunner
 
-        runners.append(PiecewiseGraphRunner(model, kv_pool, config.scheduler.max_num_batched_tokens))
+        runners.append(PiecewiseGraphRunner(model, kv_pool, sched.max_num_batched_tokens))
     return runners
 
 
-def warm_up(model, kv_pool, lengths=(16, 1)) -> None:
-    """Run one forward per shape class (prefill chunk, single token) so compilation happens at start.
+def warm_up(model, kv_pool, tokens: int) -> None:
+    """Run a forward of `tokens` tokens, then one of a single token, so compilation happens at start.
 
-    Every slot is -1, so nothing is written to the KV pool.
+    The first size matters: Inductor tunes a fused kernel's launch settings (block size, warps) on its first
+    launch and keeps them for every later token count, so warm up with the largest batch the graphs will run
+    (measured against a 16-token warm-up in bench/results/session33/). Every slot is -1, so nothing is written
+    to the KV pool.
     """
     import torch
 
@@ -53,7 +56,7 @@ def warm_up(model, kv_pool, lengths=(16, 1)) -> None:
 
     dev = kv_pool.device
     with torch.inference_mode():
-        for n in lengths:
+        for n in (max(tokens, 2), 1):
             meta = write_nothing_metadata([n], 1 if n == 1 else 0, n, kv_pool.shape[3], dev)
             model(torch.zeros(n, dtype=torch.int64, device=dev), torch.arange(n, device=dev), kv_pool, meta)
     torch.cuda.synchronize(dev)
