@@ -152,7 +152,7 @@ def main() -> None:
     pool = allocate_kv_pool(cfg, blocks, BLOCK, dtype, dev)  # [L, 2, NB, BS, KVH, D]
     if gpu:
         model.compile_pieces()
-        warm_up(model, pool, args.warm_tokens or args.max_tokens)
+        warm_up(model, pool, args.warm_tokens or args.max_tokens, cfg.max_position_embeddings)
     runner = FullGraphRunner(model, pool, args.max_tokens, rows, per_seq * BLOCK, BLOCK, sizes=sizes,
                              capture=gpu and not args.eager)
     curves = {}

@@ -112,3 +112,27 @@ def test_decode_graphs_pick_cublaslt_for_mid_batches_and_put_the_choice_back(mon
     with pytest.raises(RuntimeError), cuda_graphs.preferred_blas("cublaslt"):
         raise RuntimeError("capture failed")
     assert state[0] == "cublas"
+
+
+def test_warm_up_splits_its_tokens_into_prompts_that_fit_and_writes_nothing(tiny_llama, monkeypatch):
+    """warm_up's first forward has the token budget's size (the fused kernels keep the settings tuned on it), as
+    prompts no longer than max_len: a budget above max_model_len would index past the rope table."""
+    from rapid.compile import warm_up
+
+    model, cfg = _model(tiny_llama)  # rope table of 128 positions
+    pool = torch.randn(kv_pool_shape(cfg.num_layers, 4, 16, cfg.num_kv_heads, cfg.head_dim))
+    before = pool.clone()
+    calls = []
+    forward = type(model).forward
+
+    def recording(self, ids, positions, kv_pool, meta):
+        calls.append((ids.shape[0], int(positions.max()), meta.seq_lens.tolist(), meta.num_decodes))
+        return forward(self, ids, positions, kv_pool, meta)
+
+    monkeypatch.setattr(type(model), "forward", recording)
+    warm_up(model, pool, tokens=300, max_len=128)
+    assert calls == [(300, 127, [128, 128, 44], 0), (1, 0, [1], 1)]
+    assert torch.equal(pool, before)
+    calls.clear()
+    warm_up(model, pool, tokens=1, max_len=128)  # a single-sequence decode worker still compiles the T >= 2 graph
+    assert calls == [(2, 1, [2], 0), (1, 0, [1], 1)]
