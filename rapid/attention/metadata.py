@@ -52,6 +52,12 @@ def allocate_kv_pool(model_cfg, num_blocks: int, block_size: int, dtype: torch.d
     return torch.zeros(shape, dtype=dtype, device=device)
 
 
+def prefill_lens(num_tokens: int, max_model_len: int) -> list[int]:
+    """A prefill batch of num_tokens as sequences of at most max_model_len tokens (no chunk is longer)."""
+    full, rest = divmod(num_tokens, max_model_len)
+    return [max_model_len] * full + ([rest] if rest else [])
+
+
 def write_nothing_metadata(lens: list[int], num_decodes: int, max_seq_len: int, block_size: int,
                            device: torch.device) -> AttentionMetadata:
     """Sequences of `lens` new tokens from position 0 that write no KV (every slot -1) and whose block

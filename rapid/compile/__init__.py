@@ -54,11 +54,10 @@ def warm_up(model, kv_pool, tokens: int, max_len: int) -> None:
     """
     import torch
 
-    from rapid.attention.metadata import write_nothing_metadata
+    from rapid.attention.metadata import prefill_lens, write_nothing_metadata
 
     dev = kv_pool.device
-    tokens = max(tokens, 2)
-    lens = [max_len] * (tokens // max_len) + ([tokens % max_len] if tokens % max_len else [])
+    lens = prefill_lens(max(tokens, 2), max_len)
     with torch.inference_mode():
         for seq_lens, decodes in ((lens, 0), ([1], 1)):
             n = sum(seq_lens)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rapid.attention.metadata import allocate_kv_pool, write_nothing_metadata
+from rapid.attention.metadata import allocate_kv_pool, prefill_lens, write_nothing_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -145,12 +145,6 @@ def _worst_case_sampling(num_rows: int, vocab_size: int, device: torch.device):
                             frequency_penalty=0.1, presence_penalty=0.1, logprobs=MAX_LOGPROBS)
     return SamplingBatch.build([params] * num_rows, [[0]] * num_rows, [[0]] * num_rows, [0] * num_rows,
                                vocab_size, device)
-
-
-def prefill_lens(num_tokens: int, max_model_len: int) -> list[int]:
-    """A prefill batch of num_tokens as sequences of at most max_model_len tokens (no chunk is longer)."""
-    full, rest = divmod(num_tokens, max_model_len)
-    return [max_model_len] * full + ([rest] if rest else [])
 
 
 def run_profile_step(model, kv_pool: torch.Tensor, lens: list[int], num_decodes: int, max_seq_len: int,
