@@ -2,7 +2,7 @@
 # One device call: install carried wheels, run the GPU tests, then the engine-level GPU benchmarks.
 #   bash bench/gpu_session.sh STAGE...   (stages: tests frontier-hybrid frontier-rapid offline offline1k graph-buckets
 #                                          gemm gemv splitk paged-sweep sampler step-profile kernels serve (= serve-sharegpt-like) serve-3k http
-#                                          mps-partition host-overhead pack)
+#                                          mps-partition host-overhead mps-priority pack)
 # pack (last): everything in $OUT but commit.txt into one results.tgz, since the device tool returns at most 8 files
 # and none deeper than two folders (session 25 lost a step profile to that).
 set -uo pipefail
@@ -80,6 +80,8 @@ for stage in "$@"; do
     splitk) python3 bench/splitk_gemm_sweep.py --batches ${SPLITK_BATCHES:-64,16,32,128} --out $OUT 2>&1 | tail -40 ;;
     sampler) python3 bench/sampler_cost.py --out $OUT 2>&1 | tail -12 ;;
     mps-partition) bash bench/mps_partition_probe.sh 2>&1 | tail -60 ;;
+    mps-priority) python3 bench/mps_priority_frontier.py --model $MODEL --splits ${SPLITS:-100/100,60/100} --batches $BATCHES \
+        --priorities ${PRIORITIES:-0,1} --window-s ${WINDOW:-2} --out $OUT 2>&1 | grep --line-buffered -v "it/s" | tail -12 ;;
     host-overhead) python3 bench/host_overhead.py --model $MODEL --configs ${HCONFIGS:-hybrid:async,rapid:async} \
         --batches ${PBATCHES:-1,64,256} --output-json $OUT/host-overhead.json 2>&1 | grep -v "it/s" | tail -12 ;;
     step-profile) python3 bench/step_profile.py --model $MODEL --batches ${PBATCHES:-1,64,256} --ctx ${CTX:-1000} --out $OUT 2>&1 \
