@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from rapid import LLM, SamplingParams
 from rapid.entrypoints.frontend import EngineFrontend
+from rapid.entrypoints.openai import protocol as P
 from rapid.entrypoints.openai.api_server import build_app
 from rapid.entrypoints.openai.http_server import HttpServer
 from tiny import engine_pids
@@ -400,6 +401,40 @@ def test_response_format_json_schema(client):
     out = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=40, temperature=0, response_format={
         "type": "json_schema", "json_schema": {"name": "thing", "schema": schema}})
     assert isinstance(json.loads(out.choices[0].message.content)["a"], int)
+
+
+def test_response_format_merges_with_structured_outputs_options(client):
+    # vLLM's way to compact JSON from a schema; it was a 400 ("give one structured-output constraint")
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a"]}
+    for fmt in ({"type": "json_schema", "json_schema": {"name": "thing", "schema": schema}}, {"type": "json_object"}):
+        out = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=40, temperature=0,
+                                             response_format=fmt,
+                                             extra_body={"structured_outputs": {"disable_any_whitespace": True}})
+        text = out.choices[0].message.content  # xgrammar's fixed separators (", ", ": "), no optional whitespace
+        assert isinstance(json.loads(text), dict) and text == json.dumps(json.loads(text)), text
+    body = {"model": "tiny", "messages": CHAT, "response_format": {"type": "json_object"},
+            "structured_outputs": {"disable_any_whitespace": True}}
+    spec = P.structured_output(P.decode(json.dumps(body).encode(), P.ChatCompletionRequest))
+    assert spec.json_object and spec.disable_any_whitespace  # the option reaches the engine's spec
+    with pytest.raises(openai.BadRequestError, match="one structured-output constraint"):  # two constraints: refused
+        client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=4, response_format={
+            "type": "json_object"}, extra_body={"structured_outputs": {"regex": "a+"}})
+
+
+def test_health_is_503_while_the_server_drains(served):
+    # a load balancer must stop routing to a server that refuses requests (it answered 200 while draining)
+    app = build_app(served[2], model_name="tiny")
+    server, serving = HttpServer(app, port=0).start(), app.state.serving
+    try:
+        assert httpx.get(server.url + "/health").status_code == 200
+        serving.closing = True  # what `rapid serve` sets on SIGTERM, before its grace period
+        r = httpx.get(server.url + "/health")
+        assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
+        r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 503
+    finally:
+        server.stop()
+        serving.close()
 
 
 @pytest.mark.parametrize("extra, check", [

@@ -183,6 +183,7 @@ def test_cancel_stops_a_stream(server, client, aborts):
     (list(range(5, 300)) * 2, GREEDY, "max_model_len"),
     ("hello", SamplingParams(max_tokens=600), "exceeds max_model_len"),
     ("hello", SamplingParams(n=2), "n=1"),
+    ("hello", SamplingParams(max_tokens=2, prompt_logprobs=2), "prompt_logprobs"),  # was accepted, then dropped
 ])
 def test_bad_input_gets_error_reply_and_server_keeps_serving(client, prompt, params, match):
     with pytest.raises(ServerError, match=match):

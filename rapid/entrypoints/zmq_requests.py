@@ -136,6 +136,8 @@ class RequestReader:
         params = msg.params
         if params.n != 1:
             raise ValueError("the server takes n=1; send n requests (with distinct seeds) instead")
+        if params.prompt_logprobs is not None:  # Completion and Delta carry no prompt logprobs (HTTP refuses it too)
+            raise ValueError("prompt_logprobs is not returned over ZeroMQ; use LLM.generate for prompt logprobs")
         llm = self.llm
         if isinstance(msg, self.chat_type):
             if not msg.messages:

@@ -87,6 +87,8 @@ def build_app(frontend: EngineFrontend, *, model_name: str | list[str] | None = 
     async def health() -> Response:
         if frontend.dead_reason is not None:
             return _error(P.ApiError(503, f"the engine is dead: {frontend.dead_reason}", type="service_unavailable"))
+        if serving.closing:  # draining after SIGTERM: load balancers stop routing here (/v1/* answers 503 too)
+            return _error(P.ApiError(503, "the server is shutting down", type="service_unavailable"))
         return Response(status_code=200)
 
     @app.get("/metrics")
