@@ -416,6 +416,9 @@ def test_response_format_merges_with_structured_outputs_options(client):
             "structured_outputs": {"disable_any_whitespace": True}}
     spec = P.structured_output(P.decode(json.dumps(body).encode(), P.ChatCompletionRequest))
     assert spec.json_object and spec.disable_any_whitespace  # the option reaches the engine's spec
+    with pytest.raises(P.ApiError, match="structured_outputs.whitespace_pattern is not supported"):  # not dropped
+        P.structured_output(P.decode(json.dumps(body | {"structured_outputs": {"whitespace_pattern": " "}}).encode(),
+                                     P.ChatCompletionRequest))
     with pytest.raises(openai.BadRequestError, match="one structured-output constraint"):  # two constraints: refused
         client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=4, response_format={
             "type": "json_object"}, extra_body={"structured_outputs": {"regex": "a+"}})

@@ -229,10 +229,9 @@ def structured_output(req: _Sampling):
     options = given.get("structured_outputs")
     if "response_format" in given and isinstance(options, dict) and not set(options) & CONSTRAINTS:
         # vLLM merges response_format into a structured_outputs that only sets options (disable_any_whitespace)
-        del given["structured_outputs"]
-        fmt = given["response_format"]
-        given["response_format"] = ({"json_object": True} if fmt.type == "json_object"
-                                    else {"json": fmt.json_schema.schema_ or {}}) | options
+        fmt = given.pop("response_format")
+        given["structured_outputs"] = ({"json_object": True} if fmt.type == "json_object"
+                                       else {"json": fmt.json_schema.schema_ or {}}) | options
     if len(given) > 1:
         raise ApiError(400, f"give one structured-output constraint, got {sorted(given)}", param=sorted(given)[1])
     if not given:
@@ -240,8 +239,6 @@ def structured_output(req: _Sampling):
     (name, value), = given.items()
     try:
         if name == "response_format":
-            if isinstance(value, dict):  # merged with structured_outputs' options above
-                return msgspec.convert(value, StructuredOutputsParams)
             if value.type == "json_object":
                 return StructuredOutputsParams(json_object=True)
             return StructuredOutputsParams(json=value.json_schema.schema_ or {})
