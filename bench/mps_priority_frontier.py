@@ -62,8 +62,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for run in report["runs"]:
         for p in run["points"]:
-            print(f"| {run['prefill_client_priority']} | {p['split']} | {p.get('batch')} | {p.get('decode_alone_ms')} | {p.get('tpot_mean_ms')} | "
-                  f"{p.get('tpot_p90_ms')} | {p.get('prefill_tok_s')} |")
+            print(f"| {run['prefill_client_priority']} | {p['split']} | {p.get('batch')} | {p.get('decode_alone_ms')} "
+                  f"| {p.get('tpot_mean_ms')} | {p.get('tpot_p90_ms')} | {p.get('prefill_tok_s')} |")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,9 @@ def _check_float(name: str, value: Any) -> float:
     return float(value)
 
 
+STRUCTURED_CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object")  # StructuredOutputsParams: one of these
+
+
 class StructuredOutputsParams(msgspec.Struct, frozen=True, kw_only=True):
     """A constraint on the generated text (vLLM's StructuredOutputsParams): exactly one of
     `json` (a JSON schema, dict or str), `regex`, `choice` (the output is one of these strings),
@@ -59,7 +62,7 @@ class StructuredOutputsParams(msgspec.Struct, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         set_ = msgspec.structs.force_setattr
-        given = [n for n in ("json", "regex", "choice", "grammar", "json_object") if getattr(self, n) not in (None, False)]
+        given = [n for n in STRUCTURED_CONSTRAINTS if getattr(self, n) not in (None, False)]
         if len(given) != 1:
             raise ValueError("structured_outputs takes exactly one of json, regex, choice, grammar, json_object; "
                              f"got {given or 'none'}")

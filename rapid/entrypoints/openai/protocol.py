@@ -217,21 +217,21 @@ def check_response_format(fmt: ResponseFormat) -> None:
                        "yet; use type 'text'", param="response_format")
 
 
-CONSTRAINTS = {"json", "regex", "choice", "grammar", "json_object"}  # StructuredOutputsParams' constraint fields
+def _format_constraint(fmt: ResponseFormat) -> dict[str, Any]:
+    """response_format (json_object or json_schema) as StructuredOutputsParams' fields."""
+    return {"json_object": True} if fmt.type == "json_object" else {"json": fmt.json_schema.schema_ or {}}
 
 
 def structured_output(req: _Sampling):
     """The engine's StructuredOutputsParams from response_format, structured_outputs or vLLM's older guided_*
     fields (at most one of them; None for plain text)."""
-    from rapid.params import StructuredOutputsParams
+    from rapid.params import STRUCTURED_CONSTRAINTS, StructuredOutputsParams
 
     given = _structured_fields(req)
     options = given.get("structured_outputs")
-    if "response_format" in given and isinstance(options, dict) and not set(options) & CONSTRAINTS:
+    if "response_format" in given and isinstance(options, dict) and not set(options) & set(STRUCTURED_CONSTRAINTS):
         # vLLM merges response_format into a structured_outputs that only sets options (disable_any_whitespace)
-        fmt = given.pop("response_format")
-        given["structured_outputs"] = ({"json_object": True} if fmt.type == "json_object"
-                                       else {"json": fmt.json_schema.schema_ or {}}) | options
+        given["structured_outputs"] = _format_constraint(given.pop("response_format")) | options
     if len(given) > 1:
         raise ApiError(400, f"give one structured-output constraint, got {sorted(given)}", param=sorted(given)[1])
     if not given:
@@ -239,9 +239,7 @@ def structured_output(req: _Sampling):
     (name, value), = given.items()
     try:
         if name == "response_format":
-            if value.type == "json_object":
-                return StructuredOutputsParams(json_object=True)
-            return StructuredOutputsParams(json=value.json_schema.schema_ or {})
+            return StructuredOutputsParams(**_format_constraint(value))
         if name == "structured_outputs":
             unknown = sorted(set(value) - set(StructuredOutputsParams.__struct_fields__))
             if unknown:  # vLLM's structural_tag, whitespace_pattern, ...: refused, as LLM.generate does
