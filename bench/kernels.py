@@ -236,8 +236,8 @@ def kernel_family(name: str) -> str:
     low = name.lower()
     if "_decode_kernel" in name or "_reduce_kernel" in name:
         return "decode attention (triton)"
-    if "_store_kv" in name:
-        return "kv store (triton)"
+    if "_store_kv" in name or "_rope_store" in name:
+        return "kv store (triton; with rope since session 35)"
     if "_paged_prefill_kernel" in name:
         return "prefill attention (triton paged)"
     if "_gemv_kernel" in name:
@@ -563,7 +563,8 @@ def main() -> None:
     with torch.inference_mode():
         model, backend = build_8b(cfg, max_positions=max(args.max_model_len, 8192) + 16)
         default_sdpa = backend.prefill_sdpa_backends  # flash first (see TritonAttention)
-        variants = ("eager", "compiled", "compiled-cublas-decode", "compiled-cudnn-prefill", "compiled-paged-prefill")
+        variants = ("eager", "compiled", "compiled-cublas-decode", "compiled-reduce-kernel-decode",
+                    "compiled-cudnn-prefill", "compiled-paged-prefill")
         for variant in variants:
             if variant in skip or (variant.startswith("compiled") and "compiled" in skip):
                 continue
@@ -574,6 +575,8 @@ def main() -> None:
                     model.use_gemv(True)  # as rapid.compile.prepare_model does on CUDA
                 if variant == "compiled-cublas-decode":  # decode only: cuBLAS for every batch (no GEMV, no cuBLASLt)
                     model.use_gemv(False)
+                # decode only: the splits merged by a second kernel, as before session 35 (the in-kernel merge off)
+                backend.merge_in_kernel = variant != "compiled-reduce-kernel-decode"
                 if variant == "compiled-cudnn-prefill":  # prefill only: SDPA with cuDNN first, then flash
                     backend.set_prefill_attention("cudnn")
                 if variant == "compiled-paged-prefill":  # prefill only: the Triton paged kernel, no gather
@@ -589,7 +592,7 @@ def main() -> None:
                     v["decode"] = bench_decode(model, backend, cfg, variant, best, args.apply_best,
                                                args.max_model_len, full_buckets=variant == "compiled", refs=refs,
                                                profile=variant.startswith("compiled"),
-                                               blas_by_batch=variant == "compiled",
+                                               blas_by_batch=variant in ("compiled", "compiled-reduce-kernel-decode"),
                                                only=set(filter(None, args.decode_cases.split(","))))
                 v["wall_s"] = round(time.perf_counter() - t0, 1)
             except Exception as e:
@@ -597,6 +600,7 @@ def main() -> None:
                 report["errors"].append(f"{variant}: {e!r}"[:300])
             backend.set_prefill_attention("flash")
             backend.prefill_sdpa_backends = default_sdpa
+            backend.merge_in_kernel = True
             model.use_gemv(variant != "eager")
             save()
     save()

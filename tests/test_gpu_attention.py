@@ -91,11 +91,48 @@ def test_decode_padding_rows():
     check(seqs, 32, 8, 128, seed=5, pad_rows=3, max_seq_len=4096)
 
 
+@pytest.mark.parametrize("merge_in_kernel", [True, False])
 @pytest.mark.parametrize("cfg", [dict(programs_per_sm=64, min_split_tokens=16),  # up to 64 splits
                                  dict(programs_per_sm=1, min_split_tokens=1 << 20)])  # always one split
-def test_decode_split_extremes(cfg):
+def test_decode_split_extremes(cfg, merge_in_kernel):
     rng = random.Random(9)
-    check([(rng.randint(1, 3000), 1) for _ in range(4)], 32, 8, 128, seed=13, cfg=cfg)
+    check([(rng.randint(1, 3000), 1) for _ in range(4)], 32, 8, 128, seed=13,
+          cfg=dict(cfg, merge_in_kernel=merge_in_kernel))
+
+
+def test_split_merge_in_kernel_equals_the_reduce_kernel_over_many_launches():
+    """The in-kernel merge (the last program of each group merges) gives the reduce kernel's output, launch after
+    launch on the same arrival counters: every group's last program leaves its counter at 0."""
+    q, k, v, pool, meta = make_case([(1000, 1)] * 3 + [(37, 1), (2048, 1)], 32, 8, 128, 16, torch.bfloat16, DEV, 21)
+    tri = TritonAttention(32, 8, 128, 128**-0.5)
+    tri.min_split_tokens, tri.programs_per_sm, tri.tuning = 16, 64, []
+    tri.merge_in_kernel = False
+    ref = tri.forward(q, k, v, pool.clone(), meta)
+    tri.merge_in_kernel = True
+    for _ in range(50):
+        got = tri.forward(q, k, v, pool.clone(), meta)
+        assert rel_err(got, ref) < 1e-5
+    assert all(bool((c == 0).all()) for held in tri._counters.values() for c in held)
+
+
+def test_rope_in_the_kv_store_matches_the_torch_form_bf16():
+    """The store kernel's rope (q and k in place) against rapid.attention.rope in bf16 on the GPU: at most one bf16
+    step apart (an FMA may round the float32 sum differently), on few elements."""
+    from rapid.attention.rope import Rope, apply_rope_
+
+    D = 128
+    q, k, v, pool, meta = make_case([(900, 1), (5, 5), (300, 40)], 32, 8, D, 16, torch.bfloat16, DEV, 5)
+    inv_freq = 1.0 / (500000 ** (torch.arange(0, D, 2, dtype=torch.float64, device=DEV) / D))
+    freqs = torch.outer(torch.arange(1024, dtype=torch.float32, device=DEV), inv_freq.float())
+    positions = torch.cat([torch.arange(c - n, c, device=DEV) for c, n in [(900, 1), (5, 5), (300, 40)]])
+    rope = Rope(torch.cat([freqs.cos(), freqs.sin()], dim=-1), positions)
+    rq, rk = q.clone(), k.clone()
+    apply_rope_(rq, rk, rope)
+    TritonAttention(32, 8, D, D**-0.5, prefill_attention="paged").forward(q, k, v, pool, meta, rope=rope)
+    for got, want in ((q, rq), (k, rk)):
+        diff = (got.float() - want.float()).abs()
+        assert bool((diff <= want.float().abs() * 2**-7 + 1e-30).all()), diff.max()
+        assert (diff > 0).float().mean().item() < 0.01
 
 
 @pytest.mark.parametrize("H,KVH", GQA)

@@ -24,6 +24,19 @@ CASES = [
     ("decode-only-f32", [(33, 1), (3, 1), (48, 1)], 8, 2, 16, 16, "float32", "paged"),  # whole tiles unmasked
     ("decode-one-f32", [(37, 1)], 8, 2, 16, 16, "float32", "paged"),  # batch 1: the default, one masked loop
 ]
+# Cases whose context is cut into splits (min_split_tokens 16): the merge in the decode kernel and as its own kernel.
+SPLIT_CASES = [
+    ("decode-splits-merged-in-kernel-f32", [(70, 1), (3, 1), (130, 1), (1, 1)], 8, 2, 16, 4, "float32", "paged"),
+    ("decode-splits-reduce-kernel-f32", [(70, 1), (3, 1), (130, 1)], 8, 2, 16, 4, "float32", "paged"),
+    ("mixed-splits-merged-f16", [(90, 1), (17, 1), (21, 6)], 4, 2, 32, 16, "float16", "paged"),
+]
+# Cases with rope: both backends rotate q and k in place (the Triton one inside its KV store kernel).
+ROPE_CASES = [
+    ("rope-mixed-paged-f32", [(9, 1), (17, 1), (21, 6), (12, 12)], 4, 2, 16, 4, "float32", "paged"),
+    ("rope-mixed-sdpa-f16", [(9, 1), (30, 30)], 8, 2, 32, 16, "float16", "auto"),
+    ("rope-decode-f16", [(33, 1), (3, 1)], 8, 8, 128, 16, "float16", "paged"),  # bf16: the interpreter truncates
+]
+ALL_CASES = CASES + SPLIT_CASES + ROPE_CASES
 TOLERANCE = {"float32": 1e-4, "float16": 5e-3}
 
 
@@ -32,13 +45,34 @@ def run_case(name, seqs, H, KVH, D, block_size, dtype, prefill_attention) -> dic
 
     from attention_cases import make_case
     from rapid.attention.reference import ReferenceAttention
+    from rapid.attention.rope import Rope, apply_rope_
     from rapid.attention.triton_backend import TritonAttention
 
     q, k, v, pool, meta = make_case(seqs, H, KVH, D, block_size, getattr(torch, dtype))
+    rope = rq = rk = None
+    if name.startswith("rope"):  # a table as the model builds it; positions: each row's place in its sequence
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+        freqs = torch.outer(torch.arange(64, dtype=torch.float32), inv_freq.float())
+        positions = torch.cat([torch.arange(c - n, c) for c, n in seqs])
+        rope = Rope(torch.cat([freqs.cos(), freqs.sin()], dim=-1), positions)
+        rq, rk = q.clone(), k.clone()
+        apply_rope_(rq, rk, rope)  # the torch form, in q's dtype: what the kernel must write in place
+    q0, k0 = q.clone(), k.clone()
     ref_pool = pool.float().clone()  # the reference stores into an fp32 copy (f16 -> f32 is exact)
     tri = TritonAttention(H, KVH, D, D**-0.5, prefill_attention=prefill_attention)
+    if "splits" in name:
+        tri.min_split_tokens, tri.programs_per_sm, tri.tuning = 16, 64, []
+        tri.merge_in_kernel = "reduce-kernel" not in name
+    splits = tri.num_splits(meta.num_decodes, meta.max_seq_len, q.device)
     out = torch.full_like(q, float("nan"))
-    tri.forward(q, k, v, pool, meta, out=out)
+    tri.forward(q, k, v, pool, meta, out=out, rope=rope)
+    roped_in_place = rope is None or (bool(torch.equal(q, rq)) and bool(torch.equal(k, rk)))
+    q, k = q0, k0  # the later calls rope (or not) afresh
+    counters_zero = all(bool((c == 0).all()) for held in tri._counters.values() for c in held)
+    tri.forward(q.clone(), k.clone(), v, pool.clone(), meta, out=(again := torch.full_like(q, float("nan"))),
+                rope=rope)  # counters reused
+    if rope is not None:  # the reference ropes in q's dtype (as the model's rows are), then computes in float32
+        q, k = rq, rk
     ref = ReferenceAttention(H, KVH, D, D**-0.5).forward(q.float(), k.float(), v.float(), ref_pool, meta)
     planned = tri.plan(meta)  # what the model does once per step: the same output with the shared tile map
     planned_out = torch.full_like(q, float("nan"))
@@ -50,7 +84,9 @@ def run_case(name, seqs, H, KVH, D, block_size, dtype, prefill_attention) -> dic
         tri.forward(q, k, v, pool.clone(), exits, out=unwritten)
     return {"finite": bool(torch.isfinite(out).all()), "max_err": float((out.float() - ref).abs().max()),
             "pool_equal": bool(torch.equal(pool.float(), ref_pool)),
-            "planned_equal": bool(torch.equal(planned_out, out)),
+            "planned_equal": bool(torch.equal(planned_out, out)), "splits": splits,
+            "counters": sum(c.numel() for held in tri._counters.values() for c in held), "counters_zero": counters_zero,
+            "repeat_equal": bool(torch.equal(again, out)), "roped_in_place": roped_in_place,
             "planned_map": planned.prefill_tile_map is not None,
             "prefill_rows_unwritten_without_tiles": bool(torch.isnan(unwritten[meta.num_decodes:]).all())}
 
@@ -62,14 +98,16 @@ def interpreted() -> dict:
     proc = subprocess.run([sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     results = {json.loads(line[7:])["name"]: json.loads(line[7:])
                for line in proc.stdout.splitlines() if line.startswith("RESULT ")}
-    if proc.returncode or len(results) != len(CASES):
+    if proc.returncode or len(results) != len(ALL_CASES):
         pytest.fail(f"interpreter subprocess (rc {proc.returncode}) reported {sorted(results)}:\n{proc.stderr[-3000:]}")
     return results
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("case", ALL_CASES, ids=[c[0] for c in ALL_CASES])
 def test_backend_equals_the_reference_under_the_interpreter(interpreted, case):
     got = interpreted[case[0]]
+    assert got["repeat_equal"], "a second launch (the merge's counters reused) changed the output"
+    assert got["roped_in_place"], "the KV store kernel's rope differs from the torch form (rapid.attention.rope)"
     assert got["finite"], f"unwritten or non-finite rows: {got}"
     assert got["pool_equal"], "the KV store wrote something other than the reference's store"
     assert got["max_err"] < TOLERANCE[case[6]], got
@@ -78,6 +116,15 @@ def test_backend_equals_the_reference_under_the_interpreter(interpreted, case):
     assert got["planned_map"] == (prefill_attention == "paged" and any(n > 1 for _, n in seqs)), got
     if got["planned_map"]:
         assert got["prefill_rows_unwritten_without_tiles"], "forward built its own tile map instead of the planned one"
+
+
+def test_split_cases_merge_where_asked(interpreted):
+    """The split cases really cut the context, and only the in-kernel merge uses (and re-zeroes) arrival counters."""
+    merged, reduced, mixed = (interpreted[c[0]] for c in SPLIT_CASES)
+    assert merged["splits"] > 1 and reduced["splits"] > 1 and mixed["splits"] > 1, (merged, reduced, mixed)
+    assert merged["counters"] > 0 and merged["counters_zero"], merged
+    assert mixed["counters"] > 0 and mixed["counters_zero"], mixed
+    assert reduced["counters"] == 0, reduced
 
 
 def test_decode_settings_follow_the_measured_tuning():
@@ -96,6 +143,6 @@ def test_decode_settings_follow_the_measured_tuning():
 
 if __name__ == "__main__":  # the interpreter subprocess
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    for case in CASES:
+    for case in ALL_CASES:
         print("RESULT " + json.dumps({"name": case[0], **run_case(*case)}), flush=True)
 

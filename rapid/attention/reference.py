@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from rapid.attention.metadata import AttentionMetadata
+from rapid.attention.rope import Rope, apply_rope_
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -40,9 +41,12 @@ class ReferenceAttention:
         return meta
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata,
+        rope: Rope | None = None,
     ) -> torch.Tensor:
-        """q: [T, H, D], k/v: [T, KVH, D] for this step -> [T, H, D]."""
+        """q: [T, H, D], k/v: [T, KVH, D] for this step -> [T, H, D]; with rope, q and k rotated in place first."""
+        if rope is not None:
+            apply_rope_(q, k, rope)
         store_kv(k, v, kv_layer, meta.slot_mapping)
         out = torch.empty_like(q)
         nd = meta.num_decodes

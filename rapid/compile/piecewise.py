@@ -1,8 +1,8 @@
 """Piecewise CUDA graphs for prefill and mixed (hybrid) batches, in the manner of vLLM V1.
 
 A mixed batch (decodes + prefill chunks) has a structure that changes every step, so the attention
-calls run eagerly; everything between two attention calls (o_proj, MLP, norms, next layer's qkv and
-rope: the pieces of LlamaModel.forward, compiled) is one CUDA graph per token-count bucket. A step is then
+calls (with rope) run eagerly; everything between two attention calls (o_proj, MLP, norms, next layer's qkv:
+the pieces of LlamaModel.forward, compiled) is one CUDA graph per token-count bucket. A step is then
 L + 1 graph replays and L eager attention calls instead of thousands of kernel launches, so the host
 keeps ahead of the GPU even for small chunks. Tokens are padded to the bucket; padding rows carry
 slot -1 (no KV write) and are excluded from attention, so they never touch real rows.
@@ -64,13 +64,12 @@ class PiecewiseGraphRunner:
     def _first(self, T: int) -> None:
         m = self.model
         x = m.embed_tokens(self.input_ids[:T])  # [T, hidden]
-        self._store(T, x, *m.pieces.pre(m.layers[0], x, self.positions[:T], m.rotary))
+        self._store(T, x, *m.pieces.pre(m.layers[0], x))
 
     def _middle(self, T: int, i: int) -> None:
         """Layer i-1's post-attention work fused with layer i's pre-attention work."""
         m = self.model
-        self._store(T, *m.pieces.post_pre(m.layers[i - 1], self.x[:T], self.attn[:T], m.layers[i],
-                                          self.positions[:T], m.rotary))
+        self._store(T, *m.pieces.post_pre(m.layers[i - 1], self.x[:T], self.attn[:T], m.layers[i]))
 
     def _last(self, T: int) -> None:
         m = self.model
@@ -108,8 +107,9 @@ class PiecewiseGraphRunner:
         self.positions[:T].copy_(positions, non_blocking=True)
         graphs = self.graphs[b]
         meta = self.model.layers[0].self_attn.backend.plan(meta)  # once for every layer's attention call
+        rope = self.model.rotary.at(self.positions[:T])
         graphs[0].replay()
-        for i, layer in enumerate(self.model.layers):  # attention eager between the graphs
-            self.attn[:T].copy_(layer.self_attn.attend(self.q[:T], self.k[:T], self.v[:T], self.kv_pool, meta))
+        for i, layer in enumerate(self.model.layers):  # attention (with rope) eager between the graphs
+            self.attn[:T].copy_(layer.self_attn.attend(self.q[:T], self.k[:T], self.v[:T], self.kv_pool, meta, rope))
             graphs[i + 1].replay()
         return self.out[:T]

@@ -4,8 +4,9 @@ One forward call takes the flattened tokens of many sequences (decode steps and 
 together) and an AttentionMetadata that says where each token's keys and values live in the pool.
 Shapes: T = tokens in the batch, H = query heads, KVH = key/value heads, D = head_dim.
 
-A layer's work is split where attention runs: `pre_attention` (norm, qkv, rope) and `post_attention`
-(o_proj, MLP) are plain tensor code; attention (paged KV writes, varlen kernels) runs between them.
+A layer's work is split where attention runs: `pre_attention` (norm, qkv) and `post_attention`
+(o_proj, MLP) are plain tensor code; attention (rope, paged KV writes, varlen kernels) runs between them: the
+backend rotates queries and keys in place as it stores the keys (one kernel in the Triton backend).
 The forward walks three pieces, the functions between two attention calls: layer 0's pre-attention;
 for each next layer, the previous layer's post-attention and this layer's pre-attention together
 (`post_then_pre`, so the residual add fuses with the next norm); the last layer's post-attention and
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from rapid.attention.metadata import AttentionMetadata
+from rapid.attention.rope import Rope
 from rapid.model.config import ModelConfig, RopeConfig
 from rapid.model.linear import GemvConfig, Linear, config_for, linear
 
@@ -59,7 +61,8 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotate-half rope (the Hugging Face layout), cos/sin tables precomputed up to max_positions."""
+    """Rotate-half rope's cos/sin table (the Hugging Face layout) up to max_positions; the attention backends apply
+    it (rapid/attention/rope.py)."""
 
     def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int):
         super().__init__()
@@ -68,10 +71,9 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(t, inv_freq)  # [P, D/2]
         self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False)
 
-    def forward(self, positions: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
-        """positions [T], heads [T, N, D] (queries and keys together: one kernel once compiled) -> roped [T, N, D]."""
-        cos, sin = self.cos_sin[positions].chunk(2, dim=-1)  # [T, D/2] each
-        return _rotate(heads, cos[:, None, :], sin[:, None, :])
+    def at(self, positions: torch.Tensor) -> Rope:
+        """What the attention backend needs to rope rows at positions [T]."""
+        return Rope(self.cos_sin, positions)
 
 
 def residual_add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -79,11 +81,6 @@ def residual_add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     into the next norm's kernel instead of into the matmul before it (cuBLAS addmm: a copy of x, then a GEMM that
     adds it); compiled, that norm then reads the float32 sum before its rounding (tests/test_gpu_attention.py)."""
     return (x.float() + y.float()).to(x.dtype)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -101,20 +98,19 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         self.backend = backend
 
-    def qkv(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding):
-        """x [T, hidden] (normed) -> q [T, H, D], k [T, KVH, D] (q/k-normed for Qwen3, roped), v [T, KVH, D]."""
+    def qkv(self, x: torch.Tensor):
+        """x [T, hidden] (normed) -> q [T, H, D], k [T, KVH, D] (q/k-normed for Qwen3; not yet roped), v [T, KVH, D]."""
         heads = self.qkv_proj(x).unflatten(-1, (-1, self.head_dim))  # [T, H + 2 KVH, D]
         n_q, n_kv = self.q_size // self.head_dim, self.kv_size // self.head_dim
-        qk, v = heads.split([n_q + n_kv, n_kv], dim=1)
+        q, k, v = heads.split([n_q, n_kv, n_kv], dim=1)  # views of one buffer
         if self.q_norm is not None:
-            q, k = qk.split([n_q, n_kv], dim=1)
-            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=1)
-        q, k = rotary(positions, qk).split([n_q, n_kv], dim=1)  # views of one roped buffer
+            q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
 
-    def attend(self, q, k, v, kv_pool: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Writes k, v into this layer's slots of the pool; returns [T, H, D]. Runs eagerly, never compiled."""
-        return self.backend.forward(q, k, v, kv_pool[self.layer_idx], meta)
+    def attend(self, q, k, v, kv_pool: torch.Tensor, meta: AttentionMetadata, rope: Rope) -> torch.Tensor:
+        """Ropes q and k in place, writes k, v into this layer's slots of the pool; returns [T, H, D]. Runs eagerly,
+        never compiled."""
+        return self.backend.forward(q, k, v, kv_pool[self.layer_idx], meta, rope=rope)
 
 
 class MLP(nn.Module):
@@ -143,19 +139,19 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def pre_attention(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding):
-        """x [T, hidden] -> q [T, H, D], k, v [T, KVH, D]: input norm, fused qkv (+ q/k norm), rope."""
-        return self.self_attn.qkv(self.input_layernorm(x), positions, rotary)
+    def pre_attention(self, x: torch.Tensor):
+        """x [T, hidden] -> q [T, H, D], k, v [T, KVH, D]: input norm, fused qkv (+ q/k norm)."""
+        return self.self_attn.qkv(self.input_layernorm(x))
 
     def post_attention(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """x [T, hidden], attn [T, H, D] -> x [T, hidden]: o_proj + residual, norm, SwiGLU MLP + residual."""
         x = residual_add(x, self.self_attn.o_proj(attn.flatten(1)))
         return residual_add(x, self.mlp(self.post_attention_layernorm(x)))
 
-    def post_then_pre(self, x, attn, nxt: DecoderLayer, positions, rotary):
+    def post_then_pre(self, x, attn, nxt: DecoderLayer):
         """This layer's post-attention work and the next layer's pre-attention work -> x, q, k, v."""
         x = self.post_attention(x, attn)
-        return (x, *nxt.pre_attention(x, positions, rotary))
+        return (x, *nxt.pre_attention(x))
 
     def post_then_norm(self, x, attn, norm: RMSNorm) -> torch.Tensor:
         """The last layer's post-attention work and the model's final norm -> hidden [T, hidden]."""
@@ -165,8 +161,8 @@ class DecoderLayer(nn.Module):
 class Pieces(NamedTuple):
     """The work between attention calls, each taking its layer first: the methods, or compiled copies."""
 
-    pre: Callable  # (layer, x, positions, rotary) -> q, k, v
-    post_pre: Callable  # (layer, x, attn, next layer, positions, rotary) -> x, q, k, v
+    pre: Callable  # (layer, x) -> q, k, v
+    post_pre: Callable  # (layer, x, attn, next layer) -> x, q, k, v
     post_norm: Callable  # (layer, x, attn, norm) -> hidden
 
 
@@ -191,14 +187,14 @@ class LlamaModel(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_pool: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, hidden]. Writes this step's KV into kv_pool."""
-        fn, layers, rotary = self.pieces, self.layers, self.rotary
+        fn, layers, rope = self.pieces, self.layers, self.rotary.at(positions)
         meta = layers[0].self_attn.backend.plan(meta)  # what every layer's attention call shares, built once
         x = self.embed_tokens(input_ids)  # [T, hidden]
-        q, k, v = fn.pre(layers[0], x, positions, rotary)  # [T, H, D], [T, KVH, D], [T, KVH, D]
+        q, k, v = fn.pre(layers[0], x)  # [T, H, D], [T, KVH, D], [T, KVH, D]
         for i in range(len(layers) - 1):
-            attn = layers[i].self_attn.attend(q, k, v, kv_pool, meta)  # [T, H, D]
-            x, q, k, v = fn.post_pre(layers[i], x, attn, layers[i + 1], positions, rotary)
-        attn = layers[-1].self_attn.attend(q, k, v, kv_pool, meta)
+            attn = layers[i].self_attn.attend(q, k, v, kv_pool, meta, rope)  # [T, H, D]
+            x, q, k, v = fn.post_pre(layers[i], x, attn, layers[i + 1])
+        attn = layers[-1].self_attn.attend(q, k, v, kv_pool, meta, rope)
         return fn.post_norm(layers[-1], x, attn, self.norm)  # [T, hidden]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,83 @@
+"""The Triton KV store: each row's keys and values into its pool slot, with the row's queries and keys rotated (rope)
+in place on the way, so that a layer pays one small kernel for both (rapid/attention/rope.py has the torch form)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from rapid.attention.rope import Rope
+
+
+@triton.jit
+def _rotate_rows(X, heads, stride_h, NUM_HEADS: tl.constexpr, j, HALF: tl.constexpr, cos, sin, ROPE: tl.constexpr):
+    """One token's rows X[heads] [N, D] as their halves (x1, x2) [N, D/2], rotated (written back in place) if ROPE."""
+    mask = (heads[:, None] < NUM_HEADS) & (j[None, :] < HALF)
+    ptr = X + heads[:, None] * stride_h + j[None, :]
+    x1 = tl.load(ptr, mask=mask, other=0.0)
+    x2 = tl.load(ptr + HALF, mask=mask, other=0.0)
+    if ROPE:
+        f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+        x1 = (f1 * cos - f2 * sin).to(X.dtype.element_ty)
+        x2 = (f2 * cos + f1 * sin).to(X.dtype.element_ty)
+        tl.store(ptr, x1, mask=mask)
+        tl.store(ptr + HALF, x2, mask=mask)
+    return x1, x2, mask
+
+
+@triton.jit
+def _rope_store_kernel(
+    Q, K, V, KC, VC, SLOTS, POS, COS_SIN,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_cb, stride_co, stride_ch, stride_cs,
+    BLOCK_SIZE: tl.constexpr, NUM_Q_HEADS: tl.constexpr, QH_PAD: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
+    H_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, ROPE: tl.constexpr,
+):
+    """One program per token t: rope its queries and keys in place (if ROPE), then copy its keys and values
+    [KVH, D] to slot SLOTS[t] (skipped when < 0)."""
+    t = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, HALF_PAD)
+    h = tl.arange(0, H_PAD)
+    cos = 0.0
+    sin = 0.0
+    if ROPE:
+        row = tl.load(POS + t).to(tl.int64) * stride_cs
+        cos = tl.load(COS_SIN + row + j, mask=j < HALF, other=0.0)[None, :]  # [1, D/2] float32
+        sin = tl.load(COS_SIN + row + HALF + j, mask=j < HALF, other=0.0)[None, :]
+        _rotate_rows(Q + t * stride_qt, tl.arange(0, QH_PAD), stride_qh, NUM_Q_HEADS, j, HALF, cos, sin, ROPE)
+    k1, k2, mask = _rotate_rows(K + t * stride_kt, h, stride_kh, NUM_KV_HEADS, j, HALF, cos, sin, ROPE)
+    slot = tl.load(SLOTS + t).to(tl.int64)
+    if slot >= 0:
+        dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_co + h[:, None] * stride_ch + j[None, :]
+        tl.store(KC + dst, k1.to(KC.dtype.element_ty), mask=mask)
+        tl.store(KC + dst + HALF, k2.to(KC.dtype.element_ty), mask=mask)
+        src = V + t * stride_vt + h[:, None] * stride_vh + j[None, :]
+        tl.store(VC + dst, tl.load(src, mask=mask).to(VC.dtype.element_ty), mask=mask)
+        tl.store(VC + dst + HALF, tl.load(src + HALF, mask=mask).to(VC.dtype.element_ty), mask=mask)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def rope_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
+                   slot_mapping: torch.Tensor, rope: Rope | None) -> None:
+    """q [T, H, D], k/v [T, KVH, D] (last dim contiguous): with rope, q and k rotated in place; then k and v written
+    to kv_layer [2, NB, BS, KVH, D] at slot_mapping [T] (-1: not stored)."""
+    T, H, D = q.shape
+    KVH = k.shape[1]
+    if T == 0:
+        return
+    if D % 2 or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or kv_layer.stride(-1) != 1:
+        raise ValueError(f"rope_and_store needs an even head_dim ({D}) and rows contiguous in their last dim")
+    kc, vc = kv_layer[0], kv_layer[1]  # [NB, BS, KVH, D]
+    cos_sin, positions = (rope.cos_sin, rope.positions) if rope is not None else (q, slot_mapping)
+    _rope_store_kernel[(T,)](
+        q, k, v, kc, vc, slot_mapping, positions, cos_sin,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        kc.stride(0), kc.stride(1), kc.stride(2), cos_sin.stride(0),
+        BLOCK_SIZE=kc.shape[1], NUM_Q_HEADS=H, QH_PAD=_next_pow2(H), NUM_KV_HEADS=KVH, H_PAD=_next_pow2(KVH),
+        HALF=D // 2, HALF_PAD=max(16, _next_pow2(D // 2)), ROPE=rope is not None,
+        num_warps=4 if (H + KVH) * D >= 2048 else 1,
+    )
