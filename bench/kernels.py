@@ -563,8 +563,7 @@ def main() -> None:
     with torch.inference_mode():
         model, backend = build_8b(cfg, max_positions=max(args.max_model_len, 8192) + 16)
         default_sdpa = backend.prefill_sdpa_backends  # flash first (see TritonAttention)
-        variants = ("eager", "compiled", "compiled-cublas-decode", "compiled-reduce-kernel-decode",
-                    "compiled-cudnn-prefill", "compiled-paged-prefill")
+        variants = ("eager", "compiled", "compiled-cublas-decode", "compiled-cudnn-prefill", "compiled-paged-prefill")
         for variant in variants:
             if variant in skip or (variant.startswith("compiled") and "compiled" in skip):
                 continue
@@ -575,8 +574,6 @@ def main() -> None:
                     model.use_gemv(True)  # as rapid.compile.prepare_model does on CUDA
                 if variant == "compiled-cublas-decode":  # decode only: cuBLAS for every batch (no GEMV, no cuBLASLt)
                     model.use_gemv(False)
-                # decode only: the splits merged by a second kernel, as before session 35 (the in-kernel merge off)
-                backend.merge_in_kernel = variant != "compiled-reduce-kernel-decode"
                 if variant == "compiled-cudnn-prefill":  # prefill only: SDPA with cuDNN first, then flash
                     backend.set_prefill_attention("cudnn")
                 if variant == "compiled-paged-prefill":  # prefill only: the Triton paged kernel, no gather
@@ -592,7 +589,7 @@ def main() -> None:
                     v["decode"] = bench_decode(model, backend, cfg, variant, best, args.apply_best,
                                                args.max_model_len, full_buckets=variant == "compiled", refs=refs,
                                                profile=variant.startswith("compiled"),
-                                               blas_by_batch=variant in ("compiled", "compiled-reduce-kernel-decode"),
+                                               blas_by_batch=variant == "compiled",
                                                only=set(filter(None, args.decode_cases.split(","))))
                 v["wall_s"] = round(time.perf_counter() - t0, 1)
             except Exception as e:
@@ -600,7 +597,6 @@ def main() -> None:
                 report["errors"].append(f"{variant}: {e!r}"[:300])
             backend.set_prefill_attention("flash")
             backend.prefill_sdpa_backends = default_sdpa
-            backend.merge_in_kernel = True
             model.use_gemv(variant != "eager")
             save()
     save()

@@ -91,28 +91,11 @@ def test_decode_padding_rows():
     check(seqs, 32, 8, 128, seed=5, pad_rows=3, max_seq_len=4096)
 
 
-@pytest.mark.parametrize("merge_in_kernel", [True, False])
 @pytest.mark.parametrize("cfg", [dict(programs_per_sm=64, min_split_tokens=16),  # up to 64 splits
                                  dict(programs_per_sm=1, min_split_tokens=1 << 20)])  # always one split
-def test_decode_split_extremes(cfg, merge_in_kernel):
+def test_decode_split_extremes(cfg):
     rng = random.Random(9)
-    check([(rng.randint(1, 3000), 1) for _ in range(4)], 32, 8, 128, seed=13,
-          cfg=dict(cfg, merge_in_kernel=merge_in_kernel))
-
-
-def test_split_merge_in_kernel_equals_the_reduce_kernel_over_many_launches():
-    """The in-kernel merge (the last program of each group merges) gives the reduce kernel's output, launch after
-    launch on the same arrival counters: every group's last program leaves its counter at 0."""
-    q, k, v, pool, meta = make_case([(1000, 1)] * 3 + [(37, 1), (2048, 1)], 32, 8, 128, 16, torch.bfloat16, DEV, 21)
-    tri = TritonAttention(32, 8, 128, 128**-0.5)
-    tri.min_split_tokens, tri.programs_per_sm, tri.tuning = 16, 64, []
-    tri.merge_in_kernel = False
-    ref = tri.forward(q, k, v, pool.clone(), meta)
-    tri.merge_in_kernel = True
-    for _ in range(50):
-        got = tri.forward(q, k, v, pool.clone(), meta)
-        assert rel_err(got, ref) < 1e-5
-    assert all(bool((c == 0).all()) for held in tri._counters.values() for c in held)
+    check([(rng.randint(1, 3000), 1) for _ in range(4)], 32, 8, 128, seed=13, cfg=cfg)
 
 
 def test_rope_in_the_kv_store_matches_the_torch_form_bf16():

@@ -31,30 +31,35 @@ def _rope_store_kernel(
     Q, K, V, KC, VC, SLOTS, POS, COS_SIN,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cb, stride_co, stride_ch, stride_cs,
-    BLOCK_SIZE: tl.constexpr, NUM_Q_HEADS: tl.constexpr, QH_PAD: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, NUM_Q_HEADS: tl.constexpr, Q_BLOCK: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
     H_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, ROPE: tl.constexpr,
 ):
-    """One program per token t: rope its queries and keys in place (if ROPE), then copy its keys and values
-    [KVH, D] to slot SLOTS[t] (skipped when < 0)."""
+    """Program (token t, part p). Part 0: rope t's keys in place (if ROPE), then copy its keys and values [KVH, D]
+    to slot SLOTS[t] (skipped when < 0). Part p >= 1 (only with ROPE): rope query heads [(p-1) Q_BLOCK, p Q_BLOCK)
+    in place. Small batches thus run a few short programs side by side, not one long one."""
     t = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
     j = tl.arange(0, HALF_PAD)
-    h = tl.arange(0, H_PAD)
+    slot = tl.load(SLOTS + t).to(tl.int64)
     cos = 0.0
     sin = 0.0
     if ROPE:
         row = tl.load(POS + t).to(tl.int64) * stride_cs
         cos = tl.load(COS_SIN + row + j, mask=j < HALF, other=0.0)[None, :]  # [1, D/2] float32
         sin = tl.load(COS_SIN + row + HALF + j, mask=j < HALF, other=0.0)[None, :]
-        _rotate_rows(Q + t * stride_qt, tl.arange(0, QH_PAD), stride_qh, NUM_Q_HEADS, j, HALF, cos, sin, ROPE)
-    k1, k2, mask = _rotate_rows(K + t * stride_kt, h, stride_kh, NUM_KV_HEADS, j, HALF, cos, sin, ROPE)
-    slot = tl.load(SLOTS + t).to(tl.int64)
-    if slot >= 0:
-        dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_co + h[:, None] * stride_ch + j[None, :]
-        tl.store(KC + dst, k1.to(KC.dtype.element_ty), mask=mask)
-        tl.store(KC + dst + HALF, k2.to(KC.dtype.element_ty), mask=mask)
-        src = V + t * stride_vt + h[:, None] * stride_vh + j[None, :]
-        tl.store(VC + dst, tl.load(src, mask=mask).to(VC.dtype.element_ty), mask=mask)
-        tl.store(VC + dst + HALF, tl.load(src + HALF, mask=mask).to(VC.dtype.element_ty), mask=mask)
+    if part == 0:
+        h = tl.arange(0, H_PAD)
+        k1, k2, mask = _rotate_rows(K + t * stride_kt, h, stride_kh, NUM_KV_HEADS, j, HALF, cos, sin, ROPE)
+        if slot >= 0:
+            dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_co + h[:, None] * stride_ch + j[None, :]
+            tl.store(KC + dst, k1.to(KC.dtype.element_ty), mask=mask)
+            tl.store(KC + dst + HALF, k2.to(KC.dtype.element_ty), mask=mask)
+            src = V + t * stride_vt + h[:, None] * stride_vh + j[None, :]
+            tl.store(VC + dst, tl.load(src, mask=mask).to(VC.dtype.element_ty), mask=mask)
+            tl.store(VC + dst + HALF, tl.load(src + HALF, mask=mask).to(VC.dtype.element_ty), mask=mask)
+    else:
+        heads = (part - 1) * Q_BLOCK + tl.arange(0, Q_BLOCK)
+        _rotate_rows(Q + t * stride_qt, heads, stride_qh, NUM_Q_HEADS, j, HALF, cos, sin, ROPE)
 
 
 def _next_pow2(n: int) -> int:
@@ -73,11 +78,13 @@ def rope_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: 
         raise ValueError(f"rope_and_store needs an even head_dim ({D}) and rows contiguous in their last dim")
     kc, vc = kv_layer[0], kv_layer[1]  # [NB, BS, KVH, D]
     cos_sin, positions = (rope.cos_sin, rope.positions) if rope is not None else (q, slot_mapping)
-    _rope_store_kernel[(T,)](
+    q_block = min(8, _next_pow2(H))
+    parts = 1 + (-(-H // q_block) if rope is not None else 0)
+    _rope_store_kernel[(T, parts)](
         q, k, v, kc, vc, slot_mapping, positions, cos_sin,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         kc.stride(0), kc.stride(1), kc.stride(2), cos_sin.stride(0),
-        BLOCK_SIZE=kc.shape[1], NUM_Q_HEADS=H, QH_PAD=_next_pow2(H), NUM_KV_HEADS=KVH, H_PAD=_next_pow2(KVH),
+        BLOCK_SIZE=kc.shape[1], NUM_Q_HEADS=H, Q_BLOCK=q_block, NUM_KV_HEADS=KVH, H_PAD=_next_pow2(KVH),
         HALF=D // 2, HALF_PAD=max(16, _next_pow2(D // 2)), ROPE=rope is not None,
-        num_warps=4 if (H + KVH) * D >= 2048 else 1,
+        num_warps=2 if max(q_block, KVH) * D >= 1024 else 1,
     )

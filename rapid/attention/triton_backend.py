@@ -5,8 +5,9 @@ Semantics are exactly those of ReferenceAttention.forward (rapid/attention/refer
      keys rotated (rope) in place in the same kernel when the model passes its table (rapid/attention/kv_store.py);
   2. the first meta.num_decodes sequences are single-token decodes: a Triton paged-attention kernel
      (flash-decoding: the context is cut into `num_splits` pieces, one program per
-     (sequence, kv head, split) loads each KV tile once for all query heads of its GQA group, and the last
-     program of each (sequence, kv head) to finish merges the pieces by their log-sum-exp);
+     (sequence, kv head, split) loads each KV tile once for all query heads of its GQA group, then a
+     small reduce kernel merges the pieces by their log-sum-exp; merging in the decode kernel, by the last
+     program of each group to finish, measured slower on the H200: bench/results/session35);
   3. the remaining sequences are prefill chunks, each attending causally (bottom-right aligned) to its whole
      context: with prefill_attention="paged" (the engine's default) one Triton launch reads every chunk's
      context from the pool (rapid/attention/paged_prefill.py), graph-safe; with "flash", "cudnn" or "auto",
@@ -30,17 +31,17 @@ import triton
 import triton.language as tl
 from torch.nn.attention.bias import causal_lower_right
 
+from rapid.attention.kv_store import rope_and_store
 from rapid.attention.metadata import AttentionMetadata
 from rapid.attention.online_softmax import online_softmax_step
 from rapid.attention.paged_prefill import paged_prefill_attention, step_tile_map
-from rapid.attention.kv_store import rope_and_store
 from rapid.attention.reference import gather_context
 from rapid.attention.rope import Rope
 
 
 @triton.jit
 def _decode_kernel(
-    Q, KC, VC, BT, SEQ_LENS, OUT, PART_O, PART_LSE, ARRIVED,
+    Q, KC, VC, BT, SEQ_LENS, OUT, PART_O, PART_LSE,
     qk_scale,  # softmax scale * log2(e): scores live in the log2 domain
     num_splits,
     stride_qt, stride_qh,
@@ -50,11 +51,8 @@ def _decode_kernel(
     stride_pt, stride_ph, stride_ps,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, DIRECT: tl.constexpr, UNMASKED_TILES: tl.constexpr,
-    MERGE: tl.constexpr, S_PAD: tl.constexpr,
 ):
-    """Program (seq, kv_head, split): attention of the GROUP query heads over one piece of the context. With MERGE
-    the last program of each (seq, kv_head) to finish merges every split's partials into OUT (no reduce kernel):
-    ARRIVED [B, KVH] int32 counts the finished splits and is left at 0 for the next launch."""
+    """Program (seq, kv_head, split): attention of the GROUP query heads over one piece of the context."""
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -108,37 +106,6 @@ def _decode_kernel(
         tl.store(PART_O + base[:, None] * HEAD_DIM + d[None, :], o, mask=qmask)
         lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
         tl.store(PART_LSE + base, lse, mask=g < GROUP)
-        if MERGE:
-            tl.debug_barrier()  # every thread's partials are stored before the program counts as arrived
-            counter = ARRIVED + seq.to(tl.int64) * tl.num_programs(1) + kvh
-            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")  # orders the stores before it
-            if arrived == num_splits - 1:  # the group's last program: every partial is in place
-                for gi in tl.static_range(GROUP):
-                    _merge_head(PART_O, PART_LSE, OUT, seq, kvh * GROUP + gi, num_splits,
-                                stride_pt, stride_ph, stride_ps, stride_ot, stride_oh, HEAD_DIM, D_PAD, S_PAD)
-                tl.atomic_xchg(counter, 0)
-
-
-@triton.jit
-def _merge_head(
-    PART_O, PART_LSE, OUT, seq, h, num_splits, stride_pt, stride_ph, stride_ps, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr,
-):
-    """One (seq, head): merge the splits' partial outputs [S, D], weighted by exp2(lse), into OUT's row. The loads
-    bypass L1 (.cg): other programs wrote the partials."""
-    s = tl.arange(0, S_PAD)
-    d = tl.arange(0, D_PAD)
-    smask = s < num_splits
-    base = seq.to(tl.int64) * stride_pt + h * stride_ph + s * stride_ps  # [S_PAD]
-    lse = tl.load(PART_LSE + base, mask=smask, other=float("-inf"), cache_modifier=".cg")
-    m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse - m)  # 0 for empty splits
-    denom = tl.sum(w, 0)
-    o = tl.load(PART_O + base[:, None] * HEAD_DIM + d[None, :], mask=smask[:, None] & (d[None, :] < HEAD_DIM),
-                other=0.0, cache_modifier=".cg")
-    out = tl.sum(o * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
-    tl.store(OUT + seq.to(tl.int64) * stride_ot + h * stride_oh + d, out.to(OUT.dtype.element_ty), mask=d < HEAD_DIM)
 
 
 @triton.jit
@@ -147,9 +114,22 @@ def _reduce_kernel(
     stride_pt, stride_ph, stride_ps, stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr,
 ):
-    """Program (seq, head): the merge as its own kernel (merge_in_kernel=False)."""
-    _merge_head(PART_O, PART_LSE, OUT, tl.program_id(0), tl.program_id(1), num_splits,
-                stride_pt, stride_ph, stride_ps, stride_ot, stride_oh, HEAD_DIM, D_PAD, S_PAD)
+    """Program (seq, head): merge the splits' partial outputs, weighted by exp2(lse)."""
+    seq = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, S_PAD)
+    d = tl.arange(0, D_PAD)
+    smask = s < num_splits
+    base = seq.to(tl.int64) * stride_pt + h * stride_ph + s * stride_ps  # [S_PAD]
+    lse = tl.load(PART_LSE + base, mask=smask, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)  # 0 for empty splits
+    denom = tl.sum(w, 0)
+    o = tl.load(PART_O + base[:, None] * HEAD_DIM + d[None, :], mask=smask[:, None] & (d[None, :] < HEAD_DIM),
+                other=0.0)
+    out = tl.sum(o * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(OUT + seq.to(tl.int64) * stride_ot + h * stride_oh + d, out.to(OUT.dtype.element_ty), mask=d < HEAD_DIM)
 
 
 # Decode settings that measured better than the defaults for some batch sizes (bench/kernels.py --sweep on the H200,
@@ -194,10 +174,6 @@ class TritonAttention:
         self.prefill_sdpa_backends: list | None = None
         self.set_prefill_attention(prefill_attention)
         self._num_sms: int | None = None
-        # The splits' merge: in the decode kernel, by the last program of each (seq, kv head) to finish (one launch
-        # a layer), or as a second, reduce kernel (False).
-        self.merge_in_kernel = True
-        self._counters: dict[tuple, list[torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ helpers
     def decode_config(self, batch: int) -> dict:
@@ -246,43 +222,28 @@ class TritonAttention:
         launch = dict(num_warps=c["num_warps"], num_stages=c["num_stages"])
         grid = (B, self.num_kv_heads, splits)
         qk_scale = self.scale * 1.4426950408889634
-        s_pad = max(2, _next_pow2(splits))
         if splits == 1:
             _decode_kernel[grid](
-                q, kc, vc, block_tables, seq_lens, out, out, out, out, qk_scale, 1,
+                q, kc, vc, block_tables, seq_lens, out, out, out, qk_scale, 1,
                 q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
                 out.stride(0), out.stride(1), 0, 0, 0,
-                DIRECT=True, MERGE=False, S_PAD=s_pad, **launch, **common,
+                DIRECT=True, **launch, **common,
             )
             return
         part_o = torch.empty((B, H, splits, D), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((B, H, splits), dtype=torch.float32, device=q.device)
-        merge = self.merge_in_kernel
         # part_lse shares part_o's (seq, head, split) strides divided by D: pass those.
         _decode_kernel[grid](
-            q, kc, vc, block_tables, seq_lens, out, part_o, part_lse,
-            self._arrival_counters(B, q.device) if merge else part_lse, qk_scale, splits,
+            q, kc, vc, block_tables, seq_lens, out, part_o, part_lse, qk_scale, splits,
             q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
             out.stride(0), out.stride(1), part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
-            DIRECT=False, MERGE=merge, S_PAD=s_pad, **launch, **common,
+            DIRECT=False, **launch, **common,
         )
-        if merge:
-            return
         _reduce_kernel[(B, H)](
             part_o, part_lse, out, splits,
             part_lse.stride(0), part_lse.stride(1), part_lse.stride(2), out.stride(0), out.stride(1),
-            HEAD_DIM=D, D_PAD=d_pad, S_PAD=s_pad, num_warps=4,
+            HEAD_DIM=D, D_PAD=d_pad, S_PAD=max(2, _next_pow2(splits)), num_warps=4,
         )
-
-    def _arrival_counters(self, batch: int, device: torch.device) -> torch.Tensor:
-        """The in-kernel merge's [rows, KVH] int32 counters, zero between launches (each group's last program
-        resets its own); grown by powers of two, and kept: graphs captured earlier hold the older ones."""
-        key = (device.type, device.index)
-        held = self._counters.get(key, [])
-        if not held or held[-1].shape[0] < batch:
-            held.append(torch.zeros((_next_pow2(batch), self.num_kv_heads), dtype=torch.int32, device=device))
-            self._counters[key] = held
-        return held[-1]
 
     def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
                 block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
