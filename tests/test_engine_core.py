@@ -7,8 +7,10 @@ from fakes import add, finish_prefill, make_core
 from rapid.core.request import RequestStatus
 from rapid.engine.core_process import _handle
 from rapid.params import SamplingParams
-from rapid.protocol.engine import AddRequest
-from rapid.protocol.worker import DecodeStep, Dropped, GrantBlocks, SampledToken, StartDecode, StopDecode
+from rapid.protocol.engine import AddRequest, RequestDelta
+from rapid.protocol.worker import (
+    DecodeStep, Dropped, GrantBlocks, PrefillDone, SampledToken, StartDecode, StopDecode,
+)
 
 S = RequestStatus
 
@@ -30,9 +32,39 @@ def test_prefill_hand_off_decode_and_finish():
     core.deliver(DecodeStep([SampledToken("a", 8, -0.1)], [], 0.0, 1.0))
     core.deliver(DecodeStep([SampledToken("a", 9, -0.1)], ["a"], 1.0, 2.0))  # worker ended it (length)
     deltas = core.take_deltas()
-    assert [d.new_token_ids for d in deltas] == [[7], [8], [9]]
+    assert [d.new_token_ids for d in deltas] == [[], [7], [8], [9]]  # first: scheduled (its prefill batch went out)
     assert deltas[-1].finished and deltas[-1].finish_reason == "length"
     assert all_free(core)
+
+
+def test_first_scheduled_time_is_stamped_when_a_batch_first_takes_the_request():
+    """RequestDelta.first_scheduled_time (where vLLM's queue time ends; the server's metrics count the request as
+    running from then on): stamped when a prefill batch first takes the request and said at once, in a delta with
+    nothing else (is_empty), unless output came in that same step; none while queued; every later delta carries it."""
+    core, w = make_core(budget=10)
+    add(core, "a", n_prompt=10, max_tokens=3)
+    add(core, "b", n_prompt=10, max_tokens=3)  # queued behind a (the budget holds one prompt)
+    core.dispatch()
+    (sched,) = core.take_deltas()
+    assert sched.request_id == "a" and sched.is_empty and not sched.finished
+    assert sched.first_scheduled_time >= sched.arrival_time > 0
+    assert core.requests["b"].first_scheduled_time == 0.0
+    finish_prefill(core, w)  # a's first token
+    (first,) = core.take_deltas()
+    assert first.new_token_ids == [7] and first.first_scheduled_time == sched.first_scheduled_time
+
+    def answer_at_once(timeout_ms=0):  # as hybrid's in-process executor may: the batch runs within the step
+        batch = w.prefill[-1]
+        return [PrefillDone(batch.batch_id, [SampledToken(x.request_id, 7, -0.5) for x in batch.work if x.sample],
+                            0.0, 1.0, num_tokens=sum(len(x.token_ids) for x in batch.work))]
+
+    w.poll = answer_at_once
+    core.dispatch()
+    del w.poll
+    b = [d for d in core.take_deltas() if d.request_id == "b"]
+    assert [d.new_token_ids for d in b] == [[7]]  # one delta: its token says it was scheduled too
+    assert b[0].first_scheduled_time >= sched.first_scheduled_time
+    assert not any(d.is_empty for d in [first, *b]) and RequestDelta("x", [], "").first_scheduled_time == 0.0
 
 
 def test_abort_while_queued():
@@ -130,7 +162,9 @@ def test_preemption_when_the_pool_runs_out_recomputes_the_newest():
     assert stopped and stopped[0].request_ids == ["b"]  # the newest is preempted
     b = core.requests["b"]
     assert b.num_preemptions == 1 and b.output_token_ids  # outputs kept: recomputed from prompt + outputs
+    stamp = b.first_scheduled_time
     core.dispatch()
+    assert stamp and b.first_scheduled_time == stamp  # scheduled again: its queue time still ended the first time
     redo = [x for x in w.prefill[-1].work if x.request_id == "b"]
     assert redo and redo[0].start_pos + len(redo[0].token_ids) == b.num_tokens  # requeued and prefilled again
     assert core.get_stats().num_preemptions == 1

@@ -73,6 +73,8 @@ def test_abort_overload_refusal_and_close(tiny_llama):
         assert len(observed.made) == 3
         assert all(sum(d.finished or d.error is not None for d in seen) == 1 for seen in observed.made)
         assert all(seen[-1].finished or seen[-1].error is not None for seen in observed.made)
+        assert [p.max_tokens for p in observed.params] == [200, 200, 200]  # each factory got the request's params
+        assert observed.made[1][-1].first_scheduled_time > 0  # b ran: the engine said when it first scheduled it
 
 
 class _BlockingEngine:
@@ -175,10 +177,12 @@ class _Observed:
 
     def __init__(self):
         self.made: list[list] = []
+        self.params: list = []  # the SamplingParams each request runs with
 
-    def __call__(self, num_prompt_tokens):
+    def __call__(self, num_prompt_tokens, params):
         seen = []
         self.made.append(seen)
+        self.params.append(params)
 
         class Observer:
             def on_delta(self, delta):
@@ -196,7 +200,7 @@ def test_observers_see_each_request_that_reaches_the_engine_to_its_end():
     frontend = EngineFrontend(_FakeLLM(engine))
     observed = _Observed()
 
-    def broken(num_prompt_tokens):
+    def broken(num_prompt_tokens, params):
         raise RuntimeError("a broken factory")
 
     try:
@@ -215,5 +219,30 @@ def test_observers_see_each_request_that_reaches_the_engine_to_its_end():
         frontend.submit("y", [1, 2], GREEDY, later)
         frontend.abort(["y"])
         assert later.done.wait(10) and len(observed.made) == 1  # no longer followed
+    finally:
+        frontend.close()
+
+
+def test_a_delta_that_only_says_the_request_was_scheduled_goes_to_the_observers_only():
+    """The engine core says when it first schedules a request (RequestDelta.is_empty, first_scheduled_time set): the
+    server's metrics turn it from waiting to running then; the request's consumer (a stream) gets nothing for it."""
+    from rapid.protocol.engine import RequestDelta
+
+    class Scripted(_BlockingEngine):
+        def get_deltas(self, timeout_s=None):
+            out = [d for rid in self.added for d in (
+                RequestDelta(rid, [], "", first_scheduled_time=1.0),
+                RequestDelta(rid, [3], "c", finished=True, finish_reason="length", first_scheduled_time=1.0))]
+            self.added = []
+            return out
+
+    frontend = EngineFrontend(_FakeLLM(Scripted()))
+    observed, consumer = _Observed(), Collector()
+    try:
+        frontend.observe_requests(observed)
+        frontend.submit("x", [1, 2], GREEDY, consumer)
+        assert consumer.done.wait(10)
+        assert [d.is_empty for d in observed.made[0]] == [True, False] and observed.params == [GREEDY]
+        assert [d.new_token_ids for d in consumer.deltas] == [[3]]
     finally:
         frontend.close()

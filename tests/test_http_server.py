@@ -305,6 +305,34 @@ def test_metrics_count_requests_of_a_zeromq_server_sharing_the_engine(served):
     assert after["rapid:num_requests_running"].value == after["rapid:num_requests_waiting"].value == 0
 
 
+def test_request_histograms_after_completed_requests(served, client):
+    """vLLM's per-request histograms, each observed once per engine request as it ends (n=2: two engine requests,
+    one request_params_n); the phases add up: inference = prefill + decode, within the end-to-end latency."""
+    url = served[0].url
+    before = metrics(url)
+    out = client.completions.create(model="tiny", prompt="Paris is", max_tokens=5, temperature=0, n=2,
+                                    extra_body={"ignore_eos": True})
+    after = metrics(url)
+
+    def grew(name):
+        return after[f"rapid:{name}"].value - before[f"rapid:{name}"].value
+
+    phases = [f"request_{p}_time_seconds" for p in ("queue", "prefill", "decode", "inference")]
+    for name in phases + ["request_time_per_output_token_seconds", "request_prompt_tokens",
+                          "request_generation_tokens", "request_params_max_tokens"]:
+        assert grew(f"{name}_count") == 2, name
+        assert grew(f"{name}_sum") >= 0, name
+    assert grew("request_prompt_tokens_sum") == 2 * out.usage.prompt_tokens > 0
+    assert grew("request_generation_tokens_sum") == out.usage.completion_tokens == 10
+    assert grew("request_params_max_tokens_sum") == 10
+    assert grew("request_params_n_count") == 1 and grew("request_params_n_sum") == 2
+    prefill, decode, inference = (grew(f"{p}_sum") for p in phases[1:])
+    assert prefill > 0 and decode > 0 and inference == pytest.approx(prefill + decode)
+    assert grew("request_time_per_output_token_seconds_sum") == pytest.approx(decode / 4)  # 5 tokens: 4 after the first
+    assert grew("e2e_request_latency_seconds_sum") >= grew("request_queue_time_seconds_sum") + inference - 1e-6
+    assert after["rapid:num_requests_running"].value == after["rapid:num_requests_waiting"].value == 0
+
+
 def test_disconnected_stream_is_aborted(served):
     url, frontend = served[0].url, served[2]
     aborted = metrics(url).get("rapid:request_success_total{abort}")

@@ -74,6 +74,7 @@ class OutputProcessor:
             arrival_time=req.arrival_time,
             first_token_time=req.first_token_time,
             last_token_time=req.last_token_time,
+            first_scheduled_time=req.first_scheduled_time,
         )
         st.pending_ids, st.pending_text, st.pending_logprobs, st.pending_ranks = [], [], [], []
         st.prompt_logprobs = None

@@ -49,6 +49,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose KV is in the pool
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first schedule)
+    first_scheduled_time: float = 0.0  # wall clock of its first prefill batch (0: not yet scheduled)
     first_token_time: float | None = None
     last_token_time: float | None = None
     finish_reason: str | None = None

@@ -19,7 +19,7 @@ from rapid.core.adaptive import make_placement
 from rapid.core.request import Request
 from rapid.core.scheduler import Scheduler
 from rapid.protocol.engine import AddRequest, RequestDelta, Stats
-from rapid.protocol.worker import DecodeStep, PrefillDone
+from rapid.protocol.worker import DecodeStep, PrefillBatch, PrefillDone
 
 logger = logging.getLogger(__name__)
 STATS_WINDOW = 4096  # recent step timings kept for stats
@@ -151,16 +151,37 @@ class EngineCore:
         the workers finished meanwhile (`progressed` says whether anything came, so the caller polls again
         at once). Hand-offs and stops that the results decide are sent before returning.
         """
-        self._send(self.scheduler.schedule().messages)
+        messages = self.scheduler.schedule().messages
+        scheduled = self._stamp_first_scheduled(messages)
+        self._send(messages)
         deltas = []
         results = self.workers.poll(timeout_ms)
         for msg in results:
             self.stats.record(msg)
             for req in self.scheduler.update_from_output(msg):
                 deltas.append(self.outputs.delta(req, finished=req.status.is_done))
+        if scheduled:  # a request scheduled for the first time says so now, unless a result above spoke for it
+            spoken = {d.request_id for d in deltas}
+            deltas += [self.outputs.delta(r, finished=False) for r in scheduled
+                       if r.request_id not in spoken and not r.status.is_done]
         self._send(self.scheduler.take_messages())
         self.progressed = bool(results)
         return deltas
+
+    def _stamp_first_scheduled(self, messages: list[tuple[str, object]]) -> list[Request]:
+        """The requests that these messages put in a batch for the first time (every request starts with a prefill
+        batch), stamped with the time (RequestDelta.first_scheduled_time: the end of their queue time)."""
+        new = []
+        for _, msg in messages:
+            if isinstance(msg, PrefillBatch):
+                for work in msg.work:
+                    req = self.scheduler.requests.get(work.request_id)
+                    if req is not None and not req.first_scheduled_time:
+                        new.append(req)
+        now = time.time() if new else 0.0
+        for req in new:
+            req.first_scheduled_time = now
+        return new
 
     def get_stats(self) -> Stats:
         s = self.scheduler

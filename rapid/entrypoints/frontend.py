@@ -34,7 +34,8 @@ class RequestObserver(Protocol):
     def on_delta(self, delta: RequestDelta) -> None: ...
 
 
-ObserverFactory = Callable[[int], RequestObserver]  # called with the request's prompt length as it reaches the engine
+# called as the request reaches the engine with its prompt length and the SamplingParams it runs with
+ObserverFactory = Callable[[int, SamplingParams], RequestObserver]
 
 IDLE_WAIT_S = 0.05  # how long the idle loop sleeps between health checks and command polls
 BUSY_WAIT_S = 0.005  # with requests in flight, the longest a new command waits while no output comes
@@ -109,8 +110,9 @@ class EngineFrontend:
             self._commands.put(_Submit(request_id, list(prompt_token_ids), params, prompt, on_delta, time.time()))
 
     def observe_requests(self, factory: ObserverFactory) -> Callable[[], None]:
-        """Follow every request that reaches the engine from now on, by any server: `factory(num_prompt_tokens)`
-        makes its observer then, which sees each of its deltas before the request's own callback. Returns the
+        """Follow every request that reaches the engine from now on, by any server: `factory(num_prompt_tokens,
+        params)` makes its observer then, which sees each of its deltas before the request's own callback (and
+        those that only say it was scheduled, RequestDelta.is_empty, which the callback does not get). Returns the
         function that stops it (a factory given twice counts once)."""
         if factory not in self._observer_factories:
             self._observer_factories = (*self._observer_factories, factory)
@@ -159,6 +161,8 @@ class EngineFrontend:
                 logger.exception("request observer for %s failed", delta.request_id)
         if delta.finished or delta.error is not None:
             self._finish(delta.request_id)
+        elif delta.is_empty:  # it only says the request was scheduled: news for the observers, not the consumer
+            return
         try:
             live.on_delta(delta)
         except Exception:  # a broken consumer must not stop the loop
@@ -191,18 +195,18 @@ class EngineFrontend:
         if cmd.request_id in self._live:  # the first request keeps its callback
             self._refuse(cmd, f"request id {cmd.request_id!r} is already in use")
             return
-        self._live[cmd.request_id] = _Live(cmd.on_delta, self._make_observers(len(cmd.prompt_token_ids)))
+        self._live[cmd.request_id] = _Live(cmd.on_delta, self._make_observers(len(cmd.prompt_token_ids), cmd.params))
         try:
             engine.add_request(AddRequest(cmd.request_id, cmd.prompt_token_ids, cmd.params, prompt=cmd.prompt,
                                           arrival_time=cmd.arrival_time))
         except Exception as e:  # refused (ValueError) or the engine is dead
             self._deliver(RequestDelta(cmd.request_id, [], "", finished=True, finish_reason="abort", error=str(e)))
 
-    def _make_observers(self, num_prompt_tokens: int) -> list[RequestObserver]:
+    def _make_observers(self, num_prompt_tokens: int, params: SamplingParams) -> list[RequestObserver]:
         observers = []
         for make in self._observer_factories:
             try:
-                observers.append(make(num_prompt_tokens))
+                observers.append(make(num_prompt_tokens, params))
             except Exception:  # a broken observer must not stop the loop
                 logger.exception("a request observer could not be made")
         return observers

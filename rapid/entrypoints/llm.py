@@ -281,7 +281,7 @@ class LLM:
         try:
             while not finished:
                 for d in self.engine.get_deltas():
-                    if d.request_id != rid:
+                    if d.request_id != rid or d.is_empty:  # (is_empty: it only says the request was scheduled)
                         continue
                     if d.error is not None:
                         raise _engine_error(d)

@@ -42,6 +42,15 @@ class RequestDelta(msgspec.Struct, tag=True, array_like=True):
     new_logprob_ranks: list[int] | None = None  # rank of each new token in its distribution (with new_logprobs)
     prompt_logprobs: list[dict[int, float]] | None = None  # prompt tokens 1.. (in the request's first delta)
     prompt_logprob_ranks: list[int] | None = None
+    # when the scheduler first put the request in a batch (0.0: not yet, or a core that does not say); the first
+    # delta that carries it may have nothing else in it (`is_empty`): it tells metrics the request left the queue
+    first_scheduled_time: float = 0.0
+
+    @property
+    def is_empty(self) -> bool:
+        """No output and no end: a delta that only says the request was scheduled (first_scheduled_time)."""
+        return not (self.new_token_ids or self.new_text or self.finished or self.error is not None
+                    or self.prompt_logprobs is not None)
 
 
 class EngineOutputs(msgspec.Struct, tag=True):

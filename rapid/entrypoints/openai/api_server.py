@@ -59,7 +59,7 @@ def build_app(frontend: EngineFrontend, *, model_name: str | list[str] | None = 
     model_name, aliases = (names[0], tuple(names[1:])) if names else (config.model, ())
     if metrics is None:
         metrics = ServerMetrics(model_name, config.mode, get_stats=getattr(frontend, "get_stats", None),
-                                placement=make_placement(config).name)
+                                placement=make_placement(config).name, max_model_len=config.scheduler.max_model_len)
     serving = OpenAIServing(frontend, model_name, metrics, chat_template, aliases, log_requests)
     app = FastAPI(title="RAPID", openapi_url=None, docs_url=None, redoc_url=None)
     app.state.serving = serving

@@ -2,7 +2,9 @@
 
 Each server owns its registry (no global state). Request metrics are observed from the deltas of every request
 through the server's engine frontend (its own, and those of a ZeroMQ server sharing it), on the frontend's engine
-loop from the moment a request reaches the engine (one still queued in the frontend is not yet waiting). Engine
+loop from the moment a request reaches the engine (one still queued in the frontend is not yet waiting). As vLLM's,
+a request is waiting until the scheduler first puts it in a batch (RequestDelta.first_scheduled_time), running from
+then on (prefilling included); its per-request histograms (phases, tokens, params) are observed when it ends. Engine
 metrics (KV usage, preemptions) come from a stats callable asked at most once per `stats_interval_s` at scrape time
 (it is a round trip to the engine core in multi-process modes).
 """
@@ -17,6 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from rapid.core.placement import LANES
+from rapid.params import SamplingParams
 from rapid.protocol.engine import RequestDelta, Stats
 
 logger = logging.getLogger(__name__)
@@ -24,6 +27,19 @@ logger = logging.getLogger(__name__)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                    20.0, 40.0, 80.0)
+PHASE_BUCKETS = LATENCY_BUCKETS + (160.0, 320.0, 640.0, 1280.0, 2560.0, 7680.0)  # a request's queue, prefill...
+N_BUCKETS = (1, 2, 5, 10, 20)  # vLLM's for request_params_n
+
+
+def token_buckets(max_model_len: int) -> tuple[int, ...]:
+    """vLLM's 1-2-5 buckets up to max_model_len: 1, 2, 5, 10, 20, 50, 100, ..."""
+    out, scale = [], 1
+    while True:
+        for mantissa in (1, 2, 5):
+            if mantissa * scale > max_model_len:
+                return tuple(out)
+            out.append(mantissa * scale)
+        scale *= 10
 
 
 class _EngineStatsCollector:
@@ -87,8 +103,9 @@ class ServerMetrics:
     """The registry and the metrics of one server; `track()` follows one engine request."""
 
     def __init__(self, model_name: str, mode: str, get_stats: Callable[[], Stats] | None = None,
-                 stats_interval_s: float = 1.0, placement: str = ""):
-        """`placement`: the name of the engine's placement policy (rapid.core.adaptive.make_placement)."""
+                 stats_interval_s: float = 1.0, placement: str = "", max_model_len: int = 1 << 20):
+        """`placement`: the name of the engine's placement policy (rapid.core.adaptive.make_placement);
+        `max_model_len`: where the token histograms' buckets stop."""
         self.registry = CollectorRegistry()
         self.labels = {"model_name": model_name}
         names = list(self.labels)
@@ -99,10 +116,11 @@ class ServerMetrics:
                              names, registry=r, buckets=LATENCY_BUCKETS).labels(**self.labels)
         self.e2e = Histogram("rapid:e2e_request_latency_seconds", "Histogram of end-to-end request latency in "
                              "seconds.", names, registry=r, buckets=LATENCY_BUCKETS).labels(**self.labels)
-        self.running = Gauge("rapid:num_requests_running", "Requests producing tokens.", names,
+        self.running = Gauge("rapid:num_requests_running", "Requests scheduled (prefilling or decoding).", names,
                              registry=r).labels(**self.labels)
-        self.waiting = Gauge("rapid:num_requests_waiting", "Requests waiting for their first token.", names,
+        self.waiting = Gauge("rapid:num_requests_waiting", "Requests in the engine not yet scheduled.", names,
                              registry=r).labels(**self.labels)
+        self.requests = RequestHistograms(r, self.labels, max_model_len)
         self.prompt_tokens = Counter("rapid:prompt_tokens", "Prefill tokens processed.", names,
                                      registry=r).labels(**self.labels)
         self.generation_tokens = Counter("rapid:generation_tokens", "Generation tokens produced.", names,
@@ -122,35 +140,83 @@ class ServerMetrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def track(self, num_prompt_tokens: int) -> "RequestTracker":
-        return RequestTracker(self, num_prompt_tokens)
+    def track(self, num_prompt_tokens: int, params: SamplingParams | None = None) -> "RequestTracker":
+        """Follow one engine request (an EngineFrontend observer factory)."""
+        return RequestTracker(self, num_prompt_tokens, None if params is None else params.max_tokens)
+
+    def observe_request_n(self, n: int) -> None:
+        """rapid:request_params_n: one prompt of an HTTP request asked for `n` choices (n engine requests)."""
+        self.requests.params_n.observe(n)
+
+
+class RequestHistograms:
+    """vLLM's per-request histograms, each observed once per request when it ends (request_params_n: per prompt
+    of an HTTP request, when it is submitted)."""
+
+    def __init__(self, r: CollectorRegistry, labels: dict[str, str], max_model_len: int):
+        names, tokens = list(labels), token_buckets(max_model_len)
+
+        def histogram(name: str, doc: str, buckets) -> Histogram:
+            return Histogram(f"rapid:{name}", doc, names, registry=r, buckets=buckets).labels(**labels)
+
+        self.queue_time = histogram("request_queue_time_seconds", "Histogram of time spent waiting (arrival in the "
+                                    "engine to first scheduled) in seconds.", PHASE_BUCKETS)
+        self.prefill_time = histogram("request_prefill_time_seconds", "Histogram of time spent in prefill (first "
+                                      "scheduled to first token) in seconds.", PHASE_BUCKETS)
+        self.decode_time = histogram("request_decode_time_seconds", "Histogram of time spent in decode (first "
+                                     "token to last token) in seconds.", PHASE_BUCKETS)
+        self.inference_time = histogram("request_inference_time_seconds", "Histogram of time spent running (first "
+                                        "scheduled to last token) in seconds.", PHASE_BUCKETS)
+        self.tpot = histogram("request_time_per_output_token_seconds", "Histogram of each request's mean time per "
+                              "output token after the first (decode time / (tokens - 1); 0 for one token) in "
+                              "seconds.", LATENCY_BUCKETS)
+        self.prompt_tokens = histogram("request_prompt_tokens", "Histogram of prompt tokens per request.", tokens)
+        self.generation_tokens = histogram("request_generation_tokens", "Histogram of generated tokens per "
+                                           "request.", tokens)
+        self.max_tokens = histogram("request_params_max_tokens", "Histogram of the max_tokens request parameter.",
+                                    tokens)
+        self.params_n = histogram("request_params_n", "Histogram of the n request parameter.", N_BUCKETS)
 
 
 class RequestTracker:
     """One engine request's metrics, fed every delta (EngineFrontend.observe_requests); it closes on the last."""
 
-    def __init__(self, m: ServerMetrics, num_prompt_tokens: int):
-        self.m, self.num_prompt_tokens = m, num_prompt_tokens
-        self.started = False
+    def __init__(self, m: ServerMetrics, num_prompt_tokens: int, max_tokens: int | None = None):
+        self.m, self.num_prompt_tokens, self.max_tokens = m, num_prompt_tokens, max_tokens
+        self.running = False  # counted in num_requests_running (else in num_requests_waiting)
+        self.started = False  # its first token came
         self.closed = False
+        self.scheduled_time = 0.0  # first scheduled (0: not yet, or an engine that does not say)
+        self.first_token_time = 0.0
         self.last_token_time: float | None = None
+        self.num_generated = 0
         self.arrival = time.time()
         m.waiting.inc()
+
+    def _run(self) -> None:
+        if not self.running:
+            self.running = True
+            self.m.waiting.dec()
+            self.m.running.inc()
 
     def on_delta(self, d: RequestDelta) -> None:
         if self.closed:
             return
         if d.arrival_time:
             self.arrival = d.arrival_time
+        if d.first_scheduled_time and not self.scheduled_time:
+            self.scheduled_time = d.first_scheduled_time
+            self._run()
         n = len(d.new_token_ids)
         if n:
             self.m.generation_tokens.inc(n)
+            self.num_generated += n
             now = d.last_token_time or time.time()
             if not self.started:
                 self.started = True
-                self.m.waiting.dec()
-                self.m.running.inc()
-                self.m.ttft.observe(max((d.first_token_time or now) - self.arrival, 0.0))
+                self._run()  # (already, unless the engine did not say when it scheduled the request)
+                self.first_token_time = d.first_token_time or now
+                self.m.ttft.observe(max(self.first_token_time - self.arrival, 0.0))
                 self.m.cache_queries.inc(self.num_prompt_tokens)
                 self.m.cache_hits.inc(min(d.num_cached_tokens, self.num_prompt_tokens))
                 self.m.prompt_tokens.inc(self.num_prompt_tokens)
@@ -168,6 +234,23 @@ class RequestTracker:
         if self.closed:
             return
         self.closed = True
-        self.m.success.labels(**self.m.labels, finished_reason=finished_reason).inc()
-        self.m.e2e.observe(max(time.time() - self.arrival, 0.0))
-        (self.m.running if self.started else self.m.waiting).dec()
+        m, h = self.m, self.m.requests
+        m.success.labels(**m.labels, finished_reason=finished_reason).inc()
+        m.e2e.observe(max(time.time() - self.arrival, 0.0))
+        (m.running if self.running else m.waiting).dec()
+        h.prompt_tokens.observe(self.num_prompt_tokens)
+        h.generation_tokens.observe(self.num_generated)
+        if self.max_tokens is not None:
+            h.max_tokens.observe(self.max_tokens)
+        # the phases it went through, as vLLM's (whose intervals end at the last token, not at the finish)
+        scheduled = self.scheduled_time
+        if scheduled:
+            h.queue_time.observe(max(scheduled - self.arrival, 0.0))
+        if self.started:
+            last = self.last_token_time or self.first_token_time
+            decode = max(last - self.first_token_time, 0.0)
+            h.decode_time.observe(decode)
+            h.tpot.observe(decode / (self.num_generated - 1) if self.num_generated > 1 else 0.0)
+            if scheduled:
+                h.prefill_time.observe(max(self.first_token_time - scheduled, 0.0))
+                h.inference_time.observe(max(last - scheduled, 0.0))

@@ -8,6 +8,7 @@ tokens that queued up meanwhile in one chunk (as vLLM's server does).
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import uuid
@@ -230,6 +231,8 @@ class OpenAIServing(RequestConverter):
                 request_logger.info("received request %s (response %s): prompt of %d tokens, %s", job.rid(it.index),
                                     response_id, len(it.ids), it.params)
         job.submit()
+        for n in collections.Counter(it.prompt_index for it in items).values():  # its choices per prompt
+            self.metrics.observe_request_n(n)
         return job
 
     def abort_all(self, timeout_s: float = 5.0) -> None:
