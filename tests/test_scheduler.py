@@ -16,7 +16,7 @@ from rapid.engine.core import EngineCore
 from rapid.engine.inproc import InprocWorkers
 from rapid.params import SamplingParams
 from rapid.protocol.engine import AddRequest
-from rapid.protocol.worker import PrefillBatch, PrefillDone, SampledToken
+from rapid.protocol.worker import Dropped, PrefillBatch, PrefillDone, SampledToken
 from rapid.worker.decode_loop import DecodeLoop
 
 _ids = itertools.count()
@@ -960,3 +960,27 @@ def test_decode_steps_are_learned_beside_a_prefill_batch_by_when_they_ran():
     sched.update_from_output(PrefillDone(mixed.batch_id, [], t + 12e-3, t + 24e-3, num_tokens=8))
     sched.update_from_output(PrefillDone(mixed_after.batch_id, [], t + 32e-3, t + 42e-3, num_tokens=8))
     assert policy.prefills == [(PREFILL, False), (DECODE, PREFILL), (DECODE, False)], policy.prefills
+
+
+def test_disagg_admits_a_prompt_only_when_the_decode_pool_can_take_its_kv():
+    """Disagg (two pools): a prompt is admitted only while the decode pool's free blocks hold it and every prompt still
+    prefilling, since each is copied there when done. Admitting past that recomputed most prompts on a small decode
+    pool (344 preemptions against rapid's 10 in one CPU run, session 35)."""
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64),
+                      BlockManager(16, 4, enable_prefix_caching=False),
+                      decode_blocks=BlockManager(8, 4, enable_prefix_caching=False), placement=StaticPlacement(PREFILL))
+    reqs = [Request(r, list(range(1 + 20 * i, 13 + 20 * i)), SamplingParams(max_tokens=4)) for i, r in enumerate("abc")]
+    for r in reqs:
+        sched.add_request(r)  # 12 tokens: 3 blocks each; the decode pool has 8
+    batch = sched.schedule().prefill_batch
+    assert [w.request_id for w in batch.work] == ["a", "b"]
+    assert reqs[2].status == RequestStatus.WAITING and not sched.blocks.block_table("c")
+    sampled = [SampledToken(r, 7, -0.1) for r in "ab"]
+    sched.update_from_output(PrefillDone(batch.batch_id, sampled, 0.0, 1.0))
+    assert [r.status for r in reqs[:2]] == [RequestStatus.DECODING] * 2
+    assert sched.decode_blocks.num_free_blocks == 0  # a and b hold 4 each there now (their 16 tokens at most)
+    assert sched.schedule().prefill_batch is None  # c needs 3: it waits instead of being prefilled and recomputed
+    sched.finish(reqs[0], "abort")  # a's 4 decode blocks come back once its executor drops it
+    sched.update_from_output(Dropped(["a"]))
+    assert [w.request_id for w in sched.schedule().prefill_batch.work] == ["c"]
+    assert sched.num_preemptions == 0 and reqs[2].num_preemptions == 0

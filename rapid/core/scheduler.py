@@ -25,15 +25,14 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from rapid.config import SchedulerConfig
-from rapid.core.admission import GrowthReserve
+from rapid.core.admission import GrowthReserve, fits_hand_off
 from rapid.core.block_manager import BlockManager
 from rapid.core.budget import check_token_budget
 from rapid.core.in_flight import InFlight, InFlightBatches
 from rapid.core.placement import DECODE, PREFILL, Load, Placement, PlacementLog, StaticPlacement, ewma
 from rapid.core.request import Request, RequestStatus, check_fits, lane_kept_for_prompt_logprobs, seq_work
 from rapid.protocol.worker import (
-    DecodeStep, Dropped, GrantBlocks, PrefillBatch, PrefillDone, SampledToken, StartDecode, StopDecode,
-    Transferred,
+    DecodeStep, Dropped, GrantBlocks, PrefillBatch, PrefillDone, SampledToken, StartDecode, StopDecode, Transferred,
 )
 
 S = RequestStatus
@@ -253,6 +252,7 @@ class Scheduler:
         req.num_computed_tokens = cached
         n = min(req.num_tokens - cached, budget)
         fits = self.blocks.allocate(req.request_id, cached + n) is not None
+        fits = fits and (not self.separate_pools or fits_hand_off(self.decode_blocks, self.running, req))  # disagg
         if not fits or self.reserve and not self.reserve.admits(req, reserved):
             self.blocks.free(req.request_id)  # give the prefix hits back: a waiting request holds no blocks
             req.num_computed_tokens = 0
