@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from rapid.attention.rope import Rope
+from rapid.attention.sizes import next_pow2
 
 
 @triton.jit
@@ -62,10 +63,6 @@ def _rope_store_kernel(
         _rotate_rows(Q + t * stride_qt, heads, stride_qh, NUM_Q_HEADS, j, HALF, cos, sin, ROPE)
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
 def rope_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
                    slot_mapping: torch.Tensor, rope: Rope | None) -> None:
     """q [T, H, D], k/v [T, KVH, D] (last dim contiguous): with rope, q and k rotated in place; then k and v written
@@ -78,13 +75,13 @@ def rope_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: 
         raise ValueError(f"rope_and_store needs an even head_dim ({D}) and rows contiguous in their last dim")
     kc, vc = kv_layer[0], kv_layer[1]  # [NB, BS, KVH, D]
     cos_sin, positions = (rope.cos_sin, rope.positions) if rope is not None else (q, slot_mapping)
-    q_block = min(8, _next_pow2(H))
+    q_block = min(8, next_pow2(H))
     parts = 1 + (-(-H // q_block) if rope is not None else 0)
     _rope_store_kernel[(T, parts)](
         q, k, v, kc, vc, slot_mapping, positions, cos_sin,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         kc.stride(0), kc.stride(1), kc.stride(2), cos_sin.stride(0),
-        BLOCK_SIZE=kc.shape[1], NUM_Q_HEADS=H, Q_BLOCK=q_block, NUM_KV_HEADS=KVH, H_PAD=_next_pow2(KVH),
-        HALF=D // 2, HALF_PAD=max(16, _next_pow2(D // 2)), ROPE=rope is not None,
+        BLOCK_SIZE=kc.shape[1], NUM_Q_HEADS=H, Q_BLOCK=q_block, NUM_KV_HEADS=KVH, H_PAD=next_pow2(KVH),
+        HALF=D // 2, HALF_PAD=max(16, next_pow2(D // 2)), ROPE=rope is not None,
         num_warps=2 if max(q_block, KVH) * D >= 1024 else 1,
     )

@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 
 from rapid.attention.online_softmax import online_softmax_step
+from rapid.attention.sizes import next_pow2
 
 
 @triton.jit
@@ -132,10 +133,6 @@ def _paged_prefill_kernel(
         tl.store(OUT + o_rows[:, None] + d[None, :], o.to(OUT.dtype.element_ty), mask=rmask[:, None] & dmask)
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
 def prefill_launch_config(num_seqs: int, max_query_len: int | None, num_heads: int, num_kv_heads: int,
                           block_m: int = 64, *, max_num_tokens: int | None = None,
                           flat_grid: bool = True) -> tuple[tuple[int, ...], int]:
@@ -151,7 +148,7 @@ def prefill_launch_config(num_seqs: int, max_query_len: int | None, num_heads: i
     if max_query_len is None and (max_num_tokens is None or not flat_grid):
         raise ValueError("need max_query_len (or, for the flat grid, max_num_tokens)")
     group = num_heads // num_kv_heads
-    block_m = max(16, _next_pow2(block_m), _next_pow2(group))
+    block_m = max(16, next_pow2(block_m), next_pow2(group))
     tokens = block_m // group
     per_seq = None if max_query_len is None else -(-max(0, int(max_query_len)) // tokens)
     if not flat_grid:
@@ -241,8 +238,8 @@ def paged_prefill_attention(
         scale * 1.4426950408889634,
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
-        GROUP=H // KVH, HEAD_DIM=D, D_PAD=max(16, _next_pow2(D)), BLOCK_SIZE=kc.shape[1],
-        BLOCK_M=bm, BLOCK_N=max(16, _next_pow2(block_n)),
+        GROUP=H // KVH, HEAD_DIM=D, D_PAD=max(16, next_pow2(D)), BLOCK_SIZE=kc.shape[1],
+        BLOCK_M=bm, BLOCK_N=max(16, next_pow2(block_n)),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,  # fp32: exact, not tf32
         FLAT=flat_grid,
         num_warps=num_warps, num_stages=num_stages,

@@ -37,6 +37,7 @@ from rapid.attention.online_softmax import online_softmax_step
 from rapid.attention.paged_prefill import paged_prefill_attention, step_tile_map
 from rapid.attention.reference import gather_context
 from rapid.attention.rope import Rope
+from rapid.attention.sizes import next_pow2
 
 
 @triton.jit
@@ -141,10 +142,6 @@ DECODE_TUNING: list[tuple[int, dict]] = [
     (1, {}), (64, dict(tile_n=32, num_warps=2, num_stages=2, unmasked_tiles=True))]
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
 class TritonAttention:
     """Paged attention on CUDA: Triton store + split-KV decode, paged Triton (or SDPA) prefill."""
 
@@ -198,7 +195,7 @@ class TritonAttention:
         want = -(-self._num_sms * programs_per_sm // programs)
         by_len = max(1, -(-max(1, max_seq_len) // self.min_split_tokens))
         splits = max(1, min(want, by_len, self.max_splits))
-        return min(_next_pow2(splits), self.max_splits)
+        return min(next_pow2(splits), self.max_splits)
 
     def store(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
               slot_mapping: torch.Tensor, rope: Rope | None = None) -> None:
@@ -216,8 +213,8 @@ class TritonAttention:
         c = self.decode_config(B)
         splits = self.num_splits(B, max_seq_len, q.device, c["programs_per_sm"])
         H, D = self.num_heads, self.head_dim
-        d_pad = max(16, _next_pow2(D))
-        common = dict(GROUP=self.group, G_PAD=max(16, _next_pow2(self.group)), HEAD_DIM=D, D_PAD=d_pad,
+        d_pad = max(16, next_pow2(D))
+        common = dict(GROUP=self.group, G_PAD=max(16, next_pow2(self.group)), HEAD_DIM=D, D_PAD=d_pad,
                       BLOCK_SIZE=kc.shape[1], TILE_N=c["tile_n"], UNMASKED_TILES=c["unmasked_tiles"])
         launch = dict(num_warps=c["num_warps"], num_stages=c["num_stages"])
         grid = (B, self.num_kv_heads, splits)
@@ -242,7 +239,7 @@ class TritonAttention:
         _reduce_kernel[(B, H)](
             part_o, part_lse, out, splits,
             part_lse.stride(0), part_lse.stride(1), part_lse.stride(2), out.stride(0), out.stride(1),
-            HEAD_DIM=D, D_PAD=d_pad, S_PAD=max(2, _next_pow2(splits)), num_warps=4,
+            HEAD_DIM=D, D_PAD=d_pad, S_PAD=max(2, next_pow2(splits)), num_warps=4,
         )
 
     def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
