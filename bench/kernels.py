@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from rapid.attention.kv_dtype import resolve_kv_dtype, to_kv  # noqa: E402
 from rapid.attention.metadata import AttentionMetadata, kv_pool_shape  # noqa: E402
 from rapid.model.config import ModelConfig, RopeConfig  # noqa: E402
 
@@ -82,7 +83,7 @@ def ceilings() -> dict:
 
 
 def decode_case(B: int, ctx: int, cfg: ModelConfig, layers: int = 1, extra_blocks: int = 0, shared_layers: int = 0,
-                gen: torch.Generator | None = None, layout: str = "nhd"):
+                gen: torch.Generator | None = None, layout: str = "nhd", kv_dtype: torch.dtype = torch.bfloat16):
     """A pool holding B sequences of ctx tokens in random blocks, and the decode metadata of their next step.
 
     layout "nhd": the engine's pool, [L, 2, NB, BS, KVH, D] in memory; "hnd": each kv head's block of BS tokens
@@ -100,6 +101,8 @@ def decode_case(B: int, ctx: int, cfg: ModelConfig, layers: int = 1, extra_block
         pool = torch.empty(shape, device="cuda", dtype=torch.bfloat16)
     for i in range(shape[0]):
         pool[i].normal_(0, 1, generator=gen)
+    if kv_dtype != pool.dtype:  # a float8 pool (kv_cache_dtype fp8): the same values, rounded
+        pool = to_kv(pool, kv_dtype)
     if shared_layers:  # layer dimension of stride 0: every layer is the same memory
         pool = pool.as_strided((shared_layers,) + tuple(pool.shape[1:]), (0,) + tuple(pool.stride()[1:]))
     perm = torch.randperm(B * nb, device="cuda", generator=gen).to(torch.int32)
@@ -115,8 +118,8 @@ def decode_case(B: int, ctx: int, cfg: ModelConfig, layers: int = 1, extra_block
     return pool, meta, positions
 
 
-def kv_bytes(B: int, ctx: int, cfg: ModelConfig, layers: int = 1) -> int:
-    return B * ctx * layers * 2 * cfg.num_kv_heads * cfg.head_dim * 2
+def kv_bytes(B: int, ctx: int, cfg: ModelConfig, layers: int = 1, itemsize: int = 2) -> int:
+    return B * ctx * layers * 2 * cfg.num_kv_heads * cfg.head_dim * itemsize
 
 
 def graphed_ms(fns, reps: int = 10) -> float:
@@ -304,7 +307,7 @@ def profile_breakdown(fn, n: int = 3) -> dict:
 
 def bench_decode(model, backend, cfg, variant: str, best: dict, apply_best: bool, max_model_len: int,
                  full_buckets: bool, refs: dict, profile: bool, blas_by_batch: bool = True,
-                 only: set[str] | None = None) -> dict:
+                 only: set[str] | None = None, kv_dtype: torch.dtype = torch.bfloat16) -> dict:
     from rapid.compile.cuda_graphs import DecodeGraphRunner
 
     res = {}
@@ -315,9 +318,9 @@ def bench_decode(model, backend, cfg, variant: str, best: dict, apply_best: bool
     keys = tuple(backend.decode_config(1))  # the kernel's settings, as the backend names them
     for group in plans:
         B0, ctx0 = group[-1]
-        shared = B0 * ctx0 * 32 * 2 * cfg.num_kv_heads * cfg.head_dim * 2 > 40e9
+        shared = B0 * ctx0 * 32 * 2 * cfg.num_kv_heads * cfg.head_dim * kv_dtype.itemsize > 40e9
         pool, _, _ = decode_case(B0, ctx0, cfg, layers=cfg.num_layers, shared_layers=cfg.num_layers if shared else 0,
-                                 extra_blocks=0, gen=gen)
+                                 extra_blocks=0, gen=gen, kv_dtype=kv_dtype)
         for B, ctx in group:
             key = f"B{B}_ctx{ctx}"
             tuned = best.get(key) if apply_best else None
@@ -356,13 +359,15 @@ def bench_decode(model, backend, cfg, variant: str, best: dict, apply_best: bool
                 refs[key], err = hidden, None
             step_ms = median_ms(step, 30, warmup=5)
             replay_ms = median_ms(runner.graphs[runner.bucket(B)].replay, 30, warmup=3)
-            roof_bytes = weight_bytes(cfg) + kv_bytes(B, ctx, cfg, cfg.num_layers)
+            kv = kv_bytes(B, ctx, cfg, cfg.num_layers, kv_dtype.itemsize)
+            roof_bytes = weight_bytes(cfg) + kv
             roof_ms = roof_bytes / HBM_BPS * 1e3
             res[key] = {
                 "batch": B, "ctx": ctx, "step_ms": round(step_ms, 3), "graph_replay_ms": round(replay_ms, 3),
                 "roofline_ms": round(roof_ms, 3), "share_of_roofline": round(roof_ms / step_ms, 3),
-                "weight_bytes": weight_bytes(cfg), "kv_bytes": kv_bytes(B, ctx, cfg, cfg.num_layers),
-                "kv_pool": "stride-0 layers (one 2.15 GB layer shared)" if shared else "real 32-layer pool",
+                "weight_bytes": weight_bytes(cfg), "kv_bytes": kv, "kv_dtype": str(kv_dtype).removeprefix("torch."),
+                "kv_pool": f"stride-0 layers (one {kv / cfg.num_layers / 1e9:.2f} GB layer shared)" if shared
+                else "real 32-layer pool",
                 "graphs_captured": len(runner.graphs), "capture_s": round(capture_s, 2),
                 "decode_config": backend.decode_config(B),
                 "splits": backend.num_splits(B, max_model_len, torch.device("cuda")),
@@ -468,7 +473,9 @@ def markdown(report: dict) -> str:
     for variant, v in report.get("model", {}).items():
         for key, r in v.get("decode", {}).items():
             tgt = targets.get(f"decode {key} ms")
-            lines.append(f"| decode {key.replace('_', ', ')} | {variant} | {r['step_ms']} ms/step | {r['roofline_ms']} ms "
+            kvd = "" if r.get("kv_dtype", "bfloat16") == "bfloat16" else f", {r['kv_dtype']} KV"
+            lines.append(f"| decode {key.replace('_', ', ')}{kvd} | {variant} | {r['step_ms']} ms/step "
+                         f"| {r['roofline_ms']} ms "
                          f"| {r['share_of_roofline']:.0%} | {_peer(peers.get('decode ' + key), '{} ms')} | "
                          f"{'<= %s ms' % tgt if tgt else ''} |")
         for key, r in v.get("prefill", {}).items():
@@ -514,6 +521,8 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=4096, help="the graphs' host bound of the context")
     ap.add_argument("--decode-only", action="store_true", help="no prefill cases in any variant")
     ap.add_argument("--decode-cases", default="", help="comma list of decode cases to run, e.g. B1_ctx1024")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e5m2"],
+                    help="the decode cases' KV pool: auto (bf16, the model's) or float8 (the engine's kv_cache_dtype)")
     ap.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -534,8 +543,9 @@ def main() -> None:
         "roofline": {"hbm_Bps": HBM_BPS, "matmul_flops": MATMUL_FLOPS,
                      "decode": f"(weights except embedding + KV read) / {HBM_BPS:.1e} B/s",
                      "prefill": "(2*layer params*T + 2*hidden*vocab + causal attention FLOPs) / 790e12 FLOP/s"},
-        "params": cfg.num_params(), "compile_dynamic": args.compile_dynamic,
+        "params": cfg.num_params(), "compile_dynamic": args.compile_dynamic, "kv_cache_dtype": args.kv_cache_dtype,
     }
+    kv_dtype = resolve_kv_dtype(args.kv_cache_dtype, torch.bfloat16)
 
     def save():
         (out_dir / f"kernels-{gpu}.json").write_text(json.dumps(report, indent=1))
@@ -590,7 +600,8 @@ def main() -> None:
                                                args.max_model_len, full_buckets=variant == "compiled", refs=refs,
                                                profile=variant.startswith("compiled"),
                                                blas_by_batch=variant == "compiled",
-                                               only=set(filter(None, args.decode_cases.split(","))))
+                                               only=set(filter(None, args.decode_cases.split(","))),
+                                               kv_dtype=kv_dtype)
                 v["wall_s"] = round(time.perf_counter() - t0, 1)
             except Exception as e:
                 traceback.print_exc()

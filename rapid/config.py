@@ -14,12 +14,12 @@ import difflib
 import inspect
 import math
 from dataclasses import MISSING, dataclass, field, fields, replace
-from pathlib import Path
 from typing import Any
 
 from rapid.config_cli import add_engine_flags
 from rapid.generation_defaults import GENERATION_CONFIG_HELP, OVERRIDE, OVERRIDE_HELP, check_override
 from rapid.model.config import ModelConfig
+from rapid.model.folder import resolve_model_path  # noqa: F401 (rapid.config.resolve_model_path, as before)
 
 MODES = ("hybrid", "rapid", "disagg")
 DTYPES = ("auto", "float32", "float", "bfloat16", "float16", "half")
@@ -27,6 +27,7 @@ ATTENTION_BACKENDS = ("auto", "reference", "triton", "flashinfer")
 PREFILL_ATTENTIONS = ("flash", "cudnn", "auto", "paged")
 LOAD_FORMATS = ("safetensors", "dummy")
 PLACEMENTS = ("adaptive", "static", "atom", "mixed")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # vLLM's names; fp8 is fp8_e4m3
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
@@ -55,6 +56,7 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9  # the engine's share of the whole GPU
     enable_prefix_caching: bool = True
     cpu_kv_cache_bytes: int = 256 * 2**20  # the CPU default pool when nothing is given
+    kv_cache_dtype: str = "auto"  # auto: the model's dtype; fp8*: one byte an element, stored saturated, scale 1
 
     def __post_init__(self):
         _check(_is_int(self.block_size) and self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
@@ -66,6 +68,8 @@ class CacheConfig:
         _check(_is_number(u) and math.isfinite(u) and 0 < u <= 1,
                f"gpu_memory_utilization must be in (0, 1], got {u!r}")
         _check_bool(self, "enable_prefix_caching")
+        _check(self.kv_cache_dtype in KV_CACHE_DTYPES,
+               f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
 
 
 # max_num_seqs=None: fitted to the KV pool once it is sized (fit_to_pool): as many sequences as the pool holds at
@@ -195,23 +199,6 @@ class EngineConfig:
         return self.mode == "rapid" and self.rapid.placement in ("adaptive", "mixed")
 
 
-def resolve_model_path(model: str | Path | None) -> str:
-    """A model folder; None means the bundled default (SmolLM2-135M-Instruct, converted once)."""
-    if model is None:
-        from rapid.model.default_model import default_model_path
-
-        return str(default_model_path())
-    path = Path(model).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"model {str(model)!r} is not a local folder; give a Hugging Face model folder (config.json + "
-            "*.safetensors + tokenizer files) or no model for the bundled default"
-        )
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: no config.json in the model folder")
-    return str(path)
-
-
 def _shared(owner: type, name: str, help: str, **meta: Any) -> Any:
     """An EngineArgs field whose default is `owner`'s field `name`: defaults are written once, in the sub-configs.
     Metadata: help; optionally choices, gpu_only, metavar, and none (what a default of None means)."""
@@ -271,6 +258,10 @@ class EngineArgs:
         "gets what weights and activations leave of it", gpu_only=True)
     enable_prefix_caching: bool = _shared(
         CacheConfig, "enable_prefix_caching", "reuse the KV blocks of prompt prefixes already computed")
+    kv_cache_dtype: str = _shared(
+        CacheConfig, "kv_cache_dtype", "KV-cache element type; auto: the model's dtype; fp8 (= fp8_e4m3) or fp8_e5m2: "
+        "one byte an element, so twice the blocks and half the bytes each decode step reads (values saturate at the "
+        "format's largest; no scales)", choices=KV_CACHE_DTYPES)
     async_scheduling: bool = _shared(
         EngineConfig, "async_scheduling", "the decode executor enqueues step N+1 before it reads step N's tokens "
         "back, so host work overlaps the device (steps whose rows need the previous token on the host, such as "
@@ -357,13 +348,14 @@ class EngineArgs:
         limit = longest if self.max_model_len is None else self.max_model_len
         if limit > longest:
             raise ValueError(f"max_model_len ({limit}) exceeds the model's max_position_embeddings ({longest})")
-        # float32 where it is sure to be (asked for, or dtype auto on the CPU), else 16-bit: a lower bound
+        # fp8 is one byte; float32 where it is sure to be (asked for, or dtype auto on the CPU); else 16-bit: a bound
         wide = self.dtype in ("float32", "float") or (self.dtype == "auto" and self.device == "cpu")
-        block = model_cfg.kv_block_bytes(draft.cache.block_size, 4 if wide else 2)
+        itemsize = 1 if self.kv_cache_dtype != "auto" else 4 if wide else 2
+        block = model_cfg.kv_block_bytes(draft.cache.block_size, itemsize)
         _check(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes >= block,
                f"kv_cache_memory_bytes ({self.kv_cache_memory_bytes}) holds no KV block: one block of "
                f"{draft.cache.block_size} tokens takes {block} bytes of this model's cache in "
-               f"{'float32' if wide else '16-bit (twice in float32)'}")
+               f"{({1: 'fp8', 4: 'float32'}).get(itemsize, '16-bit (twice in float32)')}")
         tokenizer = None if self.skip_tokenizer_init else str(self.tokenizer or folder)
         scheduler = replace(draft.scheduler, max_model_len=limit)
         return replace(draft, model=folder, tokenizer=tokenizer, scheduler=scheduler)

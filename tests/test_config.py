@@ -132,7 +132,7 @@ def test_every_field_reaches_the_engine_config(folder):
                  worker_start_timeout_s=10.0, decode_lookahead_blocks=3, slo_tpot_ms=25.0, slo_ttft_ms=500.0,
                  placement="atom", admission_reserve=0.5, engine_process=True,
                  second_prefill_sm_percentage=30, generation_config="vllm",
-                 override_generation_config={"top_p": 0.5})
+                 override_generation_config={"top_p": 0.5}, kv_cache_dtype="fp8_e5m2")
     assert set(given) == set(FIELDS) - set(VLLM_ONLY), "a new EngineArgs field needs a value here"
     for name, value in given.items():
         assert value != FIELDS[name].default or name == "skip_tokenizer_init", name

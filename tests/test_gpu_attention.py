@@ -118,6 +118,31 @@ def test_rope_in_the_kv_store_matches_the_torch_form_bf16():
         assert (diff > 0).float().mean().item() < 0.01
 
 
+FLOAT8_SEQS = {"decodes": [(1000, 1), (3, 1), (2048, 1), (17, 1)],  # batch 4: the split-KV path
+               "decodes-64": [(random.Random(i).randint(1, 1500), 1) for i in range(64)],  # the tuned tiles
+               "mixed": [(700, 1), (5, 5), (900, 300), (40, 40)]}  # prefill chunks reading earlier context
+
+
+@pytest.mark.parametrize("prefill_attention", ["paged", "flash"])
+@pytest.mark.parametrize("seqs", sorted(FLOAT8_SEQS))
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+def test_float8_pool_equals_the_reference(kv_dtype, seqs, prefill_attention):
+    """A float8 pool (kv_cache_dtype fp8): the store rounds and saturates as rapid.attention.kv_dtype.to_kv does, to
+    the byte, and decode and both prefill paths read it as the reference does (bf16 queries)."""
+    from rapid.attention.kv_dtype import as_bytes, to_kv
+
+    q, k, v, pool, meta = make_case(FLOAT8_SEQS[seqs], 32, 8, 128, 16, torch.bfloat16, DEV, 3)
+    k[::5], v[1::7] = 1000.0, -70000.0  # past e4m3's 448 (and, for v, e5m2's 57344): saturated
+    pool = to_kv(pool, kv_dtype)
+    ref_pool = pool.clone()
+    out = torch.full_like(q, float("nan"))
+    TritonAttention(32, 8, 128, 128**-0.5, prefill_attention=prefill_attention).forward(q, k, v, pool, meta, out=out)
+    ref = ReferenceAttention(32, 8, 128, 128**-0.5).forward(q, k, v, ref_pool, meta)
+    assert torch.equal(as_bytes(pool), as_bytes(ref_pool)), "the float8 store differs from the reference's"
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < 1e-2
+
+
 @pytest.mark.parametrize("H,KVH", GQA)
 @pytest.mark.parametrize("D", [64, 128])
 def test_mixed_decode_and_prefill(D, H, KVH):

@@ -121,6 +121,19 @@ def test_gpu_greedy_equals_transformers(tiny_llama, prompts, mode, prefill_atten
     assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(tiny_llama, p, 16) for p in prompts]
 
 
+@pytest.mark.parametrize("mode,prefill_attention", [("hybrid", "paged"), ("hybrid", "flash"), ("rapid", "paged")])
+def test_gpu_float8_kv_greedy_equals_transformers_reading_float8(tiny_llama, prompts, mode, prefill_attention):
+    """kv_cache_dtype fp8 on the GPU, graphs captured over the float8 pool: greedy equals transformers whose
+    attention reads keys and values rounded to float8 e4m3 (tiny.hf_greedy's kv_dtype)."""
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    with LLM(tiny_llama, mode=mode, dtype="float32", kv_cache_dtype="fp8", max_num_batched_tokens=64, max_num_seqs=8,
+             gpu_memory_utilization=0.3, prefill_attention=prefill_attention) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        assert llm.engine.get_stats().eager_steps == {}
+    expected = [hf_greedy(tiny_llama, p, 16, kv_dtype=torch.float8_e4m3fn) for p in prompts]
+    assert [o.outputs[0].token_ids for o in outs] == expected
+
+
 def _mps_servers() -> int:
     out = subprocess.run(["pgrep", "-f", "nvidia-cuda-mps"], capture_output=True, text=True).stdout.split()
     return len(out)

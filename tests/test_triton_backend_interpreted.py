@@ -35,7 +35,16 @@ ROPE_CASES = [
     ("rope-mixed-sdpa-f16", [(9, 1), (30, 30)], 8, 2, 32, 16, "float16", "auto"),
     ("rope-decode-f16", [(33, 1), (3, 1)], 8, 8, 128, 16, "float16", "paged"),  # bf16: the interpreter truncates
 ]
-ALL_CASES = CASES + SPLIT_CASES + ROPE_CASES
+# Cases over a float8 pool (kv_cache_dtype fp8 / fp8_e5m2): the store saturates as the reference does, and every
+# reader converts the pool's values to q's dtype. The keys and values are float8 values already (and a few past the
+# format's range): the interpreter's own rounding to float8 differs from the GPU's (ties away from even, and 127.5
+# to 64), so rounding itself is checked on the GPU (tests/test_gpu_attention.py).
+FLOAT8_CASES = [
+    ("fp8-mixed-paged-f32", [(9, 1), (17, 1), (21, 6), (12, 12)], 4, 2, 16, 4, "float32", "paged"),
+    ("fp8-mixed-sdpa-f32", [(9, 1), (21, 6), (12, 12)], 4, 2, 16, 4, "float32", "auto"),
+    ("fp8e5m2-decode-splits-f32", [(70, 1), (3, 1), (130, 1)], 8, 2, 16, 4, "float32", "paged"),
+]
+ALL_CASES = CASES + SPLIT_CASES + ROPE_CASES + FLOAT8_CASES
 TOLERANCE = {"float32": 1e-4, "float16": 5e-3}
 
 
@@ -43,13 +52,20 @@ def run_case(name, seqs, H, KVH, D, block_size, dtype, prefill_attention) -> dic
     import torch
 
     from attention_cases import make_case
+    from rapid.attention.kv_dtype import as_bytes, is_float8, to_kv
     from rapid.attention.reference import ReferenceAttention
     from rapid.attention.rope import Rope, apply_rope_
     from rapid.attention.triton_backend import TritonAttention
 
     q, k, v, pool, meta = make_case(seqs, H, KVH, D, block_size, getattr(torch, dtype))
+    if name.startswith("fp8"):  # float8 values, and every 7th past the format's range, to be saturated
+        kv_dtype = torch.float8_e5m2 if name.startswith("fp8e5m2") else torch.float8_e4m3fn
+        far = 2 * torch.finfo(kv_dtype).max
+        k, v = (to_kv(x * 8, kv_dtype).to(x.dtype) for x in (k, v))
+        k.view(-1)[::7], v.view(-1)[3::7] = far, -far
+        pool = to_kv(pool, kv_dtype)
     rope = rq = rk = None
-    if name.startswith("rope"):  # a table as the model builds it; positions: each row's place in its sequence
+    if "rope" in name:  # a table as the model builds it; positions: each row's place in its sequence
         inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
         freqs = torch.outer(torch.arange(64, dtype=torch.float32), inv_freq.float())
         positions = torch.cat([torch.arange(c - n, c) for c, n in seqs])
@@ -57,7 +73,8 @@ def run_case(name, seqs, H, KVH, D, block_size, dtype, prefill_attention) -> dic
         rq, rk = q.clone(), k.clone()
         apply_rope_(rq, rk, rope)  # the torch form, in q's dtype: what the kernel must write in place
     q0, k0 = q.clone(), k.clone()
-    ref_pool = pool.float().clone()  # the reference stores into an fp32 copy (f16 -> f32 is exact)
+    # the reference stores into an fp32 copy (f16 -> f32 is exact), or into a float8 pool of its own
+    ref_pool = pool.clone() if is_float8(pool.dtype) else pool.float().clone()
     tri = TritonAttention(H, KVH, D, D**-0.5, prefill_attention=prefill_attention)
     if "splits" in name:
         tri.min_split_tokens, tri.programs_per_sm, tri.tuning = 16, 64, []
@@ -80,7 +97,8 @@ def run_case(name, seqs, H, KVH, D, block_size, dtype, prefill_attention) -> dic
         exits = dataclasses.replace(planned, prefill_tile_map=torch.full_like(planned.prefill_tile_map, -1))
         tri.forward(q, k, v, pool.clone(), exits, out=unwritten)
     return {"finite": bool(torch.isfinite(out).all()), "max_err": float((out.float() - ref).abs().max()),
-            "pool_equal": bool(torch.equal(pool.float(), ref_pool)),
+            "pool_equal": bool(torch.equal(as_bytes(pool), as_bytes(ref_pool)) if is_float8(pool.dtype)
+                               else torch.equal(pool.float(), ref_pool)),
             "planned_equal": bool(torch.equal(planned_out, out)), "splits": splits,
             "repeat_equal": bool(torch.equal(again, out)), "roped_in_place": roped_in_place,
             "planned_map": planned.prefill_tile_map is not None,
@@ -106,7 +124,8 @@ def test_backend_equals_the_reference_under_the_interpreter(interpreted, case):
     assert got["roped_in_place"], "the KV store kernel's rope differs from the torch form (rapid.attention.rope)"
     assert got["finite"], f"unwritten or non-finite rows: {got}"
     assert got["pool_equal"], "the KV store wrote something other than the reference's store"
-    assert got["max_err"] < TOLERANCE[case[6]], got
+    # float8 cases: outputs up to the format's largest value (448 for e4m3), so float32's error grows with them
+    assert got["max_err"] < (2e-3 if case[0].startswith("fp8") else TOLERANCE[case[6]]), got
     assert got["planned_equal"], "the step's shared tile map changed the output"
     seqs, prefill_attention = case[1], case[7]
     assert got["planned_map"] == (prefill_attention == "paged" and any(n > 1 for _, n in seqs)), got
@@ -116,7 +135,7 @@ def test_backend_equals_the_reference_under_the_interpreter(interpreted, case):
 
 def test_split_cases_cut_the_context(interpreted):
     """The split cases really run the split-KV path (pieces merged by the reduce kernel); the others one split."""
-    assert all(interpreted[c[0]]["splits"] > 1 for c in SPLIT_CASES)
+    assert all(interpreted[c[0]]["splits"] > 1 for c in SPLIT_CASES + FLOAT8_CASES if "splits" in c[0])
     assert interpreted["decode-one-f32"]["splits"] == 1
 
 

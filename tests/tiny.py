@@ -108,17 +108,45 @@ def make_tiny_model(
     return folder
 
 
-def hf_greedy(folder: str | Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    """Transformers' greedy continuation of one prompt (the oracle)."""
+def hf_greedy(folder: str | Path, prompt_ids: list[int], max_new_tokens: int,
+              kv_dtype: torch.dtype | None = None) -> list[int]:
+    """Transformers' greedy continuation of one prompt (the oracle). With kv_dtype (a float8), every key and value
+    attention reads is first rounded to it, saturated, as an engine with kv_cache_dtype fp8 stores them."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    extra = {}
+    if kv_dtype is not None:
+        extra["attn_implementation"] = _float8_kv_attention(kv_dtype)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra)
     model.generation_config.pad_token_id = 1
     out = model.generate(
         torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
         eos_token_id=None, min_new_tokens=max_new_tokens, pad_token_id=1,
     )
     return out[0, len(prompt_ids):].tolist()
+
+
+def _float8_kv_attention(kv_dtype: torch.dtype) -> str:
+    """A transformers attention function (registered under a name, which is returned) that rounds keys and values
+    to kv_dtype (saturating), then runs transformers' eager attention: rounding is idempotent, so rounding the
+    whole cache at every step equals storing rounded values once."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    limit = torch.finfo(kv_dtype).max
+
+    def rounded(x):
+        return x.clamp(-limit, limit).to(kv_dtype).to(x.dtype)
+
+    def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        return eager_attention_forward(module, query, rounded(key), rounded(value), attention_mask, scaling,
+                                       dropout, **kwargs)
+
+    name = f"rapid_kv_{str(kv_dtype).removeprefix('torch.')}"
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, eager_mask)  # the causal mask eager attention takes (else: none)
+    return name
 
 
 # ---------------------------------------------------------------------- leaks of one engine, not of a neighbour's

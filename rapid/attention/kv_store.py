@@ -7,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
+from rapid.attention.kv_dtype import is_float8
 from rapid.attention.rope import Rope
 from rapid.attention.sizes import next_pow2
 
@@ -33,7 +34,7 @@ def _rope_store_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cb, stride_co, stride_ch, stride_cs,
     BLOCK_SIZE: tl.constexpr, NUM_Q_HEADS: tl.constexpr, Q_BLOCK: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
-    H_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, ROPE: tl.constexpr,
+    H_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, ROPE: tl.constexpr, KV_MAX: tl.constexpr,
 ):
     """Program (token t, part p). Part 0: rope t's keys in place (if ROPE), then copy its keys and values [KVH, D]
     to slot SLOTS[t] (skipped when < 0). Part p >= 1 (only with ROPE): rope query heads [(p-1) Q_BLOCK, p Q_BLOCK)
@@ -53,11 +54,15 @@ def _rope_store_kernel(
         k1, k2, mask = _rotate_rows(K + t * stride_kt, h, stride_kh, NUM_KV_HEADS, j, HALF, cos, sin, ROPE)
         if slot >= 0:
             dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_co + h[:, None] * stride_ch + j[None, :]
+            src = V + t * stride_vt + h[:, None] * stride_vh + j[None, :]
+            v1, v2 = tl.load(src, mask=mask), tl.load(src + HALF, mask=mask)
+            if KV_MAX > 0:  # a float8 pool: saturate, as rapid.attention.kv_dtype.to_kv does
+                k1, k2 = tl.clamp(k1.to(tl.float32), -KV_MAX, KV_MAX), tl.clamp(k2.to(tl.float32), -KV_MAX, KV_MAX)
+                v1, v2 = tl.clamp(v1.to(tl.float32), -KV_MAX, KV_MAX), tl.clamp(v2.to(tl.float32), -KV_MAX, KV_MAX)
             tl.store(KC + dst, k1.to(KC.dtype.element_ty), mask=mask)
             tl.store(KC + dst + HALF, k2.to(KC.dtype.element_ty), mask=mask)
-            src = V + t * stride_vt + h[:, None] * stride_vh + j[None, :]
-            tl.store(VC + dst, tl.load(src, mask=mask).to(VC.dtype.element_ty), mask=mask)
-            tl.store(VC + dst + HALF, tl.load(src + HALF, mask=mask).to(VC.dtype.element_ty), mask=mask)
+            tl.store(VC + dst, v1.to(VC.dtype.element_ty), mask=mask)
+            tl.store(VC + dst + HALF, v2.to(VC.dtype.element_ty), mask=mask)
     else:
         heads = (part - 1) * Q_BLOCK + tl.arange(0, Q_BLOCK)
         _rotate_rows(Q + t * stride_qt, heads, stride_qh, NUM_Q_HEADS, j, HALF, cos, sin, ROPE)
@@ -83,5 +88,6 @@ def rope_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: 
         kc.stride(0), kc.stride(1), kc.stride(2), cos_sin.stride(0),
         BLOCK_SIZE=kc.shape[1], NUM_Q_HEADS=H, Q_BLOCK=q_block, NUM_KV_HEADS=KVH, H_PAD=next_pow2(KVH),
         HALF=D // 2, HALF_PAD=max(16, next_pow2(D // 2)), ROPE=rope is not None,
+        KV_MAX=torch.finfo(kc.dtype).max if is_float8(kc.dtype) else 0.0,
         num_warps=2 if max(q_block, KVH) * D >= 1024 else 1,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rapid.attention.kv_dtype import as_bytes, to_kv
 from rapid.attention.metadata import AttentionMetadata
 from rapid.attention.rope import Rope, apply_rope_
 
@@ -15,8 +16,8 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, slot_mapp
     valid = slot_mapping >= 0
     if not bool(valid.all()):
         slot_mapping, k, v = slot_mapping[valid], k[valid], v[valid]
-    flat[0].index_copy_(0, slot_mapping, k.to(flat.dtype))
-    flat[1].index_copy_(0, slot_mapping, v.to(flat.dtype))
+    as_bytes(flat[0]).index_copy_(0, slot_mapping, as_bytes(to_kv(k, flat.dtype)))  # float8: copied as bytes
+    as_bytes(flat[1]).index_copy_(0, slot_mapping, as_bytes(to_kv(v, flat.dtype)))
 
 
 def gather_context(kv_layer: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -81,8 +81,8 @@ def _decode_kernel(
             tok = t + offs_n
             blk = tl.load(bt_row + tok // BLOCK_SIZE).to(tl.int64)
             row = blk * stride_cb + (tok % BLOCK_SIZE) * stride_co + head_off
-            k = tl.load(KC + row[:, None] + d[None, :], mask=d[None, :] < HEAD_DIM, other=0.0)
-            v = tl.load(VC + row[:, None] + d[None, :], mask=d[None, :] < HEAD_DIM, other=0.0)
+            k = tl.load(KC + row[:, None] + d[None, :], mask=d[None, :] < HEAD_DIM, other=0.0).to(q.dtype)
+            v = tl.load(VC + row[:, None] + d[None, :], mask=d[None, :] < HEAD_DIM, other=0.0).to(q.dtype)
             s = tl.dot(q, tl.trans(k)) * qk_scale  # [G_PAD, TILE_N]
             m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, None)
     for t in range(masked_from, end, TILE_N):
@@ -91,8 +91,8 @@ def _decode_kernel(
         blk = tl.load(bt_row + tok // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
         row = blk * stride_cb + (tok % BLOCK_SIZE) * stride_co + head_off
         kvmask = nmask[:, None] & (d[None, :] < HEAD_DIM)
-        k = tl.load(KC + row[:, None] + d[None, :], mask=kvmask, other=0.0)
-        v = tl.load(VC + row[:, None] + d[None, :], mask=kvmask, other=0.0)
+        k = tl.load(KC + row[:, None] + d[None, :], mask=kvmask, other=0.0).to(q.dtype)  # float8 pools: to q's
+        v = tl.load(VC + row[:, None] + d[None, :], mask=kvmask, other=0.0).to(q.dtype)
         s = tl.dot(q, tl.trans(k)) * qk_scale  # [G_PAD, TILE_N]
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, None)
@@ -248,8 +248,8 @@ class TritonAttention:
         L = q.shape[0]
         if L == seq_len and kv_layer.dtype == k.dtype:
             keys, values = k, v  # the chunk is the whole context: no gather
-        else:
-            keys, values = gather_context(kv_layer, block_table, seq_len)
+        else:  # the pool's values (a float8 pool's too, as every other reader sees them), in q's dtype
+            keys, values = (x.to(q.dtype) for x in gather_context(kv_layer, block_table, seq_len))
         qh = q.transpose(0, 1)[None]  # [1, H, L, D]
         kh, vh = keys.transpose(0, 1)[None], values.transpose(0, 1)[None]  # [1, KVH, S, D]
         return self._sdpa(qh, kh, vh, L, seq_len, self.num_heads != self.num_kv_heads)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rapid.attention.kv_dtype import as_bytes
 from rapid.config import EngineConfig
 from rapid.core.request import Request, seq_work
 from rapid.protocol.worker import (
@@ -113,7 +114,7 @@ class DecodeLoop:
         kv = self.runner.kv_pool  # [L, 2, NB, BS, KVH, D]
         src_t = torch.tensor(src, device=self.peer_kv.device)
         dst_t = torch.tensor(dst[: len(src)], device=kv.device)
-        kv.index_copy_(2, dst_t, self.peer_kv.index_select(2, src_t).to(kv.device))
+        as_bytes(kv).index_copy_(2, dst_t, as_bytes(self.peer_kv).index_select(2, src_t).to(kv.device))  # float8 too
 
     def runnable(self) -> list[Request]:
         """Resident requests whose blocks hold their next token (at most max_num_seqs)."""

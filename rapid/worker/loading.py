@@ -8,6 +8,7 @@ import torch
 
 from rapid.config import EngineConfig
 from rapid.model.config import ModelConfig
+from rapid.attention.kv_dtype import resolve_kv_dtype
 from rapid.model.loader import build_model, resolve_dtype
 from rapid.worker.memory import ProcessMemory, describe, kv_budget_bytes
 
@@ -45,14 +46,15 @@ def kv_block_bytes(model_cfg: ModelConfig, block_size: int, dtype: torch.dtype) 
 
 def num_kv_blocks(config: EngineConfig, model_cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
                   weight_bytes: int = 0, processes: list[ProcessMemory] | None = None) -> int:
-    """Blocks in the pool: from kv_cache_memory_bytes, else from the GPU share, else the CPU default.
+    """Blocks in the pool (of config.cache.kv_cache_dtype; `dtype` is the model's): from kv_cache_memory_bytes,
+    else from the GPU share, else the CPU default.
 
     On the GPU the budget is gpu_memory_utilization * total memory minus the weights and what each of
     the engine's processes measured it needs (`processes`, see rapid.worker.memory), never a device-wide
     free-memory difference, since two workers share the GPU.
     """
     cache = config.cache
-    per_block = kv_block_bytes(model_cfg, cache.block_size, dtype)
+    per_block = kv_block_bytes(model_cfg, cache.block_size, resolve_kv_dtype(cache.kv_cache_dtype, dtype))
     if cache.kv_cache_memory_bytes is not None:
         budget = cache.kv_cache_memory_bytes
     elif device.type == "cuda":

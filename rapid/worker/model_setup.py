@@ -12,6 +12,7 @@ import logging
 
 import torch
 
+from rapid.attention.kv_dtype import as_bytes
 from rapid.config import EngineConfig, fit_to_pool
 from rapid.model.config import ModelConfig
 from rapid.model.loader import build_model, parameter_specs, resolve_dtype
@@ -28,11 +29,13 @@ logger = logging.getLogger(__name__)
 
 def arena_layout(config: EngineConfig, model_cfg: ModelConfig, dtype: torch.dtype, num_blocks: int):
     """Where each weight and the KV pool live inside the arena (the same on every side)."""
+    from rapid.attention.kv_dtype import resolve_kv_dtype
     from rapid.attention.metadata import kv_pool_shape
 
     entries = parameter_specs(model_cfg, dtype)
     entries.append(("kv_pool", kv_pool_shape(model_cfg.num_layers, num_blocks, config.cache.block_size,
-                                             model_cfg.num_kv_heads, model_cfg.head_dim), dtype))
+                                             model_cfg.num_kv_heads, model_cfg.head_dim),
+                    resolve_kv_dtype(config.cache.kv_cache_dtype, dtype)))
     return plan_layout(entries)
 
 
@@ -109,14 +112,15 @@ class ModelSetup:
         views = {name: self.arena.view(slot) for name, slot in slots.items()}
         self.kv_pool = views.pop("kv_pool")  # [L, 2, NB, BS, KVH, D]
         if owner:
-            self.kv_pool.zero_()  # unwritten slots must hold finite values (masked, but multiplied by 0)
+            as_bytes(self.kv_pool).zero_()  # unwritten slots must hold finite values (masked, but multiplied by 0)
         backend = make_attention_backend(config, model_cfg, self.device)
         self.model = build_model(config.model, backend, self.dtype, self.device,
                                  max_positions=config.scheduler.max_model_len, param_views=views, load=owner,
                                  load_format=config.load_format)
-        logger.info("%s the %s arena: %.1f MiB (%d KV blocks of %d bytes) on %s", "created" if owner else "mapped",
+        logger.info("%s the %s arena: %.1f MiB (%d KV blocks of %d bytes, %s) on %s", "created" if owner else "mapped",
                     "shared" if shared else "private", total / 2**20, self.num_blocks,
-                    kv_block_bytes(model_cfg, config.cache.block_size, self.dtype), self.device)
+                    kv_block_bytes(model_cfg, config.cache.block_size, self.kv_pool.dtype), self.kv_pool.dtype,
+                    self.device)
 
     def make_runner(self, eos_token_ids: tuple[int, ...]) -> ModelRunner:
         """Compile and capture this role's graphs (decode steps and/or prefill batches), then the runner."""

@@ -1,0 +1,38 @@
+"""The KV pool's element type: the model's own, or a one-byte float8 (vLLM's kv_cache_dtype="fp8").
+
+Float8 values are stored saturated (clamped to the format's largest finite value, then rounded to nearest even)
+with no scale: the keys and values of the models this engine runs sit well inside fp8's range. Every reader converts
+them back to the query's dtype before it multiplies, so attention itself runs in 16 or 32 bits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT8_KV = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def resolve_kv_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """'auto' -> the model's dtype; 'fp8' | 'fp8_e4m3' | 'fp8_e5m2' -> that float8 dtype."""
+    if kv_cache_dtype == "auto":
+        return model_dtype
+    if kv_cache_dtype not in FLOAT8_KV:
+        raise ValueError(f"kv_cache_dtype must be 'auto' or one of {sorted(FLOAT8_KV)}, got {kv_cache_dtype!r}")
+    return FLOAT8_KV[kv_cache_dtype]
+
+
+def is_float8(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def to_kv(x: torch.Tensor, kv_dtype: torch.dtype) -> torch.Tensor:
+    """x in the pool's dtype: float8 saturates at the format's largest value (a plain cast may give NaN)."""
+    if is_float8(kv_dtype):
+        limit = torch.finfo(kv_dtype).max
+        return x.clamp(-limit, limit).to(kv_dtype)
+    return x.to(kv_dtype)
+
+
+def as_bytes(pool: torch.Tensor) -> torch.Tensor:
+    """A float8 pool as uint8 (same bytes), for the copy and index ops torch has no float8 kernels of; else pool."""
+    return pool.view(torch.uint8) if is_float8(pool.dtype) else pool
