@@ -56,9 +56,11 @@ def _rope_store_kernel(
             dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_co + h[:, None] * stride_ch + j[None, :]
             src = V + t * stride_vt + h[:, None] * stride_vh + j[None, :]
             v1, v2 = tl.load(src, mask=mask), tl.load(src + HALF, mask=mask)
-            if KV_MAX > 0:  # a float8 pool: saturate, as rapid.attention.kv_dtype.to_kv does
-                k1, k2 = tl.clamp(k1.to(tl.float32), -KV_MAX, KV_MAX), tl.clamp(k2.to(tl.float32), -KV_MAX, KV_MAX)
-                v1, v2 = tl.clamp(v1.to(tl.float32), -KV_MAX, KV_MAX), tl.clamp(v2.to(tl.float32), -KV_MAX, KV_MAX)
+            if KV_MAX > 0:  # a float8 pool: saturate, as rapid.attention.kv_dtype.to_kv does (exact in 16 bits)
+                k1 = tl.clamp(k1.to(tl.float32), -KV_MAX, KV_MAX).to(k1.dtype)
+                k2 = tl.clamp(k2.to(tl.float32), -KV_MAX, KV_MAX).to(k2.dtype)
+                v1 = tl.clamp(v1.to(tl.float32), -KV_MAX, KV_MAX).to(v1.dtype)
+                v2 = tl.clamp(v2.to(tl.float32), -KV_MAX, KV_MAX).to(v2.dtype)
             tl.store(KC + dst, k1.to(KC.dtype.element_ty), mask=mask)
             tl.store(KC + dst + HALF, k2.to(KC.dtype.element_ty), mask=mask)
             tl.store(VC + dst, v1.to(VC.dtype.element_ty), mask=mask)
