@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rapid.attention.kv_dtype import resolve_kv_dtype, to_kv  # noqa: E402
+from rapid.attention.kv_dtype import as_bytes, resolve_kv_dtype, to_kv  # noqa: E402
 from rapid.attention.metadata import AttentionMetadata, kv_pool_shape  # noqa: E402
 from rapid.model.config import ModelConfig, RopeConfig  # noqa: E402
 
@@ -95,14 +95,13 @@ def decode_case(B: int, ctx: int, cfg: ModelConfig, layers: int = 1, extra_block
     if layout not in ("nhd", "hnd"):
         raise ValueError(f"layout must be nhd or hnd, got {layout!r}")
     if layout == "hnd":  # [L, 2, NB, KVH, BS, D] in memory, seen as [L, 2, NB, BS, KVH, D]
-        pool = torch.empty(shape[:3] + (shape[4], shape[3], shape[5]), device="cuda",
-                           dtype=torch.bfloat16).transpose(3, 4)
+        pool = torch.empty(shape[:3] + (shape[4], shape[3], shape[5]), device="cuda", dtype=kv_dtype).transpose(3, 4)
     else:
-        pool = torch.empty(shape, device="cuda", dtype=torch.bfloat16)
-    for i in range(shape[0]):
-        pool[i].normal_(0, 1, generator=gen)
-    if kv_dtype != pool.dtype:  # a float8 pool (kv_cache_dtype fp8): the same values, rounded
-        pool = to_kv(pool, kv_dtype)
+        pool = torch.empty(shape, device="cuda", dtype=kv_dtype)
+    for i in range(shape[0]):  # normal values (a float8 pool: rounded, one layer at a time)
+        layer = torch.empty(pool.shape[1:], device="cuda", dtype=torch.bfloat16).normal_(0, 1, generator=gen)
+        as_bytes(pool[i]).copy_(as_bytes(to_kv(layer, kv_dtype)))
+        del layer
     if shared_layers:  # layer dimension of stride 0: every layer is the same memory
         pool = pool.as_strided((shared_layers,) + tuple(pool.shape[1:]), (0,) + tuple(pool.stride()[1:]))
     perm = torch.randperm(B * nb, device="cuda", generator=gen).to(torch.int32)
@@ -136,10 +135,12 @@ def graphed_ms(fns, reps: int = 10) -> float:
     return ms / len(fns)
 
 
-def bench_attention(cfg: ModelConfig, shapes, sweep: bool, bound: int, layout: str = "nhd") -> dict:
+def bench_attention(cfg: ModelConfig, shapes, sweep: bool, bound: int, layout: str = "nhd",
+                    kv_dtype: torch.dtype = torch.bfloat16, dot_f16: bool = True) -> dict:
     """Decode attention of one layer inside a CUDA graph: Triton paged kernel (configs) vs SDPA on a
     contiguous cache. Calls rotate over several KV pools so that none is served from L2. layout: the pool's
-    (decode_case); results of "hnd" are keyed with an "_hnd" suffix."""
+    (decode_case); results of "hnd" are keyed with an "_hnd" suffix, of a float8 pool with "_<dtype>" (and
+    "_bf16dot" for its dots in the queries' bf16 instead of float16)."""
     from rapid.attention.triton_backend import TritonAttention
 
     F = torch.nn.functional
@@ -147,13 +148,14 @@ def bench_attention(cfg: ModelConfig, shapes, sweep: bool, bound: int, layout: s
     default = TritonAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, 1.0)
     keys = tuple(default.decode_config(1))  # the kernel's settings, as the backend names them
     for B, ctx in shapes:
-        nbytes = kv_bytes(B, ctx, cfg)
+        nbytes = kv_bytes(B, ctx, cfg, itemsize=kv_dtype.itemsize)
         sets = max(1, min(32, -(-256 * 2**20 // nbytes)))  # >= 256 MB touched per round
-        cases = [decode_case(B, ctx, cfg, layout=layout) for _ in range(sets)]
+        cases = [decode_case(B, ctx, cfg, layout=layout, kv_dtype=kv_dtype) for _ in range(sets)]
         q = torch.randn(B, cfg.num_heads, cfg.head_dim, device="cuda", dtype=torch.bfloat16)
         out = torch.empty_like(q)
         att = TritonAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5)
         att.tuning = []  # the sweep sets the four settings itself
+        att.float8_dot_f16 = default.float8_dot_f16 = dot_f16
         entry = {"kv_bytes": nbytes, "host_bound_max_seq_len": bound, "pools_rotated": sets, "configs": []}
 
         def run_cfg(c):
@@ -192,7 +194,11 @@ def bench_attention(cfg: ModelConfig, shapes, sweep: bool, bound: int, layout: s
         entry["sdpa_contiguous"] = {"us": round(ms * 1e3, 1), "TBps": round(nbytes / (ms / 1e3) / 1e12, 3)}
         entry["roofline_us"] = round(nbytes / HBM_BPS * 1e6, 1)
         entry["kv_layout"] = layout
-        res[f"B{B}_ctx{ctx}" + ("_hnd" if layout == "hnd" else "")] = entry
+        suffix = ("_hnd" if layout == "hnd" else "") + ("" if kv_dtype == torch.bfloat16 else
+                                                        "_" + str(kv_dtype).removeprefix("torch.")
+                                                        + ("" if dot_f16 else "_bf16dot"))
+        entry["kv_dtype"] = str(kv_dtype).removeprefix("torch.")
+        res[f"B{B}_ctx{ctx}" + suffix] = entry
         d = entry["default"]
         print(f"attention B={B} ctx={ctx} (graphed): default {d.get('us')} us ({d.get('TBps')} TB/s), "
               f"best {entry['best']}, SDPA contiguous {entry['sdpa_contiguous']}", flush=True)
@@ -545,12 +551,12 @@ def main() -> None:
                      "prefill": "(2*layer params*T + 2*hidden*vocab + causal attention FLOPs) / 790e12 FLOP/s"},
         "params": cfg.num_params(), "compile_dynamic": args.compile_dynamic, "kv_cache_dtype": args.kv_cache_dtype,
     }
-    kv_dtype = resolve_kv_dtype(args.kv_cache_dtype, torch.bfloat16)
 
     def save():
         (out_dir / f"kernels-{gpu}.json").write_text(json.dumps(report, indent=1))
         (out_dir / f"kernels-{gpu}.md").write_text(markdown(report))
 
+    kv_dtype = resolve_kv_dtype(args.kv_cache_dtype, torch.bfloat16)
     torch.manual_seed(0)
     report["ceilings"] = ceilings()
     print("ceilings", report["ceilings"], flush=True)
@@ -560,9 +566,13 @@ def main() -> None:
             shapes = [tuple(int(v) for v in s.split("x")) for s in args.attention_shapes.split(",")]
             report["attention"] = {}
             for layout in args.kv_layouts.split(","):
-                report["attention"].update(bench_attention(cfg, shapes, args.sweep, args.max_model_len, layout))
+                for dot_f16 in (True, False) if args.kv_cache_dtype != "auto" else (True,):
+                    report["attention"].update(bench_attention(cfg, shapes, args.sweep, args.max_model_len, layout,
+                                                               kv_dtype, dot_f16))
             # a sweep winner replaces the default only where it is more than 1% faster
-            best = {k: e["best"] for k, e in report["attention"].items()
+            # (a float8 pool's entries are keyed with its dtype: those with float16 dots, the engine's, apply)
+            pool_suffix = "" if args.kv_cache_dtype == "auto" else "_" + str(kv_dtype).removeprefix("torch.")
+            best = {k.removesuffix(pool_suffix): e["best"] for k, e in report["attention"].items()
                     if e.get("best") and e["best"]["us"] < 0.99 * e["default"].get("us", 1e9)}
             report["applied_best"] = best if args.apply_best else {}
         except Exception as e:

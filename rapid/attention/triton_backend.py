@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 from torch.nn.attention.bias import causal_lower_right
 
+from rapid.attention.kv_dtype import is_float8
 from rapid.attention.kv_store import rope_and_store
 from rapid.attention.metadata import AttentionMetadata
 from rapid.attention.online_softmax import online_softmax_step
@@ -52,6 +53,7 @@ def _decode_kernel(
     stride_pt, stride_ph, stride_ps,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, DIRECT: tl.constexpr, UNMASKED_TILES: tl.constexpr,
+    DOT_F16: tl.constexpr,
 ):
     """Program (seq, kv_head, split): attention of the GROUP query heads over one piece of the context."""
     seq = tl.program_id(0)
@@ -67,6 +69,8 @@ def _decode_kernel(
     heads = kvh * GROUP + g
     qmask = (g[:, None] < GROUP) & (d[None, :] < HEAD_DIM)
     q = tl.load(Q + seq.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=qmask, other=0.0)
+    if DOT_F16:  # a float8 pool under bf16 queries: both exact in float16, whose conversions from float8 are cheaper
+        q = q.to(tl.float16)
 
     m_i = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([G_PAD], dtype=tl.float32)
@@ -91,7 +95,7 @@ def _decode_kernel(
         blk = tl.load(bt_row + tok // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
         row = blk * stride_cb + (tok % BLOCK_SIZE) * stride_co + head_off
         kvmask = nmask[:, None] & (d[None, :] < HEAD_DIM)
-        k = tl.load(KC + row[:, None] + d[None, :], mask=kvmask, other=0.0).to(q.dtype)  # float8 pools: to q's
+        k = tl.load(KC + row[:, None] + d[None, :], mask=kvmask, other=0.0).to(q.dtype)  # float8 pools: to q's dtype
         v = tl.load(VC + row[:, None] + d[None, :], mask=kvmask, other=0.0).to(q.dtype)
         s = tl.dot(q, tl.trans(k)) * qk_scale  # [G_PAD, TILE_N]
         s = tl.where(nmask[None, :], s, float("-inf"))
@@ -162,6 +166,7 @@ class TritonAttention:
         self.min_split_tokens = 256  # but never pieces shorter than this (bounded by the host max length)
         self.max_splits = 64
         self.unmasked_tiles = False  # a loop over the whole context tiles without row masks before the partial one
+        self.float8_dot_f16 = True  # a float8 pool under bf16 queries: the decode kernel's dots in float16
         # Per-batch overrides of decode_config's settings: [(max_batch, {name: value})], first match wins.
         self.tuning: list[tuple[int, dict]] = list(DECODE_TUNING)
         # Prefill SDPA backends, in priority order (None = torch's own choice). Flash first: torch's own
@@ -215,7 +220,8 @@ class TritonAttention:
         H, D = self.num_heads, self.head_dim
         d_pad = max(16, next_pow2(D))
         common = dict(GROUP=self.group, G_PAD=max(16, next_pow2(self.group)), HEAD_DIM=D, D_PAD=d_pad,
-                      BLOCK_SIZE=kc.shape[1], TILE_N=c["tile_n"], UNMASKED_TILES=c["unmasked_tiles"])
+                      BLOCK_SIZE=kc.shape[1], TILE_N=c["tile_n"], UNMASKED_TILES=c["unmasked_tiles"],
+                      DOT_F16=self.float8_dot_f16 and is_float8(kc.dtype) and q.dtype == torch.bfloat16)
         launch = dict(num_warps=c["num_warps"], num_stages=c["num_stages"])
         grid = (B, self.num_kv_heads, splits)
         qk_scale = self.scale * 1.4426950408889634
