@@ -154,7 +154,7 @@ def bench_attention(cfg: ModelConfig, shapes, sweep: bool, bound: int, layout: s
         q = torch.randn(B, cfg.num_heads, cfg.head_dim, device="cuda", dtype=torch.bfloat16)
         out = torch.empty_like(q)
         att = TritonAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5)
-        att.tuning = []  # the sweep sets the four settings itself
+        att.tuning = att.float8_tuning = []  # the sweep sets the four settings itself
         att.float8_dot_f16 = default.float8_dot_f16 = dot_f16
         entry = {"kv_bytes": nbytes, "host_bound_max_seq_len": bound, "pools_rotated": sets, "configs": []}
 
@@ -171,7 +171,7 @@ def bench_attention(cfg: ModelConfig, shapes, sweep: bool, bound: int, layout: s
             return {**row, "splits": att.num_splits(B, bound, q.device), "us": round(ms * 1e3, 1),
                     "TBps": round(nbytes / (ms / 1e3) / 1e12, 3)}
 
-        base = default.decode_config(B)  # what the engine uses for this batch
+        base = default.decode_config(B, kv_dtype.itemsize == 1)  # what the engine uses for this batch
         entry["default"] = run_cfg(base)
         rows = [entry["default"]]
         if sweep and B > 1:
@@ -330,9 +330,10 @@ def bench_decode(model, backend, cfg, variant: str, best: dict, apply_best: bool
         for B, ctx in group:
             key = f"B{B}_ctx{ctx}"
             tuned = best.get(key) if apply_best else None
-            saved_tuning = backend.tuning
+            tuning = "float8_tuning" if kv_dtype.itemsize == 1 else "tuning"  # the backend's list for this pool
+            saved_tuning = getattr(backend, tuning)
             if tuned:
-                backend.tuning = [(B, {k: tuned[k] for k in keys})] + saved_tuning
+                setattr(backend, tuning, [(B, {k: tuned[k] for k in keys})] + saved_tuning)
             # sequences of this case use B * ceil(ctx/16) random blocks of the pool
             nb = -(-ctx // BLOCK)
             perm = torch.randperm(pool.shape[2], device="cuda", generator=gen)[: B * nb].to(torch.int32)
@@ -375,7 +376,7 @@ def bench_decode(model, backend, cfg, variant: str, best: dict, apply_best: bool
                 "kv_pool": f"stride-0 layers (one {kv / cfg.num_layers / 1e9:.2f} GB layer shared)" if shared
                 else "real 32-layer pool",
                 "graphs_captured": len(runner.graphs), "capture_s": round(capture_s, 2),
-                "decode_config": backend.decode_config(B),
+                "decode_config": backend.decode_config(B, kv_dtype.itemsize == 1),
                 "splits": backend.num_splits(B, max_model_len, torch.device("cuda")),
                 "rel_err_vs_eager_variant": None if err is None else round(err, 5),
             }
@@ -390,7 +391,7 @@ def bench_decode(model, backend, cfg, variant: str, best: dict, apply_best: bool
                   f"err {err}", flush=True)
             if isinstance(res[key].get("profile_replay"), dict):
                 print("   profile", res[key]["profile_replay"]["families_ms"], flush=True)
-            backend.tuning = saved_tuning
+            setattr(backend, tuning, saved_tuning)
             runner = None  # free its graphs (step holds it)
             torch.cuda.empty_cache()
         del pool

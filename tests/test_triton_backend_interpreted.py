@@ -153,6 +153,10 @@ def test_decode_settings_follow_the_measured_tuning():
     assert att.decode_config(1) == defaults
     assert att.decode_config(2) == att.decode_config(64) == tuned
     assert att.decode_config(65) == att.decode_config(256) == defaults
+    # over a float8 pool: the same up to 64; past it 2 warps at 2 stages (session 36's sweep at batch 256)
+    assert [att.decode_config(b, float8=True) for b in (1, 2, 64)] == [defaults, tuned, tuned]
+    assert att.decode_config(65, float8=True) == att.decode_config(256, float8=True) == {
+        **defaults, "num_warps": 2, "num_stages": 2}
 
 
 if __name__ == "__main__":  # the interpreter subprocess

@@ -144,6 +144,10 @@ def _reduce_kernel(
 # step in session 32's calls against 0.156-0.159 in session 30's. Past 64 the defaults (at 256 the best was within 1%).
 DECODE_TUNING: list[tuple[int, dict]] = [
     (1, {}), (64, dict(tile_n=32, num_warps=2, num_stages=2, unmasked_tiles=True))]
+# Over a float8 pool (kv_cache_dtype fp8; the same sweep, session36/call3, float16 dots): batch 64 keeps the tiles
+# above (50.2 us a layer), batch 256 at context 2048 is fastest with 64-token tiles on 2 warps at 2 stages (323.8 us
+# against 473.4 with the defaults).
+FLOAT8_DECODE_TUNING: list[tuple[int, dict]] = DECODE_TUNING + [(1 << 31, dict(num_warps=2, num_stages=2))]
 
 
 class TritonAttention:
@@ -169,6 +173,7 @@ class TritonAttention:
         self.float8_dot_f16 = True  # a float8 pool under bf16 queries: the decode kernel's dots in float16
         # Per-batch overrides of decode_config's settings: [(max_batch, {name: value})], first match wins.
         self.tuning: list[tuple[int, dict]] = list(DECODE_TUNING)
+        self.float8_tuning: list[tuple[int, dict]] = list(FLOAT8_DECODE_TUNING)  # the same over a float8 pool
         # Prefill SDPA backends, in priority order (None = torch's own choice). Flash first: torch's own
         # choice on an H100 is cuDNN, which builds an execution plan for every new (query, context) length
         # pair, 40-65 ms median and up to 1.4 s each (bench/results/sdpa-probe-h100.json): every new prompt
@@ -178,12 +183,12 @@ class TritonAttention:
         self._num_sms: int | None = None
 
     # ------------------------------------------------------------------ helpers
-    def decode_config(self, batch: int) -> dict:
+    def decode_config(self, batch: int, float8: bool = False) -> dict:
         """tile_n, num_warps, num_stages, programs_per_sm, unmasked_tiles for a decode batch (defaults, then
-        self.tuning)."""
+        self.tuning, or self.float8_tuning over a float8 pool)."""
         c = dict(tile_n=self.tile_n, num_warps=self.num_warps, num_stages=self.num_stages,
                  programs_per_sm=self.programs_per_sm, unmasked_tiles=self.unmasked_tiles)
-        for max_batch, over in self.tuning:
+        for max_batch, over in self.float8_tuning if float8 else self.tuning:
             if batch <= max_batch:
                 c.update(over)
                 break
@@ -215,7 +220,7 @@ class TritonAttention:
             return
         kc, vc = kv_layer[0], kv_layer[1]
         assert q.stride(-1) == 1 and out.stride(-1) == 1 and kc.stride(-1) == 1
-        c = self.decode_config(B)
+        c = self.decode_config(B, is_float8(kc.dtype))
         splits = self.num_splits(B, max_seq_len, q.device, c["programs_per_sm"])
         H, D = self.num_heads, self.head_dim
         d_pad = max(16, next_pow2(D))
