@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from kernels import median_ms  # bench/: this script's folder
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from rapid.attention.kv_dtype import resolve_kv_dtype, to_kv
 from rapid.attention.paged_prefill import paged_prefill_attention, step_tile_map
 
 H, KVH, D, BS = 32, 8, 128, 16
@@ -40,12 +41,12 @@ def causal_flops(cases) -> float:
     return 4.0 * total * D * H
 
 
-def build(cases, gen):
-    """q [T, H, D], the kv layer [2, NB, BS, KVH, D], block tables, query_start_loc, seq_lens; and the contiguous
-    k, v of each sequence for SDPA."""
+def build(cases, gen, kv_dtype=torch.bfloat16):
+    """q [T, H, D], the kv layer [2, NB, BS, KVH, D] (of kv_dtype), block tables, query_start_loc, seq_lens; and
+    the contiguous k, v of each sequence for SDPA (bf16)."""
     nb_each = [-(-ctx // BS) for _, ctx in cases]
     num_blocks = sum(nb_each) + 1
-    kv = torch.randn(2, num_blocks, BS, KVH, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    kv = to_kv(torch.randn(2, num_blocks, BS, KVH, D, device="cuda", dtype=torch.bfloat16, generator=gen), kv_dtype)
     perm = torch.randperm(num_blocks - 1, device="cuda", generator=gen).add(1).to(torch.int32)
     tables = torch.zeros(len(cases), max(nb_each), dtype=torch.int32, device="cuda")
     at = 0
@@ -58,7 +59,7 @@ def build(cases, gen):
     seq_lens = torch.tensor([ctx for _, ctx in cases], dtype=torch.int32, device="cuda")
     contiguous = []
     for s, (_, ctx) in enumerate(cases):
-        rows = kv[:, tables[s, : nb_each[s]].long()].flatten(1, 2)[:, :ctx]  # [2, ctx, KVH, D]
+        rows = kv[:, tables[s, : nb_each[s]].long()].flatten(1, 2)[:, :ctx].to(torch.bfloat16)  # [2, ctx, KVH, D]
         contiguous.append((rows[0].transpose(0, 1)[None], rows[1].transpose(0, 1)[None]))  # [1, KVH, ctx, D]
     return q, kv, tables, qsl, seq_lens, contiguous
 
@@ -81,15 +82,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out", default=".")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                    help="the pool's dtype; fp8: each configuration with float16 dots and again with bf16 dots")
+    ap.add_argument("--default-only", action="store_true", help="only the engine's launch settings (64, 64, 4, 2)")
     args = ap.parse_args()
+    kv_dtype = resolve_kv_dtype(args.kv_cache_dtype, torch.bfloat16)
+    grid = [(64, 64, 4, 2)] if args.default_only else GRID
+    dots = (True, False) if args.kv_cache_dtype == "fp8" else (True,)
     gen = torch.Generator(device="cuda").manual_seed(0)
     t_start = time.perf_counter()
     result = {"command": "python3 " + " ".join(sys.argv), "device": torch.cuda.get_device_name(),
+              "kv_cache_dtype": args.kv_cache_dtype,
               "torch": torch.__version__, "triton": __import__("triton").__version__,
               "method": "one layer, CUDA events, median of --reps calls after 3 warm-up calls; TFLOP/s of the "
                         "causal work only", "rooflines": {"bf16_tflops": 790}, "cases": {}}
     for case, cases in CASES.items():
-        q, kv, tables, qsl, seq_lens, contiguous = build(cases, gen)
+        q, kv, tables, qsl, seq_lens, contiguous = build(cases, gen, kv_dtype)
         T = q.shape[0]
         flops = causal_flops(cases)
         ref = sdpa(q, qsl, cases, contiguous, [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
@@ -103,8 +111,8 @@ def main() -> None:
                 except Exception as e:
                     entry["sdpa"][name] = {"error": repr(e)[:160]}
         out = torch.empty_like(q)
-        for bm, bn, warps, stages in GRID:
-            cfg = {"block_m": bm, "block_n": bn, "num_warps": warps, "num_stages": stages}
+        for (bm, bn, warps, stages), dot_f16 in itertools.product(grid, dots):
+            cfg = {"block_m": bm, "block_n": bn, "num_warps": warps, "num_stages": stages, "float8_dot_f16": dot_f16}
             try:
                 tile_map = step_tile_map(T, T, H, KVH, qsl, block_m=bm)
 
@@ -120,20 +128,23 @@ def main() -> None:
                 continue
             entry["paged"].append({**cfg, "ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1),
                                    "rel_err": round(err, 5)})
-        ok = [p for p in entry["paged"] if "ms" in p and p["rel_err"] < 2e-2]
+        ok = [p for p in entry["paged"] if "ms" in p and p["rel_err"] < 2e-2 and p["float8_dot_f16"]]
         entry["best"] = min(ok, key=lambda p: p["ms"]) if ok else None
         entry["default"] = next((p for p in entry["paged"] if (p["block_m"], p["block_n"], p["num_warps"],
                                                                 p["num_stages"]) == (64, 64, 4, 2)), None)
         result["cases"][case] = entry
         print(f"{case}: default {entry['default']}, best {entry['best']}, sdpa {entry['sdpa']}", flush=True)
+        if args.default_only:
+            print(f"{case}: every row {entry['paged']}", flush=True)
         del q, kv, contiguous, out
         torch.cuda.empty_cache()
     # one configuration for every case: the least total time over the three cases, relative to each case's best
-    keys = [(bm, bn, w, s) for bm, bn, w, s in GRID]
+    keys = [(bm, bn, w, s) for bm, bn, w, s in grid]
 
     def ms_of(case, key):
         return next((p["ms"] for p in result["cases"][case]["paged"] if "ms" in p and p["rel_err"] < 2e-2 and
-                     (p["block_m"], p["block_n"], p["num_warps"], p["num_stages"]) == key), None)
+                     p["float8_dot_f16"] and (p["block_m"], p["block_n"], p["num_warps"], p["num_stages"]) == key),
+                    None)
 
     scores = {}
     for key in keys:

@@ -47,6 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
+from rapid.attention.kv_dtype import is_float8
 from rapid.attention.online_softmax import online_softmax_step
 from rapid.attention.sizes import next_pow2
 
@@ -61,6 +62,7 @@ def _paged_prefill_kernel(
     stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FLAT: tl.constexpr,
+    DOT_F16: tl.constexpr,
 ):
     """Program (tile, kv_head): TOKENS query tokens x GROUP heads (BLOCK_M rows) over their causal context."""
     TOKENS: tl.constexpr = BLOCK_M // GROUP
@@ -95,6 +97,8 @@ def _paged_prefill_kernel(
         dmask = d[None, :] < HEAD_DIM
         q_rows = (q_start + tok).to(tl.int64) * stride_qt + heads * stride_qh  # [BLOCK_M]
         q = tl.load(Q + q_rows[:, None] + d[None, :], mask=rmask[:, None] & dmask, other=0.0)  # [BLOCK_M, D_PAD]
+        if DOT_F16:  # a float8 pool under bf16 queries: dots in float16, as the decode kernel's
+            q = q.to(tl.float16)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -199,6 +203,7 @@ def paged_prefill_attention(
     num_warps: int = 4,
     num_stages: int = 2,
     tile_map: torch.Tensor | None = None,  # [num_tiles, 2] from step_tile_map (same rows, sequences, block_m)
+    float8_dot_f16: bool = True,  # a float8 pool under bf16 queries: dots in float16 (else in bf16)
 ) -> torch.Tensor:
     """Causal paged attention of every sequence's chunk over its whole context -> out [T, H, D].
 
@@ -241,7 +246,7 @@ def paged_prefill_attention(
         GROUP=H // KVH, HEAD_DIM=D, D_PAD=max(16, next_pow2(D)), BLOCK_SIZE=kc.shape[1],
         BLOCK_M=bm, BLOCK_N=max(16, next_pow2(block_n)),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,  # fp32: exact, not tf32
-        FLAT=flat_grid,
+        FLAT=flat_grid, DOT_F16=float8_dot_f16 and is_float8(kc.dtype) and q.dtype == torch.bfloat16,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
