@@ -27,7 +27,7 @@ ATTENTION_BACKENDS = ("auto", "reference", "triton", "flashinfer")
 PREFILL_ATTENTIONS = ("flash", "cudnn", "auto", "paged")
 LOAD_FORMATS = ("safetensors", "dummy")
 PLACEMENTS = ("adaptive", "static", "atom", "mixed")
-KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # vLLM's names; fp8 is fp8_e4m3
+KV_CACHE_DTYPES = ("auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2")  # vLLM's names; fp8 is fp8_e4m3
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
@@ -259,9 +259,9 @@ class EngineArgs:
     enable_prefix_caching: bool = _shared(
         CacheConfig, "enable_prefix_caching", "reuse the KV blocks of prompt prefixes already computed")
     kv_cache_dtype: str = _shared(
-        CacheConfig, "kv_cache_dtype", "KV-cache element type; auto: the model's dtype; fp8 (= fp8_e4m3) or fp8_e5m2: "
-        "one byte an element, so twice the blocks and half the bytes each decode step reads (values saturate at the "
-        "format's largest; no scales)", choices=KV_CACHE_DTYPES)
+        CacheConfig, "kv_cache_dtype", "KV-cache element type; auto: the model's dtype; bfloat16; fp8 (= fp8_e4m3) or "
+        "fp8_e5m2: one byte an element, so twice the blocks of bf16 and half the bytes each decode step reads (values "
+        "saturate at the format's largest; no scales)", choices=KV_CACHE_DTYPES)
     async_scheduling: bool = _shared(
         EngineConfig, "async_scheduling", "the decode executor enqueues step N+1 before it reads step N's tokens "
         "back, so host work overlaps the device (steps whose rows need the previous token on the host, such as "
@@ -350,12 +350,12 @@ class EngineArgs:
             raise ValueError(f"max_model_len ({limit}) exceeds the model's max_position_embeddings ({longest})")
         # fp8 is one byte; float32 where it is sure to be (asked for, or dtype auto on the CPU); else 16-bit: a bound
         wide = self.dtype in ("float32", "float") or (self.dtype == "auto" and self.device == "cpu")
-        itemsize = 1 if self.kv_cache_dtype != "auto" else 4 if wide else 2
+        kind, itemsize = {"auto": ("float32", 4) if wide else ("16-bit (twice in float32)", 2),
+                          "bfloat16": ("bfloat16", 2)}.get(self.kv_cache_dtype, ("fp8", 1))
         block = model_cfg.kv_block_bytes(draft.cache.block_size, itemsize)
         _check(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes >= block,
                f"kv_cache_memory_bytes ({self.kv_cache_memory_bytes}) holds no KV block: one block of "
-               f"{draft.cache.block_size} tokens takes {block} bytes of this model's cache in "
-               f"{({1: 'fp8', 4: 'float32'}).get(itemsize, '16-bit (twice in float32)')}")
+               f"{draft.cache.block_size} tokens takes {block} bytes of this model's cache in {kind}")
         tokenizer = None if self.skip_tokenizer_init else str(self.tokenizer or folder)
         scheduler = replace(draft.scheduler, max_model_len=limit)
         return replace(draft, model=folder, tokenizer=tokenizer, scheduler=scheduler)

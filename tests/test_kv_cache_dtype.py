@@ -13,7 +13,8 @@ from rapid.entrypoints.cli import build_parser, main
 from tiny import hf_greedy
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-FORMATS = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+FORMATS = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2,
+           "bfloat16": torch.bfloat16}
 
 
 def prompts(seed=0, lengths=(1, 5, 17, 33, 64, 90)):
@@ -49,6 +50,16 @@ def test_greedy_equals_transformers_reading_float8_kv(tiny_llama, oracles, kv_ca
     assert [o.num_cached_tokens for o in again] == [(len(p) - 1) // 16 * 16 for p in ps]  # the last token computed
 
 
+def test_bfloat16_kv_under_a_float32_model_equals_transformers_reading_bfloat16(tiny_llama, oracles):
+    """kv_cache_dtype="bfloat16" (vLLM accepts it too): a float32 model on the CPU with a 16-bit pool, half the bytes
+    of a block; the oracle reads keys and values rounded to bf16."""
+    ps = oracles[0]
+    with LLM(tiny_llama, kv_cache_dtype="bfloat16", kv_cache_memory_bytes=16 * 8192) as llm:
+        assert llm.engine.num_blocks == 32
+        got = run(llm, ps)
+    assert got == [hf_greedy(tiny_llama, p, GREEDY.max_tokens, kv_dtype=torch.bfloat16) for p in ps]
+
+
 def test_float8_pool_holds_four_times_the_float32_blocks(tiny_llama):
     # one block of 16 tokens: 2 layers * 2 * 16 * 2 heads * 16 dims = 2 KiB in float8, 8 KiB in float32 (the CPU's)
     with LLM(tiny_llama, kv_cache_memory_bytes=16 * 8192) as wide:
@@ -78,8 +89,8 @@ def test_float8_kv_in_the_multi_process_modes(tiny_llama, oracles, mode):
 
 
 def test_kv_cache_dtype_is_checked_at_the_edge(tiny_llama):
-    with pytest.raises(ValueError, match=r"kv_cache_dtype must be one of \('auto', 'fp8', 'fp8_e4m3', 'fp8_e5m2'\), "
-                                         r"got 'int8'"):
+    with pytest.raises(ValueError, match=r"kv_cache_dtype must be one of \('auto', 'bfloat16', 'fp8', 'fp8_e4m3', "
+                                         r"'fp8_e5m2'\), got 'int8'"):
         LLM(tiny_llama, kv_cache_dtype="int8")
     # a pool too small for one float8 block names the float8 block's size (2 KiB here)
     with pytest.raises(ValueError, match="one block of 16 tokens takes 2048 bytes of this model's cache in fp8"):

@@ -110,13 +110,13 @@ def make_tiny_model(
 
 def hf_greedy(folder: str | Path, prompt_ids: list[int], max_new_tokens: int,
               kv_dtype: torch.dtype | None = None) -> list[int]:
-    """Transformers' greedy continuation of one prompt (the oracle). With kv_dtype (a float8), every key and value
+    """Transformers' greedy continuation of one prompt (the oracle). With kv_dtype (float8 or bf16), every key and value
     attention reads is first rounded to it, saturated, as an engine with kv_cache_dtype fp8 stores them."""
     from transformers import AutoModelForCausalLM
 
     extra = {}
     if kv_dtype is not None:
-        extra["attn_implementation"] = _float8_kv_attention(kv_dtype)
+        extra["attn_implementation"] = _rounded_kv_attention(kv_dtype)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra)
     model.generation_config.pad_token_id = 1
     out = model.generate(
@@ -126,7 +126,7 @@ def hf_greedy(folder: str | Path, prompt_ids: list[int], max_new_tokens: int,
     return out[0, len(prompt_ids):].tolist()
 
 
-def _float8_kv_attention(kv_dtype: torch.dtype) -> str:
+def _rounded_kv_attention(kv_dtype: torch.dtype) -> str:
     """A transformers attention function (registered under a name, which is returned) that rounds keys and values
     to kv_dtype (saturating), then runs transformers' eager attention: rounding is idempotent, so rounding the
     whole cache at every step equals storing rounded values once."""

@@ -1,4 +1,4 @@
-"""The KV pool's element type: the model's own, or a one-byte float8 (vLLM's kv_cache_dtype="fp8").
+"""The KV pool's element type: the model's own, bfloat16, or a one-byte float8 (vLLM's kv_cache_dtype="fp8").
 
 Float8 values are stored saturated (clamped to the format's largest finite value, then rounded to nearest even)
 with no scale: the keys and values of the models this engine runs sit well inside fp8's range. Every reader converts
@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import torch
 
-FLOAT8_KV = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+KV_DTYPES = {"bfloat16": torch.bfloat16, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
+             "fp8_e5m2": torch.float8_e5m2}
 
 
 def resolve_kv_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
-    """'auto' -> the model's dtype; 'fp8' | 'fp8_e4m3' | 'fp8_e5m2' -> that float8 dtype."""
+    """'auto' -> the model's dtype; 'bfloat16' | 'fp8' | 'fp8_e4m3' | 'fp8_e5m2' -> that dtype."""
     if kv_cache_dtype == "auto":
         return model_dtype
-    if kv_cache_dtype not in FLOAT8_KV:
-        raise ValueError(f"kv_cache_dtype must be 'auto' or one of {sorted(FLOAT8_KV)}, got {kv_cache_dtype!r}")
-    return FLOAT8_KV[kv_cache_dtype]
+    if kv_cache_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be 'auto' or one of {sorted(KV_DTYPES)}, got {kv_cache_dtype!r}")
+    return KV_DTYPES[kv_cache_dtype]
 
 
 def is_float8(dtype: torch.dtype) -> bool:
