@@ -115,3 +115,63 @@ def test_request_params_n_and_the_token_buckets():
     assert got["rapid:request_params_n_bucket[2.0]"] == 1 and got["rapid:request_params_n_bucket[5.0]"] == 2
     assert token_buckets(100) == (1, 2, 5, 10, 20, 50, 100) and token_buckets(1) == (1,)
     assert "rapid:request_prompt_tokens_bucket[100.0]" in got and "rapid:request_prompt_tokens_bucket[200.0]" not in got
+
+
+def test_a_preempted_request_counts_as_waiting_until_a_batch_takes_it_again():
+    """The engine core says when it preempts a request (RequestDelta.preempted, in a delta of its own) and when a
+    batch takes it again; the server's gauges follow: running while scheduled, waiting while preempted (as vLLM's
+    scheduler puts it back in its waiting queue), running again once recomputed, nothing counted once it ended. The
+    flag crosses the engine-core process's socket (msgspec) and an older core's delta without it still decodes."""
+    import msgspec
+
+    from fakes import add, finish_prefill, make_core
+    from rapid.protocol.engine import CoreOutput, EngineOutputs
+    from rapid.protocol.worker import DecodeStep, Dropped, SampledToken, StopDecode
+
+    m = ServerMetrics("m", "rapid")
+    core, w = make_core(num_blocks=9, lookahead=1)
+    trackers = {}
+    for rid in ("a", "b"):
+        add(core, rid, n_prompt=8, max_tokens=20)
+        trackers[rid] = m.track(8)
+    assert gauges(m) == (2, 0)
+
+    def feed():
+        """Every delta so far to its request's tracker (through the core process's encoding); the flags seen."""
+        seen = []
+        for d in core.take_deltas():
+            raw = msgspec.msgpack.encode(EngineOutputs([d]))
+            (d,) = msgspec.msgpack.decode(raw, type=CoreOutput).deltas
+            trackers[d.request_id].on_delta(d)
+            seen.append((d.request_id, d.preempted))
+        return seen
+
+    core.dispatch()
+    finish_prefill(core, w)
+    feed()
+    assert gauges(m) == (0, 2)
+    stopped = []
+    for t in range(12):  # decode until the pool runs out: b, the newest, is preempted
+        running = [rid for rid, r in core.requests.items() if r.status.name == "DECODING"]
+        core.deliver(DecodeStep([SampledToken(r, 20 + t, -1.0) for r in running], [], 0.0, 1.0))
+        stopped = [msg for msg in w.decode if isinstance(msg, StopDecode)]
+        if stopped:
+            break
+    assert stopped and stopped[0].request_ids == ["b"]
+    assert ("b", True) in feed()
+    assert gauges(m) == (1, 1)  # b waits again, although the executor still has to let go of it
+    core.deliver(Dropped(["b"]))
+    assert ("b", True) not in feed() and gauges(m) == (1, 1)  # back in the queue: no second word, still waiting
+    core.abort(["a"])  # room for b again
+    core.deliver(Dropped(["a"]))
+    assert any(x.request_id == "b" for x in w.prefill[-1].work)  # a batch took b again ...
+    assert ("b", False) in feed() and gauges(m) == (0, 1)  # ... so it runs again (a is gone)
+    finish_prefill(core, w)
+    core.abort(["b"])
+    core.deliver(Dropped(["b"]))
+    feed()
+    got = scrape(m)
+    assert gauges(m) == (0, 0) and got["rapid:request_success_total{abort}"] == 2
+    fields = msgspec.msgpack.decode(msgspec.msgpack.encode(RequestDelta("r", [], "", first_scheduled_time=1.0)))
+    old = msgspec.msgpack.encode(fields[:-1])  # one field fewer (no flag), as an older core sends
+    assert not msgspec.msgpack.decode(old, type=RequestDelta).preempted

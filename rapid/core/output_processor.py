@@ -75,6 +75,7 @@ class OutputProcessor:
             first_token_time=req.first_token_time,
             last_token_time=req.last_token_time,
             first_scheduled_time=req.first_scheduled_time,
+            preempted=req.is_preempted,
         )
         st.pending_ids, st.pending_text, st.pending_logprobs, st.pending_ranks = [], [], [], []
         st.prompt_logprobs = None

@@ -69,6 +69,13 @@ class Request:
         return self.params.prompt_logprobs is None or not started or self.prompt_lane in (None, lane)
 
     @property
+    def is_preempted(self) -> bool:
+        """Preempted and not yet in a batch again: dropped by the executor or about to be (PREEMPTED), or back in
+        the queue (WAITING after a preemption)."""
+        return self.status == RequestStatus.PREEMPTED or (self.status == RequestStatus.WAITING
+                                                          and self.num_preemptions > 0)
+
+    @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 

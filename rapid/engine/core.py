@@ -110,6 +110,8 @@ class EngineCore:
                                    placement=make_placement(config), on_token=self.outputs.on_token)
         self.stats = StepStats()
         self.progressed = False  # the last step applied worker results
+        self.preempted: set[str] = set()  # said to be preempted (RequestDelta.preempted), not yet scheduled again
+        self._preemptions_seen = 0  # the scheduler's num_preemptions when they were last looked for
 
     @property
     def num_blocks(self) -> int:
@@ -130,6 +132,7 @@ class EngineCore:
             if req is None or req.status.is_done:
                 continue
             self.scheduler.finish(req, "abort")
+            self.preempted.discard(rid)
             deltas.append(self.outputs.delta(req, finished=True))
         self._send(self.scheduler.take_messages())  # the executors stop working on them now
         return deltas
@@ -152,7 +155,7 @@ class EngineCore:
         at once). Hand-offs and stops that the results decide are sent before returning.
         """
         messages = self.scheduler.schedule().messages
-        scheduled = self._stamp_first_scheduled(messages)
+        news = self._stamp_scheduled(messages)
         self._send(messages)
         deltas = []
         results = self.workers.poll(timeout_ms)
@@ -160,27 +163,42 @@ class EngineCore:
             self.stats.record(msg)
             for req in self.scheduler.update_from_output(msg):
                 deltas.append(self.outputs.delta(req, finished=req.status.is_done))
-        if scheduled:  # a request scheduled for the first time says so now, unless a result above spoke for it
+        news += self._newly_preempted()
+        if news:  # scheduled (first, or again) or preempted: said now, unless a result above spoke for it
             spoken = {d.request_id for d in deltas}
-            deltas += [self.outputs.delta(r, finished=False) for r in scheduled
+            deltas += [self.outputs.delta(r, finished=False) for r in news
                        if r.request_id not in spoken and not r.status.is_done]
         self._send(self.scheduler.take_messages())
         self.progressed = bool(results)
         return deltas
 
-    def _stamp_first_scheduled(self, messages: list[tuple[str, object]]) -> list[Request]:
+    def _stamp_scheduled(self, messages: list[tuple[str, object]]) -> list[Request]:
         """The requests that these messages put in a batch for the first time (every request starts with a prefill
-        batch), stamped with the time (RequestDelta.first_scheduled_time: the end of their queue time)."""
-        new = []
+        batch), stamped with the time (RequestDelta.first_scheduled_time: the end of their queue time), and those
+        they take again after a preemption."""
+        new, again = [], []
         for _, msg in messages:
             if isinstance(msg, PrefillBatch):
                 for work in msg.work:
                     req = self.scheduler.requests.get(work.request_id)
                     if req is not None and not req.first_scheduled_time:
                         new.append(req)
+                    elif req is not None and work.request_id in self.preempted:
+                        self.preempted.discard(work.request_id)
+                        again.append(req)
         now = time.time() if new else 0.0
         for req in new:
             req.first_scheduled_time = now
+        return new + again
+
+    def _newly_preempted(self) -> list[Request]:
+        """The requests preempted since the last look (and not in a batch again already): RequestDelta.preempted."""
+        s = self.scheduler
+        if s.num_preemptions == self._preemptions_seen:
+            return []
+        self._preemptions_seen = s.num_preemptions
+        new = [r for r in s.requests.values() if r.is_preempted and r.request_id not in self.preempted]
+        self.preempted.update(r.request_id for r in new)
         return new
 
     def get_stats(self) -> Stats:

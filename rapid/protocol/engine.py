@@ -45,6 +45,9 @@ class RequestDelta(msgspec.Struct, tag=True, array_like=True):
     # when the scheduler first put the request in a batch (0.0: not yet, or a core that does not say); the first
     # delta that carries it may have nothing else in it (`is_empty`): it tells metrics the request left the queue
     first_scheduled_time: float = 0.0
+    # the scheduler preempted the request (recompute): it waits again, so metrics count it waiting (as vLLM) until
+    # a delta without the flag says a batch took it again; both deltas may be otherwise empty (`is_empty`)
+    preempted: bool = False
 
     @property
     def is_empty(self) -> bool:

@@ -4,9 +4,11 @@ Each server owns its registry (no global state). Request metrics are observed fr
 through the server's engine frontend (its own, and those of a ZeroMQ server sharing it), on the frontend's engine
 loop from the moment a request reaches the engine (one still queued in the frontend is not yet waiting). As vLLM's,
 a request is waiting until the scheduler first puts it in a batch (RequestDelta.first_scheduled_time), running from
-then on (prefilling included); its per-request histograms (phases, tokens, params) are observed when it ends. Engine
-metrics (KV usage, preemptions) come from a stats callable asked at most once per `stats_interval_s` at scrape time
-(it is a round trip to the engine core in multi-process modes).
+then on (prefilling included), and waiting again while it is preempted (RequestDelta.preempted: from the preemption
+until a batch takes it again, as vLLM's scheduler puts it back in its waiting queue); its per-request histograms
+(phases, tokens, params) are observed when it ends. Engine metrics (KV usage, preemptions) come from a stats callable
+asked at most once per `stats_interval_s` at scrape time (it is a round trip to the engine core in multi-process
+modes).
 """
 
 from __future__ import annotations
@@ -193,11 +195,12 @@ class RequestTracker:
         self.arrival = time.time()
         m.waiting.inc()
 
-    def _run(self) -> None:
-        if not self.running:
-            self.running = True
-            self.m.waiting.dec()
-            self.m.running.inc()
+    def _run(self, running: bool = True) -> None:
+        """Count the request running (False: waiting, e.g. preempted)."""
+        if self.running != running:
+            self.running = running
+            (self.m.waiting if running else self.m.running).dec()
+            (self.m.running if running else self.m.waiting).inc()
 
     def on_delta(self, d: RequestDelta) -> None:
         if self.closed:
@@ -228,6 +231,8 @@ class RequestTracker:
             self.last_token_time = now
         if d.finished or d.error is not None:
             self.close("error" if d.error is not None else d.finish_reason or "stop")
+        elif d.preempted or self.scheduled_time:  # (its output above came before the preemption)
+            self._run(not d.preempted)
 
     def close(self, finished_reason: str = "abort") -> None:
         """The request ended (by default: aborted, e.g. its client went away)."""

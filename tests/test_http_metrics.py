@@ -1,0 +1,105 @@
+"""The HTTP server's request gauges and counters against a real engine on the CPU (a tiny model, a KV pool small
+enough to preempt): a preempted request counts as waiting until it is scheduled again, and every gauge ends at 0.
+The per-request metrics fed synthetic deltas are in test_request_metrics.py."""
+
+import random
+import threading
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from rapid import LLM
+from rapid.entrypoints.frontend import EngineFrontend
+from rapid.entrypoints.openai.api_server import build_app
+from rapid.entrypoints.openai.http_server import HttpServer
+from rapid.entrypoints.openai.metrics import ServerMetrics
+from tiny import wait_until
+
+LABELS = {"model_name": "tiny"}
+
+
+@pytest.fixture(scope="module")
+def small_pool(tiny_llama):
+    """10 blocks of 16 tokens: two of the requests below decoding at once overflow it (preemption by recompute)."""
+    with LLM(tiny_llama, kv_cache_memory_bytes=10 * 8192, enable_prefix_caching=False) as llm:
+        assert llm.engine.num_blocks == 10
+        yield llm
+
+
+def served(llm, **frontend_kwargs):
+    frontend = EngineFrontend(llm, **frontend_kwargs)
+    return frontend, HttpServer(build_app(frontend, model_name="tiny"), port=0).start()
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Sample name -> value; request_success by its finished_reason ("name{reason}"); no histogram buckets."""
+    out = {}
+    for fam in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        for s in fam.samples:
+            if "le" not in s.labels:
+                out[s.name + (f"{{{s.labels['finished_reason']}}}" if "finished_reason" in s.labels else "")] = s.value
+    return out
+
+
+def test_preempted_requests_count_as_waiting_and_the_gauges_end_at_zero(small_pool):
+    """Eight requests at once through HTTP on a pool that holds two: the engine preempts some. After every delta
+    (seen by an observer after a tracker's metrics took it) running + waiting is the number of requests in the
+    engine, and running is the number scheduled and not preempted since (a preempted request used to stay counted
+    as running until it ended). Once all finished, every gauge is 0."""
+    rng = random.Random(5)
+    prompts = [[rng.randrange(5, 300) for _ in range(n)] for n in (17, 33, 64, 90) * 2]
+    frontend, server = served(small_pool)
+    mine = ServerMetrics("tiny", "hybrid")  # no engine-stats collector: readable on the engine loop's thread
+    state = {"live": 0, "scheduled": set(), "preempted": set(), "seen": 0}
+    moments = []  # (in the engine, scheduled and not preempted, preempted now, waiting, running) after each delta
+
+    class Check:
+        def __init__(self, *_):
+            state["live"] += 1
+
+        def on_delta(self, d):
+            rid, scheduled, preempted = d.request_id, state["scheduled"], state["preempted"]
+            if d.finished or d.error is not None:
+                state["live"] -= 1
+                scheduled.discard(rid)
+                preempted.discard(rid)
+            elif d.preempted:
+                preempted.add(rid)
+                state["seen"] += 1
+            elif d.first_scheduled_time:
+                scheduled.add(rid)
+                preempted.discard(rid)
+            value = mine.registry.get_sample_value
+            moments.append((state["live"], len(scheduled - preempted), len(preempted),
+                            value("rapid:num_requests_waiting", LABELS), value("rapid:num_requests_running", LABELS)))
+
+    frontend.observe_requests(mine.track)
+    frontend.observe_requests(Check)  # (after mine: it sees each delta once mine counted it)
+    before = small_pool.engine.get_stats().num_preemptions
+    try:
+        def one(p):
+            r = httpx.post(server.url + "/v1/completions", timeout=120,
+                           json={"prompt": p, "max_tokens": 40, "temperature": 0, "ignore_eos": True})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 40
+
+        threads = [threading.Thread(target=one, args=(p,)) for p in prompts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert wait_until(lambda: frontend.num_pending == 0, timeout=10)
+        got = scrape(server.url)
+    finally:
+        server.stop()
+        frontend.close()
+    assert small_pool.engine.get_stats().num_preemptions > before, "the KV pool was meant to force preemption"
+    assert state["seen"] > 0, "the engine never said it preempted a request"
+    assert moments and all(waiting + running == live for live, _, _, waiting, running in moments), moments
+    assert all(running == runs for _, runs, _, _, running in moments), moments  # preempted ones are not running
+    assert any(preempted and waiting >= preempted for _, _, preempted, waiting, _ in moments)
+    assert got["rapid:num_requests_running"] == got["rapid:num_requests_waiting"] == 0
+    assert got["rapid:request_success_total{length}"] == len(prompts)
+    assert mine.registry.get_sample_value("rapid:num_requests_running", LABELS) == 0
+    assert mine.registry.get_sample_value("rapid:num_requests_waiting", LABELS) == 0
