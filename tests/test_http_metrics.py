@@ -103,3 +103,32 @@ def test_preempted_requests_count_as_waiting_and_the_gauges_end_at_zero(small_po
     assert got["rapid:request_success_total{length}"] == len(prompts)
     assert mine.registry.get_sample_value("rapid:num_requests_running", LABELS) == 0
     assert mine.registry.get_sample_value("rapid:num_requests_waiting", LABELS) == 0
+
+
+def test_a_request_refused_with_429_records_nothing_and_leaves_nothing_in_the_engine(small_pool):
+    """n=3 where the frontend admits 2 requests in flight: 429, and none of its choices reaches the engine or the
+    metrics (its first choices used to be queued, then aborted, and counted: request_success{abort}, e2e latency,
+    the per-request histograms). A request of n=2, which fits, is then served and counted."""
+    frontend, server = served(small_pool, max_pending=2)
+    body = {"prompt": "Paris is", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    try:
+        before = scrape(server.url)
+        r = httpx.post(server.url + "/v1/completions", json=body | {"n": 3}, timeout=60)
+        assert r.status_code == 429 and r.json()["error"]["code"] == "overloaded", r.text
+        assert "these add 3" in r.json()["error"]["message"]
+        time.sleep(0.5)  # what the engine loop would have done with queued choices (add, then abort) is done
+        assert frontend.num_pending == 0 and frontend.get_stats().num_requests == 0  # nothing left in the engine
+        refused = scrape(server.url)
+        r = httpx.post(server.url + "/v1/completions", json=body | {"n": 2}, timeout=60)
+        assert r.status_code == 200 and len(r.json()["choices"]) == 2
+        assert wait_until(lambda: frontend.num_pending == 0, timeout=10)
+        served_two = scrape(server.url)
+    finally:
+        server.stop()
+        frontend.close()
+    counted = [name for name in refused if name.startswith("rapid:request_success_total") or name.endswith("_count")]
+    assert counted and all(refused[name] == before.get(name, 0) == 0 for name in counted), refused
+    assert refused["rapid:num_requests_running"] == refused["rapid:num_requests_waiting"] == 0
+    assert served_two["rapid:request_success_total{length}"] == 2
+    assert served_two["rapid:e2e_request_latency_seconds_count"] == 2
+    assert served_two["rapid:request_params_n_count"] == 1 and served_two["rapid:request_generation_tokens_sum"] == 8

@@ -99,15 +99,24 @@ class EngineFrontend:
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, on_delta: DeltaCallback,
                prompt: str | None = None) -> None:
         """Queue a validated request (see LLM.validate); its deltas go to `on_delta` on the engine loop's thread."""
+        self.submit_all([(request_id, prompt_token_ids, params, on_delta, prompt)])
+
+    def submit_all(self, requests: list[tuple[str, list[int], SamplingParams, DeltaCallback, str | None]]) -> None:
+        """Queue several validated requests, (request_id, prompt_token_ids, params, on_delta, prompt) each, all or
+        none: OverloadedError (or EngineDeadError) queues none of them, so a refused HTTP request with n choices
+        leaves nothing in the engine or in the metrics."""
         self.check_health()
         with self._count_lock:
             if self._closed or self._stop.is_set():
                 raise EngineDeadError("the frontend is closed")
-            if self._num_pending >= self.max_pending:
-                raise OverloadedError(f"{self._num_pending} requests are in flight (the limit is {self.max_pending}); "
-                                      "retry later")
-            self._num_pending += 1
-            self._commands.put(_Submit(request_id, list(prompt_token_ids), params, prompt, on_delta, time.time()))
+            if self._num_pending + len(requests) > self.max_pending:
+                more = f" and these add {len(requests)}" if len(requests) > 1 else ""
+                raise OverloadedError(f"{self._num_pending} requests are in flight{more} (the limit is "
+                                      f"{self.max_pending}); retry later")
+            self._num_pending += len(requests)
+            now = time.time()
+            for request_id, prompt_token_ids, params, on_delta, prompt in requests:
+                self._commands.put(_Submit(request_id, list(prompt_token_ids), params, prompt, on_delta, now))
 
     def observe_requests(self, factory: ObserverFactory) -> Callable[[], None]:
         """Follow every request that reaches the engine from now on, by any server: `factory(num_prompt_tokens,

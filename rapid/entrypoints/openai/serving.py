@@ -59,13 +59,13 @@ class Job:
         return f"{self.base}-{index}"
 
     def submit(self) -> None:
+        """Every choice at once, or none (a 429 or 503 leaves nothing in the engine, and nothing in the metrics)."""
         mailbox, frontend = self.serving.mailbox, self.serving.frontend
         try:
-            for it in self.items:
-                frontend.submit(self.rid(it.index), it.ids, it.params,
-                                lambda d, i=it.index: mailbox.post(self.queue.put_nowait, (i, d)),
-                                prompt=it.text)
-                self.unfinished.add(it.index)
+            frontend.submit_all([(self.rid(it.index), it.ids, it.params,
+                                  lambda d, i=it.index: mailbox.post(self.queue.put_nowait, (i, d)), it.text)
+                                 for it in self.items])
+            self.unfinished.update(it.index for it in self.items)
         except OverloadedError as e:
             self.abort()
             raise P.ApiError(429, str(e), type="rate_limit_error", code="overloaded") from None
