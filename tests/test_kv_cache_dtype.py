@@ -97,6 +97,17 @@ def test_kv_cache_dtype_is_checked_at_the_edge(tiny_llama):
         EngineArgs(model=str(tiny_llama), kv_cache_dtype="fp8", kv_cache_memory_bytes=1000).create_engine_config()
 
 
+def test_float8_on_a_gpu_older_than_compute_capability_8_9_is_refused_with_the_way_out():
+    from rapid.attention.kv_dtype import float8_unsupported
+
+    why = float8_unsupported("fp8", "triton", (8, 0))  # an A100: Triton has no float8 conversions there
+    assert "compute capability 8.9 or newer" in why and "this GPU is 8.0" in why and "'bfloat16'" in why
+    assert float8_unsupported("fp8_e5m2", "triton", (7, 5))
+    assert float8_unsupported("fp8", "triton", (8, 9)) is None and float8_unsupported("fp8", "triton", (9, 0)) is None
+    assert float8_unsupported("fp8", "reference", (8, 0)) is None  # torch ops convert float8 anywhere
+    assert float8_unsupported("bfloat16", "triton", (7, 0)) is None and float8_unsupported("auto", "triton", (8, 0)) is None
+
+
 @pytest.mark.parametrize("value", sorted(FORMATS))
 def test_cli_takes_kv_cache_dtype(value):
     args = EngineArgs.from_cli_args(build_parser().parse_args(["generate", "hi", "--kv-cache-dtype", value]))

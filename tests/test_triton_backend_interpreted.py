@@ -44,10 +44,11 @@ FLOAT8_CASES = [
     ("fp8-mixed-sdpa-f32", [(9, 1), (21, 6), (12, 12)], 4, 2, 16, 4, "float32", "auto"),
     ("fp8e5m2-decode-splits-f32", [(70, 1), (3, 1), (130, 1)], 8, 2, 16, 4, "float32", "paged"),
     ("fp8-mixed-paged-f16", [(9, 1), (21, 6)], 4, 2, 16, 4, "float16", "paged"),  # 16-bit rows: clamped as such
+    ("fp8-mixed-paged-bf16", [(9, 1), (17, 1), (21, 6)], 4, 2, 16, 4, "bfloat16", "paged"),  # float16 dots
 ]
 ALL_CASES = CASES + SPLIT_CASES + ROPE_CASES + FLOAT8_CASES
 TOLERANCE = {"float32": 1e-4, "float16": 5e-3}
-FLOAT8_TOLERANCE = {"float32": 2e-3, "float16": 0.5}
+FLOAT8_TOLERANCE = {"float32": 2e-3, "float16": 0.5, "bfloat16": 0.25}
 
 
 def run_case(name, seqs, H, KVH, D, block_size, dtype, prefill_attention) -> dict:

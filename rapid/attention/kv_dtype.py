@@ -34,6 +34,17 @@ def to_kv(x: torch.Tensor, kv_dtype: torch.dtype) -> torch.Tensor:
     return x.to(kv_dtype)
 
 
+def float8_unsupported(kv_cache_dtype: str, backend: str, capability: tuple[int, int]) -> str | None:
+    """Why the `backend` attention cannot run a `kv_cache_dtype` pool on a GPU of this compute capability, or None.
+    Triton converts float8 only on compute capability 8.9 and newer (Ada, Hopper, Blackwell)."""
+    if not kv_cache_dtype.startswith("fp8") or backend != "triton" or tuple(capability) >= (8, 9):
+        return None
+    major, minor = capability
+    return (f"kv_cache_dtype {kv_cache_dtype!r} needs a GPU of compute capability 8.9 or newer for the Triton "
+            f"attention kernels (their float8 conversions); this GPU is {major}.{minor}: use kv_cache_dtype 'auto' "
+            "or 'bfloat16', or attention_backend 'reference' (torch ops, slow)")
+
+
 def as_bytes(pool: torch.Tensor) -> torch.Tensor:
     """A float8 pool as uint8 (same bytes), for the copy and index ops torch has no float8 kernels of; else pool."""
     return pool.view(torch.uint8) if is_float8(pool.dtype) else pool

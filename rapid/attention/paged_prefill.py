@@ -97,8 +97,8 @@ def _paged_prefill_kernel(
         dmask = d[None, :] < HEAD_DIM
         q_rows = (q_start + tok).to(tl.int64) * stride_qt + heads * stride_qh  # [BLOCK_M]
         q = tl.load(Q + q_rows[:, None] + d[None, :], mask=rmask[:, None] & dmask, other=0.0)  # [BLOCK_M, D_PAD]
-        if DOT_F16:  # a float8 pool under bf16 queries: dots in float16, as the decode kernel's
-            q = q.to(tl.float16)
+        if DOT_F16:  # a float8 pool under bf16 queries: dots in float16 (queries clamped to its range), as decode's
+            q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)

@@ -69,8 +69,8 @@ def _decode_kernel(
     heads = kvh * GROUP + g
     qmask = (g[:, None] < GROUP) & (d[None, :] < HEAD_DIM)
     q = tl.load(Q + seq.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=qmask, other=0.0)
-    if DOT_F16:  # a float8 pool under bf16 queries: both exact in float16, whose conversions from float8 are cheaper
-        q = q.to(tl.float16)
+    if DOT_F16:  # a float8 pool under bf16 queries: float16 holds float8 exactly and converts from it more cheaply;
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)  # queries kept in its range (no inf)
 
     m_i = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([G_PAD], dtype=tl.float32)
@@ -170,7 +170,7 @@ class TritonAttention:
         self.min_split_tokens = 256  # but never pieces shorter than this (bounded by the host max length)
         self.max_splits = 64
         self.unmasked_tiles = False  # a loop over the whole context tiles without row masks before the partial one
-        self.float8_dot_f16 = True  # a float8 pool under bf16 queries: the decode kernel's dots in float16
+        self.float8_dot_f16 = True  # a float8 pool under bf16 queries: both kernels' dots in float16
         # Per-batch overrides of decode_config's settings: [(max_batch, {name: value})], first match wins.
         self.tuning: list[tuple[int, dict]] = list(DECODE_TUNING)
         self.float8_tuning: list[tuple[int, dict]] = list(FLOAT8_DECODE_TUNING)  # the same over a float8 pool
@@ -334,7 +334,8 @@ class TritonAttention:
         if meta.num_prefills and self.paged_prefill:  # every prefill row in one launch, bounded by T
             out = torch.empty_like(q) if out is None else out
             paged_prefill_attention(q, kv_layer, meta.block_tables[nd:], meta.query_start_loc[nd:], meta.seq_lens[nd:],
-                                    self.scale, max_query_len=q.shape[0] - nd, out=out, tile_map=meta.prefill_tile_map)
+                                    self.scale, max_query_len=q.shape[0] - nd, out=out, tile_map=meta.prefill_tile_map,
+                                    float8_dot_f16=self.float8_dot_f16)
         elif meta.num_prefills:
             starts = meta.query_start_loc_host or meta.query_start_loc.tolist()
             lens = meta.seq_lens_host or meta.seq_lens.tolist()

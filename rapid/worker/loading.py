@@ -6,9 +6,9 @@ import logging
 
 import torch
 
+from rapid.attention.kv_dtype import float8_unsupported, resolve_kv_dtype
 from rapid.config import EngineConfig
 from rapid.model.config import ModelConfig
-from rapid.attention.kv_dtype import resolve_kv_dtype
 from rapid.model.loader import build_model, resolve_dtype
 from rapid.worker.memory import ProcessMemory, describe, kv_budget_bytes
 
@@ -26,7 +26,12 @@ def resolve_device(config: EngineConfig) -> torch.device:
 def make_attention_backend(config: EngineConfig, model_cfg: ModelConfig, device: torch.device):
     from rapid.attention import select_backend
 
-    return select_backend(config.attention_backend, model_cfg, device, prefill_attention=prefill_attention(config))
+    backend = select_backend(config.attention_backend, model_cfg, device, prefill_attention=prefill_attention(config))
+    if device.type == "cuda":
+        why = float8_unsupported(config.cache.kv_cache_dtype, backend.name, torch.cuda.get_device_capability(device))
+        if why:
+            raise ValueError(why)
+    return backend
 
 
 def prefill_attention(config: EngineConfig) -> str:

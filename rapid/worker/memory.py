@@ -130,10 +130,11 @@ def _measure_peak(fn, device: torch.device) -> int:
     return max(torch.cuda.max_memory_allocated(device) - allocated, torch.cuda.max_memory_reserved(device) - reserved)
 
 
-def scratch_kv_pool(model, block_size: int, num_blocks: int = 2) -> torch.Tensor:
-    """A tiny KV pool of the real layout for profiling: [L, 2, num_blocks, BS, KVH, D], zeros."""
+def scratch_kv_pool(model, block_size: int, num_blocks: int = 2, kv_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A tiny KV pool of the real layout and dtype (None: the model's) for profiling: [L, 2, num_blocks, BS, KVH, D],
+    zeros."""
     w = model.embed_tokens.weight
-    return allocate_kv_pool(model.config, num_blocks, block_size, w.dtype, w.device)
+    return allocate_kv_pool(model.config, num_blocks, block_size, kv_dtype or w.dtype, w.device)
 
 
 def _worst_case_sampling(num_rows: int, vocab_size: int, device: torch.device):
@@ -168,7 +169,7 @@ def run_profile_step(model, kv_pool: torch.Tensor, lens: list[int], num_decodes:
 
 
 def profile_forward_memory(model, device: torch.device, max_num_batched_tokens: int, max_num_seqs: int,
-                           max_model_len: int, block_size: int) -> ForwardPeaks:
+                           max_model_len: int, block_size: int, kv_dtype: torch.dtype | None = None) -> ForwardPeaks:
     """MEASURE (CUDA) the torch peak of this process's largest steps, over a 2-block scratch KV pool.
 
     prefill: max_num_batched_tokens new tokens (sequences of at most max_model_len, from position 0),
@@ -179,7 +180,7 @@ def profile_forward_memory(model, device: torch.device, max_num_batched_tokens: 
     """
     if device.type != "cuda":
         return ForwardPeaks(0, 0)
-    kv = scratch_kv_pool(model, block_size)
+    kv = scratch_kv_pool(model, block_size, kv_dtype=kv_dtype)  # the pool's dtype: a float8 pool's readers convert
     M = max_model_len
     lens = prefill_lens(max_num_batched_tokens, M)
     shapes = [(lens, 0, max(lens)), ([1] * max_num_seqs, max_num_seqs, M)]  # (lens, num_decodes, max_seq_len)

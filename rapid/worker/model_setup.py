@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from rapid.attention.kv_dtype import as_bytes
+from rapid.attention.kv_dtype import as_bytes, resolve_kv_dtype
 from rapid.config import EngineConfig, fit_to_pool
 from rapid.model.config import ModelConfig
 from rapid.model.loader import build_model, parameter_specs, resolve_dtype
@@ -29,7 +29,6 @@ logger = logging.getLogger(__name__)
 
 def arena_layout(config: EngineConfig, model_cfg: ModelConfig, dtype: torch.dtype, num_blocks: int):
     """Where each weight and the KV pool live inside the arena (the same on every side)."""
-    from rapid.attention.kv_dtype import resolve_kv_dtype
     from rapid.attention.metadata import kv_pool_shape
 
     entries = parameter_specs(model_cfg, dtype)
@@ -71,7 +70,8 @@ def profile_processes(config: EngineConfig, model_cfg: ModelConfig, dtype: torch
                         max_positions=sched.max_model_len, param_views=views, load=False)
     private = torch.cuda.memory_allocated(device) - before
     peaks = profile_forward_memory(model, device, sched.max_num_batched_tokens, sched.max_num_seqs_bound,
-                                   sched.max_model_len, config.cache.block_size)
+                                   sched.max_model_len, config.cache.block_size,
+                                   resolve_kv_dtype(config.cache.kv_cache_dtype, dtype))
     non_torch = non_torch_bytes(device)
     del model, views
     torch.cuda.empty_cache()
