@@ -1,18 +1,22 @@
-"""Nothing waits for ever: an AsyncClient closed while other tasks await replies, a RapidServer closed by a signal
-handler while serve_forever runs in the same (main) thread, and requests sent to an engine core that died with its
-inbox full. The process-level cases run in a child with a watchdog, so a regression fails instead of hanging."""
+"""Nothing waits for ever: an AsyncClient closed while other tasks await replies, clients of an address where no
+server listens, a RapidServer closed by a signal handler while serve_forever runs in the same (main) thread, and
+requests sent to an engine core that died with its inbox full. The process-level cases run in a child with a
+watchdog, so a regression fails instead of hanging."""
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import zmq
 import zmq.asyncio
 
-from rapid.client import AsyncClient, ServerError
+from rapid.client import AsyncClient, Client, NoServerError, ServerError
 
 ROOT = Path(__file__).parents[1]
 
@@ -40,6 +44,49 @@ def test_closing_an_async_client_ends_the_requests_other_tasks_await(tmp_path):
         silent.close()
         server_ctx.term()
         ctx.term()
+
+
+@pytest.mark.parametrize("there", ["nothing", "a stale socket file"])
+def test_clients_of_an_address_where_no_server_listens_fail_fast(tmp_path, there):
+    """Client and AsyncClient with timeout_s None used to wait for ever for a reply from an ipc:// path where no server
+    listens (no file, or the socket file of a killed server): a request now raises NoServerError (a ServerError and a
+    ConnectionError) naming the address within connect_timeout_s (5 s by default; 1 s asked beside a stale file)."""
+    path = tmp_path / "nobody.sock"
+    limits = {} if there == "nothing" else {"connect_timeout_s": 1.0}
+    if there != "nothing":
+        stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stale.bind(str(path))
+        stale.close()  # the file stays; nothing listens on it
+        assert path.exists()
+    address = f"ipc://{path}"
+    outcome = []
+
+    def blocking():
+        t0 = time.monotonic()
+        try:
+            with Client(address, timeout_s=None, **limits) as client:
+                client.generate("hello", {"max_tokens": 4})
+        except Exception as e:
+            outcome.append((e, time.monotonic() - t0))
+
+    waiter = threading.Thread(target=blocking, daemon=True)
+    waiter.start()
+    waiter.join(30)
+    assert not waiter.is_alive(), "Client waited for ever for a server that is not there"
+    (error, took), = outcome
+    assert isinstance(error, NoServerError) and isinstance(error, ServerError) and isinstance(error, ConnectionError)
+    assert address in str(error) and "no server answered" in str(error) and took < 8.0, (error, took)
+
+    async def streamed():
+        async with AsyncClient(address, **limits) as client:
+            t0 = time.monotonic()
+            with pytest.raises(NoServerError, match="no server answered at ipc://") as raised:
+                async for _ in client.stream("hello", {"max_tokens": 4}):
+                    pass
+            return raised.value, time.monotonic() - t0
+
+    error, took = asyncio.run(asyncio.wait_for(streamed(), 30))  # (a regression: TimeoutError, not a hang)
+    assert address in str(error) and took < 8.0
 
 
 def run_script(tmp_path, text: str, model) -> list[str]:

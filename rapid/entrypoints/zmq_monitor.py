@@ -13,10 +13,10 @@ import uuid
 import zmq
 
 
-def open_disconnect_monitor(sock: zmq.Socket) -> zmq.Socket:
-    """A PAIR socket that gets a message each time a connection of `sock` closes."""
+def open_disconnect_monitor(sock: zmq.Socket, events: int = zmq.EVENT_DISCONNECTED) -> zmq.Socket:
+    """A PAIR socket that gets a message each time a connection of `sock` closes (or another of `events`)."""
     name = f"inproc://rapid-monitor-{uuid.uuid4().hex}"  # own name: pyzmq's default (the fd) can still be bound
-    sock.monitor(name, zmq.EVENT_DISCONNECTED)
+    sock.monitor(name, events)
     reader = sock.context.socket(zmq.PAIR)
     reader.setsockopt(zmq.LINGER, 0)
     reader.setsockopt(zmq.RCVHWM, 0)  # before connect: the inproc pipe's limit is set then
