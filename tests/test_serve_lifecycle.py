@@ -210,3 +210,75 @@ def test_requests_in_flight_fail_when_the_server_stops_answering(tmp_path):
         proc.wait()
     if outcome:
         ctx.term()
+
+
+def test_a_sigkilled_servers_explicit_ipc_path_goes_with_it(tiny_llama, tmp_path):
+    """`rapid serve --address ipc://PATH` (its engine in a process of its own, beside the engine's reaper) SIGKILLed:
+    the reaper, which sees the server's process die, removes PATH and PATH.lock (they used to stay until the next
+    server on that path replaced them), and every child of the server exits."""
+    import psutil
+
+    path = tmp_path / "explicit.sock"
+    lock = Path(f"{path}.lock")
+    with open(tmp_path / "serve.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "rapid.entrypoints.cli", "serve", str(tiny_llama), "--no-http",
+                                 "--device", "cpu", "--engine-process", "--address", f"ipc://{path}"],
+                                stdout=subprocess.DEVNULL, stderr=log, env=private_env(tmp_path))
+    try:
+        assert wait_until(lambda: path.exists() or proc.poll() is not None, timeout=120)
+        assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+        kids = psutil.Process(proc.pid).children(recursive=True)
+        assert len(kids) >= 2 and lock.exists()  # the engine core and the engine's reaper at least
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert wait_until(lambda: not path.exists() and not lock.exists(), timeout=5.0), os.listdir(tmp_path)
+        assert wait_until(lambda: all(gone(k.pid) for k in kids), timeout=5.0)
+        assert not socket_dirs(tmp_path)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+ENDPOINT_SERVER = (  # a bare endpoint at an explicit ipc:// path, recorded in a directory for a reaper, until killed
+    "import sys, time, zmq\n"
+    "from rapid.entrypoints.zmq_endpoint import Endpoint\n"
+    "ep = Endpoint(zmq.Context().socket(zmq.ROUTER), sys.argv[1], reaper_dir=sys.argv[2])\n"
+    "print(ep.address, flush=True)\n"
+    "time.sleep(60)\n"
+)
+
+
+def test_the_reaper_removes_a_dead_servers_endpoint_files_never_a_live_ones(tmp_path):
+    """What the engine's reaper does for explicit ipc:// paths, without an engine: the files of a killed server are
+    removed, but not while a live process holds the lock (here a successor on the same path), and a server that
+    exits cleanly takes its record away with its files."""
+    import zmq
+
+    from rapid.engine import reaper
+    from rapid.entrypoints.zmq_endpoint import Endpoint
+
+    records, path = tmp_path / "engine-dir", tmp_path / "explicit.sock"
+    records.mkdir()
+    lock, address = Path(f"{path}.lock"), f"ipc://{path}"
+    script = tmp_path / "endpoint_server.py"
+    script.write_text(ENDPOINT_SERVER)
+
+    def killed_server():
+        proc = subprocess.Popen([sys.executable, str(script), address, str(records)], stdout=subprocess.PIPE,
+                                text=True, env=private_env(tmp_path))
+        assert proc.stdout.readline().strip() == address
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert path.exists() and lock.exists()  # nothing removed them yet
+
+    killed_server()
+    ctx = zmq.Context()
+    successor = Endpoint(ctx.socket(zmq.ROUTER), address, reaper_dir=str(records))  # live: holds the lock
+    assert reaper.remove_dead_endpoints(str(records), lock_wait_s=0.2) == []
+    assert path.exists() and lock.exists()  # the live server's files stay
+    successor.release()
+    assert not path.exists() and not lock.exists() and len(os.listdir(records)) == 1  # its own record went too
+    killed_server()  # (the first one's record names files gone since: it is passed over)
+    assert reaper.remove_dead_endpoints(str(records)) == [str(path)]
+    assert not path.exists() and not lock.exists()
+    ctx.term()

@@ -49,6 +49,12 @@ class EngineClient(abc.ABC):
     def shutdown(self) -> None:
         """Stop every process the engine started and free what it holds; idempotent."""
 
+    @property
+    def reaper_dir(self) -> str | None:
+        """The engine's private directory, whose reaper cleans up when the owner process dies however it dies (what
+        is recorded there goes too: rapid.engine.reaper.record_endpoint); None when nothing outlives the owner."""
+        return None
+
     def stop_restarts(self) -> None:
         """The owner is stopping: from now on a process that dies ends the engine instead of restarting it (under
         systemd's control-group kill the children get the owner's SIGTERM too). Nothing to do without children."""

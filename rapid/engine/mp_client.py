@@ -84,6 +84,10 @@ class MPClient(EngineClient):
                 ipc.redeliver(e)
             raise
 
+    @property
+    def reaper_dir(self) -> str:
+        return self.dir
+
     # ------------------------------------------------------------------ the current incarnation
     @property
     def children(self) -> list[ChildProcess]:

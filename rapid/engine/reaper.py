@@ -4,8 +4,9 @@ A multi-process engine's owner starts one reaper beside its children: a small pr
 pipe whose write end only the owner holds. When the owner exits, however it exits (SIGKILL included), the kernel
 closes that end, the reaper's read returns, and it kills the children recorded in the engine's private directory
 that still live, unlinks their /dev/shm segments, stops the MPS control daemon the engine started (when it started
-one: none ran before) and removes the directory. An owner that shuts down cleanly has removed the directory already,
-and the reaper just exits.
+one: none ran before), removes the socket and lock files of the ZeroMQ servers its owner bound at explicit ipc://
+paths (recorded here: `record_endpoint`; only those whose lock no live process holds), and removes the directory. An
+owner that shuts down cleanly has removed the directory already, and the reaper just exits.
 
 Stdlib only: the reaper runs this file as a script (`python -I reaper.py DIR`), so it imports neither rapid nor
 torch, and starts in some 20 ms. The engine's ipc module reuses the helpers below for its own clean-up.
@@ -14,16 +15,22 @@ torch, and starts in some 20 ms. The engine's ipc module reuses the helpers belo
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 import weakref
 
 CHILDREN_FILE = "children"  # one "PID START ROLE" line per child process the owner started
 MPS_FILE = "mps"  # the pipe and log directories of the MPS control daemon the owner started, one a line
+ENDPOINT_PREFIX = "endpoint-"  # one file per ZeroMQ server endpoint at an explicit ipc:// path (record_endpoint)
+LOCK_WAIT_S = 0.5  # how long a lock may stay held after its owner died (the kernel closes its files as it exits)
 
 
 def shm_prefix(pid: int) -> str:
@@ -103,6 +110,71 @@ def quit_private_mps(directory: str, timeout_s: float = 10.0) -> str | None:
     return pipe_dir
 
 
+def record_endpoint(directory: str, socket_path: str, socket_id: tuple[int, int], lock_path: str,
+                    lock_id: tuple[int, int]) -> str:
+    """Note in an engine's directory a server socket its owner bound at an explicit ipc:// path and the lock file
+    that guards it (each with its device and inode), for whoever cleans up after a killed owner (written whole or not
+    at all). Returns the record's path: the owner removes it once it removed the files itself."""
+    fd, tmp = tempfile.mkstemp(prefix="." + ENDPOINT_PREFIX, dir=directory)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"socket": [socket_path, *socket_id], "lock": [lock_path, *lock_id]}, f)
+    path = os.path.join(directory, os.path.basename(tmp)[1:])
+    os.replace(tmp, path)
+    return path
+
+
+def _is_file(path: str, ident: list[int]) -> bool:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return [st.st_dev, st.st_ino] == list(ident)
+
+
+def _take_lock(fd: int, wait_s: float) -> bool:
+    """An exclusive flock on `fd`, waiting up to `wait_s` for its holder to let go; False if it is still held."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:  # a live server's; or the dead owner's, its files being closed as it exits
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+
+
+def remove_dead_endpoints(directory: str, lock_wait_s: float = LOCK_WAIT_S) -> list[str]:
+    """Remove the socket and lock files recorded in an engine's directory whose lock no live process holds (a live
+    server's, a successor's on the same path included, are left alone), if they are still the recorded files.
+    Returns the socket paths removed."""
+    removed = []
+    try:
+        names = sorted(n for n in os.listdir(directory) if n.startswith(ENDPOINT_PREFIX))
+    except OSError:
+        return removed
+    for name in names:
+        try:
+            with open(os.path.join(directory, name)) as f:
+                record = json.load(f)
+            (socket_path, *socket_id), (lock_path, *lock_id) = record["socket"], record["lock"]
+            fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # no lock file (its server removed it at exit), or not a record
+        try:
+            st = os.fstat(fd)
+            if [st.st_dev, st.st_ino] == lock_id and _take_lock(fd, lock_wait_s) and _is_file(lock_path, lock_id):
+                if _is_file(socket_path, socket_id):
+                    os.unlink(socket_path)
+                    removed.append(socket_path)
+                os.unlink(lock_path)  # (a server that locks it after us finds it unlinked and makes a new one)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
 def clean_engine_dir(directory: str) -> list[int]:
     """Kill the recorded children of a dead owner that still live, unlink their segments, stop the MPS daemon it
     started, remove the directory. Returns the pids killed."""
@@ -117,6 +189,7 @@ def clean_engine_dir(directory: str) -> list[int]:
                 killed.append(pid)
         unlink_shm_of(pid)
     quit_private_mps(directory)  # after its clients are gone
+    remove_dead_endpoints(directory)
     shutil.rmtree(directory, ignore_errors=True)
     return killed
 

@@ -6,7 +6,11 @@ AddressInUseError before it binds, so the first keeps its socket file. A socket 
 listener (a server that was killed) is stale and replaced; one that accepts connections belongs to some other
 program and is left alone (AddressInUseError). At exit a server removes the socket and lock files only if they
 are still the ones it made (same device and inode). The private directory of a default address has a reaper
-(rapid.engine.reaper): a server killed with SIGKILL leaves no directory or socket file behind either.
+(rapid.engine.reaper): a server killed with SIGKILL leaves no directory or socket file behind either. An explicit
+ipc:// path is recorded in the engine's private directory when the engine has one (`reaper_dir`: a multi-process
+engine, e.g. `rapid serve`'s): the engine's reaper, which sees the server's process die, removes its socket and lock
+files then, unless a live process holds the lock. With an in-process engine nothing outlives a SIGKILLed server:
+the files stay until the next server on that path replaces them.
 """
 
 from __future__ import annotations
@@ -123,10 +127,18 @@ def _clear_stale_socket(path: str, address: str) -> None:
     raise AddressInUseError(f"{address} is in use: a program listens on {path}; stop it or choose another address")
 
 
-class Endpoint:
-    """Where a server's ROUTER is bound and what it must remove at exit (lock, socket file, private directory)."""
+def reaper_dir_of(llm) -> str | None:
+    """The private directory of `llm`'s engine whose reaper outlives the process (None: an in-process engine)."""
+    return getattr(getattr(llm, "engine", None), "reaper_dir", None)
 
-    def __init__(self, sock: zmq.Socket, address: str | None, allow_remote: bool = False):
+
+class Endpoint:
+    """Where a server's ROUTER is bound and what it must remove at exit (lock, socket file, private directory).
+    `reaper_dir`: an engine directory whose reaper removes an explicit ipc:// path's files if this process is killed."""
+
+    def __init__(self, sock: zmq.Socket, address: str | None, allow_remote: bool = False,
+                 reaper_dir: str | None = None):
+        self._record: str | None = None  # this endpoint's record in reaper_dir
         self._dir: str | None = None
         self._lock_fd: int | None = None
         self._lock_path = ""
@@ -145,6 +157,12 @@ class Endpoint:
         except BaseException:
             self.release()
             raise
+        if reaper_dir is not None and self._socket_id is not None and self._lock_id is not None:
+            try:
+                self._record = reaper.record_endpoint(reaper_dir, self._socket_path, self._socket_id, self._lock_path,
+                                                      self._lock_id)
+            except OSError as e:  # the engine is gone (shut down): nothing outlives this process to clean up
+                logger.debug("could not record %s in %s: %s", self.address, reaper_dir, e)
 
     def _bind(self, sock: zmq.Socket, address: str) -> str:
         if address.startswith("ipc://"):
@@ -176,6 +194,12 @@ class Endpoint:
             _unlink_if(self._lock_path, self._lock_id)
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
+        if self._record is not None:  # (after its files: a record outliving them is harmless, not the reverse)
+            try:
+                os.unlink(self._record)
+            except OSError:  # the engine's directory went first
+                pass
+            self._record = None
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None

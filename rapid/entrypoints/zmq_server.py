@@ -46,7 +46,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from rapid.engine.client import EngineDeadError
 from rapid.entrypoints.frontend import EngineFrontend, OverloadedError
-from rapid.entrypoints.zmq_endpoint import Endpoint
+from rapid.entrypoints.zmq_endpoint import Endpoint, reaper_dir_of
 from rapid.entrypoints.zmq_limits import (
     HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS, MiB, ZMQ_RCVHWM, ZMQ_SNDHWM, ServerLimits,
 )
@@ -92,7 +92,7 @@ class RapidServer:
                                (zmq.RCVHWM, ZMQ_RCVHWM), (zmq.MAXMSGSIZE, limits.hard_frame_bytes),
                                (zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS), (zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)):
                 self._sock.setsockopt(opt, value)
-            self._endpoint = Endpoint(self._sock, address, allow_remote)
+            self._endpoint = Endpoint(self._sock, address, allow_remote, reaper_dir=reaper_dir_of(llm))
             self._monitor = open_disconnect_monitor(self._sock)
         except BaseException:
             close_monitored(self._sock, self._monitor)
