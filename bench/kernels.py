@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rapid.attention.kv_dtype import as_bytes, resolve_kv_dtype, to_kv  # noqa: E402
+from rapid.attention.kv_dtype import as_bytes, is_float8, resolve_kv_dtype, to_kv  # noqa: E402
 from rapid.attention.metadata import AttentionMetadata, kv_pool_shape  # noqa: E402
 from rapid.model.config import ModelConfig, RopeConfig  # noqa: E402
 
@@ -171,7 +171,7 @@ def bench_attention(cfg: ModelConfig, shapes, sweep: bool, bound: int, layout: s
             return {**row, "splits": att.num_splits(B, bound, q.device), "us": round(ms * 1e3, 1),
                     "TBps": round(nbytes / (ms / 1e3) / 1e12, 3)}
 
-        base = default.decode_config(B, kv_dtype.itemsize == 1)  # what the engine uses for this batch
+        base = default.decode_config(B, is_float8(kv_dtype))  # what the engine uses for this batch
         entry["default"] = run_cfg(base)
         rows = [entry["default"]]
         if sweep and B > 1:
@@ -330,7 +330,7 @@ def bench_decode(model, backend, cfg, variant: str, best: dict, apply_best: bool
         for B, ctx in group:
             key = f"B{B}_ctx{ctx}"
             tuned = best.get(key) if apply_best else None
-            tuning = "float8_tuning" if kv_dtype.itemsize == 1 else "tuning"  # the backend's list for this pool
+            tuning = "float8_tuning" if is_float8(kv_dtype) else "tuning"  # the backend's list for this pool
             saved_tuning = getattr(backend, tuning)
             if tuned:
                 setattr(backend, tuning, [(B, {k: tuned[k] for k in keys})] + saved_tuning)
@@ -376,7 +376,7 @@ def bench_decode(model, backend, cfg, variant: str, best: dict, apply_best: bool
                 "kv_pool": f"stride-0 layers (one {kv / cfg.num_layers / 1e9:.2f} GB layer shared)" if shared
                 else "real 32-layer pool",
                 "graphs_captured": len(runner.graphs), "capture_s": round(capture_s, 2),
-                "decode_config": backend.decode_config(B, kv_dtype.itemsize == 1),
+                "decode_config": backend.decode_config(B, is_float8(kv_dtype)),
                 "splits": backend.num_splits(B, max_model_len, torch.device("cuda")),
                 "rel_err_vs_eager_variant": None if err is None else round(err, 5),
             }

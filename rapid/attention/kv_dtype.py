@@ -26,6 +26,12 @@ def is_float8(dtype: torch.dtype) -> bool:
     return dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
+def dots_in_float16(pool_dtype: torch.dtype, q_dtype: torch.dtype) -> bool:
+    """Whether the Triton kernels multiply in float16: a float8 pool under bf16 queries (float16 holds float8 exactly
+    and converts from it more cheaply than bf16 does; the queries are clamped to its range)."""
+    return is_float8(pool_dtype) and q_dtype == torch.bfloat16
+
+
 def to_kv(x: torch.Tensor, kv_dtype: torch.dtype) -> torch.Tensor:
     """x in the pool's dtype: float8 saturates at the format's largest value (a plain cast may give NaN)."""
     if is_float8(kv_dtype):

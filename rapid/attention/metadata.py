@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rapid.attention.kv_dtype import is_float8
+
 
 @dataclass
 class AttentionMetadata:
@@ -49,7 +51,7 @@ def allocate_kv_pool(model_cfg, num_blocks: int, block_size: int, dtype: torch.d
                      device: torch.device) -> torch.Tensor:
     """A zeroed pool [L, 2, num_blocks, block_size, KVH, D] for a model config (unwritten slots stay finite)."""
     shape = kv_pool_shape(model_cfg.num_layers, num_blocks, block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
-    if dtype.itemsize == 1:  # float8: zero bytes are 0.0 (and need no float8 fill kernel)
+    if is_float8(dtype):  # zero bytes are 0.0 (and need no float8 fill kernel)
         return torch.zeros(shape, dtype=torch.uint8, device=device).view(dtype)
     return torch.zeros(shape, dtype=dtype, device=device)
 

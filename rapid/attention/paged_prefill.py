@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rapid.attention.kv_dtype import is_float8
+from rapid.attention.kv_dtype import dots_in_float16
 from rapid.attention.online_softmax import online_softmax_step
 from rapid.attention.sizes import next_pow2
 
@@ -246,7 +246,7 @@ def paged_prefill_attention(
         GROUP=H // KVH, HEAD_DIM=D, D_PAD=max(16, next_pow2(D)), BLOCK_SIZE=kc.shape[1],
         BLOCK_M=bm, BLOCK_N=max(16, next_pow2(block_n)),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,  # fp32: exact, not tf32
-        FLAT=flat_grid, DOT_F16=float8_dot_f16 and is_float8(kc.dtype) and q.dtype == torch.bfloat16,
+        FLAT=flat_grid, DOT_F16=float8_dot_f16 and dots_in_float16(kc.dtype, q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

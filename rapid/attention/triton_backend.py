@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch.nn.attention.bias import causal_lower_right
 
-from rapid.attention.kv_dtype import is_float8
+from rapid.attention.kv_dtype import dots_in_float16, is_float8
 from rapid.attention.kv_store import rope_and_store
 from rapid.attention.metadata import AttentionMetadata
 from rapid.attention.online_softmax import online_softmax_step
@@ -226,7 +226,7 @@ class TritonAttention:
         d_pad = max(16, next_pow2(D))
         common = dict(GROUP=self.group, G_PAD=max(16, next_pow2(self.group)), HEAD_DIM=D, D_PAD=d_pad,
                       BLOCK_SIZE=kc.shape[1], TILE_N=c["tile_n"], UNMASKED_TILES=c["unmasked_tiles"],
-                      DOT_F16=self.float8_dot_f16 and is_float8(kc.dtype) and q.dtype == torch.bfloat16)
+                      DOT_F16=self.float8_dot_f16 and dots_in_float16(kc.dtype, q.dtype))
         launch = dict(num_warps=c["num_warps"], num_stages=c["num_stages"])
         grid = (B, self.num_kv_heads, splits)
         qk_scale = self.scale * 1.4426950408889634
