@@ -5,9 +5,11 @@ gate/up and the down projection, then the LM head once. Each GEMM is timed as th
 graph: one graph replays --calls calls back to back, each on the next of enough copies of the weight that together
 they exceed L2 (every call reads its weight from HBM); the time per call is the graph's (CUDA events, median of
 --reps replays after warm-up) over --calls. Backends: torch's default cuBLAS path, cuBLASLt
-(torch.backends.cuda.preferred_blas_library) and, with --autotune, Inductor's max-autotune templates. The step's
-GEMM time is 32 x the four layer GEMMs + the LM head.
-Usage (on the GPU machine):  python3 bench/gemm_shapes.py [--batches 1,64,256] [--autotune] [--out DIR]
+(torch.backends.cuda.preferred_blas_library), Inductor's max-autotune templates ('autotune'), cuBLASLt split over K
+by hand ('splitk2', 'splitk4': a batched product of the K slices into float32, then their sum) and torch's TunableOp
+('tunable'). The step's GEMM time is 32 x the four layer GEMMs + the LM head.
+Usage (on the GPU machine):  python3 bench/gemm_shapes.py [--batches 1,64,256] [--backends cublas,cublaslt,autotune]
+                             [--gemms qkv,o] [--out DIR]
 Writes gemm-shapes.json and gemm-shapes.md into --out.
 """
 
@@ -56,12 +58,29 @@ def ms_per_call(fn, x: torch.Tensor, copies: list[torch.Tensor], calls: int, rep
     return ms
 
 
+def splitk_linear(splits: int):
+    """x @ w^T as `splits` products over slices of K, batched in one cuBLAS call into float32, summed and rounded once."""
+
+    def fn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        m, k = x.shape
+        xs = x.view(m, splits, k // splits).transpose(0, 1)  # [S, M, K/S], no copy
+        ws = w.view(w.shape[0], splits, k // splits).permute(1, 2, 0)  # [S, K/S, N], no copy
+        return torch.bmm(xs, ws, out_dtype=torch.float32).sum(0).to(x.dtype)  # [M, N]
+
+    return fn
+
+
 def linear_fn(backend: str):
     """F.linear as the backend runs it: 'cublas' / 'cublaslt' (eager), 'autotune' (Inductor max-autotune: a fresh
     compile for each shape, so that no shape falls back to eager at Dynamo's recompile limit)."""
     if backend == "autotune":
         torch._dynamo.reset()
         return torch.compile(F.linear, mode="max-autotune-no-cudagraphs", dynamic=False)
+    if backend.startswith("splitk"):
+        return splitk_linear(int(backend.removeprefix("splitk")))
+    if backend.startswith("c-splitk"):  # the same inside torch.compile, as the engine's pieces would run it
+        torch._dynamo.reset()
+        return torch.compile(splitk_linear(int(backend.removeprefix("c-splitk"))), dynamic=False)
     return F.linear
 
 
@@ -71,6 +90,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20, help="graph replays timed")
     ap.add_argument("--calls", type=int, default=32, help="GEMM calls in one graph")
     ap.add_argument("--autotune", action="store_true", help="also Inductor's max-autotune GEMM templates (slow)")
+    ap.add_argument("--backends", default=None, help="comma list of cublas, cublaslt, autotune, splitk2, splitk4, "
+                    "c-splitk2 (compiled), tunable (default: cublas,cublaslt[,autotune])")
+    ap.add_argument("--gemms", default=",".join(SHAPES), help="which of the step's GEMMs to time")
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -79,26 +101,39 @@ def main() -> None:
         count = max(2, -(-2 * L2_BYTES // (n * k * 2)))
         weights[name] = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(count)]
     backends = ["cublas", "cublaslt"] + (["autotune"] if args.autotune else [])
+    if args.backends:
+        backends = args.backends.split(",")
+    wanted = args.gemms.split(",")
     rows = []
     for backend in backends:
-        torch.backends.cuda.preferred_blas_library("cublaslt" if backend == "cublaslt" else "cublas")
+        torch.backends.cuda.preferred_blas_library("cublas" if backend == "cublas" else "cublaslt")
+        torch.cuda.tunable.enable(backend == "tunable")
+        torch.cuda.tunable.tuning_enable(backend == "tunable")
         for m in (int(b) for b in args.batches.split(",")):
-            for name, copies in weights.items():
+            for name, copies in ((n, c) for n, c in weights.items() if n in wanted):
                 n, k = copies[0].shape
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 t0 = time.perf_counter()
-                ms = ms_per_call(linear_fn(backend), x, copies, args.calls, args.reps)
+                fn = linear_fn(backend)
+                ref = F.linear(x, copies[0]).float()
+                err = ((fn(x, copies[0]).float() - ref).norm() / ref.norm()).item()  # against torch's own product
+                ms = ms_per_call(fn, x, copies, args.calls, args.reps)
                 bytes_read = n * k * 2 + x.numel() * 2 + m * n * 2
                 rows.append({"backend": backend, "batch": m, "gemm": name, "n": n, "k": k, "weight_copies": len(copies),
-                             "ms": round(ms, 4), "tb_s": round(bytes_read / ms / 1e9, 3),
+                             "ms": round(ms, 4), "rel_err": round(err, 6), "tb_s": round(bytes_read / ms / 1e9, 3),
                              "of_copy_roofline": round(bytes_read / ms / 1e9 / (HBM_BPS / 1e12), 3),
                              "setup_s": round(time.perf_counter() - t0, 1)})
-                print(f"{backend:9s} M={m:<4d} {name:8s} {ms:.4f} ms  {rows[-1]['tb_s']:.2f} TB/s", flush=True)
+                print(f"{backend:9s} M={m:<4d} {name:8s} {ms:.4f} ms  {rows[-1]['tb_s']:.2f} TB/s  err {err:.1e}", flush=True)
     torch.backends.cuda.preferred_blas_library("cublas")
+    if "tunable" in backends:  # what TunableOp chose per shape (on CUDA builds it may offer only 'Default')
+        print("tunable results:", torch.cuda.tunable.get_results(), flush=True)
+        torch.cuda.tunable.enable(False)
     steps = []
     for backend in backends:
         for m in sorted({r["batch"] for r in rows}):
             t = {r["gemm"]: r["ms"] for r in rows if r["backend"] == backend and r["batch"] == m}
+            if len(t) < len(SHAPES):
+                continue
             ms = LAYERS * (t["qkv"] + t["o"] + t["gate_up"] + t["down"]) + t["lm_head"]
             steps.append({"backend": backend, "batch": m, "step_gemm_ms": round(ms, 3)})
     weight_bytes = sum(LAYERS * n * k * 2 for name, (n, k) in SHAPES.items() if name != "lm_head")
