@@ -33,7 +33,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rapid.attention.kv_dtype import as_bytes, is_float8, resolve_kv_dtype, to_kv  # noqa: E402
-from rapid.attention.launch import pdl_supported  # noqa: E402
 from rapid.attention.metadata import AttentionMetadata, kv_pool_shape  # noqa: E402
 from rapid.model.config import ModelConfig, RopeConfig  # noqa: E402
 
@@ -531,9 +530,8 @@ def main() -> None:
     ap.add_argument("--decode-cases", default="", help="comma list of decode cases to run, e.g. B1_ctx1024")
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e5m2"],
                     help="the decode cases' KV pool: auto (bf16, the model's) or float8 (the engine's kv_cache_dtype)")
-    ap.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=None,
-                    help="the attention kernels as programmatic dependents (TritonAttention.pdl; default: the engine's "
-                    "choice, on from compute capability 9.0; Inductor's own kernels: TORCHINDUCTOR_ENABLE_PDL=1)")
+    ap.add_argument("--pdl", action="store_true", help="the attention backend's kernels as programmatic dependents "
+                    "(TritonAttention.pdl; Inductor's own: TORCHINDUCTOR_ENABLE_PDL=1)")
     ap.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -556,7 +554,7 @@ def main() -> None:
                      "decode": f"(weights except embedding + KV read) / {HBM_BPS:.1e} B/s",
                      "prefill": "(2*layer params*T + 2*hidden*vocab + causal attention FLOPs) / 790e12 FLOP/s"},
         "params": cfg.num_params(), "compile_dynamic": args.compile_dynamic, "kv_cache_dtype": args.kv_cache_dtype,
-        "pdl": pdl_supported(torch.device("cuda")) if args.pdl is None else args.pdl, "inductor_pdl": getattr(inductor_config.triton, "enable_pdl", "not in this torch"),
+        "pdl": args.pdl, "inductor_pdl": getattr(inductor_config.triton, "enable_pdl", "not in this torch"),
     }
 
     def save():
@@ -589,7 +587,7 @@ def main() -> None:
     refs: dict = {}
     with torch.inference_mode():
         model, backend = build_8b(cfg, max_positions=max(args.max_model_len, 8192) + 16)
-        backend.pdl = report["pdl"]
+        backend.pdl = args.pdl
         default_sdpa = backend.prefill_sdpa_backends  # flash first (see TritonAttention)
         variants = ("eager", "compiled", "compiled-cublas-decode", "compiled-cudnn-prefill", "compiled-paged-prefill")
         for variant in variants:

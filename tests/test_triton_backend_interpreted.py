@@ -160,25 +160,6 @@ def test_decode_settings_follow_the_measured_tuning():
         **defaults, "num_warps": 2, "num_stages": 2}
 
 
-def test_programmatic_dependent_launch_only_from_hopper(monkeypatch):
-    """The engine launches its attention kernels as programmatic dependents on compute capability 9.0 and later
-    only (the GPU tests check their outputs); elsewhere no launch keyword reaches Triton."""
-    import torch
-
-    from rapid.attention import select_backend
-    from rapid.attention.launch import pdl_launch, pdl_supported
-    from rapid.attention.triton_backend import TritonAttention
-
-    assert not pdl_supported(torch.device("cpu"))
-    for capability, expected in (((8, 0), False), ((8, 9), False), ((9, 0), True), ((10, 0), True)):
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
-        assert pdl_supported(torch.device("cuda")) is expected
-    assert pdl_launch(False) == {} and pdl_launch(True) == {"launch_pdl": True}
-    assert TritonAttention(32, 8, 128, 1.0).pdl is False  # built by hand: off unless asked
-    cfg = dataclasses.make_dataclass("Cfg", ["num_heads", "num_kv_heads", "head_dim"])(4, 2, 16)
-    assert not hasattr(select_backend("auto", cfg, torch.device("cpu")), "pdl")  # the CPU's reference backend
-
-
 if __name__ == "__main__":  # the interpreter subprocess
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     for case in ALL_CASES:

@@ -25,10 +25,9 @@ def select_backend(name: str, model_cfg, device: torch.device, prefill_attention
     if device.type != "cuda":
         raise ValueError(f"attention_backend {name!r} needs a CUDA device; on {device} use 'reference'")
     if name == "triton":
-        from rapid.attention.launch import pdl_supported
         from rapid.attention.triton_backend import TritonAttention
 
-        return TritonAttention(*args, prefill_attention=prefill_attention, pdl=pdl_supported(device))
+        return TritonAttention(*args, prefill_attention=prefill_attention)
     if name == "flashinfer":
         raise ValueError("attention_backend 'flashinfer' is not implemented: it could not be installed and tested on "
                          "the GPUs this engine is validated on; use 'triton' (the default on CUDA)")

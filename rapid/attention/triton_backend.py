@@ -162,7 +162,7 @@ class TritonAttention:
     cuda_graph_capturable = True  # decode + store: no host syncs, launch shapes from host bounds only
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 prefill_attention: str = "flash", pdl: bool = False):  # the engine: its config's (default "paged")
+                 prefill_attention: str = "flash"):  # the engine passes its config's (default "paged")
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
@@ -176,10 +176,7 @@ class TritonAttention:
         self.max_splits = 64
         self.unmasked_tiles = False  # a loop over the whole context tiles without row masks before the partial one
         self.float8_dot_f16 = True  # a float8 pool under bf16 queries: both kernels' dots in float16
-        # The store, decode and reduce kernels as programmatic dependents (rapid/attention/launch.py; the engine turns
-        # it on from compute capability 9.0): on the H200 a decode step took 0.3-0.6% less at batches 1 and 64, the
-        # same at 256 (bench/results/session37/call2).
-        self.pdl = pdl
+        self.pdl = False  # store, decode and reduce kernels as programmatic dependents (rapid/attention/launch.py)
         # Per-batch overrides of decode_config's settings: [(max_batch, {name: value})], first match wins.
         self.tuning: list[tuple[int, dict]] = list(DECODE_TUNING)
         self.float8_tuning: list[tuple[int, dict]] = list(FLOAT8_DECODE_TUNING)  # the same over a float8 pool
