@@ -530,12 +530,9 @@ def main() -> None:
     ap.add_argument("--decode-cases", default="", help="comma list of decode cases to run, e.g. B1_ctx1024")
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e5m2"],
                     help="the decode cases' KV pool: auto (bf16, the model's) or float8 (the engine's kv_cache_dtype)")
-    ap.add_argument("--pdl", action="store_true", help="the attention backend's kernels as programmatic dependents "
-                    "(TritonAttention.pdl; Inductor's own: TORCHINDUCTOR_ENABLE_PDL=1)")
     ap.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    import torch._inductor.config as inductor_config
     import triton
 
     global HBM_BPS
@@ -554,7 +551,6 @@ def main() -> None:
                      "decode": f"(weights except embedding + KV read) / {HBM_BPS:.1e} B/s",
                      "prefill": "(2*layer params*T + 2*hidden*vocab + causal attention FLOPs) / 790e12 FLOP/s"},
         "params": cfg.num_params(), "compile_dynamic": args.compile_dynamic, "kv_cache_dtype": args.kv_cache_dtype,
-        "pdl": args.pdl, "inductor_pdl": getattr(inductor_config.triton, "enable_pdl", "not in this torch"),
     }
 
     def save():
@@ -587,7 +583,6 @@ def main() -> None:
     refs: dict = {}
     with torch.inference_mode():
         model, backend = build_8b(cfg, max_positions=max(args.max_model_len, 8192) + 16)
-        backend.pdl = args.pdl
         default_sdpa = backend.prefill_sdpa_backends  # flash first (see TritonAttention)
         variants = ("eager", "compiled", "compiled-cublas-decode", "compiled-cudnn-prefill", "compiled-paged-prefill")
         for variant in variants:

@@ -8,7 +8,6 @@ import triton
 import triton.language as tl
 
 from rapid.attention.kv_dtype import is_float8
-from rapid.attention.launch import pdl_launch
 from rapid.attention.rope import Rope
 from rapid.attention.sizes import next_pow2
 
@@ -36,13 +35,10 @@ def _rope_store_kernel(
     stride_cb, stride_co, stride_ch, stride_cs,
     BLOCK_SIZE: tl.constexpr, NUM_Q_HEADS: tl.constexpr, Q_BLOCK: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
     H_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, ROPE: tl.constexpr, KV_MAX: tl.constexpr,
-    GDC: tl.constexpr,
 ):
     """Program (token t, part p). Part 0: rope t's keys in place (if ROPE), then copy its keys and values [KVH, D]
     to slot SLOTS[t] (skipped when < 0). Part p >= 1 (only with ROPE): rope query heads [(p-1) Q_BLOCK, p Q_BLOCK)
     in place. Small batches thus run a few short programs side by side, not one long one."""
-    if GDC:  # launched early (programmatic dependent launch): wait for the kernel before it, whose q, k, v these are
-        tl.extra.cuda.gdc_wait()
     t = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     j = tl.arange(0, HALF_PAD)
@@ -75,10 +71,9 @@ def _rope_store_kernel(
 
 
 def rope_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
-                   slot_mapping: torch.Tensor, rope: Rope | None, pdl: bool = False) -> None:
+                   slot_mapping: torch.Tensor, rope: Rope | None) -> None:
     """q [T, H, D], k/v [T, KVH, D] (last dim contiguous): with rope, q and k rotated in place; then k and v written
-    to kv_layer [2, NB, BS, KVH, D] at slot_mapping [T] (-1: not stored). pdl: launched as a programmatic dependent
-    (CUDA, compute capability 9.0 and up: rapid.attention.launch.pdl_launch)."""
+    to kv_layer [2, NB, BS, KVH, D] at slot_mapping [T] (-1: not stored)."""
     T, H, D = q.shape
     KVH = k.shape[1]
     if T == 0:
@@ -96,5 +91,5 @@ def rope_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: 
         BLOCK_SIZE=kc.shape[1], NUM_Q_HEADS=H, Q_BLOCK=q_block, NUM_KV_HEADS=KVH, H_PAD=next_pow2(KVH),
         HALF=D // 2, HALF_PAD=max(16, next_pow2(D // 2)), ROPE=rope is not None,
         KV_MAX=torch.finfo(kc.dtype).max if is_float8(kc.dtype) else 0.0,
-        num_warps=2 if max(q_block, KVH) * D >= 1024 else 1, GDC=pdl, **pdl_launch(pdl),
+        num_warps=2 if max(q_block, KVH) * D >= 1024 else 1,
     )

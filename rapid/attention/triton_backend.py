@@ -33,7 +33,6 @@ from torch.nn.attention.bias import causal_lower_right
 
 from rapid.attention.kv_dtype import dots_in_float16, is_float8
 from rapid.attention.kv_store import rope_and_store
-from rapid.attention.launch import pdl_launch
 from rapid.attention.metadata import AttentionMetadata
 from rapid.attention.online_softmax import online_softmax_step
 from rapid.attention.paged_prefill import paged_prefill_attention, step_tile_map
@@ -54,11 +53,9 @@ def _decode_kernel(
     stride_pt, stride_ph, stride_ps,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, DIRECT: tl.constexpr, UNMASKED_TILES: tl.constexpr,
-    DOT_F16: tl.constexpr, GDC: tl.constexpr,
+    DOT_F16: tl.constexpr,
 ):
     """Program (seq, kv_head, split): attention of the GROUP query heads over one piece of the context."""
-    if GDC:  # launched early (rapid/attention/launch.py): wait for the store kernel before it
-        tl.extra.cuda.gdc_wait()
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -120,11 +117,9 @@ def _decode_kernel(
 def _reduce_kernel(
     PART_O, PART_LSE, OUT, num_splits,
     stride_pt, stride_ph, stride_ps, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr, GDC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr,
 ):
     """Program (seq, head): merge the splits' partial outputs, weighted by exp2(lse)."""
-    if GDC:  # launched early: wait for the decode kernel's partial outputs
-        tl.extra.cuda.gdc_wait()
     seq = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.arange(0, S_PAD)
@@ -176,7 +171,6 @@ class TritonAttention:
         self.max_splits = 64
         self.unmasked_tiles = False  # a loop over the whole context tiles without row masks before the partial one
         self.float8_dot_f16 = True  # a float8 pool under bf16 queries: both kernels' dots in float16
-        self.pdl = False  # store, decode and reduce kernels as programmatic dependents (rapid/attention/launch.py)
         # Per-batch overrides of decode_config's settings: [(max_batch, {name: value})], first match wins.
         self.tuning: list[tuple[int, dict]] = list(DECODE_TUNING)
         self.float8_tuning: list[tuple[int, dict]] = list(FLOAT8_DECODE_TUNING)  # the same over a float8 pool
@@ -216,7 +210,7 @@ class TritonAttention:
     def store(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
               slot_mapping: torch.Tensor, rope: Rope | None = None) -> None:
         """k, v into the pool at slot_mapping; with rope, q and k rotated in place first (one kernel)."""
-        rope_and_store(q, k, v, kv_layer, slot_mapping, rope, self.pdl)
+        rope_and_store(q, k, v, kv_layer, slot_mapping, rope)
 
     def decode(self, q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                max_seq_len: int, out: torch.Tensor) -> None:
@@ -233,7 +227,7 @@ class TritonAttention:
         common = dict(GROUP=self.group, G_PAD=max(16, next_pow2(self.group)), HEAD_DIM=D, D_PAD=d_pad,
                       BLOCK_SIZE=kc.shape[1], TILE_N=c["tile_n"], UNMASKED_TILES=c["unmasked_tiles"],
                       DOT_F16=self.float8_dot_f16 and dots_in_float16(kc.dtype, q.dtype))
-        launch = dict(num_warps=c["num_warps"], num_stages=c["num_stages"], GDC=self.pdl, **pdl_launch(self.pdl))
+        launch = dict(num_warps=c["num_warps"], num_stages=c["num_stages"])
         grid = (B, self.num_kv_heads, splits)
         qk_scale = self.scale * 1.4426950408889634
         if splits == 1:
@@ -256,8 +250,7 @@ class TritonAttention:
         _reduce_kernel[(B, H)](
             part_o, part_lse, out, splits,
             part_lse.stride(0), part_lse.stride(1), part_lse.stride(2), out.stride(0), out.stride(1),
-            HEAD_DIM=D, D_PAD=d_pad, S_PAD=max(2, next_pow2(splits)), num_warps=4, GDC=self.pdl,
-            **pdl_launch(self.pdl),
+            HEAD_DIM=D, D_PAD=d_pad, S_PAD=max(2, next_pow2(splits)), num_warps=4,
         )
 
     def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
