@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from rapid import LLM, SamplingParams
+from rapid.engine.client import EngineDeadError
 from tiny import hf_greedy
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -211,6 +212,7 @@ def test_generate_stream_yields_deltas(tiny_llama):
     ({"tokens": [1]}, TypeError, "prompt_token_ids"),
     (42, TypeError, "str"),
     (b"bytes", TypeError, "str"),
+    ("ab\ud800cd", ValueError, "prompt is not valid Unicode text: surrogates not allowed at character 2"),
 ])
 def test_bad_prompts_rejected_at_the_edge_and_engine_keeps_serving(tiny_llama, prompt, error, match):
     with LLM(tiny_llama, max_model_len=512) as llm:
@@ -218,6 +220,16 @@ def test_bad_prompts_rejected_at_the_edge_and_engine_keeps_serving(tiny_llama, p
             llm.generate([prompt] if not isinstance(prompt, bytes) else prompt, use_tqdm=False)
         assert not llm.engine.get_stats().num_requests
         assert len(generate(llm, [[5, 6, 7]])[0].outputs[0].token_ids) == 12
+
+
+def test_a_lone_surrogate_in_a_chat_is_a_value_error_and_close_is_shutdown(tiny_llama):
+    llm = LLM(tiny_llama, max_model_len=512)
+    with pytest.raises(ValueError, match="message 1's content is not valid Unicode text"):
+        llm.chat([{"role": "system", "content": "be brief"}, {"role": "user", "content": "\udfff"}], use_tqdm=False)
+    assert len(generate(llm, [[5, 6, 7]])[0].outputs[0].token_ids) == 12
+    llm.close()
+    with pytest.raises(EngineDeadError, match="shut down"):
+        generate(llm, [[5, 6, 7]])
 
 
 def test_request_that_cannot_fit_is_rejected_before_scheduling(tiny_llama):

@@ -237,6 +237,50 @@ def test_malformed_bodies_and_the_server_keeps_serving(served, client):
     assert client.completions.create(model="tiny", prompt="hello", max_tokens=2).choices[0].finish_reason
 
 
+def test_oversized_text_is_refused_before_tokenization(served):
+    """As the ZeroMQ side: text longer than max_model_len x 32 characters gets a 400 with the numbers, untokenized
+    (a 20 MB prompt took 33-110 s and 0.7 GB of the server's memory when it was tokenized first)."""
+    url, bound = served[0].url, f"at most {MAX_LEN * 32} are tokenized (max_model_len {MAX_LEN} x 32"
+    huge = "word " * 4_000_000  # 20 MB
+    cases = [("/v1/completions", {"prompt": huge, "max_tokens": 2}, "prompt"),
+             ("/v1/completions", {"prompt": ["hi", "a" * (MAX_LEN * 32 + 1)], "max_tokens": 2}, "prompt"),
+             ("/v1/chat/completions", {"messages": [{"role": "user", "content": huge}], "max_tokens": 2}, "messages"),
+             ("/tokenize", {"prompt": huge}, "prompt"),
+             ("/tokenize", {"messages": [{"role": "user", "content": huge}]}, "messages")]
+    for path, body, param in cases:
+        t0 = time.monotonic()
+        r = httpx.post(url + path, json=body, timeout=60)
+        assert r.status_code == 400 and bound in r.json()["error"]["message"], (path, r.text[:300])
+        assert r.json()["error"]["param"] == param
+        assert time.monotonic() - t0 < 10, path  # a bound that catches tokenizing 20 MB, not a speed target
+    ok = httpx.post(url + "/v1/completions", json={"prompt": "a" * 300, "max_tokens": 1})
+    assert ok.status_code == 400 and "tokens; max_model_len is" in ok.json()["error"]["message"]  # tokenized
+
+
+def test_tokenizing_runs_off_the_event_loop(served, monkeypatch):
+    """A request whose prompt takes long to tokenize leaves /health and other requests answering meanwhile."""
+    url, llm = served[0].url, served[2].llm
+    validate = llm.validate
+
+    def slow_validate(*args, **kwargs):
+        time.sleep(2.0)
+        return validate(*args, **kwargs)
+
+    monkeypatch.setattr(llm, "validate", slow_validate)
+    answers = []
+    slow = threading.Thread(target=lambda: answers.append(
+        httpx.post(url + "/v1/completions", json={"prompt": "Paris is", "max_tokens": 2}, timeout=30)))
+    slow.start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    assert httpx.get(url + "/health", timeout=30).status_code == 200
+    health_s = time.monotonic() - t0
+    assert slow.is_alive()  # still tokenizing when /health answered
+    slow.join(30)
+    assert answers and answers[0].status_code == 200, answers
+    assert health_s < 1.0  # not held for the 2 s the prompt took
+
+
 def test_api_key(served):
     url = served[1].url
     r = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})

@@ -405,6 +405,34 @@ def test_engine_restarts_after_a_worker_dies(tiny_llama):
 
 
 @pytest.mark.slow
+def test_close_from_another_thread_ends_generate_with_shut_down_not_a_crash(tiny_llama, caplog):
+    """close() (shutdown's other name) while a thread is in generate: that thread gets 'the engine was shut down',
+    as in hybrid; the stop is not reported as a crash to restart from."""
+    others = {p.pid for p in children()}
+    llm = LLM(tiny_llama, mode="rapid", max_num_batched_tokens=16)
+    pids = engine_pids(llm)
+    errors = []
+
+    def long_generate():
+        try:
+            llm.generate([{"prompt_token_ids": list(range(5 + i, 105 + i))} for i in range(16)],
+                         SamplingParams(max_tokens=400, ignore_eos=True), use_tqdm=False)
+        except EngineDeadError as e:
+            errors.append(str(e))
+
+    worker = threading.Thread(target=long_generate)
+    worker.start()
+    time.sleep(1.0)
+    llm.close()
+    worker.join(30)
+    assert not worker.is_alive() and errors == ["the engine was shut down"], errors
+    assert not [r for r in caplog.records if "restart" in r.getMessage()]
+    assert all(gone(p) for p in pids.values()) and not children(others)
+    with pytest.raises(EngineDeadError, match="the engine was shut down"):
+        run(llm)
+
+
+@pytest.mark.slow
 def test_restart_limit_leaves_the_engine_down_with_a_clear_error(tiny_llama, monkeypatch):
     """A prefill worker that faults on its first batch in every incarnation (RAPID_FAULT_INJECT: a real invalid
     store, SIGSEGV): one restart allowed, the second death leaves the engine down, saying why."""

@@ -141,7 +141,9 @@ class MPClient(EngineClient):
         while self._restart_times and now - self._restart_times[0] > RESTART_WINDOW_S:
             self._restart_times.popleft()
         recent = len(self._restart_times)
-        if self._no_restarts:
+        if self._closed:  # shutdown() stopped the processes under another thread's call: not a crash
+            self.dead_reason = self._last_death = "the engine was shut down"
+        elif self._no_restarts:
             self.dead_reason = self._last_death = f"{reason}\n{STOPPING}"
         elif recent >= MAX_RESTARTS:
             self.dead_reason = (f"{reason}\n(the engine stays down: its processes were restarted {recent} time(s) in "
@@ -151,7 +153,8 @@ class MPClient(EngineClient):
             self._restart_due = reason
             self._last_death = (f"{reason}\n(the engine restarts its processes: restart {recent + 1} of at most "
                                 f"{MAX_RESTARTS} in {RESTART_WINDOW_S:g} s)")
-        logger.error("%s", self._last_death)
+        if not self._closed:
+            logger.error("%s", self._last_death)
         deltas = [RequestDelta(rid, [], "", finished=True, finish_reason="abort", error=self._last_death)
                   for rid in sorted(self.in_flight)]
         self.in_flight.clear()

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from rapid.config import EngineArgs, EngineConfig
 from rapid.model.config import ModelConfig
 from rapid.entrypoints.llm_inputs import (
-    parse_prompt, prepare_params, text_parts_joined, to_sampling_params, truncate,
+    check_text, parse_prompt, prepare_params, text_parts_joined, to_sampling_params, truncate,
 )
 from rapid.generation_defaults import (
     generation_config_folder, read_eos_ids, read_sampling_defaults,
@@ -92,7 +92,10 @@ class LLM:
 
     # ------------------------------------------------------------------ lifecycle
     def shutdown(self) -> None:
+        """Stop the engine and free what it holds (processes, shared memory, GPU memory); later calls raise."""
         self._finalizer()
+
+    close = shutdown  # the name resource owners usually have (`with LLM() as llm:` calls it too)
 
     def __enter__(self) -> "LLM":
         return self
@@ -170,6 +173,9 @@ class LLM:
     def _apply_chat_template(self, conversation: list[dict], add_generation_prompt: bool, *,
                              chat_template: str | None = None, continue_final_message: bool = False,
                              tools: list[dict] | None = None, chat_template_kwargs: dict | None = None) -> list[int]:
+        for i, message in enumerate(conversation):
+            if isinstance(message, dict) and isinstance(message.get("content"), str):
+                check_text(message["content"], f"message {i}'s content")
         if continue_final_message and add_generation_prompt:
             raise ValueError("continue_final_message=True continues the last message: pass add_generation_prompt=False")
         if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):

@@ -44,9 +44,19 @@ def parse_prompt(prompt: Any, tokenizer) -> tuple[str | None, list[int]]:
             raise ValueError("prompt is empty")
         if tokenizer is None:
             raise ValueError("a text prompt needs a tokenizer (skip_tokenizer_init=True was given)")
+        check_text(prompt, "prompt")
         return prompt, list(tokenizer.encode(prompt))
     raise TypeError("a prompt is a str, {'prompt': str} or {'prompt_token_ids': [...]}, got "
                     f"{type(prompt).__name__}")
+
+
+def check_text(text: str, what: str) -> None:
+    """ValueError naming `what` when text cannot be UTF-8 (a lone surrogate such as '\\ud800'), which a tokenizer
+    would refuse with a TypeError about its input types."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid Unicode text: {e.reason} at character {e.start}") from None
 
 
 def truncate(ids: list[int], params: SamplingParams) -> list[int]:

@@ -119,7 +119,7 @@ def build_app(frontend: EngineFrontend, *, model_name: str | list[str] | None = 
     async def run(request: Request, chat: bool) -> Response:
         body = await request.body()
         req = P.decode(body, P.ChatCompletionRequest if chat else P.CompletionRequest)
-        items = serving.chat_items(req) if chat else serving.completion_items(req)
+        items = await serving.off_loop(serving.chat_items if chat else serving.completion_items, req)
         builder = serving.builder(chat, P.chat_logprobs(req) if chat else req.logprobs, req.return_token_ids)
         job = serving.start(items, builder.id)
         if req.stream:
@@ -142,12 +142,12 @@ def build_app(frontend: EngineFrontend, *, model_name: str | list[str] | None = 
     @app.post("/tokenize")
     @app.post("/v1/tokenize")
     async def tokenize(request: Request) -> dict:
-        return serving.tokenize(P.decode(await request.body(), P.TokenizeRequest))
+        return await serving.off_loop(serving.tokenize, P.decode(await request.body(), P.TokenizeRequest))
 
     @app.post("/detokenize")
     @app.post("/v1/detokenize")
     async def detokenize(request: Request) -> dict:
-        return serving.detokenize(P.decode(await request.body(), P.DetokenizeRequest))
+        return await serving.off_loop(serving.detokenize, P.decode(await request.body(), P.DetokenizeRequest))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

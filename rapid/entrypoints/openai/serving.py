@@ -12,7 +12,8 @@ import collections
 import itertools
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import msgspec
@@ -24,6 +25,7 @@ from rapid.entrypoints.openai import protocol as P
 from rapid.entrypoints.openai.mailbox import LoopMailbox
 from rapid.entrypoints.openai.metrics import ServerMetrics
 from rapid.entrypoints.openai.responses import SSE_DONE, Builder, ChoiceState, sse, usage
+from rapid.entrypoints.zmq_limits import ServerLimits
 from rapid.params import SamplingParams
 from rapid.protocol.engine import RequestDelta
 
@@ -112,6 +114,19 @@ class RequestConverter:
         self.max_tokens_cap = max_tokens_cap(llm.config.generation_config, llm.default_sampling_params,
                                              llm.config.override_generation_config)
         self.accepted_models = {model_name, llm.config.model, *aliases} if model_name is not None else None
+        # the longest text tokenized at all, as on the ZeroMQ side (a 20 MB prompt is refused in microseconds)
+        self.chars_per_token = ServerLimits.max_chars_per_token
+        self.max_chars = llm.config.scheduler.max_model_len * self.chars_per_token
+
+    def _check_chars(self, size: int, what: str, param: str) -> None:
+        if size > self.max_chars:
+            raise P.ApiError(400, f"{what} has {size} characters; at most {self.max_chars} are tokenized (max_model_len "
+                             f"{self.llm.config.scheduler.max_model_len} x {self.chars_per_token} characters per "
+                             "token)", param=param)
+
+    def _check_messages_size(self, req) -> None:
+        """The messages' size as JSON (an upper bound of their text) against the same bound, before the template."""
+        self._check_chars(len(msgspec.json.encode(req.messages)), "the messages' JSON", "messages")
 
     def _check_model(self, req) -> None:
         if self.accepted_models is not None and req.model is not None and req.model not in self.accepted_models:
@@ -150,12 +165,17 @@ class RequestConverter:
 
     def completion_items(self, req: P.CompletionRequest) -> list[Item]:
         self._check_model(req)
-        prompts = [self._validate(p if isinstance(p, str) else {"prompt_token_ids": p}, req) for p in P.prompts(req)]
+        given = P.prompts(req)
+        for p in given:
+            if isinstance(p, str):
+                self._check_chars(len(p), "a prompt", "prompt")
+        prompts = [self._validate(p if isinstance(p, str) else {"prompt_token_ids": p}, req) for p in given]
         max_tokens = COMPLETION_DEFAULT_MAX_TOKENS if req.max_tokens is msgspec.UNSET else req.max_tokens
         return self._items(req, prompts, max_tokens, req.logprobs)
 
     def chat_items(self, req: P.ChatCompletionRequest) -> list[Item]:
         self._check_model(req)
+        self._check_messages_size(req)
         _, ids = self._validate({"prompt_token_ids": self._chat_prompt_ids(req)}, req)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         return self._items(req, [(None, ids)], max_tokens, P.chat_logprobs(req))
@@ -180,8 +200,10 @@ class RequestConverter:
         if tokenizer is None:
             raise P.ApiError(400, "this server has no tokenizer (skip_tokenizer_init)", param="prompt")
         if req.prompt is not None:
+            self._check_chars(len(req.prompt), "the prompt", "prompt")
             ids = list(tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens))
         else:
+            self._check_messages_size(req)
             ids = self._chat_prompt_ids(req)
         token_strs = tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
         return {"count": len(ids), "max_model_len": self.llm.longest_sequence, "tokens": ids, "token_strs": token_strs}
@@ -216,6 +238,17 @@ class OpenAIServing(RequestConverter):
         self._loop: asyncio.AbstractEventLoop | None = None
         self.mailbox: LoopMailbox | None = None  # the engine thread's way onto the event loop
         self.stop_metrics = frontend.observe_requests(metrics.track)  # ZeroMQ's requests beside these too
+        # Tokenizing and templating run here, one request at a time, so a long prompt never stalls the event loop
+        # (its streams, /health) while it is tokenized.
+        self.tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rapid-http-tokenize")
+
+    async def off_loop(self, fn: Callable, *args):
+        """fn(*args) on the tokenizing thread (completion_items, chat_items, tokenize, detokenize)."""
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self.tokenizing, fn, *args)
+        except RuntimeError:  # closed: the executor takes nothing more
+            raise P.ApiError(503, "the server is shutting down", type="service_unavailable") from None
+        return await future
 
     # ------------------------------------------------------------------ running
     def start(self, items: list[Item], response_id: str) -> Job:
@@ -254,6 +287,7 @@ class OpenAIServing(RequestConverter):
         """The server is done: its metrics stop following the frontend's requests (the frontend may serve on)."""
         self.closing = True
         self.stop_metrics()
+        self.tokenizing.shutdown(wait=False, cancel_futures=True)
 
     async def collect(self, job: Job, builder: Builder) -> dict:
         """The whole response once every choice finished; ApiError 503 if the engine failed."""
