@@ -120,9 +120,9 @@ class RequestConverter:
 
     def _check_chars(self, size: int, what: str, param: str) -> None:
         if size > self.max_chars:
-            raise P.ApiError(400, f"{what} has {size} characters; at most {self.max_chars} are tokenized (max_model_len "
-                             f"{self.llm.config.scheduler.max_model_len} x {self.chars_per_token} characters per "
-                             "token)", param=param)
+            raise P.ApiError(400, f"{what} has {size} characters; at most {self.max_chars} are tokenized "
+                             f"(max_model_len {self.llm.config.scheduler.max_model_len} x {self.chars_per_token} "
+                             "characters per token)", param=param)
 
     def _check_messages_size(self, req) -> None:
         """The messages' size as JSON (an upper bound of their text) against the same bound, before the template."""
