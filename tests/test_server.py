@@ -232,6 +232,9 @@ def test_bad_params_dict_and_malformed_requests(server, client):
             ({"type": "Nope", "client_request_id": "p8"}, "p8", "Nope"),
             ({"type": "GenerateRequest", "client_request_id": "", "prompt": "hi"}, "", "non-empty"),
             ({"client_request_id": "p9"}, "p9", "type"),
+            ({"type": "GenerateRequest", "client_request_id": "x" * 257, "prompt": "hi"}, "x" * 257,
+             "client_request_id is longer than 256 characters"),  # it would come back in every reply
+            ({"type": "CancelRequest", "client_request_id": "y" * 1000}, "y" * 1000, "longer than 256"),
         ]
         for obj, cid, match in cases:
             sock.send(enc(obj))

@@ -30,6 +30,7 @@ HEARTBEAT_IVL_MS = 2000  # ZMTP pings to every peer; a peer silent for HEARTBEAT
 HEARTBEAT_TIMEOUT_MS = 10000
 MAX_CHAT_KEYS = 8  # keys of one chat message ({'role', 'content', 'name', ...})
 MAX_CHAT_KEY_CHARS = 64
+MAX_REQUEST_ID_CHARS = 256  # a client_request_id comes back in every reply of its request
 
 
 @dataclass(frozen=True)

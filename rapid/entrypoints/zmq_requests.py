@@ -16,7 +16,7 @@ from typing import Annotated, Any, Optional
 import msgspec
 
 from rapid.entrypoints.llm_inputs import server_chat_messages
-from rapid.entrypoints.zmq_limits import MAX_CHAT_KEY_CHARS, MAX_CHAT_KEYS, ServerLimits
+from rapid.entrypoints.zmq_limits import MAX_CHAT_KEY_CHARS, MAX_CHAT_KEYS, MAX_REQUEST_ID_CHARS, ServerLimits
 from rapid.params import SamplingParams
 from rapid.protocol.api import CancelRequest, ChatRequest, GenerateRequest
 
@@ -93,10 +93,11 @@ class RequestReader:
         key = Annotated[str, msgspec.Meta(max_length=MAX_CHAT_KEY_CHARS)]
         message = Annotated[dict[key, text], msgspec.Meta(max_length=MAX_CHAT_KEYS)]
         messages = Annotated[list[message], msgspec.Meta(max_length=limits.max_chat_messages)]
+        rid = {"client_request_id": Annotated[str, msgspec.Meta(max_length=MAX_REQUEST_ID_CHARS)]}
         generate = _strict(GenerateRequest, {"prompt": Optional[text], "prompt_token_ids": Optional[ids],
-                                             "params": _StrictParams})
-        chat = _strict(ChatRequest, {"messages": messages, "params": _StrictParams})
-        self.cancel_type = _strict(CancelRequest, {})
+                                             "params": _StrictParams, **rid})
+        chat = _strict(ChatRequest, {"messages": messages, "params": _StrictParams, **rid})
+        self.cancel_type = _strict(CancelRequest, rid)
         self.chat_type = chat
         self._decoder = msgspec.msgpack.Decoder(generate | chat | self.cancel_type)
 
@@ -117,6 +118,8 @@ class RequestReader:
         path = m.group(1) if m else ""
         if "length <=" not in error:
             return f"malformed message: {error}"
+        if path == "client_request_id":  # it comes back in every reply of the request
+            return f"client_request_id is longer than {MAX_REQUEST_ID_CHARS} characters"
         if path == "prompt_token_ids":
             return (f"prompt has more than {self.max_model_len} tokens; max_model_len is {self.max_model_len} "
                     "(prompt + max_tokens must fit)")
