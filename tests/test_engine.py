@@ -222,10 +222,13 @@ def test_bad_prompts_rejected_at_the_edge_and_engine_keeps_serving(tiny_llama, p
         assert len(generate(llm, [[5, 6, 7]])[0].outputs[0].token_ids) == 12
 
 
-def test_a_lone_surrogate_in_a_chat_is_a_value_error_and_close_is_shutdown(tiny_llama):
+def test_a_lone_surrogate_or_a_refusing_template_is_a_value_error_and_close_is_shutdown(tiny_llama):
     llm = LLM(tiny_llama, max_model_len=512)
     with pytest.raises(ValueError, match="message 1's content is not valid Unicode text"):
         llm.chat([{"role": "system", "content": "be brief"}, {"role": "user", "content": "\udfff"}], use_tqdm=False)
+    with pytest.raises(ValueError, match="the chat template refused the conversation: roles must alternate"):
+        llm.chat([{"role": "user", "content": "hi"}], chat_template="{{ raise_exception('roles must alternate') }}",
+                 use_tqdm=False)
     assert len(generate(llm, [[5, 6, 7]])[0].outputs[0].token_ids) == 12
     llm.close()
     with pytest.raises(EngineDeadError, match="shut down"):

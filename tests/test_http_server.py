@@ -237,6 +237,45 @@ def test_malformed_bodies_and_the_server_keeps_serving(served, client):
     assert client.completions.create(model="tiny", prompt="hello", max_tokens=2).choices[0].finish_reason
 
 
+def test_chat_errors_are_400s_naming_their_field_and_the_connection_stays_usable(client):
+    """A template that refuses the conversation (raise_exception, as Mistral's 'roles must alternate') or does not
+    parse is a 400 on messages, as vLLM's; so are top_logprobs out of range and a chat too long. The client's
+    pooled connection serves the next request (a 500 from an uncaught error used to close it)."""
+    bad = [({"chat_template": "{{ raise_exception('roles must alternate') }}"}, "messages", "roles must alternate"),
+           ({"chat_template": "{% if %}"}, "messages", "chat template"),
+           ({"logprobs": True, "top_logprobs": 30}, "top_logprobs", "top_logprobs must be in [0, 20]")]
+    for extra, param, match in bad:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=2, extra_body=extra)
+        assert e.value.body["param"] == param and match in e.value.body["message"], e.value.body
+        assert client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=2).choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "word " * 400}],
+                                       max_tokens=2)
+    assert e.value.body["param"] == "messages" and "max_model_len" in e.value.body["message"]
+
+
+def test_an_unexpected_error_is_an_openai_shaped_500(served, client, monkeypatch):
+    serving = served[0].server.config.app.state.serving
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(serving, "builder", broken)
+    r = httpx.post(served[0].url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+    assert r.status_code == 500 and r.json()["error"]["message"] == "internal error: RuntimeError: a bug"
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    monkeypatch.undo()
+    assert client.completions.create(model="tiny", prompt="hi", max_tokens=2).choices[0].text is not None
+
+
+def test_stream_options_keys_of_openai_this_server_lacks_are_ignored(client):
+    stream = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=3, stream=True,
+                                            stream_options={"include_usage": True, "include_obfuscation": False})
+    chunks = list(stream)
+    assert chunks[-1].usage.completion_tokens == 3 and not chunks[-1].choices
+
+
 def test_oversized_text_is_refused_before_tokenization(served):
     """As the ZeroMQ side: text longer than max_model_len x 32 characters gets a 400 with the numbers, untokenized
     (a 20 MB prompt took 33-110 s and 0.7 GB of the server's memory when it was tokenized first)."""

@@ -175,3 +175,30 @@ def test_a_preempted_request_counts_as_waiting_until_a_batch_takes_it_again():
     fields = msgspec.msgpack.decode(msgspec.msgpack.encode(RequestDelta("r", [], "", first_scheduled_time=1.0)))
     old = msgspec.msgpack.encode(fields[:-1])  # one field fewer (no flag), as an older core sends
     assert not msgspec.msgpack.decode(old, type=RequestDelta).preempted
+
+
+def test_engine_gauges_keep_their_last_value_while_the_engine_loop_is_busy():
+    """A scrape during a long engine step (get_stats times out) shows the last figures, not a gap; a dead engine
+    drops them."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from rapid.engine.client import EngineDeadError
+    from rapid.protocol.engine import Stats
+
+    answers = [Stats([], [], [], [], num_free_blocks=25, num_blocks=100), TimeoutError(), EngineDeadError("down")]
+
+    def get_stats():
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    m = ServerMetrics("m", "rapid", get_stats=get_stats, stats_interval_s=0)
+
+    def kv_usage():
+        return [s.value for fam in text_string_to_metric_families(m.render().decode()) for s in fam.samples
+                if s.name == "rapid:kv_cache_usage_perc"]
+
+    assert kv_usage() == [0.75]
+    assert kv_usage() == [0.75]  # the engine loop did not answer in time: the previous figure stands
+    assert kv_usage() == []

@@ -180,10 +180,15 @@ class LLM:
             raise ValueError("continue_final_message=True continues the last message: pass add_generation_prompt=False")
         if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
             raise TypeError(f"chat_template_kwargs must be a dict, got {type(chat_template_kwargs).__name__}")
-        ids = self.tokenizer.apply_chat_template(
-            text_parts_joined(conversation), chat_template=chat_template, add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message, tools=tools, tokenize=True,
-            **(chat_template_kwargs or {}))
+        from jinja2 import TemplateError  # transformers renders chat templates with jinja2
+
+        try:
+            ids = self.tokenizer.apply_chat_template(
+                text_parts_joined(conversation), chat_template=chat_template,
+                add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+                tools=tools, tokenize=True, **(chat_template_kwargs or {}))
+        except TemplateError as e:  # a template's raise_exception ("roles must alternate ...") or a syntax error
+            raise ValueError(f"the chat template refused the conversation: {e}") from None
         if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
             ids = ids["input_ids"]
         return list(ids)

@@ -21,6 +21,7 @@ from rapid.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
 from rapid.entrypoints.openai.serving import OpenAIServing
 
 logger = logging.getLogger(__name__)
+STATS_WAIT_S = 1.0  # how long /metrics waits for the engine loop's stats (a long step holds them)
 
 
 def _error(e: P.ApiError) -> JSONResponse:
@@ -58,7 +59,9 @@ def build_app(frontend: EngineFrontend, *, model_name: str | list[str] | None = 
     names = [model_name] if isinstance(model_name, str) else list(model_name or [])
     model_name, aliases = (names[0], tuple(names[1:])) if names else (config.model, ())
     if metrics is None:
-        metrics = ServerMetrics(model_name, config.mode, get_stats=getattr(frontend, "get_stats", None),
+        get_stats = getattr(frontend, "get_stats", None)  # a scrape waits STATS_WAIT_S at most, then shows the last
+        quick = (lambda: get_stats(timeout_s=STATS_WAIT_S)) if get_stats is not None else None
+        metrics = ServerMetrics(model_name, config.mode, get_stats=quick,
                                 placement=make_placement(config).name, max_model_len=config.scheduler.max_model_len)
     serving = OpenAIServing(frontend, model_name, metrics, chat_template, aliases, log_requests)
     app = FastAPI(title="RAPID", openapi_url=None, docs_url=None, redoc_url=None)
@@ -81,7 +84,11 @@ def build_app(frontend: EngineFrontend, *, model_name: str | list[str] | None = 
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), api_key.encode()):
                 return _error(P.ApiError(401, "Incorrect API key provided; send 'Authorization: Bearer <key>'",
                                          code="invalid_api_key"))
-        return await call_next(request)
+        try:
+            return await call_next(request)
+        except Exception as e:  # a bug: an OpenAI-shaped 500 (not text/plain), and the connection stays usable
+            logger.exception("%s %s failed", request.method, request.url.path)
+            return _error(P.ApiError(500, f"internal error: {type(e).__name__}: {e}", type="internal_server_error"))
 
     @app.get("/health")
     async def health() -> Response:

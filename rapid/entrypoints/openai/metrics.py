@@ -57,6 +57,8 @@ class _EngineStatsCollector:
             self._at = time.monotonic()
             try:
                 self._cached = self.get_stats()
+            except TimeoutError:  # the engine loop is inside a long step: the last figures stand meanwhile
+                logger.debug("engine stats not ready: /metrics keeps the previous ones")
             except Exception as e:  # a dead engine still lets /metrics answer
                 logger.warning("engine stats unavailable: %s", e)
                 self._cached = None

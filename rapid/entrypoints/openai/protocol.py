@@ -30,7 +30,7 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
+class StreamOptions(msgspec.Struct):  # other keys ignored (OpenAI's include_obfuscation, say), as vLLM does
     include_usage: bool = False
     continuous_usage_stats: bool = False
 
@@ -312,6 +312,9 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
 def chat_logprobs(req: ChatCompletionRequest) -> int | None:
     if req.top_logprobs is not None and not req.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_LOGPROBS:  # chat names it top_logprobs
+        raise ApiError(400, f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {req.top_logprobs}",
+                       param="top_logprobs")
     return (req.top_logprobs or 0) if req.logprobs else None
 
 

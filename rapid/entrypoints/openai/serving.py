@@ -133,7 +133,7 @@ class RequestConverter:
             raise P.ApiError(404, f"the model {req.model!r} does not exist; this server serves {self.model_name!r}",
                              param="model", code="model_not_found")
 
-    def _validate(self, prompt, req) -> tuple[str | None, list[int]]:
+    def _validate(self, prompt, req, param: str = "prompt") -> tuple[str | None, list[int]]:
         """(text, ids) of one prompt, truncate_prompt_tokens applied, or ApiError 400."""
         try:
             truncate = SamplingParams(max_tokens=1, truncate_prompt_tokens=req.truncate_prompt_tokens)
@@ -142,7 +142,7 @@ class RequestConverter:
         try:
             return self.llm.validate(prompt, truncate)
         except (ValueError, TypeError) as e:
-            raise P.ApiError(400, str(e), param="prompt") from None
+            raise P.ApiError(400, str(e), param=param) from None
 
     def _items(self, req, prompts: list[tuple[str | None, list[int]]], max_tokens, logprobs) -> list[Item]:
         """`max_tokens` None: the model's default (generation_config.json's max_new_tokens), within the room left."""
@@ -176,7 +176,7 @@ class RequestConverter:
     def chat_items(self, req: P.ChatCompletionRequest) -> list[Item]:
         self._check_model(req)
         self._check_messages_size(req)
-        _, ids = self._validate({"prompt_token_ids": self._chat_prompt_ids(req)}, req)
+        _, ids = self._validate({"prompt_token_ids": self._chat_prompt_ids(req)}, req, "messages")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         return self._items(req, [(None, ids)], max_tokens, P.chat_logprobs(req))
 
