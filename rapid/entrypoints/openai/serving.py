@@ -242,6 +242,14 @@ class OpenAIServing(RequestConverter):
         # (its streams, /health) while it is tokenized.
         self.tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rapid-http-tokenize")
 
+    def completion_items(self, req: P.CompletionRequest) -> list[Item]:
+        """As RequestConverter's, after refusing at once what the frontend could never admit (before tokenizing)."""
+        choices, limit = len(P.prompts(req)) * req.n, self.frontend.max_pending
+        if choices > limit:
+            raise P.ApiError(400, f"this request makes {choices} engine requests (prompts x n); the server takes at "
+                             f"most {limit} at once (rapid serve --max-pending)", param="prompt")
+        return super().completion_items(req)
+
     async def off_loop(self, fn: Callable, *args):
         """fn(*args) on the tokenizing thread (completion_items, chat_items, tokenize, detokenize)."""
         try:
