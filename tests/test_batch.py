@@ -178,6 +178,14 @@ def test_cli_batch_size_checked_before_the_engine_starts(tmp_path, capsys):
     assert "got 0" in capsys.readouterr().err
 
 
+def test_an_output_that_cannot_be_written_fails_before_the_engine_starts(tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    write_jsonl(src, [{"prompt": "hello"}])
+    assert main(["batch", str(src), str(tmp_path / "no" / "such" / "out.jsonl"),
+                 "--model", str(tmp_path / "absent")]) == 2  # an absent model: no engine could have started
+    assert "No such file or directory" in capsys.readouterr().err
+
+
 def test_the_input_is_never_the_output(tmp_path, capsys):
     src = tmp_path / "in.jsonl"
     write_jsonl(src, [{"prompt": "hello"}, {"prompt": "again"}])

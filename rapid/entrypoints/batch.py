@@ -319,6 +319,8 @@ def run_batch(args) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     _check_distinct(args.input, args.output)  # before the engine starts
+    with open(args.output, "a", encoding="utf-8"):  # the output can be written (a missing folder fails now, not later)
+        pass
     with LLM.from_engine_args(EngineArgs.from_cli_args(args)) as llm, startup_heap_frozen("rapid batch"):
         counts = run_file(llm, args.input, args.output, max_tokens=args.max_tokens, temperature=args.temperature,
                           chunk_size=args.batch_size)
