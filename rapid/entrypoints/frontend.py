@@ -109,14 +109,19 @@ class EngineFrontend:
         with self._count_lock:
             if self._closed or self._stop.is_set():
                 raise EngineDeadError("the frontend is closed")
-            if self._num_pending + len(requests) > self.max_pending:
-                more = f" and these add {len(requests)}" if len(requests) > 1 else ""
-                raise OverloadedError(f"{self._num_pending} requests are in flight{more} (the limit is "
-                                      f"{self.max_pending}); retry later")
+            self.check_room(len(requests))
             self._num_pending += len(requests)
             now = time.time()
             for request_id, prompt_token_ids, params, on_delta, prompt in requests:
                 self._commands.put(_Submit(request_id, list(prompt_token_ids), params, prompt, on_delta, now))
+
+    def check_room(self, count: int) -> None:
+        """OverloadedError unless `count` more requests fit beside those in flight (submit_all's own check; a server
+        may ask first, before it tokenizes them)."""
+        if self._num_pending + count > self.max_pending:
+            more = f" and these add {count}" if count > 1 else ""
+            raise OverloadedError(f"{self._num_pending} requests are in flight{more} (the limit is "
+                                  f"{self.max_pending}); retry later")
 
     def observe_requests(self, factory: ObserverFactory) -> Callable[[], None]:
         """Follow every request that reaches the engine from now on, by any server: `factory(num_prompt_tokens,
