@@ -36,6 +36,11 @@ request_logger = logging.getLogger(__name__ + ".requests")  # log_requests' line
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 
 
+def too_many(e: OverloadedError) -> P.ApiError:
+    """The frontend's refusal as OpenAI's 429."""
+    return P.ApiError(429, str(e), type="rate_limit_error", code="overloaded")
+
+
 @dataclass
 class Item:
     """One engine request of an HTTP request: choice `index` of prompt `prompt_index`."""
@@ -70,7 +75,7 @@ class Job:
             self.unfinished.update(it.index for it in self.items)
         except OverloadedError as e:
             self.abort()
-            raise P.ApiError(429, str(e), type="rate_limit_error", code="overloaded") from None
+            raise too_many(e) from None
         except EngineDeadError as e:
             self.abort()
             raise P.ApiError(503, f"the engine is not available: {e}", type="service_unavailable") from None
@@ -114,15 +119,15 @@ class RequestConverter:
         self.max_tokens_cap = max_tokens_cap(llm.config.generation_config, llm.default_sampling_params,
                                              llm.config.override_generation_config)
         self.accepted_models = {model_name, llm.config.model, *aliases} if model_name is not None else None
-        # the longest text tokenized at all, as on the ZeroMQ side (a 20 MB prompt is refused in microseconds)
-        self.chars_per_token = ServerLimits.max_chars_per_token
-        self.max_chars = llm.config.scheduler.max_model_len * self.chars_per_token
+        # the longest text tokenized at all, the ZeroMQ side's bound (a 20 MB prompt is refused in microseconds)
+        self.limits = ServerLimits()
+        self.max_chars = self.limits.max_prompt_chars(llm.config.scheduler.max_model_len)
 
     def _check_chars(self, size: int, what: str, param: str) -> None:
         if size > self.max_chars:
             raise P.ApiError(400, f"{what} has {size} characters; at most {self.max_chars} are tokenized "
-                             f"(max_model_len {self.llm.config.scheduler.max_model_len} x {self.chars_per_token} "
-                             "characters per token)", param=param)
+                             f"(max_model_len {self.llm.config.scheduler.max_model_len} x "
+                             f"{self.limits.max_chars_per_token} characters per token)", param=param)
 
     def _check_messages_size(self, req) -> None:
         """The messages' size as JSON (an upper bound of their text) against the same bound, before the template."""
@@ -248,7 +253,7 @@ class OpenAIServing(RequestConverter):
         try:
             self.frontend.check_room(len(P.prompts(req)) * req.n)
         except OverloadedError as e:
-            raise P.ApiError(429, str(e), type="rate_limit_error", code="overloaded") from None
+            raise too_many(e) from None
         return super().completion_items(req)
 
     async def off_loop(self, fn: Callable, *args):
