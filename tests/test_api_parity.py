@@ -191,6 +191,8 @@ def test_chat_template_options(llm):
     (dict(allowed_token_ids=[]), "allowed_token_ids"), (dict(truncate_prompt_tokens=0), "truncate_prompt_tokens"),
     (dict(prompt_logprobs=99), "prompt_logprobs"), (dict(bad_words=[""]), "bad_words"),
     (dict(max_tokens=0), "max_tokens"),
+    (dict(truncate_prompt_tokens=MAX_MODEL_LEN + 1), rf"truncate_prompt_tokens \({MAX_MODEL_LEN + 1}\) is greater than "
+                                                      rf"max_model_len \({MAX_MODEL_LEN}\)"),  # vLLM's rule
 ])
 def test_new_params_validated_at_the_edge(llm, kwargs, field):
     with pytest.raises(ValueError, match=field):

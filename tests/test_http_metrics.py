@@ -10,7 +10,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from rapid import LLM
+from rapid import LLM, SamplingParams
 from rapid.entrypoints.frontend import EngineFrontend
 from rapid.entrypoints.openai.api_server import build_app
 from rapid.entrypoints.openai.http_server import HttpServer
@@ -105,17 +105,21 @@ def test_preempted_requests_count_as_waiting_and_the_gauges_end_at_zero(small_po
     assert mine.registry.get_sample_value("rapid:num_requests_waiting", LABELS) == 0
 
 
-def test_a_request_refused_with_429_records_nothing_and_leaves_nothing_in_the_engine(small_pool):
-    """n=3 where the frontend admits 2 requests in flight: 429, and none of its choices reaches the engine or the
-    metrics (its first choices used to be queued, then aborted, and counted: request_success{abort}, e2e latency,
-    the per-request histograms). A request of n=2, which fits, is then served and counted."""
+def test_a_refused_request_records_nothing_and_leaves_nothing_in_the_engine(small_pool):
+    """n=3 where the frontend admits 2 requests in flight: a 400 (no retry can succeed), and none of its choices
+    reaches the engine or the metrics (its first choices used to be queued, then aborted, and counted:
+    request_success{abort}, e2e latency, the per-request histograms). A request of n=2, which fits, is then served
+    and counted."""
     frontend, server = served(small_pool, max_pending=2)
     body = {"prompt": "Paris is", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
     try:
         before = scrape(server.url)
-        r = httpx.post(server.url + "/v1/completions", json=body | {"n": 3}, timeout=60)
-        assert r.status_code == 429 and r.json()["error"]["code"] == "overloaded", r.text
-        assert "these add 3" in r.json()["error"]["message"]
+        for path, extra in (("/v1/completions", {}), ("/v1/chat/completions", {"messages": [{"role": "user",
+                                                                                           "content": "hi"}]})):
+            r = httpx.post(server.url + path, json=body | extra | {"n": 3}, timeout=60)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
+            assert "these are 3 requests (prompts x n), more than this server holds at once (--max-pending 2)" in \
+                r.json()["error"]["message"]
         time.sleep(0.5)  # what the engine loop would have done with queued choices (add, then abort) is done
         assert frontend.num_pending == 0 and frontend.get_stats().num_requests == 0  # nothing left in the engine
         refused = scrape(server.url)
@@ -132,3 +136,31 @@ def test_a_request_refused_with_429_records_nothing_and_leaves_nothing_in_the_en
     assert served_two["rapid:request_success_total{length}"] == 2
     assert served_two["rapid:e2e_request_latency_seconds_count"] == 2
     assert served_two["rapid:request_params_n_count"] == 1 and served_two["rapid:request_generation_tokens_sum"] == 8
+
+
+def test_a_request_that_does_not_fit_beside_those_in_flight_gets_a_429(small_pool):
+    """With 1 of 2 requests in flight, n=2 gets OpenAI's 429 (retry later); once the first is done, it is served."""
+    frontend, server = served(small_pool, max_pending=2)
+    gate = threading.Event()
+    try:  # the held request's deltas wait on the gate, so it stays in flight until the 429 has been given
+        frontend.submit("held", [5, 6, 7], SamplingParams(max_tokens=4, ignore_eos=True), lambda d: gate.wait(30))
+        body = {"prompt": "Paris is", "max_tokens": 2, "n": 2}
+        r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 429 and r.json()["error"]["code"] == "overloaded", r.text
+        assert "1 requests are in flight and these add 2 (the limit is 2); retry later" in r.json()["error"]["message"]
+        gate.set()
+        assert wait_until(lambda: frontend.num_pending == 0, timeout=30)
+        r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200 and len(r.json()["choices"]) == 2, r.text
+    finally:
+        gate.set()
+        server.stop()
+        frontend.close()
+
+
+def test_request_success_has_every_finished_reason_at_zero_from_the_start():
+    """vLLM's series exist before any request ends, so rate() and absent() see them from the start."""
+    families = text_string_to_metric_families(ServerMetrics("tiny", "hybrid").render().decode())
+    success = {s.labels["finished_reason"]: s.value for fam in families for s in fam.samples
+               if s.name == "rapid:request_success_total"}
+    assert success == {"stop": 0, "length": 0, "abort": 0, "error": 0}

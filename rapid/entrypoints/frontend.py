@@ -46,6 +46,10 @@ class OverloadedError(RuntimeError):
     """More requests are waiting than the frontend admits (answer 429 / 503 and let the client retry)."""
 
 
+class NeverFitsError(ValueError):
+    """One submission holds more requests than the frontend ever admits at once: no retry can succeed (a 400)."""
+
+
 @dataclass
 class _Submit:
     request_id: str
@@ -103,7 +107,7 @@ class EngineFrontend:
 
     def submit_all(self, requests: list[tuple[str, list[int], SamplingParams, DeltaCallback, str | None]]) -> None:
         """Queue several validated requests, (request_id, prompt_token_ids, params, on_delta, prompt) each, all or
-        none: OverloadedError (or EngineDeadError) queues none of them, so a refused HTTP request with n choices
+        none: OverloadedError, NeverFitsError (or EngineDeadError) queues none of them, so a refused HTTP request with n choices
         leaves nothing in the engine or in the metrics."""
         self.check_health()
         with self._count_lock:
@@ -116,8 +120,11 @@ class EngineFrontend:
                 self._commands.put(_Submit(request_id, list(prompt_token_ids), params, prompt, on_delta, now))
 
     def check_room(self, count: int) -> None:
-        """OverloadedError unless `count` more requests fit beside those in flight (submit_all's own check; a server
-        may ask first, before it tokenizes them)."""
+        """OverloadedError unless `count` more requests fit beside those in flight, NeverFitsError when they would not
+        fit even alone (submit_all's own check; a server may ask first, before it tokenizes them)."""
+        if count > self.max_pending:
+            raise NeverFitsError(f"these are {count} requests (prompts x n), more than this server holds at once "
+                                 f"(--max-pending {self.max_pending}); send fewer at a time")
         if self._num_pending + count > self.max_pending:
             more = f" and these add {count}" if count > 1 else ""
             raise OverloadedError(f"{self._num_pending} requests are in flight{more} (the limit is "

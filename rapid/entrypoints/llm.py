@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from rapid.config import EngineArgs, EngineConfig
 from rapid.model.config import ModelConfig
 from rapid.entrypoints.llm_inputs import (
-    check_text, parse_prompt, prepare_params, text_parts_joined, to_sampling_params, truncate,
+    check_text, check_truncation, parse_prompt, prepare_params, text_parts_joined, to_sampling_params, truncate,
 )
 from rapid.generation_defaults import (
     generation_config_folder, read_eos_ids, read_sampling_defaults,
@@ -138,6 +138,7 @@ class LLM:
         or TypeError / ValueError with the same message generate() would raise. cap_max_tokens (the offline API,
         as vLLM's): a max_tokens past the longest sequence is cut to it, so the output ends there ('length')."""
         params = to_sampling_params(self.get_default_sampling_params() if sampling_params is None else sampling_params)
+        check_truncation(params, self.config.scheduler.max_model_len)
         text, ids = self._prompt_ids(prompt)
         ids = truncate(ids, params)
         longest = self.longest_sequence

@@ -59,6 +59,14 @@ def check_text(text: str, what: str) -> None:
         raise ValueError(f"{what} is not valid Unicode text: {e.reason} at character {e.start}") from None
 
 
+def check_truncation(params: SamplingParams, max_model_len: int) -> None:
+    """vLLM's rule: truncate_prompt_tokens past max_model_len is a ValueError (no prompt that long could run)."""
+    k = params.truncate_prompt_tokens
+    if k is not None and k > max_model_len:
+        raise ValueError(f"truncate_prompt_tokens ({k}) is greater than max_model_len ({max_model_len}); "
+                         "choose a smaller truncation size")
+
+
 def truncate(ids: list[int], params: SamplingParams) -> list[int]:
     k = params.truncate_prompt_tokens
     return ids[-k:] if k is not None and len(ids) > k else ids

@@ -45,7 +45,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from rapid.engine.client import EngineDeadError
-from rapid.entrypoints.frontend import EngineFrontend, OverloadedError
+from rapid.entrypoints.frontend import EngineFrontend, NeverFitsError, OverloadedError
 from rapid.entrypoints.zmq_endpoint import Endpoint, reaper_dir_of
 from rapid.entrypoints.zmq_limits import (
     HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS, MiB, ZMQ_RCVHWM, ZMQ_SNDHWM, ServerLimits,
@@ -363,7 +363,7 @@ class RapidServer:
         job = Job(peer, q.cid, rid, q.stream, text, ids, q.arrival_time)
         try:
             self.frontend.submit(rid, ids, params, self._on_delta, prompt=text)
-        except (EngineDeadError, OverloadedError) as e:
+        except (EngineDeadError, OverloadedError, NeverFitsError) as e:
             del peer.requests[q.cid]
             what = "engine error" if isinstance(e, EngineDeadError) else "server busy"
             self._clients.send(peer, ErrorReply(q.cid, f"{what}: {e}"))

@@ -31,6 +31,7 @@ LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0
                    20.0, 40.0, 80.0)
 PHASE_BUCKETS = LATENCY_BUCKETS + (160.0, 320.0, 640.0, 1280.0, 2560.0, 7680.0)  # a request's queue, prefill...
 N_BUCKETS = (1, 2, 5, 10, 20)  # vLLM's for request_params_n
+FINISHED_REASONS = ("stop", "length", "abort", "error")  # rapid:request_success's label values
 
 
 def token_buckets(max_model_len: int) -> tuple[int, ...]:
@@ -135,6 +136,8 @@ class ServerMetrics:
                                   registry=r).labels(**self.labels)
         self.success = Counter("rapid:request_success", "Finished requests, by finish reason.",
                                names + ["finished_reason"], registry=r)
+        for reason in FINISHED_REASONS:  # every series from the start, at 0, as vLLM's (rate() and absent() see them)
+            self.success.labels(**self.labels, finished_reason=reason)
         info = Gauge("rapid:engine_info", "The engine's mode and prefill placement (value 1).",
                      names + ["mode", "placement"], registry=r)
         info.labels(**self.labels, mode=mode, placement=placement).set(1)

@@ -14,7 +14,7 @@ import msgspec
 from rapid.entrypoints.llm_inputs import chat_role
 from rapid.params import MAX_LOGPROBS, SamplingParams
 
-MAX_N = 64  # choices per request (each one is an engine request)
+MAX_N = 128  # choices per request (each one is an engine request): OpenAI's own limit; vLLM has none
 SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -184,6 +184,8 @@ def decode(body: bytes, kind: type[msgspec.Struct]) -> Any:
         raise ApiError(400, f"invalid request: {e}", param=found.group(1) if found else None) from None
     except msgspec.DecodeError as e:
         raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:  # msgspec decodes nested arrays and objects recursively
+        raise ApiError(400, "the request body nests arrays or objects too deeply to decode") from None
     if isinstance(req, _Sampling):
         _check_common(req)
     return req

@@ -105,7 +105,7 @@ class Builder:
         body = self._head("chat.completion.chunk" if self.chat else "text_completion")
         lp = self.logprobs(entries, text_offset) if entries else None
         if self.chat:
-            delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+            delta = {"role": "assistant", "content": text} if first else {"content": text}
             choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
         else:
             choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": finish_reason}

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import msgspec
 
 from rapid.engine.client import EngineDeadError
-from rapid.entrypoints.frontend import EngineFrontend, OverloadedError
+from rapid.entrypoints.frontend import EngineFrontend, NeverFitsError, OverloadedError
+from rapid.entrypoints.llm_inputs import check_truncation
 from rapid.generation_defaults import max_tokens_cap
 from rapid.entrypoints.openai import protocol as P
 from rapid.entrypoints.openai.mailbox import LoopMailbox
@@ -36,8 +37,10 @@ request_logger = logging.getLogger(__name__ + ".requests")  # log_requests' line
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 
 
-def too_many(e: OverloadedError) -> P.ApiError:
-    """The frontend's refusal as OpenAI's 429."""
+def refused(e: OverloadedError | NeverFitsError, n: int = 1) -> P.ApiError:
+    """The frontend's refusal as OpenAI's 429 (retry later), or a 400 when the request alone can never fit."""
+    if isinstance(e, NeverFitsError):
+        return P.ApiError(400, str(e), param="n" if n > 1 else "prompt")
     return P.ApiError(429, str(e), type="rate_limit_error", code="overloaded")
 
 
@@ -73,9 +76,9 @@ class Job:
                                   lambda d, i=it.index: mailbox.post(self.queue.put_nowait, (i, d)), it.text)
                                  for it in self.items])
             self.unfinished.update(it.index for it in self.items)
-        except OverloadedError as e:
+        except (OverloadedError, NeverFitsError) as e:
             self.abort()
-            raise too_many(e) from None
+            raise refused(e, len(self.items) // len({it.prompt_index for it in self.items})) from None
         except EngineDeadError as e:
             self.abort()
             raise P.ApiError(503, f"the engine is not available: {e}", type="service_unavailable") from None
@@ -142,6 +145,7 @@ class RequestConverter:
         """(text, ids) of one prompt, truncate_prompt_tokens applied, or ApiError 400."""
         try:
             truncate = SamplingParams(max_tokens=1, truncate_prompt_tokens=req.truncate_prompt_tokens)
+            check_truncation(truncate, self.llm.config.scheduler.max_model_len)
         except (ValueError, TypeError) as e:
             raise P.ApiError(400, str(e), param="truncate_prompt_tokens") from None
         try:
@@ -248,12 +252,12 @@ class OpenAIServing(RequestConverter):
         self.tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rapid-http-tokenize")
 
     def completion_items(self, req: P.CompletionRequest) -> list[Item]:
-        """As RequestConverter's, after the 429 the frontend would give its prompts x n choices, before tokenizing
-        (100,000 prompts took 5.9 s to reach it)."""
+        """As RequestConverter's, after the 429 (or 400) the frontend would give its prompts x n choices, before
+        tokenizing (100,000 prompts took 5.9 s to reach it)."""
         try:
             self.frontend.check_room(len(P.prompts(req)) * req.n)
-        except OverloadedError as e:
-            raise too_many(e) from None
+        except (OverloadedError, NeverFitsError) as e:
+            raise refused(e, req.n) from None
         return super().completion_items(req)
 
     async def off_loop(self, fn: Callable, *args):
@@ -320,7 +324,7 @@ class OpenAIServing(RequestConverter):
                      ) -> AsyncIterator[str]:
         """Server-sent events: one chunk per delta, a usage chunk if asked, then [DONE]. `continuous_usage`
         (vLLM's stream_options.continuous_usage_stats, with include_usage): each chunk carries its choice's usage."""
-        first = set() if builder.chat else {it.index for it in job.items}
+        role_sent = set() if builder.chat else {it.index for it in job.items}  # completions send no role chunk
         ids_sent: set[int] = set()  # choices whose prompt token ids went out (return_token_ids)
         offsets = {it.index: 0 for it in job.items}
         produced = {it.index: 0 for it in job.items}
@@ -335,9 +339,17 @@ class OpenAIServing(RequestConverter):
                 produced[index] += len(d.new_token_ids)
                 entries = list(zip(d.new_token_ids, d.new_logprobs or []))
                 reason = d.finish_reason if d.finished else None
-                if not d.new_token_ids and not d.new_text and reason is None and index in first:
+                if index not in role_sent:  # chat: a chunk with the role alone comes first, as OpenAI's and vLLM's
+                    body = builder.chunk(index, "", None, None, first=True, include_usage=include_usage, token_ids=[],
+                                         prompt_token_ids=job.items_by_index[index].ids)
+                    if include_usage and continuous_usage:
+                        body["usage"] = usage(prompt_len[index], 0)
+                    yield sse(body)
+                    role_sent.add(index)
+                    ids_sent.add(index)
+                if not d.new_token_ids and not d.new_text and reason is None:
                     continue  # nothing new (a token whose text is held back still gets its chunk, as vLLM)
-                body = builder.chunk(index, d.new_text, entries, reason, first=index not in first,
+                body = builder.chunk(index, d.new_text, entries, reason,
                                      stop_reason=d.stop_reason if d.finished else None,
                                      text_offset=offsets[index], include_usage=include_usage,
                                      token_ids=d.new_token_ids,
@@ -345,7 +357,6 @@ class OpenAIServing(RequestConverter):
                 if include_usage and continuous_usage:
                     body["usage"] = usage(prompt_len[index], produced[index])
                 yield sse(body)
-                first.add(index)
                 ids_sent.add(index)
                 offsets[index] += len(d.new_text)
             if include_usage:
