@@ -107,8 +107,8 @@ class EngineFrontend:
 
     def submit_all(self, requests: list[tuple[str, list[int], SamplingParams, DeltaCallback, str | None]]) -> None:
         """Queue several validated requests, (request_id, prompt_token_ids, params, on_delta, prompt) each, all or
-        none: OverloadedError, NeverFitsError (or EngineDeadError) queues none of them, so a refused HTTP request with n choices
-        leaves nothing in the engine or in the metrics."""
+        none: OverloadedError, NeverFitsError (or EngineDeadError) queues none of them, so a refused HTTP request
+        with n choices leaves nothing in the engine or in the metrics."""
         self.check_health()
         with self._count_lock:
             if self._closed or self._stop.is_set():
