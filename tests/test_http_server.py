@@ -517,6 +517,43 @@ def test_sigterm_under_load_ends_every_request(tiny_llama):
             proc.wait()
 
 
+def test_a_second_sigint_ends_the_drain_at_once(tiny_llama):
+    """SIGINT twice during a 60-s drain: the requests in flight end at once, each with finish_reason 'abort' and
+    [DONE] (they used to be cut off mid-stream after uvicorn's 5 s, with a traceback each), and the exit is 0.
+    One request runs at a time, so the queued ones cannot finish before the signals."""
+    proc = rapid_serve(str(tiny_llama), "--max-model-len", str(MAX_LEN), "--port", "0", "--max-num-seqs", "1",
+                       "--shutdown-grace-s", "60", "--no-zmq")
+    try:
+        url = re.search(r"(http://\S+)/v1", proc.stdout.readline()).group(1)
+        ends: list = []
+
+        def stream():
+            body = {"prompt": "Once upon", "max_tokens": MAX_LEN - 10, "stream": True, "ignore_eos": True}
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+                lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+            ends.append((json.loads(lines[-2][6:])["choices"][0]["finish_reason"], lines[-1]))
+
+        threads = [threading.Thread(target=stream) for _ in range(6)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        t0 = time.time()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0 and time.time() - t0 < 20  # not the 60-s grace
+        for t in threads:
+            t.join(10)
+        assert len(ends) == 6 and all(done == "data: [DONE]" for _, done in ends), ends
+        assert sum(reason == "abort" for reason, _ in ends) >= 4, ends  # the queued ones at least
+        err = proc.stderr.read()
+        assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_response_format_json_schema(client):
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
     out = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=40, temperature=0, response_format={

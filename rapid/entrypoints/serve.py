@@ -2,7 +2,8 @@
 
 Every address flag is checked before the (slow) engine start. On SIGINT / SIGTERM: new requests are refused
 (503), in-flight ones get `--shutdown-grace-s` to finish and are then aborted (each still ends with a final
-message), the servers stop, the engine shuts down, and the process exits 0. A second signal acts as usual.
+message), the servers stop, the engine shuts down, and the process exits 0. A second signal ends the in-flight
+requests at once (each with its final message) and exits the same way; a third acts as usual.
 A signal while the engine starts cuts the start short (its clean-up runs): nothing is served, the exit is 0.
 """
 
@@ -38,8 +39,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-zmq", dest="zmq", action="store_false", help="do not start the ZeroMQ server")
     p.add_argument("--max-pending", type=int, default=4096, help="requests in flight before 429 (default: %(default)s)")
     p.add_argument("--shutdown-grace-s", type=float, default=5.0,
-                   help="on SIGINT/SIGTERM, seconds in-flight requests may finish before they are aborted "
-                        "(default: %(default)s)")
+                   help="on SIGINT/SIGTERM, seconds in-flight requests may finish before they are aborted; a "
+                        "second signal aborts them at once (default: %(default)s)")
     p.add_argument("--allowed-origins", nargs="+", default=None,
                    help="browser origins CORS lets call the HTTP API, '*' for any (default: none, no CORS headers)")
     p.add_argument("--chat-template", default=None,
@@ -154,16 +155,20 @@ def serve(args: argparse.Namespace) -> None:
 
     check_serve_args(args)
     engine_args = EngineArgs.from_cli_args(with_model_tag(args))
-    stop = [False]  # a plain flag: Event.set in the handler could wait on the lock Event.wait holds in this thread
+    # signals so far, a plain counter: Event.set in the handler could wait on the lock Event.wait holds in this
+    # thread. 1: drain (new requests refused, those in flight finish within --shutdown-grace-s); 2: stop now (those
+    # in flight end with finish_reason 'abort'); a third acts as usual.
+    stop = [0]
     started = []  # the LLM, once started
     previous = {}
 
     def on_signal(signum, _frame):
-        stop[0] = True
+        stop[0] += 1
         # at once (attribute writes only): a child killed with the owner (systemd's SIGTERM to the group) stays dead
         for llm in started:
             llm.engine.stop_restarts()
-        signal.signal(signum, previous.get(signum, signal.SIG_DFL))  # a second signal: the usual behaviour
+        if stop[0] >= 2:
+            signal.signal(signum, previous.get(signum, signal.SIG_DFL))
         if not started:  # the engine start (minutes on a GPU) is cut short: its clean-up runs, nothing is served
             raise StoppedDuringStart(signum)
 
@@ -182,7 +187,7 @@ def serve(args: argparse.Namespace) -> None:
     print("RAPID server stopped", flush=True)
 
 
-def _serve_llm(llm, args: argparse.Namespace, stop: list[bool]) -> None:
+def _serve_llm(llm, args: argparse.Namespace, stop: list[int]) -> None:
     from rapid.entrypoints.frontend import EngineFrontend
 
     frontend = EngineFrontend(llm, max_pending=args.max_pending)
@@ -214,8 +219,10 @@ def _serve_llm(llm, args: argparse.Namespace, stop: list[bool]) -> None:
         if zmq is not None:
             zmq.refuse_new()
         deadline = time.monotonic() + args.shutdown_grace_s
-        while frontend.num_pending and time.monotonic() < deadline:
+        while frontend.num_pending and time.monotonic() < deadline and stop[0] < 2:
             time.sleep(0.05)
+        if frontend.num_pending and stop[0] >= 2:
+            logger.info("a second signal: ending the %d requests in flight now", frontend.num_pending)
         if serving is not None:
             serving.abort_all()  # every stream still gets its final chunk (finish_reason 'abort') and [DONE]
     finally:
