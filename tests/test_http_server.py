@@ -477,6 +477,10 @@ def test_serve_refuses_a_remote_host_before_building_the_engine(tmp_path):
     proc = rapid_serve(str(tmp_path / "a"), "--model", str(tmp_path / "b"))
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "the model is given twice" in err
+    (tmp_path / "model").mkdir()  # a model folder after --served-model-name (nargs +): not the default model served
+    proc = rapid_serve("--served-model-name", "tiny", str(tmp_path / "model"))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and f"--served-model-name took the model '{tmp_path / 'model'}' as a name" in err
     with socket.socket() as taken:  # a port something listens on: refused before the model loads, as vLLM does
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -56,6 +56,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 def with_model_tag(args: argparse.Namespace) -> argparse.Namespace:
     """`rapid serve MODEL` as `vllm serve MODEL`: the positional model is --model (ValueError if both differ)."""
     tag = getattr(args, "model_tag", None)
+    names = getattr(args, "served_model_name", None) or []
+    if tag is None and args.model is None and len(names) > 1 and os.path.exists(names[-1]):
+        raise ValueError(f"--served-model-name took the model {names[-1]!r} as a name (it takes every word after "
+                         f"it): give the model first, `rapid serve {names[-1]} --served-model-name "
+                         f"{' '.join(names[:-1])}`, or as --model")
     if tag is None:
         return args
     if args.model is not None and args.model != tag:
