@@ -40,7 +40,7 @@ def sample_before(logits, batch: SamplingBatch, generator):
     q.exponential_(generator=generator)
     if batch.seeded_rows:
         row_gen = torch.Generator(device=logits.device)
-        for row, s in zip(batch.seeded_rows, batch.seeded_seeds):
+        for row, s in zip(batch.seeded_rows, batch.seeded_keys):
             row_gen.manual_seed(s)
             q[row].exponential_(generator=row_gen)
     q = q.clamp_min_(torch.finfo(torch.float32).tiny)

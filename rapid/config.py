@@ -298,8 +298,7 @@ class EngineArgs:
         RapidConfig, "worker_start_timeout_s", "modes rapid and disagg, and hybrid with engine_process: seconds to "
         "wait for each engine process to load its model and capture its graphs")
     decode_lookahead_blocks: int = _shared(
-        RapidConfig, "decode_lookahead_blocks", "modes rapid and disagg: KV blocks granted ahead of a decoding "
-        "sequence")
+        RapidConfig, "decode_lookahead_blocks", "every mode: KV blocks granted ahead of a decoding sequence")
     placement: str = _shared(
         RapidConfig, "placement", "mode rapid: where each prefill batch runs; adaptive: inside the decode step "
         "(hybrid batching) or on a prefill worker, chosen per batch from the load and the SLOs; static: always the "

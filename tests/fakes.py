@@ -18,7 +18,7 @@ class FakeWorkers:
     def send(self, lane, msg):
         getattr(self, lane).append(msg)
 
-    def poll(self, timeout_ms=0):
+    def poll(self):
         out, self.results = self.results, []
         return out
 

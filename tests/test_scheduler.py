@@ -699,7 +699,7 @@ class QueuedWorkers:
         (self.prefill if lane == PREFILL else self.inbox).append(msg)
         self.sent += [msg.batch_id] if isinstance(msg, PrefillBatch) else []
 
-    def poll(self, timeout_ms=0):
+    def poll(self):
         out = self._poll()
         self.answered += [m.batch_id for m in out if isinstance(m, PrefillDone)]
         self.joined += sum(1 for m in out if isinstance(m, PrefillDone) and m.step_tokens == 0)  # shared a step

@@ -2,7 +2,8 @@
 
 For each mode (one engine each, driven from this process; its engine core runs in a child process, as `rapid
 serve` deploys it, unless --no-engine-process) or against an OpenAI-compatible server (--backend openai),
-each request rate runs for --duration-s with prompts = rate x duration arriving as a Poisson process,
+each request rate runs for --duration-s with prompts = rate x duration arriving as a Poisson process (gamma
+gaps with --burstiness),
 on a FRESH trace (seed + rate index: the engine has never seen its prompts, so no prefix-cache hits
 between rates). Requests arriving in the warm-up are excluded; throughputs count what was served inside
 the window; each rate is judged stable or not (rapid.bench.steady), and goodput (>= 90% SLO attainment,

@@ -1,7 +1,7 @@
 """CUDA graphs for decode steps.
 
 DecodeGraphRunner captures one graph of the whole model forward per batch-size bucket
-(1, 2, 4, 8, then every multiple of 8 up to max_num_seqs). Every graph reads the same static
+(1, 2, 4, 8, then every multiple of 8 to 256 and of 32 above: bucket_sizes). Every graph reads the same static
 input buffers (token ids, positions, slot mapping, context lengths, block tables) and all graphs
 share one memory pool. `run` copies a live decode batch into the buffers, pads it to the next
 bucket (padding rows: slot -1, so they write no KV, and context length 0, so they read none), replays,
@@ -13,8 +13,8 @@ max_seq_len is held at max_model_len, so the backend's launch shapes do not depe
 
 The graphs capture the model as it runs: call `model.compile_pieces()` first (prepare_model does) so
 they hold the compiled kernels. That compiles the model's non-attention work between two attention
-calls (o_proj + residual + norm + MLP of layer i fused with the norm + qkv + rope of layer i+1; see
-rapid/model/llama.py), which turns about 40 small kernels per layer into a handful. Measured gain on
+calls (o_proj + residual + norm + MLP of layer i fused with the norm + qkv of layer i+1; rope runs in the
+attention backend's KV store; see rapid/model/llama.py), which turns about 40 small kernels per layer into a handful. Measured gain on
 an H100 at Llama-3.1-8B shapes (bench/results/kernels-h100.md): prefill of 2048 tokens 31.5k -> 37.9k
 tok/s with every size symbolic, 41.4k with only the token count symbolic (dynamic="tokens", the
 default; cuDNN SDPA); decode steps (CUDA graphs) batch 1 8.2 -> 6.2 ms, batch 64 12.5 -> 9.5 ms,

@@ -13,4 +13,4 @@ def make_client(config, tokenizer, eos_token_ids):
         return InprocClient(config, tokenizer, eos_token_ids)
     from rapid.engine.mp_client import MPClient
 
-    return MPClient(config, tokenizer, eos_token_ids)
+    return MPClient(config, eos_token_ids)  # the core process loads its own tokenizer

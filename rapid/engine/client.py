@@ -1,7 +1,8 @@
 """EngineClient: how a frontend (LLM, the ZeroMQ server, the benchmarks) talks to the engine core.
 
 One interface, two implementations: the core runs in this process (`InprocClient`, mode 'hybrid') or
-in its own process beside the workers (`MPClient`, modes 'rapid' and 'disagg'). Nothing outside the
+in its own process beside the workers (`MPClient`, modes 'rapid' and 'disagg', and 'hybrid' with
+engine_process). Nothing outside the
 engine touches anything else: what the server and benchmarks need (stats, the token budget, health)
 is a method here.
 """
@@ -31,7 +32,8 @@ class EngineClient(abc.ABC):
 
     @abc.abstractmethod
     def get_deltas(self, timeout_s: float | None = None) -> list[RequestDelta]:
-        """Output produced since the last call (blocks until some arrives or the timeout passes)."""
+        """Output produced since the last call: may wait up to timeout_s for some (in-process: runs at most one
+        step and never waits)."""
 
     @abc.abstractmethod
     def get_stats(self) -> Stats:

@@ -1,8 +1,9 @@
 """EngineCore: the one engine core of every mode (scheduler, KV block accounting, output processing).
 
-Each `step()` sends what the scheduler decides, then applies the workers' results to it. Where the workers live is hidden behind a small `Workers` interface: in this
-process (mode 'hybrid': `rapid.engine.inproc`, which runs one forward pass per poll) or behind ZeroMQ
-sockets (modes 'rapid' and 'disagg': `core_main`, the engine-core process). Plain Python: no torch.
+Each `step()` sends what the scheduler decides, then applies the workers' results to it. Where the workers live is
+hidden behind a small `Workers` interface: in this process (mode 'hybrid': `rapid.engine.inproc`, which runs one
+forward pass per poll) or behind ZeroMQ sockets (modes 'rapid' and 'disagg', and 'hybrid' with engine_process:
+`core_main`, the engine-core process). Plain Python: no torch.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class Workers(Protocol):
 
     def send(self, lane: str, msg) -> None: ...
 
-    def poll(self, timeout_ms: int = 0) -> list:
+    def poll(self) -> list:
         """Results produced since the last poll (PrefillDone, DecodeStep, Dropped, Transferred)."""
         ...
 
@@ -147,7 +148,7 @@ class EngineCore:
     def set_token_budget(self, max_num_batched_tokens: int) -> None:
         self.scheduler.set_token_budget(max_num_batched_tokens)
 
-    def step(self, timeout_ms: int = 0) -> list[RequestDelta]:
+    def step(self) -> list[RequestDelta]:
         """Send the scheduler's decisions, then apply the workers' results; return the new output.
 
         In-process the poll runs the forward pass of what was just sent; across processes it collects what
@@ -158,7 +159,7 @@ class EngineCore:
         news = self._stamp_scheduled(messages)
         self._send(messages)
         deltas = []
-        results = self.workers.poll(timeout_ms)
+        results = self.workers.poll()
         for msg in results:
             self.stats.record(msg)
             for req in self.scheduler.update_from_output(msg):

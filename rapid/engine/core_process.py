@@ -35,7 +35,7 @@ class ZmqWorkers:
     def send(self, lane: str, msg) -> None:
         self.lanes[lane].send(msg)
 
-    def poll(self, timeout_ms: int = 0) -> list:
+    def poll(self) -> list:  # the waiting is the core loop's zmq poll (poll_timeout_ms)
         return self.results.drain()
 
     def close(self) -> None:

@@ -33,7 +33,7 @@ class InprocWorkers:
         if answer is not None:
             self.pending.append(answer)
 
-    def poll(self, timeout_ms: int = 0) -> list:
+    def poll(self) -> list:
         out, self.pending = self.pending, []
         if self.loop.has_work():
             out += self.loop.step()

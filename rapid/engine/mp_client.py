@@ -48,7 +48,7 @@ __all__ = ["MPClient", "ChildProcess", "MAX_RESTARTS", "RESTART_WINDOW_S"]
 
 
 class MPClient(EngineClient):
-    def __init__(self, config: EngineConfig, tokenizer, eos_token_ids):
+    def __init__(self, config: EngineConfig, eos_token_ids):
         self.config = config
         self.eos_token_ids = tuple(eos_token_ids)
         self.dead_reason: str | None = None  # set: down for good

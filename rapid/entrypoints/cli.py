@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("output", help="JSONL file of results, appended as they finish (a re-run skips done custom_ids)")
     b.add_argument("--max-tokens", type=int, default=128, help="default of each line (default: %(default)s)")
     b.add_argument("--temperature", type=float, default=0.0, help="default of each line (default: %(default)s)")
-    b.add_argument("--batch-size", type=int, default=None, help="lines per generate() call (default: 4 x max_num_seqs)")
+    b.add_argument("--batch-size", type=int, default=None,
+                   help="lines per generate() call (default: max(64, 4 x max_num_seqs))")
     EngineArgs.add_cli_args(b)
     b.set_defaults(func=cmd_batch)
 
@@ -178,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     fr.set_defaults(func=cmd_frontier)
 
     pl = bsub.add_parser("plan", help="pick the operating point for a decode batch and TPOT SLO from a measured frontier")
-    pl.add_argument("--frontier", default="bench/results/frontier-h100.json")
+    pl.add_argument("--frontier", default="bench/results/frontier-h200.json",
+                    help="a frontier JSON (rapid bench frontier; default: the H200's, %(default)s)")
     pl.add_argument("--batch", type=int, required=True)
     pl.add_argument("--tpot-slo-ms", type=float, required=True)
     pl.set_defaults(func=cmd_plan)

@@ -1,7 +1,8 @@
 """The decode executor: the requests resident on it, stepped by itself, with prefill chunks placed inline.
 
 The same class runs inside the decode worker process (modes 'rapid' and 'disagg') and inside the
-user's process (mode 'hybrid', where every prefill batch is placed inline: hybrid batching). The
+user's process (mode 'hybrid', where every prefill batch is placed inline: hybrid batching; with engine_process, in
+the engine-core process). The
 engine core talks to it only through messages (rapid/protocol/worker.py): StartDecode, GrantBlocks,
 StopDecode and PrefillBatch in; DecodeStep, PrefillDone and Dropped out.
 

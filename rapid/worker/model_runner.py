@@ -1,7 +1,7 @@
 """ModelRunner: turns a list of SeqWork into one forward pass over the paged KV pool, then samples.
 
-It owns no scheduling state. The weights and the KV pool are given to it (so two runners in two
-processes can share one copy) or loaded/allocated here.
+It owns no scheduling state. The weights and the KV pool are given to it (worker/model_setup.py builds them), so
+two runners in two processes can share one copy.
 """
 
 from __future__ import annotations
@@ -146,10 +146,6 @@ class ModelRunner:
         if pos != len(w.prompt_token_ids) - 1:
             return None, None
         return entries, ranks
-
-    def execute(self, work: list[SeqWork]) -> list[SampledToken]:
-        """Forward + sample: one SampledToken per SeqWork with sample=True, in order."""
-        return self.collect(self.launch(work))
 
     @torch.inference_mode()
     def launch(self, work: list[SeqWork], inputs_from: tuple[Launched, list[int], list[int]] | None = None

@@ -82,7 +82,7 @@ class SamplingBatch:
     banned_ids: Tensor | None  # [M] int64
     # seeded random rows
     seeded_rows: list[int]
-    seeded_seeds: list[int]  # mix_seed(seed, step), one per seeded row
+    seeded_keys: list[int]  # mix_seed(seed, step), one per seeded row
     # logprobs
     max_num_logprobs: int  # -1 when no row asks for logprobs
     num_logprobs: list[int | None]
@@ -139,7 +139,7 @@ class SamplingBatch:
         temperature = min_p = top_k = top_p = None
         top_k_max = 0
         seeded_rows: list[int] = []
-        seeded_seeds: list[int] = []
+        seeded_keys: list[int] = []
         if not all_greedy:
             random_params = [p for p, g in zip(params, greedy_list) if not g]
             temperature = f32([1.0 if g else p.temperature for p, g in zip(params, greedy_list)])
@@ -154,7 +154,7 @@ class SamplingBatch:
             for i, (p, g) in enumerate(zip(params, greedy_list)):
                 if not g and p.seed is not None:
                     seeded_rows.append(i)
-                    seeded_seeds.append(mix_seed(p.seed, step_indices[i]))
+                    seeded_keys.append(mix_seed(p.seed, step_indices[i]))
 
         # Penalties.
         repetition_penalty = frequency_penalty = presence_penalty = None
@@ -241,7 +241,7 @@ class SamplingBatch:
             banned_rows=banned_rows,
             banned_ids=banned_ids,
             seeded_rows=seeded_rows,
-            seeded_seeds=seeded_seeds,
+            seeded_keys=seeded_keys,
             max_num_logprobs=max_num_logprobs,
             num_logprobs=num_logprobs,
         )
@@ -341,7 +341,7 @@ def sample_async(
             if batch.top_k is not None or batch.top_p is not None:
                 x = apply_top_k_top_p(x, batch.top_k, batch.top_k_max, batch.top_p)
         # [B]: a draw from softmax(x * scale) per row (rapid.worker.exponential_race)
-        random_tokens = sample_race(x, scale, generator, batch.seeded_rows, batch.seeded_seeds)
+        random_tokens = sample_race(x, scale, generator, batch.seeded_rows, batch.seeded_keys)
         tokens = (
             torch.where(batch.greedy, greedy_tokens, random_tokens)
             if greedy_tokens is not None

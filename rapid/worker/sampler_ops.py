@@ -34,7 +34,8 @@ def _splitmix64(x: int) -> int:
 
 
 def mix_seed(seed: int, step: int) -> int:
-    """Generator seed for request seed ``seed`` at step ``step``: a fixed hash in [0, 2**63)."""
+    """The noise key of request seed ``seed`` at step ``step``: a fixed hash in [0, 2**63) (exponential_race hashes
+    it with each token id)."""
     return _splitmix64(_splitmix64(seed & _MASK64) ^ (step & _MASK64)) >> 1
 
 

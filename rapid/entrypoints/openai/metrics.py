@@ -6,7 +6,7 @@ loop from the moment a request reaches the engine (one still queued in the front
 a request is waiting until the scheduler first puts it in a batch (RequestDelta.first_scheduled_time), running from
 then on (prefilling included), and waiting again while it is preempted (RequestDelta.preempted: from the preemption
 until a batch takes it again, as vLLM's scheduler puts it back in its waiting queue); its per-request histograms
-(phases, tokens, params) are observed when it ends. Engine metrics (KV usage, preemptions) come from a stats callable
+(phases, tokens, params) are observed when it ends. Engine metrics (KV usage, preemptions, placement, eager steps) come from a stats callable
 asked at most once per `stats_interval_s` at scrape time (it is a round trip to the engine core in multi-process
 modes).
 """
@@ -46,7 +46,8 @@ def token_buckets(max_model_len: int) -> tuple[int, ...]:
 
 
 class _EngineStatsCollector:
-    """rapid:kv_cache_usage_perc and rapid:num_preemptions from the engine's Stats (cached)."""
+    """Every metric read from the engine's Stats (cached): KV usage, preemptions, the prefill placement and its
+    learned costs, eager steps."""
 
     def __init__(self, get_stats: Callable[[], Stats], labels: dict[str, str], interval_s: float):
         self.get_stats, self.labels, self.interval_s = get_stats, labels, interval_s
