@@ -7,6 +7,7 @@ import itertools
 import logging
 import time
 import weakref
+from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -21,6 +22,7 @@ from rapid.entrypoints.llm_inputs import (
 from rapid.generation_defaults import (
     generation_config_folder, read_eos_ids, read_sampling_defaults,
 )
+from rapid.entrypoints.delta_router import DeltaRouter
 from rapid.entrypoints.llm_outputs import LogprobConverter, apply_delta
 from rapid.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from rapid.protocol.engine import AddRequest, RequestDelta
@@ -62,6 +64,7 @@ class LLM:
         self.eos_token_ids = read_eos_token_ids(file_eos, self.model_config, self.tokenizer)
         self._ids = itertools.count()
         self.engine: EngineClient = make_client(config, self.tokenizer, self.eos_token_ids)
+        self._router = DeltaRouter(self.engine)  # generate / generate_stream from several threads or streams
         self._finalizer = weakref.finalize(self, self.engine.shutdown)
         self._logprobs = LogprobConverter(self.tokenizer)
         if self.longest_sequence < config.scheduler.max_model_len:  # a warning only for a length the user set
@@ -212,8 +215,9 @@ class LLM:
         return list(prompts), params
 
     # ------------------------------------------------------------------ generation
-    def _submit(self, prompts, params) -> list[tuple[str, str | None, list[int], SamplingParams]]:
-        """Validate everything first, then enqueue; one entry per (prompt, sample index)."""
+    def _submit(self, prompts, params) -> tuple[list[tuple[str, str | None, list[int], SamplingParams]], deque]:
+        """Validate everything first, then enqueue; one entry per (prompt, sample index), and the router's inbox
+        of their deltas (the caller closes it)."""
         checked = [self.prepare(prompt, p, cap_max_tokens=True) for prompt, p in zip(prompts, params)]
         jobs = []
         for text, ids, p in checked:
@@ -221,29 +225,27 @@ class LLM:
             for i in range(p.n):
                 child = p if p.n == 1 else _child_params(p, i)
                 jobs.append((base if p.n == 1 else f"{base}-{i}", text, ids, child))
+        inbox = self._router.open(rid for rid, *_ in jobs)
         submitted: list[str] = []
         try:
             for rid, text, ids, p in jobs:
-                self.engine.add_request(AddRequest(rid, ids, p, prompt=text, arrival_time=time.time()))
+                self._router.call(self.engine.add_request, AddRequest(rid, ids, p, prompt=text,
+                                                                      arrival_time=time.time()))
                 submitted.append(rid)
         except BaseException:
             if submitted:
-                self.engine.abort(submitted)
-                self._drain(set(submitted))
+                self._router.call(self.engine.abort, submitted)
+                pending = set(submitted)
+                while pending:
+                    pending -= {d.request_id for d in self._router.take(inbox) if d.finished}
+            self._router.close(rid for rid, *_ in jobs)
             raise
-        return jobs
-
-    def _drain(self, ids: set[str]) -> None:
-        pending = set(ids)
-        while pending:
-            for d in self.engine.get_deltas():
-                if d.finished:
-                    pending.discard(d.request_id)
+        return jobs, inbox
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate for every prompt; outputs in input order (n > 1: one RequestOutput with n outputs)."""
         prompts, params = self._normalise(prompts, sampling_params)
-        jobs = self._submit(prompts, params)
+        jobs, inbox = self._submit(prompts, params)
         results: dict[str, RequestOutput] = {}
         child_to_parent: dict[str, tuple[str, int]] = {}
         order: list[str] = []
@@ -259,9 +261,7 @@ class LLM:
         t0, in_toks, out_toks = time.perf_counter(), 0, 0
         try:
             while pending:
-                for d in self.engine.get_deltas():
-                    if d.request_id not in child_to_parent:
-                        continue
+                for d in self._router.take(inbox):
                     parent, idx = child_to_parent[d.request_id]
                     apply_delta(results[parent], results[parent].outputs[idx], d, self._logprobs)
                     out_toks += len(d.new_token_ids)
@@ -275,9 +275,10 @@ class LLM:
                         bar.set_postfix_str(f"in {in_toks / elapsed:.0f} tok/s, out {out_toks / elapsed:.0f} tok/s")
         except BaseException:
             if pending:
-                self.engine.abort(sorted(pending))
+                self._router.call(self.engine.abort, sorted(pending))
             raise
         finally:
+            self._router.close(child_to_parent)
             bar.close()
         for out in results.values():
             out.finished = all(c.finish_reason is not None for c in out.outputs)
@@ -288,12 +289,12 @@ class LLM:
         prompts, params = self._normalise(prompt, sampling_params)
         if len(prompts) != 1 or params[0].n != 1:
             raise ValueError("generate_stream takes one prompt with n=1")
-        (rid, *_), = self._submit(prompts, params)
+        ((rid, *_),), inbox = self._submit(prompts, params)
         finished = False
         try:
             while not finished:
-                for d in self.engine.get_deltas():
-                    if d.request_id != rid or d.is_empty:  # (is_empty: it only says the request was scheduled)
+                for d in self._router.take(inbox):
+                    if d.is_empty:  # it only says the request was scheduled
                         continue
                     if d.error is not None:
                         raise _engine_error(d)
@@ -301,7 +302,8 @@ class LLM:
                     yield d
         finally:
             if not finished:
-                self.engine.abort([rid])
+                self._router.call(self.engine.abort, [rid])
+            self._router.close([rid])
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True, *, chat_template: str | None = None,
              add_generation_prompt: bool = True, continue_final_message: bool = False, tools: list[dict] | None = None,

@@ -1,0 +1,66 @@
+"""LLM.generate and generate_stream used by several callers at once (rapid/entrypoints/delta_router.py): two
+threads, two streams read in turn by one thread, a stream left open across a generate(). Each caller gets its
+own requests' whole output, equal to what one caller alone gets (they used to drop each other's deltas: hangs, and
+in hybrid outputs cut short with finish_reason 'length')."""
+
+import threading
+
+import pytest
+
+from rapid import LLM, SamplingParams
+from tiny import hf_greedy
+
+PROMPTS = [[5, 9, 30, 41, 7], [88, 120, 17], [250, 33, 6, 6], [11, 12]]
+OTHER = [[70, 71, 72], [3, 4, 5, 6, 7, 8], [99], [140, 141]]
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+@pytest.fixture(scope="module", params=["hybrid", "rapid"])
+def llm(request, tiny_llama):
+    with LLM(tiny_llama, mode=request.param, max_model_len=128) as llm:
+        yield llm
+
+
+def tokens(outputs) -> list[list[int]]:
+    return [out.outputs[0].token_ids for out in outputs]
+
+
+def test_two_threads_each_get_their_whole_outputs(llm, tiny_llama):
+    got: dict[str, list] = {}
+    errors: list[BaseException] = []
+
+    def run(name, prompts):
+        try:
+            got[name] = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+        except BaseException as e:  # reported below: a thread's exception would only be printed
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(name, prompts), daemon=True)
+               for name, prompts in (("a", PROMPTS), ("b", OTHER))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and not any(t.is_alive() for t in threads), errors
+    for name, prompts in (("a", PROMPTS), ("b", OTHER)):
+        assert [o.prompt_token_ids for o in got[name]] == prompts
+        assert all(o.finished and o.outputs[0].finish_reason == "length" for o in got[name])
+        assert tokens(got[name]) == [hf_greedy(tiny_llama, p, 24) for p in prompts]
+
+
+def test_two_streams_read_in_turn_and_a_stream_left_open_across_a_generate(llm):
+    want = tokens(llm.generate([{"prompt_token_ids": p} for p in PROMPTS[:2]], GREEDY, use_tqdm=False))
+    first, second = (llm.generate_stream({"prompt_token_ids": p}, GREEDY) for p in PROMPTS[:2])
+    streamed: list[list[int]] = [[], []]
+    for a, b in zip(first, second):  # one thread, two live streams
+        streamed[0] += a.new_token_ids
+        streamed[1] += b.new_token_ids
+    for i, rest in enumerate((first, second)):  # whichever ended later
+        streamed[i] += [t for d in rest for t in d.new_token_ids]
+    assert streamed == want
+
+    stream = llm.generate_stream({"prompt_token_ids": PROMPTS[0]}, GREEDY)
+    head = next(stream).new_token_ids
+    middle = llm.generate([{"prompt_token_ids": p} for p in OTHER], GREEDY, use_tqdm=False)  # the stream waits
+    assert all(o.outputs[0].finish_reason == "length" and len(o.outputs[0].token_ids) == 24 for o in middle)
+    assert head + [t for d in stream for t in d.new_token_ids] == want[0]
