@@ -331,6 +331,21 @@ def test_close_removes_socket_file_and_directory(llm):
     server.close()  # idempotent
 
 
+def test_an_idle_client_reaches_a_restarted_server(llm, tmp_path):
+    """The server goes away and comes back at the same address while the clients are idle: their next request goes
+    to the new server and is answered (the disconnect they had not read yet used to end it, a ServerError), for a
+    Client and for an AsyncClient driven by one asyncio.run per call."""
+    address = f"ipc://{tmp_path}/restarted.sock"
+    with Client(address, timeout_s=TIMEOUT) as c:
+        aclient = AsyncClient(address, timeout_s=TIMEOUT)
+        for _ in range(2):  # the first server, then the restarted one
+            with serving(llm, address):
+                assert c.generate("hello", GREEDY).finish_reason == "length"
+                assert asyncio.run(aclient.generate("hello", GREEDY)).finish_reason == "length"
+                assert c.generate("hello", GREEDY).finish_reason == "length"
+        asyncio.run(aclient.close())
+
+
 def test_explicit_ipc_address_and_address_checks(llm, tmp_path):
     path = tmp_path / "my.sock"
     with serving(llm, f"ipc://{path}") as srv, Client(srv.address, timeout_s=TIMEOUT) as c:

@@ -110,14 +110,20 @@ class Client:
     def _send(self, msg) -> None:
         if self._closed:
             raise RuntimeError("the client is closed")
-        if self._monitor.poll(0, zmq.POLLIN):  # a closed connection ends what was sent before it, not this request
-            while self._poller.poll(0):
-                self._receive()
         self._sock.send(encode(self._encoder, msg, self.max_message_bytes))
+
+    def _open(self, cid: str) -> None:
+        """An inbox for a new request, after what arrived while the client was idle is sorted: a connection that
+        closed meanwhile ends the requests sent before it, not this one (it goes to the server now up)."""
+        if self._closed:
+            raise RuntimeError("the client is closed")
+        while self._poller.poll(0):
+            self._receive()
+        self._inbox[cid] = deque()
 
     def _unary(self, req) -> Completion:
         cid = req.client_request_id
-        self._inbox[cid] = deque()
+        self._open(cid)
         done = False
         try:
             self._send(req)
@@ -131,7 +137,7 @@ class Client:
 
     def _stream(self, req) -> Iterator[Delta]:
         cid = req.client_request_id
-        self._inbox[cid] = deque()
+        self._open(cid)
         done = False
         try:
             self._send(req)
@@ -257,6 +263,13 @@ class AsyncClient:
         poller = zmq.asyncio.Poller()  # (zmq.asyncio imported by __init__)
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._monitor, zmq.POLLIN)
+        # Events that came while no reader ran (between event loops: asyncio.run per call) are older than the
+        # requests now waiting: they set the connection state and end none of them.
+        while self._monitor.get(zmq.EVENTS) & zmq.POLLIN:
+            if connection_event(await self._monitor.recv_multipart()):
+                self._connected.set()
+            else:
+                self._connected.clear()
         try:
             while True:
                 ready = dict(await poller.poll())
