@@ -221,3 +221,19 @@ def test_a_rerun_retries_failed_lines_and_keeps_one_record_per_line(llm, tmp_pat
     assert len(dst.read_text().splitlines()) == 2 and recs["fixed-later"]["response"]["status_code"] == 200
     assert not (tmp_path / "out.jsonl.tmp").exists()
 
+
+
+@pytest.mark.parametrize("output", ["-", "/dev/stdout"])
+def test_results_to_standard_output(tiny_llama, tmp_path, output):
+    """OUTPUT `-` (or /dev/stdout, a pipe here) gets the records alone, the summary going to stderr; /dev/stdout
+    used to hang, read back for a resume, and `-` made a file of that name."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "in.jsonl"
+    write_jsonl(src, [{"id": "a", "prompt": "hello"}, {"id": "b", "prompt": "Paris is"}])
+    run = subprocess.run([sys.executable, "-m", "rapid.entrypoints.cli", "batch", str(src), output, "--model",
+                          str(tiny_llama), "--max-tokens", "3"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert sorted(json.loads(line)["id"] for line in run.stdout.splitlines()) == ["a", "b"]
+    assert "wrote 2 records to " in run.stderr and not os.path.exists("-")  # (the working directory's)

@@ -10,8 +10,9 @@ Two input line formats (mixable; blank lines are skipped):
   (other SamplingParams fields, n = 1). Output: {"id", "line", "text", "token_ids", "finish_reason",
   "stop_reason", "num_prompt_tokens", "num_output_tokens"} or {"id", "line", "error"}.
 
-Each result is one whole line, written and flushed as its request finishes (so not in input order). A re-run
-on the same OUTPUT skips the lines whose custom_id (or simple "id") it holds a result for, removes its error
+Each result is one whole line, written and flushed as its request finishes (so not in input order). OUTPUT `-`
+is standard output (as is any OUTPUT that is no regular file, such as /dev/stdout: never read back). A re-run
+on the same OUTPUT file skips the lines whose custom_id (or simple "id") it holds a result for, removes its error
 records, and appends the rest: failed lines are tried again.
 At most `chunk_size` lines are in the engine at once, so memory stays bounded.
 """
@@ -21,8 +22,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -171,11 +174,27 @@ def _failed(rec: dict) -> bool:
     return rec.get("error") is not None or (isinstance(response, dict) and response.get("status_code") != 200)
 
 
+def is_stream(path: str) -> bool:
+    """`-` (standard output) or an existing path that is no regular file (/dev/stdout, a pipe): written, never
+    read back for a resume."""
+    return path == "-" or (os.path.exists(path) and not os.path.isfile(path))
+
+
+@contextmanager
+def open_output(path: str) -> Iterator[TextIO]:
+    """OUTPUT opened for appending; `-`: standard output (left open)."""
+    if path == "-":
+        yield sys.stdout
+    else:
+        with open(path, "a", encoding="utf-8") as f:
+            yield f
+
+
 def _done_keys(path: str) -> set:
     """custom_ids / ids already done in OUTPUT. Its error records (and a torn last line from a crash) are
     removed from the file, so a re-run redoes those lines and OUTPUT keeps one record per line."""
     keys: set = set()
-    if not os.path.exists(path):
+    if is_stream(path) or not os.path.exists(path):
         return keys
     with open(path, "rb") as f:
         data = f.read()
@@ -280,7 +299,7 @@ def run_file(llm, input_path: str, output_path: str, *, max_tokens: int = 128, t
     bar = tqdm(total=total, desc="Batch", unit="line", disable=not use_tqdm, dynamic_ncols=True)
     runner = None
     try:
-        with open(input_path, encoding="utf-8") as f, open(output_path, "a", encoding="utf-8") as out:
+        with open(input_path, encoding="utf-8") as f, open_output(output_path) as out:
             runner = _Runner(llm, out, bar, counts)
             for lineno, text in _numbered_lines(f):
                 unit = parse_unit(llm, converter, text, lineno, defaults)
@@ -304,7 +323,7 @@ def run_file(llm, input_path: str, output_path: str, *, max_tokens: int = 128, t
 
 def _check_distinct(input_path: str, output_path: str) -> None:
     """The output is appended to and repaired on resume: it must not be the input (the same file by any path)."""
-    if os.path.exists(output_path) and os.path.samefile(input_path, output_path):
+    if not is_stream(output_path) and os.path.exists(output_path) and os.path.samefile(input_path, output_path):
         raise ValueError(f"the output {output_path} is the input file {input_path}: give another output path")
 
 
@@ -319,11 +338,13 @@ def run_batch(args) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     _check_distinct(args.input, args.output)  # before the engine starts
-    with open(args.output, "a", encoding="utf-8"):  # the output can be written (a missing folder fails now, not later)
+    with open_output(args.output):  # the output can be written (a missing folder fails now, not later)
         pass
     with LLM.from_engine_args(EngineArgs.from_cli_args(args)) as llm, startup_heap_frozen("rapid batch"):
         counts = run_file(llm, args.input, args.output, max_tokens=args.max_tokens, temperature=args.temperature,
                           chunk_size=args.batch_size)
     skipped = f", {counts['skipped']} already done" if counts["skipped"] else ""
-    print(f"wrote {counts['ok'] + counts['errors']} records to {args.output} ({counts['errors']} errors{skipped})")
+    where = "standard output" if args.output == "-" else args.output
+    print(f"wrote {counts['ok'] + counts['errors']} records to {where} ({counts['errors']} errors{skipped})",
+          file=sys.stderr if is_stream(args.output) else sys.stdout)
     return 1 if counts["errors"] else 0

@@ -140,9 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("batch", help="offline batch: JSONL in (OpenAI batch or simple lines), JSONL out; resumable")
     b.add_argument("input", help="JSONL file, one request per line (see rapid.entrypoints.batch)")
-    b.add_argument("output", help="JSONL file of results, appended as they finish (a re-run skips done custom_ids)")
-    b.add_argument("--max-tokens", type=int, default=128, help="default of each line (default: %(default)s)")
-    b.add_argument("--temperature", type=float, default=0.0, help="default of each line (default: %(default)s)")
+    b.add_argument("output", help="JSONL file of results, appended as they finish (a re-run skips done custom_ids); "
+                   "- for standard output")
+    b.add_argument("--max-tokens", type=int, default=128,
+                   help="default of each simple line; OpenAI batch lines take the HTTP server's (default: %(default)s)")
+    b.add_argument("--temperature", type=float, default=0.0,
+                   help="default of each simple line; OpenAI batch lines take the HTTP server's (default: %(default)s)")
     b.add_argument("--batch-size", type=int, default=None,
                    help="lines per generate() call (default: max(64, 4 x max_num_seqs))")
     EngineArgs.add_cli_args(b)
