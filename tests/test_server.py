@@ -77,6 +77,8 @@ def test_stream_equals_completion_equals_llm_generate(llm):
         whole = c.generate("Paris is", GREEDY)
         deltas = list(c.stream("Paris is", GREEDY))
         ids = c.generate({"prompt_token_ids": whole.prompt_token_ids}, GREEDY)
+        text_prompt = c.generate({"prompt": "Paris is"}, GREEDY)  # LLM.generate's TextPrompt too
+    assert text_prompt.token_ids == expected.token_ids and text_prompt.prompt == "Paris is"
     assert isinstance(whole, Completion) and whole.prompt == "Paris is"
     assert whole.token_ids == expected.token_ids and whole.text == expected.text
     assert whole.finish_reason == "length" and len(whole.token_ids) == 10
@@ -509,3 +511,29 @@ def test_shared_frontend_stays_open_after_close(llm):
         assert done.wait(TIMEOUT)
     finally:
         frontend.close()
+
+
+def test_a_client_used_by_a_second_thread_at_once_says_so(server):
+    """A Client serves one thread at a time: a request from another thread while a stream is open raises a
+    RuntimeError at once (it used to lose replies and hang); once the stream is done, that thread may use it."""
+    with Client(server.address, timeout_s=TIMEOUT) as c:
+        stream = c.stream("Once upon", SamplingParams(max_tokens=40, ignore_eos=True))
+        next(stream)
+        errors: list[BaseException] = []
+
+        def other():
+            try:
+                c.generate("hello", GREEDY)
+            except BaseException as e:
+                errors.append(e)
+
+        t = threading.Thread(target=other)
+        t.start()
+        t.join(TIMEOUT)
+        assert len(errors) == 1 and isinstance(errors[0], RuntimeError) and "another thread" in str(errors[0])
+        assert sum(1 for _ in stream) > 0  # the first thread's stream is whole
+        done: list = []
+        t = threading.Thread(target=lambda: done.append(c.generate("hello", GREEDY).finish_reason))
+        t.start()
+        t.join(TIMEOUT)
+        assert done == ["length"]

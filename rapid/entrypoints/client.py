@@ -10,8 +10,8 @@
         async for d in c.stream("hello"):
             ...
 
-A prompt is a str, a list of token ids or {'prompt_token_ids': [...]} (as LLM.generate takes); chat() and
-chat_stream() take a list of {'role', 'content'} dicts. Requests the server refuses raise ServerError with
+A prompt is a str, a list of token ids, {'prompt': str} or {'prompt_token_ids': [...]} (as LLM.generate takes);
+chat() and chat_stream() take a list of {'role', 'content'} dicts. Requests the server refuses raise ServerError with
 its message. Each client owns one DEALER socket: use a Client from one thread at a time (several requests
 may still be interleaved: replies are sorted by request id), and an AsyncClient from one event loop
 (any number of concurrent coroutines). Breaking out of a stream cancels the request on the server.
@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
@@ -54,7 +55,8 @@ __all__ = ["Client", "AsyncClient", "ServerError", "NoServerError", "Completion"
 class Client:
     """Blocking client. `timeout_s`: longest wait for the next reply (None: forever) before TimeoutError;
     `connect_timeout_s`: longest wait of a request for a connection to the server before NoServerError (None:
-    forever)."""
+    forever). One thread at a time (its ZeroMQ socket is not thread-safe): a request from a second thread while
+    another's are open raises RuntimeError; use a Client per thread, or an AsyncClient."""
 
     def __init__(self, address: str, *, timeout_s: float | None = None, context: zmq.Context | None = None,
                  max_message_bytes: int = MAX_MESSAGE_BYTES, connect_timeout_s: float | None = CONNECT_TIMEOUT_S):
@@ -71,6 +73,8 @@ class Client:
         self._ids = itertools.count()
         self._inbox: dict[str, deque[ServerMessage]] = {}
         self._closed = False
+        self._user: int | None = None  # the thread that last claimed the client (its requests: the open inboxes)
+        self._user_lock = threading.Lock()
 
     def __enter__(self) -> "Client":
         return self
@@ -110,16 +114,27 @@ class Client:
     def _send(self, msg) -> None:
         if self._closed:
             raise RuntimeError("the client is closed")
+        with self._user_lock:
+            self._claim()
         self._sock.send(encode(self._encoder, msg, self.max_message_bytes))
+
+    def _claim(self) -> None:
+        """(Under _user_lock.) RuntimeError when another thread has requests open here: they would lose replies."""
+        if self._inbox and self._user != threading.get_ident():
+            raise RuntimeError("this Client is in use by another thread; a Client serves one thread at a time "
+                               "(use one Client per thread, or an AsyncClient)")
+        self._user = threading.get_ident()
 
     def _open(self, cid: str) -> None:
         """An inbox for a new request, after what arrived while the client was idle is sorted: a connection that
         closed meanwhile ends the requests sent before it, not this one (it goes to the server now up)."""
         if self._closed:
             raise RuntimeError("the client is closed")
-        while self._poller.poll(0):
-            self._receive()
-        self._inbox[cid] = deque()
+        with self._user_lock:
+            self._claim()
+            while self._poller.poll(0):
+                self._receive()
+            self._inbox[cid] = deque()
 
     def _unary(self, req) -> Completion:
         cid = req.client_request_id

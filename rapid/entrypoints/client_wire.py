@@ -70,13 +70,16 @@ def generate_request(cid: str, prompt: Any, params, stream: bool) -> GenerateReq
     p = sampling_params(params)
     if isinstance(prompt, str):
         return GenerateRequest(cid, prompt=prompt, params=p, stream=stream)
-    if isinstance(prompt, dict):
+    if isinstance(prompt, dict):  # LLM.generate's TextPrompt / TokensPrompt
+        if set(prompt) == {"prompt"} and isinstance(prompt["prompt"], str):
+            return GenerateRequest(cid, prompt=prompt["prompt"], params=p, stream=stream)
         if set(prompt) != {"prompt_token_ids"}:
-            raise TypeError(f"a dict prompt takes the key 'prompt_token_ids', got keys {sorted(prompt)}")
+            raise TypeError("a dict prompt takes the key 'prompt' (text) or 'prompt_token_ids', got keys "
+                            f"{sorted(prompt)}")
         prompt = prompt["prompt_token_ids"]
     if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return GenerateRequest(cid, prompt_token_ids=list(prompt), params=p, stream=stream)
-    raise TypeError("a prompt is a str, a list of token ids or {'prompt_token_ids': [...]}, "
+    raise TypeError("a prompt is a str, a list of token ids, {'prompt': str} or {'prompt_token_ids': [...]}, "
                     f"got {type(prompt).__name__}")
 
 
