@@ -487,7 +487,10 @@ def test_serve_refuses_a_remote_host_before_building_the_engine(tmp_path):
         port = taken.getsockname()[1]
         proc = rapid_serve("--model", str(tmp_path / "absent"), "--port", str(port))
         _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 2 and f"--port {port} on 127.0.0.1 is in use" in err
+        assert proc.returncode == 2 and f"--port {port} on 127.0.0.1 is in use" in err
+        proc = rapid_serve("--model", str(tmp_path / "absent"), "--port", "0", "--address", f"tcp://127.0.0.1:{port}")
+        _, err = proc.communicate(timeout=60)  # the ZeroMQ address too
+    assert proc.returncode == 2 and f"--address tcp://127.0.0.1:{port} is in use" in err
 
 
 def test_sigterm_under_load_ends_every_request(tiny_llama):

@@ -89,8 +89,9 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _check_port_free(host: str, port: int) -> None:
-    """ValueError now, not after the model loaded, when something already listens on host:port (port 0: any)."""
+def _check_port_free(host: str, port: int, flag: str | None = None) -> None:
+    """ValueError now, not after the model loaded, when something already listens on host:port (port 0: any).
+    `flag`: the flag that named it (default: --port)."""
     if port == 0:
         return
     try:
@@ -103,7 +104,8 @@ def _check_port_free(host: str, port: int) -> None:
         try:
             probe.bind(address)
         except OSError as e:
-            busy = f"--port {port} on {host} is in use ({e.strerror}); choose another --port, or --no-http"
+            busy = (f"--port {port} on {host} is in use ({e.strerror}); choose another --port, or --no-http"
+                    if flag is None else f"{flag} is in use ({e.strerror}); choose another")
             raise ValueError(busy) from None
 
 
@@ -124,6 +126,10 @@ def check_serve_args(args: argparse.Namespace) -> None:
         _check_port_free(args.host, args.port)
     if args.zmq and args.address is not None:
         check_address(args.address, args.allow_remote)
+        if args.address.startswith("tcp://"):  # as --port: found taken now, not after the model loaded
+            host, _, port = args.address.removeprefix("tcp://").rpartition(":")
+            if port.isdigit():
+                _check_port_free(host, int(port), f"--address {args.address}")
     if args.max_pending < 1:
         raise ValueError(f"--max-pending must be >= 1, got {args.max_pending}")
     if not args.shutdown_grace_s >= 0:
