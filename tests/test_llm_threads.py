@@ -3,6 +3,7 @@ threads, two streams read in turn by one thread, a stream left open across a gen
 own requests' whole output, equal to what one caller alone gets (they used to drop each other's deltas: hangs, and
 in hybrid outputs cut short with finish_reason 'length')."""
 
+import gc
 import threading
 
 import pytest
@@ -64,3 +65,28 @@ def test_two_streams_read_in_turn_and_a_stream_left_open_across_a_generate(llm):
     middle = llm.generate([{"prompt_token_ids": p} for p in OTHER], GREEDY, use_tqdm=False)  # the stream waits
     assert all(o.outputs[0].finish_reason == "length" and len(o.outputs[0].token_ids) == 24 for o in middle)
     assert head + [t for d in stream for t in d.new_token_ids] == want[0]
+
+
+def test_a_stream_dropped_in_a_reference_cycle_is_aborted_inside_a_poll_without_a_deadlock(llm, monkeypatch):
+    """The collector finalises an abandoned stream (its `finally` aborts the request) in the middle of the next
+    generate's poll, in that same thread: the abort waits for the poll's end (it used to take the engine lock the
+    poll held, and hang for ever)."""
+    stream = llm.generate_stream({"prompt_token_ids": PROMPTS[0]}, SamplingParams(max_tokens=100, ignore_eos=True))
+    next(stream)
+    cycle = [stream]
+    cycle.append(cycle)
+    del stream, cycle
+    poll = llm.engine.get_deltas
+
+    def poll_with_a_collection(*args, **kwargs):  # where an allocation may start the collector
+        gc.collect()
+        return poll(*args, **kwargs)
+
+    monkeypatch.setattr(llm.engine, "get_deltas", poll_with_a_collection)
+    done: list = []
+    t = threading.Thread(target=lambda: done.append(llm.generate(
+        [{"prompt_token_ids": p} for p in OTHER], GREEDY, use_tqdm=False)), daemon=True)
+    t.start()
+    t.join(120)
+    assert done and all(len(o.outputs[0].token_ids) == 24 for o in done[0])
+    assert llm.engine.get_stats().num_requests == 0  # the dropped stream's request was aborted

@@ -233,12 +233,14 @@ class LLM:
                                                                       arrival_time=time.time()))
                 submitted.append(rid)
         except BaseException:
-            if submitted:
-                self._router.call(self.engine.abort, submitted)
-                pending = set(submitted)
-                while pending:
-                    pending -= {d.request_id for d in self._router.take(inbox) if d.finished}
-            self._router.close(rid for rid, *_ in jobs)
+            try:
+                if submitted:
+                    self._router.abort(submitted)
+                    pending = set(submitted)
+                    while pending:
+                        pending -= {d.request_id for d in self._router.take(inbox) if d.finished}
+            finally:
+                self._router.close(rid for rid, *_ in jobs)
             raise
         return jobs, inbox
 
@@ -275,7 +277,7 @@ class LLM:
                         bar.set_postfix_str(f"in {in_toks / elapsed:.0f} tok/s, out {out_toks / elapsed:.0f} tok/s")
         except BaseException:
             if pending:
-                self._router.call(self.engine.abort, sorted(pending))
+                self._router.abort(sorted(pending))
             raise
         finally:
             self._router.close(child_to_parent)
@@ -300,10 +302,12 @@ class LLM:
                         raise _engine_error(d)
                     finished = d.finished
                     yield d
-        finally:
-            if not finished:
-                self._router.call(self.engine.abort, [rid])
-            self._router.close([rid])
+        finally:  # (also run by the garbage collector for a stream dropped unfinished, maybe inside a poll)
+            try:
+                if not finished:
+                    self._router.abort([rid])
+            finally:
+                self._router.close([rid])
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True, *, chat_template: str | None = None,
              add_generation_prompt: bool = True, continue_final_message: bool = False, tools: list[dict] | None = None,
