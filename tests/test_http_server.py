@@ -493,24 +493,30 @@ def test_serve_refuses_a_remote_host_before_building_the_engine(tmp_path):
     assert proc.returncode == 2 and f"--address tcp://127.0.0.1:{port} is in use" in err
 
 
+def long_streams(proc, count: int) -> tuple[list[threading.Thread], list[tuple[str, str]]]:
+    """`count` long completions streamed from the server `proc` started, 0.5 s under way: their threads, and each
+    stream's (finish_reason, last line) once it ends."""
+    url = re.search(r"(http://\S+)/v1", proc.stdout.readline()).group(1)
+    ends: list[tuple[str, str]] = []
+
+    def stream():
+        body = {"prompt": "Once upon", "max_tokens": MAX_LEN - 10, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+        ends.append((json.loads(lines[-2][6:])["choices"][0]["finish_reason"], lines[-1]))
+
+    threads = [threading.Thread(target=stream) for _ in range(count)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    return threads, ends
+
+
 def test_sigterm_under_load_ends_every_request(tiny_llama):
     proc = rapid_serve(str(tiny_llama), "--max-model-len", str(MAX_LEN), "--port", "0",  # the model positional,
                        "--shutdown-grace-s", "0.3", "--served-model-name", "tiny", "tiny2")  # as `vllm serve MODEL`
     try:
-        line = proc.stdout.readline()
-        url = re.search(r"(http://\S+)/v1", line).group(1)
-        ends: list = []
-
-        def stream():
-            body = {"prompt": "Once upon", "max_tokens": MAX_LEN - 10, "stream": True, "ignore_eos": True}
-            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
-                lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
-            ends.append((json.loads(lines[-2][6:])["choices"][0]["finish_reason"], lines[-1]))
-
-        threads = [threading.Thread(target=stream) for _ in range(3)]
-        for t in threads:
-            t.start()
-        time.sleep(0.5)
+        threads, ends = long_streams(proc, 3)
         t0 = time.time()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0 and time.time() - t0 < 30
@@ -531,19 +537,7 @@ def test_a_second_sigint_ends_the_drain_at_once(tiny_llama):
     proc = rapid_serve(str(tiny_llama), "--max-model-len", str(MAX_LEN), "--port", "0", "--max-num-seqs", "1",
                        "--shutdown-grace-s", "60", "--no-zmq")
     try:
-        url = re.search(r"(http://\S+)/v1", proc.stdout.readline()).group(1)
-        ends: list = []
-
-        def stream():
-            body = {"prompt": "Once upon", "max_tokens": MAX_LEN - 10, "stream": True, "ignore_eos": True}
-            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
-                lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
-            ends.append((json.loads(lines[-2][6:])["choices"][0]["finish_reason"], lines[-1]))
-
-        threads = [threading.Thread(target=stream) for _ in range(6)]
-        for t in threads:
-            t.start()
-        time.sleep(0.5)
+        threads, ends = long_streams(proc, 6)
         proc.send_signal(signal.SIGINT)
         time.sleep(0.5)
         t0 = time.time()
