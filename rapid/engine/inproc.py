@@ -14,6 +14,7 @@ from rapid.config import EngineConfig
 from rapid.core.placement import DECODE
 from rapid.engine.client import EngineClient
 from rapid.engine.core import EngineCore
+from rapid.engine.interrupts import interrupts_deferred
 from rapid.protocol.engine import AddRequest, RequestDelta, Stats
 
 logger = logging.getLogger(__name__)
@@ -88,18 +89,25 @@ class InprocClient(EngineClient):
 
     def add_request(self, msg: AddRequest) -> None:
         self.check_health()
-        self.core.add_request(msg)
+        with interrupts_deferred():
+            self.core.add_request(msg)
 
     def abort(self, request_ids: list[str]) -> None:
         if self.core is None:  # shut down: its requests ended with it (a stream closed late, at exit say)
             return
-        self._pending.extend(self.core.abort(request_ids))
+        with interrupts_deferred():
+            self._pending.extend(self.core.abort(request_ids))
 
     def get_deltas(self, timeout_s: float | None = None) -> list[RequestDelta]:
         self.check_health()
         out, self._pending = self._pending, []
         if self.core.has_unfinished():
-            out.extend(self.core.step())
+            try:
+                with interrupts_deferred():  # a step cut in half would leave its requests waiting for good
+                    out.extend(self.core.step())
+            except KeyboardInterrupt:  # held back until the step ended: its output goes out with the next call
+                self._pending = out + self._pending
+                raise
         return out
 
     def get_stats(self) -> Stats:
