@@ -29,6 +29,7 @@ LOAD_FORMATS = ("safetensors", "dummy")
 PLACEMENTS = ("adaptive", "static", "atom", "mixed")
 KV_CACHE_DTYPES = ("auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2")  # vLLM's names; fp8 is fp8_e4m3
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"  # its Hugging Face name, which clients may also send
 
 
 def _check(ok: bool, message: str) -> None:

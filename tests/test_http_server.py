@@ -5,6 +5,7 @@ disconnects, a dead engine on /health, and `rapid serve` (flags checked first, S
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -746,6 +747,28 @@ def test_several_served_model_names(served):
             client.completions.create(model="other", prompt="Paris is", max_tokens=2)
     finally:
         server.stop()
+
+
+def test_the_bundled_default_model_is_served_by_its_own_names(tiny_llama, tmp_path):
+    # `rapid serve` with no model serves the cached conversion <cache>/models/SmolLM2-135M-Instruct-<key>: clients
+    # send its name or its Hugging Face name (the folder path still works), and responses report the name
+    folder = tmp_path / "models" / "SmolLM2-135M-Instruct-c1-0123456789ab"
+    shutil.copytree(tiny_llama, folder)
+    with LLM(str(folder), max_model_len=MAX_LEN) as llm:
+        frontend = EngineFrontend(llm)
+        server = HttpServer(build_app(frontend), port=0).start()
+        try:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+            names = [m.id for m in client.models.list().data]
+            assert names == ["SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"]
+            for name in (*names, str(folder)):
+                out = client.completions.create(model=name, prompt="Paris is", max_tokens=2)
+                assert out.model == "SmolLM2-135M-Instruct" and len(out.choices[0].text) > 0
+            with pytest.raises(openai.NotFoundError):
+                client.completions.create(model="SmolLM2-360M-Instruct", prompt="Paris is", max_tokens=2)
+        finally:
+            server.stop()
+            frontend.close()
 
 
 def test_cors_only_when_origins_are_allowed(served):

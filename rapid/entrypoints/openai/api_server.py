@@ -7,12 +7,14 @@ import asyncio
 import hmac
 import logging
 import time
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from rapid.config import DEFAULT_MODEL_NAME, DEFAULT_MODEL_REPO
 from rapid.core.adaptive import make_placement
 from rapid.entrypoints.frontend import EngineFrontend
 from rapid.entrypoints.openai import protocol as P
@@ -48,16 +50,28 @@ async def _unless_disconnected(request: Request, coro, on_disconnect) -> dict | 
     return None
 
 
+def served_names(folder: str, given: str | list[str] | None) -> tuple[str, tuple[str, ...]]:
+    """(the name responses report, the other names requests may use): the names given (`--served-model-name`),
+    else the model folder; the bundled default model's cached folder is served by its own names."""
+    names = [given] if isinstance(given, str) else list(given or [])
+    if names:
+        return names[0], tuple(names[1:])
+    path = Path(folder)
+    if path.parent.name == "models" and path.name.startswith(f"{DEFAULT_MODEL_NAME}-"):  # default_model_path()
+        return DEFAULT_MODEL_NAME, (DEFAULT_MODEL_REPO,)
+    return folder, ()
+
+
 def build_app(frontend: EngineFrontend, *, model_name: str | list[str] | None = None, api_key: str | None = None,
               metrics: ServerMetrics | None = None, chat_template: str | None = None,
               allowed_origins: list[str] | None = None, log_requests: bool = False) -> FastAPI:
     """The app; `model_name` (one name, or several as `vllm serve --served-model-name A B`: the first is the one
-    responses report) defaults to the model folder given to the LLM (requests may use any of them).
+    responses report) defaults to the model folder given to the LLM (requests may use any of them, and the folder;
+    the bundled default model is served as SmolLM2-135M-Instruct).
     `allowed_origins`: the browser origins CORS lets in ("*": any; None: no CORS headers); `log_requests`
     (`rapid serve --enable-log-requests`): an INFO line per request received."""
     config = frontend.llm.config
-    names = [model_name] if isinstance(model_name, str) else list(model_name or [])
-    model_name, aliases = (names[0], tuple(names[1:])) if names else (config.model, ())
+    model_name, aliases = served_names(config.model, model_name)
     if metrics is None:
         get_stats = getattr(frontend, "get_stats", None)  # a scrape waits STATS_WAIT_S at most, then shows the last
         quick = (lambda: get_stats(timeout_s=STATS_WAIT_S)) if get_stats is not None else None
