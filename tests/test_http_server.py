@@ -38,7 +38,7 @@ def served(tiny_llama):
         expected = {p: llm.generate(p, greedy, use_tqdm=False)[0] for p in PROMPTS}
         expected["chat"] = llm.chat(CHAT, greedy, use_tqdm=False)[0]
         frontend = EngineFrontend(llm)
-        server = HttpServer(build_app(frontend, model_name="tiny"), port=0).start()
+        server = HttpServer(build_app(frontend, model_name="tiny", trust_request_chat_template=True), port=0).start()
         keyed = HttpServer(build_app(frontend, model_name="tiny", api_key="sesame"), port=0).start()
         try:
             yield server, keyed, frontend, expected
@@ -788,6 +788,22 @@ def test_cors_only_when_origins_are_allowed(served):
         assert r.headers.get("access-control-allow-origin") != "http://evil.example"
     finally:
         server.stop()
+
+
+def test_a_request_chat_template_is_refused_unless_the_server_trusts_them(served):
+    # as vLLM without --trust-request-chat-template: a template is a program the server would run ('ab ' * 2000000
+    # held every other request for seconds); the keyed server of the fixture is such a server
+    url, headers = served[1].url, {"Authorization": "Bearer sesame"}
+    for body in ({"chat_template": "{{ 'ab ' * 2000000 }}"}, {"chat_template_kwargs": {"chat_template": "x"}}):
+        for path, extra in (("/v1/chat/completions", {"model": "tiny", "max_tokens": 2}), ("/tokenize", {})):
+            r = httpx.post(url + path, json={"messages": CHAT, **extra, **body}, headers=headers)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template", r.text
+            assert "--trust-request-chat-template" in r.json()["error"]["message"]
+    plain = httpx.post(url + "/v1/chat/completions", json={"model": "tiny", "messages": CHAT, "max_tokens": 2},
+                       headers=headers)
+    assert plain.status_code == 200, plain.text
+    trusted = httpx.post(served[0].url + "/tokenize", json={"messages": CHAT, "chat_template": "{{ 'ab' }}"})
+    assert trusted.status_code == 200 and served[2].llm.tokenizer.decode(trusted.json()["tokens"]) == "ab"
 
 
 def test_message_name_and_tool_fields_reach_the_template(served):

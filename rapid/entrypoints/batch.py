@@ -291,7 +291,7 @@ def run_file(llm, input_path: str, output_path: str, *, max_tokens: int = 128, t
     _check_distinct(input_path, output_path)
     defaults = {"max_tokens": max_tokens, "temperature": temperature}
     window = chunk_size or max(64, 4 * llm.config.scheduler.max_num_seqs)
-    converter = RequestConverter(llm, None)
+    converter = RequestConverter(llm, None, trust_request_chat_template=True)  # the user's own file
     done = _done_keys(output_path)
     with open(input_path, encoding="utf-8") as f:
         total = sum(1 for line in f if line.strip())

@@ -45,7 +45,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="browser origins CORS lets call the HTTP API, '*' for any (default: none, no CORS headers)")
     p.add_argument("--chat-template", default=None,
                    help="chat template for /v1/chat/completions, a file or the Jinja text itself (default: the "
-                        "tokenizer's); a request's own chat_template wins")
+                        "tokenizer's)")
+    p.add_argument("--trust-request-chat-template", action="store_true",
+                   help="let a request bring its own chat_template, which wins over the server's (default: such a "
+                        "request is refused with a 400, as vLLM: a template is a program the server runs)")
     p.add_argument("--enable-log-requests", action="store_true",
                    help="log each request the HTTP server receives: its id, prompt length in tokens and sampling "
                         "parameters (at INFO, shown whatever --log-level)")
@@ -214,7 +217,8 @@ def _serve_llm(llm, args: argparse.Namespace, stop: list[int]) -> None:
 
             app = build_app(frontend, model_name=args.served_model_name, api_key=args.api_key,
                             chat_template=read_chat_template(args.chat_template), allowed_origins=args.allowed_origins,
-                            log_requests=args.enable_log_requests)
+                            log_requests=args.enable_log_requests,
+                            trust_request_chat_template=args.trust_request_chat_template)
             serving = app.state.serving
             http = HttpServer(app, args.host, args.port).start()
         if args.zmq:

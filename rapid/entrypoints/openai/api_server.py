@@ -64,12 +64,14 @@ def served_names(folder: str, given: str | list[str] | None) -> tuple[str, tuple
 
 def build_app(frontend: EngineFrontend, *, model_name: str | list[str] | None = None, api_key: str | None = None,
               metrics: ServerMetrics | None = None, chat_template: str | None = None,
-              allowed_origins: list[str] | None = None, log_requests: bool = False) -> FastAPI:
+              allowed_origins: list[str] | None = None, log_requests: bool = False,
+              trust_request_chat_template: bool = False) -> FastAPI:
     """The app; `model_name` (one name, or several as `vllm serve --served-model-name A B`: the first is the one
     responses report) defaults to the model folder given to the LLM (requests may use any of them, and the folder;
     the bundled default model is served as SmolLM2-135M-Instruct).
     `allowed_origins`: the browser origins CORS lets in ("*": any; None: no CORS headers); `log_requests`
-    (`rapid serve --enable-log-requests`): an INFO line per request received."""
+    (`rapid serve --enable-log-requests`): an INFO line per request received; `trust_request_chat_template`: run
+    a request's own chat_template (refused otherwise, as vLLM)."""
     config = frontend.llm.config
     model_name, aliases = served_names(config.model, model_name)
     if metrics is None:
@@ -77,7 +79,8 @@ def build_app(frontend: EngineFrontend, *, model_name: str | list[str] | None = 
         quick = (lambda: get_stats(timeout_s=STATS_WAIT_S)) if get_stats is not None else None
         metrics = ServerMetrics(model_name, config.mode, get_stats=quick,
                                 placement=make_placement(config).name, max_model_len=config.scheduler.max_model_len)
-    serving = OpenAIServing(frontend, model_name, metrics, chat_template, aliases, log_requests)
+    serving = OpenAIServing(frontend, model_name, metrics, chat_template, aliases, log_requests,
+                            trust_request_chat_template)
     app = FastAPI(title="RAPID", openapi_url=None, docs_url=None, redoc_url=None)
     app.state.serving = serving
     created = int(time.time())

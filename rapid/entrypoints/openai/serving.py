@@ -115,10 +115,13 @@ class Job:
 class RequestConverter:
     """Request Structs to engine Items, every check done here (nothing invalid reaches a worker)."""
 
-    def __init__(self, llm, model_name: str | None, chat_template: str | None = None, aliases: tuple[str, ...] = ()):
+    def __init__(self, llm, model_name: str | None, chat_template: str | None = None, aliases: tuple[str, ...] = (),
+                 *, trust_request_chat_template: bool = False):
         """`chat_template`: the server's template (`rapid serve --chat-template`) where a request gives none;
-        `aliases`: more names requests may use (`--served-model-name A B`)."""
+        `aliases`: more names requests may use (`--served-model-name A B`); a request's own chat template is
+        refused unless `trust_request_chat_template` (vLLM's flag: a template is a program the server runs)."""
         self.llm, self.model_name, self.chat_template = llm, model_name, chat_template
+        self.trust_request_chat_template = trust_request_chat_template
         self.max_tokens_cap = max_tokens_cap(llm.config.generation_config, llm.default_sampling_params,
                                              llm.config.override_generation_config)
         self.accepted_models = {model_name, llm.config.model, *aliases} if model_name is not None else None
@@ -191,6 +194,11 @@ class RequestConverter:
 
     def _chat_prompt_ids(self, req: P.ChatCompletionRequest | P.TokenizeRequest) -> list[int]:
         """The messages through the chat template (the request's, else the server's), or ApiError 400."""
+        own = req.chat_template is not None or "chat_template" in (req.chat_template_kwargs or {})
+        if own and not self.trust_request_chat_template:
+            raise P.ApiError(400, "the request carries a chat template, which this server does not run: it uses "
+                             "its own (`rapid serve --chat-template`, else the tokenizer's); start it with "
+                             "--trust-request-chat-template to let requests bring theirs", param="chat_template")
         try:
             return self.llm.chat_prompt_ids(P.chat_messages(req), req.add_generation_prompt,
                                             chat_template=req.chat_template or self.chat_template,
@@ -238,9 +246,11 @@ class OpenAIServing(RequestConverter):
     """Turns request bodies into engine requests on the frontend and engine deltas into OpenAI bodies."""
 
     def __init__(self, frontend: EngineFrontend, model_name: str, metrics: ServerMetrics,
-                 chat_template: str | None = None, aliases: tuple[str, ...] = (), log_requests: bool = False):
+                 chat_template: str | None = None, aliases: tuple[str, ...] = (), log_requests: bool = False,
+                 trust_request_chat_template: bool = False):
         """`log_requests`: an INFO line per engine request received (vLLM's --enable-log-requests)."""
-        super().__init__(frontend.llm, model_name, chat_template, aliases)
+        super().__init__(frontend.llm, model_name, chat_template, aliases,
+                         trust_request_chat_template=trust_request_chat_template)
         self.frontend, self.metrics, self.log_requests = frontend, metrics, log_requests
         self.jobs: set[Job] = set()  # touched on the event loop only
         self.closing = False
