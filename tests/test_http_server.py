@@ -258,6 +258,11 @@ def test_chat_errors_are_400s_naming_their_field_and_the_connection_stays_usable
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "word " * 400}],
                                        max_tokens=2)
     assert e.value.body["param"] == "messages" and "max_model_len" in e.value.body["message"]
+    for value in (-5, MAX_LEN + 1):  # named as sent: OpenAI's newer max_completion_tokens, not the engine's name
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="tiny", messages=CHAT, max_completion_tokens=value)
+        assert e.value.body["param"] == "max_completion_tokens", e.value.body
+        assert "max_completion_tokens" in e.value.body["message"] and "max_tokens" not in e.value.body["message"]
 
 
 def test_an_unexpected_error_is_an_openai_shaped_500(served, client, monkeypatch):

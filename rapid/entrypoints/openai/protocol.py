@@ -344,7 +344,16 @@ def sampling_params(req: _Sampling, *, max_tokens: int | None, logprobs: int | N
     try:
         return SamplingParams(**fields)
     except (ValueError, TypeError) as e:
-        raise ApiError(400, str(e), param=param_of(e, req=req)) from None
+        raise field_error(e, req) from None
+
+
+def field_error(error: Exception, req: _Sampling, default: str | None = None) -> ApiError:
+    """A 400 for an engine-side error, naming the request field it concerns as the request spelled it (chat's
+    max_completion_tokens is the engine's max_tokens)."""
+    param, message = param_of(error, default, req), str(error)
+    if param == "max_tokens" and getattr(req, "max_completion_tokens", None) is not None:
+        param, message = "max_completion_tokens", re.sub(r"\bmax_tokens\b", "max_completion_tokens", message)
+    return ApiError(400, message, param=param)
 
 
 def param_of(error: Exception, default: str | None = None, req: _Sampling | None = None) -> str | None:

@@ -171,7 +171,7 @@ class RequestConverter:
                 try:  # the params the engine runs: max_tokens=None resolved, bad_words tokenized
                     _, ids_run, params = self.llm.prepare({"prompt_token_ids": ids}, params)
                 except (ValueError, TypeError) as e:  # the field it names; else the length (prompt + max_tokens)
-                    raise P.ApiError(400, str(e), param=P.param_of(e, "max_tokens", req)) from None
+                    raise P.field_error(e, req, "max_tokens") from None
                 items.append(Item(next(index), p_idx, text, ids_run, params))
         return items
 
