@@ -530,3 +530,33 @@ def test_a_request_finished_while_get_stats_waits_is_not_failed_again_at_a_death
     failed = client.get_deltas()
     assert not [d for d in failed if d.request_id == "a"], "a finished request was failed again at the death"
     assert not client.in_flight
+
+
+def test_health_is_503_while_a_worker_is_stopped(tiny_llama):
+    """A worker stopped with SIGSTOP is alive but the engine goes nowhere: /health says so (503, naming the process)
+    until it is continued, so that a load balancer routes elsewhere (it answered 200 while requests hung)."""
+    import httpx
+
+    from rapid.entrypoints.frontend import EngineFrontend
+    from rapid.entrypoints.openai.api_server import build_app
+    from rapid.entrypoints.openai.http_server import HttpServer
+
+    with LLM(tiny_llama, mode="rapid", max_model_len=128) as llm:
+        frontend = EngineFrontend(llm)
+        server = HttpServer(build_app(frontend, model_name="tiny"), port=0).start()
+        decode = engine_pids(llm)["decode"]
+        try:
+            assert httpx.get(server.url + "/health").status_code == 200
+            os.kill(decode, signal.SIGSTOP)
+            assert wait_until(lambda: httpx.get(server.url + "/health").status_code == 503, timeout=10)
+            body = httpx.get(server.url + "/health").json()["error"]
+            assert f"decode process (pid {decode}) is stopped" in body["message"] and "SIGCONT" in body["message"]
+            os.kill(decode, signal.SIGCONT)
+            assert wait_until(lambda: httpx.get(server.url + "/health").status_code == 200, timeout=10)
+            out = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "Paris is",
+                                                                   "max_tokens": 3, "ignore_eos": True}, timeout=60)
+            assert out.status_code == 200 and out.json()["usage"]["completion_tokens"] == 3
+        finally:
+            os.kill(decode, signal.SIGCONT)
+            server.stop()
+            frontend.close()

@@ -51,6 +51,10 @@ class EngineClient(abc.ABC):
     def shutdown(self) -> None:
         """Stop every process the engine started and free what it holds; idempotent."""
 
+    def stall_reason(self) -> str | None:
+        """Why the engine, alive, makes no progress (a process of it stopped), or None; from any thread."""
+        return None
+
     @property
     def reaper_dir(self) -> str | None:
         """The engine's private directory, whose reaper cleans up when the owner process dies however it dies (what

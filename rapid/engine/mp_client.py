@@ -93,6 +93,13 @@ class MPClient(EngineClient):
     def children(self) -> list[ChildProcess]:
         return self.procs.children if self.procs is not None and not self.procs.stopped else []
 
+    def stall_reason(self) -> str | None:
+        stopped = next((c for c in self.children if c.stopped()), None)
+        if stopped is None:
+            return None
+        return (f"the {stopped.name} process (pid {stopped.process.pid}) is stopped (SIGSTOP, or a debugger): the "
+                "engine makes no progress until it is continued (SIGCONT)")
+
     @property
     def shm_names(self) -> list[str]:
         return self.procs.shm_names if self.procs is not None else []

@@ -40,6 +40,14 @@ class ChildProcess:
     def alive(self) -> bool:
         return self.process.poll() is None
 
+    def stopped(self) -> bool:
+        """Alive but stopped (SIGSTOP, SIGTSTP, a debugger): it makes no progress until continued (Linux's /proc)."""
+        try:
+            with open(f"/proc/{self.process.pid}/stat") as f:
+                return f.read().rpartition(")")[2].split()[0] in ("T", "t")
+        except (OSError, IndexError):
+            return False
+
     def death_reason(self) -> str:
         code = self.process.returncode
         return (f"{self.name} process (pid {self.process.pid}) died with exit code {code}"
