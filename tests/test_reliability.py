@@ -4,6 +4,7 @@ Observed from outside: processes (psutil, pids), /dev/shm, the socket directorie
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -359,6 +360,26 @@ def test_failed_start_stops_children_at_once(tiny_llama):
         LLM(tiny_llama, mode="rapid", worker_start_timeout_s=0.3)
     assert time.monotonic() - t0 < 3.0
     assert not children(others)
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "rapid", "disagg"])
+def test_weights_that_do_not_fit_the_config_are_the_same_value_error_in_every_mode(tiny_llama, tmp_path, mode):
+    """A worker that finds the weights wrong at start-up raises in the owner what hybrid raises in-process (it was a
+    RuntimeError about a process exit, and `rapid generate --mode rapid` printed its traceback), leaving nothing."""
+    folder = tmp_path / "bad"
+    shutil.copytree(tiny_llama, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["intermediate_size"] *= 2
+    (folder / "config.json").write_text(json.dumps(config))
+    others = {p.pid for p in children()}
+    with pytest.raises(ValueError, match=r"down_proj.weight' has shape \(64, 128\), the config expects \(64, 256\)"):
+        LLM(str(folder), mode=mode)
+    assert not children(others)
+    cli = subprocess.run([sys.executable, "-m", "rapid.entrypoints.cli", "generate", "hi", "--model", str(folder),
+                          "--mode", mode], capture_output=True, text=True, timeout=120)
+    errors = [line for line in cli.stderr.splitlines() if line.startswith("error:")]
+    assert cli.returncode == 2 and len(errors) == 1 and "the config expects" in errors[0], cli.stderr[-2000:]
+    assert "Traceback" not in cli.stderr
 
 
 # ---------------------------------------------------------------------- automatic recovery

@@ -6,8 +6,9 @@ arguments: they arrive on stdin as length-prefixed msgspec bytes, never pickle, 
 parent-process watch (EOF = the parent process is gone, whichever of its threads started us), see
 ipc.watch_parent. `pdeathsig` (the parent started us from its main thread) adds the kernel's
 parent-death signal. Python faults (SIGSEGV...) dump a traceback into the log (stderr). A role that
-fails has logged its traceback; the last log line then names the cause and the process exits at once
-(no exit-time hooks that could hang on a broken device or append warnings after the cause).
+fails has logged its traceback; the last log line then names the cause, a bad input (ValueError...) is also written
+to the cause file the parent named (so the owner raises it as such), and the process exits at once (no exit-time
+hooks that could hang on a broken device or append warnings after the cause).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def main() -> int:
     except Exception as e:  # the role logged the traceback; end the log with the cause and leave now
         logging.getLogger("rapid.engine.child").critical("%s process exits with code 1 after %s: %s", role,
                                                          type(e).__name__, e)
+        ipc.write_cause(os.environ.get(ipc.CAUSE_ENV), e)
         _leave(1)
     _leave(0)  # everything is closed: skip the interpreter's teardown (torch's takes seconds)
     return 0

@@ -283,3 +283,33 @@ def check_no_expandable_segments() -> None:
             "PYTORCH_CUDA_ALLOC_CONF sets expandable_segments:True, which breaks CUDA IPC sharing of the "
             "weights and KV pool between rapid-mode workers; unset it or use mode='hybrid'"
         )
+
+
+# A child's bad input (a model folder whose weights do not fit its config, say) is the user's error, raised in the
+# owner as the same type that mode hybrid raises in-process, not as a process failure: the child writes it here.
+CAUSE_ENV = "RAPID_CAUSE_FILE"
+INPUT_ERRORS = {cls.__name__: cls for cls in (ValueError, TypeError, FileNotFoundError, NotImplementedError)}
+
+
+class _Cause(msgspec.Struct):
+    type: str
+    message: str
+
+
+def write_cause(path: str | None, error: Exception) -> None:
+    """(In a child that fails.) Record an input error for the owner; other failures stay process failures."""
+    name = type(error).__name__
+    if path and name in INPUT_ERRORS:
+        with contextlib.suppress(OSError):
+            with open(path, "wb") as f:
+                f.write(msgspec.json.encode(_Cause(name, str(error))))
+
+
+def read_cause(path: str, where: str) -> Exception | None:
+    """The input error a failed child recorded at `path`, as its own type, its message saying `where`; or None."""
+    try:
+        with open(path, "rb") as f:
+            cause = msgspec.json.decode(f.read(), type=_Cause)
+    except (OSError, msgspec.DecodeError):
+        return None
+    return INPUT_ERRORS[cause.type](f"{cause.message} ({where})") if cause.type in INPUT_ERRORS else None

@@ -9,6 +9,7 @@ children file (for clean-up after a killed owner: rapid/engine/reaper.py, and ip
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -102,9 +103,12 @@ class EngineProcesses:
 
     def _spawn(self, name: str) -> ChildProcess:
         log_path = f"{self.dir}/{name}.log"
+        with contextlib.suppress(FileNotFoundError):  # an earlier incarnation's
+            os.unlink(f"{self.dir}/{name}.cause")
         # The kernel's parent-death signal follows the parent THREAD: only safe from the main thread.
         extra = ["pdeathsig"] if threading.current_thread() is threading.main_thread() else []
-        env = {**os.environ, **worker_env(self.config, name, self.mps)}  # in effect before its imports (MPS share)
+        env = {**os.environ, **worker_env(self.config, name, self.mps),  # in effect before its imports (MPS share)
+               ipc.CAUSE_ENV: f"{self.dir}/{name}.cause"}
         with open(log_path, "ab") as log:
             # a process group of its own: Ctrl-C in a terminal (SIGINT to the foreground group) or a signal to the
             # owner's group reaches the owner alone, which drains and stops its children (they did die of it first)
@@ -139,6 +143,10 @@ class EngineProcesses:
                 self.started[msg.name] = msg
             for child in children:
                 if child.name not in got and not child.alive():
+                    bad_input = ipc.read_cause(f"{self.dir}/{child.name}.cause",
+                                               f"raised by the {child.name} process at start-up")
+                    if bad_input is not None:
+                        raise bad_input
                     raise RuntimeError(
                         f"{child.name} process (pid {child.process.pid}) exited with code {child.process.returncode} "
                         f"during start-up; its last log lines:\n{ipc.tail(child.log_path)}"
