@@ -237,3 +237,31 @@ def test_results_to_standard_output(tiny_llama, tmp_path, output):
     assert run.returncode == 0, run.stderr[-2000:]
     assert sorted(json.loads(line)["id"] for line in run.stdout.splitlines()) == ["a", "b"]
     assert "wrote 2 records to " in run.stderr and not os.path.exists("-")  # (the working directory's)
+
+
+def test_ctrl_c_says_what_was_written_and_a_rerun_does_the_rest(tiny_llama, tmp_path):
+    """Ctrl-C ends `rapid batch` with one line saying how many records were written (exit 130, no traceback); the
+    records are whole lines, and a re-run writes the others, each line once."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(src, [{"id": i, "prompt_token_ids": [5 + i % 50, 9, 30], "max_tokens": 64,
+                       "sampling_params": {"ignore_eos": True}} for i in range(600)])
+    cmd = [sys.executable, "-m", "rapid.entrypoints.cli", "batch", str(src), str(out), "--model", str(tiny_llama),
+           "--max-num-seqs", "8", "--batch-size", "8"]
+    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while (not out.exists() or len(out.read_text().splitlines()) < 16) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=60)
+    assert run.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert f"interrupted: wrote {len(written)} records to {out}; run the same command again" in stderr
+    assert 16 <= len(written) < 600 and all("text" in r for r in written)
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert sorted(json.loads(line)["id"] for line in out.read_text().splitlines()) == list(range(600))

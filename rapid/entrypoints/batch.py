@@ -49,6 +49,14 @@ class LineError(ValueError):
     pass
 
 
+class BatchInterrupted(KeyboardInterrupt):
+    """Ctrl-C during run_file: what was written by then ({'ok', 'errors', 'skipped'}), all of it whole lines."""
+
+    def __init__(self, counts: dict[str, int]):
+        super().__init__(f"interrupted after {counts['ok'] + counts['errors']} records")
+        self.counts = counts
+
+
 @dataclass
 class Unit:
     """One input line: its engine Items (none if it failed to parse) and how to write its result."""
@@ -312,9 +320,11 @@ def run_file(llm, input_path: str, output_path: str, *, max_tokens: int = 128, t
                     runner.pump()
             while runner.active:
                 runner.pump()
-    except BaseException:
+    except BaseException as e:
         if runner is not None and runner.units:
             llm.engine.abort(sorted(runner.units))
+        if isinstance(e, KeyboardInterrupt):
+            raise BatchInterrupted(counts) from None
         raise
     finally:
         bar.close()
@@ -340,11 +350,16 @@ def run_batch(args) -> int:
     _check_distinct(args.input, args.output)  # before the engine starts
     with open_output(args.output):  # the output can be written (a missing folder fails now, not later)
         pass
-    with LLM.from_engine_args(EngineArgs.from_cli_args(args)) as llm, startup_heap_frozen("rapid batch"):
-        counts = run_file(llm, args.input, args.output, max_tokens=args.max_tokens, temperature=args.temperature,
-                          chunk_size=args.batch_size)
-    skipped = f", {counts['skipped']} already done" if counts["skipped"] else ""
     where = "standard output" if args.output == "-" else args.output
+    try:
+        with LLM.from_engine_args(EngineArgs.from_cli_args(args)) as llm, startup_heap_frozen("rapid batch"):
+            counts = run_file(llm, args.input, args.output, max_tokens=args.max_tokens,
+                              temperature=args.temperature, chunk_size=args.batch_size)
+    except BatchInterrupted as e:
+        resume = "" if is_stream(args.output) else "; run the same command again to do the rest"
+        print(f"interrupted: wrote {e.counts['ok'] + e.counts['errors']} records to {where}{resume}", file=sys.stderr)
+        return 130
+    skipped = f", {counts['skipped']} already done" if counts["skipped"] else ""
     print(f"wrote {counts['ok'] + counts['errors']} records to {where} ({counts['errors']} errors{skipped})",
           file=sys.stderr if is_stream(args.output) else sys.stdout)
     return 1 if counts["errors"] else 0
