@@ -197,3 +197,30 @@ def test_chat_template_options(llm):
 def test_new_params_validated_at_the_edge(llm, kwargs, field):
     with pytest.raises(ValueError, match=field):
         gen(llm, "hi", kwargs)
+
+
+def test_vllm_keywords_at_their_defaults_and_bad_input_at_the_call(llm, tiny_llama):
+    """vLLM scripts pass lora_request=None, priority=[0, ...] and chat_template_content_format: taken at those
+    values, refused with a ValueError otherwise; a badly shaped conversation list is a TypeError naming it (it was
+    an AttributeError); generate_stream refuses bad input at the call, before any request starts."""
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    out = llm.generate([{"prompt_token_ids": PROMPT}], greedy, False, None, [0])[0]
+    assert out.outputs[0].token_ids == hf_greedy(tiny_llama, PROMPT, 4)
+    with pytest.raises(ValueError, match="LoRA adapters are not supported"):
+        llm.generate("hi", greedy, lora_request=object())
+    with pytest.raises(ValueError, match=r"priority must be None or all 0, got \[1\]"):
+        llm.generate("hi", greedy, priority=[1])
+    conversation = [{"role": "user", "content": "hi"}]
+    chat = llm.chat(conversation, greedy, use_tqdm=False, lora_request=None, chat_template_content_format="string")
+    assert len(chat[0].outputs[0].token_ids) == 4
+    with pytest.raises(ValueError, match="chat_template_content_format 'openai' is not supported"):
+        llm.chat(conversation, greedy, chat_template_content_format="openai")
+    for bad in ([[1, 2]], [conversation, "x"], [conversation, []]):
+        with pytest.raises(TypeError, match=r"conversation \d is"):
+            llm.chat(bad, greedy, use_tqdm=False)
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate_stream({"prompt_token_ids": [5] * MAX_MODEL_LEN}, greedy)  # no next(): raised at the call
+    assert not llm.engine.get_stats().num_requests
+    never_read = llm.generate_stream({"prompt_token_ids": PROMPT}, greedy)  # started at the first next() only
+    del never_read
+    assert not llm.engine.get_stats().num_requests

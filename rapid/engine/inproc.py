@@ -111,6 +111,7 @@ class InprocClient(EngineClient):
         return out
 
     def get_stats(self) -> Stats:
+        self.check_health()
         return self.core.get_stats()
 
     def set_token_budget(self, max_num_batched_tokens: int) -> None:

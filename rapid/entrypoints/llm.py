@@ -215,10 +215,13 @@ class LLM:
         return list(prompts), params
 
     # ------------------------------------------------------------------ generation
-    def _submit(self, prompts, params) -> tuple[list[tuple[str, str | None, list[int], SamplingParams]], deque]:
-        """Validate everything first, then enqueue; one entry per (prompt, sample index), and the router's inbox
-        of their deltas (the caller closes it)."""
-        checked = [self.prepare(prompt, p, cap_max_tokens=True) for prompt, p in zip(prompts, params)]
+    def _check(self, prompts, params) -> list[tuple[str | None, list[int], SamplingParams]]:
+        """Every prompt validated (LLM.prepare), before any is enqueued."""
+        return [self.prepare(prompt, p, cap_max_tokens=True) for prompt, p in zip(prompts, params)]
+
+    def _submit(self, checked) -> tuple[list[tuple[str, str | None, list[int], SamplingParams]], deque]:
+        """Enqueue checked prompts; one entry per (prompt, sample index), and the router's inbox of their deltas
+        (the caller closes it)."""
         jobs = []
         for text, ids, p in checked:
             base = str(next(self._ids))
@@ -244,10 +247,13 @@ class LLM:
             raise
         return jobs, inbox
 
-    def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generate for every prompt; outputs in input order (n > 1: one RequestOutput with n outputs)."""
+    def generate(self, prompts, sampling_params=None, use_tqdm: bool = True, lora_request=None,
+                 priority: list[int] | None = None) -> list[RequestOutput]:
+        """Generate for every prompt; outputs in input order (n > 1: one RequestOutput with n outputs).
+        `lora_request` and `priority`: vLLM's, taken as None / all 0 only (no adapters, first come first served)."""
+        _refuse_unsupported(lora_request, priority)
         prompts, params = self._normalise(prompts, sampling_params)
-        jobs, inbox = self._submit(prompts, params)
+        jobs, inbox = self._submit(self._check(prompts, params))
         results: dict[str, RequestOutput] = {}
         child_to_parent: dict[str, tuple[str, int]] = {}
         order: list[str] = []
@@ -287,11 +293,15 @@ class LLM:
         return [results[r] for r in order]
 
     def generate_stream(self, prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestDelta]:
-        """Yield the output deltas of one prompt as they are produced (text already detokenized)."""
+        """The output deltas of one prompt as they are produced (text already detokenized). Bad input raises here,
+        at the call; the request starts at the first `next()`."""
         prompts, params = self._normalise(prompt, sampling_params)
         if len(prompts) != 1 or params[0].n != 1:
             raise ValueError("generate_stream takes one prompt with n=1")
-        ((rid, *_),), inbox = self._submit(prompts, params)
+        return self._stream(self._check(prompts, params))
+
+    def _stream(self, checked) -> Iterator[RequestDelta]:
+        ((rid, *_),), inbox = self._submit(checked)
         finished = False
         try:
             while not finished:
@@ -309,16 +319,26 @@ class LLM:
             finally:
                 self._router.close([rid])
 
-    def chat(self, messages, sampling_params=None, use_tqdm: bool = True, *, chat_template: str | None = None,
+    def chat(self, messages, sampling_params=None, use_tqdm: bool = True, lora_request=None, *,
+             chat_template: str | None = None, chat_template_content_format: str = "auto",
              add_generation_prompt: bool = True, continue_final_message: bool = False, tools: list[dict] | None = None,
              chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
         """One conversation (a list of {'role', 'content'} dicts) or a list of them, through the chat template
-        (the tokenizer's, or `chat_template`), with vLLM's options."""
+        (the tokenizer's, or `chat_template`), with vLLM's options (contents reach the template as strings:
+        `chat_template_content_format` "auto" or "string")."""
+        _refuse_unsupported(lora_request, None)
+        if chat_template_content_format not in ("auto", "string"):
+            raise ValueError(f"chat_template_content_format {chat_template_content_format!r} is not supported: "
+                             "contents reach the template as strings ('auto' or 'string')")
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer")
+        shape = "messages must be a non-empty list of {'role': ..., 'content': ...} dicts or a list of them"
         if not isinstance(messages, list) or not messages:
-            raise TypeError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts or a list of them")
+            raise TypeError(shape)
         conversations = [messages] if isinstance(messages[0], dict) else messages
+        for i, conv in enumerate(conversations):
+            if not isinstance(conv, list) or not conv or not all(isinstance(m, dict) for m in conv):
+                raise TypeError(f"{shape}; conversation {i} is {type(conv).__name__} {str(conv)[:60]!r}")
         self._check_chat_ready(chat_template)
         template = dict(chat_template=chat_template, continue_final_message=continue_final_message, tools=tools,
                         chat_template_kwargs=chat_template_kwargs)
@@ -339,3 +359,12 @@ def _engine_error(d: RequestDelta) -> Exception:
     from rapid.engine.client import EngineDeadError
 
     return EngineDeadError(d.error)
+
+
+def _refuse_unsupported(lora_request, priority) -> None:
+    """vLLM's keyword arguments that a script passes at their defaults are taken; real values are refused."""
+    if lora_request is not None:
+        raise ValueError("LoRA adapters are not supported: lora_request must be None")
+    if priority is not None and any(priority):
+        raise ValueError(f"priority scheduling is not supported (requests run first come, first served): priority "
+                         f"must be None or all 0, got {list(priority)[:8]}")
