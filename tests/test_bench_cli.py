@@ -2,6 +2,7 @@
 OpenAI-compatible server faked in the test), bench frontier."""
 
 import json
+import shlex
 import sys
 
 import pytest
@@ -17,7 +18,11 @@ def test_bench_offline_smoke(tiny_llama, tmp_path):
                  "--max-input-len", "32", "--min-output-len", "4", "--max-output-len", "8",
                  "--prefill-attention", "cudnn", "--output-json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert "--prefill-attention=cudnn" in result["command"]  # accepted (the CPU's reference backend ignores it)
+    assert result["args"]["prefill_attention"] == "cudnn"  # accepted (the CPU's reference backend ignores it)
+    # the command as typed, which pastes and runs again from cwd, and the code that ran
+    assert result["command"].startswith("rapid bench offline --model ") and "--prefill-attention cudnn" in result["command"]
+    assert {"rapid", "python", "torch"} <= set(result["versions"]) and result["cwd"]
+    assert main(shlex.split(result["command"])[1:]) == 0  # it ran again (the saved command used to be refused)
     assert result["num_seqs"] == 4 and result["output_tokens"] >= 16 and result["output_throughput_tok_s"] > 0
     # where the run's time went on the device, by step kind: the warm-up request's steps are not counted
     device = result["engine"]["device_time"]
@@ -148,7 +153,8 @@ def test_bench_serve_steady_state_two_modes_smoke(tiny_llama, tmp_path):
                  "--max-model-len", "256", "--result-dir", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "serve.json").read_text())
     method = summary["method"]
-    assert "--engine-process=True" in summary["command"]  # hybrid's core in a child process, as rapid serve runs it
+    assert summary["args"]["engine_process"] is True  # hybrid's core in a child process, as rapid serve runs it
+    assert summary["command"].startswith("rapid bench serve --model ") and "versions" in summary
     assert method["num_prompts"] == {"3": 9, "6": 18} and method["duration_s"] == {"3": 3.0, "6": 3.0}
     assert method["warmup_s"] == {"3": 0.75, "6": 0.75} and method["seeds"] == {"3": 0, "6": 1}
     assert method["shared_first_blocks"] == 0 and "unstable" in method["stability_rule"]

@@ -8,6 +8,8 @@ import random
 import time
 from pathlib import Path
 
+from rapid.bench.provenance import provenance
+
 
 def device_time_during(before: dict[str, list[float]], after: dict[str, list[float]]) -> dict[str, dict]:
     """Steps, busy and idle seconds on the device per step kind (Stats.device_time) between two snapshots.
@@ -140,8 +142,7 @@ def run_offline(args) -> dict:
         engine["prefill_worker"] = prefill_worker_during(engine["device_time"], stats)
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     result = {
-        "command": "rapid bench offline " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in sorted(vars(args).items())
-                                                    if k not in ("func", "cmd", "bench_cmd") and v is not None),
+        **provenance(args),
         "device": device_name,
         "torch": torch.__version__,
         "mode": args.mode,

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from rapid.bench.metrics import parse_goodput
 from rapid.bench.offline import decode_idle_during, device_time_during, prefill_worker_during
+from rapid.bench.provenance import provenance
 from rapid.bench.report import write_markdown, write_plots
 from rapid.bench.results import mode_summary, pair_key, parse_slo_pairs, rate_result
 from rapid.bench.steady import StabilityCriteria
@@ -278,7 +279,7 @@ def run_serve(args) -> dict:
     plans = plan_rates(parse_rates(args.request_rates), args.seed, duration, args.num_prompts, args.warmup_s)
     out_dir = Path(args.result_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = {"command": "rapid bench serve " + " ".join(_argv(args)), "device": None, "torch": None,
+    summary = {**provenance(args), "device": None, "torch": None,
                "slos_ms": slos, "slo_pairs": [pair_key(p) for p in pairs], "method": None, "modes": {}}
     setup = {}
 
@@ -350,11 +351,6 @@ def _run_inproc(args, modes, summary, traces_for, plans, slos, pairs, criteria, 
 
             _sweep(summary, label, replay, warm, traces, plans, args, slos, pairs, criteria, out_dir,
                    get_stats=llm.engine.get_stats, learned=learned)
-
-
-def _argv(args) -> list[str]:
-    skip = {"func", "cmd", "bench_cmd"}
-    return [f"--{k.replace('_', '-')}={v}" for k, v in sorted(vars(args).items()) if k not in skip and v is not None]
 
 
 def _json_default(o):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import shlex
 import sys
 import time
 
@@ -206,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         wrong = f"unrecognized arguments: {' '.join(unknown)}; " if unknown else ""
         parser.error(f"{wrong}choose a command: generate, serve, batch or bench (rapid COMMAND --help)")
     args = parser.parse_args(argv)  # with a command: argparse's own errors for anything unknown
+    args.command_line = shlex.join(["rapid", *(sys.argv[1:] if argv is None else argv)])  # results record it
     logging.basicConfig(level=getattr(logging, args.log_level),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
