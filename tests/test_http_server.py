@@ -2,6 +2,7 @@
 greedy text equals LLM.generate, streaming, usage, n, logprobs, OpenAI-shaped errors, metrics, the API key,
 disconnects, a dead engine on /health, and `rapid serve` (flags checked first, SIGTERM under load)."""
 
+import fcntl
 import json
 import os
 import re
@@ -497,6 +498,22 @@ def test_serve_refuses_a_remote_host_before_building_the_engine(tmp_path):
         proc = rapid_serve("--model", str(tmp_path / "absent"), "--port", "0", "--address", f"tcp://127.0.0.1:{port}")
         _, err = proc.communicate(timeout=60)  # the ZeroMQ address too
     assert proc.returncode == 2 and f"--address tcp://127.0.0.1:{port} is in use" in err
+    # an ipc:// address too: its folder missing, a program listening on it, a server holding its lock (these were
+    # found after the model loaded, with a raw errno message)
+    proc = rapid_serve("--model", str(tmp_path / "absent"), "--address", f"ipc://{tmp_path}/no/such/x.sock")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and f"the folder {tmp_path}/no/such does not exist" in err, err
+    sock_path, lock_path = tmp_path / "held.sock", tmp_path / "locked.sock.lock"
+    with socket.socket(socket.AF_UNIX) as listening, open(lock_path, "w") as lock:
+        listening.bind(str(sock_path))
+        listening.listen()
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.write("4242")
+        lock.flush()
+        for path, cause in ((sock_path, "a program listens on"), (tmp_path / "locked.sock", "(pid 4242) holds")):
+            proc = rapid_serve("--model", str(tmp_path / "absent"), "--no-http", "--address", f"ipc://{path}")
+            _, err = proc.communicate(timeout=60)
+            assert proc.returncode == 2 and f"ipc://{path} is in use" in err and cause in err, err
 
 
 def long_streams(proc, count: int) -> tuple[list[threading.Thread], list[tuple[str, str]]]:

@@ -115,6 +115,7 @@ def _check_port_free(host: str, port: int, flag: str | None = None) -> None:
 def check_serve_args(args: argparse.Namespace) -> None:
     """ValueError for any bad address, host, port or key flag (before the engine is built)."""
     from rapid.entrypoints.server import check_address
+    from rapid.entrypoints.zmq_endpoint import check_ipc_free
 
     if not (args.http or args.zmq):
         raise ValueError("--no-http and --no-zmq together leave nothing to serve")
@@ -133,6 +134,8 @@ def check_serve_args(args: argparse.Namespace) -> None:
             host, _, port = args.address.removeprefix("tcp://").rpartition(":")
             if port.isdigit():
                 _check_port_free(host, int(port), f"--address {args.address}")
+        else:
+            check_ipc_free(args.address)
     if args.max_pending < 1:
         raise ValueError(f"--max-pending must be >= 1, got {args.max_pending}")
     if not args.shutdown_grace_s >= 0:

@@ -107,11 +107,13 @@ def _lock(lock_path: str, address: str) -> int:
     raise AddressInUseError(f"{address}: could not take {lock_path} (it keeps being replaced)")
 
 
-def _clear_stale_socket(path: str, address: str) -> None:
+def _listened_on(path: str, address: str) -> bool:
+    """Whether a program accepts connections on the socket file `path` (False: none there, or a stale one);
+    ValueError when `path` is some other kind of file."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        return
+        return False
     if not stat.S_ISSOCK(st.st_mode):
         raise ValueError(f"{address}: {path} exists and is not a socket; remove it or choose another path")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -119,12 +121,44 @@ def _clear_stale_socket(path: str, address: str) -> None:
         probe.settimeout(1.0)
         probe.connect(path)
     except OSError:  # ECONNREFUSED: nobody listens (a server that was killed); the file is stale
-        logger.info("replacing the stale socket file %s", path)
-        os.unlink(path)
-        return
+        return False
     finally:
         probe.close()
-    raise AddressInUseError(f"{address} is in use: a program listens on {path}; stop it or choose another address")
+    return True
+
+
+def _clear_stale_socket(path: str, address: str) -> None:
+    if _listened_on(path, address):
+        raise AddressInUseError(f"{address} is in use: a program listens on {path}; stop it or choose another "
+                                "address")
+    if os.path.lexists(path):
+        logger.info("replacing the stale socket file %s", path)
+        os.unlink(path)
+
+
+def check_ipc_free(address: str) -> None:
+    """Before a slow start (rapid serve's engine): ValueError when an ipc:// address's folder is missing,
+    AddressInUseError when another server holds its lock or a program listens on it. Binding checks again."""
+    path = address.removeprefix("ipc://")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{address}: the folder {folder} does not exist; create it or choose another path")
+    try:
+        fd = os.open(path + ".lock", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        fd = None  # no lock file: no server holds the path
+    if fd is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (released at once by the close)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise AddressInUseError(f"{address} is in use: another RapidServer (pid {holder}) holds {path}.lock; "
+                                    "stop it or choose another address") from None
+        finally:
+            os.close(fd)
+    if _listened_on(path, address):
+        raise AddressInUseError(f"{address} is in use: a program listens on {path}; stop it or choose another "
+                                "address")
 
 
 def reaper_dir_of(llm) -> str | None:
