@@ -110,6 +110,11 @@ def test_chat_and_logprobs(llm, client):
     lp = client.generate("hello", SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=2))
     assert len(lp.logprobs) == 4 and all(t in d for t, d in zip(lp.token_ids, lp.logprobs))
     assert lp.cumulative_logprob == pytest.approx(sum(d[t] for t, d in zip(lp.token_ids, lp.logprobs)), abs=1e-4)
+    # streamed as whole: a cumulative logprob with logprobs only (every delta carried 0.0 without them)
+    with_lp = list(client.stream("hello", SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=2)))
+    assert with_lp[-1].cumulative_logprob == pytest.approx(lp.cumulative_logprob, abs=1e-4)
+    assert client.generate("hello", GREEDY).cumulative_logprob is None
+    assert all(d.cumulative_logprob is None for d in client.stream("hello", GREEDY))
 
 
 def test_two_concurrent_clients(llm, server):

@@ -61,6 +61,7 @@ class Job:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[int, float]] | None = None
     cumulative_logprob: float | None = None
+    with_logprobs: bool = False  # a streamed request's deltas have carried logprobs
     num_cached_tokens: int = 0
     first_token_time: float | None = None
     last_token_time: float | None = None
@@ -71,8 +72,10 @@ class Job:
             error = d.error.replace(self.rid, self.cid)  # never show the internal id
             return ErrorReply(self.cid, error if error.startswith("engine error") else f"engine error: {error}")
         if self.stream:
+            self.with_logprobs = self.with_logprobs or d.new_logprobs is not None
             return Delta(self.cid, list(d.new_token_ids), d.new_text, new_logprobs=d.new_logprobs,
-                         cumulative_logprob=d.cumulative_logprob, finished=d.finished, finish_reason=d.finish_reason,
+                         cumulative_logprob=d.cumulative_logprob if self.with_logprobs else None,
+                         finished=d.finished, finish_reason=d.finish_reason,
                          stop_reason=d.stop_reason, num_prompt_tokens=len(self.prompt_token_ids),
                          num_cached_tokens=d.num_cached_tokens)
         self._accumulate(d)

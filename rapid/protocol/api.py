@@ -52,7 +52,7 @@ class Delta(msgspec.Struct, tag=True):
     new_token_ids: list[int]
     new_text: str
     new_logprobs: list[dict[int, float]] | None = None
-    cumulative_logprob: float = 0.0
+    cumulative_logprob: float | None = None  # with logprobs only (as Completion's)
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
