@@ -428,3 +428,20 @@ def test_a_step_that_sampled_nothing_is_not_waited_for_its_time():
 
     runner = SimpleNamespace(timer=DeviceTimer)
     assert ModelRunner.device_time(runner, Launched([], None, False, Span(None, Running(), Running()))) is None
+
+
+def test_cli_generate_chat_without_a_template_names_no_chat(tiny_llama, tmp_path, capsys):
+    import json
+    import shutil
+
+    from rapid.entrypoints import cli
+
+    folder = tmp_path / "plain"
+    shutil.copytree(tiny_llama, folder)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    assert cli.main(["generate", "Paris is", "--model", str(folder), "--chat", "--max-tokens", "2"]) == 2
+    assert "has no chat template; use --no-chat" in capsys.readouterr().err
+    assert cli.main(["generate", "Paris is", "--model", str(folder), "--max-tokens", "2"]) == 0  # plain by default

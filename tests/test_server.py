@@ -230,7 +230,7 @@ def test_bad_params_dict_and_malformed_requests(server, client):
             ({"type": "GenerateRequest", "client_request_id": "p2", "prompt": "hi", "params": {"max_tokens": 0}},
              "p2", "max_tokens"),
             ({"type": "GenerateRequest", "client_request_id": "p3", "prompt": "hi", "params": {"top_k": "3"}},
-             "p3", "int"),
+             "p3", "invalid request: Expected `int`"),  # well formed, a bad field: not a "malformed message"
             ({"type": "GenerateRequest", "client_request_id": "p4", "prompt": "hi", "prompt_token_ids": [5]},
              "p4", "exactly one"),
             ({"type": "GenerateRequest", "client_request_id": "p5"}, "p5", "exactly one"),
@@ -542,3 +542,13 @@ def test_a_client_used_by_a_second_thread_at_once_says_so(server):
         t.start()
         t.join(TIMEOUT)
         assert done == ["length"]
+
+
+def test_a_client_address_that_no_server_can_have_is_a_value_error():
+    from rapid.client import AsyncClient
+
+    for bad in ("foo://bar", "localhost:5555", "inproc://x"):
+        with pytest.raises(ValueError, match="ipc://<path> or tcp://<host>:<port>"):
+            Client(bad)  # (it was a raw ZMQError, or an endless wait for inproc://)
+        with pytest.raises(ValueError, match="ipc://<path> or tcp://<host>:<port>"):
+            AsyncClient(bad)

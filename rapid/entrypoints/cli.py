@@ -31,7 +31,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         # the model's sampling defaults (--generation-config, --override-generation-config), the flags given on top
         given = {k: v for k, v in (("max_tokens", args.max_tokens), ("temperature", args.temperature)) if v is not None}
         params = SamplingParams(**GENERATE_DEFAULTS | llm.default_sampling_params | given)
-        use_chat = args.chat if args.chat is not None else getattr(llm.tokenizer, "chat_template", None) is not None
+        has_template = getattr(llm.tokenizer, "chat_template", None) is not None
+        use_chat = args.chat if args.chat is not None else has_template
+        if use_chat and not has_template:
+            raise ValueError(f"--chat: the tokenizer of {llm.config.tokenizer} has no chat template; use --no-chat "
+                             "to send the prompt as it is")
         # warm-up (first-call compilation, allocator, lazy imports) outside the measurement
         llm.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)
         t0 = time.perf_counter()

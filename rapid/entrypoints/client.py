@@ -14,7 +14,9 @@ A prompt is a str, a list of token ids, {'prompt': str} or {'prompt_token_ids': 
 chat() and chat_stream() take a list of {'role', 'content'} dicts. Requests the server refuses raise ServerError with
 its message. Each client owns one DEALER socket: use a Client from one thread at a time (several requests
 may still be interleaved: replies are sorted by request id), and an AsyncClient from one event loop
-(any number of concurrent coroutines). Breaking out of a stream cancels the request on the server.
+(any number of concurrent coroutines). Breaking out of a stream cancels the request on the server once the stream
+is closed: at once for `for d in c.stream(...): break`; an iterator kept in a variable needs `close()` (`aclose()`
+for AsyncClient's), or goes when it is dropped.
 When the connection to the server closes (the server stopped or was killed), every request in flight raises
 ServerError: the server has forgotten them (they used to wait forever, or until `timeout_s`). A request sent while
 no connection is open waits at most `connect_timeout_s` (5 s; None: no limit) for one (ZeroMQ's handshake with a

@@ -93,6 +93,9 @@ def chat_request(cid: str, messages: Any, params, stream: bool, add_generation_p
 def dealer(ctx: zmq.Context, address: str) -> tuple[zmq.Socket, zmq.Socket]:
     """The DEALER, connected, and a socket that gets a message each time a connection to the server opens (ZeroMQ's
     handshake done) or closes (read with `connection_event`)."""
+    if not isinstance(address, str) or not address.startswith(("ipc://", "tcp://")):
+        raise ValueError(f"address {address!r}: a RAPID server listens on ipc://<path> or tcp://<host>:<port> (what "
+                         "`rapid serve` prints at start)")
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVHWM, 0)  # streamed deltas are never dropped on this side either

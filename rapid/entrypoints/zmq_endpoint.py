@@ -66,7 +66,8 @@ def check_address(address: str, allow_remote: bool = False) -> None:
         pass
     raise ValueError(
         f"address {address!r} is not a loopback address; the server has no authentication, so anyone who can "
-        "reach it can use the model. Pass allow_remote=True to bind it anyway (behind a firewall or tunnel)."
+        "reach it can use the model. Pass allow_remote=True (rapid serve --allow-remote) to bind it anyway (behind a "
+        "firewall or tunnel)."
     )
 
 

@@ -106,18 +106,20 @@ class RequestReader:
         try:
             msg = self._decoder.decode(raw)
         except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as e:
-            raise RequestError(self._explain(str(e))) from None
+            # a well-formed request with a bad field (a ValidationError) is invalid, not malformed
+            raise RequestError(self._explain(str(e), "invalid request" if isinstance(e, msgspec.ValidationError)
+                                             else "malformed message")) from None
         params = getattr(msg, "params", None)
         if params is not None:
             msgspec.structs.force_setattr(msg, "params", SamplingParams(**msgspec.structs.asdict(params)))
         return msg
 
-    def _explain(self, error: str) -> str:
-        """msgspec's message, with the bounds behind a length error spelt out."""
+    def _explain(self, error: str, kind: str) -> str:
+        """msgspec's message after `kind`, with the bounds behind a length error spelt out."""
         m = _PATH.search(error)
         path = m.group(1) if m else ""
         if "length <=" not in error:
-            return f"malformed message: {error}"
+            return f"{kind}: {error}"
         if path == "client_request_id":  # it comes back in every reply of the request
             return f"client_request_id is longer than {MAX_REQUEST_ID_CHARS} characters"
         if path == "prompt_token_ids":
@@ -131,7 +133,7 @@ class RequestReader:
         if path.startswith("messages["):
             return (f"a chat message has at most {MAX_CHAT_KEYS} keys of at most {MAX_CHAT_KEY_CHARS} "
                     f"characters ({error})")
-        return f"malformed message: {error}"
+        return f"{kind}: {error}"
 
     def prepare(self, msg):
         """(prompt text, token ids, the params the engine runs) after the LLM's checks (LLM.prepare);
