@@ -240,13 +240,13 @@ class EngineArgs:
     seed: int = _shared(EngineConfig, "seed", "seed of the engine's sampler (requests without their own seed)")
     max_model_len: int | None = _own(
         None, "most tokens of one sequence (prompt + output), at most the model's max_position_embeddings",
-        none="max_position_embeddings")
+        none="max_position_embeddings", human=True)
     max_num_seqs: int | None = _shared(
         SchedulerConfig, "max_num_seqs", "most sequences running at once (the decode batch)",
         none=f"fitted to the KV pool: the sequences it holds at max_model_len tokens each, "
              f"between {AUTO_MAX_NUM_SEQS[0]} and {AUTO_MAX_NUM_SEQS[1]}")
     max_num_batched_tokens: int = _shared(
-        SchedulerConfig, "max_num_batched_tokens", "token budget of one hybrid step or one prefill launch")
+        SchedulerConfig, "max_num_batched_tokens", "token budget of one hybrid step or one prefill launch", human=True)
     admission_reserve: float = _shared(
         SchedulerConfig, "admission_reserve", "admission keeps KV room for each running request's prompt plus this "
         "share of its max_tokens; 1.0: never preempt, 0.0: admit while the prompt fits (vLLM)")
@@ -321,12 +321,16 @@ class EngineArgs:
                                        alias="-pp")
     disable_log_stats: bool = _own(False, "accepted for vLLM scripts; changes nothing: RAPID logs no periodic "
                                           "stats (/metrics is served either way)")
+    enable_chunked_prefill: bool | None = _own(None, "accepted for vLLM scripts: prefill is always chunked "
+                                                     "(max_num_batched_tokens a step); False is refused")
 
     # ------------------------------------------------------------------ to the engine
     def create_engine_config(self) -> EngineConfig:
         """The validated EngineConfig: ValueError quoting the value, FileNotFoundError for a missing folder."""
         for name in ("skip_tokenizer_init", "trust_remote_code", "disable_log_stats"):
             _check_bool(self, name)
+        _check(self.enable_chunked_prefill in (None, True), f"enable_chunked_prefill={self.enable_chunked_prefill!r}: "
+               "RAPID always chunks prefill (max_num_batched_tokens tokens a step); leave it out or True")
         for name in ("tensor_parallel_size", "pipeline_parallel_size"):
             v = getattr(self, name)
             _check(_is_int(v) and v == 1, f"{name} must be 1, got {v!r}: RAPID runs a model on one GPU, with no "

@@ -29,15 +29,34 @@ def add_engine_flags(args_cls: type, parser: argparse.ArgumentParser, exclude: t
         flags = (flag, f.metadata["alias"]) if "alias" in f.metadata else (flag,)  # vLLM's short forms: -tp, -pp
         if typing.get_origin(kind) is dict:  # given as a JSON object
             kind = json_object
+        elif kind is int and f.metadata.get("human"):  # vLLM's 1k, 1K, 25.6k for token counts
+            kind = human_int
         if kind is bool:
             action = group.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default)
         else:
-            name = "JSON" if kind is json_object else kind.__name__.upper()
+            name = {json_object: "JSON", human_int: "N"}.get(kind) or kind.__name__.upper()
             metavar = f.metadata.get("metavar", None if "choices" in f.metadata else name)
             action = group.add_argument(*flags, type=kind, default=default, choices=f.metadata.get("choices"),
                                         metavar=metavar)
         action.help = _cli_help(f, default)
     return parser
+
+
+_MULTIPLIERS = {"k": 10**3, "m": 10**6, "g": 10**9, "K": 2**10, "M": 2**20, "G": 2**30}
+
+
+def human_int(text: str) -> int:
+    """An int as vLLM's flags take it: 4096, 1k (1,000), 1K (1,024), 25.6k (25,600); binary multipliers (K, M, G)
+    take whole numbers only."""
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in _MULTIPLIERS else (text, "")
+    try:
+        value = float(number) * _MULTIPLIERS[unit] if unit else int(number)
+    except ValueError:
+        value = None
+    if value is None or (unit.isupper() and not number.isdigit()) or value != int(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of tokens (4096, 1k = 1000, 1K = 1024, "
+                                         "25.6k)")
+    return int(value)
 
 
 def json_object(text: str) -> dict[str, Any]:

@@ -31,7 +31,8 @@ LLM_KEYWORDS = ("tokenizer", "dtype", "mode", "device", "max_model_len", "max_nu
                 "prefill_sm_percentage", "decode_sm_percentage", "use_mps", "worker_start_timeout_s",
                 "slo_ttft_ms", "slo_tpot_ms", "placement", "skip_tokenizer_init")
 # vLLM's arguments accepted for its scripts and checked, that reach no config (tests/test_vllm_compat_args.py)
-VLLM_ONLY = ("trust_remote_code", "tensor_parallel_size", "pipeline_parallel_size", "disable_log_stats")
+VLLM_ONLY = ("trust_remote_code", "tensor_parallel_size", "pipeline_parallel_size", "disable_log_stats",
+             "enable_chunked_prefill")
 
 
 @pytest.fixture

@@ -78,6 +78,27 @@ def test_every_engine_command_takes_the_vllm_flags(argv):
 
 @pytest.mark.parametrize("argv", [["generate", "hi"], ["serve"], ["batch", "in.jsonl", "out.jsonl"],
                                   ["bench", "offline"], ["bench", "serve"]], ids=" ".join)
+def test_token_counts_as_vllm_writes_them_and_enable_chunked_prefill(argv, capsys):
+    for given, value in (("4096", 4096), ("1k", 1000), ("1K", 1024), ("25.6k", 25600), ("2M", 2 * 2**20)):
+        args = build_parser().parse_args(argv + ["--max-model-len", given, "--max-num-batched-tokens", given])
+        assert (args.max_model_len, args.max_num_batched_tokens) == (value, value)
+    for bad in ("1.5K", "k", "12x", "0.5"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(argv + ["--max-model-len", bad])
+        assert "is not a whole number of tokens" in capsys.readouterr().err
+    assert EngineArgs.from_cli_args(build_parser().parse_args(argv + ["--enable-chunked-prefill"])) \
+        .enable_chunked_prefill is True
+
+
+def test_enable_chunked_prefill_false_is_refused(tiny_llama):
+    with pytest.raises(ValueError, match="RAPID always chunks prefill"):
+        LLM(str(tiny_llama), enable_chunked_prefill=False)
+    with LLM(str(tiny_llama), max_model_len=MAX_LEN, enable_chunked_prefill=True) as llm:
+        assert llm.generate("Paris is", GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+
+
+@pytest.mark.parametrize("argv", [["generate", "hi"], ["serve"], ["batch", "in.jsonl", "out.jsonl"],
+                                  ["bench", "offline"], ["bench", "serve"]], ids=" ".join)
 def test_every_engine_command_takes_override_generation_config_as_json(argv):
     given = '{"temperature": 0.5, "top_k": null, "max_new_tokens": 64}'
     args = EngineArgs.from_cli_args(build_parser().parse_args(argv + ["--override-generation-config", given]))
