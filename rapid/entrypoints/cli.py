@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_batch)
 
     bench = sub.add_parser("bench", help="benchmarks")
-    bsub = bench.add_subparsers(dest="bench_cmd", required=True)
+    bsub = bench.add_subparsers(dest="bench_cmd", required=True, metavar="{offline,serve,frontier,plan}")
     off = bsub.add_parser("offline", help="nano-vllm-style offline throughput")
     off.add_argument("--num-seqs", "--num-prompts", dest="num_seqs", type=int, default=256,
                      help="random prompts; --num-prompts is vLLM's name (default: %(default)s)")
