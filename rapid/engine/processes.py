@@ -101,14 +101,18 @@ class EngineProcesses:
         if self.mps is not None:
             self.mps.check_clients([c.process.pid for c in self.children if c.name in workers])
 
+    def _cause_path(self, name: str) -> str:
+        """Where the child `name` records an input error before it exits (ipc.write_cause)."""
+        return f"{self.dir}/{name}.cause"
+
     def _spawn(self, name: str) -> ChildProcess:
         log_path = f"{self.dir}/{name}.log"
         with contextlib.suppress(FileNotFoundError):  # an earlier incarnation's
-            os.unlink(f"{self.dir}/{name}.cause")
+            os.unlink(self._cause_path(name))
         # The kernel's parent-death signal follows the parent THREAD: only safe from the main thread.
         extra = ["pdeathsig"] if threading.current_thread() is threading.main_thread() else []
         env = {**os.environ, **worker_env(self.config, name, self.mps),  # in effect before its imports (MPS share)
-               ipc.CAUSE_ENV: f"{self.dir}/{name}.cause"}
+               ipc.CAUSE_ENV: self._cause_path(name)}
         with open(log_path, "ab") as log:
             # a process group of its own: Ctrl-C in a terminal (SIGINT to the foreground group) or a signal to the
             # owner's group reaches the owner alone, which drains and stops its children (they did die of it first)
@@ -143,7 +147,7 @@ class EngineProcesses:
                 self.started[msg.name] = msg
             for child in children:
                 if child.name not in got and not child.alive():
-                    bad_input = ipc.read_cause(f"{self.dir}/{child.name}.cause",
+                    bad_input = ipc.read_cause(self._cause_path(child.name),
                                                f"raised by the {child.name} process at start-up")
                     if bad_input is not None:
                         raise bad_input

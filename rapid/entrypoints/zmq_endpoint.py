@@ -95,10 +95,9 @@ def _lock(lock_path: str, address: str) -> int:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            error = _held(fd, lock_path, address)
             os.close(fd)
-            raise AddressInUseError(f"{address} is in use: another RapidServer (pid {holder}) holds {lock_path}; "
-                                    "stop it or choose another address") from None
+            raise error from None
         st = os.fstat(fd)
         if _file_id(lock_path) == (st.st_dev, st.st_ino):  # not unlinked by its previous owner meanwhile
             os.ftruncate(fd, 0)
@@ -106,6 +105,19 @@ def _lock(lock_path: str, address: str) -> int:
             return fd
         os.close(fd)
     raise AddressInUseError(f"{address}: could not take {lock_path} (it keeps being replaced)")
+
+
+def _held(fd: int, lock_path: str, address: str) -> AddressInUseError:
+    """The error for a lock file (open at `fd`) another server holds; it names that server's pid."""
+    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+    return AddressInUseError(f"{address} is in use: another RapidServer (pid {holder}) holds {lock_path}; stop it "
+                             "or choose another address")
+
+
+def _refuse_if_listened(path: str, address: str) -> None:
+    if _listened_on(path, address):
+        raise AddressInUseError(f"{address} is in use: a program listens on {path}; stop it or choose another "
+                                "address")
 
 
 def _listened_on(path: str, address: str) -> bool:
@@ -129,9 +141,7 @@ def _listened_on(path: str, address: str) -> bool:
 
 
 def _clear_stale_socket(path: str, address: str) -> None:
-    if _listened_on(path, address):
-        raise AddressInUseError(f"{address} is in use: a program listens on {path}; stop it or choose another "
-                                "address")
+    _refuse_if_listened(path, address)
     if os.path.lexists(path):
         logger.info("replacing the stale socket file %s", path)
         os.unlink(path)
@@ -152,14 +162,10 @@ def check_ipc_free(address: str) -> None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (released at once by the close)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise AddressInUseError(f"{address} is in use: another RapidServer (pid {holder}) holds {path}.lock; "
-                                    "stop it or choose another address") from None
+            raise _held(fd, path + ".lock", address) from None
         finally:
             os.close(fd)
-    if _listened_on(path, address):
-        raise AddressInUseError(f"{address} is in use: a program listens on {path}; stop it or choose another "
-                                "address")
+    _refuse_if_listened(path, address)
 
 
 def reaper_dir_of(llm) -> str | None:
