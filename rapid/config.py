@@ -19,6 +19,7 @@ from typing import Any
 from rapid.config_cli import add_engine_flags
 from rapid.generation_defaults import GENERATION_CONFIG_HELP, OVERRIDE, OVERRIDE_HELP, check_override
 from rapid.model.config import ModelConfig
+from rapid.model.default_name import DEFAULT_MODEL_NAME, DEFAULT_MODEL_REPO  # noqa: F401 (REPO re-exported)
 from rapid.model.folder import resolve_model_path  # noqa: F401 (rapid.config.resolve_model_path, as before)
 
 MODES = ("hybrid", "rapid", "disagg")
@@ -28,8 +29,6 @@ PREFILL_ATTENTIONS = ("flash", "cudnn", "auto", "paged")
 LOAD_FORMATS = ("safetensors", "dummy")
 PLACEMENTS = ("adaptive", "static", "atom", "mixed")
 KV_CACHE_DTYPES = ("auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2")  # vLLM's names; fp8 is fp8_e4m3
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-DEFAULT_MODEL_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"  # its Hugging Face name, which clients may also send
 
 
 def _check(ok: bool, message: str) -> None:

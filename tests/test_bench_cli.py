@@ -188,6 +188,7 @@ def test_bench_serve_steady_state_two_modes_smoke(tiny_llama, tmp_path):
         assert "saturation" in entry and "goodput_by_slo" in entry
     md = (tmp_path / "serve.md").read_text()
     assert "## hybrid" in md and "## rapid" in md and "saturation" in md and "placement (static prefill)" in md
+    assert "## hybrid (1 CPU)" in md and "GPU" not in md  # a CPU run is counted per CPU, not per GPU
     assert "decode worker's device stream busy" in md and "decode stream's waits for the host" in md
     assert "prefill workers per batch" in md
     assert (tmp_path / "attainment.png").stat().st_size > 0

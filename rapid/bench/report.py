@@ -28,20 +28,20 @@ def _busy_share(device_time: dict) -> float | None:
     return busy / (busy + idle) if busy + idle > 0 else None
 
 
-def _goodput_text(g: dict | None) -> str:
+def _goodput_text(g: dict | None, unit: str = "GPU") -> str:
     if g is None:
         return "not measured"
     if g["below_range"]:
         text = "below the lowest stable rate measured (or no stable rate)"
     else:
-        text = f"{g['rate']:.2f} req/s ({g['rate_per_gpu']:.2f} per GPU)" + (" or more" if g["is_lower_bound"] else "")
+        text = f"{g['rate']:.2f} req/s ({g['rate_per_gpu']:.2f} per {unit})" + (" or more" if g["is_lower_bound"] else "")
     if g["upper_bound"] is not None:
         text += f", < {g['upper_bound']:g} req/s (unstable there)"
     return text
 
 
-def _mode_lines(mode: str, e: dict, pairs: list[str], has_slos: bool) -> list[str]:
-    lines = [f"## {mode} ({e['num_gpus']} GPU)", "",
+def _mode_lines(mode: str, e: dict, pairs: list[str], has_slos: bool, unit: str) -> list[str]:
+    lines = [f"## {mode} ({e['num_gpus']} {unit})", "",
              "| rate (req/s) | offered / served (req/s) | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | "
              "ITL p50 / p99 (ms) | E2E p50 / p99 (ms) | output tok/s | measured (failed) | "
              + ("attainment | " if has_slos else "") + "".join(f"{p} | " for p in pairs) + "verdict |",
@@ -98,9 +98,9 @@ def _mode_lines(mode: str, e: dict, pairs: list[str], has_slos: bool) -> list[st
             "rate": e["goodput_rps"], "rate_per_gpu": e["goodput_rps_per_gpu"],
             "is_lower_bound": e["goodput_is_lower_bound"], "below_range": e["goodput_below_range"],
             "upper_bound": e["goodput_upper_bound_rps"]}
-        lines.append(f"- goodput (--goodput SLOs, stable rates only): {_goodput_text(g)}")
+        lines.append(f"- goodput (--goodput SLOs, stable rates only): {_goodput_text(g, unit)}")
     for p in pairs:
-        lines.append(f"- goodput TTFT/TPOT {p} ms: {_goodput_text(e['goodput_by_slo'].get(p))}")
+        lines.append(f"- goodput TTFT/TPOT {p} ms: {_goodput_text(e['goodput_by_slo'].get(p), unit)}")
     s = e["saturation"]
     if s["request_rate"] is None:
         lines.append("- saturation: no rate was stable" + (f" (first unstable: {s['first_unstable_rate']:g} req/s)"
@@ -128,7 +128,7 @@ def write_markdown(summary: dict, path: str | Path) -> Path:
         lines += [f"SLOs (--goodput): {', '.join(f'{k} {v:g} ms' for k, v in summary['slos_ms'].items())}; "
                   "goodput = highest stable rate with >= 90% attainment, interpolated between measured rates.", ""]
     for mode, e in summary["modes"].items():
-        lines += _mode_lines(mode, e, pairs, has_slos)
+        lines += _mode_lines(mode, e, pairs, has_slos, summary.get("accelerator") or "GPU")
     path = Path(path)
     path.write_text("\n".join(lines) + "\n")
     return path

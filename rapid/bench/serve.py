@@ -332,6 +332,7 @@ def _run_inproc(args, modes, summary, traces_for, plans, slos, pairs, criteria, 
     from rapid.worker.gc_heap import startup_heap_frozen
 
     summary["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    summary["accelerator"] = "GPU" if torch.cuda.is_available() else "CPU"  # what the report counts per
     summary["torch"] = torch.__version__
     for label in modes:
         mode, overrides = parse_configuration(label)

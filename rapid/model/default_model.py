@@ -31,6 +31,7 @@ import uuid
 from pathlib import Path
 
 from rapid.model import gguf_convert as _gguf_convert
+from rapid.model.default_name import DEFAULT_MODEL_NAME
 from rapid.model.gguf_convert import convert_gguf_to_hf
 
 __all__ = [
@@ -45,8 +46,6 @@ logger = logging.getLogger(__name__)
 
 #: The q/k un-permutation, still reachable under its old name here (it lives in gguf_convert).
 _unpermute_rope = _gguf_convert._unpermute_rope
-
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 #: Bump when the converter's output (rapid.model.gguf_convert / gguf_tokenizer) changes, so that
 #: cached folders are rebuilt.

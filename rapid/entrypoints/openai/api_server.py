@@ -14,7 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from rapid.config import DEFAULT_MODEL_NAME, DEFAULT_MODEL_REPO
+from rapid.model.default_name import DEFAULT_MODEL_NAME, DEFAULT_MODEL_REPO
 from rapid.core.adaptive import make_placement
 from rapid.entrypoints.frontend import EngineFrontend
 from rapid.entrypoints.openai import protocol as P
