@@ -581,3 +581,21 @@ def test_health_is_503_while_a_worker_is_stopped(tiny_llama):
             os.kill(decode, signal.SIGCONT)
             server.stop()
             frontend.close()
+
+
+def test_a_worker_that_exited_is_named_before_the_engines_next_call(tiny_llama):
+    """/health reads the engine's stall reason on every call: a worker that exited is named there at once, not only
+    after the frontend's next health check (up to 0.5 s of 200s); the engine's next call then restarts it."""
+    with LLM(tiny_llama, mode="rapid", max_model_len=128) as llm:
+        assert llm.engine.stall_reason() is None
+        decode = engine_pids(llm)["decode"]
+        os.kill(decode, signal.SIGKILL)
+        assert wait_until(lambda: llm.engine.stall_reason() is not None, timeout=10)
+        reason = llm.engine.stall_reason()
+        assert f"decode process (pid {decode}) died with exit code -9 (signal 9)" in reason and "restarts" in reason
+        with pytest.raises(EngineDeadError):  # the next call fails what was in flight (nothing here)...
+            llm.engine.check_health()
+        llm.engine.check_health()  # ...and the one after restarts the processes
+        assert llm.engine.stall_reason() is None and engine_pids(llm)["decode"] != decode
+        out = llm.generate(["Paris is"], SamplingParams(max_tokens=2, ignore_eos=True))
+        assert len(out[0].outputs[0].token_ids) == 2

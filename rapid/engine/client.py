@@ -52,7 +52,8 @@ class EngineClient(abc.ABC):
         """Stop every process the engine started and free what it holds; idempotent."""
 
     def stall_reason(self) -> str | None:
-        """Why the engine, alive, makes no progress (a process of it stopped), or None; from any thread."""
+        """Why the engine, not yet known dead, makes no progress now (a process of it stopped or exited), or None;
+        from any thread."""
         return None
 
     @property

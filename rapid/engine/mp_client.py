@@ -94,7 +94,12 @@ class MPClient(EngineClient):
         return self.procs.children if self.procs is not None and not self.procs.stopped else []
 
     def stall_reason(self) -> str | None:
-        stopped = next((c for c in self.children if c.stopped()), None)
+        children = self.children
+        exited = next((c for c in children if not c.alive()), None)
+        if exited is not None:  # seen before the engine's next call fails what is in flight and restarts them
+            return (f"the {exited.exit_text()}: the engine fails what is in flight "
+                    "and restarts its processes (or stays down) at its next call")
+        stopped = next((c for c in children if c.stopped()), None)
         if stopped is None:
             return None
         return (f"the {stopped.name} process (pid {stopped.process.pid}) is stopped (SIGSTOP, or a debugger): the "

@@ -49,11 +49,13 @@ class ChildProcess:
         except (OSError, IndexError):
             return False
 
-    def death_reason(self) -> str:
+    def exit_text(self) -> str:
         code = self.process.returncode
         return (f"{self.name} process (pid {self.process.pid}) died with exit code {code}"
-                f"{' (signal %d)' % -code if code is not None and code < 0 else ''}; last log lines:\n"
-                f"{ipc.tail(self.log_path, 8)}")
+                f"{' (signal %d)' % -code if code is not None and code < 0 else ''}")
+
+    def death_reason(self) -> str:
+        return f"{self.exit_text()}; last log lines:\n{ipc.tail(self.log_path, 8)}"
 
 
 def _wait(proc: subprocess.Popen, timeout: float) -> None:

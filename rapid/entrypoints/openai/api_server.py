@@ -112,8 +112,8 @@ def build_app(frontend: EngineFrontend, *, model_name: str | list[str] | None = 
         if frontend.dead_reason is not None:
             return _error(P.ApiError(503, f"the engine is dead: {frontend.dead_reason}", type="service_unavailable"))
         stalled = frontend.llm.engine.stall_reason()
-        if stalled is not None:  # alive but going nowhere: load balancers route elsewhere until it continues
-            return _error(P.ApiError(503, f"the engine is stalled: {stalled}", type="service_unavailable"))
+        if stalled is not None:  # going nowhere: load balancers route elsewhere until it continues or restarts
+            return _error(P.ApiError(503, f"the engine is not serving: {stalled}", type="service_unavailable"))
         if serving.closing:  # draining after SIGTERM: load balancers stop routing here (/v1/* answers 503 too)
             return _error(P.ApiError(503, "the server is shutting down", type="service_unavailable"))
         return Response(status_code=200)
