@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install carried wheels, run the GPU tests, then the engine-level GPU benchmarks.
 #   bash bench/gpu_session.sh STAGE...   (stages: tests frontier-hybrid frontier-rapid offline offline1k graph-buckets
-#                                          gemm gemv splitk paged-sweep sampler step-profile kernels serve (= serve-sharegpt-like) serve-3k http
+#                                          gemm gemv splitk prefetch paged-sweep sampler step-profile kernels serve (= serve-sharegpt-like) serve-3k http
 #                                          mps-partition host-overhead mps-priority pack)
 # pack (last): everything in $OUT but commit.txt into one results.tgz, since the device tool returns at most 8 files
 # and none deeper than two folders (session 25 lost a step profile to that).
@@ -77,6 +77,7 @@ for stage in "$@"; do
     gemm) python3 bench/gemm_shapes.py ${GEMM_AUTOTUNE:+--autotune} ${GEMM_BATCHES:+--batches $GEMM_BATCHES} --out $OUT 2>&1 | grep -v "^ \|AUTOTUNE" | tail -16 ;;
     paged-sweep) python3 bench/paged_prefill_sweep.py --out $OUT 2>&1 | tail -9 ;;
     gemv) python3 bench/gemv_sweep.py --out $OUT 2>&1 | tail -16 ;;
+    prefetch) python3 bench/weight_prefetch_probe.py --batch ${PREFETCH_BATCH:-64} --out $OUT 2>&1 | tail -8 ;;
     splitk) python3 bench/splitk_gemm_sweep.py --batches ${SPLITK_BATCHES:-64,16,32,128} --out $OUT 2>&1 | tail -40 ;;
     sampler) python3 bench/sampler_cost.py --out $OUT 2>&1 | tail -12 ;;
     mps-partition) bash bench/mps_partition_probe.sh 2>&1 | tail -60 ;;
