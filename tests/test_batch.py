@@ -75,7 +75,7 @@ def test_engine_refusal_isolated_to_its_line(tiny_llama, tmp_path):
     with LLM(tiny_llama, kv_cache_memory_bytes=2 * 8192) as llm:
         run_file(llm, str(src), str(dst), max_tokens=4, use_tqdm=False)
     first, second = sorted((json.loads(line) for line in dst.read_text().splitlines()), key=lambda r: r["line"])
-    assert len(first["token_ids"]) == 4 and "whole pool" in second["error"]
+    assert len(first["token_ids"]) == 4 and "the KV pool holds 32 tokens" in second["error"]
 
 
 def test_cli_batch(tiny_llama, tmp_path, capsys):
@@ -159,7 +159,7 @@ def test_a_line_whose_second_prompt_is_refused_is_still_written(tiny_llama, tmp_
         counts = run_file(llm, str(src), str(dst), use_tqdm=False)
     recs = [json.loads(line) for line in dst.read_text().splitlines()]
     assert counts == {"ok": 0, "errors": 1, "skipped": 0} and len(recs) == 1
-    assert recs[0]["custom_id"] == "two" and "whole pool" in recs[0]["error"]["message"]
+    assert recs[0]["custom_id"] == "two" and "the KV pool holds 32 tokens" in recs[0]["error"]["message"]
 
 
 @pytest.mark.parametrize("size", [0, -1])

@@ -245,9 +245,12 @@ def test_request_that_cannot_fit_is_rejected_before_scheduling(tiny_llama):
         # as vLLM's offline API: a max_tokens past max_model_len ends the output there, with finish_reason length
         out = generate(llm, [[6] * 60], SamplingParams(max_tokens=10, min_tokens=8, ignore_eos=True))[0].outputs[0]
         assert len(out.token_ids) == 4 and out.finish_reason == "length"
-    with LLM(tiny_llama, kv_cache_memory_bytes=2 * 8192) as llm:
-        with pytest.raises(ValueError, match="whole pool"):
-            generate(llm, [[5] * 40], SamplingParams(max_tokens=10))
+    with LLM(tiny_llama, kv_cache_memory_bytes=2 * 8192) as llm:  # 32 tokens of KV: less than max_model_len
+        out = generate(llm, [[5] * 20], SamplingParams(max_tokens=20, ignore_eos=True))[0].outputs[0]
+        assert len(out.token_ids) == 12 and out.finish_reason == "length"  # cut to the pool, as to max_model_len
+        with pytest.raises(ValueError, match=re.escape("prompt has 40 tokens; the KV pool holds 32 tokens, fewer "
+                                                       "than max_model_len (512)")):  # no max_tokens would help
+            generate(llm, [[5] * 40], SamplingParams(max_tokens=1))
 
 
 def test_unknown_keyword_and_bad_config_are_errors(tiny_llama):

@@ -181,6 +181,11 @@ def test_a_kv_pool_smaller_than_max_model_len_bounds_the_default_output(tiny_lla
                                                   extra_body={"ignore_eos": True})
             assert chat.choices[0].finish_reason == "length"
             assert chat.usage.prompt_tokens + chat.usage.completion_tokens == longest
+            with pytest.raises(openai.BadRequestError) as e:  # refused at the limit /v1/models reports
+                client.completions.create(model="tiny", prompt=[5] * longest, max_tokens=1)
+            assert e.value.body["param"] == "prompt", e.value.body
+            assert f"prompt has {longest} tokens; the KV pool holds {longest} tokens, fewer than max_model_len " \
+                   f"({MAX_LEN})" in e.value.body["message"]
         finally:
             server.stop()
             frontend.close()

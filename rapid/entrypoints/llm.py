@@ -128,9 +128,11 @@ class LLM:
 
     def _check_fits(self, ids: list[int], params: SamplingParams) -> None:
         """The engine's own fit rule (max_model_len and the whole KV pool), checked before anything is queued."""
-        limit = self.config.scheduler.max_model_len
-        if len(ids) >= limit:
-            raise ValueError(f"prompt has {len(ids)} tokens; max_model_len is {limit} (prompt + max_tokens must fit)")
+        limit, longest = self.config.scheduler.max_model_len, self.longest_sequence
+        if len(ids) >= longest:  # the limit /v1/models and /tokenize report
+            where = (f"max_model_len is {limit}" if longest == limit else
+                     f"the KV pool holds {longest} tokens, fewer than max_model_len ({limit})")
+            raise ValueError(f"prompt has {len(ids)} tokens; {where} (prompt + max_tokens must fit)")
         check_fits("this request", len(ids), params.max_tokens, limit, self.engine.num_blocks,
                    self.config.cache.block_size)
 
