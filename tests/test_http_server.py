@@ -224,13 +224,27 @@ def test_continuous_usage_stats_puts_usage_on_every_chunk(served):
     assert seen == chunks[-1]["usage"]["completion_tokens"] == 4
 
 
+def test_a_body_not_sent_as_json_is_refused(served):
+    """As vLLM: a POST whose Content-Type is not application/json is a 415, before it is read. A browser sends
+    text/plain and forms cross-origin without a CORS preflight, so any page could otherwise start generation."""
+    url, body = served[0].url, json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 2}).encode()
+    for path in ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"):
+        for media_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data", None):
+            r = httpx.post(url + path, content=body, headers={"content-type": media_type} if media_type else {})
+            assert r.status_code == 415, (path, media_type, r.text)
+            error = r.json()["error"]
+            assert error["code"] == "unsupported_media_type" and "application/json" in error["message"]
+    ok = httpx.post(url + "/v1/completions", content=body, headers={"Content-Type": "Application/JSON; charset=UTF-8"})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
 def test_malformed_bodies_and_the_server_keeps_serving(served, client):
     url = served[0].url
     deep = b"[" * 100_000 + b"]" * 100_000  # nested past what msgspec decodes (a RecursionError: it was a 500)
     for body in [b"{not json", b"[1, 2]", b"", json.dumps({"prompt": 5}).encode(),
                  json.dumps({"messages": "hi"}).encode(), deep, b'{"prompt": ' + deep + b"}"]:
         for path in ("/v1/completions", "/v1/chat/completions", "/tokenize"):
-            r = httpx.post(url + path, content=body)
+            r = httpx.post(url + path, content=body, headers={"content-type": "application/json; charset=utf-8"})
             assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text
     r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "wizard", "content": "x"}]})
     assert r.status_code == 400 and "role" in r.json()["error"]["message"]

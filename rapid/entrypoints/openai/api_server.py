@@ -26,6 +26,16 @@ logger = logging.getLogger(__name__)
 STATS_WAIT_S = 1.0  # how long /metrics waits for the engine loop's stats (a long step holds them)
 
 
+async def json_body(request: Request) -> bytes:
+    """The body of a POST that says it is JSON. As vLLM, any other Content-Type is refused: a web page may send
+    text/plain or a form to a loopback server without asking it first (no CORS preflight), and start generation."""
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise P.ApiError(415, f"Content-Type must be application/json, not {media_type or 'none'!r}",
+                         param="Content-Type", code="unsupported_media_type")
+    return await request.body()
+
+
 def _error(e: P.ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
@@ -144,7 +154,7 @@ def build_app(frontend: EngineFrontend, *, model_name: str | list[str] | None = 
         return card(model_id)
 
     async def run(request: Request, chat: bool) -> Response:
-        body = await request.body()
+        body = await json_body(request)
         req = P.decode(body, P.ChatCompletionRequest if chat else P.CompletionRequest)
         items = await serving.off_loop(serving.chat_items if chat else serving.completion_items, req)
         builder = serving.builder(chat, P.chat_logprobs(req) if chat else req.logprobs, req.return_token_ids)
@@ -169,12 +179,12 @@ def build_app(frontend: EngineFrontend, *, model_name: str | list[str] | None = 
     @app.post("/tokenize")
     @app.post("/v1/tokenize")
     async def tokenize(request: Request) -> dict:
-        return await serving.off_loop(serving.tokenize, P.decode(await request.body(), P.TokenizeRequest))
+        return await serving.off_loop(serving.tokenize, P.decode(await json_body(request), P.TokenizeRequest))
 
     @app.post("/detokenize")
     @app.post("/v1/detokenize")
     async def detokenize(request: Request) -> dict:
-        return await serving.off_loop(serving.detokenize, P.decode(await request.body(), P.DetokenizeRequest))
+        return await serving.off_loop(serving.detokenize, P.decode(await json_body(request), P.DetokenizeRequest))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
