@@ -236,7 +236,9 @@ class EngineArgs:
     generation_config: str = _shared(EngineConfig, "generation_config", GENERATION_CONFIG_HELP,
                                      metavar="auto|vllm|FOLDER")
     override_generation_config: dict[str, Any] | None = _shared(EngineConfig, OVERRIDE, OVERRIDE_HELP, none="none")
-    seed: int = _shared(EngineConfig, "seed", "seed of the engine's sampler (requests without their own seed)")
+    seed: int = _shared(EngineConfig, "seed", "seed of the engine's sampler for requests without their own seed; "
+                        "their draws also depend on which requests share a batch, which timing decides in rapid and "
+                        "disagg: a request's own seed repeats its output in every mode and run")
     max_model_len: int | None = _own(
         None, "most tokens of one sequence (prompt + output), at most the model's max_position_embeddings",
         none="max_position_embeddings", human=True)

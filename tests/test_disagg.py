@@ -12,6 +12,7 @@ from rapid.protocol.worker import StartDecode, Transferred
 from tiny import engine_pids, gone, hf_greedy, shm_of
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+SEEDED = SamplingParams(temperature=1.0, top_p=0.95, seed=7, max_tokens=12, ignore_eos=True)
 
 
 def prompts(seed=0, lengths=(1, 7, 33, 70)):
@@ -27,9 +28,13 @@ def test_disagg_greedy_equals_transformers_and_frees_both_pools(tiny_llama):
         assert len(client.shm_names) == 2  # two arenas: one per worker
         shm_names, sock_dir = list(client.shm_names), client.dir
         outs = llm.generate([{"prompt_token_ids": p} for p in ps], GREEDY, use_tqdm=False)
+        seeded = llm.generate([{"prompt_token_ids": p} for p in ps], SEEDED, use_tqdm=False)
         stats = client.get_stats()
         pids = list(engine_pids(llm).values())
     assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(tiny_llama, p, 12) for p in ps]
+    with LLM(tiny_llama) as hybrid:  # a request's own seed gives its draws in any batch: the same as hybrid's
+        expected = hybrid.generate([{"prompt_token_ids": p} for p in ps], SEEDED, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in seeded] == [o.outputs[0].token_ids for o in expected]
     assert stats.num_free_blocks == stats.num_blocks and stats.num_requests == 0
     assert all(gone(p) for p in pids)
     assert not shm_of(pids, shm_names)
