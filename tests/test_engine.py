@@ -245,6 +245,8 @@ def test_request_that_cannot_fit_is_rejected_before_scheduling(tiny_llama):
         # as vLLM's offline API: a max_tokens past max_model_len ends the output there, with finish_reason length
         out = generate(llm, [[6] * 60], SamplingParams(max_tokens=10, min_tokens=8, ignore_eos=True))[0].outputs[0]
         assert len(out.token_ids) == 4 and out.finish_reason == "length"
+        out = generate(llm, [[6] * 60], SamplingParams(max_tokens=None, min_tokens=8))[0].outputs[0]
+        assert len(out.token_ids) == 4 and out.finish_reason == "length"  # the same without max_tokens
     with LLM(tiny_llama, kv_cache_memory_bytes=2 * 8192) as llm:  # 32 tokens of KV: less than max_model_len
         out = generate(llm, [[5] * 20], SamplingParams(max_tokens=20, ignore_eos=True))[0].outputs[0]
         assert len(out.token_ids) == 12 and out.finish_reason == "length"  # cut to the pool, as to max_model_len

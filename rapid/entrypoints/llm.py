@@ -148,6 +148,8 @@ class LLM:
         ids = truncate(ids, params)
         longest = self.longest_sequence
         room = longest - len(ids)
+        if cap_max_tokens and params.max_tokens is None and 0 < room < params.min_tokens:  # as an explicit max_tokens
+            params = msgspec.structs.replace(params, min_tokens=room)
         params = prepare_params(params, len(ids), tokenizer=self.tokenizer, vocab_size=self.model_config.vocab_size,
                                 max_model_len=longest)
         if cap_max_tokens and 0 < room < params.max_tokens:
