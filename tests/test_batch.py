@@ -178,6 +178,13 @@ def test_cli_batch_size_checked_before_the_engine_starts(tmp_path, capsys):
     assert "got 0" in capsys.readouterr().err
 
 
+def test_an_input_that_is_missing_or_a_folder_is_named_before_the_engine_starts(tmp_path, capsys):
+    for src, message in ((tmp_path, "the input is a folder; give a JSONL file"),
+                         (tmp_path / "absent.jsonl", "no such input file")):
+        assert main(["batch", str(src), str(tmp_path / "out.jsonl"), "--model", str(tmp_path / "absent")]) == 2
+        assert f"error: {src}: {message}" in capsys.readouterr().err
+
+
 def test_an_output_that_cannot_be_written_fails_before_the_engine_starts(tmp_path, capsys):
     src = tmp_path / "in.jsonl"
     write_jsonl(src, [{"prompt": "hello"}])

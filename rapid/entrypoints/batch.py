@@ -343,6 +343,8 @@ def run_batch(args) -> int:
     from rapid.entrypoints.llm import LLM
     from rapid.worker.gc_heap import startup_heap_frozen
 
+    if os.path.isdir(args.input):
+        raise IsADirectoryError(f"{args.input}: the input is a folder; give a JSONL file")
     if not os.path.isfile(args.input):
         raise FileNotFoundError(f"{args.input}: no such input file")
     if args.batch_size is not None and args.batch_size < 1:
