@@ -270,7 +270,8 @@ def test_llm_cli_and_engine_args_build_the_same_config(tiny_llama):
 
 
 # ---------------------------------------------------------------------- import weight
-@pytest.mark.parametrize("modules", [("rapid.client", "rapid.protocol"), ("rapid.config", "rapid.entrypoints.cli")])
+@pytest.mark.parametrize("modules", [("rapid.client", "rapid.protocol"), ("rapid.config", "rapid.entrypoints.cli"),
+                                     ("rapid.engine.mp_client", "rapid.worker.memory_check")])  # the engine's frontend
 def test_light_modules_load_no_torch(modules):
     code = (f"import sys, {', '.join(modules)}\n"
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")

@@ -35,7 +35,7 @@ from rapid.engine.client import EngineClient, EngineDeadError
 from rapid.engine.mps import MpsDaemon, uses_cuda
 from rapid.engine.processes import POLL_MS, ChildProcess, EngineProcesses
 from rapid.protocol.engine import (
-    AbortRequest, AddRequest, EngineDead, EngineOutputs, GetStats, RequestDelta, SetTokenBudget, Stats,
+    AbortRequest, AddRequest, EngineOutputs, GetStats, RequestDelta, SetTokenBudget, Stats,
 )
 from rapid.protocol.worker import WorkerReady
 
@@ -130,7 +130,7 @@ class MPClient(EngineClient):
 
     def _check_memory(self) -> None:
         """Warn about a worker whose peak torch memory at start-up went past what the KV sizing allowed it."""
-        from rapid.worker.memory import check_process_memory
+        from rapid.worker.memory_check import check_process_memory
 
         plan = {name: n for ready in self.started.values() for name, n in ready.allowed_bytes.items()}
         for name, ready in self.started.items():
@@ -239,8 +239,6 @@ class MPClient(EngineClient):
             msg = self._recv_before(deadline)
             if isinstance(msg, EngineOutputs):
                 return self._track(msg.deltas)
-            if isinstance(msg, EngineDead):
-                return self._on_death(f"engine core: {msg.reason}")
             if time.monotonic() > deadline:
                 return []
 

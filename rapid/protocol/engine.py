@@ -60,12 +60,6 @@ class EngineOutputs(msgspec.Struct, tag=True):
     deltas: list[RequestDelta]
 
 
-class EngineDead(msgspec.Struct, tag=True):
-    """Sent (best effort) when the engine cannot go on; every in-flight request fails with `reason`."""
-
-    reason: str
-
-
 class Shutdown(msgspec.Struct, tag=True):
     pass
 
@@ -116,4 +110,4 @@ class Stats(msgspec.Struct, tag=True):
 
 
 CoreInput = AddRequest | AbortRequest | Shutdown | GetStats | SetTokenBudget
-CoreOutput = EngineOutputs | EngineDead | Stats
+CoreOutput = EngineOutputs | Stats

@@ -10,14 +10,12 @@ any of them: each figure is measured in the process that runs the shapes, before
 from __future__ import annotations
 
 import functools
-import logging
 from dataclasses import dataclass
 
 import torch
 
 from rapid.attention.metadata import allocate_kv_pool, prefill_lens, write_nothing_metadata
-
-logger = logging.getLogger(__name__)
+from rapid.worker.memory_check import check_process_memory, gib  # noqa: F401 (check_process_memory: as before)
 
 ALLOC_ROUND = 2 * 2**20  # the caching allocator rounds a large allocation (the KV pool, the arena) up to this
 
@@ -49,14 +47,10 @@ class ForwardPeaks:
     decode_bytes: int  # max_num_seqs decode rows + logits and sampling
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
-
-
 def describe(processes: list[ProcessMemory]) -> str:
     """The processes' figures on one line, for logs and errors."""
-    return "; ".join(f"{p.name}: activations {_gib(p.peak_activation_bytes)} + graphs {_gib(p.graph_bytes_allowance)}"
-                     f" + non-torch {_gib(p.non_torch_bytes)}" for p in processes)
+    return "; ".join(f"{p.name}: activations {gib(p.peak_activation_bytes)} + graphs {gib(p.graph_bytes_allowance)}"
+                     f" + non-torch {gib(p.non_torch_bytes)}" for p in processes)
 
 
 def kv_budget_bytes(total_bytes: int, utilization: float, weight_bytes: int, processes: list[ProcessMemory],
@@ -70,9 +64,9 @@ def kv_budget_bytes(total_bytes: int, utilization: float, weight_bytes: int, pro
     budget = share - weight_bytes - sum(p.total_bytes for p in processes)
     if budget < block_bytes:
         raise ValueError(
-            f"gpu_memory_utilization={utilization} of {_gib(total_bytes)} is {_gib(share)}; after "
-            f"{_gib(weight_bytes)} of weights and {describe(processes) or 'no process'} it leaves "
-            f"{_gib(budget)}, less than one KV block ({block_bytes} bytes): no room for the KV cache "
+            f"gpu_memory_utilization={utilization} of {gib(total_bytes)} is {gib(share)}; after "
+            f"{gib(weight_bytes)} of weights and {describe(processes) or 'no process'} it leaves "
+            f"{gib(budget)}, less than one KV block ({block_bytes} bytes): no room for the KV cache "
             "(raise gpu_memory_utilization, or lower max_num_batched_tokens / max_num_seqs)"
         )
     return budget
@@ -200,16 +194,3 @@ def max_reserved_bytes(device: torch.device) -> int:
 def rounded(nbytes: int) -> int:
     """What the caching allocator reserves for one large allocation of nbytes."""
     return -(-nbytes // ALLOC_ROUND) * ALLOC_ROUND
-
-
-def check_process_memory(name: str, peak_bytes: int, allowed_bytes: int) -> bool:
-    """Warn (naming the process) when its peak torch memory went past what the KV plan allowed it.
-
-    allowed_bytes <= 0 means no plan (CPU, or kv_cache_memory_bytes given): nothing to check.
-    """
-    if allowed_bytes <= 0 or peak_bytes <= allowed_bytes:
-        return True
-    logger.warning("%s: peak torch memory %s exceeds the %s the KV sizing planned for it (by %s); "
-                   "lower gpu_memory_utilization if the GPU runs out of memory",
-                   name, _gib(peak_bytes), _gib(allowed_bytes), _gib(peak_bytes - allowed_bytes))
-    return False
