@@ -235,6 +235,8 @@ def test_a_lone_surrogate_or_a_refusing_template_is_a_value_error_and_close_is_s
         generate(llm, [[5, 6, 7]])
     with pytest.raises(EngineDeadError, match="shut down"):  # as in rapid (it was an AttributeError)
         llm.engine.get_stats()
+    with pytest.raises(EngineDeadError, match="shut down"):
+        llm.engine.set_token_budget(16)
 
 
 def test_request_that_cannot_fit_is_rejected_before_scheduling(tiny_llama):

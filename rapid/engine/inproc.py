@@ -115,6 +115,7 @@ class InprocClient(EngineClient):
         return self.core.get_stats()
 
     def set_token_budget(self, max_num_batched_tokens: int) -> None:
+        self.check_health()
         self.core.set_token_budget(max_num_batched_tokens)
 
     def check_health(self) -> None:
