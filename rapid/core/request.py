@@ -112,11 +112,14 @@ class Request:
             if token_id in self.params.stop_token_ids:
                 self.stop_reason = token_id
                 return "stop"
-        if self.max_tokens is not None and n >= self.max_tokens:
-            return "length"
-        if self.max_model_len is not None and self.num_tokens >= self.max_model_len:
-            return "length"
-        return None
+        return "length" if self.reaches_length() else None
+
+    def reaches_length(self, extra_tokens: int = 0) -> bool:
+        """Its output has reached max_tokens or the sequence max_model_len, counting `extra_tokens` not yet
+        appended (the decode worker looks one step ahead)."""
+        n = len(self.output_token_ids) + extra_tokens
+        return ((self.max_tokens is not None and n >= self.max_tokens)
+                or (self.max_model_len is not None and self.num_tokens + extra_tokens >= self.max_model_len))
 
 
 def check_fits(who: str, num_prompt_tokens: int, max_tokens: int | None, max_model_len: int,

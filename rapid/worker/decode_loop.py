@@ -205,8 +205,7 @@ class DecodeLoop:
                 break
             rid, table = req.request_id, self.tables[req.request_id]
             if rid in ahead_ids:
-                last = len(req.output_token_ids) + 1 >= req.max_tokens or req.num_tokens + 1 >= self.max_model_len
-                if last or len(table) * bs < req.num_tokens + 1:
+                if req.reaches_length(extra_tokens=1) or len(table) * bs < req.num_tokens + 1:
                     continue  # it ends with the pending step, or has no block for one more token yet
                 dst.append(len(work))
                 src.append(src_row[rid])
