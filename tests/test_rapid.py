@@ -1,5 +1,6 @@
 """Mode 'rapid' on the CPU: the real multi-process pipeline (core + prefill worker + decode worker)."""
 
+import contextlib
 import os
 import random
 import signal
@@ -150,6 +151,21 @@ def test_startup_record_of_every_process(rapid_llm):
     assert set(started) == {"decode", "prefill", "core"}
     assert all(r.max_reserved_bytes == 0 and r.allowed_bytes == {} for r in started.values())
     assert started["decode"].num_blocks == rapid_llm.engine.num_blocks
+
+
+def test_engine_clients_fit_the_truncated_prompt(tiny_llama, rapid_llm):
+    """An engine request whose prompt is past max_model_len but truncate_prompt_tokens cuts it to fit: both engine
+    clients run the truncated prompt (the multi-process one refused it, checking the whole prompt's length)."""
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, truncate_prompt_tokens=8)
+    prompt = [5 + i % 200 for i in range(rapid_llm.config.scheduler.max_model_len + 10)]
+    expected = hf_greedy(tiny_llama, prompt[-8:], 4)
+    for llm in (rapid_llm, LLM(tiny_llama)):
+        with llm if llm is not rapid_llm else contextlib.nullcontext():
+            llm.engine.add_request(AddRequest("long", prompt, params, arrival_time=time.time()))
+            deltas, deadline = [], time.time() + 30
+            while not (deltas and deltas[-1].finished) and time.time() < deadline:
+                deltas += [d for d in llm.engine.get_deltas(timeout_s=0.5) if d.request_id == "long"]
+            assert [t for d in deltas for t in d.new_token_ids] == expected and deltas[-1].error is None
 
 
 def test_abort_through_the_pipeline_frees_every_block(rapid_llm):

@@ -58,9 +58,7 @@ class Request:
     prompt_lane: str | None = None  # the lane of the prompt's first chunk: with prompt_logprobs, it gathers them
 
     def __post_init__(self) -> None:
-        k = self.params.truncate_prompt_tokens
-        if k is not None and len(self.prompt_token_ids) > k:  # keep the last k (the edge may have done it)
-            self.prompt_token_ids = self.prompt_token_ids[-k:]
+        self.prompt_token_ids = truncated_prompt(self.prompt_token_ids, self.params)  # the edge may have done it
 
     def keeps_lane(self, lane: str, tokens_left: int) -> bool:
         """A chunk may go to `lane`: with prompt_logprobs, once the prompt has started (fewer than all its tokens
@@ -120,6 +118,12 @@ class Request:
         n = len(self.output_token_ids) + extra_tokens
         return ((self.max_tokens is not None and n >= self.max_tokens)
                 or (self.max_model_len is not None and self.num_tokens + extra_tokens >= self.max_model_len))
+
+
+def truncated_prompt(ids: list[int], params: SamplingParams) -> list[int]:
+    """The prompt the engine runs: its last truncate_prompt_tokens tokens when that is set."""
+    k = params.truncate_prompt_tokens
+    return ids[-k:] if k is not None and len(ids) > k else ids
 
 
 def check_fits(who: str, num_prompt_tokens: int, max_tokens: int | None, max_model_len: int,

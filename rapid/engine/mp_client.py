@@ -28,7 +28,7 @@ import msgspec
 import zmq
 
 from rapid.config import EngineConfig
-from rapid.core.request import check_fits
+from rapid.core.request import check_fits, truncated_prompt
 from rapid.core.budget import check_token_budget
 from rapid.engine import ipc, launch, reaper
 from rapid.engine.client import EngineClient, EngineDeadError
@@ -211,8 +211,8 @@ class MPClient(EngineClient):
     def add_request(self, msg: AddRequest) -> None:
         self._ensure_running()
         sched = self.config.scheduler
-        check_fits(f"request {msg.request_id}", len(msg.prompt_token_ids), msg.params.max_tokens, sched.max_model_len,
-                   self.num_blocks, self.config.cache.block_size)
+        check_fits(f"request {msg.request_id}", len(truncated_prompt(msg.prompt_token_ids, msg.params)),
+                   msg.params.max_tokens, sched.max_model_len, self.num_blocks, self.config.cache.block_size)
         self._send_to_core(msg)
         self.in_flight.add(msg.request_id)
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from rapid.config import EngineArgs, EngineConfig
 from rapid.model.config import ModelConfig
 from rapid.entrypoints.llm_inputs import (
-    check_text, check_truncation, parse_prompt, prepare_params, text_parts_joined, to_sampling_params, truncate,
+    check_text, check_truncation, parse_prompt, prepare_params, text_parts_joined, to_sampling_params,
 )
 from rapid.generation_defaults import (
     generation_config_folder, read_eos_ids, read_sampling_defaults,
@@ -28,7 +28,7 @@ from rapid.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from rapid.protocol.engine import AddRequest, RequestDelta
 from rapid.engine import make_client
 from rapid.engine.client import EngineClient
-from rapid.core.request import check_fits
+from rapid.core.request import check_fits, truncated_prompt
 from rapid.core.tokenizer import load_tokenizer
 from rapid.params import SamplingParams
 
@@ -145,7 +145,7 @@ class LLM:
         params = to_sampling_params(self.get_default_sampling_params() if sampling_params is None else sampling_params)
         check_truncation(params, self.config.scheduler.max_model_len)
         text, ids = self._prompt_ids(prompt)
-        ids = truncate(ids, params)
+        ids = truncated_prompt(ids, params)
         longest = self.longest_sequence
         room = longest - len(ids)
         if cap_max_tokens and params.max_tokens is None and 0 < room < params.min_tokens:  # as an explicit max_tokens

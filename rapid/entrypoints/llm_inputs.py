@@ -67,11 +67,6 @@ def check_truncation(params: SamplingParams, max_model_len: int) -> None:
                          "choose a smaller truncation size")
 
 
-def truncate(ids: list[int], params: SamplingParams) -> list[int]:
-    k = params.truncate_prompt_tokens
-    return ids[-k:] if k is not None and len(ids) > k else ids
-
-
 def bad_words_token_ids(words: tuple[str, ...], tokenizer) -> tuple[tuple[int, ...], ...]:
     """vLLM's rule: each word encoded without special tokens, and with a leading space when that gives
     another first token of the same length (to ban the word at the start and inside the text)."""
