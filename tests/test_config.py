@@ -267,6 +267,8 @@ def test_llm_cli_and_engine_args_build_the_same_config(tiny_llama):
         assert llm.config.scheduler.max_num_seqs == 264 and llm.config.cache == built.cache
     with LLM.from_engine_args(dataclasses.replace(cli, max_num_seqs=4, skip_tokenizer_init=True)) as llm:
         assert llm.config.scheduler.max_num_seqs == 4 and llm.tokenizer is None
+        with pytest.raises(ValueError, match="chat needs a tokenizer"):
+            llm.chat([{"role": "user", "content": "hi"}])
 
 
 # ---------------------------------------------------------------------- import weight

@@ -334,8 +334,6 @@ class LLM:
         if chat_template_content_format not in ("auto", "string"):
             raise ValueError(f"chat_template_content_format {chat_template_content_format!r} is not supported: "
                              "contents reach the template as strings ('auto' or 'string')")
-        if self.tokenizer is None:
-            raise ValueError("chat needs a tokenizer")
         shape = "messages must be a non-empty list of {'role': ..., 'content': ...} dicts or a list of them"
         if not isinstance(messages, list) or not messages:
             raise TypeError(shape)
