@@ -19,8 +19,8 @@ from typing import Any
 from rapid.config_cli import add_engine_flags
 from rapid.generation_defaults import GENERATION_CONFIG_HELP, OVERRIDE, OVERRIDE_HELP, check_override
 from rapid.model.config import ModelConfig
-from rapid.model.default_name import DEFAULT_MODEL_NAME, DEFAULT_MODEL_REPO  # noqa: F401 (REPO re-exported)
-from rapid.model.folder import resolve_model_path  # noqa: F401 (rapid.config.resolve_model_path, as before)
+from rapid.model.default_name import DEFAULT_MODEL_NAME
+from rapid.model.folder import resolve_model_path
 
 MODES = ("hybrid", "rapid", "disagg")
 DTYPES = ("auto", "float32", "float", "bfloat16", "float16", "half")

@@ -279,7 +279,7 @@ def run_serve(args) -> dict:
     plans = plan_rates(parse_rates(args.request_rates), args.seed, duration, args.num_prompts, args.warmup_s)
     out_dir = Path(args.result_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = {**provenance(args), "device": None, "torch": None,
+    summary = {**provenance(args), "device": None, "accelerator": None, "torch": None,
                "slos_ms": slos, "slo_pairs": [pair_key(p) for p in pairs], "method": None, "modes": {}}
     setup = {}
 

@@ -167,11 +167,6 @@ class IncrementalDetokenizer:
         """True after a stop string matched or `flush()` was called; later tokens are ignored."""
         return self._finished
 
-    @property
-    def num_output_tokens(self) -> int:
-        """Number of token ids passed to `add_token` (before finishing)."""
-        return self._num_output_tokens
-
     def add_token(self, token_id: int) -> DetokenizerResult:
         """Add one generated token; return the new stable text and the stop string it completed.
 

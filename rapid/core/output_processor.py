@@ -83,9 +83,6 @@ class OutputProcessor:
             del self.states[req.request_id]
         return out
 
-    def drop(self, request_id: str) -> None:
-        self.states.pop(request_id, None)
-
 
 def _is_hidden_stop_token(req: Request, token_id: int) -> bool:
     """A stop_token_ids or EOS token that ends the request: its text is left out unless include_stop_str_in_output

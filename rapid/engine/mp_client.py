@@ -44,7 +44,7 @@ MAX_RESTARTS = 3  # restarts allowed within RESTART_WINDOW_S; the next death lea
 RESTART_WINDOW_S = 60.0
 STOPPING = "(the engine is stopping: its processes are not restarted)"  # a death after stop_restarts
 
-__all__ = ["MPClient", "ChildProcess", "MAX_RESTARTS", "RESTART_WINDOW_S"]
+__all__ = ["MPClient", "MAX_RESTARTS", "RESTART_WINDOW_S"]
 
 
 class MPClient(EngineClient):

@@ -59,7 +59,6 @@ class WorkerReady(msgspec.Struct, tag=True):
     arena: ArenaHandle | None = None
     num_blocks: int = 0
     max_num_seqs: int = 0  # the core: max_num_seqs as fitted to the KV pool
-    info: str = ""
     max_reserved_bytes: int = 0  # torch.cuda.max_memory_reserved() once ready (graphs captured); 0 on the CPU
     allowed_bytes: dict[str, int] = {}  # owner on CUDA: process name -> torch bytes its KV sizing allows it
 

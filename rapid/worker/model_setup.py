@@ -93,7 +93,6 @@ class ModelSetup:
         model_cfg = ModelConfig.from_folder(config.model)
         self.dtype = resolve_dtype(config.dtype, self.device)
         owner = arena is None
-        self.allowed_bytes: dict[str, int] = {}  # owner on CUDA: the torch bytes the KV sizing allows each process
         if owner:
             private, processes = profile_processes(config, model_cfg, self.dtype, self.device,
                                                    arena_roles(config, role))
@@ -105,7 +104,8 @@ class ModelSetup:
         self.config = fit_to_pool(config, self.num_blocks)  # max_num_seqs fitted to the pool (when not given)
         self.memory_plans = processes  # owner on CUDA: what each process of the engine was measured to need
         slots, total = arena_layout(config, model_cfg, self.dtype, self.num_blocks)
-        # the owner's allocator holds the arena; an importer's does not (a CUDA IPC mapping)
+        # owner on CUDA: the torch bytes the KV sizing allows each process; the owner's allocator holds the arena,
+        # an importer's does not (a CUDA IPC mapping)
         self.allowed_bytes = {p.name: private + p.torch_bytes + (rounded(total) if p.name == role else 0)
                               for p in processes}
         self.arena = SharedArena.create(total, self.device, shared) if owner else SharedArena.open(arena, self.device)
