@@ -25,7 +25,7 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # [S] int32, context length of sequence i after this step (cached + new)
     block_tables: torch.Tensor  # [S, max_blocks] int32, padded with 0
     num_decodes: int  # sequences 0..num_decodes-1 have exactly one query token
-    max_seq_len: int  # max(seq_lens), a host int so kernels need no device sync
+    max_seq_len: int  # >= max(seq_lens) (graph runners: max_model_len), a host int: kernels need no device sync
     # Host copies for the per-sequence prefill path (avoids device->host syncs).
     query_start_loc_host: list[int] | None = None
     seq_lens_host: list[int] | None = None

@@ -4,8 +4,9 @@ A mixed batch (decodes + prefill chunks) has a structure that changes every step
 calls (with rope) run eagerly; everything between two attention calls (o_proj, MLP, norms, next layer's qkv:
 the pieces of LlamaModel.forward, compiled) is one CUDA graph per token-count bucket. A step is then
 L + 1 graph replays and L eager attention calls instead of thousands of kernel launches, so the host
-keeps ahead of the GPU even for small chunks. Tokens are padded to the bucket; padding rows carry
-slot -1 (no KV write) and are excluded from attention, so they never touch real rows.
+keeps ahead of the GPU even for small chunks. Tokens are padded to the bucket; the graphs compute the
+padding rows, but attention gets only the real rows (and the step's own metadata), so they write no KV and never
+touch real rows.
 
 Every piece reads and writes the same static buffers (x, q, k, v, attention output), which live
 outside the graph pool; each graph's temporaries are dead when it ends, so all graphs share one pool.

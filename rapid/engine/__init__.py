@@ -1,5 +1,7 @@
-"""The engine: the one core loop (core.py), its clients (in-process: inproc.py; multi-process: mp_client.py),
-the process topology of each mode (launch.py), ZeroMQ plumbing (ipc.py) and MPS (mps.py)."""
+"""The engine: the one core loop (core.py), its clients (in-process: inproc.py; multi-process: mp_client.py, over
+one incarnation of processes.py's children, with the core's own process in core_process.py), the process topology
+of each mode (launch.py), the clean-up after a killed owner (reaper.py), ZeroMQ plumbing (ipc.py) and MPS
+(mps.py)."""
 
 from __future__ import annotations
 

@@ -124,6 +124,14 @@ class Channel:
                 check()
                 self.sock.poll(interval_ms, zmq.POLLOUT)
 
+    def try_send(self, msg: Any) -> bool:
+        """Queue `msg` unless the queue is full; whether it was queued."""
+        try:
+            self.sock.send(self._encoder.encode(msg), zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.Again:
+            return False
+
     def poll(self, timeout_ms: int) -> bool:
         return bool(self.sock.poll(timeout_ms, zmq.POLLIN))
 

@@ -57,22 +57,22 @@ def workers(config: EngineConfig) -> tuple[str, ...]:
     return tuple(r.name for r in TOPOLOGY[topology(config)] if r.name != "core")
 
 
-def stages(mode: str) -> list[list[Role]]:
+def stages(topology_name: str) -> list[list[Role]]:
     """The roles of a topology grouped by start stage, in start order."""
-    roles = TOPOLOGY[mode]
+    roles = TOPOLOGY[topology_name]
     return [[r for r in roles if r.stage == s] for s in sorted({r.stage for r in roles})]
 
 
-def stop_order(mode: str) -> list[list[str]]:
-    return [[r.name for r in stage] for stage in reversed(stages(mode))]
+def stop_order(topology_name: str) -> list[list[str]]:
+    return [[r.name for r in stage] for stage in reversed(stages(topology_name))]
 
 
-def spawn_fields(mode: str, role: Role, ready: dict[str, WorkerReady]) -> dict:
+def spawn_fields(topology_name: str, role: Role, ready: dict[str, WorkerReady]) -> dict:
     """The WorkerArgs fields a role needs from the processes already started (arena handles, pool sizes)."""
-    if role.name == "core" and mode not in POOL_OWNERS:
+    if role.name == "core" and topology_name not in POOL_OWNERS:
         return {}  # hybrid-process: the core sizes the pool of the model it runs
     if role.name == "core":
-        prefill_pool, decode_pool = POOL_OWNERS[mode]
+        prefill_pool, decode_pool = POOL_OWNERS[topology_name]
         return {"num_blocks": ready[prefill_pool].num_blocks,
                 "peer_num_blocks": ready[decode_pool].num_blocks if decode_pool else 0}
     if role.maps is not None:

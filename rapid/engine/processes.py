@@ -18,7 +18,6 @@ import threading
 import time
 from dataclasses import dataclass
 
-import msgspec
 import zmq
 
 from rapid.config import EngineConfig
@@ -215,10 +214,4 @@ class EngineProcesses:
     def _tell_stop(self, child: ChildProcess) -> bool:
         """Send Shutdown (the core through its inbox, a worker on its direct line); whether it was sent."""
         line = self.inp if child.name == "core" else self.worker_lines.get(child.name)
-        if line is None:
-            return False
-        try:
-            line.sock.send(msgspec.msgpack.encode(Shutdown()), zmq.NOBLOCK)
-            return True
-        except zmq.Again:
-            return False
+        return line is not None and line.try_send(Shutdown())

@@ -34,7 +34,7 @@ class SeqWork(msgspec.Struct, array_like=True):
     sample: bool  # this chunk ends the sequence: sample the next token
     params: SamplingParams | None = None
     step_index: int = 0  # tokens already generated (seeds per-step noise)
-    prompt_token_ids: list[int] = []  # for penalties
+    prompt_token_ids: list[int] = []  # for penalties and prompt logprobs
     output_token_ids: list[int] = []
 
 
