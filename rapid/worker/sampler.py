@@ -128,123 +128,121 @@ class SamplingBatch:
             raise ValueError(f"step_indices has {len(step_indices)} rows, expected {B}")
         eos_per_row = _eos_per_row(eos_token_ids, B)
 
-        def f32(values: list[float]) -> Tensor:
-            return to_device(values, torch.float32, device)
-
         greedy_list = [p.greedy for p in params]
-        all_greedy = all(greedy_list)
-        any_greedy = any(greedy_list)
-        greedy = to_device(greedy_list, torch.bool, device)
-
-        temperature = min_p = top_k = top_p = None
-        top_k_max = 0
-        seeded_rows: list[int] = []
-        seeded_keys: list[int] = []
-        if not all_greedy:
-            random_params = [p for p, g in zip(params, greedy_list) if not g]
-            temperature = f32([1.0 if g else p.temperature for p, g in zip(params, greedy_list)])
-            if any(p.min_p > 0 for p in random_params):
-                min_p = f32([0.0 if g else p.min_p for p, g in zip(params, greedy_list)])
-            if any(0 < p.top_k < V for p in random_params):
-                ks = [V if (g or p.top_k == 0) else min(p.top_k, V) for p, g in zip(params, greedy_list)]
-                top_k = to_device(ks, torch.int64, device)
-                top_k_max = max(k for k in ks if k < V)
-            if any(p.top_p < 1.0 for p in random_params):
-                top_p = f32([1.0 if g else p.top_p for p, g in zip(params, greedy_list)])
-            for i, (p, g) in enumerate(zip(params, greedy_list)):
-                if not g and p.seed is not None:
-                    seeded_rows.append(i)
-                    seeded_keys.append(mix_seed(p.seed, step_indices[i]))
-
-        # Penalties.
-        repetition_penalty = frequency_penalty = presence_penalty = None
-        output_counts = prompt_mask = None
-        need_rep = any(p.repetition_penalty != 1.0 for p in params)
-        need_freq = any(p.frequency_penalty != 0.0 for p in params)
-        need_pres = any(p.presence_penalty != 0.0 for p in params)
-        if need_rep:
-            repetition_penalty = f32([p.repetition_penalty for p in params])
-            if prompt_token_ids is None:
-                raise ValueError("prompt_token_ids is required when a row has repetition_penalty")
-            rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
-            prompt_mask = torch.zeros(B, V, dtype=torch.bool, device=device)  # [B, V]
-            idx = _flat_token_index([prompt_token_ids[i] for i in rows], rows, V, device)
-            prompt_mask.view(-1)[idx] = True
-        if need_freq:
-            frequency_penalty = f32([p.frequency_penalty for p in params])
-        if need_pres:
-            presence_penalty = f32([p.presence_penalty for p in params])
-        if need_rep or need_freq or need_pres:
-            if output_token_ids is None:
-                raise ValueError("output_token_ids is required when a row has a penalty")
-            rows = [
-                i for i, p in enumerate(params)
-                if p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
-            ]
-            output_counts = torch.zeros(B, V, dtype=torch.float32, device=device)  # [B, V]
-            idx = _flat_token_index([output_token_ids[i] for i in rows], rows, V, device)
-            # float sums of 1.0 are exact (< 2**24), so the atomic order on GPUs does not matter
-            output_counts.view(-1).index_add_(0, idx, torch.ones(idx.shape, device=device))
-
-        # Bans: rows still short of min_tokens cannot emit a stop token; bad_words' next tokens.
-        mt_rows: list[int] = []
-        mt_ids: list[int] = []
-        for i, p in enumerate(params):
-            banned = set()
-            if step_indices[i] < p.min_tokens:
-                banned.update(p.stop_token_ids)
-                if not p.ignore_eos:
-                    banned.update(eos_per_row[i])
-            if p.bad_words_token_ids:
-                if output_token_ids is None:
-                    raise ValueError("output_token_ids is required when a row has bad_words")
-                banned.update(bad_word_bans(p.bad_words_token_ids, output_token_ids[i]))
-            banned = sorted(t for t in banned if 0 <= t < V)
-            mt_rows.extend([i] * len(banned))
-            mt_ids.extend(banned)
-        banned_rows = banned_ids = None
-        if mt_rows:
-            banned_rows = to_device(mt_rows, torch.int64, device)
-            banned_ids = to_device(mt_ids, torch.int64, device)
-        allowed = _allowed_mask(params, grammar_bitmask, V, device)
-        bias_rows = bias_ids = bias_values = None
-        if any(p.logit_bias for p in params):
-            entries = [(i, t, b) for i, p in enumerate(params) for t, b in (p.logit_bias or {}).items() if t < V]
-            bias_rows = to_device([e[0] for e in entries], torch.int64, device)
-            bias_ids = to_device([e[1] for e in entries], torch.int64, device)
-            bias_values = f32([e[2] for e in entries])
-
         num_logprobs = [p.logprobs for p in params]
-        max_num_logprobs = min(max((n for n in num_logprobs if n is not None), default=-1), V)
-
         return cls(
             batch_size=B,
             vocab_size=V,
             device=device,
-            all_greedy=all_greedy,
-            any_greedy=any_greedy,
-            greedy=greedy,
-            temperature=temperature,
-            min_p=min_p,
-            top_k=top_k,
-            top_k_max=top_k_max,
-            top_p=top_p,
-            repetition_penalty=repetition_penalty,
-            frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty,
-            output_counts=output_counts,
-            prompt_mask=prompt_mask,
-            allowed=allowed,
-            bias_rows=bias_rows,
-            bias_ids=bias_ids,
-            bias_values=bias_values,
-            banned_rows=banned_rows,
-            banned_ids=banned_ids,
-            seeded_rows=seeded_rows,
-            seeded_keys=seeded_keys,
-            max_num_logprobs=max_num_logprobs,
+            all_greedy=all(greedy_list),
+            any_greedy=any(greedy_list),
+            greedy=to_device(greedy_list, torch.bool, device),
+            **_filter_fields(params, greedy_list, step_indices, V, device),
+            **_penalty_fields(params, output_token_ids, prompt_token_ids, V, device),
+            allowed=_allowed_mask(params, grammar_bitmask, V, device),
+            **_bias_fields(params, V, device),
+            **_ban_fields(params, step_indices, eos_per_row, output_token_ids, V, device),
+            max_num_logprobs=min(max((n for n in num_logprobs if n is not None), default=-1), V),
             num_logprobs=num_logprobs,
         )
+
+
+def _f32(values: list[float], device: torch.device) -> Tensor:
+    return to_device(values, torch.float32, device)
+
+
+def _filter_fields(params: Sequence[SamplingParams], greedy: list[bool], step_indices: Sequence[int],
+                   V: int, device: torch.device) -> dict:
+    """Temperature, min_p, top_k, top_p (None where no random row uses one) and the seeded rows' keys."""
+    out: dict = dict(temperature=None, min_p=None, top_k=None, top_k_max=0, top_p=None, seeded_rows=[],
+                     seeded_keys=[])
+    if all(greedy):
+        return out
+    random_params = [p for p, g in zip(params, greedy) if not g]
+    out["temperature"] = _f32([1.0 if g else p.temperature for p, g in zip(params, greedy)], device)
+    if any(p.min_p > 0 for p in random_params):
+        out["min_p"] = _f32([0.0 if g else p.min_p for p, g in zip(params, greedy)], device)
+    if any(0 < p.top_k < V for p in random_params):
+        ks = [V if (g or p.top_k == 0) else min(p.top_k, V) for p, g in zip(params, greedy)]
+        out["top_k"] = to_device(ks, torch.int64, device)
+        out["top_k_max"] = max(k for k in ks if k < V)
+    if any(p.top_p < 1.0 for p in random_params):
+        out["top_p"] = _f32([1.0 if g else p.top_p for p, g in zip(params, greedy)], device)
+    for i, (p, g) in enumerate(zip(params, greedy)):
+        if not g and p.seed is not None:
+            out["seeded_rows"].append(i)
+            out["seeded_keys"].append(mix_seed(p.seed, step_indices[i]))
+    return out
+
+
+def _penalty_fields(params: Sequence[SamplingParams], output_token_ids, prompt_token_ids, V: int,
+                    device: torch.device) -> dict:
+    """The three penalties (None where no row has one), each row's output token counts [B, V] and prompt mask
+    [B, V] (only when a penalty needs them)."""
+    B = len(params)
+    out: dict = dict(repetition_penalty=None, frequency_penalty=None, presence_penalty=None, output_counts=None,
+                     prompt_mask=None)
+    need_rep = any(p.repetition_penalty != 1.0 for p in params)
+    need_freq = any(p.frequency_penalty != 0.0 for p in params)
+    need_pres = any(p.presence_penalty != 0.0 for p in params)
+    if need_rep:
+        out["repetition_penalty"] = _f32([p.repetition_penalty for p in params], device)
+        if prompt_token_ids is None:
+            raise ValueError("prompt_token_ids is required when a row has repetition_penalty")
+        rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+        out["prompt_mask"] = torch.zeros(B, V, dtype=torch.bool, device=device)  # [B, V]
+        idx = _flat_token_index([prompt_token_ids[i] for i in rows], rows, V, device)
+        out["prompt_mask"].view(-1)[idx] = True
+    if need_freq:
+        out["frequency_penalty"] = _f32([p.frequency_penalty for p in params], device)
+    if need_pres:
+        out["presence_penalty"] = _f32([p.presence_penalty for p in params], device)
+    if need_rep or need_freq or need_pres:
+        if output_token_ids is None:
+            raise ValueError("output_token_ids is required when a row has a penalty")
+        rows = [
+            i for i, p in enumerate(params)
+            if p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+        ]
+        counts = torch.zeros(B, V, dtype=torch.float32, device=device)  # [B, V]
+        idx = _flat_token_index([output_token_ids[i] for i in rows], rows, V, device)
+        # float sums of 1.0 are exact (< 2**24), so the atomic order on GPUs does not matter
+        counts.view(-1).index_add_(0, idx, torch.ones(idx.shape, device=device))
+        out["output_counts"] = counts
+    return out
+
+
+def _ban_fields(params: Sequence[SamplingParams], step_indices: Sequence[int], eos_per_row, output_token_ids,
+                V: int, device: torch.device) -> dict:
+    """(row, token) pairs no row may emit now: stop tokens while short of min_tokens, bad_words' next tokens."""
+    rows: list[int] = []
+    ids: list[int] = []
+    for i, p in enumerate(params):
+        banned = set()
+        if step_indices[i] < p.min_tokens:
+            banned.update(p.stop_token_ids)
+            if not p.ignore_eos:
+                banned.update(eos_per_row[i])
+        if p.bad_words_token_ids:
+            if output_token_ids is None:
+                raise ValueError("output_token_ids is required when a row has bad_words")
+            banned.update(bad_word_bans(p.bad_words_token_ids, output_token_ids[i]))
+        banned = sorted(t for t in banned if 0 <= t < V)
+        rows.extend([i] * len(banned))
+        ids.extend(banned)
+    if not rows:
+        return dict(banned_rows=None, banned_ids=None)
+    return dict(banned_rows=to_device(rows, torch.int64, device), banned_ids=to_device(ids, torch.int64, device))
+
+
+def _bias_fields(params: Sequence[SamplingParams], V: int, device: torch.device) -> dict:
+    """logit_bias as (row, token, value) triples, or None."""
+    if not any(p.logit_bias for p in params):
+        return dict(bias_rows=None, bias_ids=None, bias_values=None)
+    entries = [(i, t, b) for i, p in enumerate(params) for t, b in (p.logit_bias or {}).items() if t < V]
+    return dict(bias_rows=to_device([e[0] for e in entries], torch.int64, device),
+                bias_ids=to_device([e[1] for e in entries], torch.int64, device),
+                bias_values=_f32([e[2] for e in entries], device))
 
 
 def _allowed_mask(params: Sequence[SamplingParams], grammar_bitmask: Tensor | None, vocab_size: int,
