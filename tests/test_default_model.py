@@ -115,21 +115,6 @@ def test_weights_match_transformers_gguf_loader(converted: Path, gguf_path: Path
     _assert_same_tensors(converted, reference)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(
-    importlib.util.find_spec("accelerate") is None,
-    reason="transformers needs accelerate to load a GGUF with from_pretrained",
-)
-def test_weights_match_transformers_from_pretrained(converted: Path, gguf_path: Path):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-    )
-    _assert_same_tensors(converted, model.state_dict())
-
-
 def _assert_same_tensors(converted: Path, reference) -> None:
     import torch
     from safetensors import safe_open

@@ -44,7 +44,8 @@ def test_mailbox_delivers_in_order_with_one_wakeup_per_burst():
     got, wakeups = asyncio.run(main())
     for name in "ab":
         assert [i for n, i in got if n == name] == list(range(2000))
-    assert len(got) == 4000 and wakeups <= 10, wakeups
+    # one loop turn per post would be 4,000; the bound leaves room for threads a loaded machine runs slowly
+    assert len(got) == 4000 and wakeups <= 200, wakeups
 
 
 def delta(ids, text, finished=False, logprobs=None, error=None):

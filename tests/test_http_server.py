@@ -205,6 +205,7 @@ def test_completion_top_logprobs_include_the_sampled_token(client):
         out = client.completions.create(model="tiny", prompt="Paris is", max_tokens=12, temperature=1.5, seed=1,
                                         logprobs=k, extra_body={"ignore_eos": True})
         lp = out.choices[0].logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 12
         for tok, tlp, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
             assert top is not None and tok in top and top[tok] == pytest.approx(tlp) and len(top) <= k + 1
 
@@ -338,7 +339,7 @@ def test_tokenizing_runs_off_the_event_loop(served, monkeypatch):
     validate = llm.validate
 
     def slow_validate(*args, **kwargs):
-        time.sleep(2.0)
+        time.sleep(4.0)
         return validate(*args, **kwargs)
 
     monkeypatch.setattr(llm, "validate", slow_validate)
@@ -353,7 +354,7 @@ def test_tokenizing_runs_off_the_event_loop(served, monkeypatch):
     assert slow.is_alive()  # still tokenizing when /health answered
     slow.join(30)
     assert answers and answers[0].status_code == 200, answers
-    assert health_s < 1.0  # not held for the 2 s the prompt took
+    assert health_s < 2.0  # not held for the 4 s the prompt took (half of it: a bound a loaded CI machine keeps)
 
 
 def test_api_key(served):
@@ -561,7 +562,7 @@ def test_sigterm_under_load_ends_every_request(tiny_llama):
         threads, ends = long_streams(proc, 3)
         t0 = time.time()
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0 and time.time() - t0 < 30
+        assert proc.wait(timeout=60) == 0 and time.time() - t0 < 20  # the grace is 0.3 s
         for t in threads:
             t.join(10)
         assert len(ends) == 3 and all(reason in ("abort", "length") and done == "data: [DONE]" for reason, done in ends)

@@ -39,10 +39,8 @@ def shared_prefix_prompts(n: int = 10, seed: int = 0) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def ample_reference(tiny_llama) -> list[list[int]]:
-    """The shared-prefix load on an ample pool (hybrid, 256 MiB): the tokens every small pool must give."""
-    with LLM(tiny_llama) as llm:
-        outs = llm.generate([{"prompt_token_ids": p} for p in shared_prefix_prompts()], PARAMS, use_tqdm=False)
-    return [o.outputs[0].token_ids for o in outs]
+    """The shared-prefix load's greedy tokens from transformers (the oracle): what every small pool must give."""
+    return [hf_greedy(tiny_llama, p, PARAMS.max_tokens) for p in shared_prefix_prompts()]
 
 
 @pytest.fixture(scope="module", params=ENGINES, ids=engine_id)

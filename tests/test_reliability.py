@@ -352,13 +352,17 @@ def test_a_signal_during_startup_leaves_nothing(tiny_llama, tmp_path, signum):
     assert not shm_of(kids.values(), shm)
 
 
-def test_failed_start_stops_children_at_once(tiny_llama):
-    """A start that times out stops its children at once (no wait for a worker that was never told to stop)."""
+def test_failed_start_stops_children_at_once(tiny_llama, monkeypatch):
+    """A start that times out stops its children at once: SIGTERM, no graceful handshake (5 s) with a worker that
+    was never told to stop. The waits the stop asks for are recorded, not timed (a loaded CI machine is slow)."""
+    from rapid.engine import processes
+
+    waits, wait = [], processes._wait
+    monkeypatch.setattr(processes, "_wait", lambda proc, timeout: (waits.append(timeout), wait(proc, timeout)))
     others = {p.pid for p in children()}
-    t0 = time.monotonic()
     with pytest.raises(TimeoutError, match=r"decode process \(pid \d+\) was not ready within 0.3s"):
         LLM(tiny_llama, mode="rapid", worker_start_timeout_s=0.3)
-    assert time.monotonic() - t0 < 3.0
+    assert waits and 5 not in waits, waits  # every child was terminated at once
     assert not children(others)
 
 

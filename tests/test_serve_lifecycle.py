@@ -56,7 +56,7 @@ def test_a_signal_while_the_engine_starts_stops_the_start(tiny_llama, tmp_path):
     assert proc.returncode == 0, err[-3000:]
     assert "RAPID serving" not in out and "RAPID server stopped" in out
     assert "signal 15 during the engine start" in err
-    assert time.monotonic() - t0 < 5.0
+    assert time.monotonic() - t0 < 15.0  # a loaded 2-core machine's bound; the messages above prove the cut
     assert wait_until(lambda: all(gone(pid) for pid in kids.values()), timeout=5.0)
     assert not socket_dirs(tmp_path)
 

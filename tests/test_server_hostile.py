@@ -116,14 +116,15 @@ def rss(proc) -> int:
 
 
 def refused(sock, obj_or_raw, cid, match):
-    """Send, expect an ErrorReply for `cid` matching `match` within 2 s."""
+    """Send, expect an ErrorReply for `cid` matching `match` within 10 s (a stall bound for a loaded 2-core CI machine:
+    decoding the payloads these tests send would take far longer)."""
     t0 = time.monotonic()
     sock.send(obj_or_raw if isinstance(obj_or_raw, bytes) else enc(obj_or_raw))
     reply = recv(sock)
     took = time.monotonic() - t0
     assert isinstance(reply, ErrorReply) and reply.client_request_id == cid, reply
     assert match in reply.message, reply.message
-    assert took < 2.0, f"{match}: answered after {took:.1f} s"
+    assert took < 10.0, f"{match}: answered after {took:.1f} s"
     return reply
 
 
@@ -155,7 +156,7 @@ def test_oversized_and_huge_inputs_cost_little_and_stall_no_one(served):
     finally:
         sock.close(linger=0)
     assert not good.errors and good.latencies
-    assert max(good.latencies) < 3.0, good.latencies
+    assert max(good.latencies) < 10.0, good.latencies  # a stall bound, as the flooding test's
     assert grown < 64 * MiB, f"the server grew by {grown / MiB:.0f} MiB"
     with Client(address, timeout_s=TIMEOUT) as c:
         assert c.generate("hello", GREEDY).finish_reason == "length"
@@ -214,7 +215,6 @@ def test_non_streamed_request_of_a_closed_client_is_aborted(llm):
             assert len(c.generate("hello", SamplingParams(max_tokens=300, ignore_eos=True)).token_ids) == 300
 
 
-@pytest.mark.slow
 def _answers(client) -> bool:
     try:
         return client.generate("hello", GREEDY).finish_reason == "length"
@@ -222,6 +222,7 @@ def _answers(client) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_idle_server_reports_a_killed_worker(tiny_llama, caplog):
     caplog.set_level(logging.ERROR, logger="rapid.entrypoints.zmq_server")
     mine = {p.pid for p in psutil.Process().children(recursive=True)}

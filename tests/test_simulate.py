@@ -88,7 +88,6 @@ def test_adaptive_is_within_5_percent_of_the_best_static_placement(recorded, who
     got = attainments(trace(), recorded if mixed_steps == "frontier" else whole_graphs, ttft, tpot)
     best = max(got["hybrid"], got["rapid static"])
     assert got["adaptive"] >= best - 0.05, (regime, got)
-    assert got["adaptive"] >= got["hybrid"] - 0.05, (regime, got)
 
 
 def cheap_concurrency(recorded):
