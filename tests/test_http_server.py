@@ -208,6 +208,13 @@ def test_completion_top_logprobs_include_the_sampled_token(client):
         assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 12
         for tok, tlp, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
             assert top is not None and tok in top and top[tok] == pytest.approx(tlp) and len(top) <= k + 1
+    url = client.base_url
+    as_bool = {"model": "tiny", "prompt": "Paris is", "max_tokens": 3, "temperature": 0}
+    for flag, want in ((True, 1), (False, None)):  # a JSON boolean, as vLLM's pydantic model reads it: true is 1
+        r = httpx.post(f"{url}completions", json=as_bool | {"logprobs": flag}).json()
+        one = httpx.post(f"{url}completions", json=as_bool | {"logprobs": want}).json()
+        assert r["choices"][0]["logprobs"] == one["choices"][0]["logprobs"], r
+    assert r["choices"][0]["logprobs"] is None and one["choices"][0]["logprobs"] is None
 
 
 def test_continuous_usage_stats_puts_usage_on_every_chunk(served):

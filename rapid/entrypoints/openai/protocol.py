@@ -94,7 +94,11 @@ class CompletionRequest(_Sampling, kw_only=True):
     # (generation_config.json's max_new_tokens), else the room max_model_len leaves
     max_tokens: int | None | msgspec.UnsetType = msgspec.UNSET
     prompt: Any = None  # str | list[str] | list[int] | list[list[int]]: checked in prompts()
-    logprobs: int | None = None
+    logprobs: int | bool | None = None  # true: 1 (vLLM's pydantic reads it so), false: none
+
+    def __post_init__(self) -> None:
+        if isinstance(self.logprobs, bool):
+            self.logprobs = 1 if self.logprobs else None
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
