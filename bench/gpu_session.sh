@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: install carried wheels, run the GPU tests, then the engine-level GPU benchmarks.
 #   bash bench/gpu_session.sh STAGE...   (stages: tests frontier-hybrid frontier-rapid offline offline1k graph-buckets
-#                                          gemm gemv splitk prefetch paged-sweep sampler step-profile kernels serve (= serve-sharegpt-like) serve-3k http
+#                                          gemm gemv splitk prefetch paged-sweep sampler step-profile kernels
+#                                          serve (= serve-sharegpt-like) serve-3k http
 #                                          mps-partition host-overhead mps-priority pack)
 # pack (last): everything in $OUT but commit.txt into one results.tgz, since the device tool returns at most 8 files
 # and none deeper than two folders (session 25 lost a step profile to that).

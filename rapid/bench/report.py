@@ -34,7 +34,8 @@ def _goodput_text(g: dict | None, unit: str = "GPU") -> str:
     if g["below_range"]:
         text = "below the lowest stable rate measured (or no stable rate)"
     else:
-        text = f"{g['rate']:.2f} req/s ({g['rate_per_gpu']:.2f} per {unit})" + (" or more" if g["is_lower_bound"] else "")
+        text = (f"{g['rate']:.2f} req/s ({g['rate_per_gpu']:.2f} per {unit})"
+                + (" or more" if g["is_lower_bound"] else ""))
     if g["upper_bound"] is not None:
         text += f", < {g['upper_bound']:g} req/s (unstable there)"
     return text

@@ -95,13 +95,13 @@ class CompletionRequest(_Sampling, kw_only=True):
     max_tokens: int | None | msgspec.UnsetType = msgspec.UNSET
     prompt: Any = None  # str | list[str] | list[int] | list[list[int]]: checked in prompts()
     logprobs: int | bool | None = None  # true: 1 (vLLM's pydantic reads it so), false: none
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.logprobs, bool):
             self.logprobs = 1 if self.logprobs else None
-    echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
 
 
 class ContentPart(msgspec.Struct):
