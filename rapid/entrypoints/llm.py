@@ -148,12 +148,11 @@ class LLM:
         ids = truncated_prompt(ids, params)
         longest = self.longest_sequence
         room = longest - len(ids)
-        if cap_max_tokens and params.max_tokens is None and 0 < room < params.min_tokens:  # as an explicit max_tokens
-            params = msgspec.structs.replace(params, min_tokens=room)
+        if cap_max_tokens and 0 < room < max(params.max_tokens or 0, params.min_tokens):  # None: up to the room
+            params = msgspec.structs.replace(params, max_tokens=min(params.max_tokens or room, room),
+                                             min_tokens=min(params.min_tokens, room))
         params = prepare_params(params, len(ids), tokenizer=self.tokenizer, vocab_size=self.model_config.vocab_size,
                                 max_model_len=longest)
-        if cap_max_tokens and 0 < room < params.max_tokens:
-            params = msgspec.structs.replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
         self._check_fits(ids, params)
         return text, ids, params
 

@@ -115,18 +115,12 @@ def _held(fd: int, lock_path: str, address: str) -> AddressInUseError:
 
 
 def _refuse_if_listened(path: str, address: str) -> None:
-    if _listened_on(path, address):
-        raise AddressInUseError(f"{address} is in use: a program listens on {path}; stop it or choose another "
-                                "address")
-
-
-def _listened_on(path: str, address: str) -> bool:
-    """Whether a program accepts connections on the socket file `path` (False: none there, or a stale one);
-    ValueError when `path` is some other kind of file."""
+    """AddressInUseError when a program accepts connections on the socket file `path` (none there, or a stale one:
+    nothing); ValueError when `path` is some other kind of file."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        return False
+        return
     if not stat.S_ISSOCK(st.st_mode):
         raise ValueError(f"{address}: {path} exists and is not a socket; remove it or choose another path")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -134,10 +128,10 @@ def _listened_on(path: str, address: str) -> bool:
         probe.settimeout(1.0)
         probe.connect(path)
     except OSError:  # ECONNREFUSED: nobody listens (a server that was killed); the file is stale
-        return False
+        return
     finally:
         probe.close()
-    return True
+    raise AddressInUseError(f"{address} is in use: a program listens on {path}; stop it or choose another address")
 
 
 def _clear_stale_socket(path: str, address: str) -> None:
